@@ -1,0 +1,107 @@
+"""Typed configuration of the model deployments.
+
+These models are what `configs/*.yaml` feed, through `serve_app.config.AppArgs`. Every field has a
+safe default and a description; validators reject impossible values with a message naming the
+field, when the config is loaded rather than when a replica starts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+TINY = "tiny"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def validate_source(value: str) -> str:
+    """A model source is `tiny`, a Hugging Face repo id (`org/name`) or a local folder path."""
+    value = value.strip()
+    if value == TINY or _HUB_ID.match(value):
+        return value
+    if value.startswith(("/", "./", "../", "~")):
+        return value
+    raise ValueError(
+        f"source must be 'tiny', a Hugging Face repo id like 'org/name', or a local folder path "
+        f"starting with '/', './', '../' or '~'; got {value!r}"
+    )
+
+
+ModelSource = Annotated[str, AfterValidator(validate_source)]
+
+
+class DeviceOptions(_Strict):
+    """Where a model runs and in which precision."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' picks CUDA only when torch sees a CUDA device, else CPU."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' is bfloat16 on CUDA and float32 on CPU."
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description=(
+            "CPU threads torch may use in this replica. Ray sets OMP_NUM_THREADS=1 for "
+            "fractional num_cpus, so set this explicitly on CPU; None keeps torch's default."
+        ),
+    )
+
+
+class FluxConfig(_Strict):
+    """FLUX.1-schnell: a guidance-distilled flow model, good in 1-4 steps."""
+
+    source: ModelSource = Field(
+        "black-forest-labs/FLUX.1-schnell",
+        description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'.",
+    )
+    device: DeviceOptions = Field(default_factory=DeviceOptions)
+    default_width: int = Field(1024, ge=256, le=2048, multiple_of=16, description="Width when a request gives none.")
+    default_height: int = Field(1024, ge=256, le=2048, multiple_of=16, description="Height when a request gives none.")
+    default_steps: int = Field(4, ge=1, le=4, description="Denoising steps when a request gives none.")
+    max_sequence_length: int = Field(
+        256, ge=16, le=512, description="T5 prompt tokens (schnell was trained with up to 256)."
+    )
+
+
+class ScorerConfig(_Strict):
+    """CLIP scoring of generated images."""
+
+    source: ModelSource = Field(
+        "openai/clip-vit-large-patch14",
+        description="Hugging Face repo id, local folder (transformers layout) or 'tiny'.",
+    )
+    device: DeviceOptions = Field(default_factory=DeviceOptions)
+    aesthetic_positive: str = Field(
+        "a beautiful, high-quality, professional photograph",
+        min_length=1,
+        description="Text the aesthetic score compares each image with (the 'good' side).",
+    )
+    aesthetic_negative: str = Field(
+        "an ugly, low-quality, amateur photograph",
+        min_length=1,
+        description="Text the aesthetic score compares each image with (the 'bad' side).",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_aesthetic_texts(self) -> "ScorerConfig":
+        if self.aesthetic_positive.strip() == self.aesthetic_negative.strip():
+            raise ValueError("aesthetic_positive and aesthetic_negative must differ")
+        return self
+
+
+class EnhancerConfig(_Strict):
+    """Prompt enhancement. Only the template mode exists for now; an LLM mode will join it."""
+
+    mode: Literal["template"] = Field("template", description="How prompts are enhanced.")
+    default_style: Literal["photorealistic", "artistic", "cinematic", "anime", "none"] = Field(
+        "photorealistic", description="Style used when a request names none."
+    )

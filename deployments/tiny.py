@@ -1,0 +1,164 @@
+"""Tiny random-weight models, built offline and deterministically, for tests and the dev profile.
+
+Each builder makes real library classes (the same ones a hub checkpoint loads into) with tiny
+configs and in-memory tokenizers, so the serving code runs unchanged; only the weights are random.
+That is why images from the dev profile look like coloured noise. `save_tiny(family, folder)`
+writes one in the library's own layout, so tests can load it back through `from_pretrained`,
+exactly the path a hub id or local folder takes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CLIP_MAX_TOKENS = 77
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    # GPT-2 / CLIP byte-to-unicode table: every byte maps to one printable character, so a
+    # vocabulary of the 256 byte characters (and their end-of-word forms) covers any text with
+    # zero merges.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    chars = [chr(code) for code in codes]
+    vocab = {char: index for index, char in enumerate(chars)}
+    vocab.update({f"{char}</w>": len(chars) + index for index, char in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def tiny_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], model_max_length=CLIP_MAX_TOKENS)
+
+
+def tiny_t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -0.5)]
+    pieces += [(chr(code), -1.0) for code in range(32, 127)]
+    return T5Tokenizer(vocab=pieces, model_max_length=512)
+
+
+def _clip_text_config(tokenizer, **overrides):
+    from transformers import CLIPTextConfig
+
+    params = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+        max_position_embeddings=CLIP_MAX_TOKENS,
+    )
+    params.update(overrides)
+    return CLIPTextConfig(**params)
+
+
+def _seeded(seed: int):
+    import torch
+
+    devices: list = []
+    rng = torch.random.fork_rng(devices=devices)
+    rng.__enter__()
+    torch.manual_seed(seed)
+    return rng
+
+
+def _eval(*modules) -> None:
+    # Directly constructed modules start in training mode (dropout on: T5's default rate is
+    # 0.1), which would make every call random; from_pretrained returns them in eval mode.
+    for module in modules:
+        module.eval()
+
+
+def build_tiny_flux(seed: int = 0):
+    """A FluxPipeline with the real component classes and tiny random weights.
+
+    The VAE keeps FLUX's 8x downsampling so a 256x256 request costs a 32x32 latent, as the real
+    model's would, instead of a quadratic blow-up in the transformer's attention.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel, CLIPTextModel
+
+    rng = _seeded(seed)
+    try:
+        tokenizer = tiny_clip_tokenizer()
+        tokenizer_2 = tiny_t5_tokenizer()
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
+                decoder_start_token_id=tokenizer_2.pad_token_id,
+            )
+        )
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+            shift_factor=0.0609, scaling_factor=1.5035, sample_size=32,
+        )
+    finally:
+        rng.__exit__(None, None, None)
+    _eval(text_encoder, text_encoder_2, transformer, vae)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+
+
+def build_tiny_clip(seed: int = 0) -> dict[str, Any]:
+    """A CLIPModel with tiny random weights plus its tokenizer and (PIL) image processor."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    rng = _seeded(seed)
+    try:
+        tokenizer = tiny_clip_tokenizer()
+        config = CLIPConfig(
+            text_config=_clip_text_config(tokenizer).to_dict(),
+            vision_config=CLIPVisionConfig(
+                hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                image_size=32, patch_size=8, projection_dim=32,
+            ).to_dict(),
+            projection_dim=32,
+        )
+        model = CLIPModel(config)
+    finally:
+        rng.__exit__(None, None, None)
+    _eval(model)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return {"model": model, "tokenizer": tokenizer, "image_processor": image_processor}
+
+
+def save_tiny(family: str, folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny model in the library's own layout, loadable by the real loading path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if family == "flux":
+        build_tiny_flux(seed).save_pretrained(folder)
+    elif family == "clip":
+        for part in build_tiny_clip(seed).values():
+            part.save_pretrained(folder)
+    else:
+        raise ValueError(f"unknown tiny model family {family!r}; known: 'flux', 'clip'")
+    return folder

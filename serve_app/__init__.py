@@ -1,0 +1,3 @@
+"""genserve: the application wiring, HTTP ingress and generation graph on Ray Serve."""
+
+APP_NAME = "genserve"

@@ -1,0 +1,111 @@
+"""The typed application config: what a Serve config's `args:` block may say.
+
+`build_app(args)` validates `args` against `AppArgs`, so a bad config fails when it is loaded,
+with pydantic naming the field (for example `policy.threshold`), instead of inside a replica.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.clip_scorer import SCORE_RANGES
+from deployments.config import EnhancerConfig, FluxConfig, ScorerConfig
+
+DEPLOYMENT_NAMES = ("Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingOptions(_Strict):
+    """Ray Serve autoscaling for one deployment (see Serve's `autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept even when idle.")
+    max_replicas: int = Field(1, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Ongoing requests per replica to aim for.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before scaling up.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Load must stay low this long before scaling down.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "AutoscalingOptions":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class DeploymentOptions(_Strict):
+    """Replicas and resources of one deployment. Unset fields keep the deployment's defaults."""
+
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; exclusive with autoscaling.")
+    autoscaling: AutoscalingOptions | None = Field(None, description="Autoscale instead of a fixed count.")
+    num_cpus: float | None = Field(None, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs reserved per replica (fractions allowed).")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica takes at once.")
+    max_queued_requests: int | None = Field(
+        None, ge=-1, description="Requests queued per caller before Serve answers 503; -1 is unbounded."
+    )
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self) -> "DeploymentOptions":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+    def serve_options(self) -> dict:
+        """Keyword arguments for `Deployment.options()`."""
+        options: dict = {}
+        if self.num_replicas is not None:
+            options["num_replicas"] = self.num_replicas
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        actor = {key: getattr(self, key) for key in ("num_cpus", "num_gpus") if getattr(self, key) is not None}
+        if actor:
+            options["ray_actor_options"] = actor
+        for key in ("max_ongoing_requests", "max_queued_requests"):
+            if getattr(self, key) is not None:
+                options[key] = getattr(self, key)
+        return options
+
+
+class QualityPolicy(_Strict):
+    """When a result is good enough, and how hard to try before returning the best one."""
+
+    metric: Literal["aesthetic", "alignment"] = Field(
+        "aesthetic", description="Score that gates regeneration: aesthetic (0-1) or alignment (0-100)."
+    )
+    threshold: float = Field(0.0, ge=0, description="An image passes when its gating score is at least this.")
+    max_attempts: int = Field(1, ge=1, le=5, description="Generation rounds per request, the first included.")
+
+    @model_validator(mode="after")
+    def _threshold_in_metric_range(self) -> "QualityPolicy":
+        check_threshold(self.metric, self.threshold)
+        return self
+
+
+def check_threshold(metric: str, threshold: float) -> None:
+    low, high = SCORE_RANGES[metric]
+    if not low <= threshold <= high:
+        raise ValueError(f"threshold for metric {metric!r} must be between {low:g} and {high:g}; got {threshold:g}")
+
+
+class AppArgs(_Strict):
+    """Everything `configs/*.yaml` choose: model sources, defaults, quality policy, scaling."""
+
+    flux: FluxConfig = Field(default_factory=FluxConfig, description="The FLUX.1-schnell generator.")
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="The CLIP scorer.")
+    enhancer: EnhancerConfig = Field(default_factory=EnhancerConfig, description="The prompt enhancer.")
+    policy: QualityPolicy = Field(default_factory=QualityPolicy, description="Default quality gate.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="How long the ingress waits for one downstream call before answering 504."
+    )
+    deployments: dict[Literal["Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer"], DeploymentOptions] = Field(
+        default_factory=dict, description="Replicas and resources per deployment, by deployment name."
+    )
+
+    def options_for(self, name: str) -> dict:
+        return self.deployments.get(name, DeploymentOptions()).serve_options()

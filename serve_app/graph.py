@@ -1,0 +1,148 @@
+"""The generate -> score -> regenerate policy, as plain async code over deployment handles.
+
+Works with Ray Serve `DeploymentHandle`s and with `serve_app.local.LocalHandle` (in-process objects,
+used by unit tests and the benchmark) alike: all it needs is `handle.method.remote(...)` returning
+something awaitable.
+
+An attempt generates the images still missing: the first generates `num_images`; each later one
+only as many as have not yet reached the threshold, with fresh seeds. Seeds are counted up from the
+request's base seed, so one request with the same seed replays every attempt. The result keeps the
+passing images in the order they were made, then fills up with the best failing ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams
+from serve_app.schemas import MAX_SEED
+
+
+class StageTimeout(TimeoutError):
+    def __init__(self, stage: str, seconds: float):
+        super().__init__(f"the {stage} stage took longer than {seconds:g}s")
+        self.stage = stage
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """A validated request with every default filled in."""
+
+    prompt: str
+    negative_prompt: str | None
+    style: str | None
+    quality: str
+    enhance: bool
+    use_negative_prompt: bool
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    base_seed: int
+    num_images: int
+    metric: str
+    threshold: float
+    max_attempts: int
+
+
+@dataclass
+class Candidate:
+    attempt: int
+    seed: int
+    prompt: str
+    image: np.ndarray
+    scores: dict[str, float]
+    passed: bool
+
+
+@dataclass
+class GraphResult:
+    enhanced: EnhancedPrompt
+    negative_prompt: str | None
+    candidates: list[Candidate]
+    chosen: list[Candidate]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(candidate.passed for candidate in self.chosen)
+
+
+async def _call(awaitable, stage: str, timeout_s: float) -> Any:
+    try:
+        return await asyncio.wait_for(_as_coroutine(awaitable), timeout_s)
+    except asyncio.TimeoutError:
+        cancel = getattr(awaitable, "cancel", None)
+        if cancel is not None:
+            cancel()
+        raise StageTimeout(stage, timeout_s) from None
+
+
+async def _as_coroutine(awaitable):
+    return await awaitable
+
+
+async def _enhance(plan: ImagePlan, enhancer, timeout_s: float) -> EnhancedPrompt:
+    if not plan.enhance:
+        return EnhancedPrompt(prompt=plan.prompt, negative_prompt=plan.negative_prompt, style="none", enhancer="none")
+    response = enhancer.enhance.remote(plan.prompt, plan.style, plan.quality, plan.negative_prompt)
+    return await _call(response, "enhance", timeout_s)
+
+
+def choose(candidates: list[Candidate], count: int, metric: str) -> list[Candidate]:
+    """Passing candidates in generation order, then the best failing ones, `count` in all."""
+    passing = [c for c in candidates if c.passed]
+    failing = sorted((c for c in candidates if not c.passed), key=lambda c: c.scores[metric], reverse=True)
+    return (passing + failing)[:count]
+
+
+async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_s: float = 600.0) -> GraphResult:
+    timings = {"enhance": 0.0, "generate": 0.0, "score": 0.0}
+    started = time.perf_counter()
+    enhanced = await _enhance(plan, enhancer, timeout_s)
+    timings["enhance"] = time.perf_counter() - started
+    negative = enhanced.negative_prompt if plan.use_negative_prompt else None
+
+    candidates: list[Candidate] = []
+    next_seed_offset = 0
+    for attempt in range(1, plan.max_attempts + 1):
+        missing = plan.num_images - sum(c.passed for c in candidates)
+        if missing <= 0:
+            break
+        seeds = [(plan.base_seed + next_seed_offset + i) % (MAX_SEED + 1) for i in range(missing)]
+        next_seed_offset += missing
+        params = GenerationParams(
+            prompt=enhanced.prompt,
+            seeds=seeds,
+            width=plan.width,
+            height=plan.height,
+            num_inference_steps=plan.num_inference_steps,
+            guidance_scale=plan.guidance_scale,
+            negative_prompt=negative,
+        )
+        stage_started = time.perf_counter()
+        generation = generator.generate.remote(params)
+        # The scorer gets the generator's response itself: Ray hands it the images straight from
+        # the object store, without a round trip through this ingress first.
+        scoring = scorer.score.remote(generation, plan.prompt)
+        output: GenerationOutput = await _call(generation, "generate", timeout_s)
+        generated_at = time.perf_counter()
+        scores: list[dict[str, float]] = await _call(scoring, "score", timeout_s)
+        timings["generate"] += generated_at - stage_started
+        timings["score"] += time.perf_counter() - generated_at
+        for seed, image, image_scores in zip(output.seeds, output.images, scores):
+            passed = image_scores[plan.metric] >= plan.threshold
+            candidates.append(Candidate(attempt, seed, enhanced.prompt, image, image_scores, passed))
+
+    return GraphResult(
+        enhanced=enhanced,
+        negative_prompt=negative,
+        candidates=candidates,
+        chosen=choose(candidates, plan.num_images, plan.metric),
+        timings=timings,
+    )

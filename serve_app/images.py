@@ -1,0 +1,47 @@
+"""PNG encoding with the generation parameters inside the file."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+
+def a1111_parameters(meta: dict) -> str:
+    """The `parameters` text AUTOMATIC1111 writes, which its PNG Info tab and many tools read."""
+    lines = [meta["prompt"]]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    settings = [
+        f"Steps: {meta['steps']}",
+        f"CFG scale: {meta['guidance_scale']:g}",
+        f"Seed: {meta['seed']}",
+        f"Size: {meta['width']}x{meta['height']}",
+        f"Model: {meta['model']}",
+    ]
+    lines.append(", ".join(settings))
+    return "\n".join(lines)
+
+
+def encode_png(image: np.ndarray, meta: dict) -> bytes:
+    """uint8 (H, W, 3) to PNG bytes carrying `parameters` (A1111 text) and `genserve` (JSON)."""
+    info = PngInfo()
+    info.add_text("parameters", a1111_parameters(meta))
+    info.add_text("genserve", json.dumps(meta, sort_keys=True))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def encode_png_b64(image: np.ndarray, meta: dict) -> str:
+    return base64.b64encode(encode_png(image, meta)).decode("ascii")
+
+
+def read_png_meta(data: bytes) -> dict:
+    """The `genserve` JSON chunk of a PNG this service wrote."""
+    with Image.open(io.BytesIO(data)) as image:
+        return json.loads(image.text["genserve"])

@@ -1,0 +1,67 @@
+"""What each servable model accepts, and the request checks that depend on the model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from serve_app.schemas import ImageRequest
+
+
+class RequestError(ValueError):
+    """A request field the chosen model or config cannot accept. The ingress answers 422."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def detail(self) -> list[dict]:
+        """The same shape FastAPI gives schema errors, so clients parse one format."""
+        return [{"loc": ["body", self.field], "msg": self.message, "type": "value_error"}]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    family: str
+    description: str
+    min_steps: int
+    max_steps: int
+    default_steps: int
+    default_width: int
+    default_height: int
+    guidance_range: tuple[float, float]
+    default_guidance: float
+    uses_negative_prompt: bool
+
+    def check(self, request: ImageRequest) -> None:
+        steps = request.num_inference_steps
+        if steps is not None and not self.min_steps <= steps <= self.max_steps:
+            raise RequestError(
+                "num_inference_steps",
+                f"{self.id} takes {self.min_steps}-{self.max_steps} steps; got {steps}",
+            )
+        guidance = request.guidance_scale
+        low, high = self.guidance_range
+        if guidance is not None and not low <= guidance <= high:
+            allowed = f"must be {low:g}" if low == high else f"must be between {low:g} and {high:g}"
+            raise RequestError("guidance_scale", f"{self.id} guidance_scale {allowed}; got {guidance:g}")
+
+    def public(self) -> dict:
+        return asdict(self)
+
+
+def flux_schnell_spec(default_width: int, default_height: int, default_steps: int) -> ModelSpec:
+    return ModelSpec(
+        id="flux-schnell",
+        family="flux",
+        description="FLUX.1-schnell: guidance-distilled, 1-4 steps, no negative prompt.",
+        min_steps=1,
+        max_steps=4,
+        default_steps=default_steps,
+        default_width=default_width,
+        default_height=default_height,
+        guidance_range=(0.0, 0.0),
+        default_guidance=0.0,
+        uses_negative_prompt=False,
+    )

@@ -1,0 +1,138 @@
+"""The image service: request -> plan -> graph -> response.
+
+The Serve ingress delegates here with real handles; the benchmark and unit tests use the same class
+with `LocalHandle`s, so the in-process baseline runs exactly the code the service runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+
+from serve_app.config import QualityPolicy, check_threshold
+from serve_app.graph import Candidate, GraphResult, ImagePlan, run_image_graph
+from serve_app.images import encode_png_b64
+from serve_app.models import ModelSpec, RequestError
+from serve_app.schemas import MAX_SEED, Attempt, GeneratedImage, ImageRequest, ImageResponse, Scores
+
+
+class ImageService:
+    def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
+                 request_timeout_s: float = 600.0):
+        missing = set(generators) ^ set(specs)
+        if missing:
+            raise ValueError(f"generators and model specs must name the same models; mismatch: {sorted(missing)}")
+        self.enhancer = enhancer
+        self.generators = generators
+        self.scorer = scorer
+        self.specs = specs
+        self.policy = policy
+        self.request_timeout_s = request_timeout_s
+
+    def plan(self, request: ImageRequest) -> tuple[ImagePlan, ModelSpec, list[str]]:
+        """Fill in defaults and check what depends on the model and the config (422 on failure)."""
+        spec = self.specs.get(request.model)
+        if spec is None:
+            raise RequestError("model", f"must be one of {sorted(self.specs)}; got {request.model!r}")
+        spec.check(request)
+        metric = request.quality_metric or self.policy.metric
+        threshold = self.policy.threshold if request.quality_threshold is None else request.quality_threshold
+        try:
+            check_threshold(metric, threshold)
+        except ValueError as error:
+            raise RequestError("quality_threshold", str(error)) from None
+        warnings = []
+        if request.negative_prompt and not spec.uses_negative_prompt:
+            warnings.append(
+                f"negative_prompt is not used by {spec.id}: it is guidance-distilled and runs without "
+                "classifier-free guidance"
+            )
+        plan = ImagePlan(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            style=request.style,
+            quality=request.quality,
+            enhance=request.enhance,
+            use_negative_prompt=spec.uses_negative_prompt,
+            width=request.width or spec.default_width,
+            height=request.height or spec.default_height,
+            num_inference_steps=request.num_inference_steps or spec.default_steps,
+            guidance_scale=spec.default_guidance if request.guidance_scale is None else request.guidance_scale,
+            base_seed=secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
+            num_images=request.num_images,
+            metric=metric,
+            threshold=threshold,
+            max_attempts=request.max_attempts or self.policy.max_attempts,
+        )
+        return plan, spec, warnings
+
+    async def generate_images(self, request: ImageRequest | dict) -> ImageResponse:
+        if not isinstance(request, ImageRequest):
+            request = ImageRequest.model_validate(request)
+        accepted = time.time()
+        started = time.perf_counter()
+        plan, spec, warnings = self.plan(request)
+        result = await run_image_graph(
+            plan, self.enhancer, self.generators[spec.id], self.scorer, timeout_s=self.request_timeout_s
+        )
+        encode_started = time.perf_counter()
+        images = await asyncio.to_thread(self._encode, result, plan, spec)
+        timings = dict(result.timings)
+        timings["encode"] = time.perf_counter() - encode_started
+        timings["total"] = time.perf_counter() - started
+        return ImageResponse(
+            id=uuid.uuid4().hex,
+            created=int(accepted),
+            model=spec.id,
+            prompt=request.prompt,
+            enhanced_prompt=result.enhanced.prompt,
+            negative_prompt=result.negative_prompt,
+            style=None if result.enhanced.enhancer == "none" else result.enhanced.style,
+            enhancer=result.enhanced.enhancer,
+            width=plan.width,
+            height=plan.height,
+            num_inference_steps=plan.num_inference_steps,
+            guidance_scale=plan.guidance_scale,
+            quality_metric=plan.metric,
+            quality_threshold=plan.threshold,
+            passed=result.passed,
+            images=images,
+            attempts=[
+                Attempt(attempt=c.attempt, seed=c.seed, prompt=c.prompt, scores=Scores(**c.scores), passed=c.passed)
+                for c in result.candidates
+            ],
+            timings={key: round(value, 4) for key, value in timings.items()},
+            warnings=warnings,
+        )
+
+    @staticmethod
+    def _encode(result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> list[GeneratedImage]:
+        return [_generated_image(candidate, result, plan, spec) for candidate in result.chosen]
+
+    def models(self) -> list[dict]:
+        return [spec.public() for spec in self.specs.values()]
+
+
+def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> GeneratedImage:
+    meta = {
+        "prompt": candidate.prompt,
+        "original_prompt": plan.prompt,
+        "negative_prompt": result.negative_prompt,
+        "seed": candidate.seed,
+        "steps": plan.num_inference_steps,
+        "guidance_scale": plan.guidance_scale,
+        "width": plan.width,
+        "height": plan.height,
+        "model": spec.id,
+    }
+    return GeneratedImage(
+        b64_png=encode_png_b64(candidate.image, meta),
+        seed=candidate.seed,
+        width=plan.width,
+        height=plan.height,
+        attempt=candidate.attempt,
+        scores=Scores(**candidate.scores),
+        passed=candidate.passed,
+    )
