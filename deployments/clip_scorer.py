@@ -34,7 +34,7 @@ def load_clip(config: ScorerConfig, placement) -> dict:
         # The PIL image processor needs no torchvision (none builds for these CPU wheels).
         location = pretrained_location(config.source)
         parts = {
-            "model": CLIPModel.from_pretrained(location, use_safetensors=True),
+            "model": CLIPModel.from_pretrained(location, dtype=placement.dtype, use_safetensors=True),
             "tokenizer": CLIPTokenizer.from_pretrained(location),
             "image_processor": CLIPImageProcessorPil.from_pretrained(location),
         }

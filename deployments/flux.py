@@ -17,7 +17,7 @@ from deployments.loading import (
     seeded_generators,
     to_uint8_images,
 )
-from deployments.types import GenerationOutput, GenerationParams
+from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,7 +34,7 @@ def load_flux_pipeline(config: FluxConfig, placement):
         from diffusers import FluxPipeline
 
         pipeline = FluxPipeline.from_pretrained(
-            pretrained_location(config.source), torch_dtype=placement.dtype, use_safetensors=True
+            pretrained_location(config.source), dtype=placement.dtype, use_safetensors=True
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(placement.device)
@@ -62,17 +62,18 @@ class FluxGenerator:
             config.source, self._placement.device, self._placement.dtype_name, time.perf_counter() - started,
         )
 
-    async def generate(self, params: GenerationParams) -> GenerationOutput:
+    async def generate(self, params: GenerationParams, prompt: EnhancedPrompt) -> GenerationOutput:
+        """One image per seed. FLUX.1-schnell runs without guidance, so the negative prompt is unused."""
         async with self._lock:
-            return await asyncio.to_thread(self._generate, params)
+            return await asyncio.to_thread(self._generate, params, prompt.prompt)
 
-    def _generate(self, params: GenerationParams) -> GenerationOutput:
+    def _generate(self, params: GenerationParams, prompt: str) -> GenerationOutput:
         import torch
 
         started = time.perf_counter()
         with torch.inference_mode():
             result = self._pipeline(
-                prompt=params.prompt,
+                prompt=prompt,
                 width=params.width,
                 height=params.height,
                 num_inference_steps=params.num_inference_steps,

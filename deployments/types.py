@@ -13,15 +13,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """What a generator needs for one batch: one image per seed."""
+    """What a generator needs for one batch besides the prompt: one image per seed."""
 
-    prompt: str
     seeds: list[int]
     width: int
     height: int
     num_inference_steps: int
     guidance_scale: float = 0.0
-    negative_prompt: str | None = None
 
 
 @dataclass
@@ -38,6 +36,8 @@ class GenerationOutput:
 
 @dataclass(frozen=True)
 class EnhancedPrompt:
+    """The prompt a generator uses. Generators that run without guidance ignore `negative_prompt`."""
+
     prompt: str
     negative_prompt: str | None
     style: str

@@ -87,11 +87,11 @@ async def _as_coroutine(awaitable):
     return await awaitable
 
 
-async def _enhance(plan: ImagePlan, enhancer, timeout_s: float) -> EnhancedPrompt:
+def _enhance(plan: ImagePlan, enhancer):
+    """The enhancer's pending response, or the prompt as given when enhancement is off."""
     if not plan.enhance:
         return EnhancedPrompt(prompt=plan.prompt, negative_prompt=plan.negative_prompt, style="none", enhancer="none")
-    response = enhancer.enhance.remote(plan.prompt, plan.style, plan.quality, plan.negative_prompt)
-    return await _call(response, "enhance", timeout_s)
+    return enhancer.enhance.remote(plan.prompt, plan.style, plan.quality, plan.negative_prompt)
 
 
 def choose(candidates: list[Candidate], count: int, metric: str) -> list[Candidate]:
@@ -103,10 +103,10 @@ def choose(candidates: list[Candidate], count: int, metric: str) -> list[Candida
 
 async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_s: float = 600.0) -> GraphResult:
     timings = {"enhance": 0.0, "generate": 0.0, "score": 0.0}
-    started = time.perf_counter()
-    enhanced = await _enhance(plan, enhancer, timeout_s)
-    timings["enhance"] = time.perf_counter() - started
-    negative = enhanced.negative_prompt if plan.use_negative_prompt else None
+    # Responses are passed on unresolved: Serve hands the enhancer's prompt to the generator and
+    # the generator's images to the scorer straight through the object store, so the three calls
+    # of a round are dispatched at once instead of one round trip through this ingress each.
+    enhanced: EnhancedPrompt | Any = _enhance(plan, enhancer)
 
     candidates: list[Candidate] = []
     next_seed_offset = 0
@@ -117,23 +117,23 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
         seeds = [(plan.base_seed + next_seed_offset + i) % (MAX_SEED + 1) for i in range(missing)]
         next_seed_offset += missing
         params = GenerationParams(
-            prompt=enhanced.prompt,
             seeds=seeds,
             width=plan.width,
             height=plan.height,
             num_inference_steps=plan.num_inference_steps,
             guidance_scale=plan.guidance_scale,
-            negative_prompt=negative,
         )
-        stage_started = time.perf_counter()
-        generation = generator.generate.remote(params)
-        # The scorer gets the generator's response itself: Ray hands it the images straight from
-        # the object store, without a round trip through this ingress first.
+        round_started = time.perf_counter()
+        generation = generator.generate.remote(params, enhanced)
         scoring = scorer.score.remote(generation, plan.prompt)
+        if not isinstance(enhanced, EnhancedPrompt):
+            enhanced = await _call(enhanced, "enhance", timeout_s)
+            timings["enhance"] = time.perf_counter() - round_started
+            round_started = time.perf_counter()  # the generator starts once the prompt is there
         output: GenerationOutput = await _call(generation, "generate", timeout_s)
         generated_at = time.perf_counter()
         scores: list[dict[str, float]] = await _call(scoring, "score", timeout_s)
-        timings["generate"] += generated_at - stage_started
+        timings["generate"] += generated_at - round_started
         timings["score"] += time.perf_counter() - generated_at
         for seed, image, image_scores in zip(output.seeds, output.images, scores):
             passed = image_scores[plan.metric] >= plan.threshold
@@ -141,7 +141,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
 
     return GraphResult(
         enhanced=enhanced,
-        negative_prompt=negative,
+        negative_prompt=enhanced.negative_prompt if plan.use_negative_prompt else None,
         candidates=candidates,
         chosen=choose(candidates, plan.num_images, plan.metric),
         timings=timings,

@@ -12,10 +12,13 @@ Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(..
 import asyncio
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 
 from serve_app.config import QualityPolicy
+from serve_app.errors import explain_errors
 from serve_app.graph import StageTimeout
 from serve_app.models import ModelSpec, RequestError
 from serve_app.schemas import ImageRequest, ImageResponse
@@ -28,6 +31,12 @@ api = FastAPI(
     description="Self-hosted image generation on Ray Serve: enhance, generate, score, regenerate.",
     version="0.1.0",
 )
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    detail = explain_errors(list(error.errors()), ImageRequest)
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail)})
 
 
 @api.exception_handler(RequestError)

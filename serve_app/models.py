@@ -10,14 +10,18 @@ from serve_app.schemas import ImageRequest
 class RequestError(ValueError):
     """A request field the chosen model or config cannot accept. The ingress answers 422."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, allowed: str):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.allowed = allowed
+
+    def __reduce__(self):  # Ray pickles it back to a handle caller
+        return (RequestError, (self.field, self.message, self.allowed))
 
     def detail(self) -> list[dict]:
-        """The same shape FastAPI gives schema errors, so clients parse one format."""
-        return [{"loc": ["body", self.field], "msg": self.message, "type": "value_error"}]
+        """The shape of schema errors (see serve_app.errors), so clients parse one format."""
+        return [{"loc": ["body", self.field], "msg": str(self), "type": "value_error", "allowed": self.allowed}]
 
 
 @dataclass(frozen=True)
@@ -40,12 +44,14 @@ class ModelSpec:
             raise RequestError(
                 "num_inference_steps",
                 f"{self.id} takes {self.min_steps}-{self.max_steps} steps; got {steps}",
+                f"{self.min_steps}-{self.max_steps}",
             )
         guidance = request.guidance_scale
         low, high = self.guidance_range
         if guidance is not None and not low <= guidance <= high:
-            allowed = f"must be {low:g}" if low == high else f"must be between {low:g} and {high:g}"
-            raise RequestError("guidance_scale", f"{self.id} guidance_scale {allowed}; got {guidance:g}")
+            allowed = f"{low:g}" if low == high else f"{low:g}-{high:g}"
+            rule = f"must be {low:g}" if low == high else f"must be between {low:g} and {high:g}"
+            raise RequestError("guidance_scale", f"{self.id} guidance_scale {rule}; got {guidance:g}", allowed)
 
     def public(self) -> dict:
         return asdict(self)

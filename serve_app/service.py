@@ -11,6 +11,7 @@ import secrets
 import time
 import uuid
 
+from deployments.clip_scorer import SCORE_RANGES
 from serve_app.config import QualityPolicy, check_threshold
 from serve_app.graph import Candidate, GraphResult, ImagePlan, run_image_graph
 from serve_app.images import encode_png_b64
@@ -35,14 +36,16 @@ class ImageService:
         """Fill in defaults and check what depends on the model and the config (422 on failure)."""
         spec = self.specs.get(request.model)
         if spec is None:
-            raise RequestError("model", f"must be one of {sorted(self.specs)}; got {request.model!r}")
+            known = sorted(self.specs)
+            raise RequestError("model", f"must be one of {known}; got {request.model!r}", "one of " + ", ".join(map(repr, known)))
         spec.check(request)
         metric = request.quality_metric or self.policy.metric
         threshold = self.policy.threshold if request.quality_threshold is None else request.quality_threshold
         try:
             check_threshold(metric, threshold)
         except ValueError as error:
-            raise RequestError("quality_threshold", str(error)) from None
+            low, high = SCORE_RANGES[metric]
+            raise RequestError("quality_threshold", str(error), f"{low:g}-{high:g}") from None
         warnings = []
         if request.negative_prompt and not spec.uses_negative_prompt:
             warnings.append(

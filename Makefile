@@ -1,0 +1,35 @@
+# genserve: one command each to set up, serve, test and benchmark. Each installs first if needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.genserve-installed
+CONFIG ?= configs/dev.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test bench constraints clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+# Ray 2.60 turns on token auth by default; a local dev cluster runs without it unless you set
+# RAY_AUTH_MODE yourself (see README).
+serve: setup
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/genserve serve $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/genserve bench --config $(CONFIG)
+
+constraints: setup
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	  | grep -v '^genserve' | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -1,0 +1,67 @@
+"""422 bodies that say what is allowed, not only what was wrong.
+
+Pydantic reports the first constraint a value breaks ("Input should be a multiple of 16"). The
+handler below adds the field's whole allowed range, read from the request model's JSON schema, so
+the message and the schema at /docs can never disagree.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import BaseModel
+
+
+@lru_cache(maxsize=32)
+def _properties(model: type[BaseModel]) -> dict:
+    return model.model_json_schema().get("properties", {})
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _describe(schema: dict) -> str | None:
+    for option in schema.get("anyOf", []):  # Optional[...] fields: describe the non-null branch
+        if option.get("type") != "null":
+            return _describe(option)
+    parts = []
+    if "enum" in schema:
+        parts.append("one of " + ", ".join(repr(value) for value in schema["enum"]))
+    if "const" in schema:
+        parts.append(f"exactly {schema['const']!r}")
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is not None and high is not None:
+        parts.append(f"{_number(low)}-{_number(high)}")
+    elif low is not None:
+        parts.append(f"at least {_number(low)}")
+    elif high is not None:
+        parts.append(f"at most {_number(high)}")
+    if "multipleOf" in schema:
+        parts.append(f"a multiple of {_number(schema['multipleOf'])}")
+    if "minLength" in schema or "maxLength" in schema:
+        parts.append(f"{schema.get('minLength', 0)}-{schema.get('maxLength', 'any')} characters")
+    return ", ".join(parts) or None
+
+
+def allowed_values(model: type[BaseModel], field: str) -> str | None:
+    """What `field` of `model` accepts, e.g. '256-2048, a multiple of 16'; None if unconstrained."""
+    schema = _properties(model).get(field)
+    return _describe(schema) if schema else None
+
+
+def explain_errors(errors: list[dict], model: type[BaseModel]) -> list[dict]:
+    """FastAPI's error items, each body-field error named in `msg`, with `allowed` where known."""
+    explained = []
+    for error in errors:
+        error = {key: value for key, value in error.items() if key != "url"}
+        loc = error.get("loc", ())
+        if len(loc) >= 2 and loc[0] == "body" and isinstance(loc[1], str):
+            field = ".".join(str(part) for part in loc[1:])
+            allowed = allowed_values(model, loc[1])
+            error["msg"] = f"{field}: {error['msg']}"
+            if allowed:
+                error["allowed"] = allowed
+                error["msg"] += f" (allowed: {allowed})"
+        explained.append(error)
+    return explained

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+
+# Tests start throwaway local Ray clusters bound to loopback; Ray 2.60's token auth would make the
+# `serve` CLI used by some tests need the token, so it is off for the test session only.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing entirely
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; torch sees none on this machine")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,26 @@
+import socket
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float = 0.25, what: str = "condition") -> T:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+            if result:
+                return result
+        except Exception as error:  # the service may not be up yet
+            last_error = error
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not met within {timeout_s}s (last error: {last_error!r})")

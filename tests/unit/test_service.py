@@ -1,0 +1,70 @@
+"""ImageService: defaults, model-dependent checks and the response, over fake deployments."""
+
+import asyncio
+import base64
+
+import pytest
+
+from serve_app.config import QualityPolicy
+from serve_app.images import read_png_meta
+from serve_app.local import LocalHandle
+from serve_app.models import RequestError, flux_schnell_spec
+from serve_app.schemas import ImageRequest
+from serve_app.service import ImageService
+from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
+
+
+def _service(policy: QualityPolicy | None = None) -> ImageService:
+    spec = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
+    return ImageService(
+        LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, LocalHandle(FakeScorer()),
+        {spec.id: spec}, policy or QualityPolicy(),
+    )
+
+
+@pytest.mark.parametrize(
+    "fields, field, words",
+    [
+        ({"model": "sdxl"}, "model", "must be one of ['flux-schnell']"),
+        ({"num_inference_steps": 9}, "num_inference_steps", "1-4 steps; got 9"),
+        ({"guidance_scale": 3.5}, "guidance_scale", "must be 0; got 3.5"),
+        ({"quality_threshold": 50}, "quality_threshold", "between 0 and 1"),
+        ({"quality_metric": "aesthetic", "quality_threshold": 1.5}, "quality_threshold", "between 0 and 1; got 1.5"),
+    ],
+)
+def test_model_dependent_checks_name_the_field(fields, field, words):
+    with pytest.raises(RequestError) as caught:
+        _service().plan(ImageRequest(prompt="a fox", **fields))
+    assert caught.value.field == field and words in caught.value.message
+    assert caught.value.detail()[0]["loc"] == ["body", field]
+
+
+def test_plan_fills_defaults_from_model_and_policy():
+    plan, spec, warnings = _service(QualityPolicy(metric="alignment", threshold=20, max_attempts=3)).plan(
+        ImageRequest(prompt="a fox")
+    )
+    assert (plan.width, plan.height, plan.num_inference_steps, plan.guidance_scale) == (256, 256, 4, 0.0)
+    assert (plan.metric, plan.threshold, plan.max_attempts) == ("alignment", 20, 3)
+    assert 0 <= plan.base_seed <= 2**32 - 1
+    assert warnings == []
+
+
+def test_negative_prompt_on_flux_is_reported_unused():
+    response = asyncio.run(_service().generate_images(ImageRequest(prompt="a fox", negative_prompt="dogs", seed=7)))
+    assert response.negative_prompt is None
+    assert any("negative_prompt is not used by flux-schnell" in warning for warning in response.warnings)
+
+
+def test_response_carries_everything_needed_to_reproduce():
+    request = {"prompt": "a fox", "seed": 7, "num_images": 2, "style": "anime", "width": 272, "height": 256}
+    response = asyncio.run(_service().generate_images(request))
+    assert response.model == "flux-schnell" and response.prompt == "a fox"
+    assert response.enhanced_prompt == "a fox, enhanced" and response.style == "anime"
+    assert [image.seed for image in response.images] == [7, 8]
+    assert [attempt.seed for attempt in response.attempts] == [7, 8]
+    assert set(response.timings) == {"enhance", "generate", "score", "encode", "total"}
+    meta = read_png_meta(base64.b64decode(response.images[1].b64_png))
+    assert meta == {
+        "prompt": "a fox, enhanced", "original_prompt": "a fox", "negative_prompt": None, "seed": 8, "steps": 4,
+        "guidance_scale": 0.0, "width": 272, "height": 256, "model": "flux-schnell",
+    }
