@@ -105,3 +105,36 @@ class EnhancerConfig(_Strict):
     default_style: Literal["photorealistic", "artistic", "cinematic", "anime", "none"] = Field(
         "photorealistic", description="Style used when a request names none."
     )
+
+
+class SvdMemory(_Strict):
+    """Memory tiers for Stable Video Diffusion, from fastest to leanest (the seed guide's tiers).
+
+    - whole model on the GPU: `offload: none` (fastest; SVD-XT needs the most memory);
+    - `offload: model`: each sub-model moves to the GPU only while it runs (accelerate);
+    - `offload: sequential`: layer by layer (slowest, least memory);
+    - `unet_forward_chunking`: feed-forward layers run in chunks (less peak memory, a bit slower);
+    - `decode_chunk_size`: frames the VAE decodes at once (lower uses less memory).
+    Offloading moves weights between CPU and GPU, so it only applies when the model runs on CUDA.
+    """
+
+    offload: Literal["none", "model", "sequential"] = Field("none", description="CPU offload tier on CUDA.")
+    unet_forward_chunking: bool = Field(False, description="Chunk the UNet's feed-forward layers.")
+    decode_chunk_size: int = Field(8, ge=1, le=25, description="Frames decoded at once when a request gives none.")
+
+
+class SvdConfig(_Strict):
+    """Stable Video Diffusion (image-to-video)."""
+
+    source: ModelSource = Field(
+        "stabilityai/stable-video-diffusion-img2vid-xt",
+        description="Repo id (img2vid-xt: 25 frames; img2vid: 14 frames), local folder, or 'tiny'.",
+    )
+    device: DeviceOptions = Field(default_factory=DeviceOptions)
+    memory: SvdMemory = Field(default_factory=SvdMemory)
+    default_width: int = Field(1024, ge=256, le=2048, multiple_of=64, description="Width when a request gives none.")
+    default_height: int = Field(576, ge=256, le=2048, multiple_of=64, description="Height when a request gives none.")
+    default_steps: int = Field(25, ge=1, le=100, description="Denoising steps when a request gives none.")
+    default_num_frames: int | None = Field(
+        None, ge=2, le=25, description="Frames when a request gives none; None uses the model's own (25 or 14)."
+    )

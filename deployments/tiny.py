@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 CLIP_MAX_TOKENS = 77
+TINY_FAMILIES = ("flux", "clip", "svd")
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -150,6 +151,56 @@ def build_tiny_clip(seed: int = 0) -> dict[str, Any]:
     return {"model": model, "tokenizer": tokenizer, "image_processor": image_processor}
 
 
+def build_tiny_svd(seed: int = 0):
+    """A StableVideoDiffusionPipeline with tiny random weights (8 frames by default).
+
+    The VAE keeps the real 8x downsampling (its temporal decoder fixes 32 norm groups, hence 32
+    channels); the image encoder keeps image_size 224 because the pipeline resizes its input
+    image to 224 before encoding it.
+    """
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    rng = _seeded(seed)
+    try:
+        unet = UNetSpatioTemporalConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=8, out_channels=4,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            cross_attention_dim=32, num_attention_heads=(2, 4), projection_class_embeddings_input_dim=96,
+            addition_time_embed_dim=32, num_frames=8,
+        )
+        vae = AutoencoderKLTemporalDecoder(
+            block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4, latent_channels=4, layers_per_block=1,
+        )
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, image_size=224,
+                intermediate_size=37, patch_size=32,
+            )
+        )
+    finally:
+        rng.__exit__(None, None, None)
+    _eval(unet, vae, image_encoder)
+    # The scheduler settings of the released SVD checkpoints.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
+        num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
+        timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
+    )
+    feature_extractor = CLIPImageProcessorPil(crop_size={"height": 224, "width": 224}, size={"shortest_edge": 224})
+    return StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler, feature_extractor=feature_extractor
+    )
+
+
 def save_tiny(family: str, folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny model in the library's own layout, loadable by the real loading path."""
     folder = Path(folder)
@@ -159,6 +210,8 @@ def save_tiny(family: str, folder: str | Path, seed: int = 0) -> Path:
     elif family == "clip":
         for part in build_tiny_clip(seed).values():
             part.save_pretrained(folder)
+    elif family == "svd":
+        build_tiny_svd(seed).save_pretrained(folder)
     else:
-        raise ValueError(f"unknown tiny model family {family!r}; known: 'flux', 'clip'")
+        raise ValueError(f"unknown tiny model family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     return folder

@@ -43,3 +43,36 @@ class EnhancedPrompt:
     style: str
     enhancer: str
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VideoParams:
+    """One image-to-video run. `image` is uint8 (H, W, 3) already at the video's size."""
+
+    seed: int
+    width: int
+    height: int
+    num_frames: int | None
+    fps: int
+    motion_bucket_id: int
+    noise_aug_strength: float
+    num_inference_steps: int
+    decode_chunk_size: int | None
+    output_format: str
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class VideoOutput:
+    """An encoded video and what was made."""
+
+    data: bytes
+    content_type: str
+    num_frames: int
+    fps: int
+    width: int
+    height: int
+    seed: int
+    generate_seconds: float
+    encode_seconds: float
+    device: str

@@ -13,9 +13,11 @@ from ray.serve import Application
 from deployments.clip_scorer import ClipScorer
 from deployments.flux import FluxGenerator
 from deployments.prompt_enhancer import PromptEnhancer
+from deployments.svd import SvdGenerator
 from serve_app.config import AppArgs
 from serve_app.ingress import Ingress
 from serve_app.models import ModelSpec, flux_schnell_spec
+from serve_app.video import VideoDefaults
 
 
 def model_specs(args: AppArgs) -> dict[str, ModelSpec]:
@@ -25,7 +27,7 @@ def model_specs(args: AppArgs) -> dict[str, ModelSpec]:
 
 
 def build_app(args: AppArgs) -> Application:
-    """Wire PromptEnhancer -> FluxGenerator -> ClipScorer behind the Ingress.
+    """Wire PromptEnhancer -> FluxGenerator -> ClipScorer (and SvdGenerator, if configured) behind the Ingress.
 
     Serve validates a config's `args:` into `AppArgs` (the annotation); a plain dict is accepted too.
     """
@@ -34,6 +36,13 @@ def build_app(args: AppArgs) -> Application:
     enhancer = PromptEnhancer.options(**args.options_for("PromptEnhancer")).bind(args.enhancer)
     flux = FluxGenerator.options(**args.options_for("FluxGenerator")).bind(args.flux)
     scorer = ClipScorer.options(**args.options_for("ClipScorer")).bind(args.scorer)
+    video = {}
+    if args.svd is not None:
+        video["svd"] = SvdGenerator.options(**args.options_for("SvdGenerator")).bind(args.svd)
+        video["video_defaults"] = VideoDefaults(
+            source=args.svd.source, width=args.svd.default_width, height=args.svd.default_height,
+            num_inference_steps=args.svd.default_steps,
+        )
     return Ingress.options(**args.options_for("Ingress")).bind(
         enhancer=enhancer,
         generators={"flux-schnell": flux},
@@ -41,4 +50,6 @@ def build_app(args: AppArgs) -> Application:
         specs=model_specs(args),
         policy=args.policy,
         request_timeout_s=args.request_timeout_s,
+        max_input_pixels=args.max_input_pixels,
+        **video,
     )

@@ -2,7 +2,7 @@
 
     genserve serve [CONFIG]          serve run CONFIG (default configs/dev.yaml)
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
-    genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip) as a local folder
+    genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd) as a local folder
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import argparse
 import os
 import shutil
 import sys
+
+from deployments.tiny import TINY_FAMILIES
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(func=_bench)
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
-    tiny.add_argument("family", choices=["flux", "clip"])
+    tiny.add_argument("family", choices=TINY_FAMILIES)
     tiny.add_argument("folder")
     tiny.set_defaults(func=_save_tiny)
 

@@ -11,9 +11,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.clip_scorer import SCORE_RANGES
-from deployments.config import EnhancerConfig, FluxConfig, ScorerConfig
+from deployments.config import EnhancerConfig, FluxConfig, ScorerConfig, SvdConfig
 
-DEPLOYMENT_NAMES = ("Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer")
+DeploymentName = Literal["Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer", "SvdGenerator"]
 
 
 class _Strict(BaseModel):
@@ -99,11 +99,15 @@ class AppArgs(_Strict):
     flux: FluxConfig = Field(default_factory=FluxConfig, description="The FLUX.1-schnell generator.")
     scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="The CLIP scorer.")
     enhancer: EnhancerConfig = Field(default_factory=EnhancerConfig, description="The prompt enhancer.")
+    svd: SvdConfig | None = Field(None, description="Stable Video Diffusion; omit to serve images only.")
     policy: QualityPolicy = Field(default_factory=QualityPolicy, description="Default quality gate.")
+    max_input_pixels: int = Field(
+        4096 * 4096, ge=65536, description="Largest uploaded image (width x height), checked before decoding."
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, description="How long the ingress waits for one downstream call before answering 504."
     )
-    deployments: dict[Literal["Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer"], DeploymentOptions] = Field(
+    deployments: dict[DeploymentName, DeploymentOptions] = Field(
         default_factory=dict, description="Replicas and resources per deployment, by deployment name."
     )
 

@@ -73,7 +73,8 @@ class GraphResult:
         return all(candidate.passed for candidate in self.chosen)
 
 
-async def _call(awaitable, stage: str, timeout_s: float) -> Any:
+async def call_stage(awaitable, stage: str, timeout_s: float) -> Any:
+    """Await a downstream response; past `timeout_s` cancel it and raise StageTimeout naming the stage."""
     try:
         return await asyncio.wait_for(_as_coroutine(awaitable), timeout_s)
     except asyncio.TimeoutError:
@@ -127,12 +128,12 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
         generation = generator.generate.remote(params, enhanced)
         scoring = scorer.score.remote(generation, plan.prompt)
         if not isinstance(enhanced, EnhancedPrompt):
-            enhanced = await _call(enhanced, "enhance", timeout_s)
+            enhanced = await call_stage(enhanced, "enhance", timeout_s)
             timings["enhance"] = time.perf_counter() - round_started
             round_started = time.perf_counter()  # the generator starts once the prompt is there
-        output: GenerationOutput = await _call(generation, "generate", timeout_s)
+        output: GenerationOutput = await call_stage(generation, "generate", timeout_s)
         generated_at = time.perf_counter()
-        scores: list[dict[str, float]] = await _call(scoring, "score", timeout_s)
+        scores: list[dict[str, float]] = await call_stage(scoring, "score", timeout_s)
         timings["generate"] += generated_at - round_started
         timings["score"] += time.perf_counter() - generated_at
         for seed, image, image_scores in zip(output.seeds, output.images, scores):

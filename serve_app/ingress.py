@@ -2,27 +2,31 @@
 
 Routes (OpenAPI at /docs):
 - POST /v1/images   generate, score and regenerate; JSON in, JSON with base64 PNGs out
+- POST /v1/videos   image-to-video, or text-to-video through a keyframe; MP4/GIF/WebP, JSON or binary
 - GET  /v1/models   the deployed models with their limits and defaults
 - GET  /healthz     200 when every downstream deployment answers, 503 naming the one that did not
 
-Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(...))`.
+Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(...))`, and
+`.generate_video.remote(VideoRequest(...))`.
 """
 
 
 import asyncio
+import json
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from serve_app.config import QualityPolicy
 from serve_app.errors import explain_errors
 from serve_app.graph import StageTimeout
 from serve_app.models import ModelSpec, RequestError
-from serve_app.schemas import ImageRequest, ImageResponse
+from serve_app.schemas import ImageRequest, ImageResponse, VideoRequest, VideoResponse
 from serve_app.service import ImageService
+from serve_app.video import VideoDefaults, VideoService
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -34,14 +38,24 @@ api = FastAPI(
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-    detail = explain_errors(list(error.errors()), ImageRequest)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    model = VideoRequest if request.url.path.startswith("/v1/videos") else ImageRequest
+    detail = explain_errors(list(error.errors()), model)
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail)})
 
 
 @api.exception_handler(RequestError)
 async def _request_error(_: Request, error: RequestError) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": error.detail()})
+
+
+class VideoNotDeployed(LookupError):
+    pass
+
+
+@api.exception_handler(VideoNotDeployed)
+async def _video_not_deployed(_: Request, __: VideoNotDeployed) -> JSONResponse:
+    return JSONResponse(status_code=501, content={"detail": "video generation is not deployed: add `svd:` to the config"})
 
 
 @api.exception_handler(StageTimeout)
@@ -57,8 +71,17 @@ async def _info(handle) -> dict:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
-                 request_timeout_s: float = 600.0):
+                 request_timeout_s: float = 600.0, svd=None, video_defaults: VideoDefaults | None = None,
+                 max_input_pixels: int = 4096 * 4096):
         self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s)
+        self._videos = None
+        if svd is not None:
+            self._videos = VideoService(svd, video_defaults, self._service, max_input_pixels)
+
+    def _video_service(self) -> VideoService:
+        if self._videos is None:
+            raise VideoNotDeployed()
+        return self._videos
 
     async def generate_images(self, request: ImageRequest | dict) -> ImageResponse:
         """The Python API: the same request model and response as POST /v1/images.
@@ -72,19 +95,51 @@ class Ingress:
     async def post_images(self, request: ImageRequest) -> ImageResponse:
         return await self._service.generate_images(request)
 
+    async def generate_video(self, request: VideoRequest | dict) -> VideoResponse:
+        """The Python API for videos: the same request model and JSON response as POST /v1/videos."""
+        response, _ = await self._video_service().run(request)
+        return response
+
+    @api.post(
+        "/v1/videos",
+        response_model=VideoResponse,
+        responses={200: {"content": {"video/mp4": {}, "image/gif": {}, "image/webp": {}}}},
+    )
+    async def post_videos(self, request: VideoRequest):
+        response, output = await self._video_service().run(request)
+        if request.response_format == "json":
+            return response
+        metadata = response.model_dump(exclude={"b64_video", "keyframe"})
+        if response.keyframe is not None:
+            metadata["keyframe"] = response.keyframe.model_dump(exclude={"attempts"})
+        return Response(
+            content=output.data,
+            media_type=output.content_type,
+            headers={"X-Genserve-Metadata": json.dumps(metadata, separators=(",", ":"))},
+        )
+
     @api.get("/v1/models")
     async def get_models(self) -> dict:
         """Each model's limits and defaults, with where its replica loaded it from and on what."""
         service = self._service
         infos = await asyncio.gather(*(_info(service.generators[spec["id"]]) for spec in service.models()))
         models = [{**spec, "deployment": info} for spec, info in zip(service.models(), infos)]
-        return {"models": models, "quality_policy": service.policy.model_dump()}
+        videos = []
+        if self._videos is not None:
+            defaults = self._videos.defaults
+            videos.append({
+                "id": "svd", "default_width": defaults.width, "default_height": defaults.height,
+                "default_steps": defaults.num_inference_steps, "deployment": await _info(self._videos.svd),
+            })
+        return {"models": models, "video_models": videos, "quality_policy": service.policy.model_dump()}
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         service = self._service
         downstream = {"enhancer": service.enhancer, "scorer": service.scorer}
         downstream.update({f"generator:{name}": handle for name, handle in service.generators.items()})
+        if self._videos is not None:
+            downstream["video"] = self._videos.svd
         results = await asyncio.gather(
             *(asyncio.wait_for(_info(handle), HEALTH_TIMEOUT_S) for handle in downstream.values()),
             return_exceptions=True,

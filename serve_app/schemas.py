@@ -7,14 +7,21 @@ by `serve_app.models.ModelSpec.check` against the same 422 shape.
 
 from __future__ import annotations
 
+import secrets
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 Style = Literal["photorealistic", "artistic", "cinematic", "anime", "none"]
 Quality = Literal["high", "standard", "none"]
 Metric = Literal["aesthetic", "alignment"]
 MAX_SEED = 2**32 - 1
+
+
+def random_seed() -> int:
+    """A seed for requests that give none; returned to the caller so the result can be replayed."""
+    return secrets.randbelow(MAX_SEED + 1)
 
 
 class ImageRequest(BaseModel):
@@ -99,3 +106,97 @@ class ImageResponse(BaseModel):
     attempts: list[Attempt] = Field(description="Every candidate generated, in order.")
     timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total.")
     warnings: list[str] = Field(default_factory=list)
+
+
+class KeyframeOptions(BaseModel):
+    """How text-to-video makes its keyframe: the image fields of POST /v1/images (one image)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    negative_prompt: str | None = Field(None, max_length=2000)
+    model: str = Field("flux-schnell", description="Image model that draws the keyframe.")
+    style: Style | None = None
+    quality: Quality = "high"
+    enhance: bool = True
+    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Image model's steps.")
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    quality_metric: Metric | None = None
+    quality_threshold: float | None = Field(None, ge=0, le=100)
+    max_attempts: int | None = Field(None, ge=1, le=5)
+
+
+class VideoRequest(BaseModel):
+    """`POST /v1/videos`: animate `image`, or draw a keyframe from `prompt` first. Exactly one of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(
+        None, min_length=1, description="Base64 PNG or JPEG to animate (a data: URL prefix is accepted)."
+    )
+    prompt: str | None = Field(None, min_length=1, max_length=2000, description="Text-to-video: the keyframe's prompt.")
+    keyframe: KeyframeOptions = Field(default_factory=KeyframeOptions, description="Keyframe options (prompt only).")
+    width: int | None = Field(None, ge=256, le=2048, multiple_of=64, description="256-2048, a multiple of 64.")
+    height: int | None = Field(None, ge=256, le=2048, multiple_of=64, description="256-2048, a multiple of 64.")
+    num_frames: int | None = Field(None, ge=2, le=25, description="2-25; default from the model (25 XT, 14 base).")
+    fps: int = Field(7, ge=1, le=30, description="Frames per second of the output, also SVD's fps conditioning.")
+    motion_bucket_id: int = Field(127, ge=0, le=255, description="More motion when higher.")
+    noise_aug_strength: float = Field(0.02, ge=0, le=1, description="Noise added to the image; more = freer motion.")
+    num_inference_steps: int | None = Field(None, ge=1, le=100, description="Denoising steps; default from config.")
+    decode_chunk_size: int | None = Field(None, ge=1, le=25, description="Frames decoded at once; lower = less memory.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Video seed (and the keyframe's); random if omitted.")
+    output_format: Literal["mp4", "gif", "webp"] = Field("mp4", description="H.264 MP4, or animated GIF/WebP.")
+    response_format: Literal["json", "binary"] = Field(
+        "json", description="json: base64 in JSON with metadata; binary: the file itself, metadata in headers."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("prompt must contain non-whitespace text")
+        return value
+
+    @model_validator(mode="after")
+    def _image_xor_prompt(self) -> "VideoRequest":
+        if (self.image is None) == (self.prompt is None):
+            which = "both were given" if self.image is not None else "neither was given"
+            raise PydanticCustomError(
+                "image_or_prompt", "give exactly one of image (image-to-video) or prompt (text-to-video); {which}",
+                {"which": which},
+            )
+        if self.image is not None and "keyframe" in self.model_fields_set:
+            raise PydanticCustomError("keyframe_without_prompt", "keyframe options apply to text-to-video (prompt) only")
+        return self
+
+
+class KeyframeInfo(BaseModel):
+    """The keyframe text-to-video drew, scored as for images."""
+
+    model: str
+    seed: int
+    prompt: str
+    enhanced_prompt: str
+    scores: Scores
+    passed: bool
+    attempts: list[Attempt]
+
+
+class VideoResponse(BaseModel):
+    id: str
+    created: int
+    model: str = Field(description="The SVD checkpoint (config source).")
+    mode: Literal["image-to-video", "text-to-video"]
+    b64_video: str = Field(description="The file, base64-encoded.")
+    content_type: str
+    output_format: str
+    seed: int
+    num_frames: int
+    fps: int
+    duration_s: float
+    width: int
+    height: int
+    motion_bucket_id: int
+    noise_aug_strength: float
+    num_inference_steps: int
+    keyframe: KeyframeInfo | None = Field(None, description="Set for text-to-video.")
+    timings: dict[str, float] = Field(description="Seconds: keyframe (text-to-video), video, encode, total.")

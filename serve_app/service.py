@@ -7,7 +7,6 @@ with `LocalHandle`s, so the in-process baseline runs exactly the code the servic
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 import uuid
 
@@ -16,7 +15,7 @@ from serve_app.config import QualityPolicy, check_threshold
 from serve_app.graph import Candidate, GraphResult, ImagePlan, run_image_graph
 from serve_app.images import encode_png_b64
 from serve_app.models import ModelSpec, RequestError
-from serve_app.schemas import MAX_SEED, Attempt, GeneratedImage, ImageRequest, ImageResponse, Scores
+from serve_app.schemas import Attempt, GeneratedImage, ImageRequest, ImageResponse, Scores, random_seed
 
 
 class ImageService:
@@ -63,7 +62,7 @@ class ImageService:
             height=request.height or spec.default_height,
             num_inference_steps=request.num_inference_steps or spec.default_steps,
             guidance_scale=spec.default_guidance if request.guidance_scale is None else request.guidance_scale,
-            base_seed=secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
+            base_seed=random_seed() if request.seed is None else request.seed,
             num_images=request.num_images,
             metric=metric,
             threshold=threshold,
@@ -71,15 +70,20 @@ class ImageService:
         )
         return plan, spec, warnings
 
+    async def run(self, request: ImageRequest) -> tuple[ImagePlan, ModelSpec, list[str], GraphResult]:
+        """Plan and run the graph; the images stay arrays (text-to-video animates one of them)."""
+        plan, spec, warnings = self.plan(request)
+        result = await run_image_graph(
+            plan, self.enhancer, self.generators[spec.id], self.scorer, timeout_s=self.request_timeout_s
+        )
+        return plan, spec, warnings, result
+
     async def generate_images(self, request: ImageRequest | dict) -> ImageResponse:
         if not isinstance(request, ImageRequest):
             request = ImageRequest.model_validate(request)
         accepted = time.time()
         started = time.perf_counter()
-        plan, spec, warnings = self.plan(request)
-        result = await run_image_graph(
-            plan, self.enhancer, self.generators[spec.id], self.scorer, timeout_s=self.request_timeout_s
-        )
+        plan, spec, warnings, result = await self.run(request)
         encode_started = time.perf_counter()
         images = await asyncio.to_thread(self._encode, result, plan, spec)
         timings = dict(result.timings)
@@ -102,10 +106,7 @@ class ImageService:
             quality_threshold=plan.threshold,
             passed=result.passed,
             images=images,
-            attempts=[
-                Attempt(attempt=c.attempt, seed=c.seed, prompt=c.prompt, scores=Scores(**c.scores), passed=c.passed)
-                for c in result.candidates
-            ],
+            attempts=attempts_of(result),
             timings={key: round(value, 4) for key, value in timings.items()},
             warnings=warnings,
         )
@@ -116,6 +117,13 @@ class ImageService:
 
     def models(self) -> list[dict]:
         return [spec.public() for spec in self.specs.values()]
+
+
+def attempts_of(result: GraphResult) -> list[Attempt]:
+    return [
+        Attempt(attempt=c.attempt, seed=c.seed, prompt=c.prompt, scores=Scores(**c.scores), passed=c.passed)
+        for c in result.candidates
+    ]
 
 
 def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> GeneratedImage:

@@ -6,17 +6,15 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from deployments.tiny import save_tiny
 from serve_app import APP_NAME
-from serve_app.appconfig import app_args_from_config
 from serve_app.images import read_png_meta
 from serve_app.schemas import ImageRequest, ImageResponse
-from tests.helpers import free_port
+from tests.integration.apps import dev_args, running_app
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -24,26 +22,17 @@ ROOT = Path(__file__).parents[2]
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from serve_app.builder import build_app
-
+    """Images only (no svd), models loaded from saved folders: the path a hub id or folder takes."""
     models = tmp_path_factory.mktemp("models")
-    dev = app_args_from_config(ROOT / "configs" / "dev.yaml").model_dump()
-    dev["flux"]["source"] = str(save_tiny("flux", models / "flux"))
-    dev["scorer"]["source"] = str(save_tiny("clip", models / "clip"))
-    port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(dev), name=APP_NAME, route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-        yield {"client": client, "sources": (dev["flux"]["source"], dev["scorer"]["source"])}
-    serve.shutdown()
-    ray.shutdown()
+    args = dev_args()
+    args["svd"] = None
+    args["flux"]["source"] = str(save_tiny("flux", models / "flux"))
+    args["scorer"]["source"] = str(save_tiny("clip", models / "clip"))
+    with running_app(args) as client:
+        yield {"client": client, "sources": (args["flux"]["source"], args["scorer"]["source"])}
 
 
-def _post(app, **body) -> httpx.Response:
+def _post(app, **body):
     return app["client"].post("/v1/images", json={"prompt": "a lighthouse at dusk", **body})
 
 
@@ -143,6 +132,11 @@ def test_concurrent_requests_all_succeed_and_stay_reproducible(app):
         image = response.json()["images"][0]
         by_seed.setdefault(image["seed"], set()).add(image["b64_png"])
     assert {seed: len(pngs) for seed, pngs in by_seed.items()} == {0: 1, 1: 1}
+
+
+def test_videos_answer_501_when_svd_is_not_configured(app):
+    response = app["client"].post("/v1/videos", json={"prompt": "a fox"})
+    assert response.status_code == 501 and "add `svd:`" in response.json()["detail"]
 
 
 def test_models_health_and_docs(app):

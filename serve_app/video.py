@@ -1,0 +1,99 @@
+"""The video service: image-to-video, or keyframe (the image graph) then video."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from deployments.types import VideoOutput, VideoParams
+from serve_app.graph import call_stage
+from serve_app.inputs import decode_image, fit_image
+from serve_app.models import RequestError
+from serve_app.schemas import ImageRequest, KeyframeInfo, Scores, VideoRequest, VideoResponse, random_seed
+from serve_app.service import ImageService, attempts_of
+
+
+@dataclass(frozen=True)
+class VideoDefaults:
+    source: str
+    width: int
+    height: int
+    num_inference_steps: int
+
+
+class VideoService:
+    def __init__(self, svd, defaults: VideoDefaults, images: ImageService, max_input_pixels: int):
+        self.svd = svd
+        self.defaults = defaults
+        self.images = images
+        self.max_input_pixels = max_input_pixels
+
+    async def run(self, request: VideoRequest | dict) -> tuple[VideoResponse, VideoOutput]:
+        """The response (with the file base64-encoded) and the raw output it was made from."""
+        if not isinstance(request, VideoRequest):
+            request = VideoRequest.model_validate(request)
+        accepted = time.time()
+        started = time.perf_counter()
+        width = request.width or self.defaults.width
+        height = request.height or self.defaults.height
+        seed = random_seed() if request.seed is None else request.seed
+        timings: dict[str, float] = {}
+        keyframe = None
+        metadata = {}
+        if request.image is not None:
+            image = await asyncio.to_thread(self._input_image, request.image, width, height)
+        else:
+            keyframe_started = time.perf_counter()
+            image, keyframe = await self._keyframe(request, width, height, seed)
+            timings["keyframe"] = time.perf_counter() - keyframe_started
+            metadata = {"prompt": keyframe.enhanced_prompt, "original_prompt": keyframe.prompt,
+                        "keyframe_seed": keyframe.seed, "keyframe_model": keyframe.model}
+        params = VideoParams(
+            seed=seed, width=width, height=height, num_frames=request.num_frames, fps=request.fps,
+            motion_bucket_id=request.motion_bucket_id, noise_aug_strength=request.noise_aug_strength,
+            num_inference_steps=request.num_inference_steps or self.defaults.num_inference_steps,
+            decode_chunk_size=request.decode_chunk_size, output_format=request.output_format, metadata=metadata,
+        )
+        response = self.svd.animate.remote(params, image)
+        output: VideoOutput = await call_stage(response, "video", self.images.request_timeout_s)
+        timings["video"] = output.generate_seconds
+        timings["encode"] = output.encode_seconds
+        timings["total"] = time.perf_counter() - started
+        response = VideoResponse(
+            id=uuid.uuid4().hex, created=int(accepted), model=self.defaults.source,
+            mode="image-to-video" if keyframe is None else "text-to-video",
+            b64_video=base64.b64encode(output.data).decode("ascii"), content_type=output.content_type,
+            output_format=request.output_format, seed=seed, num_frames=output.num_frames, fps=output.fps,
+            duration_s=round(output.num_frames / output.fps, 4), width=output.width, height=output.height,
+            motion_bucket_id=request.motion_bucket_id, noise_aug_strength=request.noise_aug_strength,
+            num_inference_steps=params.num_inference_steps, keyframe=keyframe,
+            timings={key: round(value, 4) for key, value in timings.items()},
+        )
+        return response, output
+
+    def _input_image(self, data: str, width: int, height: int):
+        return fit_image(decode_image(data, "image", self.max_input_pixels), width, height)
+
+    async def _keyframe(self, request: VideoRequest, width: int, height: int, seed: int):
+        options = request.keyframe.model_dump(exclude_unset=True)
+        try:
+            image_request = ImageRequest(prompt=request.prompt, width=width, height=height, seed=seed, **options)
+            _, spec, _, result = await self.images.run(image_request)
+        except RequestError as error:
+            field = error.field if error.field in ("prompt", "width", "height", "seed") else f"keyframe.{error.field}"
+            raise RequestError(field, error.message, error.allowed) from None
+        except ValidationError as error:  # e.g. a width fine for video but not for the image model
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            raise RequestError(field, first["msg"], "see GET /v1/models") from None
+        best = result.chosen[0]
+        info = KeyframeInfo(
+            model=spec.id, seed=best.seed, prompt=request.prompt, enhanced_prompt=best.prompt,
+            scores=Scores(**best.scores), passed=best.passed, attempts=attempts_of(result),
+        )
+        return best.image, info

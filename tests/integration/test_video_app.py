@@ -1,0 +1,155 @@
+"""POST /v1/videos on real Ray Serve with the dev profile (tiny FLUX, CLIP and SVD)."""
+
+import base64
+import io
+import json
+import threading
+import time
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve_app import APP_NAME
+from serve_app.schemas import VideoRequest, VideoResponse
+from tests.integration.apps import dev_args, running_app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client():
+    with running_app(dev_args()) as client:
+        yield client
+
+
+def _b64_png(color=(200, 80, 20), size=(320, 240)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _mp4_frames(data: bytes, tmp_path) -> tuple[dict, list[np.ndarray]]:
+    path = tmp_path / f"{time.monotonic_ns()}.mp4"
+    path.write_bytes(data)
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    return meta, [np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in reader]
+
+
+def test_image_to_video_mp4(client, tmp_path):
+    response = client.post("/v1/videos", json={"image": _b64_png(), "num_frames": 4, "fps": 8, "seed": 11,
+                                               "num_inference_steps": 2})
+    assert response.status_code == 200, response.text
+    body = VideoResponse.model_validate(response.json())
+    assert body.mode == "image-to-video" and body.keyframe is None
+    assert (body.num_frames, body.fps, body.width, body.height, body.seed) == (4, 8, 256, 256, 11)
+    assert body.duration_s == 0.5 and body.content_type == "video/mp4"
+    meta, frames = _mp4_frames(base64.b64decode(body.b64_video), tmp_path)
+    assert len(frames) == 4 and meta["size"] == (256, 256) and meta["fps"] == 8
+    assert meta["codec"].startswith("h264") and "yuv420p" in meta["pix_fmt"]
+    assert set(body.timings) == {"video", "encode", "total"}
+
+
+def test_same_seed_same_frames(client, tmp_path):
+    request = {"image": _b64_png(), "num_frames": 3, "seed": 5, "num_inference_steps": 2}
+    first = _mp4_frames(base64.b64decode(client.post("/v1/videos", json=request).json()["b64_video"]), tmp_path)[1]
+    again = _mp4_frames(base64.b64decode(client.post("/v1/videos", json=request).json()["b64_video"]), tmp_path)[1]
+    assert len(first) == 3 and all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
+def test_text_to_video_makes_scores_and_animates_a_keyframe(client, tmp_path):
+    request = {"prompt": "a paper boat on a pond", "num_frames": 3, "seed": 21, "num_inference_steps": 2,
+               "keyframe": {"quality_metric": "alignment", "quality_threshold": 100, "max_attempts": 2}}
+    response = client.post("/v1/videos", json=request)
+    assert response.status_code == 200, response.text
+    body = VideoResponse.model_validate(response.json())
+    assert body.mode == "text-to-video"
+    keyframe = body.keyframe
+    assert keyframe.model == "flux-schnell" and keyframe.prompt == "a paper boat on a pond"
+    assert keyframe.enhanced_prompt.startswith("a paper boat on a pond, ")
+    assert [a.seed for a in keyframe.attempts] == [21, 22] and not keyframe.passed
+    assert keyframe.seed == max(keyframe.attempts, key=lambda a: a.scores.alignment).seed
+    assert set(body.timings) == {"keyframe", "video", "encode", "total"}
+    path = tmp_path / "t2v.mp4"
+    path.write_bytes(base64.b64decode(body.b64_video))
+    meta = next(imageio_ffmpeg.read_frames(str(path)))
+    assert meta["size"] == (256, 256)
+
+
+def test_binary_response_with_metadata_header(client, tmp_path):
+    response = client.post("/v1/videos", json={"image": _b64_png(), "num_frames": 2, "seed": 1,
+                                               "num_inference_steps": 1, "response_format": "binary"})
+    assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
+    metadata = json.loads(response.headers["x-genserve-metadata"])
+    assert metadata["seed"] == 1 and metadata["num_frames"] == 2 and "b64_video" not in metadata
+    _, frames = _mp4_frames(response.content, tmp_path)
+    assert len(frames) == 2
+
+
+@pytest.mark.parametrize("fmt, content_type", [("gif", "image/gif"), ("webp", "image/webp")])
+def test_gif_and_webp_have_every_frame(client, fmt, content_type):
+    response = client.post("/v1/videos", json={"image": _b64_png(), "num_frames": 3, "num_inference_steps": 1,
+                                               "output_format": fmt, "response_format": "binary"})
+    assert response.status_code == 200 and response.headers["content-type"] == content_type
+    with Image.open(io.BytesIO(response.content)) as animation:
+        assert animation.n_frames == 3 and animation.size == (256, 256)
+
+
+@pytest.mark.parametrize(
+    "body, loc, words",
+    [
+        ({}, ["body"], "neither was given"),
+        ({"image": "AAAA", "prompt": "a fox"}, ["body"], "both were given"),
+        ({"image": base64.b64encode(b"not an image").decode()}, ["body", "image"], "not a readable PNG or JPEG"),
+        ({"prompt": "a fox", "width": 300}, ["body", "width"], "multiple of 64"),
+        ({"prompt": "a fox", "num_frames": 40}, ["body", "num_frames"], "allowed: 2-25"),
+        ({"prompt": "a fox", "fps": 60}, ["body", "fps"], "allowed: 1-30"),
+        ({"prompt": "a fox", "keyframe": {"num_inference_steps": 9}}, ["body", "keyframe.num_inference_steps"],
+         "1-4 steps"),
+    ],
+)
+def test_bad_video_input_is_422_naming_the_field(client, body, loc, words):
+    response = client.post("/v1/videos", json=body)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == loc and words in error["msg"]
+
+
+def test_python_handle_video(client):
+    from ray import serve
+
+    handle = serve.get_app_handle(APP_NAME)
+    response = handle.generate_video.remote(
+        VideoRequest(image=_b64_png(), num_frames=2, seed=9, num_inference_steps=1)
+    ).result()
+    assert isinstance(response, VideoResponse) and response.num_frames == 2 and response.seed == 9
+
+
+def test_a_long_video_does_not_block_image_requests(client):
+    """Images keep being served while one long video runs on its own deployment."""
+    video_done = threading.Event()
+    video_result = {}
+
+    def long_video():
+        started = time.monotonic()
+        video_result["response"] = client.post("/v1/videos", json={"image": _b64_png(), "num_frames": 12,
+                                                                    "num_inference_steps": 6})
+        video_result["seconds"] = time.monotonic() - started
+        video_done.set()
+
+    thread = threading.Thread(target=long_video)
+    thread.start()
+    image_seconds = []
+    while not video_done.is_set() and len(image_seconds) < 20:
+        started = time.monotonic()
+        response = client.post("/v1/images", json={"prompt": "a fox", "seed": 1})
+        assert response.status_code == 200
+        if not video_done.is_set():
+            image_seconds.append(time.monotonic() - started)
+    thread.join()
+    assert video_result["response"].status_code == 200
+    assert len(image_seconds) >= 2, f"no image finished during the {video_result['seconds']:.1f}s video"
+    assert max(image_seconds) < video_result["seconds"]
