@@ -11,6 +11,7 @@ from ray import serve
 
 from deployments.config import ScorerConfig
 from deployments.loading import check_device_health, is_tiny, pretrained_location, resolve_placement
+from deployments.metrics import ModelMetrics
 from deployments.types import GenerationOutput
 
 logger = logging.getLogger("ray.serve")
@@ -52,11 +53,12 @@ class ClipScorer:
       of both sides are computed once, when the replica starts.
     """
 
-    def __init__(self, config: ScorerConfig):
+    def __init__(self, config: ScorerConfig, metrics: bool = True):
         import torch
 
         self._config = config
         self._placement = resolve_placement(config.device)
+        self._metrics = ModelMetrics("clip", self._placement.device, enabled=metrics)
         parts = load_clip(config, self._placement)
         self._model = parts["model"]
         self._tokenizer = parts["tokenizer"]
@@ -83,7 +85,7 @@ class ClipScorer:
             raise ValueError(f"images must be uint8 of shape (N, H, W, 3); got {images.dtype} {images.shape}")
         started = time.perf_counter()
         pixels = self._image_processor(images=list(images), return_tensors="pt").pixel_values
-        with torch.inference_mode():
+        with self._metrics.track(), torch.inference_mode():
             pixels = pixels.to(device=self._placement.device, dtype=self._placement.dtype)
             image_features = self._model.get_image_features(pixel_values=pixels).pooler_output
             image_features = image_features / image_features.norm(dim=-1, keepdim=True)

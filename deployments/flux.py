@@ -17,6 +17,7 @@ from deployments.loading import (
     seeded_generators,
     to_uint8_images,
 )
+from deployments.metrics import ModelMetrics
 from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams
 
 logger = logging.getLogger("ray.serve")
@@ -51,9 +52,10 @@ class FluxGenerator:
     Serve's router, where autoscaling sees them).
     """
 
-    def __init__(self, config: FluxConfig):
+    def __init__(self, config: FluxConfig, metrics: bool = True):
         self._config = config
         self._placement = resolve_placement(config.device)
+        self._metrics = ModelMetrics(MODEL_ID, self._placement.device, enabled=metrics)
         started = time.perf_counter()
         self._pipeline = load_flux_pipeline(config, self._placement)
         self._lock = asyncio.Lock()
@@ -71,7 +73,7 @@ class FluxGenerator:
         import torch
 
         started = time.perf_counter()
-        with torch.inference_mode():
+        with self._metrics.track(), torch.inference_mode():
             result = self._pipeline(
                 prompt=prompt,
                 width=params.width,

@@ -18,6 +18,7 @@ from deployments.loading import (
     seeded_generators,
     to_uint8_images,
 )
+from deployments.metrics import ModelMetrics
 from deployments.types import VideoOutput, VideoParams
 from deployments.video_encoding import CONTENT_TYPES, encode_video
 
@@ -61,9 +62,10 @@ class SvdGenerator:
     deployment is separate from the image ones, so long video runs never hold an image replica.
     """
 
-    def __init__(self, config: SvdConfig):
+    def __init__(self, config: SvdConfig, metrics: bool = True):
         self._config = config
         self._placement = resolve_placement(config.device)
+        self._metrics = ModelMetrics("svd", self._placement.device, enabled=metrics)
         started = time.perf_counter()
         self._pipeline = load_svd_pipeline(config, self._placement)
         self._lock = asyncio.Lock()
@@ -107,7 +109,7 @@ class SvdGenerator:
 
         if image.shape != (params.height, params.width, 3):
             raise ValueError(f"image must be {params.height}x{params.width}x3; got {image.shape}")
-        with torch.inference_mode():
+        with self._metrics.track(), torch.inference_mode():
             result = self._pipeline(
                 image=Image.fromarray(image),
                 width=params.width,

@@ -56,8 +56,8 @@ def _in_process(args: AppArgs, body: dict, warmup: int, requests: int) -> Sample
 
     service = ImageService(
         enhancer=LocalHandle(PromptEnhancer.func_or_class(args.enhancer)),
-        generators={"flux-schnell": LocalHandle(FluxGenerator.func_or_class(args.flux))},
-        scorer=LocalHandle(ClipScorer.func_or_class(args.scorer)),
+        generators={"flux-schnell": LocalHandle(FluxGenerator.func_or_class(args.flux, metrics=False))},
+        scorer=LocalHandle(ClipScorer.func_or_class(args.scorer, metrics=False)),
         specs=model_specs(args),
         policy=args.policy,
     )
@@ -88,7 +88,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int) -> list[Sample]:
+def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int, label: str = "") -> list[Sample]:
     import httpx
     import ray
     from ray import serve
@@ -97,12 +97,13 @@ def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int) -> lis
     from serve_app.schemas import ImageRequest
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine cluster on loopback
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        http = Sample("serve: HTTP", [], [])
+        http = Sample(f"serve: HTTP{label}", [], [])
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
             for index in range(warmup + requests):
                 started = time.perf_counter()
@@ -113,7 +114,7 @@ def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int) -> lis
                     http.stages.append(response.json()["timings"])
         handle = serve.get_app_handle(APP_NAME)
         request = ImageRequest(**body)
-        through_handle = Sample("serve: handle", [], [])
+        through_handle = Sample(f"serve: handle{label}", [], [])
         for index in range(warmup + requests):
             started = time.perf_counter()
             result = handle.generate_images.remote(request).result()
@@ -126,11 +127,17 @@ def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int) -> lis
         ray.shutdown()
 
 
-def run_benchmark(config: str, requests: int, warmup: int, width: int, height: int, steps: int) -> list[Sample]:
+def run_benchmark(config: str, requests: int, warmup: int, width: int, height: int, steps: int,
+                  compare_metrics: bool = False) -> list[Sample]:
+    """In process first, then through Serve; with `compare_metrics`, Serve again without metrics."""
     args = app_args_from_config(config)
     body = _request_body(width, height, steps)
-    baseline = _in_process(args, body, warmup, requests)
-    return [baseline, *_through_serve(args, body, warmup, requests)]
+    samples = [_in_process(args, body, warmup, requests), *_through_serve(args, body, warmup, requests)]
+    if compare_metrics:
+        quiet = args.model_copy(update={"metrics": not args.metrics})
+        label = " (metrics off)" if args.metrics else " (metrics on)"
+        samples += _through_serve(quiet, body, warmup, requests, label)
+    return samples
 
 
 STAGES = ("enhance", "generate", "score", "encode")
@@ -139,11 +146,11 @@ STAGES = ("enhance", "generate", "score", "encode")
 def format_table(samples: list[Sample]) -> str:
     """Client-side latency per path, its ratio to in-process, and the service's own stage p50s."""
     baseline = samples[0]
-    header = f"{'path':<16}{'n':>4}{'p50 ms':>9}{'p95 ms':>9}{'p50 x':>8}{'p95 x':>8}"
+    header = f"{'path':<29}{'n':>4}{'p50 ms':>9}{'p95 ms':>9}{'p50 x':>8}{'p95 x':>8}"
     header += "".join(f"{stage + ' ms':>13}" for stage in STAGES)
     lines = [header]
     for sample in samples:
-        line = f"{sample.name:<16}{len(sample.seconds):>4}{sample.p50 * 1000:>9.1f}{sample.percentile(95) * 1000:>9.1f}"
+        line = f"{sample.name:<29}{len(sample.seconds):>4}{sample.p50 * 1000:>9.1f}{sample.percentile(95) * 1000:>9.1f}"
         line += f"{sample.p50 / baseline.p50:>8.3f}{sample.percentile(95) / baseline.percentile(95):>8.3f}"
         line += "".join(f"{sample.stage_p50(stage) * 1000:>13.1f}" for stage in STAGES)
         lines.append(line)

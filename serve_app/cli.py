@@ -35,7 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from serve_app.bench import format_table, run_benchmark
 
-    samples = run_benchmark(args.config, args.requests, args.warmup, args.width, args.height, args.steps)
+    samples = run_benchmark(args.config, args.requests, args.warmup, args.width, args.height, args.steps,
+                            compare_metrics=args.compare_metrics)
     print(f"genserve bench: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
           f"{args.requests} sequential requests after {args.warmup} warm-up")
     print(format_table(samples))
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--width", type=int, default=256)
     bench.add_argument("--height", type=int, default=256)
     bench.add_argument("--steps", type=int, default=4)
+    bench.add_argument("--compare-metrics", action="store_true",
+                       help="also run through Serve with the config's metrics setting flipped")
     bench.set_defaults(func=_bench)
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")

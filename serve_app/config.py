@@ -104,6 +104,7 @@ class AppArgs(_Strict):
     max_input_pixels: int = Field(
         4096 * 4096, ge=65536, description="Largest uploaded image (width x height), checked before decoding."
     )
+    metrics: bool = Field(True, description="Record the genserve_* metrics (Ray exports them with a ray_ prefix).")
     request_timeout_s: float = Field(
         600.0, gt=0, description="How long the ingress waits for one downstream call before answering 504."
     )

@@ -12,9 +12,11 @@ Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(..
 
 
 import asyncio
+import contextlib
 import json
 
 from fastapi import FastAPI, Request
+from pydantic import ValidationError
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -22,6 +24,7 @@ from ray import serve
 
 from serve_app.config import QualityPolicy
 from serve_app.errors import explain_errors
+from serve_app.metrics import GraphMetrics
 from serve_app.graph import StageTimeout
 from serve_app.models import ModelSpec, RequestError
 from serve_app.schemas import ImageRequest, ImageResponse, VideoRequest, VideoResponse
@@ -41,12 +44,31 @@ api = FastAPI(
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     model = VideoRequest if request.url.path.startswith("/v1/videos") else ImageRequest
     detail = explain_errors(list(error.errors()), model)
+    _record_rejection(_metrics_of(request), request.url.path, [_field_of(item["loc"]) for item in detail])
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail)})
 
 
 @api.exception_handler(RequestError)
-async def _request_error(_: Request, error: RequestError) -> JSONResponse:
+async def _request_error(request: Request, error: RequestError) -> JSONResponse:
+    _record_rejection(_metrics_of(request), request.url.path, [error.field])
     return JSONResponse(status_code=422, content={"detail": error.detail()})
+
+
+def _field_of(loc) -> str:
+    """'width' for ('body', 'width'); 'body' for errors about the body as a whole."""
+    parts = [str(part) for part in loc[1:]] if loc and loc[0] == "body" else [str(part) for part in loc]
+    return ".".join(parts) or "body"
+
+
+def _metrics_of(request: Request) -> GraphMetrics | None:
+    # The app serving the request, not the module's `api`: Serve ships the ingress class (and the
+    # app it refers to) to the replica by value, while these handlers are imported by reference.
+    return getattr(request.app.state, "metrics", None)
+
+
+def _record_rejection(metrics: GraphMetrics | None, route: str, fields: list[str]) -> None:
+    if metrics is not None:
+        metrics.rejection(route, fields)
 
 
 class VideoNotDeployed(LookupError):
@@ -59,7 +81,10 @@ async def _video_not_deployed(_: Request, __: VideoNotDeployed) -> JSONResponse:
 
 
 @api.exception_handler(StageTimeout)
-async def _stage_timeout(_: Request, error: StageTimeout) -> JSONResponse:
+async def _stage_timeout(request: Request, error: StageTimeout) -> JSONResponse:
+    metrics = _metrics_of(request)
+    if metrics is not None:
+        metrics.timeout(error.stage)
     return JSONResponse(status_code=504, content={"detail": str(error)})
 
 
@@ -72,8 +97,11 @@ async def _info(handle) -> dict:
 class Ingress:
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
                  request_timeout_s: float = 600.0, svd=None, video_defaults: VideoDefaults | None = None,
-                 max_input_pixels: int = 4096 * 4096):
+                 max_input_pixels: int = 4096 * 4096, metrics: bool = True):
         self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s)
+        # One set of metrics per replica; the error handlers find it on the app serving the request.
+        self._metrics = GraphMetrics() if metrics else None
+        api.state.metrics = self._metrics
         self._videos = None
         if svd is not None:
             self._videos = VideoService(svd, video_defaults, self._service, max_input_pixels)
@@ -89,15 +117,41 @@ class Ingress:
         Raises `pydantic.ValidationError` or `serve_app.models.RequestError` (a `ValueError`)
         for bad input, naming the field.
         """
-        return await self._service.generate_images(request)
+        with self._rejections_recorded("handle:generate_images"):
+            return await self._images(request)
 
     @api.post("/v1/images", response_model=ImageResponse)
     async def post_images(self, request: ImageRequest) -> ImageResponse:
-        return await self._service.generate_images(request)
+        return await self._images(request)
+
+    async def _images(self, request: ImageRequest | dict) -> ImageResponse:
+        response = await self._service.generate_images(request)
+        if self._metrics is not None:
+            self._metrics.image_response(response)
+        return response
+
+    async def _video(self, request: VideoRequest | dict):
+        response, output = await self._video_service().run(request)
+        if self._metrics is not None:
+            self._metrics.video_response(response)
+        return response, output
+
+    @contextlib.contextmanager
+    def _rejections_recorded(self, route: str):
+        """Count bad input from handle callers too (HTTP's is counted by the 422 handlers)."""
+        try:
+            yield
+        except RequestError as error:
+            _record_rejection(self._metrics, route, [error.field])
+            raise
+        except ValidationError as error:
+            _record_rejection(self._metrics, route, [_field_of(("body", *item["loc"])) for item in error.errors()])
+            raise
 
     async def generate_video(self, request: VideoRequest | dict) -> VideoResponse:
         """The Python API for videos: the same request model and JSON response as POST /v1/videos."""
-        response, _ = await self._video_service().run(request)
+        with self._rejections_recorded("handle:generate_video"):
+            response, _ = await self._video(request)
         return response
 
     @api.post(
@@ -106,7 +160,7 @@ class Ingress:
         responses={200: {"content": {"video/mp4": {}, "image/gif": {}, "image/webp": {}}}},
     )
     async def post_videos(self, request: VideoRequest):
-        response, output = await self._video_service().run(request)
+        response, output = await self._video(request)
         if request.response_format == "json":
             return response
         metadata = response.model_dump(exclude={"b64_video", "keyframe"})

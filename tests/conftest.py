@@ -5,6 +5,9 @@ import pytest
 # Tests start throwaway local Ray clusters bound to loopback; Ray 2.60's token auth would make the
 # `serve` CLI used by some tests need the token, so it is off for the test session only.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Keep every test cluster on loopback: Ray otherwise advertises the machine's outward address for
+# its services and metrics targets. (Ray's own switch for single-machine clusters.)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def pytest_collection_modifyitems(config, items):

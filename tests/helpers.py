@@ -15,6 +15,7 @@ def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float =
     """Poll `condition` until it returns something truthy; fail with `what` after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
+    result = None
     while time.monotonic() < deadline:
         try:
             result = condition()
@@ -23,4 +24,4 @@ def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float =
         except Exception as error:  # the service may not be up yet
             last_error = error
         time.sleep(interval_s)
-    raise TimeoutError(f"{what} not met within {timeout_s}s (last error: {last_error!r})")
+    raise TimeoutError(f"{what} not met within {timeout_s}s (last result: {result!r}, last error: {last_error!r})")

@@ -1,0 +1,186 @@
+"""Metrics checked against a real Prometheus: every dashboard query parses and returns data.
+
+Starts the dev profile with Ray's dashboard on (it writes the service-discovery file that
+configs/prometheus.yml reads), sends traffic with a rejection, a regeneration and a video, starts
+Prometheus on loopback, waits for the scrape, then runs each PromQL expression of
+configs/grafana/genserve.json through Prometheus's HTTP API.
+"""
+
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve_app import APP_NAME
+from tests.helpers import free_port, wait_until
+from tests.integration.apps import ROOT, dev_args
+from tests.metrics_dashboard import dashboard_queries
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("prometheus") is None,
+                       reason="the prometheus binary is not installed (.ci/run installs Debian's prometheus)"),
+]
+
+# Queries that may rightly be empty after this traffic, and why.
+MAY_BE_EMPTY = {
+    "ray_genserve_replica_peak_accelerator_memory_bytes": "recorded on CUDA only; absent on CPU",
+    "ray_genserve_request_peak_accelerator_memory_bytes": "recorded on CUDA only; absent on CPU",
+    "ray_genserve_model_errors_total": "no model call fails in this traffic",
+    "ray_genserve_stage_timeouts_total": "no stage times out in this traffic",
+}
+
+
+@pytest.fixture(scope="module")
+def metrics_app():
+    import ray
+    from ray import serve
+
+    from serve_app.builder import build_app
+
+    # Ray's temp dir holds unix sockets, whose paths must stay short.
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    metrics_port, http_port = free_port(), free_port()
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+             _metrics_export_port=metrics_port, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.run(build_app(dev_args()), name=APP_NAME, route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=120) as client:
+            yield {"client": client, "temp_dir": temp_dir, "metrics_port": metrics_port}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _send_traffic(client: httpx.Client) -> None:
+    for seed in range(3):
+        assert client.post("/v1/images", json={"prompt": "a lighthouse", "seed": seed}).status_code == 200
+    regenerated = client.post("/v1/images", json={"prompt": "a fox", "quality_metric": "alignment",
+                                                  "quality_threshold": 100, "max_attempts": 2})
+    assert regenerated.status_code == 200 and len(regenerated.json()["attempts"]) == 2
+    assert client.post("/v1/images", json={"prompt": "a fox", "width": 100}).status_code == 422
+    video = client.post("/v1/videos", json={"prompt": "a boat", "num_frames": 2, "num_inference_steps": 1})
+    assert video.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def prometheus(metrics_app, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((ROOT / "configs" / "prometheus.yml").read_text())
+    sd_file = Path(metrics_app["temp_dir"]) / "prom_metrics_service_discovery.json"
+    config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(sd_file)]  # this test's Ray temp dir
+    config["global"]["scrape_interval"] = "1s"
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    wait_until(sd_file.exists, timeout_s=60, what="Ray writing the service-discovery file")
+    port = free_port()
+    log = open(workdir / "prometheus.log", "wb")
+    process = subprocess.Popen(
+        ["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def query(expr: str) -> dict:
+        return httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=10).json()
+
+    try:
+        wait_until(lambda: query('up{job="ray"} == 1')["data"]["result"], timeout_s=60,
+                   what="Prometheus scraping Ray's targets")
+        # Two rounds of traffic: the first creates every series (a counter first seen at 1 shows
+        # no increase), the second makes the rates real. Ray exports metrics some seconds after
+        # they are recorded, Serve's proxy metrics later than the replicas' own.
+        _send_traffic(metrics_app["client"])
+        wait_until(lambda: [name for name in _metric_names() if not query(name)["data"]["result"]] == [],
+                   timeout_s=120, what="every metric the dashboard uses scraped once")
+        _send_traffic(metrics_app["client"])
+        wait_until(lambda: _unexpectedly_empty(query) == [], timeout_s=120,
+                   what="every dashboard query answering with data")
+        yield query
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _may_be_empty(expr: str) -> bool:
+    return any(name in expr for name in MAY_BE_EMPTY)
+
+
+def _metric_names() -> set[str]:
+    """Every metric the dashboard reads, except those that may rightly have no data."""
+    names = {name for _, expr in dashboard_queries() for name in re.findall(r"\bray_[a-z_]+", expr)}
+    return {name for name in names if not _may_be_empty(name)}
+
+
+def _unexpectedly_empty(query) -> list[str]:
+    """Dashboard queries that fail to parse, or answer with no finite value where data is expected."""
+    empty = []
+    for title, expr in dashboard_queries():
+        answer = query(expr)
+        assert answer["status"] == "success", f"{title}: {expr}: {answer}"
+        values = [float(series["value"][1]) for series in answer["data"]["result"]]
+        if not any(math.isfinite(value) for value in values) and not _may_be_empty(expr):
+            empty.append(expr)
+    return empty
+
+
+def test_every_dashboard_query_parses_and_returns_data(prometheus):
+    assert _unexpectedly_empty(prometheus) == []
+    for name in MAY_BE_EMPTY:  # those still parse
+        assert prometheus(name)["status"] == "success"
+
+
+def _value(query, expr: str) -> float:
+    [series] = query(expr)["data"]["result"]
+    return float(series["value"][1])
+
+
+def test_traffic_shows_up_with_the_right_labels(prometheus):
+    rejected = prometheus('ray_genserve_validation_rejections_total{route="/v1/images", field="width"}')
+    assert rejected["data"]["result"] and float(rejected["data"]["result"][0]["value"][1]) >= 1
+    passed = prometheus('sum by (passed) (ray_genserve_images_total{model="flux-schnell"})')["data"]["result"]
+    assert {series["metric"]["passed"] for series in passed} == {"true", "false"}
+    # Two rounds of traffic, each: three requests in one generation round, one regenerated once.
+    wait_until(lambda: _value(prometheus, "sum(ray_genserve_attempts_per_request_count)") == 8, timeout_s=60,
+               what="all eight image requests exported")
+    mean = _value(prometheus, "sum(ray_genserve_attempts_per_request_sum) / sum(ray_genserve_attempts_per_request_count)")
+    assert mean == pytest.approx(1.25)
+    stages = prometheus("sum by (stage) (ray_genserve_stage_seconds_count)")["data"]["result"]
+    assert {series["metric"]["stage"] for series in stages} >= {"enhance", "generate", "score", "encode", "keyframe", "video"}
+
+
+def test_raw_exposition_names_types_and_labels(metrics_app, prometheus):
+    text = httpx.get(f"http://127.0.0.1:{metrics_app['metrics_port']}/metrics", timeout=10).text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    expected = {
+        "ray_genserve_stage_seconds": ("histogram", {"stage", "model", "deployment", "application", "replica"}),
+        "ray_genserve_images": ("counter", {"model", "passed", "deployment"}),
+        "ray_genserve_videos": ("counter", {"model", "mode", "passed"}),
+        "ray_genserve_attempts_per_request": ("histogram", {"model"}),
+        "ray_genserve_aesthetic_score": ("histogram", {"model"}),
+        "ray_genserve_alignment_score": ("histogram", {"model"}),
+        "ray_genserve_validation_rejections": ("counter", {"route", "field"}),
+    }
+    for name, (kind, labels) in expected.items():
+        assert name in families, f"{name} missing from the exposition"
+        family = families[name]
+        assert family.type == kind, (name, family.type)
+        sample_labels = set().union(*(sample.labels for sample in family.samples))
+        assert labels <= sample_labels, (name, labels - sample_labels)
+    # On a CPU the accelerator-memory metrics are absent, not zero.
+    assert not any("accelerator_memory" in name for name in families)
+    buckets = [s.labels["le"] for s in families["ray_genserve_stage_seconds"].samples if s.name.endswith("_bucket")]
+    assert "600.0" in buckets and "0.01" in buckets
