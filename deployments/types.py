@@ -42,7 +42,6 @@ class EnhancedPrompt:
     negative_prompt: str | None
     style: str
     enhancer: str
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def test_same_seed_same_frames(client, tmp_path):
     request = {"image": _b64_png(), "num_frames": 3, "seed": 5, "num_inference_steps": 2}
     first = _mp4_frames(base64.b64decode(client.post("/v1/videos", json=request).json()["b64_video"]), tmp_path)[1]
     again = _mp4_frames(base64.b64decode(client.post("/v1/videos", json=request).json()["b64_video"]), tmp_path)[1]
-    assert len(first) == 3 and all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert len(first) == 3 and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
 
 
 def test_text_to_video_makes_scores_and_animates_a_keyframe(client, tmp_path):

@@ -88,7 +88,7 @@ def test_saved_tiny_clip_loads_through_from_pretrained(tiny_scorer, tmp_path):
     images = np.random.default_rng(1).integers(0, 256, size=(2, 40, 40, 3), dtype=np.uint8)
     expected = asyncio.run(tiny_scorer.score(images, "a red fox"))
     actual = asyncio.run(loaded.score(images, "a red fox"))
-    for a, b in zip(actual, expected):
+    for a, b in zip(actual, expected, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
 
 

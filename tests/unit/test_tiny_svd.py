@@ -41,8 +41,8 @@ def test_same_seed_same_frames(tiny_svd):
     again = asyncio.run(tiny_svd.animate(_params(), IMAGE))
     other = asyncio.run(tiny_svd.animate(_params(seed=4), IMAGE))
     assert (first.num_frames, first.width, first.height, first.content_type) == (3, 256, 256, "image/gif")
-    assert all(np.array_equal(a, b) for a, b in zip(_frames(first), _frames(again)))
-    assert not all(np.array_equal(a, b) for a, b in zip(_frames(first), _frames(other)))
+    assert all(np.array_equal(a, b) for a, b in zip(_frames(first), _frames(again), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(_frames(first), _frames(other), strict=True))
 
 
 def test_model_default_frames_and_wrong_image_size(tiny_svd):
