@@ -32,8 +32,8 @@ def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
     enhancer = PromptEnhancer.options(**args.options_for("PromptEnhancer")).bind(args.enhancer)
-    flux = FluxGenerator.options(**args.options_for("FluxGenerator")).bind(args.flux)
-    scorer = ClipScorer.options(**args.options_for("ClipScorer")).bind(args.scorer)
+    flux = FluxGenerator.options(**args.options_for("FluxGenerator")).bind(args.model_config_for("FluxGenerator"))
+    scorer = ClipScorer.options(**args.options_for("ClipScorer")).bind(args.model_config_for("ClipScorer"))
     return Ingress.options(**args.options_for("Ingress")).bind(
         enhancer=enhancer,
         generators={"flux-schnell": flux},
