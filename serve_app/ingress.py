@@ -16,6 +16,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 
 from serve_app.config import QualityPolicy
 from serve_app.errors import explain_errors
@@ -47,6 +48,18 @@ async def _request_error(_: Request, error: RequestError) -> JSONResponse:
 @api.exception_handler(StageTimeout)
 async def _stage_timeout(_: Request, error: StageTimeout) -> JSONResponse:
     return JSONResponse(status_code=504, content={"detail": str(error)})
+
+
+@api.exception_handler(RayActorError)
+async def _replica_lost(_: Request, error: RayActorError) -> JSONResponse:
+    # A downstream replica died mid-request (its node or process went away). Serve replaces it
+    # on its own, so this is a retryable 503, not a server bug; the request can be sent again
+    # as it was (with its seed, it gives the same images).
+    return JSONResponse(
+        status_code=503,
+        headers={"Retry-After": "5"},
+        content={"detail": f"a replica serving this request was lost; retry. ({type(error).__name__})"},
+    )
 
 
 async def _info(handle) -> dict:
