@@ -1,5 +1,6 @@
 import socket
 import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -24,3 +25,21 @@ def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float =
             last_error = error
         time.sleep(interval_s)
     raise TimeoutError(f"{what} not met within {timeout_s}s (last error: {last_error!r})")
+
+
+def tiny_args(config: Path, **deployments: dict) -> dict:
+    """A Serve config's genserve args with tiny models, everything else as the file says.
+
+    Models keep `device: auto`, so on a machine whose GPUs are only declared to Ray they run on
+    the CPU (with fp32, one torch thread each: the cores are shared). `deployments` updates the
+    named deployments' options, e.g. `FluxGenerator={"num_replicas": 2}`.
+    """
+    from serve_app.appconfig import app_args_from_config
+
+    args = app_args_from_config(config).model_dump(exclude_none=True)
+    for model in ("flux", "scorer"):
+        args[model]["source"] = "tiny"
+        args[model]["device"].update(dtype="auto", torch_threads=1)
+    for name, options in deployments.items():
+        args["deployments"][name] = {**args["deployments"].get(name, {}), **options}
+    return args
