@@ -17,8 +17,6 @@ from deployments.config import EnhancerConfig, FluxConfig, ScorerConfig
 DEPLOYMENT_NAMES = ("Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer")
 # The `AppArgs` field holding each model deployment's model config (and so its device options).
 MODEL_CONFIG_FIELDS = {"FluxGenerator": "flux", "ClipScorer": "scorer"}
-# Key of `gpu_capacity` for GPUs of a type no deployment pins with `accelerator_type`.
-ANY_GPU = "any"
 # Ray keeps resource amounts to 1e-4; shares that sum to 1 in decimal must not fail in binary.
 _SHARE_TOLERANCE = 1e-6
 
@@ -154,8 +152,9 @@ def unplaced_gpu_replicas(replicas: list[tuple[str, float, str | None]], capacit
     """Pack GPU replicas onto the declared GPUs; return the deployment names of those left over.
 
     `replicas` holds one (deployment, share of one GPU, accelerator type or None) per replica;
-    `capacity` maps an accelerator type (or `ANY_GPU`) to a count of GPUs. A pinned replica goes
-    only on GPUs of its type; an unpinned one on any GPU. Like Ray, a replica never spans GPUs.
+    `capacity` maps an accelerator type to a count of GPUs (GPUs under a key no replica is pinned
+    to, such as 'any', take unpinned replicas only). A pinned replica goes only on GPUs of its
+    type; an unpinned one on any GPU. Like Ray, a replica never spans GPUs.
     First-fit decreasing, pinned replicas first since they have fewer places to go: it can miss
     a packing that exists, but a layout that needs an exact packing also depends on the order in
     which Ray happens to start replicas.
@@ -238,7 +237,7 @@ class AppArgs(_Strict):
     def _memory_caps_within_shares(self) -> "AppArgs":
         for name, field in MODEL_CONFIG_FIELDS.items():
             cap = getattr(self, field).device.memory_fraction
-            share = gpu_memory_fraction(self.deployments.get(name, DeploymentOptions()).num_gpus)
+            share = gpu_memory_fraction(self._options(name).num_gpus)
             if cap is not None and share is not None and cap > share:
                 raise ValueError(
                     f"{field}.device.memory_fraction ({cap:g}) is more than deployments.{name}.num_gpus "
@@ -246,13 +245,16 @@ class AppArgs(_Strict):
                 )
         return self
 
+    def _options(self, name: str) -> DeploymentOptions:
+        return self.deployments.get(name, DeploymentOptions())
+
     def options_for(self, name: str) -> dict:
-        return self.deployments.get(name, DeploymentOptions()).serve_options()
+        return self._options(name).serve_options()
 
     def model_config_for(self, name: str) -> FluxConfig | ScorerConfig:
         """The model config of deployment `name`, its CUDA memory cap filled in from its GPU share."""
         config = getattr(self, MODEL_CONFIG_FIELDS[name])
-        fraction = gpu_memory_fraction(self.deployments.get(name, DeploymentOptions()).num_gpus)
+        fraction = gpu_memory_fraction(self._options(name).num_gpus)
         if config.device.memory_fraction is not None or fraction is None:
             return config
         return config.model_copy(update={"device": config.device.model_copy(update={"memory_fraction": fraction})})

@@ -43,3 +43,28 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
     for name, options in deployments.items():
         args["deployments"][name] = {**args["deployments"].get(name, {}), **options}
     return args
+
+
+def deploy_and_wait(args: dict, timeout_s: float = 300) -> None:
+    """Deploy genserve with `args` on the Ray this process is connected to, then wait for it.
+
+    Unlike `serve.run`, which waits forever for replicas that never get their resources, this
+    fails after `timeout_s` with genserve's report of what is pending and why.
+    """
+    from ray import serve
+
+    from serve_app import APP_NAME
+    from serve_app.builder import build_app
+    from serve_app.launch import wait_until_running
+
+    serve.run_many([serve.RunTarget(build_app(args), name=APP_NAME, route_prefix="/")],
+                   wait_for_applications_running=False)
+    wait_until_running([APP_NAME], timeout_s)
+
+
+def replica_gpu_ids(replica) -> list[str]:
+    """The GPU ids Ray assigned to a Serve replica (a `ReplicaDetails`), asked of its process."""
+    import ray
+
+    actor = ray.get_actor(replica.actor_name, namespace="serve")
+    return ray.get(actor.__ray_call__.remote(lambda _: [str(gpu) for gpu in ray.get_gpu_ids()]), timeout=60)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from serve_app import APP_NAME
-from tests.helpers import free_port, tiny_args, wait_until
+from tests.helpers import deploy_and_wait, free_port, replica_gpu_ids, tiny_args, wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -99,15 +99,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def app(cluster):
-    from ray import serve
-
-    from serve_app.builder import build_app
-    from serve_app.launch import wait_until_running
-
-    args = tiny_args(ROOT / "configs" / "multi-gpu.yaml", FluxGenerator=FAST_FLUX_AUTOSCALING)
-    serve.run_many([serve.RunTarget(build_app(args), name=APP_NAME, route_prefix="/")],
-                   wait_for_applications_running=False)
-    wait_until_running([APP_NAME], timeout_s=300)
+    deploy_and_wait(tiny_args(ROOT / "configs" / "multi-gpu.yaml", FluxGenerator=FAST_FLUX_AUTOSCALING))
     return cluster
 
 
@@ -125,18 +117,12 @@ def _node_names(app) -> dict[str, str]:
     return {node.node_id: name for name, node in app["nodes"].items()}
 
 
-def _gpu_ids(replica) -> list[str]:
-    """The GPU ids Ray assigned to a replica, asked of the replica process itself."""
-    import ray
-
-    actor = ray.get_actor(replica.actor_name, namespace="serve")
-    return ray.get(actor.__ray_call__.remote(lambda _: [str(gpu) for gpu in ray.get_gpu_ids()]), timeout=60)
-
-
 def _steady(replicas: int = 1) -> None:
-    wait_until(lambda: _deployment("FluxGenerator").target_num_replicas == replicas
-               and len(_deployment("FluxGenerator").replicas) == replicas == len(_running("FluxGenerator")),
-               timeout_s=180, what=f"FluxGenerator steady at {replicas} replica(s)")
+    def steady() -> bool:
+        flux = _deployment("FluxGenerator")
+        return flux.target_num_replicas == replicas and [r.state.value for r in flux.replicas] == ["RUNNING"] * replicas
+
+    wait_until(steady, timeout_s=180, what=f"FluxGenerator steady at {replicas} replica(s)")
 
 
 def test_replicas_land_where_their_reservations_say(app):
@@ -145,7 +131,7 @@ def test_replicas_land_where_their_reservations_say(app):
     [clip] = _running("ClipScorer")
     assert names.get(flux.node_id, "head").startswith("heavy")  # pinned to H100 nodes
     assert names.get(clip.node_id) == "light"  # pinned to the L4 node
-    assert len(_gpu_ids(flux)) == 1 and len(_gpu_ids(clip)) == 1
+    assert len(replica_gpu_ids(flux)) == 1 and len(replica_gpu_ids(clip)) == 1
     # Logical GPUs only: the replicas found no CUDA device and run on the CPU.
     response = httpx.post(app["url"], json={**IMAGE, "seed": 1}, timeout=120)
     assert response.status_code == 200, response.text
@@ -160,7 +146,7 @@ def test_flux_scales_up_under_a_burst_onto_a_whole_gpu_of_its_own_and_back_down(
         wait_until(lambda: len(_running("FluxGenerator")) == 2, timeout_s=180, what="a second FLUX replica running")
         scaled_up_s = time.monotonic() - burst
         flux = _running("FluxGenerator")
-        placed = {(replica.node_id, tuple(_gpu_ids(replica))) for replica in flux}
+        placed = {(replica.node_id, tuple(replica_gpu_ids(replica))) for replica in flux}
         # Two H100 nodes of one GPU each: two whole-GPU replicas cannot share one.
         assert len(placed) == 2 and {_node_names(app)[node] for node, _ in placed} == {"heavy-a", "heavy-b"}
         wait_until(lambda: len(load.ok_since(burst + scaled_up_s)) >= 2, timeout_s=60, what="requests after scale-up")

@@ -11,7 +11,7 @@ import pytest
 
 from serve_app import APP_NAME
 from serve_app.config import DEPLOYMENT_NAMES
-from tests.helpers import free_port, tiny_args
+from tests.helpers import deploy_and_wait, free_port, replica_gpu_ids, tiny_args
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -22,17 +22,12 @@ def one_gpu_node():
     import ray
     from ray import serve
 
-    from serve_app.builder import build_app
-    from serve_app.launch import wait_until_running
-
     # The config's CPU reservations add up to 4.5; one logical GPU is the whole point.
     ray.init(num_cpus=5, num_gpus=1, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     args = tiny_args(ROOT / "configs" / "single-gpu.yaml")
-    serve.run_many([serve.RunTarget(build_app(args), name=APP_NAME, route_prefix="/")],
-                   wait_for_applications_running=False)
-    wait_until_running([APP_NAME], timeout_s=300)
+    deploy_and_wait(args)
     yield {"base": f"http://127.0.0.1:{port}", "args": args}
     serve.shutdown()
     ray.shutdown()
@@ -53,8 +48,7 @@ def test_every_deployment_fits_on_one_gpu_node_and_the_models_share_its_gpu(one_
     # FLUX and CLIP hold fractions of the same (only) GPU.
     for name in ("FluxGenerator", "ClipScorer"):
         [replica] = replicas[name]
-        actor = ray.get_actor(replica.actor_name, namespace="serve")
-        assert ray.get(actor.__ray_call__.remote(lambda _: [str(gpu) for gpu in ray.get_gpu_ids()])) == ["0"]
+        assert replica_gpu_ids(replica) == ["0"]
         assert deployments[name].required_resources["GPU"] == one_gpu_node["args"]["deployments"][name]["num_gpus"]
 
 
