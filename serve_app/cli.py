@@ -19,6 +19,7 @@ DEFAULT_START_TIMEOUT_S = 900.0
 def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
+    from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
     from serve_app.appconfig import load_serve_config
@@ -28,10 +29,14 @@ def _serve(args: argparse.Namespace) -> int:
     # Validate with Serve's schema and the typed args first, so a bad config fails here with the
     # field named, before any Ray process starts.
     raw = load_serve_config(args.config)
-    config = ServeDeploySchema.model_validate(raw)
-    for application in raw.get("applications", []):
-        if application.get("import_path") == "serve_app.builder:build_app":
-            build_app(application.get("args") or {})
+    try:
+        config = ServeDeploySchema.model_validate(raw)
+        for application in raw.get("applications", []):
+            if application.get("import_path") == "serve_app.builder:build_app":
+                build_app(application.get("args") or {})
+    except ValidationError as error:
+        print(f"genserve: {args.config} is not a valid config: {error}", file=sys.stderr)
+        return 2
     names = [application.name for application in config.applications]
 
     # Like `serve run`: join the cluster at --address (or $RAY_ADDRESS), else start a local one.

@@ -196,3 +196,19 @@ def test_autoscaling_timing_knobs_reach_serve_and_unset_ones_keep_serve_defaults
     assert options["autoscaling_config"]["metrics_interval_s"] == 0.5
     assert options["ray_actor_options"] == {"num_gpus": 1, "accelerator_type": "H100"}
     assert "look_back_period_s" not in DeploymentOptions(autoscaling={}).serve_options()["autoscaling_config"]
+
+
+def test_genserve_serve_rejects_a_config_whose_gpu_shares_cannot_fit_before_starting_ray(tmp_path, capsys):
+    import ray
+
+    from serve_app.cli import main
+
+    config = yaml.safe_load((ROOT / "configs" / "single-gpu.yaml").read_text())
+    config["applications"][0]["args"]["deployments"]["ClipScorer"]["num_gpus"] = 0.6
+    path = tmp_path / "too-big.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["serve", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert f"{path} is not a valid config" in error
+    assert "deployments\n" in error and "do not fit in gpu_capacity {'any': 1}" in error
+    assert not ray.is_initialized()
