@@ -104,6 +104,7 @@ class ClipScorer:
             "source": self._config.source,
             "device": self._placement.device,
             "dtype": self._placement.dtype_name,
+            "memory_fraction": self._placement.memory_fraction,
             "scores": {name: list(bounds) for name, bounds in SCORE_RANGES.items()},
         }
 

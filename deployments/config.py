@@ -54,6 +54,17 @@ class DeviceOptions(_Strict):
             "fractional num_cpus, so set this explicitly on CPU; None keeps torch's default."
         ),
     )
+    memory_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "Share of the CUDA device's memory this replica may allocate "
+            "(torch.cuda.set_per_process_memory_fraction); applied only on CUDA. Unset, the "
+            "builder sets it to the deployment's num_gpus when that is a fraction of one GPU, "
+            "so a replica cannot take memory Ray gave to the others on the same card."
+        ),
+    )
 
 
 class FluxConfig(_Strict):

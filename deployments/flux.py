@@ -101,6 +101,7 @@ class FluxGenerator:
             "source": self._config.source,
             "device": self._placement.device,
             "dtype": self._placement.dtype_name,
+            "memory_fraction": self._placement.memory_fraction,
         }
 
     def check_health(self) -> None:

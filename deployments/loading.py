@@ -23,10 +23,11 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 @dataclass(frozen=True)
 class Placement:
-    """The device and dtype a replica's model lives on."""
+    """The device and dtype a replica's model lives on, and the CUDA memory cap applied, if any."""
 
     device: str
     dtype_name: str
+    memory_fraction: float | None = None
 
     @property
     def dtype(self) -> "torch.dtype":
@@ -36,10 +37,12 @@ class Placement:
 
 
 def resolve_placement(options: DeviceOptions) -> Placement:
-    """Pick the device and dtype from the options and from what torch sees.
+    """Pick the device and dtype from the options and from what torch sees, and cap CUDA memory.
 
     `auto` means CUDA only when `torch.cuda.is_available()`; asking for `cuda` where torch sees
-    none is an error, not a silent fallback to the CPU.
+    none is an error, not a silent fallback to the CPU. On CUDA, `memory_fraction` caps this
+    process's allocations: Ray's fractional `num_gpus` only decides where a replica is scheduled,
+    so without the cap one replica could take the memory of every other replica on its card.
     """
     import torch
 
@@ -53,7 +56,16 @@ def resolve_placement(options: DeviceOptions) -> Placement:
         dtype_name = "bfloat16" if device == "cuda" else "float32"
     else:
         dtype_name = _DTYPES[options.dtype]
-    return Placement(device=device, dtype_name=dtype_name)
+    memory_fraction = cuda_memory_fraction(device, options)
+    if memory_fraction is not None:
+        # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPU, so the current device is that GPU.
+        torch.cuda.set_per_process_memory_fraction(memory_fraction)
+    return Placement(device=device, dtype_name=dtype_name, memory_fraction=memory_fraction)
+
+
+def cuda_memory_fraction(device: str, options: DeviceOptions) -> float | None:
+    """The memory cap to apply: `options.memory_fraction` on CUDA; none on the CPU, which Ray does not share out."""
+    return options.memory_fraction if device == "cuda" else None
 
 
 def is_tiny(source: str) -> bool:

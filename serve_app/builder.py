@@ -34,11 +34,17 @@ def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
     enhancer = PromptEnhancer.options(**args.options_for("PromptEnhancer")).bind(args.enhancer)
-    flux = FluxGenerator.options(**args.options_for("FluxGenerator")).bind(args.flux, metrics=args.metrics)
-    scorer = ClipScorer.options(**args.options_for("ClipScorer")).bind(args.scorer, metrics=args.metrics)
+    flux = FluxGenerator.options(**args.options_for("FluxGenerator")).bind(
+        args.model_config_for("FluxGenerator"), metrics=args.metrics
+    )
+    scorer = ClipScorer.options(**args.options_for("ClipScorer")).bind(
+        args.model_config_for("ClipScorer"), metrics=args.metrics
+    )
     video = {}
     if args.svd is not None:
-        video["svd"] = SvdGenerator.options(**args.options_for("SvdGenerator")).bind(args.svd, metrics=args.metrics)
+        video["svd"] = SvdGenerator.options(**args.options_for("SvdGenerator")).bind(
+            args.model_config_for("SvdGenerator"), metrics=args.metrics
+        )
         video["video_defaults"] = VideoDefaults(
             source=args.svd.source, width=args.svd.default_width, height=args.svd.default_height,
             num_inference_steps=args.svd.default_steps,

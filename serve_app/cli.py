@@ -1,6 +1,7 @@
 """The `genserve` command.
 
-    genserve serve [CONFIG]          serve run CONFIG (default configs/dev.yaml)
+    genserve serve [CONFIG] [--timeout S] [--address ADDR] [--detach]
+                                     deploy CONFIG (default configs/dev.yaml) and wait until it runs
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd) as a local folder
 """
@@ -9,26 +10,66 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
+import time
+
+DEFAULT_START_TIMEOUT_S = 900.0
 
 from deployments.tiny import TINY_FAMILIES
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
     from serve_app.appconfig import load_serve_config
     from serve_app.builder import build_app
+    from serve_app.launch import DeployError, deploy_config, wait_until_running
 
-    # Validate the typed args first, so a bad config fails here with the field named.
-    config = load_serve_config(args.config)
-    for application in config.get("applications", []):
-        if application.get("import_path") == "serve_app.builder:build_app":
-            build_app(application.get("args") or {})
-    serve_bin = shutil.which("serve")
-    if serve_bin is None:
-        print("the `serve` command (from ray[serve]) is not on PATH", file=sys.stderr)
+    # Validate with Serve's schema and the typed args first, so a bad config fails here with the
+    # field named, before any Ray process starts.
+    raw = load_serve_config(args.config)
+    try:
+        config = ServeDeploySchema.model_validate(raw)
+        for application in raw.get("applications", []):
+            if application.get("import_path") == "serve_app.builder:build_app":
+                build_app(application.get("args") or {})
+    except ValidationError as error:
+        print(f"genserve: {args.config} is not a valid config: {error}", file=sys.stderr)
         return 2
-    os.execv(serve_bin, [serve_bin, "run", args.config])
+    names = [application.name for application in config.applications]
+
+    # Like `serve run`: join the cluster at --address (or $RAY_ADDRESS), else start a local one.
+    ray.init(address=args.address, namespace="serve")
+    try:
+        deploy_config(config)
+        print(f"genserve: deploying {args.config}; waiting up to {args.timeout:g}s for {', '.join(names)}", flush=True)
+        wait_until_running(names, args.timeout)
+    except DeployError as error:
+        print(f"genserve: {error}", file=sys.stderr, flush=True)
+        # Leave nothing pending behind. Not blocking: a replica that never got its resources
+        # still has a shutdown grace period to run out, and the controller can do that alone.
+        for name in names:
+            serve.delete(name, _blocking=False)
+        return 1
+    except KeyboardInterrupt:
+        serve.shutdown()
+        return 130
+    http = config.http_options
+    for application in config.applications:
+        if application.route_prefix is not None:
+            print(f"genserve: {application.name} is running at http://{http.host}:{http.port}{application.route_prefix}",
+                  flush=True)
+    if args.detach:
+        return 0
+    print("genserve: Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
     return 0
 
 
@@ -54,8 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the service (serve run CONFIG)")
+    serve = commands.add_parser("serve", help="deploy a Serve config and wait until it runs")
     serve.add_argument("config", nargs="?", default="configs/dev.yaml")
+    serve.add_argument("--timeout", type=float, default=DEFAULT_START_TIMEOUT_S,
+                       help="seconds to wait for every replica to run before giving up with the reason "
+                            "(default %(default)g; the first start of real weights includes their download)")
+    serve.add_argument("--address", default=None,
+                       help="Ray cluster to join ('auto' for the local node's); default $RAY_ADDRESS, "
+                            "else a new local Ray")
+    serve.add_argument("--detach", action="store_true",
+                       help="exit 0 once running and leave the application deployed (needs --address)")
     serve.set_defaults(func=_serve)
 
     bench = commands.add_parser("bench", help="graph overhead over in-process calls")
@@ -75,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny.set_defaults(func=_save_tiny)
 
     args = parser.parse_args(argv)
+    if args.command == "serve" and args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
+        parser.error("--detach needs --address: a Ray started by this command would stop with it")
     return args.func(args)
 
 

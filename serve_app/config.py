@@ -6,14 +6,20 @@ with pydantic naming the field (for example `policy.threshold`), instead of insi
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deployments.clip_scorer import SCORE_RANGES
 from deployments.config import EnhancerConfig, FluxConfig, ScorerConfig, SvdConfig
 
 DeploymentName = Literal["Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer", "SvdGenerator"]
+DEPLOYMENT_NAMES: tuple[str, ...] = get_args(DeploymentName)
+# The `AppArgs` field holding each model deployment's model config (and so its device options).
+MODEL_CONFIG_FIELDS = {"FluxGenerator": "flux", "ClipScorer": "scorer", "SvdGenerator": "svd"}
+# Ray keeps resource amounts to 1e-4; shares that sum to 1 in decimal must not fail in binary.
+_SHARE_TOLERANCE = 1e-6
 
 
 class _Strict(BaseModel):
@@ -28,6 +34,17 @@ class AutoscalingOptions(_Strict):
     target_ongoing_requests: float = Field(2.0, gt=0, description="Ongoing requests per replica to aim for.")
     upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before scaling up.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Load must stay low this long before scaling down.")
+    look_back_period_s: float | None = Field(
+        None, gt=0, description="Window the load is averaged over; None keeps Serve's default (30 s)."
+    )
+    metrics_interval_s: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "How often replicas and handles report their load; None keeps Serve's default (10 s). "
+            "Serve 2.60 marks it deprecated in favour of environment variables but still uses it."
+        ),
+    )
 
     @model_validator(mode="after")
     def _range(self) -> "AutoscalingOptions":
@@ -44,17 +61,50 @@ class DeploymentOptions(_Strict):
     num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; exclusive with autoscaling.")
     autoscaling: AutoscalingOptions | None = Field(None, description="Autoscale instead of a fixed count.")
     num_cpus: float | None = Field(None, ge=0, description="CPUs reserved per replica.")
-    num_gpus: float | None = Field(None, ge=0, description="GPUs reserved per replica (fractions allowed).")
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Share of one GPU reserved per replica: 1 for a whole GPU, a fraction to pack replicas "
+            "onto one card (their CUDA memory is then capped to the same fraction)."
+        ),
+    )
+    accelerator_type: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Run replicas only on nodes with this GPU type, as Ray names it (H100, H200, L4, A10G, ...); "
+            "keeps large models off small cards and small ones off the cards large models need."
+        ),
+    )
     max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica takes at once.")
     max_queued_requests: int | None = Field(
         None, ge=-1, description="Requests queued per caller before Serve answers 503; -1 is unbounded."
     )
 
+    @field_validator("num_gpus")
+    @classmethod
+    def _one_gpu_at_most(cls, value: float | None) -> float | None:
+        # Every model deployment runs its model on one device, so more than one GPU per replica
+        # would be reserved and never used (and Ray rejects fractions above 1 only when it schedules).
+        if value is not None and value > 1:
+            raise ValueError(f"a replica runs its model on one GPU: use at most 1 (a fraction to share one); got {value:g}")
+        return value
+
     @model_validator(mode="after")
     def _replicas_xor_autoscaling(self) -> "DeploymentOptions":
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("set either num_replicas or autoscaling, not both")
+        if self.accelerator_type is not None and not self.num_gpus:
+            raise ValueError("accelerator_type picks a GPU type, so it needs num_gpus above 0")
         return self
+
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas this deployment can have: what must fit when load peaks."""
+        if self.autoscaling is not None:
+            return self.autoscaling.max_replicas
+        return self.num_replicas or 1  # Serve's default is one replica
 
     def serve_options(self) -> dict:
         """Keyword arguments for `Deployment.options()`."""
@@ -62,8 +112,12 @@ class DeploymentOptions(_Strict):
         if self.num_replicas is not None:
             options["num_replicas"] = self.num_replicas
         if self.autoscaling is not None:
-            options["autoscaling_config"] = self.autoscaling.model_dump()
-        actor = {key: getattr(self, key) for key in ("num_cpus", "num_gpus") if getattr(self, key) is not None}
+            options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        actor = {
+            key: getattr(self, key)
+            for key in ("num_cpus", "num_gpus", "accelerator_type")
+            if getattr(self, key) is not None
+        }
         if actor:
             options["ray_actor_options"] = actor
         for key in ("max_ongoing_requests", "max_queued_requests"):
@@ -87,6 +141,36 @@ class QualityPolicy(_Strict):
         return self
 
 
+def gpu_memory_fraction(num_gpus: float | None) -> float | None:
+    """The CUDA memory cap for a replica reserving `num_gpus`: the share itself when it is a
+    fraction of a GPU; None for a whole GPU (no one else is scheduled on it) or for no GPU."""
+    if num_gpus is None or not 0 < num_gpus < 1:
+        return None
+    return num_gpus
+
+
+def unplaced_gpu_replicas(replicas: list[tuple[str, float, str | None]], capacity: Mapping[str, int]) -> list[str]:
+    """Pack GPU replicas onto the declared GPUs; return the deployment names of those left over.
+
+    `replicas` holds one (deployment, share of one GPU, accelerator type or None) per replica;
+    `capacity` maps an accelerator type to a count of GPUs (GPUs under a key no replica is pinned
+    to, such as 'any', take unpinned replicas only). A pinned replica goes only on GPUs of its
+    type; an unpinned one on any GPU. Like Ray, a replica never spans GPUs.
+    First-fit decreasing, pinned replicas first since they have fewer places to go: it can miss
+    a packing that exists, but a layout that needs an exact packing also depends on the order in
+    which Ray happens to start replicas.
+    """
+    free = [[kind, 1.0] for kind, count in capacity.items() for _ in range(count)]
+    left = []
+    for name, share, kind in sorted(replicas, key=lambda replica: (replica[2] is None, -replica[1])):
+        gpu = next((gpu for gpu in free if kind in (None, gpu[0]) and gpu[1] + _SHARE_TOLERANCE >= share), None)
+        if gpu is None:
+            left.append(name)
+        else:
+            gpu[1] -= share
+    return left
+
+
 def check_threshold(metric: str, threshold: float) -> None:
     low, high = SCORE_RANGES[metric]
     if not low <= threshold <= high:
@@ -108,9 +192,77 @@ class AppArgs(_Strict):
     request_timeout_s: float = Field(
         600.0, gt=0, description="How long the ingress waits for one downstream call before answering 504."
     )
+    gpu_capacity: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "GPUs the cluster has at its largest, by accelerator type (key 'any' for GPUs no deployment "
+            "pins by type), e.g. {H100: 4, L4: 4} or {any: 1}. When set, loading the config checks that "
+            "every deployment's GPU share fits at max replicas, instead of replicas pending forever."
+        ),
+    )
     deployments: dict[DeploymentName, DeploymentOptions] = Field(
         default_factory=dict, description="Replicas and resources per deployment, by deployment name."
     )
 
+    @field_validator("gpu_capacity")
+    @classmethod
+    def _counts_not_negative(cls, value: dict[str, int]) -> dict[str, int]:
+        negative = {kind: count for kind, count in value.items() if count < 0}
+        if negative:
+            raise ValueError(f"GPU counts must not be negative; got {negative}")
+        return value
+
+    @field_validator("deployments")
+    @classmethod
+    def _gpu_shares_fit(cls, deployments: dict[str, DeploymentOptions], info: ValidationInfo) -> dict:
+        capacity = info.data.get("gpu_capacity")
+        if not capacity:  # nothing declared (or the declaration itself was invalid): nothing to check
+            return deployments
+        replicas = [
+            (name, options.num_gpus, options.accelerator_type)
+            for name, options in deployments.items()
+            if options.num_gpus
+            for _ in range(options.max_replicas)
+        ]
+        left = unplaced_gpu_replicas(replicas, capacity)
+        if left:
+            demand = ", ".join(
+                f"{name} {options.max_replicas} x {options.num_gpus:g}"
+                + (f" {options.accelerator_type}" if options.accelerator_type else "")
+                for name, options in deployments.items()
+                if options.num_gpus
+            )
+            short = ", ".join(f"{name} x{left.count(name)}" for name in dict.fromkeys(left))
+            raise ValueError(
+                f"GPU shares do not fit in gpu_capacity {capacity} at max replicas ({demand} GPU); "
+                f"no GPU left for: {short}"
+            )
+        return deployments
+
+    @model_validator(mode="after")
+    def _memory_caps_within_shares(self) -> "AppArgs":
+        for name, field in MODEL_CONFIG_FIELDS.items():
+            if getattr(self, field) is None:  # an optional model (svd) that is not configured
+                continue
+            cap = getattr(self, field).device.memory_fraction
+            share = gpu_memory_fraction(self._options(name).num_gpus)
+            if cap is not None and share is not None and cap > share:
+                raise ValueError(
+                    f"{field}.device.memory_fraction ({cap:g}) is more than deployments.{name}.num_gpus "
+                    f"({share:g}): the replica could take memory Ray gave to others on its GPU"
+                )
+        return self
+
+    def _options(self, name: str) -> DeploymentOptions:
+        return self.deployments.get(name, DeploymentOptions())
+
     def options_for(self, name: str) -> dict:
-        return self.deployments.get(name, DeploymentOptions()).serve_options()
+        return self._options(name).serve_options()
+
+    def model_config_for(self, name: str) -> FluxConfig | ScorerConfig | SvdConfig:
+        """The model config of deployment `name`, its CUDA memory cap filled in from its GPU share."""
+        config = getattr(self, MODEL_CONFIG_FIELDS[name])
+        fraction = gpu_memory_fraction(self._options(name).num_gpus)
+        if config.device.memory_fraction is not None or fraction is None:
+            return config
+        return config.model_copy(update={"device": config.device.model_copy(update={"memory_fraction": fraction})})

@@ -21,6 +21,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 
 from serve_app.config import QualityPolicy
 from serve_app.errors import explain_errors
@@ -86,6 +87,18 @@ async def _stage_timeout(request: Request, error: StageTimeout) -> JSONResponse:
     if metrics is not None:
         metrics.timeout(error.stage)
     return JSONResponse(status_code=504, content={"detail": str(error)})
+
+
+@api.exception_handler(RayActorError)
+async def _replica_lost(_: Request, error: RayActorError) -> JSONResponse:
+    # A downstream replica died mid-request (its node or process went away). Serve replaces it
+    # on its own, so this is a retryable 503, not a server bug; the request can be sent again
+    # as it was (with its seed, it gives the same images).
+    return JSONResponse(
+        status_code=503,
+        headers={"Retry-After": "5"},
+        content={"detail": f"a replica serving this request was lost; retry. ({type(error).__name__})"},
+    )
 
 
 async def _info(handle) -> dict:

@@ -1,5 +1,6 @@
 import socket
 import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -25,3 +26,47 @@ def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float =
             last_error = error
         time.sleep(interval_s)
     raise TimeoutError(f"{what} not met within {timeout_s}s (last result: {result!r}, last error: {last_error!r})")
+
+
+def tiny_args(config: Path, **deployments: dict) -> dict:
+    """A Serve config's genserve args with tiny models, everything else as the file says.
+
+    Models keep `device: auto`, so on a machine whose GPUs are only declared to Ray they run on
+    the CPU (with fp32, one torch thread each: the cores are shared). `deployments` updates the
+    named deployments' options, e.g. `FluxGenerator={"num_replicas": 2}`.
+    """
+    from serve_app.appconfig import app_args_from_config
+
+    args = app_args_from_config(config).model_dump(exclude_none=True)
+    for model in ("flux", "scorer", "svd"):
+        if args.get(model) is not None:
+            args[model]["source"] = "tiny"
+            args[model]["device"].update(dtype="auto", torch_threads=1)
+    for name, options in deployments.items():
+        args["deployments"][name] = {**args["deployments"].get(name, {}), **options}
+    return args
+
+
+def deploy_and_wait(args: dict, timeout_s: float = 300) -> None:
+    """Deploy genserve with `args` on the Ray this process is connected to, then wait for it.
+
+    Unlike `serve.run`, which waits forever for replicas that never get their resources, this
+    fails after `timeout_s` with genserve's report of what is pending and why.
+    """
+    from ray import serve
+
+    from serve_app import APP_NAME
+    from serve_app.builder import build_app
+    from serve_app.launch import wait_until_running
+
+    serve.run_many([serve.RunTarget(build_app(args), name=APP_NAME, route_prefix="/")],
+                   wait_for_applications_running=False)
+    wait_until_running([APP_NAME], timeout_s)
+
+
+def replica_gpu_ids(replica) -> list[str]:
+    """The GPU ids Ray assigned to a Serve replica (a `ReplicaDetails`), asked of its process."""
+    import ray
+
+    actor = ray.get_actor(replica.actor_name, namespace="serve")
+    return ray.get(actor.__ray_call__.remote(lambda _: [str(gpu) for gpu in ray.get_gpu_ids()]), timeout=60)

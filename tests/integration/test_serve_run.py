@@ -1,4 +1,5 @@
-"""The README's start command: `serve run` on the dev profile answers, then stops on Ctrl-C."""
+"""The README's start command, `genserve serve CONFIG`: it deploys and answers, stops on Ctrl-C,
+and gives up with a readable reason when replicas ask for resources that never appear."""
 
 import os
 import signal
@@ -16,29 +17,66 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
 
 
-def test_serve_run_dev_profile(tmp_path):
+def _dev_config(tmp_path: Path, **flux_options) -> tuple[Path, int]:
+    """configs/dev.yaml on a free port, FluxGenerator's options updated with `flux_options`."""
     config = yaml.safe_load((ROOT / "configs" / "dev.yaml").read_text())
     port = free_port()
-    config["http_options"]["port"] = port  # the same profile on a free port
-    path = tmp_path / "dev.yaml"
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["deployments"]["FluxGenerator"].update(flux_options)
+    path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    serve_bin = Path(sys.executable).with_name("serve")
-    log = open(tmp_path / "serve.log", "wb")
-    process = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True)
+    return path, port
+
+
+def _genserve(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / "genserve.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("genserve")), "serve", *args], cwd=ROOT, stdout=output,
+            stderr=subprocess.STDOUT, env={**os.environ, "RAY_AUTH_MODE": "disabled", **env}, start_new_session=True,
+        )
+    return process, log
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_genserve_serve_dev_profile_answers_and_stops_on_ctrl_c(tmp_path):
+    path, port = _dev_config(tmp_path)
+    process, log = _genserve(tmp_path, str(path))
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 200, timeout_s=180,
-                   what="serve run answering /healthz")
+        wait_until(lambda: f"genserve is running at {base}/" in log.read_text() or process.poll() is not None,
+                   timeout_s=180, what="genserve serve saying it runs")
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200, log.read_text()
         response = httpx.post(f"{base}/v1/images", json={"prompt": "a red fox", "seed": 3}, timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["images"][0]["seed"] == 3
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
-    assert process.returncode is not None, (tmp_path / "serve.log").read_text()
+        _stop(process)
+    assert process.returncode == 0, log.read_text()
+
+
+def test_genserve_serve_times_out_naming_what_a_pending_deployment_asks_for(tmp_path):
+    # A whole GPU for FLUX; CUDA_VISIBLE_DEVICES="" makes Ray see none even on a GPU machine.
+    path, _ = _dev_config(tmp_path, num_gpus=1)
+    process, log = _genserve(tmp_path, str(path), "--timeout", "10", CUDA_VISIBLE_DEVICES="")
+    try:
+        process.wait(timeout=240)
+    finally:
+        _stop(process)
+    output = log.read_text()
+    assert process.returncode == 1, output
+    assert "application 'genserve' did not start within 10s" in output
+    assert "FluxGenerator: UPDATING, 0 of 1 replicas running" in output
+    assert "each replica asks for {CPU: 0.5, GPU: 1}" in output
+    assert "no node in the cluster has {CPU: 0.5, GPU: 1}" in output
+    # Only the deployment no node can host is called so (others may merely still be loading).
+    assert output.count("no node in the cluster has") == 1

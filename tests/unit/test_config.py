@@ -8,13 +8,14 @@ from ray.serve.schema import ServeDeploySchema
 from serve_app import APP_NAME
 from serve_app.appconfig import app_args_from_config
 from serve_app.builder import build_app
-from serve_app.config import AppArgs, DeploymentOptions
+from serve_app.config import AppArgs, DeploymentOptions, gpu_memory_fraction, unplaced_gpu_replicas
 
-CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_there_are_configs():
-    assert {path.name for path in CONFIGS} >= {"dev.yaml", "single-gpu.yaml"}
+    assert {path.name for path in CONFIGS} >= {"dev.yaml", "single-gpu.yaml", "multi-gpu.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
@@ -78,3 +79,139 @@ def test_deployment_options_map_to_serve_options():
     assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.25}
     assert options["max_ongoing_requests"] == 2 and options["max_queued_requests"] == 10
     assert DeploymentOptions().serve_options() == {}
+
+
+def test_every_config_declares_what_it_needs_and_fits():
+    """Each GPU config declares its GPUs, so its shares are checked; dev.yaml asks for none."""
+    for path in CONFIGS:
+        args = app_args_from_config(path)
+        wants_gpus = any(options.num_gpus for options in args.deployments.values())
+        assert bool(args.gpu_capacity) == wants_gpus, path.name
+
+
+def test_single_gpu_config_packs_every_deployment_onto_one_gpu():
+    args = app_args_from_config(ROOT / "configs" / "single-gpu.yaml")
+    assert args.gpu_capacity == {"any": 1}
+    shares = {name: options.num_gpus for name, options in args.deployments.items() if options.num_gpus}
+    assert set(shares) == {"FluxGenerator", "ClipScorer", "SvdGenerator"}
+    assert all(0 < share < 1 for share in shares.values()) and sum(shares.values()) <= 1
+    assert all(args.deployments[name].max_replicas == 1 for name in shares)
+    # The builder turns each share into the replica's CUDA memory cap.
+    for name, share in shares.items():
+        assert args.model_config_for(name).device.memory_fraction == share
+
+
+def test_multi_gpu_config_gives_flux_whole_gpus_and_autoscales_every_model():
+    args = app_args_from_config(ROOT / "configs" / "multi-gpu.yaml")
+    flux = args.deployments["FluxGenerator"]
+    assert flux.num_gpus == 1 and flux.accelerator_type == "H100"
+    assert args.model_config_for("FluxGenerator").device.memory_fraction is None  # a whole GPU is its own
+    svd = args.deployments["SvdGenerator"]
+    assert svd.num_gpus == 1 and svd.accelerator_type == "H100"  # FLUX and SVD never share a GPU
+    assert 0 < args.deployments["ClipScorer"].num_gpus < 1
+    for name in ("FluxGenerator", "ClipScorer", "PromptEnhancer", "SvdGenerator"):
+        options = args.deployments[name]
+        assert options.autoscaling is not None and options.autoscaling.min_replicas < options.autoscaling.max_replicas
+        assert options.max_ongoing_requests and options.max_queued_requests and options.max_queued_requests > 0
+
+
+def test_gpu_memory_fraction_follows_a_fractional_share_only():
+    assert gpu_memory_fraction(0.45) == 0.45
+    assert gpu_memory_fraction(1) is None  # a whole GPU: Ray schedules no one else on it
+    assert gpu_memory_fraction(0) is None and gpu_memory_fraction(None) is None
+
+
+def test_explicit_memory_fraction_wins_but_may_not_exceed_the_share():
+    args = AppArgs.model_validate({
+        "flux": {"device": {"memory_fraction": 0.3}},
+        "deployments": {"FluxGenerator": {"num_gpus": 0.45}},
+    })
+    assert args.model_config_for("FluxGenerator").device.memory_fraction == 0.3
+    with pytest.raises(ValidationError, match=r"flux.device.memory_fraction \(0.5\) is more than "
+                                              r"deployments.FluxGenerator.num_gpus \(0.45\)"):
+        AppArgs.model_validate({
+            "flux": {"device": {"memory_fraction": 0.5}},
+            "deployments": {"FluxGenerator": {"num_gpus": 0.45}},
+        })
+
+
+def test_more_than_one_gpu_per_replica_names_the_field():
+    loc, msg = _field_error({"deployments": {"FluxGenerator": {"num_gpus": 1.5}}})
+    assert loc == ("deployments", "FluxGenerator", "num_gpus") and "at most 1" in msg and "1.5" in msg
+
+
+def test_accelerator_type_needs_a_gpu():
+    loc, msg = _field_error({"deployments": {"ClipScorer": {"accelerator_type": "L4"}}})
+    assert loc == ("deployments", "ClipScorer") and "needs num_gpus above 0" in msg
+
+
+def test_gpu_shares_that_cannot_fit_name_the_field():
+    loc, msg = _field_error({
+        "gpu_capacity": {"any": 1},
+        "deployments": {"FluxGenerator": {"num_gpus": 0.6}, "ClipScorer": {"num_gpus": 0.5}},
+    })
+    assert loc == ("deployments",)
+    assert "do not fit in gpu_capacity {'any': 1}" in msg and "no GPU left for: ClipScorer x1" in msg
+
+
+def test_gpu_shares_are_checked_at_max_replicas():
+    autoscaled = {"FluxGenerator": {"num_gpus": 1, "accelerator_type": "H100",
+                                    "autoscaling": {"min_replicas": 1, "max_replicas": 3}}}
+    AppArgs.model_validate({"gpu_capacity": {"H100": 3}, "deployments": autoscaled})
+    loc, msg = _field_error({"gpu_capacity": {"H100": 2}, "deployments": autoscaled})
+    assert loc == ("deployments",) and "FluxGenerator 3 x 1 H100 GPU" in msg and "FluxGenerator x1" in msg
+
+
+def test_pinned_replicas_only_use_their_gpu_type():
+    # Plenty of L4 room, but FLUX is pinned to H100s and there are none.
+    loc, msg = _field_error({
+        "gpu_capacity": {"L4": 4},
+        "deployments": {"FluxGenerator": {"num_gpus": 1, "accelerator_type": "H100"}},
+    })
+    assert loc == ("deployments",) and "no GPU left for: FluxGenerator x1" in msg
+
+
+def test_packing_fills_fractions_and_keeps_whole_gpus_whole():
+    # The issue's H200 layout: FLUX 0.45, SDXL 0.2, SVD 0.2, LLM 0.1, CLIP 0.05 fill one GPU exactly.
+    shares = [("A", 0.45, None), ("B", 0.05, None), ("C", 0.2, None), ("D", 0.2, None), ("E", 0.1, None)]
+    assert unplaced_gpu_replicas(shares, {"any": 1}) == []
+    assert unplaced_gpu_replicas(shares + [("F", 0.01, None)], {"any": 1}) == ["F"]
+    # 1 - 0.3 - 0.3 - 0.3 is a hair below 0.1 in binary floats; in decimal it is exactly 0.1.
+    assert unplaced_gpu_replicas([("A", 0.3, None)] * 3 + [("B", 0.1, None)], {"any": 1}) == []
+    # Three 0.6 shares sum to 1.8 but no two share a GPU: two GPUs are not enough.
+    assert unplaced_gpu_replicas([("A", 0.6, None)] * 3, {"any": 2}) == ["A"]
+    # Unpinned replicas may use typed GPUs; pinned ones go first so they keep theirs.
+    assert unplaced_gpu_replicas([("light", 0.5, None), ("big", 1, "H100")], {"H100": 1, "any": 1}) == []
+    assert unplaced_gpu_replicas([("big", 1, "H100"), ("big", 1, "H100")], {"H100": 1, "any": 4}) == ["big"]
+
+
+def test_negative_gpu_capacity_is_rejected():
+    loc, _ = _field_error({"gpu_capacity": {"H100": -1}})
+    assert loc == ("gpu_capacity",)
+
+
+def test_autoscaling_timing_knobs_reach_serve_and_unset_ones_keep_serve_defaults():
+    options = DeploymentOptions(
+        num_gpus=1, accelerator_type="H100",
+        autoscaling={"min_replicas": 1, "max_replicas": 2, "look_back_period_s": 2, "metrics_interval_s": 0.5},
+    ).serve_options()
+    assert options["autoscaling_config"]["look_back_period_s"] == 2
+    assert options["autoscaling_config"]["metrics_interval_s"] == 0.5
+    assert options["ray_actor_options"] == {"num_gpus": 1, "accelerator_type": "H100"}
+    assert "look_back_period_s" not in DeploymentOptions(autoscaling={}).serve_options()["autoscaling_config"]
+
+
+def test_genserve_serve_rejects_a_config_whose_gpu_shares_cannot_fit_before_starting_ray(tmp_path, capsys):
+    import ray
+
+    from serve_app.cli import main
+
+    config = yaml.safe_load((ROOT / "configs" / "single-gpu.yaml").read_text())
+    config["applications"][0]["args"]["deployments"]["ClipScorer"]["num_gpus"] = 0.6
+    path = tmp_path / "too-big.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["serve", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert f"{path} is not a valid config" in error
+    assert "deployments\n" in error and "do not fit in gpu_capacity {'any': 1}" in error
+    assert not ray.is_initialized()

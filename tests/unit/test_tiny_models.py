@@ -8,7 +8,7 @@ import pytest
 from deployments.clip_scorer import ClipScorer
 from deployments.config import DeviceOptions, FluxConfig, ScorerConfig
 from deployments.flux import FluxGenerator
-from deployments.loading import pretrained_location, resolve_placement
+from deployments.loading import cuda_memory_fraction, pretrained_location, resolve_placement
 from deployments.tiny import save_tiny
 from deployments.types import EnhancedPrompt, GenerationParams
 
@@ -109,3 +109,16 @@ def test_missing_local_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist on this node"):
         pretrained_location(str(tmp_path / "nowhere"))
     assert pretrained_location("black-forest-labs/FLUX.1-schnell") == "black-forest-labs/FLUX.1-schnell"
+
+
+def test_memory_cap_applies_on_cuda_only():
+    options = DeviceOptions(memory_fraction=0.45)
+    assert cuda_memory_fraction("cuda", options) == 0.45
+    assert cuda_memory_fraction("cpu", options) is None
+    assert cuda_memory_fraction("cuda", DeviceOptions()) is None
+    # A replica on the CPU (logical GPUs on a CPU machine) records no cap.
+    assert resolve_placement(DeviceOptions(device="cpu", memory_fraction=0.45)).memory_fraction is None
+
+
+def test_model_info_reports_the_memory_cap(tiny_flux, tiny_scorer):
+    assert tiny_flux.info()["memory_fraction"] is None and tiny_scorer.info()["memory_fraction"] is None

@@ -1,0 +1,130 @@
+"""Deploy a Serve config file and wait, up to a deadline, until its applications run.
+
+`serve run CONFIG` submits a config and then waits forever, saying nothing when a replica asks
+for resources the cluster never offers (a GPU on a machine without one, a GPU type no node has).
+`genserve serve` deploys the same way `serve run` and `serve deploy` do (the controller applies
+the whole config: import paths, args, runtime envs), then polls `serve.status()` until every
+application runs, one fails, or the deadline passes. Then it says which deployments are not
+running, what each of their replicas asks for, and whether any node could ever offer it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import ray
+from ray import serve
+from ray.serve.schema import ApplicationStatus, DeploymentDetails, ServeDeploySchema, ServeInstanceDetails
+
+POLL_INTERVAL_S = 1.0
+
+
+class DeployError(RuntimeError):
+    """An application did not reach RUNNING; the message says why, naming deployments and resources."""
+
+
+def deploy_config(config: ServeDeploySchema) -> None:
+    """Start Serve with the config's cluster-wide options and submit its applications.
+
+    The same calls `serve run CONFIG` makes: Serve's cluster options (proxies, HTTP and gRPC)
+    from the file, then the controller's `apply_config` with the whole config.
+    """
+    serve.start(
+        proxy_location=config.proxy_location,
+        http_options=config.http_options.model_dump(),
+        grpc_options=config.grpc_options.model_dump(),
+        logging_config=config.logging_config,
+        controller_options=config.controller_options,
+    )
+    _client().deploy_apps(config, _blocking=False)
+
+
+def wait_until_running(app_names: Iterable[str], timeout_s: float) -> None:
+    """Return once every named application is RUNNING.
+
+    Raises `DeployError` at once when one fails to deploy, and after `timeout_s` seconds when
+    one is still not running, with `explain_not_running` as the message.
+    """
+    names = list(app_names)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        applications = serve.status().applications
+        statuses = {name: applications[name].status if name in applications else None for name in names}
+        if all(status == ApplicationStatus.RUNNING for status in statuses.values()):
+            return
+        if ApplicationStatus.DEPLOY_FAILED in statuses.values():
+            raise DeployError(explain_not_running(names, "failed to deploy"))
+        if time.monotonic() >= deadline:
+            raise DeployError(explain_not_running(names, f"did not start within {timeout_s:g}s"))
+        time.sleep(POLL_INTERVAL_S)
+
+
+def serve_details() -> ServeInstanceDetails:
+    """What the Serve controller knows: applications, deployments, replicas and their nodes."""
+    return ServeInstanceDetails(**_client().get_serve_details())
+
+
+def explain_not_running(app_names: Iterable[str], what: str) -> str:
+    """A readable report on the applications not RUNNING: each deployment short of its target,
+    the resources each of its replicas asks for, and what the cluster's nodes have."""
+    details = serve_details()
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    lines = []
+    for name in app_names:
+        app = details.applications.get(name)
+        if app is None:
+            lines.append(f"application {name!r}: not deployed")
+            continue
+        if app.status == ApplicationStatus.RUNNING:
+            continue
+        lines.append(f"application {name!r} {what}: {app.status.value}")
+        if app.message:
+            lines.append(f"  {app.message.strip()}")
+        for deployment in app.deployments.values():
+            if deployment.status.value != "HEALTHY":
+                lines.extend(_explain_deployment(deployment, nodes))
+    lines.append(f"cluster: {_fmt(ray.cluster_resources())} in all, {_fmt(ray.available_resources())} free")
+    return "\n".join(lines)
+
+
+def _explain_deployment(deployment: DeploymentDetails, nodes: list[dict]) -> list[str]:
+    running = sum(replica.state.value == "RUNNING" for replica in deployment.replicas)
+    states: dict[str, int] = {}
+    for replica in deployment.replicas:
+        states[replica.state.value] = states.get(replica.state.value, 0) + 1
+    wanted = deployment.required_resources
+    lines = [
+        f"  - {deployment.name}: {deployment.status.value}, {running} of {deployment.target_num_replicas} "
+        f"replicas running {states or ''}".rstrip()
+        + f"; each replica asks for {_fmt(wanted)}"
+    ]
+    if not any(_fits(wanted, node) for node in nodes):
+        lines.append(
+            f"    no node in the cluster has {_fmt(wanted)}: it stays pending until one joins "
+            "(an autoscaling cluster adds one only if a node type offers it)"
+        )
+    if deployment.message:
+        lines.append(f"    Serve says: {deployment.message.strip()}")
+    return lines
+
+
+def _fits(wanted: dict, node: dict) -> bool:
+    return all(node.get(resource, 0) >= amount for resource, amount in wanted.items() if amount)
+
+
+def _fmt(resources: dict) -> str:
+    # Memory and the per-node markers are never what a replica waits for here: leave them out.
+    shown = {
+        key: round(value, 4)
+        for key, value in sorted(resources.items())
+        if not key.startswith("node:") and key not in ("memory", "object_store_memory")
+    }
+    return "{" + ", ".join(f"{key}: {value:g}" for key, value in shown.items()) + "}"
+
+
+def _client():
+    # Serve's controller client: what `serve run` itself uses to apply a config and read details.
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client()

@@ -1,0 +1,218 @@
+"""configs/multi-gpu.yaml on a Ray cluster of several nodes with logical GPUs, tiny models.
+
+`ray.cluster_utils.Cluster` starts a head node and worker nodes on this machine. Workers declare
+logical GPUs and the `accelerator_type:<TYPE>` resource Ray gives a node with real GPUs of that
+type, so placement, autoscaling and node loss run as they would on GPU nodes, while the models
+run on the CPU (torch sees no CUDA device). The tests share one cluster and one deployment, in
+file order, ending with the one that removes a node; each first waits for the state it needs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve_app import APP_NAME
+from tests.helpers import deploy_and_wait, free_port, replica_gpu_ids, tiny_args, wait_until
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).parents[2]
+IMAGE = {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "num_inference_steps": 2}
+# Fast autoscaling for the test (the config's own delays are minutes): load averaged over 2 s,
+# reported every 0.5 s, acted on at once; idle for 2 s before scaling down.
+FAST_FLUX_AUTOSCALING = {
+    "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
+                    "downscale_delay_s": 2, "look_back_period_s": 2, "metrics_interval_s": 0.5},
+}
+
+
+@dataclass
+class Outcome:
+    started: float
+    finished: float
+    status: int | str
+    error: str = ""  # the start of the body (or the exception) when the request failed
+
+
+class Load:
+    """`clients` threads sending one request after another until the block ends."""
+
+    def __init__(self, url: str, clients: int, body: dict = IMAGE):
+        self.outcomes: list[Outcome] = []
+        self._url, self._body, self._stop = url, body, threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        with httpx.Client(timeout=120) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    response = client.post(self._url, json=self._body)
+                    status: int | str = response.status_code
+                    error = "" if status == 200 else response.text[:300]
+                except httpx.HTTPError as failure:
+                    status, error = type(failure).__name__, str(failure)[:300]
+                self.outcomes.append(Outcome(started, time.monotonic(), status, error))
+
+    def ok_since(self, moment: float) -> list[Outcome]:
+        return [o for o in self.outcomes if o.started >= moment and o.status == 200]
+
+    def __enter__(self) -> "Load":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=150)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    # The head node runs Serve's controller, the HTTP proxy and CPU replicas; it has no GPU.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    nodes = {
+        # Three H100-class nodes of one GPU each for FLUX (up to two replicas here) and SVD, one
+        # L4-class node for the light models. Logical CPUs are generous: FLUX and SVD ask for 4 per
+        # replica, as on a real GPU node.
+        "heavy-a": cluster.add_node(num_cpus=6, num_gpus=1, resources={"accelerator_type:H100": 1}),
+        "heavy-b": cluster.add_node(num_cpus=6, num_gpus=1, resources={"accelerator_type:H100": 1}),
+        "heavy-c": cluster.add_node(num_cpus=6, num_gpus=1, resources={"accelerator_type:H100": 1}),
+        "light": cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1}),
+    }
+    ray.init(address=cluster.address, log_to_driver=False)
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    yield {"cluster": cluster, "nodes": nodes, "url": f"http://127.0.0.1:{port}/v1/images"}
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app(cluster):
+    deploy_and_wait(tiny_args(ROOT / "configs" / "multi-gpu.yaml", FluxGenerator=FAST_FLUX_AUTOSCALING))
+    return cluster
+
+
+def _deployment(name: str):
+    from serve_app.launch import serve_details
+
+    return serve_details().applications[APP_NAME].deployments[name]
+
+
+def _running(name: str) -> list:
+    return [replica for replica in _deployment(name).replicas if replica.state.value == "RUNNING"]
+
+
+def _node_names(app) -> dict[str, str]:
+    return {node.node_id: name for name, node in app["nodes"].items()}
+
+
+def _steady(replicas: int = 1) -> None:
+    def steady() -> bool:
+        flux = _deployment("FluxGenerator")
+        return flux.target_num_replicas == replicas and [r.state.value for r in flux.replicas] == ["RUNNING"] * replicas
+
+    wait_until(steady, timeout_s=180, what=f"FluxGenerator steady at {replicas} replica(s)")
+
+
+def test_replicas_land_where_their_reservations_say(app):
+    names = _node_names(app)
+    [flux] = _running("FluxGenerator")
+    [clip] = _running("ClipScorer")
+    [svd] = _running("SvdGenerator")
+    assert names.get(flux.node_id, "head").startswith("heavy")  # pinned to H100 nodes
+    assert names.get(svd.node_id, "head").startswith("heavy") and svd.node_id != flux.node_id  # never shared
+    assert names.get(clip.node_id) == "light"  # pinned to the L4 node
+    assert len(replica_gpu_ids(flux)) == 1 and len(replica_gpu_ids(clip)) == 1 and len(replica_gpu_ids(svd)) == 1
+    # Logical GPUs only: the replicas found no CUDA device and run on the CPU.
+    response = httpx.post(app["url"], json={**IMAGE, "seed": 1}, timeout=120)
+    assert response.status_code == 200, response.text
+    models = httpx.get(app["url"].replace("/v1/images", "/v1/models"), timeout=30).json()["models"]
+    assert models[0]["deployment"]["device"] == "cpu" and models[0]["deployment"]["memory_fraction"] is None
+
+
+def test_flux_scales_up_under_a_burst_onto_a_whole_gpu_of_its_own_and_back_down(app):
+    _steady(1)
+    burst = time.monotonic()
+    with Load(app["url"], clients=4) as load:
+        wait_until(lambda: len(_running("FluxGenerator")) == 2, timeout_s=180, what="a second FLUX replica running")
+        scaled_up_s = time.monotonic() - burst
+        flux = _running("FluxGenerator")
+        placed = {(replica.node_id, tuple(replica_gpu_ids(replica))) for replica in flux}
+        # H100 nodes of one GPU each: two whole-GPU replicas cannot share one, nor take SVD's.
+        [svd] = _running("SvdGenerator")
+        nodes = {node for node, _ in placed}
+        assert len(placed) == 2 and all(_node_names(app)[node].startswith("heavy") for node in nodes)
+        assert svd.node_id not in nodes
+        wait_until(lambda: len(load.ok_since(burst + scaled_up_s)) >= 2, timeout_s=60, what="requests after scale-up")
+    quiet = time.monotonic()
+    _steady(1)
+    scaled_down_s = time.monotonic() - quiet
+    statuses = [outcome.status for outcome in load.outcomes]
+    assert set(statuses) <= {200, 503}, statuses
+    print(f"\nautoscaling: 1 -> 2 FLUX replicas running {scaled_up_s:.1f}s after the burst began; "
+          f"back to 1 {scaled_down_s:.1f}s after it ended; {len(statuses)} requests, "
+          f"{statuses.count(503)} answered 503")
+
+
+def test_overload_turns_into_quick_503s(app):
+    _steady(1)
+    # 16 clients sending back to back, against what FLUX takes at most (2 replicas x 2 ongoing)
+    # plus what each of the 2 ingress replicas may queue for it (4): the rest must be turned away.
+    with Load(app["url"], clients=16, body={**IMAGE, "width": 512, "height": 512}) as load:
+        start = time.monotonic()
+        wait_until(lambda: len(load.ok_since(start)) >= 20, timeout_s=180, what="20 requests answered under overload")
+    ok = sorted(o.finished - o.started for o in load.outcomes if o.status == 200)
+    rejected = sorted(o.finished - o.started for o in load.outcomes if o.status == 503)
+    assert {o.status for o in load.outcomes} == {200, 503}, [o.status for o in load.outcomes]
+    # A rejection does not wait its turn in a queue: 95% of them come back before the median
+    # accepted request.
+    assert rejected[int(len(rejected) * 0.95)] < ok[len(ok) // 2], (rejected, ok)
+    print(f"\noverload: 16 clients back to back -> {len(ok)} x 200 (median {ok[len(ok) // 2]:.2f}s, "
+          f"max {ok[-1]:.2f}s), {len(rejected)} x 503 (median {rejected[len(rejected) // 2]:.2f}s, "
+          f"max {rejected[-1]:.2f}s)")
+
+
+def test_losing_a_worker_node_replaces_its_replicas_without_a_restart(app):
+    _steady(1)
+    [flux] = _running("FluxGenerator")
+    [svd] = _running("SvdGenerator")
+    lost = _node_names(app)[flux.node_id]
+    # The one H100 node left with a free GPU: neither the lost one nor SVD's.
+    [survivor] = [name for name in app["nodes"] if name.startswith("heavy") and name not in
+                  (lost, _node_names(app)[svd.node_id])]
+    with Load(app["url"], clients=2) as load:
+        start = time.monotonic()
+        wait_until(lambda: len(load.ok_since(start)) >= 2, timeout_s=60, what="requests flowing before the loss")
+        removed = time.monotonic()
+        app["cluster"].remove_node(app["nodes"][lost], allow_graceful=False)
+        # A request sent after the loss and answered: FLUX's only replica died with the node,
+        # so this one ran on its replacement.
+        wait_until(lambda: load.ok_since(removed), timeout_s=240, what="a request answered after the node loss")
+        answering_s = min(o.finished for o in load.ok_since(removed)) - removed
+        wait_until(lambda: [_node_names(app).get(r.node_id) for r in _running("FluxGenerator")] == [survivor],
+                   timeout_s=240, what=f"FLUX replaced on {survivor}")
+        replaced_s = time.monotonic() - removed
+        replaced = time.monotonic()
+        wait_until(lambda: len(load.ok_since(replaced)) >= 2, timeout_s=60, what="requests flowing after the loss")
+    during = [o for o in load.outcomes if o.finished >= removed]
+    failed = [(o.status, o.error) for o in during if o.status != 200]
+    print(f"\nnode loss ({lost}, with the FLUX replica): first answer {answering_s:.1f}s after, FLUX running "
+          f"on {survivor} {replaced_s:.1f}s after; {len(failed)} of {len(during)} requests failed: {failed}")
+    # Requests whose FLUX replica died with the node are answered 503 (retry), never 500.
+    assert {status for status, _ in failed} <= {503}, failed
+    # Serve marks the deployment unhealthy when its replica dies, healthy again once replaced.
+    wait_until(lambda: _deployment("FluxGenerator").status.value == "HEALTHY", timeout_s=60,
+               what="FluxGenerator healthy again")

@@ -1,0 +1,62 @@
+"""configs/single-gpu.yaml on one node with one logical GPU: every deployment fits on the card.
+
+Ray is told the node has one GPU; torch sees none, so the models (tiny) run on the CPU while Ray
+schedules them exactly as it would on a one-GPU machine.
+"""
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve_app import APP_NAME
+from serve_app.config import DEPLOYMENT_NAMES
+from tests.helpers import deploy_and_wait, free_port, replica_gpu_ids, tiny_args
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def one_gpu_node():
+    import ray
+    from ray import serve
+
+    # The config's CPU reservations add up to 4.5; one logical GPU is the whole point.
+    ray.init(num_cpus=5, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    args = tiny_args(ROOT / "configs" / "single-gpu.yaml")
+    deploy_and_wait(args)
+    yield {"base": f"http://127.0.0.1:{port}", "args": args}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_every_deployment_fits_on_one_gpu_node_and_the_models_share_its_gpu(one_gpu_node):
+    import ray
+
+    from serve_app.launch import serve_details
+
+    deployments = serve_details().applications[APP_NAME].deployments
+    replicas = {name: deployments[name].replicas for name in DEPLOYMENT_NAMES}
+    assert {name: [r.state.value for r in found] for name, found in replicas.items()} == {
+        name: ["RUNNING"] for name in DEPLOYMENT_NAMES
+    }
+    [node] = {r.node_id for found in replicas.values() for r in found}
+    assert node == ray.get_runtime_context().get_node_id()
+    # FLUX and CLIP hold fractions of the same (only) GPU.
+    for name in ("FluxGenerator", "ClipScorer"):
+        [replica] = replicas[name]
+        assert replica_gpu_ids(replica) == ["0"]
+        assert deployments[name].required_resources["GPU"] == one_gpu_node["args"]["deployments"][name]["num_gpus"]
+
+
+def test_it_answers_on_the_cpu_because_torch_sees_no_gpu(one_gpu_node):
+    base = one_gpu_node["base"]
+    response = httpx.post(f"{base}/v1/images", json={"prompt": "a red fox", "width": 256, "height": 256, "seed": 9},
+                          timeout=120)
+    assert response.status_code == 200, response.text
+    [flux] = httpx.get(f"{base}/v1/models", timeout=30).json()["models"]
+    # The builder set a memory cap from the GPU share, but a cap is only applied on CUDA.
+    assert flux["deployment"]["device"] == "cpu" and flux["deployment"]["memory_fraction"] is None
