@@ -132,6 +132,7 @@ class SvdGenerator:
             "source": self._config.source,
             "device": self._placement.device,
             "dtype": self._placement.dtype_name,
+            "memory_fraction": self._placement.memory_fraction,
             "default_num_frames": self._config.default_num_frames or self.model_num_frames,
             "memory": self._config.memory.model_dump(),
         }
