@@ -97,7 +97,9 @@ def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int) -> lis
     from serve_app.schemas import ImageRequest
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # A cluster of its own: the benchmark ends with serve.shutdown(), which must never stop the
+    # apps of a cluster someone else started on this machine.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

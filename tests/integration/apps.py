@@ -24,7 +24,9 @@ def running_app(args: dict, timeout_s: float = 180):
     from serve_app.builder import build_app
 
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh cluster of our own, never one another process started on this
+    # machine (ray.init() would otherwise join it, and serve.shutdown() would stop its apps).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
