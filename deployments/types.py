@@ -12,6 +12,23 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class ProgressTarget:
+    """Where a generator reports its denoising steps: `record_progress(job_id, attempt, progress)`
+    on deployment `deployment` of application `app` (the JobRunner, for async jobs).
+
+    `stage` names what the steps belong to ("generate", "keyframe", "video"), and `round` the
+    generation round of the image graph (1 for the first try, more when it regenerates).
+    """
+
+    app: str
+    deployment: str
+    job_id: str
+    attempt: int
+    stage: str
+    round: int = 1
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """What a generator needs for one batch besides the prompt: one image per seed."""
 
@@ -20,6 +37,7 @@ class GenerationParams:
     height: int
     num_inference_steps: int
     guidance_scale: float = 0.0
+    progress: ProgressTarget | None = None
 
 
 @dataclass
@@ -60,6 +78,7 @@ class VideoParams:
     decode_chunk_size: int | None
     output_format: str
     metadata: dict = field(default_factory=dict)
+    progress: ProgressTarget | None = None
 
 
 @dataclass
