@@ -24,3 +24,19 @@ def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float =
             last_error = error
         time.sleep(interval_s)
     raise TimeoutError(f"{what} not met within {timeout_s}s (last error: {last_error!r})")
+
+
+async def wait_until_async(condition: Callable, timeout_s: float, interval_s: float = 0.02, what: str = "condition"):
+    """`wait_until` inside an event loop: polls `condition` (sync or async) between awaits."""
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        await asyncio.sleep(interval_s)
+    raise TimeoutError(f"{what} not met within {timeout_s}s")

@@ -86,13 +86,17 @@ class JobStore(ABC):
 
     # What follows is built on the primitives above, so both stores share it.
 
-    def request_cancel(self, job_id: str, now: float | None = None) -> Job | None:
+    def request_cancel(self, job_id: str, now: float | None = None) -> tuple[Job, bool] | None:
         """A queued job is cancelled at once; a running one is flagged for its runner to stop.
-        A finished job is returned unchanged. None for an unknown id."""
+        Returns the job and whether this call changed it (False: it had already finished);
+        None for an unknown id."""
         job = self.transition(job_id, {QUEUED}, CANCELLED, reason="cancelled before it started", now=now)
         if job is None:
             job = self.transition(job_id, {RUNNING}, RUNNING, cancel_requested=True, now=now)
-        return job if job is not None else self.get(job_id)
+        if job is not None:
+            return job, True
+        job = self.get(job_id)
+        return None if job is None else (job, False)
 
     def retry_or_fail(self, job: Job, reason: str, retry_limit: int, now: float | None = None) -> Job | None:
         """End a running attempt that did not finish: back to the queue while retries are left

@@ -19,7 +19,8 @@ ROOT = Path(__file__).parents[2]
 def test_serve_run_dev_profile(tmp_path):
     config = yaml.safe_load((ROOT / "configs" / "dev.yaml").read_text())
     port = free_port()
-    config["http_options"]["port"] = port  # the same profile on a free port
+    config["http_options"]["port"] = port  # the same profile on a free port, jobs in a temp dir
+    config["applications"][0]["args"]["jobs"]["data_dir"] = str(tmp_path / "jobs")
     path = tmp_path / "dev.yaml"
     path.write_text(yaml.safe_dump(config))
     serve_bin = Path(sys.executable).with_name("serve")

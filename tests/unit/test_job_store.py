@@ -1,63 +1,17 @@
 """One suite for every JobStore: SQLite (a temp data dir) and Redis (a real redis-server on loopback).
 
-Times are passed in explicitly (`now=`), so expiry and timings are checked without waiting.
+The `backend` and `store` fixtures (tests/unit/conftest.py) run each test against both. Times are
+passed in explicitly (`now=`), so expiry and timings are checked without waiting.
 """
 
 from __future__ import annotations
 
 import threading
 
-import pytest
-
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, ResultFile
-from serve_app.jobs.redis_store import RedisJobStore
-from serve_app.jobs.sqlite_store import SqliteJobStore
-from tests.redis_server import RedisServer
+from tests.job_stores import TTL
 
-TTL = 60.0
 PNG = ResultFile("image-0.png", "image/png", 4)
-
-
-class Backend:
-    """Opens a store of one kind, and re-opens it as a restarted runner (or server) would."""
-
-    def __init__(self, kind: str, tmp_path):
-        self.kind = kind
-        self.tmp_path = tmp_path
-        self.server = RedisServer(tmp_path).start() if kind == "redis" else None
-        self.stores = []
-
-    def open(self):
-        if self.kind == "redis":
-            store = RedisJobStore(self.server.url, ttl_s=TTL, prefix="test:jobs")
-        else:
-            store = SqliteJobStore(self.tmp_path / "data", ttl_s=TTL)
-        self.stores.append(store)
-        return store
-
-    def crash_and_reopen(self):
-        """The process holding the store dies without closing it (and for Redis, the server too)."""
-        if self.kind == "redis":
-            self.server.restart(crash=True)
-        return self.open()
-
-    def close(self):
-        for store in self.stores:
-            store.close()
-        if self.server is not None:
-            self.server.stop()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request, tmp_path):
-    backend = Backend(request.param, tmp_path)
-    yield backend
-    backend.close()
-
-
-@pytest.fixture
-def store(backend):
-    return backend.open()
 
 
 def _image(prompt="a fox", **fields):
@@ -161,18 +115,18 @@ def test_a_late_result_from_an_interrupted_attempt_is_refused(store):
 
 def test_cancel_queued_running_and_finished(store):
     queued = store.create("image", _image("q"))[0]
-    cancelled = store.request_cancel(queued.id, now=500.0)
-    assert cancelled.state == CANCELLED and cancelled.history[-1]["reason"] == "cancelled before it started"
+    cancelled, changed = store.request_cancel(queued.id, now=500.0)
+    assert changed and cancelled.state == CANCELLED and cancelled.history[-1]["reason"] == "cancelled before it started"
     assert store.claim(["image"]) is None, "a cancelled job never starts"
 
     running = store.create("image", _image("r"))[0]
     store.claim(["image"])
-    flagged = store.request_cancel(running.id)
-    assert flagged.state == RUNNING and flagged.cancel_requested
+    flagged, changed = store.request_cancel(running.id)
+    assert changed and flagged.state == RUNNING and flagged.cancel_requested
     assert store.save_result(running.id, 1, {}, [(PNG, b"x")]) is None, "no result once a cancel is asked for"
     stopped = store.transition(running.id, {RUNNING}, CANCELLED, attempt=1, reason="stopped at step 2")
     assert stopped.state == CANCELLED
-    assert store.request_cancel(running.id).state == CANCELLED, "finished jobs are returned unchanged"
+    assert store.request_cancel(running.id) == (store.get(running.id), False), "finished jobs are left as they are"
     assert store.request_cancel("no-such-job") is None
 
 
