@@ -3,10 +3,12 @@
 A pipeline call runs in a thread so the replica's event loop stays free. Two things cross from
 one side to the other, both through the pipeline's `callback_on_step_end`:
 
-- progress out: after each denoising step the callback asks the event loop to send
-  `record_progress` to the `ProgressTarget`'s deployment through a Serve handle. The call is not
-  awaited, so a slow or missing receiver never slows denoising; a report that gets lost only
-  makes the progress shown a step older.
+- progress out: after a denoising step (at most one every `min_interval_s` of the target) the
+  callback asks the event loop to send `record_progress` to the `ProgressTarget`'s deployment
+  through a Serve handle, with the step, the steps in all and the seconds since the run started
+  (measured here, so the receiver's ETA needs no synchronised clocks). The call is not awaited,
+  so a slow or missing receiver never slows denoising; a lost report only makes the progress
+  shown older.
 - cancellation in: when the caller cancels its request (a job cancelled by its user), Serve
   cancels the replica's coroutine. `run_interruptibly` then sets the call's own stop flag, the
   callback raises `Interrupted` at the end of the current step, and only once the thread has
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 from deployments.types import ProgressTarget
@@ -40,24 +43,26 @@ class StepMonitor:
         self.total_steps = total_steps
         self.stop = threading.Event()
         self.steps_done = 0
+        self.reports_sent = 0
         self._loop = asyncio.get_running_loop()
+        self._started = self._last_report = time.perf_counter()
 
     def started(self) -> None:
-        """Report step 0 of n as the pipeline starts, so the receiver can time the steps."""
-        self._report(0)
+        """The pipeline starts now: the time steps are measured from."""
+        self._started = self._last_report = time.perf_counter()
 
     def __call__(self, pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
         self.steps_done = step + 1
         if self.stop.is_set():
             raise Interrupted(f"stopped after step {self.steps_done} of {self.total_steps}")
-        self._report(self.steps_done)
+        now = time.perf_counter()
+        if self.target is not None and now - self._last_report >= self.target.min_interval_s:
+            self._last_report = now
+            self.reports_sent += 1
+            self._loop.call_soon_threadsafe(self._send, self.steps_done, now - self._started)
         return callback_kwargs
 
-    def _report(self, step: int) -> None:
-        if self.target is not None:
-            self._loop.call_soon_threadsafe(self._send, step)
-
-    def _send(self, step: int) -> None:
+    def _send(self, step: int, elapsed_s: float) -> None:
         target = self.target
         try:
             handle = _handles.get((target.app, target.deployment))
@@ -66,7 +71,8 @@ class StepMonitor:
 
                 handle = serve.get_deployment_handle(target.deployment, target.app)
                 _handles[(target.app, target.deployment)] = handle
-            progress = {"stage": target.stage, "round": target.round, "step": step, "steps": self.total_steps}
+            progress = {"stage": target.stage, "round": target.round, "step": step, "steps": self.total_steps,
+                        "elapsed_s": elapsed_s}
             handle.record_progress.remote(target.job_id, target.attempt, progress)  # not awaited: see above
         except Exception:  # progress is advisory; never fail a generation over it
             logger.warning("could not report progress of job %s", target.job_id, exc_info=True)

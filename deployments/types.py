@@ -17,7 +17,9 @@ class ProgressTarget:
     on deployment `deployment` of application `app` (the JobRunner, for async jobs).
 
     `stage` names what the steps belong to ("generate", "keyframe", "video"), and `round` the
-    generation round of the image graph (1 for the first try, more when it regenerates).
+    generation round of the image graph (1 for the first try, more when it regenerates). A step
+    is reported when at least `min_interval_s` passed since the last report (0: every step):
+    each report is a Serve call, which on a small CPU box costs as much as a tiny model's step.
     """
 
     app: str
@@ -26,6 +28,7 @@ class ProgressTarget:
     attempt: int
     stage: str
     round: int = 1
+    min_interval_s: float = 0.5
 
 
 @dataclass(frozen=True)

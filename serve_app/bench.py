@@ -10,6 +10,7 @@ are latencies, not throughput.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -88,13 +89,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int) -> list[Sample]:
+@contextlib.contextmanager
+def serving(args: AppArgs):
+    """The app on a Ray cluster and Serve instance of its own; yields an HTTP client."""
     import httpx
     import ray
     from ray import serve
 
     from serve_app.builder import build_app
-    from serve_app.schemas import ImageRequest
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # A cluster of its own: the benchmark ends with serve.shutdown(), which must never stop the
@@ -104,15 +106,27 @@ def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int) -> lis
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        http = Sample("serve: HTTP", [], [])
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
-            for index in range(warmup + requests):
-                started = time.perf_counter()
-                response = client.post("/v1/images", json=body)
-                response.raise_for_status()
-                if index >= warmup:
-                    http.seconds.append(time.perf_counter() - started)
-                    http.stages.append(response.json()["timings"])
+            yield client
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int) -> list[Sample]:
+    from ray import serve
+
+    from serve_app.schemas import ImageRequest
+
+    with serving(args) as client:
+        http = Sample("serve: HTTP", [], [])
+        for index in range(warmup + requests):
+            started = time.perf_counter()
+            response = client.post("/v1/images", json=body)
+            response.raise_for_status()
+            if index >= warmup:
+                http.seconds.append(time.perf_counter() - started)
+                http.stages.append(response.json()["timings"])
         handle = serve.get_app_handle(APP_NAME)
         request = ImageRequest(**body)
         through_handle = Sample("serve: handle", [], [])
@@ -123,9 +137,6 @@ def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int) -> lis
                 through_handle.seconds.append(time.perf_counter() - started)
                 through_handle.stages.append(result.timings)
         return [http, through_handle]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def run_benchmark(config: str, requests: int, warmup: int, width: int, height: int, steps: int) -> list[Sample]:

@@ -129,6 +129,11 @@ class JobsConfig(_Strict):
     )
     max_concurrent_jobs: JobSlots = Field(default_factory=JobSlots, description="Jobs running at once, per kind.")
     sweep_interval_s: float = Field(60.0, gt=0, description="How often expired jobs are deleted.")
+    progress_interval_s: float = Field(
+        0.5, ge=0,
+        description="Least time between two progress reports of a running job (0: every denoising step). "
+                    "Each report is a Serve call and a store write; steps shorter than this are skipped.",
+    )
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> "JobsConfig":

@@ -199,18 +199,14 @@ class JobDispatcher:
         job = self._active.get(job_id)
         if job is None or job.attempts != attempt:
             return
-        now = time.time()
         previous = self._progress.get(job_id)
-        same_stage = previous is not None and (previous["stage"], previous["round"]) == (progress["stage"], progress["round"])
-        if same_stage and progress["step"] <= previous["step"]:
+        if (previous is not None and (previous["stage"], previous["round"]) == (progress["stage"], progress["round"])
+                and progress["step"] <= previous["step"]):
             return  # reports are not awaited, so one can overtake another
-        stage_started = previous["stage_started_at"] if same_stage else now
         step, steps = progress["step"], progress["steps"]
-        eta = (now - stage_started) / step * (steps - step) if step > 0 else None
-        record = {
-            "stage": progress["stage"], "round": progress["round"], "step": step, "steps": steps,
-            "eta_s": None if eta is None else round(eta, 2), "stage_started_at": stage_started, "updated_at": now,
-        }
+        eta = progress["elapsed_s"] / step * (steps - step) if step > 0 else None
+        record = {"stage": progress["stage"], "round": progress["round"], "step": step, "steps": steps,
+                  "eta_s": None if eta is None else round(eta, 2), "updated_at": time.time()}
         self._progress[job_id] = record
         if await asyncio.to_thread(self.store.record_progress, job_id, attempt, record):
             self._watchers.changed(job_id)

@@ -129,6 +129,9 @@ class JobsApi:
         if job.state != SUCCEEDED:
             why = f": {job.error}" if job.error else ""
             raise JobError(409, f"job {job_id} is {job.state}{why}; a result exists once it has succeeded")
+        return self._result(job, request)
+
+    def _result(self, job: Job, request: Request) -> ImageJobResult | VideoJobResult:
         base = self._base(request, job.id)
         result = with_urls(job.kind, job.result, lambda name: f"{base}/files/{name}")
         return (ImageJobResult if job.kind == "image" else VideoJobResult).model_validate(result)
@@ -170,7 +173,8 @@ class JobsApi:
     async def _event_stream(self, job: Job, request: Request):
         """`state` for every history entry (replayed from the start), `progress` when it changes,
         a comment every KEEPALIVE_S while nothing happens; the last event is the final state,
-        carrying the whole job status. Leaving stops only the stream, never the job."""
+        carrying the whole job status and, if it succeeded, the result (as GET .../result).
+        Leaving stops only the stream, never the job."""
         sent_states = 0
         last_progress = None
         while True:
@@ -178,6 +182,8 @@ class JobsApi:
                 data = {"job_id": job.id, **job.history[index]}
                 if job.finished and index == len(job.history) - 1:
                     data["job"] = self.render(job, None, request).model_dump(mode="json")
+                    if job.state == SUCCEEDED:
+                        data["result"] = self._result(job, request).model_dump(mode="json")
                 yield _sse("state", data, job.version)
             sent_states = len(job.history)
             if job.finished:

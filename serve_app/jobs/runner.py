@@ -46,7 +46,8 @@ class JobRunner:
         app, deployment = context.app_name, context.deployment
 
         def progress_target(job: Job) -> ProgressTarget:
-            return ProgressTarget(app=app, deployment=deployment, job_id=job.id, attempt=job.attempts, stage="generate")
+            return ProgressTarget(app=app, deployment=deployment, job_id=job.id, attempt=job.attempts, stage="generate",
+                                  min_interval_s=config.progress_interval_s)
 
         self._store = open_store(config)
         self._dispatcher = JobDispatcher(self._store, images, videos, slots, config.retry_limit,

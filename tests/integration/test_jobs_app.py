@@ -23,6 +23,7 @@ def app(tmp_path_factory):
     args = dev_args()
     args["jobs"]["data_dir"] = str(data_dir)
     args["max_body_bytes"] = MAX_BODY
+    args["jobs"]["progress_interval_s"] = 0  # every denoising step, which the tests follow
     with running_app(args) as client:
         yield {"client": client, "data_dir": data_dir}
 
@@ -45,11 +46,13 @@ def test_image_job_submit_events_result_matches_the_sync_endpoint(client):
     assert steps[-1][1] == 4 and [step for _, step, _ in steps] == sorted({step for _, step, _ in steps})
     final_event, final = stream[-1]
     assert final_event == "state" and final["job"]["links"]["result"] == f"/v1/jobs/{accepted['id']}/result"
+    assert final["result"]["images"][0]["url"] == f"/v1/jobs/{accepted['id']}/files/image-0.png"
 
     status = job(client, accepted["id"])
     assert status["state"] == "succeeded" and status["attempts"] == 1 and status["expires_at"] > time.time()
     assert set(status["timings"]) == {"queued", "running", "total"}
     result = client.get(status["links"]["result"]).json()
+    assert result == final["result"], "the final event carries the result"
     assert result["id"] == accepted["id"] and [image["seed"] for image in result["images"]] == [42, 43]
     assert all("b64_png" not in image for image in result["images"])
     sync = client.post("/v1/images", json=request).json()

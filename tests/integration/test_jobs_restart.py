@@ -20,6 +20,7 @@ def restart(tmp_path_factory):
     args = dev_args()
     args["jobs"]["data_dir"] = str(data_dir)
     args["jobs"]["max_concurrent_jobs"] = {"image": 1, "video": 1}
+    args["jobs"]["progress_interval_s"] = 0
     for name in ("SvdGenerator", "JobRunner"):  # a shutdown that does not wait for the video to end
         args["deployments"].setdefault(name, {})["graceful_shutdown_timeout_s"] = 1
     with running_app(args) as client:

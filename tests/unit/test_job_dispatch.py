@@ -212,10 +212,10 @@ def test_watch_wakes_on_a_change_and_progress_has_an_eta(store):
         dispatcher.start()
         started = await asyncio.wait_for(watching, 10)
         assert started.state == "running" and started.version > job.version
-        await dispatcher.record_progress(job.id, 1, {"stage": "generate", "round": 1, "step": 0, "steps": 4})
-        await dispatcher.record_progress(job.id, 1, {"stage": "generate", "round": 1, "step": 2, "steps": 4})
-        await dispatcher.record_progress(job.id, 1, {"stage": "generate", "round": 1, "step": 1, "steps": 4})
-        await dispatcher.record_progress(job.id, 7, {"stage": "generate", "round": 1, "step": 3, "steps": 4})
+        step = {"stage": "generate", "round": 1, "steps": 4}
+        await dispatcher.record_progress(job.id, 1, {**step, "step": 2, "elapsed_s": 1.0})
+        await dispatcher.record_progress(job.id, 1, {**step, "step": 1, "elapsed_s": 0.5})
+        await dispatcher.record_progress(job.id, 7, {**step, "step": 3, "elapsed_s": 1.5})
         progress = store.get(job.id).progress
         generator.gate.set()
         await wait_until_async(lambda: _state(store, job.id) == "succeeded", 5)
@@ -224,4 +224,4 @@ def test_watch_wakes_on_a_change_and_progress_has_an_eta(store):
 
     progress = asyncio.run(scenario())
     assert (progress["stage"], progress["step"], progress["steps"]) == ("generate", 2, 4), "late or stale reports dropped"
-    assert progress["eta_s"] is not None and progress["eta_s"] >= 0
+    assert progress["eta_s"] == 1.0, "2 steps in 1 s: 2 more take 1 s"

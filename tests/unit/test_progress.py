@@ -95,3 +95,32 @@ def test_the_callback_raises_only_once_stopped():
             monitor(None, 1, 998, {"latents": 1})
 
     asyncio.run(scenario())
+
+
+class _RecordingHandle:
+    def __init__(self):
+        self.reports = []
+        self.record_progress = self
+
+    def remote(self, job_id, attempt, progress):
+        self.reports.append((job_id, attempt, progress))
+
+
+@pytest.mark.parametrize("interval, expected_steps", [(0.0, [1, 2, 3, 4]), (3600.0, [])])
+def test_steps_are_reported_to_the_target_at_most_once_per_interval(monkeypatch, interval, expected_steps):
+    from deployments import progress
+    from deployments.types import ProgressTarget
+
+    handle = _RecordingHandle()
+    monkeypatch.setitem(progress._handles, ("app", "JobRunner"), handle)
+    target = ProgressTarget("app", "JobRunner", "job-1", attempt=2, stage="video", min_interval_s=interval)
+
+    async def scenario():
+        monitor = StepMonitor(target, total_steps=4)
+        # The reports reach this loop before the thread's completion does (both are queued FIFO).
+        await run_interruptibly(lambda: FakePipeline(steps=4)(monitor), monitor)
+
+    asyncio.run(scenario())
+    assert [report["step"] for _, _, report in handle.reports] == expected_steps
+    assert all(job == "job-1" and attempt == 2 and report["stage"] == "video" and report["steps"] == 4
+               and report["elapsed_s"] >= 0 for job, attempt, report in handle.reports)
