@@ -1,7 +1,9 @@
 """Async jobs on real Ray Serve with the dev profile (tiny FLUX, CLIP and SVD), SQLite store."""
 
 import base64
-import io
+import re
+import shutil
+import subprocess
 import time
 
 import imageio_ffmpeg
@@ -10,7 +12,7 @@ from PIL import Image
 
 from serve_app.images import read_png_meta
 from tests.helpers import wait_until
-from tests.integration.apps import dev_args, running_app
+from tests.integration.apps import ROOT, dev_args, running_app
 from tests.integration.jobs import events, in_stage, job, png_b64, submit, wait_finished, wait_for
 
 pytestmark = pytest.mark.integration
@@ -144,7 +146,7 @@ def test_unknown_jobs_are_404_and_unfinished_results_409(client):
                          ("POST", "/v1/jobs/nope/cancel"), ("GET", "/v1/jobs/nope/files/image-0.png")]:
         response = client.request(method, path)
         assert response.status_code == 404, (path, response.text)
-    accepted = submit(client, "video", {"image": png_b64(), "num_frames": 2, "num_inference_steps": 30})
+    accepted = submit(client, "video", {"image": png_b64(), "num_frames": 2, "num_inference_steps": 12})
     early = client.get(f"/v1/jobs/{accepted['id']}/result")
     assert early.status_code == 409 and "a result exists once it has succeeded" in early.json()["detail"]
     assert client.get(f"/v1/jobs/{accepted['id']}/files/../../jobs.sqlite3").status_code == 404
@@ -233,5 +235,19 @@ def test_killing_the_model_replica_mid_job_retries_it_with_exactly_one_result(ap
     assert [f["name"] for f in status["files"]] == ["video.mp4"]
     files = sorted(p.name for p in (app["data_dir"] / "files" / accepted["id"]).iterdir())
     assert files == ["video.mp4"], "one result, keyed by the job id"
-    print(f"\nreplica killed mid-job: succeeded on attempt 2, {recovery_s:.1f}s after the kill")
+    print(f"\nreplica killed mid-job: succeeded on attempt 2, {recovery_s:.1f}s after the kill "
+          f"(attempt 2 ran {status['timings']['running']:.1f}s, waiting for the new replica included)")
     wait_until(lambda: client.get("/healthz").status_code == 200, timeout_s=60, what="all deployments healthy")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the README's examples use curl, which is not installed")
+def test_readme_jobs_commands_run(client, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Async jobs: `/v1/jobs`"):]
+    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    script = commands.replace("127.0.0.1:8000", f"127.0.0.1:{client.base_url.port}")
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    with Image.open(tmp_path / "fox.png") as png:
+        assert png.format == "PNG" and png.size == (256, 256)
