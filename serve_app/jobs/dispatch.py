@@ -250,9 +250,11 @@ class JobDispatcher:
                                             attempt=job.attempts, reason=f"cancelled while running{self._where(job.id)}")
                     return
             execute.result()  # re-raises the run's failure, if any
-        except asyncio.CancelledError:  # this runner is stopping: the job stays running for the next one
-            execute.cancel()
-            raise
+        except asyncio.CancelledError:
+            if self._stopping:  # the job stays running in the store, for the next runner to requeue
+                execute.cancel()
+                raise
+            await self._attempt_failed(job, RuntimeError("the run was cancelled, but not by its user"))
         except Exception as error:
             await self._attempt_failed(job, error)
         finally:

@@ -87,5 +87,6 @@ class JobRunner:
         await asyncio.to_thread(self._store.ping)
 
     async def __del__(self):
-        await self._dispatcher.stop()
-        self._store.close()
+        if hasattr(self, "_dispatcher"):  # the constructor got that far
+            await self._dispatcher.stop()
+            self._store.close()
