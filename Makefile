@@ -6,7 +6,7 @@ STAMP := $(VENV)/.genserve-installed
 CONFIG ?= configs/dev.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test bench constraints clean
+.PHONY: setup serve test bench bench-jobs constraints clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ test: setup
 
 bench: setup
 	$(BIN)/genserve bench --config $(CONFIG)
+
+bench-jobs: setup
+	$(BIN)/genserve bench-jobs --config $(CONFIG)
 
 constraints: setup
 	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \

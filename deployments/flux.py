@@ -18,6 +18,7 @@ from deployments.loading import (
     to_uint8_images,
 )
 from deployments.metrics import ModelMetrics
+from deployments.progress import StepMonitor, run_interruptibly
 from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams
 
 logger = logging.getLogger("ray.serve")
@@ -50,6 +51,9 @@ class FluxGenerator:
     thread so the replica's event loop keeps answering health checks meanwhile. Extra requests
     wait in the lock's FIFO queue (at most `max_ongoing_requests` per replica; the rest queue at
     Serve's router, where autoscaling sees them).
+
+    A cancelled request stops at the end of its current denoising step (see
+    `deployments.progress`); with `params.progress` set, each step is reported to a job runner.
     """
 
     def __init__(self, config: FluxConfig, metrics: bool = True):
@@ -66,13 +70,15 @@ class FluxGenerator:
 
     async def generate(self, params: GenerationParams, prompt: EnhancedPrompt) -> GenerationOutput:
         """One image per seed. FLUX.1-schnell runs without guidance, so the negative prompt is unused."""
+        monitor = StepMonitor(params.progress, params.num_inference_steps)
         async with self._lock:
-            return await asyncio.to_thread(self._generate, params, prompt.prompt)
+            return await run_interruptibly(lambda: self._generate(params, prompt.prompt, monitor), monitor)
 
-    def _generate(self, params: GenerationParams, prompt: str) -> GenerationOutput:
+    def _generate(self, params: GenerationParams, prompt: str, monitor: StepMonitor) -> GenerationOutput:
         import torch
 
         started = time.perf_counter()
+        monitor.started()
         with self._metrics.track(), torch.inference_mode():
             result = self._pipeline(
                 prompt=prompt,
@@ -84,6 +90,7 @@ class FluxGenerator:
                 generator=seeded_generators(params.seeds, self._placement.device),
                 max_sequence_length=self._config.max_sequence_length,
                 output_type="np",
+                callback_on_step_end=monitor,
             )
         return GenerationOutput(
             images=to_uint8_images(result.images),

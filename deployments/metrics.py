@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+from deployments.progress import Interrupted
+
 # Bytes: 256 MiB .. 128 GiB, doubling.
 MEMORY_BUCKETS = [float(2**power) for power in range(28, 38)]
 
@@ -60,6 +62,8 @@ class ModelMetrics:
             torch.cuda.reset_peak_memory_stats()
         try:
             yield
+        except Interrupted:
+            raise  # a cancelled request stopping at a step end, not a model error
         except Exception as error:
             if self._enabled:
                 self._errors.inc(tags={"kind": type(error).__name__})

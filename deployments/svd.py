@@ -19,6 +19,7 @@ from deployments.loading import (
     to_uint8_images,
 )
 from deployments.metrics import ModelMetrics
+from deployments.progress import StepMonitor, run_interruptibly
 from deployments.types import VideoOutput, VideoParams
 from deployments.video_encoding import CONTENT_TYPES, encode_video
 
@@ -60,6 +61,8 @@ class SvdGenerator:
     One run at a time per replica (the pipeline is not safe under concurrent calls); encoding
     happens after the lock is released, so the next video starts denoising meanwhile. The video
     deployment is separate from the image ones, so long video runs never hold an image replica.
+    A cancelled request stops at the end of its current denoising step, and with
+    `params.progress` set each step is reported (see `deployments.progress`).
     """
 
     def __init__(self, config: SvdConfig, metrics: bool = True):
@@ -80,9 +83,10 @@ class SvdGenerator:
         """uint8 (H, W, 3) image at the video's size -> encoded video."""
         if params.output_format not in CONTENT_TYPES:
             raise ValueError(f"output_format must be one of {sorted(CONTENT_TYPES)}; got {params.output_format!r}")
+        monitor = StepMonitor(params.progress, params.num_inference_steps)
         async with self._lock:
             started = time.perf_counter()
-            frames = await asyncio.to_thread(self._frames, params, image)
+            frames = await run_interruptibly(lambda: self._frames(params, image, monitor), monitor)
             generated = time.perf_counter() - started
         fps = params.fps
         encode_started = time.perf_counter()
@@ -103,12 +107,13 @@ class SvdGenerator:
             device=self._placement.device,
         )
 
-    def _frames(self, params: VideoParams, image: np.ndarray) -> np.ndarray:
+    def _frames(self, params: VideoParams, image: np.ndarray, monitor: StepMonitor) -> np.ndarray:
         import torch
         from PIL import Image
 
         if image.shape != (params.height, params.width, 3):
             raise ValueError(f"image must be {params.height}x{params.width}x3; got {image.shape}")
+        monitor.started()
         with self._metrics.track(), torch.inference_mode():
             result = self._pipeline(
                 image=Image.fromarray(image),
@@ -122,6 +127,7 @@ class SvdGenerator:
                 decode_chunk_size=params.decode_chunk_size or self._config.memory.decode_chunk_size,
                 generator=seeded_generators([params.seed], self._placement.device)[0],
                 output_type="np",
+                callback_on_step_end=monitor,
             )
         return to_uint8_images(result.frames[0])
 

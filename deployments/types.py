@@ -12,6 +12,26 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class ProgressTarget:
+    """Where a generator reports its denoising steps: `record_progress(job_id, attempt, progress)`
+    on deployment `deployment` of application `app` (the JobRunner, for async jobs).
+
+    `stage` names what the steps belong to ("generate", "keyframe", "video"), and `round` the
+    generation round of the image graph (1 for the first try, more when it regenerates). A step
+    is reported when at least `min_interval_s` passed since the last report (0: every step):
+    each report is a Serve call, which on a small CPU box costs as much as a tiny model's step.
+    """
+
+    app: str
+    deployment: str
+    job_id: str
+    attempt: int
+    stage: str
+    round: int = 1
+    min_interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """What a generator needs for one batch besides the prompt: one image per seed."""
 
@@ -20,6 +40,7 @@ class GenerationParams:
     height: int
     num_inference_steps: int
     guidance_scale: float = 0.0
+    progress: ProgressTarget | None = None
 
 
 @dataclass
@@ -59,6 +80,7 @@ class VideoParams:
     decode_chunk_size: int | None
     output_format: str
     metadata: dict = field(default_factory=dict)
+    progress: ProgressTarget | None = None
 
 
 @dataclass

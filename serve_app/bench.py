@@ -10,6 +10,7 @@ are latencies, not throughput.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -88,30 +89,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int, label: str = "") -> list[Sample]:
+@contextlib.contextmanager
+def serving(args: AppArgs):
+    """The app on a Ray cluster and Serve instance of its own; yields an HTTP client."""
     import httpx
     import ray
     from ray import serve
 
     from serve_app.builder import build_app
-    from serve_app.schemas import ImageRequest
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine cluster on loopback
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # A cluster of its own: the benchmark ends with serve.shutdown(), which must never stop the
+    # apps of a cluster someone else started on this machine.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        http = Sample(f"serve: HTTP{label}", [], [])
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
-            for index in range(warmup + requests):
-                started = time.perf_counter()
-                response = client.post("/v1/images", json=body)
-                response.raise_for_status()
-                if index >= warmup:
-                    http.seconds.append(time.perf_counter() - started)
-                    http.stages.append(response.json()["timings"])
+            yield client
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int, label: str = "") -> list[Sample]:
+    from ray import serve
+
+    from serve_app.schemas import ImageRequest
+
+    with serving(args) as client:
+        http = Sample(f"serve: HTTP{label}", [], [])
+        for index in range(warmup + requests):
+            started = time.perf_counter()
+            response = client.post("/v1/images", json=body)
+            response.raise_for_status()
+            if index >= warmup:
+                http.seconds.append(time.perf_counter() - started)
+                http.stages.append(response.json()["timings"])
         handle = serve.get_app_handle(APP_NAME)
         request = ImageRequest(**body)
         through_handle = Sample(f"serve: handle{label}", [], [])
@@ -122,9 +138,6 @@ def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int, label:
                 through_handle.seconds.append(time.perf_counter() - started)
                 through_handle.stages.append(result.timings)
         return [http, through_handle]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def run_benchmark(config: str, requests: int, warmup: int, width: int, height: int, steps: int,

@@ -8,14 +8,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray.serve import Application
 
 from deployments.clip_scorer import ClipScorer
 from deployments.flux import FluxGenerator
 from deployments.prompt_enhancer import PromptEnhancer
 from deployments.svd import SvdGenerator
-from serve_app.config import AppArgs
+from serve_app.config import AppArgs, DeploymentOptions, JobsConfig
 from serve_app.ingress import Ingress
+from serve_app.jobs.runner import JobRunner
 from serve_app.models import ModelSpec, flux_schnell_spec
 from serve_app.video import VideoDefaults
 
@@ -26,8 +29,33 @@ def model_specs(args: AppArgs) -> dict[str, ModelSpec]:
     return {spec.id: spec}
 
 
+def capacity(args: AppArgs, name: str, deployment) -> int:
+    """Requests deployment `name` takes at once without queueing at Serve's router: replicas
+    (max_replicas when autoscaling) x max_ongoing_requests, from the config or the decorator."""
+    options = args.deployments.get(name, DeploymentOptions())
+    replicas = options.autoscaling.max_replicas if options.autoscaling else options.num_replicas
+    per_replica = options.max_ongoing_requests or deployment.max_ongoing_requests
+    return (replicas or deployment.num_replicas) * per_replica
+
+
+def job_slots(args: AppArgs) -> dict[str, int]:
+    """Jobs of each kind that run at once: the config's, else what the model deployment takes."""
+    configured = args.jobs.max_concurrent_jobs
+    slots = {"image": configured.image or capacity(args, "FluxGenerator", FluxGenerator)}
+    if args.svd is not None:
+        slots["video"] = configured.video or capacity(args, "SvdGenerator", SvdGenerator)
+    return slots
+
+
+def resolved_jobs_config(args: AppArgs) -> JobsConfig:
+    """The jobs config with data_dir made absolute here, where the app is built: replicas run in
+    other working directories."""
+    return args.jobs.model_copy(update={"data_dir": str(Path(args.jobs.data_dir).expanduser().resolve())})
+
+
 def build_app(args: AppArgs) -> Application:
-    """Wire PromptEnhancer -> FluxGenerator -> ClipScorer (and SvdGenerator, if configured) behind the Ingress.
+    """Wire PromptEnhancer -> FluxGenerator -> ClipScorer (and SvdGenerator, if configured) behind the
+    Ingress, and the JobRunner that runs async jobs through the same deployments.
 
     Serve validates a config's `args:` into `AppArgs` (the annotation); a plain dict is accepted too.
     """
@@ -49,7 +77,7 @@ def build_app(args: AppArgs) -> Application:
             source=args.svd.source, width=args.svd.default_width, height=args.svd.default_height,
             num_inference_steps=args.svd.default_steps,
         )
-    return Ingress.options(**args.options_for("Ingress")).bind(
+    graph = dict(
         enhancer=enhancer,
         generators={"flux-schnell": flux},
         scorer=scorer,
@@ -59,4 +87,8 @@ def build_app(args: AppArgs) -> Application:
         max_input_pixels=args.max_input_pixels,
         metrics=args.metrics,
         **video,
+    )
+    runner = JobRunner.options(**args.options_for("JobRunner")).bind(resolved_jobs_config(args), job_slots(args), **graph)
+    return Ingress.options(**args.options_for("Ingress")).bind(
+        **graph, jobs=runner, retry_limit=args.jobs.retry_limit, max_body_bytes=args.max_body_bytes,
     )

@@ -3,6 +3,7 @@
     genserve serve [CONFIG] [--timeout S] [--address ADDR] [--detach]
                                      deploy CONFIG (default configs/dev.yaml) and wait until it runs
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
+    genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd) as a local folder
 """
 
@@ -84,6 +85,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_jobs(args: argparse.Namespace) -> int:
+    from serve_app.bench_jobs import format_jobs_table, run_jobs_benchmark
+
+    samples, overheads = run_jobs_benchmark(args.config, args.requests, args.warmup, args.width, args.height,
+                                            args.steps)
+    print(f"genserve bench-jobs: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
+          f"{args.requests} rounds (sync, then the same as a job) after {args.warmup} warm-up")
+    print(format_jobs_table(samples, overheads))
+    return 0
+
+
 def _save_tiny(args: argparse.Namespace) -> int:
     from deployments.tiny import save_tiny
 
@@ -108,15 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=_serve)
 
     bench = commands.add_parser("bench", help="graph overhead over in-process calls")
-    bench.add_argument("--config", default="configs/dev.yaml")
-    bench.add_argument("--requests", type=int, default=30)
-    bench.add_argument("--warmup", type=int, default=3)
-    bench.add_argument("--width", type=int, default=256)
-    bench.add_argument("--height", type=int, default=256)
-    bench.add_argument("--steps", type=int, default=4)
+    bench_jobs = commands.add_parser("bench-jobs", help="async job overhead over the same sync request")
+    for parser_, func in ((bench, _bench), (bench_jobs, _bench_jobs)):
+        parser_.add_argument("--config", default="configs/dev.yaml")
+        parser_.add_argument("--requests", type=int, default=30)
+        parser_.add_argument("--warmup", type=int, default=3)
+        parser_.add_argument("--width", type=int, default=256)
+        parser_.add_argument("--height", type=int, default=256)
+        parser_.add_argument("--steps", type=int, default=4)
+        parser_.set_defaults(func=func)
     bench.add_argument("--compare-metrics", action="store_true",
                        help="also run through Serve with the config's metrics setting flipped")
-    bench.set_defaults(func=_bench)
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
     tiny.add_argument("family", choices=TINY_FAMILIES)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from deployments.clip_scorer import SCORE_RANGES
 from deployments.config import EnhancerConfig, FluxConfig, ScorerConfig, SvdConfig
 
-DeploymentName = Literal["Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer", "SvdGenerator"]
+DeploymentName = Literal["Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer", "SvdGenerator", "JobRunner"]
 DEPLOYMENT_NAMES: tuple[str, ...] = get_args(DeploymentName)
 # The `AppArgs` field holding each model deployment's model config (and so its device options).
 MODEL_CONFIG_FIELDS = {"FluxGenerator": "flux", "ClipScorer": "scorer", "SvdGenerator": "svd"}
@@ -81,6 +81,9 @@ class DeploymentOptions(_Strict):
     max_queued_requests: int | None = Field(
         None, ge=-1, description="Requests queued per caller before Serve answers 503; -1 is unbounded."
     )
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, ge=0, description="How long a stopping replica lets its ongoing requests finish (Serve's default: 20)."
+    )
 
     @field_validator("num_gpus")
     @classmethod
@@ -120,7 +123,7 @@ class DeploymentOptions(_Strict):
         }
         if actor:
             options["ray_actor_options"] = actor
-        for key in ("max_ongoing_requests", "max_queued_requests"):
+        for key in ("max_ongoing_requests", "max_queued_requests", "graceful_shutdown_timeout_s"):
             if getattr(self, key) is not None:
                 options[key] = getattr(self, key)
         return options
@@ -177,6 +180,54 @@ def check_threshold(metric: str, threshold: float) -> None:
         raise ValueError(f"threshold for metric {metric!r} must be between {low:g} and {high:g}; got {threshold:g}")
 
 
+class JobSlots(_Strict):
+    """How many jobs of each kind run at once; more wait as `queued`.
+
+    Unset means what the model deployment takes at once without queueing at Serve's router:
+    replicas (max_replicas when autoscaling) x max_ongoing_requests. Jobs beyond that would
+    only wait inside Serve, where nobody sees them; here they wait in the job queue instead.
+    """
+
+    image: int | None = Field(None, ge=1, description="Image jobs running at once (FluxGenerator's capacity if unset).")
+    video: int | None = Field(None, ge=1, description="Video jobs running at once (SvdGenerator's capacity if unset).")
+
+
+class JobsConfig(_Strict):
+    """Durable async jobs (POST /v1/jobs): where the records live and how jobs are run."""
+
+    store: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="'sqlite': a file in data_dir, no server (one node). 'redis': records and files in Redis."
+    )
+    data_dir: str = Field(
+        "./data/jobs", min_length=1,
+        description="SQLite database and result files. A relative path is resolved where the app is built "
+                    "(the directory `serve run` starts in); the JobRunner's node must see it.",
+    )
+    redis_url: str | None = Field(None, description="redis://[user:password@]host:port/db, for store: redis.")
+    redis_prefix: str = Field("genserve:jobs", min_length=1, description="Prefix of every Redis key the store writes.")
+    ttl_s: float = Field(86400.0, gt=0, description="Finished jobs, and their files, are deleted this long after they end.")
+    retry_limit: int = Field(
+        2, ge=0, le=10,
+        description="Re-runs of a job whose run failed or was interrupted (a replica died, the app restarted) "
+                    "before it is marked failed with the reasons.",
+    )
+    max_concurrent_jobs: JobSlots = Field(default_factory=JobSlots, description="Jobs running at once, per kind.")
+    sweep_interval_s: float = Field(60.0, gt=0, description="How often expired jobs are deleted.")
+    progress_interval_s: float = Field(
+        0.5, ge=0,
+        description="Least time between two progress reports of a running job (0: every denoising step). "
+                    "Each report is a Serve call and a store write; steps shorter than this are skipped.",
+    )
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> "JobsConfig":
+        if self.store == "redis" and not self.redis_url:
+            raise ValueError("store 'redis' needs redis_url, e.g. redis://127.0.0.1:6379/0")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://; got {self.redis_url!r}")
+        return self
+
+
 class AppArgs(_Strict):
     """Everything `configs/*.yaml` choose: model sources, defaults, quality policy, scaling."""
 
@@ -200,6 +251,11 @@ class AppArgs(_Strict):
             "every deployment's GPU share fits at max replicas, instead of replicas pending forever."
         ),
     )
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024,
+        description="Largest request body the ingress reads (bytes); larger ones get 413 before they are parsed.",
+    )
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="Durable async jobs.")
     deployments: dict[DeploymentName, DeploymentOptions] = Field(
         default_factory=dict, description="Replicas and resources per deployment, by deployment name."
     )
@@ -255,6 +311,16 @@ class AppArgs(_Strict):
 
     def _options(self, name: str) -> DeploymentOptions:
         return self.deployments.get(name, DeploymentOptions())
+
+    @model_validator(mode="after")
+    def _one_job_runner(self) -> "AppArgs":
+        runner = self.deployments.get("JobRunner")
+        if runner is not None and (runner.autoscaling is not None or (runner.num_replicas or 1) > 1):
+            raise ValueError(
+                "deployments.JobRunner runs as exactly one replica: it owns the job queue's dispatch "
+                "(concurrency is jobs.max_concurrent_jobs, not replicas)"
+            )
+        return self
 
     def options_for(self, name: str) -> dict:
         return self._options(name).serve_options()

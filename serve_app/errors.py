@@ -50,15 +50,20 @@ def allowed_values(model: type[BaseModel], field: str) -> str | None:
     return _describe(schema) if schema else None
 
 
-def explain_errors(errors: list[dict], model: type[BaseModel]) -> list[dict]:
-    """FastAPI's error items, each body-field error named in `msg`, with `allowed` where known."""
+def explain_errors(errors: list[dict], model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[dict]:
+    """FastAPI's error items, each body-field error named in `msg`, with `allowed` where known.
+
+    `prefix`: where `model` sits inside the body, e.g. ("request",) for the request of a job
+    submission; its fields are then named `request.width` and so on.
+    """
     explained = []
+    start = 1 + len(prefix)
     for error in errors:
         error = {key: value for key, value in error.items() if key != "url"}
-        loc = error.get("loc", ())
-        if len(loc) >= 2 and loc[0] == "body" and isinstance(loc[1], str):
+        loc = tuple(error.get("loc", ()))
+        if len(loc) > start and loc[:start] == ("body", *prefix) and isinstance(loc[start], str):
             field = ".".join(str(part) for part in loc[1:])
-            allowed = allowed_values(model, loc[1])
+            allowed = allowed_values(model, loc[start])
             error["msg"] = f"{field}: {error['msg']}"
             if allowed:
                 error["allowed"] = allowed

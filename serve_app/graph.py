@@ -13,13 +13,14 @@ passing images in the order they were made, then fills up with the best failing 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams
+from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams, ProgressTarget
 from serve_app.schemas import MAX_SEED
 
 
@@ -74,14 +75,25 @@ class GraphResult:
 
 
 async def call_stage(awaitable, stage: str, timeout_s: float) -> Any:
-    """Await a downstream response; past `timeout_s` cancel it and raise StageTimeout naming the stage."""
+    """Await a downstream response; past `timeout_s` cancel it and raise StageTimeout naming the stage.
+
+    When the caller itself is cancelled (a job cancelled by its user), the downstream request is
+    cancelled too, so the replica running it stops instead of finishing work nobody wants.
+    """
     try:
         return await asyncio.wait_for(_as_coroutine(awaitable), timeout_s)
     except asyncio.TimeoutError:
-        cancel = getattr(awaitable, "cancel", None)
-        if cancel is not None:
-            cancel()
+        _cancel(awaitable)
         raise StageTimeout(stage, timeout_s) from None
+    except asyncio.CancelledError:
+        _cancel(awaitable)
+        raise
+
+
+def _cancel(awaitable) -> None:
+    cancel = getattr(awaitable, "cancel", None)
+    if cancel is not None:
+        cancel()
 
 
 async def _as_coroutine(awaitable):
@@ -102,7 +114,9 @@ def choose(candidates: list[Candidate], count: int, metric: str) -> list[Candida
     return (passing + failing)[:count]
 
 
-async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_s: float = 600.0) -> GraphResult:
+async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_s: float = 600.0,
+                          progress: ProgressTarget | None = None) -> GraphResult:
+    """`progress`: where the generator reports its denoising steps (async jobs); None for none."""
     timings = {"enhance": 0.0, "generate": 0.0, "score": 0.0}
     # Responses are passed on unresolved: Serve hands the enhancer's prompt to the generator and
     # the generator's images to the scorer straight through the object store, so the three calls
@@ -123,6 +137,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
             height=plan.height,
             num_inference_steps=plan.num_inference_steps,
             guidance_scale=plan.guidance_scale,
+            progress=None if progress is None else dataclasses.replace(progress, round=attempt),
         )
         round_started = time.perf_counter()
         generation = generator.generate.remote(params, enhanced)

@@ -5,6 +5,9 @@ Routes (OpenAPI at /docs):
 - POST /v1/videos   image-to-video, or text-to-video through a keyframe; MP4/GIF/WebP, JSON or binary
 - GET  /v1/models   the deployed models with their limits and defaults
 - GET  /healthz     200 when every downstream deployment answers, 503 naming the one that did not
+- /v1/jobs          durable async jobs: submit (202), status, list, events (SSE), cancel, result, files
+
+Bodies over `max_body_bytes` get 413 before they are parsed (serve_app.body_limit).
 
 Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(...))`, and
 `.generate_video.remote(VideoRequest(...))`.
@@ -15,18 +18,21 @@ import asyncio
 import contextlib
 import json
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Query, Request
 from pydantic import ValidationError
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 
+from serve_app.body_limit import DEFAULT_MAX_BYTES, BodyLimit
 from serve_app.config import QualityPolicy
 from serve_app.errors import explain_errors
 from serve_app.metrics import GraphMetrics
 from serve_app.graph import StageTimeout
+from serve_app.jobs import http as jobs_http
+from serve_app.jobs.schemas import ImageJobResult, JobList, JobState, JobStatus, JobSubmission, VideoJobResult
 from serve_app.models import ModelSpec, RequestError
 from serve_app.schemas import ImageRequest, ImageResponse, VideoRequest, VideoResponse
 from serve_app.service import ImageService
@@ -39,14 +45,21 @@ api = FastAPI(
     description="Self-hosted image generation on Ray Serve: enhance, generate, score, regenerate.",
     version="0.1.0",
 )
+api.add_middleware(BodyLimit)
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    model = VideoRequest if request.url.path.startswith("/v1/videos") else ImageRequest
+    path = request.url.path
+    model = VideoRequest if path.startswith("/v1/videos") else JobSubmission if path.startswith("/v1/jobs") else ImageRequest
     detail = explain_errors(list(error.errors()), model)
     _record_rejection(_metrics_of(request), request.url.path, [_field_of(item["loc"]) for item in detail])
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail)})
+
+
+@api.exception_handler(jobs_http.JobError)
+async def _job_error(_: Request, error: jobs_http.JobError) -> JSONResponse:
+    return JSONResponse(status_code=error.status, content={"detail": error.detail})
 
 
 @api.exception_handler(RequestError)
@@ -110,7 +123,8 @@ async def _info(handle) -> dict:
 class Ingress:
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
                  request_timeout_s: float = 600.0, svd=None, video_defaults: VideoDefaults | None = None,
-                 max_input_pixels: int = 4096 * 4096, metrics: bool = True):
+                 max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
+                 max_body_bytes: int = DEFAULT_MAX_BYTES):
         self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s)
         # One set of metrics per replica; the error handlers find it on the app serving the request.
         self._metrics = GraphMetrics() if metrics else None
@@ -118,6 +132,15 @@ class Ingress:
         self._videos = None
         if svd is not None:
             self._videos = VideoService(svd, video_defaults, self._service, max_input_pixels)
+        self._jobs = None
+        if jobs is not None:
+            self._jobs = jobs_http.JobsApi(jobs, self._service, self._videos, retry_limit)
+        BodyLimit.configure(max_body_bytes)
+
+    def _jobs_api(self) -> jobs_http.JobsApi:
+        if self._jobs is None:
+            raise jobs_http.JobError(501, "async jobs are not deployed")
+        return self._jobs
 
     def _video_service(self) -> VideoService:
         if self._videos is None:
@@ -185,6 +208,46 @@ class Ingress:
             headers={"X-Genserve-Metadata": json.dumps(metadata, separators=(",", ":"))},
         )
 
+    @api.post("/v1/jobs", status_code=202, response_model=JobStatus,
+              responses={202: {"description": "Recorded durably; poll the Location or stream its events."},
+                         409: {"description": "The Idempotency-Key was used for a different request."}})
+    async def post_jobs(self, submission: JobSubmission, request: Request, response: Response,
+                        idempotency_key: str | None = Header(None, min_length=1, max_length=255)) -> JobStatus:
+        """Submit an image or video job. Answers only once the job is durably recorded."""
+        return await self._jobs_api().submit(submission, request, response, idempotency_key)
+
+    @api.get("/v1/jobs", response_model=JobList)
+    async def get_jobs(self, request: Request, state: JobState | None = None,
+                       limit: int = Query(20, ge=1, le=200), cursor: str | None = None) -> JobList:
+        """Jobs, newest first, optionally in one state; pass `next_cursor` back for older ones."""
+        return await self._jobs_api().list(request, state, limit, cursor)
+
+    @api.get("/v1/jobs/{job_id}", response_model=JobStatus)
+    async def get_job(self, job_id: str, request: Request) -> JobStatus:
+        return await self._jobs_api().status(job_id, request)
+
+    @api.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def get_job_events(self, job_id: str, request: Request) -> StreamingResponse:
+        """Server-Sent Events: `state` on every state change, `progress` per denoising step, ending
+        with the final `state`. Closing the stream does not cancel the job."""
+        return await self._jobs_api().events(job_id, request)
+
+    @api.post("/v1/jobs/{job_id}/cancel", response_model=JobStatus)
+    async def cancel_job(self, job_id: str, request: Request) -> JobStatus:
+        """A queued job is cancelled at once; a running one stops within a step or two. 409 if finished."""
+        return await self._jobs_api().cancel(job_id, request)
+
+    @api.get("/v1/jobs/{job_id}/result", response_model=ImageJobResult | VideoJobResult)
+    async def get_job_result(self, job_id: str, request: Request):
+        """The sync endpoint's JSON, with links to the files instead of base64. 409 until succeeded."""
+        return await self._jobs_api().result(job_id, request)
+
+    @api.get("/v1/jobs/{job_id}/files/{name}", name="get_job_file",
+             responses={200: {"content": {"image/png": {}, "video/mp4": {}, "image/gif": {}, "image/webp": {}}}})
+    async def get_job_file(self, job_id: str, name: str) -> Response:
+        return await self._jobs_api().file(job_id, name)
+
     @api.get("/v1/models")
     async def get_models(self) -> dict:
         """Each model's limits and defaults, with where its replica loaded it from and on what."""
@@ -207,6 +270,8 @@ class Ingress:
         downstream.update({f"generator:{name}": handle for name, handle in service.generators.items()})
         if self._videos is not None:
             downstream["video"] = self._videos.svd
+        if self._jobs is not None:
+            downstream["jobs"] = self._jobs.runner
         results = await asyncio.gather(
             *(asyncio.wait_for(_info(handle), HEALTH_TIMEOUT_S) for handle in downstream.values()),
             return_exceptions=True,

@@ -19,9 +19,13 @@ class RequestError(ValueError):
     def __reduce__(self):  # Ray pickles it back to a handle caller
         return (RequestError, (self.field, self.message, self.allowed))
 
-    def detail(self) -> list[dict]:
-        """The shape of schema errors (see serve_app.errors), so clients parse one format."""
-        return [{"loc": ["body", self.field], "msg": str(self), "type": "value_error", "allowed": self.allowed}]
+    def detail(self, prefix: tuple[str, ...] = ()) -> list[dict]:
+        """The shape of schema errors (see serve_app.errors), so clients parse one format.
+
+        `prefix`: where the request sits inside the body (("request",) in a job submission)."""
+        field = ".".join((*prefix, self.field))
+        return [{"loc": ["body", *prefix, self.field], "msg": f"{field}: {self.message}", "type": "value_error",
+                 "allowed": self.allowed}]
 
 
 @dataclass(frozen=True)

@@ -66,14 +66,19 @@ class Scores(BaseModel):
     alignment: float = Field(description="0-100: CLIPScore of the image against the original prompt.")
 
 
-class GeneratedImage(BaseModel):
-    b64_png: str = Field(description="Base64 PNG with the generation parameters in its text chunks.")
+class ImageInfo(BaseModel):
+    """One returned image, without its pixels."""
+
     seed: int
     width: int
     height: int
     attempt: int = Field(description="The generation round that produced this image, from 1.")
     scores: Scores
     passed: bool
+
+
+class GeneratedImage(ImageInfo):
+    b64_png: str = Field(description="Base64 PNG with the generation parameters in its text chunks.")
 
 
 class Attempt(BaseModel):
@@ -181,12 +186,13 @@ class KeyframeInfo(BaseModel):
     attempts: list[Attempt]
 
 
-class VideoResponse(BaseModel):
+class VideoInfo(BaseModel):
+    """A generated video, without the file."""
+
     id: str
     created: int
     model: str = Field(description="The SVD checkpoint (config source).")
     mode: Literal["image-to-video", "text-to-video"]
-    b64_video: str = Field(description="The file, base64-encoded.")
     content_type: str
     output_format: str
     seed: int
@@ -200,3 +206,7 @@ class VideoResponse(BaseModel):
     num_inference_steps: int
     keyframe: KeyframeInfo | None = Field(None, description="Set for text-to-video.")
     timings: dict[str, float] = Field(description="Seconds: keyframe (text-to-video), video, encode, total.")
+
+
+class VideoResponse(VideoInfo):
+    b64_video: str = Field(description="The file, base64-encoded.")

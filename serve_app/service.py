@@ -11,6 +11,7 @@ import time
 import uuid
 
 from deployments.clip_scorer import SCORE_RANGES
+from deployments.types import ProgressTarget
 from serve_app.config import QualityPolicy, check_threshold
 from serve_app.graph import Candidate, GraphResult, ImagePlan, run_image_graph
 from serve_app.images import encode_png_b64
@@ -70,20 +71,24 @@ class ImageService:
         )
         return plan, spec, warnings
 
-    async def run(self, request: ImageRequest) -> tuple[ImagePlan, ModelSpec, list[str], GraphResult]:
+    async def run(self, request: ImageRequest, progress: ProgressTarget | None = None,
+                  ) -> tuple[ImagePlan, ModelSpec, list[str], GraphResult]:
         """Plan and run the graph; the images stay arrays (text-to-video animates one of them)."""
         plan, spec, warnings = self.plan(request)
         result = await run_image_graph(
-            plan, self.enhancer, self.generators[spec.id], self.scorer, timeout_s=self.request_timeout_s
+            plan, self.enhancer, self.generators[spec.id], self.scorer, timeout_s=self.request_timeout_s,
+            progress=progress,
         )
         return plan, spec, warnings, result
 
-    async def generate_images(self, request: ImageRequest | dict) -> ImageResponse:
+    async def generate_images(self, request: ImageRequest | dict, progress: ProgressTarget | None = None,
+                              ) -> ImageResponse:
+        """The whole request; `progress` (async jobs) receives the generator's denoising steps."""
         if not isinstance(request, ImageRequest):
             request = ImageRequest.model_validate(request)
         accepted = time.time()
         started = time.perf_counter()
-        plan, spec, warnings, result = await self.run(request)
+        plan, spec, warnings, result = await self.run(request, progress)
         encode_started = time.perf_counter()
         images = await asyncio.to_thread(self._encode, result, plan, spec)
         timings = dict(result.timings)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from deployments.types import VideoOutput, VideoParams
+from deployments.types import ProgressTarget, VideoOutput, VideoParams
 from serve_app.graph import call_stage
 from serve_app.inputs import decode_image, fit_image
 from serve_app.models import RequestError
@@ -33,14 +34,30 @@ class VideoService:
         self.images = images
         self.max_input_pixels = max_input_pixels
 
-    async def run(self, request: VideoRequest | dict) -> tuple[VideoResponse, VideoOutput]:
-        """The response (with the file base64-encoded) and the raw output it was made from."""
+    def check(self, request: VideoRequest) -> None:
+        """Every check `run` makes before a model runs, without running one: the uploaded image
+        decodes within the limits, or the keyframe's image request is valid for its model. Raises
+        RequestError naming the field. Async jobs call it at submit. Decodes: call it in a thread."""
+        width, height = self._size(request)
+        if request.image is not None:
+            decode_image(request.image, "image", self.max_input_pixels)
+        else:
+            self._keyframe_request(request, width, height, seed=0)
+
+    def _size(self, request: VideoRequest) -> tuple[int, int]:
+        return request.width or self.defaults.width, request.height or self.defaults.height
+
+    async def run(self, request: VideoRequest | dict, progress: ProgressTarget | None = None,
+                  ) -> tuple[VideoResponse, VideoOutput]:
+        """The response (with the file base64-encoded) and the raw output it was made from.
+
+        `progress` (async jobs) receives the denoising steps of the keyframe and of the video.
+        """
         if not isinstance(request, VideoRequest):
             request = VideoRequest.model_validate(request)
         accepted = time.time()
         started = time.perf_counter()
-        width = request.width or self.defaults.width
-        height = request.height or self.defaults.height
+        width, height = self._size(request)
         seed = random_seed() if request.seed is None else request.seed
         timings: dict[str, float] = {}
         keyframe = None
@@ -49,7 +66,8 @@ class VideoService:
             image = await asyncio.to_thread(self._input_image, request.image, width, height)
         else:
             keyframe_started = time.perf_counter()
-            image, keyframe = await self._keyframe(request, width, height, seed)
+            keyframe_progress = None if progress is None else dataclasses.replace(progress, stage="keyframe")
+            image, keyframe = await self._keyframe(request, width, height, seed, keyframe_progress)
             timings["keyframe"] = time.perf_counter() - keyframe_started
             metadata = {"prompt": keyframe.enhanced_prompt, "original_prompt": keyframe.prompt,
                         "keyframe_seed": keyframe.seed, "keyframe_model": keyframe.model}
@@ -58,6 +76,7 @@ class VideoService:
             motion_bucket_id=request.motion_bucket_id, noise_aug_strength=request.noise_aug_strength,
             num_inference_steps=request.num_inference_steps or self.defaults.num_inference_steps,
             decode_chunk_size=request.decode_chunk_size, output_format=request.output_format, metadata=metadata,
+            progress=None if progress is None else dataclasses.replace(progress, stage="video"),
         )
         response = self.svd.animate.remote(params, image)
         output: VideoOutput = await call_stage(response, "video", self.images.request_timeout_s)
@@ -79,11 +98,12 @@ class VideoService:
     def _input_image(self, data: str, width: int, height: int):
         return fit_image(decode_image(data, "image", self.max_input_pixels), width, height)
 
-    async def _keyframe(self, request: VideoRequest, width: int, height: int, seed: int):
+    def _keyframe_request(self, request: VideoRequest, width: int, height: int, seed: int) -> ImageRequest:
+        """The keyframe's image request, checked against its model; errors name the video's fields."""
         options = request.keyframe.model_dump(exclude_unset=True)
         try:
             image_request = ImageRequest(prompt=request.prompt, width=width, height=height, seed=seed, **options)
-            _, spec, _, result = await self.images.run(image_request)
+            self.images.plan(image_request)
         except RequestError as error:
             field = error.field if error.field in ("prompt", "width", "height", "seed") else f"keyframe.{error.field}"
             raise RequestError(field, error.message, error.allowed) from None
@@ -91,6 +111,12 @@ class VideoService:
             first = error.errors()[0]
             field = ".".join(str(part) for part in first["loc"])
             raise RequestError(field, first["msg"], "see GET /v1/models") from None
+        return image_request
+
+    async def _keyframe(self, request: VideoRequest, width: int, height: int, seed: int,
+                        progress: ProgressTarget | None = None):
+        image_request = self._keyframe_request(request, width, height, seed)
+        _, spec, _, result = await self.images.run(image_request, progress)
         best = result.chosen[0]
         info = KeyframeInfo(
             model=spec.id, seed=best.seed, prompt=request.prompt, enhanced_prompt=best.prompt,

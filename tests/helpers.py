@@ -70,3 +70,19 @@ def replica_gpu_ids(replica) -> list[str]:
 
     actor = ray.get_actor(replica.actor_name, namespace="serve")
     return ray.get(actor.__ray_call__.remote(lambda _: [str(gpu) for gpu in ray.get_gpu_ids()]), timeout=60)
+
+
+async def wait_until_async(condition: Callable, timeout_s: float, interval_s: float = 0.02, what: str = "condition"):
+    """`wait_until` inside an event loop: polls `condition` (sync or async) between awaits."""
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        await asyncio.sleep(interval_s)
+    raise TimeoutError(f"{what} not met within {timeout_s}s")

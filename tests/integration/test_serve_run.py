@@ -21,7 +21,8 @@ def _dev_config(tmp_path: Path, **flux_options) -> tuple[Path, int]:
     """configs/dev.yaml on a free port, FluxGenerator's options updated with `flux_options`."""
     config = yaml.safe_load((ROOT / "configs" / "dev.yaml").read_text())
     port = free_port()
-    config["http_options"]["port"] = port
+    config["http_options"]["port"] = port  # the same profile on a free port, jobs in a temp dir
+    config["applications"][0]["args"]["jobs"]["data_dir"] = str(tmp_path / "jobs")
     config["applications"][0]["args"]["deployments"]["FluxGenerator"].update(flux_options)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -215,3 +215,34 @@ def test_genserve_serve_rejects_a_config_whose_gpu_shares_cannot_fit_before_star
     assert f"{path} is not a valid config" in error
     assert "deployments\n" in error and "do not fit in gpu_capacity {'any': 1}" in error
     assert not ray.is_initialized()
+
+def test_jobs_default_to_sqlite_under_the_dev_data_dir():
+    args = app_args_from_config(Path(__file__).parents[2] / "configs" / "dev.yaml")
+    assert args.jobs.store == "sqlite" and args.jobs.data_dir == "./data/jobs"
+    assert (args.jobs.ttl_s, args.jobs.retry_limit) == (86400, 2)
+
+
+def test_redis_store_needs_a_redis_url():
+    loc, msg = _field_error({"jobs": {"store": "redis"}})
+    assert loc == ("jobs",) and "needs redis_url" in msg
+    loc, msg = _field_error({"jobs": {"store": "redis", "redis_url": "localhost:6379"}})
+    assert "must start with redis://" in msg
+
+
+def test_the_job_runner_is_one_replica():
+    with pytest.raises(ValidationError, match="JobRunner runs as exactly one replica"):
+        AppArgs.model_validate({"deployments": {"JobRunner": {"num_replicas": 2}}})
+    AppArgs.model_validate({"deployments": {"JobRunner": {"num_cpus": 0.5}}})
+
+
+def test_job_slots_default_to_what_the_model_deployments_take():
+    from serve_app.builder import job_slots
+
+    config = {
+        "svd": {"source": "tiny"},
+        "deployments": {"FluxGenerator": {"autoscaling": {"min_replicas": 1, "max_replicas": 3},
+                                          "max_ongoing_requests": 2}},
+    }
+    assert job_slots(AppArgs.model_validate(config)) == {"image": 6, "video": 2}, "3 replicas x 2; SVD's 1 x 2"
+    limited = AppArgs.model_validate({**config, "jobs": {"max_concurrent_jobs": {"video": 1}}})
+    assert job_slots(limited) == {"image": 6, "video": 1}

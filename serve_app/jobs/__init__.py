@@ -1,0 +1,10 @@
+"""Durable asynchronous jobs: a job store (SQLite or Redis), a dispatcher and its Serve deployment.
+
+- `model`: the job record and its states;
+- `store`: the `JobStore` interface, and `open_store(config)`;
+- `sqlite_store`, `redis_store`: the two implementations;
+- `results`: a finished sync response turned into files plus result JSON;
+- `dispatch`: the plain-async dispatcher (claim, run, retry, cancel), testable without Ray;
+- `runner`: the `JobRunner` Serve deployment that owns the store and the dispatcher;
+- `schemas`: the HTTP contract of /v1/jobs.
+"""

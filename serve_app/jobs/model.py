@@ -1,0 +1,81 @@
+"""The job record: what a store keeps for each job, and the states it moves through.
+
+    queued ──claim──> running ──result──> succeeded
+      │  ^               │ └──error / interrupted, attempts left──> queued (retry, reason kept)
+      │  └───────────────┘ └──error, no attempts left──> failed
+      └──cancel──> cancelled <──cancel (the run stops at the next denoising step)── running
+
+Every change appends to `history` (state, time, attempt, reason), which is what GET /v1/jobs/{id}
+reports as timings and retries, and what the event stream replays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+QUEUED = "queued"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+KINDS = ("image", "video")
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """One file of a job's result, stored under the job id with a name fixed by the request."""
+
+    name: str
+    content_type: str
+    size: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "content_type": self.content_type, "size": self.size}
+
+
+@dataclass
+class Job:
+    """A job as a store returns it. Times are Unix seconds."""
+
+    id: str
+    kind: str
+    state: str
+    request: dict | None  # loaded only where it is needed: when a job is claimed to run
+    seq: int  # submission order: the queue is first in, first out per kind
+    version: int  # bumps on every write, so a watcher can tell what changed
+    attempts: int  # runs started, the current one included
+    created_at: float
+    history: list[dict]
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    cancel_requested: bool = False
+    started_at: float | None = None
+    finished_at: float | None = None
+    expires_at: float | None = None
+    progress: dict | None = None
+    error: str | None = None
+    result: dict | None = None
+    files: list[ResultFile] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+    def file(self, name: str) -> ResultFile | None:
+        return next((f for f in self.files if f.name == name), None)
+
+
+def history_entry(state: str, at: float, attempt: int, reason: str | None = None) -> dict:
+    entry: dict[str, Any] = {"state": state, "at": at, "attempt": attempt}
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, as every store writes it."""
+    return json.dumps(value, separators=(",", ":"))

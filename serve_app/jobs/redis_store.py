@@ -1,0 +1,329 @@
+"""A job store in Redis, for deployments where the JobRunner may restart on another node.
+
+Records and result bytes both live in Redis, so nothing depends on a node's local disk: a runner
+restarted anywhere in the cluster finds every job and can serve every file. (Keeping files in a
+shared directory instead would need a shared filesystem on every node, a second thing to keep
+consistent with the records.) Results are small next to Redis' 512 MB value limit: PNGs of some
+hundred KB, MP4s of some MB, and they are deleted with their job after the TTL.
+
+Layout, under a key prefix P (default `genserve:jobs`):
+
+    P:job:<id>          hash: state, kind, seq, version, attempts, times, progress, error, files
+    P:req:<id>          the request JSON        P:res:<id>    the result JSON
+    P:hist:<id>         list: one JSON entry per state change
+    P:file:<id>:<name>  a result file's bytes
+    P:idem:<key>        idempotency key -> job id
+    P:seq               submission counter
+    P:all, P:state:<s>  sorted sets of job ids by seq (listing, filtering, paging)
+    P:queue:<kind>      sorted set of queued job ids by seq (claiming, queue position)
+    P:expiry            sorted set of finished job ids by expiry time (the TTL sweep)
+
+Every change is one Lua script, so it is atomic: a compare-and-set on state and attempt, and the
+index sets move with the record. Finished jobs are deleted by the sweep at `expires_at`; their
+keys also get a Redis TTL a day past that, so they go even if no runner is left to sweep.
+
+Durability is Redis' own: run it with `appendonly yes` (and `appendfsync always` for the same
+guarantee as the SQLite store's fsync before each acknowledged submit; `everysec`, Redis' default
+with AOF, can lose the last second). Single Redis or Sentinel; not Redis Cluster (the scripts
+touch keys of one job and the shared indexes together).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+
+from serve_app.jobs.model import QUEUED, STATES, SUCCEEDED, Job, ResultFile, dumps
+from serve_app.jobs.store import JobStore, _now
+
+BACKSTOP_S = 86400  # Redis TTL past `expires_at`, in case no runner sweeps
+
+_LIB = """
+local function hist(P, id, state, now, attempt, reason)
+  local entry = '{"state":' .. cjson.encode(state) .. ',"at":' .. now .. ',"attempt":' .. attempt
+  if reason ~= nil and reason ~= '' then entry = entry .. ',"reason":' .. cjson.encode(reason) end
+  redis.call('RPUSH', P .. ':hist:' .. id, entry .. '}')
+end
+
+local function is_terminal(state)
+  return state == 'succeeded' or state == 'failed' or state == 'cancelled'
+end
+
+-- Set the state of job `id` (hash key `job`, currently `from`), moving it between the index sets,
+-- recording the change, and scheduling expiry when it is final.
+local function set_state(P, id, job, from, to, now, expires, backstop, reason)
+  redis.call('HSET', job, 'state', to)
+  redis.call('HINCRBY', job, 'version', 1)
+  if from == to then return end
+  local seq = redis.call('HGET', job, 'seq')
+  local kind = redis.call('HGET', job, 'kind')
+  redis.call('ZREM', P .. ':state:' .. from, id)
+  redis.call('ZADD', P .. ':state:' .. to, seq, id)
+  if from == 'queued' then redis.call('ZREM', P .. ':queue:' .. kind, id) end
+  if to == 'queued' then redis.call('ZADD', P .. ':queue:' .. kind, seq, id) end
+  hist(P, id, to, now, redis.call('HGET', job, 'attempts'), reason)
+  if is_terminal(to) then
+    redis.call('HSET', job, 'finished_at', now, 'expires_at', expires)
+    redis.call('ZADD', P .. ':expiry', expires, id)
+    local ttl = tonumber(backstop)
+    for _, key in ipairs({job, P .. ':req:' .. id, P .. ':res:' .. id, P .. ':hist:' .. id}) do
+      redis.call('EXPIRE', key, ttl)
+    end
+    local files = redis.call('HGET', job, 'files')
+    if files then
+      for _, file in ipairs(cjson.decode(files)) do redis.call('EXPIRE', P .. ':file:' .. id .. ':' .. file.name, ttl) end
+    end
+    local idem = redis.call('HGET', job, 'idempotency_key')
+    if idem then redis.call('EXPIRE', P .. ':idem:' .. idem, ttl) end
+  end
+end
+"""
+
+_CREATE = _LIB + """
+local P, id, kind, now, request, idem, hash = unpack(ARGV)
+if idem ~= '' then
+  local existing = redis.call('GET', P .. ':idem:' .. idem)
+  if existing and redis.call('EXISTS', P .. ':job:' .. existing) == 1 then return {existing, 0} end
+end
+local seq = redis.call('INCR', P .. ':seq')
+local job = P .. ':job:' .. id
+redis.call('HSET', job, 'id', id, 'kind', kind, 'state', 'queued', 'seq', seq, 'version', 1, 'attempts', 0,
+           'cancel_requested', 0, 'created_at', now, 'files', '[]')
+if idem ~= '' then
+  redis.call('HSET', job, 'idempotency_key', idem)
+  redis.call('SET', P .. ':idem:' .. idem, id)
+end
+if hash ~= '' then redis.call('HSET', job, 'request_hash', hash) end
+redis.call('SET', P .. ':req:' .. id, request)
+hist(P, id, 'queued', now, 0, nil)
+redis.call('ZADD', P .. ':all', seq, id)
+redis.call('ZADD', P .. ':state:queued', seq, id)
+redis.call('ZADD', P .. ':queue:' .. kind, seq, id)
+return {id, 1}
+"""
+
+_CLAIM = _LIB + """
+local P, now = ARGV[1], ARGV[2]
+local best, best_seq = nil, nil
+for i = 3, #ARGV do
+  local head = redis.call('ZRANGE', P .. ':queue:' .. ARGV[i], 0, 0, 'WITHSCORES')
+  if head[1] and (best_seq == nil or tonumber(head[2]) < best_seq) then
+    best, best_seq = head[1], tonumber(head[2])
+  end
+end
+if best == nil then return false end
+local job = P .. ':job:' .. best
+redis.call('HINCRBY', job, 'attempts', 1)
+redis.call('HSET', job, 'started_at', now)
+redis.call('HDEL', job, 'progress')
+set_state(P, best, job, 'queued', 'running', now, '', '', nil)
+return best
+"""
+
+_TRANSITION = _LIB + """
+local P, id, expect, to, attempt, now, expires, backstop, reason, has_error, err, cancel = unpack(ARGV)
+local job = P .. ':job:' .. id
+local state = redis.call('HGET', job, 'state')
+if not state then return false end
+local allowed = false
+for s in string.gmatch(expect, '[^,]+') do if s == state then allowed = true end end
+if not allowed then return false end
+if attempt ~= '' and redis.call('HGET', job, 'attempts') ~= attempt then return false end
+if has_error == '1' then redis.call('HSET', job, 'error', err) end
+if cancel ~= '' then redis.call('HSET', job, 'cancel_requested', cancel) end
+set_state(P, id, job, state, to, now, expires, backstop, reason)
+return true
+"""
+
+_PROGRESS = """
+local P, id, attempt, progress = unpack(ARGV)
+local job = P .. ':job:' .. id
+if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'attempts') ~= attempt then
+  return false
+end
+redis.call('HSET', job, 'progress', progress)
+redis.call('HINCRBY', job, 'version', 1)
+return true
+"""
+
+_SAVE_RESULT = _LIB + """
+local P, id, attempt, now, expires, backstop, result, files = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local job = P .. ':job:' .. id
+if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'attempts') ~= attempt
+   or redis.call('HGET', job, 'cancel_requested') == '1' then
+  return false
+end
+for i = 9, #ARGV, 2 do redis.call('SET', P .. ':file:' .. id .. ':' .. ARGV[i], ARGV[i + 1]) end
+redis.call('SET', P .. ':res:' .. id, result)
+redis.call('HSET', job, 'files', files)
+set_state(P, id, job, 'running', 'succeeded', now, expires, backstop, nil)
+return true
+"""
+
+_EXPIRE = """
+local P, now, limit = ARGV[1], ARGV[2], ARGV[3]
+local ids = redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do
+  local job = P .. ':job:' .. id
+  local files = redis.call('HGET', job, 'files')
+  if files then
+    for _, file in ipairs(cjson.decode(files)) do redis.call('DEL', P .. ':file:' .. id .. ':' .. file.name) end
+  end
+  local idem = redis.call('HGET', job, 'idempotency_key')
+  if idem and redis.call('GET', P .. ':idem:' .. idem) == id then redis.call('DEL', P .. ':idem:' .. idem) end
+  redis.call('DEL', job, P .. ':req:' .. id, P .. ':res:' .. id, P .. ':hist:' .. id)
+  for _, state in ipairs({'succeeded', 'failed', 'cancelled'}) do redis.call('ZREM', P .. ':state:' .. state, id) end
+  redis.call('ZREM', P .. ':all', id)
+  redis.call('ZREM', P .. ':expiry', id)
+end
+return #ids
+"""
+
+
+class RedisJobStore(JobStore):
+    def __init__(self, url: str, ttl_s: float = 86400.0, prefix: str = "genserve:jobs"):
+        import redis
+
+        super().__init__(ttl_s)
+        self.prefix = prefix
+        self._redis = redis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+        self._create = self._redis.register_script(_CREATE)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._transition = self._redis.register_script(_TRANSITION)
+        self._progress = self._redis.register_script(_PROGRESS)
+        self._save_result = self._redis.register_script(_SAVE_RESULT)
+        self._expire = self._redis.register_script(_EXPIRE)
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _expiry_args(self, now: float) -> tuple[str, str]:
+        return repr(now + self.ttl_s), str(math.ceil(self.ttl_s) + BACKSTOP_S)
+
+    def create(self, kind, request, *, idempotency_key=None, request_hash=None, now=None):
+        job_id, created = self._create(args=[
+            self.prefix, uuid.uuid4().hex, kind, repr(_now(now)), dumps(request), idempotency_key or "",
+            request_hash or "",
+        ])
+        return self.get(job_id.decode()), bool(created)
+
+    def get(self, job_id, with_request=False):
+        return self._load([job_id], with_request)[0]
+
+    def _load(self, ids: list[str], with_request: bool = False) -> list[Job | None]:
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self._key("job", job_id))
+            pipe.lrange(self._key("hist", job_id), 0, -1)
+            pipe.get(self._key("res", job_id))
+            if with_request:
+                pipe.get(self._key("req", job_id))
+        replies = pipe.execute()
+        width = 4 if with_request else 3
+        jobs = []
+        for start in range(0, len(replies), width):
+            fields, history, result, *request = replies[start:start + width]
+            jobs.append(_job(fields, history, result, request[0] if request else None) if fields else None)
+        return jobs
+
+    def counts(self):
+        pipeline = self._redis.pipeline()
+        for state in STATES:
+            pipeline.zcard(self._key("state", state))
+        return dict(zip(STATES, pipeline.execute(), strict=True))
+
+    def list(self, state=None, limit=20, before=None):
+        index = self._key("state", state) if state is not None else self._key("all")
+        top = f"({before}" if before is not None else "+inf"
+        ids = [raw.decode() for raw in self._redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit)]
+        return [job for job in self._load(ids) if job is not None]
+
+    def queue_position(self, job):
+        if job.state != QUEUED:
+            return None
+        return self._redis.zcount(self._key("queue", job.kind), "-inf", f"({job.seq}") + 1
+
+    def claim(self, kinds, now=None):
+        kinds = list(kinds)
+        if not kinds:
+            return None
+        job_id = self._claim(args=[self.prefix, repr(_now(now)), *kinds])
+        return None if job_id is None else self.get(job_id.decode(), with_request=True)
+
+    def transition(self, job_id, expect, to, *, attempt=None, reason=None, error=None, cancel_requested=None,
+                   now=None):
+        if to not in STATES:
+            raise ValueError(f"unknown state {to!r}")
+        now = _now(now)
+        expires, backstop = self._expiry_args(now)
+        cancel = "" if cancel_requested is None else str(int(cancel_requested))
+        moved = self._transition(args=[
+            self.prefix, job_id, ",".join(expect), to, "" if attempt is None else str(attempt), repr(now), expires,
+            backstop, reason or "", "0" if error is None else "1", error or "", cancel,
+        ])
+        return self.get(job_id) if moved else None
+
+    def record_progress(self, job_id, attempt, progress):
+        return bool(self._progress(args=[self.prefix, job_id, str(attempt), dumps(progress)]))
+
+    def save_result(self, job_id, attempt, result, files, now=None):
+        now = _now(now)
+        expires, backstop = self._expiry_args(now)
+        pairs = []
+        for meta, data in files:
+            pairs += [meta.name, data]
+        saved = self._save_result(args=[
+            self.prefix, job_id, str(attempt), repr(now), expires, backstop, dumps(result),
+            dumps([meta.to_dict() for meta, _ in files]), *pairs,
+        ])
+        return self.get(job_id) if saved else None
+
+    def read_file(self, job_id, name):
+        job = self.get(job_id)
+        if job is None or job.state != SUCCEEDED or job.file(name) is None:
+            return None
+        return self._redis.get(self._key("file", job_id, name))
+
+    def expire(self, now=None):
+        total = 0
+        while True:
+            count = self._expire(args=[self.prefix, repr(_now(now)), 500])
+            total += count
+            if count < 500:
+                return total
+
+    def ping(self):
+        self._redis.ping()
+
+    def close(self):
+        self._redis.close()
+
+
+def _float(value: bytes | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _job(fields: dict, history: list, result: bytes | None, request: bytes | None) -> Job:
+    text = {key.decode(): value.decode() for key, value in fields.items()}
+    return Job(
+        id=text["id"],
+        kind=text["kind"],
+        state=text["state"],
+        request=None if request is None else json.loads(request),
+        seq=int(text["seq"]),
+        version=int(text["version"]),
+        attempts=int(text["attempts"]),
+        created_at=float(text["created_at"]),
+        history=[json.loads(entry) for entry in history],
+        idempotency_key=text.get("idempotency_key"),
+        request_hash=text.get("request_hash"),
+        cancel_requested=text.get("cancel_requested") == "1",
+        started_at=_float(text.get("started_at")),
+        finished_at=_float(text.get("finished_at")),
+        expires_at=_float(text.get("expires_at")),
+        progress=json.loads(text["progress"]) if "progress" in text else None,
+        error=text.get("error"),
+        result=None if result is None else json.loads(result),
+        files=[ResultFile(**item) for item in json.loads(text.get("files", "[]"))],
+    )

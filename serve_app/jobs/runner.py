@@ -1,0 +1,112 @@
+"""The JobRunner deployment: owns the job store and runs queued jobs (see `dispatch`).
+
+One replica (the builder enforces it): it alone claims jobs, so the queue needs no coordination
+beyond the store's compare-and-set. It reaches the models through the same Serve handles as the
+ingress, and runs each job through the same `ImageService`/`VideoService` code as the sync
+endpoints. The ingress calls it for every /v1/jobs route; the generators call its
+`record_progress` after each denoising step.
+
+If the replica dies, Serve starts another, which requeues the jobs left running; the same
+happens when the whole application is started again on the same store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+
+from deployments.types import ProgressTarget
+from serve_app.config import JobsConfig, QualityPolicy
+from serve_app.jobs.dispatch import JobDispatcher
+from serve_app.jobs.model import Job
+from serve_app.jobs.store import open_store
+from serve_app.models import ModelSpec
+from serve_app.service import ImageService
+from serve_app.video import VideoDefaults, VideoService
+
+logger = logging.getLogger("ray.serve")
+# How often the genserve_jobs gauge is refreshed: one GROUP BY (SQLite) or five ZCARDs (Redis).
+JOBS_GAUGE_INTERVAL_S = 5.0
+
+
+@serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.25})
+class JobRunner:
+    """Serves the job store to the ingress and dispatches queued jobs to the model deployments.
+
+    `max_ongoing_requests` is high because its requests are light: status reads, progress
+    reports and the long polls behind each open event stream.
+    """
+
+    def __init__(self, config: JobsConfig, slots: dict[str, int], enhancer, generators: dict, scorer,
+                 specs: dict[str, ModelSpec], policy: QualityPolicy, request_timeout_s: float = 600.0, svd=None,
+                 video_defaults: VideoDefaults | None = None, max_input_pixels: int = 4096 * 4096,
+                 metrics: bool = True):
+        images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s)
+        videos = VideoService(svd, video_defaults, images, max_input_pixels) if svd is not None else None
+        context = serve.get_replica_context()
+        app, deployment = context.app_name, context.deployment
+
+        def progress_target(job: Job) -> ProgressTarget:
+            return ProgressTarget(app=app, deployment=deployment, job_id=job.id, attempt=job.attempts, stage="generate",
+                                  min_interval_s=config.progress_interval_s)
+
+        self._store = open_store(config)
+        self._dispatcher = JobDispatcher(self._store, images, videos, slots, config.retry_limit,
+                                         config.sweep_interval_s, progress_target)
+        self._dispatcher.recover()
+        self._dispatcher.start()  # Serve runs the constructor on the replica's event loop
+        self._jobs_gauge = None
+        if metrics:
+            from ray.serve.metrics import Gauge
+
+            self._jobs_gauge = Gauge("genserve_jobs", description="Jobs in the store, by state.", tag_keys=("state",))
+            self._report_task = asyncio.get_running_loop().create_task(self._report_jobs(JOBS_GAUGE_INTERVAL_S))
+        logger.info("JobRunner: %s store, slots %s, retry limit %d", config.store, slots, config.retry_limit)
+
+    async def submit(self, kind: str, request: dict, idempotency_key: str | None = None,
+                     request_hash: str | None = None) -> tuple[Job, bool, int | None]:
+        return await self._dispatcher.submit(kind, request, idempotency_key, request_hash)
+
+    async def status(self, job_id: str) -> tuple[Job, int | None] | None:
+        return await self._dispatcher.status(job_id)
+
+    async def list(self, state: str | None, limit: int, before: int | None) -> list[tuple[Job, int | None]]:
+        return await self._dispatcher.list(state, limit, before)
+
+    async def cancel(self, job_id: str) -> tuple[Job, bool, int | None] | None:
+        return await self._dispatcher.cancel(job_id)
+
+    async def watch(self, job_id: str, after_version: int, timeout_s: float) -> Job | None:
+        return await self._dispatcher.watch(job_id, after_version, timeout_s)
+
+    async def read_file(self, job_id: str, name: str) -> tuple[bytes, str] | None:
+        return await self._dispatcher.read_file(job_id, name)
+
+    async def record_progress(self, job_id: str, attempt: int, progress: dict) -> None:
+        await self._dispatcher.record_progress(job_id, attempt, progress)
+
+    def info(self) -> dict:
+        return self._dispatcher.info()
+
+    async def _report_jobs(self, interval_s: float) -> None:
+        """Keep the `genserve_jobs{state}` gauge current (queued and running are the ones to watch)."""
+        while True:
+            try:
+                counts = await asyncio.to_thread(self._store.counts)
+                for state, count in counts.items():
+                    self._jobs_gauge.set(count, tags={"state": state})
+            except Exception:  # a store hiccup must not end the reporting; health checks cover the store
+                logger.exception("could not count jobs for the genserve_jobs gauge")
+            await asyncio.sleep(interval_s)
+
+    async def check_health(self) -> None:
+        if not self._dispatcher.healthy():
+            raise RuntimeError("the job dispatch loop stopped")
+        await asyncio.to_thread(self._store.ping)
+
+    async def __del__(self):
+        if hasattr(self, "_dispatcher"):  # the constructor got that far
+            await self._dispatcher.stop()
+            self._store.close()

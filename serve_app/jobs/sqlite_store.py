@@ -1,0 +1,304 @@
+"""The default job store: SQLite in WAL mode, result files on disk next to it. No server.
+
+    <data_dir>/jobs.sqlite3           the job table
+    <data_dir>/files/<job id>/<name>  result files (image-0.png, video.mp4, ...)
+
+Durability: every change that matters (a submit, a state change, a result) is committed with
+synchronous=FULL, i.e. the WAL is fsynced before the call returns, so a 202 is only sent for a job
+that survives a crash or a power cut. Progress updates commit with synchronous=NORMAL: they are
+advisory, and the next full commit makes them durable too. Result files are written and fsynced
+inside the transaction that marks the job succeeded; a crash between the two leaves the job
+running, so it is re-run and the files, named by job id and file name, are overwritten, never
+duplicated.
+
+One process owns the database (the JobRunner); a lock serialises its threads on one connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+from serve_app.jobs.model import QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, Job, ResultFile, dumps, history_entry
+from serve_app.jobs.store import JobStore, _now
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    request TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    request_hash TEXT,
+    version INTEGER NOT NULL DEFAULT 1,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    expires_at REAL,
+    progress TEXT,
+    error TEXT,
+    result TEXT,
+    files TEXT NOT NULL DEFAULT '[]',
+    history TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_kind_state ON jobs (kind, state, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+"""
+# Every column but the request, which can be large (an uploaded image) and is read only to run it.
+_RECORD = ("seq, id, kind, state, idempotency_key, request_hash, version, attempts, cancel_requested, created_at, "
+           "started_at, finished_at, expires_at, progress, error, result, files, history")
+
+
+class SqliteJobStore(JobStore):
+    def __init__(self, data_dir: str | os.PathLike, ttl_s: float = 86400.0):
+        super().__init__(ttl_s)
+        self.data_dir = Path(data_dir)
+        self.files_dir = self.data_dir / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise RuntimeError(f"{self.data_dir}: SQLite could not switch to WAL mode (got {mode!r})")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _write(self, durable: bool = True):
+        """One write transaction, holding the database's write lock from the start."""
+        with self._lock:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
+
+    def create(self, kind, request, *, idempotency_key=None, request_hash=None, now=None):
+        now = _now(now)
+        with self._write() as db:
+            if idempotency_key is not None:
+                row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+                if row is not None:
+                    return _job(row), False
+            job_id = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO jobs (id, kind, state, request, idempotency_key, request_hash, created_at, history) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, kind, QUEUED, dumps(request), idempotency_key, request_hash, now,
+                 dumps([history_entry(QUEUED, now, 0)])),
+            )
+            return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
+
+    def get(self, job_id, with_request=False):
+        columns = "*" if with_request else _RECORD
+        with self._lock:
+            row = self._db.execute(f"SELECT {columns} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def counts(self):
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {**dict.fromkeys(STATES, 0), **{state: count for state, count in rows}}
+
+    def list(self, state=None, limit=20, before=None):
+        where, params = [], []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if before is not None:
+            where.append("seq < ?")
+            params.append(before)
+        sql = f"SELECT {_RECORD} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit)).fetchall()
+        return [_job(row) for row in rows]
+
+    def queue_position(self, job):
+        if job.state != QUEUED:
+            return None
+        with self._lock:
+            ahead = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE kind = ? AND state = ? AND seq < ?", (job.kind, QUEUED, job.seq)
+            ).fetchone()[0]
+        return ahead + 1
+
+    def claim(self, kinds, now=None):
+        kinds = list(kinds)
+        if not kinds:
+            return None
+        now = _now(now)
+        marks = ",".join("?" * len(kinds))
+        with self._write() as db:
+            row = db.execute(
+                f"SELECT * FROM jobs WHERE state = ? AND kind IN ({marks}) ORDER BY seq LIMIT 1", (QUEUED, *kinds)
+            ).fetchone()
+            if row is None:
+                return None
+            attempt = row["attempts"] + 1
+            history = json.loads(row["history"]) + [history_entry(RUNNING, now, attempt)]
+            db.execute(
+                "UPDATE jobs SET state = ?, attempts = ?, started_at = ?, progress = NULL, version = version + 1, "
+                "history = ? WHERE seq = ?",
+                (RUNNING, attempt, now, dumps(history), row["seq"]),
+            )
+            return _job(db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone())
+
+    def transition(self, job_id, expect, to, *, attempt=None, reason=None, error=None, cancel_requested=None,
+                   now=None):
+        now = _now(now)
+        with self._write() as db:
+            row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] not in set(expect) or (attempt is not None and row["attempts"] != attempt):
+                return None
+            self._apply(db, row, to, now, reason=reason, error=error, cancel_requested=cancel_requested)
+            return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def _apply(self, db, row, to, now, *, reason=None, error=None, cancel_requested=None, result=None,
+               files=None) -> None:
+        updates = {"state": to}
+        if to != row["state"]:
+            history = json.loads(row["history"]) + [history_entry(to, now, row["attempts"], reason)]
+            updates["history"] = dumps(history)
+        if to in TERMINAL:
+            updates["finished_at"] = now
+            updates["expires_at"] = now + self.ttl_s
+        if error is not None:
+            updates["error"] = error
+        if cancel_requested is not None:
+            updates["cancel_requested"] = int(cancel_requested)
+        if result is not None:
+            updates["result"] = dumps(result)
+        if files is not None:
+            updates["files"] = dumps([f.to_dict() for f in files])
+        assignments = ", ".join(f"{column} = ?" for column in updates)
+        db.execute(f"UPDATE jobs SET {assignments}, version = version + 1 WHERE seq = ?",
+                   (*updates.values(), row["seq"]))
+
+    def record_progress(self, job_id, attempt, progress):
+        with self._write(durable=False) as db:
+            cursor = db.execute(
+                "UPDATE jobs SET progress = ?, version = version + 1 WHERE id = ? AND state = ? AND attempts = ?",
+                (dumps(progress), job_id, RUNNING, attempt),
+            )
+            return cursor.rowcount == 1
+
+    def save_result(self, job_id, attempt, result, files, now=None):
+        now = _now(now)
+        with self._write() as db:
+            row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] != RUNNING or row["attempts"] != attempt or row["cancel_requested"]:
+                return None
+            self._write_files(job_id, files)
+            self._apply(db, row, SUCCEEDED, now, result=result, files=[meta for meta, _ in files])
+            return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def _write_files(self, job_id: str, files: list[tuple[ResultFile, bytes]]) -> None:
+        folder = self._folder(job_id)
+        shutil.rmtree(folder, ignore_errors=True)  # whatever an interrupted earlier run left
+        folder.mkdir(parents=True)
+        for meta, data in files:
+            _check_name(meta.name)
+            partial = folder / f".{meta.name}.partial"
+            with open(partial, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, folder / meta.name)
+        _fsync_dir(folder)
+        _fsync_dir(self.files_dir)
+
+    def _folder(self, job_id: str) -> Path:
+        _check_name(job_id)
+        return self.files_dir / job_id
+
+    def read_file(self, job_id, name):
+        job = self.get(job_id)
+        if job is None or job.state != SUCCEEDED or job.file(name) is None:
+            return None
+        try:
+            return (self._folder(job_id) / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def expire(self, now=None):
+        now = _now(now)
+        with self._lock:
+            ids = [row[0] for row in self._db.execute(
+                "SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
+            ).fetchall()]
+        for job_id in ids:
+            # Files first: a crash in between leaves a record without files, which the next sweep
+            # removes, never files without a record.
+            shutil.rmtree(self._folder(job_id), ignore_errors=True)
+            with self._write() as db:
+                db.execute("DELETE FROM jobs WHERE id = ? AND expires_at <= ?", (job_id, now))
+        return len(ids)
+
+    def ping(self):
+        with self._lock:
+            self._db.execute("SELECT 1").fetchone()
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+
+def _check_name(name: str) -> None:
+    if not name or name.startswith(".") or "/" in name or "\\" in name or name != os.path.basename(name):
+        raise ValueError(f"not a plain file name: {name!r}")
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        kind=row["kind"],
+        state=row["state"],
+        request=json.loads(row["request"]) if "request" in row.keys() else None,
+        seq=row["seq"],
+        version=row["version"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        history=json.loads(row["history"]),
+        idempotency_key=row["idempotency_key"],
+        request_hash=row["request_hash"],
+        cancel_requested=bool(row["cancel_requested"]),
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        expires_at=row["expires_at"],
+        progress=None if row["progress"] is None else json.loads(row["progress"]),
+        error=row["error"],
+        result=None if row["result"] is None else json.loads(row["result"]),
+        files=[ResultFile(**item) for item in json.loads(row["files"])],
+    )

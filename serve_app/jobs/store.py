@@ -1,0 +1,140 @@
+"""The job store interface: the job record is the source of truth, and only a store changes it.
+
+Every state change is a compare-and-set: it names the states (and the attempt) it expects, and
+does nothing when the job has moved on meanwhile. That is what makes a late result from an
+interrupted run, or a cancel racing a claim, harmless: at most one of them wins.
+
+Two implementations share one test suite (tests/unit/test_job_store.py):
+- `SqliteJobStore`: the default, no server. One file in WAL mode in the data directory; result
+  files next to it. Commits are fsynced (synchronous=FULL) before a submit is acknowledged.
+- `RedisJobStore`: for deployments where the runner may move between nodes. Records and result
+  bytes live in Redis, changed by Lua scripts (atomic), so nothing depends on a node's disk.
+
+Stores are synchronous and thread-safe; the dispatcher calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, Job, ResultFile
+
+
+class JobStore(ABC):
+    """Durable job records and result files. `ttl_s`: how long finished jobs are kept."""
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+
+    @abstractmethod
+    def create(self, kind: str, request: dict, *, idempotency_key: str | None = None,
+               request_hash: str | None = None, now: float | None = None) -> tuple[Job, bool]:
+        """Record a new queued job, durably, before returning. With an idempotency key that is
+        already recorded, return that job instead and `False`."""
+
+    @abstractmethod
+    def get(self, job_id: str, with_request: bool = False) -> Job | None:
+        """The job; its `request` only `with_request` (it can be large)."""
+
+    @abstractmethod
+    def list(self, state: str | None = None, limit: int = 20, before: int | None = None) -> list[Job]:
+        """Newest first; `before`: only jobs submitted before the job with that `seq` (a cursor)."""
+
+    @abstractmethod
+    def queue_position(self, job: Job) -> int | None:
+        """1 for the next job of its kind to start; None unless queued."""
+
+    @abstractmethod
+    def claim(self, kinds: Iterable[str], now: float | None = None) -> Job | None:
+        """Move the oldest queued job of one of `kinds` to running, counting an attempt; with its request."""
+
+    @abstractmethod
+    def transition(self, job_id: str, expect: Iterable[str], to: str, *, attempt: int | None = None,
+                   reason: str | None = None, error: str | None = None, cancel_requested: bool | None = None,
+                   now: float | None = None) -> Job | None:
+        """Compare-and-set: when the job is in one of `expect` (and at `attempt`, if given), move
+        it to `to` and return it; else change nothing and return None. A change of state is
+        recorded in the history with `reason`; a terminal state sets `finished_at`/`expires_at`."""
+
+    @abstractmethod
+    def record_progress(self, job_id: str, attempt: int, progress: dict) -> bool:
+        """Set the progress of a running job's current attempt; False if it is not that any more.
+        Progress is advisory, so stores may make it durable lazily."""
+
+    @abstractmethod
+    def save_result(self, job_id: str, attempt: int, result: dict, files: list[tuple[ResultFile, bytes]],
+                    now: float | None = None) -> Job | None:
+        """Atomically store the result and files (keyed by job id and file name, so a re-run
+        overwrites rather than adds) and mark the job succeeded. Only for a running job at
+        `attempt` with no cancel requested; else change nothing and return None."""
+
+    @abstractmethod
+    def read_file(self, job_id: str, name: str) -> bytes | None: ...
+
+    @abstractmethod
+    def expire(self, now: float | None = None) -> int:
+        """Delete finished jobs past `expires_at`, files included; how many were deleted."""
+
+    @abstractmethod
+    def counts(self) -> dict[str, int]:
+        """How many jobs are in each state, every state named (zero included)."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+
+    def close(self) -> None:
+        pass
+
+    # What follows is built on the primitives above, so both stores share it.
+
+    def request_cancel(self, job_id: str, now: float | None = None) -> tuple[Job, bool] | None:
+        """A queued job is cancelled at once; a running one is flagged for its runner to stop.
+        Returns the job and whether this call changed it (False: it had already finished);
+        None for an unknown id."""
+        job = self.transition(job_id, {QUEUED}, CANCELLED, reason="cancelled before it started", now=now)
+        if job is None:
+            job = self.transition(job_id, {RUNNING}, RUNNING, cancel_requested=True, now=now)
+        if job is not None:
+            return job, True
+        job = self.get(job_id)
+        return None if job is None else (job, False)
+
+    def retry_or_fail(self, job: Job, reason: str, retry_limit: int, now: float | None = None) -> Job | None:
+        """End a running attempt that did not finish: back to the queue while retries are left
+        (`retry_limit` re-runs after the first), else failed; cancelled if a cancel was asked for."""
+        if job.cancel_requested:
+            return self.transition(job.id, {RUNNING}, CANCELLED, attempt=job.attempts,
+                                   reason=f"cancelled; {reason}", now=now)
+        if job.attempts <= retry_limit:
+            return self.transition(job.id, {RUNNING}, QUEUED, attempt=job.attempts,
+                                   reason=f"{reason}; retrying (attempt {job.attempts + 1} of {retry_limit + 1})",
+                                   now=now)
+        error = f"{reason}; gave up after {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
+        return self.transition(job.id, {RUNNING}, FAILED, attempt=job.attempts, reason=reason, error=error, now=now)
+
+    def requeue_running(self, retry_limit: int, reason: str, now: float | None = None) -> list[Job]:
+        """At start-up: every job left running by a runner that is gone is retried or failed."""
+        changed = []
+        for job in self.list(state=RUNNING, limit=1_000_000):
+            moved = self.retry_or_fail(job, reason, retry_limit, now=now)
+            if moved is not None:
+                changed.append(moved)
+        return changed
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+def open_store(config) -> JobStore:
+    """The store a `JobsConfig` names."""
+    if config.store == "redis":
+        from serve_app.jobs.redis_store import RedisJobStore
+
+        return RedisJobStore(config.redis_url, ttl_s=config.ttl_s, prefix=config.redis_prefix)
+    from serve_app.jobs.sqlite_store import SqliteJobStore
+
+    return SqliteJobStore(config.data_dir, ttl_s=config.ttl_s)

@@ -1,0 +1,227 @@
+"""The job dispatcher over fake deployments (no Ray), against both stores.
+
+The image service is the real one, over `LocalHandle`s of fakes whose generate calls the tests
+can hold at a gate, make fail, and see cancelled.
+"""
+
+import asyncio
+import io
+
+from PIL import Image
+
+from serve_app.config import QualityPolicy
+from serve_app.images import read_png_meta
+from serve_app.jobs.dispatch import JobDispatcher
+from serve_app.local import LocalHandle
+from serve_app.models import flux_schnell_spec
+from serve_app.service import ImageService
+from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
+from tests.helpers import wait_until_async
+
+CUDA_ERROR = "CUDA error: an illegal memory access was encountered\nTraceback (most recent call last): ..."
+
+
+class ControlledGenerator(FakeGenerator):
+    def __init__(self, failures: int = 0, gated: bool = False):
+        super().__init__()
+        self.failures = failures
+        self.gate = asyncio.Event() if gated else None
+        self.started = self.cancelled = self.active = self.max_active = 0
+
+    async def generate(self, params, prompt):
+        self.started += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError(CUDA_ERROR)
+            return await super().generate(params, prompt)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+
+
+def _dispatcher(store, generator, slots=None, retry_limit=2) -> JobDispatcher:
+    spec = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
+    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)}, LocalHandle(FakeScorer()),
+                          {spec.id: spec}, QualityPolicy())
+    return JobDispatcher(store, images, None, slots or {"image": 1}, retry_limit, sweep_interval_s=3600,
+                         poll_interval_s=0.05)
+
+
+async def _submit(dispatcher, prompt, **fields):
+    job, created, _ = await dispatcher.submit("image", {"prompt": prompt, "seed": 7, **fields})
+    assert created
+    return job.id
+
+
+def _state(store, job_id):
+    return store.get(job_id).state
+
+
+def test_jobs_run_first_in_first_out_within_the_slots_and_save_their_files(store):
+    async def scenario():
+        generator = ControlledGenerator(gated=True)
+        dispatcher = _dispatcher(store, generator, slots={"image": 1})
+        dispatcher.start()
+        ids = [await _submit(dispatcher, f"job {i}", seed=i) for i in range(3)]
+        await wait_until_async(lambda: generator.started == 1, 5)
+        assert [_state(store, i) for i in ids] == ["running", "queued", "queued"]
+        assert [store.queue_position(store.get(i)) for i in ids] == [None, 1, 2]
+        generator.gate.set()
+        await wait_until_async(lambda: all(_state(store, i) == "succeeded" for i in ids), 10)
+        await dispatcher.stop()
+        return ids, generator
+
+    ids, generator = asyncio.run(scenario())
+    assert generator.max_active == 1, "one slot: never two jobs at the generator at once"
+    assert [params.seeds for params, _ in generator.calls] == [[0], [1], [2]]
+    done = store.get(ids[2])
+    assert [f.name for f in done.files] == ["image-0.png"] and done.result["images"][0]["file"] == "image-0.png"
+    png = store.read_file(ids[2], "image-0.png")
+    assert Image.open(io.BytesIO(png)).format == "PNG" and read_png_meta(png)["seed"] == 2
+
+
+def test_a_failed_run_is_retried_with_its_reason_and_no_traceback(store):
+    async def scenario():
+        dispatcher = _dispatcher(store, ControlledGenerator(failures=1))
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "flaky")
+        await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
+        await dispatcher.stop()
+        return store.get(job_id)
+
+    job = asyncio.run(scenario())
+    assert job.attempts == 2 and job.error is None
+    [retry] = [entry for entry in job.history if entry.get("reason")]
+    assert retry["reason"] == ("RuntimeError: CUDA error: an illegal memory access was encountered; "
+                               "retrying (attempt 2 of 3)")
+
+
+def test_a_job_failing_every_run_fails_after_the_retry_limit_and_the_next_one_runs(store):
+    async def scenario():
+        generator = ControlledGenerator(failures=2)
+        dispatcher = _dispatcher(store, generator, retry_limit=1)
+        dispatcher.start()
+        bad = await _submit(dispatcher, "always crashes")
+        good = await _submit(dispatcher, "fine")
+        await wait_until_async(lambda: _state(store, good) == "succeeded", 10)
+        await dispatcher.stop()
+        return store.get(bad)
+
+    job = asyncio.run(scenario())
+    assert job.state == "failed" and job.attempts == 2
+    assert job.error == "RuntimeError: CUDA error: an illegal memory access was encountered; gave up after 2 attempts"
+
+
+def test_cancelling_a_running_job_stops_it_and_no_other(store):
+    async def scenario():
+        generator = ControlledGenerator(gated=True)
+        dispatcher = _dispatcher(store, generator, slots={"image": 2})
+        dispatcher.start()
+        first, second = await _submit(dispatcher, "first"), await _submit(dispatcher, "second")
+        await wait_until_async(lambda: generator.started == 2, 5)
+        job, changed, _ = await dispatcher.cancel(first)
+        assert changed and job.state == "running" and job.cancel_requested
+        await wait_until_async(lambda: _state(store, first) == "cancelled", 5)
+        assert generator.cancelled == 1 and _state(store, second) == "running"
+        generator.gate.set()
+        await wait_until_async(lambda: _state(store, second) == "succeeded", 5)
+        again = await dispatcher.cancel(first)
+        await dispatcher.stop()
+        return store.get(first), again
+
+    cancelled, again = asyncio.run(scenario())
+    assert cancelled.history[-1]["reason"].startswith("cancelled while running") and not cancelled.files
+    assert again[1] is False, "cancelling a finished job changes nothing"
+
+
+def test_a_cancelled_queued_job_never_starts(store):
+    async def scenario():
+        generator = ControlledGenerator(gated=True)
+        dispatcher = _dispatcher(store, generator, slots={"image": 1})
+        dispatcher.start()
+        running, queued = await _submit(dispatcher, "running"), await _submit(dispatcher, "queued")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        job, changed, _ = await dispatcher.cancel(queued)
+        assert changed and job.state == "cancelled"
+        generator.gate.set()
+        await wait_until_async(lambda: _state(store, running) == "succeeded", 5)
+        await dispatcher.stop()
+        return generator, store.get(queued)
+
+    generator, queued = asyncio.run(scenario())
+    assert generator.started == 1 and queued.attempts == 0
+
+
+def test_a_bad_stored_request_fails_at_once_naming_the_field(store):
+    async def scenario():
+        generator = ControlledGenerator()
+        dispatcher = _dispatcher(store, generator)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "too many steps", num_inference_steps=9)
+        await wait_until_async(lambda: _state(store, job_id) == "failed", 5)
+        await dispatcher.stop()
+        return store.get(job_id), generator
+
+    job, generator = asyncio.run(scenario())
+    assert job.attempts == 1 and generator.started == 0, "not retried: running it again cannot help"
+    assert job.error.startswith("RequestError: num_inference_steps: flux-schnell takes 1-4 steps")
+
+
+def test_a_stopped_runner_leaves_its_job_running_for_the_next_to_requeue(backend, store):
+    async def first_runner():
+        generator = ControlledGenerator(gated=True)
+        dispatcher = _dispatcher(store, generator)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "interrupted")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        await dispatcher.stop()
+        return job_id
+
+    job_id = asyncio.run(first_runner())
+    assert _state(store, job_id) == "running", "stopping records nothing"
+    reopened = backend.crash_and_reopen()
+
+    async def second_runner():
+        dispatcher = _dispatcher(reopened, ControlledGenerator())
+        [recovered] = dispatcher.recover()
+        assert recovered.state == "queued"
+        dispatcher.start()
+        await wait_until_async(lambda: _state(reopened, job_id) == "succeeded", 10)
+        await dispatcher.stop()
+
+    asyncio.run(second_runner())
+    job = reopened.get(job_id)
+    assert job.attempts == 2 and "interrupted: the job runner stopped while it ran" in job.history[2]["reason"]
+
+
+def test_watch_wakes_on_a_change_and_progress_has_an_eta(store):
+    async def scenario():
+        generator = ControlledGenerator(gated=True)
+        dispatcher = _dispatcher(store, generator)
+        job, _, _ = await dispatcher.submit("image", {"prompt": "watched", "seed": 1})
+        quiet = await dispatcher.watch(job.id, job.version, timeout_s=0.05)
+        assert quiet.version == job.version, "nothing changed: the same version after the timeout"
+        watching = asyncio.ensure_future(dispatcher.watch(job.id, job.version, timeout_s=30))
+        dispatcher.start()
+        started = await asyncio.wait_for(watching, 10)
+        assert started.state == "running" and started.version > job.version
+        step = {"stage": "generate", "round": 1, "steps": 4}
+        await dispatcher.record_progress(job.id, 1, {**step, "step": 2, "elapsed_s": 1.0})
+        await dispatcher.record_progress(job.id, 1, {**step, "step": 1, "elapsed_s": 0.5})
+        await dispatcher.record_progress(job.id, 7, {**step, "step": 3, "elapsed_s": 1.5})
+        progress = store.get(job.id).progress
+        generator.gate.set()
+        await wait_until_async(lambda: _state(store, job.id) == "succeeded", 5)
+        await dispatcher.stop()
+        return progress
+
+    progress = asyncio.run(scenario())
+    assert (progress["stage"], progress["step"], progress["steps"]) == ("generate", 2, 4), "late or stale reports dropped"
+    assert progress["eta_s"] == 1.0, "2 steps in 1 s: 2 more take 1 s"
