@@ -48,11 +48,13 @@ def metrics_app():
     # Ray's temp dir holds unix sockets, whose paths must stay short.
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     metrics_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             _metrics_export_port=metrics_port, _temp_dir=temp_dir, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), _metrics_export_port=metrics_port, _temp_dir=temp_dir, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve.run(build_app(dev_args()), name=APP_NAME, route_prefix="/")
+        args = dev_args()
+        args["jobs"]["data_dir"] = str(Path(temp_dir) / "jobs")  # nothing left in the checkout
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=120) as client:
             yield {"client": client, "temp_dir": temp_dir, "metrics_port": metrics_port}
     finally:

@@ -24,7 +24,7 @@ def one_gpu_node():
 
     # The config's CPU reservations add up to 6.5 (logical CPUs: the cores are shared anyway);
     # one logical GPU is the whole point.
-    ray.init(num_cpus=7, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=7, num_gpus=1, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     args = tiny_args(ROOT / "configs" / "single-gpu.yaml")
