@@ -6,5 +6,6 @@
 - `results`: a finished sync response turned into files plus result JSON;
 - `dispatch`: the plain-async dispatcher (claim, run, retry, cancel), testable without Ray;
 - `runner`: the `JobRunner` Serve deployment that owns the store and the dispatcher;
+- `http`: what the ingress's /v1/jobs routes do (validation at submit, JSON, SSE);
 - `schemas`: the HTTP contract of /v1/jobs.
 """
