@@ -11,8 +11,7 @@ from ray import serve
 from deployments.config import FluxConfig
 from deployments.loading import (
     check_device_health,
-    is_tiny,
-    pretrained_location,
+    load_diffusers_pipeline,
     resolve_placement,
     seeded_generators,
     to_uint8_images,
@@ -28,18 +27,9 @@ MODEL_ID = "flux-schnell"
 
 def load_flux_pipeline(config: FluxConfig, placement):
     """`FluxPipeline.from_pretrained` for repo ids and folders; the tiny factory for `tiny`."""
-    if is_tiny(config.source):
-        from deployments.tiny import build_tiny_flux
+    from deployments.tiny import build_tiny_flux
 
-        pipeline = build_tiny_flux().to(dtype=placement.dtype)
-    else:
-        from diffusers import FluxPipeline
-
-        pipeline = FluxPipeline.from_pretrained(
-            pretrained_location(config.source), dtype=placement.dtype, use_safetensors=True
-        )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(placement.device)
+    return load_diffusers_pipeline("FluxPipeline", config.source, placement, build_tiny_flux).to(placement.device)
 
 
 @serve.deployment(name="FluxGenerator", max_ongoing_requests=4, ray_actor_options={"num_cpus": 1})

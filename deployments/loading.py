@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from deployments.config import TINY, DeviceOptions
 
@@ -80,6 +80,25 @@ def pretrained_location(source: str) -> str:
             raise FileNotFoundError(f"model source folder {source!r} does not exist on this node")
         return str(path)
     return source
+
+
+def load_diffusers_pipeline(pipeline_class: str, source: str, placement: Placement, build_tiny: Callable[[], Any]):
+    """The one loading path of a diffusers pipeline, on the CPU in the placement's dtype.
+
+    A hub repo id or local folder goes through `<pipeline_class>.from_pretrained` (safetensors
+    only); `tiny` calls `build_tiny`, which makes the same class with random weights. The caller
+    moves it to its device (or sets up offloading).
+    """
+    if is_tiny(source):
+        pipeline = build_tiny().to(dtype=placement.dtype)
+    else:
+        import diffusers
+
+        pipeline = getattr(diffusers, pipeline_class).from_pretrained(
+            pretrained_location(source), dtype=placement.dtype, use_safetensors=True
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def seeded_generators(seeds: list[int], device: str) -> list["torch.Generator"]:

@@ -12,8 +12,7 @@ from ray import serve
 from deployments.config import SvdConfig
 from deployments.loading import (
     check_device_health,
-    is_tiny,
-    pretrained_location,
+    load_diffusers_pipeline,
     resolve_placement,
     seeded_generators,
     to_uint8_images,
@@ -28,17 +27,9 @@ logger = logging.getLogger("ray.serve")
 
 def load_svd_pipeline(config: SvdConfig, placement):
     """`StableVideoDiffusionPipeline.from_pretrained` for repo ids and folders; tiny for `tiny`."""
-    if is_tiny(config.source):
-        from deployments.tiny import build_tiny_svd
+    from deployments.tiny import build_tiny_svd
 
-        pipeline = build_tiny_svd().to(dtype=placement.dtype)
-    else:
-        from diffusers import StableVideoDiffusionPipeline
-
-        pipeline = StableVideoDiffusionPipeline.from_pretrained(
-            pretrained_location(config.source), dtype=placement.dtype, use_safetensors=True
-        )
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = load_diffusers_pipeline("StableVideoDiffusionPipeline", config.source, placement, build_tiny_svd)
     memory = config.memory
     if memory.unet_forward_chunking:
         pipeline.unet.enable_forward_chunking()
