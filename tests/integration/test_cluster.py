@@ -190,6 +190,8 @@ def test_losing_a_worker_node_replaces_its_replicas_without_a_restart(app):
     [flux] = _running("FluxGenerator")
     [svd] = _running("SvdGenerator")
     lost = _node_names(app)[flux.node_id]
+    # The Ingress (CPU only) may have a replica on the same node; see the assertion below.
+    ingress_lost = any(_node_names(app).get(r.node_id) == lost for r in _running("Ingress"))
     # The one H100 node left with a free GPU: neither the lost one nor SVD's.
     [survivor] = [name for name in app["nodes"] if name.startswith("heavy") and name not in
                   (lost, _node_names(app)[svd.node_id])]
@@ -209,10 +211,13 @@ def test_losing_a_worker_node_replaces_its_replicas_without_a_restart(app):
         wait_until(lambda: len(load.ok_since(replaced)) >= 2, timeout_s=60, what="requests flowing after the loss")
     during = [o for o in load.outcomes if o.finished >= removed]
     failed = [(o.status, o.error) for o in during if o.status != 200]
-    print(f"\nnode loss ({lost}, with the FLUX replica): first answer {answering_s:.1f}s after, FLUX running "
+    print(f"\nnode loss ({lost}, with the FLUX replica{' and an Ingress replica' if ingress_lost else ''}): first answer {answering_s:.1f}s after, FLUX running "
           f"on {survivor} {replaced_s:.1f}s after; {len(failed)} of {len(during)} requests failed: {failed}")
-    # Requests whose FLUX replica died with the node are answered 503 (retry), never 500.
-    assert {status for status, _ in failed} <= {503}, failed
+    # Requests whose FLUX replica died with the node are answered 503 (retry) by the ingress. A
+    # request in flight on an Ingress replica that died with the node is answered by Serve's
+    # proxy itself, with its plain 500, before any of our code can: that is allowed only then.
+    for status, error in failed:
+        assert status == 503 or (status == 500 and ingress_lost and error == "Internal Server Error"), failed
     # Serve marks the deployment unhealthy when its replica dies, healthy again once replaced.
     wait_until(lambda: _deployment("FluxGenerator").status.value == "HEALTHY", timeout_s=60,
                what="FluxGenerator healthy again")
