@@ -20,7 +20,6 @@ from serve_app.config import AppArgs, DeploymentOptions, JobsConfig
 from serve_app.ingress import Ingress
 from serve_app.jobs.runner import JobRunner
 from serve_app.models import ModelSpec, flux_schnell_spec
-from serve_app.video import VideoDefaults
 
 
 def model_specs(args: AppArgs) -> dict[str, ModelSpec]:
@@ -73,10 +72,7 @@ def build_app(args: AppArgs) -> Application:
         video["svd"] = SvdGenerator.options(**args.options_for("SvdGenerator")).bind(
             args.model_config_for("SvdGenerator"), metrics=args.metrics
         )
-        video["video_defaults"] = VideoDefaults(
-            source=args.svd.source, width=args.svd.default_width, height=args.svd.default_height,
-            num_inference_steps=args.svd.default_steps,
-        )
+        video["svd_config"] = args.svd
     graph = dict(
         enhancer=enhancer,
         generators={"flux-schnell": flux},

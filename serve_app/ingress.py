@@ -36,7 +36,8 @@ from serve_app.jobs.schemas import ImageJobResult, JobList, JobState, JobStatus,
 from serve_app.models import ModelSpec, RequestError
 from serve_app.schemas import ImageRequest, ImageResponse, VideoRequest, VideoResponse
 from serve_app.service import ImageService
-from serve_app.video import VideoDefaults, VideoService
+from deployments.config import SvdConfig
+from serve_app.video import VideoService
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -122,7 +123,7 @@ async def _info(handle) -> dict:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
-                 request_timeout_s: float = 600.0, svd=None, video_defaults: VideoDefaults | None = None,
+                 request_timeout_s: float = 600.0, svd=None, svd_config: SvdConfig | None = None,
                  max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
                  max_body_bytes: int = DEFAULT_MAX_BYTES):
         self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s)
@@ -131,7 +132,7 @@ class Ingress:
         api.state.metrics = self._metrics
         self._videos = None
         if svd is not None:
-            self._videos = VideoService(svd, video_defaults, self._service, max_input_pixels)
+            self._videos = VideoService(svd, svd_config, self._service, max_input_pixels)
         self._jobs = None
         if jobs is not None:
             self._jobs = jobs_http.JobsApi(jobs, self._service, self._videos, retry_limit)
@@ -256,10 +257,10 @@ class Ingress:
         models = [{**spec, "deployment": info} for spec, info in zip(service.models(), infos)]
         videos = []
         if self._videos is not None:
-            defaults = self._videos.defaults
+            config = self._videos.config
             videos.append({
-                "id": "svd", "default_width": defaults.width, "default_height": defaults.height,
-                "default_steps": defaults.num_inference_steps, "deployment": await _info(self._videos.svd),
+                "id": "svd", "default_width": config.default_width, "default_height": config.default_height,
+                "default_steps": config.default_steps, "deployment": await _info(self._videos.svd),
             })
         return {"models": models, "video_models": videos, "quality_policy": service.policy.model_dump()}
 

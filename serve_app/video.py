@@ -7,10 +7,10 @@ import base64
 import dataclasses
 import time
 import uuid
-from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from deployments.config import SvdConfig
 from deployments.types import ProgressTarget, VideoOutput, VideoParams
 from serve_app.graph import call_stage
 from serve_app.inputs import decode_image, fit_image
@@ -19,18 +19,10 @@ from serve_app.schemas import ImageRequest, KeyframeInfo, Scores, VideoRequest, 
 from serve_app.service import ImageService, attempts_of
 
 
-@dataclass(frozen=True)
-class VideoDefaults:
-    source: str
-    width: int
-    height: int
-    num_inference_steps: int
-
-
 class VideoService:
-    def __init__(self, svd, defaults: VideoDefaults, images: ImageService, max_input_pixels: int):
+    def __init__(self, svd, config: SvdConfig, images: ImageService, max_input_pixels: int):
         self.svd = svd
-        self.defaults = defaults
+        self.config = config  # the SvdGenerator's: defaults for what a request leaves out
         self.images = images
         self.max_input_pixels = max_input_pixels
 
@@ -45,7 +37,7 @@ class VideoService:
             self._keyframe_request(request, width, height, seed=0)
 
     def _size(self, request: VideoRequest) -> tuple[int, int]:
-        return request.width or self.defaults.width, request.height or self.defaults.height
+        return request.width or self.config.default_width, request.height or self.config.default_height
 
     async def run(self, request: VideoRequest | dict, progress: ProgressTarget | None = None,
                   ) -> tuple[VideoResponse, VideoOutput]:
@@ -74,7 +66,7 @@ class VideoService:
         params = VideoParams(
             seed=seed, width=width, height=height, num_frames=request.num_frames, fps=request.fps,
             motion_bucket_id=request.motion_bucket_id, noise_aug_strength=request.noise_aug_strength,
-            num_inference_steps=request.num_inference_steps or self.defaults.num_inference_steps,
+            num_inference_steps=request.num_inference_steps or self.config.default_steps,
             decode_chunk_size=request.decode_chunk_size, output_format=request.output_format, metadata=metadata,
             progress=None if progress is None else dataclasses.replace(progress, stage="video"),
         )
@@ -84,7 +76,7 @@ class VideoService:
         timings["encode"] = output.encode_seconds
         timings["total"] = time.perf_counter() - started
         response = VideoResponse(
-            id=uuid.uuid4().hex, created=int(accepted), model=self.defaults.source,
+            id=uuid.uuid4().hex, created=int(accepted), model=self.config.source,
             mode="image-to-video" if keyframe is None else "text-to-video",
             b64_video=base64.b64encode(output.data).decode("ascii"), content_type=output.content_type,
             output_format=request.output_format, seed=seed, num_frames=output.num_frames, fps=output.fps,

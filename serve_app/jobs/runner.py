@@ -24,7 +24,8 @@ from serve_app.jobs.model import Job
 from serve_app.jobs.store import open_store
 from serve_app.models import ModelSpec
 from serve_app.service import ImageService
-from serve_app.video import VideoDefaults, VideoService
+from deployments.config import SvdConfig
+from serve_app.video import VideoService
 
 logger = logging.getLogger("ray.serve")
 # How often the genserve_jobs gauge is refreshed: one GROUP BY (SQLite) or five ZCARDs (Redis).
@@ -41,10 +42,10 @@ class JobRunner:
 
     def __init__(self, config: JobsConfig, slots: dict[str, int], enhancer, generators: dict, scorer,
                  specs: dict[str, ModelSpec], policy: QualityPolicy, request_timeout_s: float = 600.0, svd=None,
-                 video_defaults: VideoDefaults | None = None, max_input_pixels: int = 4096 * 4096,
+                 svd_config: SvdConfig | None = None, max_input_pixels: int = 4096 * 4096,
                  metrics: bool = True):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s)
-        videos = VideoService(svd, video_defaults, images, max_input_pixels) if svd is not None else None
+        videos = VideoService(svd, svd_config, images, max_input_pixels) if svd is not None else None
         context = serve.get_replica_context()
         app, deployment = context.app_name, context.deployment
 

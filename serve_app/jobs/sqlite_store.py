@@ -22,7 +22,6 @@ import shutil
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
