@@ -109,12 +109,70 @@ class ScorerConfig(_Strict):
         return self
 
 
-class EnhancerConfig(_Strict):
-    """Prompt enhancement. Only the template mode exists for now; an LLM mode will join it."""
+class LlmConfig(_Strict):
+    """The LLM that rewrites short ideas into detailed prompts (enhancer mode `llm`).
 
-    mode: Literal["template"] = Field("template", description="How prompts are enhanced.")
+    `transformers`: a local instruction-tuned causal LM loaded in the PromptEnhancer replica (it takes
+    a GPU share in the GPU profiles). `ollama` / `openai`: an external server (Ollama's `/api/generate`,
+    or any OpenAI-compatible `/v1/chat/completions`, e.g. vLLM or llama.cpp's server) called with httpx.
+    Whatever the backend, an answer that fails the guardrails, or a backend that fails or runs past
+    `timeout_s`, falls back to the template enhancer, and the response says so.
+    """
+
+    backend: Literal["transformers", "ollama", "openai"] = Field(
+        "transformers", description="Where the LLM runs: in the replica (transformers) or behind a URL."
+    )
+    source: str = Field(
+        "Qwen/Qwen2.5-1.5B-Instruct", min_length=1,
+        description="transformers: hub repo id, local folder or 'tiny'. ollama/openai: the server's model name.",
+    )
+    url: str | None = Field(
+        None, description="ollama/openai: base URL, e.g. http://127.0.0.1:11434 (Ollama) or http://host:8000 (vLLM)."
+    )
+    api_key_env: str | None = Field(
+        None, min_length=1, description="openai: environment variable holding the bearer token (never the key itself)."
+    )
+    device: DeviceOptions = Field(default_factory=DeviceOptions, description="transformers backend only.")
+    max_new_tokens: int = Field(120, ge=8, le=1024, description="Token budget of one answer.")
+    temperature: float = Field(
+        0.0, ge=0, le=2, description="0: greedy (the same prompt always gives the same answer); above 0: seeded sampling."
+    )
+    seed: int = Field(0, ge=0, description="Sampling seed when temperature > 0, so answers can be reproduced.")
+    timeout_s: float = Field(15.0, gt=0, le=600, description="Time budget of one answer; past it the template answers.")
+    max_prompt_chars: int = Field(
+        700, ge=50, le=4000, description="Longest accepted answer (characters); longer falls back to the template."
+    )
+    min_subject_overlap: float = Field(
+        0.5, ge=0, le=1,
+        description="Share of the user's subject words the answer must keep; less counts as off-topic.",
+    )
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> "LlmConfig":
+        if self.backend == "transformers":
+            validate_source(self.source)
+            if self.url is not None:
+                raise ValueError("url applies to the ollama and openai backends; the transformers backend loads `source`")
+        elif self.url is None or not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"backend {self.backend!r} needs url, an http:// or https:// base URL; got {self.url!r}")
+        if self.api_key_env is not None and self.backend != "openai":
+            raise ValueError("api_key_env applies to the openai backend only")
+        return self
+
+
+class EnhancerConfig(_Strict):
+    """Prompt enhancement: style templates, or a local/external LLM with the template as fallback."""
+
+    mode: Literal["template", "llm"] = Field(
+        "template", description="template: style descriptors and quality modifiers; llm: rewritten by `llm`."
+    )
     default_style: Literal["photorealistic", "artistic", "cinematic", "anime", "none"] = Field(
         "photorealistic", description="Style used when a request names none."
+    )
+    llm: LlmConfig = Field(default_factory=LlmConfig, description="The LLM, used when mode is llm.")
+    blocklist: list[str] = Field(
+        default_factory=list,
+        description="Words or phrases an LLM answer must not contain (the ingress refuses prompts with them too).",
     )
 
 

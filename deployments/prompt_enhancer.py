@@ -1,17 +1,34 @@
-"""Prompt enhancement deployment.
+"""Prompt enhancement deployment: style templates, or an LLM with the template as its fallback.
 
-Template mode (the only one so far) appends a style's descriptors and quality modifiers to the
-user's prompt and picks the style's negative-prompt preset. The user's subject always comes first,
-so text encoders that truncate (CLIP keeps 77 tokens) keep it. An LLM mode will be a second
-strategy behind the same `enhance` method; `EnhancedPrompt.enhancer` says which one answered.
+- Template mode appends a style's descriptors and quality modifiers to the user's prompt and picks
+  the style's negative-prompt preset. The user's subject always comes first, so text encoders that
+  truncate (CLIP keeps 77 tokens) keep it.
+- LLM mode asks a local causal LM or an external server (`deployments.llm`) for a detailed prompt in
+  the form the target model reads best (sentences for FLUX, tags for SDXL). The answer is cleaned
+  and checked (`deployments.prompt_rules`); when it is empty, too long, off-topic or blocked, or the
+  backend fails or runs out of time, the template answers and `EnhancedPrompt.fallback_reason` says
+  why. A failing LLM never fails the request.
+- `revise` (regenerate with feedback): a new prompt that addresses the aspects the scorer found
+  weakest, by the LLM or by template fixes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
+import time
+
 from ray import serve
 
 from deployments.config import EnhancerConfig
+from deployments.llm import LlmError, build_llm, enhance_messages, revise_messages
+from deployments.loading import resolve_placement
+from deployments.metrics import ModelMetrics
+from deployments.prompt_rules import check_llm_prompt, clean_llm_output
 from deployments.types import EnhancedPrompt
+
+logger = logging.getLogger("ray.serve")
 
 STYLES: dict[str, list[str]] = {
     "photorealistic": ["professional photography", "natural lighting", "depth of field", "sharp focus"],
@@ -55,21 +72,121 @@ def template_enhance(prompt: str, style: str, quality: str, negative_prompt: str
     return EnhancedPrompt(prompt=enhanced, negative_prompt=negative, style=style, enhancer="template")
 
 
+# What a template revision appends for each weak aspect (aspect names from the scorer, plus the
+# gate metrics themselves when no aspect scores are available).
+ASPECT_FIXES: dict[str, list[str]] = {
+    "composition": ["balanced composition", "rule of thirds", "clear focal point"],
+    "lighting": ["soft natural lighting", "well lit", "balanced exposure"],
+    "colors": ["harmonious vibrant colors", "rich color palette"],
+    "sharpness": ["sharp focus", "crisp fine details"],
+    "style": ["coherent consistent style"],
+    "aesthetic": ["masterpiece", "award-winning", "beautiful composition"],
+    "laion": ["masterpiece", "award-winning", "beautiful composition"],
+    "combined": ["masterpiece", "sharp focus", "balanced composition"],
+}
+
+
+def template_revise(previous: EnhancedPrompt, weak: list[str], idea: str) -> EnhancedPrompt:
+    """`previous` with fixes for the weak aspects appended (those it does not already say).
+
+    Weak `alignment` (the image does not show the prompt) repeats the user's idea up front, where
+    every text encoder reads it first."""
+    said = previous.prompt.lower()
+    additions = [term for aspect in weak for term in ASPECT_FIXES.get(aspect, []) if term.lower() not in said]
+    prompt = ", ".join([previous.prompt, *dict.fromkeys(additions)])
+    if "alignment" in weak and not said.startswith(f"clearly showing {idea.strip().lower()}"):
+        prompt = f"clearly showing {idea.strip()}, {prompt}"
+    return dataclasses.replace(previous, prompt=prompt, enhancer="template", fallback_reason=None)
+
+
 @serve.deployment(name="PromptEnhancer", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1})
 class PromptEnhancer:
-    """Turns a short idea into a prompt for the target model, with a negative prompt."""
+    """Turns a short idea into a prompt for the target model, with a negative prompt.
 
-    def __init__(self, config: EnhancerConfig):
+    A local LLM runs one answer at a time per replica (behind a lock, in a worker thread); external
+    backends are called concurrently.
+    """
+
+    def __init__(self, config: EnhancerConfig, metrics: bool = True):
         self._config = config
+        self._llm = None
+        self._lock = asyncio.Lock()
+        self._metrics = None
+        if config.mode == "llm":
+            if metrics:
+                from ray.serve import metrics as serve_metrics
 
-    def enhance(
+                self._metrics = serve_metrics.Counter(
+                    "genserve_enhancer_fallbacks_total",
+                    description="LLM enhancements answered by the template instead, by reason.",
+                    tag_keys=("reason",),
+                )
+            started = time.perf_counter()
+            placement = resolve_placement(config.llm.device) if config.llm.backend == "transformers" else None
+            self._llm = build_llm(config.llm, placement)
+            self._model_metrics = ModelMetrics(
+                "llm", placement.device if placement else "remote", enabled=metrics and placement is not None
+            )
+            logger.info(
+                "LLM enhancer %s (%s) ready in %.1fs", config.llm.source, config.llm.backend,
+                time.perf_counter() - started,
+            )
+
+    async def enhance(
         self,
         prompt: str,
         style: str | None = None,
         quality: str = "high",
         negative_prompt: str | None = None,
+        target: str = "flux",
     ) -> EnhancedPrompt:
-        return template_enhance(prompt, style or self._config.default_style, quality, negative_prompt)
+        """`target`: the model family the prompt is for ("flux" or "sdxl"); it shapes the LLM's answer."""
+        style = style or self._config.default_style
+        template = template_enhance(prompt, style, quality, negative_prompt)
+        if self._llm is None:
+            return template
+        style_hint = style if style == "none" else f"{style} ({', '.join(STYLES[style])})"
+        return await self._ask(enhance_messages(prompt, style_hint, target), prompt, template)
+
+    async def revise(self, prompt: str, previous: EnhancedPrompt, weak: list[str], target: str = "flux",
+                     ) -> EnhancedPrompt:
+        """A new prompt for the next round, addressing `weak` (the lowest-scoring aspects)."""
+        fallback = template_revise(previous, weak, prompt)
+        if self._llm is None:
+            return fallback
+        return await self._ask(revise_messages(prompt, previous.prompt, weak, target), prompt, fallback)
+
+    async def _ask(self, messages: list[dict], idea: str, fallback: EnhancedPrompt) -> EnhancedPrompt:
+        llm = self._config.llm
+        try:
+            if self._llm.backend == "transformers":
+                async with self._lock:
+                    with self._model_metrics.track():
+                        raw = await asyncio.to_thread(self._llm.complete, messages)
+            else:
+                # The client's own timeout covers each phase; this bounds the whole exchange.
+                raw = await asyncio.wait_for(self._llm.complete(messages), llm.timeout_s)
+        except asyncio.TimeoutError:
+            return self._fall_back(fallback, "timeout", f"no answer within {llm.timeout_s:g}s")
+        except LlmError as error:
+            return self._fall_back(fallback, error.reason, error.detail)
+        except Exception as error:  # a broken model or backend must not fail the image request
+            logger.exception("LLM enhancer failed")
+            return self._fall_back(fallback, "backend_error", f"{type(error).__name__}: {error}"[:200])
+        answer = clean_llm_output(raw)
+        reason = check_llm_prompt(answer, idea, llm.max_prompt_chars, llm.min_subject_overlap, self._config.blocklist)
+        if reason is not None:
+            return self._fall_back(fallback, reason, f"answer began {raw.strip()[:60]!r}")
+        return dataclasses.replace(fallback, prompt=answer, enhancer="llm", fallback_reason=None)
+
+    def _fall_back(self, fallback: EnhancedPrompt, reason: str, detail: str) -> EnhancedPrompt:
+        if self._metrics is not None:
+            self._metrics.inc(tags={"reason": reason})
+        logger.info("LLM enhancement fell back to the template: %s (%s)", reason, detail)
+        return dataclasses.replace(fallback, fallback_reason=f"{reason}: {detail}" if detail else reason)
 
     def info(self) -> dict:
-        return {"mode": self._config.mode, "styles": sorted(STYLES), "quality": sorted(QUALITY_MODIFIERS)}
+        info = {"mode": self._config.mode, "styles": sorted(STYLES), "quality": sorted(QUALITY_MODIFIERS)}
+        if self._llm is not None:
+            info["llm"] = {"backend": self._config.llm.backend, "source": self._config.llm.source}
+        return info

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 CLIP_MAX_TOKENS = 77
-TINY_FAMILIES = ("flux", "clip", "svd")
+TINY_FAMILIES = ("flux", "clip", "svd", "llm")
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -201,6 +201,51 @@ def build_tiny_svd(seed: int = 0):
     )
 
 
+# A ChatML template, the format Qwen's instruction-tuned models use.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_llm_tokenizer():
+    """A byte-level BPE tokenizer with no merges (one token per byte: any text round-trips) and ChatML."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={char: index for index, char in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def build_tiny_llm(seed: int = 0) -> dict[str, Any]:
+    """A Qwen2 causal LM (the architecture of Qwen2.5-Instruct) with tiny random weights, and its tokenizer.
+
+    Its answers are gibberish: that is what the enhancer's guardrails must catch."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = tiny_llm_tokenizer()
+    rng = _seeded(seed)
+    try:
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        ))
+    finally:
+        rng.__exit__(None, None, None)
+    _eval(model)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return {"model": model, "tokenizer": tokenizer}
+
+
 def save_tiny(family: str, folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny model in the library's own layout, loadable by the real loading path."""
     folder = Path(folder)
@@ -212,6 +257,9 @@ def save_tiny(family: str, folder: str | Path, seed: int = 0) -> Path:
             part.save_pretrained(folder)
     elif family == "svd":
         build_tiny_svd(seed).save_pretrained(folder)
+    elif family == "llm":
+        for part in build_tiny_llm(seed).values():
+            part.save_pretrained(folder)
     else:
         raise ValueError(f"unknown tiny model family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     return folder

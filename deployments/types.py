@@ -57,12 +57,17 @@ class GenerationOutput:
 
 @dataclass(frozen=True)
 class EnhancedPrompt:
-    """The prompt a generator uses. Generators that run without guidance ignore `negative_prompt`."""
+    """The prompt a generator uses. Generators that run without guidance ignore `negative_prompt`.
+
+    `enhancer`: "llm", "template" or "none"; `fallback_reason`: why the template answered when the
+    LLM was asked (e.g. "off_topic", "timeout", "backend_error: ..."), None otherwise.
+    """
 
     prompt: str
     negative_prompt: str | None
     style: str
     enhancer: str
+    fallback_reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def _in_process(args: AppArgs, body: dict, warmup: int, requests: int) -> Sample
     from serve_app.service import ImageService
 
     service = ImageService(
-        enhancer=LocalHandle(PromptEnhancer.func_or_class(args.enhancer)),
+        enhancer=LocalHandle(PromptEnhancer.func_or_class(args.enhancer, metrics=False)),
         generators={"flux-schnell": LocalHandle(FluxGenerator.func_or_class(args.flux, metrics=False))},
         scorer=LocalHandle(ClipScorer.func_or_class(args.scorer, metrics=False)),
         specs=model_specs(args),

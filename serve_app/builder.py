@@ -60,7 +60,9 @@ def build_app(args: AppArgs) -> Application:
     """
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
-    enhancer = PromptEnhancer.options(**args.options_for("PromptEnhancer")).bind(args.enhancer)
+    enhancer = PromptEnhancer.options(**args.options_for("PromptEnhancer")).bind(
+        args.model_config_for("PromptEnhancer"), metrics=args.metrics
+    )
     flux = FluxGenerator.options(**args.options_for("FluxGenerator")).bind(
         args.model_config_for("FluxGenerator"), metrics=args.metrics
     )
@@ -82,6 +84,7 @@ def build_app(args: AppArgs) -> Application:
         request_timeout_s=args.request_timeout_s,
         max_input_pixels=args.max_input_pixels,
         metrics=args.metrics,
+        blocklist=tuple(args.enhancer.blocklist),
         **video,
     )
     runner = JobRunner.options(**args.options_for("JobRunner")).bind(resolved_jobs_config(args), job_slots(args), **graph)

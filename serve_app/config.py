@@ -12,12 +12,12 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deployments.clip_scorer import SCORE_RANGES
-from deployments.config import EnhancerConfig, FluxConfig, ScorerConfig, SvdConfig
+from deployments.config import DeviceOptions, EnhancerConfig, FluxConfig, ScorerConfig, SvdConfig
 
 DeploymentName = Literal["Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer", "SvdGenerator", "JobRunner"]
 DEPLOYMENT_NAMES: tuple[str, ...] = get_args(DeploymentName)
 # The `AppArgs` field holding each model deployment's model config (and so its device options).
-MODEL_CONFIG_FIELDS = {"FluxGenerator": "flux", "ClipScorer": "scorer", "SvdGenerator": "svd"}
+MODEL_CONFIG_FIELDS = {"FluxGenerator": "flux", "ClipScorer": "scorer", "SvdGenerator": "svd", "PromptEnhancer": "enhancer"}
 # Ray keeps resource amounts to 1e-4; shares that sum to 1 in decimal must not fail in binary.
 _SHARE_TOLERANCE = 1e-6
 
@@ -137,6 +137,11 @@ class QualityPolicy(_Strict):
     )
     threshold: float = Field(0.0, ge=0, description="An image passes when its gating score is at least this.")
     max_attempts: int = Field(1, ge=1, le=5, description="Generation rounds per request, the first included.")
+    revise_prompt: bool = Field(
+        False,
+        description="Regenerate with feedback: before each later round, the enhancer rewrites the prompt to fix "
+                    "the weakest aspect scores. False: a new seed with the same prompt.",
+    )
 
     @model_validator(mode="after")
     def _threshold_in_metric_range(self) -> "QualityPolicy":
@@ -300,11 +305,12 @@ class AppArgs(_Strict):
         for name, field in MODEL_CONFIG_FIELDS.items():
             if getattr(self, field) is None:  # an optional model (svd) that is not configured
                 continue
-            cap = getattr(self, field).device.memory_fraction
+            cap = device_options(getattr(self, field)).memory_fraction
             share = gpu_memory_fraction(self._options(name).num_gpus)
             if cap is not None and share is not None and cap > share:
                 raise ValueError(
-                    f"{field}.device.memory_fraction ({cap:g}) is more than deployments.{name}.num_gpus "
+                    f"{field}{'.llm' if field == 'enhancer' else ''}.device.memory_fraction ({cap:g}) is more than "
+                    f"deployments.{name}.num_gpus "
                     f"({share:g}): the replica could take memory Ray gave to others on its GPU"
                 )
         return self
@@ -325,10 +331,19 @@ class AppArgs(_Strict):
     def options_for(self, name: str) -> dict:
         return self._options(name).serve_options()
 
-    def model_config_for(self, name: str) -> FluxConfig | ScorerConfig | SvdConfig:
+    def model_config_for(self, name: str) -> FluxConfig | ScorerConfig | SvdConfig | EnhancerConfig:
         """The model config of deployment `name`, its CUDA memory cap filled in from its GPU share."""
         config = getattr(self, MODEL_CONFIG_FIELDS[name])
+        device = device_options(config)
         fraction = gpu_memory_fraction(self._options(name).num_gpus)
-        if config.device.memory_fraction is not None or fraction is None:
+        if device.memory_fraction is not None or fraction is None:
             return config
-        return config.model_copy(update={"device": config.device.model_copy(update={"memory_fraction": fraction})})
+        device = device.model_copy(update={"memory_fraction": fraction})
+        if isinstance(config, EnhancerConfig):  # the LLM's device (the template needs none)
+            return config.model_copy(update={"llm": config.llm.model_copy(update={"device": device})})
+        return config.model_copy(update={"device": device})
+
+
+def device_options(config: FluxConfig | ScorerConfig | SvdConfig | EnhancerConfig) -> DeviceOptions:
+    """Where a model deployment's model runs: the enhancer's is its LLM's."""
+    return config.llm.device if isinstance(config, EnhancerConfig) else config.device

@@ -4,6 +4,10 @@ Works with Ray Serve `DeploymentHandle`s and with `serve_app.local.LocalHandle` 
 used by unit tests and the benchmark) alike: all it needs is `handle.method.remote(...)` returning
 something awaitable.
 
+With `revise_prompt`, each later round first asks the enhancer for a prompt that fixes the aspects
+the last round's failing images scored lowest on ("regenerate with feedback"); each candidate
+records the prompt it was made with.
+
 An attempt generates the images still missing: the first generates `num_images`; each later one
 only as many as have not yet reached the threshold, with fresh seeds. Seeds are counted up from the
 request's base seed, so one request with the same seed replays every attempt. The result keeps the
@@ -49,6 +53,8 @@ class ImagePlan:
     metric: str
     threshold: float
     max_attempts: int
+    target: str = "flux"
+    revise_prompt: bool = False
 
 
 @dataclass
@@ -104,7 +110,18 @@ def _enhance(plan: ImagePlan, enhancer):
     """The enhancer's pending response, or the prompt as given when enhancement is off."""
     if not plan.enhance:
         return EnhancedPrompt(prompt=plan.prompt, negative_prompt=plan.negative_prompt, style="none", enhancer="none")
-    return enhancer.enhance.remote(plan.prompt, plan.style, plan.quality, plan.negative_prompt)
+    return enhancer.enhance.remote(plan.prompt, plan.style, plan.quality, plan.negative_prompt, target=plan.target)
+
+
+def weakest_aspects(failing: list[Candidate], metric: str, count: int = 2) -> list[str]:
+    """What the next prompt should fix: the `count` aspect scores lowest on average over the
+    failing images, when the scorer gives aspect scores; else the gating metric itself."""
+    aspects = [c.scores.get("aspects") for c in failing if isinstance(c.scores.get("aspects"), dict)]
+    if not aspects:
+        return [metric]
+    names = sorted(set.intersection(*(set(scores) for scores in aspects)))
+    means = {name: sum(scores[name] for scores in aspects) / len(aspects) for name in names}
+    return sorted(means, key=lambda name: (means[name], name))[:count] or [metric]
 
 
 def choose(candidates: list[Candidate], count: int, metric: str) -> list[Candidate]:
@@ -140,6 +157,14 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
             progress=None if progress is None else dataclasses.replace(progress, round=attempt),
         )
         round_started = time.perf_counter()
+        if attempt > 1 and plan.revise_prompt and plan.enhance:
+            # Regenerate with feedback: a prompt that addresses what the last round scored lowest on.
+            weak = weakest_aspects([c for c in candidates if c.attempt == attempt - 1 and not c.passed], plan.metric)
+            enhanced = await call_stage(
+                enhancer.revise.remote(plan.prompt, enhanced, weak, target=plan.target), "enhance", timeout_s
+            )
+            timings["enhance"] += time.perf_counter() - round_started
+            round_started = time.perf_counter()
         generation = generator.generate.remote(params, enhanced)
         scoring = scorer.score.remote(generation, plan.prompt)
         if not isinstance(enhanced, EnhancedPrompt):

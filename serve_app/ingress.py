@@ -2,6 +2,7 @@
 
 Routes (OpenAPI at /docs):
 - POST /v1/images   generate, score and regenerate; JSON in, JSON with base64 PNGs out
+- POST /v1/prompts/enhance  the enhance step alone (LLM or template), with prompt advice
 - POST /v1/videos   image-to-video, or text-to-video through a keyframe; MP4/GIF/WebP, JSON or binary
 - GET  /v1/models   the deployed models with their limits and defaults
 - GET  /healthz     200 when every downstream deployment answers, 503 naming the one that did not
@@ -9,8 +10,8 @@ Routes (OpenAPI at /docs):
 
 Bodies over `max_body_bytes` get 413 before they are parsed (serve_app.body_limit).
 
-Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(...))`, and
-`.generate_video.remote(VideoRequest(...))`.
+Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(...))`,
+`.generate_video.remote(VideoRequest(...))` and `.enhance_prompt.remote(EnhanceRequest(...))`.
 """
 
 
@@ -34,7 +35,14 @@ from serve_app.graph import StageTimeout
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.schemas import ImageJobResult, JobList, JobState, JobStatus, JobSubmission, VideoJobResult
 from serve_app.models import ModelSpec, RequestError
-from serve_app.schemas import ImageRequest, ImageResponse, VideoRequest, VideoResponse
+from serve_app.schemas import (
+    EnhanceRequest,
+    EnhanceResponse,
+    ImageRequest,
+    ImageResponse,
+    VideoRequest,
+    VideoResponse,
+)
 from serve_app.service import ImageService
 from deployments.config import SvdConfig
 from serve_app.video import VideoService
@@ -52,7 +60,8 @@ api.add_middleware(BodyLimit)
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     path = request.url.path
-    model = VideoRequest if path.startswith("/v1/videos") else JobSubmission if path.startswith("/v1/jobs") else ImageRequest
+    model = (VideoRequest if path.startswith("/v1/videos") else JobSubmission if path.startswith("/v1/jobs")
+             else EnhanceRequest if path.startswith("/v1/prompts") else ImageRequest)
     detail = explain_errors(list(error.errors()), model)
     _record_rejection(_metrics_of(request), request.url.path, [_field_of(item["loc"]) for item in detail])
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail)})
@@ -66,7 +75,7 @@ async def _job_error(_: Request, error: jobs_http.JobError) -> JSONResponse:
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, error: RequestError) -> JSONResponse:
     _record_rejection(_metrics_of(request), request.url.path, [error.field])
-    return JSONResponse(status_code=422, content={"detail": error.detail()})
+    return JSONResponse(status_code=error.status, content={"detail": error.detail()})
 
 
 def _field_of(loc) -> str:
@@ -125,8 +134,8 @@ class Ingress:
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
                  request_timeout_s: float = 600.0, svd=None, svd_config: SvdConfig | None = None,
                  max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
-                 max_body_bytes: int = DEFAULT_MAX_BYTES):
-        self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s)
+                 max_body_bytes: int = DEFAULT_MAX_BYTES, blocklist: tuple[str, ...] = ()):
+        self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s, blocklist)
         # One set of metrics per replica; the error handlers find it on the app serving the request.
         self._metrics = GraphMetrics() if metrics else None
         api.state.metrics = self._metrics
@@ -157,7 +166,8 @@ class Ingress:
         with self._rejections_recorded("handle:generate_images"):
             return await self._images(request)
 
-    @api.post("/v1/images", response_model=ImageResponse)
+    @api.post("/v1/images", response_model=ImageResponse,
+              responses={400: {"description": "The prompt contains a blocklisted term."}})
     async def post_images(self, request: ImageRequest) -> ImageResponse:
         return await self._images(request)
 
@@ -166,6 +176,19 @@ class Ingress:
         if self._metrics is not None:
             self._metrics.image_response(response)
         return response
+
+    async def enhance_prompt(self, request: EnhanceRequest | dict) -> EnhanceResponse:
+        """The Python API of POST /v1/prompts/enhance."""
+        with self._rejections_recorded("handle:enhance_prompt"):
+            return await self._service.enhance_prompt(request)
+
+    @api.post("/v1/prompts/enhance", response_model=EnhanceResponse,
+              responses={400: {"description": "The prompt contains a blocklisted term."}})
+    async def post_enhance(self, request: EnhanceRequest) -> EnhanceResponse:
+        """The enhance step alone, as `POST /v1/images` would run it for `model`: the prompt the model
+        would see, which enhancer made it (and why the template answered, if the LLM was asked), and
+        advice on the prompt as written. Nothing is generated."""
+        return await self._service.enhance_prompt(request)
 
     async def _video(self, request: VideoRequest | dict):
         response, output = await self._video_service().run(request)

@@ -10,6 +10,8 @@ from serve_app.schemas import ImageRequest
 class RequestError(ValueError):
     """A request field the chosen model or config cannot accept. The ingress answers 422."""
 
+    status = 422
+
     def __init__(self, field: str, message: str, allowed: str):
         super().__init__(f"{field}: {message}")
         self.field = field
@@ -17,15 +19,28 @@ class RequestError(ValueError):
         self.allowed = allowed
 
     def __reduce__(self):  # Ray pickles it back to a handle caller
-        return (RequestError, (self.field, self.message, self.allowed))
+        return (type(self), (self.field, self.message, self.allowed))
+
+    def renamed(self, field: str) -> "RequestError":
+        """The same error about `field` (where the request sits inside a larger one)."""
+        return type(self)(field, self.message, self.allowed)
 
     def detail(self, prefix: tuple[str, ...] = ()) -> list[dict]:
         """The shape of schema errors (see serve_app.errors), so clients parse one format.
 
         `prefix`: where the request sits inside the body (("request",) in a job submission)."""
         field = ".".join((*prefix, self.field))
-        return [{"loc": ["body", *prefix, self.field], "msg": f"{field}: {self.message}", "type": "value_error",
+        return [{"loc": ["body", *prefix, self.field], "msg": f"{field}: {self.message}", "type": self.kind,
                  "allowed": self.allowed}]
+
+    kind = "value_error"
+
+
+class PromptBlocked(RequestError):
+    """The prompt contains a term of the configured blocklist: refused with 400, naming the field."""
+
+    status = 400
+    kind = "blocked"
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,11 @@ class ImageRequest(BaseModel):
         None, ge=0, le=100, description="Minimum gating score (aesthetic 0-1, alignment 0-100)."
     )
     max_attempts: int | None = Field(None, ge=1, le=5, description="Generation rounds, 1-5; default from config.")
+    revise_prompt: bool | None = Field(
+        None,
+        description="On regeneration, ask the enhancer for a prompt that fixes the weakest scores "
+                    "(false: new seed, same prompt); default from config.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -59,6 +64,18 @@ class ImageRequest(BaseModel):
         if not value.strip():
             raise ValueError("prompt must contain non-whitespace text")
         return value
+
+
+class PromptIssueInfo(BaseModel):
+    code: str = Field(description="too_short, too_long, vague_words, contradiction or repeated_words.")
+    message: str
+
+
+class PromptAdviceInfo(BaseModel):
+    """Advice on the prompt as the user wrote it. Never blocks a request."""
+
+    score: int = Field(description="0-100; 100 means no issue was found.")
+    issues: list[PromptIssueInfo]
 
 
 class Scores(BaseModel):
@@ -99,7 +116,11 @@ class ImageResponse(BaseModel):
     enhanced_prompt: str = Field(description="The prompt the model saw.")
     negative_prompt: str | None = Field(description="The negative prompt the model used; null when unused.")
     style: str | None
-    enhancer: str = Field(description="Which enhancer produced enhanced_prompt: 'template' or 'none'.")
+    enhancer: str = Field(description="Which enhancer produced enhanced_prompt: 'llm', 'template' or 'none'.")
+    enhancer_fallback: str | None = Field(
+        None, description="Why the template answered although the LLM was asked (e.g. 'off_topic: ...'); else null."
+    )
+    prompt_advice: PromptAdviceInfo = Field(description="Validation advice on the prompt as sent.")
     width: int
     height: int
     num_inference_steps: int
@@ -111,6 +132,32 @@ class ImageResponse(BaseModel):
     attempts: list[Attempt] = Field(description="Every candidate generated, in order.")
     timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total.")
     warnings: list[str] = Field(default_factory=list)
+
+
+class EnhanceRequest(BaseModel):
+    """`POST /v1/prompts/enhance`: what the image graph's enhance step would make of a prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=2000, description="The idea to enhance (1-2000 characters).")
+    negative_prompt: str | None = Field(None, max_length=2000, description="Kept as given; else the style's preset.")
+    model: str = Field("flux-schnell", description="Target model id from GET /v1/models (shapes the prompt's form).")
+    style: Style | None = Field(None, description="Template style; default from config.")
+    quality: Quality = Field("high", description="Quality modifiers the template appends.")
+
+    _not_blank = field_validator("prompt")(ImageRequest._not_blank.__func__)
+
+
+class EnhanceResponse(BaseModel):
+    prompt: str = Field(description="The prompt as sent.")
+    enhanced_prompt: str
+    negative_prompt: str | None = Field(description="The negative prompt; null when the target model does not use one.")
+    style: str
+    model: str
+    enhancer: str = Field(description="'llm' or 'template'.")
+    enhancer_fallback: str | None = Field(None, description="Why the template answered although the LLM was asked.")
+    prompt_advice: PromptAdviceInfo
+    seconds: float = Field(description="Time the enhancer took.")
 
 
 class KeyframeOptions(BaseModel):
@@ -128,6 +175,7 @@ class KeyframeOptions(BaseModel):
     quality_metric: Metric | None = None
     quality_threshold: float | None = Field(None, ge=0, le=100)
     max_attempts: int | None = Field(None, ge=1, le=5)
+    revise_prompt: bool | None = None
 
 
 class VideoRequest(BaseModel):

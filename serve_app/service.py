@@ -7,21 +7,34 @@ with `LocalHandle`s, so the in-process baseline runs exactly the code the servic
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 
 from deployments.clip_scorer import SCORE_RANGES
-from deployments.types import ProgressTarget
+from deployments.prompt_rules import blocked_terms, validate_prompt
+from deployments.types import EnhancedPrompt, ProgressTarget
 from serve_app.config import QualityPolicy, check_threshold
 from serve_app.graph import Candidate, GraphResult, ImagePlan, run_image_graph
 from serve_app.images import encode_png_b64
-from serve_app.models import ModelSpec, RequestError
-from serve_app.schemas import Attempt, GeneratedImage, ImageRequest, ImageResponse, Scores, random_seed
+from serve_app.graph import call_stage
+from serve_app.models import ModelSpec, PromptBlocked, RequestError
+from serve_app.schemas import (
+    Attempt,
+    EnhanceRequest,
+    EnhanceResponse,
+    GeneratedImage,
+    ImageRequest,
+    ImageResponse,
+    PromptAdviceInfo,
+    Scores,
+    random_seed,
+)
 
 
 class ImageService:
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
-                 request_timeout_s: float = 600.0):
+                 request_timeout_s: float = 600.0, blocklist: list[str] | tuple[str, ...] = ()):
         missing = set(generators) ^ set(specs)
         if missing:
             raise ValueError(f"generators and model specs must name the same models; mismatch: {sorted(missing)}")
@@ -31,14 +44,26 @@ class ImageService:
         self.specs = specs
         self.policy = policy
         self.request_timeout_s = request_timeout_s
+        self.blocklist = tuple(blocklist)
+
+    def _spec(self, model: str) -> ModelSpec:
+        spec = self.specs.get(model)
+        if spec is None:
+            known = sorted(self.specs)
+            raise RequestError("model", f"must be one of {known}; got {model!r}", "one of " + ", ".join(map(repr, known)))
+        return spec
+
+    def check_blocklist(self, prompt: str, field: str = "prompt") -> None:
+        """Refuse (400) a prompt naming a blocklisted term; the blocklist is empty (off) by default."""
+        hits = blocked_terms(prompt, self.blocklist)
+        if hits:
+            raise PromptBlocked(field, f"contains blocked term(s): {', '.join(hits)}", "text without blocklisted terms")
 
     def plan(self, request: ImageRequest) -> tuple[ImagePlan, ModelSpec, list[str]]:
         """Fill in defaults and check what depends on the model and the config (422 on failure)."""
-        spec = self.specs.get(request.model)
-        if spec is None:
-            known = sorted(self.specs)
-            raise RequestError("model", f"must be one of {known}; got {request.model!r}", "one of " + ", ".join(map(repr, known)))
+        spec = self._spec(request.model)
         spec.check(request)
+        self.check_blocklist(request.prompt)
         metric = request.quality_metric or self.policy.metric
         threshold = self.policy.threshold if request.quality_threshold is None else request.quality_threshold
         try:
@@ -68,6 +93,8 @@ class ImageService:
             metric=metric,
             threshold=threshold,
             max_attempts=request.max_attempts or self.policy.max_attempts,
+            target=spec.family,
+            revise_prompt=self.policy.revise_prompt if request.revise_prompt is None else request.revise_prompt,
         )
         return plan, spec, warnings
 
@@ -103,6 +130,8 @@ class ImageService:
             negative_prompt=result.negative_prompt,
             style=None if result.enhanced.enhancer == "none" else result.enhanced.style,
             enhancer=result.enhanced.enhancer,
+            enhancer_fallback=result.enhanced.fallback_reason,
+            prompt_advice=advice_of(request.prompt),
             width=plan.width,
             height=plan.height,
             num_inference_steps=plan.num_inference_steps,
@@ -120,8 +149,38 @@ class ImageService:
     def _encode(result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> list[GeneratedImage]:
         return [_generated_image(candidate, result, plan, spec) for candidate in result.chosen]
 
+    async def enhance_prompt(self, request: EnhanceRequest | dict) -> EnhanceResponse:
+        """The enhance step alone, as the image graph would run it for `request.model`."""
+        if not isinstance(request, EnhanceRequest):
+            request = EnhanceRequest.model_validate(request)
+        spec = self._spec(request.model)
+        self.check_blocklist(request.prompt)
+        started = time.perf_counter()
+        enhanced: EnhancedPrompt = await call_stage(
+            self.enhancer.enhance.remote(
+                request.prompt, request.style, request.quality, request.negative_prompt, target=spec.family
+            ),
+            "enhance", self.request_timeout_s,
+        )
+        return EnhanceResponse(
+            prompt=request.prompt,
+            enhanced_prompt=enhanced.prompt,
+            negative_prompt=enhanced.negative_prompt if spec.uses_negative_prompt else None,
+            style=enhanced.style,
+            model=spec.id,
+            enhancer=enhanced.enhancer,
+            enhancer_fallback=enhanced.fallback_reason,
+            prompt_advice=advice_of(request.prompt),
+            seconds=round(time.perf_counter() - started, 4),
+        )
+
     def models(self) -> list[dict]:
         return [spec.public() for spec in self.specs.values()]
+
+
+def advice_of(prompt: str) -> PromptAdviceInfo:
+    advice = validate_prompt(prompt)
+    return PromptAdviceInfo(score=advice.score, issues=[dataclasses.asdict(issue) for issue in advice.issues])
 
 
 def attempts_of(result: GraphResult) -> list[Attempt]:

@@ -98,7 +98,7 @@ class VideoService:
             self.images.plan(image_request)
         except RequestError as error:
             field = error.field if error.field in ("prompt", "width", "height", "seed") else f"keyframe.{error.field}"
-            raise RequestError(field, error.message, error.allowed) from None
+            raise error.renamed(field) from None
         except ValidationError as error:  # e.g. a width fine for video but not for the image model
             first = error.errors()[0]
             field = ".".join(str(part) for part in first["loc"])

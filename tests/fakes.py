@@ -18,10 +18,17 @@ def grey_for_seed(seed: int) -> int:
 class FakeEnhancer:
     def __init__(self):
         self.calls = []
+        self.targets = []
 
-    def enhance(self, prompt, style=None, quality="high", negative_prompt=None):
+    def enhance(self, prompt, style=None, quality="high", negative_prompt=None, target="flux"):
         self.calls.append((prompt, style, quality, negative_prompt))
+        self.targets.append(target)
         return EnhancedPrompt(prompt=f"{prompt}, enhanced", negative_prompt=negative_prompt or "bad", style=style or "photorealistic", enhancer="template")
+
+    def revise(self, prompt, previous, weak, target="flux"):
+        self.calls.append(("revise", prompt, previous.prompt, tuple(weak)))
+        return EnhancedPrompt(prompt=f"{previous.prompt}, fixing {'+'.join(weak)}", negative_prompt=previous.negative_prompt,
+                              style=previous.style, enhancer="template")
 
 
 class FakeGenerator:
@@ -37,13 +44,19 @@ class FakeGenerator:
 
 
 class FakeScorer:
-    """aesthetic = grey / 255, alignment = 100 * grey / 255."""
+    """aesthetic = grey / 255, alignment = 100 * grey / 255; with `aspects`, aspect scores too
+    (lighting = grey / 255, the others fixed), as a scorer with aspect scores gives them."""
 
-    def __init__(self):
+    def __init__(self, aspects: bool = False):
         self.received = []
+        self.aspects = aspects
 
     async def score(self, images, prompt):
         self.received.append(type(images).__name__)
         array = images.images if isinstance(images, GenerationOutput) else images
         greys = array[:, 0, 0, 0].astype(float) / 255.0
-        return [{"aesthetic": g, "alignment": 100.0 * g} for g in greys]
+        scores = [{"aesthetic": g, "alignment": 100.0 * g} for g in greys]
+        if self.aspects:
+            for entry, g in zip(scores, greys):
+                entry["aspects"] = {"composition": 0.5, "lighting": g, "colors": 0.6, "sharpness": 0.7, "style": 0.9}
+        return scores

@@ -42,6 +42,10 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
         if args.get(model) is not None:
             args[model]["source"] = "tiny"
             args[model]["device"].update(dtype="auto", torch_threads=1)
+    llm = args["enhancer"]["llm"]
+    if llm["backend"] == "transformers":
+        llm["source"] = "tiny"
+        llm["device"].update(dtype="auto", torch_threads=1)
     for name, options in deployments.items():
         args["deployments"][name] = {**args["deployments"].get(name, {}), **options}
     return args

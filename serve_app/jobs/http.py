@@ -101,7 +101,7 @@ class JobsApi:
                 await asyncio.to_thread(self.videos.check, parsed)
                 seed = random_seed() if parsed.seed is None else parsed.seed
         except RequestError as error:
-            raise JobError(422, error.detail(prefix=("request",))) from None
+            raise JobError(error.status, error.detail(prefix=("request",))) from None
         return {**parsed.model_dump(mode="json", exclude_unset=True), "seed": seed}
 
     # Read

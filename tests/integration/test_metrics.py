@@ -35,6 +35,7 @@ MAY_BE_EMPTY = {
     "ray_genserve_request_peak_accelerator_memory_bytes": "recorded on CUDA only; absent on CPU",
     "ray_genserve_model_errors_total": "no model call fails in this traffic",
     "ray_genserve_stage_timeouts_total": "no stage times out in this traffic",
+    "ray_genserve_enhancer_fallbacks_total": "the dev profile enhances with templates; created in llm mode only",
 }
 
 

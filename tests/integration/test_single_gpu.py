@@ -46,8 +46,8 @@ def test_every_deployment_fits_on_one_gpu_node_and_the_models_share_its_gpu(one_
     }
     [node] = {r.node_id for found in replicas.values() for r in found}
     assert node == ray.get_runtime_context().get_node_id()
-    # FLUX, CLIP and SVD hold fractions of the same (only) GPU.
-    for name in ("FluxGenerator", "ClipScorer", "SvdGenerator"):
+    # FLUX, CLIP, SVD and the enhancer's LLM hold fractions of the same (only) GPU.
+    for name in ("FluxGenerator", "ClipScorer", "SvdGenerator", "PromptEnhancer"):
         [replica] = replicas[name]
         assert replica_gpu_ids(replica) == ["0"]
         assert deployments[name].required_resources["GPU"] == one_gpu_node["args"]["deployments"][name]["num_gpus"]
@@ -58,6 +58,8 @@ def test_it_answers_on_the_cpu_because_torch_sees_no_gpu(one_gpu_node):
     response = httpx.post(f"{base}/v1/images", json={"prompt": "a red fox", "width": 256, "height": 256, "seed": 9},
                           timeout=120)
     assert response.status_code == 200, response.text
+    # The profile enhances with an LLM (tiny here: gibberish, so the template answered, saying why).
+    assert response.json()["enhancer"] == "template" and response.json()["enhancer_fallback"]
     [flux] = httpx.get(f"{base}/v1/models", timeout=30).json()["models"]
     # The builder set a memory cap from the GPU share, but a cap is only applied on CUDA.
     assert flux["deployment"]["device"] == "cpu" and flux["deployment"]["memory_fraction"] is None

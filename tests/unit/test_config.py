@@ -8,7 +8,7 @@ from ray.serve.schema import ServeDeploySchema
 from serve_app import APP_NAME
 from serve_app.appconfig import app_args_from_config
 from serve_app.builder import build_app
-from serve_app.config import AppArgs, DeploymentOptions, gpu_memory_fraction, unplaced_gpu_replicas
+from serve_app.config import AppArgs, DeploymentOptions, device_options, gpu_memory_fraction, unplaced_gpu_replicas
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -93,12 +93,21 @@ def test_single_gpu_config_packs_every_deployment_onto_one_gpu():
     args = app_args_from_config(ROOT / "configs" / "single-gpu.yaml")
     assert args.gpu_capacity == {"any": 1}
     shares = {name: options.num_gpus for name, options in args.deployments.items() if options.num_gpus}
-    assert set(shares) == {"FluxGenerator", "ClipScorer", "SvdGenerator"}
+    assert set(shares) == {"FluxGenerator", "ClipScorer", "SvdGenerator", "PromptEnhancer"}
     assert all(0 < share < 1 for share in shares.values()) and sum(shares.values()) <= 1
     assert all(args.deployments[name].max_replicas == 1 for name in shares)
-    # The builder turns each share into the replica's CUDA memory cap.
+    # The builder turns each share into the replica's CUDA memory cap (the enhancer's goes to its LLM).
     for name, share in shares.items():
-        assert args.model_config_for(name).device.memory_fraction == share
+        assert device_options(args.model_config_for(name)).memory_fraction == share
+    assert args.model_config_for("PromptEnhancer").llm.device.memory_fraction == 0.05
+
+
+def test_enhancer_llm_memory_cap_must_fit_its_share():
+    with pytest.raises(ValueError, match=r"enhancer\.llm\.device\.memory_fraction \(0\.5\) is more than deployments\.PromptEnhancer"):
+        AppArgs.model_validate({
+            "enhancer": {"mode": "llm", "llm": {"device": {"memory_fraction": 0.5}}},
+            "deployments": {"PromptEnhancer": {"num_gpus": 0.1}},
+        })
 
 
 def test_multi_gpu_config_gives_flux_whole_gpus_and_autoscales_every_model():

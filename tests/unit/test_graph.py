@@ -90,3 +90,38 @@ def test_a_stage_past_its_timeout_raises_naming_the_stage():
 
     with pytest.raises(StageTimeout, match="generate stage"):
         _run(_plan(), generator=SlowGenerator(), timeout_s=0.2)
+
+
+def test_revise_prompt_rewrites_for_the_weakest_aspects_before_each_later_round():
+    # Seeds 100, 101, 102 all fail a 0.99 threshold; lighting (grey / 255) and composition (0.5) score lowest.
+    plan = _plan(threshold=0.99, max_attempts=3, revise_prompt=True)
+    result, enhancer, generator, _ = _run(plan, scorer=FakeScorer(aspects=True))
+    prompts = [prompt.prompt for _, prompt in generator.calls]
+    assert prompts == [
+        "a fox, enhanced",
+        "a fox, enhanced, fixing lighting+composition",
+        "a fox, enhanced, fixing lighting+composition, fixing lighting+composition",
+    ]
+    assert [c.prompt for c in result.candidates] == prompts
+    assert [call[0] for call in enhancer.calls] == ["a fox", "revise", "revise"]
+
+
+def test_revise_without_aspect_scores_names_the_gate_metric():
+    _, enhancer, _, _ = _run(_plan(threshold=99, max_attempts=2, revise_prompt=True, metric="alignment"))
+    assert enhancer.calls[-1] == ("revise", "a fox", "a fox, enhanced", ("alignment",))
+
+
+def test_without_revise_prompt_every_round_uses_the_same_prompt():
+    result, enhancer, generator, _ = _run(_plan(threshold=0.99, max_attempts=3), scorer=FakeScorer(aspects=True))
+    assert {prompt.prompt for _, prompt in generator.calls} == {"a fox, enhanced"}
+    assert len(enhancer.calls) == 1
+
+
+def test_a_passing_first_round_is_never_revised():
+    _, enhancer, generator, _ = _run(_plan(threshold=0.1, max_attempts=3, revise_prompt=True))
+    assert len(generator.calls) == 1 and len(enhancer.calls) == 1
+
+
+def test_enhancer_is_told_the_target_model_family():
+    _, enhancer, _, _ = _run(_plan(target="sdxl"))
+    assert enhancer.calls == [("a fox", None, "high", None)] and enhancer.targets == ["sdxl"]

@@ -68,3 +68,45 @@ def test_response_carries_everything_needed_to_reproduce():
         "prompt": "a fox, enhanced", "original_prompt": "a fox", "negative_prompt": None, "seed": 8, "steps": 4,
         "guidance_scale": 0.0, "width": 272, "height": 256, "model": "flux-schnell",
     }
+
+
+def test_blocklisted_prompt_is_refused_with_400_before_anything_runs():
+    from serve_app.models import PromptBlocked
+
+    spec = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
+    generator = FakeGenerator()
+    service = ImageService(
+        LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)}, LocalHandle(FakeScorer()), {spec.id: spec},
+        QualityPolicy(), blocklist=("gore",),
+    )
+    with pytest.raises(PromptBlocked) as caught:
+        asyncio.run(service.generate_images(ImageRequest(prompt="a battlefield full of Gore")))
+    assert caught.value.status == 400 and caught.value.field == "prompt" and "gore" in caught.value.message
+    assert caught.value.detail()[0]["type"] == "blocked"
+    assert generator.calls == []
+    with pytest.raises(PromptBlocked):
+        asyncio.run(service.enhance_prompt({"prompt": "gore"}))
+
+
+def test_every_response_carries_prompt_advice():
+    response = asyncio.run(_service().generate_images(ImageRequest(prompt="nice thing", seed=1)))
+    assert [issue.code for issue in response.prompt_advice.issues] == ["too_short", "vague_words"]
+    assert response.prompt_advice.score == 50 and response.enhancer_fallback is None
+
+
+def test_enhance_prompt_alone():
+    from serve_app.schemas import EnhanceRequest
+
+    response = asyncio.run(_service().enhance_prompt(EnhanceRequest(prompt="a fox in the snow", style="anime")))
+    assert response.enhanced_prompt == "a fox in the snow, enhanced" and response.enhancer == "template"
+    assert response.negative_prompt is None  # FLUX uses none
+    assert response.model == "flux-schnell" and response.prompt_advice.score == 100
+    with pytest.raises(RequestError, match="model"):
+        asyncio.run(_service().enhance_prompt({"prompt": "a fox", "model": "nope"}))
+
+
+def test_revise_prompt_comes_from_config_unless_the_request_says():
+    assert _service().plan(ImageRequest(prompt="a fox"))[0].revise_prompt is False
+    assert _service(QualityPolicy(revise_prompt=True)).plan(ImageRequest(prompt="a fox"))[0].revise_prompt is True
+    plan = _service(QualityPolicy(revise_prompt=True)).plan(ImageRequest(prompt="a fox", revise_prompt=False))[0]
+    assert plan.revise_prompt is False and plan.target == "flux"
