@@ -46,7 +46,7 @@ def _request_body(width: int, height: int, steps: int) -> dict:
             "num_inference_steps": steps, "seed": 1234}
 
 
-def _in_process(args: AppArgs, body: dict, warmup: int, requests: int) -> Sample:
+def _in_process(args: AppArgs, body: dict, warmup: int, requests: int, label: str = "") -> Sample:
     from deployments.clip_scorer import ClipScorer
     from deployments.flux import FluxGenerator
     from deployments.prompt_enhancer import PromptEnhancer
@@ -71,7 +71,7 @@ def _in_process(args: AppArgs, body: dict, warmup: int, requests: int) -> Sample
         torch.set_num_threads(args.flux.device.torch_threads)
 
     async def run() -> Sample:
-        sample = Sample("in-process", [], [])
+        sample = Sample(f"in-process{label}", [], [])
         for index in range(warmup + requests):
             started = time.perf_counter()
             response = await service.generate_images(request)
@@ -141,11 +141,19 @@ def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int, label:
 
 
 def run_benchmark(config: str, requests: int, warmup: int, width: int, height: int, steps: int,
-                  compare_metrics: bool = False) -> list[Sample]:
-    """In process first, then through Serve; with `compare_metrics`, Serve again without metrics."""
+                  compare_metrics: bool = False, compare_enhancer: bool = False) -> list[Sample]:
+    """In process first, then through Serve; with `compare_metrics`, Serve again without metrics;
+    with `compare_enhancer`, in process and through Serve again with the other enhancer mode
+    (template <-> the config's LLM), so the LLM's added latency shows next to the baseline."""
     args = app_args_from_config(config)
     body = _request_body(width, height, steps)
     samples = [_in_process(args, body, warmup, requests), *_through_serve(args, body, warmup, requests)]
+    if compare_enhancer:
+        other = "template" if args.enhancer.mode == "llm" else "llm"
+        swapped = args.model_copy(update={"enhancer": args.enhancer.model_copy(update={"mode": other})})
+        label = f" ({other} enhancer)"
+        samples += [_in_process(swapped, body, warmup, requests, label),
+                    *_through_serve(swapped, body, warmup, requests, label)]
     if compare_metrics:
         quiet = args.model_copy(update={"metrics": not args.metrics})
         label = " (metrics off)" if args.metrics else " (metrics on)"
@@ -159,11 +167,11 @@ STAGES = ("enhance", "generate", "score", "encode")
 def format_table(samples: list[Sample]) -> str:
     """Client-side latency per path, its ratio to in-process, and the service's own stage p50s."""
     baseline = samples[0]
-    header = f"{'path':<29}{'n':>4}{'p50 ms':>9}{'p95 ms':>9}{'p50 x':>8}{'p95 x':>8}"
+    header = f"{'path':<34}{'n':>4}{'p50 ms':>9}{'p95 ms':>9}{'p50 x':>8}{'p95 x':>8}"
     header += "".join(f"{stage + ' ms':>13}" for stage in STAGES)
     lines = [header]
     for sample in samples:
-        line = f"{sample.name:<29}{len(sample.seconds):>4}{sample.p50 * 1000:>9.1f}{sample.percentile(95) * 1000:>9.1f}"
+        line = f"{sample.name:<34}{len(sample.seconds):>4}{sample.p50 * 1000:>9.1f}{sample.percentile(95) * 1000:>9.1f}"
         line += f"{sample.p50 / baseline.p50:>8.3f}{sample.percentile(95) / baseline.percentile(95):>8.3f}"
         line += "".join(f"{sample.stage_p50(stage) * 1000:>13.1f}" for stage in STAGES)
         lines.append(line)

@@ -78,7 +78,7 @@ def _bench(args: argparse.Namespace) -> int:
     from serve_app.bench import format_table, run_benchmark
 
     samples = run_benchmark(args.config, args.requests, args.warmup, args.width, args.height, args.steps,
-                            compare_metrics=args.compare_metrics)
+                            compare_metrics=args.compare_metrics, compare_enhancer=args.compare_enhancer)
     print(f"genserve bench: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
           f"{args.requests} sequential requests after {args.warmup} warm-up")
     print(format_table(samples))
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         parser_.set_defaults(func=func)
     bench.add_argument("--compare-metrics", action="store_true",
                        help="also run through Serve with the config's metrics setting flipped")
+    bench.add_argument("--compare-enhancer", action="store_true",
+                       help="also run with the other enhancer mode (template <-> the config's llm)")
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
     tiny.add_argument("family", choices=TINY_FAMILIES)
