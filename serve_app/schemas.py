@@ -120,7 +120,9 @@ class ImageResponse(BaseModel):
     enhancer_fallback: str | None = Field(
         None, description="Why the template answered although the LLM was asked (e.g. 'off_topic: ...'); else null."
     )
-    prompt_advice: PromptAdviceInfo = Field(description="Validation advice on the prompt as sent.")
+    prompt_advice: PromptAdviceInfo | None = Field(
+        None, description="Validation advice on the prompt as sent (null only in job results stored by older versions)."
+    )
     width: int
     height: int
     num_inference_steps: int
@@ -229,6 +231,9 @@ class KeyframeInfo(BaseModel):
     seed: int
     prompt: str
     enhanced_prompt: str
+    enhancer: str | None = Field(None, description="'llm', 'template' or 'none', as for images.")
+    enhancer_fallback: str | None = None
+    prompt_advice: PromptAdviceInfo | None = None
     scores: Scores
     passed: bool
     attempts: list[Attempt]

@@ -16,7 +16,7 @@ from serve_app.graph import call_stage
 from serve_app.inputs import decode_image, fit_image
 from serve_app.models import RequestError
 from serve_app.schemas import ImageRequest, KeyframeInfo, Scores, VideoRequest, VideoResponse, random_seed
-from serve_app.service import ImageService, attempts_of
+from serve_app.service import ImageService, advice_of, attempts_of
 
 
 class VideoService:
@@ -112,6 +112,8 @@ class VideoService:
         best = result.chosen[0]
         info = KeyframeInfo(
             model=spec.id, seed=best.seed, prompt=request.prompt, enhanced_prompt=best.prompt,
+            enhancer=result.enhanced.enhancer, enhancer_fallback=result.enhanced.fallback_reason,
+            prompt_advice=advice_of(request.prompt),
             scores=Scores(**best.scores), passed=best.passed, attempts=attempts_of(result),
         )
         return best.image, info

@@ -70,6 +70,8 @@ def test_text_to_video_makes_scores_and_animates_a_keyframe(client, tmp_path):
     keyframe = body.keyframe
     assert keyframe.model == "flux-schnell" and keyframe.prompt == "a paper boat on a pond"
     assert keyframe.enhanced_prompt.startswith("a paper boat on a pond, ")
+    assert keyframe.enhancer == "template" and keyframe.enhancer_fallback is None
+    assert keyframe.prompt_advice.score == 100
     assert [a.seed for a in keyframe.attempts] == [21, 22] and not keyframe.passed
     assert keyframe.seed == max(keyframe.attempts, key=lambda a: a.scores.alignment).seed
     assert set(body.timings) == {"keyframe", "video", "encode", "total"}
