@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams, ProgressTarget
+from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams, LoraRef, ProgressTarget
 from serve_app.schemas import MAX_SEED
 
 
@@ -49,6 +49,7 @@ class ImagePlan:
     metric: str
     threshold: float
     max_attempts: int
+    loras: tuple[LoraRef, ...] = ()
 
 
 @dataclass
@@ -138,6 +139,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
             num_inference_steps=plan.num_inference_steps,
             guidance_scale=plan.guidance_scale,
             progress=None if progress is None else dataclasses.replace(progress, round=attempt),
+            loras=plan.loras,
         )
         round_started = time.perf_counter()
         generation = generator.generate.remote(params, enhanced)

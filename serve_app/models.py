@@ -41,6 +41,9 @@ class ModelSpec:
     guidance_range: tuple[float, float]
     default_guidance: float
     uses_negative_prompt: bool
+    # The generator applies GenerationParams.loras (through deployments.lora.LoraManager); a
+    # request naming LoRAs for a model without it gets 422 rather than an image without them.
+    supports_loras: bool = False
 
     def check(self, request: ImageRequest) -> None:
         steps = request.num_inference_steps
@@ -74,4 +77,5 @@ def flux_schnell_spec(default_width: int, default_height: int, default_steps: in
         guidance_range=(0.0, 0.0),
         default_guidance=0.0,
         uses_negative_prompt=False,
+        supports_loras=True,
     )
