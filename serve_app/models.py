@@ -24,7 +24,9 @@ class RequestError(ValueError):
 
         `prefix`: where the request sits inside the body (("request",) in a job submission)."""
         field = ".".join((*prefix, self.field))
-        return [{"loc": ["body", *prefix, self.field], "msg": f"{field}: {self.message}", "type": "value_error",
+        # A nested field ("loras.0.name") gets pydantic's loc: ["body", "loras", 0, "name"].
+        path = [int(part) if part.isdigit() else part for part in self.field.split(".")]
+        return [{"loc": ["body", *prefix, *path], "msg": f"{field}: {self.message}", "type": "value_error",
                  "allowed": self.allowed}]
 
 
