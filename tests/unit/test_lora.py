@@ -21,7 +21,7 @@ from serve_app.models import RequestError, flux_schnell_spec
 from serve_app.schemas import ImageRequest
 from serve_app.service import ImageService
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.loras import make_flux_lora, make_sdxl_lora
+from tests.loras import make_flux_lora, make_sdxl_lora, tiny_sdxl_pipeline
 
 TRAVERSAL_NAMES = ["../x", "a/b", "a\\b", "..", "/etc/passwd", "x/../../y", "ok\x00"]
 PROMPT = EnhancedPrompt(prompt="a lighthouse at dusk", negative_prompt=None, style="none", enhancer="none")
@@ -291,3 +291,23 @@ def test_manager_refuses_other_files_before_loading(lora_dir, tmp_path):
         manager.apply([LoraRef("escape", str(lora_dir), "escape.safetensors")])
     with pytest.raises(ValueError, match="no longer a file directly inside"):
         manager.apply([LoraRef("nested", str(lora_dir), "sub/nested.safetensors")])
+
+
+def test_manager_is_generic_over_lora_pipelines(lora_dir):
+    """The same manager on a StableDiffusionXLPipeline (UNet + two text encoders)."""
+    import torch
+
+    pipeline = tiny_sdxl_pipeline()
+    manager = LoraManager(pipeline, cache_size=2)
+
+    def image(*refs):
+        manager.apply(refs)
+        with torch.inference_mode():
+            return pipeline(prompt="a fox", width=64, height=64, num_inference_steps=2, output_type="np",
+                            generator=torch.Generator().manual_seed(3)).images[0]
+
+    baseline = image()
+    styled = image(_ref(lora_dir, "sdxl_a"))
+    assert np.abs(styled - baseline).max() > 1e-3
+    assert np.array_equal(image(), baseline)
+    assert np.array_equal(image(_ref(lora_dir, "sdxl_a")), styled)
