@@ -311,3 +311,35 @@ def test_manager_is_generic_over_lora_pipelines(lora_dir):
     assert np.abs(styled - baseline).max() > 1e-3
     assert np.array_equal(image(), baseline)
     assert np.array_equal(image(_ref(lora_dir, "sdxl_a")), styled)
+
+
+def test_hub_refs_take_the_hub_loading_path_with_safetensors_only():
+    class Recorder:
+        calls = []
+
+        def load_lora_weights(self, *args, **kwargs):
+            self.calls.append((args, kwargs))
+            raise OSError("offline")
+
+        def get_list_adapters(self):
+            return {}
+
+    config = LoraConfig(hub=[LoraHubEntry(name="pixel", repo="org/pixel-xl", weight_name="pixel.safetensors", family="sdxl")])
+    ref = LoraRegistry.from_config(config).resolve("pixel").ref(0.8)
+    manager = LoraManager(Recorder(), cache_size=1)
+    with pytest.raises(OSError, match="offline"):
+        manager.apply([ref])
+    [(args, kwargs)] = Recorder.calls
+    assert args == ("org/pixel-xl",)
+    assert kwargs == {"weight_name": "pixel.safetensors", "adapter_name": adapter_key(ref), "use_safetensors": True,
+                      "local_files_only": False}
+    assert manager.loaded() == []
+
+
+def test_a_failed_load_leaves_the_pipeline_as_it_was(tiny_flux, tmp_path):
+    baseline = _image(tiny_flux)
+    (tmp_path / "torn.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(Exception):
+        _image(tiny_flux, LoraRef("torn", str(tmp_path), "torn.safetensors"))
+    assert "torn" not in tiny_flux.info()["loras_loaded"]
+    assert np.array_equal(_image(tiny_flux), baseline)
