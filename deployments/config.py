@@ -207,3 +207,64 @@ class SvdConfig(_Strict):
     default_num_frames: int | None = Field(
         None, ge=2, le=25, description="Frames when a request gives none; None uses the model's own (25 or 14)."
     )
+
+
+def _lora_name(value: str) -> str:
+    from deployments.lora import check_lora_name
+
+    return check_lora_name(value)
+
+
+def _lora_weight_name(value: str) -> str:
+    if not value.endswith(".safetensors") or value.startswith("/") or ".." in value or "\\" in value:
+        raise ValueError(f"weight_name must be a relative path to a .safetensors file without '..'; got {value!r}")
+    return value
+
+
+class LoraHubEntry(_Strict):
+    """One LoRA from the Hugging Face Hub, loaded with `load_lora_weights(repo, weight_name=...)`."""
+
+    name: Annotated[str, AfterValidator(_lora_name)] = Field(
+        description="What requests call it (no '/', '\\\\' or '..'; at most 128 characters)."
+    )
+    repo: str = Field(pattern=_HUB_ID.pattern, description="Hugging Face repo id, 'org/name'.")
+    weight_name: Annotated[str, AfterValidator(_lora_weight_name)] = Field(
+        description="The .safetensors file in the repo (a relative path; only safetensors are ever loaded).",
+    )
+    family: Literal["flux", "sdxl", "sd1"] = Field(
+        description="The model family it was trained for (not read from the file: it is not downloaded until used)."
+    )
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters requests may name (`loras: [{name, scale}]`), and how many a replica keeps loaded."""
+
+    dir: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Directory of *.safetensors LoRA files, each named by its file stem; rescanned when files are added "
+            "or removed. A relative path is resolved where the app is built; generator nodes must see it at the "
+            "same path. A missing directory lists nothing. Other file types, sub-folders and symlinks leading "
+            "out of it are ignored."
+        ),
+    )
+    hub: list[LoraHubEntry] = Field(default_factory=list, description="Hub LoRAs; a hub entry wins over a file of the same name.")
+    max_per_request: int = Field(4, ge=1, le=8, description="Most LoRAs one request may combine.")
+    cache_size: int = Field(
+        8, ge=1, le=64,
+        description="Adapters each generator replica keeps loaded; the least recently used is unloaded past it.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoraConfig":
+        if self.cache_size < self.max_per_request:
+            raise ValueError(
+                f"cache_size ({self.cache_size}) must be at least max_per_request ({self.max_per_request}): "
+                "a request's adapters are all loaded at once"
+            )
+        names = [entry.name for entry in self.hub]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"hub LoRA names must be unique; repeated: {duplicates}")
+        return self

@@ -9,6 +9,7 @@ import time
 from ray import serve
 
 from deployments.config import FluxConfig
+from deployments.lora import LoraManager
 from deployments.loading import (
     check_device_health,
     load_diffusers_pipeline,
@@ -44,14 +45,18 @@ class FluxGenerator:
 
     A cancelled request stops at the end of its current denoising step (see
     `deployments.progress`); with `params.progress` set, each step is reported to a job runner.
+
+    LoRA adapters named in `params.loras` are loaded on first use and kept (at most
+    `lora_cache_size`); each call turns on exactly its own adapters, or none (`deployments.lora`).
     """
 
-    def __init__(self, config: FluxConfig, metrics: bool = True):
+    def __init__(self, config: FluxConfig, metrics: bool = True, lora_cache_size: int = 8):
         self._config = config
         self._placement = resolve_placement(config.device)
         self._metrics = ModelMetrics(MODEL_ID, self._placement.device, enabled=metrics)
         started = time.perf_counter()
         self._pipeline = load_flux_pipeline(config, self._placement)
+        self._loras = LoraManager(self._pipeline, lora_cache_size)
         self._lock = asyncio.Lock()
         logger.info(
             "FLUX loaded from %s on %s/%s in %.1fs",
@@ -68,6 +73,7 @@ class FluxGenerator:
         import torch
 
         started = time.perf_counter()
+        self._loras.apply(params.loras)  # before the monitor starts: loading is not a denoising step
         monitor.started()
         with self._metrics.track(), torch.inference_mode():
             result = self._pipeline(
@@ -99,6 +105,7 @@ class FluxGenerator:
             "device": self._placement.device,
             "dtype": self._placement.dtype_name,
             "memory_fraction": self._placement.memory_fraction,
+            "loras_loaded": self._loras.loaded(),
         }
 
     def check_health(self) -> None:

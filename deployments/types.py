@@ -32,8 +32,27 @@ class ProgressTarget:
 
 
 @dataclass(frozen=True)
+class LoraRef:
+    """One LoRA adapter to apply, resolved by the ingress's `deployments.lora.LoraRegistry`.
+
+    `location` is a directory on the generator's node (`local`) or a Hugging Face repo id, and
+    `weight_name` the `.safetensors` file in it; `revision` changes when a directory's file is
+    replaced, so a cached old version is not reused. `scale` multiplies the adapter's effect.
+    """
+
+    name: str
+    location: str
+    weight_name: str
+    scale: float = 1.0
+    local: bool = True
+    revision: str = ""
+
+
+@dataclass(frozen=True)
 class GenerationParams:
-    """What a generator needs for one batch besides the prompt: one image per seed."""
+    """What a generator needs for one batch besides the prompt: one image per seed.
+
+    `loras`: the adapters to apply to this batch, and only these (empty: none)."""
 
     seeds: list[int]
     width: int
@@ -41,6 +60,7 @@ class GenerationParams:
     num_inference_steps: int
     guidance_scale: float = 0.0
     progress: ProgressTarget | None = None
+    loras: tuple[LoraRef, ...] = ()
 
 
 @dataclass

@@ -14,6 +14,7 @@ from ray.serve import Application
 
 from deployments.clip_scorer import ClipScorer
 from deployments.flux import FluxGenerator
+from deployments.lora import LoraRegistry
 from deployments.prompt_enhancer import PromptEnhancer
 from deployments.svd import SvdGenerator
 from serve_app.config import AppArgs, DeploymentOptions, JobsConfig
@@ -52,6 +53,14 @@ def resolved_jobs_config(args: AppArgs) -> JobsConfig:
     return args.jobs.model_copy(update={"data_dir": str(Path(args.jobs.data_dir).expanduser().resolve())})
 
 
+def lora_registry(args: AppArgs) -> LoraRegistry:
+    """The LoRA registry, its directory made absolute here like jobs.data_dir."""
+    config = args.loras
+    if config.dir is not None:
+        config = config.model_copy(update={"dir": str(Path(config.dir).expanduser().resolve())})
+    return LoraRegistry.from_config(config)
+
+
 def build_app(args: AppArgs) -> Application:
     """Wire PromptEnhancer -> FluxGenerator -> ClipScorer (and SvdGenerator, if configured) behind the
     Ingress, and the JobRunner that runs async jobs through the same deployments.
@@ -64,7 +73,7 @@ def build_app(args: AppArgs) -> Application:
         args.model_config_for("PromptEnhancer"), metrics=args.metrics
     )
     flux = FluxGenerator.options(**args.options_for("FluxGenerator")).bind(
-        args.model_config_for("FluxGenerator"), metrics=args.metrics
+        args.model_config_for("FluxGenerator"), metrics=args.metrics, lora_cache_size=args.loras.cache_size
     )
     scorer = ClipScorer.options(**args.options_for("ClipScorer")).bind(
         args.model_config_for("ClipScorer"), metrics=args.metrics
@@ -85,6 +94,7 @@ def build_app(args: AppArgs) -> Application:
         max_input_pixels=args.max_input_pixels,
         metrics=args.metrics,
         blocklist=tuple(args.enhancer.blocklist),
+        loras=lora_registry(args),
         **video,
     )
     runner = JobRunner.options(**args.options_for("JobRunner")).bind(resolved_jobs_config(args), job_slots(args), **graph)

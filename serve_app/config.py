@@ -12,7 +12,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deployments.clip_scorer import SCORE_RANGES
-from deployments.config import DeviceOptions, EnhancerConfig, FluxConfig, ScorerConfig, SvdConfig
+from deployments.config import DeviceOptions, EnhancerConfig, FluxConfig, LoraConfig, ScorerConfig, SvdConfig
 
 DeploymentName = Literal["Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer", "SvdGenerator", "JobRunner"]
 DEPLOYMENT_NAMES: tuple[str, ...] = get_args(DeploymentName)
@@ -241,6 +241,7 @@ class AppArgs(_Strict):
     enhancer: EnhancerConfig = Field(default_factory=EnhancerConfig, description="The prompt enhancer.")
     svd: SvdConfig | None = Field(None, description="Stable Video Diffusion; omit to serve images only.")
     policy: QualityPolicy = Field(default_factory=QualityPolicy, description="Default quality gate.")
+    loras: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters requests may name.")
     max_input_pixels: int = Field(
         4096 * 4096, ge=65536, description="Largest uploaded image (width x height), checked before decoding."
     )

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams, ProgressTarget
+from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams, LoraRef, ProgressTarget
 from serve_app.schemas import MAX_SEED
 
 
@@ -55,6 +55,7 @@ class ImagePlan:
     max_attempts: int
     target: str = "flux"
     revise_prompt: bool = False
+    loras: tuple[LoraRef, ...] = ()
 
 
 @dataclass
@@ -155,6 +156,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
             num_inference_steps=plan.num_inference_steps,
             guidance_scale=plan.guidance_scale,
             progress=None if progress is None else dataclasses.replace(progress, round=attempt),
+            loras=plan.loras,
         )
         round_started = time.perf_counter()
         if attempt > 1 and plan.revise_prompt and plan.enhance:

@@ -12,8 +12,11 @@ from PIL.PngImagePlugin import PngInfo
 
 
 def a1111_parameters(meta: dict) -> str:
-    """The `parameters` text AUTOMATIC1111 writes, which its PNG Info tab and many tools read."""
-    lines = [meta["prompt"]]
+    """The `parameters` text AUTOMATIC1111 writes, which its PNG Info tab and many tools read.
+
+    LoRAs appear as A1111's prompt tags, `<lora:name:scale>`, after the prompt."""
+    tags = "".join(f" <lora:{lora['name']}:{lora['scale']:g}>" for lora in meta.get("loras") or ())
+    lines = [meta["prompt"] + tags]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     settings = [

@@ -5,6 +5,7 @@ Routes (OpenAPI at /docs):
 - POST /v1/prompts/enhance  the enhance step alone (LLM or template), with prompt advice
 - POST /v1/videos   image-to-video, or text-to-video through a keyframe; MP4/GIF/WebP, JSON or binary
 - GET  /v1/models   the deployed models with their limits and defaults
+- GET  /v1/loras    the LoRA adapters requests may name, by model family
 - GET  /healthz     200 when every downstream deployment answers, 503 naming the one that did not
 - /v1/jobs          durable async jobs: submit (202), status, list, events (SSE), cancel, result, files
 
@@ -45,6 +46,7 @@ from serve_app.schemas import (
 )
 from serve_app.service import ImageService
 from deployments.config import SvdConfig
+from deployments.lora import LoraRegistry
 from serve_app.video import VideoService
 
 HEALTH_TIMEOUT_S = 5.0
@@ -134,8 +136,10 @@ class Ingress:
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
                  request_timeout_s: float = 600.0, svd=None, svd_config: SvdConfig | None = None,
                  max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
-                 max_body_bytes: int = DEFAULT_MAX_BYTES, blocklist: tuple[str, ...] = ()):
-        self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s, blocklist)
+                 max_body_bytes: int = DEFAULT_MAX_BYTES, blocklist: tuple[str, ...] = (),
+                 loras: LoraRegistry | None = None):
+        self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
+                                     blocklist=blocklist, loras=loras)
         # One set of metrics per replica; the error handlers find it on the app serving the request.
         self._metrics = GraphMetrics() if metrics else None
         api.state.metrics = self._metrics
@@ -286,6 +290,13 @@ class Ingress:
                 "default_steps": config.default_steps, "deployment": await _info(self._videos.svd),
             })
         return {"models": models, "video_models": videos, "quality_policy": service.policy.model_dump()}
+
+    @api.get("/v1/loras")
+    async def get_loras(self) -> dict:
+        """LoRA adapters a request may name in `loras`, each with its model family and the deployed
+        models that take it; `families` groups the names by family."""
+        # A rescan (when the directory changed) reads safetensors headers: off the event loop.
+        return await asyncio.to_thread(self._service.loras_available)
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:

@@ -30,7 +30,9 @@ class RequestError(ValueError):
 
         `prefix`: where the request sits inside the body (("request",) in a job submission)."""
         field = ".".join((*prefix, self.field))
-        return [{"loc": ["body", *prefix, self.field], "msg": f"{field}: {self.message}", "type": self.kind,
+        # A nested field ("loras.0.name") gets pydantic's loc: ["body", "loras", 0, "name"].
+        path = [int(part) if part.isdigit() else part for part in self.field.split(".")]
+        return [{"loc": ["body", *prefix, *path], "msg": f"{field}: {self.message}", "type": self.kind,
                  "allowed": self.allowed}]
 
     kind = "value_error"
@@ -56,6 +58,9 @@ class ModelSpec:
     guidance_range: tuple[float, float]
     default_guidance: float
     uses_negative_prompt: bool
+    # The generator applies GenerationParams.loras (through deployments.lora.LoraManager); a
+    # request naming LoRAs for a model without it gets 422 rather than an image without them.
+    supports_loras: bool = False
 
     def check(self, request: ImageRequest) -> None:
         steps = request.num_inference_steps
@@ -89,4 +94,5 @@ def flux_schnell_spec(default_width: int, default_height: int, default_steps: in
         guidance_range=(0.0, 0.0),
         default_guidance=0.0,
         uses_negative_prompt=False,
+        supports_loras=True,
     )

@@ -24,6 +24,32 @@ def random_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
 
+MAX_LORAS = 8
+LORA_SCALE_RANGE = (-2.0, 2.0)
+
+
+class Lora(BaseModel):
+    """One LoRA adapter for a request, by its name in GET /v1/loras."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1, max_length=128,
+        description="A name from GET /v1/loras (a file stem or a configured hub entry); never a path.",
+    )
+    scale: float = Field(
+        1.0, ge=LORA_SCALE_RANGE[0], le=LORA_SCALE_RANGE[1],
+        description="Strength, -2 to 2: 1 as trained, 0 no effect, negative pushes away from the adapter's style.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        from deployments.lora import check_lora_name
+
+        return check_lora_name(value)
+
+
 class ImageRequest(BaseModel):
     """`POST /v1/images`, and the argument of the ingress's `generate_images` handle method.
 
@@ -56,6 +82,11 @@ class ImageRequest(BaseModel):
         None,
         description="On regeneration, ask the enhancer for a prompt that fixes the weakest scores "
                     "(false: new seed, same prompt); default from config.",
+    )
+    loras: list[Lora] = Field(
+        default_factory=list, max_length=MAX_LORAS,
+        description="LoRA adapters to apply, each {name, scale}; at most the config's loras.max_per_request (up to 8). "
+                    "Each must be made for the model's family (GET /v1/loras).",
     )
 
     @field_validator("prompt")
@@ -134,6 +165,7 @@ class ImageResponse(BaseModel):
     attempts: list[Attempt] = Field(description="Every candidate generated, in order.")
     timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total.")
     warnings: list[str] = Field(default_factory=list)
+    loras: list[Lora] = Field(default_factory=list, description="The LoRA adapters applied, with their scales.")
 
 
 class EnhanceRequest(BaseModel):

@@ -12,12 +12,12 @@ import time
 import uuid
 
 from deployments.clip_scorer import SCORE_RANGES
+from deployments.lora import LoraNameError, LoraRegistry
 from deployments.prompt_rules import blocked_terms, validate_prompt
-from deployments.types import EnhancedPrompt, ProgressTarget
+from deployments.types import EnhancedPrompt, LoraRef, ProgressTarget
 from serve_app.config import QualityPolicy, check_threshold
-from serve_app.graph import Candidate, GraphResult, ImagePlan, run_image_graph
+from serve_app.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
 from serve_app.images import encode_png_b64
-from serve_app.graph import call_stage
 from serve_app.models import ModelSpec, PromptBlocked, RequestError
 from serve_app.schemas import (
     Attempt,
@@ -26,6 +26,7 @@ from serve_app.schemas import (
     GeneratedImage,
     ImageRequest,
     ImageResponse,
+    Lora,
     PromptAdviceInfo,
     Scores,
     random_seed,
@@ -34,7 +35,8 @@ from serve_app.schemas import (
 
 class ImageService:
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
-                 request_timeout_s: float = 600.0, blocklist: list[str] | tuple[str, ...] = ()):
+                 request_timeout_s: float = 600.0, blocklist: list[str] | tuple[str, ...] = (),
+                 loras: LoraRegistry | None = None):
         missing = set(generators) ^ set(specs)
         if missing:
             raise ValueError(f"generators and model specs must name the same models; mismatch: {sorted(missing)}")
@@ -44,6 +46,7 @@ class ImageService:
         self.specs = specs
         self.policy = policy
         self.request_timeout_s = request_timeout_s
+        self.loras = loras if loras is not None else LoraRegistry()
         self.blocklist = tuple(blocklist)
 
     def _spec(self, model: str) -> ModelSpec:
@@ -64,6 +67,7 @@ class ImageService:
         spec = self._spec(request.model)
         spec.check(request)
         self.check_blocklist(request.prompt)
+        loras = self.resolve_loras(request, spec)
         metric = request.quality_metric or self.policy.metric
         threshold = self.policy.threshold if request.quality_threshold is None else request.quality_threshold
         try:
@@ -95,8 +99,46 @@ class ImageService:
             max_attempts=request.max_attempts or self.policy.max_attempts,
             target=spec.family,
             revise_prompt=self.policy.revise_prompt if request.revise_prompt is None else request.revise_prompt,
+            loras=loras,
         )
         return plan, spec, warnings
+
+    def resolve_loras(self, request: ImageRequest, spec: ModelSpec) -> tuple[LoraRef, ...]:
+        """The request's LoRAs as refs the generator loads, each checked against the registry and the
+        model (422 naming `loras.<i>.name` otherwise). Only the registry's entries can come out."""
+        if not request.loras:
+            return ()
+        if not spec.supports_loras:
+            raise RequestError("loras", f"{spec.id} does not take LoRA adapters", "an empty list")
+        limit = self.loras.max_per_request
+        if len(request.loras) > limit:
+            raise RequestError("loras", f"at most {limit} LoRAs per request; got {len(request.loras)}", f"0-{limit} items")
+        refs, seen = [], set()
+        for index, lora in enumerate(request.loras):
+            field = f"loras.{index}.name"
+            try:
+                entry = self.loras.resolve(lora.name)
+            except LoraNameError as error:
+                raise RequestError(field, str(error), error.allowed) from None
+            if entry.family != spec.family:
+                compatible = self.loras.names(spec.family)
+                raise RequestError(
+                    field, f"LoRA {lora.name!r} is for {entry.family} models; {spec.id} takes {spec.family} LoRAs",
+                    "one of " + ", ".join(map(repr, compatible)) if compatible else f"none: no {spec.family} LoRA is configured",
+                )
+            if lora.name in seen:
+                raise RequestError(field, f"LoRA {lora.name!r} is named twice", "each LoRA once")
+            seen.add(lora.name)
+            refs.append(entry.ref(lora.scale))
+        return tuple(refs)
+
+    def loras_available(self) -> dict:
+        """`GET /v1/loras`: the registry, with the deployed models that take each family."""
+        models: dict[str, list[str]] = {}
+        for spec in self.specs.values():
+            if spec.supports_loras:
+                models.setdefault(spec.family, []).append(spec.id)
+        return self.loras.public(models)
 
     async def run(self, request: ImageRequest, progress: ProgressTarget | None = None,
                   ) -> tuple[ImagePlan, ModelSpec, list[str], GraphResult]:
@@ -143,6 +185,7 @@ class ImageService:
             attempts=attempts_of(result),
             timings={key: round(value, 4) for key, value in timings.items()},
             warnings=warnings,
+            loras=loras_of(plan),
         )
 
     @staticmethod
@@ -190,6 +233,10 @@ def attempts_of(result: GraphResult) -> list[Attempt]:
     ]
 
 
+def loras_of(plan: ImagePlan) -> list[Lora]:
+    return [Lora(name=ref.name, scale=ref.scale) for ref in plan.loras]
+
+
 def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> GeneratedImage:
     meta = {
         "prompt": candidate.prompt,
@@ -201,6 +248,7 @@ def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan,
         "width": plan.width,
         "height": plan.height,
         "model": spec.id,
+        "loras": [{"name": ref.name, "scale": ref.scale} for ref in plan.loras],
     }
     return GeneratedImage(
         b64_png=encode_png_b64(candidate.image, meta),
