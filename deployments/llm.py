@@ -126,10 +126,14 @@ class TransformersLlm:
     def device(self) -> str:
         return self._placement.device
 
-    def complete(self, messages: list[dict]) -> str:
+    def complete(self, messages: list[dict], time_budget_s: float | None = None) -> str:
+        """The answer within `time_budget_s` (default: the config's timeout_s), else LlmError('timeout')."""
         import torch
 
         config = self._config
+        budget = config.timeout_s if time_budget_s is None else time_budget_s
+        if budget <= 0:
+            raise LlmError("timeout", "no time left in the budget")
         inputs = self._tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         ).to(self._placement.device)
@@ -141,11 +145,10 @@ class TransformersLlm:
         started = time.perf_counter()
         with torch.inference_mode():
             output = self._model.generate(
-                **inputs, max_new_tokens=config.max_new_tokens, max_time=config.timeout_s, pad_token_id=pad,
-                **sampling,
+                **inputs, max_new_tokens=config.max_new_tokens, max_time=budget, pad_token_id=pad, **sampling,
             )
-        if time.perf_counter() - started >= config.timeout_s:
-            raise LlmError("timeout", f"no complete answer within {config.timeout_s:g}s")
+        if time.perf_counter() - started >= budget:
+            raise LlmError("timeout", f"no complete answer within {budget:.3g}s")
         answer = output[0, inputs["input_ids"].shape[1]:]
         return self._tokenizer.decode(answer, skip_special_tokens=True)
 

@@ -160,9 +160,18 @@ class PromptEnhancer:
         llm = self._config.llm
         try:
             if self._llm.backend == "transformers":
-                async with self._lock:
+                # The time budget counts from arrival: waiting for the replica's one model counts too.
+                arrived = time.monotonic()
+                try:
+                    await asyncio.wait_for(self._lock.acquire(), llm.timeout_s)
+                except asyncio.TimeoutError:
+                    return self._fall_back(fallback, "timeout", f"the LLM stayed busy for {llm.timeout_s:g}s")
+                try:
+                    budget = llm.timeout_s - (time.monotonic() - arrived)
                     with self._model_metrics.track():
-                        raw = await asyncio.to_thread(self._llm.complete, messages)
+                        raw = await asyncio.to_thread(self._llm.complete, messages, budget)
+                finally:
+                    self._lock.release()
             else:
                 # The client's own timeout covers each phase; this bounds the whole exchange.
                 raw = await asyncio.wait_for(self._llm.complete(messages), llm.timeout_s)

@@ -143,3 +143,18 @@ def test_llm_revision_uses_the_backend(server):
 def test_llm_config_errors(llm, message):
     with pytest.raises(ValueError, match=message):
         LlmConfig(**llm)
+
+
+def test_waiting_for_a_busy_local_llm_counts_against_the_time_budget():
+    enhancer = _enhancer(source="tiny", max_new_tokens=8, timeout_s=0.2, device={"device": "cpu"})
+
+    async def while_busy():
+        await enhancer._lock.acquire()  # another request holds the replica's one model
+        try:
+            return await enhancer.enhance("a red fox in the snow")
+        finally:
+            enhancer._lock.release()
+
+    result = asyncio.run(while_busy())
+    assert result.enhancer == "template" and result.fallback_reason.startswith("timeout: the LLM stayed busy")
+    assert not enhancer._lock.locked()
