@@ -44,7 +44,9 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
             args[model]["device"].update(dtype="auto", torch_threads=1)
     llm = args["enhancer"]["llm"]
     if llm["backend"] == "transformers":
-        llm["source"] = "tiny"
+        # The tiny LLM's answer is gibberish at any length (the template answers); a short one
+        # keeps the enhancer, which runs one answer at a time, from becoming the bottleneck.
+        llm.update(source="tiny", max_new_tokens=8)
         llm["device"].update(dtype="auto", torch_threads=1)
     for name, options in deployments.items():
         args["deployments"][name] = {**args["deployments"].get(name, {}), **options}
