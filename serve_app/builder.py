@@ -82,6 +82,7 @@ def build_app(args: AppArgs) -> Application:
         request_timeout_s=args.request_timeout_s,
         max_input_pixels=args.max_input_pixels,
         metrics=args.metrics,
+        gate_metrics=args.gate_metrics(),
         **video,
     )
     runner = JobRunner.options(**args.options_for("JobRunner")).bind(resolved_jobs_config(args), job_slots(args), **graph)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from deployments.clip_scorer import ASPECTS, combined_score
+from deployments.perceptual import perceptual_scores
 from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams
 
 
@@ -37,13 +39,23 @@ class FakeGenerator:
 
 
 class FakeScorer:
-    """aesthetic = grey / 255, alignment = 100 * grey / 255."""
+    """aesthetic = grey / 255, alignment = 100 * grey / 255, laion = 1 + 9 * grey / 255; combined from
+    those with the real formula; aspects all grey / 255; perceptual from the pixels (the real checks)."""
 
     def __init__(self):
         self.received = []
+        self.weights = []
 
-    async def score(self, images, prompt):
+    async def score(self, images, prompt, weights=None):
         self.received.append(type(images).__name__)
+        self.weights.append(weights)
         array = images.images if isinstance(images, GenerationOutput) else images
-        greys = array[:, 0, 0, 0].astype(float) / 255.0
-        return [{"aesthetic": g, "alignment": 100.0 * g} for g in greys]
+        results = []
+        for image in array:
+            grey = float(image[0, 0, 0]) / 255.0
+            scores = {"aesthetic": grey, "alignment": 100.0 * grey, "laion": 1.0 + 9.0 * grey}
+            scores["combined"] = combined_score(scores, weights or {"aesthetic": 1, "alignment": 1, "laion": 1})
+            scores["aspects"] = {aspect: grey for aspect in ASPECTS}
+            scores["perceptual"] = perceptual_scores(np.asarray(image))
+            results.append(scores)
+        return results

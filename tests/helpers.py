@@ -86,3 +86,14 @@ async def wait_until_async(condition: Callable, timeout_s: float, interval_s: fl
             return result
         await asyncio.sleep(interval_s)
     raise TimeoutError(f"{what} not met within {timeout_s}s")
+
+
+def flat_scores(scores: dict, prefix: str = "") -> dict[str, float]:
+    """One image's scores with nested groups flattened ('aspects.lighting'), for pytest.approx."""
+    flat: dict[str, float] = {}
+    for key, value in scores.items():
+        if isinstance(value, dict):
+            flat.update(flat_scores(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
