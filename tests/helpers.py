@@ -29,7 +29,7 @@ def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float =
 
 
 def tiny_args(config: Path, **deployments: dict) -> dict:
-    """A Serve config's genserve args with tiny models, everything else as the file says.
+    """A Serve config's genserve args with tiny models (and LAION head), everything else as the file says.
 
     Models keep `device: auto`, so on a machine whose GPUs are only declared to Ray they run on
     the CPU (with fp32, one torch thread each: the cores are shared). `deployments` updates the
@@ -42,6 +42,8 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
         if args.get(model) is not None:
             args[model]["source"] = "tiny"
             args[model]["device"].update(dtype="auto", torch_threads=1)
+    if args.get("scorer") is not None:  # the LAION head too: a random one sized to the tiny CLIP
+        args["scorer"].setdefault("laion", {})["source"] = "tiny"
     for name, options in deployments.items():
         args["deployments"][name] = {**args["deployments"].get(name, {}), **options}
     return args
