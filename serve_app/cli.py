@@ -101,11 +101,12 @@ def _bench_scores(args: argparse.Namespace) -> int:
     from serve_app.bench_scores import format_score_table, run_score_benchmark
 
     batches = sorted({1, *args.batch})
-    samples, setup = run_score_benchmark(args.config, batches, args.requests, args.warmup, args.width, args.height)
+    paths, setup = run_score_benchmark(args.config, batches, args.requests, args.warmup, args.width, args.height,
+                                       serve=args.serve)
     print(f"genserve bench-scores: {args.config}, scorer {setup['scorer']} on {setup['device']} ({setup['dtype']}), "
           f"LAION head {setup['laion']}, {setup['width']}x{setup['height']} images, {args.requests} calls per "
           f"batch size after {args.warmup} warm-up")
-    print(format_score_table(samples))
+    print(format_score_table(paths))
     return 0
 
 
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     scores.add_argument("--warmup", type=int, default=3)
     scores.add_argument("--width", type=int, default=None, help="default: the config's flux.default_width")
     scores.add_argument("--height", type=int, default=None, help="default: the config's flux.default_height")
+    scores.add_argument("--serve", action="store_true",
+                        help="also as a Serve replica with the config's resources, called through a handle")
     scores.set_defaults(func=_bench_scores)
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
