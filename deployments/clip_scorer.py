@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from ray import serve
@@ -114,6 +115,7 @@ class ClipScorer:
         with torch.inference_mode():
             self._pair_texts = self._embed_texts([text for pair in pairs for text in pair])
             self._logit_scale = float(self._model.logit_scale.exp())
+        self._pixels_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="perceptual")
         self._default_weights = CombinedWeights(**{metric: 1.0 for metric in self.gate_metrics if metric in COMBINABLE})
         logger.info("CLIP scorer loaded from %s on %s (LAION head: %s)", config.source, self._placement.device,
                     config.laion_source if self._head is not None else "off")
@@ -143,7 +145,9 @@ class ClipScorer:
         import torch
 
         started = time.perf_counter()
-        perceptual = [perceptual_scores(image) for image in images]
+        # The pixel checks run on a second thread while CLIP preprocesses and runs (numpy, PIL and
+        # torch release the GIL), so on a GPU they overlap the forward pass instead of adding to it.
+        perceptual_future = self._pixels_pool.submit(lambda: [perceptual_scores(image) for image in images])
         pixels = self._image_processor(images=images, return_tensors="pt").pixel_values
         with self._metrics.track(), torch.inference_mode():
             pixels = pixels.to(device=self._placement.device, dtype=self._placement.dtype)
@@ -156,6 +160,7 @@ class ClipScorer:
             laion = None
             if self._head is not None:
                 laion = self._head(image_features.float()).squeeze(-1).clamp(*LAION_RANGE).cpu()
+        perceptual = perceptual_future.result()
         results = []
         for index in range(len(images)):
             scores: dict = {"alignment": float(alignment[index]), "aesthetic": float(pair_scores[index, 0])}
