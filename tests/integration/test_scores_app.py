@@ -74,6 +74,7 @@ def test_scores_every_image_with_every_score(client):
     [
         ({"prompt": "", "images": ["x"]}, "prompt", "at least 1 character"),
         ({"prompt": "   ", "images": ["x"]}, "prompt", "non-whitespace"),
+        ({"prompt": "x" * 2001, "images": ["x"]}, "prompt", "at most 2000 characters"),
         ({"prompt": "a fox", "images": []}, "images", "at least 1 item"),
         ({"prompt": "a fox", "images": ["x"] * (MAX_SCORE_IMAGES + 1)}, "images", "at most 16 items"),
         ({"prompt": "a fox", "images": ["x"], "quality_metric": "vibes"}, "quality_metric", "'laion'"),
