@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TINY = "tiny"
+# The public improved-aesthetic-predictor head (christophschuhmann/improved-aesthetic-predictor),
+# as mirrored on the Hugging Face hub; `LaionHeadConfig.filename` names the file in it.
+PUBLIC_LAION_HEAD = "camenduru/improved-aesthetic-predictor"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -83,6 +86,106 @@ class FluxConfig(_Strict):
     )
 
 
+class TextPair(_Strict):
+    """A 'good' and a 'bad' description of one aspect of an image; CLIP picks which fits better."""
+
+    positive: str = Field(min_length=1, description="Text for an image that is good at this aspect.")
+    negative: str = Field(min_length=1, description="Text for an image that is bad at this aspect.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "TextPair":
+        if self.positive.strip() == self.negative.strip():
+            raise ValueError("positive and negative must differ")
+        return self
+
+
+class AspectTexts(_Strict):
+    """The text pairs of the five aspect scores. Each aspect's score is the probability CLIP gives
+    its positive text over its negative one (0-1, higher is better)."""
+
+    composition: TextPair = Field(
+        TextPair(positive="a well-composed, balanced photograph", negative="a badly composed, cluttered photograph"),
+        description="Framing and balance.",
+    )
+    lighting: TextPair = Field(
+        TextPair(positive="a photograph with excellent, professional lighting",
+                 negative="a photograph with poor, flat lighting"),
+        description="Light quality and exposure.",
+    )
+    colors: TextPair = Field(
+        TextPair(positive="a photograph with vibrant, harmonious colors",
+                 negative="a photograph with dull, washed-out colors"),
+        description="Colour quality.",
+    )
+    sharpness: TextPair = Field(
+        TextPair(positive="a sharp, in-focus, highly detailed photograph",
+                 negative="a blurry, out-of-focus photograph"),
+        description="Focus and detail, as CLIP sees it (the perceptual sharpness measures pixels instead).",
+    )
+    style: TextPair = Field(
+        TextPair(positive="an artistic, creative image with a unique style",
+                 negative="a generic, boring image"),
+        description="Artistic interest.",
+    )
+
+
+class LaionHeadConfig(_Strict):
+    """The LAION improved-aesthetic-predictor: a small MLP over L2-normalised CLIP image embeddings
+    that predicts the average human 1-10 rating (trained on SAC + LAION-logos + AVA)."""
+
+    enabled: bool = Field(True, description="Compute the `laion` score; false skips the head entirely.")
+    source: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "'tiny' (random head sized to the tiny CLIP, for tests and dev), a local weights file "
+            "(.safetensors, or a .pth/.pt state dict, loaded with torch.load(weights_only=True)), "
+            "a local folder holding `filename`, or a Hugging Face repo id holding `filename`. "
+            f"None: 'tiny' when the CLIP source is 'tiny', else the public head ({PUBLIC_LAION_HEAD!r})."
+        ),
+    )
+    filename: str = Field(
+        "sac+logos+ava1-l14-linearMSE.pth",
+        min_length=1,
+        description="The weights file inside a repo id or folder source (ignored for a file source).",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if value == TINY or _HUB_ID.match(value) or value.startswith(("/", "./", "../", "~")):
+            return value
+        raise ValueError(
+            f"source must be 'tiny', a Hugging Face repo id like 'org/name', or a local file or folder path "
+            f"starting with '/', './', '../' or '~'; got {value!r}"
+        )
+
+    @field_validator("filename")
+    @classmethod
+    def _weights_file(cls, value: str) -> str:
+        if not value.endswith((".safetensors", ".pth", ".pt")):
+            raise ValueError(f"filename must end in .safetensors, .pth or .pt; got {value!r}")
+        return value
+
+
+class CombinedWeights(_Strict):
+    """Weights of the `combined` score: a weighted mean of the gate scores, each first scaled to 0-1
+    over its documented range (aesthetic 0-1, alignment 0-100, laion 1-10). Unset weights are 0."""
+
+    aesthetic: float = Field(0.0, ge=0, le=100, description="Weight of the aesthetic score (0-1).")
+    alignment: float = Field(0.0, ge=0, le=100, description="Weight of alignment / 100.")
+    laion: float = Field(0.0, ge=0, le=100, description="Weight of (laion - 1) / 9.")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "CombinedWeights":
+        if self.aesthetic + self.alignment + self.laion <= 0:
+            raise ValueError("at least one weight (aesthetic, alignment, laion) must be above 0")
+        return self
+
+
 class ScorerConfig(_Strict):
     """CLIP scoring of generated images."""
 
@@ -101,6 +204,22 @@ class ScorerConfig(_Strict):
         min_length=1,
         description="Text the aesthetic score compares each image with (the 'bad' side).",
     )
+
+    aspects: AspectTexts = Field(
+        default_factory=AspectTexts,
+        description="Text pairs of the aspect scores (composition, lighting, colors, sharpness, style).",
+    )
+    laion: LaionHeadConfig = Field(
+        default_factory=LaionHeadConfig,
+        description="The LAION aesthetic predictor head (the `laion` score, 1-10).",
+    )
+
+    @property
+    def laion_source(self) -> str:
+        """Where the LAION head comes from, with the default resolved against the CLIP source."""
+        if self.laion.source is not None:
+            return self.laion.source
+        return TINY if self.source == TINY else PUBLIC_LAION_HEAD
 
     @model_validator(mode="after")
     def _distinct_aesthetic_texts(self) -> "ScorerConfig":

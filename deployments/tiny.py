@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 CLIP_MAX_TOKENS = 77
-TINY_FAMILIES = ("flux", "clip", "svd", "llm")
+TINY_FAMILIES = ("flux", "clip", "svd", "llm", "laion")
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -151,6 +151,25 @@ def build_tiny_clip(seed: int = 0) -> dict[str, Any]:
     return {"model": model, "tokenizer": tokenizer, "image_processor": image_processor}
 
 
+def build_tiny_laion_head(embedding_width: int = 32, seed: int = 0):
+    """The LAION aesthetic head's layout (see deployments.laion_head) with tiny random widths.
+
+    The last bias is 5.5, the middle of the 1-10 range, so the random head's ratings spread around
+    it instead of all being clipped to 1."""
+    import torch
+
+    from deployments.laion_head import build_head
+
+    rng = _seeded(seed)
+    try:
+        head = build_head([embedding_width, 16, 8, 8, 4, 1])
+    finally:
+        rng.__exit__(None, None, None)
+    with torch.no_grad():
+        head[-1].bias.fill_(5.5)
+    return head.eval()
+
+
 def build_tiny_svd(seed: int = 0):
     """A StableVideoDiffusionPipeline with tiny random weights (8 frames by default).
 
@@ -260,6 +279,10 @@ def save_tiny(family: str, folder: str | Path, seed: int = 0) -> Path:
     elif family == "llm":
         for part in build_tiny_llm(seed).values():
             part.save_pretrained(folder)
+    elif family == "laion":
+        from deployments.laion_head import save_head
+
+        save_head(build_tiny_laion_head(seed=seed), folder / "laion-head.safetensors")
     else:
         raise ValueError(f"unknown tiny model family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     return folder

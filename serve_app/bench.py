@@ -61,6 +61,7 @@ def _in_process(args: AppArgs, body: dict, warmup: int, requests: int, label: st
         scorer=LocalHandle(ClipScorer.func_or_class(args.scorer, metrics=False)),
         specs=model_specs(args),
         policy=args.policy,
+        gate_metrics=args.gate_metrics(),
     )
     request = ImageRequest(**body)
     # One process has one torch thread pool: give it the generator's setting (each constructor

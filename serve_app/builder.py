@@ -95,6 +95,7 @@ def build_app(args: AppArgs) -> Application:
         metrics=args.metrics,
         blocklist=tuple(args.enhancer.blocklist),
         loras=lora_registry(args),
+        gate_metrics=args.gate_metrics(),
         **video,
     )
     runner = JobRunner.options(**args.options_for("JobRunner")).bind(resolved_jobs_config(args), job_slots(args), **graph)

@@ -4,7 +4,8 @@
                                      deploy CONFIG (default configs/dev.yaml) and wait until it runs
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
-    genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd) as a local folder
+    genserve bench-scores [options]  scoring cost of a batch of images against one image
+    genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd | laion) as a local folder
 """
 
 from __future__ import annotations
@@ -96,6 +97,19 @@ def _bench_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scores(args: argparse.Namespace) -> int:
+    from serve_app.bench_scores import format_score_table, run_score_benchmark
+
+    batches = sorted({1, *args.batch})
+    paths, setup = run_score_benchmark(args.config, batches, args.requests, args.warmup, args.width, args.height,
+                                       serve=args.serve)
+    print(f"genserve bench-scores: {args.config}, scorer {setup['scorer']} on {setup['device']} ({setup['dtype']}), "
+          f"LAION head {setup['laion']}, {setup['width']}x{setup['height']} images, {args.requests} calls per "
+          f"batch size after {args.warmup} warm-up")
+    print(format_score_table(paths))
+    return 0
+
+
 def _save_tiny(args: argparse.Namespace) -> int:
     from deployments.tiny import save_tiny
 
@@ -133,6 +147,17 @@ def main(argv: list[str] | None = None) -> int:
                        help="also run through Serve with the config's metrics setting flipped")
     bench.add_argument("--compare-enhancer", action="store_true",
                        help="also run with the other enhancer mode (template <-> the config's llm)")
+
+    scores = commands.add_parser("bench-scores", help="scoring cost of a batch of images against one")
+    scores.add_argument("--config", default="configs/dev.yaml")
+    scores.add_argument("--batch", type=int, nargs="+", default=[8], help="batch sizes besides 1 (default 8)")
+    scores.add_argument("--requests", type=int, default=30)
+    scores.add_argument("--warmup", type=int, default=3)
+    scores.add_argument("--width", type=int, default=None, help="default: the config's flux.default_width")
+    scores.add_argument("--height", type=int, default=None, help="default: the config's flux.default_height")
+    scores.add_argument("--serve", action="store_true",
+                        help="also as a Serve replica with the config's resources, called through a handle")
+    scores.set_defaults(func=_bench_scores)
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
     tiny.add_argument("family", choices=TINY_FAMILIES)

@@ -12,10 +12,19 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deployments.clip_scorer import SCORE_RANGES
-from deployments.config import DeviceOptions, EnhancerConfig, FluxConfig, LoraConfig, ScorerConfig, SvdConfig
+from deployments.config import (
+    CombinedWeights,
+    DeviceOptions,
+    EnhancerConfig,
+    FluxConfig,
+    LoraConfig,
+    ScorerConfig,
+    SvdConfig,
+)
 
 DeploymentName = Literal["Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer", "SvdGenerator", "JobRunner"]
 DEPLOYMENT_NAMES: tuple[str, ...] = get_args(DeploymentName)
+GateMetric = Literal["aesthetic", "alignment", "laion", "combined"]
 # The `AppArgs` field holding each model deployment's model config (and so its device options).
 MODEL_CONFIG_FIELDS = {"FluxGenerator": "flux", "ClipScorer": "scorer", "SvdGenerator": "svd", "PromptEnhancer": "enhancer"}
 # Ray keeps resource amounts to 1e-4; shares that sum to 1 in decimal must not fail in binary.
@@ -132,10 +141,17 @@ class DeploymentOptions(_Strict):
 class QualityPolicy(_Strict):
     """When a result is good enough, and how hard to try before returning the best one."""
 
-    metric: Literal["aesthetic", "alignment"] = Field(
-        "aesthetic", description="Score that gates regeneration: aesthetic (0-1) or alignment (0-100)."
+    metric: GateMetric = Field(
+        "aesthetic",
+        description="Score that gates regeneration: aesthetic (0-1), alignment (0-100), laion (1-10) or "
+                    "combined (0-1, a weighted mean of the others scaled to 0-1).",
     )
     threshold: float = Field(0.0, ge=0, description="An image passes when its gating score is at least this.")
+    weights: CombinedWeights | None = Field(
+        None,
+        description="Weights of the combined score (aesthetic, alignment, laion; unset ones are 0). None: "
+                    "equal weights over the scores the scorer computes (laion only when its head is enabled).",
+    )
     max_attempts: int = Field(1, ge=1, le=5, description="Generation rounds per request, the first included.")
     revise_prompt: bool = Field(
         False,
@@ -318,6 +334,20 @@ class AppArgs(_Strict):
 
     def _options(self, name: str) -> DeploymentOptions:
         return self.deployments.get(name, DeploymentOptions())
+
+    @model_validator(mode="after")
+    def _gate_scores_computed(self) -> "AppArgs":
+        if self.scorer.laion.enabled:
+            return self
+        if self.policy.metric == "laion":
+            raise ValueError("policy.metric 'laion' needs scorer.laion.enabled: true")
+        if self.policy.weights is not None and self.policy.weights.laion > 0:
+            raise ValueError("policy.weights.laion must be 0 when scorer.laion.enabled is false")
+        return self
+
+    def gate_metrics(self) -> tuple[str, ...]:
+        """The gate scores the configured scorer computes (laion only with its head enabled)."""
+        return tuple(metric for metric in SCORE_RANGES if metric != "laion" or self.scorer.laion.enabled)
 
     @model_validator(mode="after")
     def _one_job_runner(self) -> "AppArgs":

@@ -39,6 +39,8 @@ def _describe(schema: dict) -> str | None:
         parts.append(f"at most {_number(high)}")
     if "multipleOf" in schema:
         parts.append(f"a multiple of {_number(schema['multipleOf'])}")
+    if "minItems" in schema or "maxItems" in schema:
+        parts.append(f"{schema.get('minItems', 0)}-{schema.get('maxItems', 'any')} items")
     if "minLength" in schema or "maxLength" in schema:
         parts.append(f"{schema.get('minLength', 0)}-{schema.get('maxLength', 'any')} characters")
     return ", ".join(parts) or None

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from deployments.config import CombinedWeights
 from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams, LoraRef, ProgressTarget
 from serve_app.schemas import MAX_SEED
 
@@ -56,6 +57,7 @@ class ImagePlan:
     target: str = "flux"
     revise_prompt: bool = False
     loras: tuple[LoraRef, ...] = ()
+    weights: CombinedWeights | None = None  # of the combined score; None: the scorer's default
 
 
 @dataclass
@@ -127,6 +129,7 @@ def weakest_aspects(failing: list[Candidate], metric: str, count: int = 2) -> li
 
 def choose(candidates: list[Candidate], count: int, metric: str) -> list[Candidate]:
     """Passing candidates in generation order, then the best failing ones, `count` in all."""
+    # `metric` is a flat score (aesthetic, alignment, laion or combined): higher is better in each.
     passing = [c for c in candidates if c.passed]
     failing = sorted((c for c in candidates if not c.passed), key=lambda c: c.scores[metric], reverse=True)
     return (passing + failing)[:count]
@@ -168,7 +171,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
             timings["enhance"] += time.perf_counter() - round_started
             round_started = time.perf_counter()
         generation = generator.generate.remote(params, enhanced)
-        scoring = scorer.score.remote(generation, plan.prompt)
+        scoring = scorer.score.remote(generation, plan.prompt, weights=plan.weights)
         if not isinstance(enhanced, EnhancedPrompt):
             enhanced = await call_stage(enhanced, "enhance", timeout_s)
             timings["enhance"] = time.perf_counter() - round_started

@@ -4,6 +4,7 @@ Routes (OpenAPI at /docs):
 - POST /v1/images   generate, score and regenerate; JSON in, JSON with base64 PNGs out
 - POST /v1/prompts/enhance  the enhance step alone (LLM or template), with prompt advice
 - POST /v1/videos   image-to-video, or text-to-video through a keyframe; MP4/GIF/WebP, JSON or binary
+- POST /v1/scores   score uploaded images against a prompt (every CLIP, LAION, aspect and perceptual score)
 - GET  /v1/models   the deployed models with their limits and defaults
 - GET  /v1/loras    the LoRA adapters requests may name, by model family
 - GET  /healthz     200 when every downstream deployment answers, 503 naming the one that did not
@@ -41,10 +42,14 @@ from serve_app.schemas import (
     EnhanceResponse,
     ImageRequest,
     ImageResponse,
+    ScoreRequest,
+    ScoreResponse,
     VideoRequest,
     VideoResponse,
 )
+from serve_app.scoring import ScoreService
 from serve_app.service import ImageService
+from deployments.clip_scorer import GATE_METRICS
 from deployments.config import SvdConfig
 from deployments.lora import LoraRegistry
 from serve_app.video import VideoService
@@ -63,7 +68,8 @@ api.add_middleware(BodyLimit)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     path = request.url.path
     model = (VideoRequest if path.startswith("/v1/videos") else JobSubmission if path.startswith("/v1/jobs")
-             else EnhanceRequest if path.startswith("/v1/prompts") else ImageRequest)
+             else EnhanceRequest if path.startswith("/v1/prompts")
+             else ScoreRequest if path.startswith("/v1/scores") else ImageRequest)
     detail = explain_errors(list(error.errors()), model)
     _record_rejection(_metrics_of(request), request.url.path, [_field_of(item["loc"]) for item in detail])
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail)})
@@ -136,10 +142,11 @@ class Ingress:
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
                  request_timeout_s: float = 600.0, svd=None, svd_config: SvdConfig | None = None,
                  max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
-                 max_body_bytes: int = DEFAULT_MAX_BYTES, blocklist: tuple[str, ...] = (),
-                 loras: LoraRegistry | None = None):
+                 max_body_bytes: int = DEFAULT_MAX_BYTES, gate_metrics: tuple[str, ...] = GATE_METRICS,
+                 blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None):
         self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
-                                     blocklist=blocklist, loras=loras)
+                                     gate_metrics=gate_metrics, blocklist=blocklist, loras=loras)
+        self._scores = ScoreService(scorer, policy, gate_metrics, max_input_pixels, request_timeout_s)
         # One set of metrics per replica; the error handlers find it on the app serving the request.
         self._metrics = GraphMetrics() if metrics else None
         api.state.metrics = self._metrics
@@ -235,6 +242,17 @@ class Ingress:
             media_type=output.content_type,
             headers={"X-Genserve-Metadata": json.dumps(metadata, separators=(",", ":"))},
         )
+
+    async def score_images(self, request: ScoreRequest | dict) -> ScoreResponse:
+        """The Python API for scoring: the same request model and response as POST /v1/scores."""
+        with self._rejections_recorded("handle:score_images"):
+            return await self._scores.score(request)
+
+    @api.post("/v1/scores", response_model=ScoreResponse)
+    async def post_scores(self, request: ScoreRequest) -> ScoreResponse:
+        """Score 1-16 uploaded images against a prompt in one batch: every score per image, which
+        pass the quality gate, and the best one."""
+        return await self._scores.score(request)
 
     @api.post("/v1/jobs", status_code=202, response_model=JobStatus,
               responses={202: {"description": "Recorded durably; poll the Location or stream its events."},

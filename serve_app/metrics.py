@@ -21,6 +21,8 @@ ATTEMPT_BUCKETS = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]
 SCORE_BUCKETS = {
     "aesthetic": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
     "alignment": [5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 50.0, 100.0],
+    "laion": [2.0, 3.0, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 8.0, 10.0],
+    "combined": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
 }
 
 
@@ -83,7 +85,9 @@ class GraphMetrics:
         self.attempts.observe(max(attempt.attempt for attempt in response.attempts), tags={"model": model})
         for attempt in response.attempts:
             for name, histogram in self.scores.items():
-                histogram.observe(getattr(attempt.scores, name), tags={"model": model})
+                value = getattr(attempt.scores, name)
+                if value is not None:  # laion is None when the scorer's LAION head is off
+                    histogram.observe(value, tags={"model": model})
 
     def video_response(self, response: VideoResponse) -> None:
         for stage in ("keyframe", "video", "encode"):

@@ -13,9 +13,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from deployments.config import CombinedWeights
+
 Style = Literal["photorealistic", "artistic", "cinematic", "anime", "none"]
 Quality = Literal["high", "standard", "none"]
-Metric = Literal["aesthetic", "alignment"]
+Metric = Literal["aesthetic", "alignment", "laion", "combined"]
 MAX_SEED = 2**32 - 1
 
 
@@ -75,7 +77,12 @@ class ImageRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=4, description="Images to return, 1-4.")
     quality_metric: Metric | None = Field(None, description="Score that gates regeneration; default from config.")
     quality_threshold: float | None = Field(
-        None, ge=0, le=100, description="Minimum gating score (aesthetic 0-1, alignment 0-100)."
+        None, ge=0, le=100,
+        description="Minimum gating score (aesthetic 0-1, alignment 0-100, laion 1-10, combined 0-1).",
+    )
+    quality_weights: CombinedWeights | None = Field(
+        None,
+        description="Weights of the combined score ({aesthetic, alignment, laion}, unset ones 0); default from config.",
     )
     max_attempts: int | None = Field(None, ge=1, le=5, description="Generation rounds, 1-5; default from config.")
     revise_prompt: bool | None = Field(
@@ -107,11 +114,86 @@ class PromptAdviceInfo(BaseModel):
 
     score: int = Field(description="0-100; 100 means no issue was found.")
     issues: list[PromptIssueInfo]
+class AspectScores(BaseModel):
+    """CLIP's probability for each aspect's 'good' text over its 'bad' one (0-1, higher is better)."""
+
+    composition: float = Field(description="0-1: well composed and balanced vs cluttered.")
+    lighting: float = Field(description="0-1: excellent vs poor, flat lighting.")
+    colors: float = Field(description="0-1: vibrant, harmonious vs dull, washed-out colours.")
+    sharpness: float = Field(description="0-1: sharp and detailed vs blurry, as CLIP sees it.")
+    style: float = Field(description="0-1: artistic and creative vs generic.")
+
+
+class PerceptualScores(BaseModel):
+    """Pixel statistics, no model. They describe; higher is not always better (a night scene is dark)."""
+
+    brightness: float = Field(description="0-1: mean luma (BT.601); 0 black, 1 white.")
+    contrast: float = Field(description="0-1: RMS contrast, 2 x the standard deviation of luma on 0-1.")
+    saturation: float = Field(description="0-1: mean HSV saturation; 0 for grey.")
+    sharpness: float = Field(
+        description="0 and up: variance of the 4-neighbour Laplacian of luma on 0-255 (as OpenCV's "
+                    "Laplacian().var()); below ~100 usually looks blurry; depends on image size."
+    )
 
 
 class Scores(BaseModel):
     aesthetic: float = Field(description="0-1: CLIP's preference for 'beautiful' over 'ugly' descriptions.")
     alignment: float = Field(description="0-100: CLIPScore of the image against the original prompt.")
+    laion: float | None = Field(
+        None, description="1-10: LAION aesthetic predictor's rating; null when the scorer's LAION head is off."
+    )
+    combined: float = Field(
+        description="0-1: weighted mean of aesthetic, alignment/100 and (laion-1)/9 (see quality_weights)."
+    )
+    aspects: AspectScores
+    perceptual: PerceptualScores
+
+
+MAX_SCORE_IMAGES = 16
+
+
+class ScoreRequest(BaseModel):
+    """`POST /v1/scores`: score uploaded images against a prompt, with no generation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=2000, description="What the images should show (1-2000 characters).")
+    images: list[str] = Field(
+        min_length=1, max_length=MAX_SCORE_IMAGES,
+        description=f"1-{MAX_SCORE_IMAGES} base64 PNG or JPEG images (a data: URL prefix is accepted), "
+                    "scored in one batch.",
+    )
+    quality_metric: Metric | None = Field(None, description="Score that decides `passed` and `best`; default from config.")
+    quality_threshold: float | None = Field(
+        None, ge=0, le=100, description="Minimum of quality_metric for `passed`; default from config."
+    )
+    quality_weights: CombinedWeights | None = Field(None, description="Weights of the combined score; default from config.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain non-whitespace text")
+        return value
+
+
+class ScoredImage(BaseModel):
+    index: int = Field(description="Position in the request's images.")
+    width: int
+    height: int
+    scores: Scores
+    passed: bool = Field(description="quality_metric is at least quality_threshold.")
+
+
+class ScoreResponse(BaseModel):
+    prompt: str
+    quality_metric: Metric
+    quality_threshold: float
+    quality_weights: CombinedWeights = Field(description="The weights the combined score used.")
+    images: list[ScoredImage]
+    best: int = Field(description="Index of the image with the highest quality_metric (the first, on ties).")
+    ranges: dict[str, tuple[float, float]] = Field(description="Range of each gate score: [low, high], higher is better.")
+    timings: dict[str, float] = Field(description="Seconds: decode, score, total.")
 
 
 class ImageInfo(BaseModel):
@@ -160,6 +242,7 @@ class ImageResponse(BaseModel):
     guidance_scale: float
     quality_metric: Metric
     quality_threshold: float
+    quality_weights: CombinedWeights = Field(description="The weights the combined score used.")
     passed: bool = Field(description="Every returned image reached the threshold.")
     images: list[GeneratedImage]
     attempts: list[Attempt] = Field(description="Every candidate generated, in order.")
@@ -208,6 +291,7 @@ class KeyframeOptions(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=30)
     quality_metric: Metric | None = None
     quality_threshold: float | None = Field(None, ge=0, le=100)
+    quality_weights: CombinedWeights | None = None
     max_attempts: int | None = Field(None, ge=1, le=5)
     revise_prompt: bool | None = None
 

@@ -11,7 +11,8 @@ import dataclasses
 import time
 import uuid
 
-from deployments.clip_scorer import SCORE_RANGES
+from deployments.clip_scorer import COMBINABLE, GATE_METRICS, SCORE_RANGES
+from deployments.config import CombinedWeights
 from deployments.lora import LoraNameError, LoraRegistry
 from deployments.prompt_rules import blocked_terms, validate_prompt
 from deployments.types import EnhancedPrompt, LoraRef, ProgressTarget
@@ -35,8 +36,9 @@ from serve_app.schemas import (
 
 class ImageService:
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
-                 request_timeout_s: float = 600.0, blocklist: list[str] | tuple[str, ...] = (),
-                 loras: LoraRegistry | None = None):
+                 request_timeout_s: float = 600.0, gate_metrics: tuple[str, ...] = GATE_METRICS,
+                 blocklist: list[str] | tuple[str, ...] = (), loras: LoraRegistry | None = None):
+        """`gate_metrics`: the gate scores the deployed scorer computes (`AppArgs.gate_metrics()`)."""
         missing = set(generators) ^ set(specs)
         if missing:
             raise ValueError(f"generators and model specs must name the same models; mismatch: {sorted(missing)}")
@@ -48,6 +50,7 @@ class ImageService:
         self.request_timeout_s = request_timeout_s
         self.loras = loras if loras is not None else LoraRegistry()
         self.blocklist = tuple(blocklist)
+        self.gate_metrics = tuple(gate_metrics)
 
     def _spec(self, model: str) -> ModelSpec:
         spec = self.specs.get(model)
@@ -68,13 +71,8 @@ class ImageService:
         spec.check(request)
         self.check_blocklist(request.prompt)
         loras = self.resolve_loras(request, spec)
-        metric = request.quality_metric or self.policy.metric
-        threshold = self.policy.threshold if request.quality_threshold is None else request.quality_threshold
-        try:
-            check_threshold(metric, threshold)
-        except ValueError as error:
-            low, high = SCORE_RANGES[metric]
-            raise RequestError("quality_threshold", str(error), f"{low:g}-{high:g}") from None
+        metric, threshold, weights = quality_gate(request.quality_metric, request.quality_threshold,
+                                                  request.quality_weights, self.policy, self.gate_metrics)
         warnings = []
         if request.negative_prompt and not spec.uses_negative_prompt:
             warnings.append(
@@ -100,6 +98,7 @@ class ImageService:
             target=spec.family,
             revise_prompt=self.policy.revise_prompt if request.revise_prompt is None else request.revise_prompt,
             loras=loras,
+            weights=weights,
         )
         return plan, spec, warnings
 
@@ -180,6 +179,7 @@ class ImageService:
             guidance_scale=plan.guidance_scale,
             quality_metric=plan.metric,
             quality_threshold=plan.threshold,
+            quality_weights=plan.weights,
             passed=result.passed,
             images=images,
             attempts=attempts_of(result),
@@ -224,6 +224,34 @@ class ImageService:
 def advice_of(prompt: str) -> PromptAdviceInfo:
     advice = validate_prompt(prompt)
     return PromptAdviceInfo(score=advice.score, issues=[dataclasses.asdict(issue) for issue in advice.issues])
+
+
+def quality_gate(metric: str | None, threshold: float | None, weights: CombinedWeights | None,
+                 policy: QualityPolicy, gate_metrics: tuple[str, ...]) -> tuple[str, float, CombinedWeights]:
+    """The request's gate (metric, threshold, combined weights), the policy's where it gives none;
+    422 naming the field when the metric or a weighted score is not computed, or the threshold is
+    outside the metric's range."""
+    metric = metric or policy.metric
+    if metric not in gate_metrics:
+        allowed = ", ".join(map(repr, gate_metrics))
+        raise RequestError("quality_metric", f"{metric!r} is not computed by the deployed scorer "
+                           "(scorer.laion.enabled is false)", f"one of {allowed}")
+    threshold = policy.threshold if threshold is None else threshold
+    try:
+        check_threshold(metric, threshold)
+    except ValueError as error:
+        low, high = SCORE_RANGES[metric]
+        raise RequestError("quality_threshold", str(error), f"{low:g}-{high:g}") from None
+    weights = weights or policy.weights or default_weights(gate_metrics)
+    if weights.laion > 0 and "laion" not in gate_metrics:
+        raise RequestError("quality_weights.laion", "must be 0: the deployed scorer computes no laion score "
+                           "(scorer.laion.enabled is false)", "0")
+    return metric, threshold, weights
+
+
+def default_weights(gate_metrics: tuple[str, ...]) -> CombinedWeights:
+    """Equal weights over the combinable scores the scorer computes."""
+    return CombinedWeights(**{metric: 1.0 for metric in COMBINABLE if metric in gate_metrics})
 
 
 def attempts_of(result: GraphResult) -> list[Attempt]:

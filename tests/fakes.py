@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from deployments.clip_scorer import ASPECTS, combined_score
+from deployments.perceptual import perceptual_scores
 from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams
 
 
@@ -44,19 +46,27 @@ class FakeGenerator:
 
 
 class FakeScorer:
-    """aesthetic = grey / 255, alignment = 100 * grey / 255; with `aspects`, aspect scores too
-    (lighting = grey / 255, the others fixed), as a scorer with aspect scores gives them."""
+    """aesthetic = grey / 255, alignment = 100 * grey / 255, laion = 1 + 9 * grey / 255; combined from
+    those with the real formula; aspects all grey / 255 unless `fixed_aspects` sets some (`aspects=False`:
+    none, as a scorer without aspect scores); perceptual from the pixels (the real checks)."""
 
-    def __init__(self, aspects: bool = False):
+    def __init__(self, aspects: bool = True, fixed_aspects: dict[str, float] | None = None):
         self.received = []
+        self.weights = []
         self.aspects = aspects
+        self.fixed_aspects = fixed_aspects or {}
 
-    async def score(self, images, prompt):
+    async def score(self, images, prompt, weights=None):
         self.received.append(type(images).__name__)
+        self.weights.append(weights)
         array = images.images if isinstance(images, GenerationOutput) else images
-        greys = array[:, 0, 0, 0].astype(float) / 255.0
-        scores = [{"aesthetic": g, "alignment": 100.0 * g} for g in greys]
-        if self.aspects:
-            for entry, g in zip(scores, greys):
-                entry["aspects"] = {"composition": 0.5, "lighting": g, "colors": 0.6, "sharpness": 0.7, "style": 0.9}
-        return scores
+        results = []
+        for image in array:
+            grey = float(image[0, 0, 0]) / 255.0
+            scores = {"aesthetic": grey, "alignment": 100.0 * grey, "laion": 1.0 + 9.0 * grey}
+            scores["combined"] = combined_score(scores, weights or {"aesthetic": 1, "alignment": 1, "laion": 1})
+            if self.aspects:
+                scores["aspects"] = {aspect: self.fixed_aspects.get(aspect, grey) for aspect in ASPECTS}
+            scores["perceptual"] = perceptual_scores(np.asarray(image))
+            results.append(scores)
+        return results

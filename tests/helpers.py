@@ -29,7 +29,7 @@ def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float =
 
 
 def tiny_args(config: Path, **deployments: dict) -> dict:
-    """A Serve config's genserve args with tiny models, everything else as the file says.
+    """A Serve config's genserve args with tiny models (and LAION head), everything else as the file says.
 
     Models keep `device: auto`, so on a machine whose GPUs are only declared to Ray they run on
     the CPU (with fp32, one torch thread each: the cores are shared). `deployments` updates the
@@ -48,6 +48,8 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
         # keeps the enhancer, which runs one answer at a time, from becoming the bottleneck.
         llm.update(source="tiny", max_new_tokens=8)
         llm["device"].update(dtype="auto", torch_threads=1)
+    if args.get("scorer") is not None:  # the LAION head too: a random one sized to the tiny CLIP
+        args["scorer"].setdefault("laion", {})["source"] = "tiny"
     for name, options in deployments.items():
         args["deployments"][name] = {**args["deployments"].get(name, {}), **options}
     return args
@@ -92,3 +94,14 @@ async def wait_until_async(condition: Callable, timeout_s: float, interval_s: fl
             return result
         await asyncio.sleep(interval_s)
     raise TimeoutError(f"{what} not met within {timeout_s}s")
+
+
+def flat_scores(scores: dict, prefix: str = "") -> dict[str, float]:
+    """One image's scores with nested groups flattened ('aspects.lighting'), for pytest.approx."""
+    flat: dict[str, float] = {}
+    for key, value in scores.items():
+        if isinstance(value, dict):
+            flat.update(flat_scores(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -24,6 +24,7 @@ from serve_app.jobs.model import Job
 from serve_app.jobs.store import open_store
 from serve_app.models import ModelSpec
 from deployments.lora import LoraRegistry
+from deployments.clip_scorer import GATE_METRICS
 from serve_app.service import ImageService
 from deployments.config import SvdConfig
 from serve_app.video import VideoService
@@ -44,9 +45,10 @@ class JobRunner:
     def __init__(self, config: JobsConfig, slots: dict[str, int], enhancer, generators: dict, scorer,
                  specs: dict[str, ModelSpec], policy: QualityPolicy, request_timeout_s: float = 600.0, svd=None,
                  svd_config: SvdConfig | None = None, max_input_pixels: int = 4096 * 4096,
-                 metrics: bool = True, blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None):
-        images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s, blocklist=blocklist,
-                              loras=loras)
+                 metrics: bool = True, gate_metrics: tuple[str, ...] = GATE_METRICS, blocklist: tuple[str, ...] = (),
+                 loras: LoraRegistry | None = None):
+        images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
+                              gate_metrics=gate_metrics, blocklist=blocklist, loras=loras)
         videos = VideoService(svd, svd_config, images, max_input_pixels) if svd is not None else None
         context = serve.get_replica_context()
         app, deployment = context.app_name, context.deployment

@@ -28,6 +28,7 @@ def app(tmp_path_factory):
     args["svd"] = None
     args["flux"]["source"] = str(save_tiny("flux", models / "flux"))
     args["scorer"]["source"] = str(save_tiny("clip", models / "clip"))
+    args["scorer"]["laion"]["source"] = str(save_tiny("laion", models / "laion") / "laion-head.safetensors")
     with running_app(args) as client:
         yield {"client": client, "sources": (args["flux"]["source"], args["scorer"]["source"])}
 

@@ -95,7 +95,8 @@ def test_a_stage_past_its_timeout_raises_naming_the_stage():
 def test_revise_prompt_rewrites_for_the_weakest_aspects_before_each_later_round():
     # Seeds 100, 101, 102 all fail a 0.99 threshold; lighting (grey / 255) and composition (0.5) score lowest.
     plan = _plan(threshold=0.99, max_attempts=3, revise_prompt=True)
-    result, enhancer, generator, _ = _run(plan, scorer=FakeScorer(aspects=True))
+    fixed = {"composition": 0.5, "colors": 0.6, "sharpness": 0.7, "style": 0.9}  # lighting stays grey / 255
+    result, enhancer, generator, _ = _run(plan, scorer=FakeScorer(fixed_aspects=fixed))
     prompts = [prompt.prompt for _, prompt in generator.calls]
     assert prompts == [
         "a fox, enhanced",
@@ -107,12 +108,13 @@ def test_revise_prompt_rewrites_for_the_weakest_aspects_before_each_later_round(
 
 
 def test_revise_without_aspect_scores_names_the_gate_metric():
-    _, enhancer, _, _ = _run(_plan(threshold=99, max_attempts=2, revise_prompt=True, metric="alignment"))
+    _, enhancer, _, _ = _run(_plan(threshold=99, max_attempts=2, revise_prompt=True, metric="alignment"),
+                             scorer=FakeScorer(aspects=False))
     assert enhancer.calls[-1] == ("revise", "a fox", "a fox, enhanced", ("alignment",))
 
 
 def test_without_revise_prompt_every_round_uses_the_same_prompt():
-    result, enhancer, generator, _ = _run(_plan(threshold=0.99, max_attempts=3), scorer=FakeScorer(aspects=True))
+    result, enhancer, generator, _ = _run(_plan(threshold=0.99, max_attempts=3))
     assert {prompt.prompt for _, prompt in generator.calls} == {"a fox, enhanced"}
     assert len(enhancer.calls) == 1
 

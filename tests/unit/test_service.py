@@ -110,3 +110,37 @@ def test_revise_prompt_comes_from_config_unless_the_request_says():
     assert _service(QualityPolicy(revise_prompt=True)).plan(ImageRequest(prompt="a fox"))[0].revise_prompt is True
     plan = _service(QualityPolicy(revise_prompt=True)).plan(ImageRequest(prompt="a fox", revise_prompt=False))[0]
     assert plan.revise_prompt is False and plan.target == "flux"
+
+
+def test_combined_gate_passes_its_weights_to_the_scorer_and_the_response():
+    scorer = FakeScorer()
+    spec = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
+    service = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, LocalHandle(scorer),
+                           {spec.id: spec}, QualityPolicy())
+    # Seed 200 paints grey 200/255: laion = 1 + 9 * 200/255, so laion-only combined = 200/255.
+    request = {"prompt": "a fox", "seed": 200, "quality_metric": "combined", "quality_threshold": 0.7,
+               "quality_weights": {"laion": 1}}
+    response = asyncio.run(service.generate_images(request))
+    assert scorer.weights[0].model_dump() == {"aesthetic": 0, "alignment": 0, "laion": 1}
+    assert response.quality_metric == "combined" and response.quality_weights.laion == 1
+    scores = response.images[0].scores
+    assert scores.combined == pytest.approx(200 / 255) and response.passed
+    assert scores.laion == pytest.approx(1 + 9 * 200 / 255) and scores.aspects.lighting == pytest.approx(200 / 255)
+
+
+def test_laion_gate_regenerates_until_the_threshold():
+    # Seeds 10, 11 paint greys 10, 11: laion 1.35 and 1.39; threshold 1.37 passes the second only.
+    response = asyncio.run(_service().generate_images(
+        {"prompt": "a fox", "seed": 10, "quality_metric": "laion", "quality_threshold": 1.37, "max_attempts": 2}))
+    assert [a.passed for a in response.attempts] == [False, True] and response.images[0].seed == 11
+    # Without an explicit choice the weights are equal over every score the scorer computes.
+    assert response.quality_weights.model_dump() == {"aesthetic": 1, "alignment": 1, "laion": 1}
+
+
+def test_laion_gate_is_refused_when_the_head_is_off():
+    spec = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
+    service = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, LocalHandle(FakeScorer()),
+                           {spec.id: spec}, QualityPolicy(), gate_metrics=("alignment", "aesthetic", "combined"))
+    with pytest.raises(RequestError) as caught:
+        service.plan(ImageRequest(prompt="a fox", quality_metric="laion"))
+    assert caught.value.field == "quality_metric" and "'laion' is not computed" in caught.value.message
