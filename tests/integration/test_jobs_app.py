@@ -126,7 +126,7 @@ def test_idempotency_key_returns_the_same_job(client):
         ("image", {}, ["body", "request", "prompt"], "request.prompt: Field required"),
         ("video", {}, ["body", "request"], "neither was given"),
         ("video", {"prompt": "a fox", "keyframe": {"num_inference_steps": 9}},
-         ["body", "request", "keyframe.num_inference_steps"], "1-4 steps"),
+         ["body", "request", "keyframe", "num_inference_steps"], "1-4 steps"),
         ("video", {"image": base64.b64encode(b"not an image").decode()}, ["body", "request", "image"],
          "not a readable PNG or JPEG"),
         ("audio", {"prompt": "a fox"}, ["body", "kind"], "allowed: one of 'image', 'video'"),

@@ -97,7 +97,9 @@ def test_bad_images_and_gates_name_the_field(client):
     ]
     for extra, field, words in cases:
         detail = _detail(client.post("/v1/scores", json={"prompt": "a fox", **extra}))
-        assert detail["loc"] == ["body", field] and words in detail["msg"], detail
+        # pydantic's loc form: "images.1" is ["body", "images", 1]
+        loc = ["body", *(int(part) if part.isdigit() else part for part in field.split("."))]
+        assert detail["loc"] == loc and detail["msg"].startswith(f"{field}: ") and words in detail["msg"], detail
 
 
 def test_image_requests_gate_on_laion_and_combined(client):

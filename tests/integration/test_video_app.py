@@ -109,7 +109,7 @@ def test_gif_and_webp_have_every_frame(client, fmt, content_type):
         ({"prompt": "a fox", "width": 300}, ["body", "width"], "multiple of 64"),
         ({"prompt": "a fox", "num_frames": 40}, ["body", "num_frames"], "allowed: 2-25"),
         ({"prompt": "a fox", "fps": 60}, ["body", "fps"], "allowed: 1-30"),
-        ({"prompt": "a fox", "keyframe": {"num_inference_steps": 9}}, ["body", "keyframe.num_inference_steps"],
+        ({"prompt": "a fox", "keyframe": {"num_inference_steps": 9}}, ["body", "keyframe", "num_inference_steps"],
          "1-4 steps"),
     ],
 )
