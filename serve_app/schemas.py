@@ -142,11 +142,12 @@ class Scores(BaseModel):
     laion: float | None = Field(
         None, description="1-10: LAION aesthetic predictor's rating; null when the scorer's LAION head is off."
     )
-    combined: float = Field(
-        description="0-1: weighted mean of aesthetic, alignment/100 and (laion-1)/9 (see quality_weights)."
+    # The three below are always set; null only in async-job results stored by older versions.
+    combined: float | None = Field(
+        None, description="0-1: weighted mean of aesthetic, alignment/100 and (laion-1)/9 (see quality_weights)."
     )
-    aspects: AspectScores
-    perceptual: PerceptualScores
+    aspects: AspectScores | None = Field(None, description="Per-aspect scores (always set by this version).")
+    perceptual: PerceptualScores | None = Field(None, description="Pixel statistics (always set by this version).")
 
 
 MAX_SCORE_IMAGES = 16
@@ -242,7 +243,9 @@ class ImageResponse(BaseModel):
     guidance_scale: float
     quality_metric: Metric
     quality_threshold: float
-    quality_weights: CombinedWeights = Field(description="The weights the combined score used.")
+    quality_weights: CombinedWeights | None = Field(
+        None, description="The weights the combined score used (null only in job results stored by older versions)."
+    )
     passed: bool = Field(description="Every returned image reached the threshold.")
     images: list[GeneratedImage]
     attempts: list[Attempt] = Field(description="Every candidate generated, in order.")
