@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams, ProgressTarget
+from deployments.types import ControlInput, EnhancedPrompt, GenerationOutput, GenerationParams, ProgressTarget
 from serve_app.schemas import MAX_SEED
 
 
@@ -49,6 +49,7 @@ class ImagePlan:
     metric: str
     threshold: float
     max_attempts: int
+    control: ControlInput | None = None
 
 
 @dataclass
@@ -122,6 +123,13 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
     # the generator's images to the scorer straight through the object store, so the three calls
     # of a round are dispatched at once instead of one round trip through this ingress each.
     enhanced: EnhancedPrompt | Any = _enhance(plan, enhancer)
+    control = plan.control
+    if control is not None and control.preprocess:
+        # The control map is made once (by the generator, which holds the depth estimator) while
+        # the prompt is enhanced, and every round reuses it.
+        started = time.perf_counter()
+        control = await call_stage(generator.preprocess.remote(control), "preprocess", timeout_s)
+        timings["preprocess"] = time.perf_counter() - started
 
     candidates: list[Candidate] = []
     next_seed_offset = 0
@@ -138,6 +146,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
             num_inference_steps=plan.num_inference_steps,
             guidance_scale=plan.guidance_scale,
             progress=None if progress is None else dataclasses.replace(progress, round=attempt),
+            control=control,
         )
         round_started = time.perf_counter()
         generation = generator.generate.remote(params, enhanced)
@@ -152,7 +161,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
         timings["generate"] += generated_at - round_started
         timings["score"] += time.perf_counter() - generated_at
         for seed, image, image_scores in zip(output.seeds, output.images, scores):
-            passed = image_scores[plan.metric] >= plan.threshold
+            passed = bool(image_scores[plan.metric] >= plan.threshold)  # numpy scores give numpy bools
             candidates.append(Candidate(attempt, seed, enhanced.prompt, image, image_scores, passed))
 
     return GraphResult(

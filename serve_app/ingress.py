@@ -4,6 +4,8 @@ Routes (OpenAPI at /docs):
 - POST /v1/images   generate, score and regenerate; JSON in, JSON with base64 PNGs out
 - POST /v1/videos   image-to-video, or text-to-video through a keyframe; MP4/GIF/WebP, JSON or binary
 - GET  /v1/models   the deployed models with their limits and defaults
+- GET  /v1/controls  the ControlNet control types, their parameters and the models that take them
+- POST /v1/controls/preview  the control map (canny edges, depth) a request's `control` would use
 - GET  /healthz     200 when every downstream deployment answers, 503 naming the one that did not
 - /v1/jobs          durable async jobs: submit (202), status, list, events (SSE), cancel, result, files
 
@@ -34,7 +36,14 @@ from serve_app.graph import StageTimeout
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.schemas import ImageJobResult, JobList, JobState, JobStatus, JobSubmission, VideoJobResult
 from serve_app.models import ModelSpec, RequestError
-from serve_app.schemas import ImageRequest, ImageResponse, VideoRequest, VideoResponse
+from serve_app.schemas import (
+    ControlPreviewRequest,
+    ControlPreviewResponse,
+    ImageRequest,
+    ImageResponse,
+    VideoRequest,
+    VideoResponse,
+)
 from serve_app.service import ImageService
 from deployments.config import SvdConfig
 from serve_app.video import VideoService
@@ -52,7 +61,8 @@ api.add_middleware(BodyLimit)
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     path = request.url.path
-    model = VideoRequest if path.startswith("/v1/videos") else JobSubmission if path.startswith("/v1/jobs") else ImageRequest
+    model = (VideoRequest if path.startswith("/v1/videos") else JobSubmission if path.startswith("/v1/jobs")
+             else ControlPreviewRequest if path.startswith("/v1/controls") else ImageRequest)
     detail = explain_errors(list(error.errors()), model)
     _record_rejection(_metrics_of(request), request.url.path, [_field_of(item["loc"]) for item in detail])
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail)})
@@ -126,7 +136,7 @@ class Ingress:
                  request_timeout_s: float = 600.0, svd=None, svd_config: SvdConfig | None = None,
                  max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
                  max_body_bytes: int = DEFAULT_MAX_BYTES):
-        self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s)
+        self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s, max_input_pixels)
         # One set of metrics per replica; the error handlers find it on the app serving the request.
         self._metrics = GraphMetrics() if metrics else None
         api.state.metrics = self._metrics
@@ -248,6 +258,26 @@ class Ingress:
              responses={200: {"content": {"image/png": {}, "video/mp4": {}, "image/gif": {}, "image/webp": {}}}})
     async def get_job_file(self, job_id: str, name: str) -> Response:
         return await self._jobs_api().file(job_id, name)
+
+    @api.get("/v1/controls")
+    async def get_controls(self) -> dict:
+        """ControlNet control types (as the A1111 extension's module list): each one's parameters
+        with defaults and ranges, and the deployed models that take it."""
+        return {"controls": self._service.controls()}
+
+    @api.post(
+        "/v1/controls/preview",
+        response_model=ControlPreviewResponse,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    async def post_control_preview(self, request: ControlPreviewRequest):
+        """The control map alone (the A1111 extension's /controlnet/detect): what the model would follow."""
+        response, png = await self._service.preview_control(request)
+        if request.response_format == "json":
+            return response
+        metadata = response.model_dump(exclude={"b64_png"})
+        return Response(content=png, media_type="image/png",
+                        headers={"X-Genserve-Metadata": json.dumps(metadata, separators=(",", ":"))})
 
     @api.get("/v1/models")
     async def get_models(self) -> dict:

@@ -44,7 +44,7 @@ class JobRunner:
                  specs: dict[str, ModelSpec], policy: QualityPolicy, request_timeout_s: float = 600.0, svd=None,
                  svd_config: SvdConfig | None = None, max_input_pixels: int = 4096 * 4096,
                  metrics: bool = True):
-        images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s)
+        images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s, max_input_pixels)
         videos = VideoService(svd, svd_config, images, max_input_pixels) if svd is not None else None
         context = serve.get_replica_context()
         app, deployment = context.app_name, context.deployment
