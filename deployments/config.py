@@ -176,9 +176,9 @@ class SdxlConfig(_Strict):
                     "A type left out is refused with 422; {} serves plain text-to-image only.",
     )
     depth_estimator: ModelSource = Field(
-        "Intel/dpt-hybrid-midas",
-        description="transformers depth-estimation model (DPT or Depth Anything) that turns a reference "
-                    "picture into a depth map; loaded only when a depth ControlNet is configured.",
+        "depth-anything/Depth-Anything-V2-Small-hf",
+        description="transformers depth-estimation model (Depth Anything, DPT such as Intel/dpt-hybrid-midas) "
+                    "that turns a reference picture into a depth map; loaded only with a depth ControlNet.",
     )
     default_width: int = Field(1024, ge=256, le=2048, multiple_of=16, description="Width when a request gives none.")
     default_height: int = Field(1024, ge=256, le=2048, multiple_of=16, description="Height when a request gives none.")

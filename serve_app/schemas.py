@@ -43,7 +43,10 @@ class ControlOptions(BaseModel):
         True, description="true: compute the canny edges or depth map from image; false: image already is the map."
     )
     low_threshold: int = Field(100, ge=0, le=255, description="Canny: lower hysteresis threshold, 0-255.")
-    high_threshold: int = Field(200, ge=0, le=255, description="Canny: upper hysteresis threshold, 0-255, above low.")
+    high_threshold: int = Field(
+        200, ge=0, le=255, validate_default=True,  # checked against low_threshold even when left out
+        description="Canny: upper hysteresis threshold, 0-255, above low.",
+    )
 
     @field_validator("high_threshold")
     @classmethod

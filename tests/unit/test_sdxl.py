@@ -22,47 +22,12 @@ from serve_app.local import LocalHandle
 from serve_app.models import RequestError, control_catalogue, flux_schnell_spec, sdxl_spec, sdxl_turbo_spec
 from serve_app.schemas import ControlOptions, ControlPreviewRequest, ImageRequest
 from serve_app.service import ImageService
+from tests.control_images import BOTTOM, LEFT, RIGHT, TOP, b64, on_border, rectangle
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 
 PROMPT = EnhancedPrompt(prompt="a red house", negative_prompt="blurry", style="none", enhancer="none")
 TINY_SDXL = SdxlConfig(source="tiny", controlnets={"canny": "tiny", "depth": "tiny"}, depth_estimator="tiny",
                        default_width=256, default_height=256, default_steps=2)
-# The rectangle drawn on every reference picture: columns 80..175, rows 64..191 (inclusive).
-TOP, BOTTOM, LEFT, RIGHT = 64, 191, 80, 175
-
-
-def rectangle(width: int = 256, height: int = 256) -> np.ndarray:
-    image = np.zeros((height, width, 3), np.uint8)
-    image[TOP:BOTTOM + 1, LEFT:RIGHT + 1] = (230, 40, 40)
-    return image
-
-
-def b64(image: np.ndarray, format: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format=format)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def on_border(mask: np.ndarray, tolerance: int = 1) -> tuple[float, float]:
-    """(share of edge pixels within `tolerance` of the rectangle's border, share of the border's
-    pixels with an edge pixel within `tolerance`)."""
-    rows, cols = np.nonzero(mask)
-    near_row = (np.abs(rows - TOP) <= tolerance) | (np.abs(rows - BOTTOM) <= tolerance)
-    near_col = (np.abs(cols - LEFT) <= tolerance) | (np.abs(cols - RIGHT) <= tolerance)
-    inside_rows = (rows >= TOP - tolerance) & (rows <= BOTTOM + tolerance)
-    inside_cols = (cols >= LEFT - tolerance) & (cols <= RIGHT + tolerance)
-    precise = ((near_row & inside_cols) | (near_col & inside_rows)).mean()
-    border = np.zeros_like(mask, dtype=bool)
-    border[[TOP, BOTTOM], LEFT:RIGHT + 1] = True
-    border[TOP:BOTTOM + 1, [LEFT, RIGHT]] = True
-    grown = np.zeros_like(border)
-    for dy in range(-tolerance, tolerance + 1):
-        for dx in range(-tolerance, tolerance + 1):
-            grown |= np.roll(np.roll(mask.astype(bool), dy, axis=0), dx, axis=1)
-    covered = (grown & border).sum() / border.sum()
-    return float(precise), float(covered)
-
-
 @pytest.fixture(scope="module")
 def sdxl() -> SdxlGenerator:
     return SdxlGenerator.func_or_class(TINY_SDXL, metrics=False)
@@ -90,6 +55,7 @@ def _control(kind: str = "canny", **fields) -> dict:
         (_control(low_threshold=-1), ("control", "low_threshold")),
         (_control(high_threshold=256), ("control", "high_threshold")),
         (_control(low_threshold=150, high_threshold=150), ("control", "high_threshold")),
+        (_control(low_threshold=220), ("control", "high_threshold")),  # above the default high (200)
         (_control("pose"), ("control", "type")),
         (_control(strength=1), ("control", "strength")),
         ({"type": "canny"}, ("control", "image")),
