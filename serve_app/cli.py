@@ -4,7 +4,7 @@
                                      deploy CONFIG (default configs/dev.yaml) and wait until it runs
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
-    genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd) as a local folder
+    genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd | sdxl | sdxl-controlnet | depth) as a local folder
 """
 
 from __future__ import annotations
