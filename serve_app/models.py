@@ -61,14 +61,15 @@ class ModelSpec:
             rule = f"must be {low:g}" if low == high else f"must be between {low:g} and {high:g}"
             raise RequestError("guidance_scale", f"{self.id} guidance_scale {rule}; got {guidance:g}", allowed)
 
-    def check_control(self, control_type: str) -> None:
-        """422 unless this model has a ControlNet of `control_type`."""
+    def check_control(self, control_type: str, none_field: str = "control", type_field: str = "control.type") -> None:
+        """422 unless this model has a ControlNet of `control_type`: naming `none_field` when it has
+        none at all, `type_field` when it lacks this type (the preview names `model` and `type`)."""
         if not self.control_types:
-            raise RequestError("control", f"{self.id} has no ControlNet; leave control out or pick a model that has one",
-                               "null")
+            raise RequestError(none_field, f"{self.id} has no ControlNet; leave control out or pick a model that has one",
+                               "a model with control_types in GET /v1/models")
         if control_type not in self.control_types:
             raise RequestError(
-                "control.type", f"{self.id} has no {control_type!r} ControlNet; it has {list(self.control_types)}",
+                type_field, f"{self.id} has no {control_type!r} ControlNet; it has {list(self.control_types)}",
                 "one of " + ", ".join(map(repr, self.control_types)),
             )
 

@@ -168,7 +168,7 @@ class ImageService:
         """The control map `request` would give the model: computed by the model's own replica
         (where the depth estimator lives), or the fitted image itself when `preprocess` is false."""
         spec = self.spec_of(request.model)
-        spec.check_control(request.type)
+        spec.check_control(request.type, none_field="model", type_field="type")
         width, height = request.width or spec.default_width, request.height or spec.default_height
         started = time.perf_counter()
         control = await asyncio.to_thread(self.control_input, request, width, height, "image")

@@ -156,7 +156,9 @@ def test_image_job_with_control_runs_through_the_job_runner(client):
         ("/v1/controls/preview", {"type": "depth", "image": b64(rectangle()), "conditioning_scale": -1},
          ["body", "conditioning_scale"], "allowed: 0-2"),
         ("/v1/controls/preview", {"type": "canny", "image": b64(rectangle()), "model": "flux-schnell"},
-         ["body", "control"], "flux-schnell has no ControlNet"),
+         ["body", "model"], "flux-schnell has no ControlNet"),
+        ("/v1/controls/preview", {"type": "canny", "image": b64(rectangle()), "model": "sdxl-turbo"},
+         ["body", "model"], "sdxl-turbo has no ControlNet"),
     ],
 )
 def test_bad_control_input_is_422_naming_the_field(client, path, body, loc, words):

@@ -284,7 +284,12 @@ def test_preview_of_a_control_the_model_lacks_is_refused(sdxl):
     with pytest.raises(RequestError) as caught:
         asyncio.run(_service(sdxl).preview_control(ControlPreviewRequest(type="canny", image=b64(rectangle()),
                                                                          model="flux-schnell")))
-    assert caught.value.field == "control"
+    assert caught.value.field == "model"
+    depth_only = _service(sdxl)
+    depth_only.specs["sdxl"] = sdxl_spec(SdxlConfig(source="tiny", controlnets={"depth": "tiny"}))
+    with pytest.raises(RequestError) as caught:
+        asyncio.run(depth_only.preview_control(ControlPreviewRequest(type="canny", image=b64(rectangle()))))
+    assert caught.value.field == "type" and caught.value.allowed == "one of 'depth'"
 
 
 # --- config and wiring -----------------------------------------------------------------------------
