@@ -2,6 +2,11 @@
 
 import base64
 import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from tests.integration.apps import dev_args, running_app
 from tests.control_images import BOTTOM, LEFT, RIGHT, TOP, b64, on_border, rectangle
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).parents[2]
 PIXEL_LIMIT = 256 * 256
 
 
@@ -167,3 +173,23 @@ def test_bad_control_input_is_422_naming_the_field(client, path, body, loc, word
     assert response.status_code == 422, response.text[:500]
     [detail] = response.json()["detail"]
     assert detail["loc"] == loc and words in detail["msg"], detail
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the README's examples use curl, which is not installed")
+def test_readme_control_commands_run(client, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    blocks = []
+    for heading in ("#### ControlNet: `control`", "### `GET /v1/controls`, `POST /v1/controls/preview`"):
+        section = readme[readme.index(heading):]
+        blocks.append(re.search(r"```bash\n(.*?)```", section, re.S).group(1))
+    Image.fromarray(rectangle()).save(tmp_path / "house.png")
+    for block in blocks:
+        script = block.replace("127.0.0.1:8000", f"127.0.0.1:{client.base_url.port}")
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        if block is blocks[0]:
+            body = json.loads(run.stdout)
+            assert body["model"] == "sdxl" and len(body["images"]) == 1, run.stdout[:300]
+    with Image.open(tmp_path / "edges.png") as png:
+        assert png.format == "PNG" and on_border(np.asarray(png)[..., 0] > 0)[0] == 1.0
