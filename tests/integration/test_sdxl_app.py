@@ -142,6 +142,15 @@ def test_image_job_with_control_runs_through_the_job_runner(client):
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), _pixels(sync["images"][0]["b64_png"]))
 
 
+def test_bad_control_in_a_job_is_422_at_submit(client):
+    over = {"prompt": "x", "model": "sdxl", "control": {"type": "canny", "image": b64(rectangle(300, 300))}}
+    response = client.post("/v1/jobs", json={"kind": "image", "request": over})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "request", "control.image"]
+    scale = {**over, "control": {"type": "canny", "image": b64(rectangle()), "conditioning_scale": 3}}
+    [detail] = client.post("/v1/jobs", json={"kind": "image", "request": scale}).json()["detail"]
+    assert detail["loc"] == ["body", "request", "control", "conditioning_scale"] and detail["allowed"] == "0-2"
+
+
 @pytest.mark.parametrize(
     "path, body, loc, words",
     [
