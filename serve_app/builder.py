@@ -34,9 +34,10 @@ def model_specs(args: AppArgs) -> dict[str, ModelSpec]:
     return {spec.id: spec for spec in specs}
 
 
-def image_deployments(args: AppArgs) -> list[str]:
-    """The image generator deployments this config deploys."""
-    return ["FluxGenerator"] + [name for field, name, _ in SDXL_MODELS if getattr(args, field) is not None]
+def image_deployments(args: AppArgs) -> dict:
+    """The image generator deployments this config deploys: name -> deployment (its decorator's defaults)."""
+    sdxl = {name: SdxlGenerator for field, name, _ in SDXL_MODELS if getattr(args, field) is not None}
+    return {"FluxGenerator": FluxGenerator, **sdxl}
 
 
 def capacity(args: AppArgs, name: str, deployment) -> int:
@@ -52,8 +53,7 @@ def job_slots(args: AppArgs) -> dict[str, int]:
     """Jobs of each kind that run at once: the config's, else what the model deployment takes."""
     configured = args.jobs.max_concurrent_jobs
     # Image jobs may name any image model, so together they may use every image generator at once.
-    image = sum(capacity(args, name, SdxlGenerator if name != "FluxGenerator" else FluxGenerator)
-                for name in image_deployments(args))
+    image = sum(capacity(args, name, deployment) for name, deployment in image_deployments(args).items())
     slots = {"image": configured.image or image}
     if args.svd is not None:
         slots["video"] = configured.video or capacity(args, "SvdGenerator", SvdGenerator)
