@@ -152,10 +152,6 @@ class SdxlGenerator:
             time.perf_counter() - started,
         )
 
-    @property
-    def control_types(self) -> tuple[str, ...]:
-        return tuple(self._controlled)
-
     def _check_control(self, control: ControlInput) -> None:
         if control.type not in self._controlled:
             raise ValueError(f"{self._model_id} has no {control.type!r} ControlNet; it has {sorted(self._controlled)}")
