@@ -316,3 +316,15 @@ def test_configured_sdxl_models_get_specs_and_image_job_slots():
     assert list(model_specs(AppArgs())) == ["flux-schnell"]
     with pytest.raises(ValidationError):
         AppArgs(sdxl={"source": "tiny", "controlnets": {"pose": "tiny"}})
+
+
+def test_dev_profile_serves_tiny_sdxl_and_fits_a_two_core_machine_even_with_turbo():
+    from pathlib import Path
+
+    from serve_app.appconfig import app_args_from_config
+
+    args = app_args_from_config(Path(__file__).parents[2] / "configs" / "dev.yaml")
+    assert args.sdxl is not None and args.sdxl.source == "tiny" and args.sdxl_turbo is None
+    assert args.sdxl.controlnets == {"canny": "tiny", "depth": "tiny"} and args.sdxl.depth_estimator == "tiny"
+    # `genserve serve configs/dev.yaml` starts Ray with the machine's cores: every replica must fit in 2.
+    assert sum(options.num_cpus for options in args.deployments.values()) <= 2
