@@ -387,3 +387,55 @@ class LoraConfig(_Strict):
         if duplicates:
             raise ValueError(f"hub LoRA names must be unique; repeated: {duplicates}")
         return self
+ControlType = Literal["canny", "depth"]
+CONTROL_TYPES: tuple[str, ...] = ("canny", "depth")
+
+
+class SdxlConfig(_Strict):
+    """Stable Diffusion XL base 1.0 (classifier-free guidance, 1-50 steps), with optional ControlNets.
+
+    The ControlNet pipelines are built from the base pipeline's own components (one UNet, one
+    VAE, one pair of text encoders), so each ControlNet adds only its own weights.
+    """
+
+    source: ModelSource = Field(
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'.",
+    )
+    device: DeviceOptions = Field(default_factory=DeviceOptions)
+    controlnets: dict[ControlType, ModelSource] = Field(
+        default_factory=lambda: {
+            "canny": "diffusers/controlnet-canny-sdxl-1.0",
+            "depth": "diffusers/controlnet-depth-sdxl-1.0",
+        },
+        description="ControlNet per control type (canny, depth): repo id, local folder or 'tiny'. "
+                    "A type left out is refused with 422; {} serves plain text-to-image only.",
+    )
+    depth_estimator: ModelSource = Field(
+        "depth-anything/Depth-Anything-V2-Small-hf",
+        description="transformers depth-estimation model (Depth Anything, DPT such as Intel/dpt-hybrid-midas) "
+                    "that turns a reference picture into a depth map; loaded only with a depth ControlNet.",
+    )
+    default_width: int = Field(1024, ge=256, le=2048, multiple_of=16, description="Width when a request gives none.")
+    default_height: int = Field(1024, ge=256, le=2048, multiple_of=16, description="Height when a request gives none.")
+    default_steps: int = Field(30, ge=1, le=50, description="Denoising steps when a request gives none.")
+    default_guidance: float = Field(5.0, ge=0, le=30, description="CFG scale when a request gives none.")
+
+
+class SdxlTurboConfig(SdxlConfig):
+    """SDXL-Turbo: adversarially distilled SDXL, 1-4 steps without guidance (trained at 512x512).
+
+    The SDXL ControlNets fit its UNet too; none are loaded unless listed.
+    """
+
+    source: ModelSource = Field(
+        "stabilityai/sdxl-turbo", description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'."
+    )
+    controlnets: dict[ControlType, ModelSource] = Field(
+        default_factory=dict,
+        description="ControlNet per control type (canny, depth); none by default.",
+    )
+    default_width: int = Field(512, ge=256, le=2048, multiple_of=16, description="Width when a request gives none.")
+    default_height: int = Field(512, ge=256, le=2048, multiple_of=16, description="Height when a request gives none.")
+    default_steps: int = Field(1, ge=1, le=4, description="Denoising steps when a request gives none.")
+    default_guidance: float = Field(0.0, ge=0, le=0, description="Always 0: SDXL-Turbo runs without guidance.")

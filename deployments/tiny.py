@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 CLIP_MAX_TOKENS = 77
-TINY_FAMILIES = ("flux", "clip", "svd", "llm", "laion")
+TINY_FAMILIES = ("flux", "clip", "svd", "llm", "laion", "sdxl", "sdxl-controlnet", "depth")
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -263,6 +263,99 @@ def build_tiny_llm(seed: int = 0) -> dict[str, Any]:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return {"model": model, "tokenizer": tokenizer}
+def _tiny_sdxl_unet():
+    """SDXL's UNet layout in miniature: `text_time` added conditioning (pooled text embeds plus the
+    six size/crop numbers), cross-attention on both text encoders' hidden states side by side."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids x 8, plus text_encoder_2's projection
+        cross_attention_dim=64, norm_num_groups=8,  # text_encoder (32) + text_encoder_2 (32) hidden states
+    )
+
+
+def build_tiny_sdxl(seed: int = 0):
+    """A StableDiffusionXLPipeline with the real component classes and tiny random weights.
+
+    The VAE keeps SDXL's 8x downsampling, so a 256x256 request costs a 32x32 latent as it would
+    with the real model (and a ControlNet's conditioning embedding downsamples its map 8x too).
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    rng = _seeded(seed)
+    try:
+        tokenizer = tiny_clip_tokenizer()
+        tokenizer_2 = tiny_clip_tokenizer()
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2))
+        unet = _tiny_sdxl_unet()
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.13025,
+        )
+    finally:
+        rng.__exit__(None, None, None)
+    _eval(text_encoder, text_encoder_2, unet, vae)
+    # The scheduler settings of the released SDXL base checkpoint.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+    )
+
+
+def build_tiny_sdxl_controlnet(seed: int = 0, kind: str = "canny"):
+    """A ControlNetModel for the tiny SDXL UNet: `ControlNetModel.from_unet` copies the UNet's
+    encoder (as real ControlNets start), then a random conditioning embedding that downsamples
+    the control map 8x, like the VAE. `kind` only varies the seed, so canny and depth differ."""
+    import torch
+    from diffusers import ControlNetModel
+
+    unet = build_tiny_sdxl(seed).unet
+    rng = _seeded(seed + 1 + ("canny", "depth").index(kind))
+    try:
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+        # A new ControlNet's zero convolutions (after the map's embedding and on each output) start
+        # at zero, so it changes nothing until trained; random ones make the tiny model's control
+        # map visible in its images, as a trained one's is.
+        zero_convs = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
+                      controlnet.controlnet_mid_block]
+        for conv in zero_convs:
+            torch.nn.init.normal_(conv.weight, std=0.2)
+    finally:
+        rng.__exit__(None, None, None)
+    _eval(controlnet)
+    return controlnet
+
+
+def build_tiny_depth(seed: int = 0) -> dict[str, Any]:
+    """A DPTForDepthEstimation with tiny random weights and its (PIL) image processor."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    rng = _seeded(seed)
+    try:
+        model = DPTForDepthEstimation(
+            DPTConfig(
+                hidden_size=32, num_hidden_layers=4, backbone_out_indices=[0, 1, 2, 3], num_attention_heads=4,
+                intermediate_size=37, image_size=32, patch_size=8, neck_hidden_sizes=[8, 16, 16, 16],
+                fusion_hidden_size=16, head_hidden_size=8, is_hybrid=False,
+            )
+        )
+    finally:
+        rng.__exit__(None, None, None)
+    _eval(model)
+    image_processor = DPTImageProcessorPil(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
+    return {"model": model, "image_processor": image_processor}
 
 
 def save_tiny(family: str, folder: str | Path, seed: int = 0) -> Path:
@@ -283,6 +376,13 @@ def save_tiny(family: str, folder: str | Path, seed: int = 0) -> Path:
         from deployments.laion_head import save_head
 
         save_head(build_tiny_laion_head(seed=seed), folder / "laion-head.safetensors")
+    elif family == "sdxl":
+        build_tiny_sdxl(seed).save_pretrained(folder)
+    elif family == "sdxl-controlnet":
+        build_tiny_sdxl_controlnet(seed).save_pretrained(folder)
+    elif family == "depth":
+        for part in build_tiny_depth(seed).values():
+            part.save_pretrained(folder)
     else:
         raise ValueError(f"unknown tiny model family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     return folder

@@ -49,10 +49,29 @@ class LoraRef:
 
 
 @dataclass(frozen=True)
+class ControlInput:
+    """A ControlNet condition: `image` is uint8 (H, W, 3) already at the generation size.
+
+    With `preprocess` set, `image` is the user's reference picture and the generator computes the
+    map (`canny`: OpenCV edges with the two hysteresis thresholds; `depth`: a depth estimator);
+    without it, `image` is the map itself. `SdxlGenerator.preprocess` returns the same input with
+    the map in `image` and `preprocess` off, so regeneration rounds reuse one map.
+    """
+
+    type: str
+    image: np.ndarray
+    conditioning_scale: float
+    preprocess: bool = True
+    low_threshold: int = 100
+    high_threshold: int = 200
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """What a generator needs for one batch besides the prompt: one image per seed.
 
-    `loras`: the adapters to apply to this batch, and only these (empty: none)."""
+    `loras`: the adapters to apply to this batch, and only these (empty: none). `control` applies to
+    generators with ControlNets only (the model spec checks it first)."""
 
     seeds: list[int]
     width: int
@@ -61,6 +80,7 @@ class GenerationParams:
     guidance_scale: float = 0.0
     progress: ProgressTarget | None = None
     loras: tuple[LoraRef, ...] = ()
+    control: ControlInput | None = None
 
 
 @dataclass

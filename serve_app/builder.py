@@ -16,17 +16,29 @@ from deployments.clip_scorer import ClipScorer
 from deployments.flux import FluxGenerator
 from deployments.lora import LoraRegistry
 from deployments.prompt_enhancer import PromptEnhancer
+from deployments.sdxl_controlnet import SdxlGenerator
 from deployments.svd import SvdGenerator
 from serve_app.config import AppArgs, DeploymentOptions, JobsConfig
 from serve_app.ingress import Ingress
 from serve_app.jobs.runner import JobRunner
-from serve_app.models import ModelSpec, flux_schnell_spec
+from serve_app.models import ModelSpec, flux_schnell_spec, sdxl_spec, sdxl_turbo_spec
+
+
+# Optional SDXL models: (AppArgs field, deployment name, model spec factory).
+SDXL_MODELS = (("sdxl", "SdxlGenerator", sdxl_spec), ("sdxl_turbo", "SdxlTurboGenerator", sdxl_turbo_spec))
 
 
 def model_specs(args: AppArgs) -> dict[str, ModelSpec]:
     flux = args.flux
-    spec = flux_schnell_spec(flux.default_width, flux.default_height, flux.default_steps)
-    return {spec.id: spec}
+    specs = [flux_schnell_spec(flux.default_width, flux.default_height, flux.default_steps)]
+    specs += [make_spec(getattr(args, field)) for field, _, make_spec in SDXL_MODELS if getattr(args, field) is not None]
+    return {spec.id: spec for spec in specs}
+
+
+def image_deployments(args: AppArgs) -> dict:
+    """The image generator deployments this config deploys: name -> deployment (its decorator's defaults)."""
+    sdxl = {name: SdxlGenerator for field, name, _ in SDXL_MODELS if getattr(args, field) is not None}
+    return {"FluxGenerator": FluxGenerator, **sdxl}
 
 
 def capacity(args: AppArgs, name: str, deployment) -> int:
@@ -41,7 +53,9 @@ def capacity(args: AppArgs, name: str, deployment) -> int:
 def job_slots(args: AppArgs) -> dict[str, int]:
     """Jobs of each kind that run at once: the config's, else what the model deployment takes."""
     configured = args.jobs.max_concurrent_jobs
-    slots = {"image": configured.image or capacity(args, "FluxGenerator", FluxGenerator)}
+    # Image jobs may name any image model, so together they may use every image generator at once.
+    image = sum(capacity(args, name, deployment) for name, deployment in image_deployments(args).items())
+    slots = {"image": configured.image or image}
     if args.svd is not None:
         slots["video"] = configured.video or capacity(args, "SvdGenerator", SvdGenerator)
     return slots
@@ -62,8 +76,9 @@ def lora_registry(args: AppArgs) -> LoraRegistry:
 
 
 def build_app(args: AppArgs) -> Application:
-    """Wire PromptEnhancer -> FluxGenerator -> ClipScorer (and SvdGenerator, if configured) behind the
-    Ingress, and the JobRunner that runs async jobs through the same deployments.
+    """Wire PromptEnhancer -> FluxGenerator (and the SDXL generators, if configured) -> ClipScorer
+    (and SvdGenerator, if configured) behind the Ingress, and the JobRunner that runs async jobs
+    through the same deployments.
 
     Serve validates a config's `args:` into `AppArgs` (the annotation); a plain dict is accepted too.
     """
@@ -78,6 +93,15 @@ def build_app(args: AppArgs) -> Application:
     scorer = ClipScorer.options(**args.options_for("ClipScorer")).bind(
         args.model_config_for("ClipScorer"), metrics=args.metrics
     )
+    generators = {"flux-schnell": flux}
+    for field, name, make_spec in SDXL_MODELS:
+        config = getattr(args, field)
+        if config is not None:
+            model_id = make_spec(config).id
+            generators[model_id] = SdxlGenerator.options(name=name, **args.options_for(name)).bind(
+                args.model_config_for(name), model_id=model_id, metrics=args.metrics,
+                lora_cache_size=args.loras.cache_size,
+            )
     video = {}
     if args.svd is not None:
         video["svd"] = SvdGenerator.options(**args.options_for("SvdGenerator")).bind(
@@ -86,7 +110,7 @@ def build_app(args: AppArgs) -> Application:
         video["svd_config"] = args.svd
     graph = dict(
         enhancer=enhancer,
-        generators={"flux-schnell": flux},
+        generators=generators,
         scorer=scorer,
         specs=model_specs(args),
         policy=args.policy,

@@ -19,14 +19,22 @@ from deployments.config import (
     FluxConfig,
     LoraConfig,
     ScorerConfig,
+    SdxlConfig,
+    SdxlTurboConfig,
     SvdConfig,
 )
 
-DeploymentName = Literal["Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer", "SvdGenerator", "JobRunner"]
+DeploymentName = Literal[
+    "Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer", "SvdGenerator", "SdxlGenerator", "SdxlTurboGenerator",
+    "JobRunner",
+]
 DEPLOYMENT_NAMES: tuple[str, ...] = get_args(DeploymentName)
 GateMetric = Literal["aesthetic", "alignment", "laion", "combined"]
 # The `AppArgs` field holding each model deployment's model config (and so its device options).
-MODEL_CONFIG_FIELDS = {"FluxGenerator": "flux", "ClipScorer": "scorer", "SvdGenerator": "svd", "PromptEnhancer": "enhancer"}
+MODEL_CONFIG_FIELDS = {
+    "FluxGenerator": "flux", "ClipScorer": "scorer", "SvdGenerator": "svd", "SdxlGenerator": "sdxl",
+    "SdxlTurboGenerator": "sdxl_turbo", "PromptEnhancer": "enhancer",
+}
 # Ray keeps resource amounts to 1e-4; shares that sum to 1 in decimal must not fail in binary.
 _SHARE_TOLERANCE = 1e-6
 
@@ -209,7 +217,9 @@ class JobSlots(_Strict):
     only wait inside Serve, where nobody sees them; here they wait in the job queue instead.
     """
 
-    image: int | None = Field(None, ge=1, description="Image jobs running at once (FluxGenerator's capacity if unset).")
+    image: int | None = Field(
+        None, ge=1, description="Image jobs running at once (the image generators' capacities added up if unset)."
+    )
     video: int | None = Field(None, ge=1, description="Video jobs running at once (SvdGenerator's capacity if unset).")
 
 
@@ -256,6 +266,12 @@ class AppArgs(_Strict):
     scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="The CLIP scorer.")
     enhancer: EnhancerConfig = Field(default_factory=EnhancerConfig, description="The prompt enhancer.")
     svd: SvdConfig | None = Field(None, description="Stable Video Diffusion; omit to serve images only.")
+    sdxl: SdxlConfig | None = Field(
+        None, description="Stable Diffusion XL with ControlNets (model id 'sdxl', deployment SdxlGenerator); omit to leave it out."
+    )
+    sdxl_turbo: SdxlTurboConfig | None = Field(
+        None, description="SDXL-Turbo (model id 'sdxl-turbo', deployment SdxlTurboGenerator); omit to leave it out."
+    )
     policy: QualityPolicy = Field(default_factory=QualityPolicy, description="Default quality gate.")
     loras: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters requests may name.")
     max_input_pixels: int = Field(
@@ -362,7 +378,7 @@ class AppArgs(_Strict):
     def options_for(self, name: str) -> dict:
         return self._options(name).serve_options()
 
-    def model_config_for(self, name: str) -> FluxConfig | ScorerConfig | SvdConfig | EnhancerConfig:
+    def model_config_for(self, name: str) -> FluxConfig | ScorerConfig | SvdConfig | SdxlConfig | EnhancerConfig:
         """The model config of deployment `name`, its CUDA memory cap filled in from its GPU share."""
         config = getattr(self, MODEL_CONFIG_FIELDS[name])
         device = device_options(config)

@@ -8,6 +8,7 @@ the message and the schema at /docs can never disagree.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import get_args
 
 from pydantic import BaseModel
 
@@ -46,10 +47,26 @@ def _describe(schema: dict) -> str | None:
     return ", ".join(parts) or None
 
 
-def allowed_values(model: type[BaseModel], field: str) -> str | None:
-    """What `field` of `model` accepts, e.g. '256-2048, a multiple of 16'; None if unconstrained."""
+def allowed_values(model: type[BaseModel], field: str, *nested: str) -> str | None:
+    """What `field` of `model` accepts, e.g. '256-2048, a multiple of 16'; None if unconstrained.
+
+    `nested` names a field inside a nested model field, e.g. ("control", "conditioning_scale")."""
+    if nested:
+        inner = _nested_model(model, field)
+        return allowed_values(inner, *nested) if inner is not None else None
     schema = _properties(model).get(field)
     return _describe(schema) if schema else None
+
+
+def _nested_model(model: type[BaseModel], field: str) -> type[BaseModel] | None:
+    """The model class of field `field` (Optional unwrapped), or None when it is not a model."""
+    info = model.model_fields.get(field)
+    if info is None:
+        return None
+    for candidate in (info.annotation, *get_args(info.annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def explain_errors(errors: list[dict], model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[dict]:
@@ -65,7 +82,12 @@ def explain_errors(errors: list[dict], model: type[BaseModel], prefix: tuple[str
         loc = tuple(error.get("loc", ()))
         if len(loc) > start and loc[:start] == ("body", *prefix) and isinstance(loc[start], str):
             field = ".".join(str(part) for part in loc[1:])
-            allowed = allowed_values(model, loc[start])
+            names = []
+            for part in loc[start:]:
+                if not isinstance(part, str):
+                    break
+                names.append(part)
+            allowed = allowed_values(model, *names)
             error["msg"] = f"{field}: {error['msg']}"
             if allowed:
                 error["allowed"] = allowed

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from deployments.config import CombinedWeights
-from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams, LoraRef, ProgressTarget
+from deployments.types import ControlInput, EnhancedPrompt, GenerationOutput, GenerationParams, LoraRef, ProgressTarget
 from serve_app.schemas import MAX_SEED
 
 
@@ -58,6 +58,7 @@ class ImagePlan:
     revise_prompt: bool = False
     loras: tuple[LoraRef, ...] = ()
     weights: CombinedWeights | None = None  # of the combined score; None: the scorer's default
+    control: ControlInput | None = None
 
 
 @dataclass
@@ -143,6 +144,13 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
     # the generator's images to the scorer straight through the object store, so the three calls
     # of a round are dispatched at once instead of one round trip through this ingress each.
     enhanced: EnhancedPrompt | Any = _enhance(plan, enhancer)
+    control = plan.control
+    if control is not None and control.preprocess:
+        # The control map is made once (by the generator, which holds the depth estimator) while
+        # the prompt is enhanced, and every round reuses it.
+        started = time.perf_counter()
+        control = await call_stage(generator.preprocess.remote(control), "preprocess", timeout_s)
+        timings["preprocess"] = time.perf_counter() - started
 
     candidates: list[Candidate] = []
     next_seed_offset = 0
@@ -160,6 +168,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
             guidance_scale=plan.guidance_scale,
             progress=None if progress is None else dataclasses.replace(progress, round=attempt),
             loras=plan.loras,
+            control=control,
         )
         round_started = time.perf_counter()
         if attempt > 1 and plan.revise_prompt and plan.enhance:
@@ -182,7 +191,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
         timings["generate"] += generated_at - round_started
         timings["score"] += time.perf_counter() - generated_at
         for seed, image, image_scores in zip(output.seeds, output.images, scores):
-            passed = image_scores[plan.metric] >= plan.threshold
+            passed = bool(image_scores[plan.metric] >= plan.threshold)  # numpy scores give numpy bools
             candidates.append(Candidate(attempt, seed, enhanced.prompt, image, image_scores, passed))
 
     return GraphResult(

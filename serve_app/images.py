@@ -40,6 +40,13 @@ def encode_png(image: np.ndarray, meta: dict) -> bytes:
     return buffer.getvalue()
 
 
+def encode_plain_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) to PNG bytes without metadata (control maps)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def encode_png_b64(image: np.ndarray, meta: dict) -> str:
     return base64.b64encode(encode_png(image, meta)).decode("ascii")
 

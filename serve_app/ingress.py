@@ -7,6 +7,8 @@ Routes (OpenAPI at /docs):
 - POST /v1/scores   score uploaded images against a prompt (every CLIP, LAION, aspect and perceptual score)
 - GET  /v1/models   the deployed models with their limits and defaults
 - GET  /v1/loras    the LoRA adapters requests may name, by model family
+- GET  /v1/controls  the ControlNet control types, their parameters and the models that take them
+- POST /v1/controls/preview  the control map (canny edges, depth) a request's `control` would use
 - GET  /healthz     200 when every downstream deployment answers, 503 naming the one that did not
 - /v1/jobs          durable async jobs: submit (202), status, list, events (SSE), cancel, result, files
 
@@ -38,6 +40,8 @@ from serve_app.jobs import http as jobs_http
 from serve_app.jobs.schemas import ImageJobResult, JobList, JobState, JobStatus, JobSubmission, VideoJobResult
 from serve_app.models import ModelSpec, RequestError
 from serve_app.schemas import (
+    ControlPreviewRequest,
+    ControlPreviewResponse,
     EnhanceRequest,
     EnhanceResponse,
     ImageRequest,
@@ -69,6 +73,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     path = request.url.path
     model = (VideoRequest if path.startswith("/v1/videos") else JobSubmission if path.startswith("/v1/jobs")
              else EnhanceRequest if path.startswith("/v1/prompts")
+             else ControlPreviewRequest if path.startswith("/v1/controls")
              else ScoreRequest if path.startswith("/v1/scores") else ImageRequest)
     detail = explain_errors(list(error.errors()), model)
     _record_rejection(_metrics_of(request), request.url.path, [_field_of(item["loc"]) for item in detail])
@@ -145,7 +150,8 @@ class Ingress:
                  max_body_bytes: int = DEFAULT_MAX_BYTES, gate_metrics: tuple[str, ...] = GATE_METRICS,
                  blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None):
         self._service = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
-                                     gate_metrics=gate_metrics, blocklist=blocklist, loras=loras)
+                                     max_input_pixels=max_input_pixels, gate_metrics=gate_metrics,
+                                     blocklist=blocklist, loras=loras)
         self._scores = ScoreService(scorer, policy, gate_metrics, max_input_pixels, request_timeout_s)
         # One set of metrics per replica; the error handlers find it on the app serving the request.
         self._metrics = GraphMetrics() if metrics else None
@@ -293,6 +299,26 @@ class Ingress:
              responses={200: {"content": {"image/png": {}, "video/mp4": {}, "image/gif": {}, "image/webp": {}}}})
     async def get_job_file(self, job_id: str, name: str) -> Response:
         return await self._jobs_api().file(job_id, name)
+
+    @api.get("/v1/controls")
+    async def get_controls(self) -> dict:
+        """ControlNet control types (as the A1111 extension's module list): each one's parameters
+        with defaults and ranges, and the deployed models that take it."""
+        return {"controls": self._service.controls()}
+
+    @api.post(
+        "/v1/controls/preview",
+        response_model=ControlPreviewResponse,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    async def post_control_preview(self, request: ControlPreviewRequest):
+        """The control map alone (the A1111 extension's /controlnet/detect): what the model would follow."""
+        response, png = await self._service.preview_control(request)
+        if request.response_format == "json":
+            return response
+        metadata = response.model_dump(exclude={"b64_png"})
+        return Response(content=png, media_type="image/png",
+                        headers={"X-Genserve-Metadata": json.dumps(metadata, separators=(",", ":"))})
 
     @api.get("/v1/models")
     async def get_models(self) -> dict:

@@ -78,8 +78,9 @@ class GraphMetrics:
 
     def image_response(self, response: ImageResponse) -> None:
         model = response.model
-        for stage in ("enhance", "generate", "score", "encode"):
-            self.stage_seconds.observe(response.timings[stage], tags={"stage": stage, "model": model})
+        for stage in ("enhance", "preprocess", "generate", "score", "encode"):
+            if stage in response.timings:  # preprocess: only when a control map was computed
+                self.stage_seconds.observe(response.timings[stage], tags={"stage": stage, "model": model})
         for image in response.images:
             self.images.inc(tags={"model": model, "passed": _flag(image.passed)})
         self.attempts.observe(max(attempt.attempt for attempt in response.attempts), tags={"model": model})

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from serve_app.schemas import ImageRequest
+from deployments.config import CONTROL_TYPES, SdxlConfig
+from serve_app.schemas import ControlOptions, ImageRequest
 
 
 class RequestError(ValueError):
@@ -61,8 +62,11 @@ class ModelSpec:
     # The generator applies GenerationParams.loras (through deployments.lora.LoraManager); a
     # request naming LoRAs for a model without it gets 422 rather than an image without them.
     supports_loras: bool = False
+    control_types: tuple[str, ...] = ()
 
     def check(self, request: ImageRequest) -> None:
+        if request.control is not None:
+            self.check_control(request.control.type)
         steps = request.num_inference_steps
         if steps is not None and not self.min_steps <= steps <= self.max_steps:
             raise RequestError(
@@ -77,8 +81,22 @@ class ModelSpec:
             rule = f"must be {low:g}" if low == high else f"must be between {low:g} and {high:g}"
             raise RequestError("guidance_scale", f"{self.id} guidance_scale {rule}; got {guidance:g}", allowed)
 
+    def check_control(self, control_type: str, none_field: str = "control", type_field: str = "control.type") -> None:
+        """422 unless this model has a ControlNet of `control_type`: naming `none_field` when it has
+        none at all, `type_field` when it lacks this type (the preview names `model` and `type`)."""
+        if not self.control_types:
+            raise RequestError(none_field, f"{self.id} has no ControlNet; leave control out or pick a model that has one",
+                               "a model with control_types in GET /v1/models")
+        if control_type not in self.control_types:
+            raise RequestError(
+                type_field, f"{self.id} has no {control_type!r} ControlNet; it has {list(self.control_types)}",
+                "one of " + ", ".join(map(repr, self.control_types)),
+            )
+
     def public(self) -> dict:
-        return asdict(self)
+        spec = asdict(self)
+        spec["control_types"] = list(self.control_types)
+        return spec
 
 
 def flux_schnell_spec(default_width: int, default_height: int, default_steps: int) -> ModelSpec:
@@ -96,3 +114,72 @@ def flux_schnell_spec(default_width: int, default_height: int, default_steps: in
         uses_negative_prompt=False,
         supports_loras=True,
     )
+
+
+def sdxl_spec(config: SdxlConfig) -> ModelSpec:
+    return ModelSpec(
+        id="sdxl",
+        family="sdxl",
+        description="Stable Diffusion XL base 1.0: classifier-free guidance (negative prompt), 1-50 steps.",
+        min_steps=1,
+        max_steps=50,
+        default_steps=config.default_steps,
+        default_width=config.default_width,
+        default_height=config.default_height,
+        guidance_range=(0.0, 30.0),
+        default_guidance=config.default_guidance,
+        uses_negative_prompt=True,
+        supports_loras=True,
+        control_types=tuple(kind for kind in CONTROL_TYPES if kind in config.controlnets),
+    )
+
+
+def sdxl_turbo_spec(config: SdxlConfig) -> ModelSpec:
+    return ModelSpec(
+        id="sdxl-turbo",
+        family="sdxl",
+        description="SDXL-Turbo: distilled SDXL, 1-4 steps without guidance (no negative prompt); best at 512x512.",
+        min_steps=1,
+        max_steps=4,
+        default_steps=config.default_steps,
+        default_width=config.default_width,
+        default_height=config.default_height,
+        guidance_range=(0.0, 0.0),
+        default_guidance=0.0,
+        uses_negative_prompt=False,
+        supports_loras=True,
+        control_types=tuple(kind for kind in CONTROL_TYPES if kind in config.controlnets),
+    )
+
+
+def _param(name: str) -> dict:
+    """A ControlOptions field as the catalogue lists it: type, default, range and description."""
+    field = ControlOptions.model_fields[name]
+    param = {"name": name, "type": {bool: "boolean", int: "integer", float: "number"}[field.annotation],
+             "default": field.default, "description": field.description}
+    for constraint in field.metadata:
+        if hasattr(constraint, "ge"):
+            param["min"] = constraint.ge
+        if hasattr(constraint, "le"):
+            param["max"] = constraint.le
+    return param
+
+
+def control_catalogue() -> list[dict]:
+    """Each control type with its preprocessor and parameters (read from `ControlOptions`), after
+    the A1111 ControlNet extension's `module_list` (which lists each module's sliders)."""
+    common = [_param("conditioning_scale"), _param("preprocess")]
+    return [
+        {
+            "type": "canny",
+            "description": "Edges of the reference image (OpenCV Canny over its RGB channels), white on black.",
+            "preprocessor": "opencv Canny",
+            "params": [*common, _param("low_threshold"), _param("high_threshold")],
+        },
+        {
+            "type": "depth",
+            "description": "Relative depth of the reference image, near bright and far dark.",
+            "preprocessor": "the model's depth_estimator (transformers depth estimation)",
+            "params": common,
+        },
+    ]

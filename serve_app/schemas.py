@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from deployments.config import CombinedWeights
@@ -50,6 +50,37 @@ class Lora(BaseModel):
         from deployments.lora import check_lora_name
 
         return check_lora_name(value)
+ControlType = Literal["canny", "depth"]
+
+
+class ControlOptions(BaseModel):
+    """`control` of POST /v1/images: a ControlNet condition from a reference picture (SDXL models)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: ControlType = Field(description="'canny' (edges) or 'depth'; GET /v1/controls lists them.")
+    image: str = Field(
+        min_length=1,
+        description="Base64 PNG or JPEG (a data: URL prefix is accepted): the reference picture, or with "
+                    "preprocess false the edge/depth map itself. Scaled to cover the output size and centre-cropped.",
+    )
+    conditioning_scale: float = Field(0.5, ge=0, le=2, description="How strongly the map steers the image, 0-2.")
+    preprocess: bool = Field(
+        True, description="true: compute the canny edges or depth map from image; false: image already is the map."
+    )
+    low_threshold: int = Field(100, ge=0, le=255, description="Canny: lower hysteresis threshold, 0-255.")
+    high_threshold: int = Field(
+        200, ge=0, le=255, validate_default=True,  # checked against low_threshold even when left out
+        description="Canny: upper hysteresis threshold, 0-255, above low.",
+    )
+
+    @field_validator("high_threshold")
+    @classmethod
+    def _above_low(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("low_threshold")
+        if low is not None and value <= low:
+            raise ValueError(f"high_threshold ({value}) must be above low_threshold ({low})")
+        return value
 
 
 class ImageRequest(BaseModel):
@@ -94,6 +125,9 @@ class ImageRequest(BaseModel):
         default_factory=list, max_length=MAX_LORAS,
         description="LoRA adapters to apply, each {name, scale}; at most the config's loras.max_per_request (up to 8). "
                     "Each must be made for the model's family (GET /v1/loras).",
+    )
+    control: ControlOptions | None = Field(
+        None, description="ControlNet guidance from a reference picture (models with ControlNets: see GET /v1/models)."
     )
 
     @field_validator("prompt")
@@ -382,3 +416,24 @@ class VideoInfo(BaseModel):
 
 class VideoResponse(VideoInfo):
     b64_video: str = Field(description="The file, base64-encoded.")
+
+
+class ControlPreviewRequest(ControlOptions):
+    """`POST /v1/controls/preview`: the control map a request with this `control` would use."""
+
+    model: str = Field("sdxl", description="A model id with a ControlNet of this type (GET /v1/models).")
+    width: int | None = Field(None, ge=256, le=2048, multiple_of=16, description="Map width; the model's default if omitted.")
+    height: int | None = Field(None, ge=256, le=2048, multiple_of=16, description="Map height; the model's default if omitted.")
+    response_format: Literal["json", "binary"] = Field(
+        "json", description="json: base64 PNG in JSON; binary: the PNG itself (image/png)."
+    )
+
+
+class ControlPreviewResponse(BaseModel):
+    type: ControlType
+    model: str
+    width: int
+    height: int
+    preprocessed: bool = Field(description="Whether the map was computed (false: the image was fitted only).")
+    seconds: float
+    b64_png: str = Field(description="The control map as a base64 PNG.")

@@ -7,6 +7,7 @@ with `LocalHandle`s, so the in-process baseline runs exactly the code the servic
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import time
 import uuid
@@ -15,13 +16,17 @@ from deployments.clip_scorer import COMBINABLE, GATE_METRICS, SCORE_RANGES
 from deployments.config import CombinedWeights
 from deployments.lora import LoraNameError, LoraRegistry
 from deployments.prompt_rules import blocked_terms, validate_prompt
-from deployments.types import EnhancedPrompt, LoraRef, ProgressTarget
+from deployments.types import ControlInput, EnhancedPrompt, LoraRef, ProgressTarget
 from serve_app.config import QualityPolicy, check_threshold
 from serve_app.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
-from serve_app.images import encode_png_b64
-from serve_app.models import ModelSpec, PromptBlocked, RequestError
+from serve_app.images import encode_plain_png, encode_png_b64
+from serve_app.inputs import decode_image, fit_image
+from serve_app.models import ModelSpec, PromptBlocked, RequestError, control_catalogue
 from serve_app.schemas import (
     Attempt,
+    ControlOptions,
+    ControlPreviewRequest,
+    ControlPreviewResponse,
     EnhanceRequest,
     EnhanceResponse,
     GeneratedImage,
@@ -36,8 +41,9 @@ from serve_app.schemas import (
 
 class ImageService:
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
-                 request_timeout_s: float = 600.0, gate_metrics: tuple[str, ...] = GATE_METRICS,
-                 blocklist: list[str] | tuple[str, ...] = (), loras: LoraRegistry | None = None):
+                 request_timeout_s: float = 600.0, max_input_pixels: int = 4096 * 4096,
+                 gate_metrics: tuple[str, ...] = GATE_METRICS, blocklist: list[str] | tuple[str, ...] = (),
+                 loras: LoraRegistry | None = None):
         """`gate_metrics`: the gate scores the deployed scorer computes (`AppArgs.gate_metrics()`)."""
         missing = set(generators) ^ set(specs)
         if missing:
@@ -51,8 +57,9 @@ class ImageService:
         self.loras = loras if loras is not None else LoraRegistry()
         self.blocklist = tuple(blocklist)
         self.gate_metrics = tuple(gate_metrics)
+        self.max_input_pixels = max_input_pixels
 
-    def _spec(self, model: str) -> ModelSpec:
+    def spec_of(self, model: str) -> ModelSpec:
         spec = self.specs.get(model)
         if spec is None:
             known = sorted(self.specs)
@@ -65,31 +72,53 @@ class ImageService:
         if hits:
             raise PromptBlocked(field, f"contains blocked term(s): {', '.join(hits)}", "text without blocklisted terms")
 
+    def control_input(self, control: ControlOptions, width: int, height: int, field: str = "control.image") -> ControlInput:
+        """Decode the reference image (pixel limit checked before decoding; 422 naming `field`) and fit
+        it to the output size: the map, or the picture the generator makes the map from."""
+        image = fit_image(decode_image(control.image, field, self.max_input_pixels), width, height)
+        return ControlInput(
+            type=control.type, image=image, conditioning_scale=control.conditioning_scale,
+            preprocess=control.preprocess, low_threshold=control.low_threshold, high_threshold=control.high_threshold,
+        )
+
     def plan(self, request: ImageRequest) -> tuple[ImagePlan, ModelSpec, list[str]]:
-        """Fill in defaults and check what depends on the model and the config (422 on failure)."""
-        spec = self._spec(request.model)
+        """Fill in defaults and check what depends on the model and the config (422 on failure).
+
+        A `control` image is decoded here, so a bad one is refused before anything is generated."""
+        spec = self.spec_of(request.model)
         spec.check(request)
         self.check_blocklist(request.prompt)
         loras = self.resolve_loras(request, spec)
         metric, threshold, weights = quality_gate(request.quality_metric, request.quality_threshold,
                                                   request.quality_weights, self.policy, self.gate_metrics)
         warnings = []
+        guidance_scale = spec.default_guidance if request.guidance_scale is None else request.guidance_scale
+        # Diffusers runs classifier-free guidance only above a scale of 1; below, a negative prompt does nothing.
+        use_negative_prompt = spec.uses_negative_prompt and guidance_scale > 1
         if request.negative_prompt and not spec.uses_negative_prompt:
             warnings.append(
                 f"negative_prompt is not used by {spec.id}: it is guidance-distilled and runs without "
                 "classifier-free guidance"
             )
+        elif request.negative_prompt and not use_negative_prompt:
+            warnings.append(
+                f"negative_prompt is not used at guidance_scale {guidance_scale:g}: classifier-free guidance "
+                "runs only above 1"
+            )
+        width = request.width or spec.default_width
+        height = request.height or spec.default_height
+        control = None if request.control is None else self.control_input(request.control, width, height)
         plan = ImagePlan(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
             style=request.style,
             quality=request.quality,
             enhance=request.enhance,
-            use_negative_prompt=spec.uses_negative_prompt,
-            width=request.width or spec.default_width,
-            height=request.height or spec.default_height,
+            use_negative_prompt=use_negative_prompt,
+            width=width,
+            height=height,
             num_inference_steps=request.num_inference_steps or spec.default_steps,
-            guidance_scale=spec.default_guidance if request.guidance_scale is None else request.guidance_scale,
+            guidance_scale=guidance_scale,
             base_seed=random_seed() if request.seed is None else request.seed,
             num_images=request.num_images,
             metric=metric,
@@ -99,6 +128,7 @@ class ImageService:
             revise_prompt=self.policy.revise_prompt if request.revise_prompt is None else request.revise_prompt,
             loras=loras,
             weights=weights,
+            control=control,
         )
         return plan, spec, warnings
 
@@ -142,7 +172,8 @@ class ImageService:
     async def run(self, request: ImageRequest, progress: ProgressTarget | None = None,
                   ) -> tuple[ImagePlan, ModelSpec, list[str], GraphResult]:
         """Plan and run the graph; the images stay arrays (text-to-video animates one of them)."""
-        plan, spec, warnings = self.plan(request)
+        # Off the event loop: planning decodes the control image, if any.
+        plan, spec, warnings = await asyncio.to_thread(self.plan, request)
         result = await run_image_graph(
             plan, self.enhancer, self.generators[spec.id], self.scorer, timeout_s=self.request_timeout_s,
             progress=progress,
@@ -196,7 +227,7 @@ class ImageService:
         """The enhance step alone, as the image graph would run it for `request.model`."""
         if not isinstance(request, EnhanceRequest):
             request = EnhanceRequest.model_validate(request)
-        spec = self._spec(request.model)
+        spec = self.spec_of(request.model)
         self.check_blocklist(request.prompt)
         started = time.perf_counter()
         enhanced: EnhancedPrompt = await call_stage(
@@ -219,6 +250,32 @@ class ImageService:
 
     def models(self) -> list[dict]:
         return [spec.public() for spec in self.specs.values()]
+
+    async def preview_control(self, request: ControlPreviewRequest) -> tuple[ControlPreviewResponse, bytes]:
+        """The control map `request` would give the model: computed by the model's own replica
+        (where the depth estimator lives), or the fitted image itself when `preprocess` is false."""
+        spec = self.spec_of(request.model)
+        spec.check_control(request.type, none_field="model", type_field="type")
+        width, height = request.width or spec.default_width, request.height or spec.default_height
+        started = time.perf_counter()
+        control = await asyncio.to_thread(self.control_input, request, width, height, "image")
+        if control.preprocess:
+            control = await call_stage(
+                self.generators[spec.id].preprocess.remote(control), "preprocess", self.request_timeout_s
+            )
+        png = await asyncio.to_thread(encode_plain_png, control.image)
+        response = ControlPreviewResponse(
+            type=request.type, model=spec.id, width=width, height=height, preprocessed=request.preprocess,
+            seconds=round(time.perf_counter() - started, 4), b64_png=base64.b64encode(png).decode("ascii"),
+        )
+        return response, png
+
+    def controls(self) -> list[dict]:
+        """The control types with their parameters and the models that take them (GET /v1/controls)."""
+        return [
+            {**control, "models": [spec.id for spec in self.specs.values() if control["type"] in spec.control_types]}
+            for control in control_catalogue()
+        ]
 
 
 def advice_of(prompt: str) -> PromptAdviceInfo:
@@ -278,6 +335,12 @@ def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan,
         "model": spec.id,
         "loras": [{"name": ref.name, "scale": ref.scale} for ref in plan.loras],
     }
+    if plan.control is not None:
+        control = plan.control
+        meta["control"] = {"type": control.type, "conditioning_scale": control.conditioning_scale,
+                           "preprocess": control.preprocess}
+        if control.type == "canny" and control.preprocess:
+            meta["control"].update(low_threshold=control.low_threshold, high_threshold=control.high_threshold)
     return GeneratedImage(
         b64_png=encode_png_b64(candidate.image, meta),
         seed=candidate.seed,

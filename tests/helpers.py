@@ -38,7 +38,7 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
     from serve_app.appconfig import app_args_from_config
 
     args = app_args_from_config(config).model_dump(exclude_none=True)
-    for model in ("flux", "scorer", "svd"):
+    for model in ("flux", "scorer", "svd", "sdxl", "sdxl_turbo"):
         if args.get(model) is not None:
             args[model]["source"] = "tiny"
             args[model]["device"].update(dtype="auto", torch_threads=1)
@@ -50,6 +50,11 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
         llm["device"].update(dtype="auto", torch_threads=1)
     if args.get("scorer") is not None:  # the LAION head too: a random one sized to the tiny CLIP
         args["scorer"].setdefault("laion", {})["source"] = "tiny"
+    for model in ("sdxl", "sdxl_turbo"):
+        if args.get(model) is not None:
+            args[model]["controlnets"] = {kind: "tiny" for kind in args[model]["controlnets"]}
+            args[model]["depth_estimator"] = "tiny"
+            args[model].update(default_width=256, default_height=256)
     for name, options in deployments.items():
         args["deployments"][name] = {**args["deployments"].get(name, {}), **options}
     return args

@@ -95,7 +95,7 @@ class JobsApi:
             raise JobError(422, jsonable_encoder(explain_errors(errors, model, prefix=("request",)))) from None
         try:
             if isinstance(parsed, ImageRequest):
-                plan, _, _ = self.images.plan(parsed)
+                plan, _, _ = await asyncio.to_thread(self.images.plan, parsed)  # decodes a control image
                 seed = plan.base_seed
             else:
                 await asyncio.to_thread(self.videos.check, parsed)

@@ -48,7 +48,8 @@ class JobRunner:
                  metrics: bool = True, gate_metrics: tuple[str, ...] = GATE_METRICS, blocklist: tuple[str, ...] = (),
                  loras: LoraRegistry | None = None):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
-                              gate_metrics=gate_metrics, blocklist=blocklist, loras=loras)
+                              max_input_pixels=max_input_pixels, gate_metrics=gate_metrics, blocklist=blocklist,
+                              loras=loras)
         videos = VideoService(svd, svd_config, images, max_input_pixels) if svd is not None else None
         context = serve.get_replica_context()
         app, deployment = context.app_name, context.deployment

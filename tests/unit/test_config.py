@@ -93,7 +93,7 @@ def test_single_gpu_config_packs_every_deployment_onto_one_gpu():
     args = app_args_from_config(ROOT / "configs" / "single-gpu.yaml")
     assert args.gpu_capacity == {"any": 1}
     shares = {name: options.num_gpus for name, options in args.deployments.items() if options.num_gpus}
-    assert set(shares) == {"FluxGenerator", "ClipScorer", "SvdGenerator", "PromptEnhancer"}
+    assert set(shares) == {"FluxGenerator", "ClipScorer", "SvdGenerator", "SdxlGenerator", "PromptEnhancer"}
     assert all(0 < share < 1 for share in shares.values()) and sum(shares.values()) <= 1
     assert all(args.deployments[name].max_replicas == 1 for name in shares)
     # The builder turns each share into the replica's CUDA memory cap (the enhancer's goes to its LLM).
@@ -118,7 +118,7 @@ def test_multi_gpu_config_gives_flux_whole_gpus_and_autoscales_every_model():
     svd = args.deployments["SvdGenerator"]
     assert svd.num_gpus == 1 and svd.accelerator_type == "H100"  # FLUX and SVD never share a GPU
     assert 0 < args.deployments["ClipScorer"].num_gpus < 1
-    for name in ("FluxGenerator", "ClipScorer", "PromptEnhancer", "SvdGenerator"):
+    for name in ("FluxGenerator", "ClipScorer", "PromptEnhancer", "SvdGenerator", "SdxlGenerator"):
         options = args.deployments[name]
         assert options.autoscaling is not None and options.autoscaling.min_replicas < options.autoscaling.max_replicas
         assert options.max_ongoing_requests and options.max_queued_requests and options.max_queued_requests > 0
