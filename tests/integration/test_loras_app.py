@@ -56,6 +56,28 @@ def test_lora_changes_the_image_and_the_next_request_is_back_to_baseline(client)
     assert client.get("/v1/models").json()["models"][0]["deployment"]["loras_loaded"] == ["ink"]
 
 
+def _rectangle_map() -> str:
+    """A white rectangle outline on black, as PNG base64: an edge map for `preprocess: false`."""
+    edges = np.zeros((256, 256, 3), np.uint8)
+    edges[64:192, 64] = edges[64:192, 191] = edges[64, 64:192] = edges[191, 64:192] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(edges).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("control", [None, {"type": "canny", "preprocess": False, "conditioning_scale": 1.0}])
+def test_sdxl_lora_applies_on_the_plain_and_the_controlnet_path_and_does_not_leak(client, control):
+    request = {**REQUEST, "model": "sdxl", "num_inference_steps": 4}
+    if control is not None:
+        request["control"] = {**control, "image": _rectangle_map()}
+    baseline, _ = _image(client.post("/v1/images", json=request))
+    styled, meta = _image(client.post("/v1/images", json={**request, "loras": [{"name": "xl_style"}]}))
+    assert meta["loras"] == [{"name": "xl_style", "scale": 1.0}]
+    assert np.abs(styled.astype(int) - baseline.astype(int)).mean() > 2
+    again, _ = _image(client.post("/v1/images", json=request))
+    assert np.array_equal(again, baseline), "the LoRA leaked into the next request"
+
+
 def test_a_job_applies_its_lora_like_the_sync_endpoint(client):
     request = {**REQUEST, "loras": [{"name": "ink"}]}
     sync, _ = _image(client.post("/v1/images", json=request))

@@ -13,6 +13,7 @@ from deployments import lora as lora_module
 from deployments.config import FluxConfig, LoraConfig, LoraHubEntry
 from deployments.flux import FluxGenerator
 from deployments.lora import LoraManager, LoraNameError, LoraRegistry, adapter_key, detect_family
+from deployments.tiny import build_tiny_sdxl
 from deployments.types import EnhancedPrompt, GenerationParams, LoraRef
 from serve_app.config import QualityPolicy
 from serve_app.images import a1111_parameters, read_png_meta
@@ -21,7 +22,7 @@ from serve_app.models import RequestError, flux_schnell_spec
 from serve_app.schemas import ImageRequest
 from serve_app.service import ImageService
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.loras import make_flux_lora, make_sdxl_lora, tiny_sdxl_pipeline
+from tests.loras import make_flux_lora, make_sdxl_lora
 
 TRAVERSAL_NAMES = ["../x", "a/b", "a\\b", "..", "/etc/passwd", "x/../../y", "ok\x00"]
 PROMPT = EnhancedPrompt(prompt="a lighthouse at dusk", negative_prompt=None, style="none", enhancer="none")
@@ -297,7 +298,7 @@ def test_manager_is_generic_over_lora_pipelines(lora_dir):
     """The same manager on a StableDiffusionXLPipeline (UNet + two text encoders)."""
     import torch
 
-    pipeline = tiny_sdxl_pipeline()
+    pipeline = build_tiny_sdxl()
     manager = LoraManager(pipeline, cache_size=2)
 
     def image(*refs):
