@@ -82,13 +82,15 @@ def cluster():
     # The head node runs Serve's controller, the HTTP proxy and CPU replicas; it has no GPU.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
     nodes = {
-        # Three H100-class nodes of one GPU each for FLUX (up to two replicas here) and SVD, one
-        # L4-class node for CLIP and SDXL. Logical CPUs are generous: FLUX and SVD ask for 4 per
-        # replica, as on a real GPU node.
+        # Three H100-class nodes of one GPU each for FLUX (up to two replicas here) and SVD, two
+        # L4-class nodes for CLIP, SDXL and the enhancer's LLM (0.25 + 0.75 + 0.25 of an L4 do not
+        # fit on one). Logical CPUs are generous: FLUX and SVD ask for 4 per replica, as on a real
+        # GPU node.
         "heavy-a": cluster.add_node(num_cpus=6, num_gpus=1, resources={"accelerator_type:H100": 1}),
         "heavy-b": cluster.add_node(num_cpus=6, num_gpus=1, resources={"accelerator_type:H100": 1}),
         "heavy-c": cluster.add_node(num_cpus=6, num_gpus=1, resources={"accelerator_type:H100": 1}),
-        "light": cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1}),
+        "light-a": cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1}),
+        "light-b": cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1}),
     }
     ray.init(address=cluster.address, log_to_driver=False)
     port = free_port()
@@ -133,10 +135,12 @@ def test_replicas_land_where_their_reservations_say(app):
     [clip] = _running("ClipScorer")
     [svd] = _running("SvdGenerator")
     [sdxl] = _running("SdxlGenerator")
+    [enhancer] = _running("PromptEnhancer")
     assert names.get(flux.node_id, "head").startswith("heavy")  # pinned to H100 nodes
     assert names.get(svd.node_id, "head").startswith("heavy") and svd.node_id != flux.node_id  # never shared
-    assert names.get(clip.node_id) == "light" and names.get(sdxl.node_id) == "light"  # pinned to the L4 node
-    assert replica_gpu_ids(sdxl) == replica_gpu_ids(clip)  # three quarters and a quarter of the one L4
+    # CLIP, SDXL and the LLM are pinned to the L4 nodes, each on one GPU.
+    assert all(names.get(replica.node_id, "head").startswith("light") for replica in (clip, sdxl, enhancer))
+    assert all(len(replica_gpu_ids(replica)) == 1 for replica in (sdxl, enhancer))
     assert len(replica_gpu_ids(flux)) == 1 and len(replica_gpu_ids(clip)) == 1 and len(replica_gpu_ids(svd)) == 1
     # Logical GPUs only: the replicas found no CUDA device and run on the CPU.
     response = httpx.post(app["url"], json={**IMAGE, "seed": 1}, timeout=120)
