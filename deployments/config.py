@@ -387,6 +387,8 @@ class LoraConfig(_Strict):
         if duplicates:
             raise ValueError(f"hub LoRA names must be unique; repeated: {duplicates}")
         return self
+
+
 ControlType = Literal["canny", "depth"]
 CONTROL_TYPES: tuple[str, ...] = ("canny", "depth")
 

@@ -263,6 +263,8 @@ def build_tiny_llm(seed: int = 0) -> dict[str, Any]:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return {"model": model, "tokenizer": tokenizer}
+
+
 def _tiny_sdxl_unet():
     """SDXL's UNet layout in miniature: `text_time` added conditioning (pooled text embeds plus the
     six size/crop numbers), cross-attention on both text encoders' hidden states side by side."""

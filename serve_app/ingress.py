@@ -15,7 +15,8 @@ Routes (OpenAPI at /docs):
 Bodies over `max_body_bytes` get 413 before they are parsed (serve_app.body_limit).
 
 Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(...))`,
-`.generate_video.remote(VideoRequest(...))` and `.enhance_prompt.remote(EnhanceRequest(...))`.
+`.generate_video.remote(VideoRequest(...))`, `.enhance_prompt.remote(EnhanceRequest(...))` and
+`.score_images.remote(ScoreRequest(...))`.
 """
 
 

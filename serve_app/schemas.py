@@ -50,6 +50,8 @@ class Lora(BaseModel):
         from deployments.lora import check_lora_name
 
         return check_lora_name(value)
+
+
 ControlType = Literal["canny", "depth"]
 
 
@@ -148,6 +150,8 @@ class PromptAdviceInfo(BaseModel):
 
     score: int = Field(description="0-100; 100 means no issue was found.")
     issues: list[PromptIssueInfo]
+
+
 class AspectScores(BaseModel):
     """CLIP's probability for each aspect's 'good' text over its 'bad' one (0-1, higher is better)."""
 

@@ -225,6 +225,7 @@ def test_genserve_serve_rejects_a_config_whose_gpu_shares_cannot_fit_before_star
     assert "deployments\n" in error and "do not fit in gpu_capacity {'any': 1}" in error
     assert not ray.is_initialized()
 
+
 def test_jobs_default_to_sqlite_under_the_dev_data_dir():
     args = app_args_from_config(Path(__file__).parents[2] / "configs" / "dev.yaml")
     assert args.jobs.store == "sqlite" and args.jobs.data_dir == "./data/jobs"

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from deployments.clip_scorer import ASPECTS, SCORE_RANGES, ClipScorer, combined_score, normalised
 from deployments.config import CombinedWeights, LaionHeadConfig, ScorerConfig
-from deployments.laion_head import LINEAR_INDICES, build_head, head_from_state_dict, load_head, save_head
+from deployments.laion_head import LINEAR_INDICES, build_head, load_head, save_head
 from deployments.perceptual import perceptual_scores
 from deployments.tiny import build_tiny_laion_head, save_tiny
 from serve_app.config import AppArgs, QualityPolicy

@@ -28,6 +28,8 @@ from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 PROMPT = EnhancedPrompt(prompt="a red house", negative_prompt="blurry", style="none", enhancer="none")
 TINY_SDXL = SdxlConfig(source="tiny", controlnets={"canny": "tiny", "depth": "tiny"}, depth_estimator="tiny",
                        default_width=256, default_height=256, default_steps=2)
+
+
 @pytest.fixture(scope="module")
 def sdxl() -> SdxlGenerator:
     return SdxlGenerator.func_or_class(TINY_SDXL, metrics=False)
