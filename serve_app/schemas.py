@@ -335,6 +335,10 @@ class KeyframeOptions(BaseModel):
     quality_weights: CombinedWeights | None = None
     max_attempts: int | None = Field(None, ge=1, le=5)
     revise_prompt: bool | None = None
+    loras: list[Lora] = Field(default_factory=list, max_length=MAX_LORAS, description="As for POST /v1/images.")
+    control: ControlOptions | None = Field(
+        None, description="ControlNet guidance for the keyframe (a model with ControlNets, e.g. sdxl)."
+    )
 
 
 class VideoRequest(BaseModel):

@@ -155,3 +155,31 @@ def test_a_long_video_does_not_block_image_requests(client):
     assert video_result["response"].status_code == 200
     assert len(image_seconds) >= 2, f"no image finished during the {video_result['seconds']:.1f}s video"
     assert max(image_seconds) < video_result["seconds"]
+
+
+def _edge_map_b64() -> str:
+    edges = np.zeros((256, 256, 3), np.uint8)
+    edges[64:192, 64] = edges[64:192, 191] = edges[64, 64:192] = edges[191, 64:192] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(edges).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_text_to_video_keyframe_from_sdxl_with_a_control_map(client):
+    keyframe = {"model": "sdxl", "num_inference_steps": 2,
+                "control": {"type": "canny", "image": _edge_map_b64(), "preprocess": False}}
+    response = client.post("/v1/videos", json={"prompt": "a glass house", "keyframe": keyframe, "num_frames": 2,
+                                               "num_inference_steps": 2, "seed": 3})
+    assert response.status_code == 200, response.text
+    assert VideoResponse.model_validate(response.json()).keyframe.model == "sdxl"
+
+
+@pytest.mark.parametrize("keyframe, loc", [
+    ({"loras": [{"name": "nowhere"}]}, ["body", "keyframe", "loras", 0, "name"]),
+    ({"model": "sdxl", "control": {"type": "canny", "image": "not base64!"}}, ["body", "keyframe", "control", "image"]),
+    ({"control": {"type": "canny", "image": "AAAA"}}, ["body", "keyframe", "control"]),  # flux-schnell has none
+])
+def test_keyframe_loras_and_control_are_checked_naming_the_field(client, keyframe, loc):
+    response = client.post("/v1/videos", json={"prompt": "a glass house", "keyframe": keyframe})
+    assert response.status_code == 422, response.text
+    assert [item["loc"] for item in response.json()["detail"]] == [loc]
