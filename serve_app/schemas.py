@@ -208,12 +208,7 @@ class ScoreRequest(BaseModel):
     )
     quality_weights: CombinedWeights | None = Field(None, description="Weights of the combined score; default from config.")
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must contain non-whitespace text")
-        return value
+    _not_blank = field_validator("prompt")(ImageRequest._not_blank.__func__)
 
 
 class ScoredImage(BaseModel):
