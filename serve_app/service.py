@@ -174,11 +174,14 @@ class ImageService:
         """Plan and run the graph; the images stay arrays (text-to-video animates one of them)."""
         # Off the event loop: planning decodes the control image, if any.
         plan, spec, warnings = await asyncio.to_thread(self.plan, request)
-        result = await run_image_graph(
+        return plan, spec, warnings, await self.run_plan(plan, spec, progress)
+
+    async def run_plan(self, plan: ImagePlan, spec: ModelSpec, progress: ProgressTarget | None = None) -> GraphResult:
+        """Run the graph for a plan already made by `plan`."""
+        return await run_image_graph(
             plan, self.enhancer, self.generators[spec.id], self.scorer, timeout_s=self.request_timeout_s,
             progress=progress,
         )
-        return plan, spec, warnings, result
 
     async def generate_images(self, request: ImageRequest | dict, progress: ProgressTarget | None = None,
                               ) -> ImageResponse:

@@ -12,9 +12,9 @@ from pydantic import ValidationError
 
 from deployments.config import SvdConfig
 from deployments.types import ProgressTarget, VideoOutput, VideoParams
-from serve_app.graph import call_stage
+from serve_app.graph import ImagePlan, call_stage
 from serve_app.inputs import decode_image, fit_image
-from serve_app.models import RequestError
+from serve_app.models import ModelSpec, RequestError
 from serve_app.schemas import ImageRequest, KeyframeInfo, Scores, VideoRequest, VideoResponse, random_seed
 from serve_app.service import ImageService, advice_of, attempts_of
 
@@ -34,7 +34,7 @@ class VideoService:
         if request.image is not None:
             decode_image(request.image, "image", self.max_input_pixels)
         else:
-            self._keyframe_request(request, width, height, seed=0)
+            self._keyframe_plan(request, width, height, seed=0)
 
     def _size(self, request: VideoRequest) -> tuple[int, int]:
         return request.width or self.config.default_width, request.height or self.config.default_height
@@ -90,12 +90,13 @@ class VideoService:
     def _input_image(self, data: str, width: int, height: int):
         return fit_image(decode_image(data, "image", self.max_input_pixels), width, height)
 
-    def _keyframe_request(self, request: VideoRequest, width: int, height: int, seed: int) -> ImageRequest:
-        """The keyframe's image request, checked against its model; errors name the video's fields."""
+    def _keyframe_plan(self, request: VideoRequest, width: int, height: int, seed: int) -> tuple[ImagePlan, ModelSpec]:
+        """The keyframe's image plan, checked against its model; errors name the video's fields.
+        Decodes a keyframe control image: call it in a thread."""
         options = request.keyframe.model_dump(exclude_unset=True)
         try:
             image_request = ImageRequest(prompt=request.prompt, width=width, height=height, seed=seed, **options)
-            self.images.plan(image_request)
+            plan, spec, _ = self.images.plan(image_request)
         except RequestError as error:
             field = error.field if error.field in ("prompt", "width", "height", "seed") else f"keyframe.{error.field}"
             raise error.renamed(field) from None
@@ -103,12 +104,13 @@ class VideoService:
             first = error.errors()[0]
             field = ".".join(str(part) for part in first["loc"])
             raise RequestError(field, first["msg"], "see GET /v1/models") from None
-        return image_request
+        return plan, spec
 
     async def _keyframe(self, request: VideoRequest, width: int, height: int, seed: int,
                         progress: ProgressTarget | None = None):
-        image_request = self._keyframe_request(request, width, height, seed)
-        _, spec, _, result = await self.images.run(image_request, progress)
+        # Planned once, off the event loop (a control image is decoded), then run as planned.
+        plan, spec = await asyncio.to_thread(self._keyframe_plan, request, width, height, seed)
+        result = await self.images.run_plan(plan, spec, progress)
         best = result.chosen[0]
         info = KeyframeInfo(
             model=spec.id, seed=best.seed, prompt=request.prompt, enhanced_prompt=best.prompt,
