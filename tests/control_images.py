@@ -16,6 +16,14 @@ def rectangle(width: int = 256, height: int = 256) -> np.ndarray:
     return image
 
 
+def edge_map(width: int = 256, height: int = 256) -> np.ndarray:
+    """The rectangle's outline, white on black: a canny map as `preprocess: false` takes it."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[[TOP, BOTTOM], LEFT:RIGHT + 1] = 255
+    image[TOP:BOTTOM + 1, [LEFT, RIGHT]] = 255
+    return image
+
+
 def b64(image: np.ndarray, format: str = "PNG") -> str:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format=format)

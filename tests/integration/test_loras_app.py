@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from serve_app.images import read_png_meta
+from tests.control_images import b64, edge_map
 from tests.integration.apps import dev_args, running_app
 from tests.integration.jobs import submit, wait_finished
 from tests.loras import make_flux_lora, make_sdxl_lora
@@ -56,20 +57,11 @@ def test_lora_changes_the_image_and_the_next_request_is_back_to_baseline(client)
     assert client.get("/v1/models").json()["models"][0]["deployment"]["loras_loaded"] == ["ink"]
 
 
-def _rectangle_map() -> str:
-    """A white rectangle outline on black, as PNG base64: an edge map for `preprocess: false`."""
-    edges = np.zeros((256, 256, 3), np.uint8)
-    edges[64:192, 64] = edges[64:192, 191] = edges[64, 64:192] = edges[191, 64:192] = 255
-    buffer = io.BytesIO()
-    Image.fromarray(edges).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 @pytest.mark.parametrize("control", [None, {"type": "canny", "preprocess": False, "conditioning_scale": 1.0}])
 def test_sdxl_lora_applies_on_the_plain_and_the_controlnet_path_and_does_not_leak(client, control):
     request = {**REQUEST, "model": "sdxl", "num_inference_steps": 4}
     if control is not None:
-        request["control"] = {**control, "image": _rectangle_map()}
+        request["control"] = {**control, "image": b64(edge_map())}
     baseline, _ = _image(client.post("/v1/images", json=request))
     styled, meta = _image(client.post("/v1/images", json={**request, "loras": [{"name": "xl_style"}]}))
     assert meta["loras"] == [{"name": "xl_style", "scale": 1.0}]

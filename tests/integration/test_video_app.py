@@ -13,6 +13,7 @@ from PIL import Image
 
 from serve_app import APP_NAME
 from serve_app.schemas import VideoRequest, VideoResponse
+from tests.control_images import b64, edge_map
 from tests.integration.apps import dev_args, running_app
 
 pytestmark = pytest.mark.integration
@@ -157,17 +158,9 @@ def test_a_long_video_does_not_block_image_requests(client):
     assert max(image_seconds) < video_result["seconds"]
 
 
-def _edge_map_b64() -> str:
-    edges = np.zeros((256, 256, 3), np.uint8)
-    edges[64:192, 64] = edges[64:192, 191] = edges[64, 64:192] = edges[191, 64:192] = 255
-    buffer = io.BytesIO()
-    Image.fromarray(edges).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def test_text_to_video_keyframe_from_sdxl_with_a_control_map(client):
     keyframe = {"model": "sdxl", "num_inference_steps": 2,
-                "control": {"type": "canny", "image": _edge_map_b64(), "preprocess": False}}
+                "control": {"type": "canny", "image": b64(edge_map()), "preprocess": False}}
     response = client.post("/v1/videos", json={"prompt": "a glass house", "keyframe": keyframe, "num_frames": 2,
                                                "num_inference_steps": 2, "seed": 3})
     assert response.status_code == 200, response.text
