@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
+from deployments.names import Style
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TINY = "tiny"
@@ -67,22 +68,6 @@ class DeviceOptions(_Strict):
             "builder sets it to the deployment's num_gpus when that is a fraction of one GPU, "
             "so a replica cannot take memory Ray gave to the others on the same card."
         ),
-    )
-
-
-class FluxConfig(_Strict):
-    """FLUX.1-schnell: a guidance-distilled flow model, good in 1-4 steps."""
-
-    source: ModelSource = Field(
-        "black-forest-labs/FLUX.1-schnell",
-        description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'.",
-    )
-    device: DeviceOptions = Field(default_factory=DeviceOptions)
-    default_width: int = Field(1024, ge=256, le=2048, multiple_of=16, description="Width when a request gives none.")
-    default_height: int = Field(1024, ge=256, le=2048, multiple_of=16, description="Height when a request gives none.")
-    default_steps: int = Field(4, ge=1, le=4, description="Denoising steps when a request gives none.")
-    max_sequence_length: int = Field(
-        256, ge=16, le=512, description="T5 prompt tokens (schnell was trained with up to 256)."
     )
 
 
@@ -285,7 +270,7 @@ class EnhancerConfig(_Strict):
     mode: Literal["template", "llm"] = Field(
         "template", description="template: style descriptors and quality modifiers; llm: rewritten by `llm`."
     )
-    default_style: Literal["photorealistic", "artistic", "cinematic", "anime", "none"] = Field(
+    default_style: Style = Field(
         "photorealistic", description="Style used when a request names none."
     )
     llm: LlmConfig = Field(default_factory=LlmConfig, description="The LLM, used when mode is llm.")
@@ -329,7 +314,7 @@ class SvdConfig(_Strict):
 
 
 def _lora_name(value: str) -> str:
-    from deployments.lora import check_lora_name
+    from deployments.runtime.lora import check_lora_name
 
     return check_lora_name(value)
 
@@ -350,9 +335,18 @@ class LoraHubEntry(_Strict):
     weight_name: Annotated[str, AfterValidator(_lora_weight_name)] = Field(
         description="The .safetensors file in the repo (a relative path; only safetensors are ever loaded).",
     )
-    family: Literal["flux", "sdxl", "sd1"] = Field(
-        description="The model family it was trained for (not read from the file: it is not downloaded until used)."
+    family: str = Field(
+        description="The model family it was trained for, as image_models entries name it (not read from the "
+                    "file: it is not downloaded until used)."
     )
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from deployments.families import get_family
+
+        get_family(value)
+        return value
 
 
 class LoraConfig(_Strict):
@@ -389,55 +383,96 @@ class LoraConfig(_Strict):
         return self
 
 
-ControlType = Literal["canny", "depth"]
-CONTROL_TYPES: tuple[str, ...] = ("canny", "depth")
+MODEL_ID_PATTERN = r"^[a-z0-9]+(?:[.-][a-z0-9]+)*$"
 
 
-class SdxlConfig(_Strict):
-    """Stable Diffusion XL base 1.0 (classifier-free guidance, 1-50 steps), with optional ControlNets.
+class ModelLimits(_Strict):
+    """Narrower limits than the family allows (e.g. FLUX.1-schnell: 1-4 steps, no guidance). Unset: the family's."""
 
-    The ControlNet pipelines are built from the base pipeline's own components (one UNet, one
-    VAE, one pair of text encoders), so each ControlNet adds only its own weights.
-    """
+    min_steps: int | None = Field(None, ge=1, description="Fewest denoising steps a request may ask for.")
+    max_steps: int | None = Field(None, ge=1, description="Most denoising steps a request may ask for.")
+    min_guidance: float | None = Field(None, ge=0, description="Lowest guidance_scale a request may ask for.")
+    max_guidance: float | None = Field(None, ge=0, description="Highest guidance_scale; 0 for distilled models.")
 
-    source: ModelSource = Field(
-        "stabilityai/stable-diffusion-xl-base-1.0",
-        description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'.",
+
+class ImageModelConfig(_Strict):
+    """One servable image model: an entry of `image_models:`. The family says what the model is; the
+    entry says where its weights are, how it runs, and its defaults and narrower limits."""
+
+    id: str = Field(
+        pattern=MODEL_ID_PATTERN, max_length=64,
+        description="What requests name in `model`: lower-case letters and digits, in parts joined by '-' or "
+                    "'.' (e.g. flux-schnell, sdxl-turbo, my-finetune.v2); at most 64 characters.",
     )
+    family: str = Field(
+        description="A built-in family (flux, sdxl, sd15) or an import path to one ('package.module:FAMILY')."
+    )
+    source: ModelSource = Field(description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'.")
+    description: str | None = Field(None, max_length=300, description="Shown in GET /v1/models; default: the family's.")
     device: DeviceOptions = Field(default_factory=DeviceOptions)
-    controlnets: dict[ControlType, ModelSource] = Field(
-        default_factory=lambda: {
-            "canny": "diffusers/controlnet-canny-sdxl-1.0",
-            "depth": "diffusers/controlnet-depth-sdxl-1.0",
-        },
-        description="ControlNet per control type (canny, depth): repo id, local folder or 'tiny'. "
-                    "A type left out is refused with 422; {} serves plain text-to-image only.",
-    )
-    depth_estimator: ModelSource = Field(
-        "depth-anything/Depth-Anything-V2-Small-hf",
-        description="transformers depth-estimation model (Depth Anything, DPT such as Intel/dpt-hybrid-midas) "
-                    "that turns a reference picture into a depth map; loaded only with a depth ControlNet.",
-    )
-    default_width: int = Field(1024, ge=256, le=2048, multiple_of=16, description="Width when a request gives none.")
-    default_height: int = Field(1024, ge=256, le=2048, multiple_of=16, description="Height when a request gives none.")
-    default_steps: int = Field(30, ge=1, le=50, description="Denoising steps when a request gives none.")
-    default_guidance: float = Field(5.0, ge=0, le=30, description="CFG scale when a request gives none.")
+    default_width: int | None = Field(None, ge=256, le=2048, multiple_of=16, description="Default: the family's.")
+    default_height: int | None = Field(None, ge=256, le=2048, multiple_of=16, description="Default: the family's.")
+    default_steps: int | None = Field(None, ge=1, description="Denoising steps when a request gives none.")
+    default_guidance: float | None = Field(None, ge=0, description="guidance_scale when a request gives none.")
+    limits: ModelLimits = Field(default_factory=ModelLimits, description="Narrower limits than the family's.")
+    options: dict = Field(default_factory=dict, description="The family's own options (e.g. sdxl: controlnets).")
 
+    @property
+    def model_family(self):
+        from deployments.families import get_family
 
-class SdxlTurboConfig(SdxlConfig):
-    """SDXL-Turbo: adversarially distilled SDXL, 1-4 steps without guidance (trained at 512x512).
+        return get_family(self.family)
 
-    The SDXL ControlNets fit its UNet too; none are loaded unless listed.
-    """
+    def step_limits(self) -> tuple[int, int]:
+        family = self.model_family
+        return (self.limits.min_steps or family.min_steps, self.limits.max_steps or family.max_steps)
 
-    source: ModelSource = Field(
-        "stabilityai/sdxl-turbo", description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'."
-    )
-    controlnets: dict[ControlType, ModelSource] = Field(
-        default_factory=dict,
-        description="ControlNet per control type (canny, depth); none by default.",
-    )
-    default_width: int = Field(512, ge=256, le=2048, multiple_of=16, description="Width when a request gives none.")
-    default_height: int = Field(512, ge=256, le=2048, multiple_of=16, description="Height when a request gives none.")
-    default_steps: int = Field(1, ge=1, le=4, description="Denoising steps when a request gives none.")
-    default_guidance: float = Field(0.0, ge=0, le=0, description="Always 0: SDXL-Turbo runs without guidance.")
+    def guidance_limits(self) -> tuple[float, float]:
+        low, high = self.model_family.guidance_range
+        limits = self.limits
+        return (low if limits.min_guidance is None else limits.min_guidance,
+                high if limits.max_guidance is None else limits.max_guidance)
+
+    def steps_default(self) -> int:
+        low, high = self.step_limits()
+        return self.default_steps if self.default_steps is not None else min(max(self.model_family.default_steps, low), high)
+
+    def guidance_default(self) -> float:
+        low, high = self.guidance_limits()
+        if self.default_guidance is not None:
+            return self.default_guidance
+        return min(max(self.model_family.default_guidance, low), high)
+
+    def size_default(self) -> tuple[int, int]:
+        width, height = self.model_family.default_size
+        return (self.default_width or width, self.default_height or height)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from deployments.families import get_family
+
+        get_family(value)  # UnknownFamily (a ValueError) lists the known ones
+        return value
+
+    @model_validator(mode="after")
+    def _fits_family(self) -> "ImageModelConfig":
+        family = self.model_family
+        try:
+            family.options_of(self)
+        except ValueError as error:  # pydantic's ValidationError, naming the option
+            raise ValueError(f"options for family {family.name!r}: {error}") from None
+        low, high = self.step_limits()
+        if not family.min_steps <= low <= high <= family.max_steps:
+            raise ValueError(f"limits: steps {low}-{high} must lie within the {family.name} family's "
+                             f"{family.min_steps}-{family.max_steps}, min not above max")
+        glow, ghigh = self.guidance_limits()
+        flow, fhigh = family.guidance_range
+        if not flow <= glow <= ghigh <= fhigh:
+            raise ValueError(f"limits: guidance {glow:g}-{ghigh:g} must lie within the {family.name} family's "
+                             f"{flow:g}-{fhigh:g}, min not above max")
+        if not low <= self.steps_default() <= high:
+            raise ValueError(f"default_steps ({self.default_steps}) must lie within the limits, {low}-{high}")
+        if not glow <= self.guidance_default() <= ghigh:
+            raise ValueError(f"default_guidance ({self.default_guidance:g}) must lie within the limits, {glow:g}-{ghigh:g}")
+        return self

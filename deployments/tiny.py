@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 CLIP_MAX_TOKENS = 77
-TINY_FAMILIES = ("flux", "clip", "svd", "llm", "laion", "sdxl", "sdxl-controlnet", "depth")
+# Tiny models other than the image families (those come from deployments.families).
+OTHER_TINY = ("clip", "svd", "llm", "laion", "sdxl-controlnet", "depth")
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -51,7 +52,7 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, model_max_length=512)
 
 
-def _clip_text_config(tokenizer, **overrides):
+def clip_text_config(tokenizer, **overrides):
     from transformers import CLIPTextConfig
 
     params = dict(
@@ -70,7 +71,7 @@ def _clip_text_config(tokenizer, **overrides):
     return CLIPTextConfig(**params)
 
 
-def _seeded(seed: int):
+def seeded(seed: int):
     import torch
 
     devices: list = []
@@ -80,51 +81,11 @@ def _seeded(seed: int):
     return rng
 
 
-def _eval(*modules) -> None:
+def eval_mode(*modules) -> None:
     # Directly constructed modules start in training mode (dropout on: T5's default rate is
     # 0.1), which would make every call random; from_pretrained returns them in eval mode.
     for module in modules:
         module.eval()
-
-
-def build_tiny_flux(seed: int = 0):
-    """A FluxPipeline with the real component classes and tiny random weights.
-
-    The VAE keeps FLUX's 8x downsampling so a 256x256 request costs a 32x32 latent, as the real
-    model's would, instead of a quadratic blow-up in the transformer's attention.
-    """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel, CLIPTextModel
-
-    rng = _seeded(seed)
-    try:
-        tokenizer = tiny_clip_tokenizer()
-        tokenizer_2 = tiny_t5_tokenizer()
-        text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
-                decoder_start_token_id=tokenizer_2.pad_token_id,
-            )
-        )
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-            latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.0609, scaling_factor=1.5035, sample_size=32,
-        )
-    finally:
-        rng.__exit__(None, None, None)
-    _eval(text_encoder, text_encoder_2, transformer, vae)
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
-    )
 
 
 def build_tiny_clip(seed: int = 0) -> dict[str, Any]:
@@ -132,11 +93,11 @@ def build_tiny_clip(seed: int = 0) -> dict[str, Any]:
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    rng = _seeded(seed)
+    rng = seeded(seed)
     try:
         tokenizer = tiny_clip_tokenizer()
         config = CLIPConfig(
-            text_config=_clip_text_config(tokenizer).to_dict(),
+            text_config=clip_text_config(tokenizer).to_dict(),
             vision_config=CLIPVisionConfig(
                 hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                 image_size=32, patch_size=8, projection_dim=32,
@@ -146,21 +107,21 @@ def build_tiny_clip(seed: int = 0) -> dict[str, Any]:
         model = CLIPModel(config)
     finally:
         rng.__exit__(None, None, None)
-    _eval(model)
+    eval_mode(model)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return {"model": model, "tokenizer": tokenizer, "image_processor": image_processor}
 
 
 def build_tiny_laion_head(embedding_width: int = 32, seed: int = 0):
-    """The LAION aesthetic head's layout (see deployments.laion_head) with tiny random widths.
+    """The LAION aesthetic head's layout (see deployments.scoring.laion_head) with tiny random widths.
 
     The last bias is 5.5, the middle of the 1-10 range, so the random head's ratings spread around
     it instead of all being clipped to 1."""
     import torch
 
-    from deployments.laion_head import build_head
+    from deployments.scoring.laion_head import build_head
 
-    rng = _seeded(seed)
+    rng = seeded(seed)
     try:
         head = build_head([embedding_width, 16, 8, 8, 4, 1])
     finally:
@@ -186,7 +147,7 @@ def build_tiny_svd(seed: int = 0):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    rng = _seeded(seed)
+    rng = seeded(seed)
     try:
         unet = UNetSpatioTemporalConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=8, out_channels=4,
@@ -207,7 +168,7 @@ def build_tiny_svd(seed: int = 0):
         )
     finally:
         rng.__exit__(None, None, None)
-    _eval(unet, vae, image_encoder)
+    eval_mode(unet, vae, image_encoder)
     # The scheduler settings of the released SVD checkpoints.
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
@@ -250,7 +211,7 @@ def build_tiny_llm(seed: int = 0) -> dict[str, Any]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = tiny_llm_tokenizer()
-    rng = _seeded(seed)
+    rng = seeded(seed)
     try:
         model = Qwen2ForCausalLM(Qwen2Config(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -259,84 +220,10 @@ def build_tiny_llm(seed: int = 0) -> dict[str, Any]:
         ))
     finally:
         rng.__exit__(None, None, None)
-    _eval(model)
+    eval_mode(model)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return {"model": model, "tokenizer": tokenizer}
-
-
-def _tiny_sdxl_unet():
-    """SDXL's UNet layout in miniature: `text_time` added conditioning (pooled text embeds plus the
-    six size/crop numbers), cross-attention on both text encoders' hidden states side by side."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids x 8, plus text_encoder_2's projection
-        cross_attention_dim=64, norm_num_groups=8,  # text_encoder (32) + text_encoder_2 (32) hidden states
-    )
-
-
-def build_tiny_sdxl(seed: int = 0):
-    """A StableDiffusionXLPipeline with the real component classes and tiny random weights.
-
-    The VAE keeps SDXL's 8x downsampling, so a 256x256 request costs a 32x32 latent as it would
-    with the real model (and a ControlNet's conditioning embedding downsamples its map 8x too).
-    """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    rng = _seeded(seed)
-    try:
-        tokenizer = tiny_clip_tokenizer()
-        tokenizer_2 = tiny_clip_tokenizer()
-        text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2))
-        unet = _tiny_sdxl_unet()
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-            latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.13025,
-        )
-    finally:
-        rng.__exit__(None, None, None)
-    _eval(text_encoder, text_encoder_2, unet, vae)
-    # The scheduler settings of the released SDXL base checkpoint.
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
-    )
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-    )
-
-
-def build_tiny_sdxl_controlnet(seed: int = 0, kind: str = "canny"):
-    """A ControlNetModel for the tiny SDXL UNet: `ControlNetModel.from_unet` copies the UNet's
-    encoder (as real ControlNets start), then a random conditioning embedding that downsamples
-    the control map 8x, like the VAE. `kind` only varies the seed, so canny and depth differ."""
-    import torch
-    from diffusers import ControlNetModel
-
-    unet = build_tiny_sdxl(seed).unet
-    rng = _seeded(seed + 1 + ("canny", "depth").index(kind))
-    try:
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
-        # A new ControlNet's zero convolutions (after the map's embedding and on each output) start
-        # at zero, so it changes nothing until trained; random ones make the tiny model's control
-        # map visible in its images, as a trained one's is.
-        zero_convs = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
-                      controlnet.controlnet_mid_block]
-        for conv in zero_convs:
-            torch.nn.init.normal_(conv.weight, std=0.2)
-    finally:
-        rng.__exit__(None, None, None)
-    _eval(controlnet)
-    return controlnet
 
 
 def build_tiny_depth(seed: int = 0) -> dict[str, Any]:
@@ -344,7 +231,7 @@ def build_tiny_depth(seed: int = 0) -> dict[str, Any]:
     from transformers import DPTConfig, DPTForDepthEstimation
     from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
 
-    rng = _seeded(seed)
+    rng = seeded(seed)
     try:
         model = DPTForDepthEstimation(
             DPTConfig(
@@ -355,36 +242,48 @@ def build_tiny_depth(seed: int = 0) -> dict[str, Any]:
         )
     finally:
         rng.__exit__(None, None, None)
-    _eval(model)
+    eval_mode(model)
     image_processor = DPTImageProcessorPil(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
     return {"model": model, "image_processor": image_processor}
 
 
-def save_tiny(family: str, folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny model in the library's own layout, loadable by the real loading path."""
+def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny model in the library's own layout, loadable by the real loading path.
+
+    `kind` is an image model family (`deployments.families`: flux, sdxl, sd15, ...) or one of the
+    other tiny models: clip, svd, llm, laion, sdxl-controlnet, depth."""
+    from deployments.families import BUILTIN, get_family
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if family == "flux":
-        build_tiny_flux(seed).save_pretrained(folder)
-    elif family == "clip":
+    if kind in BUILTIN:
+        get_family(kind).save_tiny(folder, seed)
+    elif kind == "clip":
         for part in build_tiny_clip(seed).values():
             part.save_pretrained(folder)
-    elif family == "svd":
+    elif kind == "svd":
         build_tiny_svd(seed).save_pretrained(folder)
-    elif family == "llm":
+    elif kind == "llm":
         for part in build_tiny_llm(seed).values():
             part.save_pretrained(folder)
-    elif family == "laion":
-        from deployments.laion_head import save_head
+    elif kind == "laion":
+        from deployments.scoring.laion_head import save_head
 
         save_head(build_tiny_laion_head(seed=seed), folder / "laion-head.safetensors")
-    elif family == "sdxl":
-        build_tiny_sdxl(seed).save_pretrained(folder)
-    elif family == "sdxl-controlnet":
+    elif kind == "sdxl-controlnet":
+        from deployments.families.sdxl import build_tiny_sdxl_controlnet
+
         build_tiny_sdxl_controlnet(seed).save_pretrained(folder)
-    elif family == "depth":
+    elif kind == "depth":
         for part in build_tiny_depth(seed).values():
             part.save_pretrained(folder)
     else:
-        raise ValueError(f"unknown tiny model family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+        raise ValueError(f"unknown tiny model {kind!r}; known: {', '.join(tiny_kinds())}")
     return folder
+
+
+def tiny_kinds() -> tuple[str, ...]:
+    """What `save_tiny` (and `genserve save-tiny`) can write: every built-in image family, and the rest."""
+    from deployments.families import BUILTIN
+
+    return (*BUILTIN, *OTHER_TINY)

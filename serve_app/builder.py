@@ -12,39 +12,32 @@ from pathlib import Path
 
 from ray.serve import Application
 
-from deployments.clip_scorer import ClipScorer
-from deployments.flux import FluxGenerator
-from deployments.lora import LoraRegistry
-from deployments.prompt_enhancer import PromptEnhancer
-from deployments.sdxl_controlnet import SdxlGenerator
-from deployments.svd import SvdGenerator
+from deployments.scoring.clip_scorer import ClipScorer
+from deployments.enhancer.prompt_enhancer import PromptEnhancer
+from deployments.image_generator import ImageGenerator
+from deployments.runtime.lora import LoraRegistry
+from deployments.video.svd import SvdGenerator
+from deployments.families import BUILTIN
 from serve_app.config import AppArgs, DeploymentOptions, JobsConfig
-from serve_app.ingress import Ingress
+from serve_app.api.ingress import Ingress
 from serve_app.jobs.runner import JobRunner
-from serve_app.models import ModelSpec, flux_schnell_spec, sdxl_spec, sdxl_turbo_spec
-
-
-# Optional SDXL models: (AppArgs field, deployment name, model spec factory).
-SDXL_MODELS = (("sdxl", "SdxlGenerator", sdxl_spec), ("sdxl_turbo", "SdxlTurboGenerator", sdxl_turbo_spec))
+from serve_app.services.validation import ModelSpec
 
 
 def model_specs(args: AppArgs) -> dict[str, ModelSpec]:
-    flux = args.flux
-    specs = [flux_schnell_spec(flux.default_width, flux.default_height, flux.default_steps)]
-    specs += [make_spec(getattr(args, field)) for field, _, make_spec in SDXL_MODELS if getattr(args, field) is not None]
-    return {spec.id: spec for spec in specs}
+    """What each configured image model accepts, by id, in config order (the default first)."""
+    return {entry.id: ModelSpec.of(entry) for entry in args.served_image_models}
 
 
 def image_deployments(args: AppArgs) -> dict:
     """The image generator deployments this config deploys: name -> deployment (its decorator's defaults)."""
-    sdxl = {name: SdxlGenerator for field, name, _ in SDXL_MODELS if getattr(args, field) is not None}
-    return {"FluxGenerator": FluxGenerator, **sdxl}
+    return {entry.deployment_name: ImageGenerator for entry in args.served_image_models}
 
 
 def capacity(args: AppArgs, name: str, deployment) -> int:
     """Requests deployment `name` takes at once without queueing at Serve's router: replicas
     (max_replicas when autoscaling) x max_ongoing_requests, from the config or the decorator."""
-    options = args.deployments.get(name, DeploymentOptions())
+    options = args.all_deployment_options().get(name, DeploymentOptions())
     replicas = options.autoscaling.max_replicas if options.autoscaling else options.num_replicas
     per_replica = options.max_ongoing_requests or deployment.max_ongoing_requests
     return (replicas or deployment.num_replicas) * per_replica
@@ -72,13 +65,15 @@ def lora_registry(args: AppArgs) -> LoraRegistry:
     config = args.loras
     if config.dir is not None:
         config = config.model_copy(update={"dir": str(Path(config.dir).expanduser().resolve())})
-    return LoraRegistry.from_config(config)
+    # The built-in families, and any a config entry names by import path.
+    families = dict.fromkeys([*BUILTIN, *(entry.family for entry in args.served_image_models)])
+    return LoraRegistry.from_config(config, families=list(families))
 
 
 def build_app(args: AppArgs) -> Application:
-    """Wire PromptEnhancer -> FluxGenerator (and the SDXL generators, if configured) -> ClipScorer
-    (and SvdGenerator, if configured) behind the Ingress, and the JobRunner that runs async jobs
-    through the same deployments.
+    """Wire PromptEnhancer -> one ImageGenerator per `image_models:` entry -> ClipScorer (and
+    SvdGenerator, if configured) behind the Ingress, and the JobRunner that runs async jobs through
+    the same deployments.
 
     Serve validates a config's `args:` into `AppArgs` (the annotation); a plain dict is accepted too.
     """
@@ -87,21 +82,15 @@ def build_app(args: AppArgs) -> Application:
     enhancer = PromptEnhancer.options(**args.options_for("PromptEnhancer")).bind(
         args.model_config_for("PromptEnhancer"), metrics=args.metrics
     )
-    flux = FluxGenerator.options(**args.options_for("FluxGenerator")).bind(
-        args.model_config_for("FluxGenerator"), metrics=args.metrics, lora_cache_size=args.loras.cache_size
-    )
     scorer = ClipScorer.options(**args.options_for("ClipScorer")).bind(
         args.model_config_for("ClipScorer"), metrics=args.metrics
     )
-    generators = {"flux-schnell": flux}
-    for field, name, make_spec in SDXL_MODELS:
-        config = getattr(args, field)
-        if config is not None:
-            model_id = make_spec(config).id
-            generators[model_id] = SdxlGenerator.options(name=name, **args.options_for(name)).bind(
-                args.model_config_for(name), model_id=model_id, metrics=args.metrics,
-                lora_cache_size=args.loras.cache_size,
-            )
+    generators = {
+        entry.id: ImageGenerator.options(name=entry.deployment_name, **args.options_for(entry.deployment_name)).bind(
+            args.model_config_for(entry.deployment_name), metrics=args.metrics, lora_cache_size=args.loras.cache_size
+        )
+        for entry in args.served_image_models
+    }
     video = {}
     if args.svd is not None:
         video["svd"] = SvdGenerator.options(**args.options_for("SvdGenerator")).bind(
@@ -113,6 +102,7 @@ def build_app(args: AppArgs) -> Application:
         generators=generators,
         scorer=scorer,
         specs=model_specs(args),
+        default_model=args.default_model_id,
         policy=args.policy,
         request_timeout_s=args.request_timeout_s,
         max_input_pixels=args.max_input_pixels,

@@ -6,35 +6,38 @@ with pydantic naming the field (for example `policy.threshold`), instead of insi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal, get_args
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from deployments.clip_scorer import SCORE_RANGES
+from deployments.names import SCORE_RANGES, GateMetric
 from deployments.config import (
     CombinedWeights,
     DeviceOptions,
     EnhancerConfig,
-    FluxConfig,
+    ImageModelConfig,
     LoraConfig,
     ScorerConfig,
-    SdxlConfig,
-    SdxlTurboConfig,
     SvdConfig,
 )
 
-DeploymentName = Literal[
-    "Ingress", "PromptEnhancer", "FluxGenerator", "ClipScorer", "SvdGenerator", "SdxlGenerator", "SdxlTurboGenerator",
-    "JobRunner",
-]
+# The deployments every app has (SvdGenerator when `svd:` is set); image generators are named
+# after their model ids (`generator_name`) and configured in their `image_models:` entries.
+DeploymentName = Literal["Ingress", "PromptEnhancer", "ClipScorer", "SvdGenerator", "JobRunner"]
 DEPLOYMENT_NAMES: tuple[str, ...] = get_args(DeploymentName)
-GateMetric = Literal["aesthetic", "alignment", "laion", "combined"]
 # The `AppArgs` field holding each model deployment's model config (and so its device options).
-MODEL_CONFIG_FIELDS = {
-    "FluxGenerator": "flux", "ClipScorer": "scorer", "SvdGenerator": "svd", "SdxlGenerator": "sdxl",
-    "SdxlTurboGenerator": "sdxl_turbo", "PromptEnhancer": "enhancer",
+MODEL_CONFIG_FIELDS = {"ClipScorer": "scorer", "SvdGenerator": "svd", "PromptEnhancer": "enhancer"}
+# Top-level keys of the config shape before `image_models:`, and what replaced each.
+REPLACED_KEYS = {
+    "flux": "an image_models entry with family: flux (e.g. id: flux-schnell)",
+    "sdxl": "an image_models entry with family: sdxl (its controlnets and depth_estimator go under options:)",
+    "sdxl_turbo": "an image_models entry with family: sdxl and limits {max_steps: 4, max_guidance: 0}",
 }
+_OLD_DEPLOYMENTS = {"FluxGenerator": "flux-schnell", "SdxlGenerator": "sdxl", "SdxlTurboGenerator": "sdxl-turbo"}
 # Ray keeps resource amounts to 1e-4; shares that sum to 1 in decimal must not fail in binary.
 _SHARE_TOLERANCE = 1e-6
 
@@ -144,6 +147,36 @@ class DeploymentOptions(_Strict):
             if getattr(self, key) is not None:
                 options[key] = getattr(self, key)
         return options
+
+
+def generator_name(model_id: str) -> str:
+    """The Serve deployment of an image model: its id in CamelCase + 'Generator' (sdxl-turbo ->
+    SdxlTurboGenerator), so it reads like the other deployments in `serve status` and metrics."""
+    return "".join(part.capitalize() for part in re.split(r"[.-]", model_id)) + "Generator"
+
+
+class ImageModelEntry(ImageModelConfig):
+    """An `image_models:` entry: the model (see ImageModelConfig) and its deployment's options."""
+
+    deployment: DeploymentOptions = Field(
+        default_factory=DeploymentOptions,
+        description="Replicas, GPU share, autoscaling and queue bounds of this model's deployment "
+                    "(named generator_name(id), e.g. FluxSchnellGenerator).",
+    )
+    enabled: bool = Field(
+        True,
+        description="false: an optional entry, checked when the config loads but not deployed (a model the "
+                    "profile can serve once something else makes room for it).",
+    )
+
+    @property
+    def deployment_name(self) -> str:
+        return generator_name(self.id)
+
+
+def _default_image_models() -> list[ImageModelEntry]:
+    return [ImageModelEntry(id="flux-schnell", family="flux", source="black-forest-labs/FLUX.1-schnell",
+                            default_steps=4, limits={"max_steps": 4, "max_guidance": 0})]
 
 
 class QualityPolicy(_Strict):
@@ -262,16 +295,16 @@ class JobsConfig(_Strict):
 class AppArgs(_Strict):
     """Everything `configs/*.yaml` choose: model sources, defaults, quality policy, scaling."""
 
-    flux: FluxConfig = Field(default_factory=FluxConfig, description="The FLUX.1-schnell generator.")
+    image_models: list[ImageModelEntry] = Field(
+        default_factory=_default_image_models, min_length=1,
+        description="The image models served, one deployment each; requests name them by id.",
+    )
+    default_model: str | None = Field(
+        None, description="The image model requests get when they name none; default: the first of image_models."
+    )
     scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="The CLIP scorer.")
     enhancer: EnhancerConfig = Field(default_factory=EnhancerConfig, description="The prompt enhancer.")
     svd: SvdConfig | None = Field(None, description="Stable Video Diffusion; omit to serve images only.")
-    sdxl: SdxlConfig | None = Field(
-        None, description="Stable Diffusion XL with ControlNets (model id 'sdxl', deployment SdxlGenerator); omit to leave it out."
-    )
-    sdxl_turbo: SdxlTurboConfig | None = Field(
-        None, description="SDXL-Turbo (model id 'sdxl-turbo', deployment SdxlTurboGenerator); omit to leave it out."
-    )
     policy: QualityPolicy = Field(default_factory=QualityPolicy, description="Default quality gate.")
     loras: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters requests may name.")
     max_input_pixels: int = Field(
@@ -295,8 +328,57 @@ class AppArgs(_Strict):
     )
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Durable async jobs.")
     deployments: dict[DeploymentName, DeploymentOptions] = Field(
-        default_factory=dict, description="Replicas and resources per deployment, by deployment name."
+        default_factory=dict,
+        description="Replicas and resources of the deployments other than the image generators (theirs are "
+                    "in their image_models entries), by deployment name.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_old_keys(cls, data):
+        if not isinstance(data, dict):
+            return data
+        for key, replacement in REPLACED_KEYS.items():
+            if key in data:
+                raise ValueError(f"`{key}:` is no longer read: use `image_models:` instead, {replacement}; "
+                                 "see docs/configuration.md")
+        for name, model_id in _OLD_DEPLOYMENTS.items():
+            if name in (data.get("deployments") or {}):
+                raise ValueError(f"deployments.{name} is no longer read: an image model's deployment options go "
+                                 f"in its image_models entry, under `deployment:` (e.g. the entry with id {model_id})")
+        return data
+
+    @model_validator(mode="after")
+    def _image_models_unique(self) -> "AppArgs":
+        if not self.served_image_models:
+            raise ValueError("image_models: at least one entry must be enabled")
+        names = [entry.deployment_name for entry in self.image_models]
+        ids = [entry.id for entry in self.image_models]
+        repeated = sorted({model_id for model_id in ids if ids.count(model_id) > 1})
+        if repeated:
+            raise ValueError(f"image_models ids must be unique; repeated: {repeated}")
+        clashing = sorted({name for name in names if names.count(name) > 1 or name in DEPLOYMENT_NAMES})
+        if clashing:
+            raise ValueError(f"image_models ids give clashing deployment names {clashing}: pick ids that differ in "
+                             "more than '-' versus '.'")
+        served = [entry.id for entry in self.served_image_models]
+        if self.default_model is not None and self.default_model not in served:
+            raise ValueError(f"default_model {self.default_model!r} is not an enabled image_models id; ids: {served}")
+        return self
+
+    @property
+    def served_image_models(self) -> list[ImageModelEntry]:
+        """The image models deployed: the entries not marked `enabled: false`."""
+        return [entry for entry in self.image_models if entry.enabled]
+
+    @property
+    def default_model_id(self) -> str:
+        return self.default_model or self.served_image_models[0].id
+
+    def all_deployment_options(self) -> dict[str, DeploymentOptions]:
+        """Options of every deployment, the image generators' included, by deployment name."""
+        served = {entry.deployment_name: entry.deployment for entry in self.served_image_models}
+        return {**self.deployments, **served}
 
     @field_validator("gpu_capacity")
     @classmethod
@@ -306,12 +388,12 @@ class AppArgs(_Strict):
             raise ValueError(f"GPU counts must not be negative; got {negative}")
         return value
 
-    @field_validator("deployments")
-    @classmethod
-    def _gpu_shares_fit(cls, deployments: dict[str, DeploymentOptions], info: ValidationInfo) -> dict:
-        capacity = info.data.get("gpu_capacity")
-        if not capacity:  # nothing declared (or the declaration itself was invalid): nothing to check
-            return deployments
+    @model_validator(mode="after")
+    def _gpu_shares_fit(self) -> "AppArgs":
+        capacity = self.gpu_capacity
+        deployments = self.all_deployment_options()
+        if not capacity:  # nothing declared: nothing to check
+            return self
         replicas = [
             (name, options.num_gpus, options.accelerator_type)
             for name, options in deployments.items()
@@ -331,25 +413,28 @@ class AppArgs(_Strict):
                 f"GPU shares do not fit in gpu_capacity {capacity} at max replicas ({demand} GPU); "
                 f"no GPU left for: {short}"
             )
-        return deployments
+        return self
 
     @model_validator(mode="after")
     def _memory_caps_within_shares(self) -> "AppArgs":
-        for name, field in MODEL_CONFIG_FIELDS.items():
-            if getattr(self, field) is None:  # an optional model (svd) that is not configured
+        models = [(name, field + (".llm" if field == "enhancer" else ""), f"deployments.{name}", getattr(self, field))
+                  for name, field in MODEL_CONFIG_FIELDS.items()]
+        models += [(entry.deployment_name, f"image_models[{entry.id}]", f"image_models[{entry.id}].deployment", entry)
+                   for entry in self.served_image_models]
+        for name, where, options_at, config in models:
+            if config is None:  # an optional model (svd) that is not configured
                 continue
-            cap = device_options(getattr(self, field)).memory_fraction
+            cap = device_options(config).memory_fraction
             share = gpu_memory_fraction(self._options(name).num_gpus)
             if cap is not None and share is not None and cap > share:
                 raise ValueError(
-                    f"{field}{'.llm' if field == 'enhancer' else ''}.device.memory_fraction ({cap:g}) is more than "
-                    f"deployments.{name}.num_gpus "
+                    f"{where}.device.memory_fraction ({cap:g}) is more than {options_at}.num_gpus "
                     f"({share:g}): the replica could take memory Ray gave to others on its GPU"
                 )
         return self
 
     def _options(self, name: str) -> DeploymentOptions:
-        return self.deployments.get(name, DeploymentOptions())
+        return self.all_deployment_options().get(name, DeploymentOptions())
 
     @model_validator(mode="after")
     def _gate_scores_computed(self) -> "AppArgs":
@@ -378,9 +463,13 @@ class AppArgs(_Strict):
     def options_for(self, name: str) -> dict:
         return self._options(name).serve_options()
 
-    def model_config_for(self, name: str) -> FluxConfig | ScorerConfig | SvdConfig | SdxlConfig | EnhancerConfig:
+    def image_model(self, model_id: str) -> ImageModelEntry:
+        return next(entry for entry in self.served_image_models if entry.id == model_id)
+
+    def model_config_for(self, name: str) -> ImageModelEntry | ScorerConfig | SvdConfig | EnhancerConfig:
         """The model config of deployment `name`, its CUDA memory cap filled in from its GPU share."""
-        config = getattr(self, MODEL_CONFIG_FIELDS[name])
+        images = {entry.deployment_name: entry for entry in self.served_image_models}
+        config = images[name] if name in images else getattr(self, MODEL_CONFIG_FIELDS[name])
         device = device_options(config)
         fraction = gpu_memory_fraction(self._options(name).num_gpus)
         if device.memory_fraction is not None or fraction is None:
@@ -391,6 +480,23 @@ class AppArgs(_Strict):
         return config.model_copy(update={"device": device})
 
 
-def device_options(config: FluxConfig | ScorerConfig | SvdConfig | EnhancerConfig) -> DeviceOptions:
+def device_options(config: ImageModelConfig | ScorerConfig | SvdConfig | EnhancerConfig) -> DeviceOptions:
     """Where a model deployment's model runs: the enhancer's is its LLM's."""
     return config.llm.device if isinstance(config, EnhancerConfig) else config.device
+
+
+def load_serve_config(path: str | Path) -> dict:
+    with open(path) as handle:
+        return yaml.safe_load(handle)
+
+
+def app_args_from_config(path: str | Path, app_name: str | None = None) -> AppArgs:
+    """The typed args of application `app_name` (genserve's by default) in a Serve config file."""
+    from serve_app import APP_NAME
+
+    app_name = app_name or APP_NAME
+    config = load_serve_config(path)
+    for application in config.get("applications", []):
+        if application.get("name") == app_name:
+            return AppArgs.model_validate(application.get("args") or {})
+    raise ValueError(f"{path}: no application named {app_name!r} under 'applications'")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from deployments.clip_scorer import ASPECTS, combined_score
-from deployments.perceptual import perceptual_scores
-from deployments.types import EnhancedPrompt, GenerationOutput, GenerationParams
+from deployments.scoring.clip_scorer import ASPECTS, combined_score
+from deployments.scoring.perceptual import perceptual_scores
+from deployments.runtime.types import EnhancedPrompt, GenerationOutput, GenerationParams
 
 
 def grey_for_seed(seed: int) -> int:
@@ -22,12 +22,12 @@ class FakeEnhancer:
         self.calls = []
         self.targets = []
 
-    def enhance(self, prompt, style=None, quality="high", negative_prompt=None, target="flux"):
+    def enhance(self, prompt, style=None, quality="high", negative_prompt=None, target=None):
         self.calls.append((prompt, style, quality, negative_prompt))
         self.targets.append(target)
         return EnhancedPrompt(prompt=f"{prompt}, enhanced", negative_prompt=negative_prompt or "bad", style=style or "photorealistic", enhancer="template")
 
-    def revise(self, prompt, previous, weak, target="flux"):
+    def revise(self, prompt, previous, weak, target=None):
         self.calls.append(("revise", prompt, previous.prompt, tuple(weak)))
         return EnhancedPrompt(prompt=f"{previous.prompt}, fixing {'+'.join(weak)}", negative_prompt=previous.negative_prompt,
                               style=previous.style, enhancer="template")

@@ -3,6 +3,8 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from serve_app.config import generator_name
+
 T = TypeVar("T")
 
 
@@ -33,15 +35,15 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
 
     Models keep `device: auto`, so on a machine whose GPUs are only declared to Ray they run on
     the CPU (with fp32, one torch thread each: the cores are shared). `deployments` updates the
-    named deployments' options, e.g. `FluxGenerator={"num_replicas": 2}`.
+    named deployments' options (an image model's by its deployment name), e.g.
+    `FluxSchnellGenerator={"num_replicas": 2}`.
     """
-    from serve_app.appconfig import app_args_from_config
+    from serve_app.config import app_args_from_config
 
     args = app_args_from_config(config).model_dump(exclude_none=True)
-    for model in ("flux", "scorer", "svd", "sdxl", "sdxl_turbo"):
-        if args.get(model) is not None:
-            args[model]["source"] = "tiny"
-            args[model]["device"].update(dtype="auto", torch_threads=1)
+    for model in [*args["image_models"], *(args[name] for name in ("scorer", "svd") if args.get(name) is not None)]:
+        model["source"] = "tiny"
+        model["device"].update(dtype="auto", torch_threads=1)
     llm = args["enhancer"]["llm"]
     if llm["backend"] == "transformers":
         # The tiny LLM's answer is gibberish at any length (the template answers); a short one
@@ -50,14 +52,37 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
         llm["device"].update(dtype="auto", torch_threads=1)
     if args.get("scorer") is not None:  # the LAION head too: a random one sized to the tiny CLIP
         args["scorer"].setdefault("laion", {})["source"] = "tiny"
-    for model in ("sdxl", "sdxl_turbo"):
-        if args.get(model) is not None:
-            args[model]["controlnets"] = {kind: "tiny" for kind in args[model]["controlnets"]}
-            args[model]["depth_estimator"] = "tiny"
-            args[model].update(default_width=256, default_height=256)
+    for model in args["image_models"]:
+        options = model["options"]
+        if "controlnets" in options:
+            options["controlnets"] = {kind: "tiny" for kind in options["controlnets"]}
+            options["depth_estimator"] = "tiny"
+        if model["family"] == "sdxl":
+            model.update(default_width=256, default_height=256)
+    by_deployment = {generator_name(model["id"]): model for model in args["image_models"]}
     for name, options in deployments.items():
-        args["deployments"][name] = {**args["deployments"].get(name, {}), **options}
+        if name in by_deployment:
+            by_deployment[name]["deployment"] = {**by_deployment[name]["deployment"], **options}
+        else:
+            args["deployments"][name] = {**args["deployments"].get(name, {}), **options}
     return args
+
+
+def image_model(args: dict, model_id: str) -> dict:
+    """The `image_models` entry with id `model_id` in a dict of app args."""
+    return next(model for model in args["image_models"] if model["id"] == model_id)
+
+
+def model_spec(model_id: str = "flux-schnell", family: str = "flux", width: int = 256, height: int = 256,
+               **entry):
+    """The ModelSpec of an image model entry, as the builder makes it (defaults: dev's flux-schnell)."""
+    from deployments.config import ImageModelConfig
+    from serve_app.services.validation import ModelSpec
+
+    if model_id == "flux-schnell":
+        entry = {"limits": {"max_steps": 4, "max_guidance": 0}, "default_steps": 4, **entry}
+    return ModelSpec.of(ImageModelConfig(id=model_id, family=family, source="tiny", default_width=width,
+                                         default_height=height, **entry))
 
 
 def deploy_and_wait(args: dict, timeout_s: float = 300) -> None:
@@ -70,7 +95,7 @@ def deploy_and_wait(args: dict, timeout_s: float = 300) -> None:
 
     from serve_app import APP_NAME
     from serve_app.builder import build_app
-    from serve_app.launch import wait_until_running
+    from serve_app.cli.launch import wait_until_running
 
     serve.run_many([serve.RunTarget(build_app(args), name=APP_NAME, route_prefix="/")],
                    wait_for_applications_running=False)

@@ -15,9 +15,9 @@ def make_flux_lora(folder: Path, name: str, seed: int = 0, rank: int = 4, streng
     from diffusers import FluxPipeline
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from deployments.tiny import build_tiny_flux
+    from deployments.families.flux import FAMILY
 
-    transformer = build_tiny_flux().transformer
+    transformer = FAMILY.build_tiny().transformer
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=FLUX_TARGETS, init_lora_weights=False)
@@ -36,7 +36,7 @@ def make_sdxl_lora(folder: Path, name: str, seed: int = 0, strength: float = 8.0
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from deployments.tiny import build_tiny_sdxl
+    from deployments.families.sdxl import build_tiny_sdxl
 
     unet = build_tiny_sdxl().unet
     with torch.random.fork_rng(devices=[]):

@@ -30,14 +30,14 @@ from typing import Callable
 
 from pydantic import ValidationError
 
-from deployments.types import ProgressTarget
+from deployments.runtime.types import ProgressTarget
 from serve_app.jobs.model import CANCELLED, FAILED, RUNNING, Job
 from serve_app.jobs.results import image_result, video_result
 from serve_app.jobs.store import JobStore
-from serve_app.models import RequestError
-from serve_app.schemas import ImageRequest, VideoRequest
-from serve_app.service import ImageService
-from serve_app.video import VideoService
+from serve_app.services.validation import RequestError
+from serve_app.api.schemas import ImageRequest, VideoRequest
+from serve_app.services.images import ImageService
+from serve_app.services.videos import VideoService
 
 logger = logging.getLogger("ray.serve")
 
@@ -195,7 +195,7 @@ class JobDispatcher:
         return None if data is None else (data, meta.content_type)
 
     async def record_progress(self, job_id: str, attempt: int, progress: dict) -> None:
-        """A generator's step report (see deployments.progress); stale or unknown ones are dropped."""
+        """A generator's step report (see deployments.runtime.progress); stale or unknown ones are dropped."""
         job = self._active.get(job_id)
         if job is None or job.attempts != attempt:
             return

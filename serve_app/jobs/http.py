@@ -19,7 +19,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from serve_app.errors import explain_errors
+from serve_app.api.errors import explain_errors
 from serve_app.jobs.model import CANCELLED, RUNNING, SUCCEEDED, Job, dumps
 from serve_app.jobs.results import with_urls
 from serve_app.jobs.schemas import (
@@ -32,10 +32,10 @@ from serve_app.jobs.schemas import (
     VideoJobResult,
     job_timings,
 )
-from serve_app.models import RequestError
-from serve_app.schemas import ImageRequest, VideoRequest, random_seed
-from serve_app.service import ImageService
-from serve_app.video import VideoService
+from serve_app.services.validation import RequestError
+from serve_app.api.schemas import ImageRequest, VideoRequest, random_seed
+from serve_app.services.images import ImageService
+from serve_app.services.videos import VideoService
 
 KEEPALIVE_S = 15.0  # an event stream with nothing new sends a comment this often
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import base64
 
-from deployments.types import VideoOutput
+from deployments.runtime.types import VideoOutput
 from serve_app.jobs.model import ResultFile
-from serve_app.schemas import ImageResponse, VideoResponse
+from serve_app.api.schemas import ImageResponse, VideoResponse
 
 Files = list[tuple[ResultFile, bytes]]
 

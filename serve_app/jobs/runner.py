@@ -17,17 +17,17 @@ import logging
 
 from ray import serve
 
-from deployments.types import ProgressTarget
+from deployments.runtime.types import ProgressTarget
 from serve_app.config import JobsConfig, QualityPolicy
 from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.model import Job
 from serve_app.jobs.store import open_store
-from serve_app.models import ModelSpec
-from deployments.lora import LoraRegistry
-from deployments.clip_scorer import GATE_METRICS
-from serve_app.service import ImageService
+from serve_app.services.validation import ModelSpec
+from deployments.runtime.lora import LoraRegistry
+from deployments.scoring.clip_scorer import GATE_METRICS
+from serve_app.services.images import ImageService
 from deployments.config import SvdConfig
-from serve_app.video import VideoService
+from serve_app.services.videos import VideoService
 
 logger = logging.getLogger("ray.serve")
 # How often the genserve_jobs gauge is refreshed: one GROUP BY (SQLite) or five ZCARDs (Redis).
@@ -46,10 +46,10 @@ class JobRunner:
                  specs: dict[str, ModelSpec], policy: QualityPolicy, request_timeout_s: float = 600.0, svd=None,
                  svd_config: SvdConfig | None = None, max_input_pixels: int = 4096 * 4096,
                  metrics: bool = True, gate_metrics: tuple[str, ...] = GATE_METRICS, blocklist: tuple[str, ...] = (),
-                 loras: LoraRegistry | None = None):
+                 loras: LoraRegistry | None = None, default_model: str | None = None):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
                               max_input_pixels=max_input_pixels, gate_metrics=gate_metrics, blocklist=blocklist,
-                              loras=loras)
+                              loras=loras, default_model=default_model)
         videos = VideoService(svd, svd_config, images, max_input_pixels) if svd is not None else None
         context = serve.get_replica_context()
         app, deployment = context.app_name, context.deployment

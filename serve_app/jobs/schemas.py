@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.jobs.model import Job
-from serve_app.schemas import ImageInfo, ImageResponse, VideoInfo
+from serve_app.api.schemas import ImageInfo, ImageResponse, VideoInfo
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 

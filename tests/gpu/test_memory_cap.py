@@ -11,7 +11,7 @@ pytestmark = pytest.mark.gpu
 _SCRIPT = """
 import torch
 from deployments.config import DeviceOptions
-from deployments.loading import resolve_placement
+from deployments.runtime.loading import resolve_placement
 
 placement = resolve_placement(DeviceOptions(device="cuda", memory_fraction=0.1))
 assert placement.memory_fraction == 0.1, placement

@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from serve_app import APP_NAME
-from tests.helpers import deploy_and_wait, free_port, replica_gpu_ids, tiny_args, wait_until
+from tests.integration.apps import POOL, ray_and_serve
+from tests.helpers import deploy_and_wait, replica_gpu_ids, tiny_args, wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -75,9 +76,9 @@ class Load:
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray import serve
     from ray.cluster_utils import Cluster
+
+    POOL.stop()  # one Ray per process: the shared app's goes first
 
     # The head node runs Serve's controller, the HTTP proxy and CPU replicas; it has no GPU.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
@@ -92,23 +93,21 @@ def cluster():
         "light-a": cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1}),
         "light-b": cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1}),
     }
-    ray.init(address=cluster.address, log_to_driver=False)
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    yield {"cluster": cluster, "nodes": nodes, "url": f"http://127.0.0.1:{port}/v1/images"}
-    serve.shutdown()
-    ray.shutdown()
-    cluster.shutdown()
+    try:
+        with ray_and_serve(proxy_location="HeadOnly", address=cluster.address) as base:
+            yield {"cluster": cluster, "nodes": nodes, "url": f"{base}/v1/images"}
+    finally:
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
 def app(cluster):
-    deploy_and_wait(tiny_args(ROOT / "configs" / "multi-gpu.yaml", FluxGenerator=FAST_FLUX_AUTOSCALING))
+    deploy_and_wait(tiny_args(ROOT / "configs" / "multi-gpu.yaml", FluxSchnellGenerator=FAST_FLUX_AUTOSCALING))
     return cluster
 
 
 def _deployment(name: str):
-    from serve_app.launch import serve_details
+    from serve_app.cli.launch import serve_details
 
     return serve_details().applications[APP_NAME].deployments[name]
 
@@ -123,15 +122,15 @@ def _node_names(app) -> dict[str, str]:
 
 def _steady(replicas: int = 1) -> None:
     def steady() -> bool:
-        flux = _deployment("FluxGenerator")
+        flux = _deployment("FluxSchnellGenerator")
         return flux.target_num_replicas == replicas and [r.state.value for r in flux.replicas] == ["RUNNING"] * replicas
 
-    wait_until(steady, timeout_s=180, what=f"FluxGenerator steady at {replicas} replica(s)")
+    wait_until(steady, timeout_s=180, what=f"FluxSchnellGenerator steady at {replicas} replica(s)")
 
 
 def test_replicas_land_where_their_reservations_say(app):
     names = _node_names(app)
-    [flux] = _running("FluxGenerator")
+    [flux] = _running("FluxSchnellGenerator")
     [clip] = _running("ClipScorer")
     [svd] = _running("SvdGenerator")
     [sdxl] = _running("SdxlGenerator")
@@ -153,9 +152,9 @@ def test_flux_scales_up_under_a_burst_onto_a_whole_gpu_of_its_own_and_back_down(
     _steady(1)
     burst = time.monotonic()
     with Load(app["url"], clients=4) as load:
-        wait_until(lambda: len(_running("FluxGenerator")) == 2, timeout_s=180, what="a second FLUX replica running")
+        wait_until(lambda: len(_running("FluxSchnellGenerator")) == 2, timeout_s=180, what="a second FLUX replica running")
         scaled_up_s = time.monotonic() - burst
-        flux = _running("FluxGenerator")
+        flux = _running("FluxSchnellGenerator")
         placed = {(replica.node_id, tuple(replica_gpu_ids(replica))) for replica in flux}
         # H100 nodes of one GPU each: two whole-GPU replicas cannot share one, nor take SVD's.
         [svd] = _running("SvdGenerator")
@@ -193,7 +192,7 @@ def test_overload_turns_into_quick_503s(app):
 
 def test_losing_a_worker_node_replaces_its_replicas_without_a_restart(app):
     _steady(1)
-    [flux] = _running("FluxGenerator")
+    [flux] = _running("FluxSchnellGenerator")
     [svd] = _running("SvdGenerator")
     lost = _node_names(app)[flux.node_id]
     # The Ingress (CPU only) may have a replica on the same node; see the assertion below.
@@ -210,7 +209,7 @@ def test_losing_a_worker_node_replaces_its_replicas_without_a_restart(app):
         # so this one ran on its replacement.
         wait_until(lambda: load.ok_since(removed), timeout_s=240, what="a request answered after the node loss")
         answering_s = min(o.finished for o in load.ok_since(removed)) - removed
-        wait_until(lambda: [_node_names(app).get(r.node_id) for r in _running("FluxGenerator")] == [survivor],
+        wait_until(lambda: [_node_names(app).get(r.node_id) for r in _running("FluxSchnellGenerator")] == [survivor],
                    timeout_s=240, what=f"FLUX replaced on {survivor}")
         replaced_s = time.monotonic() - removed
         replaced = time.monotonic()
@@ -225,5 +224,5 @@ def test_losing_a_worker_node_replaces_its_replicas_without_a_restart(app):
     for status, error in failed:
         assert status == 503 or (status == 500 and ingress_lost and error == "Internal Server Error"), failed
     # Serve marks the deployment unhealthy when its replica dies, healthy again once replaced.
-    wait_until(lambda: _deployment("FluxGenerator").status.value == "HEALTHY", timeout_s=60,
-               what="FluxGenerator healthy again")
+    wait_until(lambda: _deployment("FluxSchnellGenerator").status.value == "HEALTHY", timeout_s=60,
+               what="FluxSchnellGenerator healthy again")

@@ -12,8 +12,9 @@ from PIL import Image
 
 from deployments.tiny import save_tiny
 from serve_app import APP_NAME
-from serve_app.images import read_png_meta
-from serve_app.schemas import ImageRequest, ImageResponse
+from serve_app.services.media import read_png_meta
+from serve_app.api.schemas import ImageRequest, ImageResponse
+from tests.helpers import image_model
 from tests.integration.apps import dev_args, running_app
 
 pytestmark = pytest.mark.integration
@@ -26,11 +27,12 @@ def app(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     args = dev_args()
     args["svd"] = None
-    args["flux"]["source"] = str(save_tiny("flux", models / "flux"))
+    flux = image_model(args, "flux-schnell")
+    flux["source"] = str(save_tiny("flux", models / "flux"))
     args["scorer"]["source"] = str(save_tiny("clip", models / "clip"))
     args["scorer"]["laion"]["source"] = str(save_tiny("laion", models / "laion") / "laion-head.safetensors")
     with running_app(args) as client:
-        yield {"client": client, "sources": (args["flux"]["source"], args["scorer"]["source"])}
+        yield {"client": client, "sources": (flux["source"], args["scorer"]["source"])}
 
 
 def _post(app, **body):

@@ -10,24 +10,20 @@ import imageio_ffmpeg
 import pytest
 from PIL import Image
 
-from serve_app.images import read_png_meta
+from serve_app.services.media import read_png_meta
 from tests.helpers import wait_until
-from tests.integration.apps import ROOT, dev_args, running_app
+from tests.integration.apps import ROOT
+from tests.integration.conftest import SHARED_MAX_BODY
 from tests.integration.jobs import events, in_stage, job, png_b64, submit, wait_finished, wait_for
 
 pytestmark = pytest.mark.integration
-MAX_BODY = 1024 * 1024
+MAX_BODY = SHARED_MAX_BODY
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("jobs")
-    args = dev_args()
-    args["jobs"]["data_dir"] = str(data_dir)
-    args["max_body_bytes"] = MAX_BODY
-    args["jobs"]["progress_interval_s"] = 0  # every denoising step, which the tests follow
-    with running_app(args) as client:
-        yield {"client": client, "data_dir": data_dir}
+@pytest.fixture
+def app(dev_app):
+    """The shared dev app: jobs report every denoising step; bodies over 1 MiB get 413."""
+    return dev_app
 
 
 @pytest.fixture
@@ -248,10 +244,11 @@ def test_killing_the_model_replica_mid_job_retries_it_with_exactly_one_result(ap
     wait_until(lambda: client.get("/healthz").status_code == 200, timeout_s=60, what="all deployments healthy")
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the README's examples use curl, which is not installed")
-def test_readme_jobs_commands_run(client, tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Async jobs: `/v1/jobs`"):]
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the documented examples use curl, which is not installed")
+@pytest.mark.parametrize("doc, heading", [("README.md", "## Async jobs"), ("docs/jobs.md", "# Async jobs: `/v1/jobs`")])
+def test_documented_jobs_commands_run(client, tmp_path, doc, heading):
+    text = (ROOT / doc).read_text()
+    section = text[text.index(heading):]
     commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     script = commands.replace("127.0.0.1:8000", f"127.0.0.1:{client.base_url.port}")
     run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,

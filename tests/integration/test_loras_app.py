@@ -7,27 +7,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.images import read_png_meta
+from serve_app.services.media import read_png_meta
 from tests.control_images import b64, edge_map
-from tests.integration.apps import dev_args, running_app
 from tests.integration.jobs import submit, wait_finished
-from tests.loras import make_flux_lora, make_sdxl_lora
 
 pytestmark = pytest.mark.integration
 REQUEST = {"prompt": "a lighthouse at dusk", "seed": 5, "enhance": False, "width": 256, "height": 256}
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    loras = tmp_path_factory.mktemp("loras")
-    make_flux_lora(loras, "ink", seed=1)
-    make_sdxl_lora(loras, "xl_style")
-    (loras / "weights.bin").write_bytes(b"never loaded")
-    args = dev_args()
-    args["svd"] = None
-    args["loras"]["dir"] = str(loras)
-    with running_app(args) as client:
-        yield client
+@pytest.fixture
+def client(dev_app):
+    """The shared dev app, whose LoRA directory holds `ink` (FLUX), `xl_style` (SDXL) and a .bin file."""
+    return dev_app["client"]
 
 
 def _image(response) -> tuple[np.ndarray, dict]:

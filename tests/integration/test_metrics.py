@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve_app import APP_NAME
 from tests.helpers import free_port, wait_until
-from tests.integration.apps import ROOT, dev_args
+from tests.integration.apps import ROOT, dev_args, running_app
 from tests.metrics_dashboard import dashboard_queries
 
 pytestmark = [
@@ -41,26 +41,16 @@ MAY_BE_EMPTY = {
 
 @pytest.fixture(scope="module")
 def metrics_app():
-    import ray
-    from ray import serve
-
-    from serve_app.builder import build_app
-
     # Ray's temp dir holds unix sockets, whose paths must stay short.
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    metrics_port, http_port = free_port(), free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), _metrics_export_port=metrics_port, _temp_dir=temp_dir, log_to_driver=False)
+    metrics_port = free_port()
+    args = dev_args()
+    args["jobs"]["data_dir"] = str(Path(temp_dir) / "jobs")  # nothing left in the checkout
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        args = dev_args()
-        args["jobs"]["data_dir"] = str(Path(temp_dir) / "jobs")  # nothing left in the checkout
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=120) as client:
+        with running_app(args, timeout_s=120, include_dashboard=True, dashboard_host="127.0.0.1",
+                         dashboard_port=free_port(), _metrics_export_port=metrics_port, _temp_dir=temp_dir) as client:
             yield {"client": client, "temp_dir": temp_dir, "metrics_port": metrics_port}
     finally:
-        serve.shutdown()
-        ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -8,20 +8,16 @@ import pytest
 from PIL import Image, ImageFilter
 
 from serve_app import APP_NAME
-from serve_app.schemas import MAX_SCORE_IMAGES, ImageResponse, ScoreRequest, ScoreResponse
+from serve_app.api.schemas import MAX_SCORE_IMAGES, ImageResponse, ScoreRequest, ScoreResponse
 from tests.helpers import flat_scores
-from tests.integration.apps import dev_args, running_app
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def client():
-    args = dev_args()
-    args["svd"] = None
-    args["max_input_pixels"] = 300 * 300
-    with running_app(args) as client:
-        yield client
+@pytest.fixture
+def client(dev_app):
+    """The shared dev app (uploads limited to 300x300 pixels)."""
+    return dev_app["client"]
 
 
 def _b64(array: np.ndarray, fmt: str = "PNG") -> str:

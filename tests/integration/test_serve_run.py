@@ -18,12 +18,13 @@ ROOT = Path(__file__).parents[2]
 
 
 def _dev_config(tmp_path: Path, **flux_options) -> tuple[Path, int]:
-    """configs/dev.yaml on a free port, FluxGenerator's options updated with `flux_options`."""
+    """configs/dev.yaml on a free port, flux-schnell's deployment options updated with `flux_options`."""
     config = yaml.safe_load((ROOT / "configs" / "dev.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port  # the same profile on a free port, jobs in a temp dir
     config["applications"][0]["args"]["jobs"]["data_dir"] = str(tmp_path / "jobs")
-    config["applications"][0]["args"]["deployments"]["FluxGenerator"].update(flux_options)
+    flux = next(model for model in config["applications"][0]["args"]["image_models"] if model["id"] == "flux-schnell")
+    flux["deployment"].update(flux_options)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path, port
@@ -76,7 +77,7 @@ def test_genserve_serve_times_out_naming_what_a_pending_deployment_asks_for(tmp_
     output = log.read_text()
     assert process.returncode == 1, output
     assert "application 'genserve' did not start within 10s" in output
-    assert "FluxGenerator: UPDATING, 0 of 1 replicas running" in output
+    assert "FluxSchnellGenerator: UPDATING, 0 of 1 replicas running" in output
     assert "each replica asks for {CPU: 0.5, GPU: 1}" in output
     assert "no node in the cluster has {CPU: 0.5, GPU: 1}" in output
     # Only the deployment no node can host is called so (others may merely still be loading).

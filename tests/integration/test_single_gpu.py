@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from serve_app import APP_NAME
-from serve_app.config import DEPLOYMENT_NAMES
-from tests.helpers import deploy_and_wait, free_port, replica_gpu_ids, tiny_args
+from serve_app.config import DEPLOYMENT_NAMES, AppArgs
+from tests.helpers import deploy_and_wait, replica_gpu_ids, tiny_args
+from tests.integration.apps import ray_and_serve
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -19,28 +20,23 @@ ROOT = Path(__file__).parents[2]
 
 @pytest.fixture(scope="module")
 def one_gpu_node():
-    import ray
-    from ray import serve
-
     # The config's CPU reservations add up to 8.5 (logical CPUs: the cores are shared anyway);
     # one logical GPU is the whole point.
-    ray.init(address="local", num_cpus=9, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    args = tiny_args(ROOT / "configs" / "single-gpu.yaml")
-    deploy_and_wait(args)
-    yield {"base": f"http://127.0.0.1:{port}", "args": args}
-    serve.shutdown()
-    ray.shutdown()
+    with ray_and_serve(proxy_location="HeadOnly", num_cpus=9, num_gpus=1) as base:
+        args = tiny_args(ROOT / "configs" / "single-gpu.yaml")
+        deploy_and_wait(args)
+        yield {"base": base, "args": args}
 
 
 def test_every_deployment_fits_on_one_gpu_node_and_the_models_share_its_gpu(one_gpu_node):
     import ray
 
-    from serve_app.launch import serve_details
+    from serve_app.cli.launch import serve_details
 
     deployments = serve_details().applications[APP_NAME].deployments
-    expected = [name for name in DEPLOYMENT_NAMES if name != "SdxlTurboGenerator"]  # the profile has no sdxl_turbo
+    args = AppArgs.model_validate(one_gpu_node["args"])
+    options = args.all_deployment_options()
+    expected = [*DEPLOYMENT_NAMES, *(entry.deployment_name for entry in args.image_models)]
     assert sorted(deployments) == sorted(expected)
     replicas = {name: deployments[name].replicas for name in expected}
     assert {name: [r.state.value for r in found] for name, found in replicas.items()} == {
@@ -49,10 +45,10 @@ def test_every_deployment_fits_on_one_gpu_node_and_the_models_share_its_gpu(one_
     [node] = {r.node_id for found in replicas.values() for r in found}
     assert node == ray.get_runtime_context().get_node_id()
     # FLUX, CLIP, SVD, SDXL and the enhancer's LLM hold fractions of the same (only) GPU.
-    for name in ("FluxGenerator", "ClipScorer", "SvdGenerator", "SdxlGenerator", "PromptEnhancer"):
+    for name in ("FluxSchnellGenerator", "ClipScorer", "SvdGenerator", "SdxlGenerator", "PromptEnhancer"):
         [replica] = replicas[name]
         assert replica_gpu_ids(replica) == ["0"]
-        assert deployments[name].required_resources["GPU"] == one_gpu_node["args"]["deployments"][name]["num_gpus"]
+        assert deployments[name].required_resources["GPU"] == options[name].num_gpus
 
 
 def test_it_answers_on_the_cpu_because_torch_sees_no_gpu(one_gpu_node):

@@ -12,17 +12,15 @@ import pytest
 from PIL import Image
 
 from serve_app import APP_NAME
-from serve_app.schemas import VideoRequest, VideoResponse
+from serve_app.api.schemas import VideoRequest, VideoResponse
 from tests.control_images import b64, edge_map
-from tests.integration.apps import dev_args, running_app
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def client():
-    with running_app(dev_args()) as client:
-        yield client
+@pytest.fixture
+def client(dev_app):
+    return dev_app["client"]
 
 
 def _b64_png(color=(200, 80, 20), size=(320, 240)) -> str:

@@ -4,7 +4,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from serve_app.body_limit import BodyLimit
+from serve_app.api.body_limit import BodyLimit
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app import APP_NAME
-from serve_app.appconfig import app_args_from_config
+from serve_app.config import app_args_from_config
 from serve_app.builder import build_app
 from serve_app.config import AppArgs
 

@@ -6,12 +6,18 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app import APP_NAME
-from serve_app.appconfig import app_args_from_config
+from serve_app.config import app_args_from_config
 from serve_app.builder import build_app
 from serve_app.config import AppArgs, DeploymentOptions, device_options, gpu_memory_fraction, unplaced_gpu_replicas
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def flux(deployment: dict | None = None, **fields) -> dict:
+    """A config with one image model, flux-schnell from the hub, with `fields` and deployment options."""
+    entry = {"id": "flux-schnell", "family": "flux", "source": "black-forest-labs/FLUX.1-schnell", **fields}
+    return {"image_models": [{**entry, "deployment": deployment or {}}]}
 
 
 def test_there_are_configs():
@@ -31,8 +37,8 @@ def test_each_config_loads_in_serve_schema_and_typed_builder(path):
 
 def test_dev_config_is_tiny_on_cpu():
     args = app_args_from_config(Path(__file__).parents[2] / "configs" / "dev.yaml")
-    assert args.flux.source == "tiny" and args.scorer.source == "tiny"
-    assert args.flux.device.device == "cpu"
+    assert all(entry.source == "tiny" and entry.device.device == "cpu" for entry in args.image_models)
+    assert args.scorer.source == "tiny" and args.default_model_id == "flux-schnell"
 
 
 def _field_error(args: dict) -> tuple[tuple, str]:
@@ -43,13 +49,60 @@ def _field_error(args: dict) -> tuple[tuple, str]:
 
 
 def test_unknown_model_source_names_the_field():
-    loc, msg = _field_error({"flux": {"source": "not a source"}})
-    assert loc == ("flux", "source") and "Hugging Face repo id" in msg
+    loc, msg = _field_error(flux(source="not a source"))
+    assert loc == ("image_models", 0, "source") and "Hugging Face repo id" in msg
 
 
 def test_autoscaling_min_above_max_names_the_field():
-    loc, msg = _field_error({"deployments": {"FluxGenerator": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}}})
-    assert loc == ("deployments", "FluxGenerator", "autoscaling") and "min_replicas (3)" in msg
+    loc, msg = _field_error(flux({"autoscaling": {"min_replicas": 3, "max_replicas": 1}}))
+    assert loc == ("image_models", 0, "deployment", "autoscaling") and "min_replicas (3)" in msg
+
+
+@pytest.mark.parametrize("key, replacement", [("flux", "family: flux"), ("sdxl", "family: sdxl"),
+                                              ("sdxl_turbo", "max_steps: 4")])
+def test_a_config_in_the_old_shape_says_which_key_replaces_it(key, replacement):
+    _, msg = _field_error({key: {"source": "tiny"}})
+    assert f"`{key}:` is no longer read: use `image_models:`" in msg and replacement in msg
+    _, msg = _field_error({"deployments": {"FluxGenerator": {"num_replicas": 2}}})
+    assert "image_models entry, under `deployment:`" in msg
+
+
+def test_an_unknown_family_names_the_field_and_lists_the_known_ones():
+    loc, msg = _field_error(flux(family="flux2"))
+    assert loc == ("image_models", 0, "family")
+    assert "unknown family 'flux2'" in msg and "flux, sdxl, sd15" in msg and "import path" in msg
+    loc, msg = _field_error(flux(family="no_such_package.family:FAMILY"))
+    assert loc == ("image_models", 0, "family") and "could not be imported" in msg
+
+
+@pytest.mark.parametrize("model_id", ["Flux", "flux_schnell", "-flux", "flux--dev", "a" * 65, ""])
+def test_model_ids_follow_the_documented_pattern(model_id):
+    loc, _ = _field_error(flux(id=model_id))
+    assert loc == ("image_models", 0, "id")
+
+
+def test_family_options_and_limits_are_checked_against_the_family():
+    loc, msg = _field_error(flux(options={"max_sequence_length": 4}))
+    assert loc == ("image_models", 0) and "options for family 'flux'" in msg and "max_sequence_length" in msg
+    _, msg = _field_error(flux(limits={"max_steps": 80}))
+    assert "steps 1-80 must lie within the flux family's 1-50" in msg
+    _, msg = _field_error(flux(limits={"max_steps": 4}, default_steps=8))
+    assert "default_steps (8) must lie within the limits, 1-4" in msg
+
+
+def test_one_family_serves_several_ids_and_the_first_is_the_default_unless_named():
+    dev = {"id": "flux-dev", "family": "flux", "source": "black-forest-labs/FLUX.1-dev"}
+    args = AppArgs.model_validate({"image_models": [*flux()["image_models"], dev]})
+    assert args.default_model_id == "flux-schnell"
+    assert [entry.deployment_name for entry in args.image_models] == ["FluxSchnellGenerator", "FluxDevGenerator"]
+    assert AppArgs.model_validate({"image_models": [*flux()["image_models"], dev],
+                                   "default_model": "flux-dev"}).default_model_id == "flux-dev"
+    _, msg = _field_error({"image_models": [*flux()["image_models"], dev], "default_model": "sdxl"})
+    assert "default_model 'sdxl' is not an enabled image_models id" in msg
+    _, msg = _field_error({"image_models": [*flux()["image_models"], *flux()["image_models"]]})
+    assert "ids must be unique; repeated: ['flux-schnell']" in msg
+    _, msg = _field_error({"image_models": [*flux()["image_models"], {**dev, "id": "flux.schnell"}]})
+    assert "clashing deployment names ['FluxSchnellGenerator']" in msg
 
 
 def test_threshold_outside_metric_range_is_rejected():
@@ -61,8 +114,8 @@ def test_threshold_outside_metric_range_is_rejected():
 def test_unknown_deployment_name_and_unknown_keys_are_rejected():
     loc, _ = _field_error({"deployments": {"Flux": {"num_replicas": 2}}})
     assert loc[:2] == ("deployments", "Flux")
-    loc, _ = _field_error({"flux": {"sorce": "tiny"}})
-    assert loc == ("flux", "sorce")
+    loc, _ = _field_error(flux(sorce="tiny"))
+    assert loc == ("image_models", 0, "sorce")
 
 
 def test_replicas_and_autoscaling_are_exclusive():
@@ -85,17 +138,18 @@ def test_every_config_declares_what_it_needs_and_fits():
     """Each GPU config declares its GPUs, so its shares are checked; dev.yaml asks for none."""
     for path in CONFIGS:
         args = app_args_from_config(path)
-        wants_gpus = any(options.num_gpus for options in args.deployments.values())
+        wants_gpus = any(options.num_gpus for options in args.all_deployment_options().values())
         assert bool(args.gpu_capacity) == wants_gpus, path.name
 
 
 def test_single_gpu_config_packs_every_deployment_onto_one_gpu():
     args = app_args_from_config(ROOT / "configs" / "single-gpu.yaml")
     assert args.gpu_capacity == {"any": 1}
-    shares = {name: options.num_gpus for name, options in args.deployments.items() if options.num_gpus}
-    assert set(shares) == {"FluxGenerator", "ClipScorer", "SvdGenerator", "SdxlGenerator", "PromptEnhancer"}
+    options = args.all_deployment_options()
+    shares = {name: options.num_gpus for name, options in options.items() if options.num_gpus}
+    assert set(shares) == {"FluxSchnellGenerator", "ClipScorer", "SvdGenerator", "SdxlGenerator", "PromptEnhancer"}
     assert all(0 < share < 1 for share in shares.values()) and sum(shares.values()) <= 1
-    assert all(args.deployments[name].max_replicas == 1 for name in shares)
+    assert all(options[name].max_replicas == 1 for name in shares)
     # The builder turns each share into the replica's CUDA memory cap (the enhancer's goes to its LLM).
     for name, share in shares.items():
         assert device_options(args.model_config_for(name)).memory_fraction == share
@@ -112,14 +166,15 @@ def test_enhancer_llm_memory_cap_must_fit_its_share():
 
 def test_multi_gpu_config_gives_flux_whole_gpus_and_autoscales_every_model():
     args = app_args_from_config(ROOT / "configs" / "multi-gpu.yaml")
-    flux = args.deployments["FluxGenerator"]
+    options = args.all_deployment_options()
+    flux = options["FluxSchnellGenerator"]
     assert flux.num_gpus == 1 and flux.accelerator_type == "H100"
-    assert args.model_config_for("FluxGenerator").device.memory_fraction is None  # a whole GPU is its own
+    assert args.model_config_for("FluxSchnellGenerator").device.memory_fraction is None  # a whole GPU is its own
     svd = args.deployments["SvdGenerator"]
     assert svd.num_gpus == 1 and svd.accelerator_type == "H100"  # FLUX and SVD never share a GPU
     assert 0 < args.deployments["ClipScorer"].num_gpus < 1
-    for name in ("FluxGenerator", "ClipScorer", "PromptEnhancer", "SvdGenerator", "SdxlGenerator"):
-        options = args.deployments[name]
+    for name in ("FluxSchnellGenerator", "ClipScorer", "PromptEnhancer", "SvdGenerator", "SdxlGenerator"):
+        options = args.all_deployment_options()[name]
         assert options.autoscaling is not None and options.autoscaling.min_replicas < options.autoscaling.max_replicas
         assert options.max_ongoing_requests and options.max_queued_requests and options.max_queued_requests > 0
 
@@ -131,22 +186,16 @@ def test_gpu_memory_fraction_follows_a_fractional_share_only():
 
 
 def test_explicit_memory_fraction_wins_but_may_not_exceed_the_share():
-    args = AppArgs.model_validate({
-        "flux": {"device": {"memory_fraction": 0.3}},
-        "deployments": {"FluxGenerator": {"num_gpus": 0.45}},
-    })
-    assert args.model_config_for("FluxGenerator").device.memory_fraction == 0.3
-    with pytest.raises(ValidationError, match=r"flux.device.memory_fraction \(0.5\) is more than "
-                                              r"deployments.FluxGenerator.num_gpus \(0.45\)"):
-        AppArgs.model_validate({
-            "flux": {"device": {"memory_fraction": 0.5}},
-            "deployments": {"FluxGenerator": {"num_gpus": 0.45}},
-        })
+    args = AppArgs.model_validate(flux({"num_gpus": 0.45}, device={"memory_fraction": 0.3}))
+    assert args.model_config_for("FluxSchnellGenerator").device.memory_fraction == 0.3
+    with pytest.raises(ValidationError, match=r"image_models\[flux-schnell\].device.memory_fraction \(0.5\) is more "
+                                              r"than image_models\[flux-schnell\].deployment.num_gpus \(0.45\)"):
+        AppArgs.model_validate(flux({"num_gpus": 0.45}, device={"memory_fraction": 0.5}))
 
 
 def test_more_than_one_gpu_per_replica_names_the_field():
-    loc, msg = _field_error({"deployments": {"FluxGenerator": {"num_gpus": 1.5}}})
-    assert loc == ("deployments", "FluxGenerator", "num_gpus") and "at most 1" in msg and "1.5" in msg
+    loc, msg = _field_error(flux({"num_gpus": 1.5}))
+    assert loc == ("image_models", 0, "deployment", "num_gpus") and "at most 1" in msg and "1.5" in msg
 
 
 def test_accelerator_type_needs_a_gpu():
@@ -156,28 +205,22 @@ def test_accelerator_type_needs_a_gpu():
 
 def test_gpu_shares_that_cannot_fit_name_the_field():
     loc, msg = _field_error({
-        "gpu_capacity": {"any": 1},
-        "deployments": {"FluxGenerator": {"num_gpus": 0.6}, "ClipScorer": {"num_gpus": 0.5}},
+        "gpu_capacity": {"any": 1}, **flux({"num_gpus": 0.6}), "deployments": {"ClipScorer": {"num_gpus": 0.5}},
     })
-    assert loc == ("deployments",)
     assert "do not fit in gpu_capacity {'any': 1}" in msg and "no GPU left for: ClipScorer x1" in msg
 
 
 def test_gpu_shares_are_checked_at_max_replicas():
-    autoscaled = {"FluxGenerator": {"num_gpus": 1, "accelerator_type": "H100",
-                                    "autoscaling": {"min_replicas": 1, "max_replicas": 3}}}
-    AppArgs.model_validate({"gpu_capacity": {"H100": 3}, "deployments": autoscaled})
-    loc, msg = _field_error({"gpu_capacity": {"H100": 2}, "deployments": autoscaled})
-    assert loc == ("deployments",) and "FluxGenerator 3 x 1 H100 GPU" in msg and "FluxGenerator x1" in msg
+    autoscaled = flux({"num_gpus": 1, "accelerator_type": "H100", "autoscaling": {"min_replicas": 1, "max_replicas": 3}})
+    AppArgs.model_validate({"gpu_capacity": {"H100": 3}, **autoscaled})
+    _, msg = _field_error({"gpu_capacity": {"H100": 2}, **autoscaled})
+    assert "FluxSchnellGenerator 3 x 1 H100 GPU" in msg and "FluxSchnellGenerator x1" in msg
 
 
 def test_pinned_replicas_only_use_their_gpu_type():
     # Plenty of L4 room, but FLUX is pinned to H100s and there are none.
-    loc, msg = _field_error({
-        "gpu_capacity": {"L4": 4},
-        "deployments": {"FluxGenerator": {"num_gpus": 1, "accelerator_type": "H100"}},
-    })
-    assert loc == ("deployments",) and "no GPU left for: FluxGenerator x1" in msg
+    _, msg = _field_error({"gpu_capacity": {"L4": 4}, **flux({"num_gpus": 1, "accelerator_type": "H100"})})
+    assert "no GPU left for: FluxSchnellGenerator x1" in msg
 
 
 def test_packing_fills_fractions_and_keeps_whole_gpus_whole():
@@ -222,7 +265,7 @@ def test_genserve_serve_rejects_a_config_whose_gpu_shares_cannot_fit_before_star
     assert main(["serve", str(path)]) == 2
     error = capsys.readouterr().err
     assert f"{path} is not a valid config" in error
-    assert "deployments\n" in error and "do not fit in gpu_capacity {'any': 1}" in error
+    assert "do not fit in gpu_capacity {'any': 1}" in error
     assert not ray.is_initialized()
 
 
@@ -248,11 +291,23 @@ def test_the_job_runner_is_one_replica():
 def test_job_slots_default_to_what_the_model_deployments_take():
     from serve_app.builder import job_slots
 
-    config = {
-        "svd": {"source": "tiny"},
-        "deployments": {"FluxGenerator": {"autoscaling": {"min_replicas": 1, "max_replicas": 3},
-                                          "max_ongoing_requests": 2}},
-    }
+    config = {"svd": {"source": "tiny"},
+              **flux({"autoscaling": {"min_replicas": 1, "max_replicas": 3}, "max_ongoing_requests": 2})}
     assert job_slots(AppArgs.model_validate(config)) == {"image": 6, "video": 2}, "3 replicas x 2; SVD's 1 x 2"
     limited = AppArgs.model_validate({**config, "jobs": {"max_concurrent_jobs": {"video": 1}}})
     assert job_slots(limited) == {"image": 6, "video": 1}
+
+
+def test_an_entry_marked_disabled_is_checked_but_not_deployed():
+    optional = {"id": "flux-dev", "family": "flux", "source": "black-forest-labs/FLUX.1-dev", "enabled": False,
+                "deployment": {"num_gpus": 0.45}}
+    args = AppArgs.model_validate({"gpu_capacity": {"any": 1}, **flux({"num_gpus": 0.6}), "image_models": [
+        *flux({"num_gpus": 0.6})["image_models"], optional]})
+    assert [entry.id for entry in args.served_image_models] == ["flux-schnell"]
+    assert "FluxDevGenerator" not in args.all_deployment_options()  # its share is not counted either
+    _, msg = _field_error({"image_models": [{**optional, "limits": {"max_steps": 99}}]})
+    assert "steps 1-99 must lie within" in msg
+    _, msg = _field_error({"image_models": [optional]})
+    assert "at least one entry must be enabled" in msg
+    _, msg = _field_error({"image_models": [*flux()["image_models"], optional], "default_model": "flux-dev"})
+    assert "not an enabled image_models id" in msg

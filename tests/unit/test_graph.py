@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from serve_app.graph import ImagePlan, StageTimeout, run_image_graph
-from serve_app.local import LocalHandle
-from serve_app.schemas import MAX_SEED
+from serve_app.services.graph import ImagePlan, StageTimeout, run_image_graph
+from serve_app.services.local import LocalHandle
+from serve_app.api.schemas import MAX_SEED
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 
 
@@ -124,6 +124,9 @@ def test_a_passing_first_round_is_never_revised():
     assert len(generator.calls) == 1 and len(enhancer.calls) == 1
 
 
-def test_enhancer_is_told_the_target_model_family():
-    _, enhancer, _, _ = _run(_plan(target="sdxl"))
-    assert enhancer.calls == [("a fox", None, "high", None)] and enhancer.targets == ["sdxl"]
+def test_enhancer_is_told_the_target_model_familys_prompt_form():
+    from deployments.families import get_family
+
+    form = get_family("sdxl").prompt_form
+    _, enhancer, _, _ = _run(_plan(target=form))
+    assert enhancer.calls == [("a fox", None, "high", None)] and enhancer.targets == [form]

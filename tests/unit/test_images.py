@@ -4,7 +4,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from serve_app.images import encode_png_b64, read_png_meta
+from serve_app.services.media import encode_png_b64, read_png_meta
 
 META = {
     "prompt": "a fox, detailed", "original_prompt": "a fox", "negative_prompt": "blurry", "seed": 42,

@@ -10,11 +10,11 @@ import io
 from PIL import Image
 
 from serve_app.config import QualityPolicy
-from serve_app.images import read_png_meta
+from serve_app.services.media import read_png_meta
 from serve_app.jobs.dispatch import JobDispatcher
-from serve_app.local import LocalHandle
-from serve_app.models import flux_schnell_spec
-from serve_app.service import ImageService
+from serve_app.services.local import LocalHandle
+from tests.helpers import model_spec
+from serve_app.services.images import ImageService
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 from tests.helpers import wait_until_async
 
@@ -47,7 +47,7 @@ class ControlledGenerator(FakeGenerator):
 
 
 def _dispatcher(store, generator, slots=None, retry_limit=2) -> JobDispatcher:
-    spec = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
+    spec = model_spec()
     images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)}, LocalHandle(FakeScorer()),
                           {spec.id: spec}, QualityPolicy())
     return JobDispatcher(store, images, None, slots or {"image": 1}, retry_limit, sweep_interval_s=3600,

@@ -6,8 +6,11 @@ import asyncio
 import pytest
 
 from deployments.config import EnhancerConfig, LlmConfig
-from deployments.llm import enhance_messages
-from deployments.prompt_enhancer import PromptEnhancer, template_enhance, template_revise
+from deployments.enhancer.llm import NEUTRAL_FORM, enhance_messages
+from deployments.families import get_family
+
+FLUX, SDXL = get_family("flux").prompt_form, get_family("sdxl").prompt_form
+from deployments.enhancer.prompt_enhancer import PromptEnhancer, template_enhance, template_revise
 from deployments.tiny import save_tiny
 from tests.llm_server import fake_llm_server
 
@@ -57,7 +60,7 @@ def test_tiny_llm_time_budget_falls_back_as_timeout():
 
 def test_ollama_answer_is_cleaned_and_used(server):
     enhancer = _enhancer(backend="ollama", source="qwen2.5:1.5b", url=server.url, temperature=0.7, seed=42)
-    result = asyncio.run(enhancer.enhance("a red fox in the snow", "photorealistic", target="flux"))
+    result = asyncio.run(enhancer.enhance("a red fox in the snow", "photorealistic", target=FLUX))
     assert result.enhancer == "llm" and result.fallback_reason is None
     assert result.prompt == ("a red fox in the snow, rendered in rich detail with soft golden light and a "
                              "balanced composition.")
@@ -71,15 +74,22 @@ def test_ollama_answer_is_cleaned_and_used(server):
 
 
 def test_sdxl_target_asks_for_tags():
-    messages = enhance_messages("a fox", "none", "sdxl")
+    messages = enhance_messages("a fox", "none", SDXL)
     assert "comma-separated list of short tags" in messages[0]["content"]
     assert "," in messages[2]["content"]  # the few-shot answers are tag lists
+
+
+def test_a_family_without_a_prompt_form_gets_the_neutral_one_not_another_familys():
+    messages = enhance_messages("a fox", "none", None)
+    assert messages[0]["content"].count(NEUTRAL_FORM.instructions) == 1
+    assert FLUX.instructions not in messages[0]["content"] and SDXL.instructions not in messages[0]["content"]
+    assert len(messages) == 2  # no few-shot turns borrowed from a family
 
 
 def test_openai_compatible_backend(server, monkeypatch):
     monkeypatch.setenv("GENSERVE_TEST_KEY", "secret")
     enhancer = _enhancer(backend="openai", source="served-model", url=server.url + "/", api_key_env="GENSERVE_TEST_KEY")
-    result = asyncio.run(enhancer.enhance("a paper boat on a pond", "none", target="sdxl"))
+    result = asyncio.run(enhancer.enhance("a paper boat on a pond", "none", target=SDXL))
     assert result.enhancer == "llm" and result.prompt.startswith("a paper boat on a pond, rendered")
     kind, body = server.requests[-1]
     assert kind == "openai" and body["messages"][0]["role"] == "system" and body["max_tokens"] == 120

@@ -9,23 +9,27 @@ import pytest
 from pydantic import ValidationError
 from safetensors.numpy import save_file
 
-from deployments import lora as lora_module
-from deployments.config import FluxConfig, LoraConfig, LoraHubEntry
-from deployments.flux import FluxGenerator
-from deployments.lora import LoraManager, LoraNameError, LoraRegistry, adapter_key, detect_family
-from deployments.tiny import build_tiny_sdxl
-from deployments.types import EnhancedPrompt, GenerationParams, LoraRef
+from deployments.runtime import lora as lora_module
+from deployments.config import ImageModelConfig, LoraConfig, LoraHubEntry
+from deployments.image_generator import ImageGenerator
+from deployments.runtime.lora import LoraManager, LoraNameError, LoraRegistry, adapter_key, detect_family
+from deployments.families.sdxl import build_tiny_sdxl
+from deployments.runtime.types import EnhancedPrompt, GenerationParams, LoraRef
 from serve_app.config import QualityPolicy
-from serve_app.images import a1111_parameters, read_png_meta
-from serve_app.local import LocalHandle
-from serve_app.models import RequestError, flux_schnell_spec
-from serve_app.schemas import ImageRequest
-from serve_app.service import ImageService
+from serve_app.services.media import a1111_parameters, read_png_meta
+from serve_app.services.local import LocalHandle
+from serve_app.services.validation import RequestError
+from tests.helpers import model_spec
+from serve_app.api.schemas import ImageRequest
+from serve_app.services.images import ImageService
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 from tests.loras import make_flux_lora, make_sdxl_lora
 
 TRAVERSAL_NAMES = ["../x", "a/b", "a\\b", "..", "/etc/passwd", "x/../../y", "ok\x00"]
 PROMPT = EnhancedPrompt(prompt="a lighthouse at dusk", negative_prompt=None, style="none", enhancer="none")
+
+TINY_FLUX = ImageModelConfig(id="flux-schnell", family="flux", source="tiny", limits={"max_steps": 4, "max_guidance": 0},
+                             options={"max_sequence_length": 32})
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +140,11 @@ def test_hub_entries_come_from_config_and_win_over_files(lora_dir):
         (["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], (4, 32), None, "sdxl"),
         (["text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight"], (4, 32), None, "sdxl"),
         (["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"], (4, 2048), None, "sdxl"),
-        (["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"], (4, 768), None, "sd1"),
-        (["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], (4, 32), None, "sd1"),
+        (["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"], (4, 768), None, "sd15"),
+        (["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], (4, 32), None, "sd15"),
         (["lora_unet_x.lora_down.weight"], (4, 32), {"ss_base_model_version": "flux1"}, "flux"),
         (["lora_unet_x.lora_down.weight"], (4, 32), {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, "sdxl"),
-        (["lora_unet_x.lora_down.weight"], (4, 32), {"ss_base_model_version": "sd_v1"}, "sd1"),
+        (["lora_unet_x.lora_down.weight"], (4, 32), {"ss_base_model_version": "sd_v1"}, "sd15"),
         (["something.else"], (4, 32), None, "unknown"),
     ],
 )
@@ -161,7 +165,7 @@ def test_config_refuses_unsafe_hub_entries_and_a_small_cache():
 
 
 def _service(lora_dir, max_per_request: int = 2) -> ImageService:
-    spec = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
+    spec = model_spec()
     return ImageService(
         LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, LocalHandle(FakeScorer()),
         {spec.id: spec}, QualityPolicy(), loras=LoraRegistry(lora_dir, max_per_request=max_per_request),
@@ -233,7 +237,7 @@ def test_response_and_png_name_the_loras(lora_dir):
 
 @pytest.fixture(scope="module")
 def tiny_flux():
-    return FluxGenerator.func_or_class(FluxConfig(source="tiny", max_sequence_length=32), lora_cache_size=2)
+    return ImageGenerator.func_or_class(TINY_FLUX, lora_cache_size=2)
 
 
 def _image(generator, *refs: LoraRef) -> np.ndarray:
@@ -272,7 +276,7 @@ def test_cache_evicts_least_recently_used_and_reloads_it(tiny_flux, lora_dir):
     _image(tiny_flux, _ref(lora_dir, "flux_b"))
     alias = _image(tiny_flux, _ref(lora_dir, "alias"))  # the same file under another name: cache of 2 is full
     assert tiny_flux.info()["loras_loaded"] == ["flux_b", "alias"]
-    adapters = tiny_flux._pipeline.get_list_adapters()["transformer"]
+    adapters = tiny_flux._model.pipeline.get_list_adapters()["transformer"]
     assert len(adapters) == 2 and adapter_key(_ref(lora_dir, "flux_a")) not in adapters
     assert np.array_equal(alias, a)
     assert np.array_equal(_image(tiny_flux, _ref(lora_dir, "flux_a")), a)  # loaded again

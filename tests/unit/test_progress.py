@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from deployments.progress import Interrupted, StepMonitor, run_interruptibly
+from deployments.runtime.progress import Interrupted, StepMonitor, run_interruptibly
 
 
 class FakePipeline:
@@ -108,8 +108,8 @@ class _RecordingHandle:
 
 @pytest.mark.parametrize("interval, expected_steps", [(0.0, [1, 2, 3, 4]), (3600.0, [])])
 def test_steps_are_reported_to_the_target_at_most_once_per_interval(monkeypatch, interval, expected_steps):
-    from deployments import progress
-    from deployments.types import ProgressTarget
+    from deployments.runtime import progress
+    from deployments.runtime.types import ProgressTarget
 
     handle = _RecordingHandle()
     monkeypatch.setitem(progress._handles, ("app", "JobRunner"), handle)

@@ -1,6 +1,6 @@
 import pytest
 
-from deployments.prompt_enhancer import NEGATIVE_PRESETS, STYLES, template_enhance
+from deployments.enhancer.prompt_enhancer import NEGATIVE_PRESETS, STYLES, template_enhance
 
 
 @pytest.mark.parametrize("style", sorted(STYLES))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from deployments.prompt_rules import (
+from deployments.enhancer.prompt_rules import (
     blocked_terms,
     check_llm_prompt,
     clean_llm_output,

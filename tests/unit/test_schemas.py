@@ -1,8 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from serve_app.errors import allowed_values, explain_errors
-from serve_app.schemas import ImageRequest
+from serve_app.api.errors import allowed_values, explain_errors
+from serve_app.api.schemas import ImageRequest
 
 
 def _error(**fields) -> dict:
@@ -15,7 +15,7 @@ def _error(**fields) -> dict:
 
 def test_defaults_leave_model_dependent_fields_unset():
     request = ImageRequest(prompt="a fox")
-    assert request.model == "flux-schnell"
+    assert request.model is None  # the config's default model, resolved by the service
     assert request.enhance is True
     assert request.num_images == 1
     assert request.width is None and request.num_inference_steps is None and request.seed is None

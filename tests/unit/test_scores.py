@@ -9,15 +9,15 @@ import torch
 from PIL import Image, ImageFilter
 from pydantic import ValidationError
 
-from deployments.clip_scorer import ASPECTS, SCORE_RANGES, ClipScorer, combined_score, normalised
+from deployments.scoring.clip_scorer import ASPECTS, SCORE_RANGES, ClipScorer, combined_score, normalised
 from deployments.config import CombinedWeights, LaionHeadConfig, ScorerConfig
-from deployments.laion_head import LINEAR_INDICES, build_head, load_head, save_head
-from deployments.perceptual import perceptual_scores
+from deployments.scoring.laion_head import LINEAR_INDICES, build_head, load_head, save_head
+from deployments.scoring.perceptual import perceptual_scores
 from deployments.tiny import build_tiny_laion_head, save_tiny
 from serve_app.config import AppArgs, QualityPolicy
-from serve_app.graph import Candidate, choose
-from serve_app.models import RequestError
-from serve_app.service import default_weights, quality_gate
+from serve_app.services.graph import Candidate, choose
+from serve_app.services.validation import RequestError
+from serve_app.services.images import default_weights, quality_gate
 from tests.helpers import flat_scores
 
 PROMPT = "a lighthouse on a cliff"

@@ -1,4 +1,4 @@
-"""SDXL + ControlNet in process (no Ray): the real SdxlGenerator on tiny models, control request
+"""SDXL + ControlNet in process (no Ray): the generic ImageGenerator on tiny SDXL models, control request
 validation, the control preprocessors and the ImageService planning around them."""
 
 import asyncio
@@ -10,34 +10,42 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from deployments.config import SdxlConfig, SdxlTurboConfig
-from deployments.sdxl_controlnet import SdxlGenerator, canny_map
+from deployments.config import ImageModelConfig
+from deployments.families.sdxl import canny_map
+from deployments.image_generator import ImageGenerator
 from deployments.tiny import save_tiny
-from deployments.types import ControlInput, EnhancedPrompt, GenerationParams
+from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationParams
 from serve_app.builder import job_slots, model_specs
 from serve_app.config import AppArgs, QualityPolicy
-from serve_app.errors import allowed_values
-from serve_app.images import read_png_meta
-from serve_app.local import LocalHandle
-from serve_app.models import RequestError, control_catalogue, flux_schnell_spec, sdxl_spec, sdxl_turbo_spec
-from serve_app.schemas import ControlOptions, ControlPreviewRequest, ImageRequest
-from serve_app.service import ImageService
+from serve_app.api.errors import allowed_values
+from serve_app.services.media import read_png_meta
+from serve_app.services.local import LocalHandle
+from serve_app.services.validation import ModelSpec, RequestError, control_catalogue
+from serve_app.api.schemas import ControlOptions, ControlPreviewRequest, ImageRequest
+from serve_app.services.images import ImageService
 from tests.control_images import BOTTOM, LEFT, RIGHT, TOP, b64, on_border, rectangle
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
+from tests.helpers import model_spec
 
 PROMPT = EnhancedPrompt(prompt="a red house", negative_prompt="blurry", style="none", enhancer="none")
-TINY_SDXL = SdxlConfig(source="tiny", controlnets={"canny": "tiny", "depth": "tiny"}, depth_estimator="tiny",
-                       default_width=256, default_height=256, default_steps=2)
+TINY_SDXL = ImageModelConfig(
+    id="sdxl", family="sdxl", source="tiny", default_width=256, default_height=256, default_steps=2,
+    options={"controlnets": {"canny": "tiny", "depth": "tiny"}, "depth_estimator": "tiny"},
+)
+
+
+def sdxl_with(**options) -> ImageModelConfig:
+    return TINY_SDXL.model_copy(update={"options": options})
 
 
 @pytest.fixture(scope="module")
-def sdxl() -> SdxlGenerator:
-    return SdxlGenerator.func_or_class(TINY_SDXL, metrics=False)
+def sdxl() -> ImageGenerator:
+    return ImageGenerator.func_or_class(TINY_SDXL, metrics=False)
 
 
 def _service(sdxl_generator, max_input_pixels: int = 4096 * 4096, policy: QualityPolicy | None = None):
-    flux = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
-    specs = {flux.id: flux, "sdxl": sdxl_spec(TINY_SDXL)}
+    flux = model_spec()
+    specs = {flux.id: flux, "sdxl": ModelSpec.of(TINY_SDXL)}
     generators = {flux.id: LocalHandle(FakeGenerator()), "sdxl": LocalHandle(sdxl_generator)}
     return ImageService(LocalHandle(FakeEnhancer()), generators, LocalHandle(FakeScorer()), specs,
                         policy or QualityPolicy(), max_input_pixels=max_input_pixels)
@@ -122,14 +130,14 @@ def test_a_map_given_as_a_map_is_not_preprocessed_again(sdxl):
 # --- the deployment --------------------------------------------------------------------------------
 
 def test_controlnet_pipelines_share_the_base_pipelines_components(sdxl):
-    base = sdxl._pipeline
-    assert set(sdxl._controlled) == {"canny", "depth"}
-    for pipeline in sdxl._controlled.values():
+    base = sdxl._model.pipeline
+    assert set(sdxl._model.controlled) == {"canny", "depth"}
+    for pipeline in sdxl._model.controlled.values():
         for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
             assert getattr(pipeline, name) is getattr(base, name), name
-    assert sdxl._controlled["canny"].controlnet is not sdxl._controlled["depth"].controlnet
+    assert sdxl._model.controlled["canny"].controlnet is not sdxl._model.controlled["depth"].controlnet
     # One UNet's parameters in the process: the ControlNet pipelines hold no copy.
-    unets = {id(module) for pipeline in (base, *sdxl._controlled.values()) for module in [pipeline.unet]}
+    unets = {id(module) for pipeline in (base, *sdxl._model.controlled.values()) for module in [pipeline.unet]}
     assert len(unets) == 1
 
 
@@ -164,23 +172,23 @@ def test_a_control_image_of_another_size_is_refused_by_the_generator(sdxl):
 
 
 def test_saved_tiny_models_load_through_from_pretrained_and_match_the_in_memory_ones(sdxl, tmp_path):
-    config = SdxlConfig(
-        source=str(save_tiny("sdxl", tmp_path / "sdxl")),
-        controlnets={"canny": str(save_tiny("sdxl-controlnet", tmp_path / "canny"))},
-        depth_estimator=str(save_tiny("depth", tmp_path / "depth")),
-    )
-    loaded = SdxlGenerator.func_or_class(config, metrics=False)
-    assert set(loaded._controlled) == {"canny"} and loaded._depth is None  # no depth ControlNet, no estimator
+    config = TINY_SDXL.model_copy(update={
+        "source": str(save_tiny("sdxl", tmp_path / "sdxl")),
+        "options": {"controlnets": {"canny": str(save_tiny("sdxl-controlnet", tmp_path / "canny"))},
+                    "depth_estimator": str(save_tiny("depth", tmp_path / "depth"))},
+    })
+    loaded = ImageGenerator.func_or_class(config, metrics=False)
+    assert set(loaded._model.controlled) == {"canny"} and loaded._model.depth is None  # no depth ControlNet
     canny = ControlInput("canny", rectangle(), 1.0)
     from_disk = asyncio.run(loaded.generate(_params(9, control=canny), PROMPT)).images
     in_memory = asyncio.run(sdxl.generate(_params(9, control=canny), PROMPT)).images
     assert np.array_equal(from_disk, in_memory)
-    assert loaded.info()["controlnets"] == {"canny": config.controlnets["canny"]}
+    assert loaded.info()["controlnets"] == {"canny": config.options["controlnets"]["canny"]}
 
 
 def test_saved_tiny_depth_estimator_loads_through_the_auto_classes(tmp_path):
-    from deployments.loading import resolve_placement
-    from deployments.sdxl_controlnet import DepthEstimator
+    from deployments.runtime.loading import resolve_placement
+    from deployments.families.sdxl import DepthEstimator
 
     estimator = DepthEstimator(str(save_tiny("depth", tmp_path / "depth")), resolve_placement(TINY_SDXL.device))
     assert type(estimator.model).__name__ == "DPTForDepthEstimation"
@@ -221,7 +229,7 @@ def test_reference_over_the_pixel_limit_is_refused_naming_control_image(sdxl):
 
 
 def test_control_type_the_model_lacks_is_refused_naming_control_type(sdxl):
-    spec = sdxl_spec(SdxlConfig(source="tiny", controlnets={"canny": "tiny"}))
+    spec = ModelSpec.of(sdxl_with(controlnets={"canny": "tiny"}))
     with pytest.raises(RequestError) as caught:
         spec.check(ImageRequest(prompt="a house", model="sdxl", control=_control("depth")))
     assert caught.value.field == "control.type" and "'canny'" in caught.value.allowed
@@ -288,7 +296,7 @@ def test_preview_of_a_control_the_model_lacks_is_refused(sdxl):
                                                                          model="flux-schnell")))
     assert caught.value.field == "model"
     depth_only = _service(sdxl)
-    depth_only.specs["sdxl"] = sdxl_spec(SdxlConfig(source="tiny", controlnets={"depth": "tiny"}))
+    depth_only.specs["sdxl"] = ModelSpec.of(sdxl_with(controlnets={"depth": "tiny"}))
     with pytest.raises(RequestError) as caught:
         asyncio.run(depth_only.preview_control(ControlPreviewRequest(type="canny", image=b64(rectangle()))))
     assert caught.value.field == "type" and caught.value.allowed == "one of 'depth'"
@@ -296,37 +304,39 @@ def test_preview_of_a_control_the_model_lacks_is_refused(sdxl):
 
 # --- config and wiring -----------------------------------------------------------------------------
 
-def test_turbo_config_runs_without_guidance_and_loads_no_controlnet_by_default():
-    turbo = SdxlTurboConfig()
-    assert (turbo.source, turbo.default_steps, turbo.default_guidance, turbo.controlnets) == (
-        "stabilityai/sdxl-turbo", 1, 0.0, {})
-    with pytest.raises(ValidationError):
-        SdxlTurboConfig(default_steps=5)
-    spec = sdxl_turbo_spec(turbo)
+def test_a_turbo_entry_narrows_the_family_to_four_steps_without_guidance_and_no_controlnet():
+    turbo = ImageModelConfig(id="sdxl-turbo", family="sdxl", source="stabilityai/sdxl-turbo", default_steps=1,
+                             limits={"max_steps": 4, "max_guidance": 0})
+    assert (turbo.steps_default(), turbo.guidance_default(), turbo.options) == (1, 0.0, {})
+    with pytest.raises(ValidationError, match="default_steps"):
+        ImageModelConfig(id="sdxl-turbo", family="sdxl", source="tiny", default_steps=5, limits={"max_steps": 4})
+    with pytest.raises(ValidationError, match="limits"):
+        ImageModelConfig(id="sdxl-turbo", family="sdxl", source="tiny", limits={"max_steps": 60})
+    spec = ModelSpec.of(turbo)
     assert (spec.max_steps, spec.guidance_range, spec.uses_negative_prompt, spec.control_types) == (
         4, (0.0, 0.0), False, ())
-    assert SdxlConfig().controlnets == {"canny": "diffusers/controlnet-canny-sdxl-1.0",
-                                        "depth": "diffusers/controlnet-depth-sdxl-1.0"}
 
 
 def test_configured_sdxl_models_get_specs_and_image_job_slots():
-    args = AppArgs(sdxl=TINY_SDXL, sdxl_turbo=SdxlTurboConfig(source="tiny"),
-                   deployments={"FluxGenerator": {"max_ongoing_requests": 2}, "SdxlGenerator": {"num_replicas": 2},
-                                "SdxlTurboGenerator": {"max_ongoing_requests": 1}})
+    turbo = {"id": "sdxl-turbo", "family": "sdxl", "source": "tiny", "limits": {"max_steps": 4, "max_guidance": 0},
+             "deployment": {"max_ongoing_requests": 1}}
+    flux = {"id": "flux-schnell", "family": "flux", "source": "tiny", "deployment": {"max_ongoing_requests": 2}}
+    args = AppArgs(image_models=[flux, {**TINY_SDXL.model_dump(), "deployment": {"num_replicas": 2}}, turbo])
     assert list(model_specs(args)) == ["flux-schnell", "sdxl", "sdxl-turbo"]
     assert job_slots(args)["image"] == 2 + 2 * 4 + 1
     assert list(model_specs(AppArgs())) == ["flux-schnell"]
-    with pytest.raises(ValidationError):
-        AppArgs(sdxl={"source": "tiny", "controlnets": {"pose": "tiny"}})
+    with pytest.raises(ValidationError, match="controlnets"):
+        AppArgs(image_models=[{"id": "sdxl", "family": "sdxl", "source": "tiny", "options": {"controlnets": {"pose": "tiny"}}}])
 
 
-def test_dev_profile_serves_tiny_sdxl_and_fits_a_two_core_machine_even_with_turbo():
+def test_dev_profile_serves_tiny_sdxl_and_fits_a_two_core_machine():
     from pathlib import Path
 
-    from serve_app.appconfig import app_args_from_config
+    from serve_app.config import app_args_from_config
 
     args = app_args_from_config(Path(__file__).parents[2] / "configs" / "dev.yaml")
-    assert args.sdxl is not None and args.sdxl.source == "tiny" and args.sdxl_turbo is None
-    assert args.sdxl.controlnets == {"canny": "tiny", "depth": "tiny"} and args.sdxl.depth_estimator == "tiny"
+    sdxl = args.image_model("sdxl")
+    assert sdxl.source == "tiny" and [entry.id for entry in args.image_models] == ["flux-schnell", "sdxl"]
+    assert sdxl.options == {"controlnets": {"canny": "tiny", "depth": "tiny"}, "depth_estimator": "tiny"}
     # `genserve serve configs/dev.yaml` starts Ray with the machine's cores: every replica must fit in 2.
-    assert sum(options.num_cpus for options in args.deployments.values()) <= 2
+    assert sum(options.num_cpus for options in args.all_deployment_options().values()) <= 2

@@ -5,17 +5,19 @@ import base64
 
 import pytest
 
+from deployments.families import get_family
 from serve_app.config import QualityPolicy
-from serve_app.images import read_png_meta
-from serve_app.local import LocalHandle
-from serve_app.models import RequestError, flux_schnell_spec
-from serve_app.schemas import ImageRequest
-from serve_app.service import ImageService
+from serve_app.services.media import read_png_meta
+from serve_app.services.local import LocalHandle
+from serve_app.services.validation import RequestError
+from tests.helpers import model_spec
+from serve_app.api.schemas import ImageRequest
+from serve_app.services.images import ImageService
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 
 
 def _service(policy: QualityPolicy | None = None) -> ImageService:
-    spec = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
+    spec = model_spec()
     return ImageService(
         LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, LocalHandle(FakeScorer()),
         {spec.id: spec}, policy or QualityPolicy(),
@@ -71,9 +73,9 @@ def test_response_carries_everything_needed_to_reproduce():
 
 
 def test_blocklisted_prompt_is_refused_with_400_before_anything_runs():
-    from serve_app.models import PromptBlocked
+    from serve_app.services.validation import PromptBlocked
 
-    spec = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
+    spec = model_spec()
     generator = FakeGenerator()
     service = ImageService(
         LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)}, LocalHandle(FakeScorer()), {spec.id: spec},
@@ -95,7 +97,7 @@ def test_every_response_carries_prompt_advice():
 
 
 def test_enhance_prompt_alone():
-    from serve_app.schemas import EnhanceRequest
+    from serve_app.api.schemas import EnhanceRequest
 
     response = asyncio.run(_service().enhance_prompt(EnhanceRequest(prompt="a fox in the snow", style="anime")))
     assert response.enhanced_prompt == "a fox in the snow, enhanced" and response.enhancer == "template"
@@ -109,12 +111,12 @@ def test_revise_prompt_comes_from_config_unless_the_request_says():
     assert _service().plan(ImageRequest(prompt="a fox"))[0].revise_prompt is False
     assert _service(QualityPolicy(revise_prompt=True)).plan(ImageRequest(prompt="a fox"))[0].revise_prompt is True
     plan = _service(QualityPolicy(revise_prompt=True)).plan(ImageRequest(prompt="a fox", revise_prompt=False))[0]
-    assert plan.revise_prompt is False and plan.target == "flux"
+    assert plan.revise_prompt is False and plan.target == get_family("flux").prompt_form
 
 
 def test_combined_gate_passes_its_weights_to_the_scorer_and_the_response():
     scorer = FakeScorer()
-    spec = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
+    spec = model_spec()
     service = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, LocalHandle(scorer),
                            {spec.id: spec}, QualityPolicy())
     # Seed 200 paints grey 200/255: laion = 1 + 9 * 200/255, so laion-only combined = 200/255.
@@ -138,7 +140,7 @@ def test_laion_gate_regenerates_until_the_threshold():
 
 
 def test_laion_gate_is_refused_when_the_head_is_off():
-    spec = flux_schnell_spec(default_width=256, default_height=256, default_steps=4)
+    spec = model_spec()
     service = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, LocalHandle(FakeScorer()),
                            {spec.id: spec}, QualityPolicy(), gate_metrics=("alignment", "aesthetic", "combined"))
     with pytest.raises(RequestError) as caught:

@@ -5,12 +5,12 @@ import asyncio
 import numpy as np
 import pytest
 
-from deployments.clip_scorer import ClipScorer
-from deployments.config import DeviceOptions, FluxConfig, LaionHeadConfig, ScorerConfig
-from deployments.flux import FluxGenerator
-from deployments.loading import cuda_memory_fraction, pretrained_location, resolve_placement
+from deployments.scoring.clip_scorer import ClipScorer
+from deployments.config import DeviceOptions, ImageModelConfig, LaionHeadConfig, ScorerConfig
+from deployments.image_generator import ImageGenerator
+from deployments.runtime.loading import cuda_memory_fraction, pretrained_location, resolve_placement
 from deployments.tiny import save_tiny
-from deployments.types import EnhancedPrompt, GenerationParams
+from deployments.runtime.types import EnhancedPrompt, GenerationParams
 from tests.helpers import flat_scores as flat
 
 PROMPT = EnhancedPrompt(prompt="a lighthouse at dusk", negative_prompt=None, style="none", enhancer="none")
@@ -20,9 +20,14 @@ def _params(*seeds: int, size: int = 256) -> GenerationParams:
     return GenerationParams(seeds=list(seeds), width=size, height=size, num_inference_steps=2)
 
 
+def flux_entry(source: str = "tiny") -> ImageModelConfig:
+    return ImageModelConfig(id="flux-schnell", family="flux", source=source, limits={"max_steps": 4, "max_guidance": 0},
+                            options={"max_sequence_length": 32})
+
+
 @pytest.fixture(scope="module")
-def tiny_flux() -> FluxGenerator:
-    return FluxGenerator.func_or_class(FluxConfig(source="tiny", max_sequence_length=32))
+def tiny_flux() -> ImageGenerator:
+    return ImageGenerator.func_or_class(flux_entry())
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,7 @@ def test_saved_tiny_flux_loads_through_from_pretrained(tiny_flux, tmp_path):
     folder = save_tiny("flux", tmp_path / "flux")
     assert (folder / "model_index.json").is_file()
     assert list((folder / "transformer").glob("*.safetensors"))
-    loaded = FluxGenerator.func_or_class(FluxConfig(source=str(folder), max_sequence_length=32))
+    loaded = ImageGenerator.func_or_class(flux_entry(str(folder)))
     assert loaded.info()["source"] == str(folder)
     expected = _generate(tiny_flux, _params(11)).images.astype(int)
     actual = _generate(loaded, _params(11)).images.astype(int)

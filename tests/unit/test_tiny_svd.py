@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from deployments.config import SvdConfig
-from deployments.svd import SvdGenerator
+from deployments.video.svd import SvdGenerator
 from deployments.tiny import save_tiny
-from deployments.types import VideoParams
+from deployments.runtime.types import VideoParams
 
 IMAGE = np.asarray(Image.new("RGB", (256, 256), (180, 120, 40)))
 

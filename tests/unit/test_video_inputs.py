@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from deployments.video_encoding import encode_video
-from serve_app.inputs import decode_image, fit_image
-from serve_app.models import RequestError
-from serve_app.schemas import VideoRequest
+from deployments.video.encoding import encode_video
+from serve_app.services.inputs import decode_image, fit_image
+from serve_app.services.validation import RequestError
+from serve_app.api.schemas import VideoRequest
 
 
 def _b64(image: Image.Image, fmt: str = "PNG") -> str:

@@ -1,0 +1,1 @@
+"""Prompt enhancement: the PromptEnhancer deployment, its LLM backends, advice and guardrails."""

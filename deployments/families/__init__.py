@@ -1,0 +1,76 @@
+"""The model family registry: one module per family, looked up by name or by import path.
+
+- `base`: what a family declares (`ImageFamily`) and what a loaded model does (`LoadedImageModel`);
+- `flux`, `sdxl`, `sd15`: the built-in families, each a module with a `FAMILY` instance.
+
+A config entry names a built-in family (`family: sdxl`) or one defined anywhere on the Python path
+by import path (`family: my_package.my_family:FAMILY`, or `my_package.my_family`, whose `FAMILY` is
+taken). Adding a family is one module and a config entry; nothing else lists families.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature, NoOptions
+
+__all__ = ["BUILTIN", "ImageFamily", "LoadedImageModel", "LoraSignature", "NoOptions", "get_family",
+           "lora_family_of"]
+
+# Built-in family name -> the module that defines it. Modules import only pydantic at the top,
+# so looking a family up stays cheap (torch and diffusers load when a model does).
+BUILTIN: dict[str, str] = {
+    "flux": "deployments.families.flux",
+    "sdxl": "deployments.families.sdxl",
+    "sd15": "deployments.families.sd15",
+}
+
+
+class UnknownFamily(ValueError):
+    pass
+
+
+@cache
+def get_family(name: str) -> ImageFamily:
+    """The family called `name`: a built-in one, or `module[:attribute]` (attribute `FAMILY` by default)."""
+    module_name, _, attribute = BUILTIN.get(name, name).partition(":")
+    if name not in BUILTIN and "." not in module_name:
+        raise UnknownFamily(
+            f"unknown family {name!r}; known: {', '.join(BUILTIN)} (or an import path 'package.module:FAMILY')"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UnknownFamily(f"family {name!r} could not be imported: {error}") from error
+    family = getattr(module, attribute or "FAMILY", None)
+    if not isinstance(family, ImageFamily):
+        raise UnknownFamily(f"family {name!r}: {module_name}.{attribute or 'FAMILY'} is not an ImageFamily instance")
+    return family
+
+
+def builtin_families() -> list[ImageFamily]:
+    return [get_family(name) for name in BUILTIN]
+
+
+def lora_family_of(hints: list[str], keys: list[str], cross_attention_dim, families: list[ImageFamily]) -> str:
+    """The family a LoRA file is for, from its header: metadata hints first, then tensor names,
+    then (UNet-only adapters) the width of the text embeddings its cross-attention takes.
+    'unknown' when no family's signature matches. `cross_attention_dim()` reads that width lazily."""
+    signed = [(family.name, family.lora) for family in families if family.lora is not None]
+    for hint in hints:
+        for name, signature in signed:
+            if signature.matches_metadata(hint):
+                return name
+    for name, signature in signed:
+        if signature.matches_keys(keys):
+            return name
+    if any(key.startswith(LoraSignature.UNET_PREFIXES) for key in keys):
+        width = cross_attention_dim()
+        for name, signature in signed:
+            if width in signature.cross_attention_dims:
+                return name
+        for name, signature in signed:
+            if signature.unet_fallback:
+                return name
+    return "unknown"

@@ -1,0 +1,115 @@
+"""FLUX.1 (schnell and dev): rectified-flow transformers with a T5 and a CLIP text encoder.
+
+One family serves both published models; their config entries differ only in data:
+- FLUX.1-schnell (Apache-2.0) is timestep-distilled: 1-4 steps, no guidance
+  (`limits: {max_steps: 4, max_guidance: 0}`);
+- FLUX.1-dev (gated; FLUX.1 [dev] Non-Commercial License) is guidance-distilled: ~28 steps, its
+  guidance scale (3.5 by default) is an embedded input, not classifier-free guidance, so a
+  negative prompt does nothing for either.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature
+from deployments.runtime.types import PromptForm
+
+
+class FluxOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_sequence_length: int = Field(
+        256, ge=16, le=512, description="T5 prompt tokens (schnell was trained with up to 256, dev with 512)."
+    )
+
+
+class LoadedFlux(LoadedImageModel):
+    def __call__(self, params, prompt, control, generators, callback):
+        return self.pipeline(
+            prompt=prompt.prompt,
+            width=params.width,
+            height=params.height,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            num_images_per_prompt=len(params.seeds),
+            generator=generators,
+            max_sequence_length=self.options.max_sequence_length,
+            output_type="np",
+            callback_on_step_end=callback,
+        ).images
+
+
+class FluxFamily(ImageFamily):
+    name = "flux"
+    description = "FLUX.1: rectified-flow transformer; guidance is distilled, so no negative prompt."
+    pipeline_class = "FluxPipeline"
+    Options = FluxOptions
+    min_steps, max_steps, default_steps = 1, 50, 28
+    guidance_range = (0.0, 30.0)
+    default_guidance = 3.5
+    negative_prompt = False
+    loaded_class = LoadedFlux
+    # FLUX's T5 encoder follows natural sentences.
+    prompt_form = PromptForm(
+        instructions="Write one or two natural, flowing sentences (at most 70 words) describing the scene concretely.",
+        examples=(
+            ("a cat on a windowsill | photorealistic",
+             "A ginger tabby cat curled up on a sunlit wooden windowsill, soft morning light falling across its fur, "
+             "a blurred garden visible through the glass behind it, shot as a professional photograph with shallow "
+             "depth of field."),
+            ("castle in the mountains | artistic",
+             "A weathered stone castle perched on a snowy mountain ridge at golden hour, its towers glowing against "
+             "a violet sky, painted as detailed digital concept art with vibrant colors."),
+        ),
+    )
+    lora = LoraSignature(
+        metadata_prefixes=("flux",),
+        key_prefixes=("transformer.", "lora_transformer_", "diffusion_model."),
+        key_fragments=("double_blocks", "single_blocks", "single_transformer_blocks"),
+    )
+
+    def build_tiny(self, seed: int = 0, config=None):
+        """A FluxPipeline with the real component classes and tiny random weights.
+
+        The VAE keeps FLUX's 8x downsampling so a 256x256 request costs a 32x32 latent, as the real
+        model's would, instead of a quadratic blow-up in the transformer's attention. For an entry
+        that allows guidance (FLUX.1-dev), the transformer embeds the guidance scale as dev's does.
+        """
+        from deployments.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer, tiny_t5_tokenizer
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from transformers import T5Config, T5EncoderModel, CLIPTextModel
+
+        rng = seeded(seed)
+        try:
+            tokenizer = tiny_clip_tokenizer()
+            tokenizer_2 = tiny_t5_tokenizer()
+            text_encoder = CLIPTextModel(clip_text_config(tokenizer))
+            text_encoder_2 = T5EncoderModel(
+                T5Config(
+                    vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                    pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
+                    decoder_start_token_id=tokenizer_2.pad_token_id,
+                )
+            )
+            transformer = FluxTransformer2DModel(
+                patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                guidance_embeds=config is not None and config.guidance_limits()[1] > 0,
+            )
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+                shift_factor=0.0609, scaling_factor=1.5035, sample_size=32,
+            )
+        finally:
+            rng.__exit__(None, None, None)
+        eval_mode(text_encoder, text_encoder_2, transformer, vae)
+        return FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+        )
+
+
+FAMILY = FluxFamily()

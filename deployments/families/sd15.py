@@ -1,0 +1,92 @@
+"""Stable Diffusion 1.5: a UNet with one CLIP ViT-L text encoder; classifier-free guidance.
+
+Trained at 512x512 (sizes far above it repeat subjects). The base of most community fine-tunes and
+of AnimateDiff's motion adapters. Its LoRA files (kohya `lora_te_*`, or UNet-only adapters whose
+cross-attention takes 768-wide text embeddings) are recognised here, so they are never offered to
+SDXL.
+"""
+
+from __future__ import annotations
+
+from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature
+from deployments.runtime.types import PromptForm
+
+
+class LoadedSd15(LoadedImageModel):
+    def __call__(self, params, prompt, control, generators, callback):
+        return self.pipeline(
+            prompt=prompt.prompt,
+            negative_prompt=prompt.negative_prompt,
+            width=params.width,
+            height=params.height,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            num_images_per_prompt=len(params.seeds),
+            generator=generators,
+            output_type="np",
+            callback_on_step_end=callback,
+        ).images
+
+
+class Sd15Family(ImageFamily):
+    name = "sd15"
+    description = "Stable Diffusion 1.5: UNet with a CLIP ViT-L text encoder; classifier-free guidance; 512x512."
+    pipeline_class = "StableDiffusionPipeline"
+    min_steps, max_steps, default_steps = 1, 50, 25
+    guidance_range = (0.0, 30.0)
+    default_guidance = 7.5
+    default_size = (512, 512)
+    negative_prompt = True
+    loaded_class = LoadedSd15
+    # One CLIP encoder of 77 tokens: short tags, as for SDXL, but fewer.
+    prompt_form = PromptForm(
+        instructions="Write a comma-separated list of short tags (at most 30 words): subject first, then details, "
+                     "lighting and style.",
+        examples=(
+            ("a cat on a windowsill | photorealistic",
+             "ginger tabby cat, wooden windowsill, morning sunlight, blurred garden, photograph, sharp focus"),
+        ),
+    )
+    lora = LoraSignature(
+        metadata_prefixes=("sd_v1", "stable-diffusion-v1"),
+        key_prefixes=("lora_te_",),
+        cross_attention_dims=(768,),
+    )
+
+    def build_tiny(self, seed: int = 0, config=None):
+        """A StableDiffusionPipeline of the real classes with tiny random weights (8x VAE, like SD's)."""
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from deployments.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer
+
+        rng = seeded(seed)
+        try:
+            tokenizer = tiny_clip_tokenizer()
+            text_encoder = CLIPTextModel(clip_text_config(tokenizer))
+            unet = UNet2DConditionModel(
+                block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(2, 4), cross_attention_dim=32, norm_num_groups=8,
+            )
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.18215,
+            )
+        finally:
+            rng.__exit__(None, None, None)
+        eval_mode(text_encoder, unet, vae)
+        # The scheduler settings of the released SD 1.5 checkpoint.
+        scheduler = DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+            clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        )
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+
+FAMILY = Sd15Family()

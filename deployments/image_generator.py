@@ -1,0 +1,108 @@
+"""The one image generator deployment: it serves any `image_models:` entry, whatever its family.
+
+The builder binds it once per entry, named after the model id (`serve_app.config.generator_name`).
+What differs between families (pipeline classes, call arguments, ControlNets) is the family's
+`LoadedImageModel` (`deployments.families`); what every generator has is here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray import serve
+
+from deployments.config import ImageModelConfig
+from deployments.runtime.loading import check_device_health, resolve_placement, seeded_generators, to_uint8_images
+from deployments.runtime.lora import LoraManager
+from deployments.runtime.metrics import ModelMetrics
+from deployments.runtime.progress import StepMonitor, run_interruptibly
+from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationOutput, GenerationParams
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="ImageGenerator", max_ongoing_requests=4, ray_actor_options={"num_cpus": 1})
+class ImageGenerator:
+    """Generates images with one model of any family.
+
+    A diffusers pipeline keeps scheduler state and is not safe under concurrent calls, so each
+    replica runs one batch at a time behind an asyncio lock; the pipeline itself runs in a worker
+    thread so the replica's event loop keeps answering health checks meanwhile. Extra requests
+    wait in the lock's FIFO queue (at most `max_ongoing_requests` per replica; the rest queue at
+    Serve's router, where autoscaling sees them).
+
+    A cancelled request stops at the end of its current denoising step (`deployments.runtime.progress`);
+    with `params.progress` set, each step is reported to a job runner. LoRA adapters named in
+    `params.loras` are loaded on first use and kept (at most `lora_cache_size`); each call turns on
+    exactly its own adapters, or none (`deployments.runtime.lora`).
+    """
+
+    def __init__(self, config: ImageModelConfig, metrics: bool = True, lora_cache_size: int = 8):
+        self._config = config
+        self._family = config.model_family
+        self._placement = resolve_placement(config.device)
+        self._metrics = ModelMetrics(config.id, self._placement.device, enabled=metrics)
+        started = time.perf_counter()
+        self._model = self._family.load(config, self._placement)
+        # One manager, on the base pipeline: pipelines the family builds from it (ControlNet ones)
+        # share its modules, so the adapters it switches apply (or not) to every path alike.
+        self._loras = LoraManager(self._model.pipeline, lora_cache_size)
+        self._lock = asyncio.Lock()
+        logger.info(
+            "%s (%s) loaded from %s on %s/%s in %.1fs", config.id, self._family.name, config.source,
+            self._placement.device, self._placement.dtype_name, time.perf_counter() - started,
+        )
+
+    async def preprocess(self, control: ControlInput) -> ControlInput:
+        """The control map of `control`'s reference image (unchanged when it is a map already)."""
+        return await self._model.preprocess(control)
+
+    async def generate(self, params: GenerationParams, prompt: EnhancedPrompt) -> GenerationOutput:
+        """One image per seed, guided by `params.control` when set (its map is made first if needed)."""
+        control = params.control
+        if control is not None:
+            if control.image.shape[:2] != (params.height, params.width):
+                raise ValueError(
+                    f"the control image is {control.image.shape[1]}x{control.image.shape[0]}, "
+                    f"not the requested {params.width}x{params.height}"
+                )
+            control = await self.preprocess(control)
+        monitor = StepMonitor(params.progress, params.num_inference_steps)
+        async with self._lock:
+            return await run_interruptibly(lambda: self._generate(params, prompt, control, monitor), monitor)
+
+    def _generate(self, params: GenerationParams, prompt: EnhancedPrompt, control: ControlInput | None,
+                  monitor: StepMonitor) -> GenerationOutput:
+        import torch
+
+        self._loras.apply(params.loras)  # before the monitor starts: loading is not a denoising step
+        started = time.perf_counter()
+        monitor.started()
+        with self._metrics.track(), torch.inference_mode():
+            images = self._model(params, prompt, control, seeded_generators(params.seeds, self._placement.device),
+                                 monitor)
+        return GenerationOutput(
+            images=to_uint8_images(images),
+            seeds=list(params.seeds),
+            model=self._config.id,
+            seconds=time.perf_counter() - started,
+            device=self._placement.device,
+            dtype=self._placement.dtype_name,
+        )
+
+    def info(self) -> dict:
+        return {
+            "id": self._config.id,
+            "family": self._family.name,
+            "source": self._config.source,
+            "device": self._placement.device,
+            "dtype": self._placement.dtype_name,
+            "memory_fraction": self._placement.memory_fraction,
+            "loras_loaded": self._loras.loaded(),
+            **self._model.info(),
+        }
+
+    def check_health(self) -> None:
+        check_device_health(self._placement)

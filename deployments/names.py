@@ -1,0 +1,34 @@
+"""Names the whole service shares, defined once: styles, quality levels, gate scores, aspects and
+control types. Request schemas, configs, the enhancer, the scorer and the catalogues derive from
+these (`typing.get_args`), so a new name is added here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Style = Literal["photorealistic", "artistic", "cinematic", "anime", "none"]
+STYLES: tuple[str, ...] = get_args(Style)
+
+Quality = Literal["high", "standard", "none"]
+QUALITIES: tuple[str, ...] = get_args(Quality)
+
+# The scores that can gate regeneration, with their documented ranges.
+GateMetric = Literal["alignment", "aesthetic", "laion", "combined"]
+GATE_METRICS: tuple[str, ...] = get_args(GateMetric)
+SCORE_RANGES: dict[str, tuple[float, float]] = {
+    "alignment": (0.0, 100.0),
+    "aesthetic": (0.0, 1.0),
+    "laion": (1.0, 10.0),
+    "combined": (0.0, 1.0),
+}
+# The scores the combined score weighs (each scaled to 0-1 over its range first).
+COMBINABLE: tuple[str, ...] = ("aesthetic", "alignment", "laion")
+
+Aspect = Literal["composition", "lighting", "colors", "sharpness", "style"]
+ASPECTS: tuple[str, ...] = get_args(Aspect)
+
+ControlType = Literal["canny", "depth"]
+CONTROL_TYPES: tuple[str, ...] = get_args(ControlType)
+
+assert tuple(SCORE_RANGES) == GATE_METRICS

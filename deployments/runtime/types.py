@@ -1,0 +1,153 @@
+"""Plain messages passed between the ingress and the model deployments.
+
+They travel through Ray's object store (numpy arrays are zero-copy there), so they hold arrays and
+plain values only, never tensors or PIL images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PromptForm:
+    """How the enhancer's LLM should write a prompt for one model family: `instructions` (one
+    sentence on form and length) and few-shot `examples` of (idea | style, answer)."""
+
+    instructions: str
+    examples: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ProgressTarget:
+    """Where a generator reports its denoising steps: `record_progress(job_id, attempt, progress)`
+    on deployment `deployment` of application `app` (the JobRunner, for async jobs).
+
+    `stage` names what the steps belong to ("generate", "keyframe", "video"), and `round` the
+    generation round of the image graph (1 for the first try, more when it regenerates). A step
+    is reported when at least `min_interval_s` passed since the last report (0: every step):
+    each report is a Serve call, which on a small CPU box costs as much as a tiny model's step.
+    """
+
+    app: str
+    deployment: str
+    job_id: str
+    attempt: int
+    stage: str
+    round: int = 1
+    min_interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA adapter to apply, resolved by the ingress's `deployments.runtime.lora.LoraRegistry`.
+
+    `location` is a directory on the generator's node (`local`) or a Hugging Face repo id, and
+    `weight_name` the `.safetensors` file in it; `revision` changes when a directory's file is
+    replaced, so a cached old version is not reused. `scale` multiplies the adapter's effect.
+    """
+
+    name: str
+    location: str
+    weight_name: str
+    scale: float = 1.0
+    local: bool = True
+    revision: str = ""
+
+
+@dataclass(frozen=True)
+class ControlInput:
+    """A ControlNet condition: `image` is uint8 (H, W, 3) already at the generation size.
+
+    With `preprocess` set, `image` is the user's reference picture and the generator computes the
+    map (`canny`: OpenCV edges with the two hysteresis thresholds; `depth`: a depth estimator);
+    without it, `image` is the map itself. `SdxlGenerator.preprocess` returns the same input with
+    the map in `image` and `preprocess` off, so regeneration rounds reuse one map.
+    """
+
+    type: str
+    image: np.ndarray
+    conditioning_scale: float
+    preprocess: bool = True
+    low_threshold: int = 100
+    high_threshold: int = 200
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What a generator needs for one batch besides the prompt: one image per seed.
+
+    `loras`: the adapters to apply to this batch, and only these (empty: none). `control` applies to
+    generators with ControlNets only (the model spec checks it first)."""
+
+    seeds: list[int]
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float = 0.0
+    progress: ProgressTarget | None = None
+    loras: tuple[LoraRef, ...] = ()
+    control: ControlInput | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """Images as uint8 (N, H, W, 3), in the order of `seeds`."""
+
+    images: np.ndarray
+    seeds: list[int]
+    model: str
+    seconds: float
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class EnhancedPrompt:
+    """The prompt a generator uses. Generators that run without guidance ignore `negative_prompt`.
+
+    `enhancer`: "llm", "template" or "none"; `fallback_reason`: why the template answered when the
+    LLM was asked (e.g. "off_topic", "timeout", "backend_error: ..."), None otherwise.
+    """
+
+    prompt: str
+    negative_prompt: str | None
+    style: str
+    enhancer: str
+    fallback_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class VideoParams:
+    """One image-to-video run. `image` is uint8 (H, W, 3) already at the video's size."""
+
+    seed: int
+    width: int
+    height: int
+    num_frames: int | None
+    fps: int
+    motion_bucket_id: int
+    noise_aug_strength: float
+    num_inference_steps: int
+    decode_chunk_size: int | None
+    output_format: str
+    metadata: dict = field(default_factory=dict)
+    progress: ProgressTarget | None = None
+
+
+@dataclass
+class VideoOutput:
+    """An encoded video and what was made."""
+
+    data: bytes
+    content_type: str
+    num_frames: int
+    fps: int
+    width: int
+    height: int
+    seed: int
+    generate_seconds: float
+    encode_seconds: float
+    device: str

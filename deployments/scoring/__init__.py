@@ -1,0 +1,1 @@
+"""Scoring: the ClipScorer deployment, the LAION aesthetic head, pixel checks."""

@@ -1,0 +1,1 @@
+"""Video: the SvdGenerator deployment and MP4/GIF/WebP encoding."""

@@ -1,0 +1,1 @@
+"""The HTTP surface: the Ingress deployment, the FastAPI app and its routers, wire schemas, errors."""

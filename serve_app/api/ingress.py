@@ -1,0 +1,103 @@
+"""The Ingress deployment: the HTTP app (`serve_app.api.app`, one router per resource) and the
+Python handle API, over the same services.
+
+Routes (OpenAPI at /docs):
+- POST /v1/images   generate, score and regenerate; JSON in, JSON with base64 PNGs out
+- POST /v1/prompts/enhance  the enhance step alone (LLM or template), with prompt advice
+- POST /v1/videos   image-to-video, or text-to-video through a keyframe; MP4/GIF/WebP, JSON or binary
+- POST /v1/scores   score uploaded images against a prompt (every CLIP, LAION, aspect and perceptual score)
+- GET  /v1/models   the deployed models with their limits and defaults, and the default model
+- GET  /v1/loras    the LoRA adapters requests may name, by model family
+- GET  /v1/controls  the ControlNet control types, their parameters and the models that take them
+- POST /v1/controls/preview  the control map (canny edges, depth) a request's `control` would use
+- GET  /healthz     200 when every downstream deployment answers, 503 naming the one that did not
+- /v1/jobs          durable async jobs: submit (202), status, list, events (SSE), cancel, result, files
+
+Bodies over `max_body_bytes` get 413 before they are parsed (serve_app.api.body_limit).
+
+Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(...))`,
+`.generate_video.remote(VideoRequest(...))`, `.enhance_prompt.remote(EnhanceRequest(...))` and
+`.score_images.remote(ScoreRequest(...))`.
+"""
+
+from ray import serve
+
+from deployments.config import SvdConfig
+from deployments.runtime.lora import LoraRegistry
+from deployments.scoring.clip_scorer import GATE_METRICS
+from serve_app.api.app import Services, build_api
+from serve_app.api.body_limit import DEFAULT_MAX_BYTES, BodyLimit
+from serve_app.api.metrics import GraphMetrics
+from serve_app.api.schemas import (
+    EnhanceRequest,
+    EnhanceResponse,
+    ImageRequest,
+    ImageResponse,
+    ScoreRequest,
+    ScoreResponse,
+    VideoRequest,
+    VideoResponse,
+)
+from serve_app.config import QualityPolicy
+from serve_app.jobs import http as jobs_http
+from serve_app.services.images import ImageService
+from serve_app.services.scores import ScoreService
+from serve_app.services.validation import ModelSpec
+from serve_app.services.videos import VideoService
+
+@serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress()
+class Ingress:
+    """The HTTP app is built on the replica, after the constructor, by `__serve_build_asgi_app__`
+    (Serve's late-bound ingress): the app and whatever it mounts never need to be pickled, and the
+    routes find this replica's services on `app.state`."""
+
+    def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
+                 request_timeout_s: float = 600.0, svd=None, svd_config: SvdConfig | None = None,
+                 max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
+                 max_body_bytes: int = DEFAULT_MAX_BYTES, gate_metrics: tuple[str, ...] = GATE_METRICS,
+                 blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None,
+                 default_model: str | None = None):
+        images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
+                              max_input_pixels=max_input_pixels, gate_metrics=gate_metrics,
+                              blocklist=blocklist, loras=loras, default_model=default_model)
+        videos = VideoService(svd, svd_config, images, max_input_pixels) if svd is not None else None
+        self._services = Services(
+            images=images,
+            scores=ScoreService(scorer, policy, gate_metrics, max_input_pixels, request_timeout_s),
+            videos=videos,
+            jobs=jobs_http.JobsApi(jobs, images, videos, retry_limit) if jobs is not None else None,
+            # One set of metrics per replica.
+            metrics=GraphMetrics() if metrics else None,
+        )
+        BodyLimit.configure(max_body_bytes)
+
+    def __serve_build_asgi_app__(self):
+        app = build_api()
+        app.state.services = self._services
+        return app
+
+    async def generate_images(self, request: ImageRequest | dict) -> ImageResponse:
+        """The Python API: the same request model and response as POST /v1/images.
+
+        Raises `pydantic.ValidationError` or `serve_app.services.validation.RequestError` (a
+        `ValueError`) for bad input, naming the field.
+        """
+        with self._services.rejections_recorded("handle:generate_images"):
+            return await self._services.generate_images(request)
+
+    async def enhance_prompt(self, request: EnhanceRequest | dict) -> EnhanceResponse:
+        """The Python API of POST /v1/prompts/enhance."""
+        with self._services.rejections_recorded("handle:enhance_prompt"):
+            return await self._services.images.enhance_prompt(request)
+
+    async def generate_video(self, request: VideoRequest | dict) -> VideoResponse:
+        """The Python API for videos: the same request model and JSON response as POST /v1/videos."""
+        with self._services.rejections_recorded("handle:generate_video"):
+            response, _ = await self._services.generate_video(request)
+        return response
+
+    async def score_images(self, request: ScoreRequest | dict) -> ScoreResponse:
+        """The Python API for scoring: the same request model and response as POST /v1/scores."""
+        with self._services.rejections_recorded("handle:score_images"):
+            return await self._services.scores.score(request)

@@ -1,0 +1,106 @@
+"""The ingress's metrics: stages, outputs, attempts, scores, rejections and errors.
+
+Created once per ingress replica; recording is in-memory only (no I/O on the request path).
+Read histograms through their buckets (histogram_quantile): Ray estimates `_sum` from bucket
+midpoints, so `_sum / _count` is only exact where the buckets are built for it (attempts).
+Exported by Ray with a `ray_` prefix: `genserve_stage_seconds` is scraped as
+`ray_genserve_stage_seconds_bucket` and so on. Serve adds `deployment`, `replica` and `application`
+tags; its own request, latency, queue and replica metrics sit next to these on the same port.
+"""
+
+from __future__ import annotations
+
+from serve_app.api.schemas import ImageResponse, VideoResponse
+
+# Seconds: tens of milliseconds (tiny models, scoring) to ten minutes (long videos on a GPU).
+STAGE_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+# Ray exports a histogram's _sum estimated from bucket midpoints, not the observed values (see
+# ray-project/ray#53740). Attempts are integers 1-5, so half-integer boundaries put each value at
+# its bucket's midpoint and keep _sum / _count (the mean) exact.
+ATTEMPT_BUCKETS = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]
+SCORE_BUCKETS = {
+    "aesthetic": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+    "alignment": [5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 50.0, 100.0],
+    "laion": [2.0, 3.0, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 8.0, 10.0],
+    "combined": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+}
+
+
+def _flag(passed: bool | None) -> str:
+    return "unscored" if passed is None else str(passed).lower()
+
+
+class GraphMetrics:
+    def __init__(self):
+        from ray.serve import metrics
+
+        self.stage_seconds = metrics.Histogram(
+            "genserve_stage_seconds",
+            description="Seconds per stage of a request (enhance, generate, score, encode, keyframe, video).",
+            boundaries=STAGE_BUCKETS,
+            tag_keys=("stage", "model"),
+        )
+        self.images = metrics.Counter(
+            "genserve_images_total",
+            description="Images returned, by model and by whether they passed the quality gate.",
+            tag_keys=("model", "passed"),
+        )
+        self.videos = metrics.Counter(
+            "genserve_videos_total",
+            description="Videos returned, by mode and by whether the keyframe passed ('unscored' for uploads).",
+            tag_keys=("model", "mode", "passed"),
+        )
+        self.attempts = metrics.Histogram(
+            "genserve_attempts_per_request",
+            description="Generation rounds one image request took (1 = no regeneration).",
+            boundaries=ATTEMPT_BUCKETS,
+            tag_keys=("model",),
+        )
+        self.scores = {
+            name: metrics.Histogram(
+                f"genserve_{name}_score",
+                description=f"{name} score of every generated candidate image.",
+                boundaries=buckets,
+                tag_keys=("model",),
+            )
+            for name, buckets in SCORE_BUCKETS.items()
+        }
+        self.rejections = metrics.Counter(
+            "genserve_validation_rejections_total",
+            description="Requests refused with 422, by route and field.",
+            tag_keys=("route", "field"),
+        )
+        self.timeouts = metrics.Counter(
+            "genserve_stage_timeouts_total",
+            description="Downstream calls that ran past request_timeout_s, by stage.",
+            tag_keys=("stage",),
+        )
+
+    def image_response(self, response: ImageResponse) -> None:
+        model = response.model
+        for stage in ("enhance", "preprocess", "generate", "score", "encode"):
+            if stage in response.timings:  # preprocess: only when a control map was computed
+                self.stage_seconds.observe(response.timings[stage], tags={"stage": stage, "model": model})
+        for image in response.images:
+            self.images.inc(tags={"model": model, "passed": _flag(image.passed)})
+        self.attempts.observe(max(attempt.attempt for attempt in response.attempts), tags={"model": model})
+        for attempt in response.attempts:
+            for name, histogram in self.scores.items():
+                value = getattr(attempt.scores, name)
+                if value is not None:  # laion is None when the scorer's LAION head is off
+                    histogram.observe(value, tags={"model": model})
+
+    def video_response(self, response: VideoResponse) -> None:
+        for stage in ("keyframe", "video", "encode"):
+            if stage in response.timings:
+                model = response.keyframe.model if stage == "keyframe" else "svd"
+                self.stage_seconds.observe(response.timings[stage], tags={"stage": stage, "model": model})
+        passed = None if response.keyframe is None else response.keyframe.passed
+        self.videos.inc(tags={"model": "svd", "mode": response.mode, "passed": _flag(passed)})
+
+    def rejection(self, route: str, fields: list[str]) -> None:
+        for field in fields:
+            self.rejections.inc(tags={"route": route, "field": field})
+
+    def timeout(self, stage: str) -> None:
+        self.timeouts.inc(tags={"stage": stage})

@@ -1,0 +1,60 @@
+"""What can be asked for: GET /v1/models, /v1/loras, /v1/controls, and POST /v1/controls/preview."""
+
+import asyncio
+import json
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from serve_app.api.app import Services, services
+from serve_app.api.schemas import ControlPreviewRequest, ControlPreviewResponse
+
+router = APIRouter(tags=["catalog"])
+
+
+async def _info(handle) -> dict:
+    return await handle.info.remote()
+
+
+@router.get("/v1/models")
+async def get_models(service: Services = Depends(services)) -> dict:
+    """Each model's limits and defaults, with where its replica loaded it from and on what."""
+    images = service.images
+    infos = await asyncio.gather(*(_info(images.generators[spec["id"]]) for spec in images.models()))
+    models = [{**spec, "deployment": info} for spec, info in zip(images.models(), infos)]
+    videos = []
+    if service.videos is not None:
+        config = service.videos.config
+        videos.append({
+            "id": "svd", "default_width": config.default_width, "default_height": config.default_height,
+            "default_steps": config.default_steps, "deployment": await _info(service.videos.svd),
+        })
+    return {"models": models, "default_model": images.default_model, "video_models": videos,
+            "quality_policy": images.policy.model_dump()}
+
+
+@router.get("/v1/loras")
+async def get_loras(service: Services = Depends(services)) -> dict:
+    """LoRA adapters a request may name in `loras`, each with its model family and the deployed
+    models that take it; `families` groups the names by family."""
+    # A rescan (when the directory changed) reads safetensors headers: off the event loop.
+    return await asyncio.to_thread(service.images.loras_available)
+
+
+@router.get("/v1/controls")
+async def get_controls(service: Services = Depends(services)) -> dict:
+    """ControlNet control types (as the A1111 extension's module list): each one's parameters
+    with defaults and ranges, and the deployed models that take it."""
+    return {"controls": service.images.controls()}
+
+
+@router.post("/v1/controls/preview", response_model=ControlPreviewResponse,
+             responses={200: {"content": {"image/png": {}}}})
+async def post_control_preview(request: ControlPreviewRequest, service: Services = Depends(services)):
+    """The control map alone (the A1111 extension's /controlnet/detect): what the model would follow."""
+    response, png = await service.images.preview_control(request)
+    if request.response_format == "json":
+        return response
+    metadata = response.model_dump(exclude={"b64_png"})
+    return Response(content=png, media_type="image/png",
+                    headers={"X-Genserve-Metadata": json.dumps(metadata, separators=(",", ":"))})

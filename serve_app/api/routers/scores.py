@@ -1,0 +1,15 @@
+"""POST /v1/scores: score uploaded images against a prompt, with no generation."""
+
+from fastapi import APIRouter, Depends
+
+from serve_app.api.app import Services, services
+from serve_app.api.schemas import ScoreRequest, ScoreResponse
+
+router = APIRouter(tags=["scores"])
+
+
+@router.post("/v1/scores", response_model=ScoreResponse)
+async def post_scores(request: ScoreRequest, service: Services = Depends(services)) -> ScoreResponse:
+    """Score 1-16 uploaded images against a prompt in one batch: every score per image, which
+    pass the quality gate, and the best one."""
+    return await service.scores.score(request)

@@ -1,0 +1,30 @@
+"""POST /v1/videos: image-to-video, or text-to-video through a keyframe; JSON or the file itself."""
+
+import json
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from serve_app.api.app import Services, services
+from serve_app.api.schemas import VideoRequest, VideoResponse
+
+router = APIRouter(tags=["videos"])
+
+
+@router.post(
+    "/v1/videos",
+    response_model=VideoResponse,
+    responses={200: {"content": {"video/mp4": {}, "image/gif": {}, "image/webp": {}}}},
+)
+async def post_videos(request: VideoRequest, service: Services = Depends(services)):
+    response, output = await service.generate_video(request)
+    if request.response_format == "json":
+        return response
+    metadata = response.model_dump(exclude={"b64_video", "keyframe"})
+    if response.keyframe is not None:
+        metadata["keyframe"] = response.keyframe.model_dump(exclude={"attempts"})
+    return Response(
+        content=output.data,
+        media_type=output.content_type,
+        headers={"X-Genserve-Metadata": json.dumps(metadata, separators=(",", ":"))},
+    )

@@ -1,0 +1,1 @@
+"""Benchmarks (`genserve bench`, `bench-jobs`, `bench-scores`): apart from the serving path."""

@@ -1,0 +1,211 @@
+"""The generate -> score -> regenerate policy, as plain async code over deployment handles.
+
+Works with Ray Serve `DeploymentHandle`s and with `serve_app.services.local.LocalHandle` (in-process objects,
+used by unit tests and the benchmark) alike: all it needs is `handle.method.remote(...)` returning
+something awaitable.
+
+With `revise_prompt`, each later round first asks the enhancer for a prompt that fixes the aspects
+the last round's failing images scored lowest on ("regenerate with feedback"); each candidate
+records the prompt it was made with.
+
+An attempt generates the images still missing: the first generates `num_images`; each later one
+only as many as have not yet reached the threshold, with fresh seeds. Seeds are counted up from the
+request's base seed, so one request with the same seed replays every attempt. The result keeps the
+passing images in the order they were made, then fills up with the best failing ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deployments.config import CombinedWeights
+from deployments.runtime.types import (
+    ControlInput,
+    EnhancedPrompt,
+    GenerationOutput,
+    GenerationParams,
+    LoraRef,
+    ProgressTarget,
+    PromptForm,
+)
+from serve_app.api.schemas import MAX_SEED
+
+
+class StageTimeout(TimeoutError):
+    def __init__(self, stage: str, seconds: float):
+        super().__init__(f"the {stage} stage took longer than {seconds:g}s")
+        self.stage = stage
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """A validated request with every default filled in."""
+
+    prompt: str
+    negative_prompt: str | None
+    style: str | None
+    quality: str
+    enhance: bool
+    use_negative_prompt: bool
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    base_seed: int
+    num_images: int
+    metric: str
+    threshold: float
+    max_attempts: int
+    target: PromptForm | None = None  # the model family's prompt form, for the enhancer's LLM
+    revise_prompt: bool = False
+    loras: tuple[LoraRef, ...] = ()
+    weights: CombinedWeights | None = None  # of the combined score; None: the scorer's default
+    control: ControlInput | None = None
+
+
+@dataclass
+class Candidate:
+    attempt: int
+    seed: int
+    prompt: str
+    image: np.ndarray
+    scores: dict[str, float]
+    passed: bool
+
+
+@dataclass
+class GraphResult:
+    enhanced: EnhancedPrompt
+    negative_prompt: str | None
+    candidates: list[Candidate]
+    chosen: list[Candidate]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(candidate.passed for candidate in self.chosen)
+
+
+async def call_stage(awaitable, stage: str, timeout_s: float) -> Any:
+    """Await a downstream response; past `timeout_s` cancel it and raise StageTimeout naming the stage.
+
+    When the caller itself is cancelled (a job cancelled by its user), the downstream request is
+    cancelled too, so the replica running it stops instead of finishing work nobody wants.
+    """
+    try:
+        return await asyncio.wait_for(_as_coroutine(awaitable), timeout_s)
+    except asyncio.TimeoutError:
+        _cancel(awaitable)
+        raise StageTimeout(stage, timeout_s) from None
+    except asyncio.CancelledError:
+        _cancel(awaitable)
+        raise
+
+
+def _cancel(awaitable) -> None:
+    cancel = getattr(awaitable, "cancel", None)
+    if cancel is not None:
+        cancel()
+
+
+async def _as_coroutine(awaitable):
+    return await awaitable
+
+
+def _enhance(plan: ImagePlan, enhancer):
+    """The enhancer's pending response, or the prompt as given when enhancement is off."""
+    if not plan.enhance:
+        return EnhancedPrompt(prompt=plan.prompt, negative_prompt=plan.negative_prompt, style="none", enhancer="none")
+    return enhancer.enhance.remote(plan.prompt, plan.style, plan.quality, plan.negative_prompt, target=plan.target)
+
+
+def weakest_aspects(failing: list[Candidate], metric: str, count: int = 2) -> list[str]:
+    """What the next prompt should fix: the `count` aspect scores lowest on average over the
+    failing images, when the scorer gives aspect scores; else the gating metric itself."""
+    aspects = [c.scores.get("aspects") for c in failing if isinstance(c.scores.get("aspects"), dict)]
+    if not aspects:
+        return [metric]
+    names = sorted(set.intersection(*(set(scores) for scores in aspects)))
+    means = {name: sum(scores[name] for scores in aspects) / len(aspects) for name in names}
+    return sorted(means, key=lambda name: (means[name], name))[:count] or [metric]
+
+
+def choose(candidates: list[Candidate], count: int, metric: str) -> list[Candidate]:
+    """Passing candidates in generation order, then the best failing ones, `count` in all."""
+    # `metric` is a flat score (aesthetic, alignment, laion or combined): higher is better in each.
+    passing = [c for c in candidates if c.passed]
+    failing = sorted((c for c in candidates if not c.passed), key=lambda c: c.scores[metric], reverse=True)
+    return (passing + failing)[:count]
+
+
+async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_s: float = 600.0,
+                          progress: ProgressTarget | None = None) -> GraphResult:
+    """`progress`: where the generator reports its denoising steps (async jobs); None for none."""
+    timings = {"enhance": 0.0, "generate": 0.0, "score": 0.0}
+    # Responses are passed on unresolved: Serve hands the enhancer's prompt to the generator and
+    # the generator's images to the scorer straight through the object store, so the three calls
+    # of a round are dispatched at once instead of one round trip through this ingress each.
+    enhanced: EnhancedPrompt | Any = _enhance(plan, enhancer)
+    control = plan.control
+    if control is not None and control.preprocess:
+        # The control map is made once (by the generator, which holds the depth estimator) while
+        # the prompt is enhanced, and every round reuses it.
+        started = time.perf_counter()
+        control = await call_stage(generator.preprocess.remote(control), "preprocess", timeout_s)
+        timings["preprocess"] = time.perf_counter() - started
+
+    candidates: list[Candidate] = []
+    next_seed_offset = 0
+    for attempt in range(1, plan.max_attempts + 1):
+        missing = plan.num_images - sum(c.passed for c in candidates)
+        if missing <= 0:
+            break
+        seeds = [(plan.base_seed + next_seed_offset + i) % (MAX_SEED + 1) for i in range(missing)]
+        next_seed_offset += missing
+        params = GenerationParams(
+            seeds=seeds,
+            width=plan.width,
+            height=plan.height,
+            num_inference_steps=plan.num_inference_steps,
+            guidance_scale=plan.guidance_scale,
+            progress=None if progress is None else dataclasses.replace(progress, round=attempt),
+            loras=plan.loras,
+            control=control,
+        )
+        round_started = time.perf_counter()
+        if attempt > 1 and plan.revise_prompt and plan.enhance:
+            # Regenerate with feedback: a prompt that addresses what the last round scored lowest on.
+            weak = weakest_aspects([c for c in candidates if c.attempt == attempt - 1 and not c.passed], plan.metric)
+            enhanced = await call_stage(
+                enhancer.revise.remote(plan.prompt, enhanced, weak, target=plan.target), "enhance", timeout_s
+            )
+            timings["enhance"] += time.perf_counter() - round_started
+            round_started = time.perf_counter()
+        generation = generator.generate.remote(params, enhanced)
+        scoring = scorer.score.remote(generation, plan.prompt, weights=plan.weights)
+        if not isinstance(enhanced, EnhancedPrompt):
+            enhanced = await call_stage(enhanced, "enhance", timeout_s)
+            timings["enhance"] = time.perf_counter() - round_started
+            round_started = time.perf_counter()  # the generator starts once the prompt is there
+        output: GenerationOutput = await call_stage(generation, "generate", timeout_s)
+        generated_at = time.perf_counter()
+        scores: list[dict[str, float]] = await call_stage(scoring, "score", timeout_s)
+        timings["generate"] += generated_at - round_started
+        timings["score"] += time.perf_counter() - generated_at
+        for seed, image, image_scores in zip(output.seeds, output.images, scores):
+            passed = bool(image_scores[plan.metric] >= plan.threshold)  # numpy scores give numpy bools
+            candidates.append(Candidate(attempt, seed, enhanced.prompt, image, image_scores, passed))
+
+    return GraphResult(
+        enhanced=enhanced,
+        negative_prompt=enhanced.negative_prompt if plan.use_negative_prompt else None,
+        candidates=candidates,
+        chosen=choose(candidates, plan.num_images, plan.metric),
+        timings=timings,
+    )

@@ -1,0 +1,362 @@
+"""The image service: request -> plan -> graph -> response.
+
+The Serve ingress delegates here with real handles; the benchmark and unit tests use the same class
+with `LocalHandle`s, so the in-process baseline runs exactly the code the service runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import time
+import uuid
+
+from deployments.scoring.clip_scorer import COMBINABLE, GATE_METRICS, SCORE_RANGES
+from deployments.config import CombinedWeights
+from deployments.runtime.lora import LoraNameError, LoraRegistry
+from deployments.enhancer.prompt_rules import blocked_terms, validate_prompt
+from deployments.runtime.types import ControlInput, EnhancedPrompt, LoraRef, ProgressTarget
+from serve_app.config import QualityPolicy, check_threshold
+from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
+from serve_app.services.media import encode_plain_png, encode_png_b64
+from serve_app.services.inputs import decode_image, fit_image
+from serve_app.services.validation import ModelSpec, PromptBlocked, RequestError, control_catalogue
+from serve_app.api.schemas import (
+    Attempt,
+    ControlOptions,
+    ControlPreviewRequest,
+    ControlPreviewResponse,
+    EnhanceRequest,
+    EnhanceResponse,
+    GeneratedImage,
+    ImageRequest,
+    ImageResponse,
+    Lora,
+    PromptAdviceInfo,
+    Scores,
+    random_seed,
+)
+
+
+class ImageService:
+    def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
+                 request_timeout_s: float = 600.0, max_input_pixels: int = 4096 * 4096,
+                 gate_metrics: tuple[str, ...] = GATE_METRICS, blocklist: list[str] | tuple[str, ...] = (),
+                 loras: LoraRegistry | None = None, default_model: str | None = None):
+        """`gate_metrics`: the gate scores the deployed scorer computes (`AppArgs.gate_metrics()`)."""
+        missing = set(generators) ^ set(specs)
+        if missing:
+            raise ValueError(f"generators and model specs must name the same models; mismatch: {sorted(missing)}")
+        self.enhancer = enhancer
+        self.generators = generators
+        self.scorer = scorer
+        self.specs = specs
+        self.policy = policy
+        self.request_timeout_s = request_timeout_s
+        self.loras = loras if loras is not None else LoraRegistry()
+        self.blocklist = tuple(blocklist)
+        self.gate_metrics = tuple(gate_metrics)
+        self.max_input_pixels = max_input_pixels
+        # The model a request gets when it names none: the config's default_model, else the first entry.
+        self.default_model = default_model or next(iter(specs))
+
+    def spec_of(self, model: str | None) -> ModelSpec:
+        spec = self.specs.get(self.default_model if model is None else model)
+        if spec is None:
+            known = sorted(self.specs)
+            raise RequestError("model", f"must be one of {known}; got {model!r}", "one of " + ", ".join(map(repr, known)))
+        return spec
+
+    def check_blocklist(self, prompt: str, field: str = "prompt") -> None:
+        """Refuse (400) a prompt naming a blocklisted term; the blocklist is empty (off) by default."""
+        hits = blocked_terms(prompt, self.blocklist)
+        if hits:
+            raise PromptBlocked(field, f"contains blocked term(s): {', '.join(hits)}", "text without blocklisted terms")
+
+    def control_input(self, control: ControlOptions, width: int, height: int, field: str = "control.image") -> ControlInput:
+        """Decode the reference image (pixel limit checked before decoding; 422 naming `field`) and fit
+        it to the output size: the map, or the picture the generator makes the map from."""
+        image = fit_image(decode_image(control.image, field, self.max_input_pixels), width, height)
+        return ControlInput(
+            type=control.type, image=image, conditioning_scale=control.conditioning_scale,
+            preprocess=control.preprocess, low_threshold=control.low_threshold, high_threshold=control.high_threshold,
+        )
+
+    def plan(self, request: ImageRequest) -> tuple[ImagePlan, ModelSpec, list[str]]:
+        """Fill in defaults and check what depends on the model and the config (422 on failure).
+
+        A `control` image is decoded here, so a bad one is refused before anything is generated."""
+        spec = self.spec_of(request.model)
+        spec.check(request)
+        self.check_blocklist(request.prompt)
+        loras = self.resolve_loras(request, spec)
+        metric, threshold, weights = quality_gate(request.quality_metric, request.quality_threshold,
+                                                  request.quality_weights, self.policy, self.gate_metrics)
+        warnings = []
+        guidance_scale = spec.default_guidance if request.guidance_scale is None else request.guidance_scale
+        # Diffusers runs classifier-free guidance only above a scale of 1; below, a negative prompt does nothing.
+        use_negative_prompt = spec.uses_negative_prompt and guidance_scale > 1
+        if request.negative_prompt and not spec.uses_negative_prompt:
+            warnings.append(
+                f"negative_prompt is not used by {spec.id}: it is guidance-distilled and runs without "
+                "classifier-free guidance"
+            )
+        elif request.negative_prompt and not use_negative_prompt:
+            warnings.append(
+                f"negative_prompt is not used at guidance_scale {guidance_scale:g}: classifier-free guidance "
+                "runs only above 1"
+            )
+        width = request.width or spec.default_width
+        height = request.height or spec.default_height
+        control = None if request.control is None else self.control_input(request.control, width, height)
+        plan = ImagePlan(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            style=request.style,
+            quality=request.quality,
+            enhance=request.enhance,
+            use_negative_prompt=use_negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=request.num_inference_steps or spec.default_steps,
+            guidance_scale=guidance_scale,
+            base_seed=random_seed() if request.seed is None else request.seed,
+            num_images=request.num_images,
+            metric=metric,
+            threshold=threshold,
+            max_attempts=request.max_attempts or self.policy.max_attempts,
+            target=spec.prompt_form,
+            revise_prompt=self.policy.revise_prompt if request.revise_prompt is None else request.revise_prompt,
+            loras=loras,
+            weights=weights,
+            control=control,
+        )
+        return plan, spec, warnings
+
+    def resolve_loras(self, request: ImageRequest, spec: ModelSpec) -> tuple[LoraRef, ...]:
+        """The request's LoRAs as refs the generator loads, each checked against the registry and the
+        model (422 naming `loras.<i>.name` otherwise). Only the registry's entries can come out."""
+        if not request.loras:
+            return ()
+        if not spec.supports_loras:
+            raise RequestError("loras", f"{spec.id} does not take LoRA adapters", "an empty list")
+        limit = self.loras.max_per_request
+        if len(request.loras) > limit:
+            raise RequestError("loras", f"at most {limit} LoRAs per request; got {len(request.loras)}", f"0-{limit} items")
+        refs, seen = [], set()
+        for index, lora in enumerate(request.loras):
+            field = f"loras.{index}.name"
+            try:
+                entry = self.loras.resolve(lora.name)
+            except LoraNameError as error:
+                raise RequestError(field, str(error), error.allowed) from None
+            if entry.family != spec.family:
+                compatible = self.loras.names(spec.family)
+                raise RequestError(
+                    field, f"LoRA {lora.name!r} is for {entry.family} models; {spec.id} takes {spec.family} LoRAs",
+                    "one of " + ", ".join(map(repr, compatible)) if compatible else f"none: no {spec.family} LoRA is configured",
+                )
+            if lora.name in seen:
+                raise RequestError(field, f"LoRA {lora.name!r} is named twice", "each LoRA once")
+            seen.add(lora.name)
+            refs.append(entry.ref(lora.scale))
+        return tuple(refs)
+
+    def loras_available(self) -> dict:
+        """`GET /v1/loras`: the registry, with the deployed models that take each family."""
+        models: dict[str, list[str]] = {}
+        for spec in self.specs.values():
+            if spec.supports_loras:
+                models.setdefault(spec.family, []).append(spec.id)
+        return self.loras.public(models)
+
+    async def run(self, request: ImageRequest, progress: ProgressTarget | None = None,
+                  ) -> tuple[ImagePlan, ModelSpec, list[str], GraphResult]:
+        """Plan and run the graph; the images stay arrays (text-to-video animates one of them)."""
+        # Off the event loop: planning decodes the control image, if any.
+        plan, spec, warnings = await asyncio.to_thread(self.plan, request)
+        return plan, spec, warnings, await self.run_plan(plan, spec, progress)
+
+    async def run_plan(self, plan: ImagePlan, spec: ModelSpec, progress: ProgressTarget | None = None) -> GraphResult:
+        """Run the graph for a plan already made by `plan`."""
+        return await run_image_graph(
+            plan, self.enhancer, self.generators[spec.id], self.scorer, timeout_s=self.request_timeout_s,
+            progress=progress,
+        )
+
+    async def generate_images(self, request: ImageRequest | dict, progress: ProgressTarget | None = None,
+                              ) -> ImageResponse:
+        """The whole request; `progress` (async jobs) receives the generator's denoising steps."""
+        if not isinstance(request, ImageRequest):
+            request = ImageRequest.model_validate(request)
+        accepted = time.time()
+        started = time.perf_counter()
+        plan, spec, warnings, result = await self.run(request, progress)
+        encode_started = time.perf_counter()
+        images = await asyncio.to_thread(self._encode, result, plan, spec)
+        timings = dict(result.timings)
+        timings["encode"] = time.perf_counter() - encode_started
+        timings["total"] = time.perf_counter() - started
+        return ImageResponse(
+            id=uuid.uuid4().hex,
+            created=int(accepted),
+            model=spec.id,
+            prompt=request.prompt,
+            enhanced_prompt=result.enhanced.prompt,
+            negative_prompt=result.negative_prompt,
+            style=None if result.enhanced.enhancer == "none" else result.enhanced.style,
+            enhancer=result.enhanced.enhancer,
+            enhancer_fallback=result.enhanced.fallback_reason,
+            prompt_advice=advice_of(request.prompt),
+            width=plan.width,
+            height=plan.height,
+            num_inference_steps=plan.num_inference_steps,
+            guidance_scale=plan.guidance_scale,
+            quality_metric=plan.metric,
+            quality_threshold=plan.threshold,
+            quality_weights=plan.weights,
+            passed=result.passed,
+            images=images,
+            attempts=attempts_of(result),
+            timings={key: round(value, 4) for key, value in timings.items()},
+            warnings=warnings,
+            loras=loras_of(plan),
+        )
+
+    @staticmethod
+    def _encode(result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> list[GeneratedImage]:
+        return [_generated_image(candidate, result, plan, spec) for candidate in result.chosen]
+
+    async def enhance_prompt(self, request: EnhanceRequest | dict) -> EnhanceResponse:
+        """The enhance step alone, as the image graph would run it for `request.model`."""
+        if not isinstance(request, EnhanceRequest):
+            request = EnhanceRequest.model_validate(request)
+        spec = self.spec_of(request.model)
+        self.check_blocklist(request.prompt)
+        started = time.perf_counter()
+        enhanced: EnhancedPrompt = await call_stage(
+            self.enhancer.enhance.remote(
+                request.prompt, request.style, request.quality, request.negative_prompt, target=spec.prompt_form
+            ),
+            "enhance", self.request_timeout_s,
+        )
+        return EnhanceResponse(
+            prompt=request.prompt,
+            enhanced_prompt=enhanced.prompt,
+            negative_prompt=enhanced.negative_prompt if spec.uses_negative_prompt else None,
+            style=enhanced.style,
+            model=spec.id,
+            enhancer=enhanced.enhancer,
+            enhancer_fallback=enhanced.fallback_reason,
+            prompt_advice=advice_of(request.prompt),
+            seconds=round(time.perf_counter() - started, 4),
+        )
+
+    def models(self) -> list[dict]:
+        return [spec.public() for spec in self.specs.values()]
+
+    async def preview_control(self, request: ControlPreviewRequest) -> tuple[ControlPreviewResponse, bytes]:
+        """The control map `request` would give the model: computed by the model's own replica
+        (where the depth estimator lives), or the fitted image itself when `preprocess` is false."""
+        model = request.model
+        if model is None:  # the first model that takes this control type, else one with any ControlNet (422 below)
+            specs = self.specs.values()
+            model = next((spec.id for spec in specs if request.type in spec.control_types),
+                         next((spec.id for spec in specs if spec.control_types), None))
+        spec = self.spec_of(model)
+        spec.check_control(request.type, none_field="model", type_field="type")
+        width, height = request.width or spec.default_width, request.height or spec.default_height
+        started = time.perf_counter()
+        control = await asyncio.to_thread(self.control_input, request, width, height, "image")
+        if control.preprocess:
+            control = await call_stage(
+                self.generators[spec.id].preprocess.remote(control), "preprocess", self.request_timeout_s
+            )
+        png = await asyncio.to_thread(encode_plain_png, control.image)
+        response = ControlPreviewResponse(
+            type=request.type, model=spec.id, width=width, height=height, preprocessed=request.preprocess,
+            seconds=round(time.perf_counter() - started, 4), b64_png=base64.b64encode(png).decode("ascii"),
+        )
+        return response, png
+
+    def controls(self) -> list[dict]:
+        """The control types with their parameters and the models that take them (GET /v1/controls)."""
+        return [
+            {**control, "models": [spec.id for spec in self.specs.values() if control["type"] in spec.control_types]}
+            for control in control_catalogue()
+        ]
+
+
+def advice_of(prompt: str) -> PromptAdviceInfo:
+    advice = validate_prompt(prompt)
+    return PromptAdviceInfo(score=advice.score, issues=[dataclasses.asdict(issue) for issue in advice.issues])
+
+
+def quality_gate(metric: str | None, threshold: float | None, weights: CombinedWeights | None,
+                 policy: QualityPolicy, gate_metrics: tuple[str, ...]) -> tuple[str, float, CombinedWeights]:
+    """The request's gate (metric, threshold, combined weights), the policy's where it gives none;
+    422 naming the field when the metric or a weighted score is not computed, or the threshold is
+    outside the metric's range."""
+    metric = metric or policy.metric
+    if metric not in gate_metrics:
+        allowed = ", ".join(map(repr, gate_metrics))
+        raise RequestError("quality_metric", f"{metric!r} is not computed by the deployed scorer "
+                           "(scorer.laion.enabled is false)", f"one of {allowed}")
+    threshold = policy.threshold if threshold is None else threshold
+    try:
+        check_threshold(metric, threshold)
+    except ValueError as error:
+        low, high = SCORE_RANGES[metric]
+        raise RequestError("quality_threshold", str(error), f"{low:g}-{high:g}") from None
+    weights = weights or policy.weights or default_weights(gate_metrics)
+    if weights.laion > 0 and "laion" not in gate_metrics:
+        raise RequestError("quality_weights.laion", "must be 0: the deployed scorer computes no laion score "
+                           "(scorer.laion.enabled is false)", "0")
+    return metric, threshold, weights
+
+
+def default_weights(gate_metrics: tuple[str, ...]) -> CombinedWeights:
+    """Equal weights over the combinable scores the scorer computes."""
+    return CombinedWeights(**{metric: 1.0 for metric in COMBINABLE if metric in gate_metrics})
+
+
+def attempts_of(result: GraphResult) -> list[Attempt]:
+    return [
+        Attempt(attempt=c.attempt, seed=c.seed, prompt=c.prompt, scores=Scores(**c.scores), passed=c.passed)
+        for c in result.candidates
+    ]
+
+
+def loras_of(plan: ImagePlan) -> list[Lora]:
+    return [Lora(name=ref.name, scale=ref.scale) for ref in plan.loras]
+
+
+def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> GeneratedImage:
+    meta = {
+        "prompt": candidate.prompt,
+        "original_prompt": plan.prompt,
+        "negative_prompt": result.negative_prompt,
+        "seed": candidate.seed,
+        "steps": plan.num_inference_steps,
+        "guidance_scale": plan.guidance_scale,
+        "width": plan.width,
+        "height": plan.height,
+        "model": spec.id,
+        "loras": [{"name": ref.name, "scale": ref.scale} for ref in plan.loras],
+    }
+    if plan.control is not None:
+        control = plan.control
+        meta["control"] = {"type": control.type, "conditioning_scale": control.conditioning_scale,
+                           "preprocess": control.preprocess}
+        if control.type == "canny" and control.preprocess:
+            meta["control"].update(low_threshold=control.low_threshold, high_threshold=control.high_threshold)
+    return GeneratedImage(
+        b64_png=encode_png_b64(candidate.image, meta),
+        seed=candidate.seed,
+        width=plan.width,
+        height=plan.height,
+        attempt=candidate.attempt,
+        scores=Scores(**candidate.scores),
+        passed=candidate.passed,
+    )

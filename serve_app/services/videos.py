@@ -1,0 +1,121 @@
+"""The video service: image-to-video, or keyframe (the image graph) then video."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import time
+import uuid
+
+from pydantic import ValidationError
+
+from deployments.config import SvdConfig
+from deployments.runtime.types import ProgressTarget, VideoOutput, VideoParams
+from serve_app.services.graph import ImagePlan, call_stage
+from serve_app.services.inputs import decode_image, fit_image
+from serve_app.services.validation import ModelSpec, RequestError
+from serve_app.api.schemas import ImageRequest, KeyframeInfo, Scores, VideoRequest, VideoResponse, random_seed
+from serve_app.services.images import ImageService, advice_of, attempts_of
+
+
+class VideoService:
+    def __init__(self, svd, config: SvdConfig, images: ImageService, max_input_pixels: int):
+        self.svd = svd
+        self.config = config  # the SvdGenerator's: defaults for what a request leaves out
+        self.images = images
+        self.max_input_pixels = max_input_pixels
+
+    def check(self, request: VideoRequest) -> None:
+        """Every check `run` makes before a model runs, without running one: the uploaded image
+        decodes within the limits, or the keyframe's image request is valid for its model. Raises
+        RequestError naming the field. Async jobs call it at submit. Decodes: call it in a thread."""
+        width, height = self._size(request)
+        if request.image is not None:
+            decode_image(request.image, "image", self.max_input_pixels)
+        else:
+            self._keyframe_plan(request, width, height, seed=0)
+
+    def _size(self, request: VideoRequest) -> tuple[int, int]:
+        return request.width or self.config.default_width, request.height or self.config.default_height
+
+    async def run(self, request: VideoRequest | dict, progress: ProgressTarget | None = None,
+                  ) -> tuple[VideoResponse, VideoOutput]:
+        """The response (with the file base64-encoded) and the raw output it was made from.
+
+        `progress` (async jobs) receives the denoising steps of the keyframe and of the video.
+        """
+        if not isinstance(request, VideoRequest):
+            request = VideoRequest.model_validate(request)
+        accepted = time.time()
+        started = time.perf_counter()
+        width, height = self._size(request)
+        seed = random_seed() if request.seed is None else request.seed
+        timings: dict[str, float] = {}
+        keyframe = None
+        metadata = {}
+        if request.image is not None:
+            image = await asyncio.to_thread(self._input_image, request.image, width, height)
+        else:
+            keyframe_started = time.perf_counter()
+            keyframe_progress = None if progress is None else dataclasses.replace(progress, stage="keyframe")
+            image, keyframe = await self._keyframe(request, width, height, seed, keyframe_progress)
+            timings["keyframe"] = time.perf_counter() - keyframe_started
+            metadata = {"prompt": keyframe.enhanced_prompt, "original_prompt": keyframe.prompt,
+                        "keyframe_seed": keyframe.seed, "keyframe_model": keyframe.model}
+        params = VideoParams(
+            seed=seed, width=width, height=height, num_frames=request.num_frames, fps=request.fps,
+            motion_bucket_id=request.motion_bucket_id, noise_aug_strength=request.noise_aug_strength,
+            num_inference_steps=request.num_inference_steps or self.config.default_steps,
+            decode_chunk_size=request.decode_chunk_size, output_format=request.output_format, metadata=metadata,
+            progress=None if progress is None else dataclasses.replace(progress, stage="video"),
+        )
+        response = self.svd.animate.remote(params, image)
+        output: VideoOutput = await call_stage(response, "video", self.images.request_timeout_s)
+        timings["video"] = output.generate_seconds
+        timings["encode"] = output.encode_seconds
+        timings["total"] = time.perf_counter() - started
+        response = VideoResponse(
+            id=uuid.uuid4().hex, created=int(accepted), model=self.config.source,
+            mode="image-to-video" if keyframe is None else "text-to-video",
+            b64_video=base64.b64encode(output.data).decode("ascii"), content_type=output.content_type,
+            output_format=request.output_format, seed=seed, num_frames=output.num_frames, fps=output.fps,
+            duration_s=round(output.num_frames / output.fps, 4), width=output.width, height=output.height,
+            motion_bucket_id=request.motion_bucket_id, noise_aug_strength=request.noise_aug_strength,
+            num_inference_steps=params.num_inference_steps, keyframe=keyframe,
+            timings={key: round(value, 4) for key, value in timings.items()},
+        )
+        return response, output
+
+    def _input_image(self, data: str, width: int, height: int):
+        return fit_image(decode_image(data, "image", self.max_input_pixels), width, height)
+
+    def _keyframe_plan(self, request: VideoRequest, width: int, height: int, seed: int) -> tuple[ImagePlan, ModelSpec]:
+        """The keyframe's image plan, checked against its model; errors name the video's fields.
+        Decodes a keyframe control image: call it in a thread."""
+        options = request.keyframe.model_dump(exclude_unset=True)
+        try:
+            image_request = ImageRequest(prompt=request.prompt, width=width, height=height, seed=seed, **options)
+            plan, spec, _ = self.images.plan(image_request)
+        except RequestError as error:
+            field = error.field if error.field in ("prompt", "width", "height", "seed") else f"keyframe.{error.field}"
+            raise error.renamed(field) from None
+        except ValidationError as error:  # e.g. a width fine for video but not for the image model
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            raise RequestError(field, first["msg"], "see GET /v1/models") from None
+        return plan, spec
+
+    async def _keyframe(self, request: VideoRequest, width: int, height: int, seed: int,
+                        progress: ProgressTarget | None = None):
+        # Planned once, off the event loop (a control image is decoded), then run as planned.
+        plan, spec = await asyncio.to_thread(self._keyframe_plan, request, width, height, seed)
+        result = await self.images.run_plan(plan, spec, progress)
+        best = result.chosen[0]
+        info = KeyframeInfo(
+            model=spec.id, seed=best.seed, prompt=request.prompt, enhanced_prompt=best.prompt,
+            enhancer=result.enhanced.enhancer, enhancer_fallback=result.enhanced.fallback_reason,
+            prompt_advice=advice_of(request.prompt),
+            scores=Scores(**best.scores), passed=best.passed, attempts=attempts_of(result),
+        )
+        return best.image, info

@@ -1,0 +1,66 @@
+"""The shared dev app, and test ordering so each shared app starts once per session.
+
+`dev_app` is configs/dev.yaml plus what the modules sharing it need, all at once: the tiny models
+of dev.yaml with video, a tiny SDXL-Turbo and a toy family named by import path (the
+registry's proof that a family needs no product change), test LoRAs, and tight upload and body
+limits that the bad-input tests probe.
+"""
+
+import contextlib
+
+import pytest
+
+from tests.integration.apps import POOL, dev_args, running_app
+
+# Uploads over this many pixels get 422 (the bad-input tests send 320x320 or 400x400).
+SHARED_PIXEL_LIMIT = 300 * 300
+SHARED_MAX_BODY = 1024 * 1024
+TINY_CPU = {"device": "cpu", "torch_threads": 1}
+EXTRA_MODELS = [
+    {"id": "sdxl-turbo", "family": "sdxl", "source": "tiny", "default_width": 256, "default_height": 256,
+     "default_steps": 2, "limits": {"max_steps": 4, "max_guidance": 0}, "device": TINY_CPU,
+     "deployment": {"num_cpus": 0.1}},
+    {"id": "toy", "family": "tests.toy_family:FAMILY", "source": "tiny", "options": {"invert": True},
+     "device": TINY_CPU, "deployment": {"num_cpus": 0.1}},
+]
+
+
+def _start_dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
+    from tests.loras import make_flux_lora, make_sdxl_lora
+
+    loras = tmp_path_factory.mktemp("loras")
+    make_flux_lora(loras, "ink", seed=1)
+    make_sdxl_lora(loras, "xl_style")
+    (loras / "weights.bin").write_bytes(b"never loaded")
+    data_dir = tmp_path_factory.mktemp("jobs")
+    args = dev_args()
+    args["image_models"] += EXTRA_MODELS
+    args["max_input_pixels"] = SHARED_PIXEL_LIMIT
+    args["max_body_bytes"] = SHARED_MAX_BODY
+    args["loras"]["dir"] = str(loras)
+    args["jobs"]["data_dir"] = str(data_dir)
+    args["jobs"]["progress_interval_s"] = 0  # every denoising step, which the job tests follow
+    client = stack.enter_context(running_app(args))
+    return {"client": client, "data_dir": data_dir, "args": args}
+
+
+@pytest.fixture
+def dev_app(tmp_path_factory) -> dict:
+    """The shared dev app: {client, data_dir, args}. Started on first use, kept for the next module."""
+    return POOL.get("dev", lambda stack: _start_dev_app(stack, tmp_path_factory))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_apps():
+    yield
+    POOL.stop()
+
+
+def pytest_collection_modifyitems(items):
+    """Unit tests first, then every test of the shared app, then modules that start their own Ray."""
+    def rank(item) -> int:
+        if "integration" not in item.nodeid.split("::")[0]:
+            return 0
+        return 1 if "dev_app" in item.fixturenames else 2
+
+    items.sort(key=rank)  # stable: the order within each group stays as collected
