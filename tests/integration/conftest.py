@@ -1,7 +1,7 @@
 """The shared dev app, and test ordering so each shared app starts once per session.
 
 `dev_app` is configs/dev.yaml plus what the modules sharing it need, all at once: the tiny models
-of dev.yaml with video, a tiny SDXL-Turbo and a toy family named by import path (the
+of dev.yaml with video, a tiny SDXL-Turbo, FLUX.1-dev and a toy family named by import path (the
 registry's proof that a family needs no product change), test LoRAs, and tight upload and body
 limits that the bad-input tests probe.
 """
@@ -20,6 +20,9 @@ EXTRA_MODELS = [
     {"id": "sdxl-turbo", "family": "sdxl", "source": "tiny", "default_width": 256, "default_height": 256,
      "default_steps": 2, "limits": {"max_steps": 4, "max_guidance": 0}, "device": TINY_CPU,
      "deployment": {"num_cpus": 0.1}},
+    # FLUX.1-dev: the same family code as schnell; the family's 1-50 steps, 28 and guidance 3.5 by default.
+    {"id": "flux-dev", "family": "flux", "source": "tiny", "default_width": 256, "default_height": 256,
+     "options": {"max_sequence_length": 64}, "device": TINY_CPU, "deployment": {"num_cpus": 0.1}},
     {"id": "toy", "family": "tests.toy_family:FAMILY", "source": "tiny", "options": {"invert": True},
      "device": TINY_CPU, "deployment": {"num_cpus": 0.1}},
 ]

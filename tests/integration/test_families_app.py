@@ -1,5 +1,6 @@
-"""Models as data, over HTTP on the shared dev app: a family defined in the test folder
-(tests/toy_family.py, named by import path) is served with no product file changed."""
+"""Models as data, over HTTP on the shared dev app: FLUX.1-dev is one config entry of the FLUX family
+code, and a family defined in the test folder (tests/toy_family.py, named by import path) is
+served with no product file changed."""
 
 import base64
 import io
@@ -25,6 +26,37 @@ def _models(client) -> dict:
 def _pixels(body: dict) -> np.ndarray:
     with Image.open(io.BytesIO(base64.b64decode(body["images"][0]["b64_png"]))) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def test_flux_dev_is_a_config_entry_of_the_flux_family_with_its_own_limits(dev_app):
+    models = {model["id"]: model for model in _models(dev_app["client"])["models"]}
+    dev, schnell = models["flux-dev"], models["flux-schnell"]
+    assert dev["family"] == schnell["family"] == "flux"
+    assert (dev["min_steps"], dev["max_steps"], dev["default_steps"], dev["default_guidance"]) == (1, 50, 28, 3.5)
+    assert (schnell["max_steps"], schnell["guidance_range"]) == (4, [0.0, 0.0])
+    assert dev["deployment"]["family"] == "flux" and dev["deployment"]["source"] == "tiny"
+
+
+def test_flux_dev_generates_with_guidance_and_reproduces_its_seed(dev_app):
+    client = dev_app["client"]
+    body = {"prompt": "a lighthouse at dusk", "model": "flux-dev", "seed": 3, "num_inference_steps": 2,
+            "enhance": False}
+    first = client.post("/v1/images", json=body)
+    assert first.status_code == 200, first.text
+    assert (first.json()["model"], first.json()["guidance_scale"]) == ("flux-dev", 3.5)
+    again = client.post("/v1/images", json=body).json()
+    assert np.array_equal(_pixels(first.json()), _pixels(again))
+    # The tiny dev transformer embeds the guidance scale, as FLUX.1-dev's does: another scale, another image.
+    other = client.post("/v1/images", json={**body, "guidance_scale": 7.0}).json()
+    assert not np.array_equal(_pixels(first.json()), _pixels(other))
+
+
+def test_flux_dev_refuses_steps_past_its_family_limit_naming_the_field(dev_app):
+    response = dev_app["client"].post("/v1/images", json={"prompt": "a fox", "model": "flux-dev",
+                                                           "num_inference_steps": 51})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "num_inference_steps"]
 
 
 def test_a_family_from_the_test_folder_is_served_with_its_own_options(dev_app):

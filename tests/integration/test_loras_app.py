@@ -31,7 +31,7 @@ def _image(response) -> tuple[np.ndarray, dict]:
 def test_loras_are_listed_by_family(client):
     listed = client.get("/v1/loras").json()
     assert {(entry["name"], entry["family"]) for entry in listed["loras"]} == {("ink", "flux"), ("xl_style", "sdxl")}
-    assert listed["families"]["flux"] == {"models": ["flux-schnell"], "loras": ["ink"]}
+    assert listed["families"]["flux"] == {"models": ["flux-schnell", "flux-dev"], "loras": ["ink"]}
     assert listed["families"]["sdxl"]["loras"] == ["xl_style"] and listed["max_per_request"] == 4
 
 

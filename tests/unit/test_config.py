@@ -7,7 +7,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app import APP_NAME
 from serve_app.config import app_args_from_config
-from serve_app.builder import build_app
+from serve_app.builder import build_app, model_specs
 from serve_app.config import AppArgs, DeploymentOptions, device_options, gpu_memory_fraction, unplaced_gpu_replicas
 
 ROOT = Path(__file__).parents[2]
@@ -311,3 +311,18 @@ def test_an_entry_marked_disabled_is_checked_but_not_deployed():
     assert "at least one entry must be enabled" in msg
     _, msg = _field_error({"image_models": [*flux()["image_models"], optional], "default_model": "flux-dev"})
     assert "not an enabled image_models id" in msg
+
+
+@pytest.mark.parametrize("profile", ["single-gpu.yaml", "multi-gpu.yaml"])
+def test_flux_dev_is_an_optional_entry_that_fits_in_schnells_place(profile):
+    config = yaml.safe_load((ROOT / "configs" / profile).read_text())
+    args = config["applications"][0]["args"]
+    entries = {entry["id"]: entry for entry in args["image_models"]}
+    dev = entries["flux-dev"]
+    assert (dev["family"], dev["source"], dev["enabled"]) == ("flux", "black-forest-labs/FLUX.1-dev", False)
+    # Served in schnell's place (as the profile's comment says), the shares still fit the GPUs.
+    dev["enabled"], entries["flux-schnell"]["enabled"] = True, False
+    swapped = AppArgs.model_validate(args)
+    assert swapped.default_model_id == "flux-dev" and "FluxDevGenerator" in swapped.all_deployment_options()
+    spec = model_specs(swapped)["flux-dev"]
+    assert (spec.min_steps, spec.max_steps, spec.default_steps, spec.default_guidance) == (1, 50, 28, 3.5)
