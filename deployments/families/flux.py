@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature
+from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature, edit_arguments, size_arguments
 from deployments.runtime.types import PromptForm
 
 
@@ -26,10 +26,10 @@ class FluxOptions(BaseModel):
 
 class LoadedFlux(LoadedImageModel):
     def __call__(self, params, prompt, control, generators, callback):
-        return self.pipeline(
+        pipeline = self.pipeline_for(params)
+        return pipeline(
             prompt=prompt.prompt,
-            width=params.width,
-            height=params.height,
+            **size_arguments(pipeline, params),
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
             num_images_per_prompt=len(params.seeds),
@@ -37,6 +37,7 @@ class LoadedFlux(LoadedImageModel):
             max_sequence_length=self.options.max_sequence_length,
             output_type="np",
             callback_on_step_end=callback,
+            **edit_arguments(params),
         ).images
 
 
@@ -50,6 +51,8 @@ class FluxFamily(ImageFamily):
     default_guidance = 3.5
     negative_prompt = False
     loaded_class = LoadedFlux
+    img2img_pipeline_class = "FluxImg2ImgPipeline"
+    inpaint_pipeline_class = "FluxInpaintPipeline"
     # FLUX's T5 encoder follows natural sentences.
     prompt_form = PromptForm(
         instructions="Write one or two natural, flowing sentences (at most 70 words) describing the scene concretely.",

@@ -8,23 +8,24 @@ SDXL.
 
 from __future__ import annotations
 
-from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature
+from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature, edit_arguments, size_arguments
 from deployments.runtime.types import PromptForm
 
 
 class LoadedSd15(LoadedImageModel):
     def __call__(self, params, prompt, control, generators, callback):
-        return self.pipeline(
+        pipeline = self.pipeline_for(params)
+        return pipeline(
             prompt=prompt.prompt,
             negative_prompt=prompt.negative_prompt,
-            width=params.width,
-            height=params.height,
+            **size_arguments(pipeline, params),
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
             num_images_per_prompt=len(params.seeds),
             generator=generators,
             output_type="np",
             callback_on_step_end=callback,
+            **edit_arguments(params),
         ).images
 
 
@@ -38,6 +39,8 @@ class Sd15Family(ImageFamily):
     default_size = (512, 512)
     negative_prompt = True
     loaded_class = LoadedSd15
+    img2img_pipeline_class = "StableDiffusionImg2ImgPipeline"
+    inpaint_pipeline_class = "StableDiffusionInpaintPipeline"
     # One CLIP encoder of 77 tokens: short tags, as for SDXL, but fewer.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 30 words): subject first, then details, "
