@@ -150,3 +150,17 @@ def test_bad_edit_requests_get_422_naming_the_field(dev_app, fields, loc, words)
     assert response.status_code == 422, response.text
     [error] = response.json()["detail"]
     assert error["loc"] == loc and words in error["msg"], error
+
+
+def test_the_editing_docs_example_runs(dev_app, tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    page = (Path(__file__).parents[2] / "docs" / "editing.md").read_text()
+    code = re.search(r"## Example\n\n<!--.*?-->\n```python\n(.*?)```", page, re.S).group(1)
+    code = code.replace("127.0.0.1:8000", f"127.0.0.1:{dev_app['client'].base_url.port}")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["inpainting", "0.75", "512", "256"]
