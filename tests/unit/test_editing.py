@@ -235,8 +235,8 @@ def sd15() -> ImageGenerator:
     return ImageGenerator.func_or_class(config, metrics=False)
 
 
-def _generate(generator: ImageGenerator, **fields):
-    params = GenerationParams(seeds=[3], width=64, height=64, num_inference_steps=4, **fields)
+def _generate(generator: ImageGenerator, seeds_two: bool = False, **fields):
+    params = GenerationParams(seeds=[3, 4] if seeds_two else [3], width=64, height=64, num_inference_steps=4, **fields)
     return asyncio.run(generator.generate(params, PROMPT))
 
 
@@ -263,3 +263,18 @@ def test_hires_doubles_the_size_and_times_both_passes(sd15):
 def test_an_init_image_of_the_wrong_size_never_reaches_the_pipeline(sd15):
     with pytest.raises(ValueError, match="init image is 32x32"):
         _generate(sd15, edit=EditInput(image=gradient(32, 32), strength=0.5))
+
+
+def test_sdxl_controlnet_guides_inpainting_and_both_hires_passes():
+    from deployments.runtime.types import ControlInput
+
+    config = ImageModelConfig(id="sdxl", family="sdxl", source="tiny", options={"controlnets": {"canny": "tiny"}},
+                              device={"device": "cpu", "torch_threads": 1})
+    sdxl = ImageGenerator.func_or_class(config, metrics=False)
+    control = ControlInput(type="canny", image=gradient(64, 64), conditioning_scale=0.5, preprocess=False)
+    source, mask = gradient(64, 64), square_mask(64, 64)[:, :, 0]
+    inpainted = _generate(sdxl, seeds_two=True, guidance_scale=2, control=control,
+                          edit=EditInput(image=source, strength=1.0, mask=mask))
+    assert inpainted.images.shape == (2, 64, 64, 3) and (inpainted.images[:, mask == 0] == source[mask == 0]).all()
+    hires = _generate(sdxl, seeds_two=True, control=control, hires=HiresPass(width=96, height=128, steps=4, strength=0.5))
+    assert hires.images.shape == (2, 128, 96, 3)
