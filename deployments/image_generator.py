@@ -8,8 +8,11 @@ What differs between families (pipeline classes, call arguments, ControlNets) is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+
+import numpy as np
 
 from ray import serve
 
@@ -18,7 +21,7 @@ from deployments.runtime.loading import check_device_health, resolve_placement, 
 from deployments.runtime.lora import LoraManager
 from deployments.runtime.metrics import ModelMetrics
 from deployments.runtime.progress import StepMonitor, run_interruptibly
-from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationOutput, GenerationParams
+from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, GenerationOutput, GenerationParams
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,6 +40,11 @@ class ImageGenerator:
     with `params.progress` set, each step is reported to a job runner. LoRA adapters named in
     `params.loras` are loaded on first use and kept (at most `lora_cache_size`); each call turns on
     exactly its own adapters, or none (`deployments.runtime.lora`).
+
+    With `params.edit` the family's image-to-image or inpainting pipeline runs; inpainting with
+    `preserve_unmasked` then pastes the input's pixels back outside the mask. With `params.hires`
+    the images are upscaled (Lanczos) and refined by image-to-image in the same call, under the
+    same lock, so the scorer sees the final images.
     """
 
     def __init__(self, config: ImageModelConfig, metrics: bool = True, lora_cache_size: int = 8):
@@ -69,7 +77,11 @@ class ImageGenerator:
                     f"not the requested {params.width}x{params.height}"
                 )
             control = await self.preprocess(control)
-        monitor = StepMonitor(params.progress, params.num_inference_steps)
+        edit = params.edit
+        if edit is not None and edit.image.shape[-3:-1] != (params.height, params.width):
+            raise ValueError(f"the init image is {edit.image.shape[-2]}x{edit.image.shape[-3]}, "
+                             f"not the requested {params.width}x{params.height}")
+        monitor = StepMonitor(params.progress, params.total_steps())
         async with self._lock:
             return await run_interruptibly(lambda: self._generate(params, prompt, control, monitor), monitor)
 
@@ -80,17 +92,36 @@ class ImageGenerator:
         self._loras.apply(params.loras)  # before the monitor starts: loading is not a denoising step
         started = time.perf_counter()
         monitor.started()
+        timings = {}
         with self._metrics.track(), torch.inference_mode():
-            images = self._model(params, prompt, control, seeded_generators(params.seeds, self._placement.device),
-                                 monitor)
+            images = self._run(params, prompt, control, monitor)
+            if params.hires is not None:
+                first_pass = time.perf_counter()
+                timings["first_pass"] = first_pass - started
+                control = hires_control(params, control)
+                images = self._run(hires_params(params, images, control), prompt, control, monitor)
+                timings["hires"] = time.perf_counter() - first_pass
         return GenerationOutput(
-            images=to_uint8_images(images),
+            images=images,
             seeds=list(params.seeds),
             model=self._config.id,
             seconds=time.perf_counter() - started,
             device=self._placement.device,
             dtype=self._placement.dtype_name,
+            timings=timings,
         )
+
+    def _run(self, params: GenerationParams, prompt: EnhancedPrompt, control: ControlInput | None,
+             monitor: StepMonitor) -> np.ndarray:
+        """One pipeline call as uint8 images, the input's pixels pasted back outside an inpainting mask."""
+        monitor.steps_before = monitor.steps_done
+        images = to_uint8_images(
+            self._model(params, prompt, control, seeded_generators(params.seeds, self._placement.device), monitor)
+        )
+        edit = params.edit
+        if edit is not None and edit.mask is not None and edit.preserve_unmasked:
+            images = paste_unmasked(images, edit)
+        return images
 
     def info(self) -> dict:
         return {
@@ -106,3 +137,34 @@ class ImageGenerator:
 
     def check_health(self) -> None:
         check_device_health(self._placement)
+
+
+def paste_unmasked(images: np.ndarray, edit: EditInput) -> np.ndarray:
+    """`images` with `edit.image`'s pixels wherever the (unblurred) mask is 0, as AUTOMATIC1111's
+    inpainting does: the VAE round trip would otherwise change every pixel a little."""
+    keep = (edit.mask == 0)[None, :, :, None]
+    return np.where(keep, edit.image, images).astype(np.uint8)
+
+
+def _lanczos(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def hires_params(params: GenerationParams, images: np.ndarray, control: ControlInput | None) -> GenerationParams:
+    """The second pass of a hires request: image-to-image over the first pass's images, upscaled."""
+    hires = params.hires
+    upscaled = np.stack([_lanczos(image, hires.width, hires.height) for image in images])
+    return dataclasses.replace(
+        params, width=hires.width, height=hires.height, num_inference_steps=hires.steps,
+        edit=EditInput(image=upscaled, strength=hires.strength), hires=None, control=control,
+    )
+
+
+def hires_control(params: GenerationParams, control: ControlInput | None) -> ControlInput | None:
+    """The control map at the second pass's size (the ControlNet guides both passes)."""
+    if control is None:
+        return None
+    hires = params.hires
+    return dataclasses.replace(control, image=_lanczos(control.image, hires.width, hires.height))

@@ -4,7 +4,8 @@ A family is one module with one `ImageFamily` subclass instance. It says what th
 needs to know about that kind of model, as data: the diffusers pipeline class, the widest step and
 guidance ranges, default sizes, whether a negative prompt means anything, which control types its
 options enable, what its LoRA files look like, the enhancer's prompt form, its family-specific
-config options, and how to build a tiny random-weight pipeline. A config entry of
+config options, which image-to-image and inpainting pipelines it has, and how to build a tiny
+random-weight pipeline. A config entry of
 `image_models:` picks a family and may narrow its limits (`ImageModelConfig.limits`).
 
 At run time the generic `deployments.image_generator.ImageGenerator` deployment calls
@@ -15,7 +16,9 @@ switching, metrics, info, health) is the generic deployment's.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -63,11 +66,57 @@ class LoraSignature:
         )
 
 
+def derived_pipeline(class_name: str, base, **components):
+    """A diffusers pipeline of `class_name` over `base`'s own modules (`from_pipe`: no weights are
+    copied or loaded), with `components` added or replaced."""
+    import diffusers
+
+    pipeline = getattr(diffusers, class_name).from_pipe(base, **components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@cache
+def _call_parameters(pipeline_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(pipeline_class.__call__).parameters)
+
+
+def takes(pipeline, name: str) -> bool:
+    """Whether `pipeline`'s `__call__` has a parameter `name` (SDXL's and SD's image-to-image
+    pipelines take no width or height: the image sets the size)."""
+    return name in _call_parameters(type(pipeline))
+
+
+def size_arguments(pipeline, params: GenerationParams) -> dict:
+    return {name: getattr(params, name) for name in ("width", "height") if takes(pipeline, name)}
+
+
+def edit_arguments(params: GenerationParams) -> dict:
+    """The image-to-image / inpainting arguments diffusers' pipelines share: `image` (one, or one
+    per seed), `strength` and, for inpainting, `mask_image` softened by `mask_blur`."""
+    edit = params.edit
+    if edit is None:
+        return {}
+    from PIL import Image, ImageFilter
+
+    images = edit.image
+    image = [Image.fromarray(one) for one in images] if images.ndim == 4 else Image.fromarray(images)
+    arguments = {"image": image, "strength": edit.strength}
+    if edit.mask is not None:
+        mask = Image.fromarray(edit.mask)
+        if edit.mask_blur:
+            mask = mask.filter(ImageFilter.GaussianBlur(edit.mask_blur))
+        arguments["mask_image"] = mask
+    return arguments
+
+
 class LoadedImageModel:
-    """A family's pipeline, loaded on its device. Subclasses implement `__call__`.
+    """A family's pipeline, loaded on its device; a family subclasses it to add call arguments
+    (`pipeline_kwargs`) or other pipelines (`__call__`).
 
     `pipeline` is the base pipeline: LoRA adapters are switched on its modules, and any other
-    pipeline the family builds from it (a ControlNet one) shares those modules.
+    pipeline the family builds from it (a ControlNet one, the image-to-image and inpainting ones
+    in `edit_pipelines`) shares those modules.
     """
 
     def __init__(self, family: "ImageFamily", config: "ImageModelConfig", placement: "Placement", pipeline):
@@ -76,6 +125,17 @@ class LoadedImageModel:
         self.options = family.options_of(config)
         self.placement = placement
         self.pipeline = pipeline
+        # EditInput.mode -> the pipeline that runs it, built over the base pipeline's modules.
+        self.edit_pipelines = {
+            mode: derived_pipeline(class_name, pipeline)
+            for mode, class_name in (("image-to-image", family.img2img_pipeline_class),
+                                     ("inpainting", family.inpaint_pipeline_class))
+            if class_name is not None
+        }
+
+    def pipeline_for(self, params: GenerationParams):
+        """The base pipeline, or the image-to-image / inpainting one when `params.edit` is set."""
+        return self.pipeline if params.edit is None else self.edit_pipelines[params.edit.mode]
 
     @property
     def control_types(self) -> tuple[str, ...]:
@@ -85,18 +145,20 @@ class LoadedImageModel:
         """The control map of a reference picture; families with ControlNets override it."""
         raise ValueError(f"{self.config.id} has no ControlNet")
 
-    def pipeline_kwargs(self, params: GenerationParams, prompt: EnhancedPrompt, generators: list, callback) -> dict:
-        """The arguments every text-to-image pipeline call takes; families add their own."""
+    def pipeline_kwargs(self, pipeline, params: GenerationParams, prompt: EnhancedPrompt, generators: list,
+                        callback) -> dict:
+        """The arguments every pipeline call of `pipeline` takes (text-to-image, image-to-image and
+        inpainting alike); families add their own."""
         kwargs = dict(
             prompt=prompt.prompt,
-            width=params.width,
-            height=params.height,
+            **size_arguments(pipeline, params),
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
             num_images_per_prompt=len(params.seeds),
             generator=generators,
             output_type="np",
             callback_on_step_end=callback,
+            **edit_arguments(params),
         )
         if self.family.negative_prompt:
             kwargs["negative_prompt"] = prompt.negative_prompt
@@ -105,7 +167,8 @@ class LoadedImageModel:
     def __call__(self, params: GenerationParams, prompt: EnhancedPrompt, control: ControlInput | None,
                  generators: list, callback) -> Any:
         """Run the pipeline for one batch (one image per seed); return float images (N, H, W, 3) in [0, 1]."""
-        return self.pipeline(**self.pipeline_kwargs(params, prompt, generators, callback)).images
+        pipeline = self.pipeline_for(params)
+        return pipeline(**self.pipeline_kwargs(pipeline, params, prompt, generators, callback)).images
 
     def info(self) -> dict:
         """What GET /v1/models shows of this replica beyond id, family, source, device and dtype."""
@@ -135,6 +198,12 @@ class ImageFamily:
     # How this family's LoRA files are recognised; None: the family takes no LoRAs.
     lora: ClassVar[LoraSignature | None] = None
     loaded_class: ClassVar[type[LoadedImageModel]] = LoadedImageModel
+    # Image-to-image and inpainting: diffusers pipeline classes built from the loaded base pipeline
+    # (`from_pipe`, so no weights are loaded twice); None: the family cannot (422 naming the field).
+    img2img_pipeline_class: ClassVar[str | None] = None
+    inpaint_pipeline_class: ClassVar[str | None] = None
+    # Whether ControlNet guidance combines with image-to-image and inpainting.
+    control_edits: ClassVar[bool] = False
 
     def options_of(self, config: "ImageModelConfig") -> BaseModel:
         """The entry's `options:` validated against this family's `Options` model."""
@@ -145,7 +214,9 @@ class ImageFamily:
         return ()
 
     def capabilities(self, options: BaseModel) -> dict:
-        return {"text_to_image": True, "control_types": list(self.control_types(options)), "loras": self.lora is not None}
+        return {"text_to_image": True, "image_to_image": self.img2img_pipeline_class is not None,
+                "inpainting": self.inpaint_pipeline_class is not None,
+                "control_types": list(self.control_types(options)), "loras": self.lora is not None}
 
     def build_tiny(self, seed: int = 0, config: "ImageModelConfig | None" = None):
         """A pipeline of this family's classes with tiny random weights (tests, the dev profile);

@@ -25,8 +25,8 @@ class FluxOptions(BaseModel):
 
 
 class LoadedFlux(LoadedImageModel):
-    def pipeline_kwargs(self, params, prompt, generators, callback) -> dict:
-        return {**super().pipeline_kwargs(params, prompt, generators, callback),
+    def pipeline_kwargs(self, pipeline, params, prompt, generators, callback) -> dict:
+        return {**super().pipeline_kwargs(pipeline, params, prompt, generators, callback),
                 "max_sequence_length": self.options.max_sequence_length}
 
 
@@ -40,6 +40,8 @@ class FluxFamily(ImageFamily):
     default_guidance = 3.5
     negative_prompt = False
     loaded_class = LoadedFlux
+    img2img_pipeline_class = "FluxImg2ImgPipeline"
+    inpaint_pipeline_class = "FluxInpaintPipeline"
     # FLUX's T5 encoder follows natural sentences.
     prompt_form = PromptForm(
         instructions="Write one or two natural, flowing sentences (at most 70 words) describing the scene concretely.",

@@ -21,6 +21,8 @@ class Sd15Family(ImageFamily):
     default_guidance = 7.5
     default_size = (512, 512)
     negative_prompt = True
+    img2img_pipeline_class = "StableDiffusionImg2ImgPipeline"
+    inpaint_pipeline_class = "StableDiffusionInpaintPipeline"
     # One CLIP encoder of 77 tokens: short tags, as for SDXL, but fewer.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 30 words): subject first, then details, "

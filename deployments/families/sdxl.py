@@ -7,7 +7,8 @@ The ControlNet pipelines are built from the base pipeline's own components
 (`StableDiffusionXLControlNetPipeline(**base.components, controlnet=...)`), so the UNet, the VAE and
 both text encoders are loaded once and shared: a ControlNet adds only its own weights. Anything
 applied to the base pipeline's modules (LoRA adapters on its UNet or text encoders, say) applies
-to the ControlNet path too.
+to the ControlNet path too. Image-to-image and inpainting, plain or with a ControlNet, are
+pipelines built the same way (`from_pipe`), so they share every module too.
 
 Control maps are made here, where the depth estimator lives (`preprocess`): canny edges with
 OpenCV, depth with a transformers depth-estimation model loaded once per replica.
@@ -22,7 +23,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.config import ModelSource
-from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature
+from deployments.families.base import (
+    ImageFamily,
+    LoadedImageModel,
+    LoraSignature,
+    derived_pipeline,
+)
 from deployments.names import CONTROL_TYPES, ControlType
 from deployments.runtime.loading import Placement, is_tiny, pretrained_location
 from deployments.runtime.types import ControlInput, PromptForm
@@ -124,6 +130,13 @@ class LoadedSdxl(LoadedImageModel):
             kind: controlnet_pipeline(pipeline, load_controlnet(kind, source, placement).to(placement.device))
             for kind, source in controlnets.items()
         }
+        # (control type, EditInput.mode) -> the ControlNet image-to-image / inpainting pipeline.
+        self.controlled_edits = {
+            (kind, mode): derived_pipeline(class_name, controlled)
+            for kind, controlled in self.controlled.items()
+            for mode, class_name in (("image-to-image", "StableDiffusionXLControlNetImg2ImgPipeline"),
+                                     ("inpainting", "StableDiffusionXLControlNetInpaintPipeline"))
+        }
         self.depth = DepthEstimator(self.options.depth_estimator, placement) if "depth" in controlnets else None
         # The depth estimator has its own lock, so a map can be made while another request denoises.
         self._depth_lock = asyncio.Lock()
@@ -147,12 +160,15 @@ class LoadedSdxl(LoadedImageModel):
     def __call__(self, params, prompt, control, generators, callback):
         from PIL import Image
 
-        kwargs = self.pipeline_kwargs(params, prompt, generators, callback)
         if control is None:
-            return self.pipeline(**kwargs).images
-        return self.controlled[control.type](
-            **kwargs, image=Image.fromarray(control.image), controlnet_conditioning_scale=control.conditioning_scale
-        ).images
+            return super().__call__(params, prompt, control, generators, callback)
+        edit = params.edit
+        pipeline = self.controlled[control.type] if edit is None else self.controlled_edits[(control.type, edit.mode)]
+        kwargs = self.pipeline_kwargs(pipeline, params, prompt, generators, callback)
+        # The ControlNet edit pipelines take the init image as `image` and the map as `control_image`.
+        kwargs["image" if edit is None else "control_image"] = Image.fromarray(control.image)
+        kwargs["controlnet_conditioning_scale"] = control.conditioning_scale
+        return pipeline(**kwargs).images
 
     def info(self) -> dict:
         return {
@@ -171,6 +187,9 @@ class SdxlFamily(ImageFamily):
     default_guidance = 5.0
     negative_prompt = True
     loaded_class = LoadedSdxl
+    img2img_pipeline_class = "StableDiffusionXLImg2ImgPipeline"
+    inpaint_pipeline_class = "StableDiffusionXLInpaintPipeline"
+    control_edits = True
     # SDXL's CLIP encoders respond to short comma-separated tags.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 40 words): subject first, then details, "

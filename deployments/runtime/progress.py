@@ -43,6 +43,8 @@ class StepMonitor:
         self.total_steps = total_steps
         self.stop = threading.Event()
         self.steps_done = 0
+        # Steps of earlier pipeline calls of the same batch (a hires second pass counts on from the first).
+        self.steps_before = 0
         self.reports_sent = 0
         self._loop = asyncio.get_running_loop()
         self._started = self._last_report = time.perf_counter()
@@ -52,7 +54,7 @@ class StepMonitor:
         self._started = self._last_report = time.perf_counter()
 
     def __call__(self, pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
-        self.steps_done = step + 1
+        self.steps_done = self.steps_before + step + 1
         if self.stop.is_set():
             raise Interrupted(f"stopped after step {self.steps_done} of {self.total_steps}")
         now = time.perf_counter()

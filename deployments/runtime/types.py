@@ -75,12 +75,53 @@ class ControlInput:
     high_threshold: int = 200
 
 
+def denoising_steps(steps: int, strength: float) -> int:
+    """The steps an image-to-image pass runs: diffusers starts `strength` of the way into the
+    schedule and counts `int(steps * strength)` (its `get_timesteps`); 0 means nothing would run."""
+    return min(int(steps * strength), steps)
+
+
+@dataclass(frozen=True)
+class EditInput:
+    """Image-to-image or inpainting: start from `image` instead of pure noise.
+
+    `image`: uint8 (H, W, 3) at the generation size, or (N, H, W, 3), one per seed (the hires
+    pass). `strength` (0-1]: how far into the noise schedule the image is pushed before
+    denoising. `mask`: inpainting when set, uint8 (H, W), 255 where to repaint and 0 where to keep
+    (already thresholded); the pipeline sees it softened by a Gaussian blur of radius `mask_blur`
+    pixels, and with `preserve_unmasked` the generator pastes `image`'s pixels back wherever
+    `mask` is 0, so they stay exact.
+    """
+
+    image: np.ndarray
+    strength: float
+    mask: np.ndarray | None = None
+    mask_blur: int = 4
+    preserve_unmasked: bool = True
+
+    @property
+    def mode(self) -> str:
+        return "inpainting" if self.mask is not None else "image-to-image"
+
+
+@dataclass(frozen=True)
+class HiresPass:
+    """A second, image-to-image pass over the first pass's images, upscaled (Lanczos) to
+    `width` x `height`: `steps` scheduled, `strength` of them run (see `denoising_steps`)."""
+
+    width: int
+    height: int
+    steps: int
+    strength: float
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """What a generator needs for one batch besides the prompt: one image per seed.
 
     `loras`: the adapters to apply to this batch, and only these (empty: none). `control` applies to
-    generators with ControlNets only (the model spec checks it first)."""
+    generators with ControlNets only (the model spec checks it first). `edit`: start from an image
+    (image-to-image, inpainting); `hires`: refine the result at a larger size in a second pass."""
 
     seeds: list[int]
     width: int
@@ -90,6 +131,17 @@ class GenerationParams:
     progress: ProgressTarget | None = None
     loras: tuple[LoraRef, ...] = ()
     control: ControlInput | None = None
+    edit: EditInput | None = None
+    hires: HiresPass | None = None
+
+    def total_steps(self) -> int:
+        """The denoising steps this batch runs, both passes together (what progress counts to)."""
+        steps = self.num_inference_steps
+        if self.edit is not None:
+            steps = denoising_steps(steps, self.edit.strength)
+        if self.hires is not None:
+            steps += denoising_steps(self.hires.steps, self.hires.strength)
+        return steps
 
 
 @dataclass
@@ -102,6 +154,8 @@ class GenerationOutput:
     seconds: float
     device: str
     dtype: str
+    # Seconds per pass when there is more than one ("hires": the upscale and second pass).
+    timings: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,22 @@ class ControlOptions(BaseModel):
         return value
 
 
+DEFAULT_STRENGTH = 0.75
+
+
+class HiresOptions(BaseModel):
+    """`hires` of POST /v1/images: generate at the requested size, upscale (Lanczos), then refine
+    with image-to-image ("hires fix"). The output is `scale` times the requested size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(2.0, ge=1, le=2, description="Upscale factor, 1-2; the final size is rounded to a multiple of 16.")
+    strength: float = Field(
+        0.5, ge=0, le=1, description="How much the second pass repaints, 0-1; steps x strength must be at least 1."
+    )
+    steps: int | None = Field(None, ge=1, le=50, description="Second pass steps (scheduled); default: the first pass's.")
+
+
 class ImageRequest(BaseModel):
     """`POST /v1/images`, and the argument of the ingress's `generate_images` handle method.
 
@@ -125,6 +141,31 @@ class ImageRequest(BaseModel):
     )
     control: ControlOptions | None = Field(
         None, description="ControlNet guidance from a reference picture (models with ControlNets: see GET /v1/models)."
+    )
+    init_image: str | None = Field(
+        None, min_length=1,
+        description="Image-to-image: base64 PNG, JPEG or WebP to start from (a data: URL prefix is accepted); "
+                    "scaled to cover the output size and centre-cropped. Models with image_to_image in GET /v1/models.",
+    )
+    strength: float | None = Field(
+        None, ge=0, le=1,
+        description=f"With init_image: how much to repaint, 0-1 (1 ignores the image); default {DEFAULT_STRENGTH}. "
+                    "num_inference_steps x strength must be at least 1.",
+    )
+    mask: str | None = Field(
+        None, min_length=1,
+        description="Inpainting (with init_image): base64 PNG, JPEG or WebP of init_image's size; white (>= 128 in "
+                    "grey) is repainted, black kept. Models with inpainting in GET /v1/models.",
+    )
+    mask_blur: int | None = Field(
+        None, ge=0, le=64, description="With mask: Gaussian blur radius in pixels softening the mask's edge; default 4."
+    )
+    preserve_unmasked: bool | None = Field(
+        None, description="With mask: paste the input's pixels back where the mask is black, so they stay exact; "
+                          "default true."
+    )
+    hires: HiresOptions | None = Field(
+        None, description="A second, high-resolution pass: {scale, strength, steps}; not with mask."
     )
 
     @field_validator("prompt")
@@ -225,6 +266,14 @@ class ScoreResponse(BaseModel):
     timings: dict[str, float] = Field(description="Seconds: decode, score, total.")
 
 
+class HiresInfo(HiresOptions):
+    """The hires pass that ran: `steps` filled in, and the first pass's size."""
+
+    steps: int
+    first_width: int = Field(description="Width of the first pass, before upscaling.")
+    first_height: int = Field(description="Height of the first pass, before upscaling.")
+
+
 class ImageInfo(BaseModel):
     """One returned image, without its pixels."""
 
@@ -280,6 +329,11 @@ class ImageResponse(BaseModel):
     timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total.")
     warnings: list[str] = Field(default_factory=list)
     loras: list[Lora] = Field(default_factory=list, description="The LoRA adapters applied, with their scales.")
+    mode: Literal["text-to-image", "image-to-image", "inpainting"] = Field(
+        "text-to-image", description="What the first pass started from: noise, init_image, or init_image and mask."
+    )
+    strength: float | None = Field(None, description="The strength used with init_image; null for text-to-image.")
+    hires: HiresInfo | None = Field(None, description="The high-resolution second pass, when one ran.")
 
 
 class EnhanceRequest(BaseModel):

@@ -27,9 +27,11 @@ import numpy as np
 from deployments.config import CombinedWeights
 from deployments.runtime.types import (
     ControlInput,
+    EditInput,
     EnhancedPrompt,
     GenerationOutput,
     GenerationParams,
+    HiresPass,
     LoraRef,
     ProgressTarget,
     PromptForm,
@@ -67,6 +69,19 @@ class ImagePlan:
     loras: tuple[LoraRef, ...] = ()
     weights: CombinedWeights | None = None  # of the combined score; None: the scorer's default
     control: ControlInput | None = None
+    edit: EditInput | None = None  # image-to-image or inpainting
+    hires: HiresPass | None = None  # a second pass at a larger size
+    # SHA-256 of the uploaded init_image and mask ("init_image_sha256", "mask_sha256"), for metadata.
+    input_hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return "text-to-image" if self.edit is None else self.edit.mode
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the images returned: the hires pass's when there is one."""
+        return (self.width, self.height) if self.hires is None else (self.hires.width, self.hires.height)
 
 
 @dataclass
@@ -177,6 +192,8 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
             progress=None if progress is None else dataclasses.replace(progress, round=attempt),
             loras=plan.loras,
             control=control,
+            edit=plan.edit,
+            hires=plan.hires,
         )
         round_started = time.perf_counter()
         if attempt > 1 and plan.revise_prompt and plan.enhance:
@@ -197,6 +214,8 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
         generated_at = time.perf_counter()
         scores: list[dict[str, float]] = await call_stage(scoring, "score", timeout_s)
         timings["generate"] += generated_at - round_started
+        for part, seconds in output.timings.items():  # parts of generate: first_pass, hires
+            timings[part] = timings.get(part, 0.0) + seconds
         timings["score"] += time.perf_counter() - generated_at
         for seed, image, image_scores in zip(output.seeds, output.images, scores):
             passed = bool(image_scores[plan.metric] >= plan.threshold)  # numpy scores give numpy bools

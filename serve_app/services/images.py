@@ -16,20 +16,22 @@ from deployments.scoring.clip_scorer import COMBINABLE, GATE_METRICS, SCORE_RANG
 from deployments.config import CombinedWeights
 from deployments.runtime.lora import LoraNameError, LoraRegistry
 from deployments.enhancer.prompt_rules import blocked_terms, validate_prompt
-from deployments.runtime.types import ControlInput, EnhancedPrompt, LoraRef, ProgressTarget
+from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, LoraRef, ProgressTarget
 from serve_app.config import QualityPolicy, check_threshold
 from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
 from serve_app.services.media import encode_plain_png, encode_png_b64
-from serve_app.services.inputs import decode_image, fit_image
+from serve_app.services.inputs import decode_image, fit_image, fit_mask, upload_sha256
 from serve_app.services.validation import ModelSpec, PromptBlocked, RequestError, control_catalogue
 from serve_app.api.schemas import (
     Attempt,
     ControlOptions,
     ControlPreviewRequest,
+    DEFAULT_STRENGTH,
     ControlPreviewResponse,
     EnhanceRequest,
     EnhanceResponse,
     GeneratedImage,
+    HiresInfo,
     ImageRequest,
     ImageResponse,
     Lora,
@@ -83,10 +85,35 @@ class ImageService:
             preprocess=control.preprocess, low_threshold=control.low_threshold, high_threshold=control.high_threshold,
         )
 
+    def edit_input(self, request: ImageRequest, width: int, height: int) -> tuple[EditInput, dict[str, str]]:
+        """Decode `init_image` and `mask` (pixel limit before decoding; 422 naming the field), fit both
+        to the output size alike, and hash the uploads for the images' metadata."""
+        image = decode_image(request.init_image, "init_image", self.max_input_pixels)
+        hashes = {"init_image_sha256": upload_sha256(request.init_image, "init_image")}
+        mask = None
+        if request.mask is not None:
+            mask_image = decode_image(request.mask, "mask", self.max_input_pixels)
+            if mask_image.size != image.size:
+                # Fitting crops by aspect ratio: a mask of another size would not line up with its image.
+                (mw, mh), (iw, ih) = mask_image.size, image.size
+                raise RequestError("mask", f"is {mw}x{mh} but init_image is {iw}x{ih}; a mask must match its image "
+                                   "pixel for pixel", f"a {iw}x{ih} image")
+            mask = fit_mask(mask_image, width, height)
+            hashes["mask_sha256"] = upload_sha256(request.mask, "mask")
+        edit = EditInput(
+            image=fit_image(image, width, height),
+            strength=DEFAULT_STRENGTH if request.strength is None else request.strength,
+            mask=mask,
+            mask_blur=4 if request.mask_blur is None else request.mask_blur,
+            preserve_unmasked=request.preserve_unmasked is not False,
+        )
+        return edit, hashes
+
     def plan(self, request: ImageRequest) -> tuple[ImagePlan, ModelSpec, list[str]]:
         """Fill in defaults and check what depends on the model and the config (422 on failure).
 
-        A `control` image is decoded here, so a bad one is refused before anything is generated."""
+        `control`, `init_image` and `mask` images are decoded here, so a bad one is refused before
+        anything is generated."""
         spec = self.spec_of(request.model)
         spec.check(request)
         self.check_blocklist(request.prompt)
@@ -110,6 +137,7 @@ class ImageService:
         width = request.width or spec.default_width
         height = request.height or spec.default_height
         control = None if request.control is None else self.control_input(request.control, width, height)
+        edit, input_hashes = (None, {}) if request.init_image is None else self.edit_input(request, width, height)
         plan = ImagePlan(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -131,6 +159,9 @@ class ImageService:
             loras=loras,
             weights=weights,
             control=control,
+            edit=edit,
+            hires=spec.hires_pass(request),
+            input_hashes=input_hashes,
         )
         return plan, spec, warnings
 
@@ -193,6 +224,7 @@ class ImageService:
         accepted = time.time()
         started = time.perf_counter()
         plan, spec, warnings, result = await self.run(request, progress)
+        width, height = plan.output_size
         encode_started = time.perf_counter()
         images = await asyncio.to_thread(self._encode, result, plan, spec)
         timings = dict(result.timings)
@@ -209,8 +241,8 @@ class ImageService:
             enhancer=result.enhanced.enhancer,
             enhancer_fallback=result.enhanced.fallback_reason,
             prompt_advice=advice_of(request.prompt),
-            width=plan.width,
-            height=plan.height,
+            width=width,
+            height=height,
             num_inference_steps=plan.num_inference_steps,
             guidance_scale=plan.guidance_scale,
             quality_metric=plan.metric,
@@ -222,6 +254,9 @@ class ImageService:
             timings={key: round(value, 4) for key, value in timings.items()},
             warnings=warnings,
             loras=loras_of(plan),
+            mode=plan.mode,
+            strength=None if plan.edit is None else plan.edit.strength,
+            hires=hires_of(plan),
         )
 
     @staticmethod
@@ -332,7 +367,29 @@ def loras_of(plan: ImagePlan) -> list[Lora]:
     return [Lora(name=ref.name, scale=ref.scale) for ref in plan.loras]
 
 
+def hires_of(plan: ImagePlan) -> HiresInfo | None:
+    hires = plan.hires
+    if hires is None:
+        return None
+    return HiresInfo(scale=round(hires.width / plan.width, 4), strength=hires.strength, steps=hires.steps,
+                     first_width=plan.width, first_height=plan.height)
+
+
+def edit_meta(plan: ImagePlan) -> dict:
+    """What a result's metadata needs to reproduce an image-to-image, inpainting or hires request."""
+    meta = {}
+    edit = plan.edit
+    if edit is not None:
+        meta.update(mode=edit.mode, strength=edit.strength, **plan.input_hashes)
+        if edit.mask is not None:
+            meta.update(mask_blur=edit.mask_blur, preserve_unmasked=edit.preserve_unmasked)
+    if plan.hires is not None:
+        meta["hires"] = hires_of(plan).model_dump()
+    return meta
+
+
 def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> GeneratedImage:
+    width, height = plan.output_size
     meta = {
         "prompt": candidate.prompt,
         "original_prompt": plan.prompt,
@@ -340,10 +397,11 @@ def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan,
         "seed": candidate.seed,
         "steps": plan.num_inference_steps,
         "guidance_scale": plan.guidance_scale,
-        "width": plan.width,
-        "height": plan.height,
+        "width": width,
+        "height": height,
         "model": spec.id,
         "loras": [{"name": ref.name, "scale": ref.scale} for ref in plan.loras],
+        **edit_meta(plan),
     }
     if plan.control is not None:
         control = plan.control
@@ -354,8 +412,8 @@ def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan,
     return GeneratedImage(
         b64_png=encode_png_b64(candidate.image, meta),
         seed=candidate.seed,
-        width=plan.width,
-        height=plan.height,
+        width=width,
+        height=height,
         attempt=candidate.attempt,
         scores=Scores(**candidate.scores),
         passed=candidate.passed,

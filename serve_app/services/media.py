@@ -26,6 +26,16 @@ def a1111_parameters(meta: dict) -> str:
         f"Size: {meta['width']}x{meta['height']}",
         f"Model: {meta['model']}",
     ]
+    # Image-to-image, inpainting and hires fix, in A1111's words (it never combines the first two with
+    # the third; here the edit's strength comes first).
+    hires = meta.get("hires")
+    strength = meta.get("strength", hires and hires["strength"])
+    if strength is not None:
+        settings.append(f"Denoising strength: {strength:g}")
+    if meta.get("mask_blur") is not None:
+        settings.append(f"Mask blur: {meta['mask_blur']}")
+    if hires:
+        settings += [f"Hires upscale: {hires['scale']:g}", f"Hires steps: {hires['steps']}", "Hires upscaler: Lanczos"]
     lines.append(", ".join(settings))
     return "\n".join(lines)
 

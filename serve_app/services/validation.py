@@ -5,8 +5,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from deployments.config import ImageModelConfig
-from deployments.runtime.types import PromptForm
-from serve_app.api.schemas import ControlOptions, ImageRequest
+from deployments.runtime.types import HiresPass, PromptForm, denoising_steps
+from serve_app.api.schemas import DEFAULT_STRENGTH, ControlOptions, ImageRequest
+
+
+
+def _width_bound(name: str):
+    return next(getattr(rule, name) for rule in ImageRequest.model_fields["width"].metadata if hasattr(rule, name))
+
+
+# The largest side an image may have (ImageRequest's width and height), after a hires pass too,
+# and the multiple every output side is.
+MAX_SIDE = _width_bound("le")
+SIZE_STEP = _width_bound("multiple_of")
 
 
 class RequestError(ValueError):
@@ -66,6 +77,10 @@ class ModelSpec:
     # request naming LoRAs for a model without it gets 422 rather than an image without them.
     supports_loras: bool = False
     control_types: tuple[str, ...] = ()
+    # Image-to-image (init_image) and inpainting (mask): the family's pipelines; with ControlNet too.
+    supports_img2img: bool = False
+    supports_inpainting: bool = False
+    control_edits: bool = False
     # How the enhancer's LLM writes prompts for this family (None: the neutral form).
     prompt_form: PromptForm | None = field(default=None, compare=False)
 
@@ -89,6 +104,9 @@ class ModelSpec:
             uses_negative_prompt=family.negative_prompt and guidance[1] > 1,
             supports_loras=family.lora is not None,
             control_types=family.control_types(family.options_of(entry)),
+            supports_img2img=family.img2img_pipeline_class is not None,
+            supports_inpainting=family.inpaint_pipeline_class is not None,
+            control_edits=family.control_edits,
             prompt_form=family.prompt_form,
         )
 
@@ -108,6 +126,66 @@ class ModelSpec:
             allowed = f"{low:g}" if low == high else f"{low:g}-{high:g}"
             rule = f"must be {low:g}" if low == high else f"must be between {low:g} and {high:g}"
             raise RequestError("guidance_scale", f"{self.id} guidance_scale {rule}; got {guidance:g}", allowed)
+        self.check_edit(request)
+        self.hires_pass(request)
+
+    def check_edit(self, request: ImageRequest) -> None:
+        """init_image, strength, mask and its options: what they need of each other and of the model."""
+        if request.init_image is None:
+            for name in ("mask", "strength", "mask_blur", "preserve_unmasked"):
+                if getattr(request, name) is not None:
+                    raise RequestError(name, "applies only with init_image (image-to-image or inpainting)",
+                                       "leave it out, or give init_image")
+            return
+        if not self.supports_img2img:
+            raise RequestError("init_image", f"{self.id} cannot start from an image (no image-to-image pipeline)",
+                               "a model with supports_img2img in GET /v1/models")
+        if request.mask is None:
+            for name in ("mask_blur", "preserve_unmasked"):
+                if getattr(request, name) is not None:
+                    raise RequestError(name, "applies only with mask (inpainting)", "leave it out, or give mask")
+        elif not self.supports_inpainting:
+            raise RequestError("mask", f"{self.id} cannot inpaint (no inpainting pipeline)",
+                               "a model with supports_inpainting in GET /v1/models")
+        if request.control is not None and not self.control_edits:
+            raise RequestError("init_image", f"{self.id} cannot combine control with init_image",
+                               "leave out control or init_image")
+        steps = request.num_inference_steps or self.default_steps
+        strength = DEFAULT_STRENGTH if request.strength is None else request.strength
+        if denoising_steps(steps, strength) < 1:
+            raise RequestError(
+                "strength", f"strength {strength:g} x num_inference_steps {steps} leaves no denoising step "
+                "(diffusers runs int(steps x strength))", f"at least {1 / steps:.3g} with {steps} steps, "
+                "or more num_inference_steps",
+            )
+
+    def hires_pass(self, request: ImageRequest) -> HiresPass | None:
+        """The request's second pass at its final size, or None; 422 naming the `hires` field that cannot be."""
+        hires = request.hires
+        if hires is None:
+            return None
+        if not self.supports_img2img:
+            raise RequestError("hires", f"{self.id} has no image-to-image pipeline to refine with",
+                               "a model with supports_img2img in GET /v1/models")
+        if request.mask is not None:
+            raise RequestError("hires", "does not combine with mask: inpainting keeps the input's pixels at the output "
+                               "size; ask for the final width and height instead", "leave out hires or mask")
+        sizes = [(request.width or self.default_width), (request.height or self.default_height)]
+        width, height = (round(side * hires.scale / SIZE_STEP) * SIZE_STEP for side in sizes)
+        if max(width, height) > MAX_SIDE:
+            largest = MAX_SIDE / max(sizes)
+            raise RequestError("hires.scale", f"{hires.scale:g} x {sizes[0]}x{sizes[1]} is {width}x{height}, over "
+                               f"{MAX_SIDE} pixels a side", f"1-{largest:.3g}")
+        steps = hires.steps or request.num_inference_steps or self.default_steps
+        if not self.min_steps <= steps <= self.max_steps:
+            raise RequestError("hires.steps", f"{self.id} takes {self.min_steps}-{self.max_steps} steps; got {steps}",
+                               f"{self.min_steps}-{self.max_steps}")
+        if denoising_steps(steps, hires.strength) < 1:
+            raise RequestError(
+                "hires.strength", f"hires.strength {hires.strength:g} x hires.steps {steps} leaves no denoising step",
+                f"at least {1 / steps:.3g} with {steps} steps, or more hires.steps",
+            )
+        return HiresPass(width=width, height=height, steps=steps, strength=hires.strength)
 
     def check_control(self, control_type: str, none_field: str = "control", type_field: str = "control.type") -> None:
         """422 unless this model has a ControlNet of `control_type`: naming `none_field` when it has
