@@ -69,7 +69,8 @@ class ImageGenerator:
                     f"not the requested {params.width}x{params.height}"
                 )
             control = await self.preprocess(control)
-        monitor = StepMonitor(params.progress, params.num_inference_steps)
+        monitor = StepMonitor(params.progress, params.num_inference_steps,
+                              preview=lambda latents: self._model.preview(latents, params))
         async with self._lock:
             return await run_interruptibly(lambda: self._generate(params, prompt, control, monitor), monitor)
 

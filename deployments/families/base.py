@@ -107,6 +107,19 @@ class LoadedImageModel:
         """Run the pipeline for one batch (one image per seed); return float images (N, H, W, 3) in [0, 1]."""
         return self.pipeline(**self.pipeline_kwargs(params, prompt, generators, callback)).images
 
+    def latent_image(self, latents, params: GenerationParams):
+        """The pipeline's in-loop latents as (B, C, h, w); families that pack them override this."""
+        return latents
+
+    def preview(self, latents, params: GenerationParams):
+        """An approximate RGB picture (h, w, 3) of the first image being denoised, or None."""
+        from deployments.runtime.previews import latent_rgb
+
+        factors = self.family.preview_factors
+        if factors is None:
+            return None
+        return latent_rgb(self.latent_image(latents, params), factors, self.family.preview_bias)
+
     def info(self) -> dict:
         """What GET /v1/models shows of this replica beyond id, family, source, device and dtype."""
         return {}
@@ -135,6 +148,10 @@ class ImageFamily:
     # How this family's LoRA files are recognised; None: the family takes no LoRAs.
     lora: ClassVar[LoraSignature | None] = None
     loaded_class: ClassVar[type[LoadedImageModel]] = LoadedImageModel
+    # Denoising previews: latent channel -> RGB factors (C x 3) and bias for the family's VAE latents,
+    # as ComfyUI's latent previews publish them; None: no previews for this family.
+    preview_factors: ClassVar[tuple[tuple[float, float, float], ...] | None] = None
+    preview_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
 
     def options_of(self, config: "ImageModelConfig") -> BaseModel:
         """The entry's `options:` validated against this family's `Options` model."""

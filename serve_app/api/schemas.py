@@ -126,6 +126,10 @@ class ImageRequest(BaseModel):
     control: ControlOptions | None = Field(
         None, description="ControlNet guidance from a reference picture (models with ControlNets: see GET /v1/models)."
     )
+    preview: bool = Field(
+        True, description="As a job: send a small approximate picture of the image being denoised with its progress "
+                          "events (models whose family has preview factors). No effect on a sync request.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -248,6 +252,10 @@ class Attempt(BaseModel):
     prompt: str
     scores: Scores
     passed: bool
+    thumbnail: str | None = Field(
+        None, description="For a candidate that was not returned in `images`: a small PNG data: URL of it, so it "
+                          "can be compared with the chosen ones; null for returned images.",
+    )
 
 
 class ImageResponse(BaseModel):
