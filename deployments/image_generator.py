@@ -115,6 +115,7 @@ class ImageGenerator:
              monitor: StepMonitor) -> np.ndarray:
         """One pipeline call as uint8 images, the input's pixels pasted back outside an inpainting mask."""
         monitor.steps_before = monitor.steps_done
+        monitor.preview = lambda latents: self._model.preview(latents, params)  # this call's size
         images = to_uint8_images(
             self._model(params, prompt, control, seeded_generators(params.seeds, self._placement.device), monitor)
         )

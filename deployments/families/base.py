@@ -170,6 +170,19 @@ class LoadedImageModel:
         pipeline = self.pipeline_for(params)
         return pipeline(**self.pipeline_kwargs(pipeline, params, prompt, generators, callback)).images
 
+    def latent_image(self, latents, params: GenerationParams):
+        """The pipeline's in-loop latents as (B, C, h, w); families that pack them override this."""
+        return latents
+
+    def preview(self, latents, params: GenerationParams):
+        """An approximate RGB picture (h, w, 3) of the first image being denoised, or None."""
+        from deployments.runtime.previews import latent_rgb
+
+        factors = self.family.preview_factors
+        if factors is None:
+            return None
+        return latent_rgb(self.latent_image(latents, params), factors, self.family.preview_bias)
+
     def info(self) -> dict:
         """What GET /v1/models shows of this replica beyond id, family, source, device and dtype."""
         return {}
@@ -204,6 +217,10 @@ class ImageFamily:
     inpaint_pipeline_class: ClassVar[str | None] = None
     # Whether ControlNet guidance combines with image-to-image and inpainting.
     control_edits: ClassVar[bool] = False
+    # Denoising previews: latent channel -> RGB factors (C x 3) and bias for the family's VAE latents,
+    # as ComfyUI's latent previews publish them; None: no previews for this family.
+    preview_factors: ClassVar[tuple[tuple[float, float, float], ...] | None] = None
+    preview_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
 
     def options_of(self, config: "ImageModelConfig") -> BaseModel:
         """The entry's `options:` validated against this family's `Options` model."""

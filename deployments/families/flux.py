@@ -25,6 +25,10 @@ class FluxOptions(BaseModel):
 
 
 class LoadedFlux(LoadedImageModel):
+    def latent_image(self, latents, params):
+        # FLUX packs 2x2 latent patches into its sequence; unpack to (B, C, h, w) for a preview.
+        return self.pipeline._unpack_latents(latents, params.height, params.width, self.pipeline.vae_scale_factor)
+
     def pipeline_kwargs(self, pipeline, params, prompt, generators, callback) -> dict:
         return {**super().pipeline_kwargs(pipeline, params, prompt, generators, callback),
                 "max_sequence_length": self.options.max_sequence_length}
@@ -55,6 +59,15 @@ class FluxFamily(ImageFamily):
              "a violet sky, painted as detailed digital concept art with vibrant colors."),
         ),
     )
+    # FLUX's 16-channel VAE latents (published by ComfyUI's latent previews). The tiny test VAE has
+    # 4 channels, so tiny FLUX shows no preview.
+    preview_factors = (
+        (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+        (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+        (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+        (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+    )
+    preview_bias = (-0.0329, -0.0718, -0.0851)
     lora = LoraSignature(
         metadata_prefixes=("flux",),
         key_prefixes=("transformer.", "lora_transformer_", "diffusion_model."),

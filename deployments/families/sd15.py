@@ -32,6 +32,9 @@ class Sd15Family(ImageFamily):
              "ginger tabby cat, wooden windowsill, morning sunlight, blurred garden, photograph, sharp focus"),
         ),
     )
+    # SD 1.x's 4-channel VAE latents (published by ComfyUI's latent previews).
+    preview_factors = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721),
+                       (-0.2120, -0.2616, -0.7177))
     lora = LoraSignature(
         metadata_prefixes=("sd_v1", "stable-diffusion-v1"),
         key_prefixes=("lora_te_",),

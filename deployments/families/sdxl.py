@@ -203,6 +203,10 @@ class SdxlFamily(ImageFamily):
              "vibrant colors, detailed illustration"),
         ),
     )
+    # SDXL's 4-channel VAE latents (published by ComfyUI's latent previews).
+    preview_factors = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
+                       (-0.3165, -0.2492, -0.2188))
+    preview_bias = (0.1084, -0.0175, -0.0011)
     lora = LoraSignature(
         metadata_prefixes=("sdxl", "stable-diffusion-xl"),
         key_prefixes=("text_encoder_2.", "lora_te2_", "lora_te1_"),

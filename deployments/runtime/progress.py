@@ -40,6 +40,9 @@ class StepMonitor:
 
     def __init__(self, target: ProgressTarget | None, total_steps: int):
         self.target = target
+        # `preview(latents)`: an (h, w, 3) uint8 picture of the step's latents, or None; set by the
+        # generator for each pipeline call, sent with each report when the target asks for previews.
+        self.preview: Callable[[Any], Any] | None = None
         self.total_steps = total_steps
         self.stop = threading.Event()
         self.steps_done = 0
@@ -61,10 +64,23 @@ class StepMonitor:
         if self.target is not None and now - self._last_report >= self.target.min_interval_s:
             self._last_report = now
             self.reports_sent += 1
-            self._loop.call_soon_threadsafe(self._send, self.steps_done, now - self._started)
+            preview = self._preview_of(callback_kwargs)
+            self._loop.call_soon_threadsafe(self._send, self.steps_done, now - self._started, preview)
         return callback_kwargs
 
-    def _send(self, step: int, elapsed_s: float) -> None:
+    def _preview_of(self, callback_kwargs: dict) -> str | None:
+        if self.preview is None or not self.target.preview or "latents" not in callback_kwargs:
+            return None
+        try:
+            from deployments.runtime.previews import small_png_data_url
+
+            picture = self.preview(callback_kwargs["latents"])
+            return None if picture is None else small_png_data_url(picture, max_side=128)
+        except Exception:  # a preview is a courtesy; never fail a generation over it
+            logger.warning("could not make a denoising preview", exc_info=True)
+            return None
+
+    def _send(self, step: int, elapsed_s: float, preview: str | None = None) -> None:
         target = self.target
         try:
             handle = _handles.get((target.app, target.deployment))
@@ -75,6 +91,8 @@ class StepMonitor:
                 _handles[(target.app, target.deployment)] = handle
             progress = {"stage": target.stage, "round": target.round, "step": step, "steps": self.total_steps,
                         "elapsed_s": elapsed_s}
+            if preview is not None:
+                progress["preview"] = preview
             handle.record_progress.remote(target.job_id, target.attempt, progress)  # not awaited: see above
         except Exception:  # progress is advisory; never fail a generation over it
             logger.warning("could not report progress of job %s", target.job_id, exc_info=True)

@@ -38,6 +38,9 @@ class ProgressTarget:
     stage: str
     round: int = 1
     min_interval_s: float = 0.5
+    # Send a small approximate picture of the image being denoised with each report (families with
+    # preview factors only).
+    preview: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from ray.exceptions import RayActorError
 
 from serve_app.api.body_limit import BodyLimit
+from serve_app.ui import mount_console
 from serve_app.api.errors import explain_errors
 from serve_app.api.metrics import GraphMetrics
 from serve_app.api.schemas import (
@@ -175,4 +176,5 @@ def build_api() -> FastAPI:
     api.add_exception_handler(RayActorError, _replica_lost)
     for router in ROUTERS:
         api.include_router(router)
+    mount_console(api)
     return api

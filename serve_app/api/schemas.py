@@ -167,6 +167,10 @@ class ImageRequest(BaseModel):
     hires: HiresOptions | None = Field(
         None, description="A second, high-resolution pass: {scale, strength, steps}; not with mask."
     )
+    preview: bool = Field(
+        True, description="As a job: send a small approximate picture of the image being denoised with its progress "
+                          "events (models whose family has preview factors). No effect on a sync request.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -297,6 +301,10 @@ class Attempt(BaseModel):
     prompt: str
     scores: Scores
     passed: bool
+    thumbnail: str | None = Field(
+        None, description="For a candidate that was not returned in `images`: a small PNG data: URL of it, so it "
+                          "can be compared with the chosen ones; null for returned images.",
+    )
 
 
 class ImageResponse(BaseModel):

@@ -207,6 +207,8 @@ class JobDispatcher:
         eta = progress["elapsed_s"] / step * (steps - step) if step > 0 else None
         record = {"stage": progress["stage"], "round": progress["round"], "step": step, "steps": steps,
                   "eta_s": None if eta is None else round(eta, 2), "updated_at": time.time()}
+        if progress.get("preview"):
+            record["preview"] = progress["preview"]
         self._progress[job_id] = record
         if await asyncio.to_thread(self.store.record_progress, job_id, attempt, record):
             self._watchers.changed(job_id)

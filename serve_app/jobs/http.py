@@ -222,7 +222,8 @@ class JobsApi:
 
 
 def _public_progress(progress: dict) -> dict:
-    return {key: progress[key] for key in ("stage", "round", "step", "steps", "eta_s", "updated_at") if key in progress}
+    return {key: progress[key] for key in ("stage", "round", "step", "steps", "eta_s", "updated_at", "preview")
+            if key in progress}
 
 
 def _sse(event: str, data: dict, event_id: int) -> str:

@@ -28,6 +28,10 @@ class JobProgress(BaseModel):
     steps: int = Field(description="Denoising steps in this stage.")
     eta_s: float | None = Field(None, description="Seconds left in this stage at the pace so far.")
     updated_at: float
+    preview: str | None = Field(
+        None, description="A small approximate picture of the image being denoised (a PNG data: URL), for image "
+                          "jobs with `preview` on and models whose family has preview factors; else null.",
+    )
 
 
 class JobHistoryEntry(BaseModel):

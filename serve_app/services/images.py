@@ -16,6 +16,7 @@ from deployments.scoring.clip_scorer import COMBINABLE, GATE_METRICS, SCORE_RANG
 from deployments.config import CombinedWeights
 from deployments.runtime.lora import LoraNameError, LoraRegistry
 from deployments.enhancer.prompt_rules import blocked_terms, validate_prompt
+from deployments.runtime.previews import small_png_data_url
 from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, LoraRef, ProgressTarget
 from serve_app.config import QualityPolicy, check_threshold
 from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
@@ -223,10 +224,12 @@ class ImageService:
             request = ImageRequest.model_validate(request)
         accepted = time.time()
         started = time.perf_counter()
+        if progress is not None:
+            progress = dataclasses.replace(progress, preview=request.preview)
         plan, spec, warnings, result = await self.run(request, progress)
         width, height = plan.output_size
         encode_started = time.perf_counter()
-        images = await asyncio.to_thread(self._encode, result, plan, spec)
+        images, attempts = await asyncio.to_thread(self._encode, result, plan, spec)
         timings = dict(result.timings)
         timings["encode"] = time.perf_counter() - encode_started
         timings["total"] = time.perf_counter() - started
@@ -250,7 +253,7 @@ class ImageService:
             quality_weights=plan.weights,
             passed=result.passed,
             images=images,
-            attempts=attempts_of(result),
+            attempts=attempts,
             timings={key: round(value, 4) for key, value in timings.items()},
             warnings=warnings,
             loras=loras_of(plan),
@@ -260,8 +263,8 @@ class ImageService:
         )
 
     @staticmethod
-    def _encode(result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> list[GeneratedImage]:
-        return [_generated_image(candidate, result, plan, spec) for candidate in result.chosen]
+    def _encode(result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> tuple[list[GeneratedImage], list[Attempt]]:
+        return [_generated_image(candidate, result, plan, spec) for candidate in result.chosen], attempts_of(result)
 
     async def enhance_prompt(self, request: EnhanceRequest | dict) -> EnhanceResponse:
         """The enhance step alone, as the image graph would run it for `request.model`."""
@@ -357,8 +360,11 @@ def default_weights(gate_metrics: tuple[str, ...]) -> CombinedWeights:
 
 
 def attempts_of(result: GraphResult) -> list[Attempt]:
+    """Every candidate with its scores; those not returned keep a thumbnail, to compare with the chosen."""
+    chosen = {id(candidate) for candidate in result.chosen}
     return [
-        Attempt(attempt=c.attempt, seed=c.seed, prompt=c.prompt, scores=Scores(**c.scores), passed=c.passed)
+        Attempt(attempt=c.attempt, seed=c.seed, prompt=c.prompt, scores=Scores(**c.scores), passed=c.passed,
+                thumbnail=None if id(c) in chosen else small_png_data_url(c.image))
         for c in result.candidates
     ]
 
