@@ -131,6 +131,10 @@ class JobsApi:
             raise JobError(409, f"job {job_id} is {job.state}{why}; a result exists once it has succeeded")
         return self._result(job, request)
 
+    def result_of(self, job: Job, request: Request) -> ImageJobResult | VideoJobResult:
+        """A succeeded job's result with links to its files (GET .../result)."""
+        return self._result(job, request)
+
     def _result(self, job: Job, request: Request) -> ImageJobResult | VideoJobResult:
         base = self._base(request, job.id)
         result = with_urls(job.kind, job.result, lambda name: f"{base}/files/{name}")
@@ -145,6 +149,29 @@ class JobsApi:
             "Content-Disposition": f'inline; filename="{job_id}-{name}"',
             "Cache-Control": "private, max-age=3600",  # a file never changes; it only expires
         })
+
+    async def wait(self, job_id: str, timeout_s: float, on_change=None) -> Job | None:
+        """The job once it has finished, or as it is after `timeout_s`; None if it is unknown.
+
+        For the protocol adapters (OpenAI `url` results, MCP tools, A2A tasks), which answer once a
+        job is done but never hold it: the job runs in the JobRunner whatever happens here.
+        `on_change(job)` is awaited on each new version (state or progress) while it waits."""
+        found = await self.runner.status.remote(job_id)
+        if found is None:
+            return None
+        job = found[0]
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not job.finished:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            newer = await self.runner.watch.remote(job.id, job.version, min(left, KEEPALIVE_S))
+            if newer is None:
+                return None
+            if on_change is not None and newer.version != job.version and not newer.finished:
+                await on_change(newer)
+            job = newer
+        return job
 
     # Cancel
 
