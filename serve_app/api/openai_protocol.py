@@ -58,6 +58,7 @@ class OpenAIImageRequest(BaseModel):
                           + ", ".join(map(repr, STYLES)) + "."
     )
     user: str | None = Field(None, max_length=256, description="An end-user id; accepted, not stored.")
+    safety_identifier: str | None = Field(None, max_length=256, description="As `user`: accepted, not stored.")
     output_format: Literal["png"] | None = Field(None, description="Only 'png' (with the generation parameters).")
 
 
