@@ -53,6 +53,11 @@ def _text(data) -> TextContent:
     return TextContent(type="text", text=json.dumps(data, separators=(",", ":")))
 
 
+def _structured(data: dict) -> CallToolResult:
+    """JSON as text (for clients that read only content) and as structured content."""
+    return CallToolResult(content=[_text(data)], structured_content=data)
+
+
 def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]) -> MCPServer:
     """The MCP server over one replica's `Services` (read when a tool runs, so it is built first)."""
     server = MCPServer(
@@ -78,16 +83,16 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
         return (finished or job), finished is not None and finished.finished
 
     def pending(job: Job) -> CallToolResult:
-        return CallToolResult(content=[_text({
+        return _structured(({
             "job_id": job.id, "state": job.state, "finished": False,
             "next": f"call get_job with job_id {job.id!r} (or cancel_job)",
-        })])
+        }))
 
     async def finished_result(job: Job, ctx: Context) -> CallToolResult:
         jobs = services().jobs_api()
         status = jobs.render(job, None, None).model_dump(mode="json")
         if job.state != SUCCEEDED:
-            return CallToolResult(content=[_text(status)], is_error=job.state == "failed")
+            return CallToolResult(content=[_text(status)], structured_content=status, is_error=job.state == "failed")
         result = jobs.result_of(job, None).model_dump(mode="json")
         base = base_url(ctx)
         content = [_text({"job_id": job.id, "state": job.state, "result": result})]
@@ -134,43 +139,43 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
                 job = await jobs.wait(job_id, wait_s) or job
             if job.finished:
                 return await finished_result(job, ctx)
-            return CallToolResult(content=[_text(jobs.render(job, position, None).model_dump(mode="json"))])
+            return _structured(jobs.render(job, position, None).model_dump(mode="json"))
         except jobs_http.JobError as error:
             raise _tool_error(error) from None
 
     @server.tool()
-    async def cancel_job(job_id: JobId) -> dict:
+    async def cancel_job(job_id: JobId) -> CallToolResult:
         """Cancel a queued or running job (a running one stops within a denoising step or two)."""
         try:
             jobs = services().jobs_api()
             job, position = await jobs.cancel_job(job_id)
-            return jobs.render(job, position, None).model_dump(mode="json")
+            return _structured(jobs.render(job, position, None).model_dump(mode="json"))
         except jobs_http.JobError as error:
             raise _tool_error(error) from None
 
     @server.tool()
-    async def enhance_prompt(request: EnhanceRequest) -> dict:
+    async def enhance_prompt(request: EnhanceRequest) -> CallToolResult:
         """The prompt a model would see for an idea (style, quality modifiers), with advice; nothing is generated."""
         try:
-            return (await services().images.enhance_prompt(request)).model_dump(mode="json")
+            return _structured((await services().images.enhance_prompt(request)).model_dump(mode="json"))
         except RequestError as error:
             raise _tool_error(error) from None
 
     @server.tool()
-    async def score_images(request: ScoreRequest) -> dict:
+    async def score_images(request: ScoreRequest) -> CallToolResult:
         """Score base64 images against a prompt (CLIP alignment, aesthetic, LAION, aspects, pixel statistics)."""
         try:
-            return (await services().scores.score(request)).model_dump(mode="json")
+            return _structured((await services().scores.score(request)).model_dump(mode="json"))
         except RequestError as error:
             raise _tool_error(error) from None
 
     @server.tool()
-    async def list_models() -> dict:
+    async def list_models() -> CallToolResult:
         """The deployed image models with their limits and defaults, the default model, and video models."""
         current = services()
         images = current.images
         videos = [] if current.videos is None else ["svd"]
-        return {"models": images.models(), "default_model": images.default_model, "video_models": videos}
+        return _structured({"models": images.models(), "default_model": images.default_model, "video_models": videos})
 
     return server
 
