@@ -127,6 +127,8 @@ def from_detail(detail: list[dict], status: int) -> OpenAIError:
     loc = [part for part in first.get("loc", ()) if part not in ("body", "request")]
     param = param_name(loc)
     message = first["msg"]
+    if first.get("allowed") and "(allowed:" not in message:
+        message += f" (allowed: {first['allowed']})"
     field = ".".join(str(part) for part in loc)
     if field and param != field and message.startswith(f"{field}:"):
         message = f"{param} ({field}):" + message[len(field) + 1:]
