@@ -10,7 +10,7 @@ import openai
 import pytest
 from mcp import Client as McpClient
 
-from tests.helpers import wait_until
+from serve_app.api.schemas import ImageRequest
 
 pytestmark = pytest.mark.integration
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -91,8 +91,8 @@ def test_mcp_lists_tools_with_the_request_models_schemas(base):
     assert set(tools) >= {"generate_image", "generate_video", "enhance_prompt", "score_images", "get_job",
                           "cancel_job", "list_models"}
     schema = tools["generate_image"].input_schema
-    image_request = schema["$defs"]["ImageRequest"]["properties"]
-    assert image_request["num_images"]["maximum"] == 4 and image_request["width"]["multipleOf"] == 16
+    assert schema["$defs"]["ImageRequest"]["properties"] == ImageRequest.model_json_schema()["properties"]
+    assert schema["$defs"]["ImageRequest"]["properties"]["num_images"]["maximum"] == 4
 
 
 def test_mcp_generate_image_reports_progress_and_returns_pngs(base):
@@ -168,7 +168,7 @@ def test_mcp_bad_arguments_are_tool_errors_naming_the_field_and_the_session_goes
 def test_mcp_list_models_and_enhance(base):
     async def run():
         async with _mcp(base) as client:
-            return (await client.call_tool("list_models", {}), 
+            return (await client.call_tool("list_models", {}),
                     await client.call_tool("enhance_prompt", {"request": {"prompt": "a fox", "style": "anime"}}))
 
     models, enhanced = asyncio.run(run())

@@ -61,3 +61,27 @@ def test_bad_arguments_are_tool_errors_naming_the_field_and_the_session_goes_on(
     bad, fine = _calls(server, (name, arguments), ("enhance_prompt", {"request": {"prompt": "a fox"}}))
     assert bad.is_error and words in bad.content[0].text, bad.content[0].text
     assert not fine.is_error
+
+
+def test_mcp_is_served_at_slash_mcp_of_the_api_app_once_its_lifespan_runs():
+    """The route the Ingress serves: build_api mounts the server and its lifespan runs the session
+    manager (Serve runs only the top-level app's lifespan); any Host header is answered."""
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    from serve_app.api.app import build_api
+
+    spec = model_spec()
+    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())},
+                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
+    app = build_api()
+    app.state.services = Services(images=images, scores=None)
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://genserve.example")
+            async with Client(streamable_http_client("http://genserve.example/mcp", http_client=http)) as client:
+                return await client.call_tool("enhance_prompt", {"request": {"prompt": "a fox"}})
+
+    result = asyncio.run(run())
+    assert not result.is_error and result.structured_content["enhanced_prompt"] == "a fox, enhanced"
