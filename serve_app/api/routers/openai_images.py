@@ -24,6 +24,7 @@ from serve_app.api.openai_protocol import (
     param_name,
     to_image_request,
 )
+from serve_app.api.schemas import ImageRequest
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.model import SUCCEEDED
 from serve_app.jobs.schemas import JobSubmission
@@ -46,10 +47,19 @@ class OpenAIRoute(APIRoute):
                     raise
                 state = getattr(request.app.state, "services", None)
                 if state is not None and translated.status < 500:
-                    state.record_rejection(request.url.path, [translated.param or "body"])
+                    state.record_rejection(self.path, [_metric_field(translated.param)])
                 return JSONResponse(status_code=translated.status, content=translated.body())
 
         return route
+
+
+def _metric_field(param: str | None) -> str:
+    """The field as a metric label: a known field's name, never a caller's key (labels are a fixed set)."""
+    name = (param or "body").split(".")[0]
+    return name if name in _KNOWN_FIELDS else "unknown_field"
+
+
+_KNOWN_FIELDS = frozenset({"body", *OpenAIImageRequest.model_fields, *ImageRequest.model_fields})
 
 
 def _openai_error(error: Exception) -> OpenAIError | None:
