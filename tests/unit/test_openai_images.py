@@ -101,3 +101,20 @@ def test_models_route_in_openai_shape(client):
     assert answer.json() == {"id": "flux-schnell", "object": "model", "created": 0, "owned_by": "genserve"}
     missing = client.get("/v1/models/dall-e-3")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_lost_replica_is_a_retryable_503_in_openai_shape():
+    from ray.exceptions import RayActorError
+
+    class LostGenerator(FakeGenerator):
+        async def generate(self, *args, **kwargs):
+            raise RayActorError()
+
+    spec = model_spec()
+    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(LostGenerator())},
+                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
+    app = build_api()
+    app.state.services = Services(images=images, scores=None)
+    answer = TestClient(app).post("/v1/images/generations", json={"prompt": "a fox"})
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert answer.json()["error"]["type"] == "server_error" and answer.json()["error"]["code"] == "replica_lost"

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from ray.exceptions import RayActorError
 
 from serve_app.api.app import Services, VideoNotDeployed, field_of, services
 from serve_app.api.errors import explain_errors
@@ -48,7 +49,8 @@ class OpenAIRoute(APIRoute):
                 state = getattr(request.app.state, "services", None)
                 if state is not None and translated.status < 500:
                     state.record_rejection(self.path, [_metric_field(translated.param)])
-                return JSONResponse(status_code=translated.status, content=translated.body())
+                return JSONResponse(status_code=translated.status, content=translated.body(),
+                                    headers=translated.headers)
 
         return route
 
@@ -81,6 +83,11 @@ def _openai_error(error: Exception) -> OpenAIError | None:
                            "invalid_request_error" if error.status < 500 else "server_error")
     if isinstance(error, StageTimeout):
         return OpenAIError(504, str(error), None, "timeout", "server_error")
+    if isinstance(error, RayActorError):
+        # As the app's handler: a lost downstream replica is retryable (Serve replaces it); the
+        # SDK retries 503s by itself, honouring Retry-After.
+        return OpenAIError(503, f"a replica serving this request was lost; retry. ({type(error).__name__})",
+                           None, "replica_lost", "server_error", headers={"Retry-After": "5"})
     if isinstance(error, VideoNotDeployed):
         return OpenAIError(501, "video generation is not deployed", None, None, "server_error")
     return None
