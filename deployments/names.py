@@ -32,3 +32,11 @@ ControlType = Literal["canny", "depth"]
 CONTROL_TYPES: tuple[str, ...] = get_args(ControlType)
 
 assert tuple(SCORE_RANGES) == GATE_METRICS
+
+# The OpenAI Images API's `quality` and `style` values, and what each means here (POST
+# /v1/images/generations; docs/agents.md has the table). genserve's own values are accepted too.
+OPENAI_QUALITIES: dict[str, Quality | None] = {
+    "auto": None, "max": "high", "xhigh": "high", "hd": "high", "high": "high", "medium": "standard",
+    "standard": "standard", "low": "none",
+}
+OPENAI_STYLES: dict[str, Style] = {"vivid": "cinematic", "natural": "photorealistic"}

@@ -162,10 +162,21 @@ def build_api() -> FastAPI:
     """The app with every router; the Ingress serves it and puts its `Services` on `app.state`."""
     from serve_app.api.routers import ROUTERS
 
+    from serve_app.api.mcp_tools import build_mcp, streamable_http_app
+
+    mcp = build_mcp(lambda: api.state.services, _base_url)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        # Serve runs only the top-level app's lifespan: mounted protocol servers start from here.
+        async with mcp.session_manager.run():
+            yield
+
     api = FastAPI(
         title="genserve",
         description="Self-hosted image and video generation on Ray Serve: enhance, generate, score, regenerate.",
         version="0.1.0",
+        lifespan=lifespan,
     )
     api.add_middleware(BodyLimit)
     api.add_exception_handler(RequestValidationError, _validation_error)
@@ -176,5 +187,12 @@ def build_api() -> FastAPI:
     api.add_exception_handler(RayActorError, _replica_lost)
     for router in ROUTERS:
         api.include_router(router)
+    api.router.routes.extend(streamable_http_app(mcp).routes)  # POST/GET /mcp: MCP over streamable HTTP
     mount_console(api)
     return api
+
+
+def _base_url(ctx) -> str:
+    """'http://host:port' of the HTTP request an MCP tool call came in on (for absolute file links)."""
+    request = getattr(ctx.request_context, "request", None)
+    return str(request.base_url).rstrip("/") if request is not None else ""

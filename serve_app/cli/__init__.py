@@ -4,6 +4,7 @@
                                      deploy CONFIG (default configs/dev.yaml) and wait until it runs
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
+    genserve bench-agents [options]  OpenAI route and MCP tools vs the same POST /v1/images
     genserve bench-scores [options]  scoring cost of a batch of images against one image
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd | llm | laion | sdxl |
                                      sdxl-controlnet | depth) as a local folder
@@ -98,6 +99,17 @@ def _bench_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_agents(args: argparse.Namespace) -> int:
+    from serve_app.bench.agents import format_agents_table, run_agents_benchmark
+
+    samples, overheads = run_agents_benchmark(args.config, args.requests, args.warmup, args.width, args.height,
+                                              args.steps)
+    print(f"genserve bench-agents: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
+          f"{args.requests} rounds (each interface in turn, same request) after {args.warmup} warm-up")
+    print(format_agents_table(samples, overheads))
+    return 0
+
+
 def _bench_scores(args: argparse.Namespace) -> int:
     from serve_app.bench.scores import format_score_table, run_score_benchmark
 
@@ -136,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="graph overhead over in-process calls")
     bench_jobs = commands.add_parser("bench-jobs", help="async job overhead over the same sync request")
-    for parser_, func in ((bench, _bench), (bench_jobs, _bench_jobs)):
+    bench_agents = commands.add_parser("bench-agents", help="OpenAI route and MCP tools over the same sync request")
+    for parser_, func in ((bench, _bench), (bench_jobs, _bench_jobs), (bench_agents, _bench_agents)):
         parser_.add_argument("--config", default="configs/dev.yaml")
         parser_.add_argument("--requests", type=int, default=30)
         parser_.add_argument("--warmup", type=int, default=3)

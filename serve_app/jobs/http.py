@@ -71,17 +71,30 @@ class JobsApi:
 
     async def submit(self, submission: JobSubmission, request: Request, response: Response,
                      idempotency_key: str | None) -> JobStatus:
+        job, created, position = await self.create(submission, idempotency_key)
+        status = self.render(job, position, request)
+        response.headers["Location"] = status.links.self
+        if not created:
+            response.headers["Idempotent-Replayed"] = "true"
+        return status
+
+    async def create(self, submission: JobSubmission, idempotency_key: str | None = None) -> tuple[Job, bool, int | None]:
+        """Validate and durably record a job: (job, created, queue position). The protocol adapters'
+        way in (MCP tools, A2A tasks, OpenAI `url` results), as POST /v1/jobs's."""
         stored = await self._validated(submission)
         digest = request_hash(submission)
         job, created, position = await self.runner.submit.remote(submission.kind, stored, idempotency_key, digest)
         if not created and job.request_hash != digest:
             raise JobError(409, f"Idempotency-Key {idempotency_key!r} was already used for a different request "
                                 f"(job {job.id})")
-        status = self.render(job, position, request)
-        response.headers["Location"] = status.links.self
-        if not created:
-            response.headers["Idempotent-Replayed"] = "true"
-        return status
+        return job, created, position
+
+    async def find(self, job_id: str) -> tuple[Job, int | None]:
+        """The job and its queue position; JobError 404 if it is unknown or expired."""
+        found = await self.runner.status.remote(job_id)
+        if found is None:
+            raise _not_found(job_id)
+        return found
 
     async def _validated(self, submission: JobSubmission) -> dict:
         """The request as it will run: validated like the sync endpoint, seed filled in."""
@@ -131,6 +144,10 @@ class JobsApi:
             raise JobError(409, f"job {job_id} is {job.state}{why}; a result exists once it has succeeded")
         return self._result(job, request)
 
+    def result_of(self, job: Job, request: Request) -> ImageJobResult | VideoJobResult:
+        """A succeeded job's result with links to its files (GET .../result)."""
+        return self._result(job, request)
+
     def _result(self, job: Job, request: Request) -> ImageJobResult | VideoJobResult:
         base = self._base(request, job.id)
         result = with_urls(job.kind, job.result, lambda name: f"{base}/files/{name}")
@@ -146,9 +163,40 @@ class JobsApi:
             "Cache-Control": "private, max-age=3600",  # a file never changes; it only expires
         })
 
+    async def wait(self, job_id: str, timeout_s: float, on_change=None) -> Job | None:
+        """The job once it has finished, or as it is after `timeout_s`; None if it is unknown.
+
+        For the protocol adapters (OpenAI `url` results, MCP tools, A2A tasks), which answer once a
+        job is done but never hold it: the job runs in the JobRunner whatever happens here.
+        `on_change(job)` is awaited on each new version (state or progress) while it waits."""
+        found = await self.runner.status.remote(job_id)
+        if found is None:
+            return None
+        job = found[0]
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not job.finished:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            newer = await self.runner.watch.remote(job.id, job.version, min(left, KEEPALIVE_S))
+            if newer is None:
+                return None
+            if on_change is not None and newer.version != job.version and not newer.finished:
+                await on_change(newer)
+            job = newer
+        return job
+
     # Cancel
 
     async def cancel(self, job_id: str, request: Request) -> Response:
+        job, position = await self.cancel_job(job_id)
+        status = self.render(job, position, request)
+        # 200: cancelled now. 202: running; it stops at its next denoising step.
+        return Response(content=status.model_dump_json(), media_type="application/json",
+                        status_code=202 if job.state == RUNNING else 200)
+
+    async def cancel_job(self, job_id: str) -> tuple[Job, int | None]:
+        """Cancel a queued or running job: (job, position); JobError 404 if unknown, 409 if finished."""
         found = await self.runner.cancel.remote(job_id)
         if found is None:
             raise _not_found(job_id)
@@ -156,10 +204,7 @@ class JobsApi:
         if not changed:
             raise JobError(409, f"job {job_id} has already {'been ' if job.state == CANCELLED else ''}{job.state}; "
                                 "only queued or running jobs can be cancelled")
-        status = self.render(job, position, request)
-        # 200: cancelled now. 202: running; it stops at its next denoising step.
-        return Response(content=status.model_dump_json(), media_type="application/json",
-                        status_code=202 if job.state == RUNNING else 200)
+        return job, position
 
     # Events
 
@@ -203,8 +248,9 @@ class JobsApi:
     # Rendering
 
     @staticmethod
-    def _base(request: Request, job_id: str) -> str:
-        return f"{request.scope.get('root_path', '')}/v1/jobs/{job_id}"
+    def _base(request: Request | None, job_id: str) -> str:
+        root = request.scope.get("root_path", "") if request is not None else ""
+        return f"{root}/v1/jobs/{job_id}"
 
     def render(self, job: Job, position: int | None, request: Request) -> JobStatus:
         base = self._base(request, job.id)

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from serve_app.api.app import Services, services
+from serve_app.api.openai_protocol import openai_model
 from serve_app.api.schemas import ControlPreviewRequest, ControlPreviewResponse
 
 router = APIRouter(tags=["catalog"])
@@ -18,7 +19,8 @@ async def _info(handle) -> dict:
 
 @router.get("/v1/models")
 async def get_models(service: Services = Depends(services)) -> dict:
-    """Each model's limits and defaults, with where its replica loaded it from and on what."""
+    """Each model's limits and defaults, with where its replica loaded it from and on what; `data`
+    lists the image models in OpenAI's shape (`client.models.list()`)."""
     images = service.images
     infos = await asyncio.gather(*(_info(images.generators[spec["id"]]) for spec in images.models()))
     models = [{**spec, "deployment": info} for spec, info in zip(images.models(), infos)]
@@ -29,7 +31,9 @@ async def get_models(service: Services = Depends(services)) -> dict:
             "id": "svd", "default_width": config.default_width, "default_height": config.default_height,
             "default_steps": config.default_steps, "deployment": await _info(service.videos.svd),
         })
-    return {"models": models, "default_model": images.default_model, "video_models": videos,
+    # `object` and `data`: OpenAI's list shape beside genserve's keys, so OpenAI clients list them too.
+    return {"object": "list", "data": [openai_model(model["id"]) for model in models],
+            "models": models, "default_model": images.default_model, "video_models": videos,
             "quality_policy": images.policy.model_dump()}
 
 

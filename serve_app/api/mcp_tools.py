@@ -1,0 +1,192 @@
+"""genserve as MCP tools (the official `mcp` SDK's MCPServer), served at /mcp over streamable HTTP.
+
+Stateless over HTTP (`stateless_http=True`): the Ingress may run several replicas and consecutive
+calls of one client can land on different ones; everything a tool knows lives in the job store.
+Each tool's input schema is the request model's own (`ImageRequest`, `VideoRequest`,
+`EnhanceRequest`, `ScoreRequest`), so the limits are the ones POST /v1/images applies. Generation
+runs as a durable job: the tool sends progress notifications while it waits up to `wait_s`, then
+returns the result (PNG image content; a video as a resource link to its file) or, past the bound,
+the job id for `get_job`. Bad arguments are tool errors (`isError` results) naming the field;
+nothing reaches a model and the session carries on.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Annotated, Callable
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import CallToolResult, ImageContent, ResourceLink, TextContent
+from pydantic import Field
+
+from serve_app.api.schemas import EnhanceRequest, ImageRequest, ScoreRequest, VideoRequest
+from serve_app.jobs import http as jobs_http
+from serve_app.jobs.model import SUCCEEDED, Job
+from serve_app.jobs.schemas import JobSubmission
+from serve_app.services.validation import RequestError
+
+MAX_WAIT_S = 300.0
+WaitSeconds = Annotated[float, Field(
+    30.0, ge=0, le=MAX_WAIT_S,
+    description=f"How long to wait for the job, 0-{MAX_WAIT_S:g} s (progress is reported meanwhile); "
+                "past it the call returns the job id to poll with get_job.",
+)]
+JobId = Annotated[str, Field(min_length=1, max_length=64, description="A job id from generate_image or generate_video.")]
+
+
+def _tool_error(error: Exception) -> ToolError:
+    """genserve's errors as tool errors naming the field (the caller, often a model, can correct them)."""
+    if isinstance(error, RequestError):
+        return ToolError(f"{error.field}: {error.message} (allowed: {error.allowed})")
+    if isinstance(error, jobs_http.JobError):
+        detail = error.detail
+        if isinstance(detail, list):
+            return ToolError("; ".join(item["msg"].removeprefix("request.") for item in detail))
+        return ToolError(str(detail))
+    return ToolError(str(error))
+
+
+def _text(data) -> TextContent:
+    return TextContent(type="text", text=json.dumps(data, separators=(",", ":")))
+
+
+def _structured(data: dict) -> CallToolResult:
+    """JSON as text (for clients that read only content) and as structured content."""
+    return CallToolResult(content=[_text(data)], structured_content=data)
+
+
+def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]) -> MCPServer:
+    """The MCP server over one replica's `Services` (read when a tool runs, so it is built first)."""
+    server = MCPServer(
+        name="genserve",
+        instructions="Generate images and videos with genserve: generate_image and generate_video run durable "
+                     "jobs and wait for them up to wait_s; poll a returned job id with get_job.",
+    )
+
+    async def run_job(kind: str, request, wait_s: float, ctx: Context) -> tuple[Job, bool]:
+        jobs = services().jobs_api()
+        submission = JobSubmission(kind=kind, request=request.model_dump(mode="json", exclude_unset=True))
+        job, _, _ = await jobs.create(submission)
+
+        async def progress(current: Job) -> None:
+            if current.progress:
+                step, steps = current.progress.get("step", 0), current.progress.get("steps") or None
+                await ctx.report_progress(step, steps, f"{current.progress.get('stage', kind)}: step {step}/{steps}")
+            else:
+                await ctx.report_progress(0, None, current.state)
+
+        await ctx.report_progress(0, None, job.state)
+        finished = await jobs.wait(job.id, wait_s, on_change=progress)
+        return (finished or job), finished is not None and finished.finished
+
+    def pending(job: Job) -> CallToolResult:
+        return _structured(({
+            "job_id": job.id, "state": job.state, "finished": False,
+            "next": f"call get_job with job_id {job.id!r} (or cancel_job)",
+        }))
+
+    async def finished_result(job: Job, ctx: Context) -> CallToolResult:
+        jobs = services().jobs_api()
+        status = jobs.render(job, None, None).model_dump(mode="json")
+        if job.state != SUCCEEDED:
+            return CallToolResult(content=[_text(status)], structured_content=status, is_error=job.state == "failed")
+        result = jobs.result_of(job, None).model_dump(mode="json")
+        base = base_url(ctx)
+        content = [_text({"job_id": job.id, "state": job.state, "result": result})]
+        if job.kind == "image":
+            for image in result["images"]:
+                found = await jobs.runner.read_file.remote(job.id, image["file"])
+                if found is not None:
+                    content.append(ImageContent(type="image", data=base64.b64encode(found[0]).decode(),
+                                                mime_type=found[1]))
+        else:
+            meta = job.file(result["file"])
+            content.append(ResourceLink(type="resource_link", uri=base + result["url"], name=result["file"],
+                                        mime_type=meta.content_type if meta else None,
+                                        size=meta.size if meta else None))
+        return CallToolResult(content=content, structured_content={"job_id": job.id, "result": result})
+
+    @server.tool()
+    async def generate_image(request: ImageRequest, ctx: Context, wait_s: WaitSeconds = 30.0) -> CallToolResult:
+        """Generate images from a prompt (enhance, generate, score, regenerate below the quality threshold).
+        `request` is POST /v1/images's body. Returns the PNGs, or a job id if it takes longer than wait_s."""
+        try:
+            job, done = await run_job("image", request, wait_s, ctx)
+            return await finished_result(job, ctx) if done else pending(job)
+        except (RequestError, jobs_http.JobError) as error:
+            raise _tool_error(error) from None
+
+    @server.tool()
+    async def generate_video(request: VideoRequest, ctx: Context, wait_s: WaitSeconds = 30.0) -> CallToolResult:
+        """Animate an image, or draw a keyframe from a prompt and animate it (Stable Video Diffusion).
+        `request` is POST /v1/videos's body. Returns a link to the video file, or a job id past wait_s."""
+        try:
+            job, done = await run_job("video", request, wait_s, ctx)
+            return await finished_result(job, ctx) if done else pending(job)
+        except (RequestError, jobs_http.JobError) as error:
+            raise _tool_error(error) from None
+
+    @server.tool()
+    async def get_job(job_id: JobId, ctx: Context, wait_s: WaitSeconds = 0.0) -> CallToolResult:
+        """A job's state and progress; its result (images, or a link to the video) once it has succeeded."""
+        try:
+            jobs = services().jobs_api()
+            job, position = await jobs.find(job_id)
+            if not job.finished and wait_s > 0:
+                job = await jobs.wait(job_id, wait_s) or job
+            if job.finished:
+                return await finished_result(job, ctx)
+            return _structured(jobs.render(job, position, None).model_dump(mode="json"))
+        except jobs_http.JobError as error:
+            raise _tool_error(error) from None
+
+    @server.tool()
+    async def cancel_job(job_id: JobId) -> CallToolResult:
+        """Cancel a queued or running job (a running one stops within a denoising step or two)."""
+        try:
+            jobs = services().jobs_api()
+            job, position = await jobs.cancel_job(job_id)
+            return _structured(jobs.render(job, position, None).model_dump(mode="json"))
+        except jobs_http.JobError as error:
+            raise _tool_error(error) from None
+
+    @server.tool()
+    async def enhance_prompt(request: EnhanceRequest) -> CallToolResult:
+        """The prompt a model would see for an idea (style, quality modifiers), with advice; nothing is generated."""
+        try:
+            return _structured((await services().images.enhance_prompt(request)).model_dump(mode="json"))
+        except RequestError as error:
+            raise _tool_error(error) from None
+
+    @server.tool()
+    async def score_images(request: ScoreRequest) -> CallToolResult:
+        """Score base64 images against a prompt (CLIP alignment, aesthetic, LAION, aspects, pixel statistics)."""
+        try:
+            return _structured((await services().scores.score(request)).model_dump(mode="json"))
+        except RequestError as error:
+            raise _tool_error(error) from None
+
+    @server.tool()
+    async def list_models() -> CallToolResult:
+        """The deployed image models with their limits and defaults, the default model, and video models."""
+        current = services()
+        images = current.images
+        videos = [] if current.videos is None else ["svd"]
+        return _structured({"models": images.models(), "default_model": images.default_model, "video_models": videos})
+
+    return server
+
+
+def streamable_http_app(server: MCPServer):
+    """The SDK's streamable HTTP app for `server`, stateless; its session manager must be run by the
+    top-level app's lifespan (Serve runs only that one)."""
+    # DNS-rebinding protection off: the SDK would allow only 127.0.0.1/localhost Host headers, and
+    # the Ingress answers whatever host names Serve's proxy is reached by (http_options.host says
+    # who can reach it, as for every other route).
+    return server.streamable_http_app(
+        streamable_http_path="/mcp", stateless_http=True,
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+    )

@@ -1,0 +1,87 @@
+"""The MCP tools over fake deployments, with the `mcp` SDK's own client in process: schemas come
+from the request models, bad arguments are tool errors naming the field, and the session goes on."""
+
+import asyncio
+
+import pytest
+from mcp import Client
+
+from serve_app.api.app import Services
+from serve_app.api.mcp_tools import build_mcp
+from serve_app.api.schemas import ImageRequest
+from serve_app.config import QualityPolicy
+from serve_app.services.images import ImageService
+from serve_app.services.local import LocalHandle
+from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
+from tests.helpers import model_spec
+
+
+@pytest.fixture
+def server():
+    spec = model_spec()
+    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())},
+                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
+    services = Services(images=images, scores=None)
+    return build_mcp(lambda: services, lambda ctx: "")
+
+
+def _calls(server, *calls):
+    async def run():
+        async with Client(server) as client:
+            return [await client.call_tool(name, arguments) for name, arguments in calls]
+
+    return asyncio.run(run())
+
+
+def test_tool_schemas_are_the_request_models():
+    tools = {tool.name: tool for tool in asyncio.run(build_mcp(lambda: None, lambda ctx: "").list_tools())}
+    schema = tools["generate_image"].input_schema
+    assert schema["$defs"]["ImageRequest"]["properties"] == ImageRequest.model_json_schema()["properties"]
+    assert schema["properties"]["wait_s"]["maximum"] == 300
+    assert set(tools) == {"generate_image", "generate_video", "enhance_prompt", "score_images", "get_job",
+                          "cancel_job", "list_models"}
+
+
+def test_enhance_prompt_and_list_models_answer_structured(server):
+    enhanced, models = _calls(server, ("enhance_prompt", {"request": {"prompt": "a fox"}}), ("list_models", {}))
+    assert not enhanced.is_error and enhanced.structured_content["enhanced_prompt"] == "a fox, enhanced"
+    assert models.structured_content["default_model"] == "flux-schnell"
+    assert [model["id"] for model in models.structured_content["models"]] == ["flux-schnell"]
+
+
+@pytest.mark.parametrize("name, arguments, words", [
+    ("enhance_prompt", {"request": {"prompt": " "}}, "request.prompt"),
+    ("enhance_prompt", {"request": {"prompt": "a fox", "model": "dall-e-3"}}, "model: must be one of ['flux-schnell']"),
+    ("generate_image", {"request": {"prompt": "a fox", "num_images": 9}}, "request.num_images"),
+    ("generate_image", {"request": {"prompt": "a fox"}, "wait_s": 9999}, "wait_s"),
+    ("generate_image", {"request": {"prompt": "a fox"}}, "async jobs are not deployed"),
+    ("get_job", {"job_id": ""}, "job_id"),
+])
+def test_bad_arguments_are_tool_errors_naming_the_field_and_the_session_goes_on(server, name, arguments, words):
+    bad, fine = _calls(server, (name, arguments), ("enhance_prompt", {"request": {"prompt": "a fox"}}))
+    assert bad.is_error and words in bad.content[0].text, bad.content[0].text
+    assert not fine.is_error
+
+
+def test_mcp_is_served_at_slash_mcp_of_the_api_app_once_its_lifespan_runs():
+    """The route the Ingress serves: build_api mounts the server and its lifespan runs the session
+    manager (Serve runs only the top-level app's lifespan); any Host header is answered."""
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    from serve_app.api.app import build_api
+
+    spec = model_spec()
+    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())},
+                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
+    app = build_api()
+    app.state.services = Services(images=images, scores=None)
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://genserve.example")
+            async with Client(streamable_http_client("http://genserve.example/mcp", http_client=http)) as client:
+                return await client.call_tool("enhance_prompt", {"request": {"prompt": "a fox"}})
+
+    result = asyncio.run(run())
+    assert not result.is_error and result.structured_content["enhanced_prompt"] == "a fox, enhanced"
