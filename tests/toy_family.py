@@ -20,12 +20,7 @@ class ToyOptions(BaseModel):
 
 class LoadedToy(LoadedImageModel):
     def __call__(self, params, prompt, control, generators, callback):
-        images = self.pipeline(
-            prompt=prompt.prompt, width=params.width, height=params.height,
-            num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
-            num_images_per_prompt=len(params.seeds), generator=generators, output_type="np",
-            callback_on_step_end=callback,
-        ).images
+        images = super().__call__(params, prompt, control, generators, callback)
         return 1.0 - images if self.options.invert else images
 
     def info(self) -> dict:

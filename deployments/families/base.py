@@ -85,10 +85,27 @@ class LoadedImageModel:
         """The control map of a reference picture; families with ControlNets override it."""
         raise ValueError(f"{self.config.id} has no ControlNet")
 
+    def pipeline_kwargs(self, params: GenerationParams, prompt: EnhancedPrompt, generators: list, callback) -> dict:
+        """The arguments every text-to-image pipeline call takes; families add their own."""
+        kwargs = dict(
+            prompt=prompt.prompt,
+            width=params.width,
+            height=params.height,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            num_images_per_prompt=len(params.seeds),
+            generator=generators,
+            output_type="np",
+            callback_on_step_end=callback,
+        )
+        if self.family.negative_prompt:
+            kwargs["negative_prompt"] = prompt.negative_prompt
+        return kwargs
+
     def __call__(self, params: GenerationParams, prompt: EnhancedPrompt, control: ControlInput | None,
                  generators: list, callback) -> Any:
         """Run the pipeline for one batch (one image per seed); return float images (N, H, W, 3) in [0, 1]."""
-        raise NotImplementedError
+        return self.pipeline(**self.pipeline_kwargs(params, prompt, generators, callback)).images
 
     def info(self) -> dict:
         """What GET /v1/models shows of this replica beyond id, family, source, device and dtype."""

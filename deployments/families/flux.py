@@ -25,19 +25,9 @@ class FluxOptions(BaseModel):
 
 
 class LoadedFlux(LoadedImageModel):
-    def __call__(self, params, prompt, control, generators, callback):
-        return self.pipeline(
-            prompt=prompt.prompt,
-            width=params.width,
-            height=params.height,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            num_images_per_prompt=len(params.seeds),
-            generator=generators,
-            max_sequence_length=self.options.max_sequence_length,
-            output_type="np",
-            callback_on_step_end=callback,
-        ).images
+    def pipeline_kwargs(self, params, prompt, generators, callback) -> dict:
+        return {**super().pipeline_kwargs(params, prompt, generators, callback),
+                "max_sequence_length": self.options.max_sequence_length}
 
 
 class FluxFamily(ImageFamily):

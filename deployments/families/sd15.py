@@ -8,24 +8,8 @@ SDXL.
 
 from __future__ import annotations
 
-from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature
+from deployments.families.base import ImageFamily, LoraSignature
 from deployments.runtime.types import PromptForm
-
-
-class LoadedSd15(LoadedImageModel):
-    def __call__(self, params, prompt, control, generators, callback):
-        return self.pipeline(
-            prompt=prompt.prompt,
-            negative_prompt=prompt.negative_prompt,
-            width=params.width,
-            height=params.height,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            num_images_per_prompt=len(params.seeds),
-            generator=generators,
-            output_type="np",
-            callback_on_step_end=callback,
-        ).images
 
 
 class Sd15Family(ImageFamily):
@@ -37,7 +21,6 @@ class Sd15Family(ImageFamily):
     default_guidance = 7.5
     default_size = (512, 512)
     negative_prompt = True
-    loaded_class = LoadedSd15
     # One CLIP encoder of 77 tokens: short tags, as for SDXL, but fewer.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 30 words): subject first, then details, "

@@ -147,22 +147,11 @@ class LoadedSdxl(LoadedImageModel):
     def __call__(self, params, prompt, control, generators, callback):
         from PIL import Image
 
-        pipeline, extra = self.pipeline, {}
-        if control is not None:
-            pipeline = self.controlled[control.type]
-            extra = {"image": Image.fromarray(control.image), "controlnet_conditioning_scale": control.conditioning_scale}
-        return pipeline(
-            prompt=prompt.prompt,
-            negative_prompt=prompt.negative_prompt,
-            width=params.width,
-            height=params.height,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            num_images_per_prompt=len(params.seeds),
-            generator=generators,
-            output_type="np",
-            callback_on_step_end=callback,
-            **extra,
+        kwargs = self.pipeline_kwargs(params, prompt, generators, callback)
+        if control is None:
+            return self.pipeline(**kwargs).images
+        return self.controlled[control.type](
+            **kwargs, image=Image.fromarray(control.image), controlnet_conditioning_scale=control.conditioning_scale
         ).images
 
     def info(self) -> dict:
