@@ -135,6 +135,14 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.auth_overhead:
+        from serve_app.bench.auth import format_auth_table, run_auth_benchmark
+
+        samples = run_auth_benchmark(args.config, args.requests, args.warmup, args.limits_storage)
+        print(f"genserve bench --auth-overhead: {args.config}, job status reads, {args.requests} sequential "
+              f"after {args.warmup} warm-up, the app served without keys and then with them")
+        print(format_auth_table(samples))
+        return 0
     from serve_app.bench.images import format_table, run_benchmark
 
     samples = run_benchmark(args.config, args.requests, args.warmup, args.width, args.height, args.steps,
@@ -204,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         parser_.set_defaults(func=func)
     bench.add_argument("--compare-metrics", action="store_true",
                        help="also run through Serve with the config's metrics setting flipped")
+    bench.add_argument("--auth-overhead", action="store_true",
+                       help="instead: job status read latency without keys, then with keys and per-key limits")
+    bench.add_argument("--limits-storage", default=None,
+                       help="with --auth-overhead: the limits storage URI for the keyed run (default: the config's)")
     bench.add_argument("--compare-enhancer", action="store_true",
                        help="also run with the other enhancer mode (template <-> the config's llm)")
 

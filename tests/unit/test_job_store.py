@@ -268,3 +268,22 @@ def test_delete_removes_a_finished_job_and_its_files(store):
     assert store.get(job.id) is None and store.read_file(job.id, PNG.name) is None
     assert store.list(owner="k_a") == [] and store.delete(job.id) is None
     assert store.create("image", _image(), owner="k_a", idempotency_key="d")[1], "its idempotency key is free again"
+
+
+def test_a_sqlite_store_from_before_owners_gains_the_column(tmp_path):
+    import sqlite3
+
+    from serve_app.jobs.sqlite_store import SqliteJobStore
+
+    old = SqliteJobStore(tmp_path, ttl_s=TTL)
+    job = old.create("image", _image())[0]
+    old.close()
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.execute("DROP INDEX jobs_by_owner")
+    db.execute("ALTER TABLE jobs DROP COLUMN owner")  # the table as schema version 1 wrote it
+    db.commit()
+    db.close()
+    store = SqliteJobStore(tmp_path, ttl_s=TTL)
+    assert store.get(job.id).owner is None, "old jobs have no owner: admin keys see them"
+    assert store.create("image", _image(), owner="k_a")[0].owner == "k_a"
+    store.close()

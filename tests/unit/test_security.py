@@ -327,3 +327,24 @@ def test_signed_file_urls(keys):
     assert client.get(fresh).status_code != 401
     assert client.get(path).status_code == 401
     assert client.get(fresh.replace("/files/", "/files/x")).status_code == 401
+
+
+def test_genserve_serve_exits_2_on_a_public_bind_without_keys(tmp_path, capsys):
+    from serve_app.cli import main
+
+    config = yaml.safe_load((__import__("pathlib").Path(__file__).parents[2] / "configs" / "dev.yaml").read_text())
+    config["http_options"]["host"] = "0.0.0.0"
+    path = tmp_path / "public.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["serve", str(path)]) == 2  # before any Ray process starts
+    assert "has no API keys" in capsys.readouterr().err
+
+
+def test_auth_bench_table_reports_the_difference():
+    from serve_app.bench.auth import format_auth_table
+    from serve_app.bench.images import Sample
+
+    table = format_auth_table([Sample("no keys (loopback)", [0.002, 0.003, 0.004], []),
+                               Sample("keys, limits in memory", [0.0025, 0.0035, 0.0045], [])])
+    lines = table.splitlines()
+    assert "p50 +ms" in lines[0] and lines[2].split()[-2:] == ["0.50", "1.167"]
