@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode
 
-from starlette._utils import get_route_path
-
 from deployments.names import SCOPES
 from serve_app.security.keys import KeyLimits, KeyRing
 from serve_app.security.limiter import KeyLimiter, LimitExceeded
@@ -195,7 +193,17 @@ def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-async def _answer(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+def route_path(scope) -> str:
+    """The path the app routes on: without the root path Serve sets for a route prefix."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+async def _answer(send, status: int, body: dict, headers: dict[str, str] | None = None, scope=None) -> None:
+    if scope is not None and scope["type"] == "websocket":
+        # Refused before the handshake is accepted: the server answers the upgrade with 403.
+        await send({"type": "websocket.close", "code": 1008, "reason": body["detail"][:120]})
+        return
     payload = json.dumps(body).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
@@ -219,7 +227,7 @@ class Guard:
             return await self.app(scope, receive, send)
         auth: Auth | None = getattr(scope["app"].state, "auth", None) if "app" in scope else None
         method = scope.get("method", "GET")
-        path = get_route_path(scope)
+        path = route_path(scope)
         if method == "OPTIONS" or is_public(method, path):
             return await self.app(scope, receive, send)
         keys = auth.keys if auth is not None else None
@@ -227,7 +235,7 @@ class Guard:
             if (auth is not None and auth.allow_unauthenticated) or is_loopback(scope.get("client")):
                 scope.setdefault("state", {})["principal"] = LOCAL
                 return await self.app(scope, receive, send)
-            return await _answer(send, 403, {"detail": NO_KEYS})
+            return await _answer(send, 403, {"detail": NO_KEYS}, scope=scope)
         if (method in SAFE_METHODS and path.startswith(JOBS_PREFIX + "/") and FILE_ROUTE in path
                 and auth.signed(path, scope.get("query_string", b""))):
             scope.setdefault("state", {})["principal"] = SIGNED  # the signature is the grant
@@ -236,13 +244,14 @@ class Guard:
         entry = keys.authenticate(token) if token is not None else None
         if entry is None:
             auth.count("", "unauthorized")
-            return await _answer(send, 401, {"detail": UNAUTHORIZED}, {"WWW-Authenticate": 'Bearer realm="genserve"'})
+            return await _answer(send, 401, {"detail": UNAUTHORIZED}, {"WWW-Authenticate": 'Bearer realm="genserve"'},
+                                 scope=scope)
         needed = required_scope(method, path)
         who = Principal(entry.id, frozenset(entry.scopes), entry.limits)
         if not who.allows(needed):
             auth.count(entry.id, "forbidden")
             return await _answer(send, 403, {"detail": f"this API key lacks the {needed!r} scope, which "
-                                                       f"{method} {path} needs", "scope": needed})
+                                                       f"{method} {path} needs", "scope": needed}, scope=scope)
         scope.setdefault("state", {})["principal"] = who
         holds = False
         try:
@@ -251,7 +260,7 @@ class Guard:
                 holds = await auth._limiter_call(auth.limiter.acquire, who.key_id, who.limits)
         except LimitExceeded as error:
             auth.count(who.key_id, "limited")
-            return await _answer(send, 429, error.body(), limit_response_headers(error))
+            return await _answer(send, 429, error.body(), limit_response_headers(error), scope=scope)
         auth.count(who.key_id, "allowed")
         try:
             await self.app(scope, receive, send)
