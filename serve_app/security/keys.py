@@ -180,6 +180,7 @@ def add_to_keys_file(path: str | os.PathLike, entry: dict) -> None:
     data.setdefault("keys", [])
     data["keys"].append(entry)
     KeysFileModel.model_validate(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as out:

@@ -348,3 +348,25 @@ def test_auth_bench_table_reports_the_difference():
                                Sample("keys, limits in memory", [0.0025, 0.0035, 0.0045], [])])
     lines = table.splitlines()
     assert "p50 +ms" in lines[0] and lines[2].split()[-2:] == ["0.50", "1.167"]
+
+
+def test_the_docs_keys_example_runs(tmp_path, monkeypatch, capsys):
+    """docs/security.md's `genserve keys create` example, run as written, in a scratch directory."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from serve_app.cli import main
+
+    doc = (Path(__file__).parents[2] / "docs" / "security.md").read_text()
+    block = re.search(r"```bash\n(genserve keys create [^\n]+)\n((?:#[^\n]*\n)+)```", doc)
+    command, shown = block.group(1), block.group(2)
+    monkeypatch.chdir(tmp_path)
+    assert main(shlex.split(command)[1:]) == 0
+    out = capsys.readouterr().out
+    key = re.search(r"^    (gsk_\S+)$", out, re.M).group(1)
+    assert shown.splitlines()[0].split("(id")[0].lstrip("# ") in out  # "API key for alice "
+    ring = KeyRing(tmp_path / "data" / "keys.yaml")
+    entry = ring.authenticate(key)
+    assert entry.name == "alice" and entry.scopes == ("generate", "read")
+    assert entry.limits.requests_per_minute == 120 and entry.limits.active_jobs == 20
