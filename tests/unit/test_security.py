@@ -370,3 +370,31 @@ def test_the_docs_keys_example_runs(tmp_path, monkeypatch, capsys):
     entry = ring.authenticate(key)
     assert entry.name == "alice" and entry.scopes == ("generate", "read")
     assert entry.limits.requests_per_minute == 120 and entry.limits.active_jobs == 20
+
+
+def test_two_limiters_on_one_redis_share_every_limit(tmp_path):
+    """What two Ingress replicas do: each its own KeyLimiter, one Redis."""
+    from serve_app.security.keys import KeyLimits
+    from serve_app.security.limiter import KeyLimiter, LimitExceeded
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    try:
+        one, two = KeyLimiter(server.url), KeyLimiter(server.url)
+        limits = KeyLimits(requests_per_minute=3, concurrent_requests=1, daily_images=4)
+        one.hit_request("k", limits)
+        two.hit_request("k", limits)
+        one.hit_request("k", limits)
+        with pytest.raises(LimitExceeded):
+            two.hit_request("k", limits)
+        assert one.acquire("k", limits)
+        with pytest.raises(LimitExceeded):
+            two.acquire("k", limits)
+        one.release("k")
+        assert two.acquire("k", limits)
+        two.charge_images("k", limits, 3)
+        with pytest.raises(LimitExceeded):
+            one.charge_images("k", limits, 2)
+        assert one.usage("k", limits)["images_today"] == 3
+    finally:
+        server.stop()
