@@ -347,7 +347,15 @@ def test_auth_bench_table_reports_the_difference():
     table = format_auth_table([Sample("no keys (loopback)", [0.002, 0.003, 0.004], []),
                                Sample("keys, limits in memory", [0.0025, 0.0035, 0.0045], [])])
     lines = table.splitlines()
-    assert "p50 +ms" in lines[0] and lines[2].split()[-2:] == ["0.50", "1.167"]
+    assert "p50 +ms" in lines[0] and lines[2].split()[-2:] == ["0.500", "1.167"]
+    assert lines[1].split()[-2:] == ["0.000", "1.000"]
+
+
+def test_guard_cost_in_process_is_measured_without_and_with_a_key():
+    from serve_app.bench.auth import _guard_in_process
+
+    plain, keyed = _guard_in_process(50, 5)
+    assert len(plain.seconds) == len(keyed.seconds) == 50 and "keys" in keyed.name
 
 
 def test_the_docs_keys_example_runs(tmp_path, monkeypatch, capsys):
