@@ -63,7 +63,9 @@ def _two_apps(plain, keyed):
     from serve_app.builder import build_app
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    # Two graphs side by side reserve twice the config's CPUs: declare enough logical CPUs for both
+    # (they are reservations for placement; the work is light next to what was measured).
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2 * max(2, os.cpu_count() or 2))
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
