@@ -115,4 +115,5 @@ def build_app(args: AppArgs) -> Application:
     runner = JobRunner.options(**args.options_for("JobRunner")).bind(resolved_jobs_config(args), job_slots(args), **graph)
     return Ingress.options(**args.options_for("Ingress")).bind(
         **graph, jobs=runner, retry_limit=args.jobs.retry_limit, max_body_bytes=args.max_body_bytes,
+        fallback=args.fallback, replicas={entry.id: entry.deployment.max_replicas for entry in args.served_image_models},
     )

@@ -292,6 +292,35 @@ class JobsConfig(_Strict):
         return self
 
 
+class FallbackConfig(_Strict):
+    """Hybrid serving: a remote OpenAI-compatible images endpoint that may serve an image request
+    when the local model cannot take it. Off unless `enabled`; a request opts in with `fallback: true`,
+    because its prompt then goes to a third party."""
+
+    enabled: bool = Field(False, description="Allow requests that ask for it (`fallback: true`) to go remote.")
+    base_url: str = Field(
+        "https://api.openai.com/v1", min_length=1,
+        description="The remote API's base URL; requests go to POST {base_url}/images/generations.",
+    )
+    model: str = Field("gpt-image-1", min_length=1, description="The remote model, sent as `model`.")
+    api_key_env: str | None = Field(
+        "GENSERVE_FALLBACK_API_KEY",
+        description="Environment variable holding the remote API key (read on the ingress replica); "
+                    "null sends no key. The key itself never goes in a config.",
+    )
+    max_estimated_wait_s: float | None = Field(
+        None, gt=0,
+        description="Also go remote when the local model's estimated wait exceeds this many seconds "
+                    "(docs/client.md says how it is estimated); null: only when the model rejects for back-pressure.",
+    )
+    response_format: Literal["b64_json"] | None = Field(
+        None,
+        description="b64_json: sent as `response_format`, for endpoints that return URLs unless asked (dall-e "
+                    "models, many OpenAI-compatible servers); null omits it (gpt-image models always return base64).",
+    )
+    timeout_s: float = Field(120.0, gt=0, description="How long one remote call may take before answering 504.")
+
+
 class AppArgs(_Strict):
     """Everything `configs/*.yaml` choose: model sources, defaults, quality policy, scaling."""
 
@@ -327,6 +356,9 @@ class AppArgs(_Strict):
         description="Largest request body the ingress reads (bytes); larger ones get 413 before they are parsed.",
     )
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Durable async jobs.")
+    fallback: FallbackConfig = Field(
+        default_factory=FallbackConfig, description="A remote images endpoint for peaks (off by default)."
+    )
     deployments: dict[DeploymentName, DeploymentOptions] = Field(
         default_factory=dict,
         description="Replicas and resources of the deployments other than the image generators (theirs are "

@@ -38,8 +38,9 @@ from serve_app.api.schemas import (
     VideoRequest,
     VideoResponse,
 )
-from serve_app.config import QualityPolicy
+from serve_app.config import FallbackConfig, QualityPolicy
 from serve_app.jobs import http as jobs_http
+from serve_app.services.fallback import Fallback
 from serve_app.services.images import ImageService
 from serve_app.services.scores import ScoreService
 from serve_app.services.validation import ModelSpec
@@ -57,7 +58,8 @@ class Ingress:
                  max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
                  max_body_bytes: int = DEFAULT_MAX_BYTES, gate_metrics: tuple[str, ...] = GATE_METRICS,
                  blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None,
-                 default_model: str | None = None):
+                 default_model: str | None = None, fallback: FallbackConfig | None = None,
+                 replicas: dict[str, int] | None = None):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
                               max_input_pixels=max_input_pixels, gate_metrics=gate_metrics,
                               blocklist=blocklist, loras=loras, default_model=default_model)
@@ -69,6 +71,8 @@ class Ingress:
             jobs=jobs_http.JobsApi(jobs, images, videos, retry_limit) if jobs is not None else None,
             # One set of metrics per replica.
             metrics=GraphMetrics() if metrics else None,
+            # `replicas`: each model's deployment's replicas at most, for the wait estimate.
+            fallback=Fallback(fallback, replicas or {}, images) if fallback is not None and fallback.enabled else None,
         )
         BodyLimit.configure(max_body_bytes)
 

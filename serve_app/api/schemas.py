@@ -126,6 +126,11 @@ class ImageRequest(BaseModel):
     control: ControlOptions | None = Field(
         None, description="ControlNet guidance from a reference picture (models with ControlNets: see GET /v1/models)."
     )
+    fallback: bool = Field(
+        False,
+        description="Allow the configured remote images endpoint to serve this request when the local model is "
+                    "saturated (the prompt then goes to that third party). Needs `fallback.enabled` in the config.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -280,6 +285,10 @@ class ImageResponse(BaseModel):
     timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total.")
     warnings: list[str] = Field(default_factory=list)
     loras: list[Lora] = Field(default_factory=list, description="The LoRA adapters applied, with their scales.")
+    backend: Literal["local", "remote"] = Field(
+        "local", description="Who generated the images: this service's model, or the configured remote endpoint "
+                             "(a `fallback` request at a peak; `model` then names the remote model)."
+    )
 
 
 class EnhanceRequest(BaseModel):
