@@ -75,6 +75,14 @@ class AutoscalingOptions(_Strict):
         return self
 
 
+class BackpressureOptions(_Strict):
+    """How Serve answers a request its queue bound refuses (also to the ingress's own handle calls,
+    whose rejections the ingress passes on as they are)."""
+
+    status_code: Literal[503, 429] = Field(503, description="503 (default) or 429.")
+    retry_after_s: float | None = Field(None, ge=0, description="Sent as Retry-After (whole seconds, rounded up).")
+
+
 class DeploymentOptions(_Strict):
     """Replicas and resources of one deployment. Unset fields keep the deployment's defaults."""
 
@@ -103,6 +111,10 @@ class DeploymentOptions(_Strict):
     )
     graceful_shutdown_timeout_s: float | None = Field(
         None, ge=0, description="How long a stopping replica lets its ongoing requests finish (Serve's default: 20)."
+    )
+    backpressure: BackpressureOptions | None = Field(
+        None, description="The HTTP answer to requests refused past max_queued_requests (Serve's BackpressureConfig): "
+                          "{status_code: 503 or 429, retry_after_s}; default 503 without Retry-After.",
     )
 
     @field_validator("num_gpus")
@@ -146,6 +158,10 @@ class DeploymentOptions(_Strict):
         for key in ("max_ongoing_requests", "max_queued_requests", "graceful_shutdown_timeout_s"):
             if getattr(self, key) is not None:
                 options[key] = getattr(self, key)
+        if self.backpressure is not None:
+            from ray.serve.config import BackpressureConfig
+
+            options["backpressure_config"] = BackpressureConfig(**self.backpressure.model_dump(exclude_none=True))
         return options
 
 

@@ -198,17 +198,6 @@ async def _replica_lost(_: Request, error: RayActorError) -> JSONResponse:
     )
 
 
-async def _back_pressure(_: Request, error: BackPressureError) -> JSONResponse:
-    # A model deployment's queue is full (its max_queued_requests): "not now", never a server bug.
-    retry_after = error.retry_after_s if error.retry_after_s is not None else 1
-    return JSONResponse(
-        status_code=503 if error.status_code not in (429, 503) else error.status_code,
-        headers={"Retry-After": str(max(1, int(-(-retry_after // 1))))},
-        content={"detail": f"the model is busy: {error.message} Retry later, or allow the remote fallback "
-                           "(fallback: true) where the service has one."},
-    )
-
-
 async def _fallback_failed(_: Request, error: FallbackFailed) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail})
 
@@ -229,7 +218,6 @@ def build_api() -> FastAPI:
     api.add_exception_handler(VideoNotDeployed, _video_not_deployed)
     api.add_exception_handler(StageTimeout, _stage_timeout)
     api.add_exception_handler(RayActorError, _replica_lost)
-    api.add_exception_handler(BackPressureError, _back_pressure)
     api.add_exception_handler(FallbackFailed, _fallback_failed)
     for router in ROUTERS:
         api.include_router(router)
