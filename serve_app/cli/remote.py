@@ -147,7 +147,8 @@ def _animate(args: argparse.Namespace) -> int:
     output = Path(args.output)
     output_format = output.suffix.lstrip(".").lower()
     if output_format not in VIDEO_FORMATS:
-        raise UsageError(f"--output must end in one of {', '.join('.' + f for f in VIDEO_FORMATS)}; got {output.name!r}")
+        endings = ", ".join("." + name for name in VIDEO_FORMATS)
+        raise UsageError(f"--output must end in one of {endings}; got {output.name!r}")
     if not args.image.is_file():
         raise UsageError(f"no image file {str(args.image)!r}")
     fields = _given(args, "num_frames", "fps", "seed", "num_inference_steps", "motion_bucket_id")
@@ -242,7 +243,8 @@ def _run_job(client, args, kind: str, request: BaseModel):
 
 def _follow(client, args, job_id: str):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     console = Console(stderr=True)
     show = console.is_terminal if args.progress is None else args.progress
