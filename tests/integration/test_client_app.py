@@ -126,21 +126,26 @@ def test_cli_exit_codes(dev_app):
 
 def test_with_the_local_queue_full_the_remote_serves_opted_in_requests_and_others_get_503(dev_app):
     url, remote = _url(dev_app), dev_app["remote"]
-    busy_body = {"model": "slow", "prompt": "a slow heron", "num_inference_steps": 12, "enhance": False, "seed": 1}
+    busy_body = {"model": "slow", "prompt": "a slow heron", "num_inference_steps": 16, "enhance": False, "seed": 1}
     probe = {"model": "slow", "prompt": "a quick heron", "num_inference_steps": 1, "enhance": False, "seed": 2}
     sent_before = len(remote.requests)
 
     def post(body):
         return httpx.post(f"{url}/v1/images", json=body, timeout=120)
 
-    with ThreadPoolExecutor(2) as pool:
-        # One generating and one waiting fill the slow model (max_ongoing 1, max_queued 1) for ~12 s.
-        busy = [pool.submit(post, busy_body) for _ in range(2)]
+    def occupy():
+        # Sent again until taken: three of these keep the slow model (max_ongoing 1, max_queued 1, 8 s
+        # per request) generating one and holding one in its queue for ~20 s.
+        return wait_until(lambda: (answer := post(busy_body)).status_code == 200 and answer, timeout_s=150,
+                          what="a busy request to be taken")
+
+    with ThreadPoolExecutor(3) as pool:
+        busy = [pool.submit(occupy) for _ in range(3)]
         refused = wait_until(lambda: (answer := post(probe)).status_code == 503 and answer, timeout_s=60,
                              what="a 503 from the full queue")
         served = wait_until(lambda: (answer := post({**probe, "fallback": True})).json().get("backend") == "remote"
                             and answer, timeout_s=60, what="the remote fallback to serve")
-        assert [future.result().status_code for future in busy] == [200, 200]
+        assert [future.result().json()["backend"] for future in busy] == ["local"] * 3
     # Serve's own answer to a BackPressureError, with the entry's backpressure.retry_after_s.
     assert refused.headers["Retry-After"] == "2" and "max_queued_requests=1" in refused.text
     body = served.json()
