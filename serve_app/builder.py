@@ -126,4 +126,5 @@ def build_app(args: AppArgs) -> Application:
     return Ingress.options(**args.options_for("Ingress")).bind(
         **graph, jobs=runner, retry_limit=args.jobs.retry_limit, max_body_bytes=args.max_body_bytes,
         auth=resolved_auth_config(args), limits_storage=args.limits_storage(),
+        fallback=args.fallback, replicas={entry.id: entry.deployment.max_replicas for entry in args.served_image_models},
     )

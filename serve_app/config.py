@@ -75,6 +75,14 @@ class AutoscalingOptions(_Strict):
         return self
 
 
+class BackpressureOptions(_Strict):
+    """How Serve answers a request its queue bound refuses (also to the ingress's own handle calls,
+    whose rejections the ingress passes on as they are)."""
+
+    status_code: Literal[503, 429] = Field(503, description="503 (default) or 429.")
+    retry_after_s: float | None = Field(None, ge=0, description="Sent as Retry-After (whole seconds, rounded up).")
+
+
 class DeploymentOptions(_Strict):
     """Replicas and resources of one deployment. Unset fields keep the deployment's defaults."""
 
@@ -103,6 +111,10 @@ class DeploymentOptions(_Strict):
     )
     graceful_shutdown_timeout_s: float | None = Field(
         None, ge=0, description="How long a stopping replica lets its ongoing requests finish (Serve's default: 20)."
+    )
+    backpressure: BackpressureOptions | None = Field(
+        None, description="The HTTP answer to requests refused past max_queued_requests (Serve's BackpressureConfig): "
+                          "{status_code: 503 or 429, retry_after_s}; default 503 without Retry-After.",
     )
 
     @field_validator("num_gpus")
@@ -146,6 +158,10 @@ class DeploymentOptions(_Strict):
         for key in ("max_ongoing_requests", "max_queued_requests", "graceful_shutdown_timeout_s"):
             if getattr(self, key) is not None:
                 options[key] = getattr(self, key)
+        if self.backpressure is not None:
+            from ray.serve.config import BackpressureConfig
+
+            options["backpressure_config"] = BackpressureConfig(**self.backpressure.model_dump(exclude_none=True))
         return options
 
 
@@ -315,6 +331,33 @@ class AuthConfig(_Strict):
     )
     signed_url_ttl_s: float = Field(3600.0, gt=0, le=7 * 86400,
                                     description="How long a signed job file URL stays valid.")
+class FallbackConfig(_Strict):
+    """Hybrid serving: a remote OpenAI-compatible images endpoint that may serve an image request
+    when the local model cannot take it. Off unless `enabled`; a request opts in with `fallback: true`,
+    because its prompt then goes to a third party."""
+
+    enabled: bool = Field(False, description="Allow requests that ask for it (`fallback: true`) to go remote.")
+    base_url: str = Field(
+        "https://api.openai.com/v1", min_length=1,
+        description="The remote API's base URL; requests go to POST {base_url}/images/generations.",
+    )
+    model: str = Field("gpt-image-1", min_length=1, description="The remote model, sent as `model`.")
+    api_key_env: str | None = Field(
+        "GENSERVE_FALLBACK_API_KEY",
+        description="Environment variable holding the remote API key (read on the ingress replica); "
+                    "null sends no key. The key itself never goes in a config.",
+    )
+    max_estimated_wait_s: float | None = Field(
+        None, gt=0,
+        description="Also go remote when the local model's estimated wait exceeds this many seconds "
+                    "(docs/client.md says how it is estimated); null: only when the model rejects for back-pressure.",
+    )
+    response_format: Literal["b64_json"] | None = Field(
+        None,
+        description="b64_json: sent as `response_format`, for endpoints that return URLs unless asked (dall-e "
+                    "models, many OpenAI-compatible servers); null omits it (gpt-image models always return base64).",
+    )
+    timeout_s: float = Field(120.0, gt=0, description="How long one remote call may take before answering 504.")
 
 
 class AppArgs(_Strict):
@@ -353,6 +396,9 @@ class AppArgs(_Strict):
     )
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Durable async jobs.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, limits and CORS.")
+    fallback: FallbackConfig = Field(
+        default_factory=FallbackConfig, description="A remote images endpoint for peaks (off by default)."
+    )
     deployments: dict[DeploymentName, DeploymentOptions] = Field(
         default_factory=dict,
         description="Replicas and resources of the deployments other than the image generators (theirs are "

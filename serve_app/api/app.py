@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from serve_app.api.body_limit import BodyLimit
 from serve_app.ui import mount_console
@@ -30,6 +31,7 @@ from serve_app.api.schemas import (
 )
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.schemas import JobSubmission
+from serve_app.services.fallback import Fallback, FallbackFailed
 from serve_app.services.graph import StageTimeout
 from serve_app.services.images import ImageService
 from serve_app.services.scores import ScoreService
@@ -52,6 +54,7 @@ class Services:
     videos: VideoService | None = None
     jobs: jobs_http.JobsApi | None = None
     metrics: GraphMetrics | None = None
+    fallback: Fallback | None = None
 
     def jobs_api(self) -> jobs_http.JobsApi:
         if self.jobs is None:
@@ -64,9 +67,47 @@ class Services:
         return self.videos
 
     async def generate_images(self, request: ImageRequest | dict) -> ImageResponse:
-        response = await self.images.generate_images(request)
+        if not isinstance(request, ImageRequest):
+            request = ImageRequest.model_validate(request)
+        if request.fallback and self.fallback is None:
+            raise RequestError("fallback", "this service has no remote fallback (fallback.enabled is false in "
+                               "its config)", "false")
+        if self.fallback is None:
+            response = await self.images.generate_images(request)
+        else:
+            response = await self._local_or_remote(request, self.fallback)
         if self.metrics is not None:
             self.metrics.image_response(response)
+        return response
+
+    async def _local_or_remote(self, request: ImageRequest, fallback: Fallback) -> ImageResponse:
+        """Local unless the request allows fallback and the model is saturated (services/fallback.py)."""
+        model = self.images.spec_of(request.model).id
+        if request.fallback:
+            fallback.check(request)
+            reason = fallback.reason_to_skip_local(model)
+            if reason is not None:
+                return await self._remote(request, fallback, model, reason)
+        try:
+            with fallback.estimator.tracking(model) as alone:
+                response = await self.images.generate_images(request)
+        except BackPressureError:
+            if not request.fallback:
+                raise
+            return await self._remote(request, fallback, model, "backpressure")
+        if alone:
+            fallback.estimator.record(model, response.timings.get("generate", 0.0))
+        return response
+
+    async def _remote(self, request: ImageRequest, fallback: Fallback, model: str, reason: str) -> ImageResponse:
+        try:
+            response = await fallback.generate(request, reason)
+        except FallbackFailed:
+            if self.metrics is not None:
+                self.metrics.fallback(model, reason, "failed")
+            raise
+        if self.metrics is not None:
+            self.metrics.fallback(model, reason, "served")
         return response
 
     async def generate_video(self, request: VideoRequest | dict):
@@ -164,6 +205,10 @@ async def _limit_exceeded(_: Request, error: LimitExceeded) -> JSONResponse:
     return JSONResponse(status_code=429, content=error.body(), headers=limit_response_headers(error))
 
 
+async def _fallback_failed(_: Request, error: FallbackFailed) -> JSONResponse:
+    return JSONResponse(status_code=error.status, content={"detail": error.detail})
+
+
 def build_api(cors_origins: tuple[str, ...] | list[str] = ()) -> FastAPI:
     """The app with every router; the Ingress serves it and puts its `Services` (and its `Auth`,
     which the Guard reads) on `app.state`. Every route is behind the Guard (serve_app.security)."""
@@ -200,6 +245,7 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = ()) -> FastAPI:
     api.add_exception_handler(StageTimeout, _stage_timeout)
     api.add_exception_handler(RayActorError, _replica_lost)
     api.add_exception_handler(LimitExceeded, _limit_exceeded)
+    api.add_exception_handler(FallbackFailed, _fallback_failed)
     for router in ROUTERS:
         api.include_router(router)
     api.router.routes.extend(streamable_http_app(mcp).routes)  # POST/GET /mcp: MCP over streamable HTTP

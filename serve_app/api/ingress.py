@@ -38,9 +38,10 @@ from serve_app.api.schemas import (
     VideoRequest,
     VideoResponse,
 )
-from serve_app.config import AuthConfig, QualityPolicy
+from serve_app.config import AuthConfig, FallbackConfig, QualityPolicy
 from serve_app.security.guard import Auth
 from serve_app.jobs import http as jobs_http
+from serve_app.services.fallback import Fallback
 from serve_app.services.images import ImageService
 from serve_app.services.scores import ScoreService
 from serve_app.services.validation import ModelSpec
@@ -59,7 +60,8 @@ class Ingress:
                  max_body_bytes: int = DEFAULT_MAX_BYTES, gate_metrics: tuple[str, ...] = GATE_METRICS,
                  blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None,
                  default_model: str | None = None, auth: AuthConfig | None = None,
-                 limits_storage: str = "memory://"):
+                 limits_storage: str = "memory://", fallback: FallbackConfig | None = None,
+                 replicas: dict[str, int] | None = None):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
                               max_input_pixels=max_input_pixels, gate_metrics=gate_metrics,
                               blocklist=blocklist, loras=loras, default_model=default_model)
@@ -71,6 +73,8 @@ class Ingress:
             jobs=jobs_http.JobsApi(jobs, images, videos, retry_limit) if jobs is not None else None,
             # One set of metrics per replica.
             metrics=GraphMetrics() if metrics else None,
+            # `replicas`: each model's deployment's replicas at most, for the wait estimate.
+            fallback=Fallback(fallback, replicas or {}, images) if fallback is not None and fallback.enabled else None,
         )
         BodyLimit.configure(max_body_bytes)
         self._auth_config = auth or AuthConfig()

@@ -70,6 +70,12 @@ class GraphMetrics:
             description="Requests refused with 422, by route and field.",
             tag_keys=("route", "field"),
         )
+        self.fallbacks = metrics.Counter(
+            "genserve_fallback_requests_total",
+            description="Image requests sent to the remote fallback, by local model, reason (backpressure, "
+                        "estimated_wait) and outcome (served, failed).",
+            tag_keys=("model", "reason", "outcome"),
+        )
         self.timeouts = metrics.Counter(
             "genserve_stage_timeouts_total",
             description="Downstream calls that ran past request_timeout_s, by stage.",
@@ -101,6 +107,9 @@ class GraphMetrics:
     def rejection(self, route: str, fields: list[str]) -> None:
         for field in fields:
             self.rejections.inc(tags={"route": route, "field": field})
+
+    def fallback(self, model: str, reason: str, outcome: str) -> None:
+        self.fallbacks.inc(tags={"model": model, "reason": reason, "outcome": outcome})
 
     def timeout(self, stage: str) -> None:
         self.timeouts.inc(tags={"stage": stage})

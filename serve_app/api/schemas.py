@@ -171,6 +171,11 @@ class ImageRequest(BaseModel):
         True, description="As a job: send a small approximate picture of the image being denoised with its progress "
                           "events (models whose family has preview factors). No effect on a sync request.",
     )
+    fallback: bool = Field(
+        False,
+        description="Allow the configured remote images endpoint to serve this request when the local model is "
+                    "saturated (the prompt then goes to that third party). Needs `fallback.enabled` in the config.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -342,6 +347,10 @@ class ImageResponse(BaseModel):
     )
     strength: float | None = Field(None, description="The strength used with init_image; null for text-to-image.")
     hires: HiresInfo | None = Field(None, description="The high-resolution second pass, when one ran.")
+    backend: Literal["local", "remote"] = Field(
+        "local", description="Who generated the images: this service's model, or the configured remote endpoint "
+                             "(a `fallback` request at a peak; `model` then names the remote model)."
+    )
 
 
 class EnhanceRequest(BaseModel):

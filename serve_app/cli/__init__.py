@@ -10,6 +10,11 @@
                                      make an API key: prints it once, and the entry for the keys file
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd | llm | laion | sdxl |
                                      sdxl-controlnet | depth) as a local folder
+
+Against a running service (--url or $GENSERVE_URL; docs/client.md has the exit codes):
+    genserve generate PROMPT -o out.png [--model --seed --size WxH --steps --n --json]
+    genserve animate IMAGE -o out.mp4 [--frames --fps --seed --steps --motion --json]
+    genserve jobs list | show ID | wait ID [-o DIR] | cancel ID
 """
 
 from __future__ import annotations
@@ -262,9 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("folder")
     tiny.set_defaults(func=_save_tiny)
 
+    from serve_app.cli import remote
+
+    remote.add_commands(commands)
+
     args = parser.parse_args(argv)
     if args.command == "serve" and args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
         parser.error("--detach needs --address: a Ray started by this command would stop with it")
+    if args.func.__module__ == remote.__name__:
+        return remote.run(args)
     return args.func(args)
 
 

@@ -122,6 +122,10 @@ class JobsApi:
         except ValidationError as error:
             errors = [{**item, "loc": ("body", "request", *item["loc"])} for item in error.errors(include_url=False)]
             raise JobError(422, jsonable_encoder(explain_errors(errors, model, prefix=("request",)))) from None
+        if isinstance(parsed, ImageRequest) and parsed.fallback:
+            # A job waits its turn durably; the remote fallback is for sync requests at a peak.
+            raise JobError(422, RequestError("fallback", "jobs wait in their queue and are never sent to the remote "
+                                             "fallback; use POST /v1/images for that", "false").detail(("request",)))
         try:
             if isinstance(parsed, ImageRequest):
                 plan, _, _ = await asyncio.to_thread(self.images.plan, parsed)  # decodes a control image

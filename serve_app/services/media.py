@@ -40,10 +40,12 @@ def a1111_parameters(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def encode_png(image: np.ndarray, meta: dict) -> bytes:
-    """uint8 (H, W, 3) to PNG bytes carrying `parameters` (A1111 text) and `genserve` (JSON)."""
+def encode_png(image: np.ndarray, meta: dict, a1111: bool = True) -> bytes:
+    """uint8 (H, W, 3) to PNG bytes carrying `parameters` (A1111 text; not for images whose steps and
+    seed are unknown, as a remote API's) and `genserve` (JSON)."""
     info = PngInfo()
-    info.add_text("parameters", a1111_parameters(meta))
+    if a1111:
+        info.add_text("parameters", a1111_parameters(meta))
     info.add_text("genserve", json.dumps(meta, sort_keys=True))
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
@@ -57,8 +59,8 @@ def encode_plain_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def encode_png_b64(image: np.ndarray, meta: dict) -> str:
-    return base64.b64encode(encode_png(image, meta)).decode("ascii")
+def encode_png_b64(image: np.ndarray, meta: dict, a1111: bool = True) -> str:
+    return base64.b64encode(encode_png(image, meta, a1111)).decode("ascii")
 
 
 def read_png_meta(data: bytes) -> dict:

@@ -25,10 +25,15 @@ EXTRA_MODELS = [
      "options": {"max_sequence_length": 64}, "device": TINY_CPU, "deployment": {"num_cpus": 0.1}},
     {"id": "toy", "family": "tests.toy_family:FAMILY", "source": "tiny", "options": {"invert": True},
      "device": TINY_CPU, "deployment": {"num_cpus": 0.1}},
+    # Slow steps and a queue of one (one running, one waiting): the fallback tests fill it on purpose.
+    {"id": "slow", "family": "tests.slow_family:FAMILY", "source": "tiny", "options": {"step_delay_s": 0.5},
+     "device": TINY_CPU, "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 1, "max_queued_requests": 1,
+                                             "backpressure": {"retry_after_s": 2}}},
 ]
 
 
 def _start_dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
+    from tests.images_server import FakeImagesServer
     from tests.loras import make_flux_lora, make_sdxl_lora
 
     loras = tmp_path_factory.mktemp("loras")
@@ -43,13 +48,18 @@ def _start_dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
     args["loras"]["dir"] = str(loras)
     args["jobs"]["data_dir"] = str(data_dir)
     args["jobs"]["progress_interval_s"] = 0  # every denoising step, which the job tests follow
+    # The hybrid fallback, to a stand-in remote images API on loopback (requests opt in per request).
+    remote = stack.enter_context(FakeImagesServer())
+    args["fallback"] = {"enabled": True, "base_url": remote.base_url, "model": "remote-standin", "api_key_env": None,
+                        "response_format": "b64_json"}
     client = stack.enter_context(running_app(args))
-    return {"client": client, "data_dir": data_dir, "args": args}
+    return {"client": client, "data_dir": data_dir, "args": args, "remote": remote}
 
 
 @pytest.fixture
 def dev_app(tmp_path_factory) -> dict:
-    """The shared dev app: {client, data_dir, args}. Started on first use, kept for the next module."""
+    """The shared dev app: {client, data_dir, args, remote: the fallback's stand-in}. Started on first use,
+    kept for the next module."""
     return POOL.get("dev", lambda stack: _start_dev_app(stack, tmp_path_factory))
 
 
