@@ -81,7 +81,7 @@ class ImageGenerator:
         started = time.perf_counter()
         monitor.started()
         with self._metrics.track(), torch.inference_mode():
-            images = self._model(params, prompt, control, seeded_generators(params.seeds, self._placement.device),
+            images = self._model(params, prompt, control, seeded_generators(params.seeds),
                                  monitor)
         return GenerationOutput(
             images=to_uint8_images(images),

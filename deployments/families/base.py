@@ -25,6 +25,7 @@ from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationPa
 if TYPE_CHECKING:
     from deployments.config import ImageModelConfig
     from deployments.runtime.loading import Placement
+    from deployments.runtime.weights import WeightSource
 
 
 class NoOptions(BaseModel):
@@ -118,6 +119,17 @@ class ImageFamily:
     # How this family's LoRA files are recognised; None: the family takes no LoRAs.
     lora: ClassVar[LoraSignature | None] = None
     loaded_class: ClassVar[type[LoadedImageModel]] = LoadedImageModel
+    # The weight variant published for a dtype (dtype name -> variant, e.g. float16 -> fp16):
+    # `genserve download` fetches it and loading asks for it when it is on disk. 16-bit weights
+    # halve the download and host memory; fp16 weights loaded as bf16 lose nothing bf16 keeps.
+    weight_variants: ClassVar[dict[str, str]] = {}
+
+    def weight_sources(self, config: "ImageModelConfig") -> list["WeightSource"]:
+        """Every set of weights a deployment of this entry loads (`genserve download` fetches them)."""
+        from deployments.runtime.weights import WeightSource, variant_for
+
+        return [WeightSource(f"{config.id} pipeline", config.source, "diffusers-pipeline",
+                             variant_for(self.weight_variants, config.device.dtype))]
 
     def options_of(self, config: "ImageModelConfig") -> BaseModel:
         """The entry's `options:` validated against this family's `Options` model."""
@@ -142,9 +154,11 @@ class ImageFamily:
     def load_pipeline(self, config: "ImageModelConfig", placement: "Placement"):
         """`<pipeline_class>.from_pretrained` for hub ids and folders, `build_tiny` for 'tiny', on the device."""
         from deployments.runtime.loading import load_diffusers_pipeline
+        from deployments.runtime.weights import local_variant
 
+        variant = local_variant(config.source, self.weight_variants.get(placement.dtype_name))
         return load_diffusers_pipeline(
-            self.pipeline_class, config.source, placement, lambda: self.build_tiny(config=config)
+            self.pipeline_class, config.source, placement, lambda: self.build_tiny(config=config), variant
         ).to(
             placement.device
         )

@@ -26,6 +26,8 @@ def a1111_parameters(meta: dict) -> str:
         f"Size: {meta['width']}x{meta['height']}",
         f"Model: {meta['model']}",
     ]
+    if meta.get("generator") == "cpu":  # A1111's name for noise drawn on the CPU whatever the device
+        settings.append("RNG: CPU")
     lines.append(", ".join(settings))
     return "\n".join(lines)
 
