@@ -164,4 +164,10 @@ class ImageFamily:
         )
 
     def load(self, config: "ImageModelConfig", placement: "Placement") -> LoadedImageModel:
-        return self.loaded_class(self, config, placement, self.load_pipeline(config, placement))
+        pipeline = self.load_pipeline(config, placement)
+        vae = getattr(pipeline, "vae", None)
+        if vae is not None and config.vae.slicing and hasattr(vae, "enable_slicing"):
+            vae.enable_slicing()
+        if vae is not None and config.vae.tiling and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+        return self.loaded_class(self, config, placement, pipeline)
