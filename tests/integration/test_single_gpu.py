@@ -36,7 +36,7 @@ def test_every_deployment_fits_on_one_gpu_node_and_the_models_share_its_gpu(one_
     deployments = serve_details().applications[APP_NAME].deployments
     args = AppArgs.model_validate(one_gpu_node["args"])
     options = args.all_deployment_options()
-    expected = [*DEPLOYMENT_NAMES, *(entry.deployment_name for entry in args.image_models)]
+    expected = [*DEPLOYMENT_NAMES, *(entry.deployment_name for entry in args.served_image_models)]
     assert sorted(deployments) == sorted(expected)
     replicas = {name: deployments[name].replicas for name in expected}
     assert {name: [r.state.value for r in found] for name, found in replicas.items()} == {
