@@ -21,8 +21,8 @@ from serve_app.config import AppArgs
 
 @dataclass(frozen=True)
 class PlannedRepo:
-    """One hub repo to fetch: the weights that need it (`sources`, one per role) and whether only
-    optional (`enabled: false`) entries use it."""
+    """One hub repo to fetch, the roles it serves, and whether only optional (`enabled: false`)
+    entries use it."""
 
     source: WeightSource
     roles: tuple[str, ...]
@@ -42,7 +42,6 @@ class ResolvedRepo:
 
 def weight_sources(args: AppArgs) -> list[tuple[WeightSource, bool]]:
     """Every (weights, optional) the config names, hub ids, folders and 'tiny' alike."""
-    from deployments.runtime.weights import WeightSource
     from deployments.video.svd import svd_weight_sources
 
     found: list[tuple[WeightSource, bool]] = []
@@ -129,11 +128,11 @@ def download(resolved: ResolvedRepo, cache_dir: str | None = None) -> str:
                              cache_dir=cache_dir, token=_token())
 
 
-def is_cached(resolved_or_planned: PlannedRepo, cache_dir: str | None = None) -> str | None:
+def is_cached(planned: PlannedRepo, cache_dir: str | None = None) -> str | None:
     """None when the repo's snapshot is in the cache with its planned variant/file; else what is missing."""
     from huggingface_hub import try_to_load_from_cache
 
-    source = resolved_or_planned.source
+    source = planned.source
     probe = {"diffusers-pipeline": "model_index.json", "diffusers-model": "config.json",
              "transformers": "config.json", "file": source.filename}[source.layout]
     found = try_to_load_from_cache(source.source, probe, cache_dir=cache_dir)
