@@ -395,6 +395,20 @@ class ModelLimits(_Strict):
     max_guidance: float | None = Field(None, ge=0, description="Highest guidance_scale; 0 for distilled models.")
 
 
+class VaeMemory(_Strict):
+    """How the VAE decodes, to bound the memory peak of large batches and sizes (diffusers' own switches)."""
+
+    slicing: bool = Field(
+        True, description="Decode a batch one image at a time: the peak no longer grows with the batch; the "
+                          "images are the same and decoding takes about as long.",
+    )
+    tiling: bool = Field(
+        False, description="Decode in overlapping tiles when the image is larger than the VAE's tile size "
+                           "(its config's sample_size: 1024 px for SDXL's and FLUX's VAEs, so only larger "
+                           "requests are tiled). Bounds the peak at 2048x2048; tiles blend at their seams.",
+    )
+
+
 class ImageModelConfig(_Strict):
     """One servable image model: an entry of `image_models:`. The family says what the model is; the
     entry says where its weights are, how it runs, and its defaults and narrower limits."""
@@ -415,6 +429,7 @@ class ImageModelConfig(_Strict):
     default_steps: int | None = Field(None, ge=1, description="Denoising steps when a request gives none.")
     default_guidance: float | None = Field(None, ge=0, description="guidance_scale when a request gives none.")
     limits: ModelLimits = Field(default_factory=ModelLimits, description="Narrower limits than the family's.")
+    vae: VaeMemory = Field(default_factory=VaeMemory, description="VAE slicing and tiling (memory of large requests).")
     options: dict = Field(default_factory=dict, description="The family's own options (e.g. sdxl: controlnets).")
 
     @property

@@ -117,7 +117,7 @@ class ImageGenerator:
         monitor.steps_before = monitor.steps_done
         monitor.preview = lambda latents: self._model.preview(latents, params)  # this call's size
         images = to_uint8_images(
-            self._model(params, prompt, control, seeded_generators(params.seeds, self._placement.device), monitor)
+            self._model(params, prompt, control, seeded_generators(params.seeds), monitor)
         )
         edit = params.edit
         if edit is not None and edit.mask is not None and edit.preserve_unmasked:

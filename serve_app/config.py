@@ -241,15 +241,24 @@ def unplaced_gpu_replicas(replicas: list[tuple[str, float, str | None]], capacit
     a packing that exists, but a layout that needs an exact packing also depends on the order in
     which Ray happens to start replicas.
     """
-    free = [[kind, 1.0] for kind, count in capacity.items() for _ in range(count)]
+    return pack_gpu_replicas(replicas, capacity)[1]
+
+
+def pack_gpu_replicas(replicas: list[tuple[str, float, str | None]],
+                      capacity: Mapping[str, int]) -> tuple[list[tuple[str, list[tuple[str, float]]]], list[str]]:
+    """`unplaced_gpu_replicas`' packing: each declared GPU as (its key, [(deployment, share), ...]),
+    and the deployments of the replicas left over."""
+    gpus: list[tuple[str, list[tuple[str, float]]]] = [(kind, []) for kind, count in capacity.items()
+                                                        for _ in range(count)]
     left = []
     for name, share, kind in sorted(replicas, key=lambda replica: (replica[2] is None, -replica[1])):
-        gpu = next((gpu for gpu in free if kind in (None, gpu[0]) and gpu[1] + _SHARE_TOLERANCE >= share), None)
+        gpu = next((gpu for gpu in gpus if kind in (None, gpu[0])
+                    and 1.0 - sum(held for _, held in gpu[1]) + _SHARE_TOLERANCE >= share), None)
         if gpu is None:
             left.append(name)
         else:
-            gpu[1] -= share
-    return left
+            gpu[1].append((name, share))
+    return gpus, left
 
 
 def check_threshold(metric: str, threshold: float) -> None:

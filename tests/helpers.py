@@ -33,8 +33,8 @@ def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float =
 def tiny_args(config: Path, **deployments: dict) -> dict:
     """A Serve config's genserve args with tiny models (and LAION head), everything else as the file says.
 
-    Models keep `device: auto`, so on a machine whose GPUs are only declared to Ray they run on
-    the CPU (with fp32, one torch thread each: the cores are shared). `deployments` updates the
+    Models get `device: auto` (the GPU profiles say cuda), so on a machine whose GPUs are only
+    declared to Ray they run on the CPU (with fp32, one torch thread each: the cores are shared). `deployments` updates the
     named deployments' options (an image model's by its deployment name), e.g.
     `FluxSchnellGenerator={"num_replicas": 2}`.
     """
@@ -43,13 +43,13 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
     args = app_args_from_config(config).model_dump(exclude_none=True)
     for model in [*args["image_models"], *(args[name] for name in ("scorer", "svd") if args.get(name) is not None)]:
         model["source"] = "tiny"
-        model["device"].update(dtype="auto", torch_threads=1)
+        model["device"].update(device="auto", dtype="auto", torch_threads=1)
     llm = args["enhancer"]["llm"]
     if llm["backend"] == "transformers":
         # The tiny LLM's answer is gibberish at any length (the template answers); a short one
         # keeps the enhancer, which runs one answer at a time, from becoming the bottleneck.
         llm.update(source="tiny", max_new_tokens=8)
-        llm["device"].update(dtype="auto", torch_threads=1)
+        llm["device"].update(device="auto", dtype="auto", torch_threads=1)
     if args.get("scorer") is not None:  # the LAION head too: a random one sized to the tiny CLIP
         args["scorer"].setdefault("laion", {})["source"] = "tiny"
     for model in args["image_models"]:

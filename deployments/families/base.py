@@ -28,6 +28,7 @@ from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationPa
 if TYPE_CHECKING:
     from deployments.config import ImageModelConfig
     from deployments.runtime.loading import Placement
+    from deployments.runtime.weights import WeightSource
 
 
 class NoOptions(BaseModel):
@@ -221,6 +222,17 @@ class ImageFamily:
     # as ComfyUI's latent previews publish them; None: no previews for this family.
     preview_factors: ClassVar[tuple[tuple[float, float, float], ...] | None] = None
     preview_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
+    # The weight variant published for a dtype (dtype name -> variant, e.g. float16 -> fp16):
+    # `genserve download` fetches it and loading asks for it when it is on disk. 16-bit weights
+    # halve the download and host memory; fp16 weights loaded as bf16 lose nothing bf16 keeps.
+    weight_variants: ClassVar[dict[str, str]] = {}
+
+    def weight_sources(self, config: "ImageModelConfig") -> list["WeightSource"]:
+        """Every set of weights a deployment of this entry loads (`genserve download` fetches them)."""
+        from deployments.runtime.weights import WeightSource, variant_for
+
+        return [WeightSource(f"{config.id} pipeline", config.source, "diffusers-pipeline",
+                             variant_for(self.weight_variants, config.device.dtype))]
 
     def options_of(self, config: "ImageModelConfig") -> BaseModel:
         """The entry's `options:` validated against this family's `Options` model."""
@@ -247,12 +259,20 @@ class ImageFamily:
     def load_pipeline(self, config: "ImageModelConfig", placement: "Placement"):
         """`<pipeline_class>.from_pretrained` for hub ids and folders, `build_tiny` for 'tiny', on the device."""
         from deployments.runtime.loading import load_diffusers_pipeline
+        from deployments.runtime.weights import local_variant
 
+        variant = local_variant(config.source, self.weight_variants.get(placement.dtype_name))
         return load_diffusers_pipeline(
-            self.pipeline_class, config.source, placement, lambda: self.build_tiny(config=config)
+            self.pipeline_class, config.source, placement, lambda: self.build_tiny(config=config), variant
         ).to(
             placement.device
         )
 
     def load(self, config: "ImageModelConfig", placement: "Placement") -> LoadedImageModel:
-        return self.loaded_class(self, config, placement, self.load_pipeline(config, placement))
+        pipeline = self.load_pipeline(config, placement)
+        vae = getattr(pipeline, "vae", None)
+        if vae is not None and config.vae.slicing and hasattr(vae, "enable_slicing"):
+            vae.enable_slicing()
+        if vae is not None and config.vae.tiling and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+        return self.loaded_class(self, config, placement, pipeline)

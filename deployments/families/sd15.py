@@ -23,6 +23,8 @@ class Sd15Family(ImageFamily):
     negative_prompt = True
     img2img_pipeline_class = "StableDiffusionImg2ImgPipeline"
     inpaint_pipeline_class = "StableDiffusionInpaintPipeline"
+    # SD 1.5 checkpoints in diffusers layout publish fp16 files beside the fp32 ones.
+    weight_variants = {"float16": "fp16", "bfloat16": "fp16"}
     # One CLIP encoder of 77 tokens: short tags, as for SDXL, but fewer.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 30 words): subject first, then details, "

@@ -51,12 +51,17 @@ class SdxlOptions(BaseModel):
 
 
 def load_controlnet(kind: str, source: str, placement: Placement):
-    """A `ControlNetModel` from a repo id or folder (safetensors only), or the tiny one for `tiny`."""
+    """A `ControlNetModel` from a repo id or folder (safetensors only, the dtype's variant when it
+    was downloaded), or the tiny one for `tiny`."""
     if is_tiny(source):
         return build_tiny_sdxl_controlnet(kind=kind).to(dtype=placement.dtype)
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_pretrained(pretrained_location(source), dtype=placement.dtype, use_safetensors=True)
+    from deployments.runtime.weights import local_variant
+
+    variant = local_variant(source, FAMILY.weight_variants.get(placement.dtype_name))
+    return ControlNetModel.from_pretrained(pretrained_location(source), dtype=placement.dtype, use_safetensors=True,
+                                           variant=variant)
 
 
 def controlnet_pipeline(base, controlnet):
@@ -214,8 +219,23 @@ class SdxlFamily(ImageFamily):
         unet_fallback=True,
     )
 
+    # SDXL base, its ControlNets and Turbo publish fp16 files beside the fp32 ones.
+    weight_variants = {"float16": "fp16", "bfloat16": "fp16"}
+
     def control_types(self, options: SdxlOptions) -> tuple[str, ...]:
         return tuple(kind for kind in CONTROL_TYPES if kind in options.controlnets)
+
+    def weight_sources(self, config):
+        from deployments.runtime.weights import WeightSource, variant_for
+
+        options = self.options_of(config)
+        variant = variant_for(self.weight_variants, config.device.dtype)
+        sources = super().weight_sources(config)
+        sources += [WeightSource(f"{config.id} {kind} ControlNet", source, "diffusers-model", variant)
+                    for kind, source in options.controlnets.items()]
+        if "depth" in options.controlnets:
+            sources.append(WeightSource(f"{config.id} depth estimator", options.depth_estimator, "transformers"))
+        return sources
 
     def build_tiny(self, seed: int = 0, config=None):
         return build_tiny_sdxl(seed)

@@ -8,6 +8,7 @@ sees, so logical GPUs declared to Ray on a CPU machine still run on the CPU.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from deployments.config import TINY, DeviceOptions
 if TYPE_CHECKING:
     import torch
 
+logger = logging.getLogger(__name__)
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -39,8 +41,9 @@ class Placement:
 def resolve_placement(options: DeviceOptions) -> Placement:
     """Pick the device and dtype from the options and from what torch sees, and cap CUDA memory.
 
-    `auto` means CUDA only when `torch.cuda.is_available()`; asking for `cuda` where torch sees
-    none is an error, not a silent fallback to the CPU. On CUDA, `memory_fraction` caps this
+    `auto` means CUDA only when `torch.cuda.is_available()` (a warning says so when Ray gave the
+    replica a GPU share anyway); asking for `cuda` where torch sees none is an error naming the
+    deployment, its share, what torch reports and the likely cause, not a silent fallback to the CPU. On CUDA, `memory_fraction` caps this
     process's allocations: Ray's fractional `num_gpus` only decides where a replica is scheduled,
     so without the cap one replica could take the memory of every other replica on its card.
     """
@@ -49,8 +52,12 @@ def resolve_placement(options: DeviceOptions) -> Placement:
     if options.torch_threads is not None:
         torch.set_num_threads(options.torch_threads)
     has_cuda = torch.cuda.is_available()
-    if options.device == "cuda" and not has_cuda:
-        raise RuntimeError("device: 'cuda' was asked for, but torch sees no CUDA device in this replica")
+    if not has_cuda and options.device in ("cuda", "auto"):
+        share = _ray_gpu_share()
+        if options.device == "cuda":
+            raise NoCudaDevice(no_cuda_message(_replica_deployment(), share))
+        if share:  # device: auto with a GPU share: runs, but say loudly why it is slow
+            logger.warning("%s; running on the CPU because device is 'auto'", no_cuda_message(_replica_deployment(), share))
     device = "cuda" if options.device == "cuda" or (options.device == "auto" and has_cuda) else "cpu"
     if options.dtype == "auto":
         dtype_name = "bfloat16" if device == "cuda" else "float32"
@@ -61,6 +68,54 @@ def resolve_placement(options: DeviceOptions) -> Placement:
         # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPU, so the current device is that GPU.
         torch.cuda.set_per_process_memory_fraction(memory_fraction)
     return Placement(device=device, dtype_name=dtype_name, memory_fraction=memory_fraction)
+
+
+class NoCudaDevice(RuntimeError):
+    """A replica configured for CUDA (or given a GPU share) sees no CUDA device."""
+
+
+def no_cuda_message(deployment: str | None, share: float | None) -> str:
+    """Why a replica that should run on CUDA cannot: who it is, what Ray gave it, what torch
+    reports, and the likely cause, most specific first."""
+    import torch
+
+    who = deployment or "this replica"
+    given = f"was given {share:g} of a GPU by Ray" if share else "was given no GPU share by Ray"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    facts = (f"torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, "
+             f"torch.cuda.device_count()={torch.cuda.device_count()}, CUDA_VISIBLE_DEVICES={visible!r}")
+    if torch.version.cuda is None:
+        cause = "this torch is a CPU-only build: install a CUDA build of torch (see docs/gpu.md)"
+    elif not share:
+        cause = "the deployment reserves no GPU (num_gpus unset or 0), so Ray hid the GPUs from it: set num_gpus"
+    elif visible == "":
+        cause = "CUDA_VISIBLE_DEVICES is empty in this process"
+    else:
+        cause = (f"the NVIDIA driver is missing or older than CUDA {torch.version.cuda} needs, or the GPU is not "
+                 "mounted into this container (check `nvidia-smi` where the replica runs; "
+                 "`genserve doctor CONFIG` checks a node)")
+    return f"{who}: device 'cuda', and it {given}, but torch sees no CUDA device ({facts}). Likely cause: {cause}"
+
+
+def _ray_gpu_share() -> float | None:
+    """The GPU share Ray assigned this process (a Serve replica), or None outside Ray."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return ray.get_runtime_context().get_assigned_resources().get("GPU")
+    except Exception:  # not in a Ray worker: nothing was assigned
+        return None
+
+
+def _replica_deployment() -> str | None:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().deployment
+    except Exception:  # not in a Serve replica (tests, the benchmark, scripts)
+        return None
 
 
 def cuda_memory_fraction(device: str, options: DeviceOptions) -> float | None:
@@ -82,12 +137,14 @@ def pretrained_location(source: str) -> str:
     return source
 
 
-def load_diffusers_pipeline(pipeline_class: str, source: str, placement: Placement, build_tiny: Callable[[], Any]):
+def load_diffusers_pipeline(pipeline_class: str, source: str, placement: Placement, build_tiny: Callable[[], Any],
+                            variant: str | None = None):
     """The one loading path of a diffusers pipeline, on the CPU in the placement's dtype.
 
     A hub repo id or local folder goes through `<pipeline_class>.from_pretrained` (safetensors
-    only); `tiny` calls `build_tiny`, which makes the same class with random weights. The caller
-    moves it to its device (or sets up offloading).
+    only, `variant`'s files when given: see `deployments.runtime.weights.local_variant`); `tiny`
+    calls `build_tiny`, which makes the same class with random weights. The caller moves it to
+    its device (or sets up offloading).
     """
     if is_tiny(source):
         pipeline = build_tiny().to(dtype=placement.dtype)
@@ -95,17 +152,28 @@ def load_diffusers_pipeline(pipeline_class: str, source: str, placement: Placeme
         import diffusers
 
         pipeline = getattr(diffusers, pipeline_class).from_pretrained(
-            pretrained_location(source), dtype=placement.dtype, use_safetensors=True
+            pretrained_location(source), dtype=placement.dtype, use_safetensors=True, variant=variant
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def seeded_generators(seeds: list[int], device: str) -> list["torch.Generator"]:
-    """One torch generator per image, so each image's noise depends on its own seed only."""
+# Where the initial noise is drawn, whatever device the model runs on (PNG metadata `generator`).
+NOISE_GENERATOR = "cpu"
+
+
+def seeded_generators(seeds: list[int]) -> list["torch.Generator"]:
+    """One CPU torch generator per image, so each image's noise depends on its own seed only.
+
+    The noise is drawn on the CPU and moved to the model's device (diffusers' `randn_tensor` does
+    that for a CPU generator), as diffusers' reproducibility guide recommends: CUDA's generator
+    gives other numbers for the same seed, so a seed drawn there would mean a different starting
+    noise on a GPU than on the CPU. A seed thus means the same initial noise on every machine;
+    the pixels can still differ across GPUs, dtypes and library versions, since kernels differ.
+    """
     import torch
 
-    return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    return [torch.Generator(device=NOISE_GENERATOR).manual_seed(seed) for seed in seeds]
 
 
 def to_uint8_images(images) -> "object":

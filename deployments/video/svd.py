@@ -18,6 +18,7 @@ from deployments.runtime.loading import (
     to_uint8_images,
 )
 from deployments.runtime.metrics import ModelMetrics
+from deployments.runtime.weights import WeightSource, local_variant, variant_for
 from deployments.runtime.progress import StepMonitor, run_interruptibly
 from deployments.runtime.types import VideoOutput, VideoParams
 from deployments.video.encoding import CONTENT_TYPES, encode_video
@@ -25,11 +26,21 @@ from deployments.video.encoding import CONTENT_TYPES, encode_video
 logger = logging.getLogger("ray.serve")
 
 
+# Stable Video Diffusion's repos publish fp16 files beside the fp32 ones (dtype name -> variant).
+SVD_WEIGHT_VARIANTS = {"float16": "fp16", "bfloat16": "fp16"}
+
+
+def svd_weight_sources(config: SvdConfig) -> list[WeightSource]:
+    return [WeightSource("video (SVD) pipeline", config.source, "diffusers-pipeline",
+                         variant_for(SVD_WEIGHT_VARIANTS, config.device.dtype))]
+
+
 def load_svd_pipeline(config: SvdConfig, placement):
     """`StableVideoDiffusionPipeline.from_pretrained` for repo ids and folders; tiny for `tiny`."""
     from deployments.tiny import build_tiny_svd
 
-    pipeline = load_diffusers_pipeline("StableVideoDiffusionPipeline", config.source, placement, build_tiny_svd)
+    variant = local_variant(config.source, SVD_WEIGHT_VARIANTS.get(placement.dtype_name))
+    pipeline = load_diffusers_pipeline("StableVideoDiffusionPipeline", config.source, placement, build_tiny_svd, variant)
     memory = config.memory
     if memory.unet_forward_chunking:
         pipeline.unet.enable_forward_chunking()
@@ -116,7 +127,7 @@ class SvdGenerator:
                 motion_bucket_id=params.motion_bucket_id,
                 noise_aug_strength=params.noise_aug_strength,
                 decode_chunk_size=params.decode_chunk_size or self._config.memory.decode_chunk_size,
-                generator=seeded_generators([params.seed], self._placement.device)[0],
+                generator=seeded_generators([params.seed])[0],
                 output_type="np",
                 callback_on_step_end=monitor,
             )

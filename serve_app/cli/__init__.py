@@ -8,6 +8,10 @@
     genserve bench-scores [options]  scoring cost of a batch of images against one image
     genserve keys create NAME [--scopes generate read admin] [--file KEYS.yaml] [limits]
                                      make an API key: prints it once, and the entry for the keys file
+    genserve download CONFIG [--dry-run] [--dir DIR] [--skip-optional]
+                                     fetch exactly the hub weights CONFIG names, for offline serving
+    genserve doctor CONFIG           check this machine before serving CONFIG (torch, CUDA, GPU memory,
+                                     weights, ports): each line ok, or what to do
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd | llm | laion | sdxl |
                                      sdxl-controlnet | depth) as a local folder
 
@@ -201,6 +205,20 @@ def _save_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    from serve_app.config import app_args_from_config
+    from serve_app.weights import run_download
+
+    return run_download(app_args_from_config(args.config), dry_run=args.dry_run, cache_dir=args.dir,
+                        include_optional=not args.skip_optional)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from serve_app.doctor import run_doctor
+
+    return run_doctor(args.config)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -270,6 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     from serve_app.cli import remote
 
     remote.add_commands(commands)
+    download = commands.add_parser(
+        "download", help="fetch exactly the hub weights a config names (HF cache, or --dir) for offline serving")
+    download.add_argument("config")
+    download.add_argument("--dry-run", action="store_true", help="list repos, files and sizes; fetch nothing")
+    download.add_argument("--dir", default=None,
+                          help="a Hugging Face cache folder to fill instead of the default one (serve with HF_HUB_CACHE=DIR)")
+    download.add_argument("--skip-optional", action="store_true",
+                          help="leave out image models marked enabled: false (e.g. the gated FLUX.1-dev)")
+    download.set_defaults(func=_download)
+
+    doctor = commands.add_parser("doctor", help="check this machine can serve a config: torch, CUDA, GPU memory, "
+                                                "weights, ports")
+    doctor.add_argument("config")
+    doctor.set_defaults(func=_doctor)
 
     args = parser.parse_args(argv)
     if args.command == "serve" and args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):

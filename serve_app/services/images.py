@@ -14,6 +14,7 @@ import uuid
 
 from deployments.scoring.clip_scorer import COMBINABLE, GATE_METRICS, SCORE_RANGES
 from deployments.config import CombinedWeights
+from deployments.runtime.loading import NOISE_GENERATOR
 from deployments.runtime.lora import LoraNameError, LoraRegistry
 from deployments.enhancer.prompt_rules import blocked_terms, validate_prompt
 from deployments.runtime.previews import small_png_data_url
@@ -401,6 +402,8 @@ def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan,
         "original_prompt": plan.prompt,
         "negative_prompt": result.negative_prompt,
         "seed": candidate.seed,
+        # The initial noise is drawn on the CPU from `seed` wherever the model runs (see docs/gpu.md).
+        "generator": NOISE_GENERATOR,
         "steps": plan.num_inference_steps,
         "guidance_scale": plan.guidance_scale,
         "width": width,

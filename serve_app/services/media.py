@@ -36,6 +36,8 @@ def a1111_parameters(meta: dict) -> str:
         settings.append(f"Mask blur: {meta['mask_blur']}")
     if hires:
         settings += [f"Hires upscale: {hires['scale']:g}", f"Hires steps: {hires['steps']}", "Hires upscaler: Lanczos"]
+    if meta.get("generator") == "cpu":  # A1111's name for noise drawn on the CPU whatever the device
+        settings.append("RNG: CPU")
     lines.append(", ".join(settings))
     return "\n".join(lines)
 

@@ -84,7 +84,7 @@ def cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
     nodes = {
         # Three H100-class nodes of one GPU each for FLUX (up to two replicas here) and SVD, two
-        # L4-class nodes for CLIP, SDXL and the enhancer's LLM (0.25 + 0.75 + 0.25 of an L4 do not
+        # L4-class nodes for CLIP, SDXL and the enhancer's LLM (0.2 + 0.7 + 0.2 of an L4 do not
         # fit on one). Logical CPUs are generous: FLUX and SVD ask for 4 per replica, as on a real
         # GPU node.
         "heavy-a": cluster.add_node(num_cpus=6, num_gpus=1, resources={"accelerator_type:H100": 1}),

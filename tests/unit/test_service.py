@@ -67,7 +67,7 @@ def test_response_carries_everything_needed_to_reproduce():
     assert set(response.timings) == {"enhance", "generate", "score", "encode", "total"}
     meta = read_png_meta(base64.b64decode(response.images[1].b64_png))
     assert meta == {
-        "prompt": "a fox, enhanced", "original_prompt": "a fox", "negative_prompt": None, "seed": 8, "steps": 4,
+        "prompt": "a fox, enhanced", "original_prompt": "a fox", "negative_prompt": None, "seed": 8, "generator": "cpu", "steps": 4,
         "guidance_scale": 0.0, "width": 272, "height": 256, "model": "flux-schnell", "loras": [],
     }
 
