@@ -7,14 +7,16 @@ the app's state when it starts, so the routers hold no state and no model-specif
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from serve_app.api.body_limit import BodyLimit
 from serve_app.api.errors import explain_errors
@@ -29,7 +31,8 @@ from serve_app.api.schemas import (
 )
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.schemas import JobSubmission
-from serve_app.services.graph import StageTimeout
+from serve_app.services.graph import StageTimeout, deadline
+from serve_app.services.health import Readiness
 from serve_app.services.images import ImageService
 from serve_app.services.scores import ScoreService
 from serve_app.services.validation import RequestError
@@ -49,6 +52,7 @@ class Services:
     videos: VideoService | None = None
     jobs: jobs_http.JobsApi | None = None
     metrics: GraphMetrics | None = None
+    readiness: Readiness = field(default_factory=Readiness)
 
     def jobs_api(self) -> jobs_http.JobsApi:
         if self.jobs is None:
@@ -89,6 +93,22 @@ class Services:
             raise
 
 
+class RequestDeadline:
+    """ASGI middleware: one deadline (request_timeout_s) for everything a request calls downstream,
+    across stages and regeneration rounds; past it the request ends in 504 with Retry-After."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        state = getattr(scope.get("app"), "state", None) if scope["type"] == "http" else None
+        served = getattr(state, "services", None)
+        if served is None:
+            return await self.app(scope, receive, send)
+        with deadline(served.images.request_timeout_s):
+            await self.app(scope, receive, send)
+
+
 def services(request: Request) -> Services:
     """The serving replica's services (a FastAPI dependency)."""
     # The app serving the request, not a module global: Serve ships the ingress (and the app it
@@ -112,10 +132,17 @@ _BODY_MODELS: tuple[tuple[str, type[BaseModel]], ...] = (
 )
 
 
+def route_label(request: Request) -> str:
+    """The matched route's template ('/v1/jobs/{job_id}'), never the path itself: a label from
+    request data would make a series per job id (or per scanner's made-up path)."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "other"
+
+
 def _record(request: Request, fields: list[str]) -> None:
     state = getattr(request.app.state, "services", None)
     if state is not None:
-        state.record_rejection(request.url.path, fields)
+        state.record_rejection(route_label(request), fields)
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -139,11 +166,45 @@ async def _video_not_deployed(_: Request, __: VideoNotDeployed) -> JSONResponse:
     return JSONResponse(status_code=501, content={"detail": "video generation is not deployed: add `svd:` to the config"})
 
 
+# How long a client should wait before sending again a request that ran out of time or met a
+# full queue, when the deployment's BackpressureConfig names no retry_after_s.
+RETRY_AFTER_S = 5
+
+
 async def _stage_timeout(request: Request, error: StageTimeout) -> JSONResponse:
     state = getattr(request.app.state, "services", None)
     if state is not None and state.metrics is not None:
         state.metrics.timeout(error.stage)
-    return JSONResponse(status_code=504, content={"detail": str(error)})
+    return JSONResponse(status_code=504, headers={"Retry-After": str(RETRY_AFTER_S)},
+                        content={"detail": str(error), "reason": "deadline"})
+
+
+def backpressure_of(error: BaseException) -> BackPressureError | None:
+    """The BackPressureError behind `error`: raised by a handle, or by a chained downstream call."""
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    return error if isinstance(error, BackPressureError) else None
+
+
+def overloaded(error: BaseException) -> JSONResponse:
+    """A downstream queue was full (Serve's max_queued_requests): 503 or 429 with Retry-After, as
+    the deployment's BackpressureConfig says. Answered at once: the request never queued."""
+    pressure = backpressure_of(error)
+    status = pressure.status_code if pressure is not None else 503
+    retry = pressure.retry_after_s if pressure is not None and pressure.retry_after_s is not None else RETRY_AFTER_S
+    return JSONResponse(status_code=status, headers={"Retry-After": str(max(1, math.ceil(retry)))},
+                        content={"detail": "the service is at capacity (a queue is full); retry later",
+                                 "reason": "overloaded"})
+
+
+async def _overloaded(_: Request, error: Exception) -> JSONResponse:
+    return overloaded(error)
+
+
+async def _unavailable(_: Request, error: DeploymentUnavailableError) -> JSONResponse:
+    return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                        content={"detail": "a deployment this request needs is not available; retry later",
+                                 "reason": "unavailable"})
 
 
 async def _replica_lost(_: Request, error: RayActorError) -> JSONResponse:
@@ -167,12 +228,15 @@ def build_api() -> FastAPI:
         version="0.1.0",
     )
     api.add_middleware(BodyLimit)
+    api.add_middleware(RequestDeadline)
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(jobs_http.JobError, _job_error)
     api.add_exception_handler(RequestError, _request_error)
     api.add_exception_handler(VideoNotDeployed, _video_not_deployed)
     api.add_exception_handler(StageTimeout, _stage_timeout)
     api.add_exception_handler(RayActorError, _replica_lost)
+    api.add_exception_handler(BackPressureError, _overloaded)
+    api.add_exception_handler(DeploymentUnavailableError, _unavailable)
     for router in ROUTERS:
         api.include_router(router)
     return api

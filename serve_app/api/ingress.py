@@ -20,6 +20,8 @@ Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(..
 `.score_images.remote(ScoreRequest(...))`.
 """
 
+import contextlib
+
 from ray import serve
 
 from deployments.config import SvdConfig
@@ -40,6 +42,7 @@ from serve_app.api.schemas import (
 )
 from serve_app.config import QualityPolicy
 from serve_app.jobs import http as jobs_http
+from serve_app.services.graph import deadline
 from serve_app.services.images import ImageService
 from serve_app.services.scores import ScoreService
 from serve_app.services.validation import ModelSpec
@@ -77,27 +80,33 @@ class Ingress:
         app.state.services = self._services
         return app
 
+    @contextlib.contextmanager
+    def _handle_call(self, route: str):
+        """A handle call gets the HTTP request's deadline, and its bad input is counted."""
+        with deadline(self._services.images.request_timeout_s), self._services.rejections_recorded(route):
+            yield
+
     async def generate_images(self, request: ImageRequest | dict) -> ImageResponse:
         """The Python API: the same request model and response as POST /v1/images.
 
         Raises `pydantic.ValidationError` or `serve_app.services.validation.RequestError` (a
         `ValueError`) for bad input, naming the field.
         """
-        with self._services.rejections_recorded("handle:generate_images"):
+        with self._handle_call("handle:generate_images"):
             return await self._services.generate_images(request)
 
     async def enhance_prompt(self, request: EnhanceRequest | dict) -> EnhanceResponse:
         """The Python API of POST /v1/prompts/enhance."""
-        with self._services.rejections_recorded("handle:enhance_prompt"):
+        with self._handle_call("handle:enhance_prompt"):
             return await self._services.images.enhance_prompt(request)
 
     async def generate_video(self, request: VideoRequest | dict) -> VideoResponse:
         """The Python API for videos: the same request model and JSON response as POST /v1/videos."""
-        with self._services.rejections_recorded("handle:generate_video"):
+        with self._handle_call("handle:generate_video"):
             response, _ = await self._services.generate_video(request)
         return response
 
     async def score_images(self, request: ScoreRequest | dict) -> ScoreResponse:
         """The Python API for scoring: the same request model and response as POST /v1/scores."""
-        with self._services.rejections_recorded("handle:score_images"):
+        with self._handle_call("handle:score_images"):
             return await self._services.scores.score(request)

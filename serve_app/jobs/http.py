@@ -38,6 +38,7 @@ from serve_app.services.images import ImageService
 from serve_app.services.videos import VideoService
 
 KEEPALIVE_S = 15.0  # an event stream with nothing new sends a comment this often
+_CURSOR = re.compile(r"^[0-9]{1,18}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -113,7 +114,9 @@ class JobsApi:
         return self.render(*found, request)
 
     async def list(self, request: Request, state: str | None, limit: int, cursor: str | None) -> JobList:
-        if cursor is not None and not cursor.isdigit():
+        # ASCII digits only, and no more than a seq can be: "²".isdigit() is True, and 20 digits
+        # overflow SQLite's integers.
+        if cursor is not None and not _CURSOR.match(cursor):
             raise JobError(422, [{"loc": ["query", "cursor"], "msg": "cursor: pass a next_cursor value back as given",
                                   "type": "value_error"}])
         rows = await self.runner.list.remote(state, limit + 1, None if cursor is None else int(cursor))

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from serve_app.api.app import Services, services
+from serve_app.api.responses import BODY, OVERLOAD, errors
 from serve_app.api.schemas import ControlPreviewRequest, ControlPreviewResponse
 
 router = APIRouter(tags=["catalog"])
@@ -16,7 +17,7 @@ async def _info(handle) -> dict:
     return await handle.info.remote()
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=errors(*OVERLOAD, 504))
 async def get_models(service: Services = Depends(services)) -> dict:
     """Each model's limits and defaults, with where its replica loaded it from and on what."""
     images = service.images
@@ -49,7 +50,7 @@ async def get_controls(service: Services = Depends(services)) -> dict:
 
 
 @router.post("/v1/controls/preview", response_model=ControlPreviewResponse,
-             responses={200: {"content": {"image/png": {}}}})
+             responses={200: {"content": {"image/png": {}}}, **errors(*BODY, *OVERLOAD, 504)})
 async def post_control_preview(request: ControlPreviewRequest, service: Services = Depends(services)):
     """The control map alone (the A1111 extension's /controlnet/detect): what the model would follow."""
     response, png = await service.images.preview_control(request)

@@ -3,18 +3,19 @@
 from fastapi import APIRouter, Depends
 
 from serve_app.api.app import Services, services
+from serve_app.api.responses import BODY, OVERLOAD, errors
 from serve_app.api.schemas import EnhanceRequest, EnhanceResponse, ImageRequest, ImageResponse
 
 router = APIRouter(tags=["images"])
-BLOCKED = {400: {"description": "The prompt contains a blocklisted term."}}
+GENERATE_ERRORS = errors(*BODY, *OVERLOAD, 504)
 
 
-@router.post("/v1/images", response_model=ImageResponse, responses=BLOCKED)
+@router.post("/v1/images", response_model=ImageResponse, responses=GENERATE_ERRORS)
 async def post_images(request: ImageRequest, service: Services = Depends(services)) -> ImageResponse:
     return await service.generate_images(request)
 
 
-@router.post("/v1/prompts/enhance", response_model=EnhanceResponse, responses=BLOCKED)
+@router.post("/v1/prompts/enhance", response_model=EnhanceResponse, responses=GENERATE_ERRORS)
 async def post_enhance(request: EnhanceRequest, service: Services = Depends(services)) -> EnhanceResponse:
     """The enhance step alone, as `POST /v1/images` would run it for `model`: the prompt the model
     would see, which enhancer made it (and why the template answered, if the LLM was asked), and

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from serve_app.api.app import Services, services
+from serve_app.api.responses import BODY, OVERLOAD, errors
 from serve_app.api.schemas import VideoRequest, VideoResponse
 
 router = APIRouter(tags=["videos"])
@@ -14,7 +15,7 @@ router = APIRouter(tags=["videos"])
 @router.post(
     "/v1/videos",
     response_model=VideoResponse,
-    responses={200: {"content": {"video/mp4": {}, "image/gif": {}, "image/webp": {}}}},
+    responses={200: {"content": {"video/mp4": {}, "image/gif": {}, "image/webp": {}}}, **errors(*BODY, 501, *OVERLOAD, 504)},
 )
 async def post_videos(request: VideoRequest, service: Services = Depends(services)):
     response, output = await service.generate_video(request)
