@@ -75,6 +75,9 @@ class AutoscalingOptions(_Strict):
         return self
 
 
+DEFAULT_RETRY_AFTER_S = 5.0
+
+
 class DeploymentOptions(_Strict):
     """Replicas and resources of one deployment. Unset fields keep the deployment's defaults."""
 
@@ -103,6 +106,11 @@ class DeploymentOptions(_Strict):
     )
     graceful_shutdown_timeout_s: float | None = Field(
         None, ge=0, description="How long a stopping replica lets its ongoing requests finish (Serve's default: 20)."
+    )
+    retry_after_s: float | None = Field(
+        None, gt=0,
+        description="Retry-After (seconds) on a rejection past max_queued_requests, through Serve's "
+                    "BackpressureConfig; default 5 when max_queued_requests bounds the queue.",
     )
 
     @field_validator("num_gpus")
@@ -146,6 +154,12 @@ class DeploymentOptions(_Strict):
         for key in ("max_ongoing_requests", "max_queued_requests", "graceful_shutdown_timeout_s"):
             if getattr(self, key) is not None:
                 options[key] = getattr(self, key)
+        if self.max_queued_requests not in (None, -1) or self.retry_after_s is not None:
+            from ray.serve.config import BackpressureConfig
+
+            # 503 (not 429): a full queue is the service's capacity, not this client's doing.
+            retry_after_s = DEFAULT_RETRY_AFTER_S if self.retry_after_s is None else self.retry_after_s
+            options["backpressure_config"] = BackpressureConfig(status_code=503, retry_after_s=retry_after_s)
         return options
 
 
