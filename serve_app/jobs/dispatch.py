@@ -10,6 +10,10 @@ deployment wraps it.
 - Outcome of a run: the result is saved with the transition to succeeded (compare-and-set on the
   attempt). A failure (a replica died, a stage timed out, a model raised) goes back to the queue
   with its reason while retries are left, then fails; a bad request fails at once.
+- Capacity: a run a model deployment turned away (back-pressure past its max_queued_requests,
+  or no replica available) goes back to the queue in its place without spending an attempt, and
+  no job of that kind is claimed until a back-off passes (exponential with jitter, reset when a
+  run gets through): jobs never fail for lack of capacity.
 - Cancel: a queued job is cancelled in the store and never starts. A running job's task is
   cancelled; the cancellation travels down the Serve handles to the model replica, which stops
   at the end of its current denoising step. Only that job's task is touched.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from contextlib import suppress
 from typing import Callable
@@ -42,6 +47,46 @@ from serve_app.services.videos import VideoService
 logger = logging.getLogger("ray.serve")
 
 RESTART_REASON = "interrupted: the job runner stopped while it ran"
+CAPACITY_REASON = "not run: the model deployment had no capacity"
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+def is_capacity(error: BaseException) -> bool:
+    """A run turned away for capacity (a full queue, no replica available), not a failure of the job."""
+    from ray.exceptions import ActorUnavailableError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    return isinstance(error, (BackPressureError, DeploymentUnavailableError, ActorUnavailableError))
+
+
+class Backoff:
+    """When a kind may be claimed again after a capacity rejection: doubling from
+    BACKOFF_INITIAL_S up to BACKOFF_MAX_S, each delay jittered to 50-100% (so dispatchers and
+    jobs do not retry in step), reset once a run of the kind gets through."""
+
+    def __init__(self, initial_s: float = BACKOFF_INITIAL_S, max_s: float = BACKOFF_MAX_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.initial_s, self.max_s, self.clock = initial_s, max_s, clock
+        self._delay: dict[str, float] = {}
+        self._until: dict[str, float] = {}
+
+    def reject(self, kind: str) -> float:
+        delay = min(self.max_s, self._delay.get(kind, self.initial_s / 2) * 2)
+        self._delay[kind] = delay
+        wait = delay * random.uniform(0.5, 1.0)
+        self._until[kind] = self.clock() + wait
+        return wait
+
+    def succeeded(self, kind: str) -> None:
+        self._delay.pop(kind, None)
+        self._until.pop(kind, None)
+
+    def waiting(self, kind: str) -> float:
+        """Seconds until `kind` may be claimed again (0: now)."""
+        return max(0.0, self._until.get(kind, 0.0) - self.clock())
 
 
 def describe_failure(error: BaseException) -> str:
@@ -101,6 +146,7 @@ class JobDispatcher:
         self._cancel_on_start: set[str] = set()  # cancelled while its claim was in flight
         self._watchers = _Watchers()
         self._wakeup: asyncio.Event | None = None
+        self.backoff = Backoff()
         self._loops: list[asyncio.Task] = []
         self._stopping = False
 
@@ -216,15 +262,17 @@ class JobDispatcher:
     async def _dispatch_forever(self) -> None:
         while True:
             self._wakeup.clear()  # before claiming: a submit from now on wakes the wait below
-            free = [kind for kind, limit in self.slots.items() if self._running[kind] < limit]
+            free = [kind for kind, limit in self.slots.items()
+                    if self._running[kind] < limit and not self.backoff.waiting(kind)]
             try:
                 job = await asyncio.to_thread(self.store.claim, free) if free else None
             except Exception:
                 logger.exception("could not claim a job; trying again")
                 job = None
             if job is None:
+                backing_off = [self.backoff.waiting(kind) for kind in self.slots if self.backoff.waiting(kind)]
                 with suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self.poll_interval_s)
+                    await asyncio.wait_for(self._wakeup.wait(), min([self.poll_interval_s, *backing_off]))
                 continue
             self._running[job.kind] += 1
             self._active[job.id] = job
@@ -250,13 +298,17 @@ class JobDispatcher:
                                             attempt=job.attempts, reason=f"cancelled while running{self._where(job.id)}")
                     return
             execute.result()  # re-raises the run's failure, if any
+            self.backoff.succeeded(job.kind)
         except asyncio.CancelledError:
             if self._stopping:  # the job stays running in the store, for the next runner to requeue
                 execute.cancel()
                 raise
             await self._attempt_failed(job, RuntimeError("the run was cancelled, but not by its user"))
         except Exception as error:
-            await self._attempt_failed(job, error)
+            if is_capacity(error):
+                await self._turned_away(job, error)
+            else:
+                await self._attempt_failed(job, error)
         finally:
             cancelled.cancel()
             self._running[job.kind] -= 1
@@ -280,6 +332,13 @@ class JobDispatcher:
         if saved is None:  # a cancel was asked for as it finished: the cancel wins, the result is dropped
             await asyncio.to_thread(self.store.transition, job.id, {RUNNING}, CANCELLED, attempt=job.attempts,
                                     reason="cancelled as it finished")
+
+    async def _turned_away(self, job: Job, error: Exception) -> None:
+        wait = self.backoff.reject(job.kind)
+        logger.info("job %s: %s (%s); %s jobs wait %.1fs", job.id, CAPACITY_REASON, type(error).__name__, job.kind, wait)
+        current = await asyncio.to_thread(self.store.get, job.id)
+        if current is not None and current.state == RUNNING and current.attempts == job.attempts:
+            await asyncio.to_thread(self.store.requeue_unspent, current, f"{CAPACITY_REASON} ({type(error).__name__})")
 
     async def _attempt_failed(self, job: Job, error: Exception) -> None:
         reason = describe_failure(error)

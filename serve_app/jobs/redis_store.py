@@ -122,7 +122,7 @@ return best
 """
 
 _TRANSITION = _LIB + """
-local P, id, expect, to, attempt, now, expires, backstop, reason, has_error, err, cancel = unpack(ARGV)
+local P, id, expect, to, attempt, now, expires, backstop, reason, has_error, err, cancel, refund = unpack(ARGV)
 local job = P .. ':job:' .. id
 local state = redis.call('HGET', job, 'state')
 if not state then return false end
@@ -133,6 +133,7 @@ if attempt ~= '' and redis.call('HGET', job, 'attempts') ~= attempt then return 
 if has_error == '1' then redis.call('HSET', job, 'error', err) end
 if cancel ~= '' then redis.call('HSET', job, 'cancel_requested', cancel) end
 set_state(P, id, job, state, to, now, expires, backstop, reason)
+if refund == '1' and tonumber(redis.call('HGET', job, 'attempts')) > 0 then redis.call('HINCRBY', job, 'attempts', -1) end
 return true
 """
 
@@ -252,7 +253,7 @@ class RedisJobStore(JobStore):
         return None if job_id is None else self.get(job_id.decode(), with_request=True)
 
     def transition(self, job_id, expect, to, *, attempt=None, reason=None, error=None, cancel_requested=None,
-                   now=None):
+                   refund_attempt=False, now=None):
         if to not in STATES:
             raise ValueError(f"unknown state {to!r}")
         now = _now(now)
@@ -260,7 +261,7 @@ class RedisJobStore(JobStore):
         cancel = "" if cancel_requested is None else str(int(cancel_requested))
         moved = self._transition(args=[
             self.prefix, job_id, ",".join(expect), to, "" if attempt is None else str(attempt), repr(now), expires,
-            backstop, reason or "", "0" if error is None else "1", error or "", cancel,
+            backstop, reason or "", "0" if error is None else "1", error or "", cancel, "1" if refund_attempt else "0",
         ])
         return self.get(job_id) if moved else None
 

@@ -53,10 +53,11 @@ class JobStore(ABC):
     @abstractmethod
     def transition(self, job_id: str, expect: Iterable[str], to: str, *, attempt: int | None = None,
                    reason: str | None = None, error: str | None = None, cancel_requested: bool | None = None,
-                   now: float | None = None) -> Job | None:
+                   refund_attempt: bool = False, now: float | None = None) -> Job | None:
         """Compare-and-set: when the job is in one of `expect` (and at `attempt`, if given), move
         it to `to` and return it; else change nothing and return None. A change of state is
-        recorded in the history with `reason`; a terminal state sets `finished_at`/`expires_at`."""
+        recorded in the history with `reason`; a terminal state sets `finished_at`/`expires_at`.
+        `refund_attempt`: count the attempt as never made (a run the models had no room to start)."""
 
     @abstractmethod
     def record_progress(self, job_id: str, attempt: int, progress: dict) -> bool:
@@ -114,6 +115,15 @@ class JobStore(ABC):
                                    now=now)
         error = f"{reason}; gave up after {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
         return self.transition(job.id, {RUNNING}, FAILED, attempt=job.attempts, reason=reason, error=error, now=now)
+
+    def requeue_unspent(self, job: Job, reason: str, now: float | None = None) -> Job | None:
+        """End a running attempt that never got capacity (back-pressure, no replica): back to the
+        queue, in its place, without spending the attempt; cancelled if a cancel was asked for."""
+        if job.cancel_requested:
+            return self.transition(job.id, {RUNNING}, CANCELLED, attempt=job.attempts,
+                                   reason=f"cancelled; {reason}", now=now)
+        return self.transition(job.id, {RUNNING}, QUEUED, attempt=job.attempts, refund_attempt=True,
+                               reason=f"{reason}; back in the queue (the attempt is not counted)", now=now)
 
     def requeue_running(self, retry_limit: int, reason: str, now: float | None = None) -> list[Job]:
         """At start-up: every job left running by a runner that is gone is retried or failed."""
