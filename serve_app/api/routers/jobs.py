@@ -22,7 +22,9 @@ async def post_jobs(submission: JobSubmission, request: Request, response: Respo
 
 @router.get("/v1/jobs", response_model=JobList, responses=errors(422, 501, *OVERLOAD))
 async def get_jobs(request: Request, state: JobState | None = None, limit: int = Query(20, ge=1, le=200),
-                   cursor: str | None = None, service: Services = Depends(services)) -> JobList:
+                   cursor: str | None = Query(None, pattern=r"^[0-9]{1,18}$",
+                                              description="A `next_cursor` from the previous page, as given."),
+                   service: Services = Depends(services)) -> JobList:
     """Jobs, newest first, optionally in one state; pass `next_cursor` back for older ones."""
     return await service.jobs_api().list(request, state, limit, cursor)
 
