@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from deployments.runtime.types import ModelOutOfMemory
 from serve_app.api.body_limit import BodyLimit
 from serve_app.api.errors import explain_errors
 from serve_app.api.metrics import GraphMetrics
@@ -201,6 +202,14 @@ async def _overloaded(_: Request, error: Exception) -> JSONResponse:
     return overloaded(error)
 
 
+async def _out_of_memory(_: Request, error: ModelOutOfMemory) -> JSONResponse:
+    # The replica freed its cache and serves on; a smaller request (fewer images, pixels or
+    # frames) fits sooner than the same one sent again at once.
+    return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                        content={"detail": f"{error.model} ran out of accelerator memory for this request; retry, "
+                                           "or ask for fewer images, pixels or frames", "reason": "out_of_memory"})
+
+
 async def _unavailable(_: Request, error: DeploymentUnavailableError) -> JSONResponse:
     return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
                         content={"detail": "a deployment this request needs is not available; retry later",
@@ -237,6 +246,7 @@ def build_api() -> FastAPI:
     api.add_exception_handler(RayActorError, _replica_lost)
     api.add_exception_handler(BackPressureError, _overloaded)
     api.add_exception_handler(DeploymentUnavailableError, _unavailable)
+    api.add_exception_handler(ModelOutOfMemory, _out_of_memory)
     for router in ROUTERS:
         api.include_router(router)
     return api

@@ -5,6 +5,7 @@
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
     genserve bench-scores [options]  scoring cost of a batch of images against one image
+    genserve bench-overload [options]  C clients for D seconds against a running app: statuses, latency, memory
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd | llm | laion | sdxl |
                                      sdxl-controlnet | depth) as a local folder
 """
@@ -118,6 +119,19 @@ def _save_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_overload(args: argparse.Namespace) -> int:
+    from serve_app.bench.overload import format_overload_table, run_overload
+
+    body = {"prompt": "a lighthouse on a cliff at dusk", "enhance": False, "width": args.width,
+            "height": args.height, "num_inference_steps": args.steps}
+    counts = [int(count) for count in args.clients.split(",")]
+    runs = run_overload(args.url, counts, args.duration, body)
+    print(f"genserve bench-overload: {args.url}, POST /v1/images {args.width}x{args.height} {args.steps} steps, "
+          f"{args.duration:g} s per client count; ratio: throughput over the first count's")
+    print(format_overload_table(runs))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     scores.add_argument("--serve", action="store_true",
                         help="also as a Serve replica with the config's resources, called through a handle")
     scores.set_defaults(func=_bench_scores)
+
+    overload = commands.add_parser("bench-overload", help="C concurrent clients for D seconds against a running app")
+    overload.add_argument("--url", default="http://127.0.0.1:8000")
+    overload.add_argument("--clients", default="8,64", help="comma-separated client counts, run in turn")
+    overload.add_argument("--duration", type=float, default=30.0, help="seconds per client count")
+    overload.add_argument("--width", type=int, default=256)
+    overload.add_argument("--height", type=int, default=256)
+    overload.add_argument("--steps", type=int, default=4)
+    overload.set_defaults(func=_bench_overload)
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
     tiny.add_argument("family", choices=tiny_kinds())

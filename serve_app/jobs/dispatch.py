@@ -35,7 +35,7 @@ from typing import Callable
 
 from pydantic import ValidationError
 
-from deployments.runtime.types import ProgressTarget
+from deployments.runtime.types import ModelOutOfMemory, ProgressTarget
 from serve_app.jobs.model import CANCELLED, FAILED, RUNNING, Job
 from serve_app.jobs.results import image_result, video_result
 from serve_app.jobs.store import JobStore
@@ -60,6 +60,14 @@ def is_capacity(error: BaseException) -> bool:
     if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
         error = error.cause
     return isinstance(error, (BackPressureError, DeploymentUnavailableError, ActorUnavailableError))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    from ray.exceptions import RayTaskError
+
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    return isinstance(error, ModelOutOfMemory)
 
 
 class Backoff:
@@ -347,9 +355,12 @@ class JobDispatcher:
             await asyncio.to_thread(self.store.transition, job.id, {RUNNING}, FAILED, attempt=job.attempts,
                                     reason=reason, error=reason)
             return
+        # Out of memory again on a re-run would most likely repeat: one retry at most (the
+        # replica freed its cache; a different batch on it may fit), then fail, saying why.
+        limit = min(self.retry_limit, 1) if is_out_of_memory(error) else self.retry_limit
         current = await asyncio.to_thread(self.store.get, job.id)
         if current is not None and current.state == RUNNING and current.attempts == job.attempts:
-            await asyncio.to_thread(self.store.retry_or_fail, current, reason, self.retry_limit)
+            await asyncio.to_thread(self.store.retry_or_fail, current, reason, limit)
 
     def _where(self, job_id: str) -> str:
         progress = self._progress.get(job_id)
