@@ -10,7 +10,9 @@ Routes (OpenAPI at /docs):
 - GET  /v1/loras    the LoRA adapters requests may name, by model family
 - GET  /v1/controls  the ControlNet control types, their parameters and the models that take them
 - POST /v1/controls/preview  the control map (canny edges, depth) a request's `control` would use
-- GET  /healthz     200 when every downstream deployment answers, 503 naming the one that did not
+- GET  /livez       liveness: the ingress answers (no downstream call)
+- GET  /readyz      readiness: every deployment has a healthy running replica (Serve controller, cached)
+- GET  /healthz     each downstream deployment's info; 503 naming the one that did not answer
 - /v1/jobs          durable async jobs: submit (202), status, list, events (SSE), cancel, result, files
 
 Bodies over `max_body_bytes` get 413 before they are parsed (serve_app.api.body_limit).
