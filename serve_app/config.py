@@ -291,6 +291,20 @@ class JobsConfig(_Strict):
     )
     max_concurrent_jobs: JobSlots = Field(default_factory=JobSlots, description="Jobs running at once, per kind.")
     sweep_interval_s: float = Field(60.0, gt=0, description="How often expired jobs are deleted.")
+    max_queued_jobs: int = Field(
+        10_000, ge=1,
+        description="Most jobs waiting at once; a submit past it gets 429 with Retry-After (checked before the "
+                    "job is recorded, so concurrent submits can pass it by a few).",
+    )
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024,
+        description="Largest stored job request (its JSON, control image included); larger ones get 413.",
+    )
+    queued_ttl_s: float = Field(
+        86400.0, gt=0,
+        description="A job still queued this long after its submit fails as expired (its client has most likely "
+                    "given up), checked every sweep_interval_s.",
+    )
     progress_interval_s: float = Field(
         0.5, ge=0,
         description="Least time between two progress reports of a running job (0: every denoising step). "

@@ -155,7 +155,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 async def _job_error(_: Request, error: jobs_http.JobError) -> JSONResponse:
-    return JSONResponse(status_code=error.status, content={"detail": error.detail})
+    return JSONResponse(status_code=error.status, content={"detail": error.detail}, headers=error.headers)
 
 
 async def _request_error(request: Request, error: RequestError) -> JSONResponse:

@@ -36,7 +36,7 @@ from typing import Callable
 from pydantic import ValidationError
 
 from deployments.runtime.types import ModelOutOfMemory, ProgressTarget
-from serve_app.jobs.model import CANCELLED, FAILED, RUNNING, Job
+from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, Job, dumps
 from serve_app.jobs.results import image_result, video_result
 from serve_app.jobs.store import JobStore
 from serve_app.services.validation import RequestError
@@ -110,6 +110,20 @@ def describe_failure(error: BaseException) -> str:
     return message[:500]
 
 
+class JobRejected(Exception):
+    """A submit the runner refuses: 429 (the queue is full) or 413 (the request is too large)."""
+
+    def __init__(self, status: int, detail: str, retry_after_s: float | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.retry_after_s = status, detail, retry_after_s
+
+    def __reduce__(self):  # Ray pickles it back to the ingress
+        return (type(self), (self.status, self.detail, self.retry_after_s))
+
+
+QUEUE_FULL_RETRY_AFTER_S = 30.0
+
+
 class _Watchers:
     """One asyncio.Event per watched job, set (and replaced) whenever the job changes."""
 
@@ -137,8 +151,12 @@ class JobDispatcher:
     def __init__(self, store: JobStore, images: ImageService, videos: VideoService | None, slots: dict[str, int],
                  retry_limit: int, sweep_interval_s: float = 60.0,
                  progress_target: Callable[[Job], ProgressTarget | None] = lambda job: None,
-                 poll_interval_s: float = 1.0):
+                 poll_interval_s: float = 1.0, max_queued_jobs: int | None = None,
+                 max_request_bytes: int | None = None, queued_ttl_s: float | None = None):
         self.store = store
+        self.max_queued_jobs = max_queued_jobs
+        self.max_request_bytes = max_request_bytes
+        self.queued_ttl_s = queued_ttl_s
         self.images = images
         self.videos = videos
         self.slots = dict(slots)
@@ -193,7 +211,17 @@ class JobDispatcher:
     async def submit(self, kind: str, request: dict, idempotency_key: str | None = None,
                      request_hash: str | None = None) -> tuple[Job, bool, int | None]:
         """Record a job durably. Returns it, whether it is new (False: the idempotency key's job),
-        and its queue position."""
+        and its queue position. Raises JobRejected past max_request_bytes or max_queued_jobs."""
+        if self.max_request_bytes is not None:
+            size = len(dumps(request).encode())
+            if size > self.max_request_bytes:
+                raise JobRejected(413, f"the job's request is {size} bytes; the most a job may store is "
+                                       f"{self.max_request_bytes} (jobs.max_request_bytes)")
+        if self.max_queued_jobs is not None:
+            queued = (await asyncio.to_thread(self.store.counts))[QUEUED]
+            if queued >= self.max_queued_jobs:
+                raise JobRejected(429, f"the job queue is full ({queued} jobs waiting, jobs.max_queued_jobs is "
+                                       f"{self.max_queued_jobs}); retry later", QUEUE_FULL_RETRY_AFTER_S)
         job, created = await asyncio.to_thread(
             self.store.create, kind, request, idempotency_key=idempotency_key, request_hash=request_hash
         )
@@ -368,12 +396,29 @@ class JobDispatcher:
             return ""
         return f" (at {progress['stage']} step {progress['step']} of {progress['steps']})"
 
+    def expire_queued(self, now: float | None = None) -> int:
+        """Fail the jobs queued longer than queued_ttl_s (compare-and-set: one claimed meanwhile runs)."""
+        if self.queued_ttl_s is None:
+            return 0
+        now = time.time() if now is None else now
+        expired = 0
+        for job in self.store.list(state=QUEUED, limit=1_000_000):
+            if job.created_at < now - self.queued_ttl_s:
+                reason = f"expired: still queued {self.queued_ttl_s:g}s after it was submitted (jobs.queued_ttl_s)"
+                if self.store.transition(job.id, {QUEUED}, FAILED, reason=reason, error=reason, now=now):
+                    expired += 1
+                    self._watchers.changed(job.id)
+        return expired
+
     async def _sweep_forever(self) -> None:
         while True:
             try:
                 expired = await asyncio.to_thread(self.store.expire)
                 if expired:
                     logger.info("deleted %d expired job(s)", expired)
+                stale = await asyncio.to_thread(self.expire_queued)
+                if stale:
+                    logger.info("failed %d job(s) queued longer than %gs", stale, self.queued_ttl_s)
             except Exception:
                 logger.exception("could not delete expired jobs")
             await asyncio.sleep(self.sweep_interval_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import re
 
 from fastapi import Request, Response
@@ -20,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from serve_app.api.errors import explain_errors
+from serve_app.jobs.dispatch import JobRejected
 from serve_app.jobs.model import CANCELLED, RUNNING, SUCCEEDED, Job, dumps
 from serve_app.jobs.results import with_urls
 from serve_app.jobs.schemas import (
@@ -45,10 +47,11 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 class JobError(Exception):
     """An HTTP error of the jobs API (404, 409, 422, 501), answered as {"detail": ...}."""
 
-    def __init__(self, status: int, detail):
+    def __init__(self, status: int, detail, headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers
 
 
 def _not_found(job_id: str) -> JobError:
@@ -74,7 +77,11 @@ class JobsApi:
                      idempotency_key: str | None) -> JobStatus:
         stored = await self._validated(submission)
         digest = request_hash(submission)
-        job, created, position = await self.runner.submit.remote(submission.kind, stored, idempotency_key, digest)
+        try:
+            job, created, position = await self.runner.submit.remote(submission.kind, stored, idempotency_key, digest)
+        except JobRejected as rejected:  # a RayTaskError that is also a JobRejected, from the runner
+            headers = None if rejected.retry_after_s is None else {"Retry-After": str(math.ceil(rejected.retry_after_s))}
+            raise JobError(rejected.status, rejected.detail, headers) from None
         if not created and job.request_hash != digest:
             raise JobError(409, f"Idempotency-Key {idempotency_key!r} was already used for a different request "
                                 f"(job {job.id})")

@@ -100,3 +100,58 @@ def test_capacity_errors_are_recognised_through_a_chained_call():
     assert is_capacity(BackPressureError(1, 1)) and is_capacity(DeploymentUnavailableError("x"))
     wrapped = RayTaskError("score", "traceback", BackPressureError(1, 1)).as_instanceof_cause()
     assert is_capacity(wrapped) and not is_capacity(RuntimeError("CUDA error"))
+
+
+def test_a_full_job_queue_refuses_with_429_and_retry_after_and_big_requests_with_413(store):
+    from serve_app.jobs.dispatch import JobRejected
+
+    async def scenario():
+        dispatcher = _dispatcher(store, ControlledGenerator())  # not started: jobs stay queued
+        dispatcher.max_queued_jobs, dispatcher.max_request_bytes = 2, 2048
+        await _submit(dispatcher, "one")
+        await _submit(dispatcher, "two")
+        with pytest.raises(JobRejected) as full:
+            await dispatcher.submit("image", {"prompt": "three", "seed": 7})
+        with pytest.raises(JobRejected) as big:
+            await dispatcher.submit("image", {"prompt": "x" * 4096, "seed": 7})
+        return full.value, big.value
+
+    full, big = asyncio.run(scenario())
+    assert (full.status, full.retry_after_s) == (429, 30.0) and "jobs.max_queued_jobs is 2" in full.detail
+    assert big.status == 413 and "jobs.max_request_bytes" in big.detail
+    assert store.counts()["queued"] == 2
+
+
+def test_jobs_queued_past_their_ttl_fail_as_expired_and_younger_ones_stay(store):
+    dispatcher = _dispatcher(store, ControlledGenerator())
+    dispatcher.queued_ttl_s = 60
+    old, _ = store.create("image", {"prompt": "old", "seed": 1}, now=1000.0)
+    young, _ = store.create("image", {"prompt": "young", "seed": 2}, now=1050.0)
+    assert dispatcher.expire_queued(now=1070.0) == 1
+    assert store.get(old.id).state == "failed" and "expired: still queued 60s" in store.get(old.id).error
+    assert store.get(young.id).state == "queued"
+    assert dispatcher.expire_queued(now=1070.0) == 0  # compare-and-set: nothing twice
+
+
+def test_the_http_submit_answers_429_with_retry_after_when_the_queue_is_full(store):
+    from fastapi.testclient import TestClient
+
+    from serve_app.api.app import Services, build_api
+    from serve_app.jobs import http as jobs_http
+    from serve_app.services.local import LocalHandle
+    from serve_app.services.scores import ScoreService
+    from serve_app.services.health import Readiness
+
+    dispatcher = _dispatcher(store, ControlledGenerator())
+    dispatcher.max_queued_jobs = 1
+    images = dispatcher.images
+    app = build_api()
+    app.state.services = Services(images=images, scores=ScoreService(images.scorer, images.policy, ("aesthetic",), 2**24),
+                                  jobs=jobs_http.JobsApi(LocalHandle(dispatcher), images, None, 2),
+                                  readiness=Readiness(lambda: {}))
+    client = TestClient(app)
+    body = {"kind": "image", "request": {"prompt": "a boat"}}
+    assert client.post("/v1/jobs", json=body).status_code == 202
+    refused = client.post("/v1/jobs", json=body)
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "30"
+    assert "queue is full" in refused.json()["detail"]
