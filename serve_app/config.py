@@ -172,6 +172,13 @@ def generator_name(model_id: str) -> str:
 class ImageModelEntry(ImageModelConfig):
     """An `image_models:` entry: the model (see ImageModelConfig) and its deployment's options."""
 
+    max_pixel_steps: int | None = Field(
+        None, ge=1,
+        description="Compute budget of one request: width x height x num_inference_steps x num_images x "
+                    "max_attempts (rounds) at most this; over it is 422 naming the fields. None: no budget "
+                    "beyond each field's own limit.",
+    )
+
     deployment: DeploymentOptions = Field(
         default_factory=DeploymentOptions,
         description="Replicas, GPU share, autoscaling and queue bounds of this model's deployment "

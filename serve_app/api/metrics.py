@@ -65,7 +65,10 @@ KNOWN_FIELDS = frozenset(
 
 def field_label(field: str) -> str:
     """`field` when it is a field of some request model ('images.3' -> 'images'), else 'other'."""
-    name = ".".join(part for part in field.split(".") if not part.isdigit())
+    parts = field.split(".")
+    if len(parts) > 1 and parts[0] in ("query", "header", "path"):  # ('query', 'cursor') -> 'cursor'
+        parts = parts[1:]
+    name = ".".join(part for part in parts if not part.isdigit())
     while name and name not in KNOWN_FIELDS:
         name = name.rpartition(".")[0]  # 'control.bogus' -> 'control'
     return name or OTHER

@@ -109,6 +109,8 @@ class ImageService:
             )
         width = request.width or spec.default_width
         height = request.height or spec.default_height
+        spec.check_budget(width, height, request.num_inference_steps or spec.default_steps, request.num_images,
+                          request.max_attempts or self.policy.max_attempts)
         control = None if request.control is None else self.control_input(request.control, width, height)
         plan = ImagePlan(
             prompt=request.prompt,

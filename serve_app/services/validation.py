@@ -68,6 +68,8 @@ class ModelSpec:
     control_types: tuple[str, ...] = ()
     # How the enhancer's LLM writes prompts for this family (None: the neutral form).
     prompt_form: PromptForm | None = field(default=None, compare=False)
+    # The config entry's compute budget per request, in pixel-steps (None: none).
+    max_pixel_steps: int | None = None
 
     @classmethod
     def of(cls, entry: ImageModelConfig) -> "ModelSpec":
@@ -90,6 +92,7 @@ class ModelSpec:
             supports_loras=family.lora is not None,
             control_types=family.control_types(family.options_of(entry)),
             prompt_form=family.prompt_form,
+            max_pixel_steps=getattr(entry, "max_pixel_steps", None),  # serve_app's ImageModelEntry has it
         )
 
     def check(self, request: ImageRequest) -> None:
@@ -108,6 +111,20 @@ class ModelSpec:
             allowed = f"{low:g}" if low == high else f"{low:g}-{high:g}"
             rule = f"must be {low:g}" if low == high else f"must be between {low:g} and {high:g}"
             raise RequestError("guidance_scale", f"{self.id} guidance_scale {rule}; got {guidance:g}", allowed)
+
+    def check_budget(self, width: int, height: int, steps: int, images: int, rounds: int) -> None:
+        """422 when the request's work, width x height x steps x images x rounds, is over the budget."""
+        if self.max_pixel_steps is None:
+            return
+        cost = width * height * steps * images * rounds
+        if cost > self.max_pixel_steps:
+            raise RequestError(
+                "num_images",
+                f"width x height x num_inference_steps x num_images x max_attempts = {width}x{height}x{steps}x"
+                f"{images}x{rounds} = {cost} pixel-steps, over {self.id}'s budget of {self.max_pixel_steps} "
+                "(image_models[].max_pixel_steps): ask for fewer images, rounds, steps or pixels",
+                f"width x height x num_inference_steps x num_images x max_attempts <= {self.max_pixel_steps}",
+            )
 
     def check_control(self, control_type: str, none_field: str = "control", type_field: str = "control.type") -> None:
         """422 unless this model has a ControlNet of `control_type`: naming `none_field` when it has

@@ -8,6 +8,7 @@ fuzzed requests stay cheap on 2 cores. `make fuzz` runs the same checks for long
 against the dev profile's real deployments.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -53,7 +54,8 @@ def _with_info(fake):
 
 @pytest.fixture(scope="module")
 def fuzzed_api(tmp_path_factory):
-    spec = model_spec()
+    # A tight budget (256x256, 4 steps, 2 images, 1 round), so valid fuzzed requests stay cheap.
+    spec = dataclasses.replace(model_spec(), max_pixel_steps=256 * 256 * 4 * 2)
     scorer = _with_info(FakeScorer())
     images = ImageService(_with_info(FakeEnhancer()), {spec.id: _with_info(FakeGenerator())}, scorer,
                           {spec.id: spec}, QualityPolicy(), 30.0, max_input_pixels=512 * 512)

@@ -89,7 +89,7 @@ def test_an_unknown_non_ascii_key_is_a_422_counted_under_other():
 def test_job_routes_are_labelled_by_template_never_by_id():
     client, services = _client()
     assert client.get("/v1/jobs", params={"cursor": "x"}).status_code == 422
-    assert services.metrics.rejected == []  # JobError 422s are not schema rejections; nothing leaks either
+    assert services.metrics.rejected == [("/v1/jobs", "cursor")]
     assert field_label("request.loras.3.name") == "request.loras.name"
     assert field_label("control.bogus") == "control" and field_label("weird\u00b2") == OTHER
 
@@ -213,3 +213,29 @@ def test_readyz_turns_ready_when_the_deployments_are():
     assert client.get("/readyz").status_code == 503
     states.update(status="HEALTHY", running=1)
     wait_until(lambda: client.get("/readyz").status_code == 200, timeout_s=5, what="ready")
+
+
+def test_a_request_over_the_models_compute_budget_is_a_422_naming_the_fields_and_the_budget():
+    import dataclasses
+
+    from serve_app.services.validation import RequestError
+
+    spec = dataclasses.replace(model_spec(), max_pixel_steps=256 * 256 * 4 * 2)
+    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())},
+                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
+    from serve_app.api.schemas import ImageRequest
+
+    images.plan(ImageRequest(prompt="a cat", num_images=2))  # 256x256 x 4 steps x 2 images x 1 round: at the budget
+    with pytest.raises(RequestError) as over:
+        images.plan(ImageRequest(prompt="a cat", num_images=2, max_attempts=2))
+    message = over.value.detail()[0]["msg"]
+    assert "256x256x4x2x2 = 1048576 pixel-steps, over flux-schnell's budget of 524288" in message
+    assert over.value.detail()[0]["allowed"].startswith("width x height x num_inference_steps x num_images x max_attempts")
+
+
+def test_the_budget_is_a_config_field_and_listed_in_the_models_catalogue():
+    from serve_app.config import ImageModelEntry
+    from serve_app.services.validation import ModelSpec
+
+    entry = ImageModelEntry(id="flux-schnell", family="flux", source="tiny", max_pixel_steps=10**9)
+    assert ModelSpec.of(entry).public()["max_pixel_steps"] == 10**9
