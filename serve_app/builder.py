@@ -20,6 +20,7 @@ from deployments.video.svd import SvdGenerator
 from deployments.families import BUILTIN
 from serve_app.config import AppArgs, DeploymentOptions, JobsConfig
 from serve_app.api.ingress import Ingress
+from serve_app.jobs import http as jobs_http
 from serve_app.jobs.runner import JobRunner
 from serve_app.services.validation import ModelSpec
 
@@ -115,4 +116,6 @@ def build_app(args: AppArgs) -> Application:
     runner = JobRunner.options(**args.options_for("JobRunner")).bind(resolved_jobs_config(args), job_slots(args), **graph)
     return Ingress.options(**args.options_for("Ingress")).bind(
         **graph, jobs=runner, retry_limit=args.jobs.retry_limit, max_body_bytes=args.max_body_bytes,
+        event_streams=jobs_http.StreamLimits(args.jobs.max_event_streams, args.jobs.max_event_streams_per_client,
+                                             args.jobs.event_stream_max_s),
     )

@@ -298,6 +298,15 @@ class JobsConfig(_Strict):
     )
     max_concurrent_jobs: JobSlots = Field(default_factory=JobSlots, description="Jobs running at once, per kind.")
     sweep_interval_s: float = Field(60.0, gt=0, description="How often expired jobs are deleted.")
+    max_event_streams: int = Field(
+        256, ge=1, description="Open job event streams per ingress replica; one more gets 503 with Retry-After.")
+    max_event_streams_per_client: int = Field(
+        16, ge=1, description="Open job event streams per client address per ingress replica; one more gets 429.")
+    event_stream_max_s: float = Field(
+        3600.0, gt=0,
+        description="Longest an event stream stays open; the client reconnects with Last-Event-ID and misses nothing "
+                    "of the final state.",
+    )
     max_queued_jobs: int = Field(
         10_000, ge=1,
         description="Most jobs waiting at once; a submit past it gets 429 with Retry-After (checked before the "

@@ -62,7 +62,7 @@ class Ingress:
                  max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
                  max_body_bytes: int = DEFAULT_MAX_BYTES, gate_metrics: tuple[str, ...] = GATE_METRICS,
                  blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None,
-                 default_model: str | None = None):
+                 default_model: str | None = None, event_streams: jobs_http.StreamLimits | None = None):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
                               max_input_pixels=max_input_pixels, gate_metrics=gate_metrics,
                               blocklist=blocklist, loras=loras, default_model=default_model)
@@ -71,7 +71,8 @@ class Ingress:
             images=images,
             scores=ScoreService(scorer, policy, gate_metrics, max_input_pixels, request_timeout_s),
             videos=videos,
-            jobs=jobs_http.JobsApi(jobs, images, videos, retry_limit) if jobs is not None else None,
+            jobs=(jobs_http.JobsApi(jobs, images, videos, retry_limit, event_streams or jobs_http.StreamLimits())
+                  if jobs is not None else None),
             # One set of metrics per replica.
             metrics=GraphMetrics() if metrics else None,
         )

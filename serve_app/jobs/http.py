@@ -14,6 +14,8 @@ import hashlib
 import json
 import math
 import re
+import time
+from dataclasses import dataclass
 
 from fastapi import Request, Response
 from fastapi.encoders import jsonable_encoder
@@ -40,6 +42,41 @@ from serve_app.services.images import ImageService
 from serve_app.services.videos import VideoService
 
 KEEPALIVE_S = 15.0  # an event stream with nothing new sends a comment this often
+STREAM_RETRY_AFTER_S = 5
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Caps on the job event streams one ingress replica keeps open (see JobsConfig)."""
+
+    total: int = 256
+    per_client: int = 16
+    max_lifetime_s: float = 3600.0
+
+
+class _OpenStreams:
+    """Open event streams, in all and per client address; a slot is held until the stream ends."""
+
+    def __init__(self, limits: StreamLimits):
+        self.limits = limits
+        self.total = 0
+        self.by_client: dict[str, int] = {}
+
+    def acquire(self, client: str) -> None:
+        if self.total >= self.limits.total:
+            raise JobError(503, f"too many open event streams ({self.total}); retry later, or poll the job",
+                           {"Retry-After": str(STREAM_RETRY_AFTER_S)})
+        if self.by_client.get(client, 0) >= self.limits.per_client:
+            raise JobError(429, f"this client has {self.limits.per_client} event streams open, the most it may; "
+                                "close one, or poll the job", {"Retry-After": str(STREAM_RETRY_AFTER_S)})
+        self.total += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        self.by_client[client] -= 1
+        if not self.by_client[client]:
+            del self.by_client[client]
 _CURSOR = re.compile(r"^[0-9]{1,18}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -65,8 +102,10 @@ def request_hash(submission: JobSubmission) -> str:
 
 
 class JobsApi:
-    def __init__(self, runner, images: ImageService, videos: VideoService | None, retry_limit: int):
+    def __init__(self, runner, images: ImageService, videos: VideoService | None, retry_limit: int,
+                 streams: StreamLimits = StreamLimits()):
         self.runner = runner
+        self.streams = _OpenStreams(streams)
         self.images = images
         self.videos = videos
         self.retry_limit = retry_limit
@@ -173,20 +212,41 @@ class JobsApi:
 
     # Events
 
-    async def events(self, job_id: str, request: Request) -> StreamingResponse:
+    async def events(self, job_id: str, request: Request, last_event_id: str | None = None) -> StreamingResponse:
         found = await self.runner.status.remote(job_id)
         if found is None:
             raise _not_found(job_id)
-        return StreamingResponse(self._event_stream(found[0], request), media_type="text/event-stream",
+        client = request.client.host if request.client is not None else "unknown"
+        self.streams.acquire(client)  # released when the stream ends, however it ends
+        resume = int(last_event_id) if last_event_id is not None and last_event_id.isascii() and \
+            last_event_id.isdigit() and len(last_event_id) <= 18 else None
+        return StreamingResponse(self._held(self._event_stream(found[0], request, resume), client),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _event_stream(self, job: Job, request: Request):
+    async def _held(self, stream, client: str):
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            self.streams.release(client)
+
+    async def _event_stream(self, job: Job, request: Request, resume: int | None = None):
         """`state` for every history entry (replayed from the start), `progress` when it changes,
         a comment every KEEPALIVE_S while nothing happens; the last event is the final state,
         carrying the whole job status and, if it succeeded, the result (as GET .../result).
-        Leaving stops only the stream, never the job."""
+        Leaving stops only the stream, never the job.
+
+        `resume` (the client's Last-Event-ID, a job version): no replay; the current state if it
+        changed since, then changes as they happen, and always the final state. A stream open for
+        the configured lifetime ends (`retry:` tells the client how soon to reconnect)."""
         sent_states = 0
+        if resume is not None:
+            sent_states = len(job.history) - 1 if job.version > resume else len(job.history)
+            if job.finished:
+                sent_states = len(job.history) - 1  # the final state, whatever the client saw
         last_progress = None
+        ends_at = time.monotonic() + self.streams.limits.max_lifetime_s
         while True:
             for index in range(sent_states, len(job.history)):
                 data = {"job_id": job.id, **job.history[index]}
@@ -203,7 +263,11 @@ class JobsApi:
                 yield _sse("progress", {"job_id": job.id, "attempt": job.attempts, **_public_progress(job.progress)},
                            job.version)
             version = job.version
-            job = await self.runner.watch.remote(job.id, version, KEEPALIVE_S)
+            if time.monotonic() >= ends_at:
+                yield f"retry: {STREAM_RETRY_AFTER_S * 1000}\n: the stream reached its maximum lifetime; reconnect with Last-Event-ID\n\n"
+                return
+            wait = min(KEEPALIVE_S, max(0.0, ends_at - time.monotonic()))
+            job = await self.runner.watch.remote(job.id, version, wait)
             if job is None:
                 yield _sse("error", {"detail": "the job expired"}, version)
                 return

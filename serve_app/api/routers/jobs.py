@@ -35,11 +35,15 @@ async def get_job(job_id: str, request: Request, service: Services = Depends(ser
 
 
 @router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}, **errors(404, 501, *OVERLOAD)})
-async def get_job_events(job_id: str, request: Request, service: Services = Depends(services)) -> StreamingResponse:
+            responses={200: {"content": {"text/event-stream": {}}}, **errors(404, 429, 501, *OVERLOAD)})
+async def get_job_events(job_id: str, request: Request,
+                         last_event_id: str | None = Header(None, max_length=64,
+                                                            description="Resume: the `id` of the last event received."),
+                         service: Services = Depends(services)) -> StreamingResponse:
     """Server-Sent Events: `state` on every state change, `progress` per denoising step, ending
-    with the final `state`. Closing the stream does not cancel the job."""
-    return await service.jobs_api().events(job_id, request)
+    with the final `state`. Closing the stream does not cancel the job. With `Last-Event-ID`, no
+    replay: the current state if it changed, then live, always ending with the final state."""
+    return await service.jobs_api().events(job_id, request, last_event_id)
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobStatus,
