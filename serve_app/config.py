@@ -290,6 +290,13 @@ class JobsConfig(_Strict):
     )
     redis_url: str | None = Field(None, description="redis://[user:password@]host:port/db, for store: redis.")
     redis_prefix: str = Field("genserve:jobs", min_length=1, description="Prefix of every Redis key the store writes.")
+    redis_config_check: Literal["refuse", "warn"] = Field(
+        "refuse",
+        description="At start the Redis store checks appendonly yes and maxmemory-policy noeviction and refuses a "
+                    "server without them. Where CONFIG GET is forbidden (managed Redis): 'refuse' (default), or "
+                    "'warn' to log it and go on when the provider guarantees both.",
+    )
+    redis_timeout_s: float = Field(10.0, gt=0, description="Redis socket timeout; connecting times out at half of it.")
     ttl_s: float = Field(86400.0, gt=0, description="Finished jobs, and their files, are deleted this long after they end.")
     retry_limit: int = Field(
         2, ge=0, le=10,

@@ -31,6 +31,7 @@ touch keys of one job and the shared indexes together).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import uuid
 
@@ -182,13 +183,60 @@ return #ids
 """
 
 
+logger = logging.getLogger("ray.serve")
+
+
+class RedisNotDurable(RuntimeError):
+    """The Redis server would lose or evict jobs: the store refuses to start, saying what to change."""
+
+
+def _config_value(client, name: str) -> str:
+    """One CONFIG GET value as text (redis-py answers with str or bytes keys, by version and options)."""
+    found = {(key.decode() if isinstance(key, bytes) else key): value for key, value in client.config_get(name).items()}
+    value = found.get(name, "")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_durability(client, on_forbidden: str = "refuse") -> list[str]:
+    """Refuse a Redis that keeps jobs only in memory or may evict them: `appendonly yes` and
+    `maxmemory-policy noeviction` are required. Where CONFIG GET is forbidden (managed Redis),
+    refuse, or with `on_forbidden="warn"` log a warning and go on. Returns the warnings."""
+    import redis
+
+    try:
+        appendonly = _config_value(client, "appendonly")
+        policy = _config_value(client, "maxmemory-policy")
+    except redis.ResponseError as error:
+        message = (f"cannot read the Redis server's persistence settings (CONFIG GET: {str(error)[:120]}); "
+                   "jobs need appendonly yes and maxmemory-policy noeviction")
+        if on_forbidden != "warn":
+            raise RedisNotDurable(message + ". If your provider guarantees both, set jobs.redis_config_check: warn") \
+                from None
+        logger.warning("%s; going on because jobs.redis_config_check is warn", message)
+        return [message]
+    problems = []
+    if appendonly != "yes":
+        problems.append(f"appendonly is {appendonly or 'unset'}: a restart would lose every job (set appendonly yes)")
+    if policy != "noeviction":
+        problems.append(f"maxmemory-policy is {policy or 'unset'}: Redis could evict job records under memory "
+                        "pressure (set maxmemory-policy noeviction)")
+    if problems:
+        raise RedisNotDurable("the Redis job store refuses this server: " + "; ".join(problems))
+    return []
+
+
 class RedisJobStore(JobStore):
-    def __init__(self, url: str, ttl_s: float = 86400.0, prefix: str = "genserve:jobs"):
+    def __init__(self, url: str, ttl_s: float = 86400.0, prefix: str = "genserve:jobs",
+                 connect_timeout_s: float = 5.0, socket_timeout_s: float = 10.0, config_check: str = "refuse"):
         import redis
 
         super().__init__(ttl_s)
         self.prefix = prefix
-        self._redis = redis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+        # Timeouts: an unreachable or stalled Redis fails a store call (the dispatcher logs it and
+        # tries again; a submit answers 5xx) instead of hanging a worker thread forever.
+        self._redis = redis.Redis.from_url(url, decode_responses=False, health_check_interval=30,
+                                           socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s)
+        check_durability(self._redis, config_check)
         self._create = self._redis.register_script(_CREATE)
         self._claim = self._redis.register_script(_CLAIM)
         self._transition = self._redis.register_script(_TRANSITION)
