@@ -32,7 +32,7 @@ from serve_app.api.schemas import (
 )
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.schemas import JobSubmission
-from serve_app.services.graph import StageTimeout, deadline
+from serve_app.services.graph import Overloaded, StageTimeout, deadline
 from serve_app.services.health import Readiness
 from serve_app.services.images import ImageService
 from serve_app.services.scores import ScoreService
@@ -202,6 +202,14 @@ async def _overloaded(_: Request, error: Exception) -> JSONResponse:
     return overloaded(error)
 
 
+async def _stage_overloaded(_: Request, error: Overloaded) -> JSONResponse:
+    retry = RETRY_AFTER_S if error.retry_after_s is None else error.retry_after_s
+    detail = ("a deployment this request needs is not available; retry later" if error.unavailable
+              else "the service is at capacity (a queue is full); retry later")
+    return JSONResponse(status_code=error.status, headers={"Retry-After": str(max(1, math.ceil(retry)))},
+                        content={"detail": detail, "reason": "unavailable" if error.unavailable else "overloaded"})
+
+
 async def _out_of_memory(_: Request, error: ModelOutOfMemory) -> JSONResponse:
     # The replica freed its cache and serves on; a smaller request (fewer images, pixels or
     # frames) fits sooner than the same one sent again at once.
@@ -244,6 +252,9 @@ def build_api() -> FastAPI:
     api.add_exception_handler(VideoNotDeployed, _video_not_deployed)
     api.add_exception_handler(StageTimeout, _stage_timeout)
     api.add_exception_handler(RayActorError, _replica_lost)
+    # Serve's replica wrapper replaces these two with its own plain-text 503 once the app is
+    # built; calls through `call_stage` arrive as Overloaded instead, answered in JSON.
+    api.add_exception_handler(Overloaded, _stage_overloaded)
     api.add_exception_handler(BackPressureError, _overloaded)
     api.add_exception_handler(DeploymentUnavailableError, _unavailable)
     api.add_exception_handler(ModelOutOfMemory, _out_of_memory)

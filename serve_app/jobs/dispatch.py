@@ -57,9 +57,19 @@ def is_capacity(error: BaseException) -> bool:
     from ray.exceptions import ActorUnavailableError, RayTaskError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+    from serve_app.services.graph import Overloaded
+
     if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
         error = error.cause
-    return isinstance(error, (BackPressureError, DeploymentUnavailableError, ActorUnavailableError))
+    return isinstance(error, (Overloaded, BackPressureError, DeploymentUnavailableError, ActorUnavailableError))
+
+
+def _capacity_reason(error: BaseException) -> str:
+    from serve_app.services.graph import Overloaded
+
+    if isinstance(error, Overloaded):
+        return f"not run: {error}"  # names the stage: "the generate stage's deployment is at capacity"
+    return f"{CAPACITY_REASON} ({type(error).__name__})"
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -374,7 +384,7 @@ class JobDispatcher:
         logger.info("job %s: %s (%s); %s jobs wait %.1fs", job.id, CAPACITY_REASON, type(error).__name__, job.kind, wait)
         current = await asyncio.to_thread(self.store.get, job.id)
         if current is not None and current.state == RUNNING and current.attempts == job.attempts:
-            await asyncio.to_thread(self.store.requeue_unspent, current, f"{CAPACITY_REASON} ({type(error).__name__})")
+            await asyncio.to_thread(self.store.requeue_unspent, current, _capacity_reason(error))
 
     async def _attempt_failed(self, job: Job, error: Exception) -> None:
         reason = describe_failure(error)

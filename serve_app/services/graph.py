@@ -46,6 +46,34 @@ class StageTimeout(TimeoutError):
         self.stage = stage
 
 
+class Overloaded(RuntimeError):
+    """A downstream deployment turned the call away: its queue was full (Serve's
+    max_queued_requests) or it had no replica. Raised by `call_stage` in place of Serve's own
+    errors, so the ingress answers its JSON 503 (Serve's replica wrapper would otherwise answer
+    its BackPressureError itself, in plain text) and the job dispatcher requeues the job."""
+
+    def __init__(self, stage: str, status: int = 503, retry_after_s: float | None = None, unavailable: bool = False):
+        super().__init__(f"the {stage} stage's deployment is {'unavailable' if unavailable else 'at capacity'}")
+        self.stage, self.status, self.retry_after_s, self.unavailable = stage, status, retry_after_s, unavailable
+
+    def __reduce__(self):
+        return (type(self), (self.stage, self.status, self.retry_after_s, self.unavailable))
+
+
+def turned_away(error: BaseException, stage: str) -> Overloaded | None:
+    """The Overloaded for a Serve rejection (direct, or inside a chained call's RayTaskError)."""
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    if isinstance(error, BackPressureError):
+        return Overloaded(stage, error.status_code, error.retry_after_s)
+    if isinstance(error, DeploymentUnavailableError):
+        return Overloaded(stage, unavailable=True)
+    return None
+
+
 # One deadline for a whole sync request, across its stages and rounds: (monotonic end, seconds).
 # Set by `deadline()` around a request (the ingress's middleware and handle methods); a context
 # variable, so concurrent requests on one event loop each see their own.
@@ -131,6 +159,11 @@ async def call_stage(awaitable, stage: str, timeout_s: float) -> Any:
     except asyncio.CancelledError:
         _cancel(awaitable)
         raise
+    except Exception as error:
+        overloaded = turned_away(error, stage)
+        if overloaded is None:
+            raise
+        raise overloaded from None
 
 
 def _cancel(awaitable) -> None:

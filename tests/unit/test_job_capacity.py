@@ -44,7 +44,7 @@ def test_back_pressure_requeues_the_job_without_spending_an_attempt(store):
     assert job.state == "succeeded" and job.attempts == 1 and job.error is None
     turned_away = [entry for entry in job.history if entry["state"] == "queued" and entry.get("reason")]
     assert len(turned_away) == 4
-    assert turned_away[0]["reason"] == ("not run: the model deployment had no capacity (BackPressureError); "
+    assert turned_away[0]["reason"] == ("not run: the generate stage's deployment is at capacity; "
                                         "back in the queue (the attempt is not counted)")
 
 
