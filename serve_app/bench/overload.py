@@ -1,7 +1,8 @@
 """`genserve bench-overload`: C concurrent clients for D seconds against a running app.
 
-Each client posts `POST /v1/images` back to back (a 503/429 is counted and the client goes on at
-once, ignoring Retry-After, to keep the pressure on). Per client count it prints the status
+Each client posts `POST /v1/images` back to back. A 503/429 is counted, and the client goes on
+at once (the most pressure), or with `honour_retry_after` waits the `Retry-After` seconds first,
+as a well-behaved client does. Per client count it prints the status
 counts, p50/p95 latency of the 200s and of the rejections, throughput (200s per second) and its
 ratio to the first client count's, and the resident memory of the Ray processes on this node
 before and after. A benchmark, not a test: run it against a deployed app (make serve).
@@ -60,7 +61,8 @@ def ray_memory_mib() -> float:
     return total / 2**20
 
 
-async def _client(http: httpx.AsyncClient, body: dict, until: float, run: OverloadRun) -> None:
+async def _client(http: httpx.AsyncClient, body: dict, until: float, run: OverloadRun,
+                  honour_retry_after: bool = False) -> None:
     while time.monotonic() < until:
         started = time.perf_counter()
         try:
@@ -74,21 +76,25 @@ async def _client(http: httpx.AsyncClient, body: dict, until: float, run: Overlo
             run.ok_latencies.append(elapsed)
         elif response.status_code in (429, 503):
             run.rejected_latencies.append(elapsed)
+            retry_after = response.headers.get("Retry-After", "")
+            if honour_retry_after and retry_after.isdigit():
+                await asyncio.sleep(min(float(retry_after), max(0.0, until - time.monotonic())))
 
 
-async def _run(url: str, clients: int, seconds: float, body: dict, timeout_s: float) -> OverloadRun:
+async def _run(url: str, clients: int, seconds: float, body: dict, timeout_s: float,
+               honour_retry_after: bool) -> OverloadRun:
     run = OverloadRun(clients=clients, seconds=seconds, memory_before_mib=ray_memory_mib())
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:
         until = time.monotonic() + seconds
-        await asyncio.gather(*(_client(http, body, until, run) for _ in range(clients)))
+        await asyncio.gather(*(_client(http, body, until, run, honour_retry_after) for _ in range(clients)))
     run.memory_after_mib = ray_memory_mib()
     return run
 
 
-def run_overload(url: str, client_counts: list[int], seconds: float, body: dict, timeout_s: float = 600.0
-                 ) -> list[OverloadRun]:
-    return [asyncio.run(_run(url, clients, seconds, body, timeout_s)) for clients in client_counts]
+def run_overload(url: str, client_counts: list[int], seconds: float, body: dict, timeout_s: float = 600.0,
+                 honour_retry_after: bool = False) -> list[OverloadRun]:
+    return [asyncio.run(_run(url, clients, seconds, body, timeout_s, honour_retry_after)) for clients in client_counts]
 
 
 def _ms(value: float | None) -> str:

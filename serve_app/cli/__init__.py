@@ -125,9 +125,11 @@ def _bench_overload(args: argparse.Namespace) -> int:
     body = {"prompt": "a lighthouse on a cliff at dusk", "enhance": False, "width": args.width,
             "height": args.height, "num_inference_steps": args.steps}
     counts = [int(count) for count in args.clients.split(",")]
-    runs = run_overload(args.url, counts, args.duration, body)
+    runs = run_overload(args.url, counts, args.duration, body, honour_retry_after=args.honour_retry_after)
     print(f"genserve bench-overload: {args.url}, POST /v1/images {args.width}x{args.height} {args.steps} steps, "
-          f"{args.duration:g} s per client count; ratio: throughput over the first count's")
+          f"{args.duration:g} s per client count, rejected clients "
+          f"{'wait Retry-After' if args.honour_retry_after else 'retry at once'}; "
+          "ratio: throughput over the first count's")
     print(format_overload_table(runs))
     return 0
 
@@ -181,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     overload.add_argument("--width", type=int, default=256)
     overload.add_argument("--height", type=int, default=256)
     overload.add_argument("--steps", type=int, default=4)
+    overload.add_argument("--honour-retry-after", action="store_true",
+                          help="a rejected client waits Retry-After before its next request (default: at once)")
     overload.set_defaults(func=_bench_overload)
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
