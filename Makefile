@@ -6,7 +6,7 @@ STAMP := $(VENV)/.genserve-installed
 CONFIG ?= configs/dev.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test bench bench-jobs constraints clean
+.PHONY: setup serve test bench bench-jobs bench-overload fuzz constraints clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,19 @@ bench: setup
 
 bench-jobs: setup
 	$(BIN)/genserve bench-jobs --config $(CONFIG)
+
+# Overload: C clients for D seconds against a running app (make serve first); see docs/operations.md.
+bench-overload: setup
+	$(BIN)/genserve bench-overload --url $(URL) --clients $${CLIENTS:-8,64} --duration $${DURATION:-30}
+
+# Property-based fuzzing of every operation against a running app (make serve first), longer than
+# the suite's in-process run (tests/unit/test_fuzz.py). Model-dependent limits are not in the
+# static schema, so a schema-valid body may rightly get 422: positive_data_acceptance is skipped.
+URL ?= http://127.0.0.1:8000
+FUZZ_EXAMPLES ?= 200
+fuzz: setup
+	$(BIN)/schemathesis run $(URL)/openapi.json --checks all --exclude-checks positive_data_acceptance \
+	  --max-examples $(FUZZ_EXAMPLES) --request-timeout 300 --workers 4
 
 constraints: setup
 	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \

@@ -20,6 +20,7 @@ from deployments.video.svd import SvdGenerator
 from deployments.families import BUILTIN
 from serve_app.config import AppArgs, DeploymentOptions, JobsConfig
 from serve_app.api.ingress import Ingress
+from serve_app.jobs import http as jobs_http
 from serve_app.jobs.runner import JobRunner
 from serve_app.services.validation import ModelSpec
 
@@ -127,4 +128,6 @@ def build_app(args: AppArgs) -> Application:
         **graph, jobs=runner, retry_limit=args.jobs.retry_limit, max_body_bytes=args.max_body_bytes,
         auth=resolved_auth_config(args), limits_storage=args.limits_storage(),
         fallback=args.fallback, replicas={entry.id: entry.deployment.max_replicas for entry in args.served_image_models},
+        event_streams=jobs_http.StreamLimits(args.jobs.max_event_streams, args.jobs.max_event_streams_per_client,
+                                             args.jobs.event_stream_max_s),
     )

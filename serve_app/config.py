@@ -75,12 +75,7 @@ class AutoscalingOptions(_Strict):
         return self
 
 
-class BackpressureOptions(_Strict):
-    """How Serve answers a request its queue bound refuses (also to the ingress's own handle calls,
-    whose rejections the ingress passes on as they are)."""
-
-    status_code: Literal[503, 429] = Field(503, description="503 (default) or 429.")
-    retry_after_s: float | None = Field(None, ge=0, description="Sent as Retry-After (whole seconds, rounded up).")
+DEFAULT_RETRY_AFTER_S = 5.0
 
 
 class DeploymentOptions(_Strict):
@@ -112,9 +107,10 @@ class DeploymentOptions(_Strict):
     graceful_shutdown_timeout_s: float | None = Field(
         None, ge=0, description="How long a stopping replica lets its ongoing requests finish (Serve's default: 20)."
     )
-    backpressure: BackpressureOptions | None = Field(
-        None, description="The HTTP answer to requests refused past max_queued_requests (Serve's BackpressureConfig): "
-                          "{status_code: 503 or 429, retry_after_s}; default 503 without Retry-After.",
+    retry_after_s: float | None = Field(
+        None, gt=0,
+        description="Retry-After (seconds) on a rejection past max_queued_requests, through Serve's "
+                    "BackpressureConfig; default 5 when max_queued_requests bounds the queue.",
     )
 
     @field_validator("num_gpus")
@@ -158,10 +154,12 @@ class DeploymentOptions(_Strict):
         for key in ("max_ongoing_requests", "max_queued_requests", "graceful_shutdown_timeout_s"):
             if getattr(self, key) is not None:
                 options[key] = getattr(self, key)
-        if self.backpressure is not None:
+        if self.max_queued_requests not in (None, -1) or self.retry_after_s is not None:
             from ray.serve.config import BackpressureConfig
 
-            options["backpressure_config"] = BackpressureConfig(**self.backpressure.model_dump(exclude_none=True))
+            # 503 (not 429): a full queue is the service's capacity, not this client's doing.
+            retry_after_s = DEFAULT_RETRY_AFTER_S if self.retry_after_s is None else self.retry_after_s
+            options["backpressure_config"] = BackpressureConfig(status_code=503, retry_after_s=retry_after_s)
         return options
 
 
@@ -173,6 +171,13 @@ def generator_name(model_id: str) -> str:
 
 class ImageModelEntry(ImageModelConfig):
     """An `image_models:` entry: the model (see ImageModelConfig) and its deployment's options."""
+
+    max_pixel_steps: int | None = Field(
+        None, ge=1,
+        description="Compute budget of one request: width x height x num_inference_steps x num_images x "
+                    "max_attempts (rounds) at most this; over it is 422 naming the fields. None: no budget "
+                    "beyond each field's own limit.",
+    )
 
     deployment: DeploymentOptions = Field(
         default_factory=DeploymentOptions,
@@ -294,6 +299,13 @@ class JobsConfig(_Strict):
     )
     redis_url: str | None = Field(None, description="redis://[user:password@]host:port/db, for store: redis.")
     redis_prefix: str = Field("genserve:jobs", min_length=1, description="Prefix of every Redis key the store writes.")
+    redis_config_check: Literal["refuse", "warn"] = Field(
+        "refuse",
+        description="At start the Redis store checks appendonly yes and maxmemory-policy noeviction and refuses a "
+                    "server without them. Where CONFIG GET is forbidden (managed Redis): 'refuse' (default), or "
+                    "'warn' to log it and go on when the provider guarantees both.",
+    )
+    redis_timeout_s: float = Field(10.0, gt=0, description="Redis socket timeout; connecting times out at half of it.")
     ttl_s: float = Field(86400.0, gt=0, description="Finished jobs, and their files, are deleted this long after they end.")
     retry_limit: int = Field(
         2, ge=0, le=10,
@@ -302,6 +314,29 @@ class JobsConfig(_Strict):
     )
     max_concurrent_jobs: JobSlots = Field(default_factory=JobSlots, description="Jobs running at once, per kind.")
     sweep_interval_s: float = Field(60.0, gt=0, description="How often expired jobs are deleted.")
+    max_event_streams: int = Field(
+        256, ge=1, description="Open job event streams per ingress replica; one more gets 503 with Retry-After.")
+    max_event_streams_per_client: int = Field(
+        16, ge=1, description="Open job event streams per client address per ingress replica; one more gets 429.")
+    event_stream_max_s: float = Field(
+        3600.0, gt=0,
+        description="Longest an event stream stays open; the client reconnects with Last-Event-ID and misses nothing "
+                    "of the final state.",
+    )
+    max_queued_jobs: int = Field(
+        10_000, ge=1,
+        description="Most jobs waiting at once; a submit past it gets 429 with Retry-After (checked before the "
+                    "job is recorded, so concurrent submits can pass it by a few).",
+    )
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024,
+        description="Largest stored job request (its JSON, control image included); larger ones get 413.",
+    )
+    queued_ttl_s: float = Field(
+        86400.0, gt=0,
+        description="A job still queued this long after its submit fails as expired (its client has most likely "
+                    "given up), checked every sweep_interval_s.",
+    )
     progress_interval_s: float = Field(
         0.5, ge=0,
         description="Least time between two progress reports of a running job (0: every denoising step). "

@@ -135,3 +135,8 @@ def flat_scores(scores: dict, prefix: str = "") -> dict[str, float]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# The address of a client on this machine: apps without API keys answer only loopback clients, and
+# Starlette's TestClient otherwise calls from "testclient".
+LOOPBACK = ("127.0.0.1", 50000)

@@ -15,9 +15,28 @@ import contextlib
 from typing import Iterator
 
 from deployments.runtime.progress import Interrupted
+from deployments.runtime.types import ModelOutOfMemory
 
 # Bytes: 256 MiB .. 128 GiB, doubling.
 MEMORY_BUCKETS = [float(2**power) for power in range(28, 38)]
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError)
+
+
+def free_accelerator_memory(cuda: bool) -> None:
+    """After an out-of-memory error: drop what the failed call left (its tensors are unreachable
+    once the exception is handled) and hand cached blocks back, so the next request starts clean."""
+    import gc
+
+    gc.collect()
+    if cuda:
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 class ModelMetrics:
@@ -53,6 +72,7 @@ class ModelMetrics:
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
         """Around one model call: count a raised exception by kind; on CUDA record peak memory.
+        Out of accelerator memory: free the cache and raise `ModelOutOfMemory` (the replica serves on).
 
         Calls are serialised per replica, so the peak since the reset belongs to this call.
         """
@@ -66,7 +86,11 @@ class ModelMetrics:
             raise  # a cancelled request stopping at a step end, not a model error
         except Exception as error:
             if self._enabled:
-                self._errors.inc(tags={"kind": type(error).__name__})
+                self._errors.inc(tags={"kind": type(error).__name__})  # OutOfMemoryError included
+            if _is_out_of_memory(error):
+                free_accelerator_memory(self._cuda)
+                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise ModelOutOfMemory(self._model, first_line[:300]) from None
             raise
         if self._cuda and self._enabled:
             import torch

@@ -208,3 +208,18 @@ class VideoOutput:
     generate_seconds: float
     encode_seconds: float
     device: str
+
+
+class ModelOutOfMemory(RuntimeError):
+    """A model call ran out of accelerator memory. The replica has freed its cache and serves the
+    next request; the ingress answers 503 (`reason: out_of_memory`), a job retries it once."""
+
+    reason = "out_of_memory"
+
+    def __init__(self, model: str, detail: str):
+        super().__init__(f"{model} ran out of accelerator memory: {detail}")
+        self.model = model
+        self.detail = detail
+
+    def __reduce__(self):  # Ray pickles it back to the caller
+        return (type(self), (self.model, self.detail))

@@ -7,16 +7,18 @@ the app's state when it starts, so the routers hold no state and no model-specif
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from deployments.runtime.types import ModelOutOfMemory
 from serve_app.api.body_limit import BodyLimit
 from serve_app.ui import mount_console
 from serve_app.api.errors import explain_errors
@@ -33,6 +35,8 @@ from serve_app.jobs import http as jobs_http
 from serve_app.jobs.schemas import JobSubmission
 from serve_app.services.fallback import Fallback, FallbackFailed
 from serve_app.services.graph import StageTimeout
+from serve_app.services.graph import Overloaded, StageTimeout, deadline
+from serve_app.services.health import Readiness
 from serve_app.services.images import ImageService
 from serve_app.services.scores import ScoreService
 from serve_app.services.validation import RequestError
@@ -55,6 +59,7 @@ class Services:
     jobs: jobs_http.JobsApi | None = None
     metrics: GraphMetrics | None = None
     fallback: Fallback | None = None
+    readiness: Readiness = field(default_factory=Readiness)
 
     def jobs_api(self) -> jobs_http.JobsApi:
         if self.jobs is None:
@@ -91,8 +96,8 @@ class Services:
         try:
             with fallback.estimator.tracking(model) as alone:
                 response = await self.images.generate_images(request)
-        except BackPressureError:
-            if not request.fallback:
+        except Overloaded as error:  # the model's queue was full (call_stage's form of Serve's BackPressureError)
+            if not request.fallback or error.unavailable:
                 raise
             return await self._remote(request, fallback, model, "backpressure")
         if alone:
@@ -133,6 +138,22 @@ class Services:
             raise
 
 
+class RequestDeadline:
+    """ASGI middleware: one deadline (request_timeout_s) for everything a request calls downstream,
+    across stages and regeneration rounds; past it the request ends in 504 with Retry-After."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        state = getattr(scope.get("app"), "state", None) if scope["type"] == "http" else None
+        served = getattr(state, "services", None)
+        if served is None:
+            return await self.app(scope, receive, send)
+        with deadline(served.images.request_timeout_s):
+            await self.app(scope, receive, send)
+
+
 def services(request: Request) -> Services:
     """The serving replica's services (a FastAPI dependency)."""
     # The app serving the request, not a module global: Serve ships the ingress (and the app it
@@ -156,10 +177,17 @@ _BODY_MODELS: tuple[tuple[str, type[BaseModel]], ...] = (
 )
 
 
+def route_label(request: Request) -> str:
+    """The matched route's template ('/v1/jobs/{job_id}'), never the path itself: a label from
+    request data would make a series per job id (or per scanner's made-up path)."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "other"
+
+
 def _record(request: Request, fields: list[str]) -> None:
     state = getattr(request.app.state, "services", None)
     if state is not None:
-        state.record_rejection(request.url.path, fields)
+        state.record_rejection(route_label(request), fields)
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -171,7 +199,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 async def _job_error(_: Request, error: jobs_http.JobError) -> JSONResponse:
-    return JSONResponse(status_code=error.status, content={"detail": error.detail})
+    return JSONResponse(status_code=error.status, content={"detail": error.detail}, headers=error.headers)
 
 
 async def _request_error(request: Request, error: RequestError) -> JSONResponse:
@@ -183,11 +211,61 @@ async def _video_not_deployed(_: Request, __: VideoNotDeployed) -> JSONResponse:
     return JSONResponse(status_code=501, content={"detail": "video generation is not deployed: add `svd:` to the config"})
 
 
+# How long a client should wait before sending again a request that ran out of time or met a
+# full queue, when the deployment's BackpressureConfig names no retry_after_s.
+RETRY_AFTER_S = 5
+
+
 async def _stage_timeout(request: Request, error: StageTimeout) -> JSONResponse:
     state = getattr(request.app.state, "services", None)
     if state is not None and state.metrics is not None:
         state.metrics.timeout(error.stage)
-    return JSONResponse(status_code=504, content={"detail": str(error)})
+    return JSONResponse(status_code=504, headers={"Retry-After": str(RETRY_AFTER_S)},
+                        content={"detail": str(error), "reason": "deadline"})
+
+
+def backpressure_of(error: BaseException) -> BackPressureError | None:
+    """The BackPressureError behind `error`: raised by a handle, or by a chained downstream call."""
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    return error if isinstance(error, BackPressureError) else None
+
+
+def overloaded(error: BaseException) -> JSONResponse:
+    """A downstream queue was full (Serve's max_queued_requests): 503 or 429 with Retry-After, as
+    the deployment's BackpressureConfig says. Answered at once: the request never queued."""
+    pressure = backpressure_of(error)
+    status = pressure.status_code if pressure is not None else 503
+    retry = pressure.retry_after_s if pressure is not None and pressure.retry_after_s is not None else RETRY_AFTER_S
+    return JSONResponse(status_code=status, headers={"Retry-After": str(max(1, math.ceil(retry)))},
+                        content={"detail": "the service is at capacity (a queue is full); retry later",
+                                 "reason": "overloaded"})
+
+
+async def _overloaded(_: Request, error: Exception) -> JSONResponse:
+    return overloaded(error)
+
+
+async def _stage_overloaded(_: Request, error: Overloaded) -> JSONResponse:
+    retry = RETRY_AFTER_S if error.retry_after_s is None else error.retry_after_s
+    detail = ("a deployment this request needs is not available; retry later" if error.unavailable
+              else "the service is at capacity (a queue is full); retry later")
+    return JSONResponse(status_code=error.status, headers={"Retry-After": str(max(1, math.ceil(retry)))},
+                        content={"detail": detail, "reason": "unavailable" if error.unavailable else "overloaded"})
+
+
+async def _out_of_memory(_: Request, error: ModelOutOfMemory) -> JSONResponse:
+    # The replica freed its cache and serves on; a smaller request (fewer images, pixels or
+    # frames) fits sooner than the same one sent again at once.
+    return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                        content={"detail": f"{error.model} ran out of accelerator memory for this request; retry, "
+                                           "or ask for fewer images, pixels or frames", "reason": "out_of_memory"})
+
+
+async def _unavailable(_: Request, error: DeploymentUnavailableError) -> JSONResponse:
+    return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                        content={"detail": "a deployment this request needs is not available; retry later",
+                                 "reason": "unavailable"})
 
 
 async def _replica_lost(_: Request, error: RayActorError) -> JSONResponse:
@@ -231,6 +309,7 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = ()) -> FastAPI:
         lifespan=lifespan,
     )
     api.add_middleware(BodyLimit)
+    api.add_middleware(RequestDeadline)
     api.add_middleware(Guard)  # outside BodyLimit: a request without a key is refused before its body is read
     if cors_origins:  # outermost: preflights need no key, and refusals carry the CORS headers
         from fastapi.middleware.cors import CORSMiddleware
@@ -246,8 +325,19 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = ()) -> FastAPI:
     api.add_exception_handler(RayActorError, _replica_lost)
     api.add_exception_handler(LimitExceeded, _limit_exceeded)
     api.add_exception_handler(FallbackFailed, _fallback_failed)
+    # Serve's replica wrapper replaces these two with its own plain-text 503 once the app is
+    # built; calls through `call_stage` arrive as Overloaded instead, answered in JSON.
+    api.add_exception_handler(Overloaded, _stage_overloaded)
+    api.add_exception_handler(BackPressureError, _overloaded)
+    api.add_exception_handler(DeploymentUnavailableError, _unavailable)
+    api.add_exception_handler(ModelOutOfMemory, _out_of_memory)
     for router in ROUTERS:
         api.include_router(router)
+    from starlette.exceptions import HTTPException
+
+    from serve_app.api.routers.openai_images import http_exception
+
+    api.add_exception_handler(HTTPException, http_exception)
     api.router.routes.extend(streamable_http_app(mcp).routes)  # POST/GET /mcp: MCP over streamable HTTP
     mount_console(api)
     return api

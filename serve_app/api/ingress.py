@@ -10,7 +10,9 @@ Routes (OpenAPI at /docs):
 - GET  /v1/loras    the LoRA adapters requests may name, by model family
 - GET  /v1/controls  the ControlNet control types, their parameters and the models that take them
 - POST /v1/controls/preview  the control map (canny edges, depth) a request's `control` would use
-- GET  /healthz     200 when every downstream deployment answers, 503 naming the one that did not
+- GET  /livez       liveness: the ingress answers (no downstream call)
+- GET  /readyz      readiness: every deployment has a healthy running replica (Serve controller, cached)
+- GET  /healthz     each downstream deployment's info; 503 naming the one that did not answer
 - /v1/jobs          durable async jobs: submit (202), status, list, events (SSE), cancel, result, files
 
 Bodies over `max_body_bytes` get 413 before they are parsed (serve_app.api.body_limit).
@@ -19,6 +21,8 @@ Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(..
 `.generate_video.remote(VideoRequest(...))`, `.enhance_prompt.remote(EnhanceRequest(...))` and
 `.score_images.remote(ScoreRequest(...))`.
 """
+
+import contextlib
 
 from ray import serve
 
@@ -42,6 +46,7 @@ from serve_app.config import AuthConfig, FallbackConfig, QualityPolicy
 from serve_app.security.guard import Auth
 from serve_app.jobs import http as jobs_http
 from serve_app.services.fallback import Fallback
+from serve_app.services.graph import deadline
 from serve_app.services.images import ImageService
 from serve_app.services.scores import ScoreService
 from serve_app.services.validation import ModelSpec
@@ -61,7 +66,8 @@ class Ingress:
                  blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None,
                  default_model: str | None = None, auth: AuthConfig | None = None,
                  limits_storage: str = "memory://", fallback: FallbackConfig | None = None,
-                 replicas: dict[str, int] | None = None):
+                 replicas: dict[str, int] | None = None,
+                 event_streams: jobs_http.StreamLimits | None = None):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
                               max_input_pixels=max_input_pixels, gate_metrics=gate_metrics,
                               blocklist=blocklist, loras=loras, default_model=default_model)
@@ -70,7 +76,8 @@ class Ingress:
             images=images,
             scores=ScoreService(scorer, policy, gate_metrics, max_input_pixels, request_timeout_s),
             videos=videos,
-            jobs=jobs_http.JobsApi(jobs, images, videos, retry_limit) if jobs is not None else None,
+            jobs=(jobs_http.JobsApi(jobs, images, videos, retry_limit, event_streams or jobs_http.StreamLimits())
+                  if jobs is not None else None),
             # One set of metrics per replica.
             metrics=GraphMetrics() if metrics else None,
             # `replicas`: each model's deployment's replicas at most, for the wait estimate.
@@ -88,27 +95,33 @@ class Ingress:
         app.state.auth = self._auth
         return app
 
+    @contextlib.contextmanager
+    def _handle_call(self, route: str):
+        """A handle call gets the HTTP request's deadline, and its bad input is counted."""
+        with deadline(self._services.images.request_timeout_s), self._services.rejections_recorded(route):
+            yield
+
     async def generate_images(self, request: ImageRequest | dict) -> ImageResponse:
         """The Python API: the same request model and response as POST /v1/images.
 
         Raises `pydantic.ValidationError` or `serve_app.services.validation.RequestError` (a
         `ValueError`) for bad input, naming the field.
         """
-        with self._services.rejections_recorded("handle:generate_images"):
+        with self._handle_call("handle:generate_images"):
             return await self._services.generate_images(request)
 
     async def enhance_prompt(self, request: EnhanceRequest | dict) -> EnhanceResponse:
         """The Python API of POST /v1/prompts/enhance."""
-        with self._services.rejections_recorded("handle:enhance_prompt"):
+        with self._handle_call("handle:enhance_prompt"):
             return await self._services.images.enhance_prompt(request)
 
     async def generate_video(self, request: VideoRequest | dict) -> VideoResponse:
         """The Python API for videos: the same request model and JSON response as POST /v1/videos."""
-        with self._services.rejections_recorded("handle:generate_video"):
+        with self._handle_call("handle:generate_video"):
             response, _ = await self._services.generate_video(request)
         return response
 
     async def score_images(self, request: ScoreRequest | dict) -> ScoreResponse:
         """The Python API for scoring: the same request model and response as POST /v1/scores."""
-        with self._services.rejections_recorded("handle:score_images"):
+        with self._handle_call("handle:score_images"):
             return await self._services.scores.score(request)

@@ -10,7 +10,22 @@ tags; its own request, latency, queue and replica metrics sit next to these on t
 
 from __future__ import annotations
 
-from serve_app.api.schemas import ImageResponse, VideoResponse
+from typing import get_args
+
+from pydantic import BaseModel
+
+from serve_app.api.schemas import (
+    ControlPreviewRequest,
+    EnhanceRequest,
+    ImageRequest,
+    ImageResponse,
+    ScoreRequest,
+    VideoRequest,
+    VideoResponse,
+)
+from serve_app.jobs.schemas import JobSubmission
+
+OTHER = "other"
 
 # Seconds: tens of milliseconds (tiny models, scoring) to ten minutes (long videos on a GPU).
 STAGE_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
@@ -24,6 +39,39 @@ SCORE_BUCKETS = {
     "laion": [2.0, 3.0, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 8.0, 10.0],
     "combined": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
 }
+
+
+def _field_names(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every field name of `model` and the models nested in it, dotted ('control.image')."""
+    names = set()
+    for name, info in model.model_fields.items():
+        names.add(prefix + name)
+        for candidate in (info.annotation, *get_args(info.annotation)):
+            for inner in (candidate, *get_args(candidate)):  # list[Lora], Optional[ControlOptions]
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    names |= _field_names(inner, f"{prefix}{name}.")
+    return names
+
+
+# The only values the `field` label takes (with OTHER): metric labels must never come from request
+# data, or an unknown key creates a series per name (and a non-ASCII one made Ray's recorder raise).
+KNOWN_FIELDS = frozenset(
+    {"body", "cursor", "state", "limit", "idempotency-key", "job_id", "name", "kind", "request"}
+    | _field_names(ImageRequest) | _field_names(VideoRequest) | _field_names(ScoreRequest)
+    | _field_names(EnhanceRequest) | _field_names(ControlPreviewRequest)
+    | {f"request.{name}" for name in _field_names(ImageRequest) | _field_names(VideoRequest)}
+)
+
+
+def field_label(field: str) -> str:
+    """`field` when it is a field of some request model ('images.3' -> 'images'), else 'other'."""
+    parts = field.split(".")
+    if len(parts) > 1 and parts[0] in ("query", "header", "path"):  # ('query', 'cursor') -> 'cursor'
+        parts = parts[1:]
+    name = ".".join(part for part in parts if not part.isdigit())
+    while name and name not in KNOWN_FIELDS:
+        name = name.rpartition(".")[0]  # 'control.bogus' -> 'control'
+    return name or OTHER
 
 
 def _flag(passed: bool | None) -> str:
@@ -106,7 +154,7 @@ class GraphMetrics:
 
     def rejection(self, route: str, fields: list[str]) -> None:
         for field in fields:
-            self.rejections.inc(tags={"route": route, "field": field})
+            self.rejections.inc(tags={"route": route, "field": field_label(field)})
 
     def fallback(self, model: str, reason: str, outcome: str) -> None:
         self.fallbacks.inc(tags={"model": model, "reason": reason, "outcome": outcome})

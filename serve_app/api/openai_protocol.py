@@ -36,6 +36,33 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error (4xx) or server_error (5xx).")
+    param: str | None = Field(None, description="The request field at fault, as the client named it.")
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error envelope, which the OpenAI-compatible routes answer in."""
+
+    error: OpenAIErrorDetail
+
+
+def openai_errors(*statuses: int) -> dict[int, dict]:
+    """`responses=` for an OpenAI-compatible route: its own errors in OpenAI's envelope, and what the
+    app answers before the route runs (the key check, the body limit) in genserve's shape."""
+    from serve_app.api.responses import GUARDED, errors
+
+    described = {status: {"model": OpenAIErrorBody, "description": text} for status, text in {
+        400: "A field is invalid; `param` names it.", 404: "No such model.",
+        500: "The job behind a `url` result failed.", 501: "Not deployed.",
+        503: "Overloaded or a replica was lost; retry after `Retry-After` seconds.",
+        504: "The request's deadline passed.",
+    }.items() if status in statuses}
+    return {**errors(413, *GUARDED), **described}
+
+
 class OpenAIImageRequest(BaseModel):
     """`POST /v1/images/generations`: OpenAI's fields, and any `POST /v1/images` field beside them."""
 

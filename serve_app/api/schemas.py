@@ -31,7 +31,7 @@ LORA_SCALE_RANGE = (-2.0, 2.0)
 class Lora(BaseModel):
     """One LoRA adapter for a request, by its name in GET /v1/loras."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "revise_prompt": 0 is not a bool
 
     name: str = Field(
         min_length=1, max_length=128,
@@ -53,7 +53,7 @@ class Lora(BaseModel):
 class ControlOptions(BaseModel):
     """`control` of POST /v1/images: a ControlNet condition from a reference picture (SDXL models)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "revise_prompt": 0 is not a bool
 
     type: ControlType = Field(description="'canny' (edges) or 'depth'; GET /v1/controls lists them.")
     image: str = Field(
@@ -103,7 +103,7 @@ class ImageRequest(BaseModel):
     were used. Unknown fields are rejected rather than ignored.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "revise_prompt": 0 is not a bool
 
     prompt: str = Field(min_length=1, max_length=2000, description="What to draw (1-2000 characters).")
     negative_prompt: str | None = Field(
@@ -239,7 +239,7 @@ MAX_SCORE_IMAGES = 16
 class ScoreRequest(BaseModel):
     """`POST /v1/scores`: score uploaded images against a prompt, with no generation."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "revise_prompt": 0 is not a bool
 
     prompt: str = Field(min_length=1, max_length=2000, description="What the images should show (1-2000 characters).")
     images: list[str] = Field(
@@ -356,7 +356,7 @@ class ImageResponse(BaseModel):
 class EnhanceRequest(BaseModel):
     """`POST /v1/prompts/enhance`: what the image graph's enhance step would make of a prompt."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "revise_prompt": 0 is not a bool
 
     prompt: str = Field(min_length=1, max_length=2000, description="The idea to enhance (1-2000 characters).")
     negative_prompt: str | None = Field(None, max_length=2000, description="Kept as given; else the style's preset.")
@@ -384,7 +384,7 @@ class EnhanceResponse(BaseModel):
 class KeyframeOptions(BaseModel):
     """How text-to-video makes its keyframe: the image fields of POST /v1/images (one image)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "revise_prompt": 0 is not a bool
 
     negative_prompt: str | None = Field(None, max_length=2000)
     model: str | None = Field(None, description="Image model that draws the keyframe; default: the config's.")
@@ -407,7 +407,7 @@ class KeyframeOptions(BaseModel):
 class VideoRequest(BaseModel):
     """`POST /v1/videos`: animate `image`, or draw a keyframe from `prompt` first. Exactly one of them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "revise_prompt": 0 is not a bool
 
     image: str | None = Field(
         None, min_length=1, description="Base64 PNG or JPEG to animate (a data: URL prefix is accepted)."

@@ -12,6 +12,7 @@
                                      fetch exactly the hub weights CONFIG names, for offline serving
     genserve doctor CONFIG           check this machine before serving CONFIG (torch, CUDA, GPU memory,
                                      weights, ports): each line ok, or what to do
+    genserve bench-overload [options]  C clients for D seconds against a running app: statuses, latency, memory
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd | llm | laion | sdxl |
                                      sdxl-controlnet | depth) as a local folder
 
@@ -217,6 +218,19 @@ def _doctor(args: argparse.Namespace) -> int:
     from serve_app.doctor import run_doctor
 
     return run_doctor(args.config)
+def _bench_overload(args: argparse.Namespace) -> int:
+    from serve_app.bench.overload import format_overload_table, run_overload
+
+    body = {"prompt": "a lighthouse on a cliff at dusk", "enhance": False, "width": args.width,
+            "height": args.height, "num_inference_steps": args.steps}
+    counts = [int(count) for count in args.clients.split(",")]
+    runs = run_overload(args.url, counts, args.duration, body, honour_retry_after=args.honour_retry_after)
+    print(f"genserve bench-overload: {args.url}, POST /v1/images {args.width}x{args.height} {args.steps} steps, "
+          f"{args.duration:g} s per client count, rejected clients "
+          f"{'wait Retry-After' if args.honour_retry_after else 'retry at once'}; "
+          "ratio: throughput over the first count's")
+    print(format_overload_table(runs))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--active-jobs", type=int, default=None)
     create.add_argument("--daily-images", type=int, default=None)
     create.set_defaults(func=_keys_create)
+    overload = commands.add_parser("bench-overload", help="C concurrent clients for D seconds against a running app")
+    overload.add_argument("--url", default="http://127.0.0.1:8000")
+    overload.add_argument("--clients", default="8,64", help="comma-separated client counts, run in turn")
+    overload.add_argument("--duration", type=float, default=30.0, help="seconds per client count")
+    overload.add_argument("--width", type=int, default=256)
+    overload.add_argument("--height", type=int, default=256)
+    overload.add_argument("--steps", type=int, default=4)
+    overload.add_argument("--honour-retry-after", action="store_true",
+                          help="a rejected client waits Retry-After before its next request (default: at once)")
+    overload.set_defaults(func=_bench_overload)
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
     tiny.add_argument("family", choices=tiny_kinds())

@@ -10,6 +10,10 @@ deployment wraps it.
 - Outcome of a run: the result is saved with the transition to succeeded (compare-and-set on the
   attempt). A failure (a replica died, a stage timed out, a model raised) goes back to the queue
   with its reason while retries are left, then fails; a bad request fails at once.
+- Capacity: a run a model deployment turned away (back-pressure past its max_queued_requests,
+  or no replica available) goes back to the queue in its place without spending an attempt, and
+  no job of that kind is claimed until a back-off passes (exponential with jitter, reset when a
+  run gets through): jobs never fail for lack of capacity.
 - Cancel: a queued job is cancelled in the store and never starts. A running job's task is
   cancelled; the cancellation travels down the Serve handles to the model replica, which stops
   at the end of its current denoising step. Only that job's task is touched.
@@ -24,14 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from contextlib import suppress
 from typing import Callable
 
 from pydantic import ValidationError
 
-from deployments.runtime.types import ProgressTarget
-from serve_app.jobs.model import CANCELLED, FAILED, RUNNING, Job
+from deployments.runtime.types import ModelOutOfMemory, ProgressTarget
+from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, Job, dumps
 from serve_app.jobs.results import image_result, video_result
 from serve_app.jobs.store import JobStore
 from serve_app.services.validation import RequestError
@@ -42,6 +47,64 @@ from serve_app.services.videos import VideoService
 logger = logging.getLogger("ray.serve")
 
 RESTART_REASON = "interrupted: the job runner stopped while it ran"
+CAPACITY_REASON = "not run: the model deployment had no capacity"
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+def is_capacity(error: BaseException) -> bool:
+    """A run turned away for capacity (a full queue, no replica available), not a failure of the job."""
+    from ray.exceptions import ActorUnavailableError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    from serve_app.services.graph import Overloaded
+
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    return isinstance(error, (Overloaded, BackPressureError, DeploymentUnavailableError, ActorUnavailableError))
+
+
+def _capacity_reason(error: BaseException) -> str:
+    from serve_app.services.graph import Overloaded
+
+    if isinstance(error, Overloaded):
+        return f"not run: {error}"  # names the stage: "the generate stage's deployment is at capacity"
+    return f"{CAPACITY_REASON} ({type(error).__name__})"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    from ray.exceptions import RayTaskError
+
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    return isinstance(error, ModelOutOfMemory)
+
+
+class Backoff:
+    """When a kind may be claimed again after a capacity rejection: doubling from
+    BACKOFF_INITIAL_S up to BACKOFF_MAX_S, each delay jittered to 50-100% (so dispatchers and
+    jobs do not retry in step), reset once a run of the kind gets through."""
+
+    def __init__(self, initial_s: float = BACKOFF_INITIAL_S, max_s: float = BACKOFF_MAX_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.initial_s, self.max_s, self.clock = initial_s, max_s, clock
+        self._delay: dict[str, float] = {}
+        self._until: dict[str, float] = {}
+
+    def reject(self, kind: str) -> float:
+        delay = min(self.max_s, self._delay.get(kind, self.initial_s / 2) * 2)
+        self._delay[kind] = delay
+        wait = delay * random.uniform(0.5, 1.0)
+        self._until[kind] = self.clock() + wait
+        return wait
+
+    def succeeded(self, kind: str) -> None:
+        self._delay.pop(kind, None)
+        self._until.pop(kind, None)
+
+    def waiting(self, kind: str) -> float:
+        """Seconds until `kind` may be claimed again (0: now)."""
+        return max(0.0, self._until.get(kind, 0.0) - self.clock())
 
 
 def describe_failure(error: BaseException) -> str:
@@ -55,6 +118,20 @@ def describe_failure(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     message = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return message[:500]
+
+
+class JobRejected(Exception):
+    """A submit the runner refuses: 429 (the queue is full) or 413 (the request is too large)."""
+
+    def __init__(self, status: int, detail: str, retry_after_s: float | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.retry_after_s = status, detail, retry_after_s
+
+    def __reduce__(self):  # Ray pickles it back to the ingress
+        return (type(self), (self.status, self.detail, self.retry_after_s))
+
+
+QUEUE_FULL_RETRY_AFTER_S = 30.0
 
 
 class _Watchers:
@@ -84,8 +161,12 @@ class JobDispatcher:
     def __init__(self, store: JobStore, images: ImageService, videos: VideoService | None, slots: dict[str, int],
                  retry_limit: int, sweep_interval_s: float = 60.0,
                  progress_target: Callable[[Job], ProgressTarget | None] = lambda job: None,
-                 poll_interval_s: float = 1.0):
+                 poll_interval_s: float = 1.0, max_queued_jobs: int | None = None,
+                 max_request_bytes: int | None = None, queued_ttl_s: float | None = None):
         self.store = store
+        self.max_queued_jobs = max_queued_jobs
+        self.max_request_bytes = max_request_bytes
+        self.queued_ttl_s = queued_ttl_s
         self.images = images
         self.videos = videos
         self.slots = dict(slots)
@@ -101,6 +182,7 @@ class JobDispatcher:
         self._cancel_on_start: set[str] = set()  # cancelled while its claim was in flight
         self._watchers = _Watchers()
         self._wakeup: asyncio.Event | None = None
+        self.backoff = Backoff()
         self._loops: list[asyncio.Task] = []
         self._stopping = False
 
@@ -140,7 +222,18 @@ class JobDispatcher:
                      request_hash: str | None = None, owner: str | None = None,
                      max_active: int | None = None) -> tuple[Job, bool, int | None]:
         """Record a job durably. Returns it, whether it is new (False: the idempotency key's job),
-        and its queue position. Raises `ActiveJobsExceeded` when the owner is at `max_active`."""
+        and its queue position. Raises `ActiveJobsExceeded` when the owner is at `max_active`, and
+        JobRejected past max_request_bytes or max_queued_jobs."""
+        if self.max_request_bytes is not None:
+            size = len(dumps(request).encode())
+            if size > self.max_request_bytes:
+                raise JobRejected(413, f"the job's request is {size} bytes; the most a job may store is "
+                                       f"{self.max_request_bytes} (jobs.max_request_bytes)")
+        if self.max_queued_jobs is not None:
+            queued = (await asyncio.to_thread(self.store.counts))[QUEUED]
+            if queued >= self.max_queued_jobs:
+                raise JobRejected(429, f"the job queue is full ({queued} jobs waiting, jobs.max_queued_jobs is "
+                                       f"{self.max_queued_jobs}); retry later", QUEUE_FULL_RETRY_AFTER_S)
         job, created = await asyncio.to_thread(
             self.store.create, kind, request, idempotency_key=idempotency_key, request_hash=request_hash,
             owner=owner, max_active=max_active,
@@ -228,15 +321,17 @@ class JobDispatcher:
     async def _dispatch_forever(self) -> None:
         while True:
             self._wakeup.clear()  # before claiming: a submit from now on wakes the wait below
-            free = [kind for kind, limit in self.slots.items() if self._running[kind] < limit]
+            free = [kind for kind, limit in self.slots.items()
+                    if self._running[kind] < limit and not self.backoff.waiting(kind)]
             try:
                 job = await asyncio.to_thread(self.store.claim, free) if free else None
             except Exception:
                 logger.exception("could not claim a job; trying again")
                 job = None
             if job is None:
+                backing_off = [self.backoff.waiting(kind) for kind in self.slots if self.backoff.waiting(kind)]
                 with suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self.poll_interval_s)
+                    await asyncio.wait_for(self._wakeup.wait(), min([self.poll_interval_s, *backing_off]))
                 continue
             self._running[job.kind] += 1
             self._active[job.id] = job
@@ -262,13 +357,17 @@ class JobDispatcher:
                                             attempt=job.attempts, reason=f"cancelled while running{self._where(job.id)}")
                     return
             execute.result()  # re-raises the run's failure, if any
+            self.backoff.succeeded(job.kind)
         except asyncio.CancelledError:
             if self._stopping:  # the job stays running in the store, for the next runner to requeue
                 execute.cancel()
                 raise
             await self._attempt_failed(job, RuntimeError("the run was cancelled, but not by its user"))
         except Exception as error:
-            await self._attempt_failed(job, error)
+            if is_capacity(error):
+                await self._turned_away(job, error)
+            else:
+                await self._attempt_failed(job, error)
         finally:
             cancelled.cancel()
             self._running[job.kind] -= 1
@@ -293,6 +392,13 @@ class JobDispatcher:
             await asyncio.to_thread(self.store.transition, job.id, {RUNNING}, CANCELLED, attempt=job.attempts,
                                     reason="cancelled as it finished")
 
+    async def _turned_away(self, job: Job, error: Exception) -> None:
+        wait = self.backoff.reject(job.kind)
+        logger.info("job %s: %s (%s); %s jobs wait %.1fs", job.id, CAPACITY_REASON, type(error).__name__, job.kind, wait)
+        current = await asyncio.to_thread(self.store.get, job.id)
+        if current is not None and current.state == RUNNING and current.attempts == job.attempts:
+            await asyncio.to_thread(self.store.requeue_unspent, current, _capacity_reason(error))
+
     async def _attempt_failed(self, job: Job, error: Exception) -> None:
         reason = describe_failure(error)
         logger.warning("job %s attempt %d failed: %s", job.id, job.attempts, reason)
@@ -300,9 +406,12 @@ class JobDispatcher:
             await asyncio.to_thread(self.store.transition, job.id, {RUNNING}, FAILED, attempt=job.attempts,
                                     reason=reason, error=reason)
             return
+        # Out of memory again on a re-run would most likely repeat: one retry at most (the
+        # replica freed its cache; a different batch on it may fit), then fail, saying why.
+        limit = min(self.retry_limit, 1) if is_out_of_memory(error) else self.retry_limit
         current = await asyncio.to_thread(self.store.get, job.id)
         if current is not None and current.state == RUNNING and current.attempts == job.attempts:
-            await asyncio.to_thread(self.store.retry_or_fail, current, reason, self.retry_limit)
+            await asyncio.to_thread(self.store.retry_or_fail, current, reason, limit)
 
     def _where(self, job_id: str) -> str:
         progress = self._progress.get(job_id)
@@ -310,12 +419,29 @@ class JobDispatcher:
             return ""
         return f" (at {progress['stage']} step {progress['step']} of {progress['steps']})"
 
+    def expire_queued(self, now: float | None = None) -> int:
+        """Fail the jobs queued longer than queued_ttl_s (compare-and-set: one claimed meanwhile runs)."""
+        if self.queued_ttl_s is None:
+            return 0
+        now = time.time() if now is None else now
+        expired = 0
+        for job in self.store.list(state=QUEUED, limit=1_000_000):
+            if job.created_at < now - self.queued_ttl_s:
+                reason = f"expired: still queued {self.queued_ttl_s:g}s after it was submitted (jobs.queued_ttl_s)"
+                if self.store.transition(job.id, {QUEUED}, FAILED, reason=reason, error=reason, now=now):
+                    expired += 1
+                    self._watchers.changed(job.id)
+        return expired
+
     async def _sweep_forever(self) -> None:
         while True:
             try:
                 expired = await asyncio.to_thread(self.store.expire)
                 if expired:
                     logger.info("deleted %d expired job(s)", expired)
+                stale = await asyncio.to_thread(self.expire_queued)
+                if stale:
+                    logger.info("failed %d job(s) queued longer than %gs", stale, self.queued_ttl_s)
             except Exception:
                 logger.exception("could not delete expired jobs")
             await asyncio.sleep(self.sweep_interval_s)

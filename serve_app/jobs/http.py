@@ -13,7 +13,10 @@ import asyncio
 import hashlib
 import time
 import json
+import math
 import re
+import time
+from dataclasses import dataclass
 
 from fastapi import Request, Response
 from fastapi.encoders import jsonable_encoder
@@ -21,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from serve_app.api.errors import explain_errors
+from serve_app.jobs.dispatch import JobRejected
 from serve_app.jobs.model import CANCELLED, RUNNING, SUCCEEDED, Job, dumps
 from serve_app.jobs.results import with_urls
 from serve_app.jobs.schemas import (
@@ -41,16 +45,53 @@ from serve_app.security.guard import principal, request_auth
 from serve_app.security.limiter import LimitExceeded
 
 KEEPALIVE_S = 15.0  # an event stream with nothing new sends a comment this often
+STREAM_RETRY_AFTER_S = 5
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Caps on the job event streams one ingress replica keeps open (see JobsConfig)."""
+
+    total: int = 256
+    per_client: int = 16
+    max_lifetime_s: float = 3600.0
+
+
+class _OpenStreams:
+    """Open event streams, in all and per client address; a slot is held until the stream ends."""
+
+    def __init__(self, limits: StreamLimits):
+        self.limits = limits
+        self.total = 0
+        self.by_client: dict[str, int] = {}
+
+    def acquire(self, client: str) -> None:
+        if self.total >= self.limits.total:
+            raise JobError(503, f"too many open event streams ({self.total}); retry later, or poll the job",
+                           {"Retry-After": str(STREAM_RETRY_AFTER_S)})
+        if self.by_client.get(client, 0) >= self.limits.per_client:
+            raise JobError(429, f"this client has {self.limits.per_client} event streams open, the most it may; "
+                                "close one, or poll the job", {"Retry-After": str(STREAM_RETRY_AFTER_S)})
+        self.total += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        self.by_client[client] -= 1
+        if not self.by_client[client]:
+            del self.by_client[client]
+_CURSOR = re.compile(r"^[0-9]{1,18}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class JobError(Exception):
     """An HTTP error of the jobs API (404, 409, 422, 501), answered as {"detail": ...}."""
 
-    def __init__(self, status: int, detail):
+    def __init__(self, status: int, detail, headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers
 
 
 def _not_found(job_id: str) -> JobError:
@@ -64,8 +105,10 @@ def request_hash(submission: JobSubmission) -> str:
 
 
 class JobsApi:
-    def __init__(self, runner, images: ImageService, videos: VideoService | None, retry_limit: int):
+    def __init__(self, runner, images: ImageService, videos: VideoService | None, retry_limit: int,
+                 streams: StreamLimits = StreamLimits()):
         self.runner = runner
+        self.streams = _OpenStreams(streams)
         self.images = images
         self.videos = videos
         self.retry_limit = retry_limit
@@ -93,8 +136,14 @@ class JobsApi:
         images = stored.get("num_images", 1) if submission.kind == "image" else self._frames(stored)
         if auth is not None:
             await auth.charge_images(who, images)  # 429 naming the daily budget when it is spent
-        job, created, position = await self.runner.submit.remote(submission.kind, stored, idempotency_key, digest,
-                                                                 who.key_id, who.limits.active_jobs)
+        try:
+            job, created, position = await self.runner.submit.remote(submission.kind, stored, idempotency_key, digest,
+                                                                     who.key_id, who.limits.active_jobs)
+        except JobRejected as rejected:  # a RayTaskError that is also a JobRejected, from the runner
+            if auth is not None:
+                await auth.refund_images(who, images)
+            headers = None if rejected.retry_after_s is None else {"Retry-After": str(math.ceil(rejected.retry_after_s))}
+            raise JobError(rejected.status, rejected.detail, headers) from None
         if auth is not None and not created:
             await auth.refund_images(who, images)  # a replay, or refused: no new work
         if job is None:
@@ -151,7 +200,9 @@ class JobsApi:
         return self.render(*await self.find(job_id, request), request)
 
     async def list(self, request: Request, state: str | None, limit: int, cursor: str | None) -> JobList:
-        if cursor is not None and not cursor.isdigit():
+        # ASCII digits only, and no more than a seq can be: "²".isdigit() is True, and 20 digits
+        # overflow SQLite's integers.
+        if cursor is not None and not _CURSOR.match(cursor):
             raise JobError(422, [{"loc": ["query", "cursor"], "msg": "cursor: pass a next_cursor value back as given",
                                   "type": "value_error"}])
         who = principal(request)
@@ -244,18 +295,39 @@ class JobsApi:
 
     # Events
 
-    async def events(self, job_id: str, request: Request) -> StreamingResponse:
-        found = await self.find(job_id, request)
-        return StreamingResponse(self._event_stream(found[0], request), media_type="text/event-stream",
+    async def events(self, job_id: str, request: Request, last_event_id: str | None = None) -> StreamingResponse:
+        job = (await self.find(job_id, request))[0]
+        client = request.client.host if request.client is not None else "unknown"
+        self.streams.acquire(client)  # released when the stream ends, however it ends
+        resume = int(last_event_id) if last_event_id is not None and last_event_id.isascii() and \
+            last_event_id.isdigit() and len(last_event_id) <= 18 else None
+        return StreamingResponse(self._held(self._event_stream(job, request, resume), client),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _event_stream(self, job: Job, request: Request):
+    async def _held(self, stream, client: str):
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            self.streams.release(client)
+
+    async def _event_stream(self, job: Job, request: Request, resume: int | None = None):
         """`state` for every history entry (replayed from the start), `progress` when it changes,
         a comment every KEEPALIVE_S while nothing happens; the last event is the final state,
         carrying the whole job status and, if it succeeded, the result (as GET .../result).
-        Leaving stops only the stream, never the job."""
+        Leaving stops only the stream, never the job.
+
+        `resume` (the client's Last-Event-ID, a job version): no replay; the current state if it
+        changed since, then changes as they happen, and always the final state. A stream open for
+        the configured lifetime ends (`retry:` tells the client how soon to reconnect)."""
         sent_states = 0
+        if resume is not None:
+            sent_states = len(job.history) - 1 if job.version > resume else len(job.history)
+            if job.finished:
+                sent_states = len(job.history) - 1  # the final state, whatever the client saw
         last_progress = None
+        ends_at = time.monotonic() + self.streams.limits.max_lifetime_s
         while True:
             for index in range(sent_states, len(job.history)):
                 data = {"job_id": job.id, **job.history[index]}
@@ -272,7 +344,11 @@ class JobsApi:
                 yield _sse("progress", {"job_id": job.id, "attempt": job.attempts, **_public_progress(job.progress)},
                            job.version)
             version = job.version
-            job = await self.runner.watch.remote(job.id, version, KEEPALIVE_S)
+            if time.monotonic() >= ends_at:
+                yield f"retry: {STREAM_RETRY_AFTER_S * 1000}\n: the stream reached its maximum lifetime; reconnect with Last-Event-ID\n\n"
+                return
+            wait = min(KEEPALIVE_S, max(0.0, ends_at - time.monotonic()))
+            job = await self.runner.watch.remote(job.id, version, wait)
             if job is None:
                 yield _sse("error", {"detail": "the job expired"}, version)
                 return

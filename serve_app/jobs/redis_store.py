@@ -33,6 +33,7 @@ touch keys of one job and the shared indexes together).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import uuid
 
@@ -143,7 +144,7 @@ return best
 """
 
 _TRANSITION = _LIB + """
-local P, id, expect, to, attempt, now, expires, backstop, reason, has_error, err, cancel = unpack(ARGV)
+local P, id, expect, to, attempt, now, expires, backstop, reason, has_error, err, cancel, refund = unpack(ARGV)
 local job = P .. ':job:' .. id
 local state = redis.call('HGET', job, 'state')
 if not state then return false end
@@ -154,6 +155,7 @@ if attempt ~= '' and redis.call('HGET', job, 'attempts') ~= attempt then return 
 if has_error == '1' then redis.call('HSET', job, 'error', err) end
 if cancel ~= '' then redis.call('HSET', job, 'cancel_requested', cancel) end
 set_state(P, id, job, state, to, now, expires, backstop, reason)
+if refund == '1' and tonumber(redis.call('HGET', job, 'attempts')) > 0 then redis.call('HINCRBY', job, 'attempts', -1) end
 return true
 """
 
@@ -218,13 +220,60 @@ return 1
 """
 
 
+logger = logging.getLogger("ray.serve")
+
+
+class RedisNotDurable(RuntimeError):
+    """The Redis server would lose or evict jobs: the store refuses to start, saying what to change."""
+
+
+def _config_value(client, name: str) -> str:
+    """One CONFIG GET value as text (redis-py answers with str or bytes keys, by version and options)."""
+    found = {(key.decode() if isinstance(key, bytes) else key): value for key, value in client.config_get(name).items()}
+    value = found.get(name, "")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_durability(client, on_forbidden: str = "refuse") -> list[str]:
+    """Refuse a Redis that keeps jobs only in memory or may evict them: `appendonly yes` and
+    `maxmemory-policy noeviction` are required. Where CONFIG GET is forbidden (managed Redis),
+    refuse, or with `on_forbidden="warn"` log a warning and go on. Returns the warnings."""
+    import redis
+
+    try:
+        appendonly = _config_value(client, "appendonly")
+        policy = _config_value(client, "maxmemory-policy")
+    except redis.ResponseError as error:
+        message = (f"cannot read the Redis server's persistence settings (CONFIG GET: {str(error)[:120]}); "
+                   "jobs need appendonly yes and maxmemory-policy noeviction")
+        if on_forbidden != "warn":
+            raise RedisNotDurable(message + ". If your provider guarantees both, set jobs.redis_config_check: warn") \
+                from None
+        logger.warning("%s; going on because jobs.redis_config_check is warn", message)
+        return [message]
+    problems = []
+    if appendonly != "yes":
+        problems.append(f"appendonly is {appendonly or 'unset'}: a restart would lose every job (set appendonly yes)")
+    if policy != "noeviction":
+        problems.append(f"maxmemory-policy is {policy or 'unset'}: Redis could evict job records under memory "
+                        "pressure (set maxmemory-policy noeviction)")
+    if problems:
+        raise RedisNotDurable("the Redis job store refuses this server: " + "; ".join(problems))
+    return []
+
+
 class RedisJobStore(JobStore):
-    def __init__(self, url: str, ttl_s: float = 86400.0, prefix: str = "genserve:jobs"):
+    def __init__(self, url: str, ttl_s: float = 86400.0, prefix: str = "genserve:jobs",
+                 connect_timeout_s: float = 5.0, socket_timeout_s: float = 10.0, config_check: str = "refuse"):
         import redis
 
         super().__init__(ttl_s)
         self.prefix = prefix
-        self._redis = redis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+        # Timeouts: an unreachable or stalled Redis fails a store call (the dispatcher logs it and
+        # tries again; a submit answers 5xx) instead of hanging a worker thread forever.
+        self._redis = redis.Redis.from_url(url, decode_responses=False, health_check_interval=30,
+                                           socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s)
+        check_durability(self._redis, config_check)
         self._create = self._redis.register_script(_CREATE)
         self._claim = self._redis.register_script(_CLAIM)
         self._transition = self._redis.register_script(_TRANSITION)
@@ -315,7 +364,7 @@ class RedisJobStore(JobStore):
         return None if job_id is None else self.get(job_id.decode(), with_request=True)
 
     def transition(self, job_id, expect, to, *, attempt=None, reason=None, error=None, cancel_requested=None,
-                   now=None):
+                   refund_attempt=False, now=None):
         if to not in STATES:
             raise ValueError(f"unknown state {to!r}")
         now = _now(now)
@@ -323,7 +372,7 @@ class RedisJobStore(JobStore):
         cancel = "" if cancel_requested is None else str(int(cancel_requested))
         moved = self._transition(args=[
             self.prefix, job_id, ",".join(expect), to, "" if attempt is None else str(attempt), repr(now), expires,
-            backstop, reason or "", "0" if error is None else "1", error or "", cancel,
+            backstop, reason or "", "0" if error is None else "1", error or "", cancel, "1" if refund_attempt else "0",
         ])
         return self.get(job_id) if moved else None
 

@@ -60,7 +60,9 @@ class JobRunner:
 
         self._store = open_store(config)
         self._dispatcher = JobDispatcher(self._store, images, videos, slots, config.retry_limit,
-                                         config.sweep_interval_s, progress_target)
+                                         config.sweep_interval_s, progress_target,
+                                         max_queued_jobs=config.max_queued_jobs,
+                                         max_request_bytes=config.max_request_bytes, queued_ttl_s=config.queued_ttl_s)
         self._dispatcher.recover()
         self._dispatcher.start()  # Serve runs the constructor on the replica's event loop
         self._jobs_gauge = None

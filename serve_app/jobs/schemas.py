@@ -15,7 +15,7 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 class JobSubmission(BaseModel):
     """`POST /v1/jobs`: what to run. `request` is validated as `kind`'s sync body would be."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     kind: Literal["image", "video"] = Field(description="'image' (as POST /v1/images) or 'video' (as POST /v1/videos).")
     request: dict[str, Any] = Field(description="The same body as POST /v1/images or POST /v1/videos.")

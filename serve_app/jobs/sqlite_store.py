@@ -212,13 +212,15 @@ class SqliteJobStore(JobStore):
             return _job(db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone())
 
     def transition(self, job_id, expect, to, *, attempt=None, reason=None, error=None, cancel_requested=None,
-                   now=None):
+                   refund_attempt=False, now=None):
         now = _now(now)
         with self._write() as db:
             row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["state"] not in set(expect) or (attempt is not None and row["attempts"] != attempt):
                 return None
             self._apply(db, row, to, now, reason=reason, error=error, cancel_requested=cancel_requested)
+            if refund_attempt:
+                db.execute("UPDATE jobs SET attempts = attempts - 1 WHERE seq = ? AND attempts > 0", (row["seq"],))
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def _apply(self, db, row, to, now, *, reason=None, error=None, cancel_requested=None, result=None,

@@ -66,10 +66,11 @@ class JobStore(ABC):
     @abstractmethod
     def transition(self, job_id: str, expect: Iterable[str], to: str, *, attempt: int | None = None,
                    reason: str | None = None, error: str | None = None, cancel_requested: bool | None = None,
-                   now: float | None = None) -> Job | None:
+                   refund_attempt: bool = False, now: float | None = None) -> Job | None:
         """Compare-and-set: when the job is in one of `expect` (and at `attempt`, if given), move
         it to `to` and return it; else change nothing and return None. A change of state is
-        recorded in the history with `reason`; a terminal state sets `finished_at`/`expires_at`."""
+        recorded in the history with `reason`; a terminal state sets `finished_at`/`expires_at`.
+        `refund_attempt`: count the attempt as never made (a run the models had no room to start)."""
 
     @abstractmethod
     def record_progress(self, job_id: str, attempt: int, progress: dict) -> bool:
@@ -128,6 +129,15 @@ class JobStore(ABC):
         error = f"{reason}; gave up after {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
         return self.transition(job.id, {RUNNING}, FAILED, attempt=job.attempts, reason=reason, error=error, now=now)
 
+    def requeue_unspent(self, job: Job, reason: str, now: float | None = None) -> Job | None:
+        """End a running attempt that never got capacity (back-pressure, no replica): back to the
+        queue, in its place, without spending the attempt; cancelled if a cancel was asked for."""
+        if job.cancel_requested:
+            return self.transition(job.id, {RUNNING}, CANCELLED, attempt=job.attempts,
+                                   reason=f"cancelled; {reason}", now=now)
+        return self.transition(job.id, {RUNNING}, QUEUED, attempt=job.attempts, refund_attempt=True,
+                               reason=f"{reason}; back in the queue (the attempt is not counted)", now=now)
+
     def requeue_running(self, retry_limit: int, reason: str, now: float | None = None) -> list[Job]:
         """At start-up: every job left running by a runner that is gone is retried or failed."""
         changed = []
@@ -147,7 +157,9 @@ def open_store(config) -> JobStore:
     if config.store == "redis":
         from serve_app.jobs.redis_store import RedisJobStore
 
-        return RedisJobStore(config.redis_url, ttl_s=config.ttl_s, prefix=config.redis_prefix)
+        return RedisJobStore(config.redis_url, ttl_s=config.ttl_s, prefix=config.redis_prefix,
+                             connect_timeout_s=config.redis_timeout_s / 2, socket_timeout_s=config.redis_timeout_s,
+                             config_check=config.redis_config_check)
     from serve_app.jobs.sqlite_store import SqliteJobStore
 
     return SqliteJobStore(config.data_dir, ttl_s=config.ttl_s)

@@ -17,6 +17,8 @@ passing images in the order they were made, then fills up with the best failing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -40,9 +42,55 @@ from serve_app.api.schemas import MAX_SEED
 
 
 class StageTimeout(TimeoutError):
-    def __init__(self, stage: str, seconds: float):
-        super().__init__(f"the {stage} stage took longer than {seconds:g}s")
+    def __init__(self, stage: str, seconds: float, overall: bool = False):
+        super().__init__(f"the request ran past its deadline of {seconds:g}s (request_timeout_s) in the {stage} stage"
+                         if overall else f"the {stage} stage took longer than {seconds:g}s")
         self.stage = stage
+
+
+class Overloaded(RuntimeError):
+    """A downstream deployment turned the call away: its queue was full (Serve's
+    max_queued_requests) or it had no replica. Raised by `call_stage` in place of Serve's own
+    errors, so the ingress answers its JSON 503 (Serve's replica wrapper would otherwise answer
+    its BackPressureError itself, in plain text) and the job dispatcher requeues the job."""
+
+    def __init__(self, stage: str, status: int = 503, retry_after_s: float | None = None, unavailable: bool = False):
+        super().__init__(f"the {stage} stage's deployment is {'unavailable' if unavailable else 'at capacity'}")
+        self.stage, self.status, self.retry_after_s, self.unavailable = stage, status, retry_after_s, unavailable
+
+    def __reduce__(self):
+        return (type(self), (self.stage, self.status, self.retry_after_s, self.unavailable))
+
+
+def turned_away(error: BaseException, stage: str) -> Overloaded | None:
+    """The Overloaded for a Serve rejection (direct, or inside a chained call's RayTaskError)."""
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    if isinstance(error, BackPressureError):
+        return Overloaded(stage, error.status_code, error.retry_after_s)
+    if isinstance(error, DeploymentUnavailableError):
+        return Overloaded(stage, unavailable=True)
+    return None
+
+
+# One deadline for a whole sync request, across its stages and rounds: (monotonic end, seconds).
+# Set by `deadline()` around a request (the ingress's middleware and handle methods); a context
+# variable, so concurrent requests on one event loop each see their own.
+_deadline: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("genserve_deadline",
+                                                                                        default=None)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Every `call_stage` inside waits at most until `seconds` from now, in all."""
+    token = _deadline.set((time.monotonic() + seconds, seconds))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
 
 
 @dataclass(frozen=True)
@@ -108,19 +156,29 @@ class GraphResult:
 
 
 async def call_stage(awaitable, stage: str, timeout_s: float) -> Any:
-    """Await a downstream response; past `timeout_s` cancel it and raise StageTimeout naming the stage.
+    """Await a downstream response; past `timeout_s`, or past the request's `deadline()` if that
+    comes first, cancel it and raise StageTimeout naming the stage.
 
     When the caller itself is cancelled (a job cancelled by its user), the downstream request is
     cancelled too, so the replica running it stops instead of finishing work nobody wants.
     """
+    limit, overall = timeout_s, False
+    current = _deadline.get()
+    if current is not None and current[0] - time.monotonic() < timeout_s:
+        limit, overall = max(0.0, current[0] - time.monotonic()), True
     try:
-        return await asyncio.wait_for(_as_coroutine(awaitable), timeout_s)
+        return await asyncio.wait_for(_as_coroutine(awaitable), limit)
     except asyncio.TimeoutError:
         _cancel(awaitable)
-        raise StageTimeout(stage, timeout_s) from None
+        raise StageTimeout(stage, current[1] if overall else timeout_s, overall) from None
     except asyncio.CancelledError:
         _cancel(awaitable)
         raise
+    except Exception as error:
+        overloaded = turned_away(error, stage)
+        if overloaded is None:
+            raise
+        raise overloaded from None
 
 
 def _cancel(awaitable) -> None:

@@ -138,6 +138,8 @@ class ImageService:
             )
         width = request.width or spec.default_width
         height = request.height or spec.default_height
+        spec.check_budget(width, height, request.num_inference_steps or spec.default_steps, request.num_images,
+                          request.max_attempts or self.policy.max_attempts)
         control = None if request.control is None else self.control_input(request.control, width, height)
         edit, input_hashes = (None, {}) if request.init_image is None else self.edit_input(request, width, height)
         plan = ImagePlan(

@@ -83,6 +83,8 @@ class ModelSpec:
     control_edits: bool = False
     # How the enhancer's LLM writes prompts for this family (None: the neutral form).
     prompt_form: PromptForm | None = field(default=None, compare=False)
+    # The config entry's compute budget per request, in pixel-steps (None: none).
+    max_pixel_steps: int | None = None
 
     @classmethod
     def of(cls, entry: ImageModelConfig) -> "ModelSpec":
@@ -108,6 +110,7 @@ class ModelSpec:
             supports_inpainting=family.inpaint_pipeline_class is not None,
             control_edits=family.control_edits,
             prompt_form=family.prompt_form,
+            max_pixel_steps=getattr(entry, "max_pixel_steps", None),  # serve_app's ImageModelEntry has it
         )
 
     def check(self, request: ImageRequest) -> None:
@@ -186,6 +189,20 @@ class ModelSpec:
                 f"at least {1 / steps:.3g} with {steps} steps, or more hires.steps",
             )
         return HiresPass(width=width, height=height, steps=steps, strength=hires.strength)
+
+    def check_budget(self, width: int, height: int, steps: int, images: int, rounds: int) -> None:
+        """422 when the request's work, width x height x steps x images x rounds, is over the budget."""
+        if self.max_pixel_steps is None:
+            return
+        cost = width * height * steps * images * rounds
+        if cost > self.max_pixel_steps:
+            raise RequestError(
+                "num_images",
+                f"width x height x num_inference_steps x num_images x max_attempts = {width}x{height}x{steps}x"
+                f"{images}x{rounds} = {cost} pixel-steps, over {self.id}'s budget of {self.max_pixel_steps} "
+                "(image_models[].max_pixel_steps): ask for fewer images, rounds, steps or pixels",
+                f"width x height x num_inference_steps x num_images x max_attempts <= {self.max_pixel_steps}",
+            )
 
     def check_control(self, control_type: str, none_field: str = "control", type_field: str = "control.type") -> None:
         """422 unless this model has a ControlNet of `control_type`: naming `none_field` when it has

@@ -28,7 +28,7 @@ EXTRA_MODELS = [
     # Slow steps and a queue of one (one running, one waiting): the fallback tests fill it on purpose.
     {"id": "slow", "family": "tests.slow_family:FAMILY", "source": "tiny", "options": {"step_delay_s": 0.5},
      "device": TINY_CPU, "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 1, "max_queued_requests": 1,
-                                             "backpressure": {"retry_after_s": 2}}},
+                                             "retry_after_s": 2}},
 ]
 
 

@@ -146,8 +146,8 @@ def test_with_the_local_queue_full_the_remote_serves_opted_in_requests_and_other
         served = wait_until(lambda: (answer := post({**probe, "fallback": True})).json().get("backend") == "remote"
                             and answer, timeout_s=60, what="the remote fallback to serve")
         assert [future.result().json()["backend"] for future in busy] == ["local"] * 3
-    # Serve's own answer to a BackPressureError, with the entry's backpressure.retry_after_s.
-    assert refused.headers["Retry-After"] == "2" and "max_queued_requests=1" in refused.text
+    # The ingress's JSON answer to the full queue, with the entry's retry_after_s.
+    assert refused.headers["Retry-After"] == "2" and refused.json()["reason"] == "overloaded"
     body = served.json()
     assert body["model"] == "remote-standin" and body["enhanced_prompt"] == "a quick heron, as drawn remotely"
     assert _png(base64.b64decode(body["images"][0]["b64_png"])).size == (256, 256)

@@ -8,6 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError
 
+from serve_app.services.graph import Overloaded
+
 from serve_app.api.app import Services, build_api
 from serve_app.api.schemas import ImageRequest
 from serve_app.config import AppArgs, FallbackConfig, QualityPolicy
@@ -77,7 +79,7 @@ def test_a_request_that_allows_fallback_is_served_remotely_when_the_model_reject
 def test_without_the_request_opting_in_back_pressure_stays_a_503(remote):
     service, _ = services(remote.base_url)
     before = len(remote.requests)
-    with pytest.raises(BackPressureError):
+    with pytest.raises(Overloaded):  # call_stage turns the BackPressureError into the ingress's 503
         asyncio.run(service.generate_images(ImageRequest(prompt="a fox")))
     assert len(remote.requests) == before  # the prompt never left
 

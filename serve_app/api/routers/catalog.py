@@ -8,6 +8,7 @@ from fastapi.responses import Response
 
 from serve_app.api.app import Services, services
 from serve_app.api.openai_protocol import openai_model
+from serve_app.api.responses import BODY, OVERLOAD, errors
 from serve_app.api.schemas import ControlPreviewRequest, ControlPreviewResponse
 
 router = APIRouter(tags=["catalog"])
@@ -17,7 +18,7 @@ async def _info(handle) -> dict:
     return await handle.info.remote()
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=errors(*OVERLOAD, 504))
 async def get_models(service: Services = Depends(services)) -> dict:
     """Each model's limits and defaults, with where its replica loaded it from and on what; `data`
     lists the image models in OpenAI's shape (`client.models.list()`)."""
@@ -37,7 +38,7 @@ async def get_models(service: Services = Depends(services)) -> dict:
             "quality_policy": images.policy.model_dump()}
 
 
-@router.get("/v1/loras")
+@router.get("/v1/loras", responses=errors())
 async def get_loras(service: Services = Depends(services)) -> dict:
     """LoRA adapters a request may name in `loras`, each with its model family and the deployed
     models that take it; `families` groups the names by family."""
@@ -45,7 +46,7 @@ async def get_loras(service: Services = Depends(services)) -> dict:
     return await asyncio.to_thread(service.images.loras_available)
 
 
-@router.get("/v1/controls")
+@router.get("/v1/controls", responses=errors())
 async def get_controls(service: Services = Depends(services)) -> dict:
     """ControlNet control types (as the A1111 extension's module list): each one's parameters
     with defaults and ranges, and the deployed models that take it."""
@@ -53,7 +54,7 @@ async def get_controls(service: Services = Depends(services)) -> dict:
 
 
 @router.post("/v1/controls/preview", response_model=ControlPreviewResponse,
-             responses={200: {"content": {"image/png": {}}}})
+             responses={200: {"content": {"image/png": {}}}, **errors(*BODY, *OVERLOAD, 504)})
 async def post_control_preview(request: ControlPreviewRequest, service: Services = Depends(services)):
     """The control map alone (the A1111 extension's /controlnet/detect): what the model would follow."""
     response, png = await service.images.preview_control(request)

@@ -8,7 +8,10 @@ these, use OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
 
 from __future__ import annotations
 
+import math
+
 from fastapi import APIRouter, Depends, Request
+from starlette.exceptions import HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -17,6 +20,7 @@ from ray.exceptions import RayActorError
 from serve_app.api.app import Services, VideoNotDeployed, field_of, services
 from serve_app.api.errors import explain_errors
 from serve_app.api.openai_protocol import (
+    openai_errors,
     OpenAIError,
     OpenAIImageRequest,
     from_detail,
@@ -29,7 +33,7 @@ from serve_app.api.schemas import ImageRequest
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.model import SUCCEEDED
 from serve_app.jobs.schemas import JobSubmission
-from serve_app.services.graph import StageTimeout
+from serve_app.services.graph import Overloaded, StageTimeout
 from serve_app.services.validation import RequestError
 
 
@@ -53,6 +57,17 @@ class OpenAIRoute(APIRoute):
                                     headers=translated.headers)
 
         return route
+
+
+async def http_exception(request: Request, error: HTTPException):
+    """The app's HTTPException handler: OpenAI's envelope on this router's paths (FastAPI raises
+    "There was an error parsing the body" before the route's own handler runs), FastAPI's answer elsewhere."""
+    from fastapi.exception_handlers import http_exception_handler
+
+    if request.url.path in {route.path for route in router.routes} and 400 <= error.status_code < 500:
+        translated = OpenAIError(error.status_code, str(error.detail), "body", None)
+        return JSONResponse(status_code=translated.status, content=translated.body(), headers=error.headers)
+    return await http_exception_handler(request, error)
 
 
 def _metric_field(param: str | None) -> str:
@@ -81,6 +96,10 @@ def _openai_error(error: Exception) -> OpenAIError | None:
             return from_detail(error.detail, error.status)
         return OpenAIError(error.status, str(error.detail), None, None,
                            "invalid_request_error" if error.status < 500 else "server_error")
+    if isinstance(error, Overloaded):
+        retry = error.retry_after_s if error.retry_after_s is not None else 5
+        return OpenAIError(error.status, str(error), None, "overloaded", "server_error",
+                           headers={"Retry-After": str(max(1, math.ceil(retry)))})
     if isinstance(error, StageTimeout):
         return OpenAIError(504, str(error), None, "timeout", "server_error")
     if isinstance(error, RayActorError):
@@ -96,7 +115,7 @@ def _openai_error(error: Exception) -> OpenAIError | None:
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", responses=openai_errors(400, 500, 503, 504))
 async def create_image(body: OpenAIImageRequest, request: Request, service: Services = Depends(services)) -> dict:
     """OpenAI's `images.generate`: genserve's generate-score-regenerate graph behind OpenAI's fields.
     `revised_prompt` is the enhanced prompt; `genserve` carries seeds, scores, attempts and timings."""
@@ -123,7 +142,7 @@ async def _url_response(image_request, request: Request, service: Services) -> d
     return images_response(result, urls=[base + image.url for image in result.images])
 
 
-@router.get("/v1/models/{model}")
+@router.get("/v1/models/{model}", responses=openai_errors(404))
 async def retrieve_model(model: str, service: Services = Depends(services)) -> dict:
     """OpenAI's `models.retrieve`: one image model in OpenAI's Model shape."""
     for spec in service.images.models():

@@ -3,12 +3,13 @@
 from fastapi import APIRouter, Depends
 
 from serve_app.api.app import Services, services
+from serve_app.api.responses import BODY, OVERLOAD, errors
 from serve_app.api.schemas import ScoreRequest, ScoreResponse
 
 router = APIRouter(tags=["scores"])
 
 
-@router.post("/v1/scores", response_model=ScoreResponse)
+@router.post("/v1/scores", response_model=ScoreResponse, responses=errors(*BODY, *OVERLOAD, 504))
 async def post_scores(request: ScoreRequest, service: Services = Depends(services)) -> ScoreResponse:
     """Score 1-16 uploaded images against a prompt in one batch: every score per image, which
     pass the quality gate, and the best one."""

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from serve_app.api.app import Services, services
+from serve_app.api.responses import BODY, OVERLOAD, errors
 from serve_app.api.schemas import VideoRequest, VideoResponse
 from serve_app.security.guard import charge_images
 
@@ -15,7 +16,7 @@ router = APIRouter(tags=["videos"])
 @router.post(
     "/v1/videos",
     response_model=VideoResponse,
-    responses={200: {"content": {"video/mp4": {}, "image/gif": {}, "image/webp": {}}}},
+    responses={200: {"content": {"video/mp4": {}, "image/gif": {}, "image/webp": {}}}, **errors(*BODY, 501, *OVERLOAD, 504)},
 )
 async def post_videos(request: VideoRequest, http: Request, service: Services = Depends(services)):
     if service.videos is not None:

@@ -1,0 +1,97 @@
+"""Job event streams cannot exhaust the ingress: caps in all and per client, a maximum lifetime,
+and Last-Event-ID resume that never misses the final state. The real app over a real dispatcher
+and store (both stores), without Ray."""
+
+import asyncio
+
+from fastapi.testclient import TestClient
+
+from serve_app.api.app import Services, build_api
+from serve_app.jobs import http as jobs_http
+from serve_app.services.health import Readiness
+from serve_app.services.local import LocalHandle
+from serve_app.services.scores import ScoreService
+from tests.helpers import LOOPBACK, wait_until
+from tests.unit.test_job_dispatch import ControlledGenerator, _dispatcher
+
+BODY = {"kind": "image", "request": {"prompt": "a boat", "seed": 1}}
+
+
+def _client(store, limits: jobs_http.StreamLimits, start: bool = False):
+    dispatcher = _dispatcher(store, ControlledGenerator())
+    images = dispatcher.images
+    app = build_api()
+    app.state.services = Services(
+        images=images, scores=ScoreService(images.scorer, images.policy, ("aesthetic",), 2**24),
+        jobs=jobs_http.JobsApi(LocalHandle(dispatcher), images, None, 2, limits), readiness=Readiness(lambda: {}))
+    return TestClient(app, client=LOOPBACK), dispatcher, app.state.services.jobs
+
+
+def _restarted(client: TestClient) -> TestClient:
+    """A new app over the same services: an app's lifespan (which runs the MCP session manager)
+    runs once, as a server's does."""
+    app = build_api()
+    app.state.services = client.app.state.services
+    return TestClient(app, client=LOOPBACK)
+
+
+def _events(text: str) -> list[tuple[str, str]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if "event" in fields:
+            events.append((fields["event"], fields["id"]))
+    return events
+
+
+def test_streams_past_the_caps_are_refused_with_retry_after(store):
+    client, _, api = _client(store, jobs_http.StreamLimits(total=2, per_client=1, max_lifetime_s=2))
+    with client:
+        job_id = client.post("/v1/jobs", json=BODY).json()["id"]
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as first:
+            assert first.status_code == 200
+            second = client.get(f"/v1/jobs/{job_id}/events")
+            assert second.status_code == 429 and second.headers["Retry-After"] == "5"
+            assert "event streams open" in second.json()["detail"]
+            assert "maximum lifetime" in first.read().decode()  # runs until its lifetime ends
+        # Once the first stream has ended on the server, its slot is free again.
+        wait_until(lambda: api.streams.total == 0, timeout_s=10, what="the closed stream's slot freed")
+        assert api.streams.by_client == {}
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as again:
+            assert again.status_code == 200
+
+
+def test_a_stream_ends_at_its_lifetime_telling_the_client_to_reconnect(store):
+    client, _, _ = _client(store, jobs_http.StreamLimits(max_lifetime_s=0.3))
+    with client:
+        job_id = client.post("/v1/jobs", json=BODY).json()["id"]
+        text = client.get(f"/v1/jobs/{job_id}/events").text  # returns: the stream ended by itself
+    assert "retry: 5000" in text and "maximum lifetime" in text
+    assert _events(text)[0][0] == "state"
+
+
+def test_a_resumed_stream_skips_the_replay_and_always_ends_with_the_final_state(store):
+    client, dispatcher, _ = _client(store, jobs_http.StreamLimits(max_lifetime_s=5))
+
+    async def run_one():
+        dispatcher.start()
+        from tests.helpers import wait_until_async
+
+        await wait_until_async(lambda: store.counts()["succeeded"] == 1, 10)
+        await dispatcher.stop()
+
+    with client:
+        job_id = client.post("/v1/jobs", json=BODY).json()["id"]
+    asyncio.run(run_one())
+    client = _restarted(client)
+    with client:
+        full = _events(client.get(f"/v1/jobs/{job_id}/events").text)
+        assert [event for event, _ in full] == ["state", "state", "state"]  # queued, running, succeeded
+        final_id = full[-1][1]
+        resumed = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": str(int(final_id) - 1)}).text
+        assert _events(resumed) == [("state", final_id)] and '"state":"succeeded"' in resumed
+        # Even a client that saw the final event gets it again (it may not have processed it).
+        again = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": final_id}).text
+        assert _events(again) == [("state", final_id)]
+        garbage = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "12x"})
+        assert garbage.status_code == 200 and len(_events(garbage.text)) == 3  # not a version: a full replay
