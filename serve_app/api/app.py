@@ -162,6 +162,7 @@ def build_api() -> FastAPI:
     """The app with every router; the Ingress serves it and puts its `Services` on `app.state`."""
     from serve_app.api.routers import ROUTERS
 
+    from serve_app.api.a2a_agent import a2a_routes
     from serve_app.api.mcp_tools import build_mcp, streamable_http_app
 
     mcp = build_mcp(lambda: api.state.services, _base_url)
@@ -188,6 +189,7 @@ def build_api() -> FastAPI:
     for router in ROUTERS:
         api.include_router(router)
     api.router.routes.extend(streamable_http_app(mcp).routes)  # POST/GET /mcp: MCP over streamable HTTP
+    api.router.routes.extend(a2a_routes(lambda: api.state.services))  # the Agent Card; POST /a2a: A2A JSON-RPC
     mount_console(api)
     return api
 
