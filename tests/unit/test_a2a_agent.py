@@ -242,3 +242,23 @@ def test_every_bad_field_reaches_the_client_as_a_field_violation(store):
     data = _run(store, scenario)
     assert [error["field"] for error in data["errors"]] == ["width", "num_images"]
     assert "256-2048" in data["errors"][0]["message"] and "1-4" in data["errors"][1]["message"]
+
+
+def test_a_task_survives_a_restart_because_its_job_does(backend):
+    """A new app, dispatcher and store connection (a restarted Ingress and JobRunner) answer
+    GetTask for a task the old ones ran: nothing of it lived in their memory."""
+    message = _message("a lighthouse", {"seed": 9})
+
+    async def before(agent):
+        return await _final_task(await agent.client(), message)
+
+    async def after(agent):
+        client = await agent.client()
+        return await client.get_task(pb.GetTaskRequest(id=task.id)), await _final_task(client, message)
+
+    task = _run(backend.open(), before)
+    got, resent = _run(backend.open(), after)
+    assert task.status.state == pb.TASK_STATE_COMPLETED
+    assert got.id == task.id and got.context_id == task.context_id and got.status.state == pb.TASK_STATE_COMPLETED
+    assert got.artifacts[0].parts[0].raw == task.artifacts[0].parts[0].raw
+    assert resent.id == task.id, "the same message after the restart is still the same task"
