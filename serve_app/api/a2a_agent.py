@@ -370,11 +370,11 @@ class JobTaskHandler(RequestHandler):
         if isinstance(started, pb.Message):
             yield started
             return
-        async for event in self._events(started, first=True):
+        async for event in self._events(started):
             yield event
 
-    async def _events(self, job: Job, first: bool) -> AsyncGenerator[Any]:
-        """The task, then a status update per job version; artifacts before the final status."""
+    async def _events(self, job: Job) -> AsyncGenerator[Any]:
+        """The task, a status update per job version, then the artifacts and the final status."""
         yield pb.Task(id=job.id, context_id=context_of(job), status=_status(job))
         async for newer in self._watch(job):
             job = newer
@@ -384,13 +384,12 @@ class JobTaskHandler(RequestHandler):
         for artifact in await artifacts(job, self._read_file):
             yield pb.TaskArtifactUpdateEvent(task_id=job.id, context_id=context_of(job), artifact=artifact,
                                              last_chunk=True)
-        if not first or job.finished:
-            yield pb.TaskStatusUpdateEvent(task_id=job.id, context_id=context_of(job), status=_status(job))
+        yield pb.TaskStatusUpdateEvent(task_id=job.id, context_id=context_of(job), status=_status(job))
 
     async def on_subscribe_to_task(self, params: pb.SubscribeToTaskRequest,
                                    context: ServerCallContext) -> AsyncGenerator[Any]:
         job = await self._find(params.id)
-        async for event in self._events(job, first=False):
+        async for event in self._events(job):
             yield event
 
     async def on_get_task(self, params: pb.GetTaskRequest, context: ServerCallContext) -> pb.Task | None:

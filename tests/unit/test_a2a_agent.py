@@ -262,3 +262,16 @@ def test_a_task_survives_a_restart_because_its_job_does(backend):
     assert got.id == task.id and got.context_id == task.context_id and got.status.state == pb.TASK_STATE_COMPLETED
     assert got.artifacts[0].parts[0].raw == task.artifacts[0].parts[0].raw
     assert resent.id == task.id, "the same message after the restart is still the same task"
+
+
+def test_subscribing_to_a_task_replays_it_from_the_job_store(store):
+    async def scenario(agent):
+        task = await _final_task(await agent.client(), _message("a heron", {"seed": 2}))
+        streaming = await agent.client(streaming=True)
+        events = [response async for response in streaming.subscribe(pb.SubscribeToTaskRequest(id=task.id))]
+        return task, [response.WhichOneof("payload") for response in events], events
+
+    task, kinds, events = _run(store, scenario)
+    assert kinds == ["task", "artifact_update", "status_update"], kinds
+    assert events[1].artifact_update.artifact.parts[0].raw == task.artifacts[0].parts[0].raw
+    assert events[2].status_update.status.state == pb.TASK_STATE_COMPLETED
