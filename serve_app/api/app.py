@@ -292,6 +292,7 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = ()) -> FastAPI:
     which the Guard reads) on `app.state`. Every route is behind the Guard (serve_app.security)."""
     from serve_app.api.routers import ROUTERS
 
+    from serve_app.api.a2a_agent import a2a_routes
     from serve_app.api.mcp_tools import build_mcp, streamable_http_app
 
     mcp = build_mcp(lambda: api.state.services, _base_url)
@@ -339,6 +340,7 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = ()) -> FastAPI:
 
     api.add_exception_handler(HTTPException, http_exception)
     api.router.routes.extend(streamable_http_app(mcp).routes)  # POST/GET /mcp: MCP over streamable HTTP
+    api.router.routes.extend(a2a_routes(lambda: api.state.services))  # the Agent Card; POST /a2a: A2A JSON-RPC
     mount_console(api)
     return api
 

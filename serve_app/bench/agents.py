@@ -8,7 +8,10 @@ in turn, so all of them run under the same machine load:
 - mcp generate_image: the `mcp` SDK's client calling the tool, which runs a durable job and waits
   for it (so this includes the job machinery: the durable write, the runner, reading the PNG back);
 - mcp get_job (finished): one tool call for a job that has already finished, i.e. the MCP round
-  trip alone, beside GET /v1/jobs/{id}/result (the same read over plain HTTP).
+  trip alone, beside GET /v1/jobs/{id}/result (the same read over plain HTTP);
+- a2a SendMessage: the `a2a-sdk` client sending the prompt with the request's fields in a data part
+  (blocking: a durable job, waited for, the PNG back as an artifact);
+- a2a GetTask (finished): the finished task read back (JSON-RPC, the PNG inline as the artifact).
 
 Overheads are medians over rounds of the per-round difference to the baseline (or to the plain
 HTTP read), which cancels most of the drift in the model's own time.
@@ -28,21 +31,34 @@ DIRECT, OPENAI, MCP_GENERATE, HTTP_RESULT, MCP_GET_JOB = (
     "direct: POST /v1/images", "openai: images.generate", "mcp: generate_image", "http: GET job result",
     "mcp: get_job (finished)",
 )
+A2A_SEND, A2A_GET_TASK = "a2a: SendMessage", "a2a: GetTask (finished)"
 # (interface, baseline): each interface's overhead is measured against its baseline in the same round.
-PAIRS = ((OPENAI, DIRECT), (MCP_GENERATE, DIRECT), (MCP_GET_JOB, HTTP_RESULT))
+PAIRS = ((OPENAI, DIRECT), (MCP_GENERATE, DIRECT), (MCP_GET_JOB, HTTP_RESULT), (A2A_SEND, DIRECT),
+         (A2A_GET_TASK, HTTP_RESULT))
 
 
 async def _rounds(base_url: str, body: dict, warmup: int, requests: int) -> dict[str, list[float]]:
+    import uuid
+
     import httpx
     import openai
+    from a2a.client import ClientConfig, ClientFactory
+    from a2a.types import a2a_pb2 as pb
+    from google.protobuf.json_format import ParseDict
+    from google.protobuf.struct_pb2 import Value
     from mcp import Client
 
-    seconds: dict[str, list[float]] = {name: [] for name in (DIRECT, OPENAI, MCP_GENERATE, HTTP_RESULT, MCP_GET_JOB)}
+    names = (DIRECT, OPENAI, MCP_GENERATE, HTTP_RESULT, MCP_GET_JOB, A2A_SEND, A2A_GET_TASK)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    fields = pb.Part()
+    fields.data.CopyFrom(ParseDict({key: value for key, value in body.items() if key != "prompt"}, Value()))
     # The same request in OpenAI's fields: size for width and height, genserve's own in extra_body.
     size = f"{body['width']}x{body['height']}"
     extra = {key: value for key, value in body.items() if key not in ("prompt", "width", "height")}
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as http, Client(f"{base_url}/mcp") as mcp:
         sdk = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        a2a = await ClientFactory(ClientConfig(httpx_client=httpx.AsyncClient(timeout=300), streaming=False)
+                                  ).create_from_url(base_url)
         for index in range(warmup + requests):
             timed = {}
             started = time.perf_counter()
@@ -69,6 +85,20 @@ async def _rounds(base_url: str, body: dict, warmup: int, requests: int) -> dict
             timed[MCP_GET_JOB] = time.perf_counter() - started
             if polled.is_error:
                 raise RuntimeError(f"get_job failed: {polled.content}")
+
+            message = pb.Message(message_id=uuid.uuid4().hex, role=pb.ROLE_USER,
+                                 parts=[pb.Part(text=body["prompt"]), fields])
+            started = time.perf_counter()
+            task = [r.task async for r in a2a.send_message(pb.SendMessageRequest(message=message))][0]
+            timed[A2A_SEND] = time.perf_counter() - started
+            if task.status.state != pb.TASK_STATE_COMPLETED or not task.artifacts:
+                raise RuntimeError(f"SendMessage did not complete: {task.status}")
+
+            started = time.perf_counter()
+            got = await a2a.get_task(pb.GetTaskRequest(id=task.id))
+            timed[A2A_GET_TASK] = time.perf_counter() - started
+            if not got.artifacts:
+                raise RuntimeError("GetTask returned no artifacts")
             if index >= warmup:
                 for name, value in timed.items():
                     seconds[name].append(value)

@@ -4,7 +4,7 @@
                                      deploy CONFIG (default configs/dev.yaml) and wait until it runs
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
-    genserve bench-agents [options]  OpenAI route and MCP tools vs the same POST /v1/images
+    genserve bench-agents [options]  OpenAI route, MCP tools, A2A vs the same POST /v1/images
     genserve bench-scores [options]  scoring cost of a batch of images against one image
     genserve keys create NAME [--scopes generate read admin] [--file KEYS.yaml] [limits]
                                      make an API key: prints it once, and the entry for the keys file
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="graph overhead over in-process calls")
     bench_jobs = commands.add_parser("bench-jobs", help="async job overhead over the same sync request")
-    bench_agents = commands.add_parser("bench-agents", help="OpenAI route and MCP tools over the same sync request")
+    bench_agents = commands.add_parser("bench-agents", help="OpenAI route, MCP tools and A2A over the same sync request")
     for parser_, func in ((bench, _bench), (bench_jobs, _bench_jobs), (bench_agents, _bench_agents)):
         parser_.add_argument("--config", default="configs/dev.yaml")
         parser_.add_argument("--requests", type=int, default=30)
