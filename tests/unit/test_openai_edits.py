@@ -133,6 +133,9 @@ def _edit(client, files=None, **data):
     (None, {"hires[scale]": "3"}, "hires.scale", "1-2"),
     (None, {"loras": "[oops"}, "loras", "not valid JSON"),
     (None, {"prompt": " "}, "prompt", "non-whitespace"),
+    ({"image": ("photo.png", PHOTO, "image/png"), "markup": ("m.png", PHOTO, "image/png")}, {}, "markup",
+     "Extra inputs are not permitted"),
+    (None, {"loras[name]": "x"}, "loras", "valid list"),
 ])
 def test_bad_edits_get_openai_errors_naming_the_field_and_reach_no_model(app, files, data, param, words):
     answer = _edit(TestClient(app), files, **data)

@@ -67,7 +67,7 @@ def _metric_field(param: str | None) -> str:
     return name if name in _KNOWN_FIELDS else "unknown_field"
 
 
-_KNOWN_FIELDS = frozenset({"body", *OpenAIImageRequest.model_fields, *ImageRequest.model_fields})
+_KNOWN_FIELDS = frozenset({"body", "image", *OpenAIImageRequest.model_fields, *ImageRequest.model_fields})
 
 
 def _openai_error(error: Exception, names: dict[str, str] = GENERATION_NAMES) -> OpenAIError | None:
