@@ -31,6 +31,11 @@ ASPECTS: tuple[str, ...] = get_args(Aspect)
 ControlType = Literal["canny", "depth"]
 CONTROL_TYPES: tuple[str, ...] = get_args(ControlType)
 
+# API key scopes (docs/security.md): generate (images, videos, jobs, scores, enhance), read (own
+# jobs, the catalogues), admin (every key's jobs and usage).
+Scope = Literal["generate", "read", "admin"]
+SCOPES: tuple[str, ...] = get_args(Scope)
+
 assert tuple(SCORE_RANGES) == GATE_METRICS
 
 # The OpenAI Images API's `quality` and `style` values, and what each means here (POST

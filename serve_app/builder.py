@@ -70,6 +70,16 @@ def lora_registry(args: AppArgs) -> LoraRegistry:
     return LoraRegistry.from_config(config, families=list(families))
 
 
+def resolved_auth_config(args: AppArgs):
+    """The auth config with keys_file made absolute here, where the app is built (replicas run in
+    other directories). The file is read by each Ingress replica, which fails to start, saying
+    why, if it is missing or broken (`genserve serve` checks it before deploying)."""
+    auth = args.auth
+    if auth.keys_file is None:
+        return auth
+    return auth.model_copy(update={"keys_file": str(Path(auth.keys_file).expanduser().resolve())})
+
+
 def build_app(args: AppArgs) -> Application:
     """Wire PromptEnhancer -> one ImageGenerator per `image_models:` entry -> ClipScorer (and
     SvdGenerator, if configured) behind the Ingress, and the JobRunner that runs async jobs through
@@ -115,4 +125,5 @@ def build_app(args: AppArgs) -> Application:
     runner = JobRunner.options(**args.options_for("JobRunner")).bind(resolved_jobs_config(args), job_slots(args), **graph)
     return Ingress.options(**args.options_for("Ingress")).bind(
         **graph, jobs=runner, retry_limit=args.jobs.retry_limit, max_body_bytes=args.max_body_bytes,
+        auth=resolved_auth_config(args), limits_storage=args.limits_storage(),
     )

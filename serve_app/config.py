@@ -292,6 +292,31 @@ class JobsConfig(_Strict):
         return self
 
 
+class AuthConfig(_Strict):
+    """Who may call the HTTP API (docs/security.md)."""
+
+    keys_file: str | None = Field(
+        None, min_length=1,
+        description="YAML file of API keys (SHA-256 hashes, scopes, limits); re-read when it changes. "
+                    "A relative path is resolved where the app is built. Unset: no keys.",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="With no keys_file, answer clients on any address. Off: only loopback clients "
+                    "(others get 403 saying how to add keys).",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins browsers may call the API from (CORS). Empty: CORS off.")
+    limits_storage: str | None = Field(
+        None, min_length=1,
+        description="Where per-key rate-limit counters live, as a `limits` storage URI (memory://, "
+                    "redis://...). Default: jobs.redis_url when jobs.store is redis, else memory://, "
+                    "which more than one Ingress replica accepts only when set explicitly.",
+    )
+    signed_url_ttl_s: float = Field(3600.0, gt=0, le=7 * 86400,
+                                    description="How long a signed job file URL stays valid.")
+
+
 class AppArgs(_Strict):
     """Everything `configs/*.yaml` choose: model sources, defaults, quality policy, scaling."""
 
@@ -327,6 +352,7 @@ class AppArgs(_Strict):
         description="Largest request body the ingress reads (bytes); larger ones get 413 before they are parsed.",
     )
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Durable async jobs.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, limits and CORS.")
     deployments: dict[DeploymentName, DeploymentOptions] = Field(
         default_factory=dict,
         description="Replicas and resources of the deployments other than the image generators (theirs are "
@@ -457,6 +483,24 @@ class AppArgs(_Strict):
             raise ValueError(
                 "deployments.JobRunner runs as exactly one replica: it owns the job queue's dispatch "
                 "(concurrency is jobs.max_concurrent_jobs, not replicas)"
+            )
+        return self
+
+    def limits_storage(self) -> str:
+        """The `limits` storage URI per-key counters use."""
+        if self.auth.limits_storage is not None:
+            return self.auth.limits_storage
+        return self.jobs.redis_url if self.jobs.store == "redis" else "memory://"
+
+    @model_validator(mode="after")
+    def _shared_limits(self) -> "AppArgs":
+        ingress = self.deployments.get("Ingress", DeploymentOptions())
+        if self.auth.keys_file and ingress.max_replicas > 1 and self.auth.limits_storage is None \
+                and self.limits_storage().startswith("memory"):
+            raise ValueError(
+                "auth: more than one Ingress replica needs shared rate-limit counters: set auth.limits_storage "
+                "to a redis:// URI (or use jobs.store: redis), or to memory:// to accept that each replica "
+                "counts on its own (limits up to replicas x as loose; the active_jobs quota stays exact)"
             )
         return self
 

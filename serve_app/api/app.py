@@ -35,6 +35,8 @@ from serve_app.services.images import ImageService
 from serve_app.services.scores import ScoreService
 from serve_app.services.validation import RequestError
 from serve_app.services.videos import VideoService
+from serve_app.security.guard import Guard, limit_response_headers
+from serve_app.security.limiter import LimitExceeded
 
 
 class VideoNotDeployed(LookupError):
@@ -158,8 +160,13 @@ async def _replica_lost(_: Request, error: RayActorError) -> JSONResponse:
     )
 
 
-def build_api() -> FastAPI:
-    """The app with every router; the Ingress serves it and puts its `Services` on `app.state`."""
+async def _limit_exceeded(_: Request, error: LimitExceeded) -> JSONResponse:
+    return JSONResponse(status_code=429, content=error.body(), headers=limit_response_headers(error))
+
+
+def build_api(cors_origins: tuple[str, ...] | list[str] = ()) -> FastAPI:
+    """The app with every router; the Ingress serves it and puts its `Services` (and its `Auth`,
+    which the Guard reads) on `app.state`. Every route is behind the Guard (serve_app.security)."""
     from serve_app.api.routers import ROUTERS
 
     from serve_app.api.mcp_tools import build_mcp, streamable_http_app
@@ -179,12 +186,20 @@ def build_api() -> FastAPI:
         lifespan=lifespan,
     )
     api.add_middleware(BodyLimit)
+    api.add_middleware(Guard)  # outside BodyLimit: a request without a key is refused before its body is read
+    if cors_origins:  # outermost: preflights need no key, and refusals carry the CORS headers
+        from fastapi.middleware.cors import CORSMiddleware
+
+        api.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+                           expose_headers=["Location", "Retry-After"])
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(jobs_http.JobError, _job_error)
     api.add_exception_handler(RequestError, _request_error)
     api.add_exception_handler(VideoNotDeployed, _video_not_deployed)
     api.add_exception_handler(StageTimeout, _stage_timeout)
     api.add_exception_handler(RayActorError, _replica_lost)
+    api.add_exception_handler(LimitExceeded, _limit_exceeded)
     for router in ROUTERS:
         api.include_router(router)
     api.router.routes.extend(streamable_http_app(mcp).routes)  # POST/GET /mcp: MCP over streamable HTTP

@@ -38,7 +38,8 @@ from serve_app.api.schemas import (
     VideoRequest,
     VideoResponse,
 )
-from serve_app.config import QualityPolicy
+from serve_app.config import AuthConfig, QualityPolicy
+from serve_app.security.guard import Auth
 from serve_app.jobs import http as jobs_http
 from serve_app.services.images import ImageService
 from serve_app.services.scores import ScoreService
@@ -57,7 +58,8 @@ class Ingress:
                  max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
                  max_body_bytes: int = DEFAULT_MAX_BYTES, gate_metrics: tuple[str, ...] = GATE_METRICS,
                  blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None,
-                 default_model: str | None = None):
+                 default_model: str | None = None, auth: AuthConfig | None = None,
+                 limits_storage: str = "memory://"):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
                               max_input_pixels=max_input_pixels, gate_metrics=gate_metrics,
                               blocklist=blocklist, loras=loras, default_model=default_model)
@@ -71,10 +73,15 @@ class Ingress:
             metrics=GraphMetrics() if metrics else None,
         )
         BodyLimit.configure(max_body_bytes)
+        self._auth_config = auth or AuthConfig()
+        # A concurrency slot outlives no request: the longest is bounded by the request timeout.
+        self._auth = Auth.from_config(self._auth_config, limits_storage, metrics=metrics,
+                                      hold_s=2 * request_timeout_s + 60)
 
     def __serve_build_asgi_app__(self):
-        app = build_api()
+        app = build_api(cors_origins=tuple(self._auth_config.cors_origins))
         app.state.services = self._services
+        app.state.auth = self._auth
         return app
 
     async def generate_images(self, request: ImageRequest | dict) -> ImageResponse:

@@ -60,6 +60,11 @@ def _text(data) -> TextContent:
     return TextContent(type="text", text=json.dumps(data, separators=(",", ":")))
 
 
+def _http_request(ctx: Context):
+    """The HTTP request a tool call came in on: its caller (API key) owns the jobs it makes and sees."""
+    return ctx.request_context.request
+
+
 def _structured(data: dict) -> CallToolResult:
     """JSON as text (for clients that read only content) and as structured content."""
     return CallToolResult(content=[_text(data)], structured_content=data)
@@ -76,7 +81,7 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
     async def run_job(kind: str, request, wait_s: float, ctx: Context) -> tuple[Job, bool]:
         jobs = services().jobs_api()
         submission = JobSubmission(kind=kind, request=request.model_dump(mode="json", exclude_unset=True))
-        job, _, _ = await jobs.create(submission)
+        job, _, _ = await jobs.create(submission, _http_request(ctx))
 
         async def progress(current: Job) -> None:
             if current.progress:
@@ -97,10 +102,11 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
 
     async def finished_result(job: Job, ctx: Context) -> CallToolResult:
         jobs = services().jobs_api()
-        status = jobs.render(job, None, None).model_dump(mode="json")
+        request = _http_request(ctx)
+        status = jobs.render(job, None, request).model_dump(mode="json")
         if job.state != SUCCEEDED:
             return CallToolResult(content=[_text(status)], structured_content=status, is_error=job.state == "failed")
-        result = jobs.result_of(job, None).model_dump(mode="json")
+        result = jobs.result_of(job, request).model_dump(mode="json")
         base = base_url(ctx)
         content = [_text({"job_id": job.id, "state": job.state, "result": result})]
         if job.kind == "image":
@@ -175,22 +181,22 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
         """A job's state and progress; its result (images, or a link to the video) once it has succeeded."""
         try:
             jobs = services().jobs_api()
-            job, position = await jobs.find(job_id)
+            job, position = await jobs.find(job_id, _http_request(ctx))
             if not job.finished and wait_s > 0:
                 job = await jobs.wait(job_id, wait_s) or job
             if job.finished:
                 return await finished_result(job, ctx)
-            return _structured(jobs.render(job, position, None).model_dump(mode="json"))
+            return _structured(jobs.render(job, position, _http_request(ctx)).model_dump(mode="json"))
         except jobs_http.JobError as error:
             raise _tool_error(error) from None
 
     @server.tool()
-    async def cancel_job(job_id: JobId) -> CallToolResult:
+    async def cancel_job(job_id: JobId, ctx: Context) -> CallToolResult:
         """Cancel a queued or running job (a running one stops within a denoising step or two)."""
         try:
             jobs = services().jobs_api()
-            job, position = await jobs.cancel_job(job_id)
-            return _structured(jobs.render(job, position, None).model_dump(mode="json"))
+            job, position = await jobs.cancel_job(job_id, _http_request(ctx))
+            return _structured(jobs.render(job, position, _http_request(ctx)).model_dump(mode="json"))
         except jobs_http.JobError as error:
             raise _tool_error(error) from None
 

@@ -6,6 +6,8 @@
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
     genserve bench-agents [options]  OpenAI route and MCP tools vs the same POST /v1/images
     genserve bench-scores [options]  scoring cost of a batch of images against one image
+    genserve keys create NAME [--scopes generate read admin] [--file KEYS.yaml] [limits]
+                                     make an API key: prints it once, and the entry for the keys file
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd | llm | laion | sdxl |
                                      sdxl-controlnet | depth) as a local folder
 """
@@ -43,6 +45,10 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as error:
         print(f"genserve: {args.config} is not a valid config: {error}", file=sys.stderr)
         return 2
+    refusal = unprotected_bind(raw)
+    if refusal:
+        print(f"genserve: {args.config}: {refusal}", file=sys.stderr)
+        return 2
     names = [application.name for application in config.applications]
 
     # Like `serve run`: join the cluster at --address (or $RAY_ADDRESS), else start a local one.
@@ -77,7 +83,67 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def unprotected_bind(raw: dict) -> str | None:
+    """Why a config must not start: it binds a non-loopback address and an application has no keys
+    (and does not say allow_unauthenticated). None when it may start."""
+    import ipaddress
+
+    host = str(((raw.get("http_options") or {}).get("host")) or "127.0.0.1")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    for application in raw.get("applications", []):
+        if application.get("import_path") != "serve_app.builder:build_app":
+            continue
+        auth = (application.get("args") or {}).get("auth") or {}
+        if auth.get("keys_file"):
+            from serve_app.security.keys import KeyRing
+
+            try:
+                KeyRing(auth["keys_file"])
+            except (OSError, ValueError) as error:
+                return str(error)
+        elif not auth.get("allow_unauthenticated"):
+            return (f"http_options.host {host} accepts connections from other machines, but application "
+                    f"{application.get('name')!r} has no API keys. Create one with `genserve keys create NAME "
+                    "--file keys.yaml` and set auth.keys_file (docs/security.md), bind 127.0.0.1, or set "
+                    "auth.allow_unauthenticated: true on a network you trust.")
+    return None
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from serve_app.security.keys import add_to_keys_file, key_entry_yaml, new_key
+
+    import yaml
+
+    key_id, key = new_key()
+    limits = {name: value for name, value in (("requests_per_minute", args.requests_per_minute),
+                                              ("concurrent_requests", args.concurrent_requests),
+                                              ("active_jobs", args.active_jobs),
+                                              ("daily_images", args.daily_images)) if value is not None}
+    entry = key_entry_yaml(key_id, args.name, key, args.scopes, limits, args.expires_at)
+    print(f"API key for {args.name} (id {key_id}); shown once, store it now:\n\n    {key}\n")
+    if args.file:
+        add_to_keys_file(args.file, entry)
+        print(f"added to {args.file}; the app re-reads it within a second or two")
+    else:
+        print("add this entry under `keys:` in the keys file:\n")
+        print(yaml.safe_dump([entry], sort_keys=False))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.auth_overhead:
+        from serve_app.bench.auth import format_auth_table, run_auth_benchmark
+
+        samples = run_auth_benchmark(args.config, args.requests, args.warmup, args.limits_storage)
+        print(f"genserve bench --auth-overhead: {args.config}, job status reads, {args.requests} sequential "
+              f"after {args.warmup} warm-up, the app served without keys and then with them")
+        print(format_auth_table(samples))
+        return 0
     from serve_app.bench.images import format_table, run_benchmark
 
     samples = run_benchmark(args.config, args.requests, args.warmup, args.width, args.height, args.steps,
@@ -159,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         parser_.set_defaults(func=func)
     bench.add_argument("--compare-metrics", action="store_true",
                        help="also run through Serve with the config's metrics setting flipped")
+    bench.add_argument("--auth-overhead", action="store_true",
+                       help="instead: job status read latency without keys, then with keys and per-key limits")
+    bench.add_argument("--limits-storage", default=None,
+                       help="with --auth-overhead: the limits storage URI for the keyed run (default: the config's)")
     bench.add_argument("--compare-enhancer", action="store_true",
                        help="also run with the other enhancer mode (template <-> the config's llm)")
 
@@ -172,6 +242,20 @@ def main(argv: list[str] | None = None) -> int:
     scores.add_argument("--serve", action="store_true",
                         help="also as a Serve replica with the config's resources, called through a handle")
     scores.set_defaults(func=_bench_scores)
+
+    keys = commands.add_parser("keys", help="API keys (docs/security.md)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="make a new API key; it is printed once")
+    create.add_argument("name", help="who or what the key is for (shown in the admin usage route)")
+    create.add_argument("--scopes", nargs="+", default=["generate", "read"], choices=["generate", "read", "admin"])
+    create.add_argument("--file", default=None,
+                        help="keys file to add the entry to (created, mode 600, if missing); else print the entry")
+    create.add_argument("--expires-at", default=None, help="ISO 8601 time the key stops working, e.g. 2027-01-01T00:00:00Z")
+    create.add_argument("--requests-per-minute", type=int, default=None)
+    create.add_argument("--concurrent-requests", type=int, default=None)
+    create.add_argument("--active-jobs", type=int, default=None)
+    create.add_argument("--daily-images", type=int, default=None)
+    create.set_defaults(func=_keys_create)
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
     tiny.add_argument("family", choices=tiny_kinds())

@@ -137,11 +137,13 @@ class JobDispatcher:
     # What the JobRunner serves
 
     async def submit(self, kind: str, request: dict, idempotency_key: str | None = None,
-                     request_hash: str | None = None) -> tuple[Job, bool, int | None]:
+                     request_hash: str | None = None, owner: str | None = None,
+                     max_active: int | None = None) -> tuple[Job, bool, int | None]:
         """Record a job durably. Returns it, whether it is new (False: the idempotency key's job),
-        and its queue position."""
+        and its queue position. Raises `ActiveJobsExceeded` when the owner is at `max_active`."""
         job, created = await asyncio.to_thread(
-            self.store.create, kind, request, idempotency_key=idempotency_key, request_hash=request_hash
+            self.store.create, kind, request, idempotency_key=idempotency_key, request_hash=request_hash,
+            owner=owner, max_active=max_active,
         )
         if created and self._wakeup is not None:
             self._wakeup.set()
@@ -153,8 +155,9 @@ class JobDispatcher:
             return None
         return job, await asyncio.to_thread(self.store.queue_position, job)
 
-    async def list(self, state: str | None, limit: int, before: int | None) -> list[tuple[Job, int | None]]:
-        jobs = await asyncio.to_thread(self.store.list, state, limit, before)
+    async def list(self, state: str | None, limit: int, before: int | None,
+                   owner: str | None = None) -> list[tuple[Job, int | None]]:
+        jobs = await asyncio.to_thread(self.store.list, state, limit, before, owner)
         positions = await asyncio.to_thread(lambda: [self.store.queue_position(job) for job in jobs])
         return list(zip(jobs, positions))
 
@@ -172,6 +175,13 @@ class JobDispatcher:
                 self._cancel_on_start.add(job_id)
         self._watchers.changed(job_id)
         return job, changed, None
+
+    async def delete(self, job_id: str) -> bool | None:
+        """Delete a finished job and its files (True); False if not finished; None if unknown."""
+        deleted = await asyncio.to_thread(self.store.delete, job_id)
+        if deleted:
+            self._watchers.changed(job_id)
+        return deleted
 
     async def watch(self, job_id: str, after_version: int, timeout_s: float) -> Job | None:
         """The job once its version passes `after_version` (or it finished), else after `timeout_s`."""

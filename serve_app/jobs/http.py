@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 import json
 import re
 
@@ -36,6 +37,8 @@ from serve_app.services.validation import RequestError
 from serve_app.api.schemas import ImageRequest, VideoRequest, random_seed
 from serve_app.services.images import ImageService
 from serve_app.services.videos import VideoService
+from serve_app.security.guard import principal, request_auth
+from serve_app.security.limiter import LimitExceeded
 
 KEEPALIVE_S = 15.0  # an event stream with nothing new sends a comment this often
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -71,30 +74,43 @@ class JobsApi:
 
     async def submit(self, submission: JobSubmission, request: Request, response: Response,
                      idempotency_key: str | None) -> JobStatus:
-        job, created, position = await self.create(submission, idempotency_key)
+        job, created, position = await self.create(submission, request, idempotency_key)
         status = self.render(job, position, request)
         response.headers["Location"] = status.links.self
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
         return status
 
-    async def create(self, submission: JobSubmission, idempotency_key: str | None = None) -> tuple[Job, bool, int | None]:
-        """Validate and durably record a job: (job, created, queue position). The protocol adapters'
-        way in (MCP tools, A2A tasks, OpenAI `url` results), as POST /v1/jobs's."""
+    async def create(self, submission: JobSubmission, request: Request,
+                     idempotency_key: str | None = None) -> tuple[Job, bool, int | None]:
+        """Validate and durably record a job for the caller of `request` (its owner, quotas and
+        budget): (job, created, queue position). The protocol adapters' way in (MCP tools, A2A
+        tasks, OpenAI `url` results), as POST /v1/jobs's."""
         stored = await self._validated(submission)
         digest = request_hash(submission)
-        job, created, position = await self.runner.submit.remote(submission.kind, stored, idempotency_key, digest)
+        who = principal(request)
+        auth = request_auth(request)
+        images = stored.get("num_images", 1) if submission.kind == "image" else self._frames(stored)
+        if auth is not None:
+            await auth.charge_images(who, images)  # 429 naming the daily budget when it is spent
+        job, created, position = await self.runner.submit.remote(submission.kind, stored, idempotency_key, digest,
+                                                                 who.key_id, who.limits.active_jobs)
+        if auth is not None and not created:
+            await auth.refund_images(who, images)  # a replay, or refused: no new work
+        if job is None:
+            raise LimitExceeded("active_jobs", position, time.time() + 1,
+                                f"job quota: {position} jobs queued or running for this key; submit more "
+                                "when one finishes (or cancel one)")
         if not created and job.request_hash != digest:
             raise JobError(409, f"Idempotency-Key {idempotency_key!r} was already used for a different request "
                                 f"(job {job.id})")
         return job, created, position
 
-    async def find(self, job_id: str) -> tuple[Job, int | None]:
-        """The job and its queue position; JobError 404 if it is unknown or expired."""
-        found = await self.runner.status.remote(job_id)
-        if found is None:
-            raise _not_found(job_id)
-        return found
+    def _frames(self, stored: dict) -> int:
+        frames = stored.get("num_frames")
+        if frames is None and self.videos is not None and self.videos.config is not None:
+            frames = getattr(self.videos.config, "default_num_frames", None)
+        return int(frames or 25)  # unset everywhere: the model picks, at most 25
 
     async def _validated(self, submission: JobSubmission) -> dict:
         """The request as it will run: validated like the sync endpoint, seed filled in."""
@@ -119,42 +135,46 @@ class JobsApi:
 
     # Read
 
-    async def status(self, job_id: str, request: Request) -> JobStatus:
+    async def find(self, job_id: str, request: Request) -> tuple[Job, int | None]:
+        """The job and its queue position, if the caller may see it; else 404, exactly as for an
+        unknown id (another key's job id is not confirmed to exist)."""
         found = await self.runner.status.remote(job_id)
-        if found is None:
+        if found is None or not principal(request).sees(found[0].owner):
             raise _not_found(job_id)
-        return self.render(*found, request)
+        return found
+
+    async def status(self, job_id: str, request: Request) -> JobStatus:
+        return self.render(*await self.find(job_id, request), request)
 
     async def list(self, request: Request, state: str | None, limit: int, cursor: str | None) -> JobList:
         if cursor is not None and not cursor.isdigit():
             raise JobError(422, [{"loc": ["query", "cursor"], "msg": "cursor: pass a next_cursor value back as given",
                                   "type": "value_error"}])
-        rows = await self.runner.list.remote(state, limit + 1, None if cursor is None else int(cursor))
+        who = principal(request)
+        owner = None if who.admin else who.key_id
+        rows = await self.runner.list.remote(state, limit + 1, None if cursor is None else int(cursor), owner)
         page = rows[:limit]
         next_cursor = str(page[-1][0].seq) if len(rows) > limit else None
         return JobList(jobs=[self.render(job, position, request) for job, position in page], next_cursor=next_cursor)
 
     async def result(self, job_id: str, request: Request):
-        found = await self.runner.status.remote(job_id)
-        if found is None:
-            raise _not_found(job_id)
-        job = found[0]
+        job = (await self.find(job_id, request))[0]
         if job.state != SUCCEEDED:
             why = f": {job.error}" if job.error else ""
             raise JobError(409, f"job {job_id} is {job.state}{why}; a result exists once it has succeeded")
-        return self._result(job, request)
+        return self.result_of(job, request)
 
     def result_of(self, job: Job, request: Request) -> ImageJobResult | VideoJobResult:
         """A succeeded job's result with links to its files (GET .../result)."""
-        return self._result(job, request)
-
-    def _result(self, job: Job, request: Request) -> ImageJobResult | VideoJobResult:
-        base = self._base(request, job.id)
-        result = with_urls(job.kind, job.result, lambda name: f"{base}/files/{name}")
+        result = with_urls(job.kind, job.result, lambda name: self._file_url(request, job.id, name))
         return (ImageJobResult if job.kind == "image" else VideoJobResult).model_validate(result)
 
-    async def file(self, job_id: str, name: str) -> Response:
-        found = await self.runner.read_file.remote(job_id, name) if _FILE_NAME.match(name) else None
+    async def file(self, job_id: str, name: str, request: Request) -> Response:
+        if not _FILE_NAME.match(name):
+            found = None
+        else:
+            await self.find(job_id, request)
+            found = await self.runner.read_file.remote(job_id, name)
         if found is None:
             raise JobError(404, f"job {job_id!r} has no file {name!r} (unknown, not finished, or expired)")
         data, content_type = found
@@ -189,14 +209,16 @@ class JobsApi:
     # Cancel
 
     async def cancel(self, job_id: str, request: Request) -> Response:
-        job, position = await self.cancel_job(job_id)
+        job, position = await self.cancel_job(job_id, request)
         status = self.render(job, position, request)
         # 200: cancelled now. 202: running; it stops at its next denoising step.
         return Response(content=status.model_dump_json(), media_type="application/json",
                         status_code=202 if job.state == RUNNING else 200)
 
-    async def cancel_job(self, job_id: str) -> tuple[Job, int | None]:
-        """Cancel a queued or running job: (job, position); JobError 404 if unknown, 409 if finished."""
+    async def cancel_job(self, job_id: str, request: Request) -> tuple[Job, int | None]:
+        """Cancel a queued or running job the caller may see: (job, position); JobError 404 if
+        unknown (or another key's), 409 if finished."""
+        await self.find(job_id, request)
         found = await self.runner.cancel.remote(job_id)
         if found is None:
             raise _not_found(job_id)
@@ -206,12 +228,20 @@ class JobsApi:
                                 "only queued or running jobs can be cancelled")
         return job, position
 
+    # Delete
+
+    async def delete(self, job_id: str, request: Request) -> None:
+        job = (await self.find(job_id, request))[0]
+        deleted = await self.runner.delete.remote(job_id)
+        if deleted is None:
+            raise _not_found(job_id)
+        if not deleted:
+            raise JobError(409, f"job {job_id} is {job.state}; only finished jobs can be deleted (cancel it first)")
+
     # Events
 
     async def events(self, job_id: str, request: Request) -> StreamingResponse:
-        found = await self.runner.status.remote(job_id)
-        if found is None:
-            raise _not_found(job_id)
+        found = await self.find(job_id, request)
         return StreamingResponse(self._event_stream(found[0], request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -228,7 +258,7 @@ class JobsApi:
                 if job.finished and index == len(job.history) - 1:
                     data["job"] = self.render(job, None, request).model_dump(mode="json")
                     if job.state == SUCCEEDED:
-                        data["result"] = self._result(job, request).model_dump(mode="json")
+                        data["result"] = self.result_of(job, request).model_dump(mode="json")
                 yield _sse("state", data, job.version)
             sent_states = len(job.history)
             if job.finished:
@@ -252,6 +282,13 @@ class JobsApi:
         root = request.scope.get("root_path", "") if request is not None else ""
         return f"{root}/v1/jobs/{job_id}"
 
+    @staticmethod
+    def _file_url(request: Request, job_id: str, name: str) -> str:
+        """The file's URL; signed and expiring when the app has keys, so a browser can load it."""
+        path = f"/v1/jobs/{job_id}/files/{name}"
+        auth = request_auth(request)
+        return request.scope.get("root_path", "") + (auth.sign_path(path) if auth is not None else path)
+
     def render(self, job: Job, position: int | None, request: Request) -> JobStatus:
         base = self._base(request, job.id)
         return JobStatus(
@@ -260,7 +297,8 @@ class JobsApi:
             attempts=job.attempts, max_attempts=self.retry_limit + 1, cancel_requested=job.cancel_requested,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
             expires_at=job.expires_at, timings=job_timings(job), error=job.error, history=job.history,
-            files=[JobFileLink(name=f.name, url=f"{base}/files/{f.name}", content_type=f.content_type, size=f.size)
+            files=[JobFileLink(name=f.name, url=self._file_url(request, job.id, f.name), content_type=f.content_type,
+                               size=f.size)
                    for f in job.files],
             links=JobLinks(self=base, events=f"{base}/events", cancel=f"{base}/cancel",
                            result=f"{base}/result" if job.state == SUCCEEDED else None),

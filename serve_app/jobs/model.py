@@ -50,7 +50,8 @@ class Job:
     attempts: int  # runs started, the current one included
     created_at: float
     history: list[dict]
-    idempotency_key: str | None = None
+    idempotency_key: str | None = None  # as the store keeps it: scoped to the owner ("<owner>:<key>")
+    owner: str | None = None  # the API key id that submitted it ("local" without keys; None: internal)
     request_hash: str | None = None
     cancel_requested: bool = False
     started_at: float | None = None
@@ -67,6 +68,23 @@ class Job:
 
     def file(self, name: str) -> ResultFile | None:
         return next((f for f in self.files if f.name == name), None)
+
+
+def scoped_idempotency_key(owner: str | None, key: str | None) -> str | None:
+    """Idempotency keys are per owner: two API keys sending the same one get two jobs. Key ids
+    have no ':', so the scoped key cannot collide with another owner's."""
+    if key is None or owner is None:
+        return key
+    return f"{owner}:{key}"
+
+
+class ActiveJobsExceeded(Exception):
+    """An owner already has `limit` jobs queued or running."""
+
+    def __init__(self, owner: str, limit: int):
+        super().__init__(f"{owner} has {limit} jobs queued or running")
+        self.owner = owner
+        self.limit = limit
 
 
 def history_entry(state: str, at: float, attempt: int, reason: str | None = None) -> dict:

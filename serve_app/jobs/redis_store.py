@@ -12,7 +12,9 @@ Layout, under a key prefix P (default `genserve:jobs`):
     P:req:<id>          the request JSON        P:res:<id>    the result JSON
     P:hist:<id>         list: one JSON entry per state change
     P:file:<id>:<name>  a result file's bytes
-    P:idem:<key>        idempotency key -> job id
+    P:idem:<key>        idempotency key (scoped to its owner: "<owner>:<key>") -> job id
+    P:owner:<owner>     sorted set of the owner's job ids by seq (listing one owner's jobs)
+    P:active:<owner>    set of the owner's queued and running job ids (the active-jobs quota)
     P:seq               submission counter
     P:all, P:state:<s>  sorted sets of job ids by seq (listing, filtering, paging)
     P:queue:<kind>      sorted set of queued job ids by seq (claiming, queue position)
@@ -34,7 +36,16 @@ import json
 import math
 import uuid
 
-from serve_app.jobs.model import QUEUED, STATES, SUCCEEDED, Job, ResultFile, dumps
+from serve_app.jobs.model import (
+    QUEUED,
+    STATES,
+    SUCCEEDED,
+    ActiveJobsExceeded,
+    Job,
+    ResultFile,
+    dumps,
+    scoped_idempotency_key,
+)
 from serve_app.jobs.store import JobStore, _now
 
 BACKSTOP_S = 86400  # Redis TTL past `expires_at`, in case no runner sweeps
@@ -64,6 +75,8 @@ local function set_state(P, id, job, from, to, now, expires, backstop, reason)
   if to == 'queued' then redis.call('ZADD', P .. ':queue:' .. kind, seq, id) end
   hist(P, id, to, now, redis.call('HGET', job, 'attempts'), reason)
   if is_terminal(to) then
+    local owner = redis.call('HGET', job, 'owner')
+    if owner then redis.call('SREM', P .. ':active:' .. owner, id) end
     redis.call('HSET', job, 'finished_at', now, 'expires_at', expires)
     redis.call('ZADD', P .. ':expiry', expires, id)
     local ttl = tonumber(backstop)
@@ -81,10 +94,13 @@ end
 """
 
 _CREATE = _LIB + """
-local P, id, kind, now, request, idem, hash = unpack(ARGV)
+local P, id, kind, now, request, idem, hash, owner, max_active = unpack(ARGV)
 if idem ~= '' then
   local existing = redis.call('GET', P .. ':idem:' .. idem)
   if existing and redis.call('EXISTS', P .. ':job:' .. existing) == 1 then return {existing, 0} end
+end
+if owner ~= '' and max_active ~= '' and redis.call('SCARD', P .. ':active:' .. owner) >= tonumber(max_active) then
+  return {'', -1}
 end
 local seq = redis.call('INCR', P .. ':seq')
 local job = P .. ':job:' .. id
@@ -95,6 +111,11 @@ if idem ~= '' then
   redis.call('SET', P .. ':idem:' .. idem, id)
 end
 if hash ~= '' then redis.call('HSET', job, 'request_hash', hash) end
+if owner ~= '' then
+  redis.call('HSET', job, 'owner', owner)
+  redis.call('ZADD', P .. ':owner:' .. owner, seq, id)
+  redis.call('SADD', P .. ':active:' .. owner, id)
+end
 redis.call('SET', P .. ':req:' .. id, request)
 hist(P, id, 'queued', now, 0, nil)
 redis.call('ZADD', P .. ':all', seq, id)
@@ -161,10 +182,9 @@ set_state(P, id, job, 'running', 'succeeded', now, expires, backstop, nil)
 return true
 """
 
-_EXPIRE = """
-local P, now, limit = ARGV[1], ARGV[2], ARGV[3]
-local ids = redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', now, 'LIMIT', 0, limit)
-for _, id in ipairs(ids) do
+_REMOVE = """
+-- Delete finished job `id` and everything of it.
+local function remove(P, id)
   local job = P .. ':job:' .. id
   local files = redis.call('HGET', job, 'files')
   if files then
@@ -172,12 +192,29 @@ for _, id in ipairs(ids) do
   end
   local idem = redis.call('HGET', job, 'idempotency_key')
   if idem and redis.call('GET', P .. ':idem:' .. idem) == id then redis.call('DEL', P .. ':idem:' .. idem) end
+  local owner = redis.call('HGET', job, 'owner')
+  if owner then redis.call('ZREM', P .. ':owner:' .. owner, id) end
   redis.call('DEL', job, P .. ':req:' .. id, P .. ':res:' .. id, P .. ':hist:' .. id)
   for _, state in ipairs({'succeeded', 'failed', 'cancelled'}) do redis.call('ZREM', P .. ':state:' .. state, id) end
   redis.call('ZREM', P .. ':all', id)
   redis.call('ZREM', P .. ':expiry', id)
 end
+"""
+
+_EXPIRE = _REMOVE + """
+local P, now, limit = ARGV[1], ARGV[2], ARGV[3]
+local ids = redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do remove(P, id) end
 return #ids
+"""
+
+_DELETE = _REMOVE + """
+local P, id = ARGV[1], ARGV[2]
+local state = redis.call('HGET', P .. ':job:' .. id, 'state')
+if not state then return -1 end
+if state ~= 'succeeded' and state ~= 'failed' and state ~= 'cancelled' then return 0 end
+remove(P, id)
+return 1
 """
 
 
@@ -194,6 +231,7 @@ class RedisJobStore(JobStore):
         self._progress = self._redis.register_script(_PROGRESS)
         self._save_result = self._redis.register_script(_SAVE_RESULT)
         self._expire = self._redis.register_script(_EXPIRE)
+        self._delete = self._redis.register_script(_DELETE)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -201,11 +239,15 @@ class RedisJobStore(JobStore):
     def _expiry_args(self, now: float) -> tuple[str, str]:
         return repr(now + self.ttl_s), str(math.ceil(self.ttl_s) + BACKSTOP_S)
 
-    def create(self, kind, request, *, idempotency_key=None, request_hash=None, now=None):
+    def create(self, kind, request, *, idempotency_key=None, request_hash=None, now=None, owner=None,
+               max_active=None):
         job_id, created = self._create(args=[
-            self.prefix, uuid.uuid4().hex, kind, repr(_now(now)), dumps(request), idempotency_key or "",
-            request_hash or "",
+            self.prefix, uuid.uuid4().hex, kind, repr(_now(now)), dumps(request),
+            scoped_idempotency_key(owner, idempotency_key) or "", request_hash or "", owner or "",
+            "" if max_active is None or owner is None else str(max_active),
         ])
+        if created == -1:
+            raise ActiveJobsExceeded(owner, max_active)
         return self.get(job_id.decode()), bool(created)
 
     def get(self, job_id, with_request=False):
@@ -233,11 +275,32 @@ class RedisJobStore(JobStore):
             pipeline.zcard(self._key("state", state))
         return dict(zip(STATES, pipeline.execute(), strict=True))
 
-    def list(self, state=None, limit=20, before=None):
-        index = self._key("state", state) if state is not None else self._key("all")
+    def list(self, state=None, limit=20, before=None, owner=None):
         top = f"({before}" if before is not None else "+inf"
-        ids = [raw.decode() for raw in self._redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit)]
-        return [job for job in self._load(ids) if job is not None]
+        if owner is None:
+            index = self._key("state", state) if state is not None else self._key("all")
+            ids = [raw.decode() for raw in self._redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit)]
+            return [job for job in self._load(ids) if job is not None]
+        # One owner's jobs, newest first, filtered by state a page at a time.
+        jobs: list[Job] = []
+        index = self._key("owner", owner)
+        while len(jobs) < limit:
+            ids = [raw.decode() for raw in self._redis.zrevrangebyscore(index, top, "-inf", start=0, num=max(limit, 50))]
+            if not ids:
+                break
+            page = [job for job in self._load(ids) if job is not None]
+            jobs += [job for job in page if state is None or job.state == state]
+            if len(ids) < max(limit, 50) or not page:
+                break
+            top = f"({page[-1].seq}"
+        return jobs[:limit]
+
+    def active_count(self, owner):
+        return self._redis.scard(self._key("active", owner))
+
+    def delete(self, job_id):
+        outcome = self._delete(args=[self.prefix, job_id])
+        return None if outcome == -1 else bool(outcome)
 
     def queue_position(self, job):
         if job.state != QUEUED:
@@ -326,4 +389,5 @@ def _job(fields: dict, history: list, result: bytes | None, request: bytes | Non
         error=text.get("error"),
         result=None if result is None else json.loads(result),
         files=[ResultFile(**item) for item in json.loads(text.get("files", "[]"))],
+        owner=text.get("owner"),
     )

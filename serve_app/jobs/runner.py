@@ -20,7 +20,7 @@ from ray import serve
 from deployments.runtime.types import ProgressTarget
 from serve_app.config import JobsConfig, QualityPolicy
 from serve_app.jobs.dispatch import JobDispatcher
-from serve_app.jobs.model import Job
+from serve_app.jobs.model import ActiveJobsExceeded, Job
 from serve_app.jobs.store import open_store
 from serve_app.services.validation import ModelSpec
 from deployments.runtime.lora import LoraRegistry
@@ -72,14 +72,26 @@ class JobRunner:
         logger.info("JobRunner: %s store, slots %s, retry limit %d", config.store, slots, config.retry_limit)
 
     async def submit(self, kind: str, request: dict, idempotency_key: str | None = None,
-                     request_hash: str | None = None) -> tuple[Job, bool, int | None]:
-        return await self._dispatcher.submit(kind, request, idempotency_key, request_hash)
+                     request_hash: str | None = None, owner: str | None = None,
+                     max_active: int | None = None) -> tuple[Job, bool, int | None] | tuple[None, bool, int]:
+        """(job, created, queue position); (None, False, limit) when the owner is at `max_active`."""
+        try:
+            return await self._dispatcher.submit(kind, request, idempotency_key, request_hash, owner, max_active)
+        except ActiveJobsExceeded as error:
+            return None, False, error.limit
 
     async def status(self, job_id: str) -> tuple[Job, int | None] | None:
         return await self._dispatcher.status(job_id)
 
-    async def list(self, state: str | None, limit: int, before: int | None) -> list[tuple[Job, int | None]]:
-        return await self._dispatcher.list(state, limit, before)
+    async def list(self, state: str | None, limit: int, before: int | None,
+                   owner: str | None = None) -> list[tuple[Job, int | None]]:
+        return await self._dispatcher.list(state, limit, before, owner)
+
+    async def delete(self, job_id: str) -> bool | None:
+        return await self._dispatcher.delete(job_id)
+
+    async def active_count(self, owner: str) -> int:
+        return await asyncio.to_thread(self._store.active_count, owner)
 
     async def cancel(self, job_id: str) -> tuple[Job, bool, int | None] | None:
         return await self._dispatcher.cancel(job_id)

@@ -25,10 +25,22 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from serve_app.jobs.model import QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, Job, ResultFile, dumps, history_entry
+from serve_app.jobs.model import (
+    QUEUED,
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    TERMINAL,
+    ActiveJobsExceeded,
+    Job,
+    ResultFile,
+    dumps,
+    history_entry,
+    scoped_idempotency_key,
+)
 from serve_app.jobs.store import JobStore, _now
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the owner column
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,15 +61,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     result TEXT,
     files TEXT NOT NULL DEFAULT '[]',
-    history TEXT NOT NULL
+    history TEXT NOT NULL,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_kind_state ON jobs (kind, state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
 """
+_OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, state, seq)"
 # Every column but the request, which can be large (an uploaded image) and is read only to run it.
 _RECORD = ("seq, id, kind, state, idempotency_key, request_hash, version, attempts, cancel_requested, created_at, "
-           "started_at, finished_at, expires_at, progress, error, result, files, history")
+           "started_at, finished_at, expires_at, progress, error, result, files, history, owner")
 
 
 class SqliteJobStore(JobStore):
@@ -76,6 +90,10 @@ class SqliteJobStore(JobStore):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "owner" not in columns:  # a store written before jobs had owners: theirs stay None
+                self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+            self._db.execute(_OWNER_INDEX)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
@@ -96,19 +114,23 @@ class SqliteJobStore(JobStore):
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")
 
-    def create(self, kind, request, *, idempotency_key=None, request_hash=None, now=None):
+    def create(self, kind, request, *, idempotency_key=None, request_hash=None, now=None, owner=None,
+               max_active=None):
         now = _now(now)
+        idempotency_key = scoped_idempotency_key(owner, idempotency_key)
         with self._write() as db:
             if idempotency_key is not None:
                 row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
                 if row is not None:
                     return _job(row), False
+            if max_active is not None and self._active(db, owner) >= max_active:
+                raise ActiveJobsExceeded(owner, max_active)
             job_id = uuid.uuid4().hex
             db.execute(
-                "INSERT INTO jobs (id, kind, state, request, idempotency_key, request_hash, created_at, history) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, kind, state, request, idempotency_key, request_hash, created_at, history, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, kind, QUEUED, dumps(request), idempotency_key, request_hash, now,
-                 dumps([history_entry(QUEUED, now, 0)])),
+                 dumps([history_entry(QUEUED, now, 0)]), owner),
             )
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
@@ -123,8 +145,31 @@ class SqliteJobStore(JobStore):
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return {**dict.fromkeys(STATES, 0), **{state: count for state, count in rows}}
 
-    def list(self, state=None, limit=20, before=None):
+    @staticmethod
+    def _active(db, owner) -> int:
+        return db.execute("SELECT COUNT(*) FROM jobs WHERE owner IS ? AND state IN (?, ?)",
+                          (owner, QUEUED, RUNNING)).fetchone()[0]
+
+    def active_count(self, owner):
+        with self._lock:
+            return self._active(self._db, owner)
+
+    def delete(self, job_id):
+        job = self.get(job_id)
+        if job is None:
+            return None
+        if not job.finished:
+            return False
+        shutil.rmtree(self._folder(job_id), ignore_errors=True)  # files first, as in expire()
+        with self._write() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return True
+
+    def list(self, state=None, limit=20, before=None, owner=None):
         where, params = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
         if state is not None:
             where.append("state = ?")
             params.append(state)
@@ -300,4 +345,5 @@ def _job(row: sqlite3.Row) -> Job:
         error=row["error"],
         result=None if row["result"] is None else json.loads(row["result"]),
         files=[ResultFile(**item) for item in json.loads(row["files"])],
+        owner=row["owner"],
     )

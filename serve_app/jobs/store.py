@@ -30,17 +30,30 @@ class JobStore(ABC):
 
     @abstractmethod
     def create(self, kind: str, request: dict, *, idempotency_key: str | None = None,
-               request_hash: str | None = None, now: float | None = None) -> tuple[Job, bool]:
+               request_hash: str | None = None, now: float | None = None, owner: str | None = None,
+               max_active: int | None = None) -> tuple[Job, bool]:
         """Record a new queued job, durably, before returning. With an idempotency key that is
-        already recorded, return that job instead and `False`."""
+        already recorded for `owner`, return that job instead and `False`. With `max_active`,
+        raise `ActiveJobsExceeded` if the owner already has that many jobs queued or running
+        (checked atomically with the insert, so concurrent submits cannot overshoot)."""
 
     @abstractmethod
     def get(self, job_id: str, with_request: bool = False) -> Job | None:
         """The job; its `request` only `with_request` (it can be large)."""
 
     @abstractmethod
-    def list(self, state: str | None = None, limit: int = 20, before: int | None = None) -> list[Job]:
-        """Newest first; `before`: only jobs submitted before the job with that `seq` (a cursor)."""
+    def list(self, state: str | None = None, limit: int = 20, before: int | None = None,
+             owner: str | None = None) -> list[Job]:
+        """Newest first; `before`: only jobs submitted before the job with that `seq` (a cursor);
+        `owner`: only that owner's jobs."""
+
+    @abstractmethod
+    def delete(self, job_id: str) -> bool | None:
+        """Delete a finished job and its files: True; False if it is not finished; None if unknown."""
+
+    @abstractmethod
+    def active_count(self, owner: str) -> int:
+        """The owner's jobs queued or running."""
 
     @abstractmethod
     def queue_position(self, job: Job) -> int | None:

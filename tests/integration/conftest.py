@@ -53,6 +53,56 @@ def dev_app(tmp_path_factory) -> dict:
     return POOL.get("dev", lambda stack: _start_dev_app(stack, tmp_path_factory))
 
 
+def _start_keys_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
+    """The dev profile, trimmed to one tiny image model, behind API keys: two Ingress replicas
+    sharing rate-limit counters in a throwaway Redis (tests/integration/test_keys_app.py)."""
+    import yaml
+
+    from serve_app.security.keys import key_entry_yaml, new_key
+    from tests.redis_server import RedisServer
+
+    folder = tmp_path_factory.mktemp("keys")
+    redis = RedisServer(folder).start()
+    stack.callback(redis.stop)
+    keys, entries = {}, []
+    for name, scopes, extra in KEYS_APP_KEYS:
+        key_id, key = new_key()
+        entries.append({**key_entry_yaml(key_id, name, key, scopes), **extra})
+        keys[name] = {"id": key_id, "key": key, "headers": {"Authorization": f"Bearer {key}"}}
+    keys_file = folder / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"url_signing_secret": "0123456789abcdef" * 4, "keys": entries}))
+    args = dev_args()
+    args["image_models"] = [entry for entry in args["image_models"] if entry["id"] == "flux-schnell"]
+    args["svd"] = None
+    args["jobs"]["data_dir"] = str(tmp_path_factory.mktemp("keys-jobs"))
+    args["auth"] = {"keys_file": str(keys_file), "limits_storage": redis.url}
+    args["deployments"]["Ingress"] = {"num_replicas": 2, "num_cpus": 0.1}
+    args["deployments"].pop("SvdGenerator", None)
+    client = stack.enter_context(running_app(args))
+    return {"client": client, "keys": keys, "keys_file": keys_file, "args": args}
+
+
+# (name, scopes, extra entry fields) of the keys_app's keys.
+KEYS_APP_KEYS = (
+    ("alice", ["generate", "read"], {}),
+    ("bob", ["generate", "read"], {}),
+    ("admin", ["admin"], {}),
+    ("reader", ["read"], {}),
+    ("expired", ["generate", "read"], {"expires_at": "2020-01-01T00:00:00Z"}),
+    ("revoked", ["generate", "read"], {"revoked": True}),
+    ("rpm", ["read"], {"limits": {"requests_per_minute": 4}}),
+    ("burst", ["read"], {"limits": {"requests_per_minute": 4}}),
+    ("quota", ["generate", "read"], {"limits": {"active_jobs": 1}}),
+    ("budget", ["generate", "read"], {"limits": {"daily_images": 2}}),
+)
+
+
+@pytest.fixture
+def keys_app(tmp_path_factory) -> dict:
+    """The shared keys app: {client, keys: name -> {id, key, headers}, keys_file, args}."""
+    return POOL.get("keys", lambda stack: _start_keys_app(stack, tmp_path_factory))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_shared_apps():
     yield
@@ -60,10 +110,13 @@ def _stop_shared_apps():
 
 
 def pytest_collection_modifyitems(items):
-    """Unit tests first, then every test of the shared app, then modules that start their own Ray."""
+    """Unit tests first, then every test of each shared app (dev, then keys), then modules that
+    start their own Ray."""
     def rank(item) -> int:
         if "integration" not in item.nodeid.split("::")[0]:
             return 0
-        return 1 if "dev_app" in item.fixturenames else 2
+        if "dev_app" in item.fixturenames:
+            return 1
+        return 2 if "keys_app" in item.fixturenames else 3
 
     items.sort(key=rank)  # stable: the order within each group stays as collected

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, ResultFile
 from tests.job_stores import TTL
 
@@ -212,3 +214,76 @@ def test_list_filters_by_state_and_pages_newest_first(store):
     assert [job.id for job in second_page] == [ids[2], ids[1]]
     assert [job.id for job in store.list(limit=2, before=second_page[-1].seq)] == [ids[0]]
     assert store.list(state=SUCCEEDED) == []
+
+
+# Owners (API key ids): ownership, per-owner idempotency, the active-jobs quota, deletion
+
+
+def test_jobs_record_their_owner_and_list_by_owner(store):
+    a1 = store.create("image", _image("a1"), owner="k_a")[0]
+    b1 = store.create("image", _image("b1"), owner="k_b")[0]
+    a2 = store.create("video", _image("a2"), owner="k_a")[0]
+    internal = store.create("image", _image("internal"))[0]
+    assert store.get(a1.id).owner == "k_a" and b1.owner == "k_b" and internal.owner is None
+    assert [job.id for job in store.list(owner="k_a")] == [a2.id, a1.id]
+    assert [job.id for job in store.list(owner="k_b")] == [b1.id]
+    assert len(store.list()) == 4, "no owner: every job (admin)"
+    store.claim(["image"])  # a1 starts
+    assert [job.id for job in store.list(state=QUEUED, owner="k_a")] == [a2.id]
+    assert [job.id for job in store.list(owner="k_a", limit=1)] == [a2.id]
+    assert [job.id for job in store.list(owner="k_a", before=a2.seq)] == [a1.id]
+
+
+def test_idempotency_keys_are_scoped_per_owner(store):
+    a, created_a = store.create("image", _image(), idempotency_key="same", request_hash="h", owner="k_a")
+    b, created_b = store.create("image", _image(), idempotency_key="same", request_hash="h", owner="k_b")
+    again, created_again = store.create("image", _image(), idempotency_key="same", request_hash="h", owner="k_a")
+    assert created_a and created_b and not created_again
+    assert a.id != b.id and again.id == a.id
+
+
+def test_active_jobs_quota_counts_queued_and_running(store):
+    from serve_app.jobs.model import ActiveJobsExceeded
+
+    first = store.create("image", _image("1"), owner="k_a", max_active=2)[0]
+    store.create("image", _image("2"), owner="k_a", max_active=2)
+    store.claim(["image"])  # one running, one queued: still two active
+    with pytest.raises(ActiveJobsExceeded):
+        store.create("image", _image("3"), owner="k_a", max_active=2)
+    assert store.active_count("k_a") == 2 and len(store.list(owner="k_a")) == 2
+    assert store.create("image", _image("b"), owner="k_b", max_active=2)[1], "quotas are per owner"
+    store.request_cancel(first.id)  # cancelling a running job ends it only when its runner stops
+    store.transition(first.id, {RUNNING}, CANCELLED)
+    assert store.active_count("k_a") == 1
+    assert store.create("image", _image("3"), owner="k_a", max_active=2)[1], "room again once one ended"
+
+
+def test_delete_removes_a_finished_job_and_its_files(store):
+    job = store.create("image", _image(), owner="k_a", idempotency_key="d")[0]
+    assert store.delete(job.id) is False, "queued: not deleted"
+    claimed = store.claim(["image"])
+    store.save_result(claimed.id, 1, {"images": []}, [(PNG, b"\x89PNG")])
+    assert store.read_file(job.id, PNG.name) == b"\x89PNG"
+    assert store.delete(job.id) is True
+    assert store.get(job.id) is None and store.read_file(job.id, PNG.name) is None
+    assert store.list(owner="k_a") == [] and store.delete(job.id) is None
+    assert store.create("image", _image(), owner="k_a", idempotency_key="d")[1], "its idempotency key is free again"
+
+
+def test_a_sqlite_store_from_before_owners_gains_the_column(tmp_path):
+    import sqlite3
+
+    from serve_app.jobs.sqlite_store import SqliteJobStore
+
+    old = SqliteJobStore(tmp_path, ttl_s=TTL)
+    job = old.create("image", _image())[0]
+    old.close()
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.execute("DROP INDEX jobs_by_owner")
+    db.execute("ALTER TABLE jobs DROP COLUMN owner")  # the table as schema version 1 wrote it
+    db.commit()
+    db.close()
+    store = SqliteJobStore(tmp_path, ttl_s=TTL)
+    assert store.get(job.id).owner is None, "old jobs have no owner: admin keys see them"
+    assert store.create("image", _image(), owner="k_a")[0].owner == "k_a"
+    store.close()

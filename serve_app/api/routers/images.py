@@ -1,16 +1,18 @@
 """POST /v1/images (generate, score, regenerate) and POST /v1/prompts/enhance (the enhance step alone)."""
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from serve_app.api.app import Services, services
 from serve_app.api.schemas import EnhanceRequest, EnhanceResponse, ImageRequest, ImageResponse
+from serve_app.security.guard import charge_images
 
 router = APIRouter(tags=["images"])
 BLOCKED = {400: {"description": "The prompt contains a blocklisted term."}}
 
 
 @router.post("/v1/images", response_model=ImageResponse, responses=BLOCKED)
-async def post_images(request: ImageRequest, service: Services = Depends(services)) -> ImageResponse:
+async def post_images(request: ImageRequest, http: Request, service: Services = Depends(services)) -> ImageResponse:
+    await charge_images(http, request.num_images)
     return await service.generate_images(request)
 
 

@@ -53,5 +53,15 @@ async def get_job_result(job_id: str, request: Request, service: Services = Depe
 
 @router.get("/v1/jobs/{job_id}/files/{name}", name="get_job_file",
             responses={200: {"content": {"image/png": {}, "video/mp4": {}, "image/gif": {}, "image/webp": {}}}})
-async def get_job_file(job_id: str, name: str, service: Services = Depends(services)) -> Response:
-    return await service.jobs_api().file(job_id, name)
+async def get_job_file(job_id: str, name: str, request: Request, service: Services = Depends(services)) -> Response:
+    """With API keys, the URLs in a job's status and result are signed and expire
+    (auth.signed_url_ttl_s), so a browser can load them without a key."""
+    return await service.jobs_api().file(job_id, name, request)
+
+
+@router.delete("/v1/jobs/{job_id}", status_code=204, response_class=Response,
+               responses={409: {"description": "The job is queued or running: cancel it first."}})
+async def delete_job(job_id: str, request: Request, service: Services = Depends(services)) -> Response:
+    """Delete a finished job of this key and its files now, instead of at its TTL."""
+    await service.jobs_api().delete(job_id, request)
+    return Response(status_code=204)

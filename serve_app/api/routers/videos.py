@@ -2,11 +2,12 @@
 
 import json
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from serve_app.api.app import Services, services
 from serve_app.api.schemas import VideoRequest, VideoResponse
+from serve_app.security.guard import charge_images
 
 router = APIRouter(tags=["videos"])
 
@@ -16,7 +17,9 @@ router = APIRouter(tags=["videos"])
     response_model=VideoResponse,
     responses={200: {"content": {"video/mp4": {}, "image/gif": {}, "image/webp": {}}}},
 )
-async def post_videos(request: VideoRequest, service: Services = Depends(services)):
+async def post_videos(request: VideoRequest, http: Request, service: Services = Depends(services)):
+    if service.videos is not None:
+        await charge_images(http, request.num_frames or service.videos.config.default_num_frames or 25)
     response, output = await service.generate_video(request)
     if request.response_format == "json":
         return response

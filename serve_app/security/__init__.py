@@ -1,0 +1,1 @@
+"""API keys, scopes, per-key limits and signed file URLs (docs/security.md)."""

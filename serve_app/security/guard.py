@@ -1,0 +1,274 @@
+"""The HTTP app's gate: who is calling (API key or loopback), what they may do (scopes), and how
+much (per-key limits). An ASGI middleware, so it covers every route and mounted sub-app of the
+app the Ingress serves, whether under `serve run`, `genserve serve` or KubeRay.
+
+Every route needs a key unless it is on the public allow-list (`PUBLIC_PATHS`, `PUBLIC_PREFIXES`):
+a route added later is protected without anyone remembering to protect it. Safe methods (GET,
+HEAD) need `read`; every other method needs `generate`; `/v1/admin/` needs `admin` (which implies
+the others). A job file URL signed by `sign_path` is served without a key until it expires, for
+browsers loading `<img src>`.
+
+Without a keys file, only loopback clients are answered (403 for others, saying how to add keys),
+unless `auth.allow_unauthenticated` is set; such callers act as one local owner with every scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode
+
+from deployments.names import SCOPES
+from serve_app.security.keys import KeyLimits, KeyRing
+from serve_app.security.limiter import KeyLimiter, LimitExceeded
+
+logger = logging.getLogger("ray.serve")
+
+# Liveness/readiness, the docs page (and the schema it loads), the A2A Agent Card.
+PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                          "/.well-known/agent.json", "/.well-known/agent-card.json"})
+# The console's static files (GET only); the console calls /v1 with a key like any client.
+PUBLIC_PREFIXES = ("/ui/",)
+PUBLIC_GET_PATHS = frozenset({"/ui"})
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+ADMIN_PREFIX = "/v1/admin/"
+JOBS_PREFIX = "/v1/jobs"
+FILE_ROUTE = "/files/"
+LOCAL_OWNER = "local"  # the owner of jobs made without keys (loopback or allow_unauthenticated)
+
+UNAUTHORIZED = "missing or invalid API key: send `Authorization: Bearer <key>`"
+NO_KEYS = ("this service has no API keys configured, so it answers only clients on its own machine (loopback). "
+           "To serve other clients, create a key with `genserve keys create NAME --file keys.yaml` and set "
+           "auth.keys_file: keys.yaml in the config (docs/security.md); or, on a network you trust, set "
+           "auth.allow_unauthenticated: true.")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: a key id (or the local owner), its scopes and limits."""
+
+    key_id: str
+    scopes: frozenset[str]
+    limits: KeyLimits = field(default_factory=KeyLimits)
+    signed_url: bool = False  # a signed file URL: the signature, not a key, grants that one file
+
+    @property
+    def admin(self) -> bool:
+        return "admin" in self.scopes
+
+    def sees(self, owner: str | None) -> bool:
+        """Whether this caller may see a job of `owner`: its own, or any with admin (or a signed URL)."""
+        return self.admin or self.signed_url or owner == self.key_id
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or self.admin
+
+
+LOCAL = Principal(LOCAL_OWNER, frozenset(SCOPES))
+SIGNED = Principal("", frozenset({"read"}), signed_url=True)
+
+
+def required_scope(method: str, path: str) -> str:
+    if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/"):
+        return "admin"
+    return "read" if method in SAFE_METHODS else "generate"
+
+
+def is_public(method: str, path: str) -> bool:
+    if path in PUBLIC_PATHS:
+        return True
+    return method in SAFE_METHODS and (path in PUBLIC_GET_PATHS or path.startswith(PUBLIC_PREFIXES))
+
+
+def is_loopback(client) -> bool:
+    if not client:
+        return False
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:  # a unix socket path, or a name: not an address we can vouch for
+        return False
+
+
+def principal(request) -> Principal:
+    """The caller of a request (a FastAPI dependency); LOCAL when the app runs without the gate."""
+    return getattr(request.state, "principal", None) or LOCAL
+
+
+async def charge_images(request, images: int) -> None:
+    """Charge a synchronous request's images (a video: its frames) to its key's daily budget."""
+    auth = request_auth(request)
+    if auth is not None:
+        await auth.charge_images(principal(request), images)
+
+
+def request_auth(request) -> "Auth | None":
+    return getattr(request.app.state, "auth", None)
+
+
+class Auth:
+    """One Ingress replica's keys, limiter, URL signer and usage metrics."""
+
+    def __init__(self, keys_file: str | None, allow_unauthenticated: bool = False, limits_storage: str = "memory://",
+                 signed_url_ttl_s: float = 3600.0, metrics: bool = True, hold_s: float = 1200.0):
+        self.keys = KeyRing(keys_file) if keys_file else None
+        self.allow_unauthenticated = allow_unauthenticated
+        self.limiter = KeyLimiter(limits_storage, hold_s=hold_s) if self.keys is not None else None
+        self.signed_url_ttl_s = signed_url_ttl_s
+        self._requests = None
+        if metrics and self.keys is not None:
+            from ray.serve.metrics import Counter
+
+            # Tagged by key id: bounded by the keys file, never by request data.
+            self._requests = Counter("genserve_key_requests", description="API requests by key id and outcome.",
+                                     tag_keys=("key_id", "outcome"))
+
+    @classmethod
+    def from_config(cls, config, limits_storage: str, metrics: bool = True, hold_s: float = 1200.0) -> "Auth":
+        return cls(config.keys_file, config.allow_unauthenticated, limits_storage, config.signed_url_ttl_s,
+                   metrics=metrics, hold_s=hold_s)
+
+    def count(self, key_id: str, outcome: str) -> None:
+        if self._requests is not None:
+            self._requests.inc(tags={"key_id": key_id, "outcome": outcome})
+
+    async def _limiter_call(self, function, *args):
+        # memory:// is a dict under a lock; a network store is called off the event loop.
+        if self.limiter.local:
+            return function(*args)
+        return await asyncio.to_thread(function, *args)
+
+    async def charge_images(self, who: Principal, images: int) -> None:
+        """Charge a request's images against its key's daily budget (raises LimitExceeded)."""
+        if self.limiter is not None and who.key_id != LOCAL_OWNER:
+            await self._limiter_call(self.limiter.charge_images, who.key_id, who.limits, images)
+
+    async def refund_images(self, who: Principal, images: int) -> None:
+        if self.limiter is not None and who.key_id != LOCAL_OWNER:
+            await self._limiter_call(self.limiter.refund_images, who.key_id, who.limits, images)
+
+    # Signed file URLs
+
+    def _secret(self) -> bytes | None:
+        return None if self.keys is None else self.keys.signing_secret()
+
+    def sign_path(self, path: str, now: float | None = None) -> str:
+        """`path` with `expires` and `sig` query parameters; unchanged when there is nothing to sign with."""
+        secret = self._secret()
+        if secret is None:
+            return path
+        expires = int((time.time() if now is None else now) + self.signed_url_ttl_s)
+        return f"{path}?{urlencode({'expires': expires, 'sig': _signature(secret, path, expires)})}"
+
+    def signed(self, path: str, query: bytes, now: float | None = None) -> bool:
+        secret = self._secret()
+        if secret is None or not query:
+            return False
+        params = parse_qs(query.decode("latin-1"))
+        try:
+            expires = int(params["expires"][0])
+            sig = params["sig"][0]
+        except (KeyError, IndexError, ValueError):
+            return False
+        if expires < (time.time() if now is None else now):
+            return False
+        return hmac.compare_digest(sig, _signature(secret, path, expires))
+
+
+def _signature(secret: bytes, path: str, expires: int) -> str:
+    return hmac.new(secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+def route_path(scope) -> str:
+    """The path the app routes on: without the root path Serve sets for a route prefix."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+async def _answer(send, status: int, body: dict, headers: dict[str, str] | None = None, scope=None) -> None:
+    if scope is not None and scope["type"] == "websocket":
+        # Refused before the handshake is accepted: the server answers the upgrade with 403.
+        await send({"type": "websocket.close", "code": 1008, "reason": body["detail"][:120]})
+        return
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def limit_response_headers(error: LimitExceeded) -> dict[str, str]:
+    return {"Retry-After": str(error.retry_after()), "RateLimit-Limit": str(error.value),
+            "X-RateLimit-Reset": str(int(error.reset_at))}
+
+
+class Guard:
+    """ASGI middleware: authenticate, authorise and rate-limit every HTTP request (and WebSocket)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        auth: Auth | None = getattr(scope["app"].state, "auth", None) if "app" in scope else None
+        method = scope.get("method", "GET")
+        path = route_path(scope)
+        if method == "OPTIONS" or is_public(method, path):
+            return await self.app(scope, receive, send)
+        keys = auth.keys if auth is not None else None
+        if keys is None:
+            if (auth is not None and auth.allow_unauthenticated) or is_loopback(scope.get("client")):
+                scope.setdefault("state", {})["principal"] = LOCAL
+                return await self.app(scope, receive, send)
+            return await _answer(send, 403, {"detail": NO_KEYS}, scope=scope)
+        if (method in SAFE_METHODS and path.startswith(JOBS_PREFIX + "/") and FILE_ROUTE in path
+                and auth.signed(path, scope.get("query_string", b""))):
+            scope.setdefault("state", {})["principal"] = SIGNED  # the signature is the grant
+            return await self.app(scope, receive, send)
+        token = _bearer(scope.get("headers", []))
+        entry = keys.authenticate(token) if token is not None else None
+        if entry is None:
+            auth.count("", "unauthorized")
+            return await _answer(send, 401, {"detail": UNAUTHORIZED}, {"WWW-Authenticate": 'Bearer realm="genserve"'},
+                                 scope=scope)
+        needed = required_scope(method, path)
+        who = Principal(entry.id, frozenset(entry.scopes), entry.limits)
+        if not who.allows(needed):
+            auth.count(entry.id, "forbidden")
+            return await _answer(send, 403, {"detail": f"this API key lacks the {needed!r} scope, which "
+                                                       f"{method} {path} needs", "scope": needed}, scope=scope)
+        scope.setdefault("state", {})["principal"] = who
+        holds = False
+        try:
+            await auth._limiter_call(auth.limiter.hit_request, who.key_id, who.limits)
+            if method not in SAFE_METHODS and not path.startswith((JOBS_PREFIX, ADMIN_PREFIX)):
+                holds = await auth._limiter_call(auth.limiter.acquire, who.key_id, who.limits)
+        except LimitExceeded as error:
+            auth.count(who.key_id, "limited")
+            return await _answer(send, 429, error.body(), limit_response_headers(error), scope=scope)
+        auth.count(who.key_id, "allowed")
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if holds:
+                await auth._limiter_call(auth.limiter.release, who.key_id)
+
+
+def resolve_keys_file(path: str | None) -> str | None:
+    """The keys file made absolute where the app is built (replicas run in other directories)."""
+    return None if path is None else str(Path(path).expanduser().resolve())
