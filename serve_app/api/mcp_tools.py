@@ -132,19 +132,21 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
         except (RequestError, jobs_http.JobError) as error:
             raise _tool_error(error) from None
 
-    async def edit_request(request: ImageRequest, source_job_id: str | None, source_image: int) -> ImageRequest:
-        """`request` with the image to edit: its own init_image, or the PNG of a finished image job."""
+    async def edit_request(request: ImageRequest, source_job_id: str | None, source_image: int,
+                           ctx: Context) -> ImageRequest:
+        """`request` with the image to edit: its own init_image, or the PNG of a finished image job the
+        caller may see (another key's job is 'no job', as in get_job)."""
         if (request.init_image is None) == (source_job_id is None):
             raise ToolError("request.init_image: give the image to edit as request.init_image (base64) or as "
                             "source_job_id, " + ("not both" if source_job_id else "one of them is required"))
         if source_job_id is None:
             return request
         jobs = services().jobs_api()
-        job, _ = await jobs.find(source_job_id)
+        job, _ = await jobs.find(source_job_id, _http_request(ctx))
         if job.kind != "image" or job.state != SUCCEEDED:
             raise ToolError(f"source_job_id: job {source_job_id!r} is a {job.state} {job.kind} job; "
                             "a succeeded image job is needed")
-        images = jobs.result_of(job, None).images
+        images = jobs.result_of(job, _http_request(ctx)).images
         if source_image >= len(images):
             raise ToolError(f"source_image: job {source_job_id!r} has {len(images)} image(s); "
                             f"got {source_image} (allowed: 0-{len(images) - 1})")
@@ -161,7 +163,7 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
         or inpainting where request.mask is white. `strength` (0-1) says how much changes. `request` is
         POST /v1/images's body. Returns the PNGs, or a job id if it takes longer than wait_s."""
         try:
-            job, done = await run_job("image", await edit_request(request, source_job_id, source_image), wait_s, ctx)
+            job, done = await run_job("image", await edit_request(request, source_job_id, source_image, ctx), wait_s, ctx)
             return await finished_result(job, ctx) if done else pending(job)
         except (RequestError, jobs_http.JobError) as error:
             raise _tool_error(error) from None

@@ -27,6 +27,7 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+LOOPBACK = ("127.0.0.1", 50000)  # no keys are configured here: the gate lets loopback callers in
 PHOTO = png(Image.linear_gradient("L").convert("RGB"))  # 256x256
 
 
@@ -56,7 +57,7 @@ def app():
 @pytest.fixture
 def sdk(app):
     """The unmodified openai SDK, its HTTP going to the app in process (the integration test goes over the wire)."""
-    transport = httpx2.MockTransport(lambda request: _forward(TestClient(app), request))
+    transport = httpx2.MockTransport(lambda request: _forward(TestClient(app, client=LOOPBACK), request))
     return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", max_retries=0,
                          http_client=httpx2.Client(transport=transport))
 
@@ -138,7 +139,7 @@ def _edit(client, files=None, **data):
     (None, {"loras[name]": "x"}, "loras", "valid list"),
 ])
 def test_bad_edits_get_openai_errors_naming_the_field_and_reach_no_model(app, files, data, param, words):
-    answer = _edit(TestClient(app), files, **data)
+    answer = _edit(TestClient(app, client=LOOPBACK), files, **data)
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error", error
@@ -147,7 +148,7 @@ def test_bad_edits_get_openai_errors_naming_the_field_and_reach_no_model(app, fi
 
 
 def test_two_images_or_an_image_sent_as_text_are_refused_naming_image(app):
-    client = TestClient(app)
+    client = TestClient(app, client=LOOPBACK)
     two = client.post("/v1/images/edits", data={"prompt": "p"},
                       files=[("image[]", ("a.png", PHOTO, "image/png")), ("image[]", ("b.png", PHOTO, "image/png"))])
     assert two.status_code == 400 and two.json()["error"]["param"] == "image"
@@ -161,6 +162,6 @@ def test_two_images_or_an_image_sent_as_text_are_refused_naming_image(app):
 
 
 def test_the_edits_route_is_documented_as_multipart_in_openapi(app):
-    body = TestClient(app).get("/openapi.json").json()["paths"]["/v1/images/edits"]["post"]["requestBody"]
+    body = TestClient(app, client=LOOPBACK).get("/openapi.json").json()["paths"]["/v1/images/edits"]["post"]["requestBody"]
     schema = body["content"]["multipart/form-data"]["schema"]
     assert schema["required"] == ["image", "prompt"] and schema["properties"]["image"]["format"] == "binary"

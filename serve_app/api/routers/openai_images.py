@@ -35,6 +35,7 @@ from serve_app.api.schemas import ImageRequest
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.model import SUCCEEDED
 from serve_app.jobs.schemas import JobSubmission
+from serve_app.security.guard import charge_images
 from serve_app.services.graph import StageTimeout
 from serve_app.services.validation import RequestError
 
@@ -106,10 +107,7 @@ router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 async def create_image(body: OpenAIImageRequest, request: Request, service: Services = Depends(services)) -> dict:
     """OpenAI's `images.generate`: genserve's generate-score-regenerate graph behind OpenAI's fields.
     `revised_prompt` is the enhanced prompt; `genserve` carries seeds, scores, attempts and timings."""
-    image_request = to_image_request(body)
-    if body.response_format == "b64_json":
-        return images_response(await service.generate_images(image_request))
-    return await _url_response(image_request, request, service)
+    return await _respond(to_image_request(body), body.response_format, request, service)
 
 
 EDITS_PATH = "/v1/images/edits"
@@ -150,9 +148,7 @@ async def edit_image(request: Request, service: Services = Depends(services)) ->
     except ValidationError as error:
         raise from_validation_error(error, OpenAIImageRequest, EDIT_NAMES) from None
     image_request = to_image_request(body, edit_files(image, mask, service.images.max_input_pixels), EDIT_NAMES)
-    if body.response_format == "b64_json":
-        return images_response(await service.generate_images(image_request))
-    return await _url_response(image_request, request, service)
+    return await _respond(image_request, body.response_format, request, service)
 
 
 async def _upload(values: list, field: str, required: bool) -> bytes | None:
@@ -169,6 +165,15 @@ async def _upload(values: list, field: str, required: bool) -> bytes | None:
         raise OpenAIError(400, f"{field}: send it as a file part (multipart filename=...), not a text field",
                           field, "invalid_value")
     return await upload.read()
+
+
+async def _respond(image_request: ImageRequest, response_format: str, request: Request, service: Services) -> dict:
+    """b64_json: run it now, charged to the caller's daily image budget as POST /v1/images is;
+    url: a durable job (charged when it is submitted)."""
+    if response_format == "b64_json":
+        await charge_images(request, image_request.num_images)
+        return images_response(await service.generate_images(image_request))
+    return await _url_response(image_request, request, service)
 
 
 async def _url_response(image_request, request: Request, service: Services) -> dict:
