@@ -165,3 +165,24 @@ def test_the_edits_route_is_documented_as_multipart_in_openapi(app):
     body = TestClient(app, client=LOOPBACK).get("/openapi.json").json()["paths"]["/v1/images/edits"]["post"]["requestBody"]
     schema = body["content"]["multipart/form-data"]["schema"]
     assert schema["required"] == ["image", "prompt"] and schema["properties"]["image"]["format"] == "binary"
+
+
+def test_inline_openai_images_are_charged_to_the_keys_daily_budget(tmp_path, app):
+    """As POST /v1/images: a key's daily_images covers generations and edits answered inline."""
+    import yaml
+
+    from serve_app.security.guard import Auth
+    from serve_app.security.keys import key_entry_yaml, new_key
+
+    key_id, key = new_key()
+    entry = key_entry_yaml(key_id, "agent", key, ["generate", "read"])
+    entry["limits"] = {"daily_images": 3}
+    path = tmp_path / "keys.yaml"
+    path.write_text(yaml.safe_dump({"url_signing_secret": "s" * 64, "keys": [entry]}))
+    app.state.auth = Auth(str(path), metrics=False)
+    client = TestClient(app, client=("203.0.113.5", 40000), headers={"Authorization": f"Bearer {key}"})
+    assert client.post("/v1/images/generations", json={"prompt": "a fox", "n": 2}).status_code == 200
+    over = _edit(client, n="2")
+    assert over.status_code == 429 and "daily_images" in over.text, over.text
+    assert _edit(client, n="1").status_code == 200, "the refusal cost nothing; one image is left"
+    assert _edit(client, n="1").status_code == 429
