@@ -1,5 +1,11 @@
 import os
 
+# Imported now, while no other thread runs: pytest rewrites plugin modules (hypothesis is one) when
+# they are first imported, and CPython 3.11.7's AST recursion counter is shared between threads, so a
+# first import at the terminal summary, after tests left server threads behind, can fail with
+# "SystemError: AST constructor recursion depth mismatch" (fixed in later CPython releases).
+import hypothesis  # noqa: F401
+
 import pytest
 
 # Tests start throwaway local Ray clusters bound to loopback; Ray 2.60's token auth would make the

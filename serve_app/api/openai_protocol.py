@@ -1,6 +1,7 @@
 """The OpenAI Images API's wire format, translated to and from genserve's own request and response.
 
-`POST /v1/images/generations` takes OpenAI's fields (`prompt`, `model`, `n`, `size`,
+`POST /v1/images/generations` (JSON) and `POST /v1/images/edits` (multipart: the `image` and `mask`
+files become `init_image` and `mask`) take OpenAI's fields (`prompt`, `model`, `n`, `size`,
 `response_format`, `quality`, `style`, `user`) and genserve's own `ImageRequest` fields beside them
 (the SDK sends those through `extra_body`). Nothing is validated here that `ImageRequest` and the
 image service validate: OpenAI's fields are renamed, the result goes through `ImageRequest`, and its
@@ -9,9 +10,14 @@ errors come back in OpenAI's envelope with `param` naming the field as the clien
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import re
+import warnings
 from typing import Literal
 
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.names import OPENAI_QUALITIES, OPENAI_STYLES, QUALITIES, STYLES
@@ -21,6 +27,9 @@ from serve_app.api.schemas import ImageRequest, ImageResponse
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 # genserve's field -> the OpenAI field a client set it with.
 _OPENAI_NAMES = {"num_images": "n", "width": "size", "height": "size"}
+# ... and on POST /v1/images/edits, where the `image` file is genserve's init_image.
+GENERATION_NAMES = _OPENAI_NAMES
+EDIT_NAMES = {**_OPENAI_NAMES, "init_image": "image"}
 
 
 class OpenAIError(Exception):
@@ -109,15 +118,23 @@ def _size(size: str | None) -> dict:
     return {"width": int(match.group(1)), "height": int(match.group(2))}
 
 
-def to_image_request(body: OpenAIImageRequest) -> ImageRequest:
-    """The genserve request an OpenAI one means; an `OpenAIError` naming the field if it is not valid."""
+def to_image_request(body: OpenAIImageRequest, files: dict[str, str] | None = None,
+                     names: dict[str, str] = _OPENAI_NAMES, form: bool = False) -> ImageRequest:
+    """The genserve request an OpenAI one means; an `OpenAIError` naming the field if it is not valid.
+
+    `files`: the edits route's uploads as genserve fields (`init_image`, `mask`: base64). `form`: the
+    values came from a multipart form, where every value is text, so "7" may stand for 7 (JSON
+    bodies stay strict)."""
     own = dict(body.model_extra or {})
-    for openai_name, names in (("n", ("num_images",)), ("size", ("width", "height"))):
-        given = [name for name in names if name in own]
+    files = files or {}
+    if "init_image" in files and "init_image" in own:
+        raise OpenAIError(400, "image: give the image file or init_image, not both", "image", "conflicting_fields")
+    for openai_name, fields in (("n", ("num_images",)), ("size", ("width", "height"))):
+        given = [name for name in fields if name in own]
         if getattr(body, openai_name) is not None and given:
             raise OpenAIError(400, f"{openai_name}: give {openai_name} or {' and '.join(given)}, not both",
                               openai_name, "conflicting_fields")
-    data = {**own, "prompt": body.prompt}
+    data = {**own, **files, "prompt": body.prompt}
     if body.model is not None:
         data["model"] = body.model
     if body.n is not None:
@@ -130,30 +147,31 @@ def to_image_request(body: OpenAIImageRequest) -> ImageRequest:
     if style is not None:
         data["style"] = style
     try:
-        return ImageRequest.model_validate(data)
+        return ImageRequest.model_validate(data, strict=False if form else None)
     except ValidationError as error:
-        raise from_validation_error(error, ImageRequest) from None
+        raise from_validation_error(error, ImageRequest, names) from None
 
 
-def param_name(loc) -> str:
+def param_name(loc, names: dict[str, str] = _OPENAI_NAMES) -> str:
     """The field as the OpenAI client named it: 'n' for num_images, 'size' for width or height."""
     parts = [str(part) for part in loc]
-    if parts and parts[0] in _OPENAI_NAMES:
-        return _OPENAI_NAMES[parts[0]]
+    if parts and parts[0] in names:
+        return names[parts[0]]
     return ".".join(parts) or "body"
 
 
-def from_validation_error(error: ValidationError, model: type[BaseModel]) -> OpenAIError:
+def from_validation_error(error: ValidationError, model: type[BaseModel],
+                          names: dict[str, str] = _OPENAI_NAMES) -> OpenAIError:
     """The first schema error, in OpenAI's envelope, its message naming the allowed values."""
     errors = [{**item, "loc": ("body", *item["loc"])} for item in error.errors(include_url=False)]
-    return from_detail(explain_errors(errors, model), 400)
+    return from_detail(explain_errors(errors, model), 400, names)
 
 
-def from_detail(detail: list[dict], status: int) -> OpenAIError:
+def from_detail(detail: list[dict], status: int, names: dict[str, str] = _OPENAI_NAMES) -> OpenAIError:
     """genserve's 422 detail items (schema or `RequestError`) as one OpenAI error about the first field."""
     first = detail[0]
     loc = [part for part in first.get("loc", ()) if part not in ("body", "request")]
-    param = param_name(loc)
+    param = param_name(loc, names)
     message = first["msg"]
     if first.get("allowed") and "(allowed:" not in message:
         message += f" (allowed: {first['allowed']})"
@@ -193,3 +211,111 @@ def images_response(response: ImageResponse, urls: list[str] | None = None) -> d
         "size": size_of(response.width, response.height),
         "genserve": genserve_metadata(response),
     }
+
+
+# POST /v1/images/edits: OpenAI's multipart form.
+
+# genserve fields that hold objects or lists: a form may send them as JSON text (`-F 'hires={"scale": 2}'`)
+# or in the bracket notation the openai SDK writes for `extra_body` (`hires[scale]`, `loras[][name]`).
+_STRUCTURED = frozenset(
+    name for name, schema in ImageRequest.model_json_schema()["properties"].items()
+    if any(marker in json.dumps(schema) for marker in ('"$ref"', '"array"', '"object"'))
+)
+_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+
+
+def form_fields(items: list[tuple[str, object]]) -> dict:
+    """A multipart form's fields as a JSON-like dict: `a[b]` nests, `a[]` appends, `a[][k]` builds a
+    list of objects (a new one whenever `k` repeats), a repeated plain key becomes a list; JSON text
+    is parsed for genserve's object and list fields. Values stay strings: the request models coerce them."""
+    data: dict = {}
+    for key, value in items:
+        match = _KEY.match(key)
+        if match is None:
+            raise OpenAIError(400, f"{key}: not a field name (use name, name[key] or name[])", key, "invalid_field")
+        path = [match.group(1), *re.findall(r"\[([^\[\]]*)\]", match.group(2))]
+        if len(path) == 1:
+            name = path[0]
+            if isinstance(value, str) and name in _STRUCTURED and value.lstrip()[:1] in ("{", "["):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise OpenAIError(400, f"{name}: not valid JSON", name, "invalid_json") from None
+            if name in data:
+                data[name] = [*data[name], value] if isinstance(data[name], list) else [data[name], value]
+            else:
+                data[name] = value
+            continue
+        _insert(data, path, value, key)
+    return data
+
+
+def _insert(node, path: list[str], value, key: str) -> None:
+    for index, part in enumerate(path):
+        last = index == len(path) - 1
+        following = None if last else path[index + 1]
+        if part == "":
+            if not isinstance(node, list):
+                raise OpenAIError(400, f"{key}: mixes a list and an object", path[0], "invalid_field")
+            if last:
+                node.append(value)
+                return
+            if not node or not isinstance(node[-1], dict) or following in node[-1]:
+                node.append({})
+            node = node[-1]
+            continue
+        if not isinstance(node, dict):
+            raise OpenAIError(400, f"{key}: mixes a list and an object", path[0], "invalid_field")
+        if last:
+            node[part] = value
+            return
+        node = node.setdefault(part, [] if following == "" else {})
+
+
+def _rgba(raw: bytes, max_pixels: int) -> Image.Image | None:
+    """The upload with its alpha channel, if it has one and can be read within the pixel limit
+    (checked before decoding); None otherwise (then genserve's own checks judge the bytes)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            if image.width * image.height > max_pixels:
+                return None
+            if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+                return None
+            return image.convert("RGBA")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError,
+            SyntaxError, ValueError):
+        return None
+
+
+def transparent_mask(raw: bytes, max_pixels: int) -> bytes | None:
+    """OpenAI's mask convention in genserve's: where the upload is fully transparent (alpha 0) is
+    repainted. A PNG mask (white = repaint, black = kept) as bytes, or None when the upload has no
+    fully transparent pixel (then it is read as genserve's own black-and-white mask, or has none)."""
+    image = _rgba(raw, max_pixels)
+    if image is None:
+        return None
+    alpha = image.getchannel("A")
+    if alpha.getextrema()[0] != 0:
+        return None
+    mask = alpha.point(lambda level: 255 if level == 0 else 0)
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def edit_files(image: bytes, mask: bytes | None, max_pixels: int) -> dict[str, str]:
+    """The edits route's uploads as genserve's base64 `init_image` and `mask`.
+
+    As OpenAI's edits API: the mask's fully transparent pixels mark what to repaint; without a mask,
+    the image's own fully transparent pixels do (and without either, the whole image is edited:
+    image-to-image). A mask without transparency is genserve's (white = repaint), passed on as sent."""
+    files = {"init_image": base64.b64encode(image).decode()}
+    if mask is not None:
+        files["mask"] = base64.b64encode(transparent_mask(mask, max_pixels) or mask).decode()
+    else:
+        derived = transparent_mask(image, max_pixels)
+        if derived is not None:
+            files["mask"] = base64.b64encode(derived).decode()
+    return files

@@ -38,7 +38,10 @@ def test_tool_schemas_are_the_request_models():
     schema = tools["generate_image"].input_schema
     assert schema["$defs"]["ImageRequest"]["properties"] == ImageRequest.model_json_schema()["properties"]
     assert schema["properties"]["wait_s"]["maximum"] == 300
-    assert set(tools) == {"generate_image", "generate_video", "enhance_prompt", "score_images", "get_job",
+    edit = tools["edit_image"].input_schema
+    assert edit["$defs"]["ImageRequest"] == schema["$defs"]["ImageRequest"], "edit_image takes POST /v1/images's body"
+    assert edit["properties"]["source_image"]["maximum"] == 3 and "source_job_id" in edit["properties"]
+    assert set(tools) == {"generate_image", "edit_image", "generate_video", "enhance_prompt", "score_images", "get_job",
                           "cancel_job", "list_models"}
 
 
@@ -56,6 +59,10 @@ def test_enhance_prompt_and_list_models_answer_structured(server):
     ("generate_image", {"request": {"prompt": "a fox"}, "wait_s": 9999}, "wait_s"),
     ("generate_image", {"request": {"prompt": "a fox"}}, "async jobs are not deployed"),
     ("get_job", {"job_id": ""}, "job_id"),
+    ("edit_image", {"request": {"prompt": "a fox"}}, "request.init_image: give the image to edit"),
+    ("edit_image", {"request": {"prompt": "a fox", "init_image": "aGk="}, "source_job_id": "j1"}, "not both"),
+    ("edit_image", {"request": {"prompt": "a fox", "init_image": "aGk="}, "source_image": 4}, "source_image"),
+    ("edit_image", {"request": {"prompt": "a fox", "init_image": "aGk="}}, "async jobs are not deployed"),
 ])
 def test_bad_arguments_are_tool_errors_naming_the_field_and_the_session_goes_on(server, name, arguments, words):
     bad, fine = _calls(server, (name, arguments), ("enhance_prompt", {"request": {"prompt": "a fox"}}))

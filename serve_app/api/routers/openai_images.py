@@ -1,4 +1,4 @@
-"""The OpenAI Images API: POST /v1/images/generations and GET /v1/models/{model}.
+"""The OpenAI Images API: POST /v1/images/generations, POST /v1/images/edits and GET /v1/models/{model}.
 
 The official `openai` SDK works against `base_url=http://host:8000/v1`. Requests are translated to
 `ImageRequest` (serve_app.api.openai_protocol) and run by the same services as POST /v1/images;
@@ -15,15 +15,21 @@ from starlette.exceptions import HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
 from ray.exceptions import RayActorError
 
 from serve_app.api.app import Services, VideoNotDeployed, field_of, services
 from serve_app.api.errors import explain_errors
 from serve_app.api.openai_protocol import (
     openai_errors,
+    EDIT_NAMES,
+    GENERATION_NAMES,
     OpenAIError,
     OpenAIImageRequest,
+    edit_files,
+    form_fields,
     from_detail,
+    from_validation_error,
     images_response,
     openai_model,
     param_name,
@@ -33,6 +39,7 @@ from serve_app.api.schemas import ImageRequest
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.model import SUCCEEDED
 from serve_app.jobs.schemas import JobSubmission
+from serve_app.security.guard import charge_images
 from serve_app.services.graph import Overloaded, StageTimeout
 from serve_app.services.validation import RequestError
 
@@ -47,7 +54,7 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as error:  # noqa: BLE001 - translated or re-raised below
-                translated = _openai_error(error)
+                translated = _openai_error(error, EDIT_NAMES if self.path == EDITS_PATH else GENERATION_NAMES)
                 if translated is None:
                     raise
                 state = getattr(request.app.state, "services", None)
@@ -76,24 +83,24 @@ def _metric_field(param: str | None) -> str:
     return name if name in _KNOWN_FIELDS else "unknown_field"
 
 
-_KNOWN_FIELDS = frozenset({"body", *OpenAIImageRequest.model_fields, *ImageRequest.model_fields})
+_KNOWN_FIELDS = frozenset({"body", "image", *OpenAIImageRequest.model_fields, *ImageRequest.model_fields})
 
 
-def _openai_error(error: Exception) -> OpenAIError | None:
+def _openai_error(error: Exception, names: dict[str, str] = GENERATION_NAMES) -> OpenAIError | None:
     if isinstance(error, OpenAIError):
         return error
     if isinstance(error, RequestValidationError):
         detail = explain_errors(list(error.errors()), OpenAIImageRequest)
         first = detail[0]
         loc = first.get("loc", ())
-        param = param_name(loc[1:]) if loc and loc[0] == "body" else field_of(loc)
+        param = param_name(loc[1:], names) if loc and loc[0] == "body" else field_of(loc)
         more = f" (and {len(detail) - 1} more)" if len(detail) > 1 else ""
         return OpenAIError(400, first["msg"] + more, param, first.get("type"))
     if isinstance(error, RequestError):
-        return from_detail(error.detail(), error.status)
+        return from_detail(error.detail(), error.status, names)
     if isinstance(error, jobs_http.JobError):
         if isinstance(error.detail, list):
-            return from_detail(error.detail, error.status)
+            return from_detail(error.detail, error.status, names)
         return OpenAIError(error.status, str(error.detail), None, None,
                            "invalid_request_error" if error.status < 500 else "server_error")
     if isinstance(error, Overloaded):
@@ -119,8 +126,72 @@ router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 async def create_image(body: OpenAIImageRequest, request: Request, service: Services = Depends(services)) -> dict:
     """OpenAI's `images.generate`: genserve's generate-score-regenerate graph behind OpenAI's fields.
     `revised_prompt` is the enhanced prompt; `genserve` carries seeds, scores, attempts and timings."""
-    image_request = to_image_request(body)
-    if body.response_format == "b64_json":
+    return await _respond(to_image_request(body), body.response_format, request, service)
+
+
+EDITS_PATH = "/v1/images/edits"
+# Form limits: the files are `image` and `mask` (the SDK sends a list of images as `image[]`); a text
+# field may carry a base64 control image, so parts are bounded by max_body_bytes (BodyLimit), not 1 MiB.
+_MAX_FILES, _MAX_FIELDS, _MAX_PART_BYTES = 4, 200, 64 * 1024 * 1024
+
+
+@router.post(EDITS_PATH, responses=openai_errors(400, 500, 503, 504), openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["image", "prompt"], "properties": {
+        "image": {"type": "string", "format": "binary", "description": "The PNG, JPEG or WebP to edit (init_image)."},
+        "mask": {"type": "string", "format": "binary", "description":
+                 "Where to repaint: fully transparent pixels (OpenAI's convention), or white in an opaque "
+                 "black-and-white mask; the image's size."},
+        **{name: schema for name, schema in OpenAIImageRequest.model_json_schema()["properties"].items()},
+    }, "additionalProperties": True}}}}})
+async def edit_image(request: Request, service: Services = Depends(services)) -> dict:
+    """OpenAI's `images.edit`: multipart `image` (+ `mask`) and the generations fields, run as
+    image-to-image (no mask) or inpainting by the same graph as POST /v1/images with init_image/mask.
+    genserve's own fields (`strength`, `seed`, `mask_blur`, ...) go beside them (the SDK's `extra_body`)."""
+    if not request.headers.get("content-type", "").startswith(("multipart/form-data",
+                                                                "application/x-www-form-urlencoded")):
+        raise OpenAIError(400, "send multipart/form-data with the image as a file (POST /v1/images takes JSON "
+                               "with a base64 init_image)", None, "invalid_content_type")
+    try:
+        form = await request.form(max_files=_MAX_FILES, max_fields=_MAX_FIELDS, max_part_size=_MAX_PART_BYTES)
+    except HTTPException as error:
+        raise OpenAIError(400, f"the multipart body could not be read: {error.detail}", None, "invalid_multipart")
+    try:
+        fields = form_fields([(key, value) for key, value in form.multi_items()
+                              if key not in ("image", "image[]", "mask")])
+        image = await _upload(form.getlist("image") + form.getlist("image[]"), "image", required=True)
+        mask = await _upload(form.getlist("mask"), "mask", required=False)
+    finally:
+        await form.close()
+    try:
+        body = OpenAIImageRequest.model_validate(fields, strict=False)  # form values are all text
+    except ValidationError as error:
+        raise from_validation_error(error, OpenAIImageRequest, EDIT_NAMES) from None
+    image_request = to_image_request(body, edit_files(image, mask, service.images.max_input_pixels), EDIT_NAMES,
+                                     form=True)
+    return await _respond(image_request, body.response_format, request, service)
+
+
+async def _upload(values: list, field: str, required: bool) -> bytes | None:
+    """The bytes of the one file sent as `field`; an OpenAIError naming it otherwise."""
+    if not values:
+        if required:
+            raise OpenAIError(400, f"{field}: Field required (a PNG, JPEG or WebP file part)", field, "missing")
+        return None
+    if len(values) > 1:
+        raise OpenAIError(400, f"{field}: genserve edits one image per request; got {len(values)}", field,
+                          "too_many_files")
+    upload = values[0]
+    if isinstance(upload, str):
+        raise OpenAIError(400, f"{field}: send it as a file part (multipart filename=...), not a text field",
+                          field, "invalid_value")
+    return await upload.read()
+
+
+async def _respond(image_request: ImageRequest, response_format: str, request: Request, service: Services) -> dict:
+    """b64_json: run it now, charged to the caller's daily image budget as POST /v1/images is;
+    url: a durable job (charged when it is submitted)."""
+    if response_format == "b64_json":
+        await charge_images(request, image_request.num_images)
         return images_response(await service.generate_images(image_request))
     return await _url_response(image_request, request, service)
 
