@@ -41,7 +41,8 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
     from serve_app.config import app_args_from_config
 
     args = app_args_from_config(config).model_dump(exclude_none=True)
-    for model in [*args["image_models"], *(args[name] for name in ("scorer", "svd") if args.get(name) is not None)]:
+    for model in [*args["image_models"], *args.get("video_models", []),
+                  *(args[name] for name in ("scorer",) if args.get(name) is not None)]:
         model["source"] = "tiny"
         model["device"].update(dtype="auto", torch_threads=1)
     llm = args["enhancer"]["llm"]
@@ -59,7 +60,8 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
             options["depth_estimator"] = "tiny"
         if model["family"] == "sdxl":
             model.update(default_width=256, default_height=256)
-    by_deployment = {generator_name(model["id"]): model for model in args["image_models"]}
+    by_deployment = {generator_name(model["id"]): model
+                     for model in [*args["image_models"], *args.get("video_models", [])]}
     for name, options in deployments.items():
         if name in by_deployment:
             by_deployment[name]["deployment"] = {**by_deployment[name]["deployment"], **options}

@@ -86,7 +86,7 @@ class JobsApi:
     async def _validated(self, submission: JobSubmission) -> dict:
         """The request as it will run: validated like the sync endpoint, seed filled in."""
         if submission.kind == "video" and self.videos is None:
-            raise JobError(501, "video generation is not deployed: add `svd:` to the config")
+            raise JobError(501, "video generation is not deployed: add a video_models entry to the config")
         model = ImageRequest if submission.kind == "image" else VideoRequest
         try:
             parsed = model.model_validate(submission.request)
