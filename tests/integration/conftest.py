@@ -43,6 +43,9 @@ def _start_dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
     args["loras"]["dir"] = str(loras)
     args["jobs"]["data_dir"] = str(data_dir)
     args["jobs"]["progress_interval_s"] = 0  # every denoising step, which the job tests follow
+    # Two video jobs at once (the default adds up both video models' capacities, 4): the cancel test
+    # fills the default video model's replica and needs the third job to wait in the job queue.
+    args["jobs"]["max_concurrent_jobs"] = {"video": 2}
     client = stack.enter_context(running_app(args))
     return {"client": client, "data_dir": data_dir, "args": args}
 

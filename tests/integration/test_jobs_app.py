@@ -187,8 +187,8 @@ def test_list_filters_by_state_and_pages(client):
 
 
 def test_cancel_queued_and_running_jobs_touches_no_other_job(client):
-    """Video slots are 2 (SvdGenerator's capacity): a long video runs, a short one waits for the
-    replica, a third waits in the job queue."""
+    """Video slots are 2 in the shared app (jobs.max_concurrent_jobs.video; SvdGenerator takes 2): a long
+    video runs, a short one waits for the replica, a third waits in the job queue."""
     long = submit(client, "video", {"image": png_b64(), "num_frames": 3, "num_inference_steps": 100})["id"]
     wait_for(client, long, in_stage("video", min_step=2), what="the long video denoising")
     short = submit(client, "video", {"image": png_b64((10, 120, 240)), "num_frames": 2, "num_inference_steps": 3})["id"]
