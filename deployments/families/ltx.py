@@ -7,10 +7,9 @@ holds the weights once and serves both. The VAE compresses 32x32 pixels and 8 fr
 first) into one latent, hence its rules: width and height multiples of 32, 8k+1 frames.
 
 Why LTX-Video and not Wan 2.2 TI2V-5B (both do text- and image-to-video from one checkpoint):
-LTX-Video 0.9.x is about 2 B parameters in its transformer against Wan 2.2 TI2V-5B's 5 B, runs at
-real-time-class speed on one GPU, is served by diffusers' own `LTXPipeline`/`LTXImageToVideoPipeline`
-pair (Wan 2.2 TI2V-5B needs the Wan 2.2 VAE and `WanPipeline`'s `expand_timesteps` path), and fits
-beside the image models on one card. See docs/video.md.
+LTX-Video 0.9 has a 1.9 B transformer (counted on the meta device) against Wan 2.2 TI2V-5B's 5 B, so
+it fits beside the image models on one card, and diffusers serves both of its modes from one set of
+loaded components with its own `LTXPipeline`/`LTXImageToVideoPipeline` pair. See docs/video.md.
 """
 
 from __future__ import annotations
