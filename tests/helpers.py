@@ -53,6 +53,9 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
         llm["device"].update(dtype="auto", torch_threads=1)
     if args.get("scorer") is not None:  # the LAION head too: a random one sized to the tiny CLIP
         args["scorer"].setdefault("laion", {})["source"] = "tiny"
+    for model in args.get("video_models", []):
+        if "motion_adapter" in model["options"]:  # animatediff: the adapter too
+            model["options"]["motion_adapter"] = "tiny"
     for model in args["image_models"]:
         options = model["options"]
         if "controlnets" in options:

@@ -33,6 +33,7 @@ BUILTIN: dict[str, str] = {
 VIDEO_BUILTIN: dict[str, str] = {
     "svd": "deployments.families.svd",
     "ltx": "deployments.families.ltx",
+    "animatediff": "deployments.families.animatediff",
 }
 
 

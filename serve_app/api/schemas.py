@@ -381,8 +381,8 @@ class VideoRequest(BaseModel):
     decode_chunk_size: int | None = _family_param(
         ge=1, le=25, description="svd: frames decoded at once; lower = less memory (config)."
     )
-    guidance_scale: float | None = _family_param(ge=0, le=30, description="ltx: classifier-free guidance (3).")
-    negative_prompt: str | None = _family_param(max_length=2000, description="ltx: what the video should not show.")
+    guidance_scale: float | None = _family_param(ge=0, le=30, description="ltx, animatediff: classifier-free guidance.")
+    negative_prompt: str | None = _family_param(max_length=2000, description="ltx, animatediff: what the video should not show.")
     output_format: Literal["mp4", "gif", "webp"] = Field("mp4", description="H.264 MP4, or animated GIF/WebP.")
     response_format: Literal["json", "binary"] = Field(
         "json", description="json: base64 in JSON with metadata; binary: the file itself, metadata in headers."

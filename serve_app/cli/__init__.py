@@ -5,8 +5,8 @@
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
     genserve bench-scores [options]  scoring cost of a batch of images against one image
-    genserve save-tiny FAMILY DIR    write a tiny random model (flux | sdxl | sd15 | svd | ltx | clip | llm | laion |
-                                     sdxl-controlnet | depth) as a local folder
+    genserve save-tiny FAMILY DIR    write a tiny random model (flux | sdxl | sd15 | svd | ltx | animatediff | clip | llm |
+                                     laion | sdxl-controlnet | depth) as a local folder
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import shutil
 import threading
 import time
 
@@ -108,7 +109,7 @@ def test_gif_and_webp_have_every_frame(client, fmt, content_type):
         ({"prompt": "a fox", "width": 300}, ["body", "width"], "needs a multiple of 64 between 256 and 2048; got 300"),
         ({"prompt": "a fox", "num_frames": 40}, ["body", "num_frames"], "svd (svd) makes 2-25 frames; got 40"),
         ({"prompt": "a fox", "fps": 61}, ["body", "fps"], "allowed: 1-60"),
-        ({"prompt": "a fox", "model": "wan"}, ["body", "model"], "must be one of the video models ['svd', 'ltx-video']"),
+        ({"prompt": "a fox", "model": "wan"}, ["body", "model"], "must be one of the video models ['svd', 'ltx-video', 'animatediff']"),
         ({"prompt": "a fox", "model": "ltx-video", "num_frames": 12}, ["body", "num_frames"],
          "ltx-video (ltx) makes 8k+1 frames between 9 and 257; got 12 (nearest: 9 or 17)"),
         ({"prompt": "a fox", "model": "ltx-video", "width": 100}, ["body", "width"],
@@ -218,6 +219,19 @@ def test_ltx_image_to_video_takes_an_image_and_a_prompt(client, tmp_path):
     assert (body.mode, body.num_frames, body.width, body.height) == ("image-to-video", 9, 96, 64)  # dev defaults
 
 
+def test_animatediff_text_to_video_over_sd15(client, tmp_path):
+    request = {"model": "animatediff", "prompt": "a windmill turning", "num_frames": 6, "seed": 8,
+               "negative_prompt": "blurry"}
+    response = client.post("/v1/videos", json=request)
+    assert response.status_code == 200, response.text
+    body = VideoResponse.model_validate(response.json())
+    assert (body.family, body.mode, body.num_frames, body.width, body.height) == ("animatediff", "text-to-video", 6, 64, 64)
+    meta, frames = _mp4_frames(base64.b64decode(body.b64_video), tmp_path)
+    assert len(frames) == 6 and meta["size"] == (64, 64)
+    upload = client.post("/v1/videos", json={"model": "animatediff", "image": _b64_png()})
+    assert upload.status_code == 422 and upload.json()["detail"][0]["loc"] == ["body", "image"]
+
+
 @pytest.mark.parametrize("model, factor", [("ltx-video", 2), ("svd", 4)])
 def test_interpolation_gives_n_minus_one_times_k_plus_one_frames_at_k_fps(client, tmp_path, model, factor):
     request = {"model": model, "image": _b64_png(), "num_frames": 9, "fps": 8, "seed": 1, "num_inference_steps": 1,
@@ -238,7 +252,8 @@ def test_interpolation_gives_n_minus_one_times_k_plus_one_frames_at_k_fps(client
 def test_models_lists_the_video_models_from_the_registry(client):
     catalog = client.get("/v1/models").json()
     videos = {model["id"]: model for model in catalog["video_models"]}
-    assert list(videos) == ["svd", "ltx-video"] and catalog["default_video_model"] == "svd"
+    assert list(videos) == ["svd", "ltx-video", "animatediff"] and catalog["default_video_model"] == "svd"
+    assert (videos["animatediff"]["image_to_video"], videos["animatediff"]["text_to_video"]) == (False, "native")
     svd, ltx = videos["svd"], videos["ltx-video"]
     assert (svd["family"], svd["image_to_video"], svd["text_to_video"], svd["frames"]) == ("svd", True, "keyframe", "2-25 frames")
     assert (ltx["text_to_video"], ltx["frames"], ltx["size"]) == ("native", "8k+1 frames between 9 and 257",
@@ -255,3 +270,19 @@ def test_python_handle_names_a_video_model(client):
         VideoRequest(model="ltx-video", prompt="a lantern", num_frames=9, seed=9, num_inference_steps=1)
     ).result()
     assert isinstance(response, VideoResponse) and (response.model, response.num_frames) == ("ltx-video", 9)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the documented example uses curl, which is not installed")
+def test_the_documented_video_example_runs(client, tmp_path):
+    import re
+    import subprocess
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "video.md").read_text()
+    command = re.search(r"## Requests\n\n```bash\n(.*?)```", doc, re.S).group(1)
+    command = command.replace("127.0.0.1:8000", f"127.0.0.1:{client.base_url.port}")
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    meta, frames = _mp4_frames((tmp_path / "fox.mp4").read_bytes(), tmp_path)
+    assert len(frames) == (17 - 1) * 2 + 1 and meta["fps"] == 48 and meta["size"] == (96, 64)

@@ -140,3 +140,27 @@ def test_saved_tiny_ltx_loads_through_from_pretrained(tmp_path):
     assert loaded.info()["source"] == str(folder)
     output = asyncio.run(loaded.animate(_ltx_params(interpolate=2), None))
     assert (output.source_frames, output.num_frames, output.fps) == (9, 17, 48)
+
+
+ANIMATEDIFF = VideoModelConfig(id="animatediff", family="animatediff", source="tiny", default_width=64,
+                               default_height=64, default_num_frames=4, default_steps=2,
+                               options={"motion_adapter": "tiny"})
+
+
+def test_animatediff_is_text_to_video_only_over_sd15_weights(tmp_path):
+    family = get_video_family("animatediff")
+    assert (family.image_to_video, family.text_to_video, family.frames.describe()) == (False, "native", "2-32 frames")
+    with pytest.raises(RequestError, match="has no image-to-video") as caught:
+        _plan(ANIMATEDIFF, image="x")
+    assert caught.value.field == "image"
+    # The real loading path: SD 1.5 weights and the motion adapter from saved folders.
+    sd15 = save_tiny("sd15", tmp_path / "sd15")
+    adapter = save_tiny("animatediff", tmp_path / "adapter")
+    entry = ANIMATEDIFF.model_copy(update={"source": str(sd15), "options": {"motion_adapter": str(adapter)}})
+    loaded = VideoGenerator.func_or_class(entry)
+    assert type(loaded._model.pipeline.unet).__name__ == "UNetMotionModel"
+    params = _ltx_params(width=64, height=64, num_frames=4, fps=8, output_format="gif",
+                         options={"guidance_scale": 7.5, "negative_prompt": "blurry"})
+    first = asyncio.run(loaded.animate(params, None))
+    again = asyncio.run(loaded.animate(params, None))
+    assert (first.num_frames, first.width, first.height) == (4, 64, 64) and first.data == again.data
