@@ -260,6 +260,8 @@ def test_models_lists_the_video_models_from_the_registry(client):
                                                                   "a multiple of 32 between 64 and 1280")
     assert ltx["params"] == ["guidance_scale", "negative_prompt"] and svd["param_defaults"]["motion_bucket_id"] == 127
     assert ltx["deployment"]["family"] == "ltx" and svd["deployment"]["model_num_frames"] == 8
+    health = client.get("/healthz").json()["deployments"]
+    assert all(health[f"video:{model_id}"]["ok"] for model_id in videos)
 
 
 def test_python_handle_names_a_video_model(client):
