@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.families import ImageFamily, LoadedImageModel
+from deployments.families.base import prompt_arguments
 
 
 class ToyOptions(BaseModel):
@@ -19,11 +20,11 @@ class ToyOptions(BaseModel):
 
 
 class LoadedToy(LoadedImageModel):
-    def __call__(self, params, prompt, control, generators, callback):
+    def __call__(self, params, prompts, control, generators, callback):
         images = self.pipeline(
-            prompt=prompt.prompt, width=params.width, height=params.height,
+            **prompt_arguments(prompts), width=params.width, height=params.height,
             num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
-            num_images_per_prompt=len(params.seeds), generator=generators, output_type="np",
+            num_images_per_prompt=1, generator=generators, output_type="np",
             callback_on_step_end=callback,
         ).images
         return 1.0 - images if self.options.invert else images

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationParams, PromptForm
 
 if TYPE_CHECKING:
-    from deployments.config import ImageModelConfig
+    from deployments.config import AccelerationConfig, ImageModelConfig
     from deployments.runtime.loading import Placement
 
 
@@ -63,6 +63,47 @@ class LoraSignature:
         )
 
 
+@dataclass(frozen=True)
+class AccelerationSupport:
+    """What a family's denoiser supports of the acceleration tiers (`deployments.config.AccelerationConfig`).
+
+    `denoiser`: the pipeline attribute compiled, quantized and cached (`transformer`, `unet`).
+    `repeated_blocks`: it declares `_repeated_blocks`, so `compile: repeated_blocks` applies.
+    `cache_hooks`: the diffusers cache hooks it takes (`first_block`; a UNet takes none).
+    `fuse_qkv`: it has `fuse_qkv_projections`. `channels_last`: its convolutions gain from it.
+    Compilation, quantization, attention backends and VAE tiling need nothing of the family.
+    """
+
+    denoiser: str = "transformer"
+    repeated_blocks: bool = False
+    cache_hooks: tuple[str, ...] = ()
+    fuse_qkv: bool = False
+    channels_last: bool = False
+
+    def unsupported(self, tier: "AccelerationConfig") -> str | None:
+        """Why this family cannot run `tier` (naming the field), or None when it can."""
+        if tier.compile == "repeated_blocks" and not self.repeated_blocks:
+            return f"compile: repeated_blocks: this family's {self.denoiser} declares no repeated blocks; use 'full'"
+        if tier.cache is not None and tier.cache.kind not in self.cache_hooks:
+            have = ", ".join(self.cache_hooks) or "none"
+            return f"cache.kind: {tier.cache.kind!r} is not a cache hook this family's {self.denoiser} takes ({have})"
+        if tier.fuse_qkv and not self.fuse_qkv:
+            return f"fuse_qkv: this family's {self.denoiser} cannot fuse its QKV projections"
+        if tier.channels_last and not self.channels_last:
+            return f"channels_last: this family's {self.denoiser} has no convolutions that gain from it"
+        return None
+
+
+def prompt_arguments(prompts: list[EnhancedPrompt]) -> dict:
+    """`prompt` and `negative_prompt` of a diffusers call for one image per prompt. A batch never
+    mixes prompts with and without a negative one (it is part of the batch key): diffusers treats
+    None (zero embeddings, for SDXL) differently from an empty string."""
+    negatives = [prompt.negative_prompt for prompt in prompts]
+    return {"prompt": [prompt.prompt for prompt in prompts],
+            "negative_prompt": None if all(negative is None for negative in negatives) else
+            [negative or "" for negative in negatives]}
+
+
 class LoadedImageModel:
     """A family's pipeline, loaded on its device. Subclasses implement `__call__`.
 
@@ -85,9 +126,11 @@ class LoadedImageModel:
         """The control map of a reference picture; families with ControlNets override it."""
         raise ValueError(f"{self.config.id} has no ControlNet")
 
-    def __call__(self, params: GenerationParams, prompt: EnhancedPrompt, control: ControlInput | None,
+    def __call__(self, params: GenerationParams, prompts: list[EnhancedPrompt], control: ControlInput | None,
                  generators: list, callback) -> Any:
-        """Run the pipeline for one batch (one image per seed); return float images (N, H, W, 3) in [0, 1]."""
+        """Run the pipeline for one batch: image i from `prompts[i]` and `generators[i]` (one per seed
+        of `params.seeds`), with `num_images_per_prompt=1`; several requests batched together give
+        one call (`prompt_arguments` makes the prompt arguments). Return float images (N, H, W, 3) in [0, 1]."""
         raise NotImplementedError
 
     def info(self) -> dict:
@@ -118,6 +161,8 @@ class ImageFamily:
     # How this family's LoRA files are recognised; None: the family takes no LoRAs.
     lora: ClassVar[LoraSignature | None] = None
     loaded_class: ClassVar[type[LoadedImageModel]] = LoadedImageModel
+    # Which acceleration tiers the family's denoiser supports (the config is checked against it).
+    acceleration: ClassVar[AccelerationSupport] = AccelerationSupport()
 
     def options_of(self, config: "ImageModelConfig") -> BaseModel:
         """The entry's `options:` validated against this family's `Options` model."""
@@ -150,4 +195,10 @@ class ImageFamily:
         )
 
     def load(self, config: "ImageModelConfig", placement: "Placement") -> LoadedImageModel:
-        return self.loaded_class(self, config, placement, self.load_pipeline(config, placement))
+        """The pipeline on its device, with the entry's acceleration tier applied to the modules that
+        every pipeline built from it shares (so a ControlNet pipeline gets it too)."""
+        from deployments.runtime.acceleration import accelerate
+
+        pipeline = self.load_pipeline(config, placement)
+        accelerate(pipeline, config.acceleration, self.acceleration, placement)
+        return self.loaded_class(self, config, placement, pipeline)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature
+from deployments.families.base import (
+    AccelerationSupport, ImageFamily, LoadedImageModel, LoraSignature, prompt_arguments,
+)
 from deployments.runtime.types import PromptForm
 
 
@@ -25,14 +27,14 @@ class FluxOptions(BaseModel):
 
 
 class LoadedFlux(LoadedImageModel):
-    def __call__(self, params, prompt, control, generators, callback):
+    def __call__(self, params, prompts, control, generators, callback):
         return self.pipeline(
-            prompt=prompt.prompt,
+            **prompt_arguments(prompts),
             width=params.width,
             height=params.height,
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
-            num_images_per_prompt=len(params.seeds),
+            num_images_per_prompt=1,
             generator=generators,
             max_sequence_length=self.options.max_sequence_length,
             output_type="np",
@@ -50,6 +52,9 @@ class FluxFamily(ImageFamily):
     default_guidance = 3.5
     negative_prompt = False
     loaded_class = LoadedFlux
+    acceleration = AccelerationSupport(
+        denoiser="transformer", repeated_blocks=True, cache_hooks=("first_block",), fuse_qkv=True
+    )
     # FLUX's T5 encoder follows natural sentences.
     prompt_form = PromptForm(
         instructions="Write one or two natural, flowing sentences (at most 70 words) describing the scene concretely.",

@@ -8,20 +8,21 @@ SDXL.
 
 from __future__ import annotations
 
-from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature
+from deployments.families.base import (
+    AccelerationSupport, ImageFamily, LoadedImageModel, LoraSignature, prompt_arguments,
+)
 from deployments.runtime.types import PromptForm
 
 
 class LoadedSd15(LoadedImageModel):
-    def __call__(self, params, prompt, control, generators, callback):
+    def __call__(self, params, prompts, control, generators, callback):
         return self.pipeline(
-            prompt=prompt.prompt,
-            negative_prompt=prompt.negative_prompt,
+            **prompt_arguments(prompts),
             width=params.width,
             height=params.height,
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
-            num_images_per_prompt=len(params.seeds),
+            num_images_per_prompt=1,
             generator=generators,
             output_type="np",
             callback_on_step_end=callback,
@@ -38,6 +39,7 @@ class Sd15Family(ImageFamily):
     default_size = (512, 512)
     negative_prompt = True
     loaded_class = LoadedSd15
+    acceleration = AccelerationSupport(denoiser="unet", repeated_blocks=True, fuse_qkv=True, channels_last=True)
     # One CLIP encoder of 77 tokens: short tags, as for SDXL, but fewer.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 30 words): subject first, then details, "

@@ -22,7 +22,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.config import ModelSource
-from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature
+from deployments.families.base import (
+    AccelerationSupport, ImageFamily, LoadedImageModel, LoraSignature, prompt_arguments,
+)
 from deployments.names import CONTROL_TYPES, ControlType
 from deployments.runtime.loading import Placement, is_tiny, pretrained_location
 from deployments.runtime.types import ControlInput, PromptForm
@@ -144,7 +146,7 @@ class LoadedSdxl(LoadedImageModel):
                 result = await asyncio.to_thread(self.depth.estimate, control.image)
         return dataclasses.replace(control, image=result, preprocess=False)
 
-    def __call__(self, params, prompt, control, generators, callback):
+    def __call__(self, params, prompts, control, generators, callback):
         from PIL import Image
 
         pipeline, extra = self.pipeline, {}
@@ -152,13 +154,12 @@ class LoadedSdxl(LoadedImageModel):
             pipeline = self.controlled[control.type]
             extra = {"image": Image.fromarray(control.image), "controlnet_conditioning_scale": control.conditioning_scale}
         return pipeline(
-            prompt=prompt.prompt,
-            negative_prompt=prompt.negative_prompt,
+            **prompt_arguments(prompts),
             width=params.width,
             height=params.height,
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
-            num_images_per_prompt=len(params.seeds),
+            num_images_per_prompt=1,
             generator=generators,
             output_type="np",
             callback_on_step_end=callback,
@@ -182,6 +183,7 @@ class SdxlFamily(ImageFamily):
     default_guidance = 5.0
     negative_prompt = True
     loaded_class = LoadedSdxl
+    acceleration = AccelerationSupport(denoiser="unet", repeated_blocks=True, fuse_qkv=True, channels_last=True)
     # SDXL's CLIP encoders respond to short comma-separated tags.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 40 words): subject first, then details, "

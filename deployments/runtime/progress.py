@@ -55,12 +55,17 @@ class StepMonitor:
         self.steps_done = step + 1
         if self.stop.is_set():
             raise Interrupted(f"stopped after step {self.steps_done} of {self.total_steps}")
+        self.report(step)
+        return callback_kwargs
+
+    def report(self, step: int) -> None:
+        """Step `step` (0-based) has finished: send it to the target if one is due."""
+        self.steps_done = step + 1
         now = time.perf_counter()
         if self.target is not None and now - self._last_report >= self.target.min_interval_s:
             self._last_report = now
             self.reports_sent += 1
             self._loop.call_soon_threadsafe(self._send, self.steps_done, now - self._started)
-        return callback_kwargs
 
     def _send(self, step: int, elapsed_s: float) -> None:
         target = self.target
@@ -76,6 +81,31 @@ class StepMonitor:
             handle.record_progress.remote(target.job_id, target.attempt, progress)  # not awaited: see above
         except Exception:  # progress is advisory; never fail a generation over it
             logger.warning("could not report progress of job %s", target.job_id, exc_info=True)
+
+
+class BatchMonitor:
+    """`callback_on_step_end` for one pipeline call shared by several requests (a batch).
+
+    Each request keeps its own `StepMonitor`: every step is reported to each request's own
+    target, so each job sees its progress. A request whose caller cancelled it stops being
+    reported and its result is dropped, but the call goes on for the others; only when every
+    request of the batch is cancelled does the call stop at the step end.
+    """
+
+    def __init__(self, monitors: list[StepMonitor]):
+        self.monitors = monitors
+
+    def started(self) -> None:
+        for monitor in self.monitors:
+            monitor.started()
+
+    def __call__(self, pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+        live = [monitor for monitor in self.monitors if not monitor.stop.is_set()]
+        if not live:
+            raise Interrupted(f"every request of the batch was cancelled; stopped after step {step + 1}")
+        for monitor in live:
+            monitor.report(step)
+        return callback_kwargs
 
 
 async def run_interruptibly(function: Callable[[], Any], monitor: StepMonitor) -> Any:
