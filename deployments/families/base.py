@@ -197,8 +197,9 @@ class ImageFamily:
     def load(self, config: "ImageModelConfig", placement: "Placement") -> LoadedImageModel:
         """The pipeline on its device, with the entry's acceleration tier applied to the modules that
         every pipeline built from it shares (so a ControlNet pipeline gets it too)."""
-        from deployments.runtime.acceleration import accelerate
+        from deployments.runtime.acceleration import accelerate, check_hardware
 
+        check_hardware(config.acceleration, placement)  # before the weights load: fail fast
         pipeline = self.load_pipeline(config, placement)
         accelerate(pipeline, config.acceleration, self.acceleration, placement)
         return self.loaded_class(self, config, placement, pipeline)

@@ -37,11 +37,6 @@ class AccelerationError(RuntimeError):
 
 def check_hardware(tier: "AccelerationConfig", placement: "Placement") -> None:
     """Raise AccelerationError when this replica's device or packages cannot run `tier`."""
-    if tier.quantization != "none" and importlib.util.find_spec("torchao") is None:
-        raise AccelerationError(
-            f"acceleration.quantization: {tier.quantization!r} needs the torchao package, which is not installed "
-            "in this replica's environment (pip install torchao)"
-        )
     if tier.quantization == "fp8_dynamic":
         capability = _cuda_capability(placement)
         if capability is None:
@@ -55,6 +50,11 @@ def check_hardware(tier: "AccelerationConfig", placement: "Placement") -> None:
                 f"acceleration.quantization: 'fp8_dynamic' needs compute capability 8.9 or newer; this GPU has "
                 f"{capability[0]}.{capability[1]} (use 'int8_weight_only')"
             )
+    if tier.quantization != "none" and importlib.util.find_spec("torchao") is None:
+        raise AccelerationError(
+            f"acceleration.quantization: {tier.quantization!r} needs the torchao package, which is not installed "
+            "in this replica's environment (pip install torchao)"
+        )
     if tier.attention_backend in _CUDA_ONLY_BACKENDS and placement.device != "cuda":
         raise AccelerationError(
             f"acceleration.attention_backend: {tier.attention_backend!r} runs on CUDA only; this replica runs on "
