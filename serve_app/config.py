@@ -173,6 +173,18 @@ class ImageModelEntry(ImageModelConfig):
     def deployment_name(self) -> str:
         return generator_name(self.id)
 
+    @model_validator(mode="after")
+    def _batches_can_fill(self) -> "ImageModelEntry":
+        from deployments.image_generator import ImageGenerator
+
+        per_replica = self.deployment.max_ongoing_requests or ImageGenerator.max_ongoing_requests
+        if self.batching.enabled and per_replica < self.batching.max_batch_images:
+            raise ValueError(
+                f"deployment.max_ongoing_requests ({per_replica}) is below batching.max_batch_images "
+                f"({self.batching.max_batch_images}): a replica would never hold enough requests to fill a batch"
+            )
+        return self
+
 
 def _default_image_models() -> list[ImageModelEntry]:
     return [ImageModelEntry(id="flux-schnell", family="flux", source="black-forest-labs/FLUX.1-schnell",

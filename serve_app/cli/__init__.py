@@ -3,6 +3,7 @@
     genserve serve [CONFIG] [--timeout S] [--address ADDR] [--detach]
                                      deploy CONFIG (default configs/dev.yaml) and wait until it runs
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
+    genserve bench --concurrency 1 8 64   throughput and p50/p95 under concurrent clients, batching off and on
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
     genserve bench-scores [options]  scoring cost of a batch of images against one image
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd | llm | laion | sdxl |
@@ -77,6 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.concurrency:
+        return _bench_concurrency(args)
     from serve_app.bench.images import format_table, run_benchmark
 
     samples = run_benchmark(args.config, args.requests, args.warmup, args.width, args.height, args.steps,
@@ -84,6 +87,17 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"genserve bench: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
           f"{args.requests} sequential requests after {args.warmup} warm-up")
     print(format_table(samples))
+    return 0
+
+
+def _bench_concurrency(args: argparse.Namespace) -> int:
+    from serve_app.bench.concurrency import format_concurrency_table, run_concurrency_benchmark
+
+    levels = run_concurrency_benchmark(args.config, args.concurrency, args.requests, args.warmup, args.width,
+                                       args.height, args.steps, args.max_batch_images, args.batch_wait_ms)
+    print(f"genserve bench --concurrency: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
+          f"max({args.requests}, 2 x clients) requests per level after {args.warmup} warm-up; batching off, then on")
+    print(format_concurrency_table(levels))
     return 0
 
 
@@ -146,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         parser_.set_defaults(func=func)
     bench.add_argument("--compare-metrics", action="store_true",
                        help="also run through Serve with the config's metrics setting flipped")
+    bench.add_argument("--concurrency", type=int, nargs="+", default=None, metavar="CLIENTS",
+                       help="throughput and p50/p95 at these client counts, batching off and on (e.g. 1 8 64)")
+    bench.add_argument("--max-batch-images", type=int, default=8, help="with --concurrency: the batch cap")
+    bench.add_argument("--batch-wait-ms", type=float, default=20.0, help="with --concurrency: the batch wait")
     bench.add_argument("--compare-enhancer", action="store_true",
                        help="also run with the other enhancer mode (template <-> the config's llm)")
 
