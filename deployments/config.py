@@ -171,6 +171,16 @@ class CombinedWeights(_Strict):
         return self
 
 
+class BatchingConfig(_Strict):
+    """Request batching (Ray Serve's @serve.batch). Image models: requests for the same size, steps,
+    guidance, LoRA set and control run as one pipeline call; different ones never mix. The scorer:
+    concurrent score calls run as one CLIP forward pass, each image against its own prompt."""
+
+    enabled: bool = Field(False, description="Batch requests that arrive within `wait_ms` of each other.")
+    max_batch_images: int = Field(8, ge=1, le=64, description="Most images in one pipeline call.")
+    wait_ms: float = Field(10.0, ge=0, le=1000, description="How long the first request waits for others to join.")
+
+
 class ScorerConfig(_Strict):
     """CLIP scoring of generated images."""
 
@@ -197,6 +207,9 @@ class ScorerConfig(_Strict):
     laion: LaionHeadConfig = Field(
         default_factory=LaionHeadConfig,
         description="The LAION aesthetic predictor head (the `laion` score, 1-10).",
+    )
+    batching: BatchingConfig = Field(
+        default_factory=BatchingConfig, description="Batch concurrent score calls into one forward pass; default off."
     )
 
     @property
@@ -455,15 +468,6 @@ class AccelerationConfig(_Strict):
     @property
     def lossy(self) -> bool:
         return self.cache is not None
-
-
-class BatchingConfig(_Strict):
-    """Request batching (Ray Serve's @serve.batch): requests for the same model, size, steps,
-    guidance, LoRA set and control run as one pipeline call; different ones never mix."""
-
-    enabled: bool = Field(False, description="Batch requests that arrive within `wait_ms` of each other.")
-    max_batch_images: int = Field(8, ge=1, le=64, description="Most images in one pipeline call.")
-    wait_ms: float = Field(10.0, ge=0, le=1000, description="How long the first request waits for others to join.")
 
 
 class WarmupShape(_Strict):

@@ -1,8 +1,8 @@
 """`genserve bench --concurrency 1 8 64`: throughput and latency under concurrent clients, batching off and on.
 
 The config's app is started twice on a Ray of its own (`serve_app.bench.images.serving`): once
-with the default model's `batching` off, once on (its `max_ongoing_requests` raised to the
-batch size, so a replica can hold a full batch). At each concurrency level, that many HTTP
+with the default model's and the scorer's `batching` off, once on (the model's
+`max_ongoing_requests` raised to the batch size, so a replica can hold a full batch). At each concurrency level, that many HTTP
 clients send `POST /v1/images` back to back until the level's requests are done. Throughput is
 successful responses per second of wall time; p50/p95 are client-side latencies of the
 successful ones; failures (e.g. 503 when a queue bound is hit) are counted, not hidden.
@@ -49,7 +49,9 @@ def with_batching(args: AppArgs, enabled: bool, max_batch_images: int, wait_ms: 
             entry = entry.model_validate({**entry.model_dump(), "batching": batching.model_dump(),
                                           "deployment": deployment.model_dump(exclude_unset=True)})
         entries.append(entry)
-    return args.model_copy(update={"image_models": entries})
+    scorer = args.scorer.model_copy(update={"batching": args.scorer.batching.model_copy(
+        update={"enabled": enabled, "max_batch_images": max_batch_images, "wait_ms": wait_ms})})
+    return args.model_copy(update={"image_models": entries, "scorer": scorer})
 
 
 async def _level(base_url: str, body: dict, mode: str, clients: int, requests: int) -> Level:

@@ -162,3 +162,30 @@ def test_info_reports_the_tier_batching_warmup_and_cold_start():
     assert info["warmup_shapes"] == [{"width": 256, "height": 256, "steps": 2, "images": 1},
                                      {"width": 128, "height": 128, "steps": 2, "images": 2}]
     assert info["cold_start"]["load_s"] > 0 and info["cold_start"]["warmup_s"] > 0
+
+
+def test_concurrent_score_calls_share_one_forward_pass_and_score_as_alone():
+    from deployments.config import ScorerConfig
+    from deployments.scoring.clip_scorer import ClipScorer
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (2, 96, 96, 3), dtype=np.uint8), rng.integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)]
+    prompts = ["a red fox in snow", "a bowl of ramen"]
+    alone = ClipScorer.func_or_class(ScorerConfig(source="tiny"), metrics=False)
+    expected = [asyncio.run(alone.score(batch, prompt)) for batch, prompt in zip(images, prompts)]
+    scorer = ClipScorer.func_or_class(ScorerConfig(source="tiny", batching={"enabled": True, "wait_ms": 300}),
+                                      metrics=False)
+    passes = []
+    score = scorer._score
+    scorer._score = lambda batch, *rest: passes.append(len(batch)) or score(batch, *rest)
+
+    async def burst():
+        return await asyncio.gather(*(scorer.score(batch, prompt) for batch, prompt in zip(images, prompts)))
+
+    results = asyncio.run(burst())
+    assert passes == [3], "two calls within the wait: one forward pass of 3 images"
+    for result, reference in zip(results, expected):
+        assert len(result) == len(reference)
+        for got, want in zip(result, reference):
+            for metric in ("alignment", "aesthetic", "laion", "combined"):
+                assert abs(got[metric] - want[metric]) < 1e-3 * max(1.0, abs(want[metric]))
