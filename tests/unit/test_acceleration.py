@@ -98,3 +98,19 @@ def test_compiled_repeated_blocks_match_eager():
     assert block._compiled_call_impl is not None
     # Measured: max 2.2e-6 at 256x256, 4 steps.
     assert np.abs(compiled - eager).max() < 1e-4
+
+
+def test_the_docs_example_entry_is_a_valid_config():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from serve_app.config import ImageModelEntry
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "acceleration.md").read_text()
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    entry = ImageModelEntry(**example["image_models"][0])
+    assert entry.acceleration.active() == {"compile": "repeated_blocks", "compile_mode": "max-autotune-no-cudagraphs",
+                                           "quantization": "fp8_dynamic"}
+    assert entry.batching.enabled and entry.warmup.shapes[0].images == 4
