@@ -78,21 +78,42 @@ async def _level(base_url: str, body: dict, mode: str, clients: int, requests: i
 
 
 def run_concurrency_benchmark(config: str, levels: list[int], requests: int, warmup: int, width: int, height: int,
-                              steps: int, max_batch_images: int = 8, wait_ms: float = 20.0) -> list[Level]:
-    """Batching off, then on: at each level, max(requests, 2 x clients) requests after `warmup` alone."""
-    from serve_app.bench.images import _request_body, serving
+                              steps: int, max_batch_images: int = 8, wait_ms: float = 20.0,
+                              on_level=None) -> list[Level]:
+    """Batching off, then on, on one Ray (the app is redeployed in place between the modes): at
+    each level, max(requests, 2 x clients) requests after `warmup` alone. `on_level(level)` is
+    called as each level finishes, so a run cut short still shows what it measured."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve_app import APP_NAME
+    from serve_app.bench.images import _free_port, _request_body
+    from serve_app.builder import build_app
 
     args = app_args_from_config(config)
     body = _request_body(width, height, steps)
     results = []
-    for enabled in (False, True):
-        mode = f"batching on ({max_batch_images} images, {wait_ms:g} ms)" if enabled else "batching off"
-        with serving(with_batching(args, enabled, max_batch_images, wait_ms)) as client:
-            base_url = str(client.base_url)
-            for _ in range(warmup):
-                client.post("/v1/images", json=body).raise_for_status()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        base_url = f"http://127.0.0.1:{port}"
+        for enabled in (False, True):
+            mode = f"batching on ({max_batch_images} images, {wait_ms:g} ms)" if enabled else "batching off"
+            serve.run(build_app(with_batching(args, enabled, max_batch_images, wait_ms)), name=APP_NAME,
+                      route_prefix="/")
+            with httpx.Client(base_url=base_url, timeout=300) as client:
+                for _ in range(warmup):
+                    client.post("/v1/images", json=body).raise_for_status()
             for clients in levels:
-                results.append(asyncio.run(_level(base_url, body, mode, clients, max(requests, 2 * clients))))
+                level = asyncio.run(_level(base_url, body, mode, clients, max(requests, 2 * clients)))
+                results.append(level)
+                if on_level is not None:
+                    on_level(level)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     return results
 
 

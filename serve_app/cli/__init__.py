@@ -94,8 +94,12 @@ def _bench(args: argparse.Namespace) -> int:
 def _bench_concurrency(args: argparse.Namespace) -> int:
     from serve_app.bench.concurrency import format_concurrency_table, run_concurrency_benchmark
 
+    def progress(level) -> None:
+        print(f"  {level.mode}, {level.clients} clients: {level.throughput:.2f} img/s, {level.failures} failed",
+              flush=True)
+
     levels = run_concurrency_benchmark(args.config, args.concurrency, args.requests, args.warmup, args.width,
-                                       args.height, args.steps, args.max_batch_images, args.batch_wait_ms)
+                                       args.height, args.steps, args.max_batch_images, args.batch_wait_ms, progress)
     print(f"genserve bench --concurrency: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
           f"max({args.requests}, 2 x clients) requests per level after {args.warmup} warm-up; batching off, then on")
     print(format_concurrency_table(levels))
