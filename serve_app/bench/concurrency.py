@@ -1,9 +1,8 @@
 """`genserve bench --concurrency 1 8 64`: throughput and latency under concurrent clients, batching off and on.
 
-The config's app is started twice on a Ray of its own (`serve_app.bench.images.serving`): once
-with the default model's and the scorer's `batching` off, once on (the model's
-`max_ongoing_requests` raised to the batch size, so a replica can hold a full batch). At each concurrency level, that many HTTP
-clients send `POST /v1/images` back to back until the level's requests are done. Throughput is
+The config's app runs on a Ray of its own, deployed twice: with the default model's and the
+scorer's `batching` off, then on (the model's `max_ongoing_requests` raised to the batch size, so
+a replica can hold a full batch). At each concurrency level, that many HTTP clients send `POST /v1/images` back to back until the level's requests are done. Throughput is
 successful responses per second of wall time; p50/p95 are client-side latencies of the
 successful ones; failures (e.g. 503 when a queue bound is hit) are counted, not hidden.
 """
