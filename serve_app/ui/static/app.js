@@ -342,7 +342,8 @@ async function showJob(jobId) {
   stopStream();
   const controller = new AbortController();
   jobStream = controller;
-  await fetchEventSource(`/v1/jobs/${encodeURIComponent(jobId)}/events`, {
+  // Not awaited: the page is ready once the status shows; the stream runs until the job ends.
+  fetchEventSource(`/v1/jobs/${encodeURIComponent(jobId)}/events`, {
     headers: authHeaders(),
     signal: controller.signal,
     openWhenHidden: true,
@@ -356,12 +357,12 @@ async function showJob(jobId) {
     },
     onclose() { throw new Error("closed"); },  // the stream ends with the job: do not reconnect
     onerror(error) { throw error; },
-  }).catch(() => {});
-  if (jobStream === controller) {
+  }).catch(() => {}).then(async () => {
+    if (jobStream !== controller) return;  // the user went elsewhere
     const final = await getJson(`/v1/jobs/${encodeURIComponent(jobId)}`);
     showStatus(final);
     await finished(jobId, final);
-  }
+  }).catch((error) => { $("job-error").textContent = error.message; });
 }
 
 function scoreTable(scores) {
