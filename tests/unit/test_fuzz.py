@@ -59,7 +59,7 @@ def fuzzed_api(tmp_path_factory):
     spec = dataclasses.replace(model_spec(), max_pixel_steps=256 * 256 * 4 * 2)
     scorer = _with_info(FakeScorer())
     images = ImageService(_with_info(FakeEnhancer()), {spec.id: _with_info(FakeGenerator())}, scorer,
-                          {spec.id: spec}, QualityPolicy(), 30.0, max_input_pixels=512 * 512)
+                          {spec.id: spec}, QualityPolicy(), 3.0, max_input_pixels=512 * 512)
     store = SqliteJobStore(tmp_path_factory.mktemp("fuzz-jobs"))
     # Not started: submitted jobs stay queued, which every job route can still be asked about.
     dispatcher = JobDispatcher(store, images, None, {"image": 1, "video": 1}, retry_limit=1)
