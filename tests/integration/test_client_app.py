@@ -2,6 +2,7 @@
 models, a stand-in remote images API on loopback)."""
 
 import base64
+import threading
 import io
 import json
 import os
@@ -133,19 +134,30 @@ def test_with_the_local_queue_full_the_remote_serves_opted_in_requests_and_other
     def post(body):
         return httpx.post(f"{url}/v1/images", json=body, timeout=120)
 
+    stop = threading.Event()
+
     def occupy():
-        # Sent again until taken: three of these keep the slow model (max_ongoing 1, max_queued 1, 8 s
-        # per request) generating one and holding one in its queue for ~20 s.
-        return wait_until(lambda: (answer := post(busy_body)).status_code == 200 and answer, timeout_s=150,
-                          what="a busy request to be taken")
+        # Sent again and again until the probes are done: three of these keep the slow model
+        # (max_ongoing 1, max_queued 1, 8 s per request) generating one and holding one in its
+        # queue however long the probes take on a loaded machine.
+        taken = []
+        while not stop.is_set():
+            answer = post(busy_body)
+            if answer.status_code == 200:
+                taken.append(answer)
+        return taken
 
     with ThreadPoolExecutor(3) as pool:
         busy = [pool.submit(occupy) for _ in range(3)]
-        refused = wait_until(lambda: (answer := post(probe)).status_code == 503 and answer, timeout_s=60,
-                             what="a 503 from the full queue")
-        served = wait_until(lambda: (answer := post({**probe, "fallback": True})).json().get("backend") == "remote"
-                            and answer, timeout_s=60, what="the remote fallback to serve")
-        assert [future.result().json()["backend"] for future in busy] == ["local"] * 3
+        try:
+            refused = wait_until(lambda: (answer := post(probe)).status_code == 503 and answer, timeout_s=60,
+                                 what="a 503 from the full queue")
+            served = wait_until(lambda: (answer := post({**probe, "fallback": True})).json().get("backend")
+                                == "remote" and answer, timeout_s=60, what="the remote fallback to serve")
+        finally:
+            stop.set()
+        taken = [answer for future in busy for answer in future.result()]
+        assert taken and {answer.json()["backend"] for answer in taken} == {"local"}
     # The ingress's JSON answer to the full queue, with the entry's retry_after_s.
     assert refused.headers["Retry-After"] == "2" and refused.json()["reason"] == "overloaded"
     body = served.json()
