@@ -20,7 +20,7 @@ from serve_app.services.media import read_png_meta
 from serve_app.services.scores import ScoreService
 from serve_app.services.validation import RequestError
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec
+from tests.helpers import LOOPBACK, model_spec
 from tests.images_server import REMOTE_GREY, FakeImagesServer
 
 
@@ -88,7 +88,7 @@ def test_over_http_an_opted_in_request_is_served_remotely(remote):
     service, _ = services(remote.base_url)
     api = build_api()
     api.state.services = service
-    with TestClient(api, client=("127.0.0.1", 50000)) as client:  # loopback: no keys configured
+    with TestClient(api, client=LOOPBACK) as client:
         served = client.post("/v1/images", json={"prompt": "a fox", "fallback": True})
     assert served.status_code == 200 and served.json()["backend"] == "remote"
 

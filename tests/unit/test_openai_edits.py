@@ -18,7 +18,7 @@ from serve_app.config import QualityPolicy
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec
+from tests.helpers import LOOPBACK, model_spec
 
 
 def png(image: Image.Image) -> bytes:
@@ -27,7 +27,6 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-LOOPBACK = ("127.0.0.1", 50000)  # no keys are configured here: the gate lets loopback callers in
 PHOTO = png(Image.linear_gradient("L").convert("RGB"))  # 256x256
 
 

@@ -12,7 +12,7 @@ from serve_app.config import QualityPolicy
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec
+from tests.helpers import LOOPBACK, model_spec
 
 
 class CountingGenerator(FakeGenerator):
@@ -31,7 +31,7 @@ def client():
     app = build_api()
     app.state.services = Services(images=images, scores=None)
     CountingGenerator.calls = 0
-    return TestClient(app, client=("127.0.0.1", 50000))  # loopback: no keys are configured here
+    return TestClient(app, client=LOOPBACK)
 
 
 @pytest.mark.parametrize("quality, expected", [("hd", "high"), ("standard", "standard"), ("low", "none"),
@@ -115,6 +115,6 @@ def test_a_lost_replica_is_a_retryable_503_in_openai_shape():
                           LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
     app = build_api()
     app.state.services = Services(images=images, scores=None)
-    answer = TestClient(app, client=("127.0.0.1", 50000)).post("/v1/images/generations", json={"prompt": "a fox"})
+    answer = TestClient(app, client=LOOPBACK).post("/v1/images/generations", json={"prompt": "a fox"})
     assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
     assert answer.json()["error"]["type"] == "server_error" and answer.json()["error"]["code"] == "replica_lost"
