@@ -30,7 +30,6 @@ import asyncio
 import logging
 import random
 import time
-from contextlib import suppress
 from typing import Callable
 
 from pydantic import ValidationError
@@ -70,6 +69,18 @@ def _capacity_reason(error: BaseException) -> str:
     if isinstance(error, Overloaded):
         return f"not run: {error}"  # names the stage: "the generate stage's deployment is at capacity"
     return f"{CAPACITY_REASON} ({type(error).__name__})"
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
+    """Whether `event` was set within `timeout_s`. `asyncio.timeout`, not `wait_for`: on Python 3.11
+    `wait_for` can swallow a cancellation that lands as its timeout fires, and `stop()` then waited
+    forever on a dispatch loop that went on polling."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -283,8 +294,7 @@ class JobDispatcher:
             job = await asyncio.to_thread(self.store.get, job_id)
             if job is None or job.version > after_version or job.finished:
                 return job
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout_s)
+            await _wait(event, timeout_s)
             return await asyncio.to_thread(self.store.get, job_id)
         finally:
             self._watchers.done(job_id)
@@ -319,7 +329,7 @@ class JobDispatcher:
     # Dispatch
 
     async def _dispatch_forever(self) -> None:
-        while True:
+        while not self._stopping:
             self._wakeup.clear()  # before claiming: a submit from now on wakes the wait below
             free = [kind for kind, limit in self.slots.items()
                     if self._running[kind] < limit and not self.backoff.waiting(kind)]
@@ -330,8 +340,7 @@ class JobDispatcher:
                 job = None
             if job is None:
                 backing_off = [self.backoff.waiting(kind) for kind in self.slots if self.backoff.waiting(kind)]
-                with suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), min([self.poll_interval_s, *backing_off]))
+                await _wait(self._wakeup, min([self.poll_interval_s, *backing_off]))
                 continue
             self._running[job.kind] += 1
             self._active[job.id] = job
@@ -434,7 +443,7 @@ class JobDispatcher:
         return expired
 
     async def _sweep_forever(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 expired = await asyncio.to_thread(self.store.expire)
                 if expired:
