@@ -143,3 +143,57 @@ def flat_scores(scores: dict, prefix: str = "") -> dict[str, float]:
 # The address of a client on this machine: apps without API keys answer only loopback clients, and
 # Starlette's TestClient otherwise calls from "testclient".
 LOOPBACK = ("127.0.0.1", 50000)
+
+
+class ActorLoop:
+    """An object living on its own event loop in a thread, as a Serve actor lives on its replica's
+    loop: `handle.method.remote(...)` from any other loop runs the call there and awaits its result.
+    Used where a test's app runs a fresh loop per request (Starlette's TestClient) but the target
+    keeps tasks running between requests (the job dispatcher)."""
+
+    def __init__(self, target):
+        import asyncio
+        import threading
+
+        self.target = target
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="actor-loop", daemon=True)
+        self._thread.start()
+
+    def call(self, function: Callable, *args, **kwargs):
+        """Run `function(*args, **kwargs)` (sync or async) on the actor's loop; block for its result."""
+        import asyncio
+        import inspect
+
+        async def run():
+            result = function(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
+
+    def handle(self):
+        import asyncio
+        import inspect
+
+        actor = self
+
+        class Method:
+            def __init__(self, name):
+                self._name = name
+
+            def remote(self, *args, **kwargs):
+                async def run():
+                    result = getattr(actor.target, self._name)(*args, **kwargs)
+                    return await result if inspect.isawaitable(result) else result
+
+                return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), actor.loop))
+
+        class Handle:
+            def __getattr__(self, name):
+                return Method(name)
+
+        return Handle()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
