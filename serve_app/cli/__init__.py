@@ -66,7 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         deploy_config(config)
         print(f"genserve: deploying {args.config}; waiting up to {args.timeout:g}s for {', '.join(names)}", flush=True)
-        wait_until_running(names, args.timeout)
+        wait_until_running(names, args.timeout, config.http_options.host, config.http_options.port,
+                           [application.route_prefix for application in config.applications if application.route_prefix])
     except DeployError as error:
         print(f"genserve: {error}", file=sys.stderr, flush=True)
         # Leave nothing pending behind. Not blocking: a replica that never got its resources
