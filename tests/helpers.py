@@ -41,7 +41,8 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
     from serve_app.config import app_args_from_config
 
     args = app_args_from_config(config).model_dump(exclude_none=True)
-    for model in [*args["image_models"], *(args[name] for name in ("scorer", "svd") if args.get(name) is not None)]:
+    for model in [*args["image_models"], *args.get("video_models", []),
+                  *(args[name] for name in ("scorer",) if args.get(name) is not None)]:
         model["source"] = "tiny"
         model["device"].update(device="auto", dtype="auto", torch_threads=1)
     llm = args["enhancer"]["llm"]
@@ -52,6 +53,9 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
         llm["device"].update(device="auto", dtype="auto", torch_threads=1)
     if args.get("scorer") is not None:  # the LAION head too: a random one sized to the tiny CLIP
         args["scorer"].setdefault("laion", {})["source"] = "tiny"
+    for model in args.get("video_models", []):
+        if "motion_adapter" in model["options"]:  # animatediff: the adapter too
+            model["options"]["motion_adapter"] = "tiny"
     for model in args["image_models"]:
         options = model["options"]
         if "controlnets" in options:
@@ -62,7 +66,8 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
     # The profiles name a keys file that exists only on their servers; tests call from loopback,
     # which a service without keys answers (docs/security.md).
     args.get("auth", {}).pop("keys_file", None)
-    by_deployment = {generator_name(model["id"]): model for model in args["image_models"]}
+    by_deployment = {generator_name(model["id"]): model
+                     for model in [*args["image_models"], *args.get("video_models", [])]}
     for name, options in deployments.items():
         if name in by_deployment:
             by_deployment[name]["deployment"] = {**by_deployment[name]["deployment"], **options}

@@ -21,8 +21,10 @@ def restart(tmp_path_factory):
     args["jobs"]["data_dir"] = str(data_dir)
     args["jobs"]["max_concurrent_jobs"] = {"image": 1, "video": 1}
     args["jobs"]["progress_interval_s"] = 0
-    for name in ("SvdGenerator", "JobRunner"):  # a shutdown that does not wait for the video to end
-        args["deployments"].setdefault(name, {})["graceful_shutdown_timeout_s"] = 1
+    # A shutdown that does not wait for the video to end.
+    args["deployments"].setdefault("JobRunner", {})["graceful_shutdown_timeout_s"] = 1
+    for model in args["video_models"]:
+        model["deployment"]["graceful_shutdown_timeout_s"] = 1
     with running_app(args) as client:
         # One video slot: the long one runs, two wait.
         long = submit(client, "video", {"image": png_b64(), "num_frames": 3, "num_inference_steps": 40, "seed": 1})
