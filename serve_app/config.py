@@ -404,6 +404,30 @@ class FallbackConfig(_Strict):
     timeout_s: float = Field(120.0, gt=0, description="How long one remote call may take before answering 504.")
 
 
+class ScoresConfig(_Strict):
+    """`POST /v1/scores` budgets: the pixels one request's uploads may hold in all (docs/operations.md)."""
+
+    pixel_budget: int = Field(
+        16 * 1024 * 1024, ge=65536,
+        description="Pixels the images of one request are scored at, in all: over it, each is decoded to a copy "
+                    "scaled down by one common factor (never below the CLIP input size on its shorter side). "
+                    "CLIP scores keep their meaning (CLIP itself resizes to its input size); perceptual sharpness "
+                    "is then the scored copy's.",
+    )
+    max_total_pixels: int = Field(
+        64 * 1024 * 1024, ge=65536,
+        description="Pixels the images of one request may declare in all (width x height, read from their "
+                    "headers before decoding); over it is 422 naming `images`.",
+    )
+
+    @model_validator(mode="after")
+    def _budget_within_cap(self) -> "ScoresConfig":
+        if self.pixel_budget > self.max_total_pixels:
+            raise ValueError(f"pixel_budget ({self.pixel_budget}) must not exceed max_total_pixels "
+                             f"({self.max_total_pixels})")
+        return self
+
+
 class AppArgs(_Strict):
     """Everything `configs/*.yaml` choose: model sources, defaults, quality policy, scaling."""
 
@@ -434,6 +458,7 @@ class AppArgs(_Strict):
             "every deployment's GPU share fits at max replicas, instead of replicas pending forever."
         ),
     )
+    scores: ScoresConfig = Field(default_factory=ScoresConfig, description="Pixel budgets of POST /v1/scores.")
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024,
         description="Largest request body the ingress reads (bytes); larger ones get 413 before they are parsed.",

@@ -42,7 +42,7 @@ from serve_app.api.schemas import (
     VideoRequest,
     VideoResponse,
 )
-from serve_app.config import AuthConfig, FallbackConfig, QualityPolicy
+from serve_app.config import AuthConfig, FallbackConfig, QualityPolicy, ScoresConfig
 from serve_app.security.guard import Auth
 from serve_app.jobs import http as jobs_http
 from serve_app.services.fallback import Fallback
@@ -67,14 +67,14 @@ class Ingress:
                  default_model: str | None = None, auth: AuthConfig | None = None,
                  limits_storage: str = "memory://", fallback: FallbackConfig | None = None,
                  replicas: dict[str, int] | None = None,
-                 event_streams: jobs_http.StreamLimits | None = None):
+                 event_streams: jobs_http.StreamLimits | None = None, scores: ScoresConfig | None = None):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
                               max_input_pixels=max_input_pixels, gate_metrics=gate_metrics,
                               blocklist=blocklist, loras=loras, default_model=default_model)
         videos = VideoService(svd, svd_config, images, max_input_pixels) if svd is not None else None
         self._services = Services(
             images=images,
-            scores=ScoreService(scorer, policy, gate_metrics, max_input_pixels, request_timeout_s),
+            scores=ScoreService(scorer, policy, gate_metrics, max_input_pixels, request_timeout_s, scores),
             videos=videos,
             jobs=(jobs_http.JobsApi(jobs, images, videos, retry_limit, event_streams or jobs_http.StreamLimits())
                   if jobs is not None else None),
