@@ -90,7 +90,8 @@ class Ingress:
                                       hold_s=2 * request_timeout_s + 60)
 
     def __serve_build_asgi_app__(self):
-        app = build_api(cors_origins=tuple(self._auth_config.cors_origins))
+        app = build_api(cors_origins=tuple(self._auth_config.cors_origins),
+                        trusted_proxies=tuple(self._auth_config.trusted_proxies))
         app.state.services = self._services
         app.state.auth = self._auth
         return app
