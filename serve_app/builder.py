@@ -136,4 +136,5 @@ def build_app(args: AppArgs) -> Application:
         fallback=args.fallback, replicas={entry.id: entry.deployment.max_replicas for entry in args.served_image_models},
         event_streams=jobs_http.StreamLimits(args.jobs.max_event_streams, args.jobs.max_event_streams_per_client,
                                              args.jobs.event_stream_max_s),
+        scores=args.scores,
     )

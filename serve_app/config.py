@@ -380,6 +380,21 @@ class JobsConfig(_Strict):
         return self
 
 
+class ClientLimits(_Strict):
+    """Limits per client on synchronous requests: the fair share of one caller when the service is busy."""
+
+    concurrent_requests: int | None = Field(
+        None, ge=1,
+        description="Synchronous requests one client has in flight at once; an API key's own "
+                    "limits.concurrent_requests, when set, replaces it for that key. None: no limit.",
+    )
+    requests_per_minute: int | None = Field(
+        None, ge=1,
+        description="Synchronous requests one client sends in any 60 s (a moving window; besides a key's own "
+                    "requests_per_minute, which counts every request). None: no limit.",
+    )
+
+
 class AuthConfig(_Strict):
     """Who may call the HTTP API (docs/security.md)."""
 
@@ -403,6 +418,36 @@ class AuthConfig(_Strict):
     )
     signed_url_ttl_s: float = Field(3600.0, gt=0, le=7 * 86400,
                                     description="How long a signed job file URL stays valid.")
+    client_limits: ClientLimits = Field(
+        default_factory=ClientLimits,
+        description="Per-client limits on synchronous requests (every non-GET outside /v1/jobs and /v1/admin): a "
+                    "client is its API key, or its remote address when it sends none; 429 with Retry-After past them.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (10.0.0.0/8) of reverse proxies or load balancers whose X-Forwarded-For "
+                    "names the client: its address then counts as the client's (per-address limits, loopback "
+                    "check). Empty: the TCP peer is the client.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network (10.0.0.0/8)") from None
+        return value
+
+    @property
+    def limits_clients(self) -> bool:
+        """Whether any per-client limit is set (the limiter then runs without keys too)."""
+        return self.client_limits.concurrent_requests is not None or self.client_limits.requests_per_minute is not None
+
+
 class FallbackConfig(_Strict):
     """Hybrid serving: a remote OpenAI-compatible images endpoint that may serve an image request
     when the local model cannot take it. Off unless `enabled`; a request opts in with `fallback: true`,
@@ -430,6 +475,30 @@ class FallbackConfig(_Strict):
                     "models, many OpenAI-compatible servers); null omits it (gpt-image models always return base64).",
     )
     timeout_s: float = Field(120.0, gt=0, description="How long one remote call may take before answering 504.")
+
+
+class ScoresConfig(_Strict):
+    """`POST /v1/scores` budgets: the pixels one request's uploads may hold in all (docs/operations.md)."""
+
+    pixel_budget: int = Field(
+        16 * 1024 * 1024, ge=65536,
+        description="Pixels the images of one request are scored at, in all: over it, each is decoded to a copy "
+                    "scaled down by one common factor (never below the CLIP input size on its shorter side). "
+                    "CLIP scores keep their meaning (CLIP itself resizes to its input size); perceptual sharpness "
+                    "is then the scored copy's.",
+    )
+    max_total_pixels: int = Field(
+        64 * 1024 * 1024, ge=65536,
+        description="Pixels the images of one request may declare in all (width x height, read from their "
+                    "headers before decoding); over it is 422 naming `images`.",
+    )
+
+    @model_validator(mode="after")
+    def _budget_within_cap(self) -> "ScoresConfig":
+        if self.pixel_budget > self.max_total_pixels:
+            raise ValueError(f"pixel_budget ({self.pixel_budget}) must not exceed max_total_pixels "
+                             f"({self.max_total_pixels})")
+        return self
 
 
 class AppArgs(_Strict):
@@ -468,6 +537,7 @@ class AppArgs(_Strict):
             "every deployment's GPU share fits at max replicas, instead of replicas pending forever."
         ),
     )
+    scores: ScoresConfig = Field(default_factory=ScoresConfig, description="Pixel budgets of POST /v1/scores.")
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024,
         description="Largest request body the ingress reads (bytes); larger ones get 413 before they are parsed.",
@@ -643,7 +713,8 @@ class AppArgs(_Strict):
     @model_validator(mode="after")
     def _shared_limits(self) -> "AppArgs":
         ingress = self.deployments.get("Ingress", DeploymentOptions())
-        if self.auth.keys_file and ingress.max_replicas > 1 and self.auth.limits_storage is None \
+        if (self.auth.keys_file or self.auth.limits_clients) and ingress.max_replicas > 1 \
+                and self.auth.limits_storage is None \
                 and self.limits_storage().startswith("memory"):
             raise ValueError(
                 "auth: more than one Ingress replica needs shared rate-limit counters: set auth.limits_storage "

@@ -258,8 +258,12 @@ class ScoreRequest(BaseModel):
 
 class ScoredImage(BaseModel):
     index: int = Field(description="Position in the request's images.")
-    width: int
-    height: int
+    width: int = Field(description="The upload's width (EXIF orientation applied).")
+    height: int = Field(description="The upload's height (EXIF orientation applied).")
+    scored_width: int | None = Field(
+        None, description="The width of the copy that was scored: smaller than `width` when the request's images "
+                          "were over the scoring pixel budget (scores.pixel_budget); see docs/operations.md.")
+    scored_height: int | None = Field(None, description="The height of the copy that was scored.")
     scores: Scores
     passed: bool = Field(description="quality_metric is at least quality_threshold.")
 

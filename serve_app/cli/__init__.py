@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -61,6 +62,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     names = [application.name for application in config.applications]
 
+    # SIGTERM (systemd, docker stop, a pod's end) stops like Ctrl-C: serve.shutdown() lets every
+    # replica finish its requests within its graceful_shutdown_timeout_s and the JobRunner put its
+    # running jobs back in the queue, instead of the process dying under them.
+    signal.signal(signal.SIGTERM, _interrupt)
     # Like `serve run`: join the cluster at --address (or $RAY_ADDRESS), else start a local one.
     ray.init(address=args.address, namespace="serve")
     try:
@@ -92,6 +97,10 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         serve.shutdown()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def unprotected_bind(raw: dict) -> str | None:

@@ -6,8 +6,10 @@ ingress, and runs each job through the same `ImageService`/`VideoService` code a
 endpoints. The ingress calls it for every /v1/jobs route; the generators call its
 `record_progress` after each denoising step.
 
-If the replica dies, Serve starts another, which requeues the jobs left running; the same
-happens when the whole application is started again on the same store.
+When the replica stops (a redeploy, `serve shutdown`, SIGTERM to `genserve serve`), its running
+jobs go back to the queue without spending an attempt. If it dies instead, Serve starts another,
+which requeues the jobs left running, counting the attempt; the same happens when the whole
+application is started again on the same store after a crash.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ logger = logging.getLogger("ray.serve")
 JOBS_GAUGE_INTERVAL_S = 5.0
 
 
-@serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.25})
+# graceful_shutdown_timeout_s: event-stream long polls (at most 15 s) drain first, then `__del__`
+# puts the running jobs back in the queue (a few store calls).
+@serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.25},
+                  graceful_shutdown_timeout_s=60)
 class JobRunner:
     """Serves the job store to the ingress and dispatches queued jobs to the model deployments.
 

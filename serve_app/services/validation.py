@@ -366,3 +366,15 @@ def control_catalogue() -> list[dict]:
             "params": common,
         },
     ]
+
+
+def check_total_pixels(field: str, sizes: list[tuple[int, int]], limit: int, setting: str) -> None:
+    """422 naming `field` when the images' width x height, added up, is over `limit` (the config's `setting`)."""
+    total = sum(width * height for width, height in sizes)
+    if total > limit:
+        raise RequestError(
+            field,
+            f"the {len(sizes)} image{'s' if len(sizes) != 1 else ''} hold {total} pixels in all, over the limit of "
+            f"{limit} ({setting}): send fewer or smaller images",
+            f"at most {limit} pixels in all",
+        )

@@ -15,6 +15,8 @@ from tests.integration.apps import POOL, dev_args, running_app
 # Uploads over this many pixels get 422 (the bad-input tests send 320x320 or 400x400).
 SHARED_PIXEL_LIMIT = 300 * 300
 SHARED_MAX_BODY = 1024 * 1024
+# /v1/scores: uploads over 65536 pixels in all are scored as scaled copies; over 4 x 300x300, 422.
+SHARED_SCORE_BUDGET = {"pixel_budget": 65536, "max_total_pixels": 4 * SHARED_PIXEL_LIMIT}
 TINY_CPU = {"device": "cpu", "torch_threads": 1}
 EXTRA_MODELS = [
     {"id": "sdxl-turbo", "family": "sdxl", "source": "tiny", "default_width": 256, "default_height": 256,
@@ -45,6 +47,7 @@ def _start_dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
     args["image_models"] += EXTRA_MODELS
     args["max_input_pixels"] = SHARED_PIXEL_LIMIT
     args["max_body_bytes"] = SHARED_MAX_BODY
+    args["scores"] = SHARED_SCORE_BUDGET
     args["loras"]["dir"] = str(loras)
     args["jobs"]["data_dir"] = str(data_dir)
     args["jobs"]["progress_interval_s"] = 0  # every denoising step, which the job tests follow
