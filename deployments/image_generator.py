@@ -25,6 +25,8 @@ from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, G
 
 logger = logging.getLogger("ray.serve")
 
+WARMUP_PROMPT = EnhancedPrompt(prompt="warm-up", negative_prompt=None, style="none", enhancer="none")
+
 
 @serve.deployment(name="ImageGenerator", max_ongoing_requests=4, ray_actor_options={"num_cpus": 1})
 class ImageGenerator:
@@ -45,6 +47,10 @@ class ImageGenerator:
     `preserve_unmasked` then pastes the input's pixels back outside the mask. With `params.hires`
     the images are upscaled (Lanczos) and refined by image-to-image in the same call, under the
     same lock, so the scorer sees the final images.
+
+    Before the constructor returns (so before Serve sees the replica healthy), the model's
+    acceleration tier is applied and the declared warm-up shapes run, so no user pays for
+    compilation or a first call; the whole cold start is a metric and part of `info()`.
     """
 
     def __init__(self, config: ImageModelConfig, metrics: bool = True, lora_cache_size: int = 8):
@@ -54,14 +60,36 @@ class ImageGenerator:
         self._metrics = ModelMetrics(config.id, self._placement.device, enabled=metrics)
         started = time.perf_counter()
         self._model = self._family.load(config, self._placement)
+        loaded = time.perf_counter()
         # One manager, on the base pipeline: pipelines the family builds from it (ControlNet ones)
         # share its modules, so the adapters it switches apply (or not) to every path alike.
         self._loras = LoraManager(self._model.pipeline, lora_cache_size)
         self._lock = asyncio.Lock()
+        self._warmup_shapes = self._warm_up()
+        self._cold_start = {"load_s": round(loaded - started, 3), "warmup_s": round(time.perf_counter() - loaded, 3)}
+        self._metrics.record_cold_start(time.perf_counter() - started)
         logger.info(
-            "%s (%s) loaded from %s on %s/%s in %.1fs", config.id, self._family.name, config.source,
-            self._placement.device, self._placement.dtype_name, time.perf_counter() - started,
+            "%s (%s) loaded from %s on %s/%s in %.1fs, warmed up (%d shapes) in %.1fs; acceleration: %s",
+            config.id, self._family.name, config.source, self._placement.device, self._placement.dtype_name,
+            self._cold_start["load_s"], len(self._warmup_shapes), self._cold_start["warmup_s"],
+            config.acceleration.active() or "none",
         )
+
+    def _warm_up(self) -> list[dict]:
+        """Run the declared warm-up shapes once each (compiling, if the tier compiles); text-to-image,
+        no LoRA, no progress target."""
+        config, warmup = self._config, self._config.warmup
+        width, height = config.size_default()
+        shapes = [{"width": width, "height": height, "steps": config.steps_default(), "images": 1}] \
+            if warmup.default_shape else []
+        shapes += [{"width": shape.width, "height": shape.height, "steps": shape.steps or config.steps_default(),
+                    "images": shape.images} for shape in warmup.shapes]
+        for shape in shapes:
+            params = GenerationParams(seeds=list(range(shape["images"])), width=shape["width"],
+                                      height=shape["height"], num_inference_steps=shape["steps"],
+                                      guidance_scale=config.guidance_default())
+            self._generate(params, WARMUP_PROMPT, None, StepMonitor(None, params.total_steps()))
+        return shapes
 
     async def preprocess(self, control: ControlInput) -> ControlInput:
         """The control map of `control`'s reference image (unchanged when it is a map already)."""
@@ -125,14 +153,19 @@ class ImageGenerator:
         return images
 
     def info(self) -> dict:
+        config = self._config
         return {
-            "id": self._config.id,
+            "id": config.id,
             "family": self._family.name,
-            "source": self._config.source,
+            "source": config.source,
             "device": self._placement.device,
             "dtype": self._placement.dtype_name,
             "memory_fraction": self._placement.memory_fraction,
             "loras_loaded": self._loras.loaded(),
+            # The active tier: only what differs from plain eager ({} when nothing does).
+            "acceleration": config.acceleration.active(),
+            "warmup_shapes": self._warmup_shapes,
+            "cold_start": self._cold_start,
             **self._model.info(),
         }
 

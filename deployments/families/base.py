@@ -4,8 +4,8 @@ A family is one module with one `ImageFamily` subclass instance. It says what th
 needs to know about that kind of model, as data: the diffusers pipeline class, the widest step and
 guidance ranges, default sizes, whether a negative prompt means anything, which control types its
 options enable, what its LoRA files look like, the enhancer's prompt form, its family-specific
-config options, which image-to-image and inpainting pipelines it has, and how to build a tiny
-random-weight pipeline. A config entry of
+config options, which image-to-image and inpainting pipelines it has, which acceleration tiers its
+denoiser supports, and how to build a tiny random-weight pipeline. A config entry of
 `image_models:` picks a family and may narrow its limits (`ImageModelConfig.limits`).
 
 At run time the generic `deployments.image_generator.ImageGenerator` deployment calls
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationParams, PromptForm
 
 if TYPE_CHECKING:
-    from deployments.config import ImageModelConfig
+    from deployments.config import AccelerationConfig, ImageModelConfig
     from deployments.runtime.loading import Placement
     from deployments.runtime.weights import WeightSource
 
@@ -65,6 +65,37 @@ class LoraSignature:
         return any(
             key.startswith(self.key_prefixes) or any(fragment in key for fragment in self.key_fragments) for key in keys
         )
+
+
+@dataclass(frozen=True)
+class AccelerationSupport:
+    """What a family's denoiser supports of the acceleration tiers (`deployments.config.AccelerationConfig`).
+
+    `denoiser`: the pipeline attribute compiled, quantized and cached (`transformer`, `unet`).
+    `repeated_blocks`: it declares `_repeated_blocks`, so `compile: repeated_blocks` applies.
+    `cache_hooks`: the diffusers cache hooks it takes (`first_block`; a UNet takes none).
+    `fuse_qkv`: it has `fuse_qkv_projections`. `channels_last`: its convolutions gain from it.
+    Compilation, quantization and attention backends need nothing of the family.
+    """
+
+    denoiser: str = "transformer"
+    repeated_blocks: bool = False
+    cache_hooks: tuple[str, ...] = ()
+    fuse_qkv: bool = False
+    channels_last: bool = False
+
+    def unsupported(self, tier: "AccelerationConfig") -> str | None:
+        """Why this family cannot run `tier` (naming the field), or None when it can."""
+        if tier.compile == "repeated_blocks" and not self.repeated_blocks:
+            return f"compile: repeated_blocks: this family's {self.denoiser} declares no repeated blocks; use 'full'"
+        if tier.cache is not None and tier.cache.kind not in self.cache_hooks:
+            have = ", ".join(self.cache_hooks) or "none"
+            return f"cache.kind: {tier.cache.kind!r} is not a cache hook this family's {self.denoiser} takes ({have})"
+        if tier.fuse_qkv and not self.fuse_qkv:
+            return f"fuse_qkv: this family's {self.denoiser} cannot fuse its QKV projections"
+        if tier.channels_last and not self.channels_last:
+            return f"channels_last: this family's {self.denoiser} has no convolutions that gain from it"
+        return None
 
 
 def derived_pipeline(class_name: str, base, **components):
@@ -226,6 +257,8 @@ class ImageFamily:
     # `genserve download` fetches it and loading asks for it when it is on disk. 16-bit weights
     # halve the download and host memory; fp16 weights loaded as bf16 lose nothing bf16 keeps.
     weight_variants: ClassVar[dict[str, str]] = {}
+    # Which acceleration tiers the family's denoiser supports (the config is checked against it).
+    acceleration: ClassVar[AccelerationSupport] = AccelerationSupport()
 
     def weight_sources(self, config: "ImageModelConfig") -> list["WeightSource"]:
         """Every set of weights a deployment of this entry loads (`genserve download` fetches them)."""
@@ -269,10 +302,17 @@ class ImageFamily:
         )
 
     def load(self, config: "ImageModelConfig", placement: "Placement") -> LoadedImageModel:
+        """The pipeline on its device, with the entry's VAE settings and acceleration tier applied to
+        the modules that every pipeline built from it shares (ControlNet, image-to-image and
+        inpainting pipelines get them too)."""
+        from deployments.runtime.acceleration import accelerate, check_hardware
+
+        check_hardware(config.acceleration, placement)  # before the weights load: fail fast
         pipeline = self.load_pipeline(config, placement)
         vae = getattr(pipeline, "vae", None)
         if vae is not None and config.vae.slicing and hasattr(vae, "enable_slicing"):
             vae.enable_slicing()
         if vae is not None and config.vae.tiling and hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
+        accelerate(pipeline, config.acceleration, self.acceleration, placement)
         return self.loaded_class(self, config, placement, pipeline)

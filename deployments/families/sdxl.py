@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.config import ModelSource
 from deployments.families.base import (
+    AccelerationSupport,
     ImageFamily,
     LoadedImageModel,
     LoraSignature,
@@ -195,6 +196,7 @@ class SdxlFamily(ImageFamily):
     img2img_pipeline_class = "StableDiffusionXLImg2ImgPipeline"
     inpaint_pipeline_class = "StableDiffusionXLInpaintPipeline"
     control_edits = True
+    acceleration = AccelerationSupport(denoiser="unet", repeated_blocks=True, fuse_qkv=True, channels_last=True)
     # SDXL's CLIP encoders respond to short comma-separated tags.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 40 words): subject first, then details, "

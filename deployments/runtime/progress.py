@@ -36,7 +36,8 @@ class Interrupted(Exception):
 
 
 class StepMonitor:
-    """`callback_on_step_end` for one pipeline call. Create it on the replica's event loop."""
+    """`callback_on_step_end` for one pipeline call. Create it on the replica's event loop when it
+    has a target (reports are sent from there); one without a target (a warm-up call) needs none."""
 
     def __init__(self, target: ProgressTarget | None, total_steps: int):
         self.target = target
@@ -49,7 +50,7 @@ class StepMonitor:
         # Steps of earlier pipeline calls of the same batch (a hires second pass counts on from the first).
         self.steps_before = 0
         self.reports_sent = 0
-        self._loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop() if target is not None else None
         self._started = self._last_report = time.perf_counter()
 
     def started(self) -> None:

@@ -5,6 +5,7 @@
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
     genserve bench-agents [options]  OpenAI route, MCP tools, A2A vs the same POST /v1/images
+    genserve bench-gpu [options]     FLUX.1-schnell / SDXL architectures with random weights: eager, compiled, fp8
     genserve bench-scores [options]  scoring cost of a batch of images against one image
     genserve keys create NAME [--scopes generate read admin] [--file KEYS.yaml] [limits]
                                      make an API key: prints it once, and the entry for the keys file
@@ -164,6 +165,14 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from serve_app.bench.gpu import format_gpu_table, run_gpu_benchmark
+
+    device, cases = run_gpu_benchmark(args.repeats, args.cpu_compile, args.model, args.steps)
+    print(format_gpu_table(device, cases))
+    return 0
+
+
 def _bench_jobs(args: argparse.Namespace) -> int:
     from serve_app.bench.jobs import format_jobs_table, run_jobs_benchmark
 
@@ -268,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="with --auth-overhead: the limits storage URI for the keyed run (default: the config's)")
     bench.add_argument("--compare-enhancer", action="store_true",
                        help="also run with the other enhancer mode (template <-> the config's llm)")
+
+    gpu = commands.add_parser("bench-gpu", help="FLUX.1-schnell and SDXL architectures, random weights, in process")
+    gpu.add_argument("--repeats", type=int, default=3, help="timed calls per case after the first")
+    gpu.add_argument("--model", nargs="+", choices=["flux-schnell", "sdxl"], default=None, help="default: both")
+    gpu.add_argument("--steps", type=int, default=None, help="default: the published ones (schnell 4, SDXL 30)")
+    gpu.add_argument("--cpu-compile", action="store_true", help="on a CPU, also run the compiled tiers (slow)")
+    gpu.set_defaults(func=_bench_gpu)
 
     scores = commands.add_parser("bench-scores", help="scoring cost of a batch of images against one")
     scores.add_argument("--config", default="configs/dev.yaml")
