@@ -53,3 +53,38 @@ def test_the_published_architectures_build_on_the_meta_device_with_their_paramet
     assert 2.5e9 < counts[("sdxl", "unet")] < 2.7e9
     assert 0.6e9 < counts[("sdxl", "text_encoder_2")] < 0.8e9
 
+
+def test_concurrent_clients_wait_out_rejections_and_count_failures_apart():
+    """Through genserve's own client: a 503 is waited out and retried (counted), a 422 is a failure."""
+    import asyncio
+
+    import httpx
+
+    from serve_app.bench.concurrency import run_level
+    from tests.unit.test_client import IMAGE
+
+    answered = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seed = json.loads(request.content)["seed"]
+        answered.append(seed)
+        if seed == 1003:
+            return httpx.Response(422, json={"detail": "bad"})
+        if seed == 1001 and answered.count(seed) == 1:
+            return httpx.Response(503, headers={"Retry-After": "0"}, json={"detail": "queue full"})
+        return httpx.Response(200, json=IMAGE)
+
+    level = asyncio.run(run_level("http://genserve.test", {"prompt": "a fox"}, "as configured", clients=2, requests=5,
+                                  transport=httpx.MockTransport(server)))
+    assert sorted(set(answered)) == [1000, 1001, 1002, 1003, 1004] and answered.count(1001) == 2
+    assert len(level.seconds) == 4 and level.failures == 1 and level.rejections == 1 and level.wall_s > 0
+
+
+def test_the_concurrency_table_gives_ratios_to_one_client_and_to_the_first_mode():
+    from serve_app.bench.concurrency import Level, format_concurrency_table
+
+    levels = [Level("batching off", 1, [0.1] * 10, 0, 1.0), Level("batching off", 8, [0.4] * 20, 0, 1.0),
+              Level("batching on", 1, [0.1] * 10, 0, 1.0), Level("batching on", 8, [0.3] * 30, 2, 1.0, rejections=5)]
+    rows = format_concurrency_table(levels).splitlines()
+    # batching on at 8 clients: 30 ok, 2 failed, 5 rejections, 30 img/s, 3.00x its one client, 1.50x the first mode.
+    assert rows[4].split()[-8:] == ["30", "2", "5", "30.00", "3.00", "1.50", "300", "300"]
