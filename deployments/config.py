@@ -171,6 +171,22 @@ class CombinedWeights(_Strict):
         return self
 
 
+# The decorators' max_ongoing_requests of the image generator and the scorer (config may override
+# them): a replica must be able to hold a full batch.
+IMAGE_GENERATOR_MAX_ONGOING_REQUESTS = 4
+SCORER_MAX_ONGOING_REQUESTS = 8
+
+
+class BatchingConfig(_Strict):
+    """Request batching (Ray Serve's @serve.batch). Image models: requests for the same size, steps,
+    guidance, LoRA set, control and edit run as one pipeline call; different ones never mix. The
+    scorer: concurrent score calls run as one CLIP forward pass, each image against its own prompt."""
+
+    enabled: bool = Field(False, description="Batch requests that arrive within `wait_ms` of each other.")
+    max_batch_images: int = Field(8, ge=1, le=64, description="Most images in one pipeline call (or forward pass).")
+    wait_ms: float = Field(10.0, ge=0, le=1000, description="How long the first request waits for others to join.")
+
+
 class ScorerConfig(_Strict):
     """CLIP scoring of generated images."""
 
@@ -197,6 +213,9 @@ class ScorerConfig(_Strict):
     laion: LaionHeadConfig = Field(
         default_factory=LaionHeadConfig,
         description="The LAION aesthetic predictor head (the `laion` score, 1-10).",
+    )
+    batching: BatchingConfig = Field(
+        default_factory=BatchingConfig, description="Batch concurrent score calls into one forward pass; default off."
     )
 
     @property
@@ -511,6 +530,7 @@ class ImageModelConfig(_Strict):
     acceleration: AccelerationConfig = Field(
         default_factory=AccelerationConfig, description="The acceleration tier (docs/acceleration.md); default: none."
     )
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Request batching; default: off.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Warm-up calls before the replica is healthy.")
 
     @property

@@ -123,16 +123,42 @@ def size_arguments(pipeline, params: GenerationParams) -> dict:
     return {name: getattr(params, name) for name in ("width", "height") if takes(pipeline, name)}
 
 
+def prompt_arguments(prompts: list[EnhancedPrompt], negative: bool) -> dict:
+    """`prompt`, `num_images_per_prompt` and (with `negative`) `negative_prompt` of a diffusers call
+    for one image per prompt. One prompt for every image (a request alone, or a batch of the same
+    prompt) is passed once with `num_images_per_prompt`, as diffusers encodes it once; different
+    prompts (a batch) go as lists, one per image. A batch never mixes prompts with and without a
+    negative one (it is part of the batch key): diffusers treats none (SDXL: zero embeddings)
+    differently from an empty one."""
+    first = prompts[0]
+    if all((prompt.prompt, prompt.negative_prompt) == (first.prompt, first.negative_prompt) for prompt in prompts):
+        arguments = {"prompt": first.prompt, "num_images_per_prompt": len(prompts)}
+        if negative:
+            arguments["negative_prompt"] = first.negative_prompt
+        return arguments
+    arguments = {"prompt": [prompt.prompt for prompt in prompts], "num_images_per_prompt": 1}
+    if negative:
+        negatives = [prompt.negative_prompt for prompt in prompts]
+        arguments["negative_prompt"] = None if all(text is None for text in negatives) else [text or "" for text in negatives]
+    return arguments
+
+
 def edit_arguments(params: GenerationParams) -> dict:
-    """The image-to-image / inpainting arguments diffusers' pipelines share: `image` (one, or one
-    per seed), `strength` and, for inpainting, `mask_image` softened by `mask_blur`."""
+    """The image-to-image / inpainting arguments diffusers' pipelines share: `image` (one per seed),
+    `strength` and, for inpainting, `mask_image` softened by `mask_blur`.
+
+    One init image is passed once per seed: FLUX's edit pipelines sample each image's VAE latent
+    with the generator of the same index, so a single image would take every image's sample from
+    the first seed's generator, and image 2 of a request (or of a batch) would differ from the
+    same seed alone."""
     edit = params.edit
     if edit is None:
         return {}
     from PIL import Image, ImageFilter
 
     images = edit.image
-    image = [Image.fromarray(one) for one in images] if images.ndim == 4 else Image.fromarray(images)
+    image = [Image.fromarray(one) for one in images] if images.ndim == 4 else \
+        [Image.fromarray(images)] * len(params.seeds)
     arguments = {"image": image, "strength": edit.strength}
     if edit.mask is not None:
         mask = Image.fromarray(edit.mask)
@@ -177,30 +203,28 @@ class LoadedImageModel:
         """The control map of a reference picture; families with ControlNets override it."""
         raise ValueError(f"{self.config.id} has no ControlNet")
 
-    def pipeline_kwargs(self, pipeline, params: GenerationParams, prompt: EnhancedPrompt, generators: list,
+    def pipeline_kwargs(self, pipeline, params: GenerationParams, prompts: list[EnhancedPrompt], generators: list,
                         callback) -> dict:
         """The arguments every pipeline call of `pipeline` takes (text-to-image, image-to-image and
         inpainting alike); families add their own."""
-        kwargs = dict(
-            prompt=prompt.prompt,
+        return dict(
+            **prompt_arguments(prompts, self.family.negative_prompt),
             **size_arguments(pipeline, params),
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
-            num_images_per_prompt=len(params.seeds),
             generator=generators,
             output_type="np",
             callback_on_step_end=callback,
             **edit_arguments(params),
         )
-        if self.family.negative_prompt:
-            kwargs["negative_prompt"] = prompt.negative_prompt
-        return kwargs
 
-    def __call__(self, params: GenerationParams, prompt: EnhancedPrompt, control: ControlInput | None,
+    def __call__(self, params: GenerationParams, prompts: list[EnhancedPrompt], control: ControlInput | None,
                  generators: list, callback) -> Any:
-        """Run the pipeline for one batch (one image per seed); return float images (N, H, W, 3) in [0, 1]."""
+        """Run the pipeline for one call: image i from `prompts[i]` and `generators[i]` (one per seed
+        of `params.seeds`); several requests batched together make one call (`prompt_arguments`
+        builds the prompt arguments). Return float images (N, H, W, 3) in [0, 1]."""
         pipeline = self.pipeline_for(params)
-        return pipeline(**self.pipeline_kwargs(pipeline, params, prompt, generators, callback)).images
+        return pipeline(**self.pipeline_kwargs(pipeline, params, prompts, generators, callback)).images
 
     def latent_image(self, latents, params: GenerationParams):
         """The pipeline's in-loop latents as (B, C, h, w); families that pack them override this."""

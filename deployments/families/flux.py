@@ -29,8 +29,8 @@ class LoadedFlux(LoadedImageModel):
         # FLUX packs 2x2 latent patches into its sequence; unpack to (B, C, h, w) for a preview.
         return self.pipeline._unpack_latents(latents, params.height, params.width, self.pipeline.vae_scale_factor)
 
-    def pipeline_kwargs(self, pipeline, params, prompt, generators, callback) -> dict:
-        return {**super().pipeline_kwargs(pipeline, params, prompt, generators, callback),
+    def pipeline_kwargs(self, pipeline, params, prompts, generators, callback) -> dict:
+        return {**super().pipeline_kwargs(pipeline, params, prompts, generators, callback),
                 "max_sequence_length": self.options.max_sequence_length}
 
 

@@ -1,7 +1,8 @@
-"""`genserve bench --concurrency 1 8 64`: throughput and latency under concurrent clients.
+"""`genserve bench --concurrency 1 8 64`: throughput and latency under concurrent clients, batching off and on.
 
 The config's app runs on a Ray of its own, once per mode (the app is redeployed in place between
-modes). At each concurrency level, that many clients (genserve's own `AsyncClient`) send
+modes): with the default model's and the scorer's `batching` off, then on (`with_batching`: their
+`max_ongoing_requests` raised to the batch size where lower, so a replica can hold a full batch). At each concurrency level, that many clients (genserve's own `AsyncClient`) send
 `POST /v1/images` back to back until the level's requests are done. Each request has a seed, so
 the client retries it after the server's `Retry-After` when a bounded queue turns it away (503 or
 429), as any user of the client gets: its latency runs from the first send to the answer, and
@@ -37,6 +38,30 @@ class Level:
             return float("nan")
         ordered = sorted(self.seconds)
         return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def with_batching(args: AppArgs, enabled: bool, max_batch_images: int, wait_ms: float) -> AppArgs:
+    """`args` with the default model's and the scorer's batching set; on, their replicas take a full batch at once."""
+    settings = {"enabled": enabled, "max_batch_images": max_batch_images, "wait_ms": wait_ms}
+    entries = []
+    for entry in args.image_models:
+        if entry.id == args.default_model_id:
+            deployment = entry.deployment.model_dump(exclude_unset=True)
+            if enabled and (entry.deployment.max_ongoing_requests or 0) < max_batch_images:
+                deployment["max_ongoing_requests"] = max_batch_images
+            entry = type(entry).model_validate({**entry.model_dump(exclude_unset=True), "batching": settings,
+                                                "deployment": deployment})
+        entries.append(entry)
+    deployments = dict(args.deployments)
+    scorer_options = deployments.get("ClipScorer")
+    if enabled and (scorer_options is None or (scorer_options.max_ongoing_requests or 0) < max_batch_images):
+        base = scorer_options.model_dump(exclude_unset=True) if scorer_options is not None else {}
+        deployments["ClipScorer"] = {**base, "max_ongoing_requests": max(max_batch_images, 8)}
+    return AppArgs.model_validate({**args.model_dump(exclude_unset=True), "image_models": [
+        entry.model_dump(exclude_unset=True) for entry in entries],
+        "scorer": {**args.scorer.model_dump(exclude_unset=True), "batching": settings},
+        "deployments": {name: (options if isinstance(options, dict) else options.model_dump(exclude_unset=True))
+                        for name, options in deployments.items()}})
 
 
 async def run_level(url: str, body: dict, mode: str, clients: int, requests: int, transport=None) -> Level:

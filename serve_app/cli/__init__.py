@@ -3,7 +3,7 @@
     genserve serve [CONFIG] [--timeout S] [--address ADDR] [--detach]
                                      deploy CONFIG (default configs/dev.yaml) and wait until it runs
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
-    genserve bench --concurrency 1 8 64   throughput and p50/p95 under concurrent clients
+    genserve bench --concurrency 1 8 64   throughput and p50/p95 under concurrent clients, batching off and on
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
     genserve bench-agents [options]  OpenAI route, MCP tools, A2A vs the same POST /v1/images
     genserve bench-gpu [options]     FLUX.1-schnell / SDXL architectures with random weights: eager, compiled, fp8
@@ -169,18 +169,22 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_concurrency(args: argparse.Namespace) -> int:
-    from serve_app.bench.concurrency import format_concurrency_table, run_concurrency_benchmark
+    from serve_app.bench.concurrency import format_concurrency_table, run_concurrency_benchmark, with_batching
     from serve_app.config import app_args_from_config
 
     def progress(level) -> None:
         print(f"  {level.mode}, {level.clients} clients: {level.throughput:.2f} img/s, {level.failures} failed, "
               f"{level.rejections} rejections waited out", flush=True)
 
-    modes = [("as configured", app_args_from_config(args.config))]
+    config = app_args_from_config(args.config)
+    modes = [("batching off", with_batching(config, False, args.max_batch_images, args.batch_wait_ms)),
+             (f"batching on ({args.max_batch_images} images, {args.batch_wait_ms:g} ms)",
+              with_batching(config, True, args.max_batch_images, args.batch_wait_ms))]
     levels = run_concurrency_benchmark(modes, args.concurrency, args.requests, args.warmup, args.width, args.height,
                                        args.steps, progress)
     print(f"genserve bench --concurrency: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
-          f"max({args.requests}, 2 x clients) requests per level after {args.warmup} warm-up")
+          f"max({args.requests}, 2 x clients) requests per level after {args.warmup} warm-up; batching off, then on "
+          "(the default model and the scorer)")
     print(format_concurrency_table(levels))
     return 0
 
@@ -292,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--compare-metrics", action="store_true",
                        help="also run through Serve with the config's metrics setting flipped")
     bench.add_argument("--concurrency", type=int, nargs="+", default=None, metavar="CLIENTS",
-                       help="instead: throughput and p50/p95 at these client counts (e.g. 1 8 64)")
+                       help="instead: throughput and p50/p95 at these client counts, batching off and on (e.g. 1 8 64)")
+    bench.add_argument("--max-batch-images", type=int, default=8, help="with --concurrency: the batch cap")
+    bench.add_argument("--batch-wait-ms", type=float, default=20.0, help="with --concurrency: the batch wait")
     bench.add_argument("--auth-overhead", action="store_true",
                        help="instead: job status read latency without keys, then with keys and per-key limits")
     bench.add_argument("--limits-storage", default=None,

@@ -31,7 +31,7 @@ def _run(entry: ImageModelConfig, steps: int = 4, size: int = 128, probe=None):
         probe(model)
     params = GenerationParams(seeds=[5], width=size, height=size, num_inference_steps=steps, guidance_scale=3.5)
     with torch.inference_mode():
-        return np.asarray(model(params, PROMPT, None, seeded_generators([5]), None)), model
+        return np.asarray(model(params, [PROMPT], None, seeded_generators([5]), None)), model
 
 
 def test_a_tier_the_family_lacks_is_rejected_at_config_load_naming_the_field():
@@ -118,7 +118,7 @@ def test_the_docs_example_entry_is_a_valid_config():
     entry = ImageModelEntry(**example["image_models"][0])
     assert entry.acceleration.active() == {"compile": "repeated_blocks", "compile_mode": "max-autotune-no-cudagraphs",
                                            "quantization": "fp8_dynamic"}
-    assert entry.warmup.shapes[0].images == 4
+    assert entry.batching.enabled and entry.warmup.shapes[0].images == 4
 
 
 def test_a_replica_warms_up_before_it_is_ready_and_reports_its_tier_and_cold_start(monkeypatch):
@@ -131,9 +131,9 @@ def test_a_replica_warms_up_before_it_is_ready_and_reports_its_tier_and_cold_sta
     cls = ImageGenerator.func_or_class
     generate, calls = cls._generate, []
 
-    def counting(self, params, *rest):
-        calls.append((params.width, params.num_inference_steps, len(params.seeds)))
-        return generate(self, params, *rest)
+    def counting(self, group, monitor):
+        calls.extend([(pending.params.width, pending.params.num_inference_steps, pending.images) for pending in group])
+        return generate(self, group, monitor)
 
     monkeypatch.setattr(cls, "_generate", counting)
     generator = cls(entry, metrics=False)
