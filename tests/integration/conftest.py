@@ -24,7 +24,8 @@ EXTRA_MODELS = [
      "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 4}},
     # FLUX.1-dev: the same family code as schnell; the family's 1-50 steps, 28 and guidance 3.5 by default.
     {"id": "flux-dev", "family": "flux", "source": "tiny", "default_width": 256, "default_height": 256,
-     "options": {"max_sequence_length": 64}, "device": TINY_CPU, "deployment": {"num_cpus": 0.1}},
+     "options": {"max_sequence_length": 64}, "device": TINY_CPU, "deployment": {"num_cpus": 0.1},
+     "warmup": {"default_shape": False}},
     {"id": "toy", "family": "tests.toy_family:FAMILY", "source": "tiny", "options": {"invert": True},
      "device": TINY_CPU, "deployment": {"num_cpus": 0.1}},
     # Slow steps and a queue of one (one running, one waiting): the fallback tests fill it on purpose.
