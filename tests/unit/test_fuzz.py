@@ -88,6 +88,8 @@ OPERATIONS = [(method.upper(), path) for path, methods in build_api().openapi()[
 # other thread runs: pytest rewrites them (schemathesis is a pytest plugin), and CPython 3.11's AST
 # recursion counter is shared between threads ("AST constructor recursion depth mismatch").
 schemathesis.openapi.from_dict(build_api().openapi())
+# The fixture's path too (an ASGI schema, loaded through Starlette's TestClient in a portal thread).
+schemathesis.openapi.from_asgi("/openapi.json", build_api())
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda mode: mode.value)
