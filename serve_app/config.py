@@ -25,22 +25,27 @@ from deployments.config import (
     ImageModelConfig,
     LoraConfig,
     ScorerConfig,
-    SvdConfig,
+    VideoModelConfig,
 )
 
-# The deployments every app has (SvdGenerator when `svd:` is set); image generators are named
-# after their model ids (`generator_name`) and configured in their `image_models:` entries.
-DeploymentName = Literal["Ingress", "PromptEnhancer", "ClipScorer", "SvdGenerator", "JobRunner"]
+# The deployments every app has; image and video generators are named after their model ids
+# (`generator_name`) and configured in their `image_models:` / `video_models:` entries.
+DeploymentName = Literal["Ingress", "PromptEnhancer", "ClipScorer", "JobRunner"]
 DEPLOYMENT_NAMES: tuple[str, ...] = get_args(DeploymentName)
 # The `AppArgs` field holding each model deployment's model config (and so its device options).
-MODEL_CONFIG_FIELDS = {"ClipScorer": "scorer", "SvdGenerator": "svd", "PromptEnhancer": "enhancer"}
+MODEL_CONFIG_FIELDS = {"ClipScorer": "scorer", "PromptEnhancer": "enhancer"}
 # Top-level keys of the config shape before `image_models:`, and what replaced each.
 REPLACED_KEYS = {
     "flux": "an image_models entry with family: flux (e.g. id: flux-schnell)",
     "sdxl": "an image_models entry with family: sdxl (its controlnets and depth_estimator go under options:)",
     "sdxl_turbo": "an image_models entry with family: sdxl and limits {max_steps: 4, max_guidance: 0}",
 }
+# Top-level keys of the config shape before `video_models:`.
+REPLACED_VIDEO_KEYS = {
+    "svd": "a video_models entry with family: svd (e.g. id: svd-xt; its memory: settings go under options:)",
+}
 _OLD_DEPLOYMENTS = {"FluxGenerator": "flux-schnell", "SdxlGenerator": "sdxl", "SdxlTurboGenerator": "sdxl-turbo"}
+_OLD_VIDEO_DEPLOYMENTS = {"SvdGenerator": "svd-xt"}
 # Ray keeps resource amounts to 1e-4; shares that sum to 1 in decimal must not fail in binary.
 _SHARE_TOLERANCE = 1e-6
 
@@ -212,6 +217,27 @@ def _check_batches_fit(batching: BatchingConfig, per_replica: int, field: str, b
         )
 
 
+class VideoModelEntry(VideoModelConfig):
+    """A `video_models:` entry: the model (see VideoModelConfig) and its deployment's options."""
+
+    max_pixel_frame_steps: int | None = Field(
+        None, ge=1,
+        description="Compute budget of one request: width x height x num_frames x num_inference_steps at most "
+                    "this; over it is 422 naming the fields. None: no budget beyond each field's own limit.",
+    )
+
+    deployment: DeploymentOptions = Field(
+        default_factory=DeploymentOptions,
+        description="Replicas, GPU share, autoscaling and queue bounds of this model's deployment "
+                    "(named generator_name(id), e.g. SvdXtGenerator).",
+    )
+    enabled: bool = Field(True, description="false: an optional entry, checked when the config loads but not deployed.")
+
+    @property
+    def deployment_name(self) -> str:
+        return generator_name(self.id)
+
+
 def _default_image_models() -> list[ImageModelEntry]:
     return [ImageModelEntry(id="flux-schnell", family="flux", source="black-forest-labs/FLUX.1-schnell",
                             default_steps=4, limits={"max_steps": 4, "max_guidance": 0})]
@@ -300,7 +326,9 @@ class JobSlots(_Strict):
     image: int | None = Field(
         None, ge=1, description="Image jobs running at once (the image generators' capacities added up if unset)."
     )
-    video: int | None = Field(None, ge=1, description="Video jobs running at once (SvdGenerator's capacity if unset).")
+    video: int | None = Field(
+        None, ge=1, description="Video jobs running at once (the video generators' capacities added up if unset)."
+    )
 
 
 class JobsConfig(_Strict):
@@ -369,6 +397,21 @@ class JobsConfig(_Strict):
         return self
 
 
+class ClientLimits(_Strict):
+    """Limits per client on synchronous requests: the fair share of one caller when the service is busy."""
+
+    concurrent_requests: int | None = Field(
+        None, ge=1,
+        description="Synchronous requests one client has in flight at once; an API key's own "
+                    "limits.concurrent_requests, when set, replaces it for that key. None: no limit.",
+    )
+    requests_per_minute: int | None = Field(
+        None, ge=1,
+        description="Synchronous requests one client sends in any 60 s (a moving window; besides a key's own "
+                    "requests_per_minute, which counts every request). None: no limit.",
+    )
+
+
 class AuthConfig(_Strict):
     """Who may call the HTTP API (docs/security.md)."""
 
@@ -392,6 +435,36 @@ class AuthConfig(_Strict):
     )
     signed_url_ttl_s: float = Field(3600.0, gt=0, le=7 * 86400,
                                     description="How long a signed job file URL stays valid.")
+    client_limits: ClientLimits = Field(
+        default_factory=ClientLimits,
+        description="Per-client limits on synchronous requests (every non-GET outside /v1/jobs and /v1/admin): a "
+                    "client is its API key, or its remote address when it sends none; 429 with Retry-After past them.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (10.0.0.0/8) of reverse proxies or load balancers whose X-Forwarded-For "
+                    "names the client: its address then counts as the client's (per-address limits, loopback "
+                    "check). Empty: the TCP peer is the client.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network (10.0.0.0/8)") from None
+        return value
+
+    @property
+    def limits_clients(self) -> bool:
+        """Whether any per-client limit is set (the limiter then runs without keys too)."""
+        return self.client_limits.concurrent_requests is not None or self.client_limits.requests_per_minute is not None
+
+
 class FallbackConfig(_Strict):
     """Hybrid serving: a remote OpenAI-compatible images endpoint that may serve an image request
     when the local model cannot take it. Off unless `enabled`; a request opts in with `fallback: true`,
@@ -421,6 +494,30 @@ class FallbackConfig(_Strict):
     timeout_s: float = Field(120.0, gt=0, description="How long one remote call may take before answering 504.")
 
 
+class ScoresConfig(_Strict):
+    """`POST /v1/scores` budgets: the pixels one request's uploads may hold in all (docs/operations.md)."""
+
+    pixel_budget: int = Field(
+        16 * 1024 * 1024, ge=65536,
+        description="Pixels the images of one request are scored at, in all: over it, each is decoded to a copy "
+                    "scaled down by one common factor (never below the CLIP input size on its shorter side). "
+                    "CLIP scores keep their meaning (CLIP itself resizes to its input size); perceptual sharpness "
+                    "is then the scored copy's.",
+    )
+    max_total_pixels: int = Field(
+        64 * 1024 * 1024, ge=65536,
+        description="Pixels the images of one request may declare in all (width x height, read from their "
+                    "headers before decoding); over it is 422 naming `images`.",
+    )
+
+    @model_validator(mode="after")
+    def _budget_within_cap(self) -> "ScoresConfig":
+        if self.pixel_budget > self.max_total_pixels:
+            raise ValueError(f"pixel_budget ({self.pixel_budget}) must not exceed max_total_pixels "
+                             f"({self.max_total_pixels})")
+        return self
+
+
 class AppArgs(_Strict):
     """Everything `configs/*.yaml` choose: model sources, defaults, quality policy, scaling."""
 
@@ -433,7 +530,13 @@ class AppArgs(_Strict):
     )
     scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="The CLIP scorer.")
     enhancer: EnhancerConfig = Field(default_factory=EnhancerConfig, description="The prompt enhancer.")
-    svd: SvdConfig | None = Field(None, description="Stable Video Diffusion; omit to serve images only.")
+    video_models: list[VideoModelEntry] = Field(
+        default_factory=list,
+        description="The video models served (svd, ltx, ...), one deployment each; empty: images only.",
+    )
+    default_video_model: str | None = Field(
+        None, description="The video model requests get when they name none; default: the first of video_models."
+    )
     policy: QualityPolicy = Field(default_factory=QualityPolicy, description="Default quality gate.")
     loras: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters requests may name.")
     max_input_pixels: int = Field(
@@ -451,6 +554,7 @@ class AppArgs(_Strict):
             "every deployment's GPU share fits at max replicas, instead of replicas pending forever."
         ),
     )
+    scores: ScoresConfig = Field(default_factory=ScoresConfig, description="Pixel budgets of POST /v1/scores.")
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024,
         description="Largest request body the ingress reads (bytes); larger ones get 413 before they are parsed.",
@@ -475,6 +579,14 @@ class AppArgs(_Strict):
             if key in data:
                 raise ValueError(f"`{key}:` is no longer read: use `image_models:` instead, {replacement}; "
                                  "see docs/configuration.md")
+        for key, replacement in REPLACED_VIDEO_KEYS.items():
+            if key in data:
+                raise ValueError(f"`{key}:` is no longer read: use `video_models:` instead, {replacement}; "
+                                 "see docs/video.md")
+        for name, model_id in _OLD_VIDEO_DEPLOYMENTS.items():
+            if name in (data.get("deployments") or {}):
+                raise ValueError(f"deployments.{name} is no longer read: a video model's deployment options go "
+                                 f"in its video_models entry, under `deployment:` (e.g. the entry with id {model_id})")
         for name, model_id in _OLD_DEPLOYMENTS.items():
             if name in (data.get("deployments") or {}):
                 raise ValueError(f"deployments.{name} is no longer read: an image model's deployment options go "
@@ -485,15 +597,20 @@ class AppArgs(_Strict):
     def _image_models_unique(self) -> "AppArgs":
         if not self.served_image_models:
             raise ValueError("image_models: at least one entry must be enabled")
-        names = [entry.deployment_name for entry in self.image_models]
-        ids = [entry.id for entry in self.image_models]
+        entries = [*self.image_models, *self.video_models]
+        names = [entry.deployment_name for entry in entries]
+        ids = [entry.id for entry in entries]
         repeated = sorted({model_id for model_id in ids if ids.count(model_id) > 1})
         if repeated:
-            raise ValueError(f"image_models ids must be unique; repeated: {repeated}")
+            raise ValueError(f"image_models and video_models ids must be unique together; repeated: {repeated}")
         clashing = sorted({name for name in names if names.count(name) > 1 or name in DEPLOYMENT_NAMES})
         if clashing:
-            raise ValueError(f"image_models ids give clashing deployment names {clashing}: pick ids that differ in "
+            raise ValueError(f"model ids give clashing deployment names {clashing}: pick ids that differ in "
                              "more than '-' versus '.'")
+        videos = [entry.id for entry in self.served_video_models]
+        if self.default_video_model is not None and self.default_video_model not in videos:
+            raise ValueError(f"default_video_model {self.default_video_model!r} is not an enabled video_models id; "
+                             f"ids: {videos}")
         served = [entry.id for entry in self.served_image_models]
         if self.default_model is not None and self.default_model not in served:
             raise ValueError(f"default_model {self.default_model!r} is not an enabled image_models id; ids: {served}")
@@ -508,9 +625,20 @@ class AppArgs(_Strict):
     def default_model_id(self) -> str:
         return self.default_model or self.served_image_models[0].id
 
+    @property
+    def served_video_models(self) -> list[VideoModelEntry]:
+        """The video models deployed: the entries not marked `enabled: false`."""
+        return [entry for entry in self.video_models if entry.enabled]
+
+    @property
+    def default_video_model_id(self) -> str | None:
+        served = self.served_video_models
+        return self.default_video_model or (served[0].id if served else None)
+
     def all_deployment_options(self) -> dict[str, DeploymentOptions]:
-        """Options of every deployment, the image generators' included, by deployment name."""
-        served = {entry.deployment_name: entry.deployment for entry in self.served_image_models}
+        """Options of every deployment, the image and video generators' included, by deployment name."""
+        served = {entry.deployment_name: entry.deployment
+                  for entry in [*self.served_image_models, *self.served_video_models]}
         return {**self.deployments, **served}
 
     @field_validator("gpu_capacity")
@@ -552,11 +680,11 @@ class AppArgs(_Strict):
     def _memory_caps_within_shares(self) -> "AppArgs":
         models = [(name, field + (".llm" if field == "enhancer" else ""), f"deployments.{name}", getattr(self, field))
                   for name, field in MODEL_CONFIG_FIELDS.items()]
-        models += [(entry.deployment_name, f"image_models[{entry.id}]", f"image_models[{entry.id}].deployment", entry)
-                   for entry in self.served_image_models]
+        models += [(entry.deployment_name, f"{kind}[{entry.id}]", f"{kind}[{entry.id}].deployment", entry)
+                   for kind, entries in (("image_models", self.served_image_models),
+                                         ("video_models", self.served_video_models))
+                   for entry in entries]
         for name, where, options_at, config in models:
-            if config is None:  # an optional model (svd) that is not configured
-                continue
             cap = device_options(config).memory_fraction
             share = gpu_memory_fraction(self._options(name).num_gpus)
             if cap is not None and share is not None and cap > share:
@@ -609,7 +737,8 @@ class AppArgs(_Strict):
     @model_validator(mode="after")
     def _shared_limits(self) -> "AppArgs":
         ingress = self.deployments.get("Ingress", DeploymentOptions())
-        if self.auth.keys_file and ingress.max_replicas > 1 and self.auth.limits_storage is None \
+        if (self.auth.keys_file or self.auth.limits_clients) and ingress.max_replicas > 1 \
+                and self.auth.limits_storage is None \
                 and self.limits_storage().startswith("memory"):
             raise ValueError(
                 "auth: more than one Ingress replica needs shared rate-limit counters: set auth.limits_storage "
@@ -624,9 +753,9 @@ class AppArgs(_Strict):
     def image_model(self, model_id: str) -> ImageModelEntry:
         return next(entry for entry in self.served_image_models if entry.id == model_id)
 
-    def model_config_for(self, name: str) -> ImageModelEntry | ScorerConfig | SvdConfig | EnhancerConfig:
+    def model_config_for(self, name: str) -> ImageModelEntry | VideoModelEntry | ScorerConfig | EnhancerConfig:
         """The model config of deployment `name`, its CUDA memory cap filled in from its GPU share."""
-        images = {entry.deployment_name: entry for entry in self.served_image_models}
+        images = {entry.deployment_name: entry for entry in [*self.served_image_models, *self.served_video_models]}
         config = images[name] if name in images else getattr(self, MODEL_CONFIG_FIELDS[name])
         device = device_options(config)
         fraction = gpu_memory_fraction(self._options(name).num_gpus)
@@ -638,7 +767,7 @@ class AppArgs(_Strict):
         return config.model_copy(update={"device": device})
 
 
-def device_options(config: ImageModelConfig | ScorerConfig | SvdConfig | EnhancerConfig) -> DeviceOptions:
+def device_options(config: ImageModelConfig | VideoModelConfig | ScorerConfig | EnhancerConfig) -> DeviceOptions:
     """Where a model deployment's model runs: the enhancer's is its LLM's."""
     return config.llm.device if isinstance(config, EnhancerConfig) else config.device
 

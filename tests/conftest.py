@@ -5,6 +5,7 @@ import os
 # first import at the terminal summary, after tests left server threads behind, can fail with
 # "SystemError: AST constructor recursion depth mismatch" (fixed in later CPython releases).
 import hypothesis  # noqa: F401
+import starlette.testclient  # noqa: F401  (the same, for test modules that import it inside a test)
 
 import pytest
 

@@ -129,6 +129,12 @@ class ClipScorer:
         """The flat scores this replica computes."""
         return tuple(metric for metric in GATE_METRICS if metric != "laion" or self._head is not None)
 
+    @property
+    def input_size(self) -> int:
+        """The side CLIP sees: the image processor resizes the shorter side to it and crops a square."""
+        size, crop = self._image_processor.size, self._image_processor.crop_size
+        return int(max(size.get("shortest_edge") or 0, crop.get("height") or 0, crop.get("width") or 0))
+
     async def score(self, images: GenerationOutput | np.ndarray | Sequence[np.ndarray], prompt: str,
                     weights: CombinedWeights | Mapping[str, float] | None = None) -> list[dict]:
         """One dict of scores per image, in order. Accepts a generator's output directly, an
@@ -201,6 +207,7 @@ class ClipScorer:
             "dtype": self._placement.dtype_name,
             "memory_fraction": self._placement.memory_fraction,
             "laion_head": self._config.laion_source if self._head is not None else None,
+            "input_size": self.input_size,
             "scores": {name: list(SCORE_RANGES[name]) for name in self.gate_metrics},
             "aspects": {name: list(ASPECT_RANGE) for name in ASPECTS},
             "perceptual": {name: [low, None if high == float("inf") else high]

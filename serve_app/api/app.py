@@ -208,7 +208,7 @@ async def _request_error(request: Request, error: RequestError) -> JSONResponse:
 
 
 async def _video_not_deployed(_: Request, __: VideoNotDeployed) -> JSONResponse:
-    return JSONResponse(status_code=501, content={"detail": "video generation is not deployed: add `svd:` to the config"})
+    return JSONResponse(status_code=501, content={"detail": "video generation is not deployed: add a video_models entry to the config"})
 
 
 # How long a client should wait before sending again a request that ran out of time or met a
@@ -287,7 +287,7 @@ async def _fallback_failed(_: Request, error: FallbackFailed) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail})
 
 
-def build_api(cors_origins: tuple[str, ...] | list[str] = ()) -> FastAPI:
+def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: tuple[str, ...] | list[str] = ()) -> FastAPI:
     """The app with every router; the Ingress serves it and puts its `Services` (and its `Auth`,
     which the Guard reads) on `app.state`. Every route is behind the Guard (serve_app.security)."""
     from serve_app.api.routers import ROUTERS
@@ -318,6 +318,10 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = ()) -> FastAPI:
         api.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
                            expose_headers=["Location", "Retry-After"])
+    if trusted_proxies:  # outermost of all: every layer inside sees the client the proxy names
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+        api.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies))
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(jobs_http.JobError, _job_error)
     api.add_exception_handler(RequestError, _request_error)

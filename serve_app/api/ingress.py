@@ -26,7 +26,7 @@ import contextlib
 
 from ray import serve
 
-from deployments.config import SvdConfig
+from deployments.config import VideoModelConfig
 from deployments.runtime.lora import LoraRegistry
 from deployments.scoring.clip_scorer import GATE_METRICS
 from serve_app.api.app import Services, build_api
@@ -42,7 +42,7 @@ from serve_app.api.schemas import (
     VideoRequest,
     VideoResponse,
 )
-from serve_app.config import AuthConfig, FallbackConfig, QualityPolicy
+from serve_app.config import AuthConfig, FallbackConfig, QualityPolicy, ScoresConfig
 from serve_app.security.guard import Auth
 from serve_app.jobs import http as jobs_http
 from serve_app.services.fallback import Fallback
@@ -60,21 +60,23 @@ class Ingress:
     routes find this replica's services on `app.state`."""
 
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
-                 request_timeout_s: float = 600.0, svd=None, svd_config: SvdConfig | None = None,
-                 max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
+                 request_timeout_s: float = 600.0,
+                 video_generators: dict | None = None, video_models: dict[str, VideoModelConfig] | None = None,
+                 default_video_model: str | None = None, max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
                  max_body_bytes: int = DEFAULT_MAX_BYTES, gate_metrics: tuple[str, ...] = GATE_METRICS,
                  blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None,
                  default_model: str | None = None, auth: AuthConfig | None = None,
                  limits_storage: str = "memory://", fallback: FallbackConfig | None = None,
                  replicas: dict[str, int] | None = None,
-                 event_streams: jobs_http.StreamLimits | None = None):
+                 event_streams: jobs_http.StreamLimits | None = None, scores: ScoresConfig | None = None):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
                               max_input_pixels=max_input_pixels, gate_metrics=gate_metrics,
                               blocklist=blocklist, loras=loras, default_model=default_model)
-        videos = VideoService(svd, svd_config, images, max_input_pixels) if svd is not None else None
+        videos = (VideoService(video_generators, video_models, images, max_input_pixels, default_video_model)
+                  if video_generators else None)
         self._services = Services(
             images=images,
-            scores=ScoreService(scorer, policy, gate_metrics, max_input_pixels, request_timeout_s),
+            scores=ScoreService(scorer, policy, gate_metrics, max_input_pixels, request_timeout_s, scores),
             videos=videos,
             jobs=(jobs_http.JobsApi(jobs, images, videos, retry_limit, event_streams or jobs_http.StreamLimits())
                   if jobs is not None else None),
@@ -90,7 +92,8 @@ class Ingress:
                                       hold_s=2 * request_timeout_s + 60)
 
     def __serve_build_asgi_app__(self):
-        app = build_api(cors_origins=tuple(self._auth_config.cors_origins))
+        app = build_api(cors_origins=tuple(self._auth_config.cors_origins),
+                        trusted_proxies=tuple(self._auth_config.trusted_proxies))
         app.state.services = self._services
         app.state.auth = self._auth
         return app

@@ -17,9 +17,11 @@ deployment wraps it.
 - Cancel: a queued job is cancelled in the store and never starts. A running job's task is
   cancelled; the cancellation travels down the Serve handles to the model replica, which stops
   at the end of its current denoising step. Only that job's task is touched.
-- Start-up: jobs a previous runner left running are requeued (or failed past the retry limit).
-  Stopping (the replica shuts down) cancels the tasks without touching the store, so those jobs
-  stay running there and the next runner requeues them.
+- Stopping (SIGTERM, a redeploy): dispatch ends, each running job's model call is cancelled and
+  the job goes back to the queue in its place without spending its attempt (the shutdown cut it
+  short, not the job). A claim in flight finishes first and is put back the same way.
+- Start-up: jobs a previous runner left running (it died, or could not reach the store as it
+  stopped) are requeued, counting the attempt, or failed past the retry limit.
 - Watchers (the SSE stream) wait on an in-memory event per job, set on every change this
   dispatcher makes, so events go out as they happen without polling the store.
 """
@@ -46,6 +48,9 @@ from serve_app.services.videos import VideoService
 logger = logging.getLogger("ray.serve")
 
 RESTART_REASON = "interrupted: the job runner stopped while it ran"
+SHUTDOWN_REASON = "interrupted: the job runner stopped (shutdown or redeploy)"
+# How long `stop()` lets a claim in flight finish (a store call: bounded by the store's own timeouts).
+STOP_CLAIM_WAIT_S = 15.0
 CAPACITY_REASON = "not run: the model deployment had no capacity"
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -220,12 +225,39 @@ class JobDispatcher:
         return bool(self._loops) and not any(loop.done() for loop in self._loops)
 
     async def stop(self) -> None:
-        """Stop without recording anything: running jobs stay `running` for the next runner."""
+        """Stop dispatching, cancel every running job's model call and put those jobs back in the
+        queue, in their places, without spending their attempts. Always ends: a store that cannot
+        be reached leaves them running, for the next runner to requeue (counting the attempt)."""
         self._stopping = True
-        tasks = [*self._loops, *self._tasks.values()]
+        running = list(self._active.values())
+        dispatch, *others = self._loops or [None]
+        tasks = [*others, *self._tasks.values()]
         for task in tasks:
             task.cancel()
+        if self._wakeup is not None:
+            self._wakeup.set()  # the dispatch loop ends at once, or once a claim in flight returns
         await asyncio.gather(*tasks, return_exceptions=True)
+        if dispatch is not None:
+            try:
+                async with asyncio.timeout(STOP_CLAIM_WAIT_S):
+                    await dispatch
+            except TimeoutError:
+                logger.warning("the job dispatch loop did not end within %gs of stopping", STOP_CLAIM_WAIT_S)
+            except Exception:
+                logger.exception("the job dispatch loop failed as it stopped")
+        for job in running:
+            try:
+                await asyncio.to_thread(self._requeue_interrupted, job)
+            except Exception as error:  # left running: the next runner's recover() requeues it
+                logger.warning("job %s: could not put it back in the queue as the runner stopped (%s); the "
+                               "next runner requeues it", job.id, type(error).__name__)
+
+    def _requeue_interrupted(self, job: Job) -> None:
+        current = self.store.get(job.id)
+        if current is not None and current.state == RUNNING and current.attempts == job.attempts:
+            moved = self.store.requeue_unspent(current, SHUTDOWN_REASON)
+            if moved is not None:
+                logger.info("job %s: back in the queue as the runner stopped (%s)", job.id, moved.state)
 
     # What the JobRunner serves
 
@@ -338,6 +370,10 @@ class JobDispatcher:
             except Exception:
                 logger.exception("could not claim a job; trying again")
                 job = None
+            if self._stopping:  # claimed as the runner stops: it never started, so back in its place
+                if job is not None:
+                    await asyncio.to_thread(self._requeue_interrupted, job)
+                return
             if job is None:
                 backing_off = [self.backoff.waiting(kind) for kind in self.slots if self.backoff.waiting(kind)]
                 await _wait(self._wakeup, min([self.poll_interval_s, *backing_off]))
@@ -395,7 +431,7 @@ class JobDispatcher:
             response, output = await self.videos.run(VideoRequest.model_validate(job.request), target)
             result, files = video_result(job.id, response, output)
         else:
-            raise RequestError("kind", "video generation is not deployed: add `svd:` to the config", "image")
+            raise RequestError("kind", "video generation is not deployed: add a video_models entry to the config", "image")
         saved = await asyncio.to_thread(self.store.save_result, job.id, job.attempts, result, files)
         if saved is None:  # a cancel was asked for as it finished: the cancel wins, the result is dropped
             await asyncio.to_thread(self.store.transition, job.id, {RUNNING}, CANCELLED, attempt=job.attempts,

@@ -6,8 +6,10 @@ ingress, and runs each job through the same `ImageService`/`VideoService` code a
 endpoints. The ingress calls it for every /v1/jobs route; the generators call its
 `record_progress` after each denoising step.
 
-If the replica dies, Serve starts another, which requeues the jobs left running; the same
-happens when the whole application is started again on the same store.
+When the replica stops (a redeploy, `serve shutdown`, SIGTERM to `genserve serve`), its running
+jobs go back to the queue without spending an attempt. If it dies instead, Serve starts another,
+which requeues the jobs left running, counting the attempt; the same happens when the whole
+application is started again on the same store after a crash.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from serve_app.services.validation import ModelSpec
 from deployments.runtime.lora import LoraRegistry
 from deployments.scoring.clip_scorer import GATE_METRICS
 from serve_app.services.images import ImageService
-from deployments.config import SvdConfig
+from deployments.config import VideoModelConfig
 from serve_app.services.videos import VideoService
 
 logger = logging.getLogger("ray.serve")
@@ -34,7 +36,10 @@ logger = logging.getLogger("ray.serve")
 JOBS_GAUGE_INTERVAL_S = 5.0
 
 
-@serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.25})
+# graceful_shutdown_timeout_s: event-stream long polls (at most 15 s) drain first, then `__del__`
+# puts the running jobs back in the queue (a few store calls).
+@serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.25},
+                  graceful_shutdown_timeout_s=60)
 class JobRunner:
     """Serves the job store to the ingress and dispatches queued jobs to the model deployments.
 
@@ -43,14 +48,16 @@ class JobRunner:
     """
 
     def __init__(self, config: JobsConfig, slots: dict[str, int], enhancer, generators: dict, scorer,
-                 specs: dict[str, ModelSpec], policy: QualityPolicy, request_timeout_s: float = 600.0, svd=None,
-                 svd_config: SvdConfig | None = None, max_input_pixels: int = 4096 * 4096,
+                 specs: dict[str, ModelSpec], policy: QualityPolicy, request_timeout_s: float = 600.0,
+                 video_generators: dict | None = None, video_models: dict[str, VideoModelConfig] | None = None,
+                 default_video_model: str | None = None, max_input_pixels: int = 4096 * 4096,
                  metrics: bool = True, gate_metrics: tuple[str, ...] = GATE_METRICS, blocklist: tuple[str, ...] = (),
                  loras: LoraRegistry | None = None, default_model: str | None = None):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
                               max_input_pixels=max_input_pixels, gate_metrics=gate_metrics, blocklist=blocklist,
                               loras=loras, default_model=default_model)
-        videos = VideoService(svd, svd_config, images, max_input_pixels) if svd is not None else None
+        videos = (VideoService(video_generators, video_models, images, max_input_pixels, default_video_model)
+                  if video_generators else None)
         context = serve.get_replica_context()
         app, deployment = context.app_name, context.deployment
 

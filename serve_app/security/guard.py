@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode
 
 from deployments.names import SCOPES
+from serve_app.config import ClientLimits
 from serve_app.security.keys import KeyLimits, KeyRing
 from serve_app.security.limiter import KeyLimiter, LimitExceeded
 
@@ -116,10 +117,13 @@ class Auth:
     """One Ingress replica's keys, limiter, URL signer and usage metrics."""
 
     def __init__(self, keys_file: str | None, allow_unauthenticated: bool = False, limits_storage: str = "memory://",
-                 signed_url_ttl_s: float = 3600.0, metrics: bool = True, hold_s: float = 1200.0):
+                 signed_url_ttl_s: float = 3600.0, metrics: bool = True, hold_s: float = 1200.0,
+                 client_limits: ClientLimits | None = None):
         self.keys = KeyRing(keys_file) if keys_file else None
         self.allow_unauthenticated = allow_unauthenticated
-        self.limiter = KeyLimiter(limits_storage, hold_s=hold_s) if self.keys is not None else None
+        self.client_limits = client_limits or ClientLimits()
+        limited = self.client_limits.concurrent_requests is not None or self.client_limits.requests_per_minute is not None
+        self.limiter = KeyLimiter(limits_storage, hold_s=hold_s) if self.keys is not None or limited else None
         self.signed_url_ttl_s = signed_url_ttl_s
         self._requests = None
         if metrics and self.keys is not None:
@@ -132,7 +136,7 @@ class Auth:
     @classmethod
     def from_config(cls, config, limits_storage: str, metrics: bool = True, hold_s: float = 1200.0) -> "Auth":
         return cls(config.keys_file, config.allow_unauthenticated, limits_storage, config.signed_url_ttl_s,
-                   metrics=metrics, hold_s=hold_s)
+                   metrics=metrics, hold_s=hold_s, client_limits=config.client_limits)
 
     def count(self, key_id: str, outcome: str) -> None:
         if self._requests is not None:
@@ -143,6 +147,20 @@ class Auth:
         if self.limiter.local:
             return function(*args)
         return await asyncio.to_thread(function, *args)
+
+    async def admit(self, client: str, limits: KeyLimits, sync: bool, who: str = "this key") -> bool:
+        """Count a request of `client` (a key id, or `addr:<address>`) against its limits: its own
+        `limits` on every request, and on a synchronous one the per-client limits (a key's own
+        concurrent_requests replaces the default). Raises LimitExceeded; True when it holds a
+        concurrency slot to release when the request ends."""
+        if self.limiter is None:
+            return False
+        await self._limiter_call(self.limiter.hit_request, client, limits)
+        if not sync:
+            return False
+        await self._limiter_call(self.limiter.hit_sync, client, self.client_limits.requests_per_minute)
+        return await self._limiter_call(self.limiter.acquire, client, limits, self.client_limits.concurrent_requests,
+                                        who)
 
     async def charge_images(self, who: Principal, images: int) -> None:
         """Charge a request's images against its key's daily budget (raises LimitExceeded)."""
@@ -231,10 +249,15 @@ class Guard:
         if method == "OPTIONS" or is_public(method, path):
             return await self.app(scope, receive, send)
         keys = auth.keys if auth is not None else None
+        sync = method not in SAFE_METHODS and not path.startswith((JOBS_PREFIX, ADMIN_PREFIX))
         if keys is None:
             if (auth is not None and auth.allow_unauthenticated) or is_loopback(scope.get("client")):
                 scope.setdefault("state", {})["principal"] = LOCAL
-                return await self.app(scope, receive, send)
+                if auth is None or auth.limiter is None:
+                    return await self.app(scope, receive, send)
+                # No key to tell clients apart: each remote address is one client.
+                return await self._limited(auth, client_address(scope), KeyLimits(), sync, "this client address",
+                                           scope, receive, send)
             return await _answer(send, 403, {"detail": NO_KEYS}, scope=scope)
         if (method in SAFE_METHODS and path.startswith(JOBS_PREFIX + "/") and FILE_ROUTE in path
                 and auth.signed(path, scope.get("query_string", b""))):
@@ -253,20 +276,32 @@ class Guard:
             return await _answer(send, 403, {"detail": f"this API key lacks the {needed!r} scope, which "
                                                        f"{method} {path} needs", "scope": needed}, scope=scope)
         scope.setdefault("state", {})["principal"] = who
-        holds = False
+        return await self._limited(auth, who.key_id, who.limits, sync, "this key", scope, receive, send)
+
+    async def _limited(self, auth: Auth, client: str, limits: KeyLimits, sync: bool, who: str, scope, receive, send):
+        """Serve the request within `client`'s limits: 429 with Retry-After past one."""
+        counted = "" if client.startswith(ADDRESS_PREFIX) else client  # metric tags: key ids only, never addresses
         try:
-            await auth._limiter_call(auth.limiter.hit_request, who.key_id, who.limits)
-            if method not in SAFE_METHODS and not path.startswith((JOBS_PREFIX, ADMIN_PREFIX)):
-                holds = await auth._limiter_call(auth.limiter.acquire, who.key_id, who.limits)
+            holds = await auth.admit(client, limits, sync, who)
         except LimitExceeded as error:
-            auth.count(who.key_id, "limited")
+            auth.count(counted, "limited")
             return await _answer(send, 429, error.body(), limit_response_headers(error), scope=scope)
-        auth.count(who.key_id, "allowed")
+        auth.count(counted, "allowed")
         try:
             await self.app(scope, receive, send)
         finally:
             if holds:
-                await auth._limiter_call(auth.limiter.release, who.key_id)
+                await auth._limiter_call(auth.limiter.release, client)
+
+
+ADDRESS_PREFIX = "addr:"
+
+
+def client_address(scope) -> str:
+    """The limiter's name for a client without a key: its remote address (after trusted proxies'
+    X-Forwarded-For, see auth.trusted_proxies). Key ids cannot contain ':', so the two never meet."""
+    client = scope.get("client")
+    return ADDRESS_PREFIX + (client[0] if client else "unknown")
 
 
 def resolve_keys_file(path: str | None) -> str | None:

@@ -5,6 +5,8 @@
   window of N per minute admits the same sustained rate with a burst of at most N.
 - concurrent synchronous requests: a counter incremented on entry and decremented on exit (it
   expires after `hold_s`, so a replica that dies mid-request cannot leave it stuck).
+- per client (auth.client_limits): the same concurrency counter and a moving window of
+  synchronous requests, keyed by the API key or, without one, by `addr:<remote address>`.
 - daily images: a fixed window of one day, charged with the request's image count when it is
   accepted (a video charges its frames). Images are what a client asks for and can predict;
   GPU-seconds are only known afterwards and differ by GPU, so a budget in them could not be checked
@@ -69,17 +71,31 @@ class KeyLimiter:
             raise LimitExceeded("requests_per_minute", limits.requests_per_minute, reset,
                                 f"rate limit: {limits.requests_per_minute} requests per minute for this key")
 
-    def acquire(self, key_id: str, limits: KeyLimits) -> bool:
-        """Take a concurrent-request slot; False when none is needed (no limit set)."""
-        if limits.concurrent_requests is None:
+    def acquire(self, key_id: str, limits: KeyLimits, default: int | None = None, who: str = "this key") -> bool:
+        """Take a concurrent-request slot of `key_id` (a key id, or a client address): at most
+        `limits.concurrent_requests`, else `default` (auth.client_limits). False when none is needed."""
+        allowed = limits.concurrent_requests if limits.concurrent_requests is not None else default
+        if allowed is None:
             return False
         key = self._concurrency_key(key_id)
-        if self.storage.incr(key, int(self.hold_s)) > limits.concurrent_requests:
+        if self.storage.incr(key, int(self.hold_s)) > allowed:
             self.storage.incr(key, int(self.hold_s), -1)
-            raise LimitExceeded("concurrent_requests", limits.concurrent_requests, time.time() + 1,
-                                f"concurrency limit: {limits.concurrent_requests} synchronous requests at once "
-                                "for this key; retry when one finishes")
+            raise LimitExceeded("concurrent_requests", allowed, time.time() + 1,
+                                f"concurrency limit: {allowed} synchronous requests at once "
+                                f"for {who}; retry when one finishes")
         return True
+
+    def hit_sync(self, client: str, per_minute: int | None) -> None:
+        """Count a synchronous request of `client` against auth.client_limits.requests_per_minute
+        (a window of its own: a key's requests_per_minute counts every request, this only these)."""
+        if per_minute is None:
+            return
+        item = RateLimitItemPerMinute(per_minute, namespace=NAMESPACE)
+        if not self.moving.hit(item, "sync-rpm", client):
+            reset = self.moving.get_window_stats(item, "sync-rpm", client).reset_time
+            raise LimitExceeded("sync_requests_per_minute", per_minute, reset,
+                                f"rate limit: {per_minute} synchronous requests per minute for this client "
+                                "(auth.client_limits)")
 
     def release(self, key_id: str) -> None:
         self.storage.incr(self._concurrency_key(key_id), int(self.hold_s), -1)

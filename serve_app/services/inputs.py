@@ -10,7 +10,7 @@ import re
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from serve_app.services.validation import RequestError
 
@@ -24,7 +24,17 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
     The pixel count is read from the header and checked before the pixels are decoded, so a
     decompression bomb is refused without allocating it.
     """
-    allowed = f"base64 {', '.join(ALLOWED_FORMATS)}, at most {max_pixels} pixels"
+    return load_image(open_image(data, field, max_pixels), field, max_pixels)
+
+
+def _allowed(max_pixels: int) -> str:
+    return f"base64 {', '.join(ALLOWED_FORMATS)}, at most {max_pixels} pixels"
+
+
+def open_image(data: str, field: str, max_pixels: int) -> Image.Image:
+    """`decode_image`'s first half: the upload opened and its header checked (format, at most
+    `max_pixels`), its pixels not decoded yet, so a caller can size several uploads up first."""
+    allowed = _allowed(max_pixels)
     raw = upload_bytes(data, field, allowed)
     try:
         with warnings.catch_warnings():
@@ -39,12 +49,37 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width * height > max_pixels:
         raise RequestError(field, f"{width}x{height} is {width * height} pixels, over the limit", allowed)
+    return image
+
+
+# How each EXIF orientation is undone (what ImageOps.exif_transpose does, applied here after
+# scaling, so a large upload is never copied at full size).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def load_image(image: Image.Image, field: str, max_pixels: int, scale: float = 1.0) -> Image.Image:
+    """`decode_image`'s second half: an `open_image` result decoded to RGB, upright (EXIF
+    orientation applied) and, with `scale` below 1, scaled down by it (Lanczos). A JPEG is then
+    decoded straight at the smallest DCT scale still at least that size (`draft`). The full-size
+    image is held once (no full-size copies), so its memory is bounded by max_pixels."""
+    target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     try:
+        if scale < 1.0 and image.format == "JPEG":
+            image.draft("RGB", target)
         image.load()
-        image = ImageOps.exif_transpose(image)
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     except (OSError, SyntaxError, ValueError):
-        raise RequestError(field, "is truncated or corrupt", allowed) from None
-    return image.convert("RGB")
+        raise RequestError(field, "is truncated or corrupt", _allowed(max_pixels)) from None
+    if scale < 1.0 and image.size != target:
+        # reducing_gap: a box reduction first, then Lanczos over the last factor of 2 or less.
+        image = image.resize(target, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    if orientation in _UPRIGHT:
+        image = image.transpose(_UPRIGHT[orientation])
+    return image
 
 
 def upload_bytes(data: str, field: str, allowed: str = "base64") -> bytes:

@@ -15,6 +15,8 @@ from tests.integration.apps import POOL, dev_args, running_app
 # Uploads over this many pixels get 422 (the bad-input tests send 320x320 or 400x400).
 SHARED_PIXEL_LIMIT = 300 * 300
 SHARED_MAX_BODY = 1024 * 1024
+# /v1/scores: uploads over 65536 pixels in all are scored as scaled copies; over 4 x 300x300, 422.
+SHARED_SCORE_BUDGET = {"pixel_budget": 65536, "max_total_pixels": 4 * SHARED_PIXEL_LIMIT}
 TINY_CPU = {"device": "cpu", "torch_threads": 1}
 EXTRA_MODELS = [
     # Request batching on (tests/integration/test_batching_app.py): concurrent requests share a pipeline call.
@@ -48,6 +50,7 @@ def _start_dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
     args["image_models"] += EXTRA_MODELS
     args["max_input_pixels"] = SHARED_PIXEL_LIMIT
     args["max_body_bytes"] = SHARED_MAX_BODY
+    args["scores"] = SHARED_SCORE_BUDGET
     args["loras"]["dir"] = str(loras)
     args["jobs"]["data_dir"] = str(data_dir)
     args["jobs"]["progress_interval_s"] = 0  # every denoising step, which the job tests follow
@@ -55,6 +58,9 @@ def _start_dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
     remote = stack.enter_context(FakeImagesServer())
     args["fallback"] = {"enabled": True, "base_url": remote.base_url, "model": "remote-standin", "api_key_env": None,
                         "response_format": "b64_json"}
+    # Two video jobs at once (the default adds up both video models' capacities, 4): the cancel test
+    # fills the default video model's replica and needs the third job to wait in the job queue.
+    args["jobs"]["max_concurrent_jobs"] = {"video": 2}
     client = stack.enter_context(running_app(args))
     return {"client": client, "data_dir": data_dir, "args": args, "remote": remote}
 
@@ -86,11 +92,10 @@ def _start_keys_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
     keys_file.write_text(yaml.safe_dump({"url_signing_secret": "0123456789abcdef" * 4, "keys": entries}))
     args = dev_args()
     args["image_models"] = [entry for entry in args["image_models"] if entry["id"] == "flux-schnell"]
-    args["svd"] = None
+    args["video_models"] = []
     args["jobs"]["data_dir"] = str(tmp_path_factory.mktemp("keys-jobs"))
     args["auth"] = {"keys_file": str(keys_file), "limits_storage": redis.url}
     args["deployments"]["Ingress"] = {"num_replicas": 2, "num_cpus": 0.1}
-    args["deployments"].pop("SvdGenerator", None)
     client = stack.enter_context(running_app(args))
     return {"client": client, "keys": keys, "keys_file": keys_file, "args": args}
 

@@ -48,6 +48,8 @@ def test_scores_every_image_with_every_score(client):
     body = ScoreResponse.model_validate(response.json())
     assert [(image.index, image.width, image.height) for image in body.images] == [
         (0, 96, 96), (1, 96, 96), (2, 120, 64), (3, 80, 80), (4, 80, 80)]
+    assert all((image.scored_width, image.scored_height) == (image.width, image.height) for image in body.images), \
+        "within the pixel budget, every image is scored as sent"
     assert body.quality_metric == "laion" and all(image.passed for image in body.images)
     assert body.ranges == {"alignment": (0, 100), "aesthetic": (0, 1), "laion": (1, 10), "combined": (0, 1)}
     assert body.quality_weights.model_dump() == {"aesthetic": 1, "alignment": 1, "laion": 1}  # dev.yaml's
@@ -119,3 +121,19 @@ def test_handle_api_scores_too(client):
     assert isinstance(response, ScoreResponse) and len(response.images) == 2
     first, second = (flat_scores(image.scores.model_dump()) for image in response.images)
     assert first == pytest.approx(second, abs=1e-5)
+
+
+def test_over_the_pixel_budget_scaled_copies_are_scored_and_past_the_cap_it_is_a_422(client):
+    """The shared app's scores budget: 65536 pixels scored, 360000 declared at most."""
+    board = _b64(_checkerboard(256, 8))
+    response = client.post("/v1/scores", json={"prompt": "a chessboard", "images": [board, board]})
+    assert response.status_code == 200, response.text
+    body = ScoreResponse.model_validate(response.json())
+    # One common factor, sqrt(65536 / 131072): 181 px a side (the tiny CLIP's input side is 32).
+    assert [(image.width, image.scored_width, image.scored_height) for image in body.images] == [(256, 181, 181)] * 2
+    first, second = (flat_scores(image.scores.model_dump()) for image in body.images)
+    assert first == pytest.approx(second, abs=1e-4)
+    big = _b64(_checkerboard(300, 10))
+    detail = _detail(client.post("/v1/scores", json={"prompt": "a chessboard", "images": [big] * 5}))
+    assert detail["loc"] == ["body", "images"] and "450000 pixels in all" in detail["msg"]
+    assert detail["allowed"] == "at most 360000 pixels in all"

@@ -1,5 +1,6 @@
-"""The README's start command, `genserve serve CONFIG`: it deploys and answers, stops on Ctrl-C,
-and gives up with a readable reason when replicas ask for resources that never appear."""
+"""The README's start command, `genserve serve CONFIG`: it deploys and answers, stops on SIGTERM
+(as on Ctrl-C) putting a running job back in the queue, and gives up with a readable reason when
+replicas ask for resources that never appear."""
 
 import os
 import signal
@@ -40,9 +41,9 @@ def _genserve(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.Popen,
     return process, log
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, signum: int = signal.SIGINT) -> None:
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, signum)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -50,7 +51,10 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def test_genserve_serve_dev_profile_answers_and_stops_on_ctrl_c(tmp_path):
+def test_genserve_serve_dev_profile_answers_and_stops_on_sigterm_putting_its_running_job_back(tmp_path):
+    from serve_app.jobs.sqlite_store import SqliteJobStore
+    from tests.integration.jobs import in_stage, png_b64, submit, wait_for
+
     path, port = _dev_config(tmp_path)
     process, log = _genserve(tmp_path, str(path))
     try:
@@ -61,9 +65,17 @@ def test_genserve_serve_dev_profile_answers_and_stops_on_ctrl_c(tmp_path):
         response = httpx.post(f"{base}/v1/images", json={"prompt": "a red fox", "seed": 3}, timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["images"][0]["seed"] == 3
+        with httpx.Client(base_url=base, timeout=30) as client:  # a video long enough to be cut short
+            long = submit(client, "video", {"image": png_b64(), "num_frames": 3, "num_inference_steps": 100})
+            wait_for(client, long["id"], in_stage("video", min_step=1), what="the video denoising")
     finally:
-        _stop(process)
+        _stop(process, signal.SIGTERM)  # what systemd, docker stop and Kubernetes send
     assert process.returncode == 0, log.read_text()
+    store = SqliteJobStore(tmp_path / "jobs")
+    interrupted = store.get(long["id"])
+    store.close()
+    assert (interrupted.state, interrupted.attempts) == ("queued", 0), (interrupted.history, log.read_text())
+    assert interrupted.history[-1]["reason"].startswith("interrupted: the job runner stopped (shutdown or redeploy)")
 
 
 def test_genserve_serve_times_out_naming_what_a_pending_deployment_asks_for(tmp_path):

@@ -174,18 +174,72 @@ def test_a_bad_stored_request_fails_at_once_naming_the_field(store):
     assert job.error.startswith("RequestError: num_inference_steps: flux-schnell takes 1-4 steps")
 
 
-def test_a_stopped_runner_leaves_its_job_running_for_the_next_to_requeue(backend, store):
+def test_a_stopping_runner_puts_its_running_job_back_in_the_queue_without_spending_the_attempt(backend, store):
+    async def first_runner():
+        generator = ControlledGenerator(gated=True)
+        dispatcher = _dispatcher(store, generator)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "interrupted")
+        queued = await _submit(dispatcher, "waiting")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        await dispatcher.stop()
+        return job_id, queued, generator
+
+    job_id, queued, generator = asyncio.run(first_runner())
+    assert generator.cancelled == 1, "the model call was cancelled, not left to run on"
+    job = store.get(job_id)
+    assert (job.state, job.attempts) == ("queued", 0), "back in the queue, the attempt not counted"
+    assert job.history[-1]["reason"] == ("interrupted: the job runner stopped (shutdown or redeploy); back in the "
+                                         "queue (the attempt is not counted)")
+    assert store.queue_position(job) == 1 and store.queue_position(store.get(queued)) == 2, "it keeps its place"
+    reopened = backend.crash_and_reopen()
+
+    async def second_runner():
+        dispatcher = _dispatcher(reopened, ControlledGenerator())
+        assert dispatcher.recover() == [], "nothing was left running"
+        dispatcher.start()
+        await wait_until_async(lambda: _state(reopened, job_id) == "succeeded" == _state(reopened, queued), 10)
+        await dispatcher.stop()
+
+    asyncio.run(second_runner())
+    assert reopened.get(job_id).attempts == 1
+
+
+def test_a_job_cancelled_as_its_runner_stops_ends_cancelled(store):
+    async def scenario():
+        generator = ControlledGenerator(gated=True)
+        dispatcher = _dispatcher(store, generator)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "cancelled meanwhile")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        store.request_cancel(job_id)  # through another runner's API: this one never hears of it
+        await dispatcher.stop()
+        return store.get(job_id)
+
+    job = asyncio.run(scenario())
+    assert job.state == "cancelled" and job.history[-1]["reason"].startswith("cancelled; interrupted")
+
+
+def test_a_runner_that_cannot_record_at_stop_leaves_its_job_running_for_the_next_to_requeue(backend, store,
+                                                                                           monkeypatch):
+    """The store was unreachable as the runner stopped (or the runner died): the next runner's
+    start requeues what was left running, and that run counts as an attempt."""
     async def first_runner():
         generator = ControlledGenerator(gated=True)
         dispatcher = _dispatcher(store, generator)
         dispatcher.start()
         job_id = await _submit(dispatcher, "interrupted")
         await wait_until_async(lambda: generator.started == 1, 5)
+
+        def unreachable(*args, **kwargs):
+            raise ConnectionError("the store went away")
+
+        monkeypatch.setattr(store, "requeue_unspent", unreachable)
         await dispatcher.stop()
         return job_id
 
     job_id = asyncio.run(first_runner())
-    assert _state(store, job_id) == "running", "stopping records nothing"
+    assert _state(store, job_id) == "running"
     reopened = backend.crash_and_reopen()
 
     async def second_runner():
