@@ -277,6 +277,7 @@ class ImageGenerator:
 
     def check_health(self) -> None:
         check_device_health(self._placement)
+        self._metrics.refresh()
 
 
 def paste_unmasked(images: np.ndarray, edit: EditInput) -> np.ndarray:

@@ -45,6 +45,7 @@ class ModelMetrics:
         self._cuda = device == "cuda"
         self._enabled = enabled
         self._replica_peak = 0
+        self._cold_start_s: float | None = None
         if not enabled:
             return
         from ray.serve import metrics
@@ -77,8 +78,19 @@ class ModelMetrics:
         self._cold_start.set_default_tags({"model": model})
 
     def record_cold_start(self, seconds: float) -> None:
-        if self._enabled:
-            self._cold_start.set(seconds)
+        self._cold_start_s = seconds
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Record the gauges that are set once again (the replica's health check calls this every
+        period): Ray's metrics agent drops a series that was not recorded for about half a minute
+        (measured on Ray 2.60), so a gauge set only at start would vanish from the scrape."""
+        if not self._enabled:
+            return
+        if self._cold_start_s is not None:
+            self._cold_start.set(self._cold_start_s)
+        if self._cuda and self._replica_peak:
+            self._replica_peak_gauge.set(self._replica_peak)
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
