@@ -306,6 +306,13 @@ class JobsConfig(_Strict):
                     "'warn' to log it and go on when the provider guarantees both.",
     )
     redis_timeout_s: float = Field(10.0, gt=0, description="Redis socket timeout; connecting times out at half of it.")
+    runner_lease_s: float = Field(
+        30.0, ge=3,
+        description="Redis store: the job runner's lease on the store, renewed every third of it. Only its holder "
+                    "claims and records jobs (a runner that lost it writes nothing); a standby runner (a second "
+                    "cluster on the same Redis) takes over at most this long after the holder dies, at once after "
+                    "it stops. More than twice redis_timeout_s, so one slow renew does not lose it.",
+    )
     ttl_s: float = Field(86400.0, gt=0, description="Finished jobs, and their files, are deleted this long after they end.")
     retry_limit: int = Field(
         2, ge=0, le=10,
@@ -342,6 +349,13 @@ class JobsConfig(_Strict):
         description="Least time between two progress reports of a running job (0: every denoising step). "
                     "Each report is a Serve call and a store write; steps shorter than this are skipped.",
     )
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_slow_renew(self) -> "JobsConfig":
+        if self.runner_lease_s <= 2 * self.redis_timeout_s:
+            raise ValueError(f"runner_lease_s ({self.runner_lease_s:g}) must be more than twice redis_timeout_s "
+                             f"({self.redis_timeout_s:g}): a renew that times out must not lose the lease")
+        return self
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> "JobsConfig":

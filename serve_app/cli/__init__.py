@@ -62,12 +62,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     names = [application.name for application in config.applications]
 
-    # SIGTERM (systemd, docker stop, a pod's end) stops like Ctrl-C: serve.shutdown() lets every
-    # replica finish its requests within its graceful_shutdown_timeout_s and the JobRunner put its
-    # running jobs back in the queue, instead of the process dying under them.
-    signal.signal(signal.SIGTERM, _interrupt)
     # Like `serve run`: join the cluster at --address (or $RAY_ADDRESS), else start a local one.
     ray.init(address=args.address, namespace="serve")
+    # SIGTERM (systemd, docker stop, a pod's end) stops like Ctrl-C: serve.shutdown() lets every
+    # replica finish its requests within its graceful_shutdown_timeout_s and the JobRunner put its
+    # running jobs back in the queue, instead of the process dying under them. Set after ray.init,
+    # whose own handler for it aborts the process (SIGABRT, exit 134).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         deploy_config(config)
         print(f"genserve: deploying {args.config}; waiting up to {args.timeout:g}s for {', '.join(names)}", flush=True)
