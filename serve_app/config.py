@@ -100,6 +100,12 @@ class DeploymentOptions(_Strict):
             "keeps large models off small cards and small ones off the cards large models need."
         ),
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each replica asks for, e.g. {cpu_node: 1} to run only on nodes that "
+                    "declare cpu_node (the clusters' CPU nodes, for the Ingress and JobRunner). CPUs and GPUs are "
+                    "num_cpus and num_gpus.",
+    )
     max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica takes at once.")
     max_queued_requests: int | None = Field(
         None, ge=-1, description="Requests queued per caller before Serve answers 503; -1 is unbounded."
@@ -112,6 +118,17 @@ class DeploymentOptions(_Strict):
         description="Retry-After (seconds) on a rejection past max_queued_requests, through Serve's "
                     "BackpressureConfig; default 5 when max_queued_requests bounds the queue.",
     )
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = sorted(set(value) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if builtin:
+            raise ValueError(f"resources holds custom resources only; {builtin} are set by num_cpus/num_gpus")
+        negative = {name: amount for name, amount in value.items() if amount < 0}
+        if negative:
+            raise ValueError(f"resource amounts must not be negative; got {negative}")
+        return value
 
     @field_validator("num_gpus")
     @classmethod
@@ -149,6 +166,8 @@ class DeploymentOptions(_Strict):
             for key in ("num_cpus", "num_gpus", "accelerator_type")
             if getattr(self, key) is not None
         }
+        if self.resources:
+            actor["resources"] = dict(self.resources)
         if actor:
             options["ray_actor_options"] = actor
         for key in ("max_ongoing_requests", "max_queued_requests", "graceful_shutdown_timeout_s"):
