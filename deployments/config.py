@@ -280,39 +280,6 @@ class EnhancerConfig(_Strict):
     )
 
 
-class SvdMemory(_Strict):
-    """Memory tiers for Stable Video Diffusion, from fastest to leanest (the seed guide's tiers).
-
-    - whole model on the GPU: `offload: none` (fastest; SVD-XT needs the most memory);
-    - `offload: model`: each sub-model moves to the GPU only while it runs (accelerate);
-    - `offload: sequential`: layer by layer (slowest, least memory);
-    - `unet_forward_chunking`: feed-forward layers run in chunks (less peak memory, a bit slower);
-    - `decode_chunk_size`: frames the VAE decodes at once (lower uses less memory).
-    Offloading moves weights between CPU and GPU, so it only applies when the model runs on CUDA.
-    """
-
-    offload: Literal["none", "model", "sequential"] = Field("none", description="CPU offload tier on CUDA.")
-    unet_forward_chunking: bool = Field(False, description="Chunk the UNet's feed-forward layers.")
-    decode_chunk_size: int = Field(8, ge=1, le=25, description="Frames decoded at once when a request gives none.")
-
-
-class SvdConfig(_Strict):
-    """Stable Video Diffusion (image-to-video)."""
-
-    source: ModelSource = Field(
-        "stabilityai/stable-video-diffusion-img2vid-xt",
-        description="Repo id (img2vid-xt: 25 frames; img2vid: 14 frames), local folder, or 'tiny'.",
-    )
-    device: DeviceOptions = Field(default_factory=DeviceOptions)
-    memory: SvdMemory = Field(default_factory=SvdMemory)
-    default_width: int = Field(1024, ge=256, le=2048, multiple_of=64, description="Width when a request gives none.")
-    default_height: int = Field(576, ge=256, le=2048, multiple_of=64, description="Height when a request gives none.")
-    default_steps: int = Field(25, ge=1, le=100, description="Denoising steps when a request gives none.")
-    default_num_frames: int | None = Field(
-        None, ge=2, le=25, description="Frames when a request gives none; None uses the model's own (25 or 14)."
-    )
-
-
 def _lora_name(value: str) -> str:
     from deployments.runtime.lora import check_lora_name
 
@@ -490,4 +457,71 @@ class ImageModelConfig(_Strict):
             raise ValueError(f"default_steps ({self.default_steps}) must lie within the limits, {low}-{high}")
         if not glow <= self.guidance_default() <= ghigh:
             raise ValueError(f"default_guidance ({self.default_guidance:g}) must lie within the limits, {glow:g}-{ghigh:g}")
+        return self
+
+
+class VideoModelConfig(_Strict):
+    """One servable video model: an entry of `video_models:`. The family (`deployments.families.svd`,
+    `ltx`, or an import path) says what the model can do and its frame and size rules; the entry says
+    where its weights are, how it runs, its defaults, and its memory options (`options:`)."""
+
+    id: str = Field(
+        pattern=MODEL_ID_PATTERN, max_length=64,
+        description="What requests name in `model` (e.g. svd-xt, ltx-video); as image model ids.",
+    )
+    family: str = Field(description="A built-in video family (svd, ltx) or an import path ('package.module:FAMILY').")
+    source: ModelSource = Field(description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'.")
+    description: str | None = Field(None, max_length=300, description="Shown in GET /v1/models; default: the family's.")
+    device: DeviceOptions = Field(default_factory=DeviceOptions)
+    default_width: int | None = Field(None, ge=1, description="Default: the family's; must fit its size rule.")
+    default_height: int | None = Field(None, ge=1, description="Default: the family's; must fit its size rule.")
+    default_steps: int | None = Field(None, ge=1, description="Denoising steps when a request gives none.")
+    default_num_frames: int | None = Field(None, ge=1, description="Frames when a request gives none; must fit the "
+                                                                     "family's frame rule (img2vid: 14).")
+    default_fps: int | None = Field(None, ge=1, le=60, description="Frames per second when a request gives none.")
+    options: dict = Field(default_factory=dict, description="The family's own options (memory: offload, ...).")
+
+    @property
+    def model_family(self):
+        from deployments.families import get_video_family
+
+        return get_video_family(self.family)
+
+    def size_default(self) -> tuple[int, int]:
+        width, height = self.model_family.default_size
+        return (self.default_width or width, self.default_height or height)
+
+    def frames_default(self) -> int:
+        return self.default_num_frames or self.model_family.default_frames
+
+    def fps_default(self) -> int:
+        return self.default_fps or self.model_family.default_fps
+
+    def steps_default(self) -> int:
+        return self.default_steps or self.model_family.default_steps
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from deployments.families import get_video_family
+
+        get_video_family(value)
+        return value
+
+    @model_validator(mode="after")
+    def _fits_family(self) -> "VideoModelConfig":
+        family = self.model_family
+        try:
+            family.options_of(self)
+        except ValueError as error:
+            raise ValueError(f"options for video family {family.name!r}: {error}") from None
+        for name, value in zip(("default_width", "default_height"), self.size_default()):
+            if not family.size.allows(value):
+                raise ValueError(f"{name} ({value}) breaks the {family.name} family's size rule: {family.size.describe()}")
+        if not family.frames.allows(self.frames_default()):
+            raise ValueError(f"default_num_frames ({self.frames_default()}) breaks the {family.name} family's frame "
+                             f"rule: {family.frames.describe()}")
+        if not family.min_steps <= self.steps_default() <= family.max_steps:
+            raise ValueError(f"default_steps ({self.steps_default()}) must lie within the {family.name} family's "
+                             f"{family.min_steps}-{family.max_steps}")
         return self

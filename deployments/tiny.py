@@ -14,7 +14,7 @@ from typing import Any
 
 CLIP_MAX_TOKENS = 77
 # Tiny models other than the image families (those come from deployments.families).
-OTHER_TINY = ("clip", "svd", "llm", "laion", "sdxl-controlnet", "depth")
+OTHER_TINY = ("clip", "llm", "laion", "sdxl-controlnet", "depth")
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -250,19 +250,19 @@ def build_tiny_depth(seed: int = 0) -> dict[str, Any]:
 def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny model in the library's own layout, loadable by the real loading path.
 
-    `kind` is an image model family (`deployments.families`: flux, sdxl, sd15, ...) or one of the
-    other tiny models: clip, svd, llm, laion, sdxl-controlnet, depth."""
-    from deployments.families import BUILTIN, get_family
+    `kind` is an image model family (`deployments.families`: flux, sdxl, sd15, ...), a video family
+    (svd, ltx) or one of the other tiny models: clip, llm, laion, sdxl-controlnet, depth."""
+    from deployments.families import BUILTIN, VIDEO_BUILTIN, get_family, get_video_family
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if kind in BUILTIN:
         get_family(kind).save_tiny(folder, seed)
+    elif kind in VIDEO_BUILTIN:
+        get_video_family(kind).save_tiny(folder, seed)
     elif kind == "clip":
         for part in build_tiny_clip(seed).values():
             part.save_pretrained(folder)
-    elif kind == "svd":
-        build_tiny_svd(seed).save_pretrained(folder)
     elif kind == "llm":
         for part in build_tiny_llm(seed).values():
             part.save_pretrained(folder)
@@ -283,7 +283,7 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
 
 
 def tiny_kinds() -> tuple[str, ...]:
-    """What `save_tiny` (and `genserve save-tiny`) can write: every built-in image family, and the rest."""
-    from deployments.families import BUILTIN
+    """What `save_tiny` (and `genserve save-tiny`) can write: every built-in image and video family, and the rest."""
+    from deployments.families import BUILTIN, VIDEO_BUILTIN
 
-    return (*BUILTIN, *OTHER_TINY)
+    return (*BUILTIN, *VIDEO_BUILTIN, *OTHER_TINY)

@@ -15,8 +15,8 @@ from ray.serve import Application
 from deployments.scoring.clip_scorer import ClipScorer
 from deployments.enhancer.prompt_enhancer import PromptEnhancer
 from deployments.image_generator import ImageGenerator
+from deployments.video_generator import VideoGenerator
 from deployments.runtime.lora import LoraRegistry
-from deployments.video.svd import SvdGenerator
 from deployments.families import BUILTIN
 from serve_app.config import AppArgs, DeploymentOptions, JobsConfig
 from serve_app.api.ingress import Ingress
@@ -50,8 +50,10 @@ def job_slots(args: AppArgs) -> dict[str, int]:
     # Image jobs may name any image model, so together they may use every image generator at once.
     image = sum(capacity(args, name, deployment) for name, deployment in image_deployments(args).items())
     slots = {"image": configured.image or image}
-    if args.svd is not None:
-        slots["video"] = configured.video or capacity(args, "SvdGenerator", SvdGenerator)
+    if args.served_video_models:
+        # Video jobs may name any video model, as image jobs any image model.
+        video = sum(capacity(args, entry.deployment_name, VideoGenerator) for entry in args.served_video_models)
+        slots["video"] = configured.video or video
     return slots
 
 
@@ -83,7 +85,7 @@ def resolved_auth_config(args: AppArgs):
 
 def build_app(args: AppArgs) -> Application:
     """Wire PromptEnhancer -> one ImageGenerator per `image_models:` entry -> ClipScorer (and
-    SvdGenerator, if configured) behind the Ingress, and the JobRunner that runs async jobs through
+    one VideoGenerator per `video_models:` entry) behind the Ingress, and the JobRunner that runs async jobs through
     the same deployments.
 
     Serve validates a config's `args:` into `AppArgs` (the annotation); a plain dict is accepted too.
@@ -103,11 +105,15 @@ def build_app(args: AppArgs) -> Application:
         for entry in args.served_image_models
     }
     video = {}
-    if args.svd is not None:
-        video["svd"] = SvdGenerator.options(**args.options_for("SvdGenerator")).bind(
-            args.model_config_for("SvdGenerator"), metrics=args.metrics
-        )
-        video["svd_config"] = args.svd
+    if args.served_video_models:
+        video["video_generators"] = {
+            entry.id: VideoGenerator.options(name=entry.deployment_name, **args.options_for(entry.deployment_name)).bind(
+                args.model_config_for(entry.deployment_name), metrics=args.metrics
+            )
+            for entry in args.served_video_models
+        }
+        video["video_models"] = {entry.id: entry for entry in args.served_video_models}
+        video["default_video_model"] = args.default_video_model_id
     graph = dict(
         enhancer=enhancer,
         generators=generators,

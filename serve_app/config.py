@@ -22,22 +22,27 @@ from deployments.config import (
     ImageModelConfig,
     LoraConfig,
     ScorerConfig,
-    SvdConfig,
+    VideoModelConfig,
 )
 
-# The deployments every app has (SvdGenerator when `svd:` is set); image generators are named
-# after their model ids (`generator_name`) and configured in their `image_models:` entries.
-DeploymentName = Literal["Ingress", "PromptEnhancer", "ClipScorer", "SvdGenerator", "JobRunner"]
+# The deployments every app has; image and video generators are named after their model ids
+# (`generator_name`) and configured in their `image_models:` / `video_models:` entries.
+DeploymentName = Literal["Ingress", "PromptEnhancer", "ClipScorer", "JobRunner"]
 DEPLOYMENT_NAMES: tuple[str, ...] = get_args(DeploymentName)
 # The `AppArgs` field holding each model deployment's model config (and so its device options).
-MODEL_CONFIG_FIELDS = {"ClipScorer": "scorer", "SvdGenerator": "svd", "PromptEnhancer": "enhancer"}
+MODEL_CONFIG_FIELDS = {"ClipScorer": "scorer", "PromptEnhancer": "enhancer"}
 # Top-level keys of the config shape before `image_models:`, and what replaced each.
 REPLACED_KEYS = {
     "flux": "an image_models entry with family: flux (e.g. id: flux-schnell)",
     "sdxl": "an image_models entry with family: sdxl (its controlnets and depth_estimator go under options:)",
     "sdxl_turbo": "an image_models entry with family: sdxl and limits {max_steps: 4, max_guidance: 0}",
 }
+# Top-level keys of the config shape before `video_models:`.
+REPLACED_VIDEO_KEYS = {
+    "svd": "a video_models entry with family: svd (e.g. id: svd-xt; its memory: settings go under options:)",
+}
 _OLD_DEPLOYMENTS = {"FluxGenerator": "flux-schnell", "SdxlGenerator": "sdxl", "SdxlTurboGenerator": "sdxl-turbo"}
+_OLD_VIDEO_DEPLOYMENTS = {"SvdGenerator": "svd-xt"}
 # Ray keeps resource amounts to 1e-4; shares that sum to 1 in decimal must not fail in binary.
 _SHARE_TOLERANCE = 1e-6
 
@@ -214,6 +219,27 @@ class ImageModelEntry(ImageModelConfig):
         return generator_name(self.id)
 
 
+class VideoModelEntry(VideoModelConfig):
+    """A `video_models:` entry: the model (see VideoModelConfig) and its deployment's options."""
+
+    max_pixel_frame_steps: int | None = Field(
+        None, ge=1,
+        description="Compute budget of one request: width x height x num_frames x num_inference_steps at most "
+                    "this; over it is 422 naming the fields. None: no budget beyond each field's own limit.",
+    )
+
+    deployment: DeploymentOptions = Field(
+        default_factory=DeploymentOptions,
+        description="Replicas, GPU share, autoscaling and queue bounds of this model's deployment "
+                    "(named generator_name(id), e.g. SvdXtGenerator).",
+    )
+    enabled: bool = Field(True, description="false: an optional entry, checked when the config loads but not deployed.")
+
+    @property
+    def deployment_name(self) -> str:
+        return generator_name(self.id)
+
+
 def _default_image_models() -> list[ImageModelEntry]:
     return [ImageModelEntry(id="flux-schnell", family="flux", source="black-forest-labs/FLUX.1-schnell",
                             default_steps=4, limits={"max_steps": 4, "max_guidance": 0})]
@@ -302,7 +328,9 @@ class JobSlots(_Strict):
     image: int | None = Field(
         None, ge=1, description="Image jobs running at once (the image generators' capacities added up if unset)."
     )
-    video: int | None = Field(None, ge=1, description="Video jobs running at once (SvdGenerator's capacity if unset).")
+    video: int | None = Field(
+        None, ge=1, description="Video jobs running at once (the video generators' capacities added up if unset)."
+    )
 
 
 class JobsConfig(_Strict):
@@ -518,7 +546,13 @@ class AppArgs(_Strict):
     )
     scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="The CLIP scorer.")
     enhancer: EnhancerConfig = Field(default_factory=EnhancerConfig, description="The prompt enhancer.")
-    svd: SvdConfig | None = Field(None, description="Stable Video Diffusion; omit to serve images only.")
+    video_models: list[VideoModelEntry] = Field(
+        default_factory=list,
+        description="The video models served (svd, ltx, ...), one deployment each; empty: images only.",
+    )
+    default_video_model: str | None = Field(
+        None, description="The video model requests get when they name none; default: the first of video_models."
+    )
     policy: QualityPolicy = Field(default_factory=QualityPolicy, description="Default quality gate.")
     loras: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters requests may name.")
     max_input_pixels: int = Field(
@@ -561,6 +595,14 @@ class AppArgs(_Strict):
             if key in data:
                 raise ValueError(f"`{key}:` is no longer read: use `image_models:` instead, {replacement}; "
                                  "see docs/configuration.md")
+        for key, replacement in REPLACED_VIDEO_KEYS.items():
+            if key in data:
+                raise ValueError(f"`{key}:` is no longer read: use `video_models:` instead, {replacement}; "
+                                 "see docs/video.md")
+        for name, model_id in _OLD_VIDEO_DEPLOYMENTS.items():
+            if name in (data.get("deployments") or {}):
+                raise ValueError(f"deployments.{name} is no longer read: a video model's deployment options go "
+                                 f"in its video_models entry, under `deployment:` (e.g. the entry with id {model_id})")
         for name, model_id in _OLD_DEPLOYMENTS.items():
             if name in (data.get("deployments") or {}):
                 raise ValueError(f"deployments.{name} is no longer read: an image model's deployment options go "
@@ -571,15 +613,20 @@ class AppArgs(_Strict):
     def _image_models_unique(self) -> "AppArgs":
         if not self.served_image_models:
             raise ValueError("image_models: at least one entry must be enabled")
-        names = [entry.deployment_name for entry in self.image_models]
-        ids = [entry.id for entry in self.image_models]
+        entries = [*self.image_models, *self.video_models]
+        names = [entry.deployment_name for entry in entries]
+        ids = [entry.id for entry in entries]
         repeated = sorted({model_id for model_id in ids if ids.count(model_id) > 1})
         if repeated:
-            raise ValueError(f"image_models ids must be unique; repeated: {repeated}")
+            raise ValueError(f"image_models and video_models ids must be unique together; repeated: {repeated}")
         clashing = sorted({name for name in names if names.count(name) > 1 or name in DEPLOYMENT_NAMES})
         if clashing:
-            raise ValueError(f"image_models ids give clashing deployment names {clashing}: pick ids that differ in "
+            raise ValueError(f"model ids give clashing deployment names {clashing}: pick ids that differ in "
                              "more than '-' versus '.'")
+        videos = [entry.id for entry in self.served_video_models]
+        if self.default_video_model is not None and self.default_video_model not in videos:
+            raise ValueError(f"default_video_model {self.default_video_model!r} is not an enabled video_models id; "
+                             f"ids: {videos}")
         served = [entry.id for entry in self.served_image_models]
         if self.default_model is not None and self.default_model not in served:
             raise ValueError(f"default_model {self.default_model!r} is not an enabled image_models id; ids: {served}")
@@ -594,9 +641,20 @@ class AppArgs(_Strict):
     def default_model_id(self) -> str:
         return self.default_model or self.served_image_models[0].id
 
+    @property
+    def served_video_models(self) -> list[VideoModelEntry]:
+        """The video models deployed: the entries not marked `enabled: false`."""
+        return [entry for entry in self.video_models if entry.enabled]
+
+    @property
+    def default_video_model_id(self) -> str | None:
+        served = self.served_video_models
+        return self.default_video_model or (served[0].id if served else None)
+
     def all_deployment_options(self) -> dict[str, DeploymentOptions]:
-        """Options of every deployment, the image generators' included, by deployment name."""
-        served = {entry.deployment_name: entry.deployment for entry in self.served_image_models}
+        """Options of every deployment, the image and video generators' included, by deployment name."""
+        served = {entry.deployment_name: entry.deployment
+                  for entry in [*self.served_image_models, *self.served_video_models]}
         return {**self.deployments, **served}
 
     @field_validator("gpu_capacity")
@@ -638,11 +696,11 @@ class AppArgs(_Strict):
     def _memory_caps_within_shares(self) -> "AppArgs":
         models = [(name, field + (".llm" if field == "enhancer" else ""), f"deployments.{name}", getattr(self, field))
                   for name, field in MODEL_CONFIG_FIELDS.items()]
-        models += [(entry.deployment_name, f"image_models[{entry.id}]", f"image_models[{entry.id}].deployment", entry)
-                   for entry in self.served_image_models]
+        models += [(entry.deployment_name, f"{kind}[{entry.id}]", f"{kind}[{entry.id}].deployment", entry)
+                   for kind, entries in (("image_models", self.served_image_models),
+                                         ("video_models", self.served_video_models))
+                   for entry in entries]
         for name, where, options_at, config in models:
-            if config is None:  # an optional model (svd) that is not configured
-                continue
             cap = device_options(config).memory_fraction
             share = gpu_memory_fraction(self._options(name).num_gpus)
             if cap is not None and share is not None and cap > share:
@@ -704,9 +762,9 @@ class AppArgs(_Strict):
     def image_model(self, model_id: str) -> ImageModelEntry:
         return next(entry for entry in self.served_image_models if entry.id == model_id)
 
-    def model_config_for(self, name: str) -> ImageModelEntry | ScorerConfig | SvdConfig | EnhancerConfig:
+    def model_config_for(self, name: str) -> ImageModelEntry | VideoModelEntry | ScorerConfig | EnhancerConfig:
         """The model config of deployment `name`, its CUDA memory cap filled in from its GPU share."""
-        images = {entry.deployment_name: entry for entry in self.served_image_models}
+        images = {entry.deployment_name: entry for entry in [*self.served_image_models, *self.served_video_models]}
         config = images[name] if name in images else getattr(self, MODEL_CONFIG_FIELDS[name])
         device = device_options(config)
         fraction = gpu_memory_fraction(self._options(name).num_gpus)
@@ -718,7 +776,7 @@ class AppArgs(_Strict):
         return config.model_copy(update={"device": device})
 
 
-def device_options(config: ImageModelConfig | ScorerConfig | SvdConfig | EnhancerConfig) -> DeviceOptions:
+def device_options(config: ImageModelConfig | VideoModelConfig | ScorerConfig | EnhancerConfig) -> DeviceOptions:
     """Where a model deployment's model runs: the enhancer's is its LLM's."""
     return config.llm.device if isinstance(config, EnhancerConfig) else config.device
 

@@ -2,7 +2,7 @@
 
 `plan(args)` lists, offline, every hub source a config names (image models, enabled or optional,
 with their ControlNets and depth estimator, the CLIP scorer and its LAION head, the enhancer's
-LLM, hub LoRAs, the video model), with the variant each will load. `resolve` lists a repo on the
+LLM, hub LoRAs, the video models), with the variant each will load. `resolve` lists a repo on the
 hub and picks exactly the files loading reads (`deployments.runtime.weights.select_files`);
 `download` fetches them with huggingface_hub's own `snapshot_download` into the Hugging Face
 cache (or `cache_dir`), so `HF_HUB_OFFLINE=1 genserve serve CONFIG` then finds them.
@@ -42,8 +42,6 @@ class ResolvedRepo:
 
 def weight_sources(args: AppArgs) -> list[tuple[WeightSource, bool]]:
     """Every (weights, optional) the config names, hub ids, folders and 'tiny' alike."""
-    from deployments.video.svd import svd_weight_sources
-
     found: list[tuple[WeightSource, bool]] = []
     for entry in args.image_models:
         found += [(source, not entry.enabled) for source in entry.model_family.weight_sources(entry)]
@@ -57,8 +55,8 @@ def weight_sources(args: AppArgs) -> list[tuple[WeightSource, bool]]:
         found.append((WeightSource("prompt enhancer LLM", llm.source, "transformers"), False))
     found += [(WeightSource(f"LoRA {lora.name}", lora.repo, "file", filename=lora.weight_name), False)
               for lora in args.loras.hub]
-    if args.svd is not None:
-        found += [(source, False) for source in svd_weight_sources(args.svd)]
+    for entry in args.video_models:
+        found += [(source, not entry.enabled) for source in entry.model_family.weight_sources(entry)]
     return found
 
 

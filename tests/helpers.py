@@ -41,7 +41,8 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
     from serve_app.config import app_args_from_config
 
     args = app_args_from_config(config).model_dump(exclude_none=True)
-    for model in [*args["image_models"], *(args[name] for name in ("scorer", "svd") if args.get(name) is not None)]:
+    for model in [*args["image_models"], *args.get("video_models", []),
+                  *(args[name] for name in ("scorer",) if args.get(name) is not None)]:
         model["source"] = "tiny"
         model["device"].update(device="auto", dtype="auto", torch_threads=1)
     llm = args["enhancer"]["llm"]
@@ -52,6 +53,9 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
         llm["device"].update(device="auto", dtype="auto", torch_threads=1)
     if args.get("scorer") is not None:  # the LAION head too: a random one sized to the tiny CLIP
         args["scorer"].setdefault("laion", {})["source"] = "tiny"
+    for model in args.get("video_models", []):
+        if "motion_adapter" in model["options"]:  # animatediff: the adapter too
+            model["options"]["motion_adapter"] = "tiny"
     for model in args["image_models"]:
         options = model["options"]
         if "controlnets" in options:
@@ -62,7 +66,8 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
     # The profiles name a keys file that exists only on their servers; tests call from loopback,
     # which a service without keys answers (docs/security.md).
     args.get("auth", {}).pop("keys_file", None)
-    by_deployment = {generator_name(model["id"]): model for model in args["image_models"]}
+    by_deployment = {generator_name(model["id"]): model
+                     for model in [*args["image_models"], *args.get("video_models", [])]}
     for name, options in deployments.items():
         if name in by_deployment:
             by_deployment[name]["deployment"] = {**by_deployment[name]["deployment"], **options}
@@ -143,3 +148,57 @@ def flat_scores(scores: dict, prefix: str = "") -> dict[str, float]:
 # The address of a client on this machine: apps without API keys answer only loopback clients, and
 # Starlette's TestClient otherwise calls from "testclient".
 LOOPBACK = ("127.0.0.1", 50000)
+
+
+class ActorLoop:
+    """An object living on its own event loop in a thread, as a Serve actor lives on its replica's
+    loop: `handle.method.remote(...)` from any other loop runs the call there and awaits its result.
+    Used where a test's app runs a fresh loop per request (Starlette's TestClient) but the target
+    keeps tasks running between requests (the job dispatcher)."""
+
+    def __init__(self, target):
+        import asyncio
+        import threading
+
+        self.target = target
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="actor-loop", daemon=True)
+        self._thread.start()
+
+    def call(self, function: Callable, *args, **kwargs):
+        """Run `function(*args, **kwargs)` (sync or async) on the actor's loop; block for its result."""
+        import asyncio
+        import inspect
+
+        async def run():
+            result = function(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
+
+    def handle(self):
+        import asyncio
+        import inspect
+
+        actor = self
+
+        class Method:
+            def __init__(self, name):
+                self._name = name
+
+            def remote(self, *args, **kwargs):
+                async def run():
+                    result = getattr(actor.target, self._name)(*args, **kwargs)
+                    return await result if inspect.isawaitable(result) else result
+
+                return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), actor.loop))
+
+        class Handle:
+            def __getattr__(self, name):
+                return Method(name)
+
+        return Handle()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)

@@ -2,6 +2,9 @@
 
 - `base`: what a family declares (`ImageFamily`) and what a loaded model does (`LoadedImageModel`);
 - `flux`, `sdxl`, `sd15`: the built-in families, each a module with a `FAMILY` instance.
+- `video_base`: what a video family declares (`VideoFamily`: capabilities, frame and size rules, its
+  own request parameters, memory options, tiny builder); `svd`, `ltx`: the built-in video families,
+  looked up the same way by `get_video_family` (`video_models:` entries).
 
 A config entry names a built-in family (`family: sdxl`) or one defined anywhere on the Python path
 by import path (`family: my_package.my_family:FAMILY`, or `my_package.my_family`, whose `FAMILY` is
@@ -15,8 +18,8 @@ from functools import cache
 
 from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature, NoOptions
 
-__all__ = ["BUILTIN", "ImageFamily", "LoadedImageModel", "LoraSignature", "NoOptions", "get_family",
-           "lora_family_of"]
+__all__ = ["BUILTIN", "VIDEO_BUILTIN", "ImageFamily", "LoadedImageModel", "LoraSignature", "NoOptions",
+           "get_family", "get_video_family", "lora_family_of"]
 
 # Built-in family name -> the module that defines it. Modules import only pydantic at the top,
 # so looking a family up stays cheap (torch and diffusers load when a model does).
@@ -26,27 +29,46 @@ BUILTIN: dict[str, str] = {
     "sd15": "deployments.families.sd15",
 }
 
+# Built-in video family name -> its module (`video_models:` entries).
+VIDEO_BUILTIN: dict[str, str] = {
+    "svd": "deployments.families.svd",
+    "ltx": "deployments.families.ltx",
+    "animatediff": "deployments.families.animatediff",
+}
+
 
 class UnknownFamily(ValueError):
     pass
 
 
-@cache
-def get_family(name: str) -> ImageFamily:
-    """The family called `name`: a built-in one, or `module[:attribute]` (attribute `FAMILY` by default)."""
-    module_name, _, attribute = BUILTIN.get(name, name).partition(":")
-    if name not in BUILTIN and "." not in module_name:
+def _lookup(name: str, builtin: dict[str, str], kind: type, what: str):
+    module_name, _, attribute = builtin.get(name, name).partition(":")
+    if name not in builtin and "." not in module_name:
         raise UnknownFamily(
-            f"unknown family {name!r}; known: {', '.join(BUILTIN)} (or an import path 'package.module:FAMILY')"
+            f"unknown {what} {name!r}; known: {', '.join(builtin)} (or an import path 'package.module:FAMILY')"
         )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise UnknownFamily(f"family {name!r} could not be imported: {error}") from error
+        raise UnknownFamily(f"{what} {name!r} could not be imported: {error}") from error
     family = getattr(module, attribute or "FAMILY", None)
-    if not isinstance(family, ImageFamily):
-        raise UnknownFamily(f"family {name!r}: {module_name}.{attribute or 'FAMILY'} is not an ImageFamily instance")
+    if not isinstance(family, kind):
+        raise UnknownFamily(f"{what} {name!r}: {module_name}.{attribute or 'FAMILY'} is not an instance of {kind.__name__}")
     return family
+
+
+@cache
+def get_family(name: str) -> ImageFamily:
+    """The family called `name`: a built-in one, or `module[:attribute]` (attribute `FAMILY` by default)."""
+    return _lookup(name, BUILTIN, ImageFamily, "family")
+
+
+@cache
+def get_video_family(name: str):
+    """The video family called `name`: a built-in one (svd, ltx) or `module[:attribute]`."""
+    from deployments.families.video_base import VideoFamily
+
+    return _lookup(name, VIDEO_BUILTIN, VideoFamily, "video family")
 
 
 def builtin_families() -> list[ImageFamily]:

@@ -178,25 +178,28 @@ class EnhancedPrompt:
 
 @dataclass(frozen=True)
 class VideoParams:
-    """One image-to-video run. `image` is uint8 (H, W, 3) already at the video's size."""
+    """One video run. For image-to-video, the image is passed beside it: uint8 (H, W, 3) at the
+    video's size. `prompt` is the text a native text-to-video family is conditioned on (None for
+    image-only families); `options` holds the family's own request parameters (its `Params`)."""
 
     seed: int
     width: int
     height: int
-    num_frames: int | None
+    num_frames: int
     fps: int
-    motion_bucket_id: int
-    noise_aug_strength: float
     num_inference_steps: int
-    decode_chunk_size: int | None
     output_format: str
+    prompt: str | None = None
+    options: dict = field(default_factory=dict)
+    # Frame interpolation after generation: N frames become (N - 1) * k + 1 at k * fps (1: none).
+    interpolate: int = 1
     metadata: dict = field(default_factory=dict)
     progress: ProgressTarget | None = None
 
 
 @dataclass
 class VideoOutput:
-    """An encoded video and what was made."""
+    """An encoded video and what was made (`source_frames`: generated, before interpolation)."""
 
     data: bytes
     content_type: str
@@ -208,6 +211,9 @@ class VideoOutput:
     generate_seconds: float
     encode_seconds: float
     device: str
+    source_frames: int = 0
+    source_fps: int = 0
+    interpolate_seconds: float = 0.0
 
 
 class ModelOutOfMemory(RuntimeError):

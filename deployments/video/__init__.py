@@ -1,1 +1,1 @@
-"""Video: the SvdGenerator deployment and MP4/GIF/WebP encoding."""
+"""Video: MP4/GIF/WebP encoding and frame interpolation (the deployment is deployments.video_generator)."""

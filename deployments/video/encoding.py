@@ -69,3 +69,50 @@ def _encode_animation(frames: np.ndarray, fps: int, output_format: str, comment:
         options.update(lossless=False, quality=90)
     images[0].save(buffer, format=output_format.upper(), **options)
     return buffer.getvalue()
+
+
+# ffmpeg's minterpolate holds back the last frames of a stream (it needs frames after them to
+# estimate motion); repeating the last frame this many times lets every source frame come out.
+_INTERPOLATION_PADDING = 3
+
+
+def interpolate_frames(frames: np.ndarray, fps: int, factor: int) -> np.ndarray:
+    """Motion-compensated frame interpolation with ffmpeg's `minterpolate` filter (imageio-ffmpeg's
+    bundled binary): N frames at `fps` become (N - 1) * factor + 1 frames at factor * fps, so the
+    duration stays the same and source frame i is output frame i * factor.
+
+    The frames go to ffmpeg losslessly (FFV1 in a temporary Matroska file) and come back as raw RGB;
+    the filter works in YUV, so kept frames may differ from the source by a few levels.
+    """
+    import imageio_ffmpeg
+
+    if factor == 1:
+        return frames
+    count, height, width = frames.shape[:3]
+    wanted = (count - 1) * factor + 1
+    handle, path = tempfile.mkstemp(suffix=".mkv")
+    os.close(handle)
+    try:
+        writer = imageio_ffmpeg.write_frames(
+            path, (width, height), fps=fps, codec="ffv1", pix_fmt_in="rgb24", pix_fmt_out="bgr0",
+            macro_block_size=1, ffmpeg_log_level="error",
+        )
+        writer.send(None)
+        for frame in [*frames, *[frames[-1]] * _INTERPOLATION_PADDING]:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+        reader = imageio_ffmpeg.read_frames(
+            path, pix_fmt="rgb24",
+            output_params=["-vf", f"minterpolate=fps={fps * factor}:mi_mode=mci:mc_mode=aobmc:me_mode=bidir"],
+        )
+        next(reader)  # the stream's metadata
+        out = []
+        for data in reader:
+            if len(out) < wanted:
+                out.append(np.frombuffer(data, np.uint8).reshape(height, width, 3))
+        reader.close()
+    finally:
+        os.unlink(path)
+    if len(out) != wanted:
+        raise RuntimeError(f"ffmpeg minterpolate gave {len(out)} frames; expected {wanted}")
+    return np.stack(out)

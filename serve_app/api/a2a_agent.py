@@ -68,13 +68,16 @@ SKILLS: dict[str, dict] = {
         input_modes=["text/plain", "application/json"], output_modes=["image/png", "application/json"]),
     ANIMATE_IMAGE: dict(
         name="Animate image",
-        description="Image to video (SVD): send the image as a file part and {\"skill\": \"animate-image\"} in a "
-                    "data part, with any POST /v1/videos field.",
+        description="Image to video: send the image as a file part and {\"skill\": \"animate-image\"} in a "
+                    "data part, with any POST /v1/videos field (`model`: a video model that animates images, "
+                    "see GET /v1/models; text guides the models that take a prompt with the image, ltx).",
         tags=["video", "image-to-video"], examples=[],
         input_modes=["image/png", "image/jpeg", "application/json"], output_modes=["video/mp4", "application/json"]),
     TEXT_TO_VIDEO: dict(
         name="Text to video",
-        description="A keyframe is drawn from the text, then animated: {\"skill\": \"text-to-video\"} in a data part.",
+        description="Text to video: {\"skill\": \"text-to-video\"} in a data part, with any POST /v1/videos field. "
+                    "Native text-to-video models (ltx, animatediff) take the text; svd animates a keyframe drawn "
+                    "from it.",
         tags=["video", "text-to-video"], examples=["waves breaking on rocks"],
         input_modes=["text/plain", "application/json"], output_modes=["video/mp4", "application/json"]),
     SCORE_IMAGE: dict(
@@ -200,7 +203,7 @@ def parse_message(message: pb.Message, video: bool) -> tuple[str, dict]:
             raise InvalidParamsError("image: animate-image takes one image")
         fields["image"] = images[0]
     if skill == TEXT_TO_VIDEO and "image" in fields:
-        raise InvalidParamsError("image: text-to-video draws its own keyframe; use animate-image to animate an image")
+        raise InvalidParamsError("image: text-to-video starts from the text alone; use animate-image to animate an image")
     if skill == ANIMATE_IMAGE and "image" not in fields:
         raise InvalidParamsError("image: animate-image needs the image as a file part")
     return skill, fields

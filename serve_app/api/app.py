@@ -208,7 +208,7 @@ async def _request_error(request: Request, error: RequestError) -> JSONResponse:
 
 
 async def _video_not_deployed(_: Request, __: VideoNotDeployed) -> JSONResponse:
-    return JSONResponse(status_code=501, content={"detail": "video generation is not deployed: add `svd:` to the config"})
+    return JSONResponse(status_code=501, content={"detail": "video generation is not deployed: add a video_models entry to the config"})
 
 
 # How long a client should wait before sending again a request that ran out of time or met a

@@ -26,7 +26,7 @@ import contextlib
 
 from ray import serve
 
-from deployments.config import SvdConfig
+from deployments.config import VideoModelConfig
 from deployments.runtime.lora import LoraRegistry
 from deployments.scoring.clip_scorer import GATE_METRICS
 from serve_app.api.app import Services, build_api
@@ -60,8 +60,9 @@ class Ingress:
     routes find this replica's services on `app.state`."""
 
     def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
-                 request_timeout_s: float = 600.0, svd=None, svd_config: SvdConfig | None = None,
-                 max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
+                 request_timeout_s: float = 600.0,
+                 video_generators: dict | None = None, video_models: dict[str, VideoModelConfig] | None = None,
+                 default_video_model: str | None = None, max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
                  max_body_bytes: int = DEFAULT_MAX_BYTES, gate_metrics: tuple[str, ...] = GATE_METRICS,
                  blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None,
                  default_model: str | None = None, auth: AuthConfig | None = None,
@@ -71,7 +72,8 @@ class Ingress:
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
                               max_input_pixels=max_input_pixels, gate_metrics=gate_metrics,
                               blocklist=blocklist, loras=loras, default_model=default_model)
-        videos = VideoService(svd, svd_config, images, max_input_pixels) if svd is not None else None
+        videos = (VideoService(video_generators, video_models, images, max_input_pixels, default_video_model)
+                  if video_generators else None)
         self._services = Services(
             images=images,
             scores=ScoreService(scorer, policy, gate_metrics, max_input_pixels, request_timeout_s, scores),

@@ -170,7 +170,8 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
 
     @server.tool()
     async def generate_video(request: VideoRequest, ctx: Context, wait_s: WaitSeconds = 30.0) -> CallToolResult:
-        """Animate an image, or draw a keyframe from a prompt and animate it (Stable Video Diffusion).
+        """Image-to-video or text-to-video with a video model (`model`, see list_models: SVD animates an
+        image or a keyframe drawn from the prompt; LTX-Video and AnimateDiff take the prompt natively).
         `request` is POST /v1/videos's body. Returns a link to the video file, or a job id past wait_s."""
         try:
             job, done = await run_job("video", request, wait_s, ctx)
@@ -220,11 +221,13 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
 
     @server.tool()
     async def list_models() -> CallToolResult:
-        """The deployed image models with their limits and defaults, the default model, and video models."""
+        """The deployed image models with their limits and defaults, the default model, and the video
+        models with their capabilities, frame and size rules, own parameters and defaults."""
         current = services()
-        images = current.images
-        videos = [] if current.videos is None else ["svd"]
-        return _structured({"models": images.models(), "default_model": images.default_model, "video_models": videos})
+        images, videos = current.images, current.videos
+        return _structured({"models": images.models(), "default_model": images.default_model,
+                            "video_models": [] if videos is None else [spec.public() for spec in videos.specs.values()],
+                            "default_video_model": None if videos is None else videos.default_model})
 
     return server
 

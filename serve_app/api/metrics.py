@@ -145,12 +145,12 @@ class GraphMetrics:
                     histogram.observe(value, tags={"model": model})
 
     def video_response(self, response: VideoResponse) -> None:
-        for stage in ("keyframe", "video", "encode"):
+        for stage in ("keyframe", "video", "interpolate", "encode"):
             if stage in response.timings:
-                model = response.keyframe.model if stage == "keyframe" else "svd"
+                model = response.keyframe.model if stage == "keyframe" else response.model
                 self.stage_seconds.observe(response.timings[stage], tags={"stage": stage, "model": model})
         passed = None if response.keyframe is None else response.keyframe.passed
-        self.videos.inc(tags={"model": "svd", "mode": response.mode, "passed": _flag(passed)})
+        self.videos.inc(tags={"model": response.model, "mode": response.mode, "passed": _flag(passed)})
 
     def rejection(self, route: str, fields: list[str]) -> None:
         for field in fields:

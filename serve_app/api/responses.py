@@ -36,7 +36,7 @@ _DESCRIPTIONS = {
     429: "A per-key or per-client limit (requests per minute, concurrent requests, active jobs, daily images; "
          "auth.client_limits per remote address without a key) was reached, "
          "too many open event streams, or the job queue is full; retry after `Retry-After` seconds.",
-    501: "This feature is not deployed (video needs `svd:` in the config; jobs need `jobs:`).",
+    501: "This feature is not deployed (video needs a `video_models:` entry in the config; jobs need `jobs:`).",
     503: "Overloaded (a queue is full) or a replica is unavailable; retry after `Retry-After` seconds.",
     504: "The request's deadline (request_timeout_s) passed before it finished; retry after `Retry-After` seconds.",
 }

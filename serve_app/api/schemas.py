@@ -8,7 +8,7 @@ by `serve_app.services.validation.ModelSpec.check` against the same 422 shape.
 from __future__ import annotations
 
 import secrets
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -408,29 +408,65 @@ class KeyframeOptions(BaseModel):
     )
 
 
+def _family_param(default=None, **kwargs):
+    """A VideoRequest field that only some video families take (their `Params`): unset by default,
+    so a request setting it for a family without it gets a 422 instead of being ignored."""
+    return Field(default, json_schema_extra={"video_family_param": True}, **kwargs)
+
+
 class VideoRequest(BaseModel):
-    """`POST /v1/videos`: animate `image`, or draw a keyframe from `prompt` first. Exactly one of them."""
+    """`POST /v1/videos`: a video from `model` (default: the config's default video model).
+
+    Image-to-video animates `image`; text-to-video takes `prompt`: natively for families that take
+    one (ltx), or through a keyframe an image model draws first (svd). Families that do both (ltx)
+    take `image` and `prompt` together. Frame counts and sizes follow the model's family rules
+    (GET /v1/models); a request breaking one gets 422 naming the field and the rule.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True)  # "revise_prompt": 0 is not a bool
 
+    model: str | None = Field(None, description="Video model id (GET /v1/models video_models); default: the config's.")
     image: str | None = Field(
         None, min_length=1, description="Base64 PNG or JPEG to animate (a data: URL prefix is accepted)."
     )
-    prompt: str | None = Field(None, min_length=1, max_length=2000, description="Text-to-video: the keyframe's prompt.")
-    keyframe: KeyframeOptions = Field(default_factory=KeyframeOptions, description="Keyframe options (prompt only).")
-    width: int | None = Field(None, ge=256, le=2048, multiple_of=64, description="256-2048, a multiple of 64.")
-    height: int | None = Field(None, ge=256, le=2048, multiple_of=64, description="256-2048, a multiple of 64.")
-    num_frames: int | None = Field(None, ge=2, le=25, description="2-25; default from the model (25 XT, 14 base).")
-    fps: int = Field(7, ge=1, le=30, description="Frames per second of the output, also SVD's fps conditioning.")
-    motion_bucket_id: int = Field(127, ge=0, le=255, description="More motion when higher.")
-    noise_aug_strength: float = Field(0.02, ge=0, le=1, description="Noise added to the image; more = freer motion.")
+    prompt: str | None = Field(
+        None, min_length=1, max_length=2000,
+        description="Text-to-video: the video's prompt (native families) or the keyframe's (svd).",
+    )
+    keyframe: KeyframeOptions = Field(
+        default_factory=KeyframeOptions, description="Keyframe options (keyframe text-to-video: svd)."
+    )
+    width: int | None = Field(None, ge=16, le=2048, description="Within the family's size rule; default: the model's.")
+    height: int | None = Field(None, ge=16, le=2048, description="Within the family's size rule; default: the model's.")
+    num_frames: int | None = Field(
+        None, ge=2, le=257, description="Generated frames, by the family's frame rule (svd 2-25, ltx 8k+1); default: the model's."
+    )
+    fps: int | None = Field(None, ge=1, le=60, description="Frames per second generated (also the model's fps "
+                                                            "conditioning); default: the model's.")
+    interpolate: Literal[1, 2, 4] = Field(
+        1, description="Frame interpolation (ffmpeg minterpolate): N frames become (N-1)*k+1 at k*fps."
+    )
     num_inference_steps: int | None = Field(None, ge=1, le=100, description="Denoising steps; default from config.")
-    decode_chunk_size: int | None = Field(None, ge=1, le=25, description="Frames decoded at once; lower = less memory.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Video seed (and the keyframe's); random if omitted.")
+    # The video families' own parameters; each family takes some (GET /v1/models: params).
+    motion_bucket_id: int | None = _family_param(ge=0, le=255, description="svd: more motion when higher (127).")
+    noise_aug_strength: float | None = _family_param(
+        ge=0, le=1, description="svd: noise added to the image; more = freer motion (0.02)."
+    )
+    decode_chunk_size: int | None = _family_param(
+        ge=1, le=25, description="svd: frames decoded at once; lower = less memory (config)."
+    )
+    guidance_scale: float | None = _family_param(ge=0, le=30, description="ltx, animatediff: classifier-free guidance.")
+    negative_prompt: str | None = _family_param(max_length=2000, description="ltx, animatediff: what the video should not show.")
     output_format: Literal["mp4", "gif", "webp"] = Field("mp4", description="H.264 MP4, or animated GIF/WebP.")
     response_format: Literal["json", "binary"] = Field(
         "json", description="json: base64 in JSON with metadata; binary: the file itself, metadata in headers."
     )
+
+    @classmethod
+    def family_param_names(cls) -> tuple[str, ...]:
+        return tuple(name for name, field in cls.model_fields.items()
+                     if (field.json_schema_extra or {}).get("video_family_param"))
 
     @field_validator("prompt")
     @classmethod
@@ -440,12 +476,11 @@ class VideoRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _image_xor_prompt(self) -> "VideoRequest":
-        if (self.image is None) == (self.prompt is None):
-            which = "both were given" if self.image is not None else "neither was given"
+    def _image_or_prompt(self) -> "VideoRequest":
+        if self.image is None and self.prompt is None:
             raise PydanticCustomError(
-                "image_or_prompt", "give exactly one of image (image-to-video) or prompt (text-to-video); {which}",
-                {"which": which},
+                "image_or_prompt", "give image (image-to-video), prompt (text-to-video), or both where the model "
+                                   "takes both (ltx); neither was given",
             )
         if self.image is not None and "keyframe" in self.model_fields_set:
             raise PydanticCustomError("keyframe_without_prompt", "keyframe options apply to text-to-video (prompt) only")
@@ -472,21 +507,27 @@ class VideoInfo(BaseModel):
 
     id: str
     created: int
-    model: str = Field(description="The SVD checkpoint (config source).")
+    model: str = Field(description="The video model id.")
+    family: str = Field(description="Its video family (svd, ltx, ...).")
+    source: str = Field(description="Where its weights came from (config source).")
     mode: Literal["image-to-video", "text-to-video"]
+    prompt: str | None = Field(None, description="The text the video model was conditioned on (native text-to-video, "
+                                                 "or beside the image: ltx); keyframe text-to-video: see keyframe.")
     content_type: str
     output_format: str
     seed: int
-    num_frames: int
-    fps: int
+    num_frames: int = Field(description="Frames in the file (after interpolation).")
+    fps: int = Field(description="Frames per second of the file.")
+    source_frames: int = Field(description="Frames the model generated (before interpolation).")
+    source_fps: int = Field(description="Frames per second generated.")
+    interpolate: int = Field(description="Interpolation factor k: num_frames = (source_frames - 1) * k + 1.")
     duration_s: float
     width: int
     height: int
-    motion_bucket_id: int
-    noise_aug_strength: float
     num_inference_steps: int
+    params: dict[str, Any] = Field(description="The family's own parameters used (e.g. svd: motion_bucket_id).")
     keyframe: KeyframeInfo | None = Field(None, description="Set for text-to-video.")
-    timings: dict[str, float] = Field(description="Seconds: keyframe (text-to-video), video, encode, total.")
+    timings: dict[str, float] = Field(description="Seconds: keyframe (svd text-to-video), video, interpolate, encode, total.")
 
 
 class VideoResponse(VideoInfo):

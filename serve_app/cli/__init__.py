@@ -13,12 +13,12 @@
     genserve doctor CONFIG           check this machine before serving CONFIG (torch, CUDA, GPU memory,
                                      weights, ports): each line ok, or what to do
     genserve bench-overload [options]  C clients for D seconds against a running app: statuses, latency, memory
-    genserve save-tiny FAMILY DIR    write a tiny random model (flux | clip | svd | llm | laion | sdxl |
-                                     sdxl-controlnet | depth) as a local folder
+    genserve save-tiny FAMILY DIR    write a tiny random model (flux | sdxl | sd15 | svd | ltx | animatediff | clip | llm |
+                                     laion | sdxl-controlnet | depth) as a local folder
 
 Against a running service (--url or $GENSERVE_URL; docs/client.md has the exit codes):
     genserve generate PROMPT -o out.png [--model --seed --size WxH --steps --n --json]
-    genserve animate IMAGE -o out.mp4 [--frames --fps --seed --steps --motion --json]
+    genserve animate [IMAGE] -o out.mp4 [--model --prompt --frames --fps --seed --steps --motion --interpolate --json]
     genserve jobs list | show ID | wait ID [-o DIR] | cancel ID
 """
 
@@ -72,7 +72,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         deploy_config(config)
         print(f"genserve: deploying {args.config}; waiting up to {args.timeout:g}s for {', '.join(names)}", flush=True)
-        wait_until_running(names, args.timeout)
+        wait_until_running(names, args.timeout, config.http_options.host, config.http_options.port,
+                           [application.route_prefix for application in config.applications if application.route_prefix])
     except DeployError as error:
         print(f"genserve: {error}", file=sys.stderr, flush=True)
         # Leave nothing pending behind. Not blocking: a replica that never got its resources

@@ -40,24 +40,45 @@ def deploy_config(config: ServeDeploySchema) -> None:
     _client().deploy_apps(config, _blocking=False)
 
 
-def wait_until_running(app_names: Iterable[str], timeout_s: float) -> None:
-    """Return once every named application is RUNNING.
+def wait_until_running(app_names: Iterable[str], timeout_s: float, http_host: str | None = None,
+                       http_port: int | None = None, prefixes: Iterable[str] = ()) -> None:
+    """Return once every named application is RUNNING and, given `http_port`, the HTTP proxy there
+    routes each of `prefixes` (the proxy starts apart from the applications: on a busy machine it can still
+    refuse connections after they run).
 
     Raises `DeployError` at once when one fails to deploy, and after `timeout_s` seconds when
-    one is still not running, with `explain_not_running` as the message.
+    one is still not running or not routed, with `explain_not_running` as the message.
     """
-    names = list(app_names)
+    names, prefixes = list(app_names), list(prefixes)
     deadline = time.monotonic() + timeout_s
     while True:
         applications = serve.status().applications
         statuses = {name: applications[name].status if name in applications else None for name in names}
         if all(status == ApplicationStatus.RUNNING for status in statuses.values()):
-            return
+            if http_port is None or _proxy_routes(http_host, http_port, prefixes):
+                return
+            if time.monotonic() >= deadline:
+                raise DeployError(f"the applications run, but the HTTP proxy on port {http_port} does not route "
+                                  f"{', '.join(prefixes)} within {timeout_s:g}s")
+            time.sleep(POLL_INTERVAL_S)
+            continue
         if ApplicationStatus.DEPLOY_FAILED in statuses.values():
             raise DeployError(explain_not_running(names, "failed to deploy"))
         if time.monotonic() >= deadline:
             raise DeployError(explain_not_running(names, f"did not start within {timeout_s:g}s"))
         time.sleep(POLL_INTERVAL_S)
+
+
+def _proxy_routes(host: str | None, port: int, prefixes: list[str]) -> bool:
+    """Whether Serve's proxy on `port` answers `/-/routes` listing every prefix."""
+    import httpx
+
+    address = "127.0.0.1" if host in (None, "", "0.0.0.0", "::") else host
+    try:
+        routes = httpx.get(f"http://{address}:{port}/-/routes", timeout=2).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    return isinstance(routes, dict) and all(prefix in routes for prefix in prefixes)
 
 
 def serve_details() -> ServeInstanceDetails:

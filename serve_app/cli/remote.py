@@ -1,7 +1,7 @@
 """The `genserve` commands that talk to a running service through `serve_app.client`:
 
     genserve generate PROMPT [-o out.png] [--model --seed --size WxH --steps --n --style ...]
-    genserve animate IMAGE [-o out.mp4] [--frames --fps --seed --steps --motion]
+    genserve animate [IMAGE] [-o out.mp4] [--model --prompt --frames --fps --seed --steps --motion --interpolate]
     genserve jobs list [--state S] [--limit N] | show ID | wait ID [-o DIR] | cancel ID
 
 Each takes `--url` (default $GENSERVE_URL, else http://127.0.0.1:8000), `--api-key` (default
@@ -53,16 +53,21 @@ def add_commands(commands) -> None:
     generate.add_argument("--max-attempts", type=int)
     generate.set_defaults(func=_generate)
 
-    animate = commands.add_parser("animate", parents=[common], help="animate an image into a video")
-    animate.add_argument("image", type=Path, help="a PNG or JPEG")
+    animate = commands.add_parser("animate", parents=[common],
+                                  help="animate an image into a video, or make one from --prompt")
+    animate.add_argument("image", type=Path, nargs="?", help="a PNG or JPEG (leave out for text-to-video)")
     animate.add_argument("-o", "--output", default="video.mp4",
                          help="the video (default %(default)s); .gif or .webp picks that format")
+    animate.add_argument("--model", help="a video model id from GET /v1/models (default: the service's)")
+    animate.add_argument("--prompt", help="text-to-video without IMAGE; with it, guides models that take both (ltx)")
     animate.add_argument("--frames", type=int, dest="num_frames")
     animate.add_argument("--fps", type=int)
     animate.add_argument("--seed", type=int)
     animate.add_argument("--size", type=_size)
     animate.add_argument("--steps", type=int, dest="num_inference_steps")
-    animate.add_argument("--motion", type=int, dest="motion_bucket_id", help="0-255, more motion when higher")
+    animate.add_argument("--motion", type=int, dest="motion_bucket_id", help="svd: 0-255, more motion when higher")
+    animate.add_argument("--interpolate", type=int, choices=(2, 4),
+                         help="raise the frame rate k times (ffmpeg motion interpolation): (N-1)*k+1 frames")
     animate.set_defaults(func=_animate)
 
     jobs = commands.add_parser("jobs", help="list, show, wait for or cancel async jobs")
@@ -149,13 +154,17 @@ def _animate(args: argparse.Namespace) -> int:
     if output_format not in VIDEO_FORMATS:
         endings = ", ".join("." + name for name in VIDEO_FORMATS)
         raise UsageError(f"--output must end in one of {endings}; got {output.name!r}")
-    if not args.image.is_file():
+    if args.image is None and args.prompt is None:
+        raise UsageError("give IMAGE to animate, or --prompt for text-to-video")
+    if args.image is not None and not args.image.is_file():
         raise UsageError(f"no image file {str(args.image)!r}")
-    fields = _given(args, "num_frames", "fps", "seed", "num_inference_steps", "motion_bucket_id")
+    fields = _given(args, "model", "prompt", "num_frames", "fps", "seed", "num_inference_steps", "motion_bucket_id",
+                    "interpolate")
     if args.size:
         fields["width"], fields["height"] = args.size
-    request = VideoRequest(image=base64.b64encode(args.image.read_bytes()).decode(), output_format=output_format,
-                           **fields)
+    if args.image is not None:
+        fields["image"] = base64.b64encode(args.image.read_bytes()).decode()
+    request = VideoRequest(output_format=output_format, **fields)
     with _client(args) as client:
         result, files = _run_job(client, args, "video", request)
         if result is None:

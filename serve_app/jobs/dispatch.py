@@ -541,7 +541,7 @@ class JobDispatcher:
             response, output = await self.videos.run(VideoRequest.model_validate(job.request), target)
             result, files = video_result(job.id, response, output)
         else:
-            raise RequestError("kind", "video generation is not deployed: add `svd:` to the config", "image")
+            raise RequestError("kind", "video generation is not deployed: add a video_models entry to the config", "image")
         saved = await asyncio.to_thread(self.store.save_result, job.id, job.attempts, result, files)
         if saved is None:  # a cancel was asked for as it finished: the cancel wins, the result is dropped
             await asyncio.to_thread(self.store.transition, job.id, {RUNNING}, CANCELLED, attempt=job.attempts,

@@ -156,15 +156,12 @@ class JobsApi:
         return job, created, position
 
     def _frames(self, stored: dict) -> int:
-        frames = stored.get("num_frames")
-        if frames is None and self.videos is not None and self.videos.config is not None:
-            frames = getattr(self.videos.config, "default_num_frames", None)
-        return int(frames or 25)  # unset everywhere: the model picks, at most 25
+        return self.videos.frames(stored)  # validated already: its model's default when unset
 
     async def _validated(self, submission: JobSubmission) -> dict:
         """The request as it will run: validated like the sync endpoint, seed filled in."""
         if submission.kind == "video" and self.videos is None:
-            raise JobError(501, "video generation is not deployed: add `svd:` to the config")
+            raise JobError(501, "video generation is not deployed: add a video_models entry to the config")
         model = ImageRequest if submission.kind == "image" else VideoRequest
         try:
             parsed = model.model_validate(submission.request)

@@ -28,7 +28,7 @@ from serve_app.services.validation import ModelSpec
 from deployments.runtime.lora import LoraRegistry
 from deployments.scoring.clip_scorer import GATE_METRICS
 from serve_app.services.images import ImageService
-from deployments.config import SvdConfig
+from deployments.config import VideoModelConfig
 from serve_app.services.videos import VideoService
 
 logger = logging.getLogger("ray.serve")
@@ -48,14 +48,16 @@ class JobRunner:
     """
 
     def __init__(self, config: JobsConfig, slots: dict[str, int], enhancer, generators: dict, scorer,
-                 specs: dict[str, ModelSpec], policy: QualityPolicy, request_timeout_s: float = 600.0, svd=None,
-                 svd_config: SvdConfig | None = None, max_input_pixels: int = 4096 * 4096,
+                 specs: dict[str, ModelSpec], policy: QualityPolicy, request_timeout_s: float = 600.0,
+                 video_generators: dict | None = None, video_models: dict[str, VideoModelConfig] | None = None,
+                 default_video_model: str | None = None, max_input_pixels: int = 4096 * 4096,
                  metrics: bool = True, gate_metrics: tuple[str, ...] = GATE_METRICS, blocklist: tuple[str, ...] = (),
                  loras: LoraRegistry | None = None, default_model: str | None = None):
         images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
                               max_input_pixels=max_input_pixels, gate_metrics=gate_metrics, blocklist=blocklist,
                               loras=loras, default_model=default_model)
-        videos = VideoService(svd, svd_config, images, max_input_pixels) if svd is not None else None
+        videos = (VideoService(video_generators, video_models, images, max_input_pixels, default_video_model)
+                  if video_generators else None)
         context = serve.get_replica_context()
         app, deployment = context.app_name, context.deployment
 

@@ -166,9 +166,12 @@ async def call_stage(awaitable, stage: str, timeout_s: float) -> Any:
     current = _deadline.get()
     if current is not None and current[0] - time.monotonic() < timeout_s:
         limit, overall = max(0.0, current[0] - time.monotonic()), True
+    # asyncio.timeout rather than wait_for: on Python 3.11, wait_for can swallow a cancellation
+    # that arrives as its timeout fires, and a cancelled job would then run on to its end.
     try:
-        return await asyncio.wait_for(_as_coroutine(awaitable), limit)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(limit):
+            return await awaitable
+    except TimeoutError:
         _cancel(awaitable)
         raise StageTimeout(stage, current[1] if overall else timeout_s, overall) from None
     except asyncio.CancelledError:
@@ -185,10 +188,6 @@ def _cancel(awaitable) -> None:
     cancel = getattr(awaitable, "cancel", None)
     if cancel is not None:
         cancel()
-
-
-async def _as_coroutine(awaitable):
-    return await awaitable
 
 
 def _enhance(plan: ImagePlan, enhancer):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from deployments.config import ImageModelConfig
+from deployments.config import ImageModelConfig, VideoModelConfig
 from deployments.runtime.types import HiresPass, PromptForm, denoising_steps
-from serve_app.api.schemas import DEFAULT_STRENGTH, ControlOptions, ImageRequest
+from serve_app.api.schemas import DEFAULT_STRENGTH, ControlOptions, ImageRequest, VideoRequest
 
 
 
@@ -221,6 +221,118 @@ class ModelSpec:
         spec.pop("prompt_form")
         spec["control_types"] = list(self.control_types)
         return spec
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """A video request resolved against its model: every default filled in, every rule checked."""
+
+    model: str
+    mode: str  # image-to-video | text-to-video
+    keyframe: bool  # text-to-video through a keyframe drawn by an image model (svd)
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    params: dict
+
+
+class VideoSpec:
+    """What one served video model accepts: its config entry and family's rules and parameters."""
+
+    def __init__(self, entry: VideoModelConfig):
+        self.entry = entry
+        self.family = entry.model_family
+        # The entry's compute budget per request, in pixel-frame-steps (None: none).
+        self.max_pixel_frame_steps: int | None = getattr(entry, "max_pixel_frame_steps", None)  # VideoModelEntry's
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    def plan(self, request: VideoRequest) -> VideoPlan:
+        """The request's video, or RequestError naming the first field that breaks a family rule."""
+        family, model = self.family, self.id
+        native = family.text_to_video == "native"
+        if request.image is not None and not family.image_to_video:
+            raise RequestError("image", f"{model} ({family.name}) has no image-to-video; give prompt only",
+                               "a model with image_to_video in GET /v1/models")
+        if request.image is None and family.text_to_video is None:
+            raise RequestError("prompt", f"{model} ({family.name}) has no text-to-video; give image", "image")
+        if request.image is not None and request.prompt is not None and not native:
+            raise RequestError("prompt", f"{model} ({family.name}) animates an image without a prompt; give image "
+                                         "or prompt (a keyframe is drawn from it), not both", "image or prompt")
+        if "keyframe" in request.model_fields_set and family.text_to_video != "keyframe":
+            raise RequestError("keyframe", f"{model} ({family.name}) makes text-to-video natively, without a "
+                                           "keyframe; leave keyframe out", "no keyframe")
+        width, height = self.entry.size_default()
+        width, height = request.width or width, request.height or height
+        for name, value in (("width", width), ("height", height)):
+            if not family.size.allows(value):
+                raise RequestError(name, f"{model} ({family.name}) needs {family.size.describe()}; got {value}",
+                                   family.size.describe())
+        frames = request.num_frames or self.entry.frames_default()
+        if not family.frames.allows(frames):
+            near = " or ".join(map(str, family.frames.nearest(frames)))
+            hint = f" (nearest: {near})" if near else ""
+            raise RequestError("num_frames", f"{model} ({family.name}) makes {family.frames.describe()}; got "
+                                             f"{frames}{hint}", family.frames.describe())
+        steps = request.num_inference_steps or self.entry.steps_default()
+        if not family.min_steps <= steps <= family.max_steps:
+            raise RequestError("num_inference_steps", f"{model} takes {family.min_steps}-{family.max_steps} steps; "
+                                                      f"got {steps}", f"{family.min_steps}-{family.max_steps}")
+        self.check_budget(width, height, frames, steps)
+        return VideoPlan(
+            model=model, mode="text-to-video" if request.image is None else "image-to-video",
+            keyframe=request.image is None and not native, width=width, height=height, num_frames=frames,
+            fps=request.fps or self.entry.fps_default(), num_inference_steps=steps, params=self.params(request),
+        )
+
+    def check_budget(self, width: int, height: int, frames: int, steps: int) -> None:
+        """422 when the request's work, width x height x frames x steps, is over the entry's budget."""
+        budget = self.max_pixel_frame_steps
+        if budget is None:
+            return
+        cost = width * height * frames * steps
+        if cost > budget:
+            raise RequestError(
+                "num_frames",
+                f"width x height x num_frames x num_inference_steps = {width}x{height}x{frames}x{steps} = {cost} "
+                f"pixel-frame-steps, over {self.id}'s budget of {budget} (video_models[].max_pixel_frame_steps): "
+                "ask for fewer frames, steps or pixels",
+                f"width x height x num_frames x num_inference_steps <= {budget}",
+            )
+
+    def params(self, request: VideoRequest) -> dict:
+        """The family's own parameters, defaults filled in; 422 for another family's parameter."""
+        from pydantic import ValidationError
+
+        taken = self.family.param_names()
+        given = {name: getattr(request, name) for name in request.family_param_names()
+                 if getattr(request, name) is not None}
+        for name in given:
+            if name not in taken:
+                takes = ", ".join(taken) or "none"
+                raise RequestError(name, f"{self.id} ({self.family.name}) takes no {name}; its own parameters: {takes}",
+                                   takes)
+        try:
+            return self.family.Params.model_validate(given).model_dump()
+        except ValidationError as error:
+            first = error.errors()[0]
+            name = ".".join(str(part) for part in first["loc"])
+            raise RequestError(name, f"{self.id} ({self.family.name}): {first['msg']}", "see GET /v1/models") from None
+
+    def public(self) -> dict:
+        family, entry = self.family, self.entry
+        width, height = entry.size_default()
+        return {
+            "id": entry.id, "family": family.name, "description": entry.description or family.description,
+            "source": entry.source, **family.capabilities(), "default_width": width, "default_height": height,
+            "default_num_frames": entry.frames_default(), "default_fps": entry.fps_default(),
+            "default_steps": entry.steps_default(), "min_steps": family.min_steps, "max_steps": family.max_steps,
+            "param_defaults": family.Params().model_dump(), "max_pixel_frame_steps": self.max_pixel_frame_steps,
+        }
 
 
 def _param(name: str) -> dict:

@@ -1,4 +1,5 @@
-"""The video service: image-to-video, or keyframe (the image graph) then video."""
+"""The video service: a request resolved against its video model (`VideoSpec`), then image-to-video,
+native text-to-video, or a keyframe from the image graph animated (svd)."""
 
 from __future__ import annotations
 
@@ -10,34 +11,50 @@ import uuid
 
 from pydantic import ValidationError
 
-from deployments.config import SvdConfig
+from deployments.config import VideoModelConfig
 from deployments.runtime.types import ProgressTarget, VideoOutput, VideoParams
 from serve_app.services.graph import ImagePlan, call_stage
 from serve_app.services.inputs import decode_image, fit_image
-from serve_app.services.validation import ModelSpec, RequestError
+from serve_app.services.validation import ModelSpec, RequestError, VideoPlan, VideoSpec
 from serve_app.api.schemas import ImageRequest, KeyframeInfo, Scores, VideoRequest, VideoResponse, random_seed
 from serve_app.services.images import ImageService, advice_of, attempts_of
 
 
 class VideoService:
-    def __init__(self, svd, config: SvdConfig, images: ImageService, max_input_pixels: int):
-        self.svd = svd
-        self.config = config  # the SvdGenerator's: defaults for what a request leaves out
+    def __init__(self, generators: dict, models: dict[str, VideoModelConfig], images: ImageService,
+                 max_input_pixels: int, default_model: str | None = None):
+        self.generators = generators  # video model id -> VideoGenerator handle
+        self.specs = {model_id: VideoSpec(entry) for model_id, entry in models.items()}
+        self.default_model = default_model or next(iter(self.specs))
         self.images = images
         self.max_input_pixels = max_input_pixels
 
-    def check(self, request: VideoRequest) -> None:
-        """Every check `run` makes before a model runs, without running one: the uploaded image
-        decodes within the limits, or the keyframe's image request is valid for its model. Raises
-        RequestError naming the field. Async jobs call it at submit. Decodes: call it in a thread."""
-        width, height = self._size(request)
+    def spec(self, model: str | None) -> VideoSpec:
+        model = model or self.default_model
+        if model not in self.specs:
+            known = list(self.specs)
+            raise RequestError("model", f"must be one of the video models {known}; got {model!r}",
+                               "one of " + ", ".join(map(repr, known)))
+        return self.specs[model]
+
+    def frames(self, request: VideoRequest | dict) -> int:
+        """The frames a request generates (what a key's daily image budget is charged): its
+        `num_frames`, or its model's default. RequestError (422) for a request its model refuses."""
+        if not isinstance(request, VideoRequest):
+            request = VideoRequest.model_validate(request)
+        return self.spec(request.model).plan(request).num_frames
+
+    def check(self, request: VideoRequest) -> VideoPlan:
+        """Every check `run` makes before a model runs, without running one: the model's family rules,
+        the uploaded image decodes within the limits, or the keyframe's image request is valid for its
+        model. Raises RequestError naming the field. Async jobs call it at submit. Decodes: call it in
+        a thread."""
+        plan = self.spec(request.model).plan(request)
         if request.image is not None:
             decode_image(request.image, "image", self.max_input_pixels)
-        else:
-            self._keyframe_plan(request, width, height, seed=0)
-
-    def _size(self, request: VideoRequest) -> tuple[int, int]:
-        return request.width or self.config.default_width, request.height or self.config.default_height
+        elif plan.keyframe:
+            self._keyframe_plan(request, plan.width, plan.height, seed=0)
+        return plan
 
     async def run(self, request: VideoRequest | dict, progress: ProgressTarget | None = None,
                   ) -> tuple[VideoResponse, VideoOutput]:
@@ -49,40 +66,46 @@ class VideoService:
             request = VideoRequest.model_validate(request)
         accepted = time.time()
         started = time.perf_counter()
-        width, height = self._size(request)
+        spec = self.spec(request.model)
+        plan = spec.plan(request)
+        width, height = plan.width, plan.height
         seed = random_seed() if request.seed is None else request.seed
         timings: dict[str, float] = {}
         keyframe = None
         metadata = {}
+        image = None
         if request.image is not None:
             image = await asyncio.to_thread(self._input_image, request.image, width, height)
-        else:
+        elif plan.keyframe:
             keyframe_started = time.perf_counter()
             keyframe_progress = None if progress is None else dataclasses.replace(progress, stage="keyframe")
             image, keyframe = await self._keyframe(request, width, height, seed, keyframe_progress)
             timings["keyframe"] = time.perf_counter() - keyframe_started
             metadata = {"prompt": keyframe.enhanced_prompt, "original_prompt": keyframe.prompt,
                         "keyframe_seed": keyframe.seed, "keyframe_model": keyframe.model}
+        if request.prompt is not None and not plan.keyframe:
+            metadata = {"prompt": request.prompt}
         params = VideoParams(
-            seed=seed, width=width, height=height, num_frames=request.num_frames, fps=request.fps,
-            motion_bucket_id=request.motion_bucket_id, noise_aug_strength=request.noise_aug_strength,
-            num_inference_steps=request.num_inference_steps or self.config.default_steps,
-            decode_chunk_size=request.decode_chunk_size, output_format=request.output_format, metadata=metadata,
-            progress=None if progress is None else dataclasses.replace(progress, stage="video"),
+            seed=seed, width=width, height=height, num_frames=plan.num_frames, fps=plan.fps,
+            num_inference_steps=plan.num_inference_steps, output_format=request.output_format,
+            prompt=None if plan.keyframe else request.prompt, options=plan.params, interpolate=request.interpolate,
+            metadata=metadata, progress=None if progress is None else dataclasses.replace(progress, stage="video"),
         )
-        response = self.svd.animate.remote(params, image)
+        response = self.generators[spec.id].animate.remote(params, image)
         output: VideoOutput = await call_stage(response, "video", self.images.request_timeout_s)
         timings["video"] = output.generate_seconds
+        if request.interpolate > 1:
+            timings["interpolate"] = output.interpolate_seconds
         timings["encode"] = output.encode_seconds
         timings["total"] = time.perf_counter() - started
         response = VideoResponse(
-            id=uuid.uuid4().hex, created=int(accepted), model=self.config.source,
-            mode="image-to-video" if keyframe is None else "text-to-video",
+            id=uuid.uuid4().hex, created=int(accepted), model=spec.id, family=spec.family.name,
+            source=spec.entry.source, mode=plan.mode, prompt=params.prompt,
             b64_video=base64.b64encode(output.data).decode("ascii"), content_type=output.content_type,
             output_format=request.output_format, seed=seed, num_frames=output.num_frames, fps=output.fps,
+            source_frames=output.source_frames, source_fps=output.source_fps, interpolate=request.interpolate,
             duration_s=round(output.num_frames / output.fps, 4), width=output.width, height=output.height,
-            motion_bucket_id=request.motion_bucket_id, noise_aug_strength=request.noise_aug_strength,
-            num_inference_steps=params.num_inference_steps, keyframe=keyframe,
+            num_inference_steps=params.num_inference_steps, params=plan.params, keyframe=keyframe,
             timings={key: round(value, 4) for key, value in timings.items()},
         )
         return response, output

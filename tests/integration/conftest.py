@@ -55,6 +55,9 @@ def _start_dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
     remote = stack.enter_context(FakeImagesServer())
     args["fallback"] = {"enabled": True, "base_url": remote.base_url, "model": "remote-standin", "api_key_env": None,
                         "response_format": "b64_json"}
+    # Two video jobs at once (the default adds up both video models' capacities, 4): the cancel test
+    # fills the default video model's replica and needs the third job to wait in the job queue.
+    args["jobs"]["max_concurrent_jobs"] = {"video": 2}
     client = stack.enter_context(running_app(args))
     return {"client": client, "data_dir": data_dir, "args": args, "remote": remote}
 
@@ -86,11 +89,10 @@ def _start_keys_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
     keys_file.write_text(yaml.safe_dump({"url_signing_secret": "0123456789abcdef" * 4, "keys": entries}))
     args = dev_args()
     args["image_models"] = [entry for entry in args["image_models"] if entry["id"] == "flux-schnell"]
-    args["svd"] = None
+    args["video_models"] = []
     args["jobs"]["data_dir"] = str(tmp_path_factory.mktemp("keys-jobs"))
     args["auth"] = {"keys_file": str(keys_file), "limits_storage": redis.url}
     args["deployments"]["Ingress"] = {"num_replicas": 2, "num_cpus": 0.1}
-    args["deployments"].pop("SvdGenerator", None)
     client = stack.enter_context(running_app(args))
     return {"client": client, "keys": keys, "keys_file": keys_file, "args": args}
 

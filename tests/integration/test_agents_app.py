@@ -149,7 +149,7 @@ def test_mcp_generate_video_returns_a_link_to_the_file(base):
     ("generate_image", {"request": {"prompt": "a fox", "num_images": 9}}, "num_images"),
     ("generate_image", {"request": {"prompt": "a fox", "num_inference_steps": 9}}, "num_inference_steps: "),
     ("generate_image", {"request": {"prompt": "a fox", "model": "dall-e-3"}}, "model: must be one of"),
-    ("generate_video", {"request": {"prompt": "waves", "image": "aGk="}}, "exactly one of image"),
+    ("generate_video", {"request": {"prompt": "waves", "image": "aGk="}}, "not both"),
     ("enhance_prompt", {"request": {"prompt": " "}}, "prompt"),
     ("get_job", {"job_id": "nope"}, "no job 'nope'"),
 ])
@@ -173,4 +173,7 @@ def test_mcp_list_models_and_enhance(base):
 
     models, enhanced = asyncio.run(run())
     assert models.structured_content["default_model"] == "flux-schnell"
+    videos = models.structured_content["video_models"]
+    assert [video["id"] for video in videos] == ["svd", "ltx-video", "animatediff"]
+    assert models.structured_content["default_video_model"] == "svd" and videos[1]["text_to_video"] == "native"
     assert enhanced.structured_content["style"] == "anime" and enhanced.structured_content["prompt"] == "a fox"

@@ -116,6 +116,17 @@ def test_cli_animate_and_jobs_commands(dev_app, tmp_path):
     assert again.returncode == 1 and "409" in again.stderr  # finished jobs cannot be cancelled
 
 
+def test_cli_animate_makes_text_to_video_with_a_named_model_and_interpolation(dev_app, tmp_path):
+    clip = tmp_path / "waves.mp4"
+    done = _cli("animate", "--model", "ltx-video", "--prompt", "waves on rocks", "-o", str(clip), "--seed", "2",
+                "--interpolate", "2", "--url", _url(dev_app), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["model"], result["mode"], result["prompt"]) == ("ltx-video", "text-to-video", "waves on rocks")
+    assert (result["source_frames"], result["num_frames"], result["fps"]) == (9, 17, 48)  # (9 - 1) * 2 + 1 at 2 x 24
+    assert clip.read_bytes()[4:8] == b"ftyp"
+
+
 def test_cli_exit_codes(dev_app):
     refused = _cli("generate", "a fox", "--model", "no-such-model", "--url", _url(dev_app))
     assert refused.returncode == 1 and "model" in refused.stderr

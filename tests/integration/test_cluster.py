@@ -145,7 +145,7 @@ def test_replicas_land_where_their_reservations_say(app):
     names = _node_names(app)
     [flux] = _running("FluxSchnellGenerator")
     [clip] = _running("ClipScorer")
-    [svd] = _running("SvdGenerator")
+    [svd] = _running("SvdXtGenerator")
     [sdxl] = _running("SdxlGenerator")
     [enhancer] = _running("PromptEnhancer")
     assert names.get(flux.node_id, "head").startswith("heavy")  # pinned to H100 nodes
@@ -170,7 +170,7 @@ def test_flux_scales_up_under_a_burst_onto_a_whole_gpu_of_its_own_and_back_down(
         flux = _running("FluxSchnellGenerator")
         placed = {(replica.node_id, tuple(replica_gpu_ids(replica))) for replica in flux}
         # H100 nodes of one GPU each: two whole-GPU replicas cannot share one, nor take SVD's.
-        [svd] = _running("SvdGenerator")
+        [svd] = _running("SvdXtGenerator")
         nodes = {node for node, _ in placed}
         assert len(placed) == 2 and all(_node_names(app)[node].startswith("heavy") for node in nodes)
         assert svd.node_id not in nodes
@@ -206,7 +206,7 @@ def test_overload_turns_into_quick_503s(app):
 def test_losing_a_worker_node_replaces_its_replicas_without_a_restart(app):
     _steady(1)
     [flux] = _running("FluxSchnellGenerator")
-    [svd] = _running("SvdGenerator")
+    [svd] = _running("SvdXtGenerator")
     lost = _node_names(app)[flux.node_id]
     # The Ingress (CPU only) may have a replica on the same node; see the assertion below.
     ingress_lost = any(_node_names(app).get(r.node_id) == lost for r in _running("Ingress"))

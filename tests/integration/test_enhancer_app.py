@@ -15,7 +15,7 @@ FALLBACK_REASONS = {"empty", "not_text", "off_topic"}
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     args = dev_args()
-    args["svd"] = None
+    args["video_models"] = []
     args["enhancer"]["mode"] = "llm"
     args["enhancer"]["llm"]["source"] = str(save_tiny("llm", tmp_path_factory.mktemp("models") / "llm"))
     args["enhancer"]["blocklist"] = ["gore", "nude figure"]

@@ -23,10 +23,10 @@ ROOT = Path(__file__).parents[2]
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """Images only (no svd), models loaded from saved folders: the path a hub id or folder takes."""
+    """Images only (no video models), models loaded from saved folders: the path a hub id or folder takes."""
     models = tmp_path_factory.mktemp("models")
     args = dev_args()
-    args["svd"] = None
+    args["video_models"] = []
     flux = image_model(args, "flux-schnell")
     flux["source"] = str(save_tiny("flux", models / "flux"))
     args["scorer"]["source"] = str(save_tiny("clip", models / "clip"))
@@ -137,9 +137,9 @@ def test_concurrent_requests_all_succeed_and_stay_reproducible(app):
     assert {seed: len(pngs) for seed, pngs in by_seed.items()} == {0: 1, 1: 1}
 
 
-def test_videos_answer_501_when_svd_is_not_configured(app):
+def test_videos_answer_501_when_no_video_model_is_configured(app):
     response = app["client"].post("/v1/videos", json={"prompt": "a fox"})
-    assert response.status_code == 501 and "add `svd:`" in response.json()["detail"]
+    assert response.status_code == 501 and "add a video_models entry" in response.json()["detail"]
 
 
 def test_models_health_and_docs(app):

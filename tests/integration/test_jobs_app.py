@@ -99,6 +99,21 @@ def test_video_job_reports_keyframe_then_video_steps_and_closing_the_stream_does
     assert meta["size"] == (256, 256) and sum(1 for _ in reader) == 3
 
 
+def test_video_job_on_a_named_native_text_to_video_model(client, tmp_path):
+    accepted = submit(client, "video", {"model": "ltx-video", "prompt": "a paper boat", "num_frames": 9,
+                                        "interpolate": 2, "seed": 5})
+    status = wait_finished(client, accepted["id"])
+    assert status["state"] == "succeeded", status
+    result = client.get(status["links"]["result"]).json()
+    assert (result["model"], result["family"], result["mode"], result["keyframe"]) == ("ltx-video", "ltx",
+                                                                                       "text-to-video", None)
+    assert (result["source_frames"], result["num_frames"], result["fps"]) == (9, 17, 48)
+    path = tmp_path / "ltx.mp4"
+    path.write_bytes(client.get(result["url"]).content)
+    reader = imageio_ffmpeg.read_frames(str(path))
+    assert next(reader)["size"] == (96, 64) and sum(1 for _ in reader) == 17
+
+
 def test_idempotency_key_returns_the_same_job(client):
     request = {"prompt": "an idempotent owl", "seed": 1}
     first = submit(client, "image", request, **{"Idempotency-Key": "owl-1"})
@@ -125,6 +140,8 @@ def test_idempotency_key_returns_the_same_job(client):
          ["body", "request", "keyframe", "num_inference_steps"], "1-4 steps"),
         ("video", {"image": base64.b64encode(b"not an image").decode()}, ["body", "request", "image"],
          "not a readable PNG or JPEG"),
+        ("video", {"model": "ltx-video", "prompt": "a fox", "num_frames": 10}, ["body", "request", "num_frames"],
+         "ltx-video (ltx) makes 8k+1 frames"),
         ("audio", {"prompt": "a fox"}, ["body", "kind"], "allowed: one of 'image', 'video'"),
     ],
 )
@@ -187,8 +204,8 @@ def test_list_filters_by_state_and_pages(client):
 
 
 def test_cancel_queued_and_running_jobs_touches_no_other_job(client):
-    """Video slots are 2 (SvdGenerator's capacity): a long video runs, a short one waits for the
-    replica, a third waits in the job queue."""
+    """Video slots are 2 in the shared app (jobs.max_concurrent_jobs.video; SvdGenerator takes 2): a long
+    video runs, a short one waits for the replica, a third waits in the job queue."""
     long = submit(client, "video", {"image": png_b64(), "num_frames": 3, "num_inference_steps": 100})["id"]
     wait_for(client, long, in_stage("video", min_step=2), what="the long video denoising")
     short = submit(client, "video", {"image": png_b64((10, 120, 240)), "num_frames": 2, "num_inference_steps": 3})["id"]

@@ -23,8 +23,9 @@ def restart(tmp_path_factory):
     args["jobs"]["max_concurrent_jobs"] = {"image": 1, "video": 1}
     args["jobs"]["progress_interval_s"] = 0
     # A shutdown that does not wait for the video to end; the runner has the time to put it back.
-    args["deployments"].setdefault("SvdGenerator", {})["graceful_shutdown_timeout_s"] = 1
     args["deployments"].setdefault("JobRunner", {})["graceful_shutdown_timeout_s"] = 30
+    for model in args["video_models"]:
+        model["deployment"]["graceful_shutdown_timeout_s"] = 1
     with running_app(args) as client:
         # One video slot: the long one runs, two wait.
         long = submit(client, "video", {"image": png_b64(), "num_frames": 3, "num_inference_steps": 40, "seed": 1})

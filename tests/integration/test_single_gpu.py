@@ -36,7 +36,8 @@ def test_every_deployment_fits_on_one_gpu_node_and_the_models_share_its_gpu(one_
     deployments = serve_details().applications[APP_NAME].deployments
     args = AppArgs.model_validate(one_gpu_node["args"])
     options = args.all_deployment_options()
-    expected = [*DEPLOYMENT_NAMES, *(entry.deployment_name for entry in args.served_image_models)]
+    expected = [*DEPLOYMENT_NAMES, *(entry.deployment_name for entry in args.served_image_models),
+                *(entry.deployment_name for entry in args.served_video_models)]
     assert sorted(deployments) == sorted(expected)
     replicas = {name: deployments[name].replicas for name in expected}
     assert {name: [r.state.value for r in found] for name, found in replicas.items()} == {
@@ -45,7 +46,7 @@ def test_every_deployment_fits_on_one_gpu_node_and_the_models_share_its_gpu(one_
     [node] = {r.node_id for found in replicas.values() for r in found}
     assert node == ray.get_runtime_context().get_node_id()
     # FLUX, CLIP, SVD, SDXL and the enhancer's LLM hold fractions of the same (only) GPU.
-    for name in ("FluxSchnellGenerator", "ClipScorer", "SvdGenerator", "SdxlGenerator", "PromptEnhancer"):
+    for name in ("FluxSchnellGenerator", "ClipScorer", "SvdXtGenerator", "SdxlGenerator", "PromptEnhancer"):
         [replica] = replicas[name]
         assert replica_gpu_ids(replica) == ["0"]
         assert deployments[name].required_resources["GPU"] == options[name].num_gpus

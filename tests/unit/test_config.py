@@ -100,7 +100,7 @@ def test_one_family_serves_several_ids_and_the_first_is_the_default_unless_named
     _, msg = _field_error({"image_models": [*flux()["image_models"], dev], "default_model": "sdxl"})
     assert "default_model 'sdxl' is not an enabled image_models id" in msg
     _, msg = _field_error({"image_models": [*flux()["image_models"], *flux()["image_models"]]})
-    assert "ids must be unique; repeated: ['flux-schnell']" in msg
+    assert "ids must be unique together; repeated: ['flux-schnell']" in msg
     _, msg = _field_error({"image_models": [*flux()["image_models"], {**dev, "id": "flux.schnell"}]})
     assert "clashing deployment names ['FluxSchnellGenerator']" in msg
 
@@ -147,7 +147,7 @@ def test_single_gpu_config_packs_every_deployment_onto_one_gpu():
     assert args.gpu_capacity == {"any": 1}
     options = args.all_deployment_options()
     shares = {name: options.num_gpus for name, options in options.items() if options.num_gpus}
-    assert set(shares) == {"FluxSchnellGenerator", "ClipScorer", "SvdGenerator", "SdxlGenerator", "PromptEnhancer"}
+    assert set(shares) == {"FluxSchnellGenerator", "ClipScorer", "SvdXtGenerator", "SdxlGenerator", "PromptEnhancer"}
     assert all(0 < share < 1 for share in shares.values()) and sum(shares.values()) <= 1
     assert all(options[name].max_replicas == 1 for name in shares)
     # The builder turns each share into the replica's CUDA memory cap (the enhancer's goes to its LLM).
@@ -170,10 +170,10 @@ def test_multi_gpu_config_gives_flux_whole_gpus_and_autoscales_every_model():
     flux = options["FluxSchnellGenerator"]
     assert flux.num_gpus == 1 and flux.accelerator_type == "H100"
     assert args.model_config_for("FluxSchnellGenerator").device.memory_fraction is None  # a whole GPU is its own
-    svd = args.deployments["SvdGenerator"]
+    svd = options["SvdXtGenerator"]
     assert svd.num_gpus == 1 and svd.accelerator_type == "H100"  # FLUX and SVD never share a GPU
     assert 0 < args.deployments["ClipScorer"].num_gpus < 1
-    for name in ("FluxSchnellGenerator", "ClipScorer", "PromptEnhancer", "SvdGenerator", "SdxlGenerator"):
+    for name in ("FluxSchnellGenerator", "ClipScorer", "PromptEnhancer", "SvdXtGenerator", "SdxlGenerator"):
         options = args.all_deployment_options()[name]
         assert options.autoscaling is not None and options.autoscaling.min_replicas < options.autoscaling.max_replicas
         assert options.max_ongoing_requests and options.max_queued_requests and options.max_queued_requests > 0
@@ -291,7 +291,8 @@ def test_the_job_runner_is_one_replica():
 def test_job_slots_default_to_what_the_model_deployments_take():
     from serve_app.builder import job_slots
 
-    config = {"svd": {"source": "tiny"},
+    config = {"video_models": [{"id": "svd", "family": "svd", "source": "tiny"},
+                               {"id": "ltx", "family": "ltx", "source": "tiny", "enabled": False}],
               **flux({"autoscaling": {"min_replicas": 1, "max_replicas": 3}, "max_ongoing_requests": 2})}
     assert job_slots(AppArgs.model_validate(config)) == {"image": 6, "video": 2}, "3 replicas x 2; SVD's 1 x 2"
     limited = AppArgs.model_validate({**config, "jobs": {"max_concurrent_jobs": {"video": 1}}})

@@ -52,7 +52,7 @@ def test_on_an_l4_node_of_the_cluster_profile_only_the_l4_deployments_are_checke
     machine = Machine("2.13.0+cu130", "13.0", [L4], driver="580.65.06")
     _, lines = _doctor("multi-gpu.yaml", machine)
     [elsewhere] = [line for line in lines if line.startswith("info  not for this node's GPUs")]
-    assert "FluxSchnellGenerator" in elsewhere and "SvdGenerator" in elsewhere
+    assert "FluxSchnellGenerator" in elsewhere and "SvdXtGenerator" in elsewhere
     assert any(line.startswith("ok    SdxlGenerator: ") for line in lines)
     [room] = [line for line in lines if "outside every share" in line]
     assert room.startswith("ok    "), room

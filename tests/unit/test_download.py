@@ -37,6 +37,7 @@ def test_each_gpu_profile_plans_every_hub_model_it_loads(profile):
         "camenduru/improved-aesthetic-predictor": ("file", None, False),
         "Qwen/Qwen2.5-1.5B-Instruct": ("transformers", None, False),
         "stabilityai/stable-video-diffusion-img2vid-xt": ("diffusers-pipeline", "fp16", False),
+        "Lightricks/LTX-Video": ("diffusers-pipeline", None, True),  # optional (enabled: false)
     }
 
 

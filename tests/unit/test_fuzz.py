@@ -29,10 +29,10 @@ from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from serve_app.services.scores import ScoreService
 from serve_app.services.videos import VideoService
-from deployments.config import SvdConfig
+from deployments.config import VideoModelConfig
 from deployments.runtime.types import VideoOutput
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec
+from tests.helpers import ActorLoop, model_spec
 
 EXAMPLES = int(os.environ.get("GENSERVE_FUZZ_EXAMPLES", "25"))
 
@@ -42,9 +42,10 @@ class FakeSvd:
 
     def animate(self, params, image):
         content_type = {"mp4": "video/mp4", "gif": "image/gif", "webp": "image/webp"}[params.output_format]
-        return VideoOutput(data=b"fake video", content_type=content_type, num_frames=params.num_frames or 14,
+        return VideoOutput(data=b"fake video", content_type=content_type, num_frames=params.num_frames,
                            fps=params.fps, width=params.width, height=params.height, seed=params.seed,
-                           generate_seconds=0.0, encode_seconds=0.0, device="cpu")
+                           generate_seconds=0.0, encode_seconds=0.0, device="cpu", source_frames=params.num_frames,
+                           source_fps=params.fps)
 
 
 def _with_info(fake):
@@ -61,18 +62,22 @@ def fuzzed_api(tmp_path_factory):
     images = ImageService(_with_info(FakeEnhancer()), {spec.id: _with_info(FakeGenerator())}, scorer,
                           {spec.id: spec}, QualityPolicy(), 3.0, max_input_pixels=512 * 512)
     store = SqliteJobStore(tmp_path_factory.mktemp("fuzz-jobs"))
-    # Not started: submitted jobs stay queued, which every job route can still be asked about.
-    dispatcher = JobDispatcher(store, images, None, {"image": 1, "video": 1}, retry_limit=1)
-    videos = VideoService(_with_info(FakeSvd()), SvdConfig(source="tiny", default_width=256, default_height=256),
-                          images, 512 * 512)
+    video_model = VideoModelConfig(id="svd", family="svd", source="tiny", default_width=256, default_height=256)
+    videos = VideoService({"svd": _with_info(FakeSvd())}, {"svd": video_model}, images, 512 * 512)
+    # The job runner runs, on its own loop as its Serve replica would (TestClient starts a loop per
+    # request), so `response_format: url` and job waits see fuzzed jobs finish on the fake models.
+    runner = ActorLoop(JobDispatcher(store, images, videos, {"image": 1, "video": 1}, retry_limit=1))
+    runner.call(runner.target.start)
     services = Services(images=images, scores=ScoreService(scorer, QualityPolicy(), ("aesthetic",), 512 * 512),
-                        videos=videos, jobs=jobs_http.JobsApi(LocalHandle(dispatcher), images, videos, 1),
+                        videos=videos, jobs=jobs_http.JobsApi(runner.handle(), images, videos, 1),
                         readiness=Readiness(lambda: {"Ingress": {"status": "HEALTHY", "running": 1}}))
     app = build_api()
     app.state.services = services
     # No keys and any client address: the fuzzer probes the API, not the key check (tests/unit/test_security.py).
     app.state.auth = Auth.from_config(AuthConfig(allow_unauthenticated=True), "memory://", metrics=False)
     yield schemathesis.openapi.from_asgi("/openapi.json", app)
+    runner.call(runner.target.stop)
+    runner.close()
     store.close()
 
 

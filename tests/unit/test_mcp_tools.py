@@ -92,3 +92,21 @@ def test_mcp_is_served_at_slash_mcp_of_the_api_app_once_its_lifespan_runs():
 
     result = asyncio.run(run())
     assert not result.is_error and result.structured_content["enhanced_prompt"] == "a fox, enhanced"
+
+
+def test_list_models_lists_the_video_models_with_their_rules_and_the_default():
+    from deployments.config import VideoModelConfig
+    from serve_app.services.videos import VideoService
+
+    spec = model_spec()
+    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())},
+                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
+    entries = {"svd": VideoModelConfig(id="svd", family="svd", source="tiny", default_width=256, default_height=256),
+               "ltx-video": VideoModelConfig(id="ltx-video", family="ltx", source="tiny")}
+    videos = VideoService({}, entries, images, 512 * 512, default_model="ltx-video")
+    server = build_mcp(lambda: Services(images=images, scores=None, videos=videos), lambda ctx: "")
+    [models] = _calls(server, ("list_models", {}))
+    listed = {model["id"]: model for model in models.structured_content["video_models"]}
+    assert list(listed) == ["svd", "ltx-video"] and models.structured_content["default_video_model"] == "ltx-video"
+    assert (listed["ltx-video"]["text_to_video"], listed["ltx-video"]["frames"]) == ("native", "8k+1 frames between 9 and 257")
+    assert listed["svd"]["params"] == ["motion_bucket_id", "noise_aug_strength", "decode_chunk_size"]

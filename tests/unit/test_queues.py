@@ -21,9 +21,8 @@ def _profiles():
 def test_every_deployment_of_every_profile_has_a_bounded_queue_with_retry_after(path):
     args = app_args_from_config(path)
     options = args.all_deployment_options()
-    expected = EVERY_DEPLOYMENT | {entry.deployment_name for entry in args.served_image_models}
-    if args.svd is not None:
-        expected.add("SvdGenerator")
+    expected = EVERY_DEPLOYMENT | {entry.deployment_name for entry in [*args.served_image_models,
+                                                                       *args.served_video_models]}
     assert expected <= set(options), f"{path.name}: no options for {sorted(expected - set(options))}"
     for name in expected:
         queued = options[name].max_queued_requests
@@ -49,8 +48,7 @@ def test_every_deployment_of_every_profile_has_a_sized_shutdown_grace(path):
 
     args = app_args_from_config(path)
     options = args.all_deployment_options()
-    names = EVERY_DEPLOYMENT | {entry.deployment_name for entry in args.served_image_models}
-    names |= {"SvdGenerator"} if args.svd is not None else set()
+    names = EVERY_DEPLOYMENT | {entry.deployment_name for entry in [*args.served_image_models, *args.served_video_models]}
     grace = {name: options[name].graceful_shutdown_timeout_s for name in names}
     assert None not in grace.values(), f"{path.name}: unsized: {sorted(n for n, g in grace.items() if g is None)}"
     assert grace["Ingress"] > args.request_timeout_s

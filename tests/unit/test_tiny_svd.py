@@ -1,4 +1,4 @@
-"""SvdGenerator on a tiny random-weight SVD, in process (no Ray)."""
+"""The generic VideoGenerator on the tiny random-weight SVD family, in process (no Ray)."""
 
 import asyncio
 import io
@@ -7,24 +7,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.config import SvdConfig
-from deployments.video.svd import SvdGenerator
+from deployments.config import VideoModelConfig
 from deployments.tiny import save_tiny
 from deployments.runtime.types import VideoParams
+from deployments.video_generator import VideoGenerator
 
 IMAGE = np.asarray(Image.new("RGB", (256, 256), (180, 120, 40)))
 
 
 def _params(**overrides) -> VideoParams:
-    fields = dict(seed=3, width=256, height=256, num_frames=3, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
-                  num_inference_steps=2, decode_chunk_size=None, output_format="gif", metadata={})
+    fields = dict(seed=3, width=256, height=256, num_frames=3, fps=7, num_inference_steps=2, output_format="gif",
+                  options={"motion_bucket_id": 127, "noise_aug_strength": 0.02, "decode_chunk_size": None})
     fields.update(overrides)
     return VideoParams(**fields)
 
 
+def _config(source: str = "tiny") -> VideoModelConfig:
+    return VideoModelConfig(id="svd", family="svd", source=source, default_width=256, default_height=256)
+
+
 @pytest.fixture(scope="module")
-def tiny_svd() -> SvdGenerator:
-    return SvdGenerator.func_or_class(SvdConfig(source="tiny"))
+def tiny_svd() -> VideoGenerator:
+    return VideoGenerator.func_or_class(_config())
 
 
 def _frames(output) -> list[np.ndarray]:
@@ -45,17 +49,23 @@ def test_same_seed_same_frames(tiny_svd):
     assert not all(np.array_equal(a, b) for a, b in zip(_frames(first), _frames(other), strict=True))
 
 
-def test_model_default_frames_and_wrong_image_size(tiny_svd):
-    output = asyncio.run(tiny_svd.animate(_params(num_frames=None), IMAGE))
-    assert output.num_frames == tiny_svd.model_num_frames == 8
+def test_wrong_image_size_and_no_native_text_to_video(tiny_svd):
     with pytest.raises(ValueError, match="image must be 256x256x3"):
         asyncio.run(tiny_svd.animate(_params(), IMAGE[:128]))
+    with pytest.raises(ValueError, match="no native text-to-video"):
+        asyncio.run(tiny_svd.animate(_params(prompt="a fox"), None))
+
+
+def test_interpolation_keeps_duration(tiny_svd):
+    output = asyncio.run(tiny_svd.animate(_params(interpolate=2, output_format="mp4"), IMAGE))
+    assert (output.source_frames, output.source_fps, output.num_frames, output.fps) == (3, 7, 5, 14)
 
 
 def test_saved_tiny_svd_loads_through_from_pretrained(tmp_path):
     folder = save_tiny("svd", tmp_path / "svd")
     assert (folder / "model_index.json").is_file()
-    loaded = SvdGenerator.func_or_class(SvdConfig(source=str(folder)))
-    assert loaded.info()["source"] == str(folder) and loaded.model_num_frames == 8
+    loaded = VideoGenerator.func_or_class(_config(str(folder)))
+    info = loaded.info()
+    assert info["source"] == str(folder) and info["family"] == "svd" and info["model_num_frames"] == 8
     output = asyncio.run(loaded.animate(_params(num_frames=2), IMAGE))
     assert output.num_frames == 2

@@ -31,9 +31,9 @@ RED = Image.new("RGB", (96, 64), (200, 30, 30))
     "fields, loc, words",
     [
         ({}, (), "neither was given"),
-        ({"image": "x", "prompt": "a fox"}, (), "both were given"),
-        ({"prompt": "a fox", "width": 300}, ("width",), "multiple of 64"),
-        ({"prompt": "a fox", "num_frames": 30}, ("num_frames",), "less than or equal to 25"),
+        ({"prompt": "a fox", "width": 4096}, ("width",), "less than or equal to 2048"),
+        ({"prompt": "a fox", "num_frames": 300}, ("num_frames",), "less than or equal to 257"),
+        ({"prompt": "a fox", "interpolate": 3}, ("interpolate",), "2 or 4"),
         ({"prompt": "a fox", "fps": 0}, ("fps",), "greater than or equal to 1"),
         ({"prompt": "a fox", "motion_bucket_id": 256}, ("motion_bucket_id",), "less than or equal to 255"),
         ({"prompt": "a fox", "noise_aug_strength": 1.5}, ("noise_aug_strength",), "less than or equal to 1"),

@@ -25,17 +25,16 @@ async def get_models(service: Services = Depends(services)) -> dict:
     images = service.images
     infos = await asyncio.gather(*(_info(images.generators[spec["id"]]) for spec in images.models()))
     models = [{**spec, "deployment": info} for spec, info in zip(images.models(), infos)]
-    videos = []
+    videos, default_video = [], None
     if service.videos is not None:
-        config = service.videos.config
-        videos.append({
-            "id": "svd", "default_width": config.default_width, "default_height": config.default_height,
-            "default_steps": config.default_steps, "deployment": await _info(service.videos.svd),
-        })
+        specs = list(service.videos.specs.values())
+        video_infos = await asyncio.gather(*(_info(service.videos.generators[spec.id]) for spec in specs))
+        videos = [{**spec.public(), "deployment": info} for spec, info in zip(specs, video_infos)]
+        default_video = service.videos.default_model
     # `object` and `data`: OpenAI's list shape beside genserve's keys, so OpenAI clients list them too.
     return {"object": "list", "data": [openai_model(model["id"]) for model in models],
             "models": models, "default_model": images.default_model, "video_models": videos,
-            "quality_policy": images.policy.model_dump()}
+            "default_video_model": default_video, "quality_policy": images.policy.model_dump()}
 
 
 @router.get("/v1/loras", responses=errors())

@@ -43,7 +43,7 @@ async def healthz(service: Services = Depends(services)) -> JSONResponse:
     downstream = {"enhancer": images.enhancer, "scorer": images.scorer}
     downstream.update({f"generator:{name}": handle for name, handle in images.generators.items()})
     if service.videos is not None:
-        downstream["video"] = service.videos.svd
+        downstream.update({f"video:{name}": handle for name, handle in service.videos.generators.items()})
     if service.jobs is not None:
         downstream["jobs"] = service.jobs.runner
     results = await asyncio.gather(

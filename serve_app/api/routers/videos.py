@@ -1,4 +1,4 @@
-"""POST /v1/videos: image-to-video, or text-to-video through a keyframe; JSON or the file itself."""
+"""POST /v1/videos: image-to-video or text-to-video with any video model (`model`); JSON or the file itself."""
 
 import json
 
@@ -20,7 +20,7 @@ router = APIRouter(tags=["videos"])
 )
 async def post_videos(request: VideoRequest, http: Request, service: Services = Depends(services)):
     if service.videos is not None:
-        await charge_images(http, request.num_frames or service.videos.config.default_num_frames or 25)
+        await charge_images(http, service.videos.frames(request))
     response, output = await service.generate_video(request)
     if request.response_format == "json":
         return response

@@ -85,7 +85,7 @@ const fmt = (value, digits = 3) => (value === null || value === undefined ? "–
 
 // --- catalogue: models, LoRAs, controls ------------------------------------------------------------
 
-const catalogue = { models: [], defaultModel: null, loras: [], controls: [] };
+const catalogue = { models: [], defaultModel: null, videoModels: [], defaultVideoModel: null, loras: [], controls: [] };
 
 async function loadCatalogue() {
   const [models, loras, controls] = await Promise.all([
@@ -93,6 +93,13 @@ async function loadCatalogue() {
   ]);
   catalogue.models = models.models;
   catalogue.defaultModel = models.default_model;
+  catalogue.videoModels = models.video_models || [];
+  catalogue.defaultVideoModel = models.default_video_model;
+  const videoSelect = $("f-video_model");
+  videoSelect.replaceChildren(...catalogue.videoModels.map((model) => el("option", {
+    value: model.id, text: model.id === catalogue.defaultVideoModel ? `${model.id} (default)` : model.id })));
+  videoSelect.value = catalogue.defaultVideoModel ?? "";
+  onVideoModelChange();
   catalogue.loras = loras.loras;
   catalogue.controls = controls.controls;
   const select = $("f-model");
@@ -131,6 +138,24 @@ function onModelChange() {
     ...controlTypes.map((type) => el("option", { value: type, text: type })));
 }
 
+const currentVideoModel = () => catalogue.videoModels.find((model) => model.id === $("f-video_model").value);
+
+// What the chosen video model takes: its frame and size rules, and whether it animates an image,
+// makes text-to-video natively (the prompt goes to it, also beside an image) or through a keyframe.
+function onVideoModelChange() {
+  const model = currentVideoModel();
+  if (!model) return;
+  const mode = model.text_to_video === "native" ? "text-to-video from the prompt"
+    : model.text_to_video === "keyframe" ? "text-to-video through a keyframe drawn from the prompt" : "no text-to-video";
+  $("hint-video_model").textContent = `${model.description} ${model.frames}; sizes: ${model.size}; ${mode}.`;
+  $("f-num_frames").placeholder = model.default_num_frames;
+  $("f-fps").placeholder = model.default_fps;
+  if (kind() === "video") {
+    $("f-width").placeholder = model.default_width;
+    $("f-height").placeholder = model.default_height;
+  }
+}
+
 function addLora(name = "", scale = 1) {
   const model = currentModel();
   const row = el("div", { class: "row lora" });
@@ -157,6 +182,11 @@ function showKind() {
   }
   $("control-fieldset").hidden = current !== "image" || !(currentModel()?.control_types || []).length;
   $("submit").textContent = current === "image" ? "Generate" : "Animate";
+  if (current === "video") onVideoModelChange();
+  else if (currentModel()) {
+    $("f-width").placeholder = currentModel().default_width;
+    $("f-height").placeholder = currentModel().default_height;
+  }
 }
 
 function numberField(name) {
@@ -196,8 +226,12 @@ async function requestOf() {
                    width: numberField("width"), height: numberField("height") };
   if (kind() === "video") {
     const image = await fileAsBase64($("f-image"));
-    return { ...common, image, prompt: image ? undefined : textField("prompt"), num_frames: numberField("num_frames"),
-             fps: numberField("fps") };
+    const model = currentVideoModel();
+    // Beside an image, only a native text-to-video model (ltx) takes the prompt.
+    const prompt = image && model?.text_to_video !== "native" ? undefined : textField("prompt");
+    const interpolate = Number($("f-interpolate").value);
+    return { ...common, model: model?.id, image, prompt, num_frames: numberField("num_frames"),
+             fps: numberField("fps"), interpolate: interpolate > 1 ? interpolate : undefined };
   }
   const loras = [...document.querySelectorAll("#loras .lora")].map((row) => ({
     name: row.querySelector("select").value, scale: Number(row.querySelector("input").value) }));
@@ -233,7 +267,8 @@ function showErrors(error) {
   }
   for (const item of detail) {
     const path = item.loc.filter((part) => part !== "body" && part !== "request");
-    const field = path[0] === "keyframe" ? String(path[1] ?? "prompt") : String(path[0] ?? "form");
+    let field = path[0] === "keyframe" ? String(path[1] ?? "prompt") : String(path[0] ?? "form");
+    if (field === "model" && kind() === "video") field = "video_model";
     const target = $(`err-${field}`) || $("err-form");
     target.textContent = target.textContent ? `${target.textContent} ${item.msg}` : item.msg;
     $(`f-${field}`)?.setAttribute("aria-invalid", "true");
@@ -277,7 +312,8 @@ async function previewControl() {
 function fillForm(saved) {
   document.querySelector(`input[name="kind"][value="${saved.kind}"]`).checked = true;
   const request = saved.request;
-  if (request.model) $("f-model").value = request.model;
+  if (request.model) $(saved.kind === "video" ? "f-video_model" : "f-model").value = request.model;
+  if (saved.kind === "video") $("f-interpolate").value = String(request.interpolate ?? 1);
   onModelChange();
   showKind();
   for (const name of ["prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale",
@@ -402,7 +438,9 @@ async function finished(jobId, status) {
     const video = el("video", { controls: "", preload: "auto", id: "result-video", "aria-label": "The generated video" });
     video.src = await mediaUrl(result.url);
     box.append(el("div", { class: "card" }, video,
-      el("p", { text: `${result.num_frames} frames at ${result.fps} fps, ${result.width}x${result.height}, seed ${result.seed}` }),
+      el("p", { text: `${result.model}: ${result.num_frames} frames at ${result.fps} fps` +
+        (result.interpolate > 1 ? ` (${result.source_frames} generated, interpolated ${result.interpolate}x)` : "") +
+        `, ${result.width}x${result.height}, seed ${result.seed}` }),
       await downloadLink(result.url, result.file)));
     return;
   }
@@ -437,8 +475,9 @@ async function finished(jobId, status) {
 }
 
 async function requestFromResult(kind, result) {
-  if (kind === "video") return { prompt: result.keyframe?.prompt, num_frames: result.num_frames, fps: result.fps,
-                                 seed: result.seed };
+  if (kind === "video") return { model: result.model, prompt: result.keyframe?.prompt ?? result.prompt,
+                                 num_frames: result.source_frames || result.num_frames, fps: result.source_fps || result.fps,
+                                 interpolate: result.interpolate, seed: result.seed };
   return { prompt: result.prompt, model: result.model, width: result.width, height: result.height,
            num_inference_steps: result.num_inference_steps, guidance_scale: result.guidance_scale,
            seed: result.images[0]?.seed, loras: result.loras };
@@ -529,6 +568,7 @@ function setup() {
   setupKey();
   $("generate-form").addEventListener("submit", submit);
   $("f-model").addEventListener("change", onModelChange);
+  $("f-video_model").addEventListener("change", onVideoModelChange);
   for (const radio of document.querySelectorAll('input[name="kind"]')) radio.addEventListener("change", showKind);
   $("add-lora").addEventListener("click", () => addLora());
   $("control-preview-button").addEventListener("click", previewControl);

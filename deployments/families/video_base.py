@@ -1,0 +1,187 @@
+"""What a video model family declares, and what a loaded video model of it does.
+
+The video counterpart of `deployments.families.base`. A video family is one module with one
+`VideoFamily` instance; a `video_models:` entry picks it (`family: svd`, `family: ltx`, or an import
+path) and says where the weights are, its defaults and its memory options. The family says, as data:
+
+- its capabilities: `image_to_video` (animates an uploaded image) and `text_to_video` ('native': the
+  pipeline takes a prompt; 'keyframe': genserve draws a keyframe with an image model first and
+  animates it; None: no text-to-video);
+- its frame rule (`FrameRule`: SVD 2-25 frames; LTX-Video 8k+1) and size rule (`SizeRule`): a request
+  breaking either gets a 422 naming the field and the rule, never a silently rounded video;
+- its own request parameters (`Params`: SVD's motion bucket and noise augmentation, LTX's guidance
+  and negative prompt), as a pydantic model of request fields with its defaults and ranges;
+- its memory options (`Options`, validated from the entry's `options:`);
+- how to build a tiny random-weight pipeline (`build_tiny`) and how to load the real one.
+
+At run time the generic `deployments.video_generator.VideoGenerator` deployment calls
+`family.load(config, placement)` and gets a `LoadedVideoModel`, which turns one `VideoParams` (and an
+image, for image-to-video) into float frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from deployments.families.base import NoOptions
+
+if TYPE_CHECKING:
+    from deployments.config import VideoModelConfig
+    from deployments.runtime.loading import Placement
+    from deployments.runtime.types import VideoParams
+    from deployments.runtime.weights import WeightSource
+
+
+@dataclass(frozen=True)
+class FrameRule:
+    """Frame counts a family generates: `minimum`-`maximum`, and (n - 1) a multiple of `step`
+    (step 1: any count; LTX-Video's causal VAE compresses 8 frames into one latent after the first,
+    so its counts are 8k+1)."""
+
+    minimum: int
+    maximum: int
+    step: int = 1
+
+    def allows(self, frames: int) -> bool:
+        return self.minimum <= frames <= self.maximum and (frames - 1) % self.step == 0
+
+    def describe(self) -> str:
+        if self.step == 1:
+            return f"{self.minimum}-{self.maximum} frames"
+        return f"{self.step}k+1 frames between {self.minimum} and {self.maximum}"
+
+    def nearest(self, frames: int) -> list[int]:
+        """The allowed counts either side of `frames`, for the 422's suggestion."""
+        low = max(self.minimum, frames - (frames - 1) % self.step)
+        high = low + self.step if low < frames else low
+        return sorted({count for count in (low, high) if self.allows(count)})
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """Widths and heights a family generates: `minimum`-`maximum` pixels, a multiple of `multiple_of`
+    (the VAE's downsampling times the transformer's patch size)."""
+
+    minimum: int
+    maximum: int
+    multiple_of: int
+
+    def allows(self, pixels: int) -> bool:
+        return self.minimum <= pixels <= self.maximum and pixels % self.multiple_of == 0
+
+    def describe(self) -> str:
+        return f"a multiple of {self.multiple_of} between {self.minimum} and {self.maximum}"
+
+
+class NoParams(BaseModel):
+    """A family without request parameters of its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoadedVideoModel:
+    """A family's pipeline(s), loaded on the device. Subclasses implement `__call__`."""
+
+    def __init__(self, family: "VideoFamily", config: "VideoModelConfig", placement: "Placement", pipeline):
+        self.family = family
+        self.config = config
+        self.options = family.options_of(config)
+        self.placement = placement
+        self.pipeline = pipeline
+
+    def __call__(self, params: "VideoParams", image, generator, callback) -> Any:
+        """Frames as floats (F, H, W, 3) in [0, 1]. `image`: uint8 (H, W, 3) at the video's size for
+        image-to-video, None for native text-to-video. `params.options` holds the family's `Params`."""
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        """What GET /v1/models shows of this replica beyond id, family, source, device and dtype."""
+        return {}
+
+
+class VideoFamily:
+    """One family of video models. Subclass it, set the class attributes, instantiate once."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    pipeline_class: ClassVar[str]
+    image_to_video: ClassVar[bool] = True
+    # 'native': the pipeline takes a prompt; 'keyframe': an image model draws the first frame.
+    text_to_video: ClassVar[Literal["native", "keyframe"] | None] = None
+    frames: ClassVar[FrameRule]
+    size: ClassVar[SizeRule]
+    default_size: ClassVar[tuple[int, int]]
+    default_frames: ClassVar[int]
+    default_fps: ClassVar[int] = 8
+    min_steps: ClassVar[int] = 1
+    max_steps: ClassVar[int] = 100
+    default_steps: ClassVar[int] = 25
+    # The family's own request fields (names of VideoRequest fields), with defaults and ranges.
+    Params: ClassVar[type[BaseModel]] = NoParams
+    # The entry's `options:` (memory options and the like).
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    loaded_class: ClassVar[type[LoadedVideoModel]] = LoadedVideoModel
+    # The weight variant published for a dtype (dtype name -> variant, e.g. float16 -> fp16), as for
+    # image families: `genserve download` fetches it and loading asks for it when it is on disk.
+    weight_variants: ClassVar[dict[str, str]] = {}
+
+    def weight_sources(self, config: "VideoModelConfig") -> list["WeightSource"]:
+        """Every set of weights a deployment of this entry loads (`genserve download` fetches them)."""
+        from deployments.runtime.weights import WeightSource, variant_for
+
+        return [WeightSource(f"{config.id} pipeline", config.source, "diffusers-pipeline",
+                             variant_for(self.weight_variants, config.device.dtype))]
+
+    def options_of(self, config: "VideoModelConfig") -> BaseModel:
+        return self.Options.model_validate(config.options)
+
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(self.Params.model_fields)
+
+    def capabilities(self) -> dict:
+        return {"image_to_video": self.image_to_video, "text_to_video": self.text_to_video,
+                "frames": self.frames.describe(), "size": self.size.describe(), "params": list(self.param_names())}
+
+    def build_tiny(self, seed: int = 0, config: "VideoModelConfig | None" = None):
+        raise NotImplementedError(f"video family {self.name!r} has no tiny builder")
+
+    def save_tiny(self, folder, seed: int = 0, config: "VideoModelConfig | None" = None) -> None:
+        """Write the tiny pipeline in diffusers' layout, loadable like a hub checkpoint."""
+        self.build_tiny(seed, config).save_pretrained(folder)
+
+    def load_pipeline(self, config: "VideoModelConfig", placement: "Placement"):
+        """`<pipeline_class>.from_pretrained` for hub ids and folders, `build_tiny` for 'tiny' (on the CPU;
+        `place` moves it to the device or sets up offloading); the dtype's weight variant where it is on disk."""
+        from deployments.runtime.loading import load_diffusers_pipeline
+        from deployments.runtime.weights import local_variant
+
+        variant = local_variant(config.source, self.weight_variants.get(placement.dtype_name))
+        return load_diffusers_pipeline(self.pipeline_class, config.source, placement,
+                                       lambda: self.build_tiny(config=config), variant)
+
+    def place(self, pipeline, options: BaseModel, placement: "Placement"):
+        """Move the pipeline to its device, or set up the CPU offload its `options` ask for."""
+        return place_pipeline(pipeline, getattr(options, "offload", "none"), placement)
+
+    def load(self, config: "VideoModelConfig", placement: "Placement") -> LoadedVideoModel:
+        pipeline = self.place(self.load_pipeline(config, placement), self.options_of(config), placement)
+        return self.loaded_class(self, config, placement, pipeline)
+
+
+def place_pipeline(pipeline, offload: str, placement: "Placement"):
+    """CPU offload tiers apply on CUDA only; elsewhere (and with 'none') the pipeline moves to the device."""
+    import logging
+
+    if placement.device == "cuda" and offload == "model":
+        pipeline.enable_model_cpu_offload()
+        return pipeline
+    if placement.device == "cuda" and offload == "sequential":
+        pipeline.enable_sequential_cpu_offload()
+        return pipeline
+    if offload != "none":
+        logging.getLogger("ray.serve").warning(
+            "offload %r applies to CUDA only; on %s the model already lives in host memory", offload, placement.device)
+    return pipeline.to(placement.device)

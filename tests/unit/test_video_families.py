@@ -1,0 +1,221 @@
+"""Video models as data: the video family registry, `video_models:` config, the family rules as 422s,
+LTX-Video on tiny weights and frame interpolation, without Ray."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from deployments.config import VideoModelConfig
+from deployments.families import UnknownFamily, get_video_family
+from deployments.runtime.types import VideoParams
+from deployments.tiny import save_tiny
+from deployments.video.encoding import interpolate_frames
+from deployments.video_generator import VideoGenerator
+from serve_app.api.schemas import VideoRequest
+from serve_app.config import AppArgs
+from serve_app.services.validation import RequestError, VideoSpec
+
+SVD = VideoModelConfig(id="svd", family="svd", source="tiny", default_width=256, default_height=256,
+                       default_num_frames=8)
+LTX = VideoModelConfig(id="ltx-video", family="ltx", source="tiny", default_width=96, default_height=64,
+                       default_num_frames=9, default_steps=2)
+
+
+def test_registry_declares_capabilities_and_rules():
+    svd, ltx = get_video_family("svd"), get_video_family("ltx")
+    assert (svd.image_to_video, svd.text_to_video, ltx.image_to_video, ltx.text_to_video) == (True, "keyframe", True, "native")
+    assert [n for n in range(1, 30) if svd.frames.allows(n)] == list(range(2, 26))
+    assert [n for n in range(1, 60) if ltx.frames.allows(n)] == [9, 17, 25, 33, 41, 49, 57]
+    assert svd.param_names() == ("motion_bucket_id", "noise_aug_strength", "decode_chunk_size")
+    assert ltx.param_names() == ("guidance_scale", "negative_prompt")
+    assert get_video_family("deployments.families.ltx:FAMILY") is ltx
+    with pytest.raises(UnknownFamily, match="unknown video family 'wan'.*svd, ltx"):
+        get_video_family("wan")
+    with pytest.raises(UnknownFamily, match="not an instance of VideoFamily"):
+        get_video_family("deployments.families.sd15")
+
+
+def _plan(entry, **fields):
+    return VideoSpec(entry).plan(VideoRequest(**fields))
+
+
+@pytest.mark.parametrize(
+    "entry, fields, field, words",
+    [
+        (SVD, {"prompt": "a fox", "width": 300}, "width", "needs a multiple of 64 between 256 and 2048; got 300"),
+        (SVD, {"image": "x", "num_frames": 30}, "num_frames", "makes 2-25 frames; got 30"),
+        (SVD, {"image": "x", "prompt": "a fox"}, "prompt", "not both"),
+        (SVD, {"image": "x", "guidance_scale": 4}, "guidance_scale", "takes no guidance_scale; its own parameters: "
+                                                                     "motion_bucket_id, noise_aug_strength"),
+        (LTX, {"prompt": "a fox", "num_frames": 10}, "num_frames", "8k+1 frames between 9 and 257; got 10 (nearest: 9 or 17)"),
+        (LTX, {"prompt": "a fox", "height": 80}, "height", "a multiple of 32 between 64 and 1280; got 80"),
+        (LTX, {"prompt": "a fox", "motion_bucket_id": 10}, "motion_bucket_id", "takes no motion_bucket_id"),
+        (LTX, {"prompt": "a fox", "guidance_scale": 0.5}, "guidance_scale", "greater than or equal to 1"),
+        (LTX, {"prompt": "a fox", "keyframe": {"style": "anime"}}, "keyframe", "natively, without a keyframe"),
+    ],
+)
+def test_family_rules_are_422s_naming_the_field(entry, fields, field, words):
+    with pytest.raises(RequestError) as caught:
+        _plan(entry, **fields)
+    assert caught.value.field == field and words in caught.value.message, caught.value.message
+
+
+def test_plans_fill_defaults_and_modes():
+    plan = _plan(SVD, prompt="a fox")
+    assert (plan.mode, plan.keyframe, plan.width, plan.height, plan.num_frames, plan.fps) == ("text-to-video", True, 256, 256, 8, 7)
+    assert plan.params == {"motion_bucket_id": 127, "noise_aug_strength": 0.02, "decode_chunk_size": None}
+    plan = _plan(LTX, prompt="a fox", image="x", guidance_scale=5)
+    assert (plan.mode, plan.keyframe, plan.num_frames, plan.fps) == ("image-to-video", False, 9, 24)
+    assert plan.params == {"guidance_scale": 5.0, "negative_prompt": None}
+
+
+def test_video_models_config():
+    args = AppArgs.model_validate({"video_models": [SVD.model_dump(), LTX.model_dump()],
+                                   "default_video_model": "ltx-video"})
+    assert args.default_video_model_id == "ltx-video"
+    assert {"SvdGenerator", "LtxVideoGenerator"} <= set(args.all_deployment_options())
+    bad = [
+        ({"svd": {"source": "tiny"}}, "`svd:` is no longer read: use `video_models:` instead, a video_models entry "
+                                      "with family: svd"),
+        ({"deployments": {"SvdGenerator": {"num_replicas": 1}}}, "deployments.SvdGenerator is no longer read"),
+        ({"video_models": [{**SVD.model_dump(), "id": "flux-schnell"}]}, "ids must be unique together"),
+        ({"video_models": [SVD.model_dump()], "default_video_model": "ltx"}, "not an enabled video_models id"),
+        ({"video_models": [{**LTX.model_dump(), "default_num_frames": 12}]}, "default_num_frames (12) breaks the ltx "
+                                                                             "family's frame rule: 8k+1"),
+        ({"video_models": [{**LTX.model_dump(), "options": {"offload": "gpu"}}]}, "options for video family 'ltx'"),
+        ({"video_models": [{**SVD.model_dump(), "family": "wan"}]}, "unknown video family 'wan'"),
+    ]
+    for config, words in bad:
+        with pytest.raises(ValidationError, match=None) as caught:
+            AppArgs.model_validate(config)
+        assert words in str(caught.value), (words, str(caught.value))
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_interpolation_gives_n_minus_one_times_k_plus_one_frames(factor):
+    # A bar moving 4 px a frame: source frame i comes back as output frame i * k.
+    frames = np.zeros((5, 64, 96, 3), np.uint8)
+    for index in range(5):
+        frames[index, :, 20 + 4 * index:36 + 4 * index] = 255
+    out = interpolate_frames(frames, 8, factor)
+    assert out.shape == ((5 - 1) * factor + 1, 64, 96, 3)
+    for index in range(5):
+        assert np.abs(out[index * factor].astype(int) - frames[index]).mean() < 3
+    middle = out[1].astype(int)  # between source 0 and 1: neither of them
+    assert np.abs(middle - frames[0]).mean() > 0 or np.abs(middle - frames[1]).mean() > 0
+
+
+def _ltx_params(**overrides) -> VideoParams:
+    fields = dict(seed=3, width=96, height=64, num_frames=9, fps=24, num_inference_steps=2, output_format="mp4",
+                  prompt="a red fox in snow", options={"guidance_scale": 3.0, "negative_prompt": None})
+    fields.update(overrides)
+    return VideoParams(**fields)
+
+
+@pytest.fixture(scope="module")
+def tiny_ltx() -> VideoGenerator:
+    return VideoGenerator.func_or_class(LTX)
+
+
+def test_ltx_text_and_image_to_video_from_one_set_of_weights(tiny_ltx):
+    first = asyncio.run(tiny_ltx.animate(_ltx_params(output_format="gif"), None))
+    again = asyncio.run(tiny_ltx.animate(_ltx_params(output_format="gif"), None))
+    other = asyncio.run(tiny_ltx.animate(_ltx_params(output_format="gif", seed=4), None))
+    assert (first.num_frames, first.width, first.height) == (9, 96, 64)
+    assert first.data == again.data and first.data != other.data
+    image = np.asarray(Image.new("RGB", (96, 64), (180, 120, 40)))
+    animated = asyncio.run(tiny_ltx.animate(_ltx_params(num_frames=17), image))
+    assert (animated.num_frames, animated.width, animated.height) == (17, 96, 64)
+    model = tiny_ltx._model
+    assert model.image_pipeline.transformer is model.pipeline.transformer  # one copy of the weights
+
+
+def test_saved_tiny_ltx_loads_through_from_pretrained(tmp_path):
+    folder = save_tiny("ltx", tmp_path / "ltx")
+    assert (folder / "model_index.json").is_file()
+    loaded = VideoGenerator.func_or_class(LTX.model_copy(update={"source": str(folder)}))
+    assert loaded.info()["source"] == str(folder)
+    output = asyncio.run(loaded.animate(_ltx_params(interpolate=2), None))
+    assert (output.source_frames, output.num_frames, output.fps) == (9, 17, 48)
+
+
+ANIMATEDIFF = VideoModelConfig(id="animatediff", family="animatediff", source="tiny", default_width=64,
+                               default_height=64, default_num_frames=4, default_steps=2,
+                               options={"motion_adapter": "tiny"})
+
+
+def test_animatediff_is_text_to_video_only_over_sd15_weights(tmp_path):
+    family = get_video_family("animatediff")
+    assert (family.image_to_video, family.text_to_video, family.frames.describe()) == (False, "native", "2-32 frames")
+    with pytest.raises(RequestError, match="has no image-to-video") as caught:
+        _plan(ANIMATEDIFF, image="x")
+    assert caught.value.field == "image"
+    # The real loading path: SD 1.5 weights and the motion adapter from saved folders.
+    sd15 = save_tiny("sd15", tmp_path / "sd15")
+    adapter = save_tiny("animatediff", tmp_path / "adapter")
+    entry = ANIMATEDIFF.model_copy(update={"source": str(sd15), "options": {"motion_adapter": str(adapter)}})
+    loaded = VideoGenerator.func_or_class(entry)
+    assert type(loaded._model.pipeline.unet).__name__ == "UNetMotionModel"
+    params = _ltx_params(width=64, height=64, num_frames=4, fps=8, output_format="gif",
+                         options={"guidance_scale": 7.5, "negative_prompt": "blurry"})
+    first = asyncio.run(loaded.animate(params, None))
+    again = asyncio.run(loaded.animate(params, None))
+    assert (first.num_frames, first.width, first.height) == (4, 64, 64) and first.data == again.data
+
+
+def test_a_request_over_the_video_models_compute_budget_is_a_422_naming_the_fields_and_the_budget():
+    from serve_app.config import VideoModelEntry
+
+    entry = VideoModelEntry(**LTX.model_dump(), max_pixel_frame_steps=96 * 64 * 17 * 2)
+    spec = VideoSpec(entry)
+    assert spec.plan(VideoRequest(prompt="a fox", num_frames=17)).num_frames == 17  # at the budget
+    with pytest.raises(RequestError) as over:
+        spec.plan(VideoRequest(prompt="a fox", num_frames=25))
+    assert over.value.field == "num_frames"
+    assert ("96x64x25x2 = 307200 pixel-frame-steps, over ltx-video's budget of 208896 "
+            "(video_models[].max_pixel_frame_steps)") in over.value.message
+    assert over.value.detail()[0]["allowed"] == "width x height x num_frames x num_inference_steps <= 208896"
+    # A family rule is named first: the budget only judges requests the family could make.
+    with pytest.raises(RequestError) as rule:
+        spec.plan(VideoRequest(prompt="a fox", num_frames=26))
+    assert "8k+1 frames" in rule.value.message
+    assert spec.public()["max_pixel_frame_steps"] == 208896
+    assert VideoSpec(LTX).public()["max_pixel_frame_steps"] is None  # no budget: any request the rules allow
+    with pytest.raises(ValidationError, match="max_pixel_frame_steps"):
+        VideoModelEntry(**LTX.model_dump(), max_pixel_frame_steps=0)
+
+
+def test_each_video_family_names_the_weights_it_loads_with_the_dtypes_variant():
+    from serve_app.config import AppArgs
+    from serve_app.weights import plan
+
+    svd = {"id": "svd-xt", "family": "svd", "source": "stabilityai/stable-video-diffusion-img2vid-xt",
+           "device": {"dtype": "float16"}}
+    animatediff = {"id": "animatediff", "family": "animatediff", "source": "org/sd15-finetune", "enabled": False,
+                   "device": {"dtype": "float16"},
+                   "options": {"motion_adapter": "guoyww/animatediff-motion-adapter-v1-5-2"}}
+    ltx = {"id": "ltx-video", "family": "ltx", "source": "Lightricks/LTX-Video", "default_width": 704,
+           "default_height": 480, "device": {"dtype": "bfloat16"}}
+    args = AppArgs.model_validate({"image_models": [{"id": "sd", "family": "sd15", "source": "tiny"}],
+                                   "scorer": {"source": "tiny"}, "video_models": [svd, animatediff, ltx]})
+    planned = {repo.source.source: (repo.source.layout, repo.source.variant, repo.optional) for repo in plan(args)}
+    assert planned == {
+        "stabilityai/stable-video-diffusion-img2vid-xt": ("diffusers-pipeline", "fp16", False),
+        "org/sd15-finetune": ("diffusers-pipeline", "fp16", True),
+        "guoyww/animatediff-motion-adapter-v1-5-2": ("diffusers-model", "fp16", True),
+        "Lightricks/LTX-Video": ("diffusers-pipeline", None, False),
+    }
+
+
+def test_the_frames_a_video_request_is_charged_are_its_own_or_its_models_default():
+    from serve_app.services.videos import VideoService
+
+    service = VideoService({}, {"svd": SVD, "ltx-video": LTX}, images=None, max_input_pixels=512 * 512)
+    assert service.frames({"image": "x"}) == 8  # svd's default (the entry's)
+    assert service.frames({"model": "ltx-video", "prompt": "a fox", "num_frames": 17}) == 17
+    with pytest.raises(RequestError) as caught:
+        service.frames({"model": "ltx-video", "prompt": "a fox", "num_frames": 12})
+    assert caught.value.field == "num_frames"
