@@ -171,6 +171,22 @@ class CombinedWeights(_Strict):
         return self
 
 
+# The decorators' max_ongoing_requests of the image generator and the scorer (config may override
+# them): a replica must be able to hold a full batch.
+IMAGE_GENERATOR_MAX_ONGOING_REQUESTS = 4
+SCORER_MAX_ONGOING_REQUESTS = 8
+
+
+class BatchingConfig(_Strict):
+    """Request batching (Ray Serve's @serve.batch). Image models: requests for the same size, steps,
+    guidance, LoRA set, control and edit run as one pipeline call; different ones never mix. The
+    scorer: concurrent score calls run as one CLIP forward pass, each image against its own prompt."""
+
+    enabled: bool = Field(False, description="Batch requests that arrive within `wait_ms` of each other.")
+    max_batch_images: int = Field(8, ge=1, le=64, description="Most images in one pipeline call (or forward pass).")
+    wait_ms: float = Field(10.0, ge=0, le=1000, description="How long the first request waits for others to join.")
+
+
 class ScorerConfig(_Strict):
     """CLIP scoring of generated images."""
 
@@ -197,6 +213,9 @@ class ScorerConfig(_Strict):
     laion: LaionHeadConfig = Field(
         default_factory=LaionHeadConfig,
         description="The LAION aesthetic predictor head (the `laion` score, 1-10).",
+    )
+    batching: BatchingConfig = Field(
+        default_factory=BatchingConfig, description="Batch concurrent score calls into one forward pass; default off."
     )
 
     @property
@@ -376,6 +395,83 @@ class VaeMemory(_Strict):
     )
 
 
+class StepCacheConfig(_Strict):
+    """First-Block-Cache through diffusers' cache hooks: when the first transformer block's output
+    changed less than `threshold` (relative L1) since the last computed step, the remaining blocks
+    are skipped and their cached residual reused. Lossy: off unless configured."""
+
+    kind: Literal["first_block"] = Field("first_block", description="The cache hook (diffusers' FirstBlockCacheConfig).")
+    threshold: float = Field(
+        0.2, gt=0, le=1,
+        description="Relative change of the first block's output under which the other blocks are skipped; "
+                    "higher skips more steps and drifts more (0.2-0.3 is the published range for FLUX).",
+    )
+
+
+class AccelerationConfig(_Strict):
+    """How a model's pipeline is sped up: its acceleration tier. Everything is off by default (plain
+    eager, the device's dtype). The model's family says which parts its denoiser supports
+    (checked when the config loads); the hardware is checked when a replica loads the model, and
+    a tier it cannot run fails there, naming the field. VAE slicing and tiling are the entry's
+    `vae:` settings."""
+
+    compile: Literal["none", "repeated_blocks", "full"] = Field(
+        "none",
+        description="torch.compile of the denoiser: 'repeated_blocks' compiles the one repeated block class "
+                    "once (diffusers' compile_repeated_blocks; fast to compile, most of the gain), 'full' the "
+                    "whole module. Compilation happens in the replica's warm-up, before it reports healthy.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile's mode ('reduce-overhead' adds CUDA graphs).",
+    )
+    fullgraph: bool = Field(False, description="torch.compile(fullgraph=True): fail rather than break the graph.")
+    quantization: Literal["none", "fp8_dynamic", "int8_weight_only"] = Field(
+        "none",
+        description="Quantize the denoiser's linear layers through torchao: 'fp8_dynamic' (float8 weights and "
+                    "activations; CUDA compute capability 8.9+: Ada, Hopper), 'int8_weight_only' (any device). "
+                    "Needs the torchao package.",
+    )
+    cache: StepCacheConfig | None = Field(None, description="Step caching (lossy); null: off.")
+    fuse_qkv: bool = Field(False, description="Fuse the attention's Q, K and V projections into one matmul.")
+    attention_backend: Literal["default", "native", "_native_math", "_native_efficient", "_native_flash",
+                               "_native_cudnn"] = Field(
+        "default",
+        description="diffusers' attention backend: torch SDPA variants only (no kernel downloaded at run time); "
+                    "'default' leaves the model's own choice.",
+    )
+    channels_last: bool = Field(False, description="channels_last memory format for the denoiser and VAE (UNets).")
+
+    @model_validator(mode="after")
+    def _compile_mode_with_compile(self) -> "AccelerationConfig":
+        if self.compile == "none" and (self.compile_mode != "default" or self.fullgraph):
+            raise ValueError("compile_mode and fullgraph apply only with compile 'repeated_blocks' or 'full'")
+        return self
+
+    def active(self) -> dict:
+        """The fields that differ from plain eager: what GET /v1/models reports as the tier."""
+        return self.model_dump(exclude_defaults=True)
+
+    @property
+    def lossy(self) -> bool:
+        return self.cache is not None
+
+
+class WarmupShape(_Strict):
+    """One call a replica makes before it reports healthy."""
+
+    width: int = Field(ge=64, le=2048, multiple_of=16, description="Image width.")
+    height: int = Field(ge=64, le=2048, multiple_of=16, description="Image height.")
+    steps: int | None = Field(None, ge=1, description="Denoising steps; default: the model's default.")
+    images: int = Field(1, ge=1, le=64, description="Images in the call (a batch size to warm up).")
+
+
+class WarmupConfig(_Strict):
+    """The warm-up calls run in a replica's constructor, so no user pays a first call (or compile)."""
+
+    default_shape: bool = Field(True, description="Warm up the model's default size and steps, one image.")
+    shapes: list[WarmupShape] = Field(default_factory=list, description="More shapes to warm up.")
+
+
 class ImageModelConfig(_Strict):
     """One servable image model: an entry of `image_models:`. The family says what the model is; the
     entry says where its weights are, how it runs, and its defaults and narrower limits."""
@@ -398,6 +494,11 @@ class ImageModelConfig(_Strict):
     limits: ModelLimits = Field(default_factory=ModelLimits, description="Narrower limits than the family's.")
     vae: VaeMemory = Field(default_factory=VaeMemory, description="VAE slicing and tiling (memory of large requests).")
     options: dict = Field(default_factory=dict, description="The family's own options (e.g. sdxl: controlnets).")
+    acceleration: AccelerationConfig = Field(
+        default_factory=AccelerationConfig, description="The acceleration tier (docs/acceleration.md); default: none."
+    )
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Request batching; default: off.")
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Warm-up calls before the replica is healthy.")
 
     @property
     def model_family(self):
@@ -457,6 +558,12 @@ class ImageModelConfig(_Strict):
             raise ValueError(f"default_steps ({self.default_steps}) must lie within the limits, {low}-{high}")
         if not glow <= self.guidance_default() <= ghigh:
             raise ValueError(f"default_guidance ({self.default_guidance:g}) must lie within the limits, {glow:g}-{ghigh:g}")
+        unsupported = family.acceleration.unsupported(self.acceleration)
+        if unsupported:
+            raise ValueError(f"acceleration: {unsupported}")
+        for index, shape in enumerate(self.warmup.shapes):
+            if shape.steps is not None and not low <= shape.steps <= high:
+                raise ValueError(f"warmup.shapes.{index}.steps ({shape.steps}) must lie within the limits, {low}-{high}")
         return self
 
 
@@ -469,7 +576,7 @@ class VideoModelConfig(_Strict):
         pattern=MODEL_ID_PATTERN, max_length=64,
         description="What requests name in `model` (e.g. svd-xt, ltx-video); as image model ids.",
     )
-    family: str = Field(description="A built-in video family (svd, ltx) or an import path ('package.module:FAMILY').")
+    family: str = Field(description="A built-in video family (svd, ltx, animatediff) or an import path ('package.module:FAMILY').")
     source: ModelSource = Field(description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'.")
     description: str | None = Field(None, max_length=300, description="Shown in GET /v1/models; default: the family's.")
     device: DeviceOptions = Field(default_factory=DeviceOptions)

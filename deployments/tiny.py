@@ -251,7 +251,7 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny model in the library's own layout, loadable by the real loading path.
 
     `kind` is an image model family (`deployments.families`: flux, sdxl, sd15, ...), a video family
-    (svd, ltx) or one of the other tiny models: clip, llm, laion, sdxl-controlnet, depth."""
+    (svd, ltx, animatediff: its motion adapter) or one of the other tiny models: clip, llm, laion, sdxl-controlnet, depth."""
     from deployments.families import BUILTIN, VIDEO_BUILTIN, get_family, get_video_family
 
     folder = Path(folder)

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from deployments.names import SCORE_RANGES, GateMetric
 from deployments.config import (
+    IMAGE_GENERATOR_MAX_ONGOING_REQUESTS,
+    SCORER_MAX_ONGOING_REQUESTS,
+    BatchingConfig,
     CombinedWeights,
     DeviceOptions,
     EnhancerConfig,
@@ -217,6 +220,20 @@ class ImageModelEntry(ImageModelConfig):
     @property
     def deployment_name(self) -> str:
         return generator_name(self.id)
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self) -> "ImageModelEntry":
+        _check_batches_fit(self.batching, self.deployment.max_ongoing_requests or IMAGE_GENERATOR_MAX_ONGOING_REQUESTS,
+                           "deployment.max_ongoing_requests")
+        return self
+
+
+def _check_batches_fit(batching: BatchingConfig, per_replica: int, field: str, batching_field: str = "batching") -> None:
+    if batching.enabled and per_replica < batching.max_batch_images:
+        raise ValueError(
+            f"{field} ({per_replica}) is below {batching_field}.max_batch_images ({batching.max_batch_images}): "
+            "a replica would never hold enough requests to fill a batch"
+        )
 
 
 class VideoModelEntry(VideoModelConfig):
@@ -712,6 +729,13 @@ class AppArgs(_Strict):
 
     def _options(self, name: str) -> DeploymentOptions:
         return self.all_deployment_options().get(name, DeploymentOptions())
+
+    @model_validator(mode="after")
+    def _scorer_batches_can_fill(self) -> "AppArgs":
+        per_replica = self._options("ClipScorer").max_ongoing_requests or SCORER_MAX_ONGOING_REQUESTS
+        _check_batches_fit(self.scorer.batching, per_replica, "deployments.ClipScorer.max_ongoing_requests",
+                           "scorer.batching")
+        return self
 
     @model_validator(mode="after")
     def _gate_scores_computed(self) -> "AppArgs":

@@ -10,6 +10,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.families import ImageFamily, LoadedImageModel
+from deployments.families.base import prompt_arguments
 
 
 class SlowOptions(BaseModel):
@@ -19,15 +20,15 @@ class SlowOptions(BaseModel):
 
 
 class LoadedSlow(LoadedImageModel):
-    def __call__(self, params, prompt, control, generators, callback):
+    def __call__(self, params, prompts, control, generators, callback):
         def slow_step(pipeline, step, timestep, tensors):
             time.sleep(self.options.step_delay_s)  # the pipeline runs in a worker thread of the replica
             return callback(pipeline, step, timestep, tensors) if callback is not None else tensors
 
         return self.pipeline(
-            prompt=prompt.prompt, width=params.width, height=params.height,
+            **prompt_arguments(prompts, negative=False), width=params.width, height=params.height,
             num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
-            num_images_per_prompt=len(params.seeds), generator=generators, output_type="np",
+            generator=generators, output_type="np",
             callback_on_step_end=slow_step,
         ).images
 

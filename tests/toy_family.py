@@ -19,8 +19,8 @@ class ToyOptions(BaseModel):
 
 
 class LoadedToy(LoadedImageModel):
-    def __call__(self, params, prompt, control, generators, callback):
-        images = super().__call__(params, prompt, control, generators, callback)
+    def __call__(self, params, prompts, control, generators, callback):
+        images = super().__call__(params, prompts, control, generators, callback)
         return 1.0 - images if self.options.invert else images
 
     def info(self) -> dict:

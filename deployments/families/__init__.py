@@ -3,7 +3,7 @@
 - `base`: what a family declares (`ImageFamily`) and what a loaded model does (`LoadedImageModel`);
 - `flux`, `sdxl`, `sd15`: the built-in families, each a module with a `FAMILY` instance.
 - `video_base`: what a video family declares (`VideoFamily`: capabilities, frame and size rules, its
-  own request parameters, memory options, tiny builder); `svd`, `ltx`: the built-in video families,
+  own request parameters, memory options, tiny builder); `svd`, `ltx`, `animatediff`: the built-in video families,
   looked up the same way by `get_video_family` (`video_models:` entries).
 
 A config entry names a built-in family (`family: sdxl`) or one defined anywhere on the Python path
@@ -65,7 +65,7 @@ def get_family(name: str) -> ImageFamily:
 
 @cache
 def get_video_family(name: str):
-    """The video family called `name`: a built-in one (svd, ltx) or `module[:attribute]`."""
+    """The video family called `name`: a built-in one (svd, ltx, animatediff) or `module[:attribute]`."""
     from deployments.families.video_base import VideoFamily
 
     return _lookup(name, VIDEO_BUILTIN, VideoFamily, "video family")

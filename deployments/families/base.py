@@ -4,8 +4,8 @@ A family is one module with one `ImageFamily` subclass instance. It says what th
 needs to know about that kind of model, as data: the diffusers pipeline class, the widest step and
 guidance ranges, default sizes, whether a negative prompt means anything, which control types its
 options enable, what its LoRA files look like, the enhancer's prompt form, its family-specific
-config options, which image-to-image and inpainting pipelines it has, and how to build a tiny
-random-weight pipeline. A config entry of
+config options, which image-to-image and inpainting pipelines it has, which acceleration tiers its
+denoiser supports, and how to build a tiny random-weight pipeline. A config entry of
 `image_models:` picks a family and may narrow its limits (`ImageModelConfig.limits`).
 
 At run time the generic `deployments.image_generator.ImageGenerator` deployment calls
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationParams, PromptForm
 
 if TYPE_CHECKING:
-    from deployments.config import ImageModelConfig
+    from deployments.config import AccelerationConfig, ImageModelConfig
     from deployments.runtime.loading import Placement
     from deployments.runtime.weights import WeightSource
 
@@ -67,6 +67,37 @@ class LoraSignature:
         )
 
 
+@dataclass(frozen=True)
+class AccelerationSupport:
+    """What a family's denoiser supports of the acceleration tiers (`deployments.config.AccelerationConfig`).
+
+    `denoiser`: the pipeline attribute compiled, quantized and cached (`transformer`, `unet`).
+    `repeated_blocks`: it declares `_repeated_blocks`, so `compile: repeated_blocks` applies.
+    `cache_hooks`: the diffusers cache hooks it takes (`first_block`; a UNet takes none).
+    `fuse_qkv`: it has `fuse_qkv_projections`. `channels_last`: its convolutions gain from it.
+    Compilation, quantization and attention backends need nothing of the family.
+    """
+
+    denoiser: str = "transformer"
+    repeated_blocks: bool = False
+    cache_hooks: tuple[str, ...] = ()
+    fuse_qkv: bool = False
+    channels_last: bool = False
+
+    def unsupported(self, tier: "AccelerationConfig") -> str | None:
+        """Why this family cannot run `tier` (naming the field), or None when it can."""
+        if tier.compile == "repeated_blocks" and not self.repeated_blocks:
+            return f"compile: repeated_blocks: this family's {self.denoiser} declares no repeated blocks; use 'full'"
+        if tier.cache is not None and tier.cache.kind not in self.cache_hooks:
+            have = ", ".join(self.cache_hooks) or "none"
+            return f"cache.kind: {tier.cache.kind!r} is not a cache hook this family's {self.denoiser} takes ({have})"
+        if tier.fuse_qkv and not self.fuse_qkv:
+            return f"fuse_qkv: this family's {self.denoiser} cannot fuse its QKV projections"
+        if tier.channels_last and not self.channels_last:
+            return f"channels_last: this family's {self.denoiser} has no convolutions that gain from it"
+        return None
+
+
 def derived_pipeline(class_name: str, base, **components):
     """A diffusers pipeline of `class_name` over `base`'s own modules (`from_pipe`: no weights are
     copied or loaded), with `components` added or replaced."""
@@ -92,16 +123,42 @@ def size_arguments(pipeline, params: GenerationParams) -> dict:
     return {name: getattr(params, name) for name in ("width", "height") if takes(pipeline, name)}
 
 
+def prompt_arguments(prompts: list[EnhancedPrompt], negative: bool) -> dict:
+    """`prompt`, `num_images_per_prompt` and (with `negative`) `negative_prompt` of a diffusers call
+    for one image per prompt. One prompt for every image (a request alone, or a batch of the same
+    prompt) is passed once with `num_images_per_prompt`, as diffusers encodes it once; different
+    prompts (a batch) go as lists, one per image. A batch never mixes prompts with and without a
+    negative one (it is part of the batch key): diffusers treats none (SDXL: zero embeddings)
+    differently from an empty one."""
+    first = prompts[0]
+    if all((prompt.prompt, prompt.negative_prompt) == (first.prompt, first.negative_prompt) for prompt in prompts):
+        arguments = {"prompt": first.prompt, "num_images_per_prompt": len(prompts)}
+        if negative:
+            arguments["negative_prompt"] = first.negative_prompt
+        return arguments
+    arguments = {"prompt": [prompt.prompt for prompt in prompts], "num_images_per_prompt": 1}
+    if negative:
+        negatives = [prompt.negative_prompt for prompt in prompts]
+        arguments["negative_prompt"] = None if all(text is None for text in negatives) else [text or "" for text in negatives]
+    return arguments
+
+
 def edit_arguments(params: GenerationParams) -> dict:
-    """The image-to-image / inpainting arguments diffusers' pipelines share: `image` (one, or one
-    per seed), `strength` and, for inpainting, `mask_image` softened by `mask_blur`."""
+    """The image-to-image / inpainting arguments diffusers' pipelines share: `image` (one per seed),
+    `strength` and, for inpainting, `mask_image` softened by `mask_blur`.
+
+    One init image is passed once per seed: FLUX's edit pipelines sample each image's VAE latent
+    with the generator of the same index, so a single image would take every image's sample from
+    the first seed's generator, and image 2 of a request (or of a batch) would differ from the
+    same seed alone."""
     edit = params.edit
     if edit is None:
         return {}
     from PIL import Image, ImageFilter
 
     images = edit.image
-    image = [Image.fromarray(one) for one in images] if images.ndim == 4 else Image.fromarray(images)
+    image = [Image.fromarray(one) for one in images] if images.ndim == 4 else \
+        [Image.fromarray(images)] * len(params.seeds)
     arguments = {"image": image, "strength": edit.strength}
     if edit.mask is not None:
         mask = Image.fromarray(edit.mask)
@@ -146,30 +203,28 @@ class LoadedImageModel:
         """The control map of a reference picture; families with ControlNets override it."""
         raise ValueError(f"{self.config.id} has no ControlNet")
 
-    def pipeline_kwargs(self, pipeline, params: GenerationParams, prompt: EnhancedPrompt, generators: list,
+    def pipeline_kwargs(self, pipeline, params: GenerationParams, prompts: list[EnhancedPrompt], generators: list,
                         callback) -> dict:
         """The arguments every pipeline call of `pipeline` takes (text-to-image, image-to-image and
         inpainting alike); families add their own."""
-        kwargs = dict(
-            prompt=prompt.prompt,
+        return dict(
+            **prompt_arguments(prompts, self.family.negative_prompt),
             **size_arguments(pipeline, params),
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
-            num_images_per_prompt=len(params.seeds),
             generator=generators,
             output_type="np",
             callback_on_step_end=callback,
             **edit_arguments(params),
         )
-        if self.family.negative_prompt:
-            kwargs["negative_prompt"] = prompt.negative_prompt
-        return kwargs
 
-    def __call__(self, params: GenerationParams, prompt: EnhancedPrompt, control: ControlInput | None,
+    def __call__(self, params: GenerationParams, prompts: list[EnhancedPrompt], control: ControlInput | None,
                  generators: list, callback) -> Any:
-        """Run the pipeline for one batch (one image per seed); return float images (N, H, W, 3) in [0, 1]."""
+        """Run the pipeline for one call: image i from `prompts[i]` and `generators[i]` (one per seed
+        of `params.seeds`); several requests batched together make one call (`prompt_arguments`
+        builds the prompt arguments). Return float images (N, H, W, 3) in [0, 1]."""
         pipeline = self.pipeline_for(params)
-        return pipeline(**self.pipeline_kwargs(pipeline, params, prompt, generators, callback)).images
+        return pipeline(**self.pipeline_kwargs(pipeline, params, prompts, generators, callback)).images
 
     def latent_image(self, latents, params: GenerationParams):
         """The pipeline's in-loop latents as (B, C, h, w); families that pack them override this."""
@@ -226,6 +281,8 @@ class ImageFamily:
     # `genserve download` fetches it and loading asks for it when it is on disk. 16-bit weights
     # halve the download and host memory; fp16 weights loaded as bf16 lose nothing bf16 keeps.
     weight_variants: ClassVar[dict[str, str]] = {}
+    # Which acceleration tiers the family's denoiser supports (the config is checked against it).
+    acceleration: ClassVar[AccelerationSupport] = AccelerationSupport()
 
     def weight_sources(self, config: "ImageModelConfig") -> list["WeightSource"]:
         """Every set of weights a deployment of this entry loads (`genserve download` fetches them)."""
@@ -269,10 +326,17 @@ class ImageFamily:
         )
 
     def load(self, config: "ImageModelConfig", placement: "Placement") -> LoadedImageModel:
+        """The pipeline on its device, with the entry's VAE settings and acceleration tier applied to
+        the modules that every pipeline built from it shares (ControlNet, image-to-image and
+        inpainting pipelines get them too)."""
+        from deployments.runtime.acceleration import accelerate, check_hardware
+
+        check_hardware(config.acceleration, placement)  # before the weights load: fail fast
         pipeline = self.load_pipeline(config, placement)
         vae = getattr(pipeline, "vae", None)
         if vae is not None and config.vae.slicing and hasattr(vae, "enable_slicing"):
             vae.enable_slicing()
         if vae is not None and config.vae.tiling and hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
+        accelerate(pipeline, config.acceleration, self.acceleration, placement)
         return self.loaded_class(self, config, placement, pipeline)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.families.base import ImageFamily, LoadedImageModel, LoraSignature
+from deployments.families.base import AccelerationSupport, ImageFamily, LoadedImageModel, LoraSignature
 from deployments.runtime.types import PromptForm
 
 
@@ -29,8 +29,8 @@ class LoadedFlux(LoadedImageModel):
         # FLUX packs 2x2 latent patches into its sequence; unpack to (B, C, h, w) for a preview.
         return self.pipeline._unpack_latents(latents, params.height, params.width, self.pipeline.vae_scale_factor)
 
-    def pipeline_kwargs(self, pipeline, params, prompt, generators, callback) -> dict:
-        return {**super().pipeline_kwargs(pipeline, params, prompt, generators, callback),
+    def pipeline_kwargs(self, pipeline, params, prompts, generators, callback) -> dict:
+        return {**super().pipeline_kwargs(pipeline, params, prompts, generators, callback),
                 "max_sequence_length": self.options.max_sequence_length}
 
 
@@ -46,6 +46,9 @@ class FluxFamily(ImageFamily):
     loaded_class = LoadedFlux
     img2img_pipeline_class = "FluxImg2ImgPipeline"
     inpaint_pipeline_class = "FluxInpaintPipeline"
+    acceleration = AccelerationSupport(
+        denoiser="transformer", repeated_blocks=True, cache_hooks=("first_block",), fuse_qkv=True
+    )
     # FLUX's T5 encoder follows natural sentences.
     prompt_form = PromptForm(
         instructions="Write one or two natural, flowing sentences (at most 70 words) describing the scene concretely.",

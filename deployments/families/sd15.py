@@ -8,7 +8,7 @@ SDXL.
 
 from __future__ import annotations
 
-from deployments.families.base import ImageFamily, LoraSignature
+from deployments.families.base import AccelerationSupport, ImageFamily, LoraSignature
 from deployments.runtime.types import PromptForm
 
 
@@ -23,6 +23,7 @@ class Sd15Family(ImageFamily):
     negative_prompt = True
     img2img_pipeline_class = "StableDiffusionImg2ImgPipeline"
     inpaint_pipeline_class = "StableDiffusionInpaintPipeline"
+    acceleration = AccelerationSupport(denoiser="unet", repeated_blocks=True, fuse_qkv=True, channels_last=True)
     # SD 1.5 checkpoints in diffusers layout publish fp16 files beside the fp32 ones.
     weight_variants = {"float16": "fp16", "bfloat16": "fp16"}
     # One CLIP encoder of 77 tokens: short tags, as for SDXL, but fewer.

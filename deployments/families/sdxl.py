@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.config import ModelSource
 from deployments.families.base import (
+    AccelerationSupport,
     ImageFamily,
     LoadedImageModel,
     LoraSignature,
@@ -162,14 +163,14 @@ class LoadedSdxl(LoadedImageModel):
                 result = await asyncio.to_thread(self.depth.estimate, control.image)
         return dataclasses.replace(control, image=result, preprocess=False)
 
-    def __call__(self, params, prompt, control, generators, callback):
+    def __call__(self, params, prompts, control, generators, callback):
         from PIL import Image
 
         if control is None:
-            return super().__call__(params, prompt, control, generators, callback)
+            return super().__call__(params, prompts, control, generators, callback)
         edit = params.edit
         pipeline = self.controlled[control.type] if edit is None else self.controlled_edits[(control.type, edit.mode)]
-        kwargs = self.pipeline_kwargs(pipeline, params, prompt, generators, callback)
+        kwargs = self.pipeline_kwargs(pipeline, params, prompts, generators, callback)
         # The ControlNet edit pipelines take the init image as `image` and the map as `control_image`.
         kwargs["image" if edit is None else "control_image"] = Image.fromarray(control.image)
         kwargs["controlnet_conditioning_scale"] = control.conditioning_scale
@@ -195,6 +196,7 @@ class SdxlFamily(ImageFamily):
     img2img_pipeline_class = "StableDiffusionXLImg2ImgPipeline"
     inpaint_pipeline_class = "StableDiffusionXLInpaintPipeline"
     control_edits = True
+    acceleration = AccelerationSupport(denoiser="unet", repeated_blocks=True, fuse_qkv=True, channels_last=True)
     # SDXL's CLIP encoders respond to short comma-separated tags.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 40 words): subject first, then details, "

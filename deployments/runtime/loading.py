@@ -118,6 +118,11 @@ def _replica_deployment() -> str | None:
         return None
 
 
+def in_serve_replica() -> bool:
+    """Whether this code runs in a Serve replica (not in a test or an in-process benchmark)."""
+    return _replica_deployment() is not None
+
+
 def cuda_memory_fraction(device: str, options: DeviceOptions) -> float | None:
     """The memory cap to apply: `options.memory_fraction` on CUDA; none on the CPU, which Ray does not share out."""
     return options.memory_fraction if device == "cuda" else None

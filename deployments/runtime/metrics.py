@@ -68,6 +68,17 @@ class ModelMetrics:
             tag_keys=("model",),
         )
         self._replica_peak_gauge.set_default_tags({"model": model})
+        self._cold_start = metrics.Gauge(
+            "genserve_model_cold_start_seconds",
+            description="Seconds from a replica's start of loading its model to ready: load, acceleration and "
+                        "warm-up calls (compilation included).",
+            tag_keys=("model",),
+        )
+        self._cold_start.set_default_tags({"model": model})
+
+    def record_cold_start(self, seconds: float) -> None:
+        if self._enabled:
+            self._cold_start.set(seconds)
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:

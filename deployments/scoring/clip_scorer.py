@@ -11,9 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
-from deployments.config import CombinedWeights, ScorerConfig
+from deployments.config import SCORER_MAX_ONGOING_REQUESTS, CombinedWeights, ScorerConfig
 from deployments.scoring.laion_head import LAION_RANGE, load_head
-from deployments.runtime.loading import check_device_health, is_tiny, pretrained_location, resolve_placement
+from deployments.runtime.loading import (
+    check_device_health,
+    in_serve_replica,
+    is_tiny,
+    pretrained_location,
+    resolve_placement,
+)
 from deployments.runtime.metrics import ModelMetrics
 from deployments.scoring.perceptual import PERCEPTUAL_RANGES, perceptual_scores
 from deployments.runtime.types import GenerationOutput
@@ -68,7 +74,7 @@ def combined_score(scores: Mapping[str, float], weights: CombinedWeights | Mappi
     return sum(weight * normalised(metric, scores[metric]) for metric, weight in used.items()) / total
 
 
-@serve.deployment(name="ClipScorer", max_ongoing_requests=8, ray_actor_options={"num_cpus": 1})
+@serve.deployment(name="ClipScorer", max_ongoing_requests=SCORER_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1})
 class ClipScorer:
     """Scores a batch of images against a prompt: one CLIP forward pass for all of them.
 
@@ -108,6 +114,13 @@ class ClipScorer:
             self._logit_scale = float(self._model.logit_scale.exp())
         self._pixels_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="perceptual")
         self._default_weights = CombinedWeights(**{metric: 1.0 for metric in self.gate_metrics if metric in COMBINABLE})
+        batching = config.batching
+        # Per instance, as in ImageGenerator: Serve's batch queue belongs to the function it decorates
+        # (and reads its replica's settings, so in process calls simply run one by one).
+        self._batched = serve.batch(
+            max_batch_size=batching.max_batch_images, batch_wait_timeout_s=batching.wait_ms / 1000,
+            batch_size_fn=lambda calls: sum(len(images) for images, _, _ in calls),
+        )(self._score_batch) if batching.enabled and in_serve_replica() else None
         logger.info("CLIP scorer loaded from %s on %s (LAION head: %s)", config.source, self._placement.device,
                     config.laion_source if self._head is not None else "off")
 
@@ -131,14 +144,30 @@ class ClipScorer:
         array = images.images if isinstance(images, GenerationOutput) else images
         if isinstance(weights, Mapping):
             weights = CombinedWeights(**weights)
-        return await asyncio.to_thread(self._score, _image_list(array), prompt, weights or self._default_weights)
+        images, weights = _image_list(array), weights or self._default_weights
+        if self._batched is not None and len(images) <= self._config.batching.max_batch_images:
+            return await self._batched((images, prompt, weights))
+        return await asyncio.to_thread(self._score, images, [prompt] * len(images), [weights] * len(images))
+
+    async def _score_batch(self, calls: list[tuple[list[np.ndarray], str, CombinedWeights]]) -> list[list[dict]]:
+        """Serve's batch handler: every call's images in one forward pass, each against its own prompt."""
+        images = [image for call_images, _, _ in calls for image in call_images]
+        prompts = [prompt for call_images, prompt, _ in calls for _ in call_images]
+        weights = [weight for call_images, _, weight in calls for _ in call_images]
+        scores = await asyncio.to_thread(self._score, images, prompts, weights)
+        results, offset = [], 0
+        for call_images, _, _ in calls:
+            results.append(scores[offset:offset + len(call_images)])
+            offset += len(call_images)
+        return results
 
     def _embed_texts(self, texts: list[str]):
         tokens = self._tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self._placement.device)
         features = self._model.get_text_features(**tokens).pooler_output
         return features / features.norm(dim=-1, keepdim=True)
 
-    def _score(self, images: list[np.ndarray], prompt: str, weights: CombinedWeights) -> list[dict]:
+    def _score(self, images: list[np.ndarray], prompts: list[str], weights: list[CombinedWeights]) -> list[dict]:
+        """Scores of image i against prompts[i], combined with weights[i]."""
         import torch
 
         started = time.perf_counter()
@@ -150,8 +179,9 @@ class ClipScorer:
             pixels = pixels.to(device=self._placement.device, dtype=self._placement.dtype)
             image_features = self._model.get_image_features(pixel_values=pixels).pooler_output
             image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-            prompt_features = self._embed_texts([prompt])
-            alignment = (100.0 * image_features @ prompt_features.T).squeeze(-1).clamp(min=0.0).float().cpu()
+            distinct = list(dict.fromkeys(prompts))  # each distinct prompt encoded once
+            prompt_features = self._embed_texts(distinct)[[distinct.index(prompt) for prompt in prompts]]
+            alignment = (100.0 * (image_features * prompt_features).sum(-1)).clamp(min=0.0).float().cpu()
             logits = self._logit_scale * image_features @ self._pair_texts.T  # (N, 2 x pairs)
             pair_scores = logits.float().reshape(len(images), -1, 2).softmax(dim=-1)[..., 0].cpu()
             laion = None
@@ -163,7 +193,7 @@ class ClipScorer:
             scores: dict = {"alignment": float(alignment[index]), "aesthetic": float(pair_scores[index, 0])}
             if laion is not None:
                 scores["laion"] = float(laion[index])
-            scores["combined"] = combined_score(scores, weights)
+            scores["combined"] = combined_score(scores, weights[index])
             scores["aspects"] = {aspect: float(pair_scores[index, 1 + i]) for i, aspect in enumerate(ASPECTS)}
             scores["perceptual"] = perceptual[index]
             results.append(scores)

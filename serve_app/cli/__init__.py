@@ -3,8 +3,10 @@
     genserve serve [CONFIG] [--timeout S] [--address ADDR] [--detach]
                                      deploy CONFIG (default configs/dev.yaml) and wait until it runs
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
+    genserve bench --concurrency 1 8 64   throughput and p50/p95 under concurrent clients, batching off and on
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
     genserve bench-agents [options]  OpenAI route, MCP tools, A2A vs the same POST /v1/images
+    genserve bench-gpu [options]     FLUX.1-schnell / SDXL architectures with random weights: eager, compiled, fp8
     genserve bench-scores [options]  scoring cost of a batch of images against one image
     genserve keys create NAME [--scopes generate read admin] [--file KEYS.yaml] [limits]
                                      make an API key: prints it once, and the entry for the keys file
@@ -162,6 +164,8 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.concurrency:
+        return _bench_concurrency(args)
     if args.auth_overhead:
         from serve_app.bench.auth import format_auth_table, run_auth_benchmark
 
@@ -177,6 +181,35 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"genserve bench: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
           f"{args.requests} sequential requests after {args.warmup} warm-up")
     print(format_table(samples))
+    return 0
+
+
+def _bench_concurrency(args: argparse.Namespace) -> int:
+    from serve_app.bench.concurrency import format_concurrency_table, run_concurrency_benchmark, with_batching
+    from serve_app.config import app_args_from_config
+
+    def progress(level) -> None:
+        print(f"  {level.mode}, {level.clients} clients: {level.throughput:.2f} img/s, {level.failures} failed, "
+              f"{level.rejections} rejections waited out", flush=True)
+
+    config = app_args_from_config(args.config)
+    modes = [("batching off", with_batching(config, False, args.max_batch_images, args.batch_wait_ms)),
+             (f"batching on ({args.max_batch_images} images, {args.batch_wait_ms:g} ms)",
+              with_batching(config, True, args.max_batch_images, args.batch_wait_ms))]
+    levels = run_concurrency_benchmark(modes, args.concurrency, args.requests, args.warmup, args.width, args.height,
+                                       args.steps, progress)
+    print(f"genserve bench --concurrency: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
+          f"max({args.requests}, 2 x clients) requests per level after {args.warmup} warm-up; batching off, then on "
+          "(the default model and the scorer)")
+    print(format_concurrency_table(levels))
+    return 0
+
+
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from serve_app.bench.gpu import format_gpu_table, run_gpu_benchmark
+
+    device, cases = run_gpu_benchmark(args.repeats, args.cpu_compile, args.model, args.steps)
+    print(format_gpu_table(device, cases))
     return 0
 
 
@@ -278,12 +311,23 @@ def main(argv: list[str] | None = None) -> int:
         parser_.set_defaults(func=func)
     bench.add_argument("--compare-metrics", action="store_true",
                        help="also run through Serve with the config's metrics setting flipped")
+    bench.add_argument("--concurrency", type=int, nargs="+", default=None, metavar="CLIENTS",
+                       help="instead: throughput and p50/p95 at these client counts, batching off and on (e.g. 1 8 64)")
+    bench.add_argument("--max-batch-images", type=int, default=8, help="with --concurrency: the batch cap")
+    bench.add_argument("--batch-wait-ms", type=float, default=20.0, help="with --concurrency: the batch wait")
     bench.add_argument("--auth-overhead", action="store_true",
                        help="instead: job status read latency without keys, then with keys and per-key limits")
     bench.add_argument("--limits-storage", default=None,
                        help="with --auth-overhead: the limits storage URI for the keyed run (default: the config's)")
     bench.add_argument("--compare-enhancer", action="store_true",
                        help="also run with the other enhancer mode (template <-> the config's llm)")
+
+    gpu = commands.add_parser("bench-gpu", help="FLUX.1-schnell and SDXL architectures, random weights, in process")
+    gpu.add_argument("--repeats", type=int, default=3, help="timed calls per case after the first")
+    gpu.add_argument("--model", nargs="+", choices=["flux-schnell", "sdxl"], default=None, help="default: both")
+    gpu.add_argument("--steps", type=int, default=None, help="default: the published ones (schnell 4, SDXL 30)")
+    gpu.add_argument("--cpu-compile", action="store_true", help="on a CPU, also run the compiled tiers (slow)")
+    gpu.set_defaults(func=_bench_gpu)
 
     scores = commands.add_parser("bench-scores", help="scoring cost of a batch of images against one")
     scores.add_argument("--config", default="configs/dev.yaml")

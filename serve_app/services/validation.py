@@ -104,7 +104,8 @@ class ModelSpec:
             default_guidance=entry.guidance_default(),
             # Diffusers runs classifier-free guidance only above a scale of 1.
             uses_negative_prompt=family.negative_prompt and guidance[1] > 1,
-            supports_loras=family.lora is not None,
+            # Fused QKV projections leave the separate ones a LoRA patches unused: no LoRAs then.
+            supports_loras=family.lora is not None and not entry.acceleration.fuse_qkv,
             control_types=family.control_types(family.options_of(entry)),
             supports_img2img=family.img2img_pipeline_class is not None,
             supports_inpainting=family.inpaint_pipeline_class is not None,

@@ -19,12 +19,15 @@ SHARED_MAX_BODY = 1024 * 1024
 SHARED_SCORE_BUDGET = {"pixel_budget": 65536, "max_total_pixels": 4 * SHARED_PIXEL_LIMIT}
 TINY_CPU = {"device": "cpu", "torch_threads": 1}
 EXTRA_MODELS = [
+    # Request batching on (tests/integration/test_batching_app.py): concurrent requests share a pipeline call.
     {"id": "sdxl-turbo", "family": "sdxl", "source": "tiny", "default_width": 256, "default_height": 256,
      "default_steps": 2, "limits": {"max_steps": 4, "max_guidance": 0}, "device": TINY_CPU,
-     "deployment": {"num_cpus": 0.1}},
+     "batching": {"enabled": True, "max_batch_images": 4, "wait_ms": 100},
+     "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 4}},
     # FLUX.1-dev: the same family code as schnell; the family's 1-50 steps, 28 and guidance 3.5 by default.
     {"id": "flux-dev", "family": "flux", "source": "tiny", "default_width": 256, "default_height": 256,
-     "options": {"max_sequence_length": 64}, "device": TINY_CPU, "deployment": {"num_cpus": 0.1}},
+     "options": {"max_sequence_length": 64}, "device": TINY_CPU, "deployment": {"num_cpus": 0.1},
+     "warmup": {"default_shape": False}},
     {"id": "toy", "family": "tests.toy_family:FAMILY", "source": "tiny", "options": {"invert": True},
      "device": TINY_CPU, "deployment": {"num_cpus": 0.1}},
     # Slow steps and a queue of one (one running, one waiting): the fallback tests fill it on purpose.

@@ -145,6 +145,26 @@ def test_a_video_jobs_progress_advances_and_its_video_loads(console):
         30, what="the video to load")
 
 
+def test_the_video_form_picks_a_video_model_and_interpolation_and_shows_its_rules(console):
+    browser = console("#/generate")
+    browser.find_element("css selector", 'input[name="kind"][value="video"]').click()
+    wait_until(lambda: _by_id(browser, "f-video_model").get_attribute("value"), 30, what="video models loaded")
+    browser.execute_script("const s = document.getElementById('f-video_model'); s.value = 'ltx-video';"
+                           "s.dispatchEvent(new Event('change'));")
+    assert "8k+1 frames between 9 and 257" in _text(browser, "hint-video_model")
+    _fill(browser, "f-num_frames", 12)  # breaks ltx's frame rule: the 422 shows beside the field
+    _fill(browser, "f-prompt", "a red kite over a beach")
+    _by_id(browser, "submit").click()
+    wait_until(lambda: "nearest: 9 or 17" in _text(browser, "err-num_frames"), 30, what="the frame rule's 422")
+    _fill(browser, "f-num_frames", 9)
+    browser.execute_script("document.getElementById('f-interpolate').value = '2';")
+    _by_id(browser, "submit").click()
+    _submitted(browser)
+    _wait_state(browser, "succeeded", 180)
+    wait_until(lambda: "ltx-video: 17 frames at 48 fps (9 generated, interpolated 2x)" in _text(browser, "job-result"),
+               30, what="the video's summary")
+
+
 def test_an_sdxl_job_shows_denoising_previews(console):
     browser = console("#/generate")
     wait_until(lambda: _by_id(browser, "f-model").get_attribute("value"), 30, what="models loaded")

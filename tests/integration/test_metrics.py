@@ -166,6 +166,7 @@ def test_raw_exposition_names_types_and_labels(metrics_app, prometheus):
         "ray_genserve_aesthetic_score": ("histogram", {"model"}),
         "ray_genserve_alignment_score": ("histogram", {"model"}),
         "ray_genserve_validation_rejections": ("counter", {"route", "field"}),
+        "ray_genserve_model_cold_start_seconds": ("gauge", {"model", "deployment"}),
     }
     for name, (kind, labels) in expected.items():
         assert name in families, f"{name} missing from the exposition"

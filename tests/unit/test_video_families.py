@@ -133,6 +133,21 @@ def test_ltx_text_and_image_to_video_from_one_set_of_weights(tiny_ltx):
     assert model.image_pipeline.transformer is model.pipeline.transformer  # one copy of the weights
 
 
+def test_a_video_replica_out_of_memory_answers_model_out_of_memory_and_serves_the_next_request(tiny_ltx):
+    from deployments.runtime.types import ModelOutOfMemory
+    from tests.unit.test_out_of_memory import OOM, RunsOutOfMemory
+
+    model = tiny_ltx._model
+    tiny_ltx._model = RunsOutOfMemory(model, times=1)
+    try:
+        with pytest.raises(ModelOutOfMemory) as raised:
+            asyncio.run(tiny_ltx.animate(_ltx_params(), None))
+        assert raised.value.model == "ltx-video" and OOM.splitlines()[0] in str(raised.value)
+        assert asyncio.run(tiny_ltx.animate(_ltx_params(), None)).num_frames == 9  # the same replica goes on
+    finally:
+        tiny_ltx._model = model
+
+
 def test_saved_tiny_ltx_loads_through_from_pretrained(tmp_path):
     folder = save_tiny("ltx", tmp_path / "ltx")
     assert (folder / "model_index.json").is_file()

@@ -1,0 +1,113 @@
+"""Applying a model's acceleration tier to its loaded pipeline: the one generic path every family shares.
+
+The tier is `ImageModelConfig.acceleration`; the family's `AccelerationSupport` was checked against
+it when the config loaded. What only the replica knows is checked here, before anything is changed:
+the device (fp8 needs CUDA compute capability 8.9+, the `_native_flash`/`_native_cudnn` attention
+backends need CUDA) and the installed packages (quantization needs torchao). A tier that cannot run
+fails the replica's start with `AccelerationError`, naming the field and why.
+
+The order matters: QKV fusion and quantization change the modules that compilation then traces;
+the cache hook is registered before compiling so the compiled blocks are the ones it wraps.
+Everything is done in place on the pipeline's modules, so every pipeline built from the same modules
+(ControlNet, image-to-image and inpainting ones) runs accelerated too. Compilation itself is lazy: the first call traces
+and compiles, which is what the replica's warm-up is for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deployments.config import AccelerationConfig
+    from deployments.families.base import AccelerationSupport
+    from deployments.runtime.loading import Placement
+
+logger = logging.getLogger("ray.serve")
+
+# fp8 matmuls (torch._scaled_mm) run on Ada (8.9) and Hopper (9.0) and newer.
+FP8_MIN_CAPABILITY = (8, 9)
+_CUDA_ONLY_BACKENDS = ("_native_flash", "_native_cudnn")
+
+
+class AccelerationError(RuntimeError):
+    """An acceleration tier this replica cannot run; the message names the field."""
+
+
+def check_hardware(tier: "AccelerationConfig", placement: "Placement") -> None:
+    """Raise AccelerationError when this replica's device or packages cannot run `tier`."""
+    if tier.quantization == "fp8_dynamic":
+        capability = _cuda_capability(placement)
+        if capability is None:
+            raise AccelerationError(
+                f"acceleration.quantization: 'fp8_dynamic' needs a CUDA GPU of compute capability "
+                f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or newer (Ada, Hopper); this replica runs on "
+                f"{placement.device}"
+            )
+        if capability < FP8_MIN_CAPABILITY:
+            raise AccelerationError(
+                f"acceleration.quantization: 'fp8_dynamic' needs compute capability 8.9 or newer; this GPU has "
+                f"{capability[0]}.{capability[1]} (use 'int8_weight_only')"
+            )
+    if tier.quantization != "none" and importlib.util.find_spec("torchao") is None:
+        raise AccelerationError(
+            f"acceleration.quantization: {tier.quantization!r} needs the torchao package, which is not installed "
+            "in this replica's environment (pip install torchao)"
+        )
+    if tier.attention_backend in _CUDA_ONLY_BACKENDS and placement.device != "cuda":
+        raise AccelerationError(
+            f"acceleration.attention_backend: {tier.attention_backend!r} runs on CUDA only; this replica runs on "
+            f"{placement.device} (use 'native' or 'default')"
+        )
+
+
+def _cuda_capability(placement: "Placement") -> tuple[int, int] | None:
+    if placement.device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.get_device_capability()
+
+
+def accelerate(pipeline, tier: "AccelerationConfig", support: "AccelerationSupport", placement: "Placement") -> None:
+    """Apply `tier` to `pipeline` in place (see the module's docstring for the order and the checks)."""
+    check_hardware(tier, placement)
+    if not tier.active():
+        return
+    import torch
+
+    denoiser = getattr(pipeline, support.denoiser)
+    if tier.fuse_qkv:
+        denoiser.fuse_qkv_projections()
+    if tier.quantization != "none":
+        _quantize(denoiser, tier.quantization)
+    if tier.cache is not None:
+        from diffusers import FirstBlockCacheConfig
+
+        denoiser.enable_cache(FirstBlockCacheConfig(threshold=tier.cache.threshold))
+    if tier.attention_backend != "default":
+        denoiser.set_attention_backend(tier.attention_backend)
+    if tier.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+        pipeline.vae.to(memory_format=torch.channels_last)
+    if tier.compile == "repeated_blocks":
+        denoiser.compile_repeated_blocks(mode=tier.compile_mode, fullgraph=tier.fullgraph)
+    elif tier.compile == "full":
+        denoiser.compile(mode=tier.compile_mode, fullgraph=tier.fullgraph)
+    logger.info("acceleration applied to %s: %s", support.denoiser, tier.active())
+
+
+def _quantize(module, kind: str) -> None:
+    """torchao's in-place quantization of the module's linear layers (the same kernels diffusers'
+    TorchAoConfig uses when it quantizes at from_pretrained)."""
+    from torchao.quantization import quantize_
+
+    if kind == "fp8_dynamic":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+        quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    else:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantize_(module, Int8WeightOnlyConfig())
