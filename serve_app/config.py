@@ -108,6 +108,12 @@ class DeploymentOptions(_Strict):
             "keeps large models off small cards and small ones off the cards large models need."
         ),
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each replica asks for, e.g. {cpu_node: 1} to run only on nodes that "
+                    "declare cpu_node (the clusters' CPU nodes, for the Ingress and JobRunner). CPUs and GPUs are "
+                    "num_cpus and num_gpus.",
+    )
     max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica takes at once.")
     max_queued_requests: int | None = Field(
         None, ge=-1, description="Requests queued per caller before Serve answers 503; -1 is unbounded."
@@ -120,6 +126,17 @@ class DeploymentOptions(_Strict):
         description="Retry-After (seconds) on a rejection past max_queued_requests, through Serve's "
                     "BackpressureConfig; default 5 when max_queued_requests bounds the queue.",
     )
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = sorted(set(value) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if builtin:
+            raise ValueError(f"resources holds custom resources only; {builtin} are set by num_cpus/num_gpus")
+        negative = {name: amount for name, amount in value.items() if amount < 0}
+        if negative:
+            raise ValueError(f"resource amounts must not be negative; got {negative}")
+        return value
 
     @field_validator("num_gpus")
     @classmethod
@@ -157,6 +174,8 @@ class DeploymentOptions(_Strict):
             for key in ("num_cpus", "num_gpus", "accelerator_type")
             if getattr(self, key) is not None
         }
+        if self.resources:
+            actor["resources"] = dict(self.resources)
         if actor:
             options["ray_actor_options"] = actor
         for key in ("max_ongoing_requests", "max_queued_requests", "graceful_shutdown_timeout_s"):
@@ -351,6 +370,13 @@ class JobsConfig(_Strict):
                     "'warn' to log it and go on when the provider guarantees both.",
     )
     redis_timeout_s: float = Field(10.0, gt=0, description="Redis socket timeout; connecting times out at half of it.")
+    runner_lease_s: float = Field(
+        30.0, ge=3,
+        description="Redis store: the job runner's lease on the store, renewed every third of it. Only its holder "
+                    "claims and records jobs (a runner that lost it writes nothing); a standby runner (a second "
+                    "cluster on the same Redis) takes over at most this long after the holder dies, at once after "
+                    "it stops. More than twice redis_timeout_s, so one slow renew does not lose it.",
+    )
     ttl_s: float = Field(86400.0, gt=0, description="Finished jobs, and their files, are deleted this long after they end.")
     retry_limit: int = Field(
         2, ge=0, le=10,
@@ -387,6 +413,13 @@ class JobsConfig(_Strict):
         description="Least time between two progress reports of a running job (0: every denoising step). "
                     "Each report is a Serve call and a store write; steps shorter than this are skipped.",
     )
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_slow_renew(self) -> "JobsConfig":
+        if self.runner_lease_s <= 2 * self.redis_timeout_s:
+            raise ValueError(f"runner_lease_s ({self.runner_lease_s:g}) must be more than twice redis_timeout_s "
+                             f"({self.redis_timeout_s:g}): a renew that times out must not lose the lease")
+        return self
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> "JobsConfig":

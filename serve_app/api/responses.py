@@ -33,7 +33,8 @@ _DESCRIPTIONS = {
     409: "The job is not in a state that allows this (see `detail`).",
     413: "The body is larger than max_body_bytes.",
     422: "A field is missing, of the wrong type or out of range; `detail` names it and what it allows.",
-    429: "A per-key limit (requests per minute, concurrent requests, active jobs, daily images) was reached, "
+    429: "A per-key or per-client limit (requests per minute, concurrent requests, active jobs, daily images; "
+         "auth.client_limits per remote address without a key) was reached, "
          "too many open event streams, or the job queue is full; retry after `Retry-After` seconds.",
     501: "This feature is not deployed (video needs a `video_models:` entry in the config; jobs need `jobs:`).",
     503: "Overloaded (a queue is full) or a replica is unavailable; retry after `Retry-After` seconds.",

@@ -45,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from serve_app.config import load_serve_config
     from serve_app.builder import build_app
-    from serve_app.cli.launch import DeployError, deploy_config, wait_until_running
+    from serve_app.cli.launch import DeployError, deploy_config, shutdown_gracefully, wait_until_running
 
     # Validate with Serve's schema and the typed args first, so a bad config fails here with the
     # field named, before any Ray process starts.
@@ -64,12 +64,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     names = [application.name for application in config.applications]
 
-    # SIGTERM (systemd, docker stop, a pod's end) stops like Ctrl-C: serve.shutdown() lets every
-    # replica finish its requests within its graceful_shutdown_timeout_s and the JobRunner put its
-    # running jobs back in the queue, instead of the process dying under them.
-    signal.signal(signal.SIGTERM, _interrupt)
     # Like `serve run`: join the cluster at --address (or $RAY_ADDRESS), else start a local one.
     ray.init(address=args.address, namespace="serve")
+    # SIGTERM (systemd, docker stop, a pod's end) stops like Ctrl-C: serve.shutdown() lets every
+    # replica finish its requests within its graceful_shutdown_timeout_s and the JobRunner put its
+    # running jobs back in the queue, instead of the process dying under them. Set after ray.init,
+    # whose own handler for it aborts the process (SIGABRT, exit 134).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         deploy_config(config)
         print(f"genserve: deploying {args.config}; waiting up to {args.timeout:g}s for {', '.join(names)}", flush=True)
@@ -83,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
             serve.delete(name, _blocking=False)
         return 1
     except KeyboardInterrupt:
-        serve.shutdown()
+        shutdown_gracefully(config, names)
         return 130
     http = config.http_options
     for application in config.applications:
@@ -92,12 +93,17 @@ def _serve(args: argparse.Namespace) -> int:
                   flush=True)
     if args.detach:
         return 0
-    print("genserve: Ctrl-C stops it", flush=True)
+    print("genserve: Ctrl-C (or SIGTERM) stops it, letting requests and jobs in flight settle; twice: at once",
+          flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        print("genserve: stopping: replicas finish what they hold (graceful_shutdown_timeout_s)", flush=True)
+        try:
+            shutdown_gracefully(config, names)
+        except KeyboardInterrupt:
+            serve.shutdown()
     return 0
 
 

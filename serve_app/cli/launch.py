@@ -144,6 +144,35 @@ def _fmt(resources: dict) -> str:
     return "{" + ", ".join(f"{key}: {value:g}" for key, value in shown.items()) + "}"
 
 
+def shutdown_gracefully(config: ServeDeploySchema, app_names: Iterable[str]) -> None:
+    """Delete the applications, then wait while their replicas finish what they hold (each
+    deployment's graceful_shutdown_timeout_s: sync requests answered, running jobs put back in the
+    queue), then shut Serve down. `serve.shutdown()` alone waits 30 s at most and then kills the
+    controller, cutting those short."""
+    names = list(app_names)
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + _longest_grace_s(config) + 30
+    while time.monotonic() < deadline and set(names) & set(serve.status().applications):
+        time.sleep(POLL_INTERVAL_S)
+    serve.shutdown()
+
+
+def _longest_grace_s(config: ServeDeploySchema) -> float:
+    """The longest graceful_shutdown_timeout_s of the config's deployments (Serve's default: 20)."""
+    from serve_app.config import AppArgs
+
+    longest = 20.0
+    for application in config.applications:
+        if application.import_path == "serve_app.builder:build_app":
+            for options in AppArgs.model_validate(application.args or {}).all_deployment_options().values():
+                longest = max(longest, options.graceful_shutdown_timeout_s or 0.0)
+        for deployment in application.deployments or []:
+            grace = getattr(deployment, "graceful_shutdown_timeout_s", None)
+            longest = max(longest, grace if isinstance(grace, (int, float)) else 0.0)
+    return longest
+
+
 def _client():
     # Serve's controller client: what `serve run` itself uses to apply a config and read details.
     from ray.serve.context import _get_global_client

@@ -22,6 +22,13 @@ deployment wraps it.
   short, not the job). A claim in flight finishes first and is put back the same way.
 - Start-up: jobs a previous runner left running (it died, or could not reach the store as it
   stopped) are requeued, counting the attempt, or failed past the retry limit.
+- The lease (a store with `leases`, Redis): a runner first takes the store's runner lease, and
+  until it has it, it only stands by (serving submits, status and cancels, claiming nothing).
+  Holding it, it recovers, dispatches and renews it every third of its TTL. When the lease is
+  lost (a renew says no, a write is refused as fenced, or no renew got through for a whole TTL),
+  it ends dispatch and every run without recording anything, and stands by again: whoever holds
+  the lease now owns the jobs. Stopping releases the lease after putting the running jobs back,
+  so a standby runner takes over at once.
 - Watchers (the SSE stream) wait on an in-memory event per job, set on every change this
   dispatcher makes, so events go out as they happen without polling the store.
 """
@@ -30,8 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 import time
+import uuid
 from typing import Callable
 
 from pydantic import ValidationError
@@ -39,7 +49,7 @@ from pydantic import ValidationError
 from deployments.runtime.types import ModelOutOfMemory, ProgressTarget
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, Job, dumps
 from serve_app.jobs.results import image_result, video_result
-from serve_app.jobs.store import JobStore
+from serve_app.jobs.store import JobStore, LeaseLost
 from serve_app.services.validation import RequestError
 from serve_app.api.schemas import ImageRequest, VideoRequest
 from serve_app.services.images import ImageService
@@ -51,6 +61,7 @@ RESTART_REASON = "interrupted: the job runner stopped while it ran"
 SHUTDOWN_REASON = "interrupted: the job runner stopped (shutdown or redeploy)"
 # How long `stop()` lets a claim in flight finish (a store call: bounded by the store's own timeouts).
 STOP_CLAIM_WAIT_S = 15.0
+DEFAULT_LEASE_TTL_S = 30.0
 CAPACITY_REASON = "not run: the model deployment had no capacity"
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -178,8 +189,12 @@ class JobDispatcher:
                  retry_limit: int, sweep_interval_s: float = 60.0,
                  progress_target: Callable[[Job], ProgressTarget | None] = lambda job: None,
                  poll_interval_s: float = 1.0, max_queued_jobs: int | None = None,
-                 max_request_bytes: int | None = None, queued_ttl_s: float | None = None):
+                 max_request_bytes: int | None = None, queued_ttl_s: float | None = None,
+                 lease_ttl_s: float = DEFAULT_LEASE_TTL_S):
         self.store = store
+        self.lease_ttl_s = lease_ttl_s
+        # Who holds the lease, in the store and the logs: this process, and this dispatcher in it.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.max_queued_jobs = max_queued_jobs
         self.max_request_bytes = max_request_bytes
         self.queued_ttl_s = queued_ttl_s
@@ -200,7 +215,11 @@ class JobDispatcher:
         self._wakeup: asyncio.Event | None = None
         self.backoff = Backoff()
         self._loops: list[asyncio.Task] = []
+        self._main: asyncio.Task | None = None
+        self._lost: asyncio.Event | None = None  # set by whatever meets LeaseLost
+        self._holds_lease = False
         self._stopping = False
+        self._halting = False  # the lease is gone: runs end without recording anything
 
     # Lifecycle
 
@@ -213,22 +232,90 @@ class JobDispatcher:
         return recovered
 
     def start(self) -> None:
-        """Start dispatching and sweeping on the running event loop."""
+        """On the running event loop: take the lease (standing by until it is free), recover the
+        jobs a previous runner left running, then dispatch and sweep while the lease holds."""
         self._wakeup = asyncio.Event()
-        self._loops = [asyncio.create_task(self._dispatch_forever()), asyncio.create_task(self._sweep_forever())]
+        self._lost = asyncio.Event()
+        self._main = asyncio.create_task(self._serve_forever())
 
     def info(self) -> dict:
         return {"store": type(self.store).__name__, "slots": self.slots, "running": dict(self._running),
-                "retry_limit": self.retry_limit, "ttl_s": self.store.ttl_s}
+                "retry_limit": self.retry_limit, "ttl_s": self.store.ttl_s,
+                "lease": "held" if self._holds_lease else "standby", "owner": self.owner}
 
     def healthy(self) -> bool:
-        return bool(self._loops) and not any(loop.done() for loop in self._loops)
+        """The lease keeper runs, and while the lease holds so do dispatch and sweep (a standby is healthy)."""
+        if self._main is None or self._main.done():
+            return False
+        return not (self._holds_lease and not self._lost.is_set() and any(loop.done() for loop in self._loops))
+
+    # The lease
+
+    async def _serve_forever(self) -> None:
+        while not self._stopping:
+            if not await self._acquire():
+                await asyncio.sleep(self.lease_ttl_s / 3)
+                continue
+            self._holds_lease, self._halting = True, False
+            try:
+                await asyncio.to_thread(self.recover)
+            except LeaseLost:
+                self._lost.set()
+            except Exception:  # the store is unreachable: hand the lease back and try again shortly
+                logger.exception("could not recover the jobs left running; trying again")
+                self._lost.set()
+                await asyncio.sleep(self.lease_ttl_s / 3)
+            if not self._lost.is_set():
+                self._loops = [asyncio.create_task(self._dispatch_forever()),
+                               asyncio.create_task(self._sweep_forever())]
+                await self._keep_lease()
+            await self._halt()
+
+    async def _acquire(self) -> bool:
+        try:
+            taken = await asyncio.to_thread(self.store.acquire_lease, self.owner, self.lease_ttl_s)
+        except Exception as error:
+            logger.warning("could not ask for the job runner lease (%s); trying again", type(error).__name__)
+            return False
+        if taken and self.store.leases:
+            logger.info("job runner %s holds the lease: dispatching", self.owner)
+        return taken
+
+    async def _keep_lease(self) -> None:
+        """Renew every third of the TTL; return once the lease is lost: a renew says no, a write
+        met LeaseLost, or no renew got through for a whole TTL (the lease may have lapsed)."""
+        renewed = time.monotonic()
+        while not await _wait(self._lost, self.lease_ttl_s / 3):
+            try:
+                if not await asyncio.to_thread(self.store.renew_lease, self.lease_ttl_s):
+                    return
+                renewed = time.monotonic()
+            except Exception as error:
+                logger.warning("could not renew the job runner lease (%s)", type(error).__name__)
+                if time.monotonic() - renewed >= self.lease_ttl_s:
+                    return
+
+    async def _halt(self) -> None:
+        """The lease is gone: end dispatch and every run here without recording anything (the
+        store refuses it now); the lease holder owns these jobs. Then stand by."""
+        logger.warning("job runner %s lost the lease: stopping %d run(s) unrecorded and standing by",
+                       self.owner, len(self._tasks))
+        self._holds_lease, self._halting = False, True
+        tasks = [*self._loops, *self._tasks.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loops = []
+        self._lost.clear()
 
     async def stop(self) -> None:
         """Stop dispatching, cancel every running job's model call and put those jobs back in the
         queue, in their places, without spending their attempts. Always ends: a store that cannot
         be reached leaves them running, for the next runner to requeue (counting the attempt)."""
         self._stopping = True
+        if self._main is not None:  # no more renewing or halting: what follows settles this runner's jobs
+            self._main.cancel()
+            await asyncio.gather(self._main, return_exceptions=True)
         running = list(self._active.values())
         dispatch, *others = self._loops or [None]
         tasks = [*others, *self._tasks.values()]
@@ -251,6 +338,12 @@ class JobDispatcher:
             except Exception as error:  # left running: the next runner's recover() requeues it
                 logger.warning("job %s: could not put it back in the queue as the runner stopped (%s); the "
                                "next runner requeues it", job.id, type(error).__name__)
+        if self._holds_lease:
+            self._holds_lease = False
+            try:
+                await asyncio.to_thread(self.store.release_lease)
+            except Exception as error:  # it lapses after its TTL instead
+                logger.warning("could not release the job runner lease (%s)", type(error).__name__)
 
     def _requeue_interrupted(self, job: Job) -> None:
         current = self.store.get(job.id)
@@ -355,7 +448,12 @@ class JobDispatcher:
         if progress.get("preview"):
             record["preview"] = progress["preview"]
         self._progress[job_id] = record
-        if await asyncio.to_thread(self.store.record_progress, job_id, attempt, record):
+        try:
+            recorded = await asyncio.to_thread(self.store.record_progress, job_id, attempt, record)
+        except LeaseLost:
+            self._lost.set()
+            return
+        if recorded:
             self._watchers.changed(job_id)
 
     # Dispatch
@@ -367,6 +465,9 @@ class JobDispatcher:
                     if self._running[kind] < limit and not self.backoff.waiting(kind)]
             try:
                 job = await asyncio.to_thread(self.store.claim, free) if free else None
+            except LeaseLost:
+                self._lost.set()
+                return
             except Exception:
                 logger.exception("could not claim a job; trying again")
                 job = None
@@ -388,6 +489,13 @@ class JobDispatcher:
             self._watchers.changed(job.id)
 
     async def _run(self, job: Job, cancel: asyncio.Event) -> None:
+        try:
+            await self._run_attempt(job, cancel)
+        except LeaseLost:  # another runner holds the lease: this run's outcome is not ours to record
+            logger.warning("job %s: outcome not recorded: this runner lost the lease", job.id)
+            self._lost.set()
+
+    async def _run_attempt(self, job: Job, cancel: asyncio.Event) -> None:
         """Run one attempt until it ends or its user cancels it. The cancel is an event rather than
         a cancellation of this task, so it is safe at any moment, even before the task starts."""
         execute = asyncio.ensure_future(self._execute(job))
@@ -404,10 +512,12 @@ class JobDispatcher:
             execute.result()  # re-raises the run's failure, if any
             self.backoff.succeeded(job.kind)
         except asyncio.CancelledError:
-            if self._stopping:  # the job stays running in the store, for the next runner to requeue
+            if self._stopping or self._halting:  # stop() puts it back; a lost lease records nothing
                 execute.cancel()
                 raise
             await self._attempt_failed(job, RuntimeError("the run was cancelled, but not by its user"))
+        except LeaseLost:
+            raise  # not this run's failure: nothing of it is recorded (see _run)
         except Exception as error:
             if is_capacity(error):
                 await self._turned_away(job, error)
@@ -487,6 +597,9 @@ class JobDispatcher:
                 stale = await asyncio.to_thread(self.expire_queued)
                 if stale:
                     logger.info("failed %d job(s) queued longer than %gs", stale, self.queued_ttl_s)
+            except LeaseLost:
+                self._lost.set()
+                return
             except Exception:
                 logger.exception("could not delete expired jobs")
             await asyncio.sleep(self.sweep_interval_s)

@@ -19,9 +19,13 @@ Layout, under a key prefix P (default `genserve:jobs`):
     P:all, P:state:<s>  sorted sets of job ids by seq (listing, filtering, paging)
     P:queue:<kind>      sorted set of queued job ids by seq (claiming, queue position)
     P:expiry            sorted set of finished job ids by expiry time (the TTL sweep)
+    P:lease             the runner lease: "<owner>|<epoch>", with a TTL (PX) the holder renews
+    P:epoch             lease counter: every acquire gets the next, so a token is never reused
 
 Every change is one Lua script, so it is atomic: a compare-and-set on state and attempt, and the
-index sets move with the record. Finished jobs are deleted by the sweep at `expires_at`; their
+index sets move with the record. A runner's own changes also carry its lease token and are
+refused ("FENCED", `LeaseLost`) unless P:lease still holds that token, in the same script: a
+runner that lost its lease (it stalled past the TTL, another took over) writes nothing. Finished jobs are deleted by the sweep at `expires_at`; their
 keys also get a Redis TTL a day past that, so they go even if no runner is left to sweep.
 
 Durability is Redis' own: run it with `appendonly yes` (and `appendfsync always` for the same
@@ -47,11 +51,19 @@ from serve_app.jobs.model import (
     dumps,
     scoped_idempotency_key,
 )
-from serve_app.jobs.store import JobStore, _now
+from serve_app.jobs.store import JobStore, LeaseLost, _now
 
 BACKSTOP_S = 86400  # Redis TTL past `expires_at`, in case no runner sweeps
 
-_LIB = """
+_FENCE = """
+-- A runner's write carries its lease token; refused unless the lease is still that token.
+local function fenced(P, fence)
+  return fence ~= '' and redis.call('GET', P .. ':lease') ~= fence
+end
+local FENCED = 'FENCED: this runner no longer holds the job runner lease'
+"""
+
+_LIB = _FENCE + """
 local function hist(P, id, state, now, attempt, reason)
   local entry = '{"state":' .. cjson.encode(state) .. ',"at":' .. now .. ',"attempt":' .. attempt
   if reason ~= nil and reason ~= '' then entry = entry .. ',"reason":' .. cjson.encode(reason) end
@@ -126,9 +138,10 @@ return {id, 1}
 """
 
 _CLAIM = _LIB + """
-local P, now = ARGV[1], ARGV[2]
+local P, now, fence = ARGV[1], ARGV[2], ARGV[3]
+if fenced(P, fence) then return redis.error_reply(FENCED) end
 local best, best_seq = nil, nil
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local head = redis.call('ZRANGE', P .. ':queue:' .. ARGV[i], 0, 0, 'WITHSCORES')
   if head[1] and (best_seq == nil or tonumber(head[2]) < best_seq) then
     best, best_seq = head[1], tonumber(head[2])
@@ -144,7 +157,8 @@ return best
 """
 
 _TRANSITION = _LIB + """
-local P, id, expect, to, attempt, now, expires, backstop, reason, has_error, err, cancel, refund = unpack(ARGV)
+local P, id, expect, to, attempt, now, expires, backstop, reason, has_error, err, cancel, refund, fence = unpack(ARGV)
+if fenced(P, fence) then return redis.error_reply(FENCED) end
 local job = P .. ':job:' .. id
 local state = redis.call('HGET', job, 'state')
 if not state then return false end
@@ -159,8 +173,9 @@ if refund == '1' and tonumber(redis.call('HGET', job, 'attempts')) > 0 then redi
 return true
 """
 
-_PROGRESS = """
-local P, id, attempt, progress = unpack(ARGV)
+_PROGRESS = _FENCE + """
+local P, id, attempt, progress, fence = unpack(ARGV)
+if fenced(P, fence) then return redis.error_reply(FENCED) end
 local job = P .. ':job:' .. id
 if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'attempts') ~= attempt then
   return false
@@ -172,12 +187,13 @@ return true
 
 _SAVE_RESULT = _LIB + """
 local P, id, attempt, now, expires, backstop, result, files = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+if fenced(P, ARGV[9]) then return redis.error_reply(FENCED) end
 local job = P .. ':job:' .. id
 if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'attempts') ~= attempt
    or redis.call('HGET', job, 'cancel_requested') == '1' then
   return false
 end
-for i = 9, #ARGV, 2 do redis.call('SET', P .. ':file:' .. id .. ':' .. ARGV[i], ARGV[i + 1]) end
+for i = 10, #ARGV, 2 do redis.call('SET', P .. ':file:' .. id .. ':' .. ARGV[i], ARGV[i + 1]) end
 redis.call('SET', P .. ':res:' .. id, result)
 redis.call('HSET', job, 'files', files)
 set_state(P, id, job, 'running', 'succeeded', now, expires, backstop, nil)
@@ -203,8 +219,9 @@ local function remove(P, id)
 end
 """
 
-_EXPIRE = _REMOVE + """
-local P, now, limit = ARGV[1], ARGV[2], ARGV[3]
+_EXPIRE = _FENCE + _REMOVE + """
+local P, now, limit, fence = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if fenced(P, fence) then return redis.error_reply(FENCED) end
 local ids = redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(ids) do remove(P, id) end
 return #ids
@@ -216,6 +233,27 @@ local state = redis.call('HGET', P .. ':job:' .. id, 'state')
 if not state then return -1 end
 if state ~= 'succeeded' and state ~= 'failed' and state ~= 'cancelled' then return 0 end
 remove(P, id)
+return 1
+"""
+
+_ACQUIRE = """
+local P, owner, ttl = ARGV[1], ARGV[2], ARGV[3]
+local current = redis.call('GET', P .. ':lease')
+if current and string.sub(current, 1, #owner + 1) ~= owner .. '|' then return false end
+local token = owner .. '|' .. redis.call('INCR', P .. ':epoch')
+redis.call('SET', P .. ':lease', token, 'PX', ttl)
+return token
+"""
+
+_RENEW = """
+if redis.call('GET', ARGV[1] .. ':lease') ~= ARGV[2] then return 0 end
+redis.call('PEXPIRE', ARGV[1] .. ':lease', ARGV[3])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', ARGV[1] .. ':lease') ~= ARGV[2] then return 0 end
+redis.call('DEL', ARGV[1] .. ':lease')
 return 1
 """
 
@@ -263,12 +301,16 @@ def check_durability(client, on_forbidden: str = "refuse") -> list[str]:
 
 
 class RedisJobStore(JobStore):
+    leases = True
+
     def __init__(self, url: str, ttl_s: float = 86400.0, prefix: str = "genserve:jobs",
                  connect_timeout_s: float = 5.0, socket_timeout_s: float = 10.0, config_check: str = "refuse"):
         import redis
 
         super().__init__(ttl_s)
         self.prefix = prefix
+        # The lease token this store's runner writes carry ("" until a lease is acquired: unfenced).
+        self._fence = ""
         # Timeouts: an unreachable or stalled Redis fails a store call (the dispatcher logs it and
         # tries again; a submit answers 5xx) instead of hanging a worker thread forever.
         self._redis = redis.Redis.from_url(url, decode_responses=False, health_check_interval=30,
@@ -281,6 +323,36 @@ class RedisJobStore(JobStore):
         self._save_result = self._redis.register_script(_SAVE_RESULT)
         self._expire = self._redis.register_script(_EXPIRE)
         self._delete = self._redis.register_script(_DELETE)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
+
+    # The runner lease
+
+    def acquire_lease(self, owner, ttl_s):
+        token = self._acquire(args=[self.prefix, owner, _millis(ttl_s)])
+        if token is None:
+            return False
+        self._fence = token.decode()
+        return True
+
+    def renew_lease(self, ttl_s):
+        return bool(self._fence) and bool(self._renew(args=[self.prefix, self._fence, _millis(ttl_s)]))
+
+    def release_lease(self):
+        if self._fence:
+            self._release(args=[self.prefix, self._fence])
+
+    def _runner_write(self, script, args: list):
+        """Run a runner's write, fenced by this store's lease token (LeaseLost once it is gone)."""
+        import redis
+
+        try:
+            return script(args=args)
+        except redis.ResponseError as error:
+            if str(error).startswith("FENCED"):
+                raise LeaseLost(str(error)) from None
+            raise
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -360,24 +432,25 @@ class RedisJobStore(JobStore):
         kinds = list(kinds)
         if not kinds:
             return None
-        job_id = self._claim(args=[self.prefix, repr(_now(now)), *kinds])
+        job_id = self._runner_write(self._claim, [self.prefix, repr(_now(now)), self._fence, *kinds])
         return None if job_id is None else self.get(job_id.decode(), with_request=True)
 
     def transition(self, job_id, expect, to, *, attempt=None, reason=None, error=None, cancel_requested=None,
-                   refund_attempt=False, now=None):
+                   refund_attempt=False, now=None, fenced=True):
         if to not in STATES:
             raise ValueError(f"unknown state {to!r}")
         now = _now(now)
         expires, backstop = self._expiry_args(now)
         cancel = "" if cancel_requested is None else str(int(cancel_requested))
-        moved = self._transition(args=[
+        moved = self._runner_write(self._transition, [
             self.prefix, job_id, ",".join(expect), to, "" if attempt is None else str(attempt), repr(now), expires,
             backstop, reason or "", "0" if error is None else "1", error or "", cancel, "1" if refund_attempt else "0",
+            self._fence if fenced else "",
         ])
         return self.get(job_id) if moved else None
 
     def record_progress(self, job_id, attempt, progress):
-        return bool(self._progress(args=[self.prefix, job_id, str(attempt), dumps(progress)]))
+        return bool(self._runner_write(self._progress, [self.prefix, job_id, str(attempt), dumps(progress), self._fence]))
 
     def save_result(self, job_id, attempt, result, files, now=None):
         now = _now(now)
@@ -385,9 +458,9 @@ class RedisJobStore(JobStore):
         pairs = []
         for meta, data in files:
             pairs += [meta.name, data]
-        saved = self._save_result(args=[
+        saved = self._runner_write(self._save_result, [
             self.prefix, job_id, str(attempt), repr(now), expires, backstop, dumps(result),
-            dumps([meta.to_dict() for meta, _ in files]), *pairs,
+            dumps([meta.to_dict() for meta, _ in files]), self._fence, *pairs,
         ])
         return self.get(job_id) if saved else None
 
@@ -400,7 +473,7 @@ class RedisJobStore(JobStore):
     def expire(self, now=None):
         total = 0
         while True:
-            count = self._expire(args=[self.prefix, repr(_now(now)), 500])
+            count = self._runner_write(self._expire, [self.prefix, repr(_now(now)), 500, self._fence])
             total += count
             if count < 500:
                 return total
@@ -410,6 +483,10 @@ class RedisJobStore(JobStore):
 
     def close(self):
         self._redis.close()
+
+
+def _millis(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds * 1000)))
 
 
 def _float(value: bytes | None) -> float | None:

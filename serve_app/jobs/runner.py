@@ -69,9 +69,11 @@ class JobRunner:
         self._dispatcher = JobDispatcher(self._store, images, videos, slots, config.retry_limit,
                                          config.sweep_interval_s, progress_target,
                                          max_queued_jobs=config.max_queued_jobs,
-                                         max_request_bytes=config.max_request_bytes, queued_ttl_s=config.queued_ttl_s)
-        self._dispatcher.recover()
-        self._dispatcher.start()  # Serve runs the constructor on the replica's event loop
+                                         max_request_bytes=config.max_request_bytes, queued_ttl_s=config.queued_ttl_s,
+                                         lease_ttl_s=config.runner_lease_s)
+        # Serve runs the constructor on the replica's event loop. Recovering the jobs a previous
+        # runner left running comes once this one holds the store's lease.
+        self._dispatcher.start()
         self._jobs_gauge = None
         if metrics:
             from ray.serve.metrics import Gauge

@@ -212,7 +212,7 @@ class SqliteJobStore(JobStore):
             return _job(db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone())
 
     def transition(self, job_id, expect, to, *, attempt=None, reason=None, error=None, cancel_requested=None,
-                   refund_attempt=False, now=None):
+                   refund_attempt=False, now=None, fenced=True):
         now = _now(now)
         with self._write() as db:
             row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()

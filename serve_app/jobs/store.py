@@ -11,6 +11,14 @@ Two implementations share one test suite (tests/unit/test_job_store.py):
   bytes live in Redis, changed by Lua scripts (atomic), so nothing depends on a node's disk.
 
 Stores are synchronous and thread-safe; the dispatcher calls them from worker threads.
+
+The runner lease (fencing): where two runners can reach one store (two clusters on one Redis
+during a KubeRay upgrade), only the holder of the store's lease may change jobs on its own
+account: claim, record progress, save a result, retry, fail, requeue, expire. Once its lease is
+gone (released, expired, taken over) every such write raises `LeaseLost` and changes nothing,
+checked atomically with the write. What a user asks for (submit, cancel, delete) is the same
+change whichever runner serves it, so it is not fenced. The SQLite store lives on one node's
+disk with one runner, and has no lease (`leases` is False: every acquire succeeds).
 """
 
 from __future__ import annotations
@@ -22,11 +30,30 @@ from collections.abc import Iterable
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, Job, ResultFile
 
 
+class LeaseLost(RuntimeError):
+    """A write of a runner whose lease is gone: refused, nothing changed. The runner stops dispatching."""
+
+
 class JobStore(ABC):
     """Durable job records and result files. `ttl_s`: how long finished jobs are kept."""
 
+    # Whether runners must hold a lease to write (see the module docstring).
+    leases = False
+
     def __init__(self, ttl_s: float):
         self.ttl_s = ttl_s
+
+    def acquire_lease(self, owner: str, ttl_s: float) -> bool:
+        """Take the runner lease for `owner` unless another runner holds it; this store's runner
+        writes are then fenced with it. True when taken."""
+        return True
+
+    def renew_lease(self, ttl_s: float) -> bool:
+        """Extend the lease this store holds by `ttl_s`; False when it is no longer held."""
+        return True
+
+    def release_lease(self) -> None:
+        """Give the lease up (a standby runner takes it at once); this store's runner writes are refused after."""
 
     @abstractmethod
     def create(self, kind: str, request: dict, *, idempotency_key: str | None = None,
@@ -66,11 +93,12 @@ class JobStore(ABC):
     @abstractmethod
     def transition(self, job_id: str, expect: Iterable[str], to: str, *, attempt: int | None = None,
                    reason: str | None = None, error: str | None = None, cancel_requested: bool | None = None,
-                   refund_attempt: bool = False, now: float | None = None) -> Job | None:
+                   refund_attempt: bool = False, now: float | None = None, fenced: bool = True) -> Job | None:
         """Compare-and-set: when the job is in one of `expect` (and at `attempt`, if given), move
         it to `to` and return it; else change nothing and return None. A change of state is
         recorded in the history with `reason`; a terminal state sets `finished_at`/`expires_at`.
-        `refund_attempt`: count the attempt as never made (a run the models had no room to start)."""
+        `refund_attempt`: count the attempt as never made (a run the models had no room to start).
+        `fenced`: a runner's own change, refused (LeaseLost) without the lease; False for a user's."""
 
     @abstractmethod
     def record_progress(self, job_id: str, attempt: int, progress: dict) -> bool:
@@ -108,9 +136,9 @@ class JobStore(ABC):
         """A queued job is cancelled at once; a running one is flagged for its runner to stop.
         Returns the job and whether this call changed it (False: it had already finished);
         None for an unknown id."""
-        job = self.transition(job_id, {QUEUED}, CANCELLED, reason="cancelled before it started", now=now)
+        job = self.transition(job_id, {QUEUED}, CANCELLED, reason="cancelled before it started", now=now, fenced=False)
         if job is None:
-            job = self.transition(job_id, {RUNNING}, RUNNING, cancel_requested=True, now=now)
+            job = self.transition(job_id, {RUNNING}, RUNNING, cancel_requested=True, now=now, fenced=False)
         if job is not None:
             return job, True
         job = self.get(job_id)

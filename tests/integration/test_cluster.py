@@ -80,8 +80,10 @@ def cluster():
 
     POOL.stop()  # one Ray per process: the shared app's goes first
 
-    # The head node runs Serve's controller, the HTTP proxy and CPU replicas; it has no GPU.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    # The head node runs Serve's controller, the HTTP proxy and the CPU replicas (the Ingress and
+    # the JobRunner ask for `cpu_node`, which the config's cpu nodes offer); it has no GPU.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False,
+                                                            "resources": {"cpu_node": 1000}})
     nodes = {
         # Three H100-class nodes of one GPU each for FLUX (up to two replicas here) and SVD, two
         # L4-class nodes for CLIP, SDXL and the enhancer's LLM (0.2 + 0.7 + 0.2 of an L4 do not
@@ -101,9 +103,20 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def app(cluster):
-    deploy_and_wait(tiny_args(ROOT / "configs" / "multi-gpu.yaml", FluxSchnellGenerator=FAST_FLUX_AUTOSCALING))
-    return cluster
+def app(cluster, tmp_path_factory):
+    from tests.redis_server import RedisServer
+
+    # The profile's job store and rate-limit counters: a Redis of the test's own in place of genserve-redis.
+    redis = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        args = tiny_args(ROOT / "configs" / "multi-gpu.yaml", FluxSchnellGenerator=FAST_FLUX_AUTOSCALING)
+        assert args["jobs"]["store"] == "redis"
+        args["jobs"]["redis_url"] = redis.url
+        args["auth"]["limits_storage"] = redis.url.rsplit("/", 1)[0] + "/1"
+        deploy_and_wait(args)
+        yield cluster
+    finally:
+        redis.stop()
 
 
 def _deployment(name: str):

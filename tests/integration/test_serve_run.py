@@ -69,7 +69,12 @@ def test_genserve_serve_dev_profile_answers_and_stops_on_sigterm_putting_its_run
             long = submit(client, "video", {"image": png_b64(), "num_frames": 3, "num_inference_steps": 100})
             wait_for(client, long["id"], in_stage("video", min_step=1), what="the video denoising")
     finally:
-        _stop(process, signal.SIGTERM)  # what systemd, docker stop and Kubernetes send
+        process.send_signal(signal.SIGTERM)  # to genserve alone, as docker stop and Kubernetes do
+        try:
+            process.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            pass
+        _stop(process)
     assert process.returncode == 0, log.read_text()
     store = SqliteJobStore(tmp_path / "jobs")
     interrupted = store.get(long["id"])

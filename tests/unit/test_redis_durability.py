@@ -68,3 +68,18 @@ def test_an_unreachable_server_fails_within_the_connect_timeout(tmp_path):
     with pytest.raises(Exception):
         RedisJobStore(f"redis://10.255.255.1:{free_port()}/0", connect_timeout_s=0.5, socket_timeout_s=0.5)
     assert time.monotonic() - started < 5
+
+
+def test_a_server_that_accepts_but_never_answers_fails_within_the_socket_timeout():
+    """A stalled Redis (connected, silent) fails a store call instead of hanging a worker thread."""
+    import socket
+
+    import redis
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        started = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            RedisJobStore(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", connect_timeout_s=0.5, socket_timeout_s=1)
+        assert 1 <= time.monotonic() - started < 5

@@ -1,0 +1,172 @@
+"""The job runner lease with fencing: two dispatchers on one real redis-server (two clusters sharing
+one Redis during a KubeRay upgrade), no Ray. Only the lease holder claims and records; a standby
+takes over when the holder stops; a runner that lost its lease writes nothing."""
+
+import asyncio
+
+import pytest
+
+from serve_app.config import JobsConfig, QualityPolicy
+from serve_app.jobs.dispatch import JobDispatcher
+from serve_app.jobs.model import FAILED, RUNNING, SUCCEEDED, ResultFile
+from serve_app.jobs.store import LeaseLost
+from serve_app.services.images import ImageService
+from serve_app.services.local import LocalHandle
+from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
+from tests.helpers import model_spec, wait_until_async
+from tests.job_stores import Backend
+
+LEASE_S = 3.0  # short, so that a standby's polls and a lapse take seconds
+
+
+class GatedGenerator(FakeGenerator):
+    def __init__(self, gated: bool = False):
+        super().__init__()
+        self.gate = asyncio.Event() if gated else None
+        self.started = self.finished = self.cancelled = 0
+
+    async def generate(self, params, prompt):
+        self.started += 1
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            output = await super().generate(params, prompt)
+            self.finished += 1
+            return output
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+@pytest.fixture
+def redis(tmp_path):
+    backend = Backend("redis", tmp_path)
+    yield backend
+    backend.close()
+
+
+def _dispatcher(store, generator) -> JobDispatcher:
+    spec = model_spec()
+    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)}, LocalHandle(FakeScorer()),
+                          {spec.id: spec}, QualityPolicy())
+    return JobDispatcher(store, images, None, {"image": 1}, retry_limit=2, sweep_interval_s=3600,
+                         poll_interval_s=0.05, lease_ttl_s=LEASE_S)
+
+
+async def _submit(dispatcher, prompt: str) -> str:
+    job, created, _ = await dispatcher.submit("image", {"prompt": prompt, "seed": 5})
+    assert created
+    return job.id
+
+
+def test_one_lease_at_a_time_renewed_by_its_holder_and_never_reissued(redis):
+    one, two = redis.open(), redis.open()
+    assert one.acquire_lease("one", LEASE_S) and not two.acquire_lease("two", LEASE_S)
+    assert one.renew_lease(LEASE_S) and not two.renew_lease(LEASE_S)
+    one.release_lease()
+    assert two.acquire_lease("two", LEASE_S)
+    assert not one.renew_lease(LEASE_S), "released: renewing does not bring it back"
+    assert int(one._fence.split("|")[1]) < int(two._fence.split("|")[1]), "a new epoch for every holder"
+    with pytest.raises(LeaseLost):
+        one.claim(["image"])
+
+
+def test_only_the_lease_holder_dispatches_and_a_standby_takes_over_when_it_stops(redis):
+    store_a, store_b = redis.open(), redis.open()
+
+    async def scenario():
+        generator_a, generator_b = GatedGenerator(gated=True), GatedGenerator()
+        first, standby = _dispatcher(store_a, generator_a), _dispatcher(store_b, generator_b)
+        first.start()
+        await wait_until_async(lambda: first.info()["lease"] == "held", 5)
+        standby.start()
+        # Submits through the standby (a user's request reaches any cluster): recorded, run by the holder.
+        ids = [await _submit(standby, "one"), await _submit(standby, "two")]
+        await wait_until_async(lambda: generator_a.started == 1, 5)
+        await asyncio.sleep(2 * LEASE_S / 3)  # the standby polls the lease and gets nothing
+        assert standby.info()["lease"] == "standby" and generator_b.started == 0
+        assert standby.healthy() and first.healthy()
+        await first.stop()  # puts its running job back (attempt not spent), then releases the lease
+        await wait_until_async(lambda: all(store_b.get(job_id).state == SUCCEEDED for job_id in ids), 10)
+        await standby.stop()
+        return ids, generator_a, generator_b
+
+    ids, generator_a, generator_b = asyncio.run(scenario())
+    assert (generator_a.started, generator_a.cancelled, generator_b.finished) == (1, 1, 2)
+    assert [store_b.get(job_id).attempts for job_id in ids] == [1, 1], "the interrupted run was not counted"
+
+
+def test_a_runner_that_lost_its_lease_writes_nothing(redis, monkeypatch):
+    store_a, store_b = redis.open(), redis.open()
+    # Runner A stalls (a long pause, a partition): it believes it still holds the lease but renews nothing.
+    monkeypatch.setattr(store_a, "renew_lease", lambda ttl_s: True)
+
+    async def scenario():
+        generator_a, generator_b = GatedGenerator(gated=True), GatedGenerator()
+        stalled, successor = _dispatcher(store_a, generator_a), _dispatcher(store_b, generator_b)
+        stalled.start()
+        await wait_until_async(lambda: stalled.info()["lease"] == "held", 5)
+        successor.start()
+        job_id = await _submit(successor, "contended")
+        await wait_until_async(lambda: generator_a.started == 1, 5)
+        # The lease lapses; the successor takes it, requeues the job it finds running (the attempt
+        # counts: it cannot tell a stalled runner from a dead one) and runs it to the end.
+        await wait_until_async(lambda: store_b.get(job_id).state == SUCCEEDED, 5 * LEASE_S)
+        settled = store_b.get(job_id, with_request=True)
+        # Every write the stalled runner tries is refused, atomically, as fenced.
+        for write in (lambda: store_a.claim(["image"]),
+                      lambda: store_a.record_progress(job_id, 1, {"stage": "generate", "step": 1}),
+                      lambda: store_a.transition(job_id, {SUCCEEDED}, FAILED, reason="late"),
+                      lambda: store_a.save_result(job_id, settled.attempts, {"images": []},
+                                                  [(ResultFile("image-0.png", "image/png", 3), b"png")]),
+                      lambda: store_a.expire(now=1e12)):
+            with pytest.raises(LeaseLost):
+                write()
+        # Its run then finishes: the result it tries to save is refused too, and it stands by.
+        generator_a.gate.set()
+        await wait_until_async(lambda: generator_a.finished == 1 and stalled.info()["lease"] == "standby", 5)
+        assert stalled.healthy(), "a standby is healthy"
+        await stalled.stop()
+        await successor.stop()
+        return job_id, settled
+
+    job_id, settled = asyncio.run(scenario())
+    final = store_b.get(job_id, with_request=True)
+    assert final.state == SUCCEEDED and final.version == settled.version, "no second result, no state change"
+    assert final.result == settled.result and final.history == settled.history
+    assert final.attempts == 2 and [h["state"] for h in final.history] == [
+        "queued", "running", "queued", "running", "succeeded"]
+    assert "interrupted: the job runner stopped while it ran" in final.history[2]["reason"]
+    # What a user asks for is not fenced: the stalled runner's store still takes submits and cancels.
+    job, created = store_a.create("image", {"prompt": "after"})
+    assert created and store_a.request_cancel(job.id)[0].state == "cancelled"
+
+
+def test_a_standby_never_recovers_the_jobs_the_holder_is_running(redis):
+    store_a, store_b = redis.open(), redis.open()
+
+    async def scenario():
+        generator_a = GatedGenerator(gated=True)
+        holder, standby = _dispatcher(store_a, generator_a), _dispatcher(store_b, GatedGenerator())
+        holder.start()
+        await wait_until_async(lambda: holder.info()["lease"] == "held", 5)
+        job_id = await _submit(holder, "running on the holder")
+        await wait_until_async(lambda: generator_a.started == 1, 5)
+        standby.start()  # a runner starting beside a live holder (the upgrade's new cluster)
+        await asyncio.sleep(LEASE_S)  # three lease polls, three renews
+        running = store_b.get(job_id)
+        generator_a.gate.set()
+        await wait_until_async(lambda: store_a.get(job_id).state == SUCCEEDED, 5)
+        await holder.stop()
+        await standby.stop()
+        return running, store_a.get(job_id)
+
+    running, done = asyncio.run(scenario())
+    assert (running.state, running.attempts) == (RUNNING, 1), "left alone: it is the holder's"
+    assert done.attempts == 1
+
+
+def test_the_lease_outlasts_a_slow_renew():
+    with pytest.raises(ValueError, match=r"runner_lease_s \(15\) must be more than twice redis_timeout_s \(10\)"):
+        JobsConfig(runner_lease_s=15)
+    assert JobsConfig().runner_lease_s == 30
