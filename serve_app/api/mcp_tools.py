@@ -86,6 +86,8 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
         async def progress(current: Job) -> None:
             if current.progress:
                 step, steps = current.progress.get("step", 0), current.progress.get("steps") or None
+                if current.state == "succeeded" and steps:
+                    step = steps  # step reports are not awaited: the last can land after the result
                 await ctx.report_progress(step, steps, f"{current.progress.get('stage', kind)}: step {step}/{steps}")
             else:
                 await ctx.report_progress(0, None, current.state)
