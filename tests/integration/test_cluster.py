@@ -114,7 +114,7 @@ def app(cluster, tmp_path_factory):
         args["jobs"]["redis_url"] = redis.url
         args["auth"]["limits_storage"] = redis.url.rsplit("/", 1)[0] + "/1"
         deploy_and_wait(args)
-        yield cluster
+        yield {**cluster, "args": args}
     finally:
         redis.stop()
 
@@ -236,6 +236,9 @@ def test_losing_a_worker_node_replaces_its_replicas_without_a_restart(app):
     # proxy itself, with its plain 500, before any of our code can: that is allowed only then.
     for status, error in failed:
         assert status == 503 or (status == 500 and ingress_lost and error == "Internal Server Error"), failed
-    # Serve marks the deployment unhealthy when its replica dies, healthy again once replaced.
-    wait_until(lambda: _deployment("FluxSchnellGenerator").status.value == "HEALTHY", timeout_s=60,
+    # Serve marks the deployment unhealthy when its replica dies, healthy again once replaced and
+    # the dead replica is stopped: that can wait out its graceful_shutdown_timeout_s (the profile's).
+    grace = app["args"]["image_models"][0]["deployment"]["graceful_shutdown_timeout_s"]
+    wait_until(lambda: _deployment("FluxSchnellGenerator").status.value == "HEALTHY", timeout_s=grace + 60,
                what="FluxSchnellGenerator healthy again")
+    print(f"FluxSchnellGenerator healthy {time.monotonic() - removed:.1f}s after the loss (grace {grace}s)")
