@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from deployments.names import Style
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments.names import Style
 
 TINY = "tiny"
 # The public improved-aesthetic-predictor head (christophschuhmann/improved-aesthetic-predictor),

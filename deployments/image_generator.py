@@ -14,7 +14,6 @@ import logging
 import time
 
 import numpy as np
-
 from ray import serve
 
 from deployments.config import IMAGE_GENERATOR_MAX_ONGOING_REQUESTS, ImageModelConfig

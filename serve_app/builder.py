@@ -12,14 +12,14 @@ from pathlib import Path
 
 from ray.serve import Application
 
-from deployments.scoring.clip_scorer import ClipScorer
 from deployments.enhancer.prompt_enhancer import PromptEnhancer
-from deployments.image_generator import ImageGenerator
-from deployments.video_generator import VideoGenerator
-from deployments.runtime.lora import LoraRegistry
 from deployments.families import BUILTIN
-from serve_app.config import AppArgs, DeploymentOptions, JobsConfig
+from deployments.image_generator import ImageGenerator
+from deployments.runtime.lora import LoraRegistry
+from deployments.scoring.clip_scorer import ClipScorer
+from deployments.video_generator import VideoGenerator
 from serve_app.api.ingress import Ingress
+from serve_app.config import AppArgs, DeploymentOptions, JobsConfig
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.runner import JobRunner
 from serve_app.services.validation import ModelSpec

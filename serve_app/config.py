@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.names import SCORE_RANGES, GateMetric
 from deployments.config import (
     IMAGE_GENERATOR_MAX_ONGOING_REQUESTS,
     SCORER_MAX_ONGOING_REQUESTS,
@@ -27,6 +26,7 @@ from deployments.config import (
     ScorerConfig,
     VideoModelConfig,
 )
+from deployments.names import SCORE_RANGES, GateMetric
 
 # The deployments every app has; image and video generators are named after their model ids
 # (`generator_name`) and configured in their `image_models:` / `video_models:` entries.

@@ -5,9 +5,8 @@ import os
 # first import at the terminal summary, after tests left server threads behind, can fail with
 # "SystemError: AST constructor recursion depth mismatch" (fixed in later CPython releases).
 import hypothesis  # noqa: F401
-import starlette.testclient  # noqa: F401  (the same, for test modules that import it inside a test)
-
 import pytest
+import starlette.testclient  # noqa: F401  (the same, for test modules that import it inside a test)
 
 # Tests start throwaway local Ray clusters bound to loopback; Ray 2.60's token auth would make the
 # `serve` CLI used by some tests need the token, so it is off for the test session only.

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from deployments.runtime.types import EnhancedPrompt, GenerationOutput, GenerationParams
 from deployments.scoring.clip_scorer import ASPECTS, combined_score
 from deployments.scoring.perceptual import perceptual_scores
-from deployments.runtime.types import EnhancedPrompt, GenerationOutput, GenerationParams
 
 
 def grey_for_seed(seed: int) -> int:

@@ -21,12 +21,12 @@ import time
 
 from ray import serve
 
+from deployments import names
 from deployments.config import EnhancerConfig
 from deployments.enhancer.llm import LlmError, build_llm, enhance_messages, revise_messages
+from deployments.enhancer.prompt_rules import check_llm_prompt, clean_llm_output
 from deployments.runtime.loading import resolve_placement
 from deployments.runtime.metrics import ModelMetrics
-from deployments.enhancer.prompt_rules import check_llm_prompt, clean_llm_output
-from deployments import names
 from deployments.runtime.types import EnhancedPrompt, PromptForm
 
 logger = logging.getLogger("ray.serve")

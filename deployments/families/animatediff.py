@@ -128,7 +128,6 @@ class AnimateDiffFamily(VideoFamily):
         adapter through `MotionAdapter.from_pretrained` (or tiny), joined into an AnimateDiffPipeline."""
         from deployments.families import get_family
         from deployments.runtime.loading import is_tiny, load_diffusers_pipeline, pretrained_location
-
         from deployments.runtime.weights import local_variant
 
         sd15 = get_family("sd15")

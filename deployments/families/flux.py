@@ -84,9 +84,10 @@ class FluxFamily(ImageFamily):
         model's would, instead of a quadratic blow-up in the transformer's attention. For an entry
         that allows guidance (FLUX.1-dev), the transformer embeds the guidance scale as dev's does.
         """
-        from deployments.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer, tiny_t5_tokenizer
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-        from transformers import T5Config, T5EncoderModel, CLIPTextModel
+        from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+        from deployments.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer, tiny_t5_tokenizer
 
         rng = seeded(seed)
         try:

@@ -94,7 +94,12 @@ class LtxFamily(VideoFamily):
         """LTXPipeline's real classes with tiny random weights, keeping the real VAE's compression
         (32x spatially, 8x in time: patch size 4 and three spatio-temporal downsamplings) so the
         frame and size rules are the real model's."""
-        from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+        from diffusers import (
+            AutoencoderKLLTXVideo,
+            FlowMatchEulerDiscreteScheduler,
+            LTXPipeline,
+            LTXVideoTransformer3DModel,
+        )
         from transformers import T5Config, T5EncoderModel
 
         from deployments.tiny import eval_mode, seeded, tiny_t5_tokenizer

@@ -268,9 +268,9 @@ def build_tiny_sdxl(seed: int = 0):
     with the real model (and a ControlNet's conditioning embedding downsamples its map 8x too).
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from deployments.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     rng = seeded(seed)
     try:

@@ -12,7 +12,9 @@ import numpy as np
 from ray import serve
 
 from deployments.config import SCORER_MAX_ONGOING_REQUESTS, CombinedWeights, ScorerConfig
-from deployments.scoring.laion_head import LAION_RANGE, load_head
+
+# Re-exported: the scorer's callers read the score names from here or from deployments.names.
+from deployments.names import ASPECTS, COMBINABLE, GATE_METRICS, SCORE_RANGES  # noqa: F401
 from deployments.runtime.loading import (
     check_device_health,
     in_serve_replica,
@@ -21,10 +23,9 @@ from deployments.runtime.loading import (
     resolve_placement,
 )
 from deployments.runtime.metrics import ModelMetrics
-from deployments.scoring.perceptual import PERCEPTUAL_RANGES, perceptual_scores
 from deployments.runtime.types import GenerationOutput
-# Re-exported: the scorer's callers read the score names from here or from deployments.names.
-from deployments.names import ASPECTS, COMBINABLE, GATE_METRICS, SCORE_RANGES  # noqa: F401
+from deployments.scoring.laion_head import LAION_RANGE, load_head
+from deployments.scoring.perceptual import PERCEPTUAL_RANGES, perceptual_scores
 
 logger = logging.getLogger("ray.serve")
 

@@ -17,13 +17,12 @@ which loads tensors only and never runs pickled code.
 
 from __future__ import annotations
 
-from deployments.names import SCORE_RANGES
-
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deployments.config import LaionHeadConfig, TINY
+from deployments.config import TINY, LaionHeadConfig
+from deployments.names import SCORE_RANGES
 
 if TYPE_CHECKING:
     import torch

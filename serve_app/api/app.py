@@ -1,141 +1,47 @@
-"""The FastAPI app the Ingress serves: middleware, error handlers, and one router per resource.
+"""The FastAPI app the Ingress serves: middleware, error handlers, and every front end's routes.
 
-Routes reach the services through `services(request)`: the Ingress replica puts its `Services` on
-the app's state when it starts, so the routers hold no state and no model-specific code.
+Routes reach the services through `serve_app.api.deps.services(request)`: the Ingress replica puts
+its `Services` on the app's state when it starts, so the routers hold no state and no model-specific
+code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from deployments.runtime.types import ModelOutOfMemory
+from serve_app.api.a2a.agent import a2a_routes
 from serve_app.api.body_limit import BodyLimit
-from serve_app.ui import mount_console
-from serve_app.api.errors import explain_errors
-from serve_app.api.metrics import GraphMetrics
-from serve_app.api.schemas import (
+from serve_app.api.mcp.tools import build_mcp, streamable_http_app
+from serve_app.api.openai import routes as openai_routes
+from serve_app.api.openai.routes import http_exception
+from serve_app.api.rest import admin, catalog, health, images, jobs, scores, videos
+from serve_app.protocol.errors import JobError, RequestError, VideoNotDeployed, explain_errors, field_of
+from serve_app.protocol.jobs import JobSubmission
+from serve_app.protocol.schemas import (
     ControlPreviewRequest,
     EnhanceRequest,
     ImageRequest,
-    ImageResponse,
     ScoreRequest,
     VideoRequest,
 )
-from serve_app.jobs import http as jobs_http
-from serve_app.jobs.schemas import JobSubmission
-from serve_app.services.fallback import Fallback, FallbackFailed
-from serve_app.services.graph import StageTimeout
-from serve_app.services.graph import Overloaded, StageTimeout, deadline
-from serve_app.services.health import Readiness
-from serve_app.services.images import ImageService
-from serve_app.services.scores import ScoreService
-from serve_app.services.validation import RequestError
-from serve_app.services.videos import VideoService
 from serve_app.security.guard import Guard, limit_response_headers
 from serve_app.security.limiter import LimitExceeded
-
-
-class VideoNotDeployed(LookupError):
-    pass
-
-
-@dataclass
-class Services:
-    """What one Ingress replica serves with: the services over the deployment handles, and metrics."""
-
-    images: ImageService
-    scores: ScoreService
-    videos: VideoService | None = None
-    jobs: jobs_http.JobsApi | None = None
-    metrics: GraphMetrics | None = None
-    fallback: Fallback | None = None
-    readiness: Readiness = field(default_factory=Readiness)
-
-    def jobs_api(self) -> jobs_http.JobsApi:
-        if self.jobs is None:
-            raise jobs_http.JobError(501, "async jobs are not deployed")
-        return self.jobs
-
-    def video_service(self) -> VideoService:
-        if self.videos is None:
-            raise VideoNotDeployed()
-        return self.videos
-
-    async def generate_images(self, request: ImageRequest | dict) -> ImageResponse:
-        if not isinstance(request, ImageRequest):
-            request = ImageRequest.model_validate(request)
-        if request.fallback and self.fallback is None:
-            raise RequestError("fallback", "this service has no remote fallback (fallback.enabled is false in "
-                               "its config)", "false")
-        if self.fallback is None:
-            response = await self.images.generate_images(request)
-        else:
-            response = await self._local_or_remote(request, self.fallback)
-        if self.metrics is not None:
-            self.metrics.image_response(response)
-        return response
-
-    async def _local_or_remote(self, request: ImageRequest, fallback: Fallback) -> ImageResponse:
-        """Local unless the request allows fallback and the model is saturated (services/fallback.py)."""
-        model = self.images.spec_of(request.model).id
-        if request.fallback:
-            fallback.check(request)
-            reason = fallback.reason_to_skip_local(model)
-            if reason is not None:
-                return await self._remote(request, fallback, model, reason)
-        try:
-            with fallback.estimator.tracking(model) as alone:
-                response = await self.images.generate_images(request)
-        except Overloaded as error:  # the model's queue was full (call_stage's form of Serve's BackPressureError)
-            if not request.fallback or error.unavailable:
-                raise
-            return await self._remote(request, fallback, model, "backpressure")
-        if alone:
-            fallback.estimator.record(model, response.timings.get("generate", 0.0))
-        return response
-
-    async def _remote(self, request: ImageRequest, fallback: Fallback, model: str, reason: str) -> ImageResponse:
-        try:
-            response = await fallback.generate(request, reason)
-        except FallbackFailed:
-            if self.metrics is not None:
-                self.metrics.fallback(model, reason, "failed")
-            raise
-        if self.metrics is not None:
-            self.metrics.fallback(model, reason, "served")
-        return response
-
-    async def generate_video(self, request: VideoRequest | dict):
-        response, output = await self.video_service().run(request)
-        if self.metrics is not None:
-            self.metrics.video_response(response)
-        return response, output
-
-    def record_rejection(self, route: str, fields: list[str]) -> None:
-        if self.metrics is not None:
-            self.metrics.rejection(route, fields)
-
-    @contextlib.contextmanager
-    def rejections_recorded(self, route: str):
-        """Count bad input from handle callers too (HTTP's is counted by the error handlers)."""
-        try:
-            yield
-        except RequestError as error:
-            self.record_rejection(route, [error.field])
-            raise
-        except ValidationError as error:
-            self.record_rejection(route, [field_of(("body", *item["loc"])) for item in error.errors()])
-            raise
+from serve_app.services.fallback import FallbackFailed
+from serve_app.services.graph import Overloaded, StageTimeout, deadline
+from serve_app.ui import mount_console
 
 
 class RequestDeadline:
@@ -154,17 +60,9 @@ class RequestDeadline:
             await self.app(scope, receive, send)
 
 
-def services(request: Request) -> Services:
-    """The serving replica's services (a FastAPI dependency)."""
-    # The app serving the request, not a module global: Serve ships the ingress (and the app it
-    # refers to) to the replica by value, while this module is imported there by reference.
-    return request.app.state.services
-
-
-def field_of(loc) -> str:
-    """'width' for ('body', 'width'); 'body' for errors about the body as a whole."""
-    parts = [str(part) for part in loc[1:]] if loc and loc[0] == "body" else [str(part) for part in loc]
-    return ".".join(parts) or "body"
+# Every router, in the order of the OpenAPI document.
+ROUTERS = (images.router, videos.router, scores.router, jobs.router, catalog.router, health.router,
+           openai_routes.router, admin.router)
 
 
 # The request model of each route prefix, for naming fields and their allowed values in 422s.
@@ -198,7 +96,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail)})
 
 
-async def _job_error(_: Request, error: jobs_http.JobError) -> JSONResponse:
+async def _job_error(_: Request, error: JobError) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail}, headers=error.headers)
 
 
@@ -290,11 +188,6 @@ async def _fallback_failed(_: Request, error: FallbackFailed) -> JSONResponse:
 def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: tuple[str, ...] | list[str] = ()) -> FastAPI:
     """The app with every router; the Ingress serves it and puts its `Services` (and its `Auth`,
     which the Guard reads) on `app.state`. Every route is behind the Guard (serve_app.security)."""
-    from serve_app.api.routers import ROUTERS
-
-    from serve_app.api.a2a_agent import a2a_routes
-    from serve_app.api.mcp_tools import build_mcp, streamable_http_app
-
     mcp = build_mcp(lambda: api.state.services, _base_url)
 
     @contextlib.asynccontextmanager
@@ -313,17 +206,13 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: t
     api.add_middleware(RequestDeadline)
     api.add_middleware(Guard)  # outside BodyLimit: a request without a key is refused before its body is read
     if cors_origins:  # outermost: preflights need no key, and refusals carry the CORS headers
-        from fastapi.middleware.cors import CORSMiddleware
-
         api.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
                            expose_headers=["Location", "Retry-After"])
     if trusted_proxies:  # outermost of all: every layer inside sees the client the proxy names
-        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
-
         api.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies))
     api.add_exception_handler(RequestValidationError, _validation_error)
-    api.add_exception_handler(jobs_http.JobError, _job_error)
+    api.add_exception_handler(JobError, _job_error)
     api.add_exception_handler(RequestError, _request_error)
     api.add_exception_handler(VideoNotDeployed, _video_not_deployed)
     api.add_exception_handler(StageTimeout, _stage_timeout)
@@ -338,10 +227,6 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: t
     api.add_exception_handler(ModelOutOfMemory, _out_of_memory)
     for router in ROUTERS:
         api.include_router(router)
-    from starlette.exceptions import HTTPException
-
-    from serve_app.api.routers.openai_images import http_exception
-
     api.add_exception_handler(HTTPException, http_exception)
     api.router.routes.extend(streamable_http_app(mcp).routes)  # POST/GET /mcp: MCP over streamable HTTP
     api.router.routes.extend(a2a_routes(lambda: api.state.services))  # the Agent Card; POST /a2a: A2A JSON-RPC

@@ -29,10 +29,11 @@ from ray import serve
 from deployments.config import VideoModelConfig
 from deployments.runtime.lora import LoraRegistry
 from deployments.scoring.clip_scorer import GATE_METRICS
-from serve_app.api.app import Services, build_api
+from serve_app.api.app import build_api
 from serve_app.api.body_limit import DEFAULT_MAX_BYTES, BodyLimit
-from serve_app.api.metrics import GraphMetrics
-from serve_app.api.schemas import (
+from serve_app.config import AuthConfig, FallbackConfig, QualityPolicy, ScoresConfig
+from serve_app.jobs import http as jobs_http
+from serve_app.protocol.schemas import (
     EnhanceRequest,
     EnhanceResponse,
     ImageRequest,
@@ -42,15 +43,16 @@ from serve_app.api.schemas import (
     VideoRequest,
     VideoResponse,
 )
-from serve_app.config import AuthConfig, FallbackConfig, QualityPolicy, ScoresConfig
 from serve_app.security.guard import Auth
-from serve_app.jobs import http as jobs_http
+from serve_app.services.facade import Services
 from serve_app.services.fallback import Fallback
 from serve_app.services.graph import deadline
 from serve_app.services.images import ImageService
+from serve_app.services.metrics import GraphMetrics
 from serve_app.services.scores import ScoreService
 from serve_app.services.validation import ModelSpec
 from serve_app.services.videos import VideoService
+
 
 @serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()

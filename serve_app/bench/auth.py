@@ -140,7 +140,7 @@ def _guard_in_process(requests: int, warmup: int) -> list[Sample]:
                      "headers": headers, "client": ("127.0.0.1", 5000), "app": App(auth)}
             sample = Sample(name, [], [])
 
-            async def run():
+            async def run(guard=guard, scope=scope, sample=sample):
                 for index in range(warmup + requests):
                     started = time.perf_counter()
                     await guard(dict(scope), receive, send)

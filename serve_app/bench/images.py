@@ -18,8 +18,7 @@ import time
 from dataclasses import dataclass
 
 from serve_app import APP_NAME
-from serve_app.config import app_args_from_config
-from serve_app.config import AppArgs
+from serve_app.config import AppArgs, app_args_from_config
 
 
 @dataclass
@@ -47,13 +46,13 @@ def _request_body(width: int, height: int, steps: int) -> dict:
 
 
 def _in_process(args: AppArgs, body: dict, warmup: int, requests: int, label: str = "") -> Sample:
-    from deployments.scoring.clip_scorer import ClipScorer
-    from deployments.image_generator import ImageGenerator
     from deployments.enhancer.prompt_enhancer import PromptEnhancer
+    from deployments.image_generator import ImageGenerator
+    from deployments.scoring.clip_scorer import ClipScorer
     from serve_app.builder import model_specs
-    from serve_app.services.local import LocalHandle
-    from serve_app.api.schemas import ImageRequest
+    from serve_app.protocol.schemas import ImageRequest
     from serve_app.services.images import ImageService
+    from serve_app.services.local import LocalHandle
 
     model = args.image_model(args.default_model_id)  # the benchmark measures the default model only
     service = ImageService(
@@ -119,7 +118,7 @@ def serving(args: AppArgs):
 def _through_serve(args: AppArgs, body: dict, warmup: int, requests: int, label: str = "") -> list[Sample]:
     from ray import serve
 
-    from serve_app.api.schemas import ImageRequest
+    from serve_app.protocol.schemas import ImageRequest
 
     with serving(args) as client:
         http = Sample(f"serve: HTTP{label}", [], [])

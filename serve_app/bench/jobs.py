@@ -20,8 +20,8 @@ import statistics
 import tempfile
 import time
 
-from serve_app.config import app_args_from_config
 from serve_app.bench.images import Sample, _request_body, serving
+from serve_app.config import app_args_from_config
 
 
 def _job_round(client, body: dict) -> tuple[float, float, float]:

@@ -95,8 +95,8 @@ def _decode_peak(side: int, count: int, budget: int | None) -> dict:
     import gc
 
     from serve_app.config import ScoresConfig
+    from serve_app.protocol.schemas import ScoreRequest
     from serve_app.services.scores import ScoreService, scales
-    from serve_app.api.schemas import ScoreRequest
 
     request = ScoreRequest(prompt="x", images=[_compressible(side, seed) for seed in range(count)])
     cap = count * side * side

@@ -58,7 +58,7 @@ def run_score_benchmark(config: str, batches: list[int], requests: int, warmup: 
         loop.close()
     setup = {"config": config, "width": width, "height": height, "scorer": args.scorer.source,
              "laion": args.scorer.laion_source if args.scorer.laion.enabled else "off", **scorer.info()}
-    del scorer
+    scorer = None  # frees the model before the served run
     if serve:
         paths["serve handle"] = _through_serve(args, images, batches, requests, warmup)
     return paths, setup

@@ -32,20 +32,20 @@ import signal
 import sys
 import time
 
-DEFAULT_START_TIMEOUT_S = 900.0
-
 from deployments.tiny import tiny_kinds
+
+DEFAULT_START_TIMEOUT_S = 900.0
 
 
 def _serve(args: argparse.Namespace) -> int:
     import ray
-    from ray import serve
     from pydantic import ValidationError
+    from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.config import load_serve_config
     from serve_app.builder import build_app
     from serve_app.cli.launch import DeployError, deploy_config, shutdown_gracefully, wait_until_running
+    from serve_app.config import load_serve_config
 
     # Validate with Serve's schema and the typed args first, so a bad config fails here with the
     # field named, before any Ray process starts.
@@ -143,9 +143,9 @@ def unprotected_bind(raw: dict) -> str | None:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    from serve_app.security.keys import add_to_keys_file, key_entry_yaml, new_key
-
     import yaml
+
+    from serve_app.security.keys import add_to_keys_file, key_entry_yaml, new_key
 
     key_id, key = new_key()
     limits = {name: value for name, value in (("requests_per_minute", args.requests_per_minute),

@@ -126,7 +126,7 @@ class UsageError(Exception):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from serve_app.api.schemas import ImageRequest
+    from serve_app.protocol.schemas import ImageRequest
 
     fields = _given(args, "model", "seed", "num_inference_steps", "guidance_scale", "num_images", "style",
                     "negative_prompt", "enhance", "max_attempts")
@@ -147,7 +147,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _animate(args: argparse.Namespace) -> int:
-    from serve_app.api.schemas import VideoRequest
+    from serve_app.protocol.schemas import VideoRequest
 
     output = Path(args.output)
     output_format = output.suffix.lstrip(".").lower()
@@ -252,8 +252,14 @@ def _run_job(client, args, kind: str, request: BaseModel):
 
 def _follow(client, args, job_id: str):
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     show = console.is_terminal if args.progress is None else args.progress

@@ -9,22 +9,25 @@ from typing import AsyncIterator, Awaitable, Callable
 import httpx
 from httpx_sse import aconnect_sse
 
-from serve_app.api.schemas import (
-    EnhanceRequest,
-    EnhanceResponse,
-    ImageRequest,
-    ImageResponse,
-    ScoreRequest,
-    ScoreResponse,
-    VideoRequest,
-    VideoResponse,
-)
 from serve_app.client import calls
-from serve_app.client.errors import JobFailed, RequestRejected, ServiceBusy, Unreachable
+from serve_app.client.errors import RequestRejected, ServiceBusy, Unreachable
 from serve_app.client.events import JobEvent
 from serve_app.client.retry import RETRY_STATUSES, RetryPolicy, retry_after
 from serve_app.client.sync import STREAM_READ_TIMEOUT_S, _finished
-from serve_app.jobs.schemas import ImageJobResult, JobList, JobStatus, VideoJobResult
+from serve_app.types import (
+    EnhanceRequest,
+    EnhanceResponse,
+    ImageJobResult,
+    ImageRequest,
+    ImageResponse,
+    JobList,
+    JobStatus,
+    ScoreRequest,
+    ScoreResponse,
+    VideoJobResult,
+    VideoRequest,
+    VideoResponse,
+)
 
 
 class AsyncClient:

@@ -12,19 +12,22 @@ from typing import Any, Callable
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from serve_app.api.schemas import (
+from serve_app.client.errors import RequestRejected, ServerError
+from serve_app.client.retry import RETRY_STATUSES
+from serve_app.types import (
     EnhanceRequest,
     EnhanceResponse,
+    ImageJobResult,
     ImageRequest,
     ImageResponse,
+    JobList,
+    JobStatus,
     ScoreRequest,
     ScoreResponse,
+    VideoJobResult,
     VideoRequest,
     VideoResponse,
 )
-from serve_app.client.errors import RequestRejected, ServerError
-from serve_app.client.retry import RETRY_STATUSES
-from serve_app.jobs.schemas import ImageJobResult, JobList, JobStatus, VideoJobResult
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "GENSERVE_URL"

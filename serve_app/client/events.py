@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from serve_app.jobs.schemas import JobProgress, JobState, JobStatus
+from serve_app.types import JobProgress, JobState, JobStatus
 
 
 class JobEvent(BaseModel):

@@ -8,21 +8,24 @@ from typing import Callable, Iterator
 import httpx
 from httpx_sse import connect_sse
 
-from serve_app.api.schemas import (
-    EnhanceRequest,
-    EnhanceResponse,
-    ImageRequest,
-    ImageResponse,
-    ScoreRequest,
-    ScoreResponse,
-    VideoRequest,
-    VideoResponse,
-)
 from serve_app.client import calls
 from serve_app.client.errors import JobFailed, RequestRejected, ServiceBusy, Unreachable
 from serve_app.client.events import JobEvent
 from serve_app.client.retry import RETRY_STATUSES, RetryPolicy, retry_after
-from serve_app.jobs.schemas import ImageJobResult, JobList, JobStatus, VideoJobResult
+from serve_app.types import (
+    EnhanceRequest,
+    EnhanceResponse,
+    ImageJobResult,
+    ImageRequest,
+    ImageResponse,
+    JobList,
+    JobStatus,
+    ScoreRequest,
+    ScoreResponse,
+    VideoJobResult,
+    VideoRequest,
+    VideoResponse,
+)
 
 STREAM_READ_TIMEOUT_S = 60.0  # the event stream sends a keep-alive every 15 s; silence past this is a lost stream
 

@@ -50,8 +50,8 @@ from deployments.runtime.types import ModelOutOfMemory, ProgressTarget
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, Job, dumps
 from serve_app.jobs.results import image_result, video_result
 from serve_app.jobs.store import JobStore, LeaseLost
-from serve_app.services.validation import RequestError
-from serve_app.api.schemas import ImageRequest, VideoRequest
+from serve_app.protocol.errors import RequestError
+from serve_app.protocol.schemas import ImageRequest, VideoRequest
 from serve_app.services.images import ImageService
 from serve_app.services.videos import VideoService
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 import json
 import math
 import re
@@ -23,26 +22,24 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from serve_app.api.errors import explain_errors
 from serve_app.jobs.dispatch import JobRejected
 from serve_app.jobs.model import CANCELLED, RUNNING, SUCCEEDED, Job, dumps
 from serve_app.jobs.results import with_urls
-from serve_app.jobs.schemas import (
+from serve_app.protocol.errors import JobError, RequestError, explain_errors
+from serve_app.protocol.jobs import (
     ImageJobResult,
     JobFileLink,
-    JobList,
     JobLinks,
+    JobList,
     JobStatus,
     JobSubmission,
     VideoJobResult,
-    job_timings,
 )
-from serve_app.services.validation import RequestError
-from serve_app.api.schemas import ImageRequest, VideoRequest, random_seed
-from serve_app.services.images import ImageService
-from serve_app.services.videos import VideoService
+from serve_app.protocol.schemas import ImageRequest, VideoRequest, random_seed
 from serve_app.security.guard import principal, request_auth
 from serve_app.security.limiter import LimitExceeded
+from serve_app.services.images import ImageService
+from serve_app.services.videos import VideoService
 
 KEEPALIVE_S = 15.0  # an event stream with nothing new sends a comment this often
 STREAM_RETRY_AFTER_S = 5
@@ -84,16 +81,6 @@ _CURSOR = re.compile(r"^[0-9]{1,18}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-class JobError(Exception):
-    """An HTTP error of the jobs API (404, 409, 422, 501), answered as {"detail": ...}."""
-
-    def __init__(self, status: int, detail, headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = headers
-
-
 def _not_found(job_id: str) -> JobError:
     return JobError(404, f"no job {job_id!r}: it never existed, or it expired after its TTL")
 
@@ -106,9 +93,9 @@ def request_hash(submission: JobSubmission) -> str:
 
 class JobsApi:
     def __init__(self, runner, images: ImageService, videos: VideoService | None, retry_limit: int,
-                 streams: StreamLimits = StreamLimits()):
+                 streams: StreamLimits | None = None):
         self.runner = runner
-        self.streams = _OpenStreams(streams)
+        self.streams = _OpenStreams(streams or StreamLimits())
         self.images = images
         self.videos = videos
         self.retry_limit = retry_limit
@@ -390,3 +377,14 @@ def _public_progress(progress: dict) -> dict:
 def _sse(event: str, data: dict, event_id: int) -> str:
     return f"id: {event_id}\nevent: {event}\ndata: {dumps(data)}\n\n"
 
+
+def job_timings(job: Job) -> dict[str, float]:
+    timings = {}
+    first_start = next((entry["at"] for entry in job.history if entry["state"] == "running"), None)
+    if first_start is not None:
+        timings["queued"] = first_start - job.created_at
+    if job.started_at is not None and job.finished_at is not None and job.started_at <= job.finished_at:
+        timings["running"] = job.finished_at - job.started_at
+    if job.finished_at is not None:
+        timings["total"] = job.finished_at - job.created_at
+    return {key: round(value, 4) for key, value in timings.items()}

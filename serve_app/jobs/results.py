@@ -10,7 +10,7 @@ import base64
 
 from deployments.runtime.types import VideoOutput
 from serve_app.jobs.model import ResultFile
-from serve_app.api.schemas import ImageResponse, VideoResponse
+from serve_app.protocol.schemas import ImageResponse, VideoResponse
 
 Files = list[tuple[ResultFile, bytes]]
 

@@ -19,16 +19,16 @@ import logging
 
 from ray import serve
 
+from deployments.config import VideoModelConfig
+from deployments.runtime.lora import LoraRegistry
 from deployments.runtime.types import ProgressTarget
+from deployments.scoring.clip_scorer import GATE_METRICS
 from serve_app.config import JobsConfig, QualityPolicy
 from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.model import ActiveJobsExceeded, Job
 from serve_app.jobs.store import open_store
-from serve_app.services.validation import ModelSpec
-from deployments.runtime.lora import LoraRegistry
-from deployments.scoring.clip_scorer import GATE_METRICS
 from serve_app.services.images import ImageService
-from deployments.config import VideoModelConfig
+from serve_app.services.validation import ModelSpec
 from serve_app.services.videos import VideoService
 
 logger = logging.getLogger("ray.serve")

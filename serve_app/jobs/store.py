@@ -54,6 +54,7 @@ class JobStore(ABC):
 
     def release_lease(self) -> None:
         """Give the lease up (a standby runner takes it at once); this store's runner writes are refused after."""
+        return None
 
     @abstractmethod
     def create(self, kind: str, request: dict, *, idempotency_key: str | None = None,
@@ -127,8 +128,8 @@ class JobStore(ABC):
     def ping(self) -> None:
         """Raise if the store cannot be reached."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - a store with nothing to close need not override it
+        return None
 
     # What follows is built on the primitives above, so both stores share it.
 

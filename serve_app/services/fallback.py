@@ -24,12 +24,12 @@ import uuid
 
 import numpy as np
 
-from serve_app.api.schemas import Attempt, GeneratedImage, ImageRequest, ImageResponse, Scores
 from serve_app.config import FallbackConfig
+from serve_app.protocol.errors import RequestError
+from serve_app.protocol.schemas import Attempt, GeneratedImage, ImageRequest, ImageResponse, Scores
 from serve_app.services.graph import call_stage
 from serve_app.services.inputs import decode_image
 from serve_app.services.media import encode_png_b64
-from serve_app.services.validation import RequestError
 
 EWMA_WEIGHT = 0.3  # weight of the newest service-time sample
 MAX_REMOTE_PIXELS = 4096 * 4096

@@ -38,7 +38,7 @@ from deployments.runtime.types import (
     ProgressTarget,
     PromptForm,
 )
-from serve_app.api.schemas import MAX_SEED
+from serve_app.protocol.schemas import MAX_SEED
 
 
 class StageTimeout(TimeoutError):

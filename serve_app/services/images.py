@@ -12,23 +12,20 @@ import dataclasses
 import time
 import uuid
 
-from deployments.scoring.clip_scorer import COMBINABLE, GATE_METRICS, SCORE_RANGES
 from deployments.config import CombinedWeights
+from deployments.enhancer.prompt_rules import blocked_terms, validate_prompt
 from deployments.runtime.loading import NOISE_GENERATOR
 from deployments.runtime.lora import LoraNameError, LoraRegistry
-from deployments.enhancer.prompt_rules import blocked_terms, validate_prompt
 from deployments.runtime.previews import small_png_data_url
 from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, LoraRef, ProgressTarget
+from deployments.scoring.clip_scorer import COMBINABLE, GATE_METRICS, SCORE_RANGES
 from serve_app.config import QualityPolicy, check_threshold
-from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
-from serve_app.services.media import encode_plain_png, encode_png_b64
-from serve_app.services.inputs import decode_image, fit_image, fit_mask, upload_sha256
-from serve_app.services.validation import ModelSpec, PromptBlocked, RequestError, control_catalogue
-from serve_app.api.schemas import (
+from serve_app.protocol.errors import PromptBlocked, RequestError
+from serve_app.protocol.schemas import (
+    DEFAULT_STRENGTH,
     Attempt,
     ControlOptions,
     ControlPreviewRequest,
-    DEFAULT_STRENGTH,
     ControlPreviewResponse,
     EnhanceRequest,
     EnhanceResponse,
@@ -41,6 +38,10 @@ from serve_app.api.schemas import (
     Scores,
     random_seed,
 )
+from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
+from serve_app.services.inputs import decode_image, fit_image, fit_mask, upload_sha256
+from serve_app.services.media import encode_plain_png, encode_png_b64
+from serve_app.services.validation import ModelSpec, control_catalogue
 
 
 class ImageService:

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from serve_app.services.validation import RequestError
+from serve_app.protocol.errors import RequestError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,")

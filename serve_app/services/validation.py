@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 from deployments.config import ImageModelConfig, VideoModelConfig
 from deployments.runtime.types import HiresPass, PromptForm, denoising_steps
-from serve_app.api.schemas import DEFAULT_STRENGTH, ControlOptions, ImageRequest, VideoRequest
-
+from serve_app.protocol.errors import RequestError
+from serve_app.protocol.schemas import DEFAULT_STRENGTH, ControlOptions, ImageRequest, VideoRequest
 
 
 def _width_bound(name: str):
@@ -18,44 +18,6 @@ def _width_bound(name: str):
 # and the multiple every output side is.
 MAX_SIDE = _width_bound("le")
 SIZE_STEP = _width_bound("multiple_of")
-
-
-class RequestError(ValueError):
-    """A request field the chosen model or config cannot accept. The ingress answers 422."""
-
-    status = 422
-
-    def __init__(self, field: str, message: str, allowed: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-        self.allowed = allowed
-
-    def __reduce__(self):  # Ray pickles it back to a handle caller
-        return (type(self), (self.field, self.message, self.allowed))
-
-    def renamed(self, field: str) -> "RequestError":
-        """The same error about `field` (where the request sits inside a larger one)."""
-        return type(self)(field, self.message, self.allowed)
-
-    def detail(self, prefix: tuple[str, ...] = ()) -> list[dict]:
-        """The shape of schema errors (see serve_app.api.errors), so clients parse one format.
-
-        `prefix`: where the request sits inside the body (("request",) in a job submission)."""
-        field = ".".join((*prefix, self.field))
-        # A nested field ("loras.0.name") gets pydantic's loc: ["body", "loras", 0, "name"].
-        path = [int(part) if part.isdigit() else part for part in self.field.split(".")]
-        return [{"loc": ["body", *prefix, *path], "msg": f"{field}: {self.message}", "type": self.kind,
-                 "allowed": self.allowed}]
-
-    kind = "value_error"
-
-
-class PromptBlocked(RequestError):
-    """The prompt contains a term of the configured blocklist: refused with 400, naming the field."""
-
-    status = 400
-    kind = "blocked"
 
 
 @dataclass(frozen=True)

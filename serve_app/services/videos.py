@@ -13,11 +13,12 @@ from pydantic import ValidationError
 
 from deployments.config import VideoModelConfig
 from deployments.runtime.types import ProgressTarget, VideoOutput, VideoParams
+from serve_app.protocol.errors import RequestError
+from serve_app.protocol.schemas import ImageRequest, KeyframeInfo, Scores, VideoRequest, VideoResponse, random_seed
 from serve_app.services.graph import ImagePlan, call_stage
-from serve_app.services.inputs import decode_image, fit_image
-from serve_app.services.validation import ModelSpec, RequestError, VideoPlan, VideoSpec
-from serve_app.api.schemas import ImageRequest, KeyframeInfo, Scores, VideoRequest, VideoResponse, random_seed
 from serve_app.services.images import ImageService, advice_of, attempts_of
+from serve_app.services.inputs import decode_image, fit_image
+from serve_app.services.validation import ModelSpec, VideoPlan, VideoSpec
 
 
 class VideoService:

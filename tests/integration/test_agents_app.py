@@ -10,7 +10,7 @@ import openai
 import pytest
 from mcp import Client as McpClient
 
-from serve_app.api.schemas import ImageRequest
+from serve_app.protocol.schemas import ImageRequest
 
 pytestmark = pytest.mark.integration
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -2,13 +2,13 @@
 models, a stand-in remote images API on loopback)."""
 
 import base64
-import threading
 import io
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from serve_app import APP_NAME
-from tests.integration.apps import POOL, ray_and_serve
 from tests.helpers import deploy_and_wait, replica_gpu_ids, tiny_args, wait_until
+from tests.integration.apps import POOL, ray_and_serve
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]

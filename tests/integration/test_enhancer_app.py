@@ -5,7 +5,7 @@ import pytest
 
 from deployments.tiny import save_tiny
 from serve_app import APP_NAME
-from serve_app.api.schemas import EnhanceRequest, EnhanceResponse, ImageResponse
+from serve_app.protocol.schemas import EnhanceRequest, EnhanceResponse, ImageResponse
 from tests.integration.apps import dev_args, running_app
 
 pytestmark = pytest.mark.integration

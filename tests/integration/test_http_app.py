@@ -12,8 +12,8 @@ from PIL import Image
 
 from deployments.tiny import save_tiny
 from serve_app import APP_NAME
+from serve_app.protocol.schemas import ImageRequest, ImageResponse
 from serve_app.services.media import read_png_meta
-from serve_app.api.schemas import ImageRequest, ImageResponse
 from tests.helpers import image_model
 from tests.integration.apps import dev_args, running_app
 

@@ -18,7 +18,6 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_app import APP_NAME
 from tests.helpers import free_port, wait_until
 from tests.integration.apps import ROOT, dev_args, running_app
 from tests.metrics_dashboard import dashboard_queries

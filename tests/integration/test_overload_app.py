@@ -1,8 +1,9 @@
 """On real Serve (the shared dev app): health probes, strict input, documented statuses, and
 bounded queues that answer 503 with Retry-After at once."""
 
-import pytest
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from tests.helpers import wait_until
 

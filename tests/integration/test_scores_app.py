@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from serve_app import APP_NAME
-from serve_app.api.schemas import MAX_SCORE_IMAGES, ImageResponse, ScoreRequest, ScoreResponse
+from serve_app.protocol.schemas import MAX_SCORE_IMAGES, ImageResponse, ScoreRequest, ScoreResponse
 from tests.helpers import flat_scores
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from PIL import Image
 
 from deployments.families.sdxl import canny_map
 from serve_app.services.media import read_png_meta
-from tests.helpers import wait_until
 from tests.control_images import BOTTOM, LEFT, RIGHT, TOP, b64, on_border, rectangle
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from serve_app import APP_NAME
-from serve_app.api.schemas import VideoRequest, VideoResponse
+from serve_app.protocol.schemas import VideoRequest, VideoResponse
 from tests.control_images import b64, edge_map
 
 pytestmark = pytest.mark.integration

@@ -16,11 +16,12 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from google.protobuf.struct_pb2 import Value
 from PIL import Image
 
-from serve_app.api import a2a_agent
-from serve_app.api.app import Services, build_api
+from serve_app.api.a2a import agent as a2a_agent
+from serve_app.api.app import build_api
 from serve_app.config import QualityPolicy
 from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.http import JobsApi
+from serve_app.services.facade import Services
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from serve_app.services.scores import ScoreService

@@ -10,7 +10,6 @@ import threading
 
 import numpy as np
 import pytest
-
 from pydantic import ValidationError
 
 from deployments.config import ImageModelConfig

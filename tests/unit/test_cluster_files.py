@@ -13,9 +13,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app import APP_NAME
-from serve_app.config import app_args_from_config
 from serve_app.builder import build_app
-from serve_app.config import AppArgs
+from serve_app.config import AppArgs, app_args_from_config
 
 ROOT = Path(__file__).parents[2]
 LAUNCHER = ROOT / "cluster" / "ray-cluster.yaml"
@@ -69,7 +68,7 @@ def test_launcher_gpu_nodes_are_what_multi_gpu_config_declares(launcher):
     nodes = launcher["available_node_types"]
     assert nodes[launcher["head_node_type"]]["resources"]["CPU"] == 0  # no replica on the head
     capacity: dict[str, int] = {}
-    for name, node in nodes.items():
+    for node in nodes.values():
         if node["resources"].get("GPU"):
             kind = _gpu_type(node["resources"])
             capacity[kind] = capacity.get(kind, 0) + node["max_workers"] * node["resources"]["GPU"]

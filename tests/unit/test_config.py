@@ -6,9 +6,15 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app import APP_NAME
-from serve_app.config import app_args_from_config
 from serve_app.builder import build_app, model_specs
-from serve_app.config import AppArgs, DeploymentOptions, device_options, gpu_memory_fraction, unplaced_gpu_replicas
+from serve_app.config import (
+    AppArgs,
+    DeploymentOptions,
+    app_args_from_config,
+    device_options,
+    gpu_memory_fraction,
+    unplaced_gpu_replicas,
+)
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -103,7 +103,7 @@ CARD_MIB = {"any": 143771, "H200": 143771, "H100": 81559, "L4": 23034}
 @pytest.mark.parametrize("profile", ["single-gpu.yaml", "multi-gpu.yaml"])
 def test_no_profile_fills_a_card_every_process_keeps_room_for_its_cuda_context(profile):
     from serve_app.config import app_args_from_config
-    from serve_app.doctor import CUDA_CONTEXT_GIB, packed_cards, headroom_gib
+    from serve_app.doctor import CUDA_CONTEXT_GIB, headroom_gib, packed_cards
 
     cards = packed_cards(app_args_from_config(ROOT / "configs" / profile))
     for kind in {kind for kind, _ in cards}:

@@ -15,12 +15,13 @@ from deployments.families import get_family
 from deployments.image_generator import ImageGenerator, paste_unmasked
 from deployments.runtime.loading import Placement
 from deployments.runtime.types import EditInput, EnhancedPrompt, GenerationParams, HiresPass, denoising_steps
-from serve_app.api.schemas import ImageRequest
 from serve_app.config import QualityPolicy
+from serve_app.protocol.errors import RequestError
+from serve_app.protocol.schemas import ImageRequest
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from serve_app.services.media import read_png_meta
-from serve_app.services.validation import ModelSpec, RequestError
+from serve_app.services.validation import ModelSpec
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 from tests.helpers import model_spec
 

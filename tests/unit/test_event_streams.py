@@ -6,8 +6,9 @@ import asyncio
 
 from fastapi.testclient import TestClient
 
-from serve_app.api.app import Services, build_api
+from serve_app.api.app import build_api
 from serve_app.jobs import http as jobs_http
+from serve_app.services.facade import Services
 from serve_app.services.health import Readiness
 from serve_app.services.local import LocalHandle
 from serve_app.services.scores import ScoreService

@@ -8,17 +8,17 @@ import pytest
 from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError
 
-from serve_app.services.graph import Overloaded
-
-from serve_app.api.app import Services, build_api
-from serve_app.api.schemas import ImageRequest
+from serve_app.api.app import build_api
 from serve_app.config import AppArgs, FallbackConfig, QualityPolicy
+from serve_app.protocol.errors import RequestError
+from serve_app.protocol.schemas import ImageRequest
+from serve_app.services.facade import Services
 from serve_app.services.fallback import Fallback, FallbackFailed, RemoteImages, WaitEstimator
+from serve_app.services.graph import Overloaded
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from serve_app.services.media import read_png_meta
 from serve_app.services.scores import ScoreService
-from serve_app.services.validation import RequestError
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 from tests.helpers import LOOPBACK, model_spec
 from tests.images_server import REMOTE_GREY, FakeImagesServer

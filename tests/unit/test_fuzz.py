@@ -18,19 +18,20 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from serve_app.api.app import Services, build_api
+from deployments.config import VideoModelConfig
+from deployments.runtime.types import VideoOutput
+from serve_app.api.app import build_api
 from serve_app.config import AuthConfig, QualityPolicy
-from serve_app.security.guard import Auth
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.sqlite_store import SqliteJobStore
+from serve_app.security.guard import Auth
+from serve_app.services.facade import Services
 from serve_app.services.health import Readiness
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from serve_app.services.scores import ScoreService
 from serve_app.services.videos import VideoService
-from deployments.config import VideoModelConfig
-from deployments.runtime.types import VideoOutput
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 from tests.helpers import ActorLoop, model_spec
 

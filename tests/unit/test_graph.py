@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
+from serve_app.protocol.schemas import MAX_SEED
 from serve_app.services.graph import ImagePlan, StageTimeout, run_image_graph
 from serve_app.services.local import LocalHandle
-from serve_app.api.schemas import MAX_SEED
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 
 

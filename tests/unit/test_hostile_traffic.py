@@ -8,13 +8,14 @@ import pytest
 from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError
 
-from serve_app.api.app import Services, build_api
-from serve_app.api.metrics import OTHER, field_label
+from serve_app.api.app import build_api
 from serve_app.config import QualityPolicy
 from serve_app.jobs import http as jobs_http
+from serve_app.services.facade import Services
 from serve_app.services.health import Readiness
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
+from serve_app.services.metrics import OTHER, field_label
 from serve_app.services.scores import ScoreService
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 from tests.helpers import LOOPBACK, model_spec, wait_until
@@ -26,7 +27,7 @@ class RecordingMetrics:
         self.timeouts: list[str] = []
 
     def rejection(self, route, fields):
-        from serve_app.api.metrics import GraphMetrics
+        from serve_app.services.metrics import GraphMetrics
 
         # The real labelling, without Ray's recorder.
         self.rejected += [(route, field_label(field)) for field in fields]
@@ -218,12 +219,12 @@ def test_readyz_turns_ready_when_the_deployments_are():
 def test_a_request_over_the_models_compute_budget_is_a_422_naming_the_fields_and_the_budget():
     import dataclasses
 
-    from serve_app.services.validation import RequestError
+    from serve_app.protocol.errors import RequestError
 
     spec = dataclasses.replace(model_spec(), max_pixel_steps=256 * 256 * 4 * 2)
     images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())},
                           LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
-    from serve_app.api.schemas import ImageRequest
+    from serve_app.protocol.schemas import ImageRequest
 
     images.plan(ImageRequest(prompt="a cat", num_images=2))  # 256x256 x 4 steps x 2 images x 1 round: at the budget
     with pytest.raises(RequestError) as over:

@@ -4,7 +4,6 @@ goes back to the queue without spending an attempt, after a back-off with jitter
 import asyncio
 
 import pytest
-
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -136,11 +135,12 @@ def test_jobs_queued_past_their_ttl_fail_as_expired_and_younger_ones_stay(store)
 def test_the_http_submit_answers_429_with_retry_after_when_the_queue_is_full(store):
     from fastapi.testclient import TestClient
 
-    from serve_app.api.app import Services, build_api
+    from serve_app.api.app import build_api
     from serve_app.jobs import http as jobs_http
+    from serve_app.services.facade import Services
+    from serve_app.services.health import Readiness
     from serve_app.services.local import LocalHandle
     from serve_app.services.scores import ScoreService
-    from serve_app.services.health import Readiness
 
     dispatcher = _dispatcher(store, ControlledGenerator())
     dispatcher.max_queued_jobs = 1

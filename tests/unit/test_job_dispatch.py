@@ -10,13 +10,12 @@ import io
 from PIL import Image
 
 from serve_app.config import QualityPolicy
-from serve_app.services.media import read_png_meta
 from serve_app.jobs.dispatch import JobDispatcher
-from serve_app.services.local import LocalHandle
-from tests.helpers import model_spec
 from serve_app.services.images import ImageService
+from serve_app.services.local import LocalHandle
+from serve_app.services.media import read_png_meta
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import wait_until_async
+from tests.helpers import model_spec, wait_until_async
 
 CUDA_ERROR = "CUDA error: an illegal memory access was encountered\nTraceback (most recent call last): ..."
 

@@ -7,12 +7,12 @@ import pytest
 
 from deployments.config import EnhancerConfig, LlmConfig
 from deployments.enhancer.llm import NEUTRAL_FORM, enhance_messages
-from deployments.families import get_family
-
-FLUX, SDXL = get_family("flux").prompt_form, get_family("sdxl").prompt_form
 from deployments.enhancer.prompt_enhancer import PromptEnhancer, template_enhance, template_revise
+from deployments.families import get_family
 from deployments.tiny import save_tiny
 from tests.llm_server import fake_llm_server
+
+FLUX, SDXL = get_family("flux").prompt_form, get_family("sdxl").prompt_form
 
 Enhancer = PromptEnhancer.func_or_class
 

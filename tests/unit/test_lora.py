@@ -9,20 +9,20 @@ import pytest
 from pydantic import ValidationError
 from safetensors.numpy import save_file
 
-from deployments.runtime import lora as lora_module
 from deployments.config import ImageModelConfig, LoraConfig, LoraHubEntry
-from deployments.image_generator import ImageGenerator
-from deployments.runtime.lora import LoraManager, LoraNameError, LoraRegistry, adapter_key, detect_family
 from deployments.families.sdxl import build_tiny_sdxl
+from deployments.image_generator import ImageGenerator
+from deployments.runtime import lora as lora_module
+from deployments.runtime.lora import LoraManager, LoraNameError, LoraRegistry, adapter_key, detect_family
 from deployments.runtime.types import EnhancedPrompt, GenerationParams, LoraRef
 from serve_app.config import QualityPolicy
-from serve_app.services.media import a1111_parameters, read_png_meta
-from serve_app.services.local import LocalHandle
-from serve_app.services.validation import RequestError
-from tests.helpers import model_spec
-from serve_app.api.schemas import ImageRequest
+from serve_app.protocol.errors import RequestError
+from serve_app.protocol.schemas import ImageRequest
 from serve_app.services.images import ImageService
+from serve_app.services.local import LocalHandle
+from serve_app.services.media import a1111_parameters, read_png_meta
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
+from tests.helpers import model_spec
 from tests.loras import make_flux_lora, make_sdxl_lora
 
 TRAVERSAL_NAMES = ["../x", "a/b", "a\\b", "..", "/etc/passwd", "x/../../y", "ok\x00"]
@@ -344,7 +344,7 @@ def test_hub_refs_take_the_hub_loading_path_with_safetensors_only():
 def test_a_failed_load_leaves_the_pipeline_as_it_was(tiny_flux, tmp_path):
     baseline = _image(tiny_flux)
     (tmp_path / "torn.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - safetensors, peft or diffusers may be the one to refuse it
         _image(tiny_flux, LoraRef("torn", str(tmp_path), "torn.safetensors"))
     assert "torn" not in tiny_flux.info()["loras_loaded"]
     assert np.array_equal(_image(tiny_flux), baseline)

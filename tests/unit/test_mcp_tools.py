@@ -6,10 +6,10 @@ import asyncio
 import pytest
 from mcp import Client
 
-from serve_app.api.app import Services
-from serve_app.api.mcp_tools import build_mcp
-from serve_app.api.schemas import ImageRequest
+from serve_app.api.mcp.tools import build_mcp
 from serve_app.config import QualityPolicy
+from serve_app.protocol.schemas import ImageRequest
+from serve_app.services.facade import Services
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer

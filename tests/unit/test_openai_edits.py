@@ -12,9 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve_app.api.app import Services, build_api
-from serve_app.api.openai_protocol import edit_files, form_fields
+from serve_app.api.app import build_api
+from serve_app.api.openai.protocol import edit_files, form_fields
 from serve_app.config import QualityPolicy
+from serve_app.services.facade import Services
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer

@@ -6,9 +6,10 @@ import base64
 import pytest
 from fastapi.testclient import TestClient
 
-from serve_app.api.app import Services, build_api
-from serve_app.api.openai_protocol import OpenAIImageRequest, to_image_request
+from serve_app.api.app import build_api
+from serve_app.api.openai.protocol import OpenAIImageRequest, to_image_request
 from serve_app.config import QualityPolicy
+from serve_app.services.facade import Services
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer

@@ -13,8 +13,9 @@ from deployments.config import ImageModelConfig
 from deployments.image_generator import ImageGenerator
 from deployments.runtime.metrics import ModelMetrics
 from deployments.runtime.types import EnhancedPrompt, GenerationParams, ModelOutOfMemory
-from serve_app.api.app import Services, build_api
+from serve_app.api.app import build_api
 from serve_app.config import QualityPolicy
+from serve_app.services.facade import Services
 from serve_app.services.health import Readiness
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle

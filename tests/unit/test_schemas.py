@@ -1,8 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from serve_app.api.errors import allowed_values, explain_errors
-from serve_app.api.schemas import ImageRequest
+from serve_app.protocol.errors import allowed_values, explain_errors
+from serve_app.protocol.schemas import ImageRequest
 
 
 def _error(**fields) -> dict:

@@ -14,14 +14,15 @@ from pydantic import ValidationError
 
 from deployments.config import ScorerConfig
 from deployments.scoring.clip_scorer import ClipScorer
-from serve_app.api.app import Services, build_api
+from serve_app.api.app import build_api
 from serve_app.bench.score_budget import natural_image
 from serve_app.config import AppArgs, QualityPolicy, ScoresConfig
+from serve_app.protocol.errors import RequestError
+from serve_app.services.facade import Services
 from serve_app.services.images import ImageService
 from serve_app.services.inputs import load_image, open_image
 from serve_app.services.local import LocalHandle
 from serve_app.services.scores import ScoreService, scales
-from serve_app.services.validation import RequestError
 from tests.fakes import FakeEnhancer, FakeGenerator
 from tests.helpers import LOOPBACK, model_spec
 

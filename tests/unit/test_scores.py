@@ -9,14 +9,14 @@ import torch
 from PIL import Image, ImageFilter
 from pydantic import ValidationError
 
-from deployments.scoring.clip_scorer import ASPECTS, SCORE_RANGES, ClipScorer, combined_score, normalised
 from deployments.config import CombinedWeights, LaionHeadConfig, ScorerConfig
+from deployments.scoring.clip_scorer import ASPECTS, SCORE_RANGES, ClipScorer, combined_score, normalised
 from deployments.scoring.laion_head import LINEAR_INDICES, build_head, load_head, save_head
 from deployments.scoring.perceptual import perceptual_scores
 from deployments.tiny import build_tiny_laion_head, save_tiny
 from serve_app.config import AppArgs, QualityPolicy
+from serve_app.protocol.errors import RequestError
 from serve_app.services.graph import Candidate, choose
-from serve_app.services.validation import RequestError
 from serve_app.services.images import default_weights, quality_gate
 from tests.helpers import flat_scores
 

@@ -13,16 +13,16 @@ from pydantic import ValidationError
 from deployments.config import ImageModelConfig
 from deployments.families.sdxl import canny_map
 from deployments.image_generator import ImageGenerator
-from deployments.tiny import save_tiny
 from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationParams
+from deployments.tiny import save_tiny
 from serve_app.builder import job_slots, model_specs
 from serve_app.config import AppArgs, QualityPolicy
-from serve_app.api.errors import allowed_values
-from serve_app.services.media import read_png_meta
-from serve_app.services.local import LocalHandle
-from serve_app.services.validation import ModelSpec, RequestError, control_catalogue
-from serve_app.api.schemas import ControlOptions, ControlPreviewRequest, ImageRequest
+from serve_app.protocol.errors import RequestError, allowed_values
+from serve_app.protocol.schemas import ControlOptions, ControlPreviewRequest, ImageRequest
 from serve_app.services.images import ImageService
+from serve_app.services.local import LocalHandle
+from serve_app.services.media import read_png_meta
+from serve_app.services.validation import ModelSpec, control_catalogue
 from tests.control_images import BOTTOM, LEFT, RIGHT, TOP, b64, on_border, rectangle
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
 from tests.helpers import model_spec
@@ -187,8 +187,8 @@ def test_saved_tiny_models_load_through_from_pretrained_and_match_the_in_memory_
 
 
 def test_saved_tiny_depth_estimator_loads_through_the_auto_classes(tmp_path):
-    from deployments.runtime.loading import resolve_placement
     from deployments.families.sdxl import DepthEstimator
+    from deployments.runtime.loading import resolve_placement
 
     estimator = DepthEstimator(str(save_tiny("depth", tmp_path / "depth")), resolve_placement(TINY_SDXL.device))
     assert type(estimator.model).__name__ == "DPTForDepthEstimation"

@@ -291,8 +291,8 @@ def test_concurrent_requests_limit_and_its_release(keys):
 
 
 def test_daily_image_budget(tmp_path):
-    from serve_app.security.limiter import KeyLimiter, LimitExceeded
     from serve_app.security.keys import KeyLimits
+    from serve_app.security.limiter import KeyLimiter, LimitExceeded
 
     limiter = KeyLimiter("memory://")
     limits = KeyLimits(daily_images=5)

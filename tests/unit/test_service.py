@@ -7,13 +7,13 @@ import pytest
 
 from deployments.families import get_family
 from serve_app.config import QualityPolicy
-from serve_app.services.media import read_png_meta
-from serve_app.services.local import LocalHandle
-from serve_app.services.validation import RequestError
-from tests.helpers import model_spec
-from serve_app.api.schemas import ImageRequest
+from serve_app.protocol.errors import RequestError
+from serve_app.protocol.schemas import ImageRequest
 from serve_app.services.images import ImageService
+from serve_app.services.local import LocalHandle
+from serve_app.services.media import read_png_meta
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
+from tests.helpers import model_spec
 
 
 def _service(policy: QualityPolicy | None = None) -> ImageService:
@@ -73,7 +73,7 @@ def test_response_carries_everything_needed_to_reproduce():
 
 
 def test_blocklisted_prompt_is_refused_with_400_before_anything_runs():
-    from serve_app.services.validation import PromptBlocked
+    from serve_app.protocol.errors import PromptBlocked
 
     spec = model_spec()
     generator = FakeGenerator()
@@ -97,7 +97,7 @@ def test_every_response_carries_prompt_advice():
 
 
 def test_enhance_prompt_alone():
-    from serve_app.api.schemas import EnhanceRequest
+    from serve_app.protocol.schemas import EnhanceRequest
 
     response = asyncio.run(_service().enhance_prompt(EnhanceRequest(prompt="a fox in the snow", style="anime")))
     assert response.enhanced_prompt == "a fox in the snow, enhanced" and response.enhancer == "template"

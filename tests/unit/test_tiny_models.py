@@ -5,12 +5,12 @@ import asyncio
 import numpy as np
 import pytest
 
-from deployments.scoring.clip_scorer import ClipScorer
 from deployments.config import DeviceOptions, ImageModelConfig, LaionHeadConfig, ScorerConfig
 from deployments.image_generator import ImageGenerator
 from deployments.runtime.loading import cuda_memory_fraction, pretrained_location, resolve_placement
-from deployments.tiny import save_tiny
 from deployments.runtime.types import EnhancedPrompt, GenerationParams
+from deployments.scoring.clip_scorer import ClipScorer
+from deployments.tiny import save_tiny
 from tests.helpers import flat_scores as flat
 
 PROMPT = EnhancedPrompt(prompt="a lighthouse at dusk", negative_prompt=None, style="none", enhancer="none")

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from deployments.config import VideoModelConfig
-from deployments.tiny import save_tiny
 from deployments.runtime.types import VideoParams
+from deployments.tiny import save_tiny
 from deployments.video_generator import VideoGenerator
 
 IMAGE = np.asarray(Image.new("RGB", (256, 256), (180, 120, 40)))

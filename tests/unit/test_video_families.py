@@ -14,9 +14,10 @@ from deployments.runtime.types import VideoParams
 from deployments.tiny import save_tiny
 from deployments.video.encoding import interpolate_frames
 from deployments.video_generator import VideoGenerator
-from serve_app.api.schemas import VideoRequest
 from serve_app.config import AppArgs
-from serve_app.services.validation import RequestError, VideoSpec
+from serve_app.protocol.errors import RequestError
+from serve_app.protocol.schemas import VideoRequest
+from serve_app.services.validation import VideoSpec
 
 SVD = VideoModelConfig(id="svd", family="svd", source="tiny", default_width=256, default_height=256,
                        default_num_frames=8)

@@ -13,9 +13,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 from deployments.video.encoding import encode_video
+from serve_app.protocol.errors import RequestError
+from serve_app.protocol.schemas import VideoRequest
 from serve_app.services.inputs import decode_image, fit_image
-from serve_app.services.validation import RequestError
-from serve_app.api.schemas import VideoRequest
 
 
 def _b64(image: Image.Image, fmt: str = "PNG") -> str:

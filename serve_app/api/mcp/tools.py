@@ -23,11 +23,10 @@ from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, ImageContent, ResourceLink, TextContent
 from pydantic import Field
 
-from serve_app.api.schemas import EnhanceRequest, ImageRequest, ScoreRequest, VideoRequest
-from serve_app.jobs import http as jobs_http
 from serve_app.jobs.model import SUCCEEDED, Job
-from serve_app.jobs.schemas import JobSubmission
-from serve_app.services.validation import RequestError
+from serve_app.protocol.errors import JobError, RequestError
+from serve_app.protocol.jobs import JobSubmission
+from serve_app.protocol.schemas import EnhanceRequest, ImageRequest, ScoreRequest, VideoRequest
 
 MAX_WAIT_S = 300.0
 WaitSeconds = Annotated[float, Field(
@@ -48,7 +47,7 @@ def _tool_error(error: Exception) -> ToolError:
     """genserve's errors as tool errors naming the field (the caller, often a model, can correct them)."""
     if isinstance(error, RequestError):
         return ToolError(f"{error.field}: {error.message} (allowed: {error.allowed})")
-    if isinstance(error, jobs_http.JobError):
+    if isinstance(error, JobError):
         detail = error.detail
         if isinstance(detail, list):
             return ToolError("; ".join(item["msg"].removeprefix("request.") for item in detail))
@@ -131,7 +130,7 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
         try:
             job, done = await run_job("image", request, wait_s, ctx)
             return await finished_result(job, ctx) if done else pending(job)
-        except (RequestError, jobs_http.JobError) as error:
+        except (RequestError, JobError) as error:
             raise _tool_error(error) from None
 
     async def edit_request(request: ImageRequest, source_job_id: str | None, source_image: int,
@@ -167,7 +166,7 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
         try:
             job, done = await run_job("image", await edit_request(request, source_job_id, source_image, ctx), wait_s, ctx)
             return await finished_result(job, ctx) if done else pending(job)
-        except (RequestError, jobs_http.JobError) as error:
+        except (RequestError, JobError) as error:
             raise _tool_error(error) from None
 
     @server.tool()
@@ -178,7 +177,7 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
         try:
             job, done = await run_job("video", request, wait_s, ctx)
             return await finished_result(job, ctx) if done else pending(job)
-        except (RequestError, jobs_http.JobError) as error:
+        except (RequestError, JobError) as error:
             raise _tool_error(error) from None
 
     @server.tool()
@@ -192,7 +191,7 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
             if job.finished:
                 return await finished_result(job, ctx)
             return _structured(jobs.render(job, position, _http_request(ctx)).model_dump(mode="json"))
-        except jobs_http.JobError as error:
+        except JobError as error:
             raise _tool_error(error) from None
 
     @server.tool()
@@ -202,7 +201,7 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
             jobs = services().jobs_api()
             job, position = await jobs.cancel_job(job_id, _http_request(ctx))
             return _structured(jobs.render(job, position, _http_request(ctx)).model_dump(mode="json"))
-        except jobs_http.JobError as error:
+        except JobError as error:
             raise _tool_error(error) from None
 
     @server.tool()

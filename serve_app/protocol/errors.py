@@ -1,4 +1,8 @@
-"""422 bodies that say what is allowed, not only what was wrong.
+"""The error envelope: the errors every layer raises for a caller, and the 422 bodies that say
+what is allowed, not only what was wrong.
+
+Every error body is `{"detail": ...}`; a 422's detail is a list of `{loc, msg, type, allowed}`, the
+shape of pydantic's errors, whether the schema or a model-dependent rule refused the request.
 
 Pydantic reports the first constraint a value breaks ("Input should be a multiple of 16"). The
 handler below adds the field's whole allowed range, read from the request model's JSON schema, so
@@ -94,3 +98,61 @@ def explain_errors(errors: list[dict], model: type[BaseModel], prefix: tuple[str
                 error["msg"] += f" (allowed: {allowed})"
         explained.append(error)
     return explained
+
+
+class RequestError(ValueError):
+    """A request field the chosen model or config cannot accept. The ingress answers 422."""
+
+    status = 422
+
+    def __init__(self, field: str, message: str, allowed: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.allowed = allowed
+
+    def __reduce__(self):  # Ray pickles it back to a handle caller
+        return (type(self), (self.field, self.message, self.allowed))
+
+    def renamed(self, field: str) -> "RequestError":
+        """The same error about `field` (where the request sits inside a larger one)."""
+        return type(self)(field, self.message, self.allowed)
+
+    def detail(self, prefix: tuple[str, ...] = ()) -> list[dict]:
+        """The shape of schema errors (see explain_errors above), so clients parse one format.
+
+        `prefix`: where the request sits inside the body (("request",) in a job submission)."""
+        field = ".".join((*prefix, self.field))
+        # A nested field ("loras.0.name") gets pydantic's loc: ["body", "loras", 0, "name"].
+        path = [int(part) if part.isdigit() else part for part in self.field.split(".")]
+        return [{"loc": ["body", *prefix, *path], "msg": f"{field}: {self.message}", "type": self.kind,
+                 "allowed": self.allowed}]
+
+    kind = "value_error"
+
+
+class PromptBlocked(RequestError):
+    """The prompt contains a term of the configured blocklist: refused with 400, naming the field."""
+
+    status = 400
+    kind = "blocked"
+
+
+class JobError(Exception):
+    """An HTTP error of the jobs API (404, 409, 422, 501), answered as {"detail": ...}."""
+
+    def __init__(self, status: int, detail, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+
+
+class VideoNotDeployed(LookupError):
+    """A video request to a service whose config has no video_models: 501."""
+
+
+def field_of(loc) -> str:
+    """'width' for ('body', 'width'); 'body' for errors about the body as a whole."""
+    parts = [str(part) for part in loc[1:]] if loc and loc[0] == "body" else [str(part) for part in loc]
+    return ".".join(parts) or "body"

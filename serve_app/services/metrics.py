@@ -14,7 +14,7 @@ from typing import get_args
 
 from pydantic import BaseModel
 
-from serve_app.api.schemas import (
+from serve_app.protocol.schemas import (
     ControlPreviewRequest,
     EnhanceRequest,
     ImageRequest,
@@ -23,7 +23,6 @@ from serve_app.api.schemas import (
     VideoRequest,
     VideoResponse,
 )
-from serve_app.jobs.schemas import JobSubmission
 
 OTHER = "other"
 

@@ -3,9 +3,10 @@
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
-from serve_app.api.app import Services, services
+from serve_app.api.deps import services
 from serve_app.api.responses import BODY, OVERLOAD, errors
-from serve_app.jobs.schemas import ImageJobResult, JobList, JobState, JobStatus, JobSubmission, VideoJobResult
+from serve_app.protocol.jobs import ImageJobResult, JobList, JobState, JobStatus, JobSubmission, VideoJobResult
+from serve_app.services.facade import Services
 
 router = APIRouter(tags=["jobs"])
 

@@ -21,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.names import OPENAI_QUALITIES, OPENAI_STYLES, QUALITIES, STYLES
-from serve_app.api.errors import explain_errors
-from serve_app.api.schemas import ImageRequest, ImageResponse
+from serve_app.protocol.errors import explain_errors
+from serve_app.protocol.schemas import ImageRequest, ImageResponse
 
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 # genserve's field -> the OpenAI field a client set it with.

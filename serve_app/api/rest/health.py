@@ -15,7 +15,8 @@ import asyncio
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from serve_app.api.app import Services, services
+from serve_app.api.deps import services
+from serve_app.services.facade import Services
 
 router = APIRouter(tags=["health"])
 HEALTH_TIMEOUT_S = 5.0

@@ -5,10 +5,11 @@ import json
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from serve_app.api.app import Services, services
+from serve_app.api.deps import services
 from serve_app.api.responses import BODY, OVERLOAD, errors
-from serve_app.api.schemas import VideoRequest, VideoResponse
+from serve_app.protocol.schemas import VideoRequest, VideoResponse
 from serve_app.security.guard import charge_images
+from serve_app.services.facade import Services
 
 router = APIRouter(tags=["videos"])
 

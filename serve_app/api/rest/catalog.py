@@ -6,10 +6,11 @@ import json
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from serve_app.api.app import Services, services
-from serve_app.api.openai_protocol import openai_model
+from serve_app.api.deps import services
+from serve_app.api.openai.protocol import openai_model
 from serve_app.api.responses import BODY, OVERLOAD, errors
-from serve_app.api.schemas import ControlPreviewRequest, ControlPreviewResponse
+from serve_app.protocol.schemas import ControlPreviewRequest, ControlPreviewResponse
+from serve_app.services.facade import Services
 
 router = APIRouter(tags=["catalog"])
 

@@ -1,7 +1,7 @@
 """The OpenAI Images API: POST /v1/images/generations, POST /v1/images/edits and GET /v1/models/{model}.
 
 The official `openai` SDK works against `base_url=http://host:8000/v1`. Requests are translated to
-`ImageRequest` (serve_app.api.openai_protocol) and run by the same services as POST /v1/images;
+`ImageRequest` (serve_app.api.openai.protocol) and run by the same services as POST /v1/images;
 `response_format: url` runs a durable job and links its files. Errors on these routes, and only
 these, use OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -11,17 +11,15 @@ from __future__ import annotations
 import math
 
 from fastapi import APIRouter, Depends, Request
-from starlette.exceptions import HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from ray.exceptions import RayActorError
+from starlette.exceptions import HTTPException
 
-from serve_app.api.app import Services, VideoNotDeployed, field_of, services
-from serve_app.api.errors import explain_errors
-from serve_app.api.openai_protocol import (
-    openai_errors,
+from serve_app.api.deps import services
+from serve_app.api.openai.protocol import (
     EDIT_NAMES,
     GENERATION_NAMES,
     OpenAIError,
@@ -31,17 +29,18 @@ from serve_app.api.openai_protocol import (
     from_detail,
     from_validation_error,
     images_response,
+    openai_errors,
     openai_model,
     param_name,
     to_image_request,
 )
-from serve_app.api.schemas import ImageRequest
-from serve_app.jobs import http as jobs_http
 from serve_app.jobs.model import SUCCEEDED
-from serve_app.jobs.schemas import JobSubmission
+from serve_app.protocol.errors import JobError, RequestError, VideoNotDeployed, explain_errors, field_of
+from serve_app.protocol.jobs import JobSubmission
+from serve_app.protocol.schemas import ImageRequest
 from serve_app.security.guard import charge_images
+from serve_app.services.facade import Services
 from serve_app.services.graph import Overloaded, StageTimeout
-from serve_app.services.validation import RequestError
 
 
 class OpenAIRoute(APIRoute):
@@ -98,7 +97,7 @@ def _openai_error(error: Exception, names: dict[str, str] = GENERATION_NAMES) ->
         return OpenAIError(400, first["msg"] + more, param, first.get("type"))
     if isinstance(error, RequestError):
         return from_detail(error.detail(), error.status, names)
-    if isinstance(error, jobs_http.JobError):
+    if isinstance(error, JobError):
         if isinstance(error.detail, list):
             return from_detail(error.detail, error.status, names)
         return OpenAIError(error.status, str(error.detail), None, None,
@@ -154,7 +153,8 @@ async def edit_image(request: Request, service: Services = Depends(services)) ->
     try:
         form = await request.form(max_files=_MAX_FILES, max_fields=_MAX_FIELDS, max_part_size=_MAX_PART_BYTES)
     except HTTPException as error:
-        raise OpenAIError(400, f"the multipart body could not be read: {error.detail}", None, "invalid_multipart")
+        raise OpenAIError(400, f"the multipart body could not be read: {error.detail}", None,
+                          "invalid_multipart") from None
     try:
         fields = form_fields([(key, value) for key, value in form.multi_items()
                               if key not in ("image", "image[]", "mask")])

@@ -36,21 +36,20 @@ from a2a.utils.errors import (
     TaskNotFoundError,
     UnsupportedOperationError,
 )
+from fastapi.encoders import jsonable_encoder
 from google.protobuf.json_format import MessageToDict, ParseDict
 from google.protobuf.struct_pb2 import Value
-from fastapi.encoders import jsonable_encoder
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from deployments.names import SCORE_RANGES
-from serve_app.api.errors import explain_errors
-from serve_app.api.schemas import ScoreRequest
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
-from serve_app.jobs.schemas import JobSubmission
-from serve_app.services.validation import RequestError
+from serve_app.protocol.errors import RequestError, explain_errors
+from serve_app.protocol.jobs import JobSubmission
+from serve_app.protocol.schemas import ScoreRequest
 
 RPC_PATH = "/a2a"
 MAX_WAIT_S = 300.0  # SendMessage (blocking) answers by then; the task goes on and GetTask reads it

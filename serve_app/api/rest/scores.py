@@ -2,9 +2,10 @@
 
 from fastapi import APIRouter, Depends
 
-from serve_app.api.app import Services, services
+from serve_app.api.deps import services
 from serve_app.api.responses import BODY, OVERLOAD, errors
-from serve_app.api.schemas import ScoreRequest, ScoreResponse
+from serve_app.protocol.schemas import ScoreRequest, ScoreResponse
+from serve_app.services.facade import Services
 
 router = APIRouter(tags=["scores"])
 

@@ -4,8 +4,9 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Request
 
-from serve_app.api.app import Services, services
+from serve_app.api.deps import services
 from serve_app.security.guard import request_auth
+from serve_app.services.facade import Services
 
 router = APIRouter(tags=["admin"])
 

@@ -2,10 +2,11 @@
 
 from fastapi import APIRouter, Depends, Request
 
-from serve_app.api.app import Services, services
+from serve_app.api.deps import services
 from serve_app.api.responses import BODY, OVERLOAD, errors
-from serve_app.api.schemas import EnhanceRequest, EnhanceResponse, ImageRequest, ImageResponse
+from serve_app.protocol.schemas import EnhanceRequest, EnhanceResponse, ImageRequest, ImageResponse
 from serve_app.security.guard import charge_images
+from serve_app.services.facade import Services
 
 router = APIRouter(tags=["images"])
 GENERATE_ERRORS = errors(*BODY, *OVERLOAD, 504)

@@ -1,0 +1,1 @@
+"""MCP tools (the official `mcp` SDK, stateless streamable HTTP) over the same services."""

@@ -1,0 +1,101 @@
+"""The HTTP contract of /v1/jobs: submission, status, list, and results with file links."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.protocol.schemas import ImageInfo, ImageResponse, VideoInfo
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobSubmission(BaseModel):
+    """`POST /v1/jobs`: what to run. `request` is validated as `kind`'s sync body would be."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kind: Literal["image", "video"] = Field(description="'image' (as POST /v1/images) or 'video' (as POST /v1/videos).")
+    request: dict[str, Any] = Field(description="The same body as POST /v1/images or POST /v1/videos.")
+
+
+class JobProgress(BaseModel):
+    stage: str = Field(description="What the steps belong to: generate (images), keyframe or video.")
+    round: int = Field(description="Generation round of the image graph: 1, more when it regenerates.")
+    step: int = Field(description="Denoising steps done in this stage.")
+    steps: int = Field(description="Denoising steps in this stage.")
+    eta_s: float | None = Field(None, description="Seconds left in this stage at the pace so far.")
+    updated_at: float
+    preview: str | None = Field(
+        None, description="A small approximate picture of the image being denoised (a PNG data: URL), for image "
+                          "jobs with `preview` on and models whose family has preview factors; else null.",
+    )
+
+
+class JobHistoryEntry(BaseModel):
+    state: JobState
+    at: float = Field(description="Unix time of the change.")
+    attempt: int = Field(description="The run this change belongs to (0 before the first).")
+    reason: str | None = Field(None, description="Why: a retry's cause, a cancel, a failure.")
+
+
+class JobFileLink(BaseModel):
+    name: str
+    url: str = Field(description="GET it for the file itself.")
+    content_type: str
+    size: int = Field(description="Bytes.")
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    cancel: str
+    result: str | None = Field(None, description="Set once the job succeeded.")
+
+
+class JobStatus(BaseModel):
+    """`GET /v1/jobs/{id}`: where a job is, and what came of it."""
+
+    id: str
+    kind: Literal["image", "video"]
+    state: JobState
+    queue_position: int | None = Field(None, description="1 = next of its kind to start; set while queued.")
+    progress: JobProgress | None = Field(None, description="The current (or last) run's denoising progress.")
+    attempts: int = Field(description="Runs started, the current one included.")
+    max_attempts: int = Field(description="Runs allowed: the first and the configured retries.")
+    cancel_requested: bool
+    created_at: float
+    started_at: float | None = Field(None, description="When the latest run started.")
+    finished_at: float | None = None
+    expires_at: float | None = Field(None, description="When the job and its files are deleted (finished jobs).")
+    timings: dict[str, float] = Field(
+        description="Seconds: queued (submit to first start), running (latest run), total (submit to end)."
+    )
+    error: str | None = Field(None, description="Why the job failed; a message, never a traceback.")
+    history: list[JobHistoryEntry] = Field(description="Every state change, oldest first, with reasons.")
+    files: list[JobFileLink] = Field(default_factory=list, description="The result's files, once succeeded.")
+    links: JobLinks
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next (older) page; null at the end.")
+
+
+class JobImage(ImageInfo):
+    file: str = Field(description="The PNG's name among the job's files.")
+    url: str = Field(description="Where to GET the PNG.")
+
+
+class ImageJobResult(ImageResponse):
+    """The POST /v1/images response, with each image a link to its file instead of base64."""
+
+    images: list[JobImage]
+
+
+class VideoJobResult(VideoInfo):
+    """The POST /v1/videos JSON response, with a link to the file instead of base64."""
+
+    file: str = Field(description="The video's name among the job's files.")
+    url: str = Field(description="Where to GET the video.")
