@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 serve: setup
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/genserve serve $(CONFIG)
 
+# Lint (ruff) and the layers' import contract (pyproject.toml [tool.importlinter]) first, then the
+# suite; the 25 slowest tests are listed at the end of every run.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/genserve bench --config $(CONFIG)

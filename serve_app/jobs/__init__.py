@@ -1,11 +1,11 @@
 """Durable asynchronous jobs: a job store (SQLite or Redis), a dispatcher and its Serve deployment.
 
 - `model`: the job record and its states;
-- `store`: the `JobStore` interface, and `open_store(config)`;
+- `store`: the `JobStore` interface;
 - `sqlite_store`, `redis_store`: the two implementations;
 - `results`: a finished sync response turned into files plus result JSON;
 - `dispatch`: the plain-async dispatcher (claim, run, retry, cancel), testable without Ray;
-- `runner`: the `JobRunner` Serve deployment that owns the store and the dispatcher;
+- `runner`: the `JobRunner` Serve deployment that owns the store (`open_store`) and the dispatcher;
 - `http`: what the ingress's /v1/jobs routes do (validation at submit, JSON, SSE);
-- `schemas`: the HTTP contract of /v1/jobs.
+- `schemas`: deprecated; the HTTP contract of /v1/jobs is `serve_app.protocol.jobs`.
 """

@@ -26,7 +26,7 @@ from deployments.scoring.clip_scorer import GATE_METRICS
 from serve_app.config import JobsConfig, QualityPolicy
 from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.model import ActiveJobsExceeded, Job
-from serve_app.jobs.store import open_store
+from serve_app.jobs.store import JobStore
 from serve_app.services.images import ImageService
 from serve_app.services.validation import ModelSpec
 from serve_app.services.videos import VideoService
@@ -139,3 +139,16 @@ class JobRunner:
         if hasattr(self, "_dispatcher"):  # the constructor got that far
             await self._dispatcher.stop()
             self._store.close()
+
+
+def open_store(config) -> JobStore:
+    """The store a `JobsConfig` names."""
+    if config.store == "redis":
+        from serve_app.jobs.redis_store import RedisJobStore
+
+        return RedisJobStore(config.redis_url, ttl_s=config.ttl_s, prefix=config.redis_prefix,
+                             connect_timeout_s=config.redis_timeout_s / 2, socket_timeout_s=config.redis_timeout_s,
+                             config_check=config.redis_config_check)
+    from serve_app.jobs.sqlite_store import SqliteJobStore
+
+    return SqliteJobStore(config.data_dir, ttl_s=config.ttl_s)

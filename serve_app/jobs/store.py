@@ -179,16 +179,3 @@ class JobStore(ABC):
 
 def _now(now: float | None) -> float:
     return time.time() if now is None else now
-
-
-def open_store(config) -> JobStore:
-    """The store a `JobsConfig` names."""
-    if config.store == "redis":
-        from serve_app.jobs.redis_store import RedisJobStore
-
-        return RedisJobStore(config.redis_url, ttl_s=config.ttl_s, prefix=config.redis_prefix,
-                             connect_timeout_s=config.redis_timeout_s / 2, socket_timeout_s=config.redis_timeout_s,
-                             config_check=config.redis_config_check)
-    from serve_app.jobs.sqlite_store import SqliteJobStore
-
-    return SqliteJobStore(config.data_dir, ttl_s=config.ttl_s)
