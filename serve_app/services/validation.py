@@ -51,6 +51,7 @@ class ModelSpec:
     @classmethod
     def of(cls, entry: ImageModelConfig) -> "ModelSpec":
         family = entry.model_family
+        capabilities = family.capabilities_of(entry)
         width, height = entry.size_default()
         guidance = entry.guidance_limits()
         return cls(
@@ -66,12 +67,11 @@ class ModelSpec:
             default_guidance=entry.guidance_default(),
             # Diffusers runs classifier-free guidance only above a scale of 1.
             uses_negative_prompt=family.negative_prompt and guidance[1] > 1,
-            # Fused QKV projections leave the separate ones a LoRA patches unused: no LoRAs then.
-            supports_loras=family.lora is not None and not entry.acceleration.fuse_qkv,
-            control_types=family.control_types(family.options_of(entry)),
-            supports_img2img=family.img2img_pipeline_class is not None,
-            supports_inpainting=family.inpaint_pipeline_class is not None,
-            control_edits=family.control_edits,
+            supports_loras=capabilities.loras,
+            control_types=capabilities.control_types,
+            supports_img2img=capabilities.image_to_image,
+            supports_inpainting=capabilities.inpainting,
+            control_edits=capabilities.control_edits,
             prompt_form=family.prompt_form,
             max_pixel_steps=getattr(entry, "max_pixel_steps", None),  # serve_app's ImageModelEntry has it
         )
