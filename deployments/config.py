@@ -7,7 +7,9 @@ field, when the config is loaded rather than when a replica starts.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -21,6 +23,20 @@ PUBLIC_LAION_HEAD = "camenduru/improved-aesthetic-predictor"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+# A source naming a folder or file on the node, rather than a hub repo id: what every loader and
+# `genserve download` tell apart by this one rule.
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+def is_local_path(source: str) -> bool:
+    return source.startswith(LOCAL_PREFIXES)
+
+
+def local_path(source: str) -> Path:
+    """A local source's path on this node, `~` expanded and made absolute."""
+    return Path(os.path.expanduser(source)).resolve()
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -30,7 +46,7 @@ def validate_source(value: str) -> str:
     value = value.strip()
     if value == TINY or _HUB_ID.match(value):
         return value
-    if value.startswith(("/", "./", "../", "~")):
+    if is_local_path(value):
         return value
     raise ValueError(
         f"source must be 'tiny', a Hugging Face repo id like 'org/name', or a local folder path "
@@ -142,7 +158,7 @@ class LaionHeadConfig(_Strict):
         if value is None:
             return None
         value = value.strip()
-        if value == TINY or _HUB_ID.match(value) or value.startswith(("/", "./", "../", "~")):
+        if value == TINY or _HUB_ID.match(value) or is_local_path(value):
             return value
         raise ValueError(
             f"source must be 'tiny', a Hugging Face repo id like 'org/name', or a local file or folder path "

@@ -17,6 +17,7 @@ switching, metrics, info, health) is the generic deployment's.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -96,6 +97,24 @@ class AccelerationSupport:
         if tier.channels_last and not self.channels_last:
             return f"channels_last: this family's {self.denoiser} has no convolutions that gain from it"
         return None
+
+
+@dataclass(frozen=True)
+class ImageCapabilities:
+    """What a model of one config entry can do beyond text-to-image, computed once from its family
+    and entry (`ImageFamily.capabilities_of`): the request checks and GET /v1/models both read it
+    (through `serve_app.services.validation.ModelSpec`), so what is offered is what is accepted."""
+
+    image_to_image: bool
+    inpainting: bool
+    control_types: tuple[str, ...]
+    # Whether ControlNet guidance combines with image-to-image and inpainting.
+    control_edits: bool
+    loras: bool
+
+    def public(self) -> dict:
+        return {"text_to_image": True, "image_to_image": self.image_to_image, "inpainting": self.inpainting,
+                "control_types": list(self.control_types), "loras": self.loras}
 
 
 def derived_pipeline(class_name: str, base, **components):
@@ -299,10 +318,27 @@ class ImageFamily:
         """The ControlNet types a model with these options serves."""
         return ()
 
+    def capabilities_of(self, config: "ImageModelConfig") -> ImageCapabilities:
+        """What a model of this entry can do: the family's pipelines, narrowed by the entry's options
+        (its ControlNets) and acceleration tier."""
+        return self._capabilities(self.options_of(config), config.acceleration.fuse_qkv)
+
     def capabilities(self, options: BaseModel) -> dict:
-        return {"text_to_image": True, "image_to_image": self.img2img_pipeline_class is not None,
-                "inpainting": self.inpaint_pipeline_class is not None,
-                "control_types": list(self.control_types(options)), "loras": self.lora is not None}
+        """Deprecated (goes after 2027-03-01): `capabilities_of(entry).public()`. Options alone do not
+        say the entry's acceleration tier, so this assumes none (LoRAs where a fuse_qkv entry has none)."""
+        warnings.warn("ImageFamily.capabilities(options) is deprecated: use capabilities_of(entry), which knows "
+                      "the entry's acceleration (the old path goes after 2027-03-01)", DeprecationWarning, stacklevel=2)
+        return self._capabilities(options, fuse_qkv=False).public()
+
+    def _capabilities(self, options: BaseModel, fuse_qkv: bool) -> ImageCapabilities:
+        return ImageCapabilities(
+            image_to_image=self.img2img_pipeline_class is not None,
+            inpainting=self.inpaint_pipeline_class is not None,
+            control_types=tuple(self.control_types(options)),
+            control_edits=self.control_edits,
+            # Fused QKV projections leave the separate ones a LoRA patches unused: no LoRAs then.
+            loras=self.lora is not None and not fuse_qkv,
+        )
 
     def build_tiny(self, seed: int = 0, config: "ImageModelConfig | None" = None):
         """A pipeline of this family's classes with tiny random weights (tests, the dev profile);

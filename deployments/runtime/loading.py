@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from deployments.config import TINY, DeviceOptions
+from deployments.config import TINY, DeviceOptions, is_local_path, local_path
 
 if TYPE_CHECKING:
     import torch
@@ -134,8 +133,8 @@ def is_tiny(source: str) -> bool:
 
 def pretrained_location(source: str) -> str:
     """What `from_pretrained` is given: a local folder (checked to exist) or a hub repo id."""
-    if source.startswith(("/", "./", "../", "~")):
-        path = Path(os.path.expanduser(source)).resolve()
+    if is_local_path(source):
+        path = local_path(source)
         if not path.is_dir():
             raise FileNotFoundError(f"model source folder {source!r} does not exist on this node")
         return str(path)

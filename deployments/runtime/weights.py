@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from deployments.config import TINY
+from deployments.config import TINY, is_local_path, local_path
 
 Layout = Literal["diffusers-pipeline", "diffusers-model", "transformers", "file"]
 
@@ -44,7 +44,7 @@ class WeightSource:
 
     @property
     def is_hub(self) -> bool:
-        return self.source != TINY and not self.source.startswith(("/", "./", "../", "~"))
+        return self.source != TINY and not is_local_path(self.source)
 
 
 def variant_for(variants: Mapping[str, str], dtype_name: str) -> str | None:
@@ -97,8 +97,8 @@ def pipeline_components(model_index: Mapping) -> list[str]:
 def local_folder(source: str) -> Path | None:
     """Where a source's files are on this machine: its folder, or the hub cache's snapshot of a
     repo id (None when it is not cached: loading then downloads, if the hub is reachable)."""
-    if source.startswith(("/", "./", "../", "~")):
-        path = Path(os.path.expanduser(source)).resolve()
+    if is_local_path(source):
+        path = local_path(source)
         return path if path.is_dir() else None
     from huggingface_hub import try_to_load_from_cache
 

@@ -17,11 +17,10 @@ which loads tensors only and never runs pickled code.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deployments.config import TINY, LaionHeadConfig
+from deployments.config import TINY, LaionHeadConfig, is_local_path, local_path
 from deployments.names import SCORE_RANGES
 
 if TYPE_CHECKING:
@@ -73,8 +72,8 @@ def head_input_width(head: "torch.nn.Module") -> int:
 
 def weights_path(config: LaionHeadConfig, source: str) -> Path:
     """The local weights file of a file, folder or hub-id source (a hub file is downloaded, once)."""
-    if source.startswith(("/", "./", "../", "~")):
-        path = Path(os.path.expanduser(source)).resolve()
+    if is_local_path(source):
+        path = local_path(source)
         if path.is_dir():
             path = path / config.filename
         if not path.is_file():

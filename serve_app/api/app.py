@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -40,7 +40,7 @@ from serve_app.protocol.schemas import (
 from serve_app.security.guard import Guard, limit_response_headers
 from serve_app.security.limiter import LimitExceeded
 from serve_app.services.fallback import FallbackFailed
-from serve_app.services.graph import Overloaded, StageTimeout, deadline
+from serve_app.services.graph import Overloaded, StageTimeout, cause_of, deadline
 from serve_app.ui import mount_console
 
 
@@ -124,8 +124,7 @@ async def _stage_timeout(request: Request, error: StageTimeout) -> JSONResponse:
 
 def backpressure_of(error: BaseException) -> BackPressureError | None:
     """The BackPressureError behind `error`: raised by a handle, or by a chained downstream call."""
-    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
-        error = error.cause
+    error = cause_of(error)
     return error if isinstance(error, BackPressureError) else None
 
 

@@ -52,6 +52,7 @@ from serve_app.jobs.results import image_result, video_result
 from serve_app.jobs.store import JobStore, LeaseLost
 from serve_app.protocol.errors import RequestError
 from serve_app.protocol.schemas import ImageRequest, VideoRequest
+from serve_app.services.graph import Overloaded, cause_of
 from serve_app.services.images import ImageService
 from serve_app.services.videos import VideoService
 
@@ -69,19 +70,13 @@ BACKOFF_MAX_S = 30.0
 
 def is_capacity(error: BaseException) -> bool:
     """A run turned away for capacity (a full queue, no replica available), not a failure of the job."""
-    from ray.exceptions import ActorUnavailableError, RayTaskError
+    from ray.exceptions import ActorUnavailableError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    from serve_app.services.graph import Overloaded
-
-    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
-        error = error.cause
-    return isinstance(error, (Overloaded, BackPressureError, DeploymentUnavailableError, ActorUnavailableError))
+    return isinstance(cause_of(error), (Overloaded, BackPressureError, DeploymentUnavailableError, ActorUnavailableError))
 
 
 def _capacity_reason(error: BaseException) -> str:
-    from serve_app.services.graph import Overloaded
-
     if isinstance(error, Overloaded):
         return f"not run: {error}"  # names the stage: "the generate stage's deployment is at capacity"
     return f"{CAPACITY_REASON} ({type(error).__name__})"
@@ -100,11 +95,7 @@ async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    from ray.exceptions import RayTaskError
-
-    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
-        error = error.cause
-    return isinstance(error, ModelOutOfMemory)
+    return isinstance(cause_of(error), ModelOutOfMemory)
 
 
 class Backoff:
@@ -136,12 +127,11 @@ class Backoff:
 
 def describe_failure(error: BaseException) -> str:
     """One line for the job's error: what went wrong, never a traceback."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     if isinstance(error, (ActorDiedError, ActorUnavailableError, RayActorError)):
         return f"a model replica died while running the job ({type(error).__name__})"
-    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
-        error = error.cause
+    error = cause_of(error)
     lines = str(error).strip().splitlines()
     message = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return message[:500]

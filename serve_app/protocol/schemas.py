@@ -1,8 +1,8 @@
 """The HTTP and handle contract: request and response models.
 
 Bounds that hold for every model are checked here, so FastAPI answers 422 naming the field before
-anything reaches a deployment. Bounds that depend on the chosen model (steps, guidance) are checked
-by `serve_app.services.validation.ModelSpec.check` against the same 422 shape.
+anything reaches a deployment. Rules that depend on the chosen model or the config (steps, guidance,
+control, LoRAs, budgets) are decided in `serve_app.services.validation`, in the same 422 shape.
 """
 
 from __future__ import annotations

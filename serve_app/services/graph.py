@@ -62,13 +62,21 @@ class Overloaded(RuntimeError):
         return (type(self), (self.stage, self.status, self.retry_after_s, self.unavailable))
 
 
-def turned_away(error: BaseException, stage: str) -> Overloaded | None:
-    """The Overloaded for a Serve rejection (direct, or inside a chained call's RayTaskError)."""
+def cause_of(error: BaseException) -> BaseException:
+    """The exception a remote call raised: Ray delivers one raised in a replica, or in a call it
+    chained, as a RayTaskError whose `cause` is the original; any other error is itself."""
     from ray.exceptions import RayTaskError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
-        error = error.cause
+        return error.cause
+    return error
+
+
+def turned_away(error: BaseException, stage: str) -> Overloaded | None:
+    """The Overloaded for a Serve rejection (direct, or inside a chained call's RayTaskError)."""
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    error = cause_of(error)
     if isinstance(error, BackPressureError):
         return Overloaded(stage, error.status_code, error.retry_after_s)
     if isinstance(error, DeploymentUnavailableError):

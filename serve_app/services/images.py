@@ -12,15 +12,13 @@ import dataclasses
 import time
 import uuid
 
-from deployments.config import CombinedWeights
-from deployments.enhancer.prompt_rules import blocked_terms, validate_prompt
+from deployments.enhancer.prompt_rules import validate_prompt
 from deployments.runtime.loading import NOISE_GENERATOR
-from deployments.runtime.lora import LoraNameError, LoraRegistry
+from deployments.runtime.lora import LoraRegistry
 from deployments.runtime.previews import small_png_data_url
-from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, LoraRef, ProgressTarget
-from deployments.scoring.clip_scorer import COMBINABLE, GATE_METRICS, SCORE_RANGES
-from serve_app.config import QualityPolicy, check_threshold
-from serve_app.protocol.errors import PromptBlocked, RequestError
+from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, ProgressTarget
+from deployments.scoring.clip_scorer import GATE_METRICS
+from serve_app.config import QualityPolicy
 from serve_app.protocol.schemas import (
     DEFAULT_STRENGTH,
     Attempt,
@@ -41,7 +39,14 @@ from serve_app.protocol.schemas import (
 from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
 from serve_app.services.inputs import decode_image, fit_image, fit_mask, upload_sha256
 from serve_app.services.media import encode_plain_png, encode_png_b64
-from serve_app.services.validation import ModelSpec, control_catalogue
+from serve_app.services.validation import (
+    ModelSpec,
+    check_blocklist,
+    check_image,
+    check_mask_size,
+    control_catalogue,
+    spec_of,
+)
 
 
 class ImageService:
@@ -67,17 +72,8 @@ class ImageService:
         self.default_model = default_model or next(iter(specs))
 
     def spec_of(self, model: str | None) -> ModelSpec:
-        spec = self.specs.get(self.default_model if model is None else model)
-        if spec is None:
-            known = sorted(self.specs)
-            raise RequestError("model", f"must be one of {known}; got {model!r}", "one of " + ", ".join(map(repr, known)))
-        return spec
-
-    def check_blocklist(self, prompt: str, field: str = "prompt") -> None:
-        """Refuse (400) a prompt naming a blocklisted term; the blocklist is empty (off) by default."""
-        hits = blocked_terms(prompt, self.blocklist)
-        if hits:
-            raise PromptBlocked(field, f"contains blocked term(s): {', '.join(hits)}", "text without blocklisted terms")
+        """The spec of the model a request names, the default when it names none (422 otherwise)."""
+        return spec_of(self.specs, model, self.default_model)
 
     def control_input(self, control: ControlOptions, width: int, height: int, field: str = "control.image") -> ControlInput:
         """Decode the reference image (pixel limit checked before decoding; 422 naming `field`) and fit
@@ -96,11 +92,7 @@ class ImageService:
         mask = None
         if request.mask is not None:
             mask_image = decode_image(request.mask, "mask", self.max_input_pixels)
-            if mask_image.size != image.size:
-                # Fitting crops by aspect ratio: a mask of another size would not line up with its image.
-                (mw, mh), (iw, ih) = mask_image.size, image.size
-                raise RequestError("mask", f"is {mw}x{mh} but init_image is {iw}x{ih}; a mask must match its image "
-                                   "pixel for pixel", f"a {iw}x{ih} image")
+            check_mask_size(mask_image.size, image.size)
             mask = fit_mask(mask_image, width, height)
             hashes["mask_sha256"] = upload_sha256(request.mask, "mask")
         edit = EditInput(
@@ -113,18 +105,15 @@ class ImageService:
         return edit, hashes
 
     def plan(self, request: ImageRequest) -> tuple[ImagePlan, ModelSpec, list[str]]:
-        """Fill in defaults and check what depends on the model and the config (422 on failure).
+        """Fill in defaults and check what depends on the model and the config (422 on failure, decided
+        in serve_app.services.validation).
 
         `control`, `init_image` and `mask` images are decoded here, so a bad one is refused before
         anything is generated."""
         spec = self.spec_of(request.model)
-        spec.check(request)
-        self.check_blocklist(request.prompt)
-        loras = self.resolve_loras(request, spec)
-        metric, threshold, weights = quality_gate(request.quality_metric, request.quality_threshold,
-                                                  request.quality_weights, self.policy, self.gate_metrics)
+        checked = check_image(request, spec, self.policy, self.gate_metrics, self.blocklist, self.loras)
         warnings = []
-        guidance_scale = spec.default_guidance if request.guidance_scale is None else request.guidance_scale
+        guidance_scale = checked.guidance_scale
         # Diffusers runs classifier-free guidance only above a scale of 1; below, a negative prompt does nothing.
         use_negative_prompt = spec.uses_negative_prompt and guidance_scale > 1
         if request.negative_prompt and not spec.uses_negative_prompt:
@@ -137,10 +126,7 @@ class ImageService:
                 f"negative_prompt is not used at guidance_scale {guidance_scale:g}: classifier-free guidance "
                 "runs only above 1"
             )
-        width = request.width or spec.default_width
-        height = request.height or spec.default_height
-        spec.check_budget(width, height, request.num_inference_steps or spec.default_steps, request.num_images,
-                          request.max_attempts or self.policy.max_attempts)
+        width, height = checked.width, checked.height
         control = None if request.control is None else self.control_input(request.control, width, height)
         edit, input_hashes = (None, {}) if request.init_image is None else self.edit_input(request, width, height)
         plan = ImagePlan(
@@ -152,52 +138,23 @@ class ImageService:
             use_negative_prompt=use_negative_prompt,
             width=width,
             height=height,
-            num_inference_steps=request.num_inference_steps or spec.default_steps,
+            num_inference_steps=checked.num_inference_steps,
             guidance_scale=guidance_scale,
             base_seed=random_seed() if request.seed is None else request.seed,
             num_images=request.num_images,
-            metric=metric,
-            threshold=threshold,
-            max_attempts=request.max_attempts or self.policy.max_attempts,
+            metric=checked.metric,
+            threshold=checked.threshold,
+            max_attempts=checked.max_attempts,
             target=spec.prompt_form,
             revise_prompt=self.policy.revise_prompt if request.revise_prompt is None else request.revise_prompt,
-            loras=loras,
-            weights=weights,
+            loras=checked.loras,
+            weights=checked.weights,
             control=control,
             edit=edit,
-            hires=spec.hires_pass(request),
+            hires=checked.hires,
             input_hashes=input_hashes,
         )
         return plan, spec, warnings
-
-    def resolve_loras(self, request: ImageRequest, spec: ModelSpec) -> tuple[LoraRef, ...]:
-        """The request's LoRAs as refs the generator loads, each checked against the registry and the
-        model (422 naming `loras.<i>.name` otherwise). Only the registry's entries can come out."""
-        if not request.loras:
-            return ()
-        if not spec.supports_loras:
-            raise RequestError("loras", f"{spec.id} does not take LoRA adapters", "an empty list")
-        limit = self.loras.max_per_request
-        if len(request.loras) > limit:
-            raise RequestError("loras", f"at most {limit} LoRAs per request; got {len(request.loras)}", f"0-{limit} items")
-        refs, seen = [], set()
-        for index, lora in enumerate(request.loras):
-            field = f"loras.{index}.name"
-            try:
-                entry = self.loras.resolve(lora.name)
-            except LoraNameError as error:
-                raise RequestError(field, str(error), error.allowed) from None
-            if entry.family != spec.family:
-                compatible = self.loras.names(spec.family)
-                raise RequestError(
-                    field, f"LoRA {lora.name!r} is for {entry.family} models; {spec.id} takes {spec.family} LoRAs",
-                    "one of " + ", ".join(map(repr, compatible)) if compatible else f"none: no {spec.family} LoRA is configured",
-                )
-            if lora.name in seen:
-                raise RequestError(field, f"LoRA {lora.name!r} is named twice", "each LoRA once")
-            seen.add(lora.name)
-            refs.append(entry.ref(lora.scale))
-        return tuple(refs)
 
     def loras_available(self) -> dict:
         """`GET /v1/loras`: the registry, with the deployed models that take each family."""
@@ -275,7 +232,7 @@ class ImageService:
         if not isinstance(request, EnhanceRequest):
             request = EnhanceRequest.model_validate(request)
         spec = self.spec_of(request.model)
-        self.check_blocklist(request.prompt)
+        check_blocklist(request.prompt, self.blocklist)
         started = time.perf_counter()
         enhanced: EnhancedPrompt = await call_stage(
             self.enhancer.enhance.remote(
@@ -333,34 +290,6 @@ class ImageService:
 def advice_of(prompt: str) -> PromptAdviceInfo:
     advice = validate_prompt(prompt)
     return PromptAdviceInfo(score=advice.score, issues=[dataclasses.asdict(issue) for issue in advice.issues])
-
-
-def quality_gate(metric: str | None, threshold: float | None, weights: CombinedWeights | None,
-                 policy: QualityPolicy, gate_metrics: tuple[str, ...]) -> tuple[str, float, CombinedWeights]:
-    """The request's gate (metric, threshold, combined weights), the policy's where it gives none;
-    422 naming the field when the metric or a weighted score is not computed, or the threshold is
-    outside the metric's range."""
-    metric = metric or policy.metric
-    if metric not in gate_metrics:
-        allowed = ", ".join(map(repr, gate_metrics))
-        raise RequestError("quality_metric", f"{metric!r} is not computed by the deployed scorer "
-                           "(scorer.laion.enabled is false)", f"one of {allowed}")
-    threshold = policy.threshold if threshold is None else threshold
-    try:
-        check_threshold(metric, threshold)
-    except ValueError as error:
-        low, high = SCORE_RANGES[metric]
-        raise RequestError("quality_threshold", str(error), f"{low:g}-{high:g}") from None
-    weights = weights or policy.weights or default_weights(gate_metrics)
-    if weights.laion > 0 and "laion" not in gate_metrics:
-        raise RequestError("quality_weights.laion", "must be 0: the deployed scorer computes no laion score "
-                           "(scorer.laion.enabled is false)", "0")
-    return metric, threshold, weights
-
-
-def default_weights(gate_metrics: tuple[str, ...]) -> CombinedWeights:
-    """Equal weights over the combinable scores the scorer computes."""
-    return CombinedWeights(**{metric: 1.0 for metric in COMBINABLE if metric in gate_metrics})
 
 
 def attempts_of(result: GraphResult) -> list[Attempt]:

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from serve_app.protocol.errors import RequestError
+from serve_app.services.validation import check_upload_pixels
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,")
@@ -46,9 +47,7 @@ def open_image(data: str, field: str, max_pixels: int) -> Image.Image:
         raise RequestError(field, "is not a readable PNG or JPEG or WebP image", allowed) from None
     if image.format not in ALLOWED_FORMATS:
         raise RequestError(field, f"format {image.format} is not supported", allowed)
-    width, height = image.size
-    if width * height > max_pixels:
-        raise RequestError(field, f"{width}x{height} is {width * height} pixels, over the limit", allowed)
+    check_upload_pixels(field, image.size, max_pixels, allowed)
     return image
 
 

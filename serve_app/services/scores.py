@@ -13,9 +13,8 @@ from deployments.scoring.clip_scorer import SCORE_RANGES
 from serve_app.config import QualityPolicy, ScoresConfig
 from serve_app.protocol.schemas import ScoredImage, ScoreRequest, ScoreResponse, Scores
 from serve_app.services.graph import call_stage
-from serve_app.services.images import quality_gate
 from serve_app.services.inputs import load_image, open_image
-from serve_app.services.validation import check_total_pixels
+from serve_app.services.validation import check_total_pixels, quality_gate
 
 # What the scorer's CLIP resizes every image to (its shorter side), if its `info` does not say.
 DEFAULT_CLIP_INPUT_SIZE = 224

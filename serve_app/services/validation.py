@@ -1,12 +1,29 @@
-"""What each servable model accepts, and the request checks that depend on the model."""
+"""Every request rule that depends on a model's capabilities or the service's config, in one place
+(as TGI keeps its `validation`). The schemas (serve_app.protocol) check what holds for every model;
+what is left is decided here, before any model runs. Each refusal is a RequestError (422;
+PromptBlocked's 400 for the blocklist) naming the field and what it allows.
+
+- `ModelSpec`: one image model entry resolved for the request path, its capabilities computed once
+  by the family (`ImageFamily.capabilities_of`), with the rules on steps, guidance, control, edits,
+  hires and the compute budget; GET /v1/models shows the same spec (`public`).
+- `check_image`: every model- and config-dependent rule of an image request, in one call
+  (`ImageService.plan` makes it): the model's rules, the blocklist, the LoRAs, the quality gate and
+  the budget. `spec_of`, `check_blocklist`, `resolve_loras` and `quality_gate` are its parts.
+- Uploads: `check_upload_pixels` (max_input_pixels), `check_mask_size`, `check_total_pixels`.
+- `VideoSpec`: a video model entry's rules and parameters (`plan`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from deployments.config import ImageModelConfig, VideoModelConfig
-from deployments.runtime.types import HiresPass, PromptForm, denoising_steps
-from serve_app.protocol.errors import RequestError
+from deployments.config import CombinedWeights, ImageModelConfig, VideoModelConfig
+from deployments.enhancer.prompt_rules import blocked_terms
+from deployments.runtime.lora import LoraNameError, LoraRegistry
+from deployments.runtime.types import HiresPass, LoraRef, PromptForm, denoising_steps
+from deployments.scoring.clip_scorer import COMBINABLE, SCORE_RANGES
+from serve_app.config import QualityPolicy, check_threshold
+from serve_app.protocol.errors import PromptBlocked, RequestError
 from serve_app.protocol.schemas import DEFAULT_STRENGTH, ControlOptions, ImageRequest, VideoRequest
 
 
@@ -51,6 +68,7 @@ class ModelSpec:
     @classmethod
     def of(cls, entry: ImageModelConfig) -> "ModelSpec":
         family = entry.model_family
+        capabilities = family.capabilities_of(entry)
         width, height = entry.size_default()
         guidance = entry.guidance_limits()
         return cls(
@@ -66,12 +84,11 @@ class ModelSpec:
             default_guidance=entry.guidance_default(),
             # Diffusers runs classifier-free guidance only above a scale of 1.
             uses_negative_prompt=family.negative_prompt and guidance[1] > 1,
-            # Fused QKV projections leave the separate ones a LoRA patches unused: no LoRAs then.
-            supports_loras=family.lora is not None and not entry.acceleration.fuse_qkv,
-            control_types=family.control_types(family.options_of(entry)),
-            supports_img2img=family.img2img_pipeline_class is not None,
-            supports_inpainting=family.inpaint_pipeline_class is not None,
-            control_edits=family.control_edits,
+            supports_loras=capabilities.loras,
+            control_types=capabilities.control_types,
+            supports_img2img=capabilities.image_to_image,
+            supports_inpainting=capabilities.inpainting,
+            control_edits=capabilities.control_edits,
             prompt_form=family.prompt_form,
             max_pixel_steps=getattr(entry, "max_pixel_steps", None),  # serve_app's ImageModelEntry has it
         )
@@ -184,6 +201,144 @@ class ModelSpec:
         spec.pop("prompt_form")
         spec["control_types"] = list(self.control_types)
         return spec
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """An image request's values that depend on its model and the config, defaults filled in and
+    every rule checked: what `ImageService.plan` builds its plan from."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    max_attempts: int
+    loras: tuple[LoraRef, ...]
+    metric: str
+    threshold: float
+    weights: CombinedWeights
+    hires: HiresPass | None
+
+
+def check_image(request: ImageRequest, spec: ModelSpec, policy: QualityPolicy, gate_metrics: tuple[str, ...],
+                blocklist: tuple[str, ...], loras: LoraRegistry) -> CheckedImage:
+    """Every rule of `request` that depends on its model or the config, before any upload is decoded
+    (the uploads' own limits are checked as they decode): the first one broken raises."""
+    spec.check(request)
+    check_blocklist(request.prompt, blocklist)
+    refs = resolve_loras(request, spec, loras)
+    metric, threshold, weights = quality_gate(request.quality_metric, request.quality_threshold,
+                                              request.quality_weights, policy, gate_metrics)
+    width, height = request.width or spec.default_width, request.height or spec.default_height
+    steps = request.num_inference_steps or spec.default_steps
+    rounds = request.max_attempts or policy.max_attempts
+    spec.check_budget(width, height, steps, request.num_images, rounds)
+    guidance = spec.default_guidance if request.guidance_scale is None else request.guidance_scale
+    return CheckedImage(width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
+                        max_attempts=rounds, loras=refs, metric=metric, threshold=threshold, weights=weights,
+                        hires=spec.hires_pass(request))
+
+
+def spec_of(specs: dict[str, ModelSpec], model: str | None, default_model: str) -> ModelSpec:
+    """The spec of the model a request names (`default_model` when it names none); 422 for another id."""
+    spec = specs.get(default_model if model is None else model)
+    if spec is None:
+        known = sorted(specs)
+        raise RequestError("model", f"must be one of {known}; got {model!r}", "one of " + ", ".join(map(repr, known)))
+    return spec
+
+
+def check_blocklist(prompt: str, blocklist: tuple[str, ...], field: str = "prompt") -> None:
+    """Refuse (400) a prompt naming a blocklisted term; the blocklist is empty (off) by default."""
+    hits = blocked_terms(prompt, blocklist)
+    if hits:
+        raise PromptBlocked(field, f"contains blocked term(s): {', '.join(hits)}", "text without blocklisted terms")
+
+
+def resolve_loras(request: ImageRequest, spec: ModelSpec, registry: LoraRegistry) -> tuple[LoraRef, ...]:
+    """The request's LoRAs as refs the generator loads, each checked against the registry and the
+    model (422 naming `loras.<i>.name` otherwise). Only the registry's entries can come out."""
+    if not request.loras:
+        return ()
+    if not spec.supports_loras:
+        raise RequestError("loras", f"{spec.id} does not take LoRA adapters", "an empty list")
+    limit = registry.max_per_request
+    if len(request.loras) > limit:
+        raise RequestError("loras", f"at most {limit} LoRAs per request; got {len(request.loras)}", f"0-{limit} items")
+    refs, seen = [], set()
+    for index, lora in enumerate(request.loras):
+        field = f"loras.{index}.name"
+        try:
+            entry = registry.resolve(lora.name)
+        except LoraNameError as error:
+            raise RequestError(field, str(error), error.allowed) from None
+        if entry.family != spec.family:
+            compatible = registry.names(spec.family)
+            raise RequestError(
+                field, f"LoRA {lora.name!r} is for {entry.family} models; {spec.id} takes {spec.family} LoRAs",
+                "one of " + ", ".join(map(repr, compatible)) if compatible else f"none: no {spec.family} LoRA is configured",
+            )
+        if lora.name in seen:
+            raise RequestError(field, f"LoRA {lora.name!r} is named twice", "each LoRA once")
+        seen.add(lora.name)
+        refs.append(entry.ref(lora.scale))
+    return tuple(refs)
+
+
+def quality_gate(metric: str | None, threshold: float | None, weights: CombinedWeights | None,
+                 policy: QualityPolicy, gate_metrics: tuple[str, ...]) -> tuple[str, float, CombinedWeights]:
+    """The request's gate (metric, threshold, combined weights), the policy's where it gives none;
+    422 naming the field when the metric or a weighted score is not computed, or the threshold is
+    outside the metric's range."""
+    metric = metric or policy.metric
+    if metric not in gate_metrics:
+        allowed = ", ".join(map(repr, gate_metrics))
+        raise RequestError("quality_metric", f"{metric!r} is not computed by the deployed scorer "
+                           "(scorer.laion.enabled is false)", f"one of {allowed}")
+    threshold = policy.threshold if threshold is None else threshold
+    try:
+        check_threshold(metric, threshold)
+    except ValueError as error:
+        low, high = SCORE_RANGES[metric]
+        raise RequestError("quality_threshold", str(error), f"{low:g}-{high:g}") from None
+    weights = weights or policy.weights or default_weights(gate_metrics)
+    if weights.laion > 0 and "laion" not in gate_metrics:
+        raise RequestError("quality_weights.laion", "must be 0: the deployed scorer computes no laion score "
+                           "(scorer.laion.enabled is false)", "0")
+    return metric, threshold, weights
+
+
+def default_weights(gate_metrics: tuple[str, ...]) -> CombinedWeights:
+    """Equal weights over the combinable scores the scorer computes."""
+    return CombinedWeights(**{metric: 1.0 for metric in COMBINABLE if metric in gate_metrics})
+
+
+def check_upload_pixels(field: str, size: tuple[int, int], max_pixels: int, allowed: str) -> None:
+    """422 naming `field` when an upload's header declares more than `max_pixels` (max_input_pixels)."""
+    width, height = size
+    if width * height > max_pixels:
+        raise RequestError(field, f"{width}x{height} is {width * height} pixels, over the limit", allowed)
+
+
+def check_mask_size(mask: tuple[int, int], image: tuple[int, int]) -> None:
+    """422 unless `mask` is its init_image's size: fitting crops by aspect ratio, so a mask of
+    another size would not line up with its image."""
+    if mask != image:
+        (mw, mh), (iw, ih) = mask, image
+        raise RequestError("mask", f"is {mw}x{mh} but init_image is {iw}x{ih}; a mask must match its image "
+                           "pixel for pixel", f"a {iw}x{ih} image")
+
+
+def check_total_pixels(field: str, sizes: list[tuple[int, int]], limit: int, setting: str) -> None:
+    """422 naming `field` when the images' width x height, added up, is over `limit` (the config's `setting`)."""
+    total = sum(width * height for width, height in sizes)
+    if total > limit:
+        raise RequestError(
+            field,
+            f"the {len(sizes)} image{'s' if len(sizes) != 1 else ''} hold {total} pixels in all, over the limit of "
+            f"{limit} ({setting}): send fewer or smaller images",
+            f"at most {limit} pixels in all",
+        )
 
 
 @dataclass(frozen=True)
@@ -330,14 +485,3 @@ def control_catalogue() -> list[dict]:
         },
     ]
 
-
-def check_total_pixels(field: str, sizes: list[tuple[int, int]], limit: int, setting: str) -> None:
-    """422 naming `field` when the images' width x height, added up, is over `limit` (the config's `setting`)."""
-    total = sum(width * height for width, height in sizes)
-    if total > limit:
-        raise RequestError(
-            field,
-            f"the {len(sizes)} image{'s' if len(sizes) != 1 else ''} hold {total} pixels in all, over the limit of "
-            f"{limit} ({setting}): send fewer or smaller images",
-            f"at most {limit} pixels in all",
-        )

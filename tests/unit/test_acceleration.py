@@ -70,6 +70,14 @@ def test_fused_qkv_matches_eager_and_takes_no_loras():
     assert ModelSpec.of(_entry()).supports_loras and not ModelSpec.of(_entry(fuse_qkv=True)).supports_loras
 
 
+
+def test_the_family_offers_no_loras_a_fused_qkv_entry_refuses():
+    # One computation of an entry's capabilities, read by the request checks and the family's public info.
+    for entry, takes_loras in ((_entry(), True), (_entry(fuse_qkv=True), False), (_entry("sdxl", fuse_qkv=True), False)):
+        capabilities = entry.model_family.capabilities_of(entry)
+        assert capabilities.loras is ModelSpec.of(entry).supports_loras is takes_loras
+        assert capabilities.public()["loras"] is takes_loras
+
 def test_int8_weight_only_stays_close_to_eager():
     eager, _ = _run(_entry())
     quantized, model = _run(_entry(quantization="int8_weight_only"))

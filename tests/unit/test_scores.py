@@ -17,7 +17,7 @@ from deployments.tiny import build_tiny_laion_head, save_tiny
 from serve_app.config import AppArgs, QualityPolicy
 from serve_app.protocol.errors import RequestError
 from serve_app.services.graph import Candidate, choose
-from serve_app.services.images import default_weights, quality_gate
+from serve_app.services.validation import default_weights, quality_gate
 from tests.helpers import flat_scores
 
 PROMPT = "a lighthouse on a cliff"
