@@ -87,7 +87,7 @@ class FluxFamily(ImageFamily):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-        from deployments.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer, tiny_t5_tokenizer
+        from deployments.runtime.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer, tiny_t5_tokenizer
 
         rng = seeded(seed)
         try:
