@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.names import Style
+from deployments.names import Style, check_lora_name
 
 TINY = "tiny"
 # The public improved-aesthetic-predictor head (christophschuhmann/improved-aesthetic-predictor),
@@ -300,12 +300,6 @@ class EnhancerConfig(_Strict):
     )
 
 
-def _lora_name(value: str) -> str:
-    from deployments.runtime.lora import check_lora_name
-
-    return check_lora_name(value)
-
-
 def _lora_weight_name(value: str) -> str:
     if not value.endswith(".safetensors") or value.startswith("/") or ".." in value or "\\" in value:
         raise ValueError(f"weight_name must be a relative path to a .safetensors file without '..'; got {value!r}")
@@ -315,7 +309,7 @@ def _lora_weight_name(value: str) -> str:
 class LoraHubEntry(_Strict):
     """One LoRA from the Hugging Face Hub, loaded with `load_lora_weights(repo, weight_name=...)`."""
 
-    name: Annotated[str, AfterValidator(_lora_name)] = Field(
+    name: Annotated[str, AfterValidator(check_lora_name)] = Field(
         description="What requests call it (no '/', '\\\\' or '..'; at most 128 characters)."
     )
     repo: str = Field(pattern=_HUB_ID.pattern, description="Hugging Face repo id, 'org/name'.")

@@ -14,8 +14,8 @@ import uuid
 
 from deployments.config import CombinedWeights
 from deployments.enhancer.prompt_rules import blocked_terms, validate_prompt
+from deployments.lora_registry import LoraNameError, LoraRegistry
 from deployments.runtime.loading import NOISE_GENERATOR
-from deployments.runtime.lora import LoraNameError, LoraRegistry
 from deployments.runtime.previews import small_png_data_url
 from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, LoraRef, ProgressTarget
 from deployments.scoring.clip_scorer import COMBINABLE, GATE_METRICS, SCORE_RANGES
