@@ -3,6 +3,12 @@
 These models are what `configs/*.yaml` feed, through `serve_app.config.AppArgs`. Every field has a
 safe default and a description; validators reject impossible values with a message naming the
 field, when the config is loaded rather than when a replica starts.
+
+They are plain data: nothing here knows a model family. What an entry's family allows (its
+options, step and guidance ranges, size and frame rules, acceleration tiers) is checked by the
+family (`ImageFamily.check_entry`, `VideoFamily.check_entry` in `deployments.families`), which
+`AppArgs` runs on each entry when the config loads; the family also resolves an entry's defaults
+(`family.steps_default(entry)`, ...).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.names import Style
+from deployments.names import Style, check_lora_name
 
 TINY = "tiny"
 # The public improved-aesthetic-predictor head (christophschuhmann/improved-aesthetic-predictor),
@@ -316,12 +322,6 @@ class EnhancerConfig(_Strict):
     )
 
 
-def _lora_name(value: str) -> str:
-    from deployments.runtime.lora import check_lora_name
-
-    return check_lora_name(value)
-
-
 def _lora_weight_name(value: str) -> str:
     if not value.endswith(".safetensors") or value.startswith("/") or ".." in value or "\\" in value:
         raise ValueError(f"weight_name must be a relative path to a .safetensors file without '..'; got {value!r}")
@@ -331,7 +331,7 @@ def _lora_weight_name(value: str) -> str:
 class LoraHubEntry(_Strict):
     """One LoRA from the Hugging Face Hub, loaded with `load_lora_weights(repo, weight_name=...)`."""
 
-    name: Annotated[str, AfterValidator(_lora_name)] = Field(
+    name: Annotated[str, AfterValidator(check_lora_name)] = Field(
         description="What requests call it (no '/', '\\\\' or '..'; at most 128 characters)."
     )
     repo: str = Field(pattern=_HUB_ID.pattern, description="Hugging Face repo id, 'org/name'.")
@@ -340,16 +340,8 @@ class LoraHubEntry(_Strict):
     )
     family: str = Field(
         description="The model family it was trained for, as image_models entries name it (not read from the "
-                    "file: it is not downloaded until used)."
+                    "file: it is not downloaded until used; the app's config checks that the family exists)."
     )
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, value: str) -> str:
-        from deployments.families import get_family
-
-        get_family(value)
-        return value
 
 
 class LoraConfig(_Strict):
@@ -517,72 +509,6 @@ class ImageModelConfig(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Request batching; default: off.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Warm-up calls before the replica is healthy.")
 
-    @property
-    def model_family(self):
-        from deployments.families import get_family
-
-        return get_family(self.family)
-
-    def step_limits(self) -> tuple[int, int]:
-        family = self.model_family
-        return (self.limits.min_steps or family.min_steps, self.limits.max_steps or family.max_steps)
-
-    def guidance_limits(self) -> tuple[float, float]:
-        low, high = self.model_family.guidance_range
-        limits = self.limits
-        return (low if limits.min_guidance is None else limits.min_guidance,
-                high if limits.max_guidance is None else limits.max_guidance)
-
-    def steps_default(self) -> int:
-        low, high = self.step_limits()
-        return self.default_steps if self.default_steps is not None else min(max(self.model_family.default_steps, low), high)
-
-    def guidance_default(self) -> float:
-        low, high = self.guidance_limits()
-        if self.default_guidance is not None:
-            return self.default_guidance
-        return min(max(self.model_family.default_guidance, low), high)
-
-    def size_default(self) -> tuple[int, int]:
-        width, height = self.model_family.default_size
-        return (self.default_width or width, self.default_height or height)
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, value: str) -> str:
-        from deployments.families import get_family
-
-        get_family(value)  # UnknownFamily (a ValueError) lists the known ones
-        return value
-
-    @model_validator(mode="after")
-    def _fits_family(self) -> "ImageModelConfig":
-        family = self.model_family
-        try:
-            family.options_of(self)
-        except ValueError as error:  # pydantic's ValidationError, naming the option
-            raise ValueError(f"options for family {family.name!r}: {error}") from None
-        low, high = self.step_limits()
-        if not family.min_steps <= low <= high <= family.max_steps:
-            raise ValueError(f"limits: steps {low}-{high} must lie within the {family.name} family's "
-                             f"{family.min_steps}-{family.max_steps}, min not above max")
-        glow, ghigh = self.guidance_limits()
-        flow, fhigh = family.guidance_range
-        if not flow <= glow <= ghigh <= fhigh:
-            raise ValueError(f"limits: guidance {glow:g}-{ghigh:g} must lie within the {family.name} family's "
-                             f"{flow:g}-{fhigh:g}, min not above max")
-        if not low <= self.steps_default() <= high:
-            raise ValueError(f"default_steps ({self.default_steps}) must lie within the limits, {low}-{high}")
-        if not glow <= self.guidance_default() <= ghigh:
-            raise ValueError(f"default_guidance ({self.default_guidance:g}) must lie within the limits, {glow:g}-{ghigh:g}")
-        unsupported = family.acceleration.unsupported(self.acceleration)
-        if unsupported:
-            raise ValueError(f"acceleration: {unsupported}")
-        for index, shape in enumerate(self.warmup.shapes):
-            if shape.steps is not None and not low <= shape.steps <= high:
-                raise ValueError(f"warmup.shapes.{index}.steps ({shape.steps}) must lie within the limits, {low}-{high}")
-        return self
-
 
 class VideoModelConfig(_Strict):
     """One servable video model: an entry of `video_models:`. The family (`deployments.families.svd`,
@@ -604,48 +530,3 @@ class VideoModelConfig(_Strict):
                                                                      "family's frame rule (img2vid: 14).")
     default_fps: int | None = Field(None, ge=1, le=60, description="Frames per second when a request gives none.")
     options: dict = Field(default_factory=dict, description="The family's own options (memory: offload, ...).")
-
-    @property
-    def model_family(self):
-        from deployments.families import get_video_family
-
-        return get_video_family(self.family)
-
-    def size_default(self) -> tuple[int, int]:
-        width, height = self.model_family.default_size
-        return (self.default_width or width, self.default_height or height)
-
-    def frames_default(self) -> int:
-        return self.default_num_frames or self.model_family.default_frames
-
-    def fps_default(self) -> int:
-        return self.default_fps or self.model_family.default_fps
-
-    def steps_default(self) -> int:
-        return self.default_steps or self.model_family.default_steps
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, value: str) -> str:
-        from deployments.families import get_video_family
-
-        get_video_family(value)
-        return value
-
-    @model_validator(mode="after")
-    def _fits_family(self) -> "VideoModelConfig":
-        family = self.model_family
-        try:
-            family.options_of(self)
-        except ValueError as error:
-            raise ValueError(f"options for video family {family.name!r}: {error}") from None
-        for name, value in zip(("default_width", "default_height"), self.size_default()):
-            if not family.size.allows(value):
-                raise ValueError(f"{name} ({value}) breaks the {family.name} family's size rule: {family.size.describe()}")
-        if not family.frames.allows(self.frames_default()):
-            raise ValueError(f"default_num_frames ({self.frames_default()}) breaks the {family.name} family's frame "
-                             f"rule: {family.frames.describe()}")
-        if not family.min_steps <= self.steps_default() <= family.max_steps:
-            raise ValueError(f"default_steps ({self.steps_default()}) must lie within the {family.name} family's "
-                             f"{family.min_steps}-{family.max_steps}")
-        return self

@@ -17,6 +17,7 @@ import numpy as np
 from ray import serve
 
 from deployments.config import IMAGE_GENERATOR_MAX_ONGOING_REQUESTS, ImageModelConfig
+from deployments.families import get_family
 from deployments.runtime.loading import (
     check_device_health,
     in_serve_replica,
@@ -109,7 +110,7 @@ class ImageGenerator:
 
     def __init__(self, config: ImageModelConfig, metrics: bool = True, lora_cache_size: int = 8):
         self._config = config
-        self._family = config.model_family
+        self._family = get_family(config.family)
         self._placement = resolve_placement(config.device)
         self._metrics = ModelMetrics(config.id, self._placement.device, enabled=metrics)
         started = time.perf_counter()
@@ -143,16 +144,16 @@ class ImageGenerator:
     def _warm_up(self) -> list[dict]:
         """Run the declared warm-up shapes once each (compiling, if the tier compiles); text-to-image,
         no LoRA, no progress target."""
-        config, warmup = self._config, self._config.warmup
-        width, height = config.size_default()
-        shapes = [{"width": width, "height": height, "steps": config.steps_default(), "images": 1}] \
+        config, warmup, family = self._config, self._config.warmup, self._family
+        width, height = family.size_default(config)
+        shapes = [{"width": width, "height": height, "steps": family.steps_default(config), "images": 1}] \
             if warmup.default_shape else []
-        shapes += [{"width": shape.width, "height": shape.height, "steps": shape.steps or config.steps_default(),
+        shapes += [{"width": shape.width, "height": shape.height, "steps": shape.steps or family.steps_default(config),
                     "images": shape.images} for shape in warmup.shapes]
         for shape in shapes:
             params = GenerationParams(seeds=list(range(shape["images"])), width=shape["width"],
                                       height=shape["height"], num_inference_steps=shape["steps"],
-                                      guidance_scale=config.guidance_default())
+                                      guidance_scale=family.guidance_default(config))
             monitor = StepMonitor(None, params.total_steps())
             self._generate([_Pending(params, WARMUP_PROMPT, None, monitor)], monitor)
         return shapes

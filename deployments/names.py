@@ -45,3 +45,29 @@ OPENAI_QUALITIES: dict[str, Quality | None] = {
     "standard": "standard", "low": "none",
 }
 OPENAI_STYLES: dict[str, Style] = {"vivid": "cinematic", "natural": "photorealistic"}
+
+# LoRA names: what a request's `loras[].name` or a hub entry may call an adapter. Pure text rules,
+# checked before any file is looked at (the registry's safety rules: deployments.lora_registry).
+MAX_LORA_NAME_LENGTH = 128
+
+
+def lora_name_problem(name: str) -> str | None:
+    """Why `name` can never name a LoRA, or None. Pure text checks: nothing is read."""
+    if not name:
+        return "must not be empty"
+    if len(name) > MAX_LORA_NAME_LENGTH:
+        return f"must be at most {MAX_LORA_NAME_LENGTH} characters"
+    if "/" in name or "\\" in name:
+        return "must be a plain name from GET /v1/loras, not a path (no '/' or '\\')"
+    if ".." in name:
+        return "must not contain '..'"
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        return "must not contain control characters"
+    return None
+
+
+def check_lora_name(name: str) -> str:
+    problem = lora_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"LoRA name {problem}")
+    return name

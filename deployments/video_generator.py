@@ -16,6 +16,7 @@ import numpy as np
 from ray import serve
 
 from deployments.config import VideoModelConfig
+from deployments.families import get_video_family
 from deployments.runtime.loading import check_device_health, resolve_placement, seeded_generators, to_uint8_images
 from deployments.runtime.metrics import ModelMetrics
 from deployments.runtime.progress import StepMonitor, run_interruptibly
@@ -38,7 +39,7 @@ class VideoGenerator:
 
     def __init__(self, config: VideoModelConfig, metrics: bool = True):
         self._config = config
-        self._family = config.model_family
+        self._family = get_video_family(config.family)
         self._placement = resolve_placement(config.device)
         self._metrics = ModelMetrics(config.id, self._placement.device, enabled=metrics)
         started = time.perf_counter()

@@ -15,7 +15,7 @@ from ray.serve import Application
 from deployments.enhancer.prompt_enhancer import PromptEnhancer
 from deployments.families import BUILTIN
 from deployments.image_generator import ImageGenerator
-from deployments.runtime.lora import LoraRegistry
+from deployments.lora_registry import LoraRegistry
 from deployments.scoring.clip_scorer import ClipScorer
 from deployments.video_generator import VideoGenerator
 from serve_app.api.ingress import Ingress

@@ -7,6 +7,7 @@ with pydantic naming the field (for example `policy.threshold`), instead of insi
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, get_args
@@ -26,6 +27,8 @@ from deployments.config import (
     ScorerConfig,
     VideoModelConfig,
 )
+from deployments.families import ImageFamily, get_family, get_video_family
+from deployments.families.video_base import VideoFamily
 from deployments.names import SCORE_RANGES, GateMetric
 
 # The deployments every app has; image and video generators are named after their model ids
@@ -196,8 +199,22 @@ def generator_name(model_id: str) -> str:
     return "".join(part.capitalize() for part in re.split(r"[.-]", model_id)) + "Generator"
 
 
+def _family_method(name: str):
+    """`entry.<name>()` as entries had it while the config resolved its own family: the family
+    computes it now (`entry.model_family.<name>(entry)`); this stand-in warns and asks it."""
+
+    def method(self):
+        warnings.warn(f"{type(self).__name__}.{name}() is deprecated: use entry.model_family.{name}(entry)",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(self.model_family, name)(self)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
 class ImageModelEntry(ImageModelConfig):
-    """An `image_models:` entry: the model (see ImageModelConfig) and its deployment's options."""
+    """An `image_models:` entry: the model (see ImageModelConfig) and its deployment's options,
+    checked against its family when the config loads."""
 
     max_pixel_steps: int | None = Field(
         None, ge=1,
@@ -221,6 +238,28 @@ class ImageModelEntry(ImageModelConfig):
     def deployment_name(self) -> str:
         return generator_name(self.id)
 
+    @property
+    def model_family(self) -> ImageFamily:
+        return get_family(self.family)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        get_family(value)  # UnknownFamily (a ValueError) lists the known ones
+        return value
+
+    @model_validator(mode="after")
+    def _fits_family(self) -> "ImageModelEntry":
+        self.model_family.check_entry(self)
+        return self
+
+    # Entries computed these themselves while the config resolved its own family; kept, with a warning.
+    step_limits = _family_method("step_limits")
+    guidance_limits = _family_method("guidance_limits")
+    steps_default = _family_method("steps_default")
+    guidance_default = _family_method("guidance_default")
+    size_default = _family_method("size_default")
+
     @model_validator(mode="after")
     def _batches_can_fill(self) -> "ImageModelEntry":
         _check_batches_fit(self.batching, self.deployment.max_ongoing_requests or IMAGE_GENERATOR_MAX_ONGOING_REQUESTS,
@@ -237,7 +276,8 @@ def _check_batches_fit(batching: BatchingConfig, per_replica: int, field: str, b
 
 
 class VideoModelEntry(VideoModelConfig):
-    """A `video_models:` entry: the model (see VideoModelConfig) and its deployment's options."""
+    """A `video_models:` entry: the model (see VideoModelConfig) and its deployment's options,
+    checked against its family when the config loads."""
 
     max_pixel_frame_steps: int | None = Field(
         None, ge=1,
@@ -255,6 +295,27 @@ class VideoModelEntry(VideoModelConfig):
     @property
     def deployment_name(self) -> str:
         return generator_name(self.id)
+
+    @property
+    def model_family(self) -> VideoFamily:
+        return get_video_family(self.family)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        get_video_family(value)
+        return value
+
+    @model_validator(mode="after")
+    def _fits_family(self) -> "VideoModelEntry":
+        self.model_family.check_entry(self)
+        return self
+
+    # Entries computed these themselves while the config resolved its own family; kept, with a warning.
+    size_default = _family_method("size_default")
+    frames_default = _family_method("frames_default")
+    fps_default = _family_method("fps_default")
+    steps_default = _family_method("steps_default")
 
 
 def _default_image_models() -> list[ImageModelEntry]:
@@ -673,6 +734,16 @@ class AppArgs(_Strict):
         served = {entry.deployment_name: entry.deployment
                   for entry in [*self.served_image_models, *self.served_video_models]}
         return {**self.deployments, **served}
+
+    @field_validator("loras")
+    @classmethod
+    def _hub_families_known(cls, value: LoraConfig) -> LoraConfig:
+        for index, entry in enumerate(value.hub):
+            try:
+                get_family(entry.family)
+            except ValueError as error:  # UnknownFamily lists the known ones
+                raise ValueError(f"hub.{index}.family: {error}") from None
+        return value
 
     @field_validator("gpu_capacity")
     @classmethod

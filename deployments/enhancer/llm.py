@@ -81,7 +81,7 @@ class TransformersLlm:
         self._config = config
         self._placement = placement
         if is_tiny(config.source):
-            from deployments.tiny import build_tiny_llm
+            from deployments.runtime.tiny import build_tiny_llm
 
             parts = build_tiny_llm()
             model, self._tokenizer = parts["model"], parts["tokenizer"]

@@ -94,7 +94,7 @@ class AnimateDiffFamily(VideoFamily):
         """A MotionAdapter sized to the sd15 family's tiny UNet (two blocks of 32 and 64 channels)."""
         from diffusers import MotionAdapter
 
-        from deployments.tiny import eval_mode, seeded
+        from deployments.runtime.tiny import eval_mode, seeded
 
         rng = seeded(seed)
         try:

@@ -6,7 +6,9 @@ guidance ranges, default sizes, whether a negative prompt means anything, which 
 options enable, what its LoRA files look like, the enhancer's prompt form, its family-specific
 config options, which image-to-image and inpainting pipelines it has, which acceleration tiers its
 denoiser supports, and how to build a tiny random-weight pipeline. A config entry of
-`image_models:` picks a family and may narrow its limits (`ImageModelConfig.limits`).
+`image_models:` picks a family and may narrow its limits (`ImageModelConfig.limits`); the config is
+plain data, so the family checks the entry (`check_entry`, run when the config loads) and resolves
+its limits and defaults (`step_limits`, `steps_default`, ...).
 
 At run time the generic `deployments.image_generator.ImageGenerator` deployment calls
 `family.load(config, placement)` and gets a `LoadedImageModel`: the one object that knows how to
@@ -24,10 +26,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from deployments.runtime.acceleration import AccelerationSupport
 from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationParams, PromptForm
 
 if TYPE_CHECKING:
-    from deployments.config import AccelerationConfig, ImageModelConfig
+    from deployments.config import ImageModelConfig
     from deployments.runtime.loading import Placement
     from deployments.runtime.weights import WeightSource
 
@@ -66,37 +69,6 @@ class LoraSignature:
         return any(
             key.startswith(self.key_prefixes) or any(fragment in key for fragment in self.key_fragments) for key in keys
         )
-
-
-@dataclass(frozen=True)
-class AccelerationSupport:
-    """What a family's denoiser supports of the acceleration tiers (`deployments.config.AccelerationConfig`).
-
-    `denoiser`: the pipeline attribute compiled, quantized and cached (`transformer`, `unet`).
-    `repeated_blocks`: it declares `_repeated_blocks`, so `compile: repeated_blocks` applies.
-    `cache_hooks`: the diffusers cache hooks it takes (`first_block`; a UNet takes none).
-    `fuse_qkv`: it has `fuse_qkv_projections`. `channels_last`: its convolutions gain from it.
-    Compilation, quantization and attention backends need nothing of the family.
-    """
-
-    denoiser: str = "transformer"
-    repeated_blocks: bool = False
-    cache_hooks: tuple[str, ...] = ()
-    fuse_qkv: bool = False
-    channels_last: bool = False
-
-    def unsupported(self, tier: "AccelerationConfig") -> str | None:
-        """Why this family cannot run `tier` (naming the field), or None when it can."""
-        if tier.compile == "repeated_blocks" and not self.repeated_blocks:
-            return f"compile: repeated_blocks: this family's {self.denoiser} declares no repeated blocks; use 'full'"
-        if tier.cache is not None and tier.cache.kind not in self.cache_hooks:
-            have = ", ".join(self.cache_hooks) or "none"
-            return f"cache.kind: {tier.cache.kind!r} is not a cache hook this family's {self.denoiser} takes ({have})"
-        if tier.fuse_qkv and not self.fuse_qkv:
-            return f"fuse_qkv: this family's {self.denoiser} cannot fuse its QKV projections"
-        if tier.channels_last and not self.channels_last:
-            return f"channels_last: this family's {self.denoiser} has no convolutions that gain from it"
-        return None
 
 
 @dataclass(frozen=True)
@@ -313,6 +285,63 @@ class ImageFamily:
     def options_of(self, config: "ImageModelConfig") -> BaseModel:
         """The entry's `options:` validated against this family's `Options` model."""
         return self.Options.model_validate(config.options)
+
+    # An entry's limits and defaults: its own where it sets them, else this family's.
+
+    def step_limits(self, config: "ImageModelConfig") -> tuple[int, int]:
+        return (config.limits.min_steps or self.min_steps, config.limits.max_steps or self.max_steps)
+
+    def guidance_limits(self, config: "ImageModelConfig") -> tuple[float, float]:
+        low, high = self.guidance_range
+        limits = config.limits
+        return (low if limits.min_guidance is None else limits.min_guidance,
+                high if limits.max_guidance is None else limits.max_guidance)
+
+    def steps_default(self, config: "ImageModelConfig") -> int:
+        low, high = self.step_limits(config)
+        return config.default_steps if config.default_steps is not None else min(max(self.default_steps, low), high)
+
+    def guidance_default(self, config: "ImageModelConfig") -> float:
+        low, high = self.guidance_limits(config)
+        if config.default_guidance is not None:
+            return config.default_guidance
+        return min(max(self.default_guidance, low), high)
+
+    def size_default(self, config: "ImageModelConfig") -> tuple[int, int]:
+        width, height = self.default_size
+        return (config.default_width or width, config.default_height or height)
+
+    def check_entry(self, config: "ImageModelConfig") -> None:
+        """Raise ValueError, naming the field, where the entry does not fit this family: its options,
+        limits and defaults, acceleration tier and warm-up steps. `AppArgs` runs it when the config loads."""
+        try:
+            self.options_of(config)
+        except ValueError as error:  # pydantic's ValidationError, naming the option
+            raise ValueError(f"options for family {self.name!r}: {error}") from None
+        self._check_limits(config)
+        unsupported = self.acceleration.unsupported(config.acceleration)
+        if unsupported:
+            raise ValueError(f"acceleration: {unsupported}")
+        low, high = self.step_limits(config)
+        for index, shape in enumerate(config.warmup.shapes):
+            if shape.steps is not None and not low <= shape.steps <= high:
+                raise ValueError(f"warmup.shapes.{index}.steps ({shape.steps}) must lie within the limits, {low}-{high}")
+
+    def _check_limits(self, config: "ImageModelConfig") -> None:
+        low, high = self.step_limits(config)
+        if not self.min_steps <= low <= high <= self.max_steps:
+            raise ValueError(f"limits: steps {low}-{high} must lie within the {self.name} family's "
+                             f"{self.min_steps}-{self.max_steps}, min not above max")
+        glow, ghigh = self.guidance_limits(config)
+        flow, fhigh = self.guidance_range
+        if not flow <= glow <= ghigh <= fhigh:
+            raise ValueError(f"limits: guidance {glow:g}-{ghigh:g} must lie within the {self.name} family's "
+                             f"{flow:g}-{fhigh:g}, min not above max")
+        if not low <= self.steps_default(config) <= high:
+            raise ValueError(f"default_steps ({config.default_steps}) must lie within the limits, {low}-{high}")
+        if not glow <= self.guidance_default(config) <= ghigh:
+            raise ValueError(f"default_guidance ({config.default_guidance:g}) must lie within the limits, "
+                             f"{glow:g}-{ghigh:g}")
 
     def control_types(self, options: BaseModel) -> tuple[str, ...]:
         """The ControlNet types a model with these options serves."""

@@ -87,7 +87,7 @@ class FluxFamily(ImageFamily):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-        from deployments.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer, tiny_t5_tokenizer
+        from deployments.runtime.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer, tiny_t5_tokenizer
 
         rng = seeded(seed)
         try:
@@ -104,7 +104,7 @@ class FluxFamily(ImageFamily):
             transformer = FluxTransformer2DModel(
                 patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-                guidance_embeds=config is not None and config.guidance_limits()[1] > 0,
+                guidance_embeds=config is not None and self.guidance_limits(config)[1] > 0,
             )
             vae = AutoencoderKL(
                 in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,

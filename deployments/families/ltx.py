@@ -102,7 +102,7 @@ class LtxFamily(VideoFamily):
         )
         from transformers import T5Config, T5EncoderModel
 
-        from deployments.tiny import eval_mode, seeded, tiny_t5_tokenizer
+        from deployments.runtime.tiny import eval_mode, seeded, tiny_t5_tokenizer
 
         rng = seeded(seed)
         try:

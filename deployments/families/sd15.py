@@ -49,7 +49,7 @@ class Sd15Family(ImageFamily):
         from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from deployments.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer
+        from deployments.runtime.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer
 
         rng = seeded(seed)
         try:

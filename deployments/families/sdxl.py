@@ -96,7 +96,7 @@ class DepthEstimator:
 
     def __init__(self, source: str, placement: Placement):
         if is_tiny(source):
-            from deployments.tiny import build_tiny_depth
+            from deployments.runtime.tiny import build_tiny_depth
 
             parts = build_tiny_depth()
             model, processor = parts["model"].to(dtype=placement.dtype), parts["image_processor"]
@@ -270,7 +270,7 @@ def build_tiny_sdxl(seed: int = 0):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from deployments.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer
+    from deployments.runtime.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer
 
     rng = seeded(seed)
     try:
@@ -305,7 +305,7 @@ def build_tiny_sdxl_controlnet(seed: int = 0, kind: str = "canny"):
     import torch
     from diffusers import ControlNetModel
 
-    from deployments.tiny import eval_mode, seeded
+    from deployments.runtime.tiny import eval_mode, seeded
 
     unet = build_tiny_sdxl(seed).unet
     rng = seeded(seed + 1 + ("canny", "depth").index(kind))

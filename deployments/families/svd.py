@@ -88,7 +88,7 @@ class SvdFamily(VideoFamily):
     weight_variants = {"float16": "fp16", "bfloat16": "fp16"}
 
     def build_tiny(self, seed: int = 0, config=None):
-        from deployments.tiny import build_tiny_svd
+        from deployments.runtime.tiny import build_tiny_svd
 
         return build_tiny_svd(seed)
 

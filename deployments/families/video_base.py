@@ -128,6 +128,41 @@ class VideoFamily:
     # image families: `genserve download` fetches it and loading asks for it when it is on disk.
     weight_variants: ClassVar[dict[str, str]] = {}
 
+    # An entry's defaults: its own where it sets them, else this family's.
+
+    def size_default(self, config: "VideoModelConfig") -> tuple[int, int]:
+        width, height = self.default_size
+        return (config.default_width or width, config.default_height or height)
+
+    def frames_default(self, config: "VideoModelConfig") -> int:
+        return config.default_num_frames or self.default_frames
+
+    def fps_default(self, config: "VideoModelConfig") -> int:
+        return config.default_fps or self.default_fps
+
+    def steps_default(self, config: "VideoModelConfig") -> int:
+        return config.default_steps or self.default_steps
+
+    def check_entry(self, config: "VideoModelConfig") -> None:
+        """Raise ValueError, naming the field, where the entry does not fit this family: its options,
+        and its defaults against the size and frame rules and the step range. `AppArgs` runs it when
+        the config loads."""
+        try:
+            self.options_of(config)
+        except ValueError as error:
+            raise ValueError(f"options for video family {self.name!r}: {error}") from None
+        for name, value in zip(("default_width", "default_height"), self.size_default(config)):
+            if not self.size.allows(value):
+                raise ValueError(f"{name} ({value}) breaks the {self.name} family's size rule: {self.size.describe()}")
+        frames = self.frames_default(config)
+        if not self.frames.allows(frames):
+            raise ValueError(f"default_num_frames ({frames}) breaks the {self.name} family's frame "
+                             f"rule: {self.frames.describe()}")
+        steps = self.steps_default(config)
+        if not self.min_steps <= steps <= self.max_steps:
+            raise ValueError(f"default_steps ({steps}) must lie within the {self.name} family's "
+                             f"{self.min_steps}-{self.max_steps}")
+
     def weight_sources(self, config: "VideoModelConfig") -> list["WeightSource"]:
         """Every set of weights a deployment of this entry loads (`genserve download` fetches them)."""
         from deployments.runtime.weights import WeightSource, variant_for

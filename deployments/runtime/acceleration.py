@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from deployments.config import AccelerationConfig
-    from deployments.families.base import AccelerationSupport
     from deployments.runtime.loading import Placement
 
 logger = logging.getLogger("ray.serve")
@@ -33,6 +33,39 @@ _CUDA_ONLY_BACKENDS = ("_native_flash", "_native_cudnn")
 
 class AccelerationError(RuntimeError):
     """An acceleration tier this replica cannot run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class AccelerationSupport:
+    """What a family's denoiser supports of the acceleration tiers (`deployments.config.AccelerationConfig`):
+    each family declares one (`ImageFamily.acceleration`), and its config entries are checked against it.
+
+    `denoiser`: the pipeline attribute compiled, quantized and cached (`transformer`, `unet`).
+    `repeated_blocks`: it declares `_repeated_blocks`, so `compile: repeated_blocks` applies.
+    `cache_hooks`: the diffusers cache hooks it takes (`first_block`; a UNet takes none).
+    `fuse_qkv`: it has `fuse_qkv_projections`. `channels_last`: its convolutions gain from it.
+    Compilation, quantization and attention backends need nothing of the family.
+    """
+
+    denoiser: str = "transformer"
+    repeated_blocks: bool = False
+    cache_hooks: tuple[str, ...] = ()
+    fuse_qkv: bool = False
+    channels_last: bool = False
+
+    def unsupported(self, tier: "AccelerationConfig") -> str | None:
+        """Why this family cannot run `tier` (naming the field), or None when it can."""
+        if tier.compile == "repeated_blocks" and not self.repeated_blocks:
+            return f"compile: repeated_blocks: this family's {self.denoiser} declares no repeated blocks; use 'full'"
+        if tier.cache is not None and tier.cache.kind not in self.cache_hooks:
+            have = ", ".join(self.cache_hooks) or "none"
+            return f"cache.kind: {tier.cache.kind!r} is not a cache hook this family's {self.denoiser} takes ({have})"
+        if tier.fuse_qkv and not self.fuse_qkv:
+            return f"fuse_qkv: this family's {self.denoiser} cannot fuse its QKV projections"
+        if tier.channels_last and not self.channels_last:
+            return f"channels_last: this family's {self.denoiser} has no convolutions that gain from it"
+        return None
+
 
 
 def check_hardware(tier: "AccelerationConfig", placement: "Placement") -> None:

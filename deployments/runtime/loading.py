@@ -2,7 +2,7 @@
 
 A model source is a Hugging Face repo id, a local folder, or `tiny`. Repo ids and folders both go
 through the library's own `from_pretrained` (safetensors); `tiny` builds a random-weight model of
-the same class in process (see `deployments.tiny`). Device and dtype come from what torch really
+the same class in process (see `deployments.runtime.tiny`). Device and dtype come from what torch really
 sees, so logical GPUs declared to Ray on a CPU machine still run on the CPU.
 """
 

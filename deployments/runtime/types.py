@@ -45,7 +45,7 @@ class ProgressTarget:
 
 @dataclass(frozen=True)
 class LoraRef:
-    """One LoRA adapter to apply, resolved by the ingress's `deployments.runtime.lora.LoraRegistry`.
+    """One LoRA adapter to apply, resolved by the ingress's `deployments.lora_registry.LoraRegistry`.
 
     `location` is a directory on the generator's node (`local`) or a Hugging Face repo id, and
     `weight_name` the `.safetensors` file in it; `revision` changes when a directory's file is

@@ -35,7 +35,7 @@ ASPECT_RANGE = (0.0, 1.0)
 def load_clip(config: ScorerConfig, placement) -> dict:
     """CLIPModel, tokenizer and image processor: `from_pretrained` or the tiny factory."""
     if is_tiny(config.source):
-        from deployments.tiny import build_tiny_clip
+        from deployments.runtime.tiny import build_tiny_clip
 
         parts = build_tiny_clip()
     else:

@@ -45,6 +45,25 @@ def build_head(widths: list[int]) -> "torch.nn.Module":
     return nn.Sequential(*layers).eval()
 
 
+def build_tiny_laion_head(embedding_width: int = 32, seed: int = 0) -> "torch.nn.Module":
+    """This layout with tiny random widths (tests, the dev profile; `genserve save-tiny laion`).
+
+    The last bias is 5.5, the middle of the 1-10 range, so the random head's ratings spread around
+    it instead of all being clipped to 1."""
+    import torch
+
+    from deployments.runtime.tiny import seeded
+
+    rng = seeded(seed)
+    try:
+        head = build_head([embedding_width, 16, 8, 8, 4, 1])
+    finally:
+        rng.__exit__(None, None, None)
+    with torch.no_grad():
+        head[-1].bias.fill_(5.5)
+    return head.eval()
+
+
 def head_from_state_dict(state: dict[str, "torch.Tensor"], origin: str) -> "torch.nn.Module":
     """Check the keys and shapes of a head's weights, then build and fill the head."""
     expected = {f"layers.{index}.{kind}" for index in LINEAR_INDICES for kind in ("weight", "bias")}
@@ -105,8 +124,6 @@ def load_head(config: LaionHeadConfig, source: str, embedding_width: int) -> "to
 
     A head made for another width is a config error (the public head needs CLIP ViT-L/14's 768)."""
     if source == TINY:
-        from deployments.tiny import build_tiny_laion_head
-
         head = build_tiny_laion_head(embedding_width)
         origin = "the tiny head"
     else:

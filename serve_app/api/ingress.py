@@ -27,7 +27,7 @@ import contextlib
 from ray import serve
 
 from deployments.config import VideoModelConfig
-from deployments.runtime.lora import LoraRegistry
+from deployments.lora_registry import LoraRegistry
 from deployments.scoring.clip_scorer import GATE_METRICS
 from serve_app.api.app import build_api
 from serve_app.api.body_limit import DEFAULT_MAX_BYTES, BodyLimit

@@ -44,7 +44,8 @@ def run_score_benchmark(config: str, batches: list[int], requests: int, warmup: 
     from deployments.scoring.clip_scorer import ClipScorer
 
     args = app_args_from_config(config)
-    default_width, default_height = args.image_model(args.default_model_id).size_default()
+    model = args.image_model(args.default_model_id)
+    default_width, default_height = model.model_family.size_default(model)
     width = width or default_width
     height = height or default_height
     scorer = ClipScorer.func_or_class(args.model_config_for("ClipScorer"), metrics=False)

@@ -20,7 +20,7 @@ import logging
 from ray import serve
 
 from deployments.config import VideoModelConfig
-from deployments.runtime.lora import LoraRegistry
+from deployments.lora_registry import LoraRegistry
 from deployments.runtime.types import ProgressTarget
 from deployments.scoring.clip_scorer import GATE_METRICS
 from serve_app.config import JobsConfig, QualityPolicy

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from deployments.config import CombinedWeights
-from deployments.names import ControlType, Quality, Style
+from deployments.names import ControlType, Quality, Style, check_lora_name
 from deployments.names import GateMetric as Metric
 
 MAX_SEED = 2**32 - 1
@@ -46,8 +46,6 @@ class Lora(BaseModel):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        from deployments.runtime.lora import check_lora_name
-
         return check_lora_name(value)
 
 

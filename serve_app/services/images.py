@@ -13,8 +13,8 @@ import time
 import uuid
 
 from deployments.enhancer.prompt_rules import validate_prompt
+from deployments.lora_registry import LoraRegistry
 from deployments.runtime.loading import NOISE_GENERATOR
-from deployments.runtime.lora import LoraRegistry
 from deployments.runtime.previews import small_png_data_url
 from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, ProgressTarget
 from deployments.scoring.clip_scorer import GATE_METRICS

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 from deployments.config import CombinedWeights, ImageModelConfig, VideoModelConfig
 from deployments.enhancer.prompt_rules import blocked_terms
-from deployments.runtime.lora import LoraNameError, LoraRegistry
+from deployments.families import get_family, get_video_family
+from deployments.lora_registry import LoraNameError, LoraRegistry
 from deployments.runtime.types import HiresPass, LoraRef, PromptForm, denoising_steps
 from deployments.scoring.clip_scorer import COMBINABLE, SCORE_RANGES
 from serve_app.config import QualityPolicy, check_threshold
@@ -67,21 +68,21 @@ class ModelSpec:
 
     @classmethod
     def of(cls, entry: ImageModelConfig) -> "ModelSpec":
-        family = entry.model_family
+        family = get_family(entry.family)
         capabilities = family.capabilities_of(entry)
-        width, height = entry.size_default()
-        guidance = entry.guidance_limits()
+        width, height = family.size_default(entry)
+        guidance = family.guidance_limits(entry)
         return cls(
             id=entry.id,
             family=family.name,
             description=entry.description or family.description,
-            min_steps=entry.step_limits()[0],
-            max_steps=entry.step_limits()[1],
-            default_steps=entry.steps_default(),
+            min_steps=family.step_limits(entry)[0],
+            max_steps=family.step_limits(entry)[1],
+            default_steps=family.steps_default(entry),
             default_width=width,
             default_height=height,
             guidance_range=guidance,
-            default_guidance=entry.guidance_default(),
+            default_guidance=family.guidance_default(entry),
             # Diffusers runs classifier-free guidance only above a scale of 1.
             uses_negative_prompt=family.negative_prompt and guidance[1] > 1,
             supports_loras=capabilities.loras,
@@ -361,7 +362,7 @@ class VideoSpec:
 
     def __init__(self, entry: VideoModelConfig):
         self.entry = entry
-        self.family = entry.model_family
+        self.family = get_video_family(entry.family)
         # The entry's compute budget per request, in pixel-frame-steps (None: none).
         self.max_pixel_frame_steps: int | None = getattr(entry, "max_pixel_frame_steps", None)  # VideoModelEntry's
 
@@ -384,19 +385,19 @@ class VideoSpec:
         if "keyframe" in request.model_fields_set and family.text_to_video != "keyframe":
             raise RequestError("keyframe", f"{model} ({family.name}) makes text-to-video natively, without a "
                                            "keyframe; leave keyframe out", "no keyframe")
-        width, height = self.entry.size_default()
+        width, height = family.size_default(self.entry)
         width, height = request.width or width, request.height or height
         for name, value in (("width", width), ("height", height)):
             if not family.size.allows(value):
                 raise RequestError(name, f"{model} ({family.name}) needs {family.size.describe()}; got {value}",
                                    family.size.describe())
-        frames = request.num_frames or self.entry.frames_default()
+        frames = request.num_frames or family.frames_default(self.entry)
         if not family.frames.allows(frames):
             near = " or ".join(map(str, family.frames.nearest(frames)))
             hint = f" (nearest: {near})" if near else ""
             raise RequestError("num_frames", f"{model} ({family.name}) makes {family.frames.describe()}; got "
                                              f"{frames}{hint}", family.frames.describe())
-        steps = request.num_inference_steps or self.entry.steps_default()
+        steps = request.num_inference_steps or family.steps_default(self.entry)
         if not family.min_steps <= steps <= family.max_steps:
             raise RequestError("num_inference_steps", f"{model} takes {family.min_steps}-{family.max_steps} steps; "
                                                       f"got {steps}", f"{family.min_steps}-{family.max_steps}")
@@ -404,7 +405,7 @@ class VideoSpec:
         return VideoPlan(
             model=model, mode="text-to-video" if request.image is None else "image-to-video",
             keyframe=request.image is None and not native, width=width, height=height, num_frames=frames,
-            fps=request.fps or self.entry.fps_default(), num_inference_steps=steps, params=self.params(request),
+            fps=request.fps or family.fps_default(self.entry), num_inference_steps=steps, params=self.params(request),
         )
 
     def check_budget(self, width: int, height: int, frames: int, steps: int) -> None:
@@ -443,12 +444,12 @@ class VideoSpec:
 
     def public(self) -> dict:
         family, entry = self.family, self.entry
-        width, height = entry.size_default()
+        width, height = family.size_default(entry)
         return {
             "id": entry.id, "family": family.name, "description": entry.description or family.description,
             "source": entry.source, **family.capabilities(), "default_width": width, "default_height": height,
-            "default_num_frames": entry.frames_default(), "default_fps": entry.fps_default(),
-            "default_steps": entry.steps_default(), "min_steps": family.min_steps, "max_steps": family.max_steps,
+            "default_num_frames": family.frames_default(entry), "default_fps": family.fps_default(entry),
+            "default_steps": family.steps_default(entry), "min_steps": family.min_steps, "max_steps": family.max_steps,
             "param_defaults": family.Params().model_dump(), "max_pixel_frame_steps": self.max_pixel_frame_steps,
         }
 

@@ -12,14 +12,15 @@ from deployments.config import ImageModelConfig
 from deployments.runtime.acceleration import AccelerationError
 from deployments.runtime.loading import resolve_placement, seeded_generators
 from deployments.runtime.types import EnhancedPrompt, GenerationParams
+from serve_app.config import ImageModelEntry
 from serve_app.services.validation import ModelSpec
 
 PROMPT = EnhancedPrompt(prompt="a lighthouse at dusk", negative_prompt=None, style="none", enhancer="none")
 
 
-def _entry(family: str = "flux", **acceleration) -> ImageModelConfig:
+def _entry(family: str = "flux", **acceleration) -> ImageModelEntry:
     options = {"max_sequence_length": 32} if family == "flux" else {}
-    return ImageModelConfig(id="m", family=family, source="tiny", options=options, acceleration=acceleration)
+    return ImageModelEntry(id="m", family=family, source="tiny", options=options, acceleration=acceleration)
 
 
 def _run(entry: ImageModelConfig, steps: int = 4, size: int = 128, probe=None):
@@ -42,8 +43,8 @@ def test_a_tier_the_family_lacks_is_rejected_at_config_load_naming_the_field():
     with pytest.raises(ValidationError, match="threshold"):
         _entry(cache={"threshold": 0})
     with pytest.raises(ValidationError, match=r"warmup.shapes.0.steps \(9\) must lie within the limits, 1-4"):
-        ImageModelConfig(id="m", family="flux", source="tiny", limits={"max_steps": 4},
-                         warmup={"shapes": [{"width": 256, "height": 256, "steps": 9}]})
+        ImageModelEntry(id="m", family="flux", source="tiny", limits={"max_steps": 4},
+                        warmup={"shapes": [{"width": 256, "height": 256, "steps": 9}]})
 
 
 def test_fp8_and_cuda_only_attention_fail_on_cpu_at_load_naming_the_field():
@@ -118,8 +119,6 @@ def test_the_docs_example_entry_is_a_valid_config():
     from pathlib import Path
 
     import yaml
-
-    from serve_app.config import ImageModelEntry
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "acceleration.md").read_text()
     example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))

@@ -9,11 +9,12 @@ import pytest
 from pydantic import ValidationError
 from safetensors.numpy import save_file
 
+from deployments import lora_registry as lora_module
 from deployments.config import ImageModelConfig, LoraConfig, LoraHubEntry
 from deployments.families.sdxl import build_tiny_sdxl
 from deployments.image_generator import ImageGenerator
-from deployments.runtime import lora as lora_module
-from deployments.runtime.lora import LoraManager, LoraNameError, LoraRegistry, adapter_key, detect_family
+from deployments.lora_registry import LoraNameError, LoraRegistry, detect_family
+from deployments.runtime.lora import LoraManager, adapter_key
 from deployments.runtime.types import EnhancedPrompt, GenerationParams, LoraRef
 from serve_app.config import QualityPolicy
 from serve_app.protocol.errors import RequestError

@@ -120,7 +120,7 @@ def test_one_forward_pass_per_call_whatever_the_batch(scorer, monkeypatch):
 
 def test_aspect_text_embeddings_are_computed_once_per_replica(monkeypatch):
     texts = []
-    from deployments import tiny
+    from deployments.runtime import tiny
 
     real_tokenizer = tiny.tiny_clip_tokenizer
 

@@ -16,7 +16,7 @@ from deployments.image_generator import ImageGenerator
 from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationParams
 from deployments.tiny import save_tiny
 from serve_app.builder import job_slots, model_specs
-from serve_app.config import AppArgs, QualityPolicy
+from serve_app.config import AppArgs, ImageModelEntry, QualityPolicy
 from serve_app.protocol.errors import RequestError, allowed_values
 from serve_app.protocol.schemas import ControlOptions, ControlPreviewRequest, ImageRequest
 from serve_app.services.images import ImageService
@@ -305,13 +305,14 @@ def test_preview_of_a_control_the_model_lacks_is_refused(sdxl):
 # --- config and wiring -----------------------------------------------------------------------------
 
 def test_a_turbo_entry_narrows_the_family_to_four_steps_without_guidance_and_no_controlnet():
-    turbo = ImageModelConfig(id="sdxl-turbo", family="sdxl", source="stabilityai/sdxl-turbo", default_steps=1,
-                             limits={"max_steps": 4, "max_guidance": 0})
-    assert (turbo.steps_default(), turbo.guidance_default(), turbo.options) == (1, 0.0, {})
+    turbo = ImageModelEntry(id="sdxl-turbo", family="sdxl", source="stabilityai/sdxl-turbo", default_steps=1,
+                            limits={"max_steps": 4, "max_guidance": 0})
+    family = turbo.model_family
+    assert (family.steps_default(turbo), family.guidance_default(turbo), turbo.options) == (1, 0.0, {})
     with pytest.raises(ValidationError, match="default_steps"):
-        ImageModelConfig(id="sdxl-turbo", family="sdxl", source="tiny", default_steps=5, limits={"max_steps": 4})
+        ImageModelEntry(id="sdxl-turbo", family="sdxl", source="tiny", default_steps=5, limits={"max_steps": 4})
     with pytest.raises(ValidationError, match="limits"):
-        ImageModelConfig(id="sdxl-turbo", family="sdxl", source="tiny", limits={"max_steps": 60})
+        ImageModelEntry(id="sdxl-turbo", family="sdxl", source="tiny", limits={"max_steps": 60})
     spec = ModelSpec.of(turbo)
     assert (spec.max_steps, spec.guidance_range, spec.uses_negative_prompt, spec.control_types) == (
         4, (0.0, 0.0), False, ())
