@@ -1,4 +1,4 @@
-"""Fake deployments for testing the graph without models or Ray.
+"""Fake deployments for testing the graph without models or Ray, and the services over them.
 
 The fake generator paints each image a flat grey derived from its seed; the fake scorer reads the
 grey back as the score, so tests choose which seeds pass a threshold.
@@ -11,6 +11,9 @@ import numpy as np
 from deployments.runtime.types import EnhancedPrompt, GenerationOutput, GenerationParams
 from deployments.scoring.clip_scorer import ASPECTS, combined_score
 from deployments.scoring.perceptual import perceptual_scores
+from serve_app.services.facade import Services
+from serve_app.services.settings import Handles, Settings
+from tests.helpers import app_settings
 
 
 def grey_for_seed(seed: int) -> int:
@@ -70,3 +73,17 @@ class FakeScorer:
             scores["perceptual"] = perceptual_scores(np.asarray(image))
             results.append(scores)
         return results
+
+
+def fake_services(settings: Settings | None = None, *, enhancer=None, generator=None, scorer=None,
+                  generators: dict | None = None, video_generators: dict | None = None) -> Services:
+    """`Services.build` in one process over fakes: FakeEnhancer, FakeScorer and a FakeGenerator per
+    image model unless given (`generator`: the default model's, `generators`: by model id). Settings:
+    `tests.helpers.app_settings()` unless given."""
+    settings = settings or app_settings()
+    chosen = {model: FakeGenerator() for model in settings.specs}
+    if generator is not None:
+        chosen[settings.default_model] = generator
+    handles = Handles.local(enhancer or FakeEnhancer(), {**chosen, **(generators or {})}, scorer or FakeScorer(),
+                            video_generators)
+    return Services.build(settings, handles)

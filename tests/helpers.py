@@ -81,16 +81,32 @@ def image_model(args: dict, model_id: str) -> dict:
     return next(model for model in args["image_models"] if model["id"] == model_id)
 
 
+def model_entry(model_id: str = "flux-schnell", family: str = "flux", width: int = 256, height: int = 256,
+                **entry) -> dict:
+    """An `image_models` entry with tiny weights (defaults: dev's flux-schnell at 256x256)."""
+    if model_id == "flux-schnell":
+        entry = {"limits": {"max_steps": 4, "max_guidance": 0}, "default_steps": 4, **entry}
+    return {"id": model_id, "family": family, "source": "tiny", "default_width": width, "default_height": height,
+            **entry}
+
+
 def model_spec(model_id: str = "flux-schnell", family: str = "flux", width: int = 256, height: int = 256,
                **entry):
     """The ModelSpec of an image model entry, as the builder makes it (defaults: dev's flux-schnell)."""
     from deployments.config import ImageModelConfig
     from serve_app.services.validation import ModelSpec
 
-    if model_id == "flux-schnell":
-        entry = {"limits": {"max_steps": 4, "max_guidance": 0}, "default_steps": 4, **entry}
-    return ModelSpec.of(ImageModelConfig(id=model_id, family=family, source="tiny", default_width=width,
-                                         default_height=height, **entry))
+    return ModelSpec.of(ImageModelConfig(**model_entry(model_id, family, width, height, **entry)))
+
+
+def app_settings(*image_models: dict, **args):
+    """The services' Settings as the builder makes them, from app args: these `image_models` entries
+    (default: one `model_entry()`) and any other AppArgs key; metrics off (no Ray in unit tests)."""
+    from serve_app.config import AppArgs
+    from serve_app.services.settings import Settings
+
+    return Settings.from_args(AppArgs.model_validate(
+        {"image_models": list(image_models) or [model_entry()], "metrics": False, **args}))
 
 
 def deploy_and_wait(args: dict, timeout_s: float = 300) -> None:

@@ -26,12 +26,8 @@ import contextlib
 
 from ray import serve
 
-from deployments.config import VideoModelConfig
-from deployments.lora_registry import LoraRegistry
-from deployments.scoring.clip_scorer import GATE_METRICS
 from serve_app.api.app import build_api
-from serve_app.api.body_limit import DEFAULT_MAX_BYTES, BodyLimit
-from serve_app.config import AuthConfig, FallbackConfig, QualityPolicy, ScoresConfig
+from serve_app.api.body_limit import BodyLimit
 from serve_app.jobs import http as jobs_http
 from serve_app.protocol.schemas import (
     EnhanceRequest,
@@ -45,13 +41,8 @@ from serve_app.protocol.schemas import (
 )
 from serve_app.security.guard import Auth
 from serve_app.services.facade import Services
-from serve_app.services.fallback import Fallback
 from serve_app.services.graph import deadline
-from serve_app.services.images import ImageService
-from serve_app.services.metrics import GraphMetrics
-from serve_app.services.scores import ScoreService
-from serve_app.services.validation import ModelSpec
-from serve_app.services.videos import VideoService
+from serve_app.services.settings import Handles, Settings
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
@@ -61,37 +52,17 @@ class Ingress:
     (Serve's late-bound ingress): the app and whatever it mounts never need to be pickled, and the
     routes find this replica's services on `app.state`."""
 
-    def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
-                 request_timeout_s: float = 600.0,
-                 video_generators: dict | None = None, video_models: dict[str, VideoModelConfig] | None = None,
-                 default_video_model: str | None = None, max_input_pixels: int = 4096 * 4096, metrics: bool = True, jobs=None, retry_limit: int = 2,
-                 max_body_bytes: int = DEFAULT_MAX_BYTES, gate_metrics: tuple[str, ...] = GATE_METRICS,
-                 blocklist: tuple[str, ...] = (), loras: LoraRegistry | None = None,
-                 default_model: str | None = None, auth: AuthConfig | None = None,
-                 limits_storage: str = "memory://", fallback: FallbackConfig | None = None,
-                 replicas: dict[str, int] | None = None,
-                 event_streams: jobs_http.StreamLimits | None = None, scores: ScoresConfig | None = None):
-        images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
-                              max_input_pixels=max_input_pixels, gate_metrics=gate_metrics,
-                              blocklist=blocklist, loras=loras, default_model=default_model)
-        videos = (VideoService(video_generators, video_models, images, max_input_pixels, default_video_model)
-                  if video_generators else None)
-        self._services = Services(
-            images=images,
-            scores=ScoreService(scorer, policy, gate_metrics, max_input_pixels, request_timeout_s, scores),
-            videos=videos,
-            jobs=(jobs_http.JobsApi(jobs, images, videos, retry_limit, event_streams or jobs_http.StreamLimits())
-                  if jobs is not None else None),
-            # One set of metrics per replica.
-            metrics=GraphMetrics() if metrics else None,
-            # `replicas`: each model's deployment's replicas at most, for the wait estimate.
-            fallback=Fallback(fallback, replicas or {}, images) if fallback is not None and fallback.enabled else None,
-        )
-        BodyLimit.configure(max_body_bytes)
-        self._auth_config = auth or AuthConfig()
+    def __init__(self, settings: Settings, handles: Handles, jobs=None):
+        """`jobs`: the JobRunner's handle (None: /v1/jobs answers 501)."""
+        self._services = Services.build(settings, handles)
+        if jobs is not None:  # the jobs API sits above the services, so it is attached here
+            self._services.jobs = jobs_http.JobsApi(jobs, self._services.images, self._services.videos,
+                                                    settings.jobs.retry_limit, jobs_http.StreamLimits.of(settings.jobs))
+        BodyLimit.configure(settings.max_body_bytes)
+        self._auth_config = settings.auth
         # A concurrency slot outlives no request: the longest is bounded by the request timeout.
-        self._auth = Auth.from_config(self._auth_config, limits_storage, metrics=metrics,
-                                      hold_s=2 * request_timeout_s + 60)
+        self._auth = Auth.from_config(settings.auth, settings.limits_storage, metrics=settings.metrics,
+                                      hold_s=2 * settings.request_timeout_s + 60)
 
     def __serve_build_asgi_app__(self):
         app = build_api(cors_origins=tuple(self._auth_config.cors_origins),

@@ -49,20 +49,16 @@ def _in_process(args: AppArgs, body: dict, warmup: int, requests: int, label: st
     from deployments.enhancer.prompt_enhancer import PromptEnhancer
     from deployments.image_generator import ImageGenerator
     from deployments.scoring.clip_scorer import ClipScorer
-    from serve_app.builder import model_specs
     from serve_app.protocol.schemas import ImageRequest
-    from serve_app.services.images import ImageService
-    from serve_app.services.local import LocalHandle
+    from serve_app.services.facade import Services
+    from serve_app.services.settings import Handles, Settings
 
     model = args.image_model(args.default_model_id)  # the benchmark measures the default model only
-    service = ImageService(
-        enhancer=LocalHandle(PromptEnhancer.func_or_class(args.enhancer, metrics=False)),
-        generators={model.id: LocalHandle(ImageGenerator.func_or_class(model, metrics=False))},
-        scorer=LocalHandle(ClipScorer.func_or_class(args.scorer, metrics=False)),
-        specs={model.id: model_specs(args)[model.id]},
-        policy=args.policy,
-        gate_metrics=args.gate_metrics(),
-    )
+    settings = Settings.from_args(args.model_copy(update={"image_models": [model]}))
+    handles = Handles.local(PromptEnhancer.func_or_class(args.enhancer, metrics=False),
+                            {model.id: ImageGenerator.func_or_class(model, metrics=False)},
+                            ClipScorer.func_or_class(args.scorer, metrics=False))
+    service = Services.build(settings, handles, ingress=False).images
     request = ImageRequest(**body)
     # One process has one torch thread pool: give it the generator's setting (each constructor
     # above set it in turn; in Serve each replica keeps its own).

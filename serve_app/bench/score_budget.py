@@ -94,14 +94,16 @@ def _decode_peak(side: int, count: int, budget: int | None) -> dict:
     resident memory grew over what the request body already held (Linux: VmHWM, reset first)."""
     import gc
 
-    from serve_app.config import ScoresConfig
+    from serve_app.config import AppArgs, ScoresConfig
     from serve_app.protocol.schemas import ScoreRequest
     from serve_app.services.scores import ScoreService, scales
+    from serve_app.services.settings import Settings
 
     request = ScoreRequest(prompt="x", images=[_compressible(side, seed) for seed in range(count)])
     cap = count * side * side
-    service = ScoreService(None, None, (), side * side,
-                           budget=ScoresConfig(pixel_budget=budget or cap, max_total_pixels=cap))
+    settings = Settings.from_args(AppArgs(max_input_pixels=side * side,
+                                          scores=ScoresConfig(pixel_budget=budget or cap, max_total_pixels=cap)))
+    service = ScoreService(settings, scorer=None)  # decoding only: nothing is scored
     gc.collect()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset the peak (VmHWM) to the current resident size

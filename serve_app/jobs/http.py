@@ -22,6 +22,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
+from serve_app.config import JobsConfig
 from serve_app.jobs.dispatch import JobRejected
 from serve_app.jobs.model import CANCELLED, RUNNING, SUCCEEDED, Job, dumps
 from serve_app.jobs.results import with_urls
@@ -52,6 +53,10 @@ class StreamLimits:
     total: int = 256
     per_client: int = 16
     max_lifetime_s: float = 3600.0
+
+    @classmethod
+    def of(cls, config: JobsConfig) -> StreamLimits:
+        return cls(config.max_event_streams, config.max_event_streams_per_client, config.event_stream_max_s)
 
 
 class _OpenStreams:

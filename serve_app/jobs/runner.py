@@ -19,17 +19,12 @@ import logging
 
 from ray import serve
 
-from deployments.config import VideoModelConfig
-from deployments.lora_registry import LoraRegistry
 from deployments.runtime.types import ProgressTarget
-from deployments.scoring.clip_scorer import GATE_METRICS
-from serve_app.config import JobsConfig, QualityPolicy
 from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.model import ActiveJobsExceeded, Job
 from serve_app.jobs.store import JobStore
-from serve_app.services.images import ImageService
-from serve_app.services.validation import ModelSpec
-from serve_app.services.videos import VideoService
+from serve_app.services.facade import Services
+from serve_app.services.settings import Handles, Settings
 
 logger = logging.getLogger("ray.serve")
 # How often the genserve_jobs gauge is refreshed: one GROUP BY (SQLite) or five ZCARDs (Redis).
@@ -47,17 +42,10 @@ class JobRunner:
     reports and the long polls behind each open event stream.
     """
 
-    def __init__(self, config: JobsConfig, slots: dict[str, int], enhancer, generators: dict, scorer,
-                 specs: dict[str, ModelSpec], policy: QualityPolicy, request_timeout_s: float = 600.0,
-                 video_generators: dict | None = None, video_models: dict[str, VideoModelConfig] | None = None,
-                 default_video_model: str | None = None, max_input_pixels: int = 4096 * 4096,
-                 metrics: bool = True, gate_metrics: tuple[str, ...] = GATE_METRICS, blocklist: tuple[str, ...] = (),
-                 loras: LoraRegistry | None = None, default_model: str | None = None):
-        images = ImageService(enhancer, generators, scorer, specs, policy, request_timeout_s,
-                              max_input_pixels=max_input_pixels, gate_metrics=gate_metrics, blocklist=blocklist,
-                              loras=loras, default_model=default_model)
-        videos = (VideoService(video_generators, video_models, images, max_input_pixels, default_video_model)
-                  if video_generators else None)
+    def __init__(self, settings: Settings, handles: Handles):
+        # The same services the ingress runs requests through, less its fallback and request metrics.
+        services = Services.build(settings, handles, ingress=False)
+        config, slots = settings.jobs, settings.job_slots
         context = serve.get_replica_context()
         app, deployment = context.app_name, context.deployment
 
@@ -66,7 +54,7 @@ class JobRunner:
                                   min_interval_s=config.progress_interval_s)
 
         self._store = open_store(config)
-        self._dispatcher = JobDispatcher(self._store, images, videos, slots, config.retry_limit,
+        self._dispatcher = JobDispatcher(self._store, services.images, services.videos, slots, config.retry_limit,
                                          config.sweep_interval_s, progress_target,
                                          max_queued_jobs=config.max_queued_jobs,
                                          max_request_bytes=config.max_request_bytes, queued_ttl_s=config.queued_ttl_s,
@@ -75,7 +63,7 @@ class JobRunner:
         # runner left running comes once this one holds the store's lease.
         self._dispatcher.start()
         self._jobs_gauge = None
-        if metrics:
+        if settings.metrics:
             from ray.serve.metrics import Gauge
 
             self._jobs_gauge = Gauge("genserve_jobs", description="Jobs in the store, by state.", tag_keys=("state",))

@@ -20,6 +20,7 @@ from serve_app.services.health import Readiness
 from serve_app.services.images import ImageService
 from serve_app.services.metrics import GraphMetrics
 from serve_app.services.scores import ScoreService
+from serve_app.services.settings import Handles, Settings
 from serve_app.services.videos import VideoService
 
 
@@ -35,6 +36,24 @@ class Services:
     metrics: GraphMetrics | None = None
     fallback: Fallback | None = None
     readiness: Readiness = field(default_factory=Readiness)
+
+    @classmethod
+    def build(cls, settings: Settings, handles: Handles, *, ingress: bool = True) -> Services:
+        """The services over `handles`, configured by `settings`: the one way they are built.
+        `ingress=False` (the JobRunner's) leaves out what serves only the ingress's own requests:
+        the remote fallback and the request metrics."""
+        images = ImageService(settings, handles)
+        fallback = None
+        if ingress and settings.fallback.enabled:
+            fallback = Fallback(settings.fallback, settings.replicas, images)
+        return cls(
+            images=images,
+            scores=ScoreService(settings, handles.scorer),
+            videos=VideoService(settings, handles, images) if settings.video_models else None,
+            # One set of metrics per replica.
+            metrics=GraphMetrics() if ingress and settings.metrics else None,
+            fallback=fallback,
+        )
 
     def jobs_api(self):
         if self.jobs is None:

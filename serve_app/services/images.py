@@ -13,12 +13,9 @@ import time
 import uuid
 
 from deployments.enhancer.prompt_rules import validate_prompt
-from deployments.lora_registry import LoraRegistry
 from deployments.runtime.loading import NOISE_GENERATOR
 from deployments.runtime.previews import small_png_data_url
 from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, ProgressTarget
-from deployments.scoring.clip_scorer import GATE_METRICS
-from serve_app.config import QualityPolicy
 from serve_app.protocol.schemas import (
     DEFAULT_STRENGTH,
     Attempt,
@@ -39,6 +36,7 @@ from serve_app.protocol.schemas import (
 from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
 from serve_app.services.inputs import decode_image, fit_image, fit_mask, upload_sha256
 from serve_app.services.media import encode_plain_png, encode_png_b64
+from serve_app.services.settings import Handles, Settings
 from serve_app.services.validation import (
     ModelSpec,
     check_blocklist,
@@ -50,26 +48,24 @@ from serve_app.services.validation import (
 
 
 class ImageService:
-    def __init__(self, enhancer, generators: dict, scorer, specs: dict[str, ModelSpec], policy: QualityPolicy,
-                 request_timeout_s: float = 600.0, max_input_pixels: int = 4096 * 4096,
-                 gate_metrics: tuple[str, ...] = GATE_METRICS, blocklist: list[str] | tuple[str, ...] = (),
-                 loras: LoraRegistry | None = None, default_model: str | None = None):
-        """`gate_metrics`: the gate scores the deployed scorer computes (`AppArgs.gate_metrics()`)."""
-        missing = set(generators) ^ set(specs)
+    def __init__(self, settings: Settings, handles: Handles):
+        """Built by `Services.build` (services/facade.py), from the config's settings and the deployments."""
+        missing = set(handles.generators) ^ set(settings.specs)
         if missing:
             raise ValueError(f"generators and model specs must name the same models; mismatch: {sorted(missing)}")
-        self.enhancer = enhancer
-        self.generators = generators
-        self.scorer = scorer
-        self.specs = specs
-        self.policy = policy
-        self.request_timeout_s = request_timeout_s
-        self.loras = loras if loras is not None else LoraRegistry()
-        self.blocklist = tuple(blocklist)
-        self.gate_metrics = tuple(gate_metrics)
-        self.max_input_pixels = max_input_pixels
+        self.enhancer = handles.enhancer
+        self.generators = handles.generators
+        self.scorer = handles.scorer
+        self.specs = settings.specs
+        self.policy = settings.policy
+        self.request_timeout_s = settings.request_timeout_s
+        self.loras = settings.loras
+        self.blocklist = settings.blocklist
+        # The gate scores the deployed scorer computes (`AppArgs.gate_metrics()`).
+        self.gate_metrics = settings.gate_metrics
+        self.max_input_pixels = settings.max_input_pixels
         # The model a request gets when it names none: the config's default_model, else the first entry.
-        self.default_model = default_model or next(iter(specs))
+        self.default_model = settings.default_model
 
     def spec_of(self, model: str | None) -> ModelSpec:
         """The spec of the model a request names, the default when it names none (422 otherwise)."""

@@ -10,10 +10,10 @@ import numpy as np
 from PIL import Image
 
 from deployments.scoring.clip_scorer import SCORE_RANGES
-from serve_app.config import QualityPolicy, ScoresConfig
 from serve_app.protocol.schemas import ScoredImage, ScoreRequest, ScoreResponse, Scores
 from serve_app.services.graph import call_stage
 from serve_app.services.inputs import load_image, open_image
+from serve_app.services.settings import Settings
 from serve_app.services.validation import check_total_pixels, quality_gate
 
 # What the scorer's CLIP resizes every image to (its shorter side), if its `info` does not say.
@@ -32,14 +32,14 @@ def scales(sizes: list[tuple[int, int]], budget: int, floor: int) -> list[float]
 
 
 class ScoreService:
-    def __init__(self, scorer, policy: QualityPolicy, gate_metrics: tuple[str, ...], max_input_pixels: int,
-                 request_timeout_s: float = 600.0, budget: ScoresConfig | None = None):
+    def __init__(self, settings: Settings, scorer):
+        """Built by `Services.build` (services/facade.py); `scorer` the ClipScorer's handle."""
         self.scorer = scorer
-        self.policy = policy
-        self.gate_metrics = tuple(gate_metrics)
-        self.max_input_pixels = max_input_pixels
-        self.request_timeout_s = request_timeout_s
-        self.budget = budget or ScoresConfig()
+        self.policy = settings.policy
+        self.gate_metrics = settings.gate_metrics
+        self.max_input_pixels = settings.max_input_pixels
+        self.request_timeout_s = settings.request_timeout_s
+        self.budget = settings.scores
         self._clip_input_size: int | None = None
 
     def _open(self, request: ScoreRequest) -> list[Image.Image]:

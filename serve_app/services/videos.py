@@ -11,24 +11,24 @@ import uuid
 
 from pydantic import ValidationError
 
-from deployments.config import VideoModelConfig
 from deployments.runtime.types import ProgressTarget, VideoOutput, VideoParams
 from serve_app.protocol.errors import RequestError
 from serve_app.protocol.schemas import ImageRequest, KeyframeInfo, Scores, VideoRequest, VideoResponse, random_seed
 from serve_app.services.graph import ImagePlan, call_stage
 from serve_app.services.images import ImageService, advice_of, attempts_of
 from serve_app.services.inputs import decode_image, fit_image
+from serve_app.services.settings import Handles, Settings
 from serve_app.services.validation import ModelSpec, VideoPlan, VideoSpec
 
 
 class VideoService:
-    def __init__(self, generators: dict, models: dict[str, VideoModelConfig], images: ImageService,
-                 max_input_pixels: int, default_model: str | None = None):
-        self.generators = generators  # video model id -> VideoGenerator handle
-        self.specs = {model_id: VideoSpec(entry) for model_id, entry in models.items()}
-        self.default_model = default_model or next(iter(self.specs))
+    def __init__(self, settings: Settings, handles: Handles, images: ImageService):
+        """Built by `Services.build` (services/facade.py); `images` makes text-to-video's keyframes."""
+        self.generators = handles.video_generators  # video model id -> VideoGenerator handle
+        self.specs = {model_id: VideoSpec(entry) for model_id, entry in settings.video_models.items()}
+        self.default_model = settings.default_video_model
         self.images = images
-        self.max_input_pixels = max_input_pixels
+        self.max_input_pixels = settings.max_input_pixels
 
     def spec(self, model: str | None) -> VideoSpec:
         model = model or self.default_model

@@ -4,6 +4,7 @@ them), states follow the job, artifacts carry the PNG and the ImageGenerationOut
 arguments are A2A errors naming the field, after which the client carries on."""
 
 import asyncio
+import dataclasses
 import io
 import uuid
 
@@ -18,15 +19,11 @@ from PIL import Image
 
 from serve_app.api.a2a import agent as a2a_agent
 from serve_app.api.app import build_api
-from serve_app.config import QualityPolicy
 from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.http import JobsApi
-from serve_app.services.facade import Services
-from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
-from serve_app.services.scores import ScoreService
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec, wait_until_async
+from tests.fakes import FakeGenerator, fake_services
+from tests.helpers import wait_until_async
 from tests.unit.test_job_dispatch import ControlledGenerator
 
 
@@ -47,19 +44,16 @@ class Agent:
     """build_api's app (the Ingress's), its services over a running dispatcher, and an SDK client."""
 
     def __init__(self, store, generator):
-        spec = model_spec()
-        scorer = LocalHandle(FakeScorer())
-        self.images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)}, scorer,
-                                   {spec.id: spec}, QualityPolicy())
+        self.services = fake_services(generator=generator)
+        self.images = self.services.images
         self.dispatcher = JobDispatcher(store, self.images, None, {"image": 1}, 2, sweep_interval_s=3600,
                                         poll_interval_s=0.05)
         self.store = store
-        self.scores = ScoreService(scorer, QualityPolicy(), ("alignment", "aesthetic", "laion", "combined"), 4096 * 4096)
 
     def app(self):
         app = build_api()
-        app.state.services = Services(images=self.images, scores=self.scores,
-                                      jobs=JobsApi(LocalHandle(self.dispatcher), self.images, None, 2))
+        app.state.services = dataclasses.replace(
+            self.services, jobs=JobsApi(LocalHandle(self.dispatcher), self.images, None, 2))
         return app
 
     async def client(self, app=None, streaming=False):

@@ -6,7 +6,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app import APP_NAME
-from serve_app.builder import build_app, model_specs
+from serve_app.builder import build_app
 from serve_app.config import (
     AppArgs,
     DeploymentOptions,
@@ -15,6 +15,7 @@ from serve_app.config import (
     gpu_memory_fraction,
     unplaced_gpu_replicas,
 )
+from serve_app.services.settings import model_specs
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -295,7 +296,7 @@ def test_the_job_runner_is_one_replica():
 
 
 def test_job_slots_default_to_what_the_model_deployments_take():
-    from serve_app.builder import job_slots
+    from serve_app.services.settings import job_slots
 
     config = {"video_models": [{"id": "svd", "family": "svd", "source": "tiny"},
                                {"id": "ltx", "family": "ltx", "source": "tiny", "enabled": False}],

@@ -15,15 +15,12 @@ from deployments.families import get_family
 from deployments.image_generator import ImageGenerator, paste_unmasked
 from deployments.runtime.loading import Placement
 from deployments.runtime.types import EditInput, EnhancedPrompt, GenerationParams, HiresPass, denoising_steps
-from serve_app.config import QualityPolicy
 from serve_app.protocol.errors import RequestError
 from serve_app.protocol.schemas import ImageRequest
-from serve_app.services.images import ImageService
-from serve_app.services.local import LocalHandle
 from serve_app.services.media import read_png_meta
 from serve_app.services.validation import ModelSpec
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec
+from tests.fakes import FakeGenerator, fake_services
+from tests.helpers import app_settings, model_spec
 
 PROMPT = EnhancedPrompt(prompt="a red house", negative_prompt=None, style="none", enhancer="none")
 CPU = Placement(device="cpu", dtype_name="float32")
@@ -49,9 +46,11 @@ def square_mask(width: int = 256, height: int = 256) -> np.ndarray:
 
 def _service(*specs: ModelSpec, max_input_pixels: int = 4096 * 4096):
     specs = specs or (model_spec(),)
-    return ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator()) for spec in specs},
-                        LocalHandle(FakeScorer()), {spec.id: spec for spec in specs}, QualityPolicy(),
-                        max_input_pixels=max_input_pixels)
+    # Specs as given (one with a family's flag changed) and pixel limits below AppArgs' floor: what
+    # no config gives, so they replace the config's.
+    settings = dataclasses.replace(app_settings(), specs={spec.id: spec for spec in specs}, default_model=specs[0].id,
+                                   max_input_pixels=max_input_pixels)
+    return fake_services(settings).images
 
 
 INIT = png_b64(gradient())
@@ -175,9 +174,7 @@ def test_response_and_png_metadata_reproduce_an_edit():
 
 def test_hires_response_reports_both_sizes_and_the_generator_gets_the_pass():
     generator = FakeGenerator()
-    spec = model_spec()
-    service = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)}, LocalHandle(FakeScorer()),
-                           {spec.id: spec}, QualityPolicy())
+    service = fake_services(generator=generator).images
     response = asyncio.run(service.generate_images({"prompt": "a fox", "seed": 1, "hires": {"strength": 0.5}}))
     params, _ = generator.calls[0]
     assert params.hires == HiresPass(width=512, height=512, steps=4, strength=0.5)

@@ -8,10 +8,9 @@ from fastapi.testclient import TestClient
 
 from serve_app.api.app import build_api
 from serve_app.jobs import http as jobs_http
-from serve_app.services.facade import Services
 from serve_app.services.health import Readiness
 from serve_app.services.local import LocalHandle
-from serve_app.services.scores import ScoreService
+from tests.fakes import fake_services
 from tests.helpers import LOOPBACK, wait_until
 from tests.unit.test_job_dispatch import ControlledGenerator, _dispatcher
 
@@ -20,11 +19,12 @@ BODY = {"kind": "image", "request": {"prompt": "a boat", "seed": 1}}
 
 def _client(store, limits: jobs_http.StreamLimits, start: bool = False):
     dispatcher = _dispatcher(store, ControlledGenerator())
-    images = dispatcher.images
+    # The ingress's own services, as the Ingress builds them beside the JobRunner's.
+    services = fake_services()
+    services.jobs = jobs_http.JobsApi(LocalHandle(dispatcher), services.images, None, 2, limits)
+    services.readiness = Readiness(lambda: {})
     app = build_api()
-    app.state.services = Services(
-        images=images, scores=ScoreService(images.scorer, images.policy, ("aesthetic",), 2**24),
-        jobs=jobs_http.JobsApi(LocalHandle(dispatcher), images, None, 2, limits), readiness=Readiness(lambda: {}))
+    app.state.services = services
     return TestClient(app, client=LOOPBACK), dispatcher, app.state.services.jobs
 
 

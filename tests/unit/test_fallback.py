@@ -9,18 +9,15 @@ from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError
 
 from serve_app.api.app import build_api
-from serve_app.config import AppArgs, FallbackConfig, QualityPolicy
+from serve_app.config import AppArgs, FallbackConfig
 from serve_app.protocol.errors import RequestError
 from serve_app.protocol.schemas import ImageRequest
 from serve_app.services.facade import Services
-from serve_app.services.fallback import Fallback, FallbackFailed, RemoteImages, WaitEstimator
+from serve_app.services.fallback import FallbackFailed, RemoteImages, WaitEstimator
 from serve_app.services.graph import Overloaded
-from serve_app.services.images import ImageService
-from serve_app.services.local import LocalHandle
 from serve_app.services.media import read_png_meta
-from serve_app.services.scores import ScoreService
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import LOOPBACK, model_spec
+from tests.fakes import FakeGenerator, fake_services
+from tests.helpers import LOOPBACK, app_settings
 from tests.images_server import REMOTE_GREY, FakeImagesServer
 
 
@@ -44,17 +41,13 @@ def remote():
 
 
 def services(remote_url: str | None, generator=None, **config) -> tuple[Services, object]:
-    spec = model_spec()
     generator = generator or BusyGenerator()
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)}, LocalHandle(FakeScorer()),
-                          {spec.id: spec}, QualityPolicy(metric="aesthetic", threshold=0.5))
-    fallback = None
+    fallback = {}
     if remote_url is not None:
-        settings = FallbackConfig(enabled=True, base_url=remote_url, model="remote-xl", api_key_env=None,
-                                  response_format="b64_json", **config)
-        fallback = Fallback(settings, {spec.id: 1}, images)
-    scores = ScoreService(images.scorer, images.policy, images.gate_metrics, 4096 * 4096)
-    return Services(images=images, scores=scores, fallback=fallback), generator
+        fallback = {"enabled": True, "base_url": remote_url, "model": "remote-xl", "api_key_env": None,
+                    "response_format": "b64_json", **config}
+    settings = app_settings(policy={"metric": "aesthetic", "threshold": 0.5}, fallback=fallback)
+    return fake_services(settings, generator=generator), generator
 
 
 def test_fallback_is_off_by_default_in_the_config():

@@ -8,7 +8,6 @@ fuzzed requests stay cheap on 2 cores. `make fuzz` runs the same checks for long
 against the dev profile's real deployments.
 """
 
-import dataclasses
 import os
 
 import pytest
@@ -18,22 +17,16 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from deployments.config import VideoModelConfig
 from deployments.runtime.types import VideoOutput
 from serve_app.api.app import build_api
-from serve_app.config import AuthConfig, QualityPolicy
+from serve_app.config import AuthConfig
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.sqlite_store import SqliteJobStore
 from serve_app.security.guard import Auth
-from serve_app.services.facade import Services
 from serve_app.services.health import Readiness
-from serve_app.services.images import ImageService
-from serve_app.services.local import LocalHandle
-from serve_app.services.scores import ScoreService
-from serve_app.services.videos import VideoService
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import ActorLoop, model_spec
+from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer, fake_services
+from tests.helpers import ActorLoop, app_settings, model_entry
 
 EXAMPLES = int(os.environ.get("GENSERVE_FUZZ_EXAMPLES", "25"))
 
@@ -52,26 +45,25 @@ class FakeSvd:
 def _with_info(fake):
     """A fake deployment that answers `info` (GET /v1/models, /healthz) as a replica would."""
     fake.info = lambda: {"source": "fake", "device": "cpu"}
-    return LocalHandle(fake)
+    return fake
 
 
 @pytest.fixture(scope="module")
 def fuzzed_api(tmp_path_factory):
     # A tight budget (256x256, 4 steps, 2 images, 1 round), so valid fuzzed requests stay cheap.
-    spec = dataclasses.replace(model_spec(), max_pixel_steps=256 * 256 * 4 * 2)
-    scorer = _with_info(FakeScorer())
-    images = ImageService(_with_info(FakeEnhancer()), {spec.id: _with_info(FakeGenerator())}, scorer,
-                          {spec.id: spec}, QualityPolicy(), 3.0, max_input_pixels=512 * 512)
+    settings = app_settings(
+        model_entry(max_pixel_steps=256 * 256 * 4 * 2), request_timeout_s=3.0, max_input_pixels=512 * 512,
+        video_models=[{"id": "svd", "family": "svd", "source": "tiny", "default_width": 256, "default_height": 256}])
+    services = fake_services(settings, enhancer=_with_info(FakeEnhancer()), generator=_with_info(FakeGenerator()),
+                             scorer=_with_info(FakeScorer()), video_generators={"svd": _with_info(FakeSvd())})
+    images, videos = services.images, services.videos
     store = SqliteJobStore(tmp_path_factory.mktemp("fuzz-jobs"))
-    video_model = VideoModelConfig(id="svd", family="svd", source="tiny", default_width=256, default_height=256)
-    videos = VideoService({"svd": _with_info(FakeSvd())}, {"svd": video_model}, images, 512 * 512)
     # The job runner runs, on its own loop as its Serve replica would (TestClient starts a loop per
     # request), so `response_format: url` and job waits see fuzzed jobs finish on the fake models.
     runner = ActorLoop(JobDispatcher(store, images, videos, {"image": 1, "video": 1}, retry_limit=1))
     runner.call(runner.target.start)
-    services = Services(images=images, scores=ScoreService(scorer, QualityPolicy(), ("aesthetic",), 512 * 512),
-                        videos=videos, jobs=jobs_http.JobsApi(runner.handle(), images, videos, 1),
-                        readiness=Readiness(lambda: {"Ingress": {"status": "HEALTHY", "running": 1}}))
+    services.jobs = jobs_http.JobsApi(runner.handle(), images, videos, 1)
+    services.readiness = Readiness(lambda: {"Ingress": {"status": "HEALTHY", "running": 1}})
     app = build_api()
     app.state.services = services
     # No keys and any client address: the fuzzer probes the API, not the key check (tests/unit/test_security.py).

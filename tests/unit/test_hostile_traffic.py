@@ -11,14 +11,11 @@ from ray.serve.exceptions import BackPressureError
 from serve_app.api.app import build_api
 from serve_app.config import QualityPolicy
 from serve_app.jobs import http as jobs_http
-from serve_app.services.facade import Services
 from serve_app.services.health import Readiness
-from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from serve_app.services.metrics import OTHER, field_label
-from serve_app.services.scores import ScoreService
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import LOOPBACK, model_spec, wait_until
+from tests.fakes import FakeGenerator, fake_services
+from tests.helpers import LOOPBACK, app_settings, model_entry, wait_until
 
 
 class RecordingMetrics:
@@ -65,14 +62,11 @@ class FakeRunner:
 
 
 def _client(generator=None, timeout_s=600.0, policy=None, readiness=None, runner=None):
-    spec = model_spec()
-    scorer = LocalHandle(FakeScorer())
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator or FakeGenerator())}, scorer,
-                          {spec.id: spec}, policy or QualityPolicy(), timeout_s)
-    runner = runner or FakeRunner()
-    services = Services(images=images, scores=ScoreService(scorer, QualityPolicy(), ("aesthetic",), 4096 * 4096),
-                        jobs=jobs_http.JobsApi(LocalHandle(runner), images, None, 2), metrics=RecordingMetrics(),
-                        readiness=readiness or Readiness(lambda: {"Ingress": {"status": "HEALTHY", "running": 1}}))
+    services = fake_services(app_settings(request_timeout_s=timeout_s, policy=policy or QualityPolicy()),
+                             generator=generator)
+    services.jobs = jobs_http.JobsApi(LocalHandle(runner or FakeRunner()), services.images, None, 2)
+    services.metrics = RecordingMetrics()
+    services.readiness = readiness or Readiness(lambda: {"Ingress": {"status": "HEALTHY", "running": 1}})
     app = build_api()
     app.state.services = services
     return TestClient(app, client=LOOPBACK), services
@@ -217,13 +211,10 @@ def test_readyz_turns_ready_when_the_deployments_are():
 
 
 def test_a_request_over_the_models_compute_budget_is_a_422_naming_the_fields_and_the_budget():
-    import dataclasses
 
     from serve_app.protocol.errors import RequestError
 
-    spec = dataclasses.replace(model_spec(), max_pixel_steps=256 * 256 * 4 * 2)
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())},
-                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
+    images = fake_services(app_settings(model_entry(max_pixel_steps=256 * 256 * 4 * 2))).images
     from serve_app.protocol.schemas import ImageRequest
 
     images.plan(ImageRequest(prompt="a cat", num_images=2))  # 256x256 x 4 steps x 2 images x 1 round: at the budget

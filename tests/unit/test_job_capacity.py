@@ -137,18 +137,18 @@ def test_the_http_submit_answers_429_with_retry_after_when_the_queue_is_full(sto
 
     from serve_app.api.app import build_api
     from serve_app.jobs import http as jobs_http
-    from serve_app.services.facade import Services
     from serve_app.services.health import Readiness
     from serve_app.services.local import LocalHandle
-    from serve_app.services.scores import ScoreService
+    from tests.fakes import fake_services
 
     dispatcher = _dispatcher(store, ControlledGenerator())
     dispatcher.max_queued_jobs = 1
-    images = dispatcher.images
+    # The ingress's own services, as the Ingress builds them beside the JobRunner's.
+    services = fake_services()
+    services.jobs = jobs_http.JobsApi(LocalHandle(dispatcher), services.images, None, 2)
+    services.readiness = Readiness(lambda: {})
     app = build_api()
-    app.state.services = Services(images=images, scores=ScoreService(images.scorer, images.policy, ("aesthetic",), 2**24),
-                                  jobs=jobs_http.JobsApi(LocalHandle(dispatcher), images, None, 2),
-                                  readiness=Readiness(lambda: {}))
+    app.state.services = services
     client = TestClient(app, client=LOOPBACK)
     body = {"kind": "image", "request": {"prompt": "a boat"}}
     assert client.post("/v1/jobs", json=body).status_code == 202

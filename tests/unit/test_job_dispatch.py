@@ -9,13 +9,10 @@ import io
 
 from PIL import Image
 
-from serve_app.config import QualityPolicy
 from serve_app.jobs.dispatch import JobDispatcher
-from serve_app.services.images import ImageService
-from serve_app.services.local import LocalHandle
 from serve_app.services.media import read_png_meta
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec, wait_until_async
+from tests.fakes import FakeGenerator, fake_services
+from tests.helpers import wait_until_async
 
 CUDA_ERROR = "CUDA error: an illegal memory access was encountered\nTraceback (most recent call last): ..."
 
@@ -46,9 +43,7 @@ class ControlledGenerator(FakeGenerator):
 
 
 def _dispatcher(store, generator, slots=None, retry_limit=2) -> JobDispatcher:
-    spec = model_spec()
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)}, LocalHandle(FakeScorer()),
-                          {spec.id: spec}, QualityPolicy())
+    images = fake_services(generator=generator).images
     return JobDispatcher(store, images, None, slots or {"image": 1}, retry_limit, sweep_interval_s=3600,
                          poll_interval_s=0.05)
 

@@ -16,14 +16,12 @@ from deployments.image_generator import ImageGenerator
 from deployments.lora_registry import LoraNameError, LoraRegistry, detect_family
 from deployments.runtime.lora import LoraManager, adapter_key
 from deployments.runtime.types import EnhancedPrompt, GenerationParams, LoraRef
-from serve_app.config import QualityPolicy
 from serve_app.protocol.errors import RequestError
 from serve_app.protocol.schemas import ImageRequest
 from serve_app.services.images import ImageService
-from serve_app.services.local import LocalHandle
 from serve_app.services.media import a1111_parameters, read_png_meta
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec
+from tests.fakes import fake_services
+from tests.helpers import app_settings
 from tests.loras import make_flux_lora, make_sdxl_lora
 
 TRAVERSAL_NAMES = ["../x", "a/b", "a\\b", "..", "/etc/passwd", "x/../../y", "ok\x00"]
@@ -166,11 +164,7 @@ def test_config_refuses_unsafe_hub_entries_and_a_small_cache():
 
 
 def _service(lora_dir, max_per_request: int = 2) -> ImageService:
-    spec = model_spec()
-    return ImageService(
-        LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, LocalHandle(FakeScorer()),
-        {spec.id: spec}, QualityPolicy(), loras=LoraRegistry(lora_dir, max_per_request=max_per_request),
-    )
+    return fake_services(app_settings(loras={"dir": str(lora_dir), "max_per_request": max_per_request})).images
 
 
 def test_plan_resolves_requested_loras(lora_dir):

@@ -7,21 +7,14 @@ import pytest
 from mcp import Client
 
 from serve_app.api.mcp.tools import build_mcp
-from serve_app.config import QualityPolicy
 from serve_app.protocol.schemas import ImageRequest
-from serve_app.services.facade import Services
-from serve_app.services.images import ImageService
-from serve_app.services.local import LocalHandle
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec
+from tests.fakes import fake_services
+from tests.helpers import app_settings
 
 
 @pytest.fixture
 def server():
-    spec = model_spec()
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())},
-                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
-    services = Services(images=images, scores=None)
+    services = fake_services()
     return build_mcp(lambda: services, lambda ctx: "")
 
 
@@ -78,11 +71,8 @@ def test_mcp_is_served_at_slash_mcp_of_the_api_app_once_its_lifespan_runs():
 
     from serve_app.api.app import build_api
 
-    spec = model_spec()
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())},
-                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
     app = build_api()
-    app.state.services = Services(images=images, scores=None)
+    app.state.services = fake_services()
 
     async def run():
         async with app.router.lifespan_context(app):
@@ -95,16 +85,10 @@ def test_mcp_is_served_at_slash_mcp_of_the_api_app_once_its_lifespan_runs():
 
 
 def test_list_models_lists_the_video_models_with_their_rules_and_the_default():
-    from deployments.config import VideoModelConfig
-    from serve_app.services.videos import VideoService
-
-    spec = model_spec()
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())},
-                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
-    entries = {"svd": VideoModelConfig(id="svd", family="svd", source="tiny", default_width=256, default_height=256),
-               "ltx-video": VideoModelConfig(id="ltx-video", family="ltx", source="tiny")}
-    videos = VideoService({}, entries, images, 512 * 512, default_model="ltx-video")
-    server = build_mcp(lambda: Services(images=images, scores=None, videos=videos), lambda ctx: "")
+    entries = [{"id": "svd", "family": "svd", "source": "tiny", "default_width": 256, "default_height": 256},
+               {"id": "ltx-video", "family": "ltx", "source": "tiny"}]
+    services = fake_services(app_settings(video_models=entries, default_video_model="ltx-video"))
+    server = build_mcp(lambda: services, lambda ctx: "")
     [models] = _calls(server, ("list_models", {}))
     listed = {model["id"]: model for model in models.structured_content["video_models"]}
     assert list(listed) == ["svd", "ltx-video"] and models.structured_content["default_video_model"] == "ltx-video"

@@ -14,12 +14,8 @@ from PIL import Image
 
 from serve_app.api.app import build_api
 from serve_app.api.openai.protocol import edit_files, form_fields
-from serve_app.config import QualityPolicy
-from serve_app.services.facade import Services
-from serve_app.services.images import ImageService
-from serve_app.services.local import LocalHandle
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import LOOPBACK, model_spec
+from tests.fakes import FakeGenerator, fake_services
+from tests.helpers import LOOPBACK
 
 
 def png(image: Image.Image) -> bytes:
@@ -44,12 +40,9 @@ def centre_mask(mode: str) -> bytes:
 
 @pytest.fixture
 def app():
-    spec = model_spec()
     generator = FakeGenerator()
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)},
-                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
     api = build_api()
-    api.state.services = Services(images=images, scores=None)
+    api.state.services = fake_services(generator=generator)
     api.state.generator = generator
     return api
 

@@ -8,12 +8,8 @@ from fastapi.testclient import TestClient
 
 from serve_app.api.app import build_api
 from serve_app.api.openai.protocol import OpenAIImageRequest, to_image_request
-from serve_app.config import QualityPolicy
-from serve_app.services.facade import Services
-from serve_app.services.images import ImageService
-from serve_app.services.local import LocalHandle
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import LOOPBACK, model_spec
+from tests.fakes import FakeGenerator, fake_services
+from tests.helpers import LOOPBACK
 
 
 class CountingGenerator(FakeGenerator):
@@ -26,11 +22,8 @@ class CountingGenerator(FakeGenerator):
 
 @pytest.fixture
 def client():
-    spec = model_spec()
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(CountingGenerator())},
-                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
     app = build_api()
-    app.state.services = Services(images=images, scores=None)
+    app.state.services = fake_services(generator=CountingGenerator())
     CountingGenerator.calls = 0
     return TestClient(app, client=LOOPBACK)
 
@@ -111,11 +104,8 @@ def test_a_lost_replica_is_a_retryable_503_in_openai_shape():
         async def generate(self, *args, **kwargs):
             raise RayActorError()
 
-    spec = model_spec()
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(LostGenerator())},
-                          LocalHandle(FakeScorer()), {spec.id: spec}, QualityPolicy())
     app = build_api()
-    app.state.services = Services(images=images, scores=None)
+    app.state.services = fake_services(generator=LostGenerator())
     answer = TestClient(app, client=LOOPBACK).post("/v1/images/generations", json={"prompt": "a fox"})
     assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
     assert answer.json()["error"]["type"] == "server_error" and answer.json()["error"]["code"] == "replica_lost"

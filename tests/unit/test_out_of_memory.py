@@ -14,14 +14,9 @@ from deployments.image_generator import ImageGenerator
 from deployments.runtime.metrics import ModelMetrics
 from deployments.runtime.types import EnhancedPrompt, GenerationParams, ModelOutOfMemory
 from serve_app.api.app import build_api
-from serve_app.config import QualityPolicy
-from serve_app.services.facade import Services
 from serve_app.services.health import Readiness
-from serve_app.services.images import ImageService
-from serve_app.services.local import LocalHandle
-from serve_app.services.scores import ScoreService
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import LOOPBACK, model_spec, wait_until_async
+from tests.fakes import FakeGenerator, fake_services
+from tests.helpers import LOOPBACK, wait_until_async
 from tests.unit.test_job_dispatch import _dispatcher, _state, _submit
 
 OOM = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total capacity)\nmore detail"
@@ -80,13 +75,10 @@ class OutOfMemoryGenerator(FakeGenerator):
 
 
 def test_the_ingress_answers_503_out_of_memory_with_retry_after():
-    spec = model_spec()
-    scorer = LocalHandle(FakeScorer())
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(OutOfMemoryGenerator())}, scorer,
-                          {spec.id: spec}, QualityPolicy())
+    services = fake_services(generator=OutOfMemoryGenerator())
+    services.readiness = Readiness(lambda: {})
     app = build_api()
-    app.state.services = Services(images=images, scores=ScoreService(scorer, QualityPolicy(), ("aesthetic",), 2**24),
-                                  readiness=Readiness(lambda: {}))
+    app.state.services = services
     response = TestClient(app, client=LOOPBACK).post("/v1/images", json={"prompt": "a red cube", "enhance": False})
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     assert response.json()["reason"] == "out_of_memory" and "flux-schnell" in response.json()["detail"]

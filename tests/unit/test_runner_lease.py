@@ -6,14 +6,12 @@ import asyncio
 
 import pytest
 
-from serve_app.config import JobsConfig, QualityPolicy
+from serve_app.config import JobsConfig
 from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.model import FAILED, RUNNING, SUCCEEDED, ResultFile
 from serve_app.jobs.store import LeaseLost
-from serve_app.services.images import ImageService
-from serve_app.services.local import LocalHandle
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec, wait_until_async
+from tests.fakes import FakeGenerator, fake_services
+from tests.helpers import wait_until_async
 from tests.job_stores import Backend
 
 LEASE_S = 3.0  # short, so that a standby's polls and a lapse take seconds
@@ -46,9 +44,7 @@ def redis(tmp_path):
 
 
 def _dispatcher(store, generator) -> JobDispatcher:
-    spec = model_spec()
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)}, LocalHandle(FakeScorer()),
-                          {spec.id: spec}, QualityPolicy())
+    images = fake_services(generator=generator).images
     return JobDispatcher(store, images, None, {"image": 1}, retry_limit=2, sweep_interval_s=3600,
                          poll_interval_s=0.05, lease_ttl_s=LEASE_S)
 

@@ -16,15 +16,12 @@ from deployments.config import ScorerConfig
 from deployments.scoring.clip_scorer import ClipScorer
 from serve_app.api.app import build_api
 from serve_app.bench.score_budget import natural_image
-from serve_app.config import AppArgs, QualityPolicy, ScoresConfig
+from serve_app.config import AppArgs, ScoresConfig
 from serve_app.protocol.errors import RequestError
-from serve_app.services.facade import Services
-from serve_app.services.images import ImageService
 from serve_app.services.inputs import load_image, open_image
-from serve_app.services.local import LocalHandle
 from serve_app.services.scores import ScoreService, scales
-from tests.fakes import FakeEnhancer, FakeGenerator
-from tests.helpers import LOOPBACK, model_spec
+from tests.fakes import fake_services
+from tests.helpers import LOOPBACK, app_settings
 
 
 def _upload(width: int, height: int, fmt: str = "PNG", orientation: int | None = None, seed: int = 0) -> str:
@@ -56,9 +53,12 @@ class SizeRecordingScorer:
         return [{"aesthetic": 0.5, "alignment": 20.0, "combined": 0.4} for _ in images]
 
 
+# The scorer computes aesthetic, alignment and combined (no LAION head), as SizeRecordingScorer answers.
+NO_LAION = {"laion": {"enabled": False}}
+
+
 def _service(scorer, **budget) -> ScoreService:
-    return ScoreService(LocalHandle(scorer), QualityPolicy(), ("aesthetic", "alignment", "combined"), 4096 * 4096,
-                        budget=ScoresConfig(**budget))
+    return fake_services(app_settings(scorer=NO_LAION, scores=budget), scorer=scorer).scores
 
 
 def _score(service, images):
@@ -126,14 +126,9 @@ def test_past_the_cap_is_a_422_naming_images_before_any_pixel_is_decoded(monkeyp
 
 
 def test_the_cap_over_http_is_a_422_with_the_usual_body():
-    spec = model_spec()
-    scorer = LocalHandle(SizeRecordingScorer())
-    images = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, scorer,
-                          {spec.id: spec}, QualityPolicy())
+    settings = app_settings(scorer=NO_LAION, scores={"pixel_budget": 65536, "max_total_pixels": 65536 * 2})
     app = build_api()
-    app.state.services = Services(images=images, scores=ScoreService(
-        scorer, QualityPolicy(), ("aesthetic",), 4096 * 4096, budget=ScoresConfig(pixel_budget=65536,
-                                                                                  max_total_pixels=65536 * 2)))
+    app.state.services = fake_services(settings, scorer=SizeRecordingScorer())
     client = TestClient(app, client=LOOPBACK)
     response = client.post("/v1/scores", json={"prompt": "a fox", "images": [_upload(300, 300), _upload(300, 300)]})
     assert response.status_code == 422, response.text

@@ -15,17 +15,16 @@ from deployments.families.sdxl import canny_map
 from deployments.image_generator import ImageGenerator
 from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationParams
 from deployments.tiny import save_tiny
-from serve_app.builder import job_slots, model_specs
 from serve_app.config import AppArgs, ImageModelEntry, QualityPolicy
 from serve_app.protocol.errors import RequestError, allowed_values
 from serve_app.protocol.schemas import ControlOptions, ControlPreviewRequest, ImageRequest
-from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from serve_app.services.media import read_png_meta
+from serve_app.services.settings import job_slots, model_specs
 from serve_app.services.validation import ModelSpec, control_catalogue
 from tests.control_images import BOTTOM, LEFT, RIGHT, TOP, b64, on_border, rectangle
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec
+from tests.fakes import fake_services
+from tests.helpers import app_settings, model_entry
 
 PROMPT = EnhancedPrompt(prompt="a red house", negative_prompt="blurry", style="none", enhancer="none")
 TINY_SDXL = ImageModelConfig(
@@ -44,11 +43,9 @@ def sdxl() -> ImageGenerator:
 
 
 def _service(sdxl_generator, max_input_pixels: int = 4096 * 4096, policy: QualityPolicy | None = None):
-    flux = model_spec()
-    specs = {flux.id: flux, "sdxl": ModelSpec.of(TINY_SDXL)}
-    generators = {flux.id: LocalHandle(FakeGenerator()), "sdxl": LocalHandle(sdxl_generator)}
-    return ImageService(LocalHandle(FakeEnhancer()), generators, LocalHandle(FakeScorer()), specs,
-                        policy or QualityPolicy(), max_input_pixels=max_input_pixels)
+    settings = app_settings(model_entry(), TINY_SDXL.model_dump(exclude_unset=True), max_input_pixels=max_input_pixels,
+                            policy=policy or QualityPolicy())
+    return fake_services(settings, generators={"sdxl": sdxl_generator}).images
 
 
 def _control(kind: str = "canny", **fields) -> dict:

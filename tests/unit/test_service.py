@@ -10,18 +10,13 @@ from serve_app.config import QualityPolicy
 from serve_app.protocol.errors import RequestError
 from serve_app.protocol.schemas import ImageRequest
 from serve_app.services.images import ImageService
-from serve_app.services.local import LocalHandle
 from serve_app.services.media import read_png_meta
-from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec
+from tests.fakes import FakeGenerator, FakeScorer, fake_services
+from tests.helpers import app_settings
 
 
 def _service(policy: QualityPolicy | None = None) -> ImageService:
-    spec = model_spec()
-    return ImageService(
-        LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, LocalHandle(FakeScorer()),
-        {spec.id: spec}, policy or QualityPolicy(),
-    )
+    return fake_services(app_settings(policy=policy or QualityPolicy())).images
 
 
 @pytest.mark.parametrize(
@@ -75,12 +70,8 @@ def test_response_carries_everything_needed_to_reproduce():
 def test_blocklisted_prompt_is_refused_with_400_before_anything_runs():
     from serve_app.protocol.errors import PromptBlocked
 
-    spec = model_spec()
     generator = FakeGenerator()
-    service = ImageService(
-        LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(generator)}, LocalHandle(FakeScorer()), {spec.id: spec},
-        QualityPolicy(), blocklist=("gore",),
-    )
+    service = fake_services(app_settings(enhancer={"blocklist": ["gore"]}), generator=generator).images
     with pytest.raises(PromptBlocked) as caught:
         asyncio.run(service.generate_images(ImageRequest(prompt="a battlefield full of Gore")))
     assert caught.value.status == 400 and caught.value.field == "prompt" and "gore" in caught.value.message
@@ -116,9 +107,7 @@ def test_revise_prompt_comes_from_config_unless_the_request_says():
 
 def test_combined_gate_passes_its_weights_to_the_scorer_and_the_response():
     scorer = FakeScorer()
-    spec = model_spec()
-    service = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, LocalHandle(scorer),
-                           {spec.id: spec}, QualityPolicy())
+    service = fake_services(scorer=scorer).images
     # Seed 200 paints grey 200/255: laion = 1 + 9 * 200/255, so laion-only combined = 200/255.
     request = {"prompt": "a fox", "seed": 200, "quality_metric": "combined", "quality_threshold": 0.7,
                "quality_weights": {"laion": 1}}
@@ -140,9 +129,8 @@ def test_laion_gate_regenerates_until_the_threshold():
 
 
 def test_laion_gate_is_refused_when_the_head_is_off():
-    spec = model_spec()
-    service = ImageService(LocalHandle(FakeEnhancer()), {spec.id: LocalHandle(FakeGenerator())}, LocalHandle(FakeScorer()),
-                           {spec.id: spec}, QualityPolicy(), gate_metrics=("alignment", "aesthetic", "combined"))
+    # The LAION head off: the scorer computes alignment, aesthetic and combined only.
+    service = fake_services(app_settings(scorer={"laion": {"enabled": False}})).images
     with pytest.raises(RequestError) as caught:
         service.plan(ImageRequest(prompt="a fox", quality_metric="laion"))
     assert caught.value.field == "quality_metric" and "'laion' is not computed" in caught.value.message

@@ -227,9 +227,11 @@ def test_each_video_family_names_the_weights_it_loads_with_the_dtypes_variant():
 
 
 def test_the_frames_a_video_request_is_charged_are_its_own_or_its_models_default():
-    from serve_app.services.videos import VideoService
+    from tests.fakes import fake_services
+    from tests.helpers import app_settings
 
-    service = VideoService({}, {"svd": SVD, "ltx-video": LTX}, images=None, max_input_pixels=512 * 512)
+    settings = app_settings(video_models=[entry.model_dump(exclude_unset=True) for entry in (SVD, LTX)])
+    service = fake_services(settings).videos
     assert service.frames({"image": "x"}) == 8  # svd's default (the entry's)
     assert service.frames({"model": "ltx-video", "prompt": "a fox", "num_frames": 17}) == 17
     with pytest.raises(RequestError) as caught:
