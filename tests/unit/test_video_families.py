@@ -286,8 +286,33 @@ def test_the_frames_a_video_request_is_charged_are_its_own_or_its_models_default
     assert caught.value.field == "num_frames"
 
 
+def test_a_video_replica_makes_one_tiny_warm_up_call_before_it_is_ready_unless_switched_off(monkeypatch):
+    cls = VideoGenerator.func_or_class
+    frames, calls = cls._frames, []
+
+    def recording(self, params, image, monitor):
+        calls.append((params.width, params.height, params.num_frames, params.num_inference_steps,
+                      None if image is None else image.shape))
+        if image is None:
+            return frames(self, params, image, monitor)
+        # Tiny SVD's first call takes 10-20 s on 2 shared cores: its call is checked up to the model.
+        return np.zeros((params.num_frames, params.height, params.width, 3), np.uint8)
+
+    monkeypatch.setattr(cls, "_frames", recording)
+    ltx, svd = cls(LTX, metrics=False), cls(SVD, metrics=False)
+    assert calls == [(64, 64, 9, 1, None), (256, 256, 2, 1, (256, 256, 3))], "smallest size, fewest frames and steps"
+    info = ltx.info()
+    assert info["warmup_shapes"] == [{"width": 64, "height": 64, "num_frames": 9, "steps": 1}]
+    assert info["cold_start"]["load_s"] > 0 and info["cold_start"]["warmup_s"] > 0
+    assert ltx._metrics._cold_start_s >= info["cold_start"]["load_s"]  # the gauge each health check records again
+    assert svd.info()["options"]["decode_chunk_size"] == 8
+    calls.clear()
+    cold = cls(VideoModelConfig(**{**LTX.model_dump(), "warmup": {"default_shape": False}}), metrics=False)
+    assert cold.info()["warmup_shapes"] == [] and calls == []
+
+
 TOY = VideoModelConfig(id="toy-video", family="tests.toy_video_family:FAMILY", source="tiny", default_width=96,
-                       default_height=64, default_num_frames=9, default_steps=1)
+                       default_height=64, default_num_frames=9, default_steps=1, warmup={"default_shape": False})
 
 
 def _gif_frames(body: dict) -> list[np.ndarray]:
