@@ -481,6 +481,13 @@ class WarmupConfig(_Strict):
     shapes: list[WarmupShape] = Field(default_factory=list, description="More shapes to warm up.")
 
 
+class VideoWarmupConfig(_Strict):
+    """The warm-up call a video replica makes in its constructor, so no user pays a first call."""
+
+    default_shape: bool = Field(True, description="One tiny call (the family's smallest size, fewest frames and "
+                                                  "steps) before the replica is healthy.")
+
+
 class ImageModelConfig(_Strict):
     """One servable image model: an entry of `image_models:`. The family says what the model is; the
     entry says where its weights are, how it runs, and its defaults and narrower limits."""
@@ -530,3 +537,6 @@ class VideoModelConfig(_Strict):
                                                                      "family's frame rule (img2vid: 14).")
     default_fps: int | None = Field(None, ge=1, le=60, description="Frames per second when a request gives none.")
     options: dict = Field(default_factory=dict, description="The family's own options (memory: offload, ...).")
+    warmup: VideoWarmupConfig = Field(default_factory=VideoWarmupConfig,
+                                      description="The warm-up call before the replica is healthy.")
+

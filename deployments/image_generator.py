@@ -18,15 +18,9 @@ from ray import serve
 
 from deployments.config import IMAGE_GENERATOR_MAX_ONGOING_REQUESTS, ImageModelConfig
 from deployments.families import get_family
-from deployments.runtime.loading import (
-    check_device_health,
-    in_serve_replica,
-    resolve_placement,
-    seeded_generators,
-    to_uint8_images,
-)
+from deployments.generator_base import GeneratorBase
+from deployments.runtime.loading import in_serve_replica, seeded_generators, to_uint8_images
 from deployments.runtime.lora import LoraManager
-from deployments.runtime.metrics import ModelMetrics
 from deployments.runtime.progress import BatchMonitor, StepMonitor, run_interruptibly
 from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, GenerationOutput, GenerationParams
 
@@ -75,7 +69,7 @@ def _images_in(batch: list[_Pending]) -> int:
 
 
 @serve.deployment(name="ImageGenerator", max_ongoing_requests=IMAGE_GENERATOR_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1})
-class ImageGenerator:
+class ImageGenerator(GeneratorBase):
     """Generates images with one model of any family.
 
     A diffusers pipeline keeps scheduler state and is not safe under concurrent calls, so each
@@ -105,21 +99,17 @@ class ImageGenerator:
 
     Before the constructor returns (so before Serve sees the replica healthy), the model's
     acceleration tier is applied and the declared warm-up shapes run, so no user pays for
-    compilation or a first call; the whole cold start is a metric and part of `info()`.
+    compilation or a first call; the whole cold start is a metric and part of `info()`
+    (`deployments.generator_base`, shared with the video generator).
     """
 
+    _family_of = staticmethod(get_family)
+
     def __init__(self, config: ImageModelConfig, metrics: bool = True, lora_cache_size: int = 8):
-        self._config = config
-        self._family = get_family(config.family)
-        self._placement = resolve_placement(config.device)
-        self._metrics = ModelMetrics(config.id, self._placement.device, enabled=metrics)
-        started = time.perf_counter()
-        self._model = self._family.load(config, self._placement)
-        loaded = time.perf_counter()
+        self._load(config, metrics)
         # One manager, on the base pipeline: pipelines the family builds from it (ControlNet ones)
         # share its modules, so the adapters it switches apply (or not) to every path alike.
         self._loras = LoraManager(self._model.pipeline, lora_cache_size)
-        self._lock = asyncio.Lock()
         batching = config.batching
         if batching.enabled and not in_serve_replica():
             # Serve's batch queue reads its replica's settings; in process (a benchmark's stand-in) requests
@@ -131,32 +121,24 @@ class ImageGenerator:
             max_batch_size=batching.max_batch_images, batch_wait_timeout_s=batching.wait_ms / 1000,
             batch_size_fn=_images_in,
         )(self._run_batch) if batching.enabled and in_serve_replica() else None
-        self._warmup_shapes = self._warm_up()
-        self._cold_start = {"load_s": round(loaded - started, 3), "warmup_s": round(time.perf_counter() - loaded, 3)}
-        self._metrics.record_cold_start(time.perf_counter() - started)
-        logger.info(
-            "%s (%s) loaded from %s on %s/%s in %.1fs, warmed up (%d shapes) in %.1fs; acceleration: %s",
-            config.id, self._family.name, config.source, self._placement.device, self._placement.dtype_name,
-            self._cold_start["load_s"], len(self._warmup_shapes), self._cold_start["warmup_s"],
-            config.acceleration.active() or "none",
-        )
+        self._ready(f"acceleration: {config.acceleration.active() or 'none'}")
 
-    def _warm_up(self) -> list[dict]:
-        """Run the declared warm-up shapes once each (compiling, if the tier compiles); text-to-image,
-        no LoRA, no progress target."""
-        config, warmup, family = self._config, self._config.warmup, self._family
-        width, height = family.size_default(config)
-        shapes = [{"width": width, "height": height, "steps": family.steps_default(config), "images": 1}] \
+    def _warmup_shapes(self) -> list[dict]:
+        """The default shape (the model's default size and steps, one image) unless switched off,
+        then each of `warmup.shapes`."""
+        config, warmup = self._config, self._config.warmup
+        width, height = self._family.size_default(config)
+        shapes = [{"width": width, "height": height, "steps": self._family.steps_default(config), "images": 1}] \
             if warmup.default_shape else []
-        shapes += [{"width": shape.width, "height": shape.height, "steps": shape.steps or family.steps_default(config),
-                    "images": shape.images} for shape in warmup.shapes]
-        for shape in shapes:
-            params = GenerationParams(seeds=list(range(shape["images"])), width=shape["width"],
-                                      height=shape["height"], num_inference_steps=shape["steps"],
-                                      guidance_scale=family.guidance_default(config))
-            monitor = StepMonitor(None, params.total_steps())
-            self._generate([_Pending(params, WARMUP_PROMPT, None, monitor)], monitor)
-        return shapes
+        return shapes + [{"width": shape.width, "height": shape.height, "steps": shape.steps or self._family.steps_default(config),
+                          "images": shape.images} for shape in warmup.shapes]
+
+    def _warm(self, shape: dict) -> None:
+        """One text-to-image call of `shape` (compiling, if the tier compiles); no LoRA."""
+        params = GenerationParams(seeds=list(range(shape["images"])), width=shape["width"], height=shape["height"],
+                                  num_inference_steps=shape["steps"], guidance_scale=self._family.guidance_default(self._config))
+        monitor = StepMonitor(None, params.total_steps())
+        self._generate([_Pending(params, WARMUP_PROMPT, None, monitor)], monitor)
 
     async def preprocess(self, control: ControlInput) -> ControlInput:
         """The control map of `control`'s reference image (unchanged when it is a map already)."""
@@ -260,24 +242,12 @@ class ImageGenerator:
     def info(self) -> dict:
         config = self._config
         return {
-            "id": config.id,
-            "family": self._family.name,
-            "source": config.source,
-            "device": self._placement.device,
-            "dtype": self._placement.dtype_name,
-            "memory_fraction": self._placement.memory_fraction,
+            **super().info(),
             "loras_loaded": self._loras.loaded(),
             # The active tier: only what differs from plain eager ({} when nothing does).
             "acceleration": config.acceleration.active(),
             "batching": config.batching.model_dump() if config.batching.enabled else None,
-            "warmup_shapes": self._warmup_shapes,
-            "cold_start": self._cold_start,
-            **self._model.info(),
         }
-
-    def check_health(self) -> None:
-        check_device_health(self._placement)
-        self._metrics.refresh()
 
 
 def paste_unmasked(images: np.ndarray, edit: EditInput) -> np.ndarray:

@@ -3,13 +3,13 @@
 The builder binds it once per entry, named after the model id (`serve_app.config.generator_name`,
 e.g. SvdXtGenerator, LtxVideoGenerator). What differs between families (pipeline classes, call
 arguments) is the family's `LoadedVideoModel` (`deployments.families.video_base`); the lock, progress
-and cancel, frame interpolation, encoding, metrics, info and health are here.
+and cancel, frame interpolation and encoding are here; the cold start (warm-up included), metrics,
+info and health are every generator's (`deployments.generator_base`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import numpy as np
@@ -17,17 +17,15 @@ from ray import serve
 
 from deployments.config import VideoModelConfig
 from deployments.families import get_video_family
-from deployments.runtime.loading import check_device_health, resolve_placement, seeded_generators, to_uint8_images
-from deployments.runtime.metrics import ModelMetrics
+from deployments.generator_base import GeneratorBase
+from deployments.runtime.loading import seeded_generators, to_uint8_images
 from deployments.runtime.progress import StepMonitor, run_interruptibly
 from deployments.runtime.types import VideoOutput, VideoParams
 from deployments.video.encoding import CONTENT_TYPES, encode_video, interpolate_frames
 
-logger = logging.getLogger("ray.serve")
-
 
 @serve.deployment(name="VideoGenerator", max_ongoing_requests=2, ray_actor_options={"num_cpus": 1})
-class VideoGenerator:
+class VideoGenerator(GeneratorBase):
     """Makes one video at a time per replica, and encodes it (MP4, GIF or WebP).
 
     The pipeline is not safe under concurrent calls, so runs take an asyncio lock; interpolation and
@@ -35,18 +33,38 @@ class VideoGenerator:
     deployments are separate from the image ones, so long video runs never hold an image replica.
     A cancelled request stops at the end of its current denoising step, and with `params.progress`
     set each step is reported (see `deployments.runtime.progress`).
+
+    Before the constructor returns, one tiny warm-up call runs (unless the entry's `warmup:` turns
+    it off); the cold start is a metric and part of `info()`, as for images
+    (`deployments.generator_base`).
     """
 
+    _family_of = staticmethod(get_video_family)
+
     def __init__(self, config: VideoModelConfig, metrics: bool = True):
-        self._config = config
-        self._family = get_video_family(config.family)
-        self._placement = resolve_placement(config.device)
-        self._metrics = ModelMetrics(config.id, self._placement.device, enabled=metrics)
-        started = time.perf_counter()
-        self._model = self._family.load(config, self._placement)
-        self._lock = asyncio.Lock()
-        logger.info("%s (%s) loaded from %s on %s/%s in %.1fs", config.id, self._family.name, config.source,
-                    self._placement.device, self._placement.dtype_name, time.perf_counter() - started)
+        self._load(config, metrics)
+        self._ready()
+
+    def _warmup_shapes(self) -> list[dict]:
+        """One tiny call unless `warmup.default_shape` is off: the family's smallest size, fewest frames
+        and steps. It pays the first call's one-off costs (no video model here is compiled, so no
+        shape needs warming); a default-sized video would hold the replica's start for as long as a
+        request, and far longer for a tiny model on a CPU (tiny SVD at 1024x576: minutes)."""
+        family = self._family
+        if not self._config.warmup.default_shape:
+            return []
+        side = family.size.smallest()
+        return [{"width": side, "height": side, "num_frames": family.frames.fewest(), "steps": family.min_steps}]
+
+    def _warm(self, shape: dict) -> None:
+        """Frames of `shape` (not encoded): from a grey image, or from a prompt for families that
+        make text-to-video natively; the family's default parameters."""
+        native = self._family.text_to_video == "native"
+        params = VideoParams(seed=0, width=shape["width"], height=shape["height"], num_frames=shape["num_frames"],
+                             fps=self._family.fps_default(self._config), num_inference_steps=shape["steps"], output_format="mp4",
+                             prompt="warm-up" if native else None, options=self._family.param_defaults())
+        image = None if native else np.full((shape["height"], shape["width"], 3), 128, np.uint8)
+        self._frames(params, image, StepMonitor(None, shape["steps"]))
 
     async def animate(self, params: VideoParams, image: np.ndarray | None) -> VideoOutput:
         """One video: `image` (uint8 (H, W, 3) at the video's size) animated, or None for native
@@ -102,16 +120,4 @@ class VideoGenerator:
         return to_uint8_images(frames)
 
     def info(self) -> dict:
-        return {
-            "id": self._config.id,
-            "family": self._family.name,
-            "source": self._config.source,
-            "device": self._placement.device,
-            "dtype": self._placement.dtype_name,
-            "memory_fraction": self._placement.memory_fraction,
-            "options": self._model.options.model_dump(),
-            **self._model.info(),
-        }
-
-    def check_health(self) -> None:
-        check_device_health(self._placement)
+        return {**super().info(), "options": self._model.options.model_dump()}

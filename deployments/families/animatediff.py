@@ -45,15 +45,15 @@ class LoadedAnimateDiff(LoadedVideoModel):
             pipeline.enable_vae_slicing()
 
     def __call__(self, params, image, generator, callback):
-        options = params.options
+        own = self.request_params(params)
         return self.pipeline(
             prompt=params.prompt or "",
-            negative_prompt=options.get("negative_prompt"),
+            negative_prompt=own.negative_prompt,
             width=params.width,
             height=params.height,
             num_frames=params.num_frames,
             num_inference_steps=params.num_inference_steps,
-            guidance_scale=options.get("guidance_scale", 7.5),
+            guidance_scale=own.guidance_scale,
             generator=generator,
             output_type="np",
             callback_on_step_end=callback,

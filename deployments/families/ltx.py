@@ -51,16 +51,16 @@ class LoadedLtx(LoadedVideoModel):
             pipeline.vae.enable_tiling()
 
     def __call__(self, params, image, generator, callback):
-        options = params.options
+        own = self.request_params(params)
         arguments = dict(
             prompt=params.prompt or "",
-            negative_prompt=options.get("negative_prompt"),
+            negative_prompt=own.negative_prompt,
             width=params.width,
             height=params.height,
             num_frames=params.num_frames,
             frame_rate=params.fps,
             num_inference_steps=params.num_inference_steps,
-            guidance_scale=options.get("guidance_scale", 3.0),
+            guidance_scale=own.guidance_scale,
             max_sequence_length=self.options.max_sequence_length,
             generator=generator,
             output_type="np",

@@ -48,7 +48,7 @@ class LoadedSvd(LoadedVideoModel):
     def __call__(self, params, image, generator, callback):
         from PIL import Image
 
-        options = params.options
+        own = self.request_params(params)
         return self.pipeline(
             image=Image.fromarray(image),
             width=params.width,
@@ -56,9 +56,9 @@ class LoadedSvd(LoadedVideoModel):
             num_frames=params.num_frames,
             num_inference_steps=params.num_inference_steps,
             fps=params.fps,
-            motion_bucket_id=options.get("motion_bucket_id", 127),
-            noise_aug_strength=options.get("noise_aug_strength", 0.02),
-            decode_chunk_size=options.get("decode_chunk_size") or self.options.decode_chunk_size,
+            motion_bucket_id=own.motion_bucket_id,
+            noise_aug_strength=own.noise_aug_strength,
+            decode_chunk_size=own.decode_chunk_size or self.options.decode_chunk_size,
             generator=generator,
             output_type="np",
             callback_on_step_end=callback,

@@ -10,7 +10,10 @@ path) and says where the weights are, its defaults and its memory options. The f
 - its frame rule (`FrameRule`: SVD 2-25 frames; LTX-Video 8k+1) and size rule (`SizeRule`): a request
   breaking either gets a 422 naming the field and the rule, never a silently rounded video;
 - its own request parameters (`Params`: SVD's motion bucket and noise augmentation, LTX's guidance
-  and negative prompt), as a pydantic model of request fields with its defaults and ranges;
+  and negative prompt), as a pydantic model with their defaults and ranges, declared only here: a
+  request's fields beyond the common ones are checked against it
+  (`serve_app.services.validation.VideoSpec`), GET /v1/models lists it (`param_schema`), and the
+  published request schema documents the built-in families' parameters from it;
 - its memory options (`Options`, validated from the entry's `options:`);
 - how to build a tiny random-weight pipeline (`build_tiny`) and how to load the real one.
 
@@ -53,6 +56,9 @@ class FrameRule:
             return f"{self.minimum}-{self.maximum} frames"
         return f"{self.step}k+1 frames between {self.minimum} and {self.maximum}"
 
+    def fewest(self) -> int:
+        return next(count for count in range(self.minimum, self.maximum + 1) if self.allows(count))
+
     def nearest(self, frames: int) -> list[int]:
         """The allowed counts either side of `frames`, for the 422's suggestion."""
         low = max(self.minimum, frames - (frames - 1) % self.step)
@@ -75,11 +81,26 @@ class SizeRule:
     def describe(self) -> str:
         return f"a multiple of {self.multiple_of} between {self.minimum} and {self.maximum}"
 
+    def smallest(self) -> int:
+        return -(-self.minimum // self.multiple_of) * self.multiple_of
+
 
 class NoParams(BaseModel):
     """A family without request parameters of its own."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _inlined(schema, definitions: dict):
+    """`schema` with each `$ref` to `definitions` replaced by the definition itself, so that one
+    parameter's schema stands alone (in GET /v1/models, or inside another model's schema)."""
+    if isinstance(schema, list):
+        return [_inlined(item, definitions) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:
+        return _inlined(definitions[schema["$ref"].rpartition("/")[2]], definitions)
+    return {key: _inlined(value, definitions) for key, value in schema.items()}
 
 
 class LoadedVideoModel:
@@ -94,8 +115,14 @@ class LoadedVideoModel:
 
     def __call__(self, params: "VideoParams", image, generator, callback) -> Any:
         """Frames as floats (F, H, W, 3) in [0, 1]. `image`: uint8 (H, W, 3) at the video's size for
-        image-to-video, None for native text-to-video. `params.options` holds the family's `Params`."""
+        image-to-video, None for native text-to-video. `params.options` holds the family's `Params`
+        (read them with `request_params`)."""
         raise NotImplementedError
+
+    def request_params(self, params: "VideoParams") -> BaseModel:
+        """The family's own parameters of this run as its `Params`, the family's defaults for any left
+        out (a warm-up call, or a handle caller, may give none)."""
+        return self.family.Params.model_validate(params.options)
 
     def info(self) -> dict:
         """What GET /v1/models shows of this replica beyond id, family, source, device and dtype."""
@@ -119,7 +146,9 @@ class VideoFamily:
     min_steps: ClassVar[int] = 1
     max_steps: ClassVar[int] = 100
     default_steps: ClassVar[int] = 25
-    # The family's own request fields (names of VideoRequest fields), with defaults and ranges.
+    # The family's own request parameters, with their defaults and ranges: the one place they are
+    # declared. A request gives them as fields of POST /v1/videos beside the common ones, checked
+    # strictly as request fields are ("5" is no int; give choices as Literal). Each needs a default.
     Params: ClassVar[type[BaseModel]] = NoParams
     # The entry's `options:` (memory options and the like).
     Options: ClassVar[type[BaseModel]] = NoOptions
@@ -175,6 +204,16 @@ class VideoFamily:
 
     def param_names(self) -> tuple[str, ...]:
         return tuple(self.Params.model_fields)
+
+    def param_defaults(self) -> dict[str, Any]:
+        return self.Params().model_dump()
+
+    def param_schema(self) -> dict[str, dict]:
+        """Each of the family's own parameters as a JSON schema: type, bounds, default, description."""
+        schema = self.Params.model_json_schema()
+        definitions = schema.get("$defs", {})
+        return {name: {key: value for key, value in _inlined(field, definitions).items() if key != "title"}
+                for name, field in schema.get("properties", {}).items()}
 
     def capabilities(self) -> dict:
         return {"image_to_video": self.image_to_video, "text_to_video": self.text_to_video,

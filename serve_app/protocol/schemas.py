@@ -7,8 +7,10 @@ control, LoRAs, budgets) are decided in `serve_app.services.validation`, in the 
 
 from __future__ import annotations
 
+import json
 import secrets
-from typing import Any, Literal
+import warnings
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -16,6 +18,7 @@ from pydantic_core import PydanticCustomError
 from deployments.config import CombinedWeights
 from deployments.names import ControlType, Quality, Style, check_lora_name
 from deployments.names import GateMetric as Metric
+from serve_app._deprecated import REMOVAL
 
 MAX_SEED = 2**32 - 1
 
@@ -407,10 +410,39 @@ class KeyframeOptions(BaseModel):
     )
 
 
-def _family_param(default=None, **kwargs):
-    """A VideoRequest field that only some video families take (their `Params`): unset by default,
-    so a request setting it for a family without it gets a 422 instead of being ignored."""
-    return Field(default, json_schema_extra={"video_family_param": True}, **kwargs)
+def _video_param_schema(declared: list[tuple[str, dict]]) -> dict:
+    """One video family parameter as VideoRequest's schema documents it, from each family declaring
+    it (family name, its JSON schema): every family's type and bounds (one branch where they agree),
+    or null (left out: the chosen model's family default); each family's default in the description."""
+    branches, notes = [], {}
+    for family, schema in declared:
+        shape = {key: value for key, value in schema.items() if key not in ("title", "description", "default")}
+        for branch in shape.get("anyOf", [shape]):
+            if branch not in branches:
+                branches.append(branch)
+        notes.setdefault(schema.get("description", ""), []).append(f"{family} (default {json.dumps(schema.get('default'))})")
+    nulls = [branch for branch in branches if branch.get("type") == "null"]
+    branches = [branch for branch in branches if branch.get("type") != "null"] + (nulls or [{"type": "null"}])
+    return {"anyOf": branches, "default": None,
+            "description": " ".join(f"{', '.join(families)}: {text}" for text, families in notes.items())}
+
+
+def video_params_schema(by_family: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """The properties VideoRequest's schema documents for the video families' own parameters, from
+    {family name: {parameter: JSON schema}} (`VideoFamily.param_schema`)."""
+    declared: dict[str, list[tuple[str, dict]]] = {}
+    for family, params in by_family.items():
+        for name, schema in params.items():
+            declared.setdefault(name, []).append((family, schema))
+    return {name: {"title": name.replace("_", " ").title(), **_video_param_schema(families)}
+            for name, families in declared.items()}
+
+
+def _document_family_params(schema: dict, model: type) -> None:
+    source = model.family_params_source
+    if source is not None:
+        for name, documented in video_params_schema(source()).items():
+            schema["properties"].setdefault(name, documented)
 
 
 class VideoRequest(BaseModel):
@@ -420,9 +452,18 @@ class VideoRequest(BaseModel):
     one (ltx), or through a keyframe an image model draws first (svd). Families that do both (ltx)
     take `image` and `prompt` together. Frame counts and sizes follow the model's family rules
     (GET /v1/models); a request breaking one gets 422 naming the field and the rule.
+
+    Each video family has parameters of its own (GET /v1/models: `params`, `param_schema`), given as
+    more fields of this body: kept as extra fields here and checked against the chosen model's family
+    (a parameter it does not take is a 422 naming it). The built-in families' are documented below.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True)  # "revise_prompt": 0 is not a bool
+    # Extra fields are the family's own parameters (`family_params`), checked by the video service.
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_document_family_params)
+    # () -> {family name: {parameter: JSON schema}}: where the published schema (OpenAPI, MCP) reads
+    # the built-in families' parameters. The layer that publishes it sets it (serve_app.api): this
+    # module is the client's too, and may not import the families (they load torch).
+    family_params_source: ClassVar[Callable[[], dict[str, dict[str, dict]]] | None] = None
 
     model: str | None = Field(None, description="Video model id (GET /v1/models video_models); default: the config's.")
     image: str | None = Field(
@@ -447,25 +488,25 @@ class VideoRequest(BaseModel):
     )
     num_inference_steps: int | None = Field(None, ge=1, le=100, description="Denoising steps; default from config.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Video seed (and the keyframe's); random if omitted.")
-    # The video families' own parameters; each family takes some (GET /v1/models: params).
-    motion_bucket_id: int | None = _family_param(ge=0, le=255, description="svd: more motion when higher (127).")
-    noise_aug_strength: float | None = _family_param(
-        ge=0, le=1, description="svd: noise added to the image; more = freer motion (0.02)."
-    )
-    decode_chunk_size: int | None = _family_param(
-        ge=1, le=25, description="svd: frames decoded at once; lower = less memory (config)."
-    )
-    guidance_scale: float | None = _family_param(ge=0, le=30, description="ltx, animatediff: classifier-free guidance.")
-    negative_prompt: str | None = _family_param(max_length=2000, description="ltx, animatediff: what the video should not show.")
     output_format: Literal["mp4", "gif", "webp"] = Field("mp4", description="H.264 MP4, or animated GIF/WebP.")
     response_format: Literal["json", "binary"] = Field(
         "json", description="json: base64 in JSON with metadata; binary: the file itself, metadata in headers."
     )
 
+    @property
+    def family_params(self) -> dict[str, Any]:
+        """The fields given beyond the common ones: the chosen model's family's own parameters."""
+        return dict(self.model_extra or {})
+
     @classmethod
     def family_param_names(cls) -> tuple[str, ...]:
-        return tuple(name for name, field in cls.model_fields.items()
-                     if (field.json_schema_extra or {}).get("video_family_param"))
+        """Deprecated: the families' parameters are no longer fields of this model; see `family_params`
+        and GET /v1/models (`params`). The names the published schema documents."""
+        warnings.warn("VideoRequest.family_param_names() is deprecated and goes after " + REMOVAL + ": a video "
+                      "family declares its own parameters (GET /v1/models: params); a request's are "
+                      "VideoRequest.family_params", DeprecationWarning, stacklevel=2)
+        source = cls.family_params_source
+        return tuple(video_params_schema(source())) if source is not None else ()
 
     @field_validator("prompt")
     @classmethod

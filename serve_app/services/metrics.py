@@ -14,6 +14,7 @@ from typing import get_args
 
 from pydantic import BaseModel
 
+from deployments.families import VIDEO_BUILTIN, get_video_family
 from serve_app.protocol.schemas import (
     ControlPreviewRequest,
     EnhanceRequest,
@@ -52,13 +53,20 @@ def _field_names(model: type[BaseModel], prefix: str = "") -> set[str]:
     return names
 
 
+def _video_family_params() -> set[str]:
+    """The built-in video families' own parameters: fields of a video request beyond its model's.
+    (A parameter of a family from elsewhere is labelled OTHER: its name is request data.)"""
+    return {name for family in VIDEO_BUILTIN for name in get_video_family(family).param_names()}
+
+
 # The only values the `field` label takes (with OTHER): metric labels must never come from request
 # data, or an unknown key creates a series per name (and a non-ASCII one made Ray's recorder raise).
+_VIDEO_FIELDS = _field_names(VideoRequest) | _video_family_params()
 KNOWN_FIELDS = frozenset(
     {"body", "cursor", "state", "limit", "idempotency-key", "job_id", "name", "kind", "request"}
-    | _field_names(ImageRequest) | _field_names(VideoRequest) | _field_names(ScoreRequest)
+    | _field_names(ImageRequest) | _VIDEO_FIELDS | _field_names(ScoreRequest)
     | _field_names(EnhanceRequest) | _field_names(ControlPreviewRequest)
-    | {f"request.{name}" for name in _field_names(ImageRequest) | _field_names(VideoRequest)}
+    | {f"request.{name}" for name in _field_names(ImageRequest) | _VIDEO_FIELDS}
 )
 
 

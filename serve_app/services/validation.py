@@ -24,7 +24,7 @@ from deployments.lora_registry import LoraNameError, LoraRegistry
 from deployments.runtime.types import HiresPass, LoraRef, PromptForm, denoising_steps
 from deployments.scoring.clip_scorer import COMBINABLE, SCORE_RANGES
 from serve_app.config import QualityPolicy, check_threshold
-from serve_app.protocol.errors import PromptBlocked, RequestError
+from serve_app.protocol.errors import PromptBlocked, RequestError, allowed_values
 from serve_app.protocol.schemas import DEFAULT_STRENGTH, ControlOptions, ImageRequest, VideoRequest
 
 
@@ -424,23 +424,28 @@ class VideoSpec:
             )
 
     def params(self, request: VideoRequest) -> dict:
-        """The family's own parameters, defaults filled in; 422 for another family's parameter."""
+        """The family's own parameters (the request's fields beyond the common ones; null is left out),
+        its defaults filled in. 422 naming a parameter the family does not take, listing those it
+        does, or one its `Params` refuses, with the family's bounds."""
         from pydantic import ValidationError
 
-        taken = self.family.param_names()
-        given = {name: getattr(request, name) for name in request.family_param_names()
-                 if getattr(request, name) is not None}
+        family, taken = self.family, self.family.param_names()
+        given = {name: value for name, value in request.family_params.items() if value is not None}
         for name in given:
             if name not in taken:
                 takes = ", ".join(taken) or "none"
-                raise RequestError(name, f"{self.id} ({self.family.name}) takes no {name}; its own parameters: {takes}",
+                raise RequestError(name, f"{self.id} ({family.name}) takes no {name}; its own parameters: {takes}",
                                    takes)
         try:
-            return self.family.Params.model_validate(given).model_dump()
+            # Strict, as the common fields are: a JSON "5" is no integer.
+            return family.Params.model_validate(given, strict=True).model_dump()
         except ValidationError as error:
             first = error.errors()[0]
-            name = ".".join(str(part) for part in first["loc"])
-            raise RequestError(name, f"{self.id} ({self.family.name}): {first['msg']}", "see GET /v1/models") from None
+            name = ".".join(str(part) for part in first["loc"]) or ", ".join(given)
+            fields = [part for part in first["loc"] if isinstance(part, str)]
+            allowed = allowed_values(family.Params, *fields) if fields else None
+            raise RequestError(name, f"{self.id} ({family.name}): {first['msg']}",
+                               allowed or "see GET /v1/models (param_schema)") from None
 
     def public(self) -> dict:
         family, entry = self.family, self.entry
@@ -450,7 +455,8 @@ class VideoSpec:
             "source": entry.source, **family.capabilities(), "default_width": width, "default_height": height,
             "default_num_frames": family.frames_default(entry), "default_fps": family.fps_default(entry),
             "default_steps": family.steps_default(entry), "min_steps": family.min_steps, "max_steps": family.max_steps,
-            "param_defaults": family.Params().model_dump(), "max_pixel_frame_steps": self.max_pixel_frame_steps,
+            "param_defaults": family.param_defaults(), "param_schema": family.param_schema(),
+            "max_pixel_frame_steps": self.max_pixel_frame_steps,
         }
 
 

@@ -2,6 +2,8 @@
 LTX-Video on tiny weights and frame interpolation, without Ray."""
 
 import asyncio
+import base64
+import io
 
 import numpy as np
 import pytest
@@ -55,6 +57,11 @@ def _plan(entry, **fields):
         (LTX, {"prompt": "a fox", "height": 80}, "height", "a multiple of 32 between 64 and 1280; got 80"),
         (LTX, {"prompt": "a fox", "motion_bucket_id": 10}, "motion_bucket_id", "takes no motion_bucket_id"),
         (LTX, {"prompt": "a fox", "guidance_scale": 0.5}, "guidance_scale", "greater than or equal to 1"),
+        # The family's own parameters are checked against its Params (tests/unit/test_video_inputs.py
+        # checked these two on VideoRequest when it declared them).
+        (SVD, {"image": "x", "motion_bucket_id": 256}, "motion_bucket_id", "less than or equal to 255"),
+        (SVD, {"image": "x", "noise_aug_strength": 1.5}, "noise_aug_strength", "less than or equal to 1"),
+        (SVD, {"image": "x", "motion_bucket_id": "5"}, "motion_bucket_id", "valid integer"),  # strict, as fields are
         (LTX, {"prompt": "a fox", "keyframe": {"style": "anime"}}, "keyframe", "natively, without a keyframe"),
     ],
 )
@@ -71,6 +78,48 @@ def test_plans_fill_defaults_and_modes():
     plan = _plan(LTX, prompt="a fox", image="x", guidance_scale=5)
     assert (plan.mode, plan.keyframe, plan.num_frames, plan.fps) == ("image-to-video", False, 9, 24)
     assert plan.params == {"guidance_scale": 5.0, "negative_prompt": None}
+
+
+def test_a_familys_parameters_are_declared_once_and_read_from_it_everywhere():
+    import serve_app.api  # noqa: F401  (the layer that publishes VideoRequest's schema documents the families')
+
+    documented = VideoRequest.model_json_schema()["properties"]
+    # ltx's and animatediff's bound, 1-20 (VideoRequest declared 0-30 for both before); null: the family's default.
+    assert documented["guidance_scale"]["anyOf"] == [{"type": "number", "minimum": 1, "maximum": 20}, {"type": "null"}]
+    assert "ltx (default 3.0), animatediff (default 7.5): Classifier-free guidance" in documented["guidance_scale"]["description"]
+    assert documented["motion_bucket_id"]["anyOf"] == [{"type": "integer", "minimum": 0, "maximum": 255}, {"type": "null"}]
+    public = VideoSpec(SVD).public()
+    assert public["param_schema"]["motion_bucket_id"] == {"type": "integer", "minimum": 0, "maximum": 255, "default": 127,
+                                                          "description": "More motion when higher."}
+    assert public["param_defaults"] == {"motion_bucket_id": 127, "noise_aug_strength": 0.02, "decode_chunk_size": None}
+    with pytest.raises(RequestError) as caught:
+        _plan(SVD, image="x", noise_aug_strength=2)
+    assert caught.value.allowed == "0-1"  # the family's bounds, from its Params
+    assert _plan(SVD, image="x", motion_bucket_id=None).params["motion_bucket_id"] == 127  # null: the default
+
+
+def test_a_parameter_of_a_nested_type_is_listed_and_documented_whole():
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from deployments.families.ltx import LtxFamily
+    from serve_app.protocol.schemas import video_params_schema
+
+    class Point(BaseModel):
+        x: float = Field(ge=0, le=1)
+        y: float = Field(ge=0, le=1)
+
+    class PathParams(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        origin: Point | None = Field(None, description="Where the camera starts.")
+
+    class PathFamily(LtxFamily):
+        name = "path"
+        Params = PathParams
+
+    schema = PathFamily().param_schema()["origin"]
+    assert schema["anyOf"][0]["properties"]["x"] == {"type": "number", "minimum": 0, "maximum": 1, "title": "X"}
+    documented = video_params_schema({"path": PathFamily().param_schema()})["origin"]
+    assert "$ref" not in str(documented) and documented["description"] == "path (default null): Where the camera starts."
 
 
 def test_video_models_config():
@@ -237,3 +286,75 @@ def test_the_frames_a_video_request_is_charged_are_its_own_or_its_models_default
     with pytest.raises(RequestError) as caught:
         service.frames({"model": "ltx-video", "prompt": "a fox", "num_frames": 12})
     assert caught.value.field == "num_frames"
+
+
+def test_a_video_replica_makes_one_tiny_warm_up_call_before_it_is_ready_unless_switched_off(monkeypatch):
+    cls = VideoGenerator.func_or_class
+    frames, calls = cls._frames, []
+
+    def recording(self, params, image, monitor):
+        calls.append((params.width, params.height, params.num_frames, params.num_inference_steps,
+                      None if image is None else image.shape))
+        if image is None:
+            return frames(self, params, image, monitor)
+        # Tiny SVD's first call takes 10-20 s on 2 shared cores: its call is checked up to the model.
+        return np.zeros((params.num_frames, params.height, params.width, 3), np.uint8)
+
+    monkeypatch.setattr(cls, "_frames", recording)
+    ltx, svd = cls(LTX, metrics=False), cls(SVD, metrics=False)
+    assert calls == [(64, 64, 9, 1, None), (256, 256, 2, 1, (256, 256, 3))], "smallest size, fewest frames and steps"
+    info = ltx.info()
+    assert info["warmup_shapes"] == [{"width": 64, "height": 64, "num_frames": 9, "steps": 1}]
+    assert info["cold_start"]["load_s"] > 0 and info["cold_start"]["warmup_s"] > 0
+    assert ltx._metrics._cold_start_s >= info["cold_start"]["load_s"]  # the gauge each health check records again
+    assert svd.info()["options"]["decode_chunk_size"] == 8
+    calls.clear()
+    cold = cls(VideoModelConfig(**{**LTX.model_dump(), "warmup": {"default_shape": False}}), metrics=False)
+    assert cold.info()["warmup_shapes"] == [] and calls == []
+
+
+TOY = VideoModelConfig(id="toy-video", family="tests.toy_video_family:FAMILY", source="tiny", default_width=96,
+                       default_height=64, default_num_frames=9, default_steps=1, warmup={"default_shape": False})
+
+
+def _gif_frames(body: dict) -> list[np.ndarray]:
+    from PIL import ImageSequence
+
+    with Image.open(io.BytesIO(base64.b64decode(body["b64_video"]))) as gif:
+        return [np.asarray(frame.convert("RGB"), dtype=float) for frame in ImageSequence.Iterator(gif)]
+
+
+def test_a_video_family_from_the_test_folder_brings_its_own_parameter_with_no_product_change():
+    """tests/toy_video_family.py, named by import path, declares `fade` in its Params alone: POST
+    /v1/videos takes it, checks it against the family's bounds, and the family's model applies it."""
+    from fastapi.testclient import TestClient
+
+    from serve_app.api.app import build_api
+    from tests.fakes import FakeGenerator, fake_services
+    from tests.helpers import LOOPBACK, app_settings
+
+    settings = app_settings(video_models=[TOY.model_dump()], max_input_pixels=512 * 512)
+    images = FakeGenerator()
+    images.info = lambda: {"source": "fake"}  # GET /v1/models asks every model deployment
+    app = build_api()
+    app.state.services = fake_services(settings, generator=images,
+                                       video_generators={TOY.id: VideoGenerator.func_or_class(TOY, metrics=False)})
+    client = TestClient(app, client=LOOPBACK)
+    [listed] = client.get("/v1/models").json()["video_models"]
+    assert listed["params"] == ["guidance_scale", "negative_prompt", "fade"]
+    assert listed["param_schema"]["fade"]["maximum"] == 1 and listed["param_defaults"]["fade"] == 0.0
+    body = {"prompt": "a lantern", "seed": 4, "output_format": "gif"}
+    plain, faded = client.post("/v1/videos", json=body), client.post("/v1/videos", json={**body, "fade": 1.0})
+    assert plain.status_code == faded.status_code == 200, faded.text
+    assert faded.json()["params"] == {"guidance_scale": 3.0, "negative_prompt": None, "fade": 1.0}
+    plain_frames, faded_frames = _gif_frames(plain.json()), _gif_frames(faded.json())
+    assert np.abs(plain_frames[0] - faded_frames[0]).mean() < 2, "the first frame is not faded"
+    assert faded_frames[-1].max() < 4 < plain_frames[-1].mean(), "the last frame is black"
+    refused = client.post("/v1/videos", json={**body, "fade": 1.5})
+    assert refused.status_code == 422
+    [error] = refused.json()["detail"]
+    assert error["loc"] == ["body", "fade"] and "less than or equal to 1" in error["msg"] and error["allowed"] == "0-1"
+    unknown = client.post("/v1/videos", json={**body, "motion_bucket_id": 3})
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["msg"] == (
+        "motion_bucket_id: toy-video (toy-video) takes no motion_bucket_id; its own parameters: guidance_scale, "
+        "negative_prompt, fade")
