@@ -1,25 +1,31 @@
-"""The Ingress deployment: the HTTP app (`serve_app.api.app`, one router per resource) and the
-Python handle API, over the same services.
+"""The Ingress deployment: the HTTP app (`serve_app.api.app`, every front end's routes) and the
+Python handle API, over the same services (`serve_app.services.facade.Services`, built once from
+the settings).
 
-Routes (OpenAPI at /docs):
+Routes (OpenAPI at /openapi.json, Swagger UI at /docs):
 - POST /v1/images   generate, score and regenerate; JSON in, JSON with base64 PNGs out
 - POST /v1/prompts/enhance  the enhance step alone (LLM or template), with prompt advice
-- POST /v1/videos   image-to-video, or text-to-video through a keyframe; MP4/GIF/WebP, JSON or binary
+- POST /v1/videos   text- or image-to-video with any configured video model; MP4/GIF/WebP, JSON or binary
 - POST /v1/scores   score uploaded images against a prompt (every CLIP, LAION, aspect and perceptual score)
-- GET  /v1/models   the deployed models with their limits and defaults, and the default model
+- GET  /v1/models   the deployed image and video models with their limits and defaults; /v1/models/{model} one
 - GET  /v1/loras    the LoRA adapters requests may name, by model family
 - GET  /v1/controls  the ControlNet control types, their parameters and the models that take them
 - POST /v1/controls/preview  the control map (canny edges, depth) a request's `control` would use
+- /v1/jobs          durable async jobs: submit (202), list, status, delete, events (SSE), cancel, result, files
+- GET  /v1/admin/usage  each configured key and what it uses now against its limits (admin scope)
+- POST /v1/images/generations, /v1/images/edits  the OpenAI Images API (serve_app.api.openai)
+- POST/GET /mcp     MCP tools over streamable HTTP (serve_app.api.mcp)
+- POST /a2a, GET /.well-known/agent-card.json  the A2A agent and its card (serve_app.api.a2a)
+- GET  /ui/         the browser console (static files)
 - GET  /livez       liveness: the ingress answers (no downstream call)
 - GET  /readyz      readiness: every deployment has a healthy running replica (Serve controller, cached)
 - GET  /healthz     each downstream deployment's info; 503 naming the one that did not answer
-- /v1/jobs          durable async jobs: submit (202), status, list, events (SSE), cancel, result, files
 
 Bodies over `max_body_bytes` get 413 before they are parsed (serve_app.api.body_limit).
 
 Python: `serve.get_app_handle("genserve").generate_images.remote(ImageRequest(...))`,
 `.generate_video.remote(VideoRequest(...))`, `.enhance_prompt.remote(EnhanceRequest(...))` and
-`.score_images.remote(ScoreRequest(...))`.
+`.score_images.remote(ScoreRequest(...))`, with the types from `serve_app.types`.
 """
 
 import contextlib
@@ -80,7 +86,7 @@ class Ingress:
     async def generate_images(self, request: ImageRequest | dict) -> ImageResponse:
         """The Python API: the same request model and response as POST /v1/images.
 
-        Raises `pydantic.ValidationError` or `serve_app.services.validation.RequestError` (a
+        Raises `pydantic.ValidationError` or `serve_app.types.RequestError` (a
         `ValueError`) for bad input, naming the field.
         """
         with self._handle_call("handle:generate_images"):
