@@ -7,9 +7,9 @@ import time
 import pytest
 
 from serve_app.jobs.sqlite_store import SqliteJobStore
-from tests.helpers import wait_until
+from tests.helpers import image_b64, wait_until
 from tests.integration.apps import dev_args, running_app
-from tests.integration.jobs import FINISHED, in_stage, job, png_b64, submit, wait_for
+from tests.integration.jobs import FINISHED, in_stage, job, submit, wait_for
 
 pytestmark = pytest.mark.integration
 TTL_S = 8.0
@@ -28,8 +28,8 @@ def restart(tmp_path_factory):
         model["deployment"]["graceful_shutdown_timeout_s"] = 1
     with running_app(args) as client:
         # One video slot: the long one runs, two wait.
-        long = submit(client, "video", {"image": png_b64(), "num_frames": 3, "num_inference_steps": 40, "seed": 1})
-        waiting = [submit(client, "video", {"image": png_b64((20, 20, 200)), "num_frames": 2,
+        long = submit(client, "video", {"image": image_b64(), "num_frames": 3, "num_inference_steps": 40, "seed": 1})
+        waiting = [submit(client, "video", {"image": image_b64(color=(20, 20, 200)), "num_frames": 2,
                                             "num_inference_steps": 3, "seed": seed}) for seed in (2, 3)]
         wait_for(client, long["id"], in_stage("video", min_step=1), what="the long video denoising")
     ids = [long["id"]] + [j["id"] for j in waiting]

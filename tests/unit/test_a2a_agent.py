@@ -26,7 +26,7 @@ from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from serve_app.services.scores import ScoreService
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import model_spec, wait_until_async
+from tests.helpers import image_bytes, model_spec, wait_until_async
 from tests.unit.test_job_dispatch import ControlledGenerator
 
 
@@ -213,12 +213,11 @@ def test_bad_arguments_are_a2a_errors_naming_the_field_and_nothing_runs(store, m
 
 
 def test_score_image_answers_with_a_message_of_scores(store):
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, format="PNG")
 
     async def scenario(agent):
         client = await agent.client()
-        return await _final_task(client, _message("grey", {"skill": "score-image"}, raw=buffer.getvalue()))
+        grey = image_bytes(size=(64, 64), color=(128, 128, 128))
+        return await _final_task(client, _message("grey", {"skill": "score-image"}, raw=grey))
 
     answer = _run(store, scenario)
     assert isinstance(answer, pb.Message) and answer.role == pb.ROLE_AGENT

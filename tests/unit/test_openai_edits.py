@@ -19,16 +19,9 @@ from serve_app.services.facade import Services
 from serve_app.services.images import ImageService
 from serve_app.services.local import LocalHandle
 from tests.fakes import FakeEnhancer, FakeGenerator, FakeScorer
-from tests.helpers import LOOPBACK, model_spec
+from tests.helpers import LOOPBACK, image_bytes, model_spec
 
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-PHOTO = png(Image.linear_gradient("L").convert("RGB"))  # 256x256
+PHOTO = image_bytes(Image.linear_gradient("L").convert("RGB"))  # 256x256
 
 
 def centre_mask(mode: str) -> bytes:
@@ -39,7 +32,7 @@ def centre_mask(mode: str) -> bytes:
     else:
         mask = Image.new("L", (256, 256), 0)
         mask.paste(255, (64, 64, 192, 192))
-    return png(mask)
+    return image_bytes(mask)
 
 
 @pytest.fixture
@@ -101,9 +94,9 @@ def test_both_mask_conventions_mark_the_same_pixels(mode):
 def test_an_image_with_a_transparent_hole_and_no_mask_is_its_own_mask():
     image = Image.new("RGBA", (256, 256), (10, 20, 30, 255))
     image.paste((0, 0, 0, 0), (0, 0, 32, 32))
-    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(edit_files(png(image), None, 10**8)["mask"]))))
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(edit_files(image_bytes(image), None, 10**8)["mask"]))))
     assert mask[:32, :32].min() == 255 and mask[32:, :].max() == 0
-    opaque = png(Image.new("RGBA", (256, 256), (10, 20, 30, 255)))
+    opaque = image_bytes(Image.new("RGBA", (256, 256), (10, 20, 30, 255)))
     assert "mask" not in edit_files(opaque, None, 10**8), "an opaque image edits the whole picture"
 
 
@@ -123,7 +116,8 @@ def _edit(client, files=None, **data):
 @pytest.mark.parametrize("files, data, param, words", [
     ({}, {}, "image", "Field required"),
     ({"image": ("a.txt", b"not an image", "text/plain")}, {}, "image", "not a readable PNG"),
-    ({"image": ("photo.png", PHOTO, "image/png"), "mask": ("m.png", png(Image.new("L", (64, 64))), "image/png")},
+    ({"image": ("photo.png", PHOTO, "image/png"),
+      "mask": ("m.png", image_bytes(Image.new("L", (64, 64))), "image/png")},
      {}, "mask", "is 64x64 but init_image is 256x256"),
     (None, {"n": "9"}, "n", "allowed: 1-4"),
     (None, {"size": "250x256"}, "size", "multiple of 16"),
