@@ -1,10 +1,7 @@
-"""Reference pictures for the ControlNet tests: a drawn rectangle, its base64, and where edges should be."""
+"""Reference pictures for the ControlNet tests: a drawn rectangle and where edges should be."""
 
-import base64
-import io
 
 import numpy as np
-from PIL import Image
 
 # The rectangle drawn on every reference picture: columns 80..175, rows 64..191 (inclusive).
 TOP, BOTTOM, LEFT, RIGHT = 64, 191, 80, 175
@@ -22,12 +19,6 @@ def edge_map(width: int = 256, height: int = 256) -> np.ndarray:
     image[[TOP, BOTTOM], LEFT:RIGHT + 1] = 255
     image[TOP:BOTTOM + 1, [LEFT, RIGHT]] = 255
     return image
-
-
-def b64(image: np.ndarray, format: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format=format)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def on_border(mask: np.ndarray, tolerance: int = 1) -> tuple[float, float]:

@@ -1,7 +1,11 @@
+import base64
+import io
 import socket
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
+
+from PIL import Image
 
 from serve_app.config import generator_name
 
@@ -28,6 +32,24 @@ def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float =
             last_error = error
         time.sleep(interval_s)
     raise TimeoutError(f"{what} not met within {timeout_s}s (last result: {result!r}, last error: {last_error!r})")
+
+
+def image_bytes(image=None, fmt: str = "PNG", *, size: tuple[int, int] = (320, 240),
+                color: tuple[int, int, int] = (200, 80, 20), **save) -> bytes:
+    """`image` (a PIL image or a uint8 array; by default a `size` image of one `color`) encoded as
+    `fmt`, PNG unless told, as a client uploads it; `save` goes to PIL (an `exif=`, say)."""
+    if image is None:
+        image = Image.new("RGB", size, color)
+    elif not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def image_b64(image=None, fmt: str = "PNG", **options) -> str:
+    """`image_bytes` in base64, as the JSON bodies carry uploads."""
+    return base64.b64encode(image_bytes(image, fmt, **options)).decode("ascii")
 
 
 def tiny_args(config: Path, **deployments: dict) -> dict:

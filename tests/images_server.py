@@ -8,26 +8,17 @@ Authorization header) is kept in `requests`.
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 
 import uvicorn
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, image_b64, wait_until
 
 REMOTE_GREY = 200  # the stand-in's pixels, so tests can tell its images from the local model's
-
-
-def png_b64(width: int, height: int, grey: int = REMOTE_GREY) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (grey, grey, grey)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 class FakeImagesServer:
@@ -49,7 +40,8 @@ class FakeImagesServer:
             return JSONResponse({"error": {"message": "the remote model crashed", "type": "server_error"}},
                                 status_code=500)
         width, height = (int(part) for part in body.get("size", "256x256").split("x"))
-        data = [{"b64_json": png_b64(width, height), "revised_prompt": f"{body['prompt']}, as drawn remotely"}
+        image = image_b64(size=(width, height), color=(REMOTE_GREY,) * 3)
+        data = [{"b64_json": image, "revised_prompt": f"{body['prompt']}, as drawn remotely"}
                 for _ in range(body.get("n", 1))]
         return JSONResponse({"created": 1, "data": data})
 

@@ -4,9 +4,10 @@ the shared app running across modules.
 - `ray_and_serve(...)`: a fresh local Ray (or one joined by address) with Serve's proxy on a free
   loopback port; every integration test that needs Ray starts it here.
 - `running_app(args)`: the genserve app built from `args` on its own Ray, for modules whose config
-  cannot be shared (a restart, a different store, the metrics exporter).
-- `shared_app(name)`: the app of a named shared config, started on first use and kept until a test
-  needs another app (`conftest.py` orders tests so each shared app starts once per session).
+  cannot be shared (an app-wide setting the shared app's tests rely on: the LLM enhancer, models
+  loaded from folders, no video model).
+- `POOL.get(name, make)`: the app of a named shared config, started on first use and kept until a
+  test needs another app (`conftest.py` orders tests so each shared app starts once per session).
 """
 
 import contextlib
@@ -92,6 +93,11 @@ class AppPool:
                 raise
             self._name, self._stack = name, stack
         return self._app
+
+    def retire(self) -> None:
+        """A test is replacing the running app (test_jobs_restart): the next `get` starts its app
+        afresh, stopping this one's Ray then."""
+        self._name, self._app = None, None
 
     def stop(self) -> None:
         stack, self._stack, self._name, self._app = self._stack, None, None, None

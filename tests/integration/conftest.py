@@ -3,13 +3,16 @@
 `dev_app` is configs/dev.yaml plus what the modules sharing it need, all at once: the tiny models
 of dev.yaml with video, a tiny SDXL-Turbo, FLUX.1-dev and a toy family named by import path (the
 registry's proof that a family needs no product change), test LoRAs, and tight upload and body
-limits that the bad-input tests probe.
+limits that the bad-input tests probe. Its Ray exports metrics to a known port and runs the
+dashboard, which writes the Prometheus service-discovery file (tests/integration/test_metrics.py).
 """
 
 import contextlib
+import tempfile
 
 import pytest
 
+from tests.helpers import free_port
 from tests.integration.apps import POOL, dev_args, running_app
 
 # Uploads over this many pixels get 422 (the bad-input tests send 320x320 or 400x400).
@@ -61,14 +64,22 @@ def _start_dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
     # Two video jobs at once (the default adds up both video models' capacities, 4): the cancel test
     # fills the default video model's replica and needs the third job to wait in the job queue.
     args["jobs"]["max_concurrent_jobs"] = {"video": 2}
-    client = stack.enter_context(running_app(args))
-    return {"client": client, "data_dir": data_dir, "args": args, "remote": remote}
+    # Ray's own temp dir (the service-discovery file is there, not in another cluster's /tmp/ray);
+    # short, as it holds unix sockets.
+    ray_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ray", dir="/tmp", ignore_cleanup_errors=True))
+    metrics_port = free_port()
+    client = stack.enter_context(running_app(args, include_dashboard=True, dashboard_host="127.0.0.1",
+                                             dashboard_port=free_port(), _metrics_export_port=metrics_port,
+                                             _temp_dir=ray_dir))
+    return {"client": client, "data_dir": data_dir, "args": args, "remote": remote, "ray_dir": ray_dir,
+            "metrics_port": metrics_port}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def dev_app(tmp_path_factory) -> dict:
-    """The shared dev app: {client, data_dir, args, remote: the fallback's stand-in}. Started on first use,
-    kept for the next module."""
+    """The shared dev app: {client, data_dir, args, remote: the fallback's stand-in, ray_dir: Ray's
+    temp dir, metrics_port: where Ray exports metrics}. Started on first use, kept for the next
+    module. Module-scoped, so module fixtures (Prometheus scraping it) can use it too."""
     return POOL.get("dev", lambda stack: _start_dev_app(stack, tmp_path_factory))
 
 
@@ -129,12 +140,16 @@ def _stop_shared_apps():
 
 def pytest_collection_modifyitems(items):
     """Unit tests first, then every test of each shared app (dev, then keys), then modules that
-    start their own Ray."""
-    def rank(item) -> int:
+    start their own Ray. On the dev app, a module may ask for its turn with `DEV_APP_TURN`: "first"
+    (test_metrics counts what the app recorded since it started), or "last" (test_jobs_restart
+    replaces the app)."""
+    turns = {"first": 0, None: 1, "last": 2}
+
+    def rank(item) -> tuple[int, int]:
         if "integration" not in item.nodeid.split("::")[0]:
-            return 0
+            return 0, 0
         if "dev_app" in item.fixturenames:
-            return 1
-        return 2 if "keys_app" in item.fixturenames else 3
+            return 1, turns[getattr(item.module, "DEV_APP_TURN", None)]
+        return (2, 0) if "keys_app" in item.fixturenames else (3, 0)
 
     items.sort(key=rank)  # stable: the order within each group stays as collected

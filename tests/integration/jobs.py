@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import httpx
-from PIL import Image
 
 from tests.helpers import wait_until
 
 FINISHED = ("succeeded", "failed", "cancelled")
-
-
-def png_b64(color=(200, 80, 20), size=(320, 240)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def submit(client: httpx.Client, kind: str, request: dict, **headers) -> dict:

@@ -3,7 +3,6 @@ a streamed image task with progress and a PNG artifact, GetTask and CancelTask o
 video with an MP4 artifact, and bad arguments answered with A2A's error naming the field."""
 
 import asyncio
-import io
 import re
 import uuid
 from pathlib import Path
@@ -17,7 +16,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from google.protobuf.struct_pb2 import Value
 from PIL import Image
 
-from tests.helpers import wait_until_async
+from tests.helpers import image_bytes, wait_until_async
 
 pytestmark = pytest.mark.integration
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -131,8 +130,6 @@ def test_text_to_video_ends_with_an_mp4_artifact(base):
 
 
 def test_bad_arguments_are_invalid_params_naming_the_field_and_the_client_goes_on(base):
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (90, 90, 90)).save(buffer, format="PNG")
 
     async def run():
         client = await _client(base, streaming=True)
@@ -143,8 +140,8 @@ def test_bad_arguments_are_invalid_params_naming_the_field_and_the_client_goes_o
                 await _stream(client, _message("a fox", data))
             errors.append(raised.value.data["errors"][0]["field"])
         score = pb.Message(message_id=str(uuid.uuid4()), role=pb.ROLE_USER, parts=[
-            pb.Part(text="grey"), pb.Part(raw=buffer.getvalue(), media_type="image/png"), _message(
-                data={"skill": "score-image"}).parts[0]])
+            pb.Part(text="grey"), pb.Part(raw=image_bytes(size=(64, 64), color=(90, 90, 90)), media_type="image/png"),
+            _message(data={"skill": "score-image"}).parts[0]])
         return errors, await _stream(client, score)
 
     errors, scored = asyncio.run(run())

@@ -14,15 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import image_b64
 from tests.integration.jobs import submit, wait_finished
 
 pytestmark = pytest.mark.integration
-
-
-def b64(array: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def gradient(size: int = 256) -> np.ndarray:
@@ -70,13 +65,13 @@ def test_one_step_of_image_to_image_stays_at_the_vae_round_trip_and_full_strengt
     client, source = dev_app["client"], gradient()
     flipped = np.ascontiguousarray(source[::-1, ::-1])
     # flux-dev schedules 50 steps; strength 0.02 runs int(50 x 0.02) = 1 of them, from sigma 0.02.
-    gentle = post(client, model="flux-dev", seed=5, init_image=b64(source), strength=0.02, num_inference_steps=50)
+    gentle = post(client, model="flux-dev", seed=5, init_image=image_b64(source), strength=0.02, num_inference_steps=50)
     assert (gentle["mode"], gentle["strength"]) == ("image-to-image", 0.02)
     reference = vae_round_trip(dev_app["args"], "flux-dev", source, seed=5)
     distance = np.abs(pixels(gentle["images"][0]) - reference).mean() / 255
     # Measured 0.003 (mean of 0-1 pixels); the round trip is 0.26 from the input itself.
     assert distance < 0.01, distance
-    full = [post(client, model="flux-dev", seed=5, init_image=b64(image), strength=1.0, num_inference_steps=4)
+    full = [post(client, model="flux-dev", seed=5, init_image=image_b64(image), strength=1.0, num_inference_steps=4)
             for image in (source, flipped)]
     assert np.abs(pixels(full[0]["images"][0]) - reference).mean() / 255 > 0.05
     # At strength 1 the image is all noise before the first step: which image was sent no longer matters.
@@ -87,7 +82,7 @@ def test_inpainting_keeps_every_unmasked_pixel_and_the_same_seed_gives_the_same_
     client, source = dev_app["client"], gradient()
     mask = np.zeros((256, 256, 3), np.uint8)
     mask[64:192, 96:160] = 255
-    body = dict(init_image=b64(source), mask=b64(mask), strength=1.0, seed=11, mask_blur=6)
+    body = dict(init_image=image_b64(source), mask=image_b64(mask), strength=1.0, seed=11, mask_blur=6)
     first, again = post(client, **body), post(client, **body)
     assert first["mode"] == "inpainting" and first["images"][0]["b64_png"] == again["images"][0]["b64_png"]
     image, keep = pixels(first["images"][0]), mask[:, :, 0] == 0
@@ -113,8 +108,8 @@ def test_hires_doubles_the_size_and_reports_the_second_pass(dev_app):
 def test_sdxl_image_to_image_with_a_controlnet_and_a_lora(dev_app):
     from tests.control_images import edge_map
 
-    body = post(dev_app["client"], model="sdxl", seed=2, guidance_scale=0, init_image=b64(gradient()), strength=0.5,
-                control={"type": "canny", "image": b64(edge_map()), "preprocess": False},
+    body = post(dev_app["client"], model="sdxl", seed=2, guidance_scale=0, init_image=image_b64(gradient()),
+                strength=0.5, control={"type": "canny", "image": image_b64(edge_map()), "preprocess": False},
                 loras=[{"name": "xl_style", "scale": 0.8}])
     assert (body["mode"], body["loras"]) == ("image-to-image", [{"name": "xl_style", "scale": 0.8}])
     assert meta(body["images"][0])["control"]["type"] == "canny"
@@ -123,7 +118,7 @@ def test_sdxl_image_to_image_with_a_controlnet_and_a_lora(dev_app):
 def test_an_image_to_image_job_runs_through_the_job_store(dev_app):
     client = dev_app["client"]
     job = submit(client, "image", {"prompt": "a lighthouse", "enhance": False, "seed": 3,
-                                   "init_image": b64(gradient()), "strength": 0.5})
+                                   "init_image": image_b64(gradient()), "strength": 0.5})
     status = wait_finished(client, job["id"])
     assert status["state"] == "succeeded", status
     result = client.get(f"/v1/jobs/{job['id']}/result").json()
@@ -144,7 +139,7 @@ def test_an_image_to_image_job_runs_through_the_job_store(dev_app):
     ],
 )
 def test_bad_edit_requests_get_422_naming_the_field(dev_app, fields, loc, words):
-    images = {"GRADIENT": b64(gradient()), "SMALL": b64(gradient(128)), "HUGE": b64(gradient(320))}
+    images = {"GRADIENT": image_b64(gradient()), "SMALL": image_b64(gradient(128)), "HUGE": image_b64(gradient(320))}
     fields = {key: images.get(value, value) if isinstance(value, str) else value for key, value in fields.items()}
     response = dev_app["client"].post("/v1/images", json={"prompt": "a fox", **fields})
     assert response.status_code == 422, response.text

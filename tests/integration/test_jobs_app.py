@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from serve_app.services.media import read_png_meta
-from tests.helpers import wait_until
+from tests.helpers import image_b64, wait_until
 from tests.integration.apps import ROOT
 from tests.integration.conftest import SHARED_MAX_BODY
-from tests.integration.jobs import events, in_stage, job, png_b64, submit, wait_finished, wait_for
+from tests.integration.jobs import events, in_stage, job, submit, wait_finished, wait_for
 
 pytestmark = pytest.mark.integration
 MAX_BODY = SHARED_MAX_BODY
@@ -159,7 +159,7 @@ def test_unknown_jobs_are_404_and_unfinished_results_409(client):
                          ("POST", "/v1/jobs/nope/cancel"), ("GET", "/v1/jobs/nope/files/image-0.png")]:
         response = client.request(method, path)
         assert response.status_code == 404, (path, response.text)
-    accepted = submit(client, "video", {"image": png_b64(), "num_frames": 2, "num_inference_steps": 12})
+    accepted = submit(client, "video", {"image": image_b64(), "num_frames": 2, "num_inference_steps": 12})
     early = client.get(f"/v1/jobs/{accepted['id']}/result")
     assert early.status_code == 409 and "a result exists once it has succeeded" in early.json()["detail"]
     assert client.get(f"/v1/jobs/{accepted['id']}/files/../../jobs.sqlite3").status_code == 404
@@ -206,10 +206,11 @@ def test_list_filters_by_state_and_pages(client):
 def test_cancel_queued_and_running_jobs_touches_no_other_job(client):
     """Video slots are 2 in the shared app (jobs.max_concurrent_jobs.video; SvdGenerator takes 2): a long
     video runs, a short one waits for the replica, a third waits in the job queue."""
-    long = submit(client, "video", {"image": png_b64(), "num_frames": 3, "num_inference_steps": 100})["id"]
+    long = submit(client, "video", {"image": image_b64(), "num_frames": 3, "num_inference_steps": 100})["id"]
     wait_for(client, long, in_stage("video", min_step=2), what="the long video denoising")
-    short = submit(client, "video", {"image": png_b64((10, 120, 240)), "num_frames": 2, "num_inference_steps": 3})["id"]
-    queued = submit(client, "video", {"image": png_b64(), "num_frames": 2, "num_inference_steps": 3})["id"]
+    short = submit(client, "video", {"image": image_b64(color=(10, 120, 240)), "num_frames": 2,
+                                     "num_inference_steps": 3})["id"]
+    queued = submit(client, "video", {"image": image_b64(), "num_frames": 2, "num_inference_steps": 3})["id"]
     assert job(client, queued)["state"] == "queued" and job(client, queued)["queue_position"] == 1
 
     response = client.post(f"/v1/jobs/{queued}/cancel")
@@ -234,7 +235,7 @@ def test_cancel_queued_and_running_jobs_touches_no_other_job(client):
 def test_killing_the_model_replica_mid_job_retries_it_with_exactly_one_result(app, client):
     import ray
 
-    accepted = submit(client, "video", {"image": png_b64(), "num_frames": 3, "num_inference_steps": 30, "seed": 3})
+    accepted = submit(client, "video", {"image": image_b64(), "num_frames": 3, "num_inference_steps": 30, "seed": 3})
     wait_for(client, accepted["id"], in_stage("video", min_step=1), what="the video denoising")
     [replica] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#SvdGenerator#" in a["name"]]
     killed_at = time.monotonic()

@@ -1,63 +1,96 @@
 """Shut the whole app down with jobs running and queued, start it again on the same store: every
 job finishes, once, and the shutdown spent no attempt. Then the TTL: finished jobs and their files
-are deleted."""
+are deleted.
+
+The app shut down is the shared dev app (last of its tests: it does not come back), on the Ray and
+Serve it ran on; the one started again is the dev profile on its store."""
 
 import time
 
 import pytest
 
+from serve_app import APP_NAME
 from serve_app.jobs.sqlite_store import SqliteJobStore
-from tests.helpers import wait_until
-from tests.integration.apps import dev_args, running_app
-from tests.integration.jobs import FINISHED, in_stage, job, png_b64, submit, wait_for
+from tests.helpers import image_b64, wait_until
+from tests.integration.apps import POOL, dev_args
+from tests.integration.jobs import FINISHED, in_stage, job, submit, wait_for
 
 pytestmark = pytest.mark.integration
+DEV_APP_TURN = "last"
 TTL_S = 8.0
 
 
-@pytest.fixture(scope="module")
-def restart(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("jobs")
+def _shut_down_and_read(data_dir, ids: list[str]) -> dict:
+    """Delete the app (each replica drains within its graceful_shutdown_timeout_s; the job runner
+    puts its running jobs back), then read the jobs from its store."""
+    from ray import serve
+
+    POOL.retire()  # whatever happens next, the shared app is gone
+    serve.delete(APP_NAME)
+    store = SqliteJobStore(data_dir)
+    at_shutdown = {job_id: store.get(job_id) for job_id in ids}
+    store.close()
+    return at_shutdown
+
+
+def _restart_args(data_dir) -> dict:
     args = dev_args()
     args["jobs"]["data_dir"] = str(data_dir)
     args["jobs"]["max_concurrent_jobs"] = {"image": 1, "video": 1}
     args["jobs"]["progress_interval_s"] = 0
-    # A shutdown that does not wait for the video to end; the runner has the time to put it back.
+    # A shutdown (the session's end) that does not wait for a video to end; the runner has the time
+    # to put it back.
     args["deployments"].setdefault("JobRunner", {})["graceful_shutdown_timeout_s"] = 30
     for model in args["video_models"]:
         model["deployment"]["graceful_shutdown_timeout_s"] = 1
-    with running_app(args) as client:
-        # One video slot: the long one runs, two wait.
-        long = submit(client, "video", {"image": png_b64(), "num_frames": 3, "num_inference_steps": 40, "seed": 1})
-        waiting = [submit(client, "video", {"image": png_b64((20, 20, 200)), "num_frames": 2,
-                                            "num_inference_steps": 3, "seed": seed}) for seed in (2, 3)]
-        wait_for(client, long["id"], in_stage("video", min_step=1), what="the long video denoising")
-    ids = [long["id"]] + [j["id"] for j in waiting]
-
-    store = SqliteJobStore(data_dir)
-    at_shutdown = {job_id: store.get(job_id) for job_id in ids}
-    store.close()
-
     args["jobs"]["ttl_s"] = TTL_S
     args["jobs"]["sweep_interval_s"] = 0.5
+    return args
+
+
+def _results_once_finished(client, ids: list[str]) -> dict:
+    """job id -> (status, result status code, file response), each read as its job finishes."""
+    results = {}
+
+    def all_finished_with_results():
+        for job_id in ids:
+            if job_id not in results:
+                status = job(client, job_id)
+                if status["state"] in FINISHED:  # read the result at once: it expires TTL_S later
+                    result = client.get(f"/v1/jobs/{job_id}/result")
+                    file = client.get(result.json()["url"]) if result.status_code == 200 else None
+                    results[job_id] = (status, result.status_code, file)
+        return len(results) == len(ids)
+
+    wait_until(all_finished_with_results, timeout_s=240, interval_s=0.1, what="every job finishing")
+    return results
+
+
+@pytest.fixture(scope="module")
+def restart(dev_app):
+    from ray import serve
+
+    from serve_app.builder import build_app
+
+    client, data_dir = dev_app["client"], dev_app["data_dir"]
+    # The shared app runs two videos at once (jobs.max_concurrent_jobs): the long one runs, a second
+    # as long takes the other slot (or waits ahead of the others), two wait.
+    long, _second = (submit(client, "video", {"image": image_b64(), "num_frames": 3, "num_inference_steps": 40,
+                                              "seed": seed}) for seed in (1, 4))
+    waiting = [submit(client, "video", {"image": image_b64(color=(20, 20, 200)), "num_frames": 2,
+                                        "num_inference_steps": 3, "seed": seed}) for seed in (2, 3)]
+    wait_for(client, long["id"], in_stage("video", min_step=1), what="the long video denoising")
+    ids = [long["id"]] + [j["id"] for j in waiting]
+    stopping = time.monotonic()
+    at_shutdown = _shut_down_and_read(data_dir, ids)
+
     started = time.monotonic()
-    with running_app(args) as client:
-        ready = time.monotonic()
-        results = {}
-
-        def all_finished_with_results():
-            for job_id in ids:
-                if job_id not in results:
-                    status = job(client, job_id)
-                    if status["state"] in FINISHED:  # read the result at once: it expires TTL_S later
-                        result = client.get(f"/v1/jobs/{job_id}/result")
-                        file = client.get(result.json()["url"]) if result.status_code == 200 else None
-                        results[job_id] = (status, result.status_code, file)
-            return len(results) == len(ids)
-
-        wait_until(all_finished_with_results, timeout_s=240, interval_s=0.1, what="every job finishing")
-        print(f"\nrestart: app ready in {ready - started:.1f}s, every job finished {time.monotonic() - ready:.1f}s later")
-        yield {"client": client, "data_dir": data_dir, "ids": ids, "at_shutdown": at_shutdown, "results": results}
+    serve.run(build_app(_restart_args(data_dir)), name=APP_NAME, route_prefix="/")
+    ready = time.monotonic()
+    results = _results_once_finished(client, ids)
+    print(f"\nrestart: shut down in {started - stopping:.1f}s, app ready {ready - started:.1f}s later, every job "
+          f"finished {time.monotonic() - ready:.1f}s after that")
+    yield {"client": client, "data_dir": data_dir, "ids": ids, "at_shutdown": at_shutdown, "results": results}
 
 
 def test_every_job_accepted_before_a_shutdown_finishes_after_a_restart(restart):

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from serve_app.services.media import read_png_meta
-from tests.control_images import b64, edge_map
+from tests.control_images import edge_map
+from tests.helpers import image_b64
 from tests.integration.jobs import submit, wait_finished
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ def test_lora_changes_the_image_and_the_next_request_is_back_to_baseline(client)
 def test_sdxl_lora_applies_on_the_plain_and_the_controlnet_path_and_does_not_leak(client, control):
     request = {**REQUEST, "model": "sdxl", "num_inference_steps": 4}
     if control is not None:
-        request["control"] = {**control, "image": b64(edge_map())}
+        request["control"] = {**control, "image": image_b64(edge_map())}
     baseline, _ = _image(client.post("/v1/images", json=request))
     styled, meta = _image(client.post("/v1/images", json={**request, "loras": [{"name": "xl_style"}]}))
     assert meta["loras"] == [{"name": "xl_style", "scale": 1.0}]

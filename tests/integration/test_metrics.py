@@ -1,8 +1,8 @@
 """Metrics checked against a real Prometheus: every dashboard query parses and returns data.
 
-Starts the dev profile with Ray's dashboard on (it writes the service-discovery file that
-configs/prometheus.yml reads), sends traffic with a rejection, a regeneration and a video, starts
-Prometheus on loopback, waits for the scrape, then runs each PromQL expression of
+On the shared dev app, whose Ray runs the dashboard (it writes the service-discovery file that
+configs/prometheus.yml reads): starts Prometheus on loopback, sends traffic with a rejection, a
+regeneration and a video, waits for the scrape, then runs each PromQL expression of
 configs/grafana/genserve.json through Prometheus's HTTP API.
 """
 
@@ -10,7 +10,6 @@ import math
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import free_port, wait_until
-from tests.integration.apps import ROOT, dev_args, running_app
+from tests.integration.apps import ROOT
 from tests.metrics_dashboard import dashboard_queries
 
 pytestmark = [
@@ -28,6 +27,8 @@ pytestmark = [
                        reason="the prometheus binary is not installed (.ci/run installs Debian's prometheus)"),
 ]
 
+# First of the shared dev app's tests: the counts asserted below are this module's traffic alone.
+DEV_APP_TURN = "first"
 # Queries that may rightly be empty after this traffic, and why.
 MAY_BE_EMPTY = {
     "ray_genserve_replica_peak_accelerator_memory_bytes": "recorded on CUDA only; absent on CPU",
@@ -36,21 +37,6 @@ MAY_BE_EMPTY = {
     "ray_genserve_stage_timeouts_total": "no stage times out in this traffic",
     "ray_genserve_enhancer_fallbacks_total": "the dev profile enhances with templates; created in llm mode only",
 }
-
-
-@pytest.fixture(scope="module")
-def metrics_app():
-    # Ray's temp dir holds unix sockets, whose paths must stay short.
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    metrics_port = free_port()
-    args = dev_args()
-    args["jobs"]["data_dir"] = str(Path(temp_dir) / "jobs")  # nothing left in the checkout
-    try:
-        with running_app(args, timeout_s=120, include_dashboard=True, dashboard_host="127.0.0.1",
-                         dashboard_port=free_port(), _metrics_export_port=metrics_port, _temp_dir=temp_dir) as client:
-            yield {"client": client, "temp_dir": temp_dir, "metrics_port": metrics_port}
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _send_traffic(client: httpx.Client) -> None:
@@ -65,10 +51,10 @@ def _send_traffic(client: httpx.Client) -> None:
 
 
 @pytest.fixture(scope="module")
-def prometheus(metrics_app, tmp_path_factory):
+def prometheus(dev_app, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load((ROOT / "configs" / "prometheus.yml").read_text())
-    sd_file = Path(metrics_app["temp_dir"]) / "prom_metrics_service_discovery.json"
+    sd_file = Path(dev_app["ray_dir"]) / "prom_metrics_service_discovery.json"
     config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(sd_file)]  # this test's Ray temp dir
     config["global"]["scrape_interval"] = "1s"
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -91,10 +77,10 @@ def prometheus(metrics_app, tmp_path_factory):
         # Two rounds of traffic: the first creates every series (a counter first seen at 1 shows
         # no increase), the second makes the rates real. Ray exports metrics some seconds after
         # they are recorded, Serve's proxy metrics later than the replicas' own.
-        _send_traffic(metrics_app["client"])
+        _send_traffic(dev_app["client"])
         wait_until(lambda: [name for name in _metric_names() if not query(name)["data"]["result"]] == [],
                    timeout_s=120, what="every metric the dashboard uses scraped once")
-        _send_traffic(metrics_app["client"])
+        _send_traffic(dev_app["client"])
         wait_until(lambda: _unexpectedly_empty(query) == [], timeout_s=120,
                    what="every dashboard query answering with data")
         yield query
@@ -154,8 +140,8 @@ def test_traffic_shows_up_with_the_right_labels(prometheus):
     assert {series["metric"]["stage"] for series in stages} >= {"enhance", "generate", "score", "encode", "keyframe", "video"}
 
 
-def test_raw_exposition_names_types_and_labels(metrics_app, prometheus):
-    text = httpx.get(f"http://127.0.0.1:{metrics_app['metrics_port']}/metrics", timeout=10).text
+def test_raw_exposition_names_types_and_labels(dev_app, prometheus):
+    text = httpx.get(f"http://127.0.0.1:{dev_app['metrics_port']}/metrics", timeout=10).text
     families = {family.name: family for family in text_string_to_metric_families(text)}
     expected = {
         "ray_genserve_stage_seconds": ("histogram", {"stage", "model", "deployment", "application", "replica"}),

@@ -13,14 +13,10 @@ import pytest
 from mcp import Client as McpClient
 from PIL import Image
 
+from tests.helpers import image_bytes
+
 pytestmark = pytest.mark.integration
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -31,20 +27,20 @@ def pixels(data: bytes) -> np.ndarray:
 ramp = np.arange(256) * 255 // 255
 xx, yy = np.meshgrid(ramp, ramp)
 PHOTO_PIXELS = np.stack([xx, yy, 255 - xx], -1).astype(np.uint8)
-PHOTO = png(Image.fromarray(PHOTO_PIXELS))
+PHOTO = image_bytes(Image.fromarray(PHOTO_PIXELS))
 HOLE = (slice(64, 192), slice(64, 192))
 
 
 def white_mask() -> bytes:
     mask = Image.new("L", (256, 256), 0)
     mask.paste(255, (64, 64, 192, 192))
-    return png(mask)
+    return image_bytes(mask)
 
 
 def transparent_mask() -> bytes:
     mask = Image.new("RGBA", (256, 256), (255, 255, 255, 255))
     mask.paste((0, 0, 0, 0), (64, 64, 192, 192))
-    return png(mask)
+    return image_bytes(mask)
 
 
 @pytest.fixture
@@ -93,7 +89,7 @@ def test_async_openai_sdk_edits_image_to_image_and_links_url_results(base):
 
 def test_openai_sdk_edit_errors_name_the_field(base):
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-    small = png(Image.new("L", (64, 64)))
+    small = image_bytes(Image.new("L", (64, 64)))
     cases = [({"image": b"not an image"}, "image"), ({"image": PHOTO, "mask": small}, "mask"),
              ({"image": PHOTO, "n": 9}, "n"), ({"image": PHOTO, "extra_body": {"strength": 0.1}}, "strength"),
              ({"image": PHOTO, "background": "transparent"}, "background")]

@@ -1,7 +1,6 @@
 """POST /v1/scores and the laion/combined quality gates on real Ray Serve with the dev profile's tiny models."""
 
 import base64
-import io
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from PIL import Image, ImageFilter
 
 from serve_app import APP_NAME
 from serve_app.protocol.schemas import MAX_SCORE_IMAGES, ImageResponse, ScoreRequest, ScoreResponse
-from tests.helpers import flat_scores
+from tests.helpers import flat_scores, image_b64
 
 pytestmark = pytest.mark.integration
 
@@ -18,12 +17,6 @@ pytestmark = pytest.mark.integration
 def client(dev_app):
     """The shared dev app (uploads limited to 300x300 pixels)."""
     return dev_app["client"]
-
-
-def _b64(array: np.ndarray, fmt: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt)
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _checkerboard(side: int = 96, cell: int = 6) -> np.ndarray:
@@ -41,7 +34,8 @@ def test_scores_every_image_with_every_score(client):
     blurred = np.asarray(Image.fromarray(board).filter(ImageFilter.GaussianBlur(3)))
     dark = np.full((64, 120, 3), 15, np.uint8)
     grey, red = np.full((80, 80, 3), 128, np.uint8), np.full((80, 80, 3), (220, 30, 30), np.uint8)
-    images = [_b64(board), _b64(blurred, "JPEG"), "data:image/png;base64," + _b64(dark), _b64(grey), _b64(red)]
+    images = [image_b64(board), image_b64(blurred, "JPEG"), "data:image/png;base64," + image_b64(dark), image_b64(grey),
+              image_b64(red)]
     response = client.post("/v1/scores", json={"prompt": "a chessboard", "images": images,
                                                "quality_metric": "laion", "quality_threshold": 1})
     assert response.status_code == 200, response.text
@@ -86,11 +80,11 @@ def test_schema_rejections_name_the_field(client, body, field, words):
 
 
 def test_bad_images_and_gates_name_the_field(client):
-    good = _b64(_checkerboard())
+    good = image_b64(_checkerboard())
     cases = [
         ({"images": [good, "not base64!"]}, "images.1", "not valid base64"),
         ({"images": [good, base64.b64encode(b"GIF89a....").decode()]}, "images.1", "not a readable PNG or JPEG"),
-        ({"images": [_b64(np.zeros((400, 400, 3), np.uint8))]}, "images.0", "over the limit"),
+        ({"images": [image_b64(np.zeros((400, 400, 3), np.uint8))]}, "images.0", "over the limit"),
         ({"images": [good], "quality_metric": "laion", "quality_threshold": 0.5}, "quality_threshold", "between 1 and 10"),
     ]
     for extra, field, words in cases:
@@ -116,7 +110,7 @@ def test_handle_api_scores_too(client):
     from ray import serve
 
     handle = serve.get_app_handle(APP_NAME)
-    request = ScoreRequest(prompt="a fox", images=[_b64(_checkerboard())] * 2)
+    request = ScoreRequest(prompt="a fox", images=[image_b64(_checkerboard())] * 2)
     response = handle.score_images.remote(request).result()
     assert isinstance(response, ScoreResponse) and len(response.images) == 2
     first, second = (flat_scores(image.scores.model_dump()) for image in response.images)
@@ -125,7 +119,7 @@ def test_handle_api_scores_too(client):
 
 def test_over_the_pixel_budget_scaled_copies_are_scored_and_past_the_cap_it_is_a_422(client):
     """The shared app's scores budget: 65536 pixels scored, 360000 declared at most."""
-    board = _b64(_checkerboard(256, 8))
+    board = image_b64(_checkerboard(256, 8))
     response = client.post("/v1/scores", json={"prompt": "a chessboard", "images": [board, board]})
     assert response.status_code == 200, response.text
     body = ScoreResponse.model_validate(response.json())
@@ -133,7 +127,7 @@ def test_over_the_pixel_budget_scaled_copies_are_scored_and_past_the_cap_it_is_a
     assert [(image.width, image.scored_width, image.scored_height) for image in body.images] == [(256, 181, 181)] * 2
     first, second = (flat_scores(image.scores.model_dump()) for image in body.images)
     assert first == pytest.approx(second, abs=1e-4)
-    big = _b64(_checkerboard(300, 10))
+    big = image_b64(_checkerboard(300, 10))
     detail = _detail(client.post("/v1/scores", json={"prompt": "a chessboard", "images": [big] * 5}))
     assert detail["loc"] == ["body", "images"] and "450000 pixels in all" in detail["msg"]
     assert detail["allowed"] == "at most 360000 pixels in all"

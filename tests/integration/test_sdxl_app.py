@@ -14,8 +14,8 @@ from PIL import Image
 
 from deployments.families.sdxl import canny_map
 from serve_app.services.media import read_png_meta
-from tests.control_images import BOTTOM, LEFT, RIGHT, TOP, b64, on_border, rectangle
-from tests.helpers import wait_until
+from tests.control_images import BOTTOM, LEFT, RIGHT, TOP, on_border, rectangle
+from tests.helpers import image_b64, wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -40,7 +40,7 @@ def _pixels(b64_png: str) -> np.ndarray:
 
 
 def _control(kind: str, image: np.ndarray, **fields) -> dict:
-    return {"type": kind, "image": b64(image), **fields}
+    return {"type": kind, "image": image_b64(image), **fields}
 
 
 def test_models_controls_and_health_list_the_sdxl_models(client):
@@ -95,7 +95,7 @@ def test_depth_preprocessed_equals_its_previewed_map_given_back(client):
 
 def test_jpeg_reference_of_another_shape_is_fitted_to_the_requested_size(client):
     body = _image(client, width=320, height=256, control=_control("depth", rectangle(200, 300), conditioning_scale=0.8)
-                  | {"image": b64(rectangle(200, 300), "JPEG")})
+                  | {"image": image_b64(rectangle(200, 300), "JPEG")})
     assert _pixels(body["images"][0]["b64_png"]).shape == (256, 320, 3)
 
 
@@ -135,10 +135,10 @@ def test_image_job_with_control_runs_through_the_job_runner(client):
 
 
 def test_bad_control_in_a_job_is_422_at_submit(client):
-    over = {"prompt": "x", "model": "sdxl", "control": {"type": "canny", "image": b64(rectangle(320, 320))}}
+    over = {"prompt": "x", "model": "sdxl", "control": {"type": "canny", "image": image_b64(rectangle(320, 320))}}
     response = client.post("/v1/jobs", json={"kind": "image", "request": over})
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "request", "control", "image"]
-    scale = {**over, "control": {"type": "canny", "image": b64(rectangle()), "conditioning_scale": 3}}
+    scale = {**over, "control": {"type": "canny", "image": image_b64(rectangle()), "conditioning_scale": 3}}
     [detail] = client.post("/v1/jobs", json={"kind": "image", "request": scale}).json()["detail"]
     assert detail["loc"] == ["body", "request", "control", "conditioning_scale"] and detail["allowed"] == "0-2"
 
@@ -146,25 +146,25 @@ def test_bad_control_in_a_job_is_422_at_submit(client):
 @pytest.mark.parametrize(
     "path, body, loc, words",
     [
-        ("/v1/images", {"control": {"type": "canny", "image": b64(rectangle(), "GIF")}},
+        ("/v1/images", {"control": {"type": "canny", "image": image_b64(rectangle(), "GIF")}},
          ["body", "control", "image"], "format GIF"),
-        ("/v1/images", {"control": {"type": "canny", "image": b64(rectangle(320, 320))}},
+        ("/v1/images", {"control": {"type": "canny", "image": image_b64(rectangle(320, 320))}},
          ["body", "control", "image"], "over the limit"),
-        ("/v1/images", {"control": {"type": "canny", "image": b64(rectangle()), "conditioning_scale": 2.5}},
+        ("/v1/images", {"control": {"type": "canny", "image": image_b64(rectangle()), "conditioning_scale": 2.5}},
          ["body", "control", "conditioning_scale"], "allowed: 0-2"),
-        ("/v1/images", {"control": {"type": "canny", "image": b64(rectangle()), "low_threshold": 220}},
+        ("/v1/images", {"control": {"type": "canny", "image": image_b64(rectangle()), "low_threshold": 220}},
          ["body", "control", "high_threshold"], "must be above low_threshold"),
-        ("/v1/images", {"model": "flux-schnell", "control": {"type": "canny", "image": b64(rectangle())}},
+        ("/v1/images", {"model": "flux-schnell", "control": {"type": "canny", "image": image_b64(rectangle())}},
          ["body", "control"], "flux-schnell has no ControlNet"),
-        ("/v1/images", {"model": "sdxl-turbo", "control": {"type": "depth", "image": b64(rectangle())}},
+        ("/v1/images", {"model": "sdxl-turbo", "control": {"type": "depth", "image": image_b64(rectangle())}},
          ["body", "control"], "sdxl-turbo has no ControlNet"),
-        ("/v1/controls/preview", {"type": "canny", "image": b64(rectangle(320, 320))},
+        ("/v1/controls/preview", {"type": "canny", "image": image_b64(rectangle(320, 320))},
          ["body", "image"], "over the limit"),
-        ("/v1/controls/preview", {"type": "depth", "image": b64(rectangle()), "conditioning_scale": -1},
+        ("/v1/controls/preview", {"type": "depth", "image": image_b64(rectangle()), "conditioning_scale": -1},
          ["body", "conditioning_scale"], "allowed: 0-2"),
-        ("/v1/controls/preview", {"type": "canny", "image": b64(rectangle()), "model": "flux-schnell"},
+        ("/v1/controls/preview", {"type": "canny", "image": image_b64(rectangle()), "model": "flux-schnell"},
          ["body", "model"], "flux-schnell has no ControlNet"),
-        ("/v1/controls/preview", {"type": "canny", "image": b64(rectangle()), "model": "sdxl-turbo"},
+        ("/v1/controls/preview", {"type": "canny", "image": image_b64(rectangle()), "model": "sdxl-turbo"},
          ["body", "model"], "sdxl-turbo has no ControlNet"),
     ],
 )

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, image_b64, wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -53,7 +53,7 @@ def _stop(process: subprocess.Popen, signum: int = signal.SIGINT) -> None:
 
 def test_genserve_serve_dev_profile_answers_and_stops_on_sigterm_putting_its_running_job_back(tmp_path):
     from serve_app.jobs.sqlite_store import SqliteJobStore
-    from tests.integration.jobs import in_stage, png_b64, submit, wait_for
+    from tests.integration.jobs import in_stage, submit, wait_for
 
     path, port = _dev_config(tmp_path)
     process, log = _genserve(tmp_path, str(path))
@@ -66,7 +66,7 @@ def test_genserve_serve_dev_profile_answers_and_stops_on_sigterm_putting_its_run
         assert response.status_code == 200, response.text
         assert response.json()["images"][0]["seed"] == 3
         with httpx.Client(base_url=base, timeout=30) as client:  # a video long enough to be cut short
-            long = submit(client, "video", {"image": png_b64(), "num_frames": 3, "num_inference_steps": 100})
+            long = submit(client, "video", {"image": image_b64(), "num_frames": 3, "num_inference_steps": 100})
             wait_for(client, long["id"], in_stage("video", min_step=1), what="the video denoising")
     finally:
         process.send_signal(signal.SIGTERM)  # to genserve alone, as docker stop and Kubernetes do

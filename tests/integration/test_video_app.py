@@ -14,7 +14,8 @@ from PIL import Image
 
 from serve_app import APP_NAME
 from serve_app.protocol.schemas import VideoRequest, VideoResponse
-from tests.control_images import b64, edge_map
+from tests.control_images import edge_map
+from tests.helpers import image_b64
 
 pytestmark = pytest.mark.integration
 
@@ -22,12 +23,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def client(dev_app):
     return dev_app["client"]
-
-
-def _b64_png(color=(200, 80, 20), size=(320, 240)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _mp4_frames(data: bytes, tmp_path) -> tuple[dict, list[np.ndarray]]:
@@ -40,7 +35,7 @@ def _mp4_frames(data: bytes, tmp_path) -> tuple[dict, list[np.ndarray]]:
 
 
 def test_image_to_video_mp4(client, tmp_path):
-    response = client.post("/v1/videos", json={"image": _b64_png(), "num_frames": 4, "fps": 8, "seed": 11,
+    response = client.post("/v1/videos", json={"image": image_b64(), "num_frames": 4, "fps": 8, "seed": 11,
                                                "num_inference_steps": 2})
     assert response.status_code == 200, response.text
     body = VideoResponse.model_validate(response.json())
@@ -54,7 +49,7 @@ def test_image_to_video_mp4(client, tmp_path):
 
 
 def test_same_seed_same_frames(client, tmp_path):
-    request = {"image": _b64_png(), "num_frames": 3, "seed": 5, "num_inference_steps": 2}
+    request = {"image": image_b64(), "num_frames": 3, "seed": 5, "num_inference_steps": 2}
     first = _mp4_frames(base64.b64decode(client.post("/v1/videos", json=request).json()["b64_video"]), tmp_path)[1]
     again = _mp4_frames(base64.b64decode(client.post("/v1/videos", json=request).json()["b64_video"]), tmp_path)[1]
     assert len(first) == 3 and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
@@ -82,7 +77,7 @@ def test_text_to_video_makes_scores_and_animates_a_keyframe(client, tmp_path):
 
 
 def test_binary_response_with_metadata_header(client, tmp_path):
-    response = client.post("/v1/videos", json={"image": _b64_png(), "num_frames": 2, "seed": 1,
+    response = client.post("/v1/videos", json={"image": image_b64(), "num_frames": 2, "seed": 1,
                                                "num_inference_steps": 1, "response_format": "binary"})
     assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
     metadata = json.loads(response.headers["x-genserve-metadata"])
@@ -93,7 +88,7 @@ def test_binary_response_with_metadata_header(client, tmp_path):
 
 @pytest.mark.parametrize("fmt, content_type", [("gif", "image/gif"), ("webp", "image/webp")])
 def test_gif_and_webp_have_every_frame(client, fmt, content_type):
-    response = client.post("/v1/videos", json={"image": _b64_png(), "num_frames": 3, "num_inference_steps": 1,
+    response = client.post("/v1/videos", json={"image": image_b64(), "num_frames": 3, "num_inference_steps": 1,
                                                "output_format": fmt, "response_format": "binary"})
     assert response.status_code == 200 and response.headers["content-type"] == content_type
     with Image.open(io.BytesIO(response.content)) as animation:
@@ -133,7 +128,7 @@ def test_python_handle_video(client):
 
     handle = serve.get_app_handle(APP_NAME)
     response = handle.generate_video.remote(
-        VideoRequest(image=_b64_png(), num_frames=2, seed=9, num_inference_steps=1)
+        VideoRequest(image=image_b64(), num_frames=2, seed=9, num_inference_steps=1)
     ).result()
     assert isinstance(response, VideoResponse) and response.num_frames == 2 and response.seed == 9
 
@@ -145,7 +140,7 @@ def test_a_long_video_does_not_block_image_requests(client):
 
     def long_video():
         started = time.monotonic()
-        video_result["response"] = client.post("/v1/videos", json={"image": _b64_png(), "num_frames": 12,
+        video_result["response"] = client.post("/v1/videos", json={"image": image_b64(), "num_frames": 12,
                                                                     "num_inference_steps": 6})
         video_result["seconds"] = time.monotonic() - started
         video_done.set()
@@ -167,7 +162,7 @@ def test_a_long_video_does_not_block_image_requests(client):
 
 def test_text_to_video_keyframe_from_sdxl_with_a_control_map(client):
     keyframe = {"model": "sdxl", "num_inference_steps": 2,
-                "control": {"type": "canny", "image": b64(edge_map()), "preprocess": False}}
+                "control": {"type": "canny", "image": image_b64(edge_map()), "preprocess": False}}
     response = client.post("/v1/videos", json={"prompt": "a glass house", "keyframe": keyframe, "num_frames": 2,
                                                "num_inference_steps": 2, "seed": 3})
     assert response.status_code == 200, response.text
@@ -212,8 +207,8 @@ def test_ltx_text_to_video_natively_with_the_frames_and_size_asked(client, tmp_p
 
 
 def test_ltx_image_to_video_takes_an_image_and_a_prompt(client, tmp_path):
-    response = client.post("/v1/videos", json={"model": "ltx-video", "image": _b64_png(), "prompt": "it starts to rain",
-                                               "seed": 2})
+    response = client.post("/v1/videos", json={"model": "ltx-video", "image": image_b64(),
+                                               "prompt": "it starts to rain", "seed": 2})
     assert response.status_code == 200, response.text
     body = VideoResponse.model_validate(response.json())
     assert (body.mode, body.num_frames, body.width, body.height) == ("image-to-video", 9, 96, 64)  # dev defaults
@@ -228,13 +223,13 @@ def test_animatediff_text_to_video_over_sd15(client, tmp_path):
     assert (body.family, body.mode, body.num_frames, body.width, body.height) == ("animatediff", "text-to-video", 6, 64, 64)
     meta, frames = _mp4_frames(base64.b64decode(body.b64_video), tmp_path)
     assert len(frames) == 6 and meta["size"] == (64, 64)
-    upload = client.post("/v1/videos", json={"model": "animatediff", "image": _b64_png()})
+    upload = client.post("/v1/videos", json={"model": "animatediff", "image": image_b64()})
     assert upload.status_code == 422 and upload.json()["detail"][0]["loc"] == ["body", "image"]
 
 
 @pytest.mark.parametrize("model, factor", [("ltx-video", 2), ("svd", 4)])
 def test_interpolation_gives_n_minus_one_times_k_plus_one_frames_at_k_fps(client, tmp_path, model, factor):
-    request = {"model": model, "image": _b64_png(), "num_frames": 9, "fps": 8, "seed": 1, "num_inference_steps": 1,
+    request = {"model": model, "image": image_b64(), "num_frames": 9, "fps": 8, "seed": 1, "num_inference_steps": 1,
                "interpolate": factor}
     response = client.post("/v1/videos", json=request)
     assert response.status_code == 200, response.text

@@ -23,7 +23,7 @@ from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.http import JobsApi
 from serve_app.services.local import LocalHandle
 from tests.fakes import FakeGenerator, fake_services
-from tests.helpers import wait_until_async
+from tests.helpers import image_bytes, wait_until_async
 from tests.unit.test_job_dispatch import ControlledGenerator
 
 
@@ -207,12 +207,11 @@ def test_bad_arguments_are_a2a_errors_naming_the_field_and_nothing_runs(store, m
 
 
 def test_score_image_answers_with_a_message_of_scores(store):
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, format="PNG")
 
     async def scenario(agent):
         client = await agent.client()
-        return await _final_task(client, _message("grey", {"skill": "score-image"}, raw=buffer.getvalue()))
+        grey = image_bytes(size=(64, 64), color=(128, 128, 128))
+        return await _final_task(client, _message("grey", {"skill": "score-image"}, raw=grey))
 
     answer = _run(store, scenario)
     assert isinstance(answer, pb.Message) and answer.role == pb.ROLE_AGENT

@@ -20,16 +20,10 @@ from serve_app.protocol.schemas import ImageRequest
 from serve_app.services.media import read_png_meta
 from serve_app.services.validation import ModelSpec
 from tests.fakes import FakeGenerator, fake_services
-from tests.helpers import app_settings, model_spec
+from tests.helpers import app_settings, image_b64, model_spec
 
 PROMPT = EnhancedPrompt(prompt="a red house", negative_prompt=None, style="none", enhancer="none")
 CPU = Placement(device="cpu", dtype_name="float32")
-
-
-def png_b64(array: np.ndarray, fmt: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def gradient(width: int = 256, height: int = 256) -> np.ndarray:
@@ -53,8 +47,8 @@ def _service(*specs: ModelSpec, max_input_pixels: int = 4096 * 4096):
     return fake_services(settings).images
 
 
-INIT = png_b64(gradient())
-MASK = png_b64(square_mask())
+INIT = image_b64(gradient())
+MASK = image_b64(square_mask())
 
 
 # --- request checks: 422 naming the field, before anything runs ---------------------------------------
@@ -75,7 +69,8 @@ MASK = png_b64(square_mask())
         ({"hires": {}, "init_image": INIT, "mask": MASK}, "hires", "does not combine with mask"),
         ({"init_image": "not base64!"}, "init_image", "not valid base64"),
         ({"init_image": base64.b64encode(b"GIF89a....").decode()}, "init_image", "not a readable PNG or JPEG"),
-        ({"init_image": INIT, "mask": png_b64(square_mask(128, 128))}, "mask", "is 128x128 but init_image is 256x256"),
+        ({"init_image": INIT, "mask": image_b64(square_mask(128, 128))}, "mask",
+         "is 128x128 but init_image is 256x256"),
     ],
 )
 def test_edit_checks_name_the_field(fields, field, words):
@@ -96,7 +91,7 @@ def test_uploads_over_the_pixel_limit_are_refused_before_decoding():
     with pytest.raises(RequestError) as caught:
         _service(max_input_pixels=100 * 100).plan(ImageRequest(prompt="a fox", init_image=INIT))
     assert caught.value.field == "init_image" and "over the limit" in caught.value.message
-    small = png_b64(gradient(100, 100))
+    small = image_b64(gradient(100, 100))
     with pytest.raises(RequestError) as caught:
         _service(max_input_pixels=100 * 100).plan(ImageRequest(prompt="a fox", init_image=small, mask=MASK))
     assert caught.value.field == "mask" and "over the limit" in caught.value.message
@@ -135,7 +130,7 @@ def test_init_image_and_mask_are_fitted_alike_and_the_mask_thresholded():
     wide = gradient(512, 256)
     mask = np.zeros((256, 512, 3), np.uint8)
     mask[:, 256:] = 200  # the right half, grey above 128: repainted
-    request = ImageRequest(prompt="a fox", init_image=png_b64(wide), mask=png_b64(mask), width=256, height=256)
+    request = ImageRequest(prompt="a fox", init_image=image_b64(wide), mask=image_b64(mask), width=256, height=256)
     plan, _, _ = _service().plan(request)
     edit = plan.edit
     assert edit.image.shape == (256, 256, 3) and edit.mask.shape == (256, 256)
@@ -148,7 +143,7 @@ def test_init_image_and_mask_are_fitted_alike_and_the_mask_thresholded():
 
 def test_webp_and_jpeg_uploads_are_accepted():
     for fmt in ("WEBP", "JPEG"):
-        plan, _, _ = _service().plan(ImageRequest(prompt="a fox", init_image=png_b64(gradient(), fmt)))
+        plan, _, _ = _service().plan(ImageRequest(prompt="a fox", init_image=image_b64(gradient(), fmt)))
         assert plan.edit.image.shape == (256, 256, 3) and plan.mode == "image-to-image"
 
 

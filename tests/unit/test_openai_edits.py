@@ -15,16 +15,9 @@ from PIL import Image
 from serve_app.api.app import build_api
 from serve_app.api.openai.protocol import edit_files, form_fields
 from tests.fakes import FakeGenerator, fake_services
-from tests.helpers import LOOPBACK
+from tests.helpers import LOOPBACK, image_bytes
 
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-PHOTO = png(Image.linear_gradient("L").convert("RGB"))  # 256x256
+PHOTO = image_bytes(Image.linear_gradient("L").convert("RGB"))  # 256x256
 
 
 def centre_mask(mode: str) -> bytes:
@@ -35,7 +28,7 @@ def centre_mask(mode: str) -> bytes:
     else:
         mask = Image.new("L", (256, 256), 0)
         mask.paste(255, (64, 64, 192, 192))
-    return png(mask)
+    return image_bytes(mask)
 
 
 @pytest.fixture
@@ -94,9 +87,9 @@ def test_both_mask_conventions_mark_the_same_pixels(mode):
 def test_an_image_with_a_transparent_hole_and_no_mask_is_its_own_mask():
     image = Image.new("RGBA", (256, 256), (10, 20, 30, 255))
     image.paste((0, 0, 0, 0), (0, 0, 32, 32))
-    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(edit_files(png(image), None, 10**8)["mask"]))))
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(edit_files(image_bytes(image), None, 10**8)["mask"]))))
     assert mask[:32, :32].min() == 255 and mask[32:, :].max() == 0
-    opaque = png(Image.new("RGBA", (256, 256), (10, 20, 30, 255)))
+    opaque = image_bytes(Image.new("RGBA", (256, 256), (10, 20, 30, 255)))
     assert "mask" not in edit_files(opaque, None, 10**8), "an opaque image edits the whole picture"
 
 
@@ -116,7 +109,8 @@ def _edit(client, files=None, **data):
 @pytest.mark.parametrize("files, data, param, words", [
     ({}, {}, "image", "Field required"),
     ({"image": ("a.txt", b"not an image", "text/plain")}, {}, "image", "not a readable PNG"),
-    ({"image": ("photo.png", PHOTO, "image/png"), "mask": ("m.png", png(Image.new("L", (64, 64))), "image/png")},
+    ({"image": ("photo.png", PHOTO, "image/png"),
+      "mask": ("m.png", image_bytes(Image.new("L", (64, 64))), "image/png")},
      {}, "mask", "is 64x64 but init_image is 256x256"),
     (None, {"n": "9"}, "n", "allowed: 1-4"),
     (None, {"size": "250x256"}, "size", "multiple of 16"),

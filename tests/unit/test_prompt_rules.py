@@ -56,7 +56,10 @@ def test_repeated_words():
 
 def test_score_never_goes_below_zero():
     prompt = "nice good cool awesome thing day night indoor outdoor summer winter"
-    assert validate_prompt(prompt).score >= 0
+    advice = validate_prompt(prompt)
+    # 30 points off for the vague words and 25 for each of three contradictions: 105 in all.
+    assert sorted(issue.code for issue in advice.issues) == ["contradiction"] * 3 + ["vague_words"]
+    assert advice.score == 0
 
 
 def test_blocklist_matches_whole_words_and_phrases_only():

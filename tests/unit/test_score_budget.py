@@ -3,8 +3,6 @@
 below the CLIP input size, decoding one upload at a time."""
 
 import asyncio
-import base64
-import io
 
 import numpy as np
 import pytest
@@ -21,20 +19,16 @@ from serve_app.protocol.errors import RequestError
 from serve_app.services.inputs import load_image, open_image
 from serve_app.services.scores import ScoreService, scales
 from tests.fakes import fake_services
-from tests.helpers import LOOPBACK, app_settings
+from tests.helpers import LOOPBACK, app_settings, image_b64
 
 
 def _upload(width: int, height: int, fmt: str = "PNG", orientation: int | None = None, seed: int = 0) -> str:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    image = Image.fromarray(pixels)
     if orientation is None:
-        image.save(buffer, format=fmt)
-    else:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        image.save(buffer, format=fmt, exif=exif)
-    return base64.b64encode(buffer.getvalue()).decode()
+        return image_b64(pixels, fmt)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return image_b64(pixels, fmt, exif=exif)
 
 
 class SizeRecordingScorer:
@@ -158,9 +152,7 @@ def test_what_a_scaled_copy_changes_is_what_the_docs_say():
     from deployments.scoring.perceptual import perceptual_scores
 
     processor = CLIPImageProcessorPil()  # ViT-L/14's: 224, bicubic, centre crop
-    buffer = io.BytesIO()
-    Image.fromarray(natural_image(896, seed=3)).save(buffer, format="PNG")
-    upload = base64.b64encode(buffer.getvalue()).decode()
+    upload = image_b64(natural_image(896, seed=3))
     full = np.asarray(load_image(open_image(upload, "image", 2**24), "image", 2**24))
     copy = np.asarray(load_image(open_image(upload, "image", 2**24), "image", 2**24, 0.25))
     assert copy.shape == (224, 224, 3)

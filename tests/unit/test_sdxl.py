@@ -22,9 +22,9 @@ from serve_app.services.local import LocalHandle
 from serve_app.services.media import read_png_meta
 from serve_app.services.settings import job_slots, model_specs
 from serve_app.services.validation import ModelSpec, control_catalogue
-from tests.control_images import BOTTOM, LEFT, RIGHT, TOP, b64, on_border, rectangle
+from tests.control_images import BOTTOM, LEFT, RIGHT, TOP, on_border, rectangle
 from tests.fakes import fake_services
-from tests.helpers import app_settings, model_entry
+from tests.helpers import app_settings, image_b64, model_entry
 
 PROMPT = EnhancedPrompt(prompt="a red house", negative_prompt="blurry", style="none", enhancer="none")
 TINY_SDXL = ImageModelConfig(
@@ -49,7 +49,7 @@ def _service(sdxl_generator, max_input_pixels: int = 4096 * 4096, policy: Qualit
 
 
 def _control(kind: str = "canny", **fields) -> dict:
-    return {"type": kind, "image": b64(rectangle()), **fields}
+    return {"type": kind, "image": image_b64(rectangle()), **fields}
 
 
 # --- the request model -----------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_saved_tiny_depth_estimator_loads_through_the_auto_classes(tmp_path):
     [
         ({"model": "flux-schnell", "control": _control()}, "control", "flux-schnell has no ControlNet"),
         ({"control": {"type": "canny", "image": "not base64!"}}, "control.image", "not valid base64"),
-        ({"control": {"type": "canny", "image": b64(rectangle(), "GIF")}}, "control.image", "format GIF"),
+        ({"control": {"type": "canny", "image": image_b64(rectangle(), "GIF")}}, "control.image", "format GIF"),
         ({"control": {"type": "canny", "image": base64.b64encode(b"GIF89a....").decode()}}, "control.image",
          "not a readable PNG or JPEG"),
         ({"num_inference_steps": 51}, "num_inference_steps", None),
@@ -218,7 +218,8 @@ def test_bad_control_input_is_refused_before_any_model_runs(sdxl, fields, field,
 
 
 def test_reference_over_the_pixel_limit_is_refused_naming_control_image(sdxl):
-    request = ImageRequest(prompt="a house", model="sdxl", control={"type": "canny", "image": b64(rectangle(300, 300))})
+    request = ImageRequest(prompt="a house", model="sdxl",
+                           control={"type": "canny", "image": image_b64(rectangle(300, 300))})
     with pytest.raises(RequestError) as caught:
         _service(sdxl, max_input_pixels=256 * 256).plan(request)
     assert caught.value.field == "control.image" and "over the limit" in caught.value.message
@@ -234,7 +235,8 @@ def test_control_type_the_model_lacks_is_refused_naming_control_type(sdxl):
 
 def test_plan_fits_the_reference_to_the_output_size(sdxl):
     request = ImageRequest(prompt="a house", model="sdxl", width=320, height=256,
-                           control={"type": "canny", "image": b64(rectangle(200, 400)), "conditioning_scale": 0.8})
+                           control={"type": "canny", "image": image_b64(rectangle(200, 400)),
+                                    "conditioning_scale": 0.8})
     plan, spec, warnings = _service(sdxl).plan(request)
     assert plan.control.image.shape == (256, 320, 3) and plan.control.conditioning_scale == 0.8
     assert (plan.num_inference_steps, plan.guidance_scale, plan.use_negative_prompt) == (2, 5.0, True)
@@ -279,7 +281,7 @@ def test_every_regeneration_round_reuses_the_one_preprocessed_map(sdxl):
 
 
 def test_preview_returns_the_canny_map_of_the_reference(sdxl):
-    request = ControlPreviewRequest(type="canny", image=b64(rectangle()))
+    request = ControlPreviewRequest(type="canny", image=image_b64(rectangle()))
     response, png = asyncio.run(_service(sdxl).preview_control(request))
     assert (response.model, response.width, response.height, response.preprocessed) == ("sdxl", 256, 256, True)
     edges = np.asarray(Image.open(io.BytesIO(png)))
@@ -289,13 +291,13 @@ def test_preview_returns_the_canny_map_of_the_reference(sdxl):
 
 def test_preview_of_a_control_the_model_lacks_is_refused(sdxl):
     with pytest.raises(RequestError) as caught:
-        asyncio.run(_service(sdxl).preview_control(ControlPreviewRequest(type="canny", image=b64(rectangle()),
+        asyncio.run(_service(sdxl).preview_control(ControlPreviewRequest(type="canny", image=image_b64(rectangle()),
                                                                          model="flux-schnell")))
     assert caught.value.field == "model"
     depth_only = _service(sdxl)
     depth_only.specs["sdxl"] = ModelSpec.of(sdxl_with(controlnets={"depth": "tiny"}))
     with pytest.raises(RequestError) as caught:
-        asyncio.run(depth_only.preview_control(ControlPreviewRequest(type="canny", image=b64(rectangle()))))
+        asyncio.run(depth_only.preview_control(ControlPreviewRequest(type="canny", image=image_b64(rectangle()))))
     assert caught.value.field == "type" and caught.value.allowed == "one of 'depth'"
 
 

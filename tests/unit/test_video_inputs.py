@@ -16,13 +16,7 @@ from deployments.video.encoding import encode_video
 from serve_app.protocol.errors import RequestError
 from serve_app.protocol.schemas import VideoRequest
 from serve_app.services.inputs import decode_image, fit_image
-
-
-def _b64(image: Image.Image, fmt: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return base64.b64encode(buffer.getvalue()).decode()
-
+from tests.helpers import image_b64, image_bytes
 
 RED = Image.new("RGB", (96, 64), (200, 30, 30))
 
@@ -48,14 +42,14 @@ def test_bad_video_requests_name_the_field(fields, loc, words):
 
 
 def test_decode_accepts_png_jpeg_and_data_urls():
-    assert decode_image(_b64(RED), "image", 10**6).size == (96, 64)
-    assert decode_image(_b64(RED, "JPEG"), "image", 10**6).mode == "RGB"
-    assert decode_image("data:image/png;base64," + _b64(RED), "image", 10**6).size == (96, 64)
+    assert decode_image(image_b64(RED), "image", 10**6).size == (96, 64)
+    assert decode_image(image_b64(RED, "JPEG"), "image", 10**6).mode == "RGB"
+    assert decode_image("data:image/png;base64," + image_b64(RED), "image", 10**6).size == (96, 64)
 
 
 def _png_with_declared_size(width: int, height: int) -> str:
     """A real PNG whose IHDR claims another size: a decompression bomb's header, without the bomb."""
-    data = bytearray(base64.b64decode(_b64(Image.new("RGB", (8, 8)))))
+    data = bytearray(image_bytes(Image.new("RGB", (8, 8))))
     ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
     data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
     crc = zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])) & 0xFFFFFFFF
@@ -68,11 +62,11 @@ def _png_with_declared_size(width: int, height: int) -> str:
     [
         ("not base64!!", "not valid base64"),
         (base64.b64encode(b"hello world").decode(), "not a readable PNG or JPEG"),
-        (_b64(RED, "GIF"), "format GIF is not supported"),
-        (_b64(Image.new("RGB", (300, 300))), "300x300 is 90000 pixels, over the limit"),
+        (image_b64(RED, "GIF"), "format GIF is not supported"),
+        (image_b64(Image.new("RGB", (300, 300))), "300x300 is 90000 pixels, over the limit"),
         (_png_with_declared_size(5000, 5000), "over the limit"),
         (_png_with_declared_size(100_000, 100_000), "declares more pixels than allowed"),
-        (_b64(RED)[:60], "truncated or corrupt"),
+        (image_b64(RED)[:60], "truncated or corrupt"),
     ],
 )
 def test_decode_refuses_bad_images_naming_the_field(data, words):
