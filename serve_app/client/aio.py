@@ -10,7 +10,6 @@ from httpx_sse import aconnect_sse
 
 from serve_app import types
 from serve_app.client import calls
-from serve_app.client.errors import Unreachable
 from serve_app.client.events import JobEvent
 from serve_app.client.retry import RetryPolicy
 from serve_app.client.sync import STREAM_READ_TIMEOUT_S
@@ -118,14 +117,11 @@ class AsyncClient:
         the final status of a succeeded job, else `JobFailed`, or `TimeoutError` past `timeout_s`."""
         waiting = calls.Waiting(job_id, on_event, timeout_s)
         while True:
-            try:
+            with waiting.reopening():
                 async for event in self.events(job_id):
                     final = waiting.event(event)
                     if final is not None:
                         return final
-            except Unreachable:
-                if waiting.past_deadline():
-                    raise
             status = await self.job(job_id)  # the stream ended early: the job may have finished meanwhile
             final = waiting.status(status)
             if final is not None:

@@ -211,6 +211,15 @@ class Waiting:
     def past_deadline(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
+    @contextlib.contextmanager
+    def reopening(self):
+        """A stream that drops inside (`Unreachable`) just ends, to be read again, until the deadline."""
+        try:
+            yield
+        except Unreachable:
+            if self.past_deadline():
+                raise
+
     def event(self, event: JobEvent) -> JobStatus | None:
         """The final status when `event` carries one, else None (raises past the deadline)."""
         if self.on_event is not None:

@@ -10,7 +10,6 @@ from httpx_sse import connect_sse
 
 from serve_app import types
 from serve_app.client import calls
-from serve_app.client.errors import Unreachable
 from serve_app.client.events import JobEvent
 from serve_app.client.retry import RetryPolicy
 
@@ -127,14 +126,11 @@ class Client:
         the state changes), so a restart of the ingress does not lose the wait."""
         waiting = calls.Waiting(job_id, on_event, timeout_s)
         while True:
-            try:
+            with waiting.reopening():
                 for event in self.events(job_id):
                     final = waiting.event(event)
                     if final is not None:
                         return final
-            except Unreachable:
-                if waiting.past_deadline():
-                    raise
             status = self.job(job_id)  # the stream ended early: the job may have finished meanwhile
             final = waiting.status(status)
             if final is not None:
