@@ -46,18 +46,12 @@ class LoadedAnimateDiff(LoadedVideoModel):
 
     def __call__(self, params, image, generator, callback):
         own = self.request_params(params)
-        return self.pipeline(
+        return self.run_pipeline(
+            self.pipeline, params, generator, callback,
             prompt=params.prompt or "",
             negative_prompt=own.negative_prompt,
-            width=params.width,
-            height=params.height,
-            num_frames=params.num_frames,
-            num_inference_steps=params.num_inference_steps,
             guidance_scale=own.guidance_scale,
-            generator=generator,
-            output_type="np",
-            callback_on_step_end=callback,
-        ).frames[0]
+        )
 
     def info(self) -> dict:
         return {"motion_adapter": self.options.motion_adapter}

@@ -159,7 +159,19 @@ def edit_arguments(params: GenerationParams) -> dict:
     return arguments
 
 
-class LoadedImageModel:
+class LoadedModel:
+    """What a loaded model of any family (image or video) holds: its family, its config entry, the
+    entry's options as the family's `Options`, where it runs, and its pipeline."""
+
+    def __init__(self, family, config, placement: "Placement", pipeline):
+        self.family = family
+        self.config = config
+        self.options = family.options_of(config)
+        self.placement = placement
+        self.pipeline = pipeline
+
+
+class LoadedImageModel(LoadedModel):
     """A family's pipeline, loaded on its device; a family subclasses it to add call arguments
     (`pipeline_kwargs`) or other pipelines (`__call__`).
 
@@ -169,11 +181,7 @@ class LoadedImageModel:
     """
 
     def __init__(self, family: "ImageFamily", config: "ImageModelConfig", placement: "Placement", pipeline):
-        self.family = family
-        self.config = config
-        self.options = family.options_of(config)
-        self.placement = placement
-        self.pipeline = pipeline
+        super().__init__(family, config, placement, pipeline)
         # EditInput.mode -> the pipeline that runs it, built over the base pipeline's modules.
         self.edit_pipelines = {
             mode: derived_pipeline(class_name, pipeline)

@@ -84,10 +84,17 @@ class FluxFamily(ImageFamily):
         model's would, instead of a quadratic blow-up in the transformer's attention. For an entry
         that allows guidance (FLUX.1-dev), the transformer embeds the guidance scale as dev's does.
         """
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-        from deployments.runtime.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer, tiny_t5_tokenizer
+        from deployments.runtime.tiny import (
+            clip_text_config,
+            eval_mode,
+            seeded,
+            tiny_clip_tokenizer,
+            tiny_t5_tokenizer,
+            tiny_vae,
+        )
 
         rng = seeded(seed)
         try:
@@ -106,12 +113,7 @@ class FluxFamily(ImageFamily):
                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
                 guidance_embeds=config is not None and self.guidance_limits(config)[1] > 0,
             )
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-                shift_factor=0.0609, scaling_factor=1.5035, sample_size=32,
-            )
+            vae = tiny_vae(scaling_factor=1.5035, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
         finally:
             rng.__exit__(None, None, None)
         eval_mode(text_encoder, text_encoder_2, transformer, vae)

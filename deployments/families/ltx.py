@@ -55,22 +55,16 @@ class LoadedLtx(LoadedVideoModel):
         arguments = dict(
             prompt=params.prompt or "",
             negative_prompt=own.negative_prompt,
-            width=params.width,
-            height=params.height,
-            num_frames=params.num_frames,
             frame_rate=params.fps,
-            num_inference_steps=params.num_inference_steps,
             guidance_scale=own.guidance_scale,
             max_sequence_length=self.options.max_sequence_length,
-            generator=generator,
-            output_type="np",
-            callback_on_step_end=callback,
         )
         if image is None:
-            return self.pipeline(**arguments).frames[0]
+            return self.run_pipeline(self.pipeline, params, generator, callback, **arguments)
         from PIL import Image
 
-        return self.image_pipeline(image=Image.fromarray(image), **arguments).frames[0]
+        return self.run_pipeline(self.image_pipeline, params, generator, callback, image=Image.fromarray(image),
+                                 **arguments)
 
 
 class LtxFamily(VideoFamily):

@@ -46,10 +46,10 @@ class Sd15Family(ImageFamily):
 
     def build_tiny(self, seed: int = 0, config=None):
         """A StableDiffusionPipeline of the real classes with tiny random weights (8x VAE, like SD's)."""
-        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from deployments.runtime.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer
+        from deployments.runtime.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer, tiny_vae
 
         rng = seeded(seed)
         try:
@@ -61,11 +61,7 @@ class Sd15Family(ImageFamily):
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                 attention_head_dim=(2, 4), cross_attention_dim=32, norm_num_groups=8,
             )
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.18215,
-            )
+            vae = tiny_vae(scaling_factor=0.18215)
         finally:
             rng.__exit__(None, None, None)
         eval_mode(text_encoder, unet, vae)

@@ -267,10 +267,10 @@ def build_tiny_sdxl(seed: int = 0):
     The VAE keeps SDXL's 8x downsampling, so a 256x256 request costs a 32x32 latent as it would
     with the real model (and a ControlNet's conditioning embedding downsamples its map 8x too).
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from deployments.runtime.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer
+    from deployments.runtime.tiny import clip_text_config, eval_mode, seeded, tiny_clip_tokenizer, tiny_vae
 
     rng = seeded(seed)
     try:
@@ -279,11 +279,7 @@ def build_tiny_sdxl(seed: int = 0):
         text_encoder = CLIPTextModel(clip_text_config(tokenizer))
         text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer_2))
         unet = _tiny_sdxl_unet()
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-            latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.13025,
-        )
+        vae = tiny_vae(scaling_factor=0.13025)
     finally:
         rng.__exit__(None, None, None)
     eval_mode(text_encoder, text_encoder_2, unet, vae)

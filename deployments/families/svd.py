@@ -49,20 +49,14 @@ class LoadedSvd(LoadedVideoModel):
         from PIL import Image
 
         own = self.request_params(params)
-        return self.pipeline(
+        return self.run_pipeline(
+            self.pipeline, params, generator, callback,
             image=Image.fromarray(image),
-            width=params.width,
-            height=params.height,
-            num_frames=params.num_frames,
-            num_inference_steps=params.num_inference_steps,
             fps=params.fps,
             motion_bucket_id=own.motion_bucket_id,
             noise_aug_strength=own.noise_aug_strength,
             decode_chunk_size=own.decode_chunk_size or self.options.decode_chunk_size,
-            generator=generator,
-            output_type="np",
-            callback_on_step_end=callback,
-        ).frames[0]
+        )
 
     def info(self) -> dict:
         return {"model_num_frames": int(self.pipeline.unet.config.num_frames)}

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from deployments.families.base import NoOptions
+from deployments.families.base import LoadedModel, NoOptions
 
 if TYPE_CHECKING:
     from deployments.config import VideoModelConfig
@@ -103,21 +103,32 @@ def _inlined(schema, definitions: dict):
     return {key: _inlined(value, definitions) for key, value in schema.items()}
 
 
-class LoadedVideoModel:
+class LoadedVideoModel(LoadedModel):
     """A family's pipeline(s), loaded on the device. Subclasses implement `__call__`."""
 
-    def __init__(self, family: "VideoFamily", config: "VideoModelConfig", placement: "Placement", pipeline):
-        self.family = family
-        self.config = config
-        self.options = family.options_of(config)
-        self.placement = placement
-        self.pipeline = pipeline
+    family: "VideoFamily"
+    config: "VideoModelConfig"
 
     def __call__(self, params: "VideoParams", image, generator, callback) -> Any:
         """Frames as floats (F, H, W, 3) in [0, 1]. `image`: uint8 (H, W, 3) at the video's size for
         image-to-video, None for native text-to-video. `params.options` holds the family's `Params`
         (read them with `request_params`)."""
         raise NotImplementedError
+
+    def run_pipeline(self, pipeline, params: "VideoParams", generator, callback, **own) -> Any:
+        """`pipeline` called with what every video family passes it (the request's size, frames and
+        steps, the seeded generator, the step callback) and the family's `own` arguments: its frames
+        as floats."""
+        return pipeline(
+            width=params.width,
+            height=params.height,
+            num_frames=params.num_frames,
+            num_inference_steps=params.num_inference_steps,
+            generator=generator,
+            output_type="np",
+            callback_on_step_end=callback,
+            **own,
+        ).frames[0]
 
     def request_params(self, params: "VideoParams") -> BaseModel:
         """The family's own parameters of this run as its `Params`, the family's defaults for any left

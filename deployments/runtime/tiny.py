@@ -80,6 +80,19 @@ def seeded(seed: int):
     return rng
 
 
+def tiny_vae(scaling_factor: float, **overrides):
+    """A tiny AutoencoderKL of the image families' kind, keeping the real ones' 8x downsampling (four
+    blocks), so a request's latent is the size the real model's would be; `overrides` for a family's
+    own settings (FLUX.1's shift factor and no quant convs)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=scaling_factor, **overrides,
+    )
+
+
 def eval_mode(*modules) -> None:
     # Directly constructed modules start in training mode (dropout on: T5's default rate is
     # 0.1), which would make every call random; from_pretrained returns them in eval mode.

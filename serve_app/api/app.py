@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -88,6 +89,19 @@ def _record(request: Request, fields: list[str]) -> None:
         state.record_rejection(route_label(request), fields)
 
 
+# Each error's handler, registered where the handler is written (`_handles`); build_api adds them all.
+EXCEPTION_HANDLERS: dict[type[BaseException], Callable] = {}
+
+
+def _handles(kind: type[BaseException]):
+    def register(handler: Callable) -> Callable:
+        EXCEPTION_HANDLERS[kind] = handler
+        return handler
+
+    return register
+
+
+@_handles(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     path = request.url.path
     model = next((model for prefix, model in _BODY_MODELS if path.startswith(prefix)), ImageRequest)
@@ -96,15 +110,18 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail)})
 
 
+@_handles(JobError)
 async def _job_error(_: Request, error: JobError) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail}, headers=error.headers)
 
 
+@_handles(RequestError)
 async def _request_error(request: Request, error: RequestError) -> JSONResponse:
     _record(request, [error.field])
     return JSONResponse(status_code=error.status, content={"detail": error.detail()})
 
 
+@_handles(VideoNotDeployed)
 async def _video_not_deployed(_: Request, __: VideoNotDeployed) -> JSONResponse:
     return JSONResponse(status_code=501, content={"detail": "video generation is not deployed: add a video_models entry to the config"})
 
@@ -114,6 +131,7 @@ async def _video_not_deployed(_: Request, __: VideoNotDeployed) -> JSONResponse:
 RETRY_AFTER_S = 5
 
 
+@_handles(StageTimeout)
 async def _stage_timeout(request: Request, error: StageTimeout) -> JSONResponse:
     state = getattr(request.app.state, "services", None)
     if state is not None and state.metrics is not None:
@@ -139,10 +157,15 @@ def overloaded(error: BaseException) -> JSONResponse:
                                  "reason": "overloaded"})
 
 
+@_handles(BackPressureError)
 async def _overloaded(_: Request, error: Exception) -> JSONResponse:
     return overloaded(error)
 
 
+# Serve's replica wrapper replaces the handlers of BackPressureError and DeploymentUnavailableError
+# with its own plain-text 503 once the app is built; calls through `call_stage` arrive as
+# Overloaded instead, answered here in JSON.
+@_handles(Overloaded)
 async def _stage_overloaded(_: Request, error: Overloaded) -> JSONResponse:
     retry = RETRY_AFTER_S if error.retry_after_s is None else error.retry_after_s
     detail = ("a deployment this request needs is not available; retry later" if error.unavailable
@@ -151,6 +174,7 @@ async def _stage_overloaded(_: Request, error: Overloaded) -> JSONResponse:
                         content={"detail": detail, "reason": "unavailable" if error.unavailable else "overloaded"})
 
 
+@_handles(ModelOutOfMemory)
 async def _out_of_memory(_: Request, error: ModelOutOfMemory) -> JSONResponse:
     # The replica freed its cache and serves on; a smaller request (fewer images, pixels or
     # frames) fits sooner than the same one sent again at once.
@@ -159,12 +183,14 @@ async def _out_of_memory(_: Request, error: ModelOutOfMemory) -> JSONResponse:
                                            "or ask for fewer images, pixels or frames", "reason": "out_of_memory"})
 
 
+@_handles(DeploymentUnavailableError)
 async def _unavailable(_: Request, error: DeploymentUnavailableError) -> JSONResponse:
     return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
                         content={"detail": "a deployment this request needs is not available; retry later",
                                  "reason": "unavailable"})
 
 
+@_handles(RayActorError)
 async def _replica_lost(_: Request, error: RayActorError) -> JSONResponse:
     # A downstream replica died mid-request (its node or process went away). Serve replaces it
     # on its own, so this is a retryable 503, not a server bug; the request can be sent again
@@ -176,10 +202,12 @@ async def _replica_lost(_: Request, error: RayActorError) -> JSONResponse:
     )
 
 
+@_handles(LimitExceeded)
 async def _limit_exceeded(_: Request, error: LimitExceeded) -> JSONResponse:
     return JSONResponse(status_code=429, content=error.body(), headers=limit_response_headers(error))
 
 
+@_handles(FallbackFailed)
 async def _fallback_failed(_: Request, error: FallbackFailed) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail})
 
@@ -210,20 +238,8 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: t
                            expose_headers=["Location", "Retry-After"])
     if trusted_proxies:  # outermost of all: every layer inside sees the client the proxy names
         api.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies))
-    api.add_exception_handler(RequestValidationError, _validation_error)
-    api.add_exception_handler(JobError, _job_error)
-    api.add_exception_handler(RequestError, _request_error)
-    api.add_exception_handler(VideoNotDeployed, _video_not_deployed)
-    api.add_exception_handler(StageTimeout, _stage_timeout)
-    api.add_exception_handler(RayActorError, _replica_lost)
-    api.add_exception_handler(LimitExceeded, _limit_exceeded)
-    api.add_exception_handler(FallbackFailed, _fallback_failed)
-    # Serve's replica wrapper replaces these two with its own plain-text 503 once the app is
-    # built; calls through `call_stage` arrive as Overloaded instead, answered in JSON.
-    api.add_exception_handler(Overloaded, _stage_overloaded)
-    api.add_exception_handler(BackPressureError, _overloaded)
-    api.add_exception_handler(DeploymentUnavailableError, _unavailable)
-    api.add_exception_handler(ModelOutOfMemory, _out_of_memory)
+    for kind, handler in EXCEPTION_HANDLERS.items():
+        api.add_exception_handler(kind, handler)
     for router in ROUTERS:
         api.include_router(router)
     api.add_exception_handler(HTTPException, http_exception)

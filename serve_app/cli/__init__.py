@@ -213,26 +213,26 @@ def _bench_gpu(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_rounds(args: argparse.Namespace, command: str, rounds: str, run, format_table) -> int:
+    """bench-jobs and bench-agents: the same request sent more than one way, `args.requests` rounds."""
+    samples, overheads = run(args.config, args.requests, args.warmup, args.width, args.height, args.steps)
+    print(f"genserve {command}: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
+          f"{args.requests} rounds ({rounds}) after {args.warmup} warm-up")
+    print(format_table(samples, overheads))
+    return 0
+
+
 def _bench_jobs(args: argparse.Namespace) -> int:
     from serve_app.bench.jobs import format_jobs_table, run_jobs_benchmark
 
-    samples, overheads = run_jobs_benchmark(args.config, args.requests, args.warmup, args.width, args.height,
-                                            args.steps)
-    print(f"genserve bench-jobs: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
-          f"{args.requests} rounds (sync, then the same as a job) after {args.warmup} warm-up")
-    print(format_jobs_table(samples, overheads))
-    return 0
+    return _bench_rounds(args, "bench-jobs", "sync, then the same as a job", run_jobs_benchmark, format_jobs_table)
 
 
 def _bench_agents(args: argparse.Namespace) -> int:
     from serve_app.bench.agents import format_agents_table, run_agents_benchmark
 
-    samples, overheads = run_agents_benchmark(args.config, args.requests, args.warmup, args.width, args.height,
-                                              args.steps)
-    print(f"genserve bench-agents: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
-          f"{args.requests} rounds (each interface in turn, same request) after {args.warmup} warm-up")
-    print(format_agents_table(samples, overheads))
-    return 0
+    return _bench_rounds(args, "bench-agents", "each interface in turn, same request", run_agents_benchmark,
+                         format_agents_table)
 
 
 def _bench_scores(args: argparse.Namespace) -> int:

@@ -179,28 +179,13 @@ def _animate(args: argparse.Namespace) -> int:
 def _jobs_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         page = client.jobs(state=args.state, limit=args.limit)
-    if args.json:
-        _print_json(page)
-        return EXIT_OK
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("id", "kind", "state", "created", "queue", "error")
-    for job in page.jobs:
-        table.add_row(job.id, job.kind, job.state, _time(job.created_at),
-                      "" if job.queue_position is None else str(job.queue_position), job.error or "")
-    Console().print(table)
-    return EXIT_OK
+    return _show(args, page, _print_table)
 
 
 def _jobs_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.job(args.job_id)
-    if args.json:
-        _print_json(job)
-    else:
-        _print_status(job)
-    return EXIT_OK
+    return _show(args, job, _print_status)
 
 
 def _jobs_wait(args: argparse.Namespace) -> int:
@@ -223,11 +208,7 @@ def _jobs_wait(args: argparse.Namespace) -> int:
 def _jobs_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.cancel(args.job_id)
-    if args.json:
-        _print_json(job)
-    else:
-        print(f"{job.id}: {job.state}" + (" (stops at its next step)" if job.state == "running" else ""))
-    return EXIT_OK
+    return _show(args, job, _print_cancelled)
 
 
 # Jobs with a progress bar
@@ -330,6 +311,30 @@ def _report(args, result: dict, saved: list[Path]) -> None:
 def _first_seed(result: dict):
     images = result.get("images") or [{}]
     return images[0].get("seed")
+
+
+def _show(args, value: BaseModel, print_text) -> int:
+    """A jobs command's answer: `value` as JSON with --json, else as `print_text` writes it."""
+    if args.json:
+        _print_json(value)
+    else:
+        print_text(value)
+    return EXIT_OK
+
+
+def _print_table(page) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "kind", "state", "created", "queue", "error")
+    for job in page.jobs:
+        table.add_row(job.id, job.kind, job.state, _time(job.created_at),
+                      "" if job.queue_position is None else str(job.queue_position), job.error or "")
+    Console().print(table)
+
+
+def _print_cancelled(job) -> None:
+    print(f"{job.id}: {job.state}" + (" (stops at its next step)" if job.state == "running" else ""))
 
 
 def _print_status(job) -> None:

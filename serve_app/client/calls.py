@@ -1,10 +1,14 @@
 """What each client method sends and how its answer is read: shared by `Client` and `AsyncClient`,
 which differ only in how they wait. A `Call` is one HTTP request, whether it may be retried, and
-the function that turns a 2xx response into the server's model."""
+the function that turns a 2xx response into the server's model; `outcome` decides what one
+attempt's response means (the answer, a retry after a delay, or an error) and `Waiting` what each
+event of a `wait` means, so the two clients only send, read and sleep."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -12,8 +16,9 @@ from typing import Any, Callable
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from serve_app.client.errors import RequestRejected, ServerError
-from serve_app.client.retry import RETRY_STATUSES
+from serve_app.client.errors import JobFailed, RequestRejected, ServerError, ServiceBusy, Unreachable
+from serve_app.client.events import JobEvent
+from serve_app.client.retry import RETRY_STATUSES, RetryPolicy, retry_after
 from serve_app.types import (
     EnhanceRequest,
     EnhanceResponse,
@@ -161,3 +166,78 @@ def raise_for(call: Call, response: httpx.Response) -> None:
     if 400 <= response.status_code < 500 and response.status_code not in RETRY_STATUSES:
         raise RequestRejected(response.status_code, detail_of(response), call.method, call.path)
     raise ServerError(response.status_code, detail_of(response))
+
+
+def outcome(call: Call, response: httpx.Response, retry: RetryPolicy, attempt: int, waited: float) -> tuple[Any, float | None]:
+    """What attempt `attempt` of `call` got, after `waited` seconds of waiting so far: (the parsed
+    answer, None), or (None, the seconds to wait before sending it again). Raises the client's error
+    for a refusal, or for 503/429 on a call that may not be retried or has no wait left."""
+    if response.status_code not in RETRY_STATUSES or call.path == "/healthz":
+        raise_for(call, response)
+        return call.parse(response), None
+    hint = retry_after(response.headers.get("Retry-After"))
+    delay = retry.delay(attempt, hint)
+    if not call.retryable or waited + delay > retry.max_wait_s:
+        raise ServiceBusy(response.status_code, detail_of(response), hint, attempt)
+    return None, delay
+
+
+@contextlib.contextmanager
+def reaching(where: str):
+    """A transport failure inside (no connection, a dropped stream) as `Unreachable`, naming `where`."""
+    try:
+        yield
+    except httpx.TransportError as error:
+        raise Unreachable(f"{where}: {type(error).__name__}: {error}") from error
+
+
+def finished(status: JobStatus) -> JobStatus:
+    """A succeeded job's status; a failed or cancelled one raises `JobFailed`."""
+    if status.state != "succeeded":
+        raise JobFailed(status)
+    return status
+
+
+class Waiting:
+    """One `wait` for a job: what each event, or each status read after a dropped stream, means, and
+    its deadline. The clients only read the stream and sleep between tries."""
+
+    def __init__(self, job_id: str, on_event: Callable[[JobEvent], object] | None, timeout_s: float | None):
+        self.job_id = job_id
+        self.on_event = on_event
+        self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    @contextlib.contextmanager
+    def reopening(self):
+        """A stream that drops inside (`Unreachable`) just ends, to be read again, until the deadline."""
+        try:
+            yield
+        except Unreachable:
+            if self.past_deadline():
+                raise
+
+    def event(self, event: JobEvent) -> JobStatus | None:
+        """The final status when `event` carries one, else None (raises past the deadline)."""
+        if self.on_event is not None:
+            self.on_event(event)
+        if event.event == "error":
+            raise RequestRejected(404, event.detail, "GET", f"/v1/jobs/{self.job_id}/events")
+        if event.job is not None:
+            return finished(event.job)
+        self._check(event.state or "running")
+        return None
+
+    def status(self, status: JobStatus) -> JobStatus | None:
+        """The final status when the job has finished, else None (raises past the deadline)."""
+        if status.state in ("succeeded", "failed", "cancelled"):
+            return finished(status)
+        self._check(status.state)
+        return None
+
+    def _check(self, state: str) -> None:
+        if self.past_deadline():
+            raise TimeoutError(f"job {self.job_id} still {state} after {self.timeout_s:g}s")

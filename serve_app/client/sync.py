@@ -8,24 +8,10 @@ from typing import Callable, Iterator
 import httpx
 from httpx_sse import connect_sse
 
+from serve_app import types
 from serve_app.client import calls
-from serve_app.client.errors import JobFailed, RequestRejected, ServiceBusy, Unreachable
 from serve_app.client.events import JobEvent
-from serve_app.client.retry import RETRY_STATUSES, RetryPolicy, retry_after
-from serve_app.types import (
-    EnhanceRequest,
-    EnhanceResponse,
-    ImageJobResult,
-    ImageRequest,
-    ImageResponse,
-    JobList,
-    JobStatus,
-    ScoreRequest,
-    ScoreResponse,
-    VideoJobResult,
-    VideoRequest,
-    VideoResponse,
-)
+from serve_app.client.retry import RetryPolicy
 
 STREAM_READ_TIMEOUT_S = 60.0  # the event stream sends a keep-alive every 15 s; silence past this is a lost stream
 
@@ -59,19 +45,19 @@ class Client:
 
     # Generation, scoring, prompts
 
-    def images(self, request: ImageRequest | dict | None = None, **fields) -> ImageResponse:
+    def images(self, request: types.ImageRequest | dict | None = None, **fields) -> types.ImageResponse:
         """POST /v1/images: generate, score, regenerate. Retried on 503/429 only with a `seed`."""
         return self._send(calls.images(request, fields))
 
-    def videos(self, request: VideoRequest | dict | None = None, **fields) -> VideoResponse:
+    def videos(self, request: types.VideoRequest | dict | None = None, **fields) -> types.VideoResponse:
         """POST /v1/videos (JSON): image-to-video, or text-to-video. Retried only with a `seed`."""
         return self._send(calls.videos(request, fields))
 
-    def enhance(self, request: EnhanceRequest | dict | None = None, **fields) -> EnhanceResponse:
+    def enhance(self, request: types.EnhanceRequest | dict | None = None, **fields) -> types.EnhanceResponse:
         """POST /v1/prompts/enhance: the prompt the model would see, and advice on it."""
         return self._send(calls.enhance(request, fields))
 
-    def scores(self, request: ScoreRequest | dict | None = None, **fields) -> ScoreResponse:
+    def scores(self, request: types.ScoreRequest | dict | None = None, **fields) -> types.ScoreResponse:
         """POST /v1/scores: score base64 images against a prompt."""
         return self._send(calls.scores(request, fields))
 
@@ -93,28 +79,28 @@ class Client:
 
     # Jobs
 
-    def submit(self, kind: str, request: ImageRequest | VideoRequest | dict,
-               idempotency_key: str | None = None) -> JobStatus:
+    def submit(self, kind: str, request: types.ImageRequest | types.VideoRequest | dict,
+               idempotency_key: str | None = None) -> types.JobStatus:
         """POST /v1/jobs. Sent with an Idempotency-Key (a fresh one unless given), so it is retried safely."""
         return self._send(calls.submit(kind, request, idempotency_key))
 
-    def submit_image(self, request: ImageRequest | dict | None = None, **fields) -> JobStatus:
-        return self.submit("image", calls._request(ImageRequest, request, fields))
+    def submit_image(self, request: types.ImageRequest | dict | None = None, **fields) -> types.JobStatus:
+        return self.submit("image", calls._request(types.ImageRequest, request, fields))
 
-    def submit_video(self, request: VideoRequest | dict | None = None, **fields) -> JobStatus:
-        return self.submit("video", calls._request(VideoRequest, request, fields))
+    def submit_video(self, request: types.VideoRequest | dict | None = None, **fields) -> types.JobStatus:
+        return self.submit("video", calls._request(types.VideoRequest, request, fields))
 
-    def job(self, job_id: str) -> JobStatus:
+    def job(self, job_id: str) -> types.JobStatus:
         return self._send(calls.job(job_id))
 
-    def jobs(self, state: str | None = None, limit: int = 20, cursor: str | None = None) -> JobList:
+    def jobs(self, state: str | None = None, limit: int = 20, cursor: str | None = None) -> types.JobList:
         """GET /v1/jobs: newest first; pass `next_cursor` back as `cursor` for older ones."""
         return self._send(calls.jobs(state, limit, cursor))
 
-    def cancel(self, job_id: str) -> JobStatus:
+    def cancel(self, job_id: str) -> types.JobStatus:
         return self._send(calls.cancel(job_id))
 
-    def result(self, job_id: str) -> ImageJobResult | VideoJobResult:
+    def result(self, job_id: str) -> types.ImageJobResult | types.VideoJobResult:
         return self._send(calls.result(job_id))
 
     def file(self, job_id: str, name: str) -> bytes:
@@ -122,7 +108,7 @@ class Client:
 
     def events(self, job_id: str) -> Iterator[JobEvent]:
         """The job's event stream, from its first state change to its final state."""
-        try:
+        with calls.reaching(self.url):
             with connect_sse(self._http, "GET", f"/v1/jobs/{job_id}/events",
                              timeout=httpx.Timeout(STREAM_READ_TIMEOUT_S, connect=10.0)) as source:
                 if source.response.status_code != 200:
@@ -130,36 +116,25 @@ class Client:
                     calls.raise_for(calls.job(job_id), source.response)
                 for sse in source.iter_sse():
                     yield JobEvent.from_sse(sse.event, sse.json())
-        except httpx.TransportError as error:
-            raise Unreachable(f"{self.url}: {type(error).__name__}: {error}") from error
 
     def wait(self, job_id: str, on_event: Callable[[JobEvent], None] | None = None,
-             timeout_s: float | None = None) -> JobStatus:
+             timeout_s: float | None = None) -> types.JobStatus:
         """Follow the job's events until it finishes; `on_event` sees each one (progress bars).
 
         Returns the final `JobStatus` of a succeeded job; raises `JobFailed` for a failed or
         cancelled one, `TimeoutError` past `timeout_s`. A dropped stream is reopened (it replays
         the state changes), so a restart of the ingress does not lose the wait."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        waiting = calls.Waiting(job_id, on_event, timeout_s)
         while True:
-            try:
+            with waiting.reopening():
                 for event in self.events(job_id):
-                    if on_event is not None:
-                        on_event(event)
-                    if event.event == "error":
-                        raise RequestRejected(404, event.detail, "GET", f"/v1/jobs/{job_id}/events")
-                    if event.job is not None:
-                        return _finished(event.job)
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise TimeoutError(f"job {job_id} still {event.state or 'running'} after {timeout_s:g}s")
-            except Unreachable:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise
+                    final = waiting.event(event)
+                    if final is not None:
+                        return final
             status = self.job(job_id)  # the stream ended early: the job may have finished meanwhile
-            if status.state in ("succeeded", "failed", "cancelled"):
-                return _finished(status)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {status.state} after {timeout_s:g}s")
+            final = waiting.status(status)
+            if final is not None:
+                return final
             self._sleep(self.retry.backoff_s)
 
     # The one place a call goes out
@@ -168,23 +143,11 @@ class Client:
         attempt, waited = 0, 0.0
         while True:
             attempt += 1
-            try:
+            with calls.reaching(f"{call.method} {self.url}{call.path}"):
                 response = self._http.request(call.method, call.path, json=call.json, params=call.params,
                                               headers=call.headers)
-            except httpx.TransportError as error:
-                raise Unreachable(f"{call.method} {self.url}{call.path}: {type(error).__name__}: {error}") from error
-            if response.status_code not in RETRY_STATUSES or call.path == "/healthz":
-                calls.raise_for(call, response)
-                return call.parse(response)
-            hint = retry_after(response.headers.get("Retry-After"))
-            delay = self.retry.delay(attempt, hint)
-            if not call.retryable or waited + delay > self.retry.max_wait_s:
-                raise ServiceBusy(response.status_code, calls.detail_of(response), hint, attempt)
+            answer, delay = calls.outcome(call, response, self.retry, attempt, waited)
+            if delay is None:
+                return answer
             self._sleep(delay)
             waited += delay
-
-
-def _finished(status: JobStatus) -> JobStatus:
-    if status.state != "succeeded":
-        raise JobFailed(status)
-    return status

@@ -14,6 +14,7 @@ nothing reaches a model and the session carries on.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from typing import Annotated, Callable
 
@@ -55,6 +56,15 @@ def _tool_error(error: Exception) -> ToolError:
     return ToolError(str(error))
 
 
+@contextlib.contextmanager
+def _tool_errors(*kinds: type[Exception]):
+    """The `kinds` of genserve error raised inside, as tool errors (`_tool_error`)."""
+    try:
+        yield
+    except kinds as error:
+        raise _tool_error(error) from None
+
+
 def _text(data) -> TextContent:
     return TextContent(type="text", text=json.dumps(data, separators=(",", ":")))
 
@@ -77,7 +87,8 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
                      "jobs and wait for them up to wait_s; poll a returned job id with get_job.",
     )
 
-    async def run_job(kind: str, request, wait_s: float, ctx: Context) -> tuple[Job, bool]:
+    async def run_job(kind: str, request, wait_s: float, ctx: Context) -> CallToolResult:
+        """Submit the job and wait up to `wait_s`: its result if it finished by then, else its id to poll."""
         jobs = services().jobs_api()
         submission = JobSubmission(kind=kind, request=request.model_dump(mode="json", exclude_unset=True))
         job, _, _ = await jobs.create(submission, _http_request(ctx))
@@ -93,7 +104,9 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
 
         await ctx.report_progress(0, None, job.state)
         finished = await jobs.wait(job.id, wait_s, on_change=progress)
-        return (finished or job), finished is not None and finished.finished
+        if finished is not None and finished.finished:
+            return await finished_result(finished, ctx)
+        return pending(finished or job)
 
     def pending(job: Job) -> CallToolResult:
         return _structured(({
@@ -127,11 +140,8 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
     async def generate_image(request: ImageRequest, ctx: Context, wait_s: WaitSeconds = 30.0) -> CallToolResult:
         """Generate images from a prompt (enhance, generate, score, regenerate below the quality threshold).
         `request` is POST /v1/images's body. Returns the PNGs, or a job id if it takes longer than wait_s."""
-        try:
-            job, done = await run_job("image", request, wait_s, ctx)
-            return await finished_result(job, ctx) if done else pending(job)
-        except (RequestError, JobError) as error:
-            raise _tool_error(error) from None
+        with _tool_errors(RequestError, JobError):
+            return await run_job("image", request, wait_s, ctx)
 
     async def edit_request(request: ImageRequest, source_job_id: str | None, source_image: int,
                            ctx: Context) -> ImageRequest:
@@ -163,27 +173,21 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
         """Edit an image: image-to-image from request.init_image (or an image of a finished job, source_job_id),
         or inpainting where request.mask is white. `strength` (0-1) says how much changes. `request` is
         POST /v1/images's body. Returns the PNGs, or a job id if it takes longer than wait_s."""
-        try:
-            job, done = await run_job("image", await edit_request(request, source_job_id, source_image, ctx), wait_s, ctx)
-            return await finished_result(job, ctx) if done else pending(job)
-        except (RequestError, JobError) as error:
-            raise _tool_error(error) from None
+        with _tool_errors(RequestError, JobError):
+            return await run_job("image", await edit_request(request, source_job_id, source_image, ctx), wait_s, ctx)
 
     @server.tool()
     async def generate_video(request: VideoRequest, ctx: Context, wait_s: WaitSeconds = 30.0) -> CallToolResult:
         """Image-to-video or text-to-video with a video model (`model`, see list_models: SVD animates an
         image or a keyframe drawn from the prompt; LTX-Video and AnimateDiff take the prompt natively).
         `request` is POST /v1/videos's body. Returns a link to the video file, or a job id past wait_s."""
-        try:
-            job, done = await run_job("video", request, wait_s, ctx)
-            return await finished_result(job, ctx) if done else pending(job)
-        except (RequestError, JobError) as error:
-            raise _tool_error(error) from None
+        with _tool_errors(RequestError, JobError):
+            return await run_job("video", request, wait_s, ctx)
 
     @server.tool()
     async def get_job(job_id: JobId, ctx: Context, wait_s: WaitSeconds = 0.0) -> CallToolResult:
         """A job's state and progress; its result (images, or a link to the video) once it has succeeded."""
-        try:
+        with _tool_errors(JobError):
             jobs = services().jobs_api()
             job, position = await jobs.find(job_id, _http_request(ctx))
             if not job.finished and wait_s > 0:
@@ -191,34 +195,26 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
             if job.finished:
                 return await finished_result(job, ctx)
             return _structured(jobs.render(job, position, _http_request(ctx)).model_dump(mode="json"))
-        except JobError as error:
-            raise _tool_error(error) from None
 
     @server.tool()
     async def cancel_job(job_id: JobId, ctx: Context) -> CallToolResult:
         """Cancel a queued or running job (a running one stops within a denoising step or two)."""
-        try:
+        with _tool_errors(JobError):
             jobs = services().jobs_api()
             job, position = await jobs.cancel_job(job_id, _http_request(ctx))
             return _structured(jobs.render(job, position, _http_request(ctx)).model_dump(mode="json"))
-        except JobError as error:
-            raise _tool_error(error) from None
 
     @server.tool()
     async def enhance_prompt(request: EnhanceRequest) -> CallToolResult:
         """The prompt a model would see for an idea (style, quality modifiers), with advice; nothing is generated."""
-        try:
+        with _tool_errors(RequestError):
             return _structured((await services().images.enhance_prompt(request)).model_dump(mode="json"))
-        except RequestError as error:
-            raise _tool_error(error) from None
 
     @server.tool()
     async def score_images(request: ScoreRequest) -> CallToolResult:
         """Score base64 images against a prompt (CLIP alignment, aesthetic, LAION, aspects, pixel statistics)."""
-        try:
+        with _tool_errors(RequestError):
             return _structured((await services().scores.score(request)).model_dump(mode="json"))
-        except RequestError as error:
-            raise _tool_error(error) from None
 
     @server.tool()
     async def list_models() -> CallToolResult:
