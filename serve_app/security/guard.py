@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlencode
 
 from deployments.names import SCOPES
 from serve_app.config import ClientLimits
-from serve_app.security.keys import KeyLimits, KeyRing
+from serve_app.security.keys import RESERVED_ID, KeyLimits, KeyRing
 from serve_app.security.limiter import KeyLimiter, LimitExceeded
 
 logger = logging.getLogger("ray.serve")
@@ -42,7 +42,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD"})
 ADMIN_PREFIX = "/v1/admin/"
 JOBS_PREFIX = "/v1/jobs"
 FILE_ROUTE = "/files/"
-LOCAL_OWNER = "local"  # the owner of jobs made without keys (loopback or allow_unauthenticated)
+LOCAL_OWNER = RESERVED_ID  # the owner of jobs made without keys (loopback or allow_unauthenticated)
 
 UNAUTHORIZED = "missing or invalid API key: send `Authorization: Bearer <key>`"
 NO_KEYS = ("this service has no API keys configured, so it answers only clients on its own machine (loopback). "

@@ -1,0 +1,115 @@
+"""Safe on a shared network (issue 26): who counts as local, signed URLs that cannot crash the app
+or outlive their key, the keys file's mode and reserved id, OPTIONS behind the gate, and
+`genserve serve`'s bind check. On the real app (`build_api`) through Starlette's TestClient: no Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.testclient import TestClient
+
+from serve_app.api.app import build_api
+from serve_app.cli import loose_keys_files, main
+from serve_app.security.guard import Auth, principal
+from serve_app.security.keys import KeyRing, key_entry_yaml, new_key
+
+LOOPBACK = ("127.0.0.1", 40000)
+PROXY = ("10.1.2.3", 40000)
+REMOTE = ("203.0.113.7", 40000)
+FILE = "/v1/jobs/abc/files/image-0.png"
+
+
+def _keys_file(path: Path, **extra) -> dict[str, str]:
+    """A keys file (mode 600) with keys gen and admin (and `extra` fields on gen); their keys and ids."""
+    made, entries = {}, []
+    for name, scopes in (("gen", ["generate", "read"]), ("admin", ["admin"])):
+        key_id, key = new_key()
+        entry = key_entry_yaml(key_id, name, key, scopes)
+        entries.append({**entry, **(extra if name == "gen" else {})})
+        made[name], made[f"{name}_id"] = key, key_id
+    path.write_text(yaml.safe_dump({"url_signing_secret": "s" * 64, "keys": entries}))
+    path.chmod(0o600)
+    return made
+
+
+def _app(auth: Auth | None, trusted_proxies=(), cors_origins=()):
+    api = build_api(cors_origins=cors_origins, trusted_proxies=trusted_proxies)
+    if auth is not None:
+        api.state.auth = auth
+
+    @api.get("/v1/test/whoami")
+    async def whoami(request: Request) -> dict:
+        return {"key_id": principal(request).key_id, "scopes": sorted(principal(request).scopes)}
+
+    @api.get("/v1/admin/test-probe")
+    async def probe() -> dict:
+        return {"ok": True}
+
+    return api
+
+
+def _client(app, client=LOOPBACK) -> TestClient:
+    return TestClient(app, client=client, raise_server_exceptions=False)
+
+
+# 6. The keys file
+
+
+@pytest.mark.parametrize("key_id", ["local", "LOCAL"])
+def test_the_key_id_local_is_reserved(tmp_path, key_id):
+    with pytest.raises(ValidationError, match="reserved"):
+        key_entry_yaml(key_id, "x", new_key()[1], ["read"])
+    path = tmp_path / "keys.yaml"
+    entry = {**key_entry_yaml("k_1", "x", new_key()[1], ["read"]), "id": key_id}
+    path.write_text(yaml.safe_dump({"keys": [entry]}))
+    with pytest.raises(ValueError, match="'local' owns the jobs made without keys"):
+        KeyRing(path)
+
+
+def test_a_keys_file_others_can_read_is_warned_about(tmp_path, caplog):
+    path = tmp_path / "keys.yaml"
+    _keys_file(path)
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        KeyRing(path)
+    assert not [record for record in caplog.records if "chmod 600" in record.getMessage()]
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        KeyRing(path)
+    assert [record for record in caplog.records if "mode 0644" in record.getMessage()
+            and f"chmod 600 {path}" in record.getMessage()]
+    raw = {"applications": [{"name": "genserve", "args": {"auth": {"keys_file": str(path)}}}]}
+    assert len(loose_keys_files(raw)) == 1
+    path.chmod(0o600)
+    assert loose_keys_files(raw) == []
+
+
+def _dev_config(tmp_path, keys_file: Path) -> Path:
+    config = yaml.safe_load((Path(__file__).parents[2] / "configs" / "dev.yaml").read_text())
+    config["applications"][0].setdefault("args", {}).setdefault("auth", {})["keys_file"] = str(keys_file)
+    out = tmp_path / "config.yaml"
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+def test_genserve_serve_strict_refuses_a_keys_file_others_can_read(tmp_path, capsys):
+    keys_file = tmp_path / "keys.yaml"
+    _keys_file(keys_file)
+    keys_file.chmod(0o640)
+    assert main(["serve", str(_dev_config(tmp_path, keys_file)), "--strict"]) == 2  # before any Ray process starts
+    err = capsys.readouterr().err
+    assert "refusing to start" in err and "mode 0640" in err and f"chmod 600 {keys_file}" in err
+
+
+def test_genserve_keys_create_tightens_a_loose_file_and_says_so(tmp_path, capsys):
+    keys_file = tmp_path / "keys.yaml"
+    _keys_file(keys_file)
+    keys_file.chmod(0o644)
+    assert main(["keys", "create", "carol", "--file", str(keys_file)]) == 0
+    assert os.stat(keys_file).st_mode & 0o777 == 0o600
+    assert "url_signing_secret may have been read" in capsys.readouterr().err
