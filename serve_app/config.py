@@ -528,7 +528,12 @@ class AuthConfig(_Strict):
                     "which more than one Ingress replica accepts only when set explicitly.",
     )
     signed_url_ttl_s: float = Field(3600.0, gt=0, le=7 * 86400,
-                                    description="How long a signed job file URL stays valid.")
+                                    description="How long a signed job file URL stays valid (while its key does).")
+    signed_downloads_per_minute: int | None = Field(
+        600, ge=1,
+        description="Signed file URL downloads (sent without a key) one client address may make in any 60 s; 429 "
+                    "past it. None: no limit.",
+    )
     client_limits: ClientLimits = Field(
         default_factory=ClientLimits,
         description="Per-client limits on synchronous requests (every non-GET outside /v1/jobs and /v1/admin): a "

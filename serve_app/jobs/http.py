@@ -356,7 +356,8 @@ class JobsApi:
         """The file's URL; signed and expiring when the app has keys, so a browser can load it."""
         path = f"/v1/jobs/{job_id}/files/{name}"
         auth = request_auth(request)
-        return request.scope.get("root_path", "") + (auth.sign_path(path) if auth is not None else path)
+        signed = auth.sign_path(path, principal(request).key_id) if auth is not None else path
+        return request.scope.get("root_path", "") + signed
 
     def render(self, job: Job, position: int | None, request: Request) -> JobStatus:
         base = self._base(request, job.id)

@@ -5,8 +5,9 @@ app the Ingress serves, whether under `serve run`, `genserve serve` or KubeRay.
 Every route needs a key unless it is on the public allow-list (`PUBLIC_PATHS`, `PUBLIC_PREFIXES`):
 a route added later is protected without anyone remembering to protect it. Safe methods (GET,
 HEAD) need `read`; every other method needs `generate`; `/v1/admin/` needs `admin` (which implies
-the others). A job file URL signed by `sign_path` is served without a key until it expires, for
-browsers loading `<img src>`.
+the others). A job file URL signed by `sign_path` is served without a key until it expires or
+the key that asked for it stops being usable, for browsers loading `<img src>`; such downloads
+are limited per client address.
 
 Without a keys file, only loopback clients are answered (403 for others, saying how to add keys),
 unless `auth.allow_unauthenticated` is set; such callers act as one local owner with every scope.
@@ -20,6 +21,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from urllib.parse import parse_qs, urlencode
 
 from deployments.names import SCOPES
 from serve_app.config import ClientLimits
-from serve_app.security.keys import RESERVED_ID, KeyLimits, KeyRing
+from serve_app.security.keys import RESERVED_ID, KeyEntry, KeyLimits, KeyRing
 from serve_app.security.limiter import KeyLimiter, LimitExceeded
 
 logger = logging.getLogger("ray.serve")
@@ -73,7 +75,6 @@ class Principal:
 
 
 LOCAL = Principal(LOCAL_OWNER, frozenset(SCOPES))
-SIGNED = Principal("", frozenset({"read"}), signed_url=True)
 
 
 def required_scope(method: str, path: str) -> str:
@@ -118,13 +119,14 @@ class Auth:
 
     def __init__(self, keys_file: str | None, allow_unauthenticated: bool = False, limits_storage: str = "memory://",
                  signed_url_ttl_s: float = 3600.0, metrics: bool = True, hold_s: float = 1200.0,
-                 client_limits: ClientLimits | None = None):
+                 client_limits: ClientLimits | None = None, signed_downloads_per_minute: int | None = 600):
         self.keys = KeyRing(keys_file) if keys_file else None
         self.allow_unauthenticated = allow_unauthenticated
         self.client_limits = client_limits or ClientLimits()
         limited = self.client_limits.concurrent_requests is not None or self.client_limits.requests_per_minute is not None
         self.limiter = KeyLimiter(limits_storage, hold_s=hold_s) if self.keys is not None or limited else None
         self.signed_url_ttl_s = signed_url_ttl_s
+        self.signed_downloads_per_minute = signed_downloads_per_minute
         self._requests = None
         if metrics and self.keys is not None:
             from ray.serve.metrics import Counter
@@ -136,7 +138,8 @@ class Auth:
     @classmethod
     def from_config(cls, config, limits_storage: str, metrics: bool = True, hold_s: float = 1200.0) -> "Auth":
         return cls(config.keys_file, config.allow_unauthenticated, limits_storage, config.signed_url_ttl_s,
-                   metrics=metrics, hold_s=hold_s, client_limits=config.client_limits)
+                   metrics=metrics, hold_s=hold_s, client_limits=config.client_limits,
+                   signed_downloads_per_minute=config.signed_downloads_per_minute)
 
     def count(self, key_id: str, outcome: str) -> None:
         if self._requests is not None:
@@ -162,6 +165,11 @@ class Auth:
         return await self._limiter_call(self.limiter.acquire, client, limits, self.client_limits.concurrent_requests,
                                         who)
 
+    async def admit_download(self, address: str) -> None:
+        """Count a signed file download of a client address (raises LimitExceeded)."""
+        if self.limiter is not None:
+            await self._limiter_call(self.limiter.hit_download, address, self.signed_downloads_per_minute)
+
     async def charge_images(self, who: Principal, images: int) -> None:
         """Charge a request's images against its key's daily budget (raises LimitExceeded)."""
         if self.limiter is not None and who.key_id != LOCAL_OWNER:
@@ -176,31 +184,44 @@ class Auth:
     def _secret(self) -> bytes | None:
         return None if self.keys is None else self.keys.signing_secret()
 
-    def sign_path(self, path: str, now: float | None = None) -> str:
-        """`path` with `expires` and `sig` query parameters; unchanged when there is nothing to sign with."""
+    def sign_path(self, path: str, key_id: str, now: float | None = None) -> str:
+        """`path` with `expires`, `kid` and `sig` query parameters; unchanged when there is nothing to
+        sign with. The signature covers the key id that asked, so the URL dies with that key."""
         secret = self._secret()
         if secret is None:
             return path
         expires = int((time.time() if now is None else now) + self.signed_url_ttl_s)
-        return f"{path}?{urlencode({'expires': expires, 'sig': _signature(secret, path, expires)})}"
+        sig = _signature(secret, path, expires, key_id)
+        return f"{path}?{urlencode({'expires': expires, 'kid': key_id, 'sig': sig})}"
 
-    def signed(self, path: str, query: bytes, now: float | None = None) -> bool:
+    def signed(self, path: str, query: bytes, now: float | None = None) -> KeyEntry | None:
+        """The key a valid signed URL was made for, while that key is usable and may read; else None.
+        Nothing the query holds reaches `compare_digest` unless it is 64 hex digits (ASCII): any
+        other str would make it raise TypeError, a 500 for a crafted URL."""
         secret = self._secret()
         if secret is None or not query:
-            return False
+            return None
         params = parse_qs(query.decode("latin-1"))
         try:
             expires = int(params["expires"][0])
+            key_id = params["kid"][0]
             sig = params["sig"][0]
         except (KeyError, IndexError, ValueError):
-            return False
-        if expires < (time.time() if now is None else now):
-            return False
-        return hmac.compare_digest(sig, _signature(secret, path, expires))
+            return None
+        now = time.time() if now is None else now
+        if expires < now or not _HEX64.fullmatch(sig):
+            return None
+        if not hmac.compare_digest(sig.lower().encode("ascii"), _signature(secret, path, expires, key_id).encode()):
+            return None
+        entry = self.keys.usable_entry(key_id, now)  # and it may still read what it signed
+        return entry if entry is not None and {"read", "admin"} & set(entry.scopes) else None
 
 
-def _signature(secret: bytes, path: str, expires: int) -> str:
-    return hmac.new(secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _signature(secret: bytes, path: str, expires: int, key_id: str) -> str:
+    return hmac.new(secret, f"{path}\n{expires}\n{key_id}".encode(), hashlib.sha256).hexdigest()
 
 
 def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -259,9 +280,14 @@ class Guard:
                 return await self._limited(auth, client_address(scope), KeyLimits(), sync, "this client address",
                                            scope, receive, send)
             return await _answer(send, 403, {"detail": NO_KEYS}, scope=scope)
-        if (method in SAFE_METHODS and path.startswith(JOBS_PREFIX + "/") and FILE_ROUTE in path
-                and auth.signed(path, scope.get("query_string", b""))):
-            scope.setdefault("state", {})["principal"] = SIGNED  # the signature is the grant
+        signer = (auth.signed(path, scope.get("query_string", b""))
+                  if method in SAFE_METHODS and path.startswith(JOBS_PREFIX + "/") and FILE_ROUTE in path else None)
+        if signer is not None:  # the signature is the grant, while the key that asked for it is usable
+            scope.setdefault("state", {})["principal"] = Principal(signer.id, frozenset({"read"}), signed_url=True)
+            try:
+                await auth.admit_download(client_address(scope))
+            except LimitExceeded as error:
+                return await _answer(send, 429, error.body(), limit_response_headers(error), scope=scope)
             return await self.app(scope, receive, send)
         token = _bearer(scope.get("headers", []))
         entry = keys.authenticate(token) if token is not None else None

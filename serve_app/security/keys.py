@@ -182,6 +182,11 @@ class KeyRing:
         now = time.time() if now is None else now
         return found if found is not None and found.usable(now) else None
 
+    def usable_entry(self, key_id: str, now: float | None = None) -> KeyEntry | None:
+        """The entry with this id while it is usable (neither revoked, expired nor deleted), else None."""
+        now = time.time() if now is None else now
+        return next((entry for entry in self._fresh().keys if entry.id == key_id and entry.usable(now)), None)
+
     def entries(self) -> list[KeyEntry]:
         return list(self._fresh().keys)
 

@@ -7,6 +7,7 @@
   expires after `hold_s`, so a replica that dies mid-request cannot leave it stuck).
 - per client (auth.client_limits): the same concurrency counter and a moving window of
   synchronous requests, keyed by the API key or, without one, by `addr:<remote address>`.
+- signed file downloads (no key sent): a moving window per client address.
 - daily images: a fixed window of one day, charged with the request's image count when it is
   accepted (a video charges its frames). Images are what a client asks for and can predict;
   GPU-seconds are only known afterwards and differ by GPU, so a budget in them could not be checked
@@ -88,14 +89,24 @@ class KeyLimiter:
     def hit_sync(self, client: str, per_minute: int | None) -> None:
         """Count a synchronous request of `client` against auth.client_limits.requests_per_minute
         (a window of its own: a key's requests_per_minute counts every request, this only these)."""
+        self._hit_window("sync-rpm", client, per_minute, "sync_requests_per_minute",
+                         f"rate limit: {per_minute} synchronous requests per minute for this client "
+                         "(auth.client_limits)")
+
+    def hit_download(self, address: str, per_minute: int | None) -> None:
+        """Count a signed file download (no key sent) of a client address against
+        auth.signed_downloads_per_minute: a leaked URL cannot be fetched without bound."""
+        self._hit_window("signed-rpm", address, per_minute, "signed_downloads_per_minute",
+                         f"rate limit: {per_minute} signed file downloads per minute for this client address "
+                         "(auth.signed_downloads_per_minute)")
+
+    def _hit_window(self, window: str, client: str, per_minute: int | None, limit: str, detail: str) -> None:
         if per_minute is None:
             return
         item = RateLimitItemPerMinute(per_minute, namespace=NAMESPACE)
-        if not self.moving.hit(item, "sync-rpm", client):
-            reset = self.moving.get_window_stats(item, "sync-rpm", client).reset_time
-            raise LimitExceeded("sync_requests_per_minute", per_minute, reset,
-                                f"rate limit: {per_minute} synchronous requests per minute for this client "
-                                "(auth.client_limits)")
+        if not self.moving.hit(item, window, client):
+            reset = self.moving.get_window_stats(item, window, client).reset_time
+            raise LimitExceeded(limit, per_minute, reset, detail)
 
     def release(self, key_id: str) -> None:
         self.storage.incr(self._concurrency_key(key_id), int(self.hold_s), -1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from starlette.testclient import TestClient
 
 from serve_app.api.app import build_api
 from serve_app.cli import loose_keys_files, main
+from serve_app.config import AuthConfig
+from serve_app.security import keys as keys_module
 from serve_app.security.guard import Auth, principal
 from serve_app.security.keys import KeyRing, key_entry_yaml, new_key
 
@@ -56,6 +59,80 @@ def _app(auth: Auth | None, trusted_proxies=(), cors_origins=()):
 
 def _client(app, client=LOOPBACK) -> TestClient:
     return TestClient(app, client=client, raise_server_exceptions=False)
+
+
+# 3. and 4. Signed URLs
+
+
+@pytest.fixture
+def signing(tmp_path):
+    keys = _keys_file(tmp_path / "keys.yaml")
+    auth = Auth(str(tmp_path / "keys.yaml"), metrics=False, signed_downloads_per_minute=3)
+    return keys, auth, _client(_app(auth), REMOTE)
+
+
+@pytest.mark.parametrize("sig", ["%C3%A9", "%00", "e" * 63, "e" * 65, "g" * 64, "%C3%A9" * 32])
+def test_a_crafted_signature_is_401_not_500(signing, sig):
+    keys, auth, client = signing
+    expires = int(time.time()) + 600
+    response = client.get(f"{FILE}?expires={expires}&kid={keys['gen_id']}&sig={sig}")
+    assert response.status_code == 401, response.text
+    assert client.get(f"{FILE}?expires={expires}&sig={sig}").status_code == 401
+
+
+def test_a_signed_url_is_bound_to_the_key_that_asked_for_it(signing):
+    keys, auth, client = signing
+    url = auth.sign_path(FILE, keys["gen_id"])
+    assert client.get(url).status_code not in (401, 403, 429), "past the Guard (the route has no services here)"
+    other = url.replace(f"kid={keys['gen_id']}", f"kid={keys['admin_id']}")
+    assert client.get(other).status_code == 401, "the signature covers the key id"
+    unknown = auth.sign_path(FILE, "k_gone")
+    assert client.get(unknown).status_code == 401, "a key id the keys file does not hold signs nothing"
+
+
+@pytest.mark.parametrize("change", [{"revoked": True}, {"expires_at": "2020-01-01T00:00:00Z"}, {"scopes": ["generate"]},
+                                    None], ids=["revoked", "expired", "no-read-scope", "deleted"])
+def test_a_signed_url_dies_with_its_key(tmp_path, monkeypatch, change):
+    path = tmp_path / "keys.yaml"
+    keys = _keys_file(path)
+    auth = Auth(str(path), metrics=False)
+    client = _client(_app(auth), REMOTE)
+    url = auth.sign_path(FILE, keys["gen_id"])
+    assert client.get(url).status_code != 401
+    monkeypatch.setattr(keys_module, "RELOAD_CHECK_S", 0.0)
+    data = yaml.safe_load(path.read_text())
+    if change is None:  # the entry deleted
+        data["keys"] = [entry for entry in data["keys"] if entry["id"] != keys["gen_id"]]
+    else:
+        data["keys"][0].update(change)
+    path.write_text(yaml.safe_dump(data) + "\n")
+    assert client.get(url).status_code == 401
+
+
+def test_job_file_urls_are_signed_for_the_key_whose_request_made_them(signing):
+    from starlette.requests import Request as Incoming
+
+    from serve_app.jobs.http import JobsApi
+    from serve_app.security.guard import Principal
+
+    keys, auth, client = signing
+    asking = Principal(keys["gen_id"], frozenset({"generate", "read"}))
+    request = Incoming({"type": "http", "app": client.app, "root_path": "/api", "headers": [],
+                        "state": {"principal": asking}})
+    url = JobsApi._file_url(request, "abc", "image-0.png")
+    assert url.startswith(f"/api{FILE}?") and f"kid={keys['gen_id']}" in url
+    assert auth.signed(FILE, url.split("?")[1].encode()).id == keys["gen_id"]
+
+
+def test_signed_downloads_are_limited_per_client_address(signing):
+    keys, auth, client = signing
+    url = auth.sign_path(FILE, keys["gen_id"])
+    assert [client.get(url).status_code == 429 for _ in range(3)] == [False] * 3
+    limited = client.get(url)
+    assert limited.status_code == 429 and limited.json()["limit"] == "signed_downloads_per_minute"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert _client(client.app, ("198.51.100.1", 1)).get(url).status_code != 429, "per address"
+    assert AuthConfig().signed_downloads_per_minute == 600, "on by default"
 
 
 # 6. The keys file
