@@ -516,8 +516,10 @@ class AuthConfig(_Strict):
     )
     allow_unauthenticated: bool = Field(
         False,
-        description="With no keys_file, answer clients on any address. Off: only loopback clients "
-                    "(others get 403 saying how to add keys).",
+        description="With no keys_file, answer clients on any address, deliberately open: every caller is one owner "
+                    "with the generate and read scopes (never admin); per-address client_limits still apply. Off: only "
+                    "callers on this machine, not forwarded by a proxy, are answered (others get 403 saying how to "
+                    "add keys).",
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins browsers may call the API from (CORS). Empty: CORS off.")
@@ -541,9 +543,11 @@ class AuthConfig(_Strict):
     )
     trusted_proxies: list[str] = Field(
         default_factory=list,
-        description="Addresses or networks (10.0.0.0/8) of reverse proxies or load balancers whose X-Forwarded-For "
-                    "names the client: its address then counts as the client's (per-address limits, loopback "
-                    "check). Empty: the TCP peer is the client.",
+        description="Addresses or networks (10.0.0.0/8; never a /0) of reverse proxies or load balancers whose "
+                    "X-Forwarded-For names the client: its address then counts as the client's (per-address limits). "
+                    "A forwarded request is never a local caller. Needs keys_file or allow_unauthenticated. Empty: "
+                    "the client is the peer Ray's HTTP proxy reports (which itself applies X-Forwarded-For sent from "
+                    "127.0.0.1 or ::1).",
     )
 
     @field_validator("trusted_proxies")
@@ -553,10 +557,22 @@ class AuthConfig(_Strict):
 
         for entry in value:
             try:
-                ipaddress.ip_network(entry, strict=False)
+                network = ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network (10.0.0.0/8)") from None
+            if network.prefixlen == 0:
+                raise ValueError(f"trusted_proxies: {entry!r} trusts every address, so any client could name "
+                                 "itself; list the proxies' own addresses or networks") from None
         return value
+
+    @model_validator(mode="after")
+    def _proxies_need_keys_or_open(self) -> "AuthConfig":
+        # Without keys, who may call is decided by address alone; a trusted X-Forwarded-For lets
+        # a proxy's clients pick the address they are counted as, so it must be a deliberate choice.
+        if self.trusted_proxies and self.keys_file is None and not self.allow_unauthenticated:
+            raise ValueError("trusted_proxies needs API keys (auth.keys_file), or auth.allow_unauthenticated: true "
+                             "for a service deliberately open to every client the proxies forward")
+        return self
 
     @property
     def limits_clients(self) -> bool:

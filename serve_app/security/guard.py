@@ -9,8 +9,9 @@ the others). A job file URL signed by `sign_path` is served without a key until 
 the key that asked for it stops being usable, for browsers loading `<img src>`; such downloads
 are limited per client address.
 
-Without a keys file, only loopback clients are answered (403 for others, saying how to add keys),
-unless `auth.allow_unauthenticated` is set; such callers act as one local owner with every scope.
+Without a keys file, only callers on this machine are answered (loopback, and not forwarded by a
+proxy: `is_local`), as one local owner with every scope; others get 403 saying how to add keys.
+`auth.allow_unauthenticated` answers every caller as that owner, without the admin scope.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ SAFE_METHODS = frozenset({"GET", "HEAD"})
 ADMIN_PREFIX = "/v1/admin/"
 JOBS_PREFIX = "/v1/jobs"
 FILE_ROUTE = "/files/"
-LOCAL_OWNER = RESERVED_ID  # the owner of jobs made without keys (loopback or allow_unauthenticated)
+LOCAL_OWNER = RESERVED_ID  # the owner of jobs made without keys (on this machine, or allow_unauthenticated)
 
 UNAUTHORIZED = "missing or invalid API key: send `Authorization: Bearer <key>`"
-NO_KEYS = ("this service has no API keys configured, so it answers only clients on its own machine (loopback). "
+NO_KEYS = ("this service has no API keys configured, so it answers only clients on its own machine (loopback, "
+           "not forwarded by a proxy). "
            "To serve other clients, create a key with `genserve keys create NAME --file keys.yaml` and set "
            "auth.keys_file: keys.yaml in the config (docs/security.md); or, on a network you trust, set "
            "auth.allow_unauthenticated: true.")
@@ -74,7 +76,9 @@ class Principal:
         return scope in self.scopes or self.admin
 
 
-LOCAL = Principal(LOCAL_OWNER, frozenset(SCOPES))
+LOCAL = Principal(LOCAL_OWNER, frozenset(SCOPES))  # a caller on this machine, without keys
+# auth.allow_unauthenticated: every caller; never admin, since any of them may be anyone.
+OPEN = Principal(LOCAL_OWNER, frozenset(SCOPES) - {"admin"})
 
 
 def required_scope(method: str, path: str) -> str:
@@ -87,6 +91,22 @@ def is_public(method: str, path: str) -> bool:
     if path in PUBLIC_PATHS:
         return True
     return method in SAFE_METHODS and (path in PUBLIC_GET_PATHS or path.startswith(PUBLIC_PREFIXES))
+
+
+# Headers by which a proxy says it forwards another client's request (uvicorn, so also Ray's HTTP
+# proxy, applies X-Forwarded-For sent from 127.0.0.1 and ::1 by default).
+FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
+
+
+def is_local(scope) -> bool:
+    """A caller on this machine itself, which without keys may act as the local owner: its address
+    is loopback and no proxy header says it speaks for another client. Without such a header no
+    middleware has replaced the client, so the address is the TCP peer the server saw; with one,
+    the request came through a proxy (nginx, a sidecar, a port-forward), and its client is not
+    local whatever address the header names."""
+    if any(name in FORWARDING_HEADERS for name, _ in scope.get("headers", ())):
+        return False
+    return is_loopback(scope.get("client"))
 
 
 def is_loopback(client) -> bool:
@@ -272,14 +292,23 @@ class Guard:
         keys = auth.keys if auth is not None else None
         sync = method not in SAFE_METHODS and not path.startswith((JOBS_PREFIX, ADMIN_PREFIX))
         if keys is None:
-            if (auth is not None and auth.allow_unauthenticated) or is_loopback(scope.get("client")):
-                scope.setdefault("state", {})["principal"] = LOCAL
-                if auth is None or auth.limiter is None:
-                    return await self.app(scope, receive, send)
-                # No key to tell clients apart: each remote address is one client.
-                return await self._limited(auth, client_address(scope), KeyLimits(), sync, "this client address",
-                                           scope, receive, send)
-            return await _answer(send, 403, {"detail": NO_KEYS}, scope=scope)
+            if auth is not None and auth.allow_unauthenticated:
+                who = OPEN
+            elif is_local(scope):
+                who = LOCAL
+            else:
+                return await _answer(send, 403, {"detail": NO_KEYS}, scope=scope)
+            needed = required_scope(method, path)
+            if not who.allows(needed):
+                return await _answer(send, 403, {"detail": f"{method} {path} needs the {needed!r} scope, which "
+                                                           "auth.allow_unauthenticated never grants; use API keys",
+                                                 "scope": needed}, scope=scope)
+            scope.setdefault("state", {})["principal"] = who
+            if auth is None or auth.limiter is None:
+                return await self.app(scope, receive, send)
+            # No key to tell clients apart: each remote address is one client.
+            return await self._limited(auth, client_address(scope), KeyLimits(), sync, "this client address",
+                                       scope, receive, send)
         signer = (auth.signed(path, scope.get("query_string", b""))
                   if method in SAFE_METHODS and path.startswith(JOBS_PREFIX + "/") and FILE_ROUTE in path else None)
         if signer is not None:  # the signature is the grant, while the key that asked for it is usable

@@ -17,9 +17,9 @@ from starlette.testclient import TestClient
 
 from serve_app.api.app import build_api
 from serve_app.cli import loose_keys_files, main
-from serve_app.config import AuthConfig
+from serve_app.config import AppArgs, AuthConfig
 from serve_app.security import keys as keys_module
-from serve_app.security.guard import Auth, principal
+from serve_app.security.guard import NO_KEYS, Auth, principal
 from serve_app.security.keys import KeyRing, key_entry_yaml, new_key
 
 LOOPBACK = ("127.0.0.1", 40000)
@@ -59,6 +59,65 @@ def _app(auth: Auth | None, trusted_proxies=(), cors_origins=()):
 
 def _client(app, client=LOOPBACK) -> TestClient:
     return TestClient(app, client=client, raise_server_exceptions=False)
+
+
+# 1. Loopback trust
+
+
+def test_a_keyless_config_with_trusted_proxies_fails_to_load_naming_them():
+    with pytest.raises(ValidationError, match="trusted_proxies needs API keys"):
+        AuthConfig(trusted_proxies=["10.0.0.0/8"])
+    with pytest.raises(ValidationError, match="trusted_proxies"):
+        AppArgs.model_validate({"auth": {"trusted_proxies": ["10.0.0.0/8"]}})
+    AuthConfig(trusted_proxies=["10.0.0.0/8"], allow_unauthenticated=True)  # deliberately open
+    AuthConfig(trusted_proxies=["10.0.0.0/8"], keys_file="keys.yaml")
+
+
+@pytest.mark.parametrize("network", ["0.0.0.0/0", "::/0", "10.0.0.0/0"])
+def test_a_proxy_range_of_every_address_is_a_config_error(network):
+    with pytest.raises(ValidationError, match=rf"trusted_proxies: '{network}' trusts every address"):
+        AuthConfig(trusted_proxies=[network], keys_file="keys.yaml")
+
+
+def test_with_keys_a_forwarded_loopback_address_without_a_key_gets_401(tmp_path):
+    keys = _keys_file(tmp_path / "keys.yaml")
+    app = _app(Auth(str(tmp_path / "keys.yaml"), metrics=False), trusted_proxies=["203.0.113.0/24"])
+    client = _client(app, REMOTE)  # inside the trusted range
+    assert client.get("/v1/test/whoami", headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 401
+    keyed = client.get("/v1/test/whoami", headers={"X-Forwarded-For": "127.0.0.1",
+                                                     "Authorization": f"Bearer {keys['gen']}"})
+    assert keyed.status_code == 200 and keyed.json()["key_id"] == keys["gen_id"]
+
+
+def test_a_forwarded_client_is_never_local():
+    # A trusted proxy naming 127.0.0.1 (the app is built directly: the config now refuses this).
+    proxied = _client(_app(Auth(None, metrics=False), trusted_proxies=["10.0.0.0/8"]), PROXY)
+    faked = proxied.get("/v1/test/whoami", headers={"X-Forwarded-For": "127.0.0.1"})
+    assert faked.status_code == 403 and faked.json() == {"detail": NO_KEYS}
+    # A proxy on this host that is not in trusted_proxies (nginx, a sidecar, Ray's own proxy):
+    # its peer address is loopback, but the request says it speaks for another client.
+    local_proxy = _client(_app(Auth(None, metrics=False)), LOOPBACK)
+    for header in ({"X-Forwarded-For": "203.0.113.7"}, {"Forwarded": "for=203.0.113.7"}, {"X-Real-IP": "203.0.113.7"}):
+        assert local_proxy.get("/v1/test/whoami", headers=header).status_code == 403, header
+    own = local_proxy.get("/v1/test/whoami")  # a caller on this machine, not forwarded
+    assert own.status_code == 200 and own.json()["key_id"] == "local" and "admin" in own.json()["scopes"]
+    assert local_proxy.get("/v1/admin/test-probe").status_code == 200
+
+
+def test_allow_unauthenticated_never_grants_admin_and_keeps_per_address_limits():
+    from serve_app.config import ClientLimits
+
+    auth = Auth(None, allow_unauthenticated=True, metrics=False, client_limits=ClientLimits(requests_per_minute=1))
+    app = _app(auth, trusted_proxies=["10.0.0.0/8"])
+    for client in (_client(app, REMOTE), _client(app, LOOPBACK)):
+        who = client.get("/v1/test/whoami")
+        assert who.status_code == 200 and who.json() == {"key_id": "local", "scopes": ["generate", "read"]}
+        refused = client.get("/v1/admin/test-probe")
+        assert refused.status_code == 403 and refused.json()["scope"] == "admin"
+        assert "allow_unauthenticated" in refused.json()["detail"]
+    proxy = _client(app, PROXY)
+    assert proxy.post("/v1/test/whoami", headers={"X-Forwarded-For": "198.51.100.1"}).status_code != 429
+    assert proxy.post("/v1/test/whoami", headers={"X-Forwarded-For": "198.51.100.1"}).status_code == 429
 
 
 # 3. and 4. Signed URLs
