@@ -116,21 +116,32 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def unprotected_bind(raw: dict) -> str | None:
-    """Why a config must not start: it binds a non-loopback address and an application has no keys
-    (and does not say allow_unauthenticated). None when it may start."""
+def binds_loopback(host: str) -> bool:
+    """Whether binding `host` accepts connections from this machine only. A name ("localhost", or
+    one /etc/hosts maps anywhere) is resolved first: it is loopback only when every address it
+    resolves to is; one that does not resolve is not vouched for."""
     import ipaddress
+    import socket
 
-    host = str(((raw.get("http_options") or {}).get("host")) or "127.0.0.1")
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = host == "localhost"
-    if loopback:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {info[4][0].split("%")[0] for info in found}
+    return bool(addresses) and all(ipaddress.ip_address(address).is_loopback for address in addresses)
+
+
+def unprotected_bind(raw: dict) -> str | None:
+    """Why a config must not start: it binds a non-loopback address and an application, whatever
+    its import_path, has no keys (and does not say allow_unauthenticated). None when it may start."""
+    host = str(((raw.get("http_options") or {}).get("host")) or "127.0.0.1")
+    if binds_loopback(host):
         return None
     for application in raw.get("applications", []):
-        if application.get("import_path") != "serve_app.builder:build_app":
-            continue
         auth = (application.get("args") or {}).get("auth") or {}
         if auth.get("keys_file"):
             from serve_app.security.keys import KeyRing

@@ -5,9 +5,9 @@ app the Ingress serves, whether under `serve run`, `genserve serve` or KubeRay.
 Every route needs a key unless it is on the public allow-list (`PUBLIC_PATHS`, `PUBLIC_PREFIXES`):
 a route added later is protected without anyone remembering to protect it. Safe methods (GET,
 HEAD) need `read`; every other method needs `generate`; `/v1/admin/` needs `admin` (which implies
-the others). A job file URL signed by `sign_path` is served without a key until it expires or
-the key that asked for it stops being usable, for browsers loading `<img src>`; such downloads
-are limited per client address.
+the others); OPTIONS is a read. A job file URL signed by `sign_path` is served without a key until
+it expires or the key that asked for it stops being usable, for browsers loading `<img src>`;
+such downloads are limited per client address.
 
 Without a keys file, only callers on this machine are answered (loopback, and not forwarded by a
 proxy: `is_local`), as one local owner with every scope; others get 403 saying how to add keys.
@@ -42,6 +42,7 @@ PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/docs", "/docs/oauth
 PUBLIC_PREFIXES = ("/ui/",)
 PUBLIC_GET_PATHS = frozenset({"/ui"})
 SAFE_METHODS = frozenset({"GET", "HEAD"})
+READ_METHODS = SAFE_METHODS | {"OPTIONS"}  # change nothing: the `read` scope, and never a synchronous request
 ADMIN_PREFIX = "/v1/admin/"
 JOBS_PREFIX = "/v1/jobs"
 FILE_ROUTE = "/files/"
@@ -84,7 +85,7 @@ OPEN = Principal(LOCAL_OWNER, frozenset(SCOPES) - {"admin"})
 def required_scope(method: str, path: str) -> str:
     if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/"):
         return "admin"
-    return "read" if method in SAFE_METHODS else "generate"
+    return "read" if method in READ_METHODS else "generate"
 
 
 def is_public(method: str, path: str) -> bool:
@@ -287,10 +288,12 @@ class Guard:
         auth: Auth | None = getattr(scope["app"].state, "auth", None) if "app" in scope else None
         method = scope.get("method", "GET")
         path = route_path(scope)
-        if method == "OPTIONS" or is_public(method, path):
+        # OPTIONS is a request like any other here. A CORS preflight, when auth.cors_origins is set,
+        # is answered by CORSMiddleware outside this gate and never reaches it.
+        if is_public(method, path):
             return await self.app(scope, receive, send)
         keys = auth.keys if auth is not None else None
-        sync = method not in SAFE_METHODS and not path.startswith((JOBS_PREFIX, ADMIN_PREFIX))
+        sync = method not in READ_METHODS and not path.startswith((JOBS_PREFIX, ADMIN_PREFIX))
         if keys is None:
             if auth is not None and auth.allow_unauthenticated:
                 who = OPEN

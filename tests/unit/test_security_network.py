@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 from starlette.testclient import TestClient
 
 from serve_app.api.app import build_api
-from serve_app.cli import loose_keys_files, main
+from serve_app.cli import loose_keys_files, main, unprotected_bind
 from serve_app.config import AppArgs, AuthConfig
 from serve_app.security import keys as keys_module
 from serve_app.security.guard import NO_KEYS, Auth, principal
@@ -249,3 +250,50 @@ def test_genserve_keys_create_tightens_a_loose_file_and_says_so(tmp_path, capsys
     assert main(["keys", "create", "carol", "--file", str(keys_file)]) == 0
     assert os.stat(keys_file).st_mode & 0o777 == 0o600
     assert "url_signing_secret may have been read" in capsys.readouterr().err
+
+
+# 9. OPTIONS and the bind check
+
+
+def test_options_needs_a_key_unless_it_is_a_cors_preflight(tmp_path):
+    keys = _keys_file(tmp_path / "keys.yaml")
+    plain = _client(_app(Auth(str(tmp_path / "keys.yaml"), metrics=False)), REMOTE)
+    assert plain.options("/v1/jobs").status_code == 401
+    assert plain.options("/v1/jobs", headers={"Authorization": f"Bearer {keys['gen']}"}).status_code != 401
+    assert plain.options("/v1/admin/test-probe", headers={"Authorization": f"Bearer {keys['gen']}"}).status_code == 403
+    keyless = _client(_app(Auth(None, metrics=False)), REMOTE)
+    assert keyless.options("/v1/jobs").status_code == 403
+    cors = _client(_app(Auth(str(tmp_path / "keys.yaml"), metrics=False), cors_origins=["https://app.example"]),
+                   REMOTE)
+    preflight = cors.options("/v1/jobs", headers={"Origin": "https://app.example",
+                                                   "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "https://app.example"
+    not_a_preflight = cors.options("/v1/jobs", headers={"Origin": "https://app.example"})
+    assert not_a_preflight.status_code == 401
+
+
+def test_serve_refuses_a_public_bind_without_keys_whatever_the_import_path():
+    other = {"name": "toy", "import_path": "tests.toy_family:app", "args": {}}
+    why = unprotected_bind({"http_options": {"host": "0.0.0.0"}, "applications": [other]})
+    assert why and "'toy' has no API keys" in why
+    opened = {**other, "args": {"auth": {"allow_unauthenticated": True}}}
+    assert unprotected_bind({"http_options": {"host": "0.0.0.0"}, "applications": [opened]}) is None
+
+
+def test_serve_resolves_a_host_name_before_taking_it_as_loopback(monkeypatch):
+    app = {"name": "genserve", "import_path": "serve_app.builder:build_app", "args": {}}
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        table = {"localhost": ["192.0.2.5", "127.0.0.1"], "box": ["127.0.1.1", "::1"]}
+        if host in table:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0)) for address in table[host]]
+        if host == "nowhere.invalid":
+            raise socket.gaierror("unknown")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    for host in ("localhost", "nowhere.invalid"):
+        assert unprotected_bind({"http_options": {"host": host}, "applications": [app]}), host
+    assert unprotected_bind({"http_options": {"host": "box"}, "applications": [app]}) is None
+    assert unprotected_bind({"http_options": {"host": "::1"}, "applications": [app]}) is None
