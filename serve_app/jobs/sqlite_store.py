@@ -102,14 +102,18 @@ class SqliteJobStore(JobStore):
         with self._lock:
             if not durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
-                self._db.execute("COMMIT")
+                # Inside the try: BEGIN fails with "database is locked" when another connection
+                # holds the write lock past busy_timeout, and synchronous=FULL must come back even
+                # then, or every later submit and result would be acknowledged without an fsync.
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                else:
+                    self._db.execute("COMMIT")
             finally:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")

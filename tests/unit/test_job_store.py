@@ -287,3 +287,25 @@ def test_a_sqlite_store_from_before_owners_gains_the_column(tmp_path):
     assert store.get(job.id).owner is None, "old jobs have no owner: admin keys see them"
     assert store.create("image", _image(), owner="k_a")[0].owner == "k_a"
     store.close()
+
+
+def test_a_locked_progress_write_leaves_commits_fsynced(tmp_path):
+    """A progress write runs with synchronous=NORMAL; when another connection holds the write lock
+    past busy_timeout its BEGIN fails, and synchronous=FULL must still come back for later commits."""
+    import sqlite3
+
+    from serve_app.jobs.sqlite_store import SqliteJobStore
+
+    store = SqliteJobStore(tmp_path, ttl_s=TTL)
+    store.create("image", _image())
+    job = store.claim(["image"])
+    store._db.execute("PRAGMA busy_timeout=50")  # fail fast instead of after 10 s
+    other = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.record_progress(job.id, 1, {"step": 1})
+    other.execute("ROLLBACK")
+    other.close()
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2, "FULL: acknowledged commits are fsynced"
+    assert store.record_progress(job.id, 1, {"step": 2})
+    store.close()
