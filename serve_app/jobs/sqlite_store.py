@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from serve_app.jobs.model import (
+    CANCELLED,
     QUEUED,
     RUNNING,
     STATES,
@@ -38,7 +39,7 @@ from serve_app.jobs.model import (
     history_entry,
     scoped_idempotency_key,
 )
-from serve_app.jobs.store import JobStore, _now
+from serve_app.jobs.store import CANCEL_REASON, CANCELLED_AT_REQUEUE, JobStore, _now
 
 SCHEMA_VERSION = 2  # 2: the owner column
 _SCHEMA = """
@@ -222,10 +223,27 @@ class SqliteJobStore(JobStore):
             row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["state"] not in set(expect) or (attempt is not None and row["attempts"] != attempt):
                 return None
+            if row["state"] == RUNNING and to == QUEUED and cancel_requested is not False and row["cancel_requested"]:
+                # A cancel asked for while it ran wins over a requeue: never back in the queue to run again.
+                to, reason, refund_attempt = CANCELLED, f"{CANCELLED_AT_REQUEUE}; {reason or 'requeued'}", False
             self._apply(db, row, to, now, reason=reason, error=error, cancel_requested=cancel_requested)
             if refund_attempt:
                 db.execute("UPDATE jobs SET attempts = attempts - 1 WHERE seq = ? AND attempts > 0", (row["seq"],))
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def request_cancel(self, job_id, now=None):
+        now = _now(now)
+        with self._write() as db:  # one transaction: a claim or requeue cannot slip in between
+            row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            if row["state"] == QUEUED:
+                self._apply(db, row, CANCELLED, now, reason=CANCEL_REASON)
+            elif row["state"] == RUNNING:
+                self._apply(db, row, RUNNING, now, cancel_requested=True)
+            else:
+                return _job(row), False
+            return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
     def _apply(self, db, row, to, now, *, reason=None, error=None, cancel_requested=None, result=None,
                files=None) -> None:

@@ -309,3 +309,39 @@ def test_a_locked_progress_write_leaves_commits_fsynced(tmp_path):
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2, "FULL: acknowledged commits are fsynced"
     assert store.record_progress(job.id, 1, {"step": 2})
     store.close()
+
+
+def test_a_cancel_racing_a_claim_and_requeue_loop_always_lands(store):
+    """A runner claims a job and puts it back (no capacity) over and over while its user cancels
+    it: the cancel is never answered "already finished" for a job that was not, and once it is
+    answered the job never runs again: it is cancelled, or flagged and cancelled at the requeue."""
+    import time
+
+    stop = threading.Event()
+
+    def claim_and_requeue():
+        while not stop.is_set():
+            job = store.claim(["image"])
+            if job is not None:  # its snapshot says no cancel, as a runner's would
+                store.requeue_unspent(job, "not run: no capacity")
+
+    loop = threading.Thread(target=claim_and_requeue)
+    loop.start()
+    try:
+        for round_ in range(150):
+            job = store.create("image", _image(f"race {round_}"))[0]
+            time.sleep(0.0005 * (round_ % 5))
+            found = store.request_cancel(job.id)
+            answered = time.time()
+            assert found is not None and found[1], f"round {round_}: the cancel was lost ({found[0].state})"
+            for _ in range(500):
+                current = store.get(job.id)
+                if current.state == CANCELLED:
+                    break
+                time.sleep(0.002)
+            assert current.state == CANCELLED, f"round {round_}: {current.state}, cancel_requested " \
+                                               f"{current.cancel_requested}"
+            assert not [entry for entry in current.history if entry["state"] == RUNNING and entry["at"] > answered]
+    finally:
+        stop.set()
+        loop.join()
