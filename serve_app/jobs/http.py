@@ -67,7 +67,7 @@ class _OpenStreams:
         self.total = 0
         self.by_client: dict[str, int] = {}
 
-    def acquire(self, client: str) -> None:
+    def acquire(self, client: str) -> _Slot:
         if self.total >= self.limits.total:
             raise JobError(503, f"too many open event streams ({self.total}); retry later, or poll the job",
                            {"Retry-After": str(STREAM_RETRY_AFTER_S)})
@@ -76,12 +76,45 @@ class _OpenStreams:
                                 "close one, or poll the job", {"Retry-After": str(STREAM_RETRY_AFTER_S)})
         self.total += 1
         self.by_client[client] = self.by_client.get(client, 0) + 1
+        return _Slot(self, client)
 
     def release(self, client: str) -> None:
         self.total -= 1
         self.by_client[client] -= 1
         if not self.by_client[client]:
             del self.by_client[client]
+
+
+class _Slot:
+    """One open stream's hold on its slot; released once, by whichever end comes first."""
+
+    def __init__(self, streams: _OpenStreams, client: str):
+        self._streams, self._client = streams, client
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._streams.release(self._client)
+
+
+class _HeldStreamingResponse(StreamingResponse):
+    """A stream that frees its slot however the response ends. The body generator's `finally` is
+    not enough: Starlette cancels the response when the client's disconnect arrives (or Serve
+    cancels the request when its client leaves), and if that happens before the generator's
+    first step, the generator never starts, so its `finally` never runs and the slot leaked."""
+
+    def __init__(self, content, slot: _Slot, **kwargs):
+        super().__init__(content, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+
+
 _CURSOR = re.compile(r"^[0-9]{1,18}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -287,19 +320,20 @@ class JobsApi:
     async def events(self, job_id: str, request: Request, last_event_id: str | None = None) -> StreamingResponse:
         job = (await self.find(job_id, request))[0]
         client = request.client.host if request.client is not None else "unknown"
-        self.streams.acquire(client)  # released when the stream ends, however it ends
         resume = int(last_event_id) if last_event_id is not None and last_event_id.isascii() and \
             last_event_id.isdigit() and len(last_event_id) <= 18 else None
-        return StreamingResponse(self._held(self._event_stream(job, request, resume), client),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        slot = self.streams.acquire(client)  # released when the response ends, however it ends
+        return _HeldStreamingResponse(self._held(self._event_stream(job, request, resume), slot), slot,
+                                      media_type="text/event-stream",
+                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _held(self, stream, client: str):
+    @staticmethod
+    async def _held(stream, slot: _Slot):
         try:
             async for chunk in stream:
                 yield chunk
         finally:
-            self.streams.release(client)
+            slot.release()  # as soon as the stream ends (the response frees it too, if it never starts)
 
     async def _event_stream(self, job: Job, request: Request, resume: int | None = None):
         """`state` for every history entry (replayed from the start), `progress` when it changes,

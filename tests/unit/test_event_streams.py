@@ -96,3 +96,75 @@ def test_a_resumed_stream_skips_the_replay_and_always_ends_with_the_final_state(
         assert _events(again) == [("state", final_id)]
         garbage = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "12x"})
         assert garbage.status_code == 200 and len(_events(garbage.text)) == 3  # not a version: a full replay
+
+
+class _Runner:
+    """Just enough of the JobRunner handle for `JobsApi.events`: the job, queued."""
+
+    def __init__(self, job):
+        async def status(job_id):
+            return job, 1
+
+        self.status = type("Method", (), {"remote": staticmethod(status)})
+
+
+def _stream_request():
+    from starlette.requests import Request
+
+    return Request({"type": "http", "method": "GET", "path": "/v1/jobs/j1/events", "headers": [],
+                    "client": ("10.0.0.7", 4321), "query_string": b""})
+
+
+def _queued_job():
+    from serve_app.jobs.model import Job, history_entry
+
+    return Job(id="j1", kind="image", state="queued", request=None, seq=1, version=1, attempts=0, created_at=1.0,
+               history=[history_entry("queued", 1.0, 0)])
+
+
+def test_a_client_gone_before_the_first_chunk_frees_its_stream_slot():
+    """Starlette (ASGI spec < 2.4) cancels the response as soon as it reads the disconnect, before
+    the body generator has started, so the generator's `finally` never runs: the response frees it."""
+    api = jobs_http.JobsApi(_Runner(_queued_job()), None, None, 2, jobs_http.StreamLimits(total=4, per_client=2))
+
+    async def drop_early():
+        response = await api.events("j1", _stream_request())
+        assert api.streams.total == 1
+
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            await asyncio.sleep(3600)  # a proxy that is slow to take the first message
+
+        await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send), 5)
+
+    for _ in range(3):  # more than per_client: a leaked slot would refuse the third with 429
+        asyncio.run(drop_early())
+    assert api.streams.total == 0 and api.streams.by_client == {}
+
+
+def test_a_stream_cancelled_before_its_first_chunk_frees_its_slot():
+    """Serve cancels the replica's request when its client leaves; if that lands as the response
+    sends its headers (ASGI spec 2.4: no disconnect listener), the slot is freed all the same."""
+    api = jobs_http.JobsApi(_Runner(_queued_job()), None, None, 2, jobs_http.StreamLimits(total=4, per_client=2))
+
+    async def cancel_early():
+        response = await api.events("j1", _stream_request())
+        started = asyncio.Event()
+
+        async def send(message):
+            started.set()
+            await asyncio.sleep(3600)
+
+        async def receive():
+            await asyncio.sleep(3600)
+
+        task = asyncio.ensure_future(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+        await started.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    for _ in range(3):
+        asyncio.run(cancel_early())
+    assert api.streams.total == 0 and api.streams.by_client == {}
