@@ -157,6 +157,12 @@ class JobsApi:
         stored = await self._validated(submission)
         digest = request_hash(submission)
         who = principal(request)
+        if idempotency_key is not None:
+            # A replay first: it is no new work, so the budget is not charged (a client retrying
+            # at the end of its budget gets its job, not a 429).
+            replayed = await self.runner.replay.remote(idempotency_key, who.key_id)
+            if replayed is not None:
+                return self._replayed(replayed[0], replayed[1], digest, idempotency_key)
         auth = request_auth(request)
         images = stored.get("num_images", 1) if submission.kind == "image" else self._frames(stored)
         if auth is not None:
@@ -164,21 +170,32 @@ class JobsApi:
         try:
             job, created, position = await self.runner.submit.remote(submission.kind, stored, idempotency_key, digest,
                                                                      who.key_id, who.limits.active_jobs)
-        except JobRejected as rejected:  # a RayTaskError that is also a JobRejected, from the runner
+        except BaseException as error:
+            # Not recorded (refused, or the runner or its store failed): the client is not charged.
+            # Should the job have been recorded after all (its answer lost), a retry with its
+            # Idempotency-Key gets it as a replay, free: the doubt goes the client's way.
             if auth is not None:
                 await auth.refund_images(who, images)
-            headers = None if rejected.retry_after_s is None else {"Retry-After": str(math.ceil(rejected.retry_after_s))}
-            raise JobError(rejected.status, rejected.detail, headers) from None
+            if isinstance(error, JobRejected):  # a RayTaskError that is also a JobRejected, from the runner
+                headers = None if error.retry_after_s is None else {"Retry-After": str(math.ceil(error.retry_after_s))}
+                raise JobError(error.status, error.detail, headers) from None
+            raise
         if auth is not None and not created:
-            await auth.refund_images(who, images)  # a replay, or refused: no new work
+            await auth.refund_images(who, images)  # a replay (a concurrent submit won), or refused: no new work
         if job is None:
             raise LimitExceeded("active_jobs", position, time.time() + 1,
                                 f"job quota: {position} jobs queued or running for this key; submit more "
                                 "when one finishes (or cancel one)")
-        if not created and job.request_hash != digest:
+        if not created:
+            return self._replayed(job, position, digest, idempotency_key)
+        return job, created, position
+
+    @staticmethod
+    def _replayed(job: Job, position: int | None, digest: str, idempotency_key: str | None) -> tuple[Job, bool, int | None]:
+        if job.request_hash != digest:
             raise JobError(409, f"Idempotency-Key {idempotency_key!r} was already used for a different request "
                                 f"(job {job.id})")
-        return job, created, position
+        return job, False, position
 
     def _frames(self, stored: dict) -> int:
         return self.videos.frames(stored)  # validated already: its model's default when unset

@@ -394,6 +394,10 @@ class RedisJobStore(JobStore):
             raise ActiveJobsExceeded(owner, max_active)
         return self.get(job_id.decode()), bool(created)
 
+    def find_idempotent(self, owner, idempotency_key):
+        job_id = self._redis.get(self._key("idem", scoped_idempotency_key(owner, idempotency_key)))
+        return None if job_id is None else self.get(job_id.decode())
+
     def get(self, job_id, with_request=False):
         return self._load([job_id], with_request)[0]
 

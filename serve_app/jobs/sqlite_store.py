@@ -139,6 +139,12 @@ class SqliteJobStore(JobStore):
             )
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
+    def find_idempotent(self, owner, idempotency_key):
+        with self._lock:
+            row = self._db.execute(f"SELECT {_RECORD} FROM jobs WHERE idempotency_key = ?",
+                                   (scoped_idempotency_key(owner, idempotency_key),)).fetchone()
+        return None if row is None else _job(row)
+
     def get(self, job_id, with_request=False):
         columns = "*" if with_request else _RECORD
         with self._lock:

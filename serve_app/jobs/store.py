@@ -70,6 +70,10 @@ class JobStore(ABC):
         (checked atomically with the insert, so concurrent submits cannot overshoot)."""
 
     @abstractmethod
+    def find_idempotent(self, owner: str | None, idempotency_key: str) -> Job | None:
+        """The job `owner` submitted with `idempotency_key` (its replay), if it is still kept."""
+
+    @abstractmethod
     def get(self, job_id: str, with_request: bool = False) -> Job | None:
         """The job; its `request` only `with_request` (it can be large)."""
 
