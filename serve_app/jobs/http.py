@@ -361,22 +361,25 @@ class JobsApi:
         `resume` (the client's Last-Event-ID, a job version): no replay; the current state if it
         changed since, then changes as they happen, and always the final state. A stream open for
         the configured lifetime ends (`retry:` tells the client how soon to reconnect)."""
-        sent_states = 0
+        # The history entries the client has (as sent): a requeue that spent no attempt rewrites
+        # the last entries (they coalesce, see model.with_requeue), so what is new is whatever
+        # follows the part both agree on, not whatever follows the count sent.
+        sent: list[dict] = []
         if resume is not None:
-            sent_states = len(job.history) - 1 if job.version > resume else len(job.history)
+            sent = job.history[:-1] if job.version > resume else list(job.history)
             if job.finished:
-                sent_states = len(job.history) - 1  # the final state, whatever the client saw
+                sent = job.history[:-1]  # the final state, whatever the client saw
         last_progress = None
         ends_at = time.monotonic() + self.streams.limits.max_lifetime_s
         while True:
-            for index in range(sent_states, len(job.history)):
+            for index in range(_agreed(sent, job.history), len(job.history)):
                 data = {"job_id": job.id, **job.history[index]}
                 if job.finished and index == len(job.history) - 1:
                     data["job"] = self.render(job, None, request).model_dump(mode="json")
                     if job.state == SUCCEEDED:
                         data["result"] = self.result_of(job, request).model_dump(mode="json")
                 yield _sse("state", data, job.version)
-            sent_states = len(job.history)
+            sent = list(job.history)
             if job.finished:
                 return
             if job.state == RUNNING and job.progress and job.progress != last_progress:
@@ -423,6 +426,16 @@ class JobsApi:
             links=JobLinks(self=base, events=f"{base}/events", cancel=f"{base}/cancel",
                            result=f"{base}/result" if job.state == SUCCEEDED else None),
         )
+
+
+def _agreed(sent: list[dict], history: list[dict]) -> int:
+    """How many leading entries of `history` are as they were sent."""
+    count = 0
+    for old, new in zip(sent, history):
+        if old != new:
+            break
+        count += 1
+    return count
 
 
 def _public_progress(progress: dict) -> dict:

@@ -70,6 +70,25 @@ local function hist(P, id, state, now, attempt, reason)
   redis.call('RPUSH', P .. ':hist:' .. id, entry .. '}')
 end
 
+-- The requeue just recorded spent no attempt: as model.with_requeue, when the two entries before
+-- it are such a requeue and the claim it ended, they become this entry, its count one more.
+local function coalesce_requeue(P, id)
+  local key = P .. ':hist:' .. id
+  local entry = redis.call('RPOP', key)
+  local count = 1
+  if redis.call('LLEN', key) >= 2 then
+    local claim = cjson.decode(redis.call('LINDEX', key, -1))
+    local before = cjson.decode(redis.call('LINDEX', key, -2))
+    if claim.state == 'running' and type(before.requeues) == 'number' then
+      count = before.requeues + 1
+      redis.call('RPOP', key)
+      redis.call('RPOP', key)
+    end
+  end
+  -- The entry as hist() wrote it, with its count added (its time is kept exactly as written).
+  redis.call('RPUSH', key, string.sub(entry, 1, -2) .. ',"requeues":' .. count .. '}')
+end
+
 local function is_terminal(state)
   return state == 'succeeded' or state == 'failed' or state == 'cancelled'
 end
@@ -174,6 +193,7 @@ end
 if has_error == '1' then redis.call('HSET', job, 'error', err) end
 if cancel ~= '' then redis.call('HSET', job, 'cancel_requested', cancel) end
 set_state(P, id, job, state, to, now, expires, backstop, reason)
+if refund == '1' and to == 'queued' and state == 'running' then coalesce_requeue(P, id) end
 if refund == '1' and tonumber(redis.call('HGET', job, 'attempts')) > 0 then redis.call('HINCRBY', job, 'attempts', -1) end
 return true
 """

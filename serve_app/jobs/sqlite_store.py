@@ -38,6 +38,7 @@ from serve_app.jobs.model import (
     dumps,
     history_entry,
     scoped_idempotency_key,
+    with_requeue,
 )
 from serve_app.jobs.store import CANCEL_REASON, CANCELLED_AT_REQUEUE, JobStore, _now
 
@@ -232,7 +233,8 @@ class SqliteJobStore(JobStore):
             if row["state"] == RUNNING and to == QUEUED and cancel_requested is not False and row["cancel_requested"]:
                 # A cancel asked for while it ran wins over a requeue: never back in the queue to run again.
                 to, reason, refund_attempt = CANCELLED, f"{CANCELLED_AT_REQUEUE}; {reason or 'requeued'}", False
-            self._apply(db, row, to, now, reason=reason, error=error, cancel_requested=cancel_requested)
+            self._apply(db, row, to, now, reason=reason, error=error, cancel_requested=cancel_requested,
+                        requeue=refund_attempt and to == QUEUED)
             if refund_attempt:
                 db.execute("UPDATE jobs SET attempts = attempts - 1 WHERE seq = ? AND attempts > 0", (row["seq"],))
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone())
@@ -252,10 +254,13 @@ class SqliteJobStore(JobStore):
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
     def _apply(self, db, row, to, now, *, reason=None, error=None, cancel_requested=None, result=None,
-               files=None) -> None:
+               files=None, requeue=False) -> None:
+        """`requeue`: a requeue that spent no attempt, coalesced in the history (see `with_requeue`)."""
         updates = {"state": to}
         if to != row["state"]:
-            history = json.loads(row["history"]) + [history_entry(to, now, row["attempts"], reason)]
+            entry = history_entry(to, now, row["attempts"], reason)
+            history = json.loads(row["history"])
+            history = with_requeue(history, entry) if requeue else [*history, entry]
             updates["history"] = dumps(history)
         if to in TERMINAL:
             updates["finished_at"] = now

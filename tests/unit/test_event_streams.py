@@ -168,3 +168,48 @@ def test_a_stream_cancelled_before_its_first_chunk_frees_its_slot():
     for _ in range(3):
         asyncio.run(cancel_early())
     assert api.streams.total == 0 and api.streams.by_client == {}
+
+
+def test_a_stream_sends_each_coalesced_requeue_and_what_follows():
+    """Requeues that spend no attempt rewrite the history's last entries (one `queued` entry with a
+    count): an open stream still sends each new count and every state after it."""
+    from dataclasses import replace
+
+    from serve_app.jobs.model import history_entry
+
+    queued = history_entry("queued", 1.0, 0)
+
+    def claim(at):
+        return history_entry("running", at, 1)
+
+    def requeued(at, count):
+        return {**history_entry("queued", at, 1, "not run: busy"), "requeues": count}
+
+    histories = [
+        [queued, claim(2.0)],
+        [queued, claim(2.0), requeued(2.5, 1)],
+        [queued, claim(2.0), requeued(2.5, 1), claim(3.0)],
+        [queued, claim(2.0), requeued(3.5, 2)],
+        [queued, claim(2.0), requeued(3.5, 2), claim(4.0)],
+        [queued, claim(2.0), requeued(3.5, 2), claim(4.0), history_entry("cancelled", 5.0, 1, "cancelled")],
+    ]
+    first = _queued_job()
+    versions = iter(replace(first, version=2 + index, history=history, state=history[-1]["state"])
+                    for index, history in enumerate(histories))
+
+    async def watch(job_id, version, wait):
+        return next(versions)
+
+    runner = _Runner(first)
+    runner.watch = type("Method", (), {"remote": staticmethod(watch)})
+    api = jobs_http.JobsApi(runner, None, None, 2)
+
+    async def stream():
+        return [chunk async for chunk in api._event_stream(first, _stream_request())]
+
+    import json
+
+    sent = [json.loads(chunk.split("data: ", 1)[1]) for chunk in asyncio.run(stream()) if "event: state" in chunk]
+    assert [(event["state"], event.get("requeues")) for event in sent] == [
+        ("queued", None), ("running", None), ("queued", 1), ("running", None), ("queued", 2), ("running", None),
+        ("cancelled", None)]

@@ -345,3 +345,27 @@ def test_a_cancel_racing_a_claim_and_requeue_loop_always_lands(store):
     finally:
         stop.set()
         loop.join()
+
+
+def test_requeues_that_spend_no_attempt_coalesce_into_one_history_entry(store):
+    """A job waiting at capacity is claimed and put back again and again: its history keeps one
+    entry for all of it, with the count and the last reason, instead of two entries a time."""
+    job = store.create("image", _image(), now=1.0)[0]
+    for turn in range(50):
+        claimed = store.claim(["image"], now=10.0 + turn)
+        store.requeue_unspent(claimed, f"not run: busy ({turn})", now=10.5 + turn)
+    job = store.get(job.id)
+    assert job.state == QUEUED and job.attempts == 0
+    assert [entry["state"] for entry in job.history] == [QUEUED, RUNNING, QUEUED]
+    last = job.history[-1]
+    assert last["requeues"] == 50 and last["at"] == 59.5
+    assert last["reason"] == "not run: busy (49); back in the queue (the attempt is not counted)"
+    # A real failure is its own entry; requeues after it start a count of their own.
+    claimed = store.claim(["image"], now=100.0)
+    store.retry_or_fail(claimed, "RuntimeError: boom", retry_limit=2, now=101.0)
+    for turn in range(3):
+        store.requeue_unspent(store.claim(["image"], now=110.0 + turn), "not run: busy", now=110.5 + turn)
+    job = store.get(job.id)
+    assert [(entry["state"], entry.get("requeues")) for entry in job.history] == [
+        (QUEUED, None), (RUNNING, None), (QUEUED, 50), (RUNNING, None), (QUEUED, None), (RUNNING, None), (QUEUED, 3)]
+    assert store.claim(["image"]).attempts == 2, "only the real failure counted"
