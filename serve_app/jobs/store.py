@@ -106,7 +106,8 @@ class JobStore(ABC):
         """Compare-and-set: when the job is in one of `expect` (and at `attempt`, if given), move
         it to `to` and return it; else change nothing and return None. A change of state is
         recorded in the history with `reason`; a terminal state sets `finished_at`/`expires_at`.
-        `refund_attempt`: count the attempt as never made (a run the models had no room to start).
+        `refund_attempt`: count the attempt as never made (a run the models had no room to start);
+        such requeues coalesce in the history (`model.with_requeue`).
         A running job whose cancel was asked for is never put back in the queue: a move from
         running to queued cancels it instead (checked in the same step, so a cancel that lands
         between a runner's read and its requeue still wins), unless `cancel_requested=False`.
@@ -142,14 +143,14 @@ class JobStore(ABC):
     def close(self) -> None:  # noqa: B027 - a store with nothing to close need not override it
         return None
 
-    # What follows is built on the primitives above, so both stores share it.
-
     @abstractmethod
     def request_cancel(self, job_id: str, now: float | None = None) -> tuple[Job, bool] | None:
         """A queued job is cancelled at once; a running one is flagged for its runner to stop.
         Returns the job and whether this call changed it (False: it had already finished);
         None for an unknown id. One atomic step, not two compare-and-sets: a runner moving the
         job between queued and running meanwhile (a claim, a requeue) cannot make it miss both."""
+
+    # What follows is built on the primitives above, so both stores share it.
 
     def retry_or_fail(self, job: Job, reason: str, retry_limit: int, now: float | None = None) -> Job | None:
         """End a running attempt that did not finish: back to the queue while retries are left
