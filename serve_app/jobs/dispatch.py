@@ -349,7 +349,12 @@ class JobDispatcher:
                      max_active: int | None = None) -> tuple[Job, bool, int | None]:
         """Record a job durably. Returns it, whether it is new (False: the idempotency key's job),
         and its queue position. Raises `ActiveJobsExceeded` when the owner is at `max_active`, and
-        JobRejected past max_request_bytes or max_queued_jobs."""
+        JobRejected past max_request_bytes or max_queued_jobs; a replay is never refused (a
+        client retrying a submit whose answer it missed gets its job, whatever the queue holds)."""
+        if idempotency_key is not None:
+            replayed = await self.replay(idempotency_key, owner)
+            if replayed is not None:
+                return replayed[0], False, replayed[1]
         if self.max_request_bytes is not None:
             size = len(dumps(request).encode())
             if size > self.max_request_bytes:
@@ -367,6 +372,13 @@ class JobDispatcher:
         if created and self._wakeup is not None:
             self._wakeup.set()
         return job, created, await asyncio.to_thread(self.store.queue_position, job)
+
+    async def replay(self, idempotency_key: str, owner: str | None = None) -> tuple[Job, int | None] | None:
+        """The job `owner` already submitted with `idempotency_key`, and its queue position; None if none."""
+        job = await asyncio.to_thread(self.store.find_idempotent, owner, idempotency_key)
+        if job is None:
+            return None
+        return job, await asyncio.to_thread(self.store.queue_position, job)
 
     async def status(self, job_id: str) -> tuple[Job, int | None] | None:
         job = await asyncio.to_thread(self.store.get, job_id)

@@ -79,6 +79,9 @@ class JobRunner:
         except ActiveJobsExceeded as error:
             return None, False, error.limit
 
+    async def replay(self, idempotency_key: str, owner: str | None = None) -> tuple[Job, int | None] | None:
+        return await self._dispatcher.replay(idempotency_key, owner)
+
     async def status(self, job_id: str) -> tuple[Job, int | None] | None:
         return await self._dispatcher.status(job_id)
 

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from serve_app.jobs.model import (
+    CANCELLED,
     QUEUED,
     RUNNING,
     STATES,
@@ -37,8 +38,9 @@ from serve_app.jobs.model import (
     dumps,
     history_entry,
     scoped_idempotency_key,
+    with_requeue,
 )
-from serve_app.jobs.store import JobStore, _now
+from serve_app.jobs.store import CANCEL_REASON, CANCELLED_AT_REQUEUE, JobStore, _now
 
 SCHEMA_VERSION = 2  # 2: the owner column
 _SCHEMA = """
@@ -102,14 +104,18 @@ class SqliteJobStore(JobStore):
         with self._lock:
             if not durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
-                self._db.execute("COMMIT")
+                # Inside the try: BEGIN fails with "database is locked" when another connection
+                # holds the write lock past busy_timeout, and synchronous=FULL must come back even
+                # then, or every later submit and result would be acknowledged without an fsync.
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                else:
+                    self._db.execute("COMMIT")
             finally:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")
@@ -133,6 +139,12 @@ class SqliteJobStore(JobStore):
                  dumps([history_entry(QUEUED, now, 0)]), owner),
             )
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
+
+    def find_idempotent(self, owner, idempotency_key):
+        with self._lock:
+            row = self._db.execute(f"SELECT {_RECORD} FROM jobs WHERE idempotency_key = ?",
+                                   (scoped_idempotency_key(owner, idempotency_key),)).fetchone()
+        return None if row is None else _job(row)
 
     def get(self, job_id, with_request=False):
         columns = "*" if with_request else _RECORD
@@ -218,16 +230,37 @@ class SqliteJobStore(JobStore):
             row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["state"] not in set(expect) or (attempt is not None and row["attempts"] != attempt):
                 return None
-            self._apply(db, row, to, now, reason=reason, error=error, cancel_requested=cancel_requested)
+            if row["state"] == RUNNING and to == QUEUED and cancel_requested is not False and row["cancel_requested"]:
+                # A cancel asked for while it ran wins over a requeue: never back in the queue to run again.
+                to, reason, refund_attempt = CANCELLED, f"{CANCELLED_AT_REQUEUE}; {reason or 'requeued'}", False
+            self._apply(db, row, to, now, reason=reason, error=error, cancel_requested=cancel_requested,
+                        requeue=refund_attempt and to == QUEUED)
             if refund_attempt:
                 db.execute("UPDATE jobs SET attempts = attempts - 1 WHERE seq = ? AND attempts > 0", (row["seq"],))
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
+    def request_cancel(self, job_id, now=None):
+        now = _now(now)
+        with self._write() as db:  # one transaction: a claim or requeue cannot slip in between
+            row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            if row["state"] == QUEUED:
+                self._apply(db, row, CANCELLED, now, reason=CANCEL_REASON)
+            elif row["state"] == RUNNING:
+                self._apply(db, row, RUNNING, now, cancel_requested=True)
+            else:
+                return _job(row), False
+            return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
+
     def _apply(self, db, row, to, now, *, reason=None, error=None, cancel_requested=None, result=None,
-               files=None) -> None:
+               files=None, requeue=False) -> None:
+        """`requeue`: a requeue that spent no attempt, coalesced in the history (see `with_requeue`)."""
         updates = {"state": to}
         if to != row["state"]:
-            history = json.loads(row["history"]) + [history_entry(to, now, row["attempts"], reason)]
+            entry = history_entry(to, now, row["attempts"], reason)
+            history = json.loads(row["history"])
+            history = with_requeue(history, entry) if requeue else [*history, entry]
             updates["history"] = dumps(history)
         if to in TERMINAL:
             updates["finished_at"] = now

@@ -29,6 +29,10 @@ from collections.abc import Iterable
 
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, Job, ResultFile
 
+# The reason a requeue of a job whose cancel was asked for records, as it cancels the job instead.
+CANCELLED_AT_REQUEUE = "cancelled instead of going back to the queue"
+CANCEL_REASON = "cancelled before it started"
+
 
 class LeaseLost(RuntimeError):
     """A write of a runner whose lease is gone: refused, nothing changed. The runner stops dispatching."""
@@ -66,6 +70,10 @@ class JobStore(ABC):
         (checked atomically with the insert, so concurrent submits cannot overshoot)."""
 
     @abstractmethod
+    def find_idempotent(self, owner: str | None, idempotency_key: str) -> Job | None:
+        """The job `owner` submitted with `idempotency_key` (its replay), if it is still kept."""
+
+    @abstractmethod
     def get(self, job_id: str, with_request: bool = False) -> Job | None:
         """The job; its `request` only `with_request` (it can be large)."""
 
@@ -98,7 +106,11 @@ class JobStore(ABC):
         """Compare-and-set: when the job is in one of `expect` (and at `attempt`, if given), move
         it to `to` and return it; else change nothing and return None. A change of state is
         recorded in the history with `reason`; a terminal state sets `finished_at`/`expires_at`.
-        `refund_attempt`: count the attempt as never made (a run the models had no room to start).
+        `refund_attempt`: count the attempt as never made (a run the models had no room to start);
+        such requeues coalesce in the history (`model.with_requeue`).
+        A running job whose cancel was asked for is never put back in the queue: a move from
+        running to queued cancels it instead (checked in the same step, so a cancel that lands
+        between a runner's read and its requeue still wins), unless `cancel_requested=False`.
         `fenced`: a runner's own change, refused (LeaseLost) without the lease; False for a user's."""
 
     @abstractmethod
@@ -131,19 +143,14 @@ class JobStore(ABC):
     def close(self) -> None:  # noqa: B027 - a store with nothing to close need not override it
         return None
 
-    # What follows is built on the primitives above, so both stores share it.
-
+    @abstractmethod
     def request_cancel(self, job_id: str, now: float | None = None) -> tuple[Job, bool] | None:
         """A queued job is cancelled at once; a running one is flagged for its runner to stop.
         Returns the job and whether this call changed it (False: it had already finished);
-        None for an unknown id."""
-        job = self.transition(job_id, {QUEUED}, CANCELLED, reason="cancelled before it started", now=now, fenced=False)
-        if job is None:
-            job = self.transition(job_id, {RUNNING}, RUNNING, cancel_requested=True, now=now, fenced=False)
-        if job is not None:
-            return job, True
-        job = self.get(job_id)
-        return None if job is None else (job, False)
+        None for an unknown id. One atomic step, not two compare-and-sets: a runner moving the
+        job between queued and running meanwhile (a claim, a requeue) cannot make it miss both."""
+
+    # What follows is built on the primitives above, so both stores share it.
 
     def retry_or_fail(self, job: Job, reason: str, retry_limit: int, now: float | None = None) -> Job | None:
         """End a running attempt that did not finish: back to the queue while retries are left

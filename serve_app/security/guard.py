@@ -172,19 +172,36 @@ class Auth:
             return function(*args)
         return await asyncio.to_thread(function, *args)
 
-    async def admit(self, client: str, limits: KeyLimits, sync: bool, who: str = "this key") -> bool:
+    async def admit(self, client: str, limits: KeyLimits, sync: bool, who: str = "this key") -> str | None:
         """Count a request of `client` (a key id, or `addr:<address>`) against its limits: its own
         `limits` on every request, and on a synchronous one the per-client limits (a key's own
-        concurrent_requests replaces the default). Raises LimitExceeded; True when it holds a
-        concurrency slot to release when the request ends."""
+        concurrent_requests replaces the default). Raises LimitExceeded; returns the concurrency
+        hold to give back with `release` when the request ends (None: it holds none)."""
         if self.limiter is None:
-            return False
+            return None
         await self._limiter_call(self.limiter.hit_request, client, limits)
         if not sync:
-            return False
+            return None
         await self._limiter_call(self.limiter.hit_sync, client, self.client_limits.requests_per_minute)
-        return await self._limiter_call(self.limiter.acquire, client, limits, self.client_limits.concurrent_requests,
-                                        who)
+        acquire = (self.limiter.acquire, client, limits, self.client_limits.concurrent_requests, who)
+        if self.limiter.local:
+            return acquire[0](*acquire[1:])
+        taking = asyncio.ensure_future(asyncio.to_thread(*acquire))
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            # The request was cancelled (its client left) while the thread took the hold: the
+            # thread goes on regardless, so give back whatever it takes, or the slot stays held.
+            taking.add_done_callback(lambda done: self._give_back_late(client, done))
+            raise
+
+    def _give_back_late(self, client: str, taking: asyncio.Future) -> None:
+        if not taking.cancelled() and taking.exception() is None and taking.result() is not None:
+            asyncio.get_running_loop().run_in_executor(None, self.limiter.release, client, taking.result())
+
+    async def release(self, client: str, hold: str) -> None:
+        """Give back a concurrency hold `admit` returned."""
+        await self._limiter_call(self.limiter.release, client, hold)
 
     async def admit_download(self, address: str) -> None:
         """Count a signed file download of a client address (raises LimitExceeded)."""
@@ -340,7 +357,7 @@ class Guard:
         """Serve the request within `client`'s limits: 429 with Retry-After past one."""
         counted = "" if client.startswith(ADDRESS_PREFIX) else client  # metric tags: key ids only, never addresses
         try:
-            holds = await auth.admit(client, limits, sync, who)
+            hold = await auth.admit(client, limits, sync, who)
         except LimitExceeded as error:
             auth.count(counted, "limited")
             return await _answer(send, 429, error.body(), limit_response_headers(error), scope=scope)
@@ -348,8 +365,8 @@ class Guard:
         try:
             await self.app(scope, receive, send)
         finally:
-            if holds:
-                await auth._limiter_call(auth.limiter.release, client)
+            if hold is not None:
+                await auth.release(client, hold)
 
 
 ADDRESS_PREFIX = "addr:"

@@ -279,7 +279,7 @@ def test_concurrent_requests_limit_and_its_release(keys):
 
         limiter = app.state.auth.limiter
         key_id = app.state.auth.keys.authenticate(keys["conc"]).id
-        wait_until(lambda: limiter.storage.get(limiter._concurrency_key(key_id)) == 1, 10, 0.02, "slot taken")
+        wait_until(lambda: limiter.in_flight(key_id) == 1, 10, 0.02, "slot taken")
         response = client.post("/v1/test/slow", headers=headers)
         assert response.status_code == 429 and response.json()["limit"] == "concurrent_requests"
         assert response.headers["Retry-After"] == "1"
@@ -396,10 +396,11 @@ def test_two_limiters_on_one_redis_share_every_limit(tmp_path):
         one.hit_request("k", limits)
         with pytest.raises(LimitExceeded):
             two.hit_request("k", limits)
-        assert one.acquire("k", limits)
+        hold = one.acquire("k", limits)
+        assert hold is not None and two.in_flight("k") == 1
         with pytest.raises(LimitExceeded):
             two.acquire("k", limits)
-        one.release("k")
+        one.release("k", hold)
         assert two.acquire("k", limits)
         two.charge_images("k", limits, 3)
         with pytest.raises(LimitExceeded):
