@@ -433,10 +433,11 @@ class JobsConfig(_Strict):
     redis_timeout_s: float = Field(10.0, gt=0, description="Redis socket timeout; connecting times out at half of it.")
     runner_lease_s: float = Field(
         30.0, ge=3,
-        description="Redis store: the job runner's lease on the store, renewed every third of it. Only its holder "
-                    "claims and records jobs (a runner that lost it writes nothing); a standby runner (a second "
-                    "cluster on the same Redis) takes over at most this long after the holder dies, at once after "
-                    "it stops. More than twice redis_timeout_s, so one slow renew does not lose it.",
+        description="The job runner's lease on the store (both stores), renewed every third of it; a failed renew "
+                    "is retried at once. Only its holder claims and records jobs (a runner that lost it writes "
+                    "nothing); a standby runner (the replica Serve starts beside a draining one, a second cluster "
+                    "on the same Redis) takes over at most this long after the holder dies, within a third of it "
+                    "after it stops. More than twice redis_timeout_s, so one renew that times out does not lose it.",
     )
     ttl_s: float = Field(86400.0, gt=0, description="Finished jobs, and their files, are deleted this long after they end.")
     retry_limit: int = Field(

@@ -22,13 +22,14 @@ deployment wraps it.
   short, not the job). A claim in flight finishes first and is put back the same way.
 - Start-up: jobs a previous runner left running (it died, or could not reach the store as it
   stopped) are requeued, counting the attempt, or failed past the retry limit.
-- The lease (a store with `leases`, Redis): a runner first takes the store's runner lease, and
-  until it has it, it only stands by (serving submits, status and cancels, claiming nothing).
+- The lease (both stores: Serve starts a new JobRunner while the old one drains, and two
+  clusters can share one Redis): a runner first takes the store's runner lease, and until it has
+  it, it only stands by (serving submits, status and cancels, claiming nothing).
   Holding it, it recovers, dispatches and renews it every third of its TTL. When the lease is
   lost (a renew says no, a write is refused as fenced, or no renew got through for a whole TTL),
   it ends dispatch and every run without recording anything, and stands by again: whoever holds
   the lease now owns the jobs. Stopping releases the lease after putting the running jobs back,
-  so a standby runner takes over at once.
+  so a standby runner takes over at its next poll, with nothing left to requeue.
 - Watchers (the SSE stream) wait on an in-memory event per job, set on every change this
   dispatcher makes, so events go out as they happen without polling the store.
 """

@@ -1,6 +1,8 @@
-"""The job runner lease with fencing: two dispatchers on one real redis-server (two clusters sharing
-one Redis during a KubeRay upgrade), no Ray. Only the lease holder claims and records; a standby
-takes over when the holder stops; a runner that lost its lease writes nothing."""
+"""The job runner lease with fencing: two dispatchers on one store, no Ray. On Redis, two clusters
+sharing one Redis during a KubeRay upgrade; on SQLite (two stores on one folder), the JobRunner
+replica Serve starts while the old one drains in a rolling update. Only the lease holder claims
+and records; a standby takes over when the holder stops or its lease expires; a runner that lost
+its lease writes nothing."""
 
 import asyncio
 
@@ -11,8 +13,7 @@ from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.model import FAILED, RUNNING, SUCCEEDED, ResultFile
 from serve_app.jobs.store import LeaseLost
 from tests.fakes import FakeGenerator, fake_services
-from tests.helpers import wait_until_async
-from tests.job_stores import Backend
+from tests.helpers import wait_until, wait_until_async
 
 LEASE_S = 3.0  # short, so that a standby's polls and a lapse take seconds
 
@@ -36,11 +37,8 @@ class GatedGenerator(FakeGenerator):
             raise
 
 
-@pytest.fixture
-def redis(tmp_path):
-    backend = Backend("redis", tmp_path)
-    yield backend
-    backend.close()
+def _epoch(store) -> int:
+    return store._epoch if hasattr(store, "_epoch") else int(store._fence.split("|")[1])
 
 
 def _dispatcher(store, generator) -> JobDispatcher:
@@ -55,20 +53,31 @@ async def _submit(dispatcher, prompt: str) -> str:
     return job.id
 
 
-def test_one_lease_at_a_time_renewed_by_its_holder_and_never_reissued(redis):
-    one, two = redis.open(), redis.open()
+def test_one_lease_at_a_time_renewed_by_its_holder_and_never_reissued(backend):
+    one, two = backend.open(), backend.open()
     assert one.acquire_lease("one", LEASE_S) and not two.acquire_lease("two", LEASE_S)
     assert one.renew_lease(LEASE_S) and not two.renew_lease(LEASE_S)
     one.release_lease()
     assert two.acquire_lease("two", LEASE_S)
     assert not one.renew_lease(LEASE_S), "released: renewing does not bring it back"
-    assert int(one._fence.split("|")[1]) < int(two._fence.split("|")[1]), "a new epoch for every holder"
+    assert _epoch(one) < _epoch(two), "a new epoch for every holder"
     with pytest.raises(LeaseLost):
         one.claim(["image"])
 
 
-def test_only_the_lease_holder_dispatches_and_a_standby_takes_over_when_it_stops(redis):
-    store_a, store_b = redis.open(), redis.open()
+def test_an_expired_lease_goes_to_the_standby_and_fences_its_old_holder(backend):
+    one, two = backend.open(), backend.open()
+    assert one.acquire_lease("one", 0.3) and not two.acquire_lease("two", 0.3)
+    job, _ = one.create("image", {"prompt": "p"})
+    wait_until(lambda: two.acquire_lease("two", LEASE_S), 3, interval_s=0.05, what="the lapsed lease taken")
+    assert not one.renew_lease(LEASE_S), "lapsed: renewing does not bring it back"
+    with pytest.raises(LeaseLost):
+        one.claim(["image"])
+    assert two.claim(["image"]).id == job.id
+
+
+def test_only_the_lease_holder_dispatches_and_a_standby_takes_over_when_it_stops(backend):
+    store_a, store_b = backend.open(), backend.open()
 
     async def scenario():
         generator_a, generator_b = GatedGenerator(gated=True), GatedGenerator()
@@ -92,8 +101,8 @@ def test_only_the_lease_holder_dispatches_and_a_standby_takes_over_when_it_stops
     assert [store_b.get(job_id).attempts for job_id in ids] == [1, 1], "the interrupted run was not counted"
 
 
-def test_a_runner_that_lost_its_lease_writes_nothing(redis, monkeypatch):
-    store_a, store_b = redis.open(), redis.open()
+def test_a_runner_that_lost_its_lease_writes_nothing(backend, monkeypatch):
+    store_a, store_b = backend.open(), backend.open()
     # Runner A stalls (a long pause, a partition): it believes it still holds the lease but renews nothing.
     monkeypatch.setattr(store_a, "renew_lease", lambda ttl_s: True)
 
@@ -138,8 +147,8 @@ def test_a_runner_that_lost_its_lease_writes_nothing(redis, monkeypatch):
     assert created and store_a.request_cancel(job.id)[0].state == "cancelled"
 
 
-def test_a_standby_never_recovers_the_jobs_the_holder_is_running(redis):
-    store_a, store_b = redis.open(), redis.open()
+def test_a_standby_never_recovers_the_jobs_the_holder_is_running(backend):
+    store_a, store_b = backend.open(), backend.open()
 
     async def scenario():
         generator_a = GatedGenerator(gated=True)
