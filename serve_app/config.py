@@ -480,7 +480,10 @@ class JobsConfig(_Strict):
     def _lease_outlasts_a_slow_renew(self) -> "JobsConfig":
         if self.runner_lease_s <= 2 * self.redis_timeout_s:
             raise ValueError(f"runner_lease_s ({self.runner_lease_s:g}) must be more than twice redis_timeout_s "
-                             f"({self.redis_timeout_s:g}): a renew that times out must not lose the lease")
+                             f"({self.redis_timeout_s:g}): the lease is renewed every third of it and a renew that "
+                             "times out is retried at once, a third of the lease plus one timeout after the last "
+                             "renew; more than twice the timeout leaves that retry a third of a timeout or more "
+                             "before the lease ends")
         return self
 
     @model_validator(mode="after")

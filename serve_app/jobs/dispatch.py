@@ -64,6 +64,10 @@ SHUTDOWN_REASON = "interrupted: the job runner stopped (shutdown or redeploy)"
 # How long `stop()` lets a claim in flight finish (a store call: bounded by the store's own timeouts).
 STOP_CLAIM_WAIT_S = 15.0
 DEFAULT_LEASE_TTL_S = 30.0
+# After a failed renew is retried at once and fails again, the next tries come this often (a
+# fraction of the lease TTL): soon enough to land before the expiry, not a busy loop when the
+# store refuses connections at once.
+RENEW_RETRY_FRACTION = 1 / 30
 CAPACITY_REASON = "not run: the model deployment had no capacity"
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -244,6 +248,7 @@ class JobDispatcher:
 
     async def _serve_forever(self) -> None:
         while not self._stopping:
+            asked_at = time.monotonic()  # the lease runs from when it was asked for, not answered
             if not await self._acquire():
                 await asyncio.sleep(self.lease_ttl_s / 3)
                 continue
@@ -259,7 +264,7 @@ class JobDispatcher:
             if not self._lost.is_set():
                 self._loops = [asyncio.create_task(self._dispatch_forever()),
                                asyncio.create_task(self._sweep_forever())]
-                await self._keep_lease()
+                await self._keep_lease(asked_at)
             await self._halt()
 
     async def _acquire(self) -> bool:
@@ -272,19 +277,26 @@ class JobDispatcher:
             logger.info("job runner %s holds the lease: dispatching", self.owner)
         return taken
 
-    async def _keep_lease(self) -> None:
+    async def _keep_lease(self, renewed: float) -> None:
         """Renew every third of the TTL; return once the lease is lost: a renew says no, a write
-        met LeaseLost, or no renew got through for a whole TTL (the lease may have lapsed)."""
-        renewed = time.monotonic()
-        while not await _wait(self._lost, self.lease_ttl_s / 3):
+        met LeaseLost, or no renew got through for a whole TTL (the lease may have lapsed).
+
+        A renew that fails (it timed out: up to redis_timeout_s) is retried at once, then every
+        RENEW_RETRY_FRACTION of the TTL: waiting another third could land past the expiry, and one
+        slow renew would lose the lease. `renewed` (and each renew's time) is when it was sent,
+        since that is when the store extended the lease, not when the answer came."""
+        wait = self.lease_ttl_s / 3
+        while not await _wait(self._lost, wait):
+            sent = time.monotonic()
             try:
                 if not await asyncio.to_thread(self.store.renew_lease, self.lease_ttl_s):
                     return
-                renewed = time.monotonic()
+                renewed, wait = sent, self.lease_ttl_s / 3
             except Exception as error:
-                logger.warning("could not renew the job runner lease (%s)", type(error).__name__)
+                logger.warning("could not renew the job runner lease (%s); trying again", type(error).__name__)
                 if time.monotonic() - renewed >= self.lease_ttl_s:
                     return
+                wait = 0.0 if wait == self.lease_ttl_s / 3 else self.lease_ttl_s * RENEW_RETRY_FRACTION
 
     async def _halt(self) -> None:
         """The lease is gone: end dispatch and every run here without recording anything (the

@@ -5,6 +5,7 @@ and records; a standby takes over when the holder stops or its lease expires; a 
 its lease writes nothing."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -169,6 +170,43 @@ def test_a_standby_never_recovers_the_jobs_the_holder_is_running(backend):
     running, done = asyncio.run(scenario())
     assert (running.state, running.attempts) == (RUNNING, 1), "left alone: it is the holder's"
     assert done.attempts == 1
+
+
+def test_one_renew_that_times_out_does_not_lose_the_lease(backend, monkeypatch):
+    # Near the shortest lease the validator allows for this timeout (the issue's 3 s / 1.2 s).
+    config = JobsConfig(runner_lease_s=3.0, redis_timeout_s=1.2)
+    store_a, store_b = backend.open(), backend.open()
+    renew, calls = store_a.renew_lease, []
+
+    def times_out_once(ttl_s):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            time.sleep(config.redis_timeout_s)  # the socket timeout, then nothing renewed
+            raise TimeoutError("Timeout reading from socket")
+        return renew(ttl_s)
+
+    monkeypatch.setattr(store_a, "renew_lease", times_out_once)
+
+    async def scenario():
+        generator = GatedGenerator(gated=True)
+        holder = JobDispatcher(store_a, fake_services(generator=generator).images, None, {"image": 1}, retry_limit=2,
+                               sweep_interval_s=3600, poll_interval_s=0.05, lease_ttl_s=config.runner_lease_s)
+        holder.start()
+        await wait_until_async(lambda: holder.info()["lease"] == "held", 5)
+        job_id = await _submit(holder, "runs through a slow renew")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        # Past the expiry the timed-out renew would have left (the old code retried a third later: lost).
+        await asyncio.sleep(1.5 * config.runner_lease_s)
+        held, taken = holder.info()["lease"], store_b.acquire_lease("standby", config.runner_lease_s)
+        generator.gate.set()
+        await wait_until_async(lambda: store_a.get(job_id).state == SUCCEEDED, 5)
+        await holder.stop()
+        return held, taken, generator, store_a.get(job_id)
+
+    held, taken, generator, job = asyncio.run(scenario())
+    assert (generator.cancelled, job.attempts) == (0, 1), "the lease was lost: the run was halted and requeued"
+    assert (held, taken) == ("held", False)
+    assert calls[1] - calls[0] < config.redis_timeout_s + 0.5, "the failed renew was retried at once"
 
 
 def test_the_lease_outlasts_a_slow_renew():
