@@ -306,7 +306,8 @@ class SqliteJobStore(JobStore):
     def record_progress(self, job_id, attempt, progress):
         with self._runner_write(durable=False) as db:
             cursor = db.execute(
-                "UPDATE jobs SET progress = ?, version = version + 1 WHERE id = ? AND state = ? AND attempts = ?",
+                "UPDATE jobs SET progress = ?, version = version + 1 "
+                "WHERE id = ? AND state = ? AND attempts = ? AND cancel_requested = 0",
                 (dumps(progress), job_id, RUNNING, attempt),
             )
             return cursor.rowcount == 1

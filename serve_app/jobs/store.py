@@ -105,8 +105,9 @@ class JobStore(ABC):
 
     @abstractmethod
     def record_progress(self, job_id: str, attempt: int, progress: dict) -> bool:
-        """Set the progress of a running job's current attempt; False if it is not that any more.
-        Progress is advisory, so stores may make it durable lazily."""
+        """Set the progress of a running job's current attempt; False if it is not that any more,
+        or a cancel was asked for (its run should stop: the cancel may have been served by another
+        runner). Progress is advisory, so stores may make it durable lazily."""
 
     @abstractmethod
     def save_result(self, job_id: str, attempt: int, result: dict, files: list[tuple[ResultFile, bytes]],

@@ -394,3 +394,36 @@ def test_a_stopping_runner_puts_back_a_job_whose_claim_answer_was_lost(store):
 
     job = store.get(asyncio.run(scenario()))
     assert (job.state, job.attempts) == ("queued", 0), "not left running for the next runner to spend an attempt"
+
+
+def test_a_queued_job_expired_by_the_sweep_wakes_its_watcher_from_the_sweep_thread(store):
+    # asyncio in debug mode refuses an event set from another thread, as it must be: the sweep
+    # runs in a worker thread, so it hands the wake-up to the loop.
+    async def scenario():
+        images = fake_services(generator=ControlledGenerator()).images
+        dispatcher = JobDispatcher(store, images, None, {"image": 0}, 2, sweep_interval_s=3600, poll_interval_s=0.05,
+                                   queued_ttl_s=60)
+        dispatcher.start()
+        job, _, _ = await dispatcher.submit("image", {"prompt": "never claimed", "seed": 1})
+        watching = asyncio.ensure_future(dispatcher.watch(job.id, job.version, timeout_s=30))
+        await asyncio.sleep(0.05)  # the watcher waits on its event
+        expired = await asyncio.to_thread(dispatcher.expire_queued, job.created_at + 61)
+        woken = await asyncio.wait_for(watching, 5)
+        await dispatcher.stop()
+        return expired, woken
+
+    expired, woken = asyncio.run(scenario(), debug=True)
+    assert expired == 1 and woken.state == "failed"
+
+
+def test_a_halt_right_after_a_claim_frees_the_slot_of_a_run_that_never_started(store):
+    async def scenario():
+        dispatcher = _dispatcher(store, ControlledGenerator())
+        dispatcher._wakeup, dispatcher._lost = asyncio.Event(), asyncio.Event()
+        job, _ = store.create("image", {"prompt": "claimed as the lease goes", "seed": 1})
+        dispatcher._begin(store.claim(["image"]))
+        await dispatcher._halt()  # cancels the run's task before its first step
+        return dispatcher.info()["running"], dict(dispatcher._active)
+
+    running, active = asyncio.run(scenario())
+    assert running == {"image": 0} and active == {}, "the slot stays free for the next holder's turn"

@@ -11,7 +11,7 @@ import pytest
 
 from serve_app.config import JobsConfig
 from serve_app.jobs.dispatch import JobDispatcher
-from serve_app.jobs.model import FAILED, RUNNING, SUCCEEDED, ResultFile
+from serve_app.jobs.model import CANCELLED, FAILED, RUNNING, SUCCEEDED, ResultFile
 from serve_app.jobs.store import LeaseLost
 from tests.fakes import FakeGenerator, fake_services
 from tests.helpers import wait_until, wait_until_async
@@ -170,6 +170,36 @@ def test_a_standby_never_recovers_the_jobs_the_holder_is_running(backend):
     running, done = asyncio.run(scenario())
     assert (running.state, running.attempts) == (RUNNING, 1), "left alone: it is the holder's"
     assert done.attempts == 1
+
+
+@pytest.mark.parametrize("heard_from", ["a progress report", "reconciliation"])
+def test_a_cancel_a_standby_serves_stops_the_holders_run(backend, heard_from):
+    store_a, store_b = backend.open(), backend.open()
+
+    async def scenario():
+        generator = GatedGenerator(gated=True)
+        holder = JobDispatcher(store_a, fake_services(generator=generator).images, None, {"image": 1}, retry_limit=2,
+                               sweep_interval_s=3600, poll_interval_s=0.05, lease_ttl_s=LEASE_S,
+                               reconcile_interval_s=0.2 if heard_from == "reconciliation" else 3600)
+        standby = _dispatcher(store_b, GatedGenerator())
+        holder.start()
+        await wait_until_async(lambda: holder.info()["lease"] == "held", 5)
+        standby.start()
+        job_id = await _submit(holder, "cancelled elsewhere")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        job, changed, _ = await standby.cancel(job_id)  # the 202: it stops at its next step
+        assert changed and job.state == RUNNING and job.cancel_requested
+        if heard_from == "a progress report":  # the generator's report after its next step reaches the holder
+            await holder.record_progress(job_id, 1, {"stage": "generate", "round": 1, "step": 1, "steps": 4,
+                                                     "elapsed_s": 0.1})
+        await wait_until_async(lambda: store_a.get(job_id).state == CANCELLED, 5)
+        await holder.stop()
+        await standby.stop()
+        return generator, store_a.get(job_id)
+
+    generator, job = asyncio.run(scenario())
+    assert (generator.cancelled, generator.finished) == (1, 0), "the holder's run stopped, not ran to the end"
+    assert job.attempts == 1 and job.history[-1]["reason"].startswith("cancelled while running")
 
 
 def test_one_renew_that_times_out_does_not_lose_the_lease(backend, monkeypatch):
