@@ -334,6 +334,7 @@ class JobDispatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._loops = []
+        self._unrecorded.clear()  # not ours to record any more: the new holder requeues those jobs
         self._lost.clear()
 
     async def stop(self) -> None:

@@ -6,6 +6,7 @@ can hold at a gate, make fail, and see cancelled.
 
 import asyncio
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -427,3 +428,33 @@ def test_a_halt_right_after_a_claim_frees_the_slot_of_a_run_that_never_started(s
 
     running, active = asyncio.run(scenario())
     assert running == {"image": 0} and active == {}, "the slot stays free for the next holder's turn"
+
+
+def test_a_failure_the_store_would_not_take_for_a_while_is_recorded_by_reconciliation(store, monkeypatch):
+    """The store refuses the failure's record for longer than the retries last (a lease TTL):
+    the run ends, its slot is freed, and reconciliation records the failure once the store
+    answers again: the attempt counts (the model did fail), and nothing is left running."""
+    retry_or_fail, refused = store.retry_or_fail, []
+
+    def refusing_for_a_while(*args, **kwargs):
+        if len(refused) < 1 or time.monotonic() - refused[0] < 1.5:
+            refused.append(time.monotonic())
+            raise ConnectionError("the store is failing over")
+        return retry_or_fail(*args, **kwargs)
+
+    monkeypatch.setattr(store, "retry_or_fail", refusing_for_a_while)
+
+    async def scenario():
+        generator = ControlledGenerator(failures=1)
+        dispatcher = JobDispatcher(store, fake_services(generator=generator).images, None, {"image": 1}, 2,
+                                   sweep_interval_s=3600, poll_interval_s=0.05, lease_ttl_s=0.6,
+                                   reconcile_interval_s=0.3)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "fails while the store does")
+        await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
+        await dispatcher.stop()
+        return job_id
+
+    job = store.get(asyncio.run(scenario()))
+    assert len(refused) > 1 and job.attempts == 2
+    assert job.history[2]["state"] == "queued" and job.history[2]["reason"].startswith("RuntimeError: CUDA error")
