@@ -433,10 +433,11 @@ class JobsConfig(_Strict):
     redis_timeout_s: float = Field(10.0, gt=0, description="Redis socket timeout; connecting times out at half of it.")
     runner_lease_s: float = Field(
         30.0, ge=3,
-        description="Redis store: the job runner's lease on the store, renewed every third of it. Only its holder "
-                    "claims and records jobs (a runner that lost it writes nothing); a standby runner (a second "
-                    "cluster on the same Redis) takes over at most this long after the holder dies, at once after "
-                    "it stops. More than twice redis_timeout_s, so one slow renew does not lose it.",
+        description="The job runner's lease on the store (both stores), renewed every third of it; a failed renew "
+                    "is retried at once. Only its holder claims and records jobs (a runner that lost it writes "
+                    "nothing); a standby runner (the replica Serve starts beside a draining one, a second cluster "
+                    "on the same Redis) takes over at most this long after the holder dies, within a third of it "
+                    "after it stops. More than twice redis_timeout_s, so one renew that times out does not lose it.",
     )
     ttl_s: float = Field(86400.0, gt=0, description="Finished jobs, and their files, are deleted this long after they end.")
     retry_limit: int = Field(
@@ -479,7 +480,10 @@ class JobsConfig(_Strict):
     def _lease_outlasts_a_slow_renew(self) -> "JobsConfig":
         if self.runner_lease_s <= 2 * self.redis_timeout_s:
             raise ValueError(f"runner_lease_s ({self.runner_lease_s:g}) must be more than twice redis_timeout_s "
-                             f"({self.redis_timeout_s:g}): a renew that times out must not lose the lease")
+                             f"({self.redis_timeout_s:g}): the lease is renewed every third of it and a renew that "
+                             "times out is retried at once, a third of the lease plus one timeout after the last "
+                             "renew; more than twice the timeout leaves that retry a third of a timeout or more "
+                             "before the lease ends")
         return self
 
     @model_validator(mode="after")

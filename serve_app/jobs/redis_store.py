@@ -219,7 +219,8 @@ _PROGRESS = _FENCE + """
 local P, id, attempt, progress, fence = unpack(ARGV)
 if fenced(P, fence) then return redis.error_reply(FENCED) end
 local job = P .. ':job:' .. id
-if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'attempts') ~= attempt then
+if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'attempts') ~= attempt
+   or redis.call('HGET', job, 'cancel_requested') == '1' then
   return false
 end
 redis.call('HSET', job, 'progress', progress)
@@ -422,7 +423,9 @@ class RedisJobStore(JobStore):
         return self._load([job_id], with_request)[0]
 
     def _load(self, ids: list[str], with_request: bool = False) -> list[Job | None]:
-        pipe = self._redis.pipeline(transaction=False)
+        # MULTI/EXEC: one snapshot, so a delete or expiry landing between the reads of a job
+        # cannot give a record without its history or result (a result read would answer 500).
+        pipe = self._redis.pipeline(transaction=True)
         for job_id in ids:
             pipe.hgetall(self._key("job", job_id))
             pipe.lrange(self._key("hist", job_id), 0, -1)

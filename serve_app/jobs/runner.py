@@ -1,7 +1,8 @@
 """The JobRunner deployment: owns the job store and runs queued jobs (see `dispatch`).
 
-One replica (the builder enforces it): it alone claims jobs, so the queue needs no coordination
-beyond the store's compare-and-set. It reaches the models through the same Serve handles as the
+One replica (the builder enforces it). Serve still overlaps two for a while in a rolling update
+(the new one starts while the old one drains), so only the holder of the store's runner lease
+claims jobs; the other stands by (see `dispatch`). It reaches the models through the same Serve handles as the
 ingress, and runs each job through the same `ImageService`/`VideoService` code as the sync
 endpoints. The ingress calls it for every /v1/jobs route; the generators call its
 `record_progress` after each denoising step.

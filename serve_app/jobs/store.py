@@ -12,13 +12,14 @@ Two implementations share one test suite (tests/unit/test_job_store.py):
 
 Stores are synchronous and thread-safe; the dispatcher calls them from worker threads.
 
-The runner lease (fencing): where two runners can reach one store (two clusters on one Redis
-during a KubeRay upgrade), only the holder of the store's lease may change jobs on its own
+The runner lease (fencing): two runners can reach one store (two clusters on one Redis during a
+KubeRay upgrade; on either store, the new JobRunner replica Ray Serve starts while the old one
+drains in a rolling update), so only the holder of the store's lease may change jobs on its own
 account: claim, record progress, save a result, retry, fail, requeue, expire. Once its lease is
 gone (released, expired, taken over) every such write raises `LeaseLost` and changes nothing,
 checked atomically with the write. What a user asks for (submit, cancel, delete) is the same
-change whichever runner serves it, so it is not fenced. The SQLite store lives on one node's
-disk with one runner, and has no lease (`leases` is False: every acquire succeeds).
+change whichever runner serves it, so it is not fenced. Both stores have a lease (`leases`); a
+store that never acquired one writes unfenced (tools and tests that use a store directly).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class LeaseLost(RuntimeError):
 class JobStore(ABC):
     """Durable job records and result files. `ttl_s`: how long finished jobs are kept."""
 
-    # Whether runners must hold a lease to write (see the module docstring).
+    # Whether runners must hold a lease to write (see the module docstring); a store without one
+    # grants every acquire.
     leases = False
 
     def __init__(self, ttl_s: float):
@@ -115,8 +117,9 @@ class JobStore(ABC):
 
     @abstractmethod
     def record_progress(self, job_id: str, attempt: int, progress: dict) -> bool:
-        """Set the progress of a running job's current attempt; False if it is not that any more.
-        Progress is advisory, so stores may make it durable lazily."""
+        """Set the progress of a running job's current attempt; False if it is not that any more,
+        or a cancel was asked for (its run should stop: the cancel may have been served by another
+        runner). Progress is advisory, so stores may make it durable lazily."""
 
     @abstractmethod
     def save_result(self, job_id: str, attempt: int, result: dict, files: list[tuple[ResultFile, bytes]],

@@ -98,6 +98,8 @@ def test_progress_only_for_the_running_attempt(store):
     assert store.record_progress(job.id, 1, {"stage": "generate", "step": 2, "steps": 4})
     assert store.get(job.id).progress == {"stage": "generate", "step": 2, "steps": 4}
     assert not store.record_progress(job.id, 2, {"step": 3}), "a stale report of another attempt"
+    store.request_cancel(job.id)
+    assert not store.record_progress(job.id, 1, {"step": 3}), "a cancel was asked for: the run should stop"
 
 
 def test_result_is_saved_once_keyed_by_job_id(store):
