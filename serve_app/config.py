@@ -433,10 +433,11 @@ class JobsConfig(_Strict):
     redis_timeout_s: float = Field(10.0, gt=0, description="Redis socket timeout; connecting times out at half of it.")
     runner_lease_s: float = Field(
         30.0, ge=3,
-        description="Redis store: the job runner's lease on the store, renewed every third of it. Only its holder "
-                    "claims and records jobs (a runner that lost it writes nothing); a standby runner (a second "
-                    "cluster on the same Redis) takes over at most this long after the holder dies, at once after "
-                    "it stops. More than twice redis_timeout_s, so one slow renew does not lose it.",
+        description="The job runner's lease on the store (both stores), renewed every third of it; a failed renew "
+                    "is retried at once. Only its holder claims and records jobs (a runner that lost it writes "
+                    "nothing); a standby runner (the replica Serve starts beside a draining one, a second cluster "
+                    "on the same Redis) takes over at most this long after the holder dies, within a third of it "
+                    "after it stops. More than twice redis_timeout_s, so one renew that times out does not lose it.",
     )
     ttl_s: float = Field(86400.0, gt=0, description="Finished jobs, and their files, are deleted this long after they end.")
     retry_limit: int = Field(
@@ -479,7 +480,10 @@ class JobsConfig(_Strict):
     def _lease_outlasts_a_slow_renew(self) -> "JobsConfig":
         if self.runner_lease_s <= 2 * self.redis_timeout_s:
             raise ValueError(f"runner_lease_s ({self.runner_lease_s:g}) must be more than twice redis_timeout_s "
-                             f"({self.redis_timeout_s:g}): a renew that times out must not lose the lease")
+                             f"({self.redis_timeout_s:g}): the lease is renewed every third of it and a renew that "
+                             "times out is retried at once, a third of the lease plus one timeout after the last "
+                             "renew; more than twice the timeout leaves that retry a third of a timeout or more "
+                             "before the lease ends")
         return self
 
     @model_validator(mode="after")
@@ -516,8 +520,10 @@ class AuthConfig(_Strict):
     )
     allow_unauthenticated: bool = Field(
         False,
-        description="With no keys_file, answer clients on any address. Off: only loopback clients "
-                    "(others get 403 saying how to add keys).",
+        description="With no keys_file, answer clients on any address, deliberately open: every caller is one owner "
+                    "with the generate and read scopes (never admin); per-address client_limits still apply. Off: only "
+                    "callers on this machine, not forwarded by a proxy, are answered (others get 403 saying how to "
+                    "add keys).",
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins browsers may call the API from (CORS). Empty: CORS off.")
@@ -528,7 +534,12 @@ class AuthConfig(_Strict):
                     "which more than one Ingress replica accepts only when set explicitly.",
     )
     signed_url_ttl_s: float = Field(3600.0, gt=0, le=7 * 86400,
-                                    description="How long a signed job file URL stays valid.")
+                                    description="How long a signed job file URL stays valid (while its key does).")
+    signed_downloads_per_minute: int | None = Field(
+        600, ge=1,
+        description="Signed file URL downloads (sent without a key) one client address may make in any 60 s; 429 "
+                    "past it. None: no limit.",
+    )
     client_limits: ClientLimits = Field(
         default_factory=ClientLimits,
         description="Per-client limits on synchronous requests (every non-GET outside /v1/jobs and /v1/admin): a "
@@ -536,9 +547,11 @@ class AuthConfig(_Strict):
     )
     trusted_proxies: list[str] = Field(
         default_factory=list,
-        description="Addresses or networks (10.0.0.0/8) of reverse proxies or load balancers whose X-Forwarded-For "
-                    "names the client: its address then counts as the client's (per-address limits, loopback "
-                    "check). Empty: the TCP peer is the client.",
+        description="Addresses or networks (10.0.0.0/8; never a /0) of reverse proxies or load balancers whose "
+                    "X-Forwarded-For names the client: its address then counts as the client's (per-address limits). "
+                    "A forwarded request is never a local caller. Needs keys_file or allow_unauthenticated. Empty: "
+                    "the client is the peer Ray's HTTP proxy reports (which itself applies X-Forwarded-For sent from "
+                    "127.0.0.1 or ::1).",
     )
 
     @field_validator("trusted_proxies")
@@ -548,10 +561,22 @@ class AuthConfig(_Strict):
 
         for entry in value:
             try:
-                ipaddress.ip_network(entry, strict=False)
+                network = ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network (10.0.0.0/8)") from None
+            if network.prefixlen == 0:
+                raise ValueError(f"trusted_proxies: {entry!r} trusts every address, so any client could name "
+                                 "itself; list the proxies' own addresses or networks") from None
         return value
+
+    @model_validator(mode="after")
+    def _proxies_need_keys_or_open(self) -> "AuthConfig":
+        # Without keys, who may call is decided by address alone; a trusted X-Forwarded-For lets
+        # a proxy's clients pick the address they are counted as, so it must be a deliberate choice.
+        if self.trusted_proxies and self.keys_file is None and not self.allow_unauthenticated:
+            raise ValueError("trusted_proxies needs API keys (auth.keys_file), or auth.allow_unauthenticated: true "
+                             "for a service deliberately open to every client the proxies forward")
+        return self
 
     @property
     def limits_clients(self) -> bool:

@@ -1,6 +1,6 @@
 """The `genserve` command.
 
-    genserve serve [CONFIG] [--timeout S] [--address ADDR] [--detach]
+    genserve serve [CONFIG] [--timeout S] [--address ADDR] [--detach] [--strict]
                                      deploy CONFIG (default configs/dev.yaml) and wait until it runs
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
     genserve bench --concurrency 1 8 64   throughput and p50/p95 under concurrent clients, batching off and on
@@ -62,6 +62,11 @@ def _serve(args: argparse.Namespace) -> int:
     if refusal:
         print(f"genserve: {args.config}: {refusal}", file=sys.stderr)
         return 2
+    for problem in loose_keys_files(raw):
+        print(f"genserve: {args.config}: {'refusing to start: ' if args.strict else 'warning: '}{problem}",
+              file=sys.stderr)
+        if args.strict:
+            return 2
     names = [application.name for application in config.applications]
 
     # Like `serve run`: join the cluster at --address (or $RAY_ADDRESS), else start a local one.
@@ -111,21 +116,32 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def unprotected_bind(raw: dict) -> str | None:
-    """Why a config must not start: it binds a non-loopback address and an application has no keys
-    (and does not say allow_unauthenticated). None when it may start."""
+def binds_loopback(host: str) -> bool:
+    """Whether binding `host` accepts connections from this machine only. A name ("localhost", or
+    one /etc/hosts maps anywhere) is resolved first: it is loopback only when every address it
+    resolves to is; one that does not resolve is not vouched for."""
     import ipaddress
+    import socket
 
-    host = str(((raw.get("http_options") or {}).get("host")) or "127.0.0.1")
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = host == "localhost"
-    if loopback:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {info[4][0].split("%")[0] for info in found}
+    return bool(addresses) and all(ipaddress.ip_address(address).is_loopback for address in addresses)
+
+
+def unprotected_bind(raw: dict) -> str | None:
+    """Why a config must not start: it binds a non-loopback address and an application, whatever
+    its import_path, has no keys (and does not say allow_unauthenticated). None when it may start."""
+    host = str(((raw.get("http_options") or {}).get("host")) or "127.0.0.1")
+    if binds_loopback(host):
         return None
     for application in raw.get("applications", []):
-        if application.get("import_path") != "serve_app.builder:build_app":
-            continue
         auth = (application.get("args") or {}).get("auth") or {}
         if auth.get("keys_file"):
             from serve_app.security.keys import KeyRing
@@ -142,10 +158,25 @@ def unprotected_bind(raw: dict) -> str | None:
     return None
 
 
+def loose_keys_files(raw: dict) -> list[str]:
+    """What is wrong with the permissions of each keys file the config names (readable or
+    writable by group or others), for `genserve serve` to warn about or, with --strict, refuse."""
+    from serve_app.security.keys import check_keys_file_mode
+
+    problems = []
+    for application in raw.get("applications", []):
+        keys_file = ((application.get("args") or {}).get("auth") or {}).get("keys_file")
+        if keys_file and os.path.exists(keys_file):
+            problem = check_keys_file_mode(keys_file)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
 def _keys_create(args: argparse.Namespace) -> int:
     import yaml
 
-    from serve_app.security.keys import add_to_keys_file, key_entry_yaml, new_key
+    from serve_app.security.keys import add_to_keys_file, check_keys_file_mode, key_entry_yaml, new_key
 
     key_id, key = new_key()
     limits = {name: value for name, value in (("requests_per_minute", args.requests_per_minute),
@@ -155,8 +186,12 @@ def _keys_create(args: argparse.Namespace) -> int:
     entry = key_entry_yaml(key_id, args.name, key, args.scopes, limits, args.expires_at)
     print(f"API key for {args.name} (id {key_id}); shown once, store it now:\n\n    {key}\n")
     if args.file:
+        loose = check_keys_file_mode(args.file) if os.path.exists(args.file) else None
         add_to_keys_file(args.file, entry)
         print(f"added to {args.file}; the app re-reads it within a second or two")
+        if loose:  # the file is rewritten mode 600, but what it held may have been read already
+            print(f"genserve: warning: {loose}; it is mode 600 now. Its url_signing_secret may have been read: "
+                  "replace it (this invalidates the file URLs signed so far)", file=sys.stderr)
     else:
         print("add this entry under `keys:` in the keys file:\n")
         print(yaml.safe_dump([entry], sort_keys=False))
@@ -296,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                             "else a new local Ray")
     serve.add_argument("--detach", action="store_true",
                        help="exit 0 once running and leave the application deployed (needs --address)")
+    serve.add_argument("--strict", action="store_true",
+                       help="refuse to start when a keys file can be read or written by group or others "
+                            "(without it: a warning)")
     serve.set_defaults(func=_serve)
 
     bench = commands.add_parser("bench", help="graph overhead over in-process calls")

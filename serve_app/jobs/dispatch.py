@@ -22,13 +22,23 @@ deployment wraps it.
   short, not the job). A claim in flight finishes first and is put back the same way.
 - Start-up: jobs a previous runner left running (it died, or could not reach the store as it
   stopped) are requeued, counting the attempt, or failed past the retry limit.
-- The lease (a store with `leases`, Redis): a runner first takes the store's runner lease, and
-  until it has it, it only stands by (serving submits, status and cancels, claiming nothing).
+- Store errors: a run's outcome (result, failure, cancel, requeue) is a compare-and-set on its
+  attempt, so it is retried when the store fails (a timeout, a failover, "database is locked"):
+  a write that did commit before its answer was lost changes nothing the second time.
+- Reconciliation: every `reconcile_interval_s` (a third of the lease TTL) the lease holder
+  looks at the jobs `running` in the store. One that no run here holds (a claim whose answer
+  was lost, an outcome the store would not take even after retries) is ended: the kept outcome
+  is recorded, or else it goes back to the queue without spending its attempt (no model ran
+  for it, or the failure was the store's). A cancel another runner served (a standby) is passed
+  to the run here, which also learns of it from its next progress report.
+- The lease (both stores: Serve starts a new JobRunner while the old one drains, and two
+  clusters can share one Redis): a runner first takes the store's runner lease, and until it has
+  it, it only stands by (serving submits, status and cancels, claiming nothing).
   Holding it, it recovers, dispatches and renews it every third of its TTL. When the lease is
   lost (a renew says no, a write is refused as fenced, or no renew got through for a whole TTL),
   it ends dispatch and every run without recording anything, and stands by again: whoever holds
   the lease now owns the jobs. Stopping releases the lease after putting the running jobs back,
-  so a standby runner takes over at once.
+  so a standby runner takes over at its next poll, with nothing left to requeue.
 - Watchers (the SSE stream) wait on an in-memory event per job, set on every change this
   dispatcher makes, so events go out as they happen without polling the store.
 """
@@ -62,10 +72,25 @@ RESTART_REASON = "interrupted: the job runner stopped while it ran"
 SHUTDOWN_REASON = "interrupted: the job runner stopped (shutdown or redeploy)"
 # How long `stop()` lets a claim in flight finish (a store call: bounded by the store's own timeouts).
 STOP_CLAIM_WAIT_S = 15.0
+# How long `stop()` retries putting one running job back when the store fails (then it is left to
+# the next runner's recover()): short, so that the whole stop fits Serve's graceful shutdown.
+STOP_RECORD_RETRY_S = 3.0
 DEFAULT_LEASE_TTL_S = 30.0
+# After a failed renew is retried at once and fails again, the next tries come this often (a
+# fraction of the lease TTL): soon enough to land before the expiry, not a busy loop when the
+# store refuses connections at once.
+RENEW_RETRY_FRACTION = 1 / 30
 CAPACITY_REASON = "not run: the model deployment had no capacity"
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
+# A run's outcome that the store refuses with an error is retried, backing off from the first
+# to the second, for up to a lease TTL; then it waits for reconciliation.
+RECORD_RETRY_S = (0.05, 2.0)
+ORPHAN_REASON = "interrupted: no run of the job runner held it (a store error)"
+
+
+class _Unrecorded(Exception):
+    """A run's outcome the store would not take, even after retries: kept for reconciliation."""
 
 
 def is_capacity(error: BaseException) -> bool:
@@ -180,9 +205,10 @@ class JobDispatcher:
                  progress_target: Callable[[Job], ProgressTarget | None] = lambda job: None,
                  poll_interval_s: float = 1.0, max_queued_jobs: int | None = None,
                  max_request_bytes: int | None = None, queued_ttl_s: float | None = None,
-                 lease_ttl_s: float = DEFAULT_LEASE_TTL_S):
+                 lease_ttl_s: float = DEFAULT_LEASE_TTL_S, reconcile_interval_s: float | None = None):
         self.store = store
         self.lease_ttl_s = lease_ttl_s
+        self.reconcile_interval_s = lease_ttl_s / 3 if reconcile_interval_s is None else reconcile_interval_s
         # Who holds the lease, in the store and the logs: this process, and this dispatcher in it.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.max_queued_jobs = max_queued_jobs
@@ -201,6 +227,9 @@ class JobDispatcher:
         self._cancels: dict[str, asyncio.Event] = {}  # set when the job's user cancels it
         self._progress: dict[str, dict] = {}
         self._cancel_on_start: set[str] = set()  # cancelled while its claim was in flight
+        # Outcomes the store would not take (by job id: the attempt, and the write that records it).
+        self._unrecorded: dict[str, tuple[int, Callable[[], object]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._watchers = _Watchers()
         self._wakeup: asyncio.Event | None = None
         self.backoff = Backoff()
@@ -224,6 +253,7 @@ class JobDispatcher:
     def start(self) -> None:
         """On the running event loop: take the lease (standing by until it is free), recover the
         jobs a previous runner left running, then dispatch and sweep while the lease holds."""
+        self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._lost = asyncio.Event()
         self._main = asyncio.create_task(self._serve_forever())
@@ -243,6 +273,7 @@ class JobDispatcher:
 
     async def _serve_forever(self) -> None:
         while not self._stopping:
+            asked_at = time.monotonic()  # the lease runs from when it was asked for, not answered
             if not await self._acquire():
                 await asyncio.sleep(self.lease_ttl_s / 3)
                 continue
@@ -258,7 +289,7 @@ class JobDispatcher:
             if not self._lost.is_set():
                 self._loops = [asyncio.create_task(self._dispatch_forever()),
                                asyncio.create_task(self._sweep_forever())]
-                await self._keep_lease()
+                await self._keep_lease(asked_at)
             await self._halt()
 
     async def _acquire(self) -> bool:
@@ -271,19 +302,26 @@ class JobDispatcher:
             logger.info("job runner %s holds the lease: dispatching", self.owner)
         return taken
 
-    async def _keep_lease(self) -> None:
+    async def _keep_lease(self, renewed: float) -> None:
         """Renew every third of the TTL; return once the lease is lost: a renew says no, a write
-        met LeaseLost, or no renew got through for a whole TTL (the lease may have lapsed)."""
-        renewed = time.monotonic()
-        while not await _wait(self._lost, self.lease_ttl_s / 3):
+        met LeaseLost, or no renew got through for a whole TTL (the lease may have lapsed).
+
+        A renew that fails (it timed out: up to redis_timeout_s) is retried at once, then every
+        RENEW_RETRY_FRACTION of the TTL: waiting another third could land past the expiry, and one
+        slow renew would lose the lease. `renewed` (and each renew's time) is when it was sent,
+        since that is when the store extended the lease, not when the answer came."""
+        wait = self.lease_ttl_s / 3
+        while not await _wait(self._lost, wait):
+            sent = time.monotonic()
             try:
                 if not await asyncio.to_thread(self.store.renew_lease, self.lease_ttl_s):
                     return
-                renewed = time.monotonic()
+                renewed, wait = sent, self.lease_ttl_s / 3
             except Exception as error:
-                logger.warning("could not renew the job runner lease (%s)", type(error).__name__)
+                logger.warning("could not renew the job runner lease (%s); trying again", type(error).__name__)
                 if time.monotonic() - renewed >= self.lease_ttl_s:
                     return
+                wait = 0.0 if wait == self.lease_ttl_s / 3 else self.lease_ttl_s * RENEW_RETRY_FRACTION
 
     async def _halt(self) -> None:
         """The lease is gone: end dispatch and every run here without recording anything (the
@@ -296,6 +334,7 @@ class JobDispatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._loops = []
+        self._unrecorded.clear()  # not ours to record any more: the new holder requeues those jobs
         self._lost.clear()
 
     async def stop(self) -> None:
@@ -324,23 +363,32 @@ class JobDispatcher:
                 logger.exception("the job dispatch loop failed as it stopped")
         for job in running:
             try:
-                await asyncio.to_thread(self._requeue_interrupted, job)
+                await self._record(job, lambda job=job: self._requeue_unspent(job, SHUTDOWN_REASON),
+                                   within_s=STOP_RECORD_RETRY_S)
             except Exception as error:  # left running: the next runner's recover() requeues it
                 logger.warning("job %s: could not put it back in the queue as the runner stopped (%s); the "
                                "next runner requeues it", job.id, type(error).__name__)
         if self._holds_lease:
+            try:  # the jobs no run here held (a lost claim answer, an unrecorded outcome): settled now
+                await self._reconcile()
+            except Exception as error:
+                logger.warning("could not reconcile the running jobs as the runner stopped (%s)", type(error).__name__)
             self._holds_lease = False
             try:
                 await asyncio.to_thread(self.store.release_lease)
             except Exception as error:  # it lapses after its TTL instead
                 logger.warning("could not release the job runner lease (%s)", type(error).__name__)
 
-    def _requeue_interrupted(self, job: Job) -> None:
+    def _requeue_unspent(self, job: Job, reason: str) -> Job | None:
+        """Put a job this runner claimed back in the queue without spending the attempt (cancelled
+        if a cancel was asked for), if it is still at that attempt."""
         current = self.store.get(job.id)
         if current is not None and current.state == RUNNING and current.attempts == job.attempts:
-            moved = self.store.requeue_unspent(current, SHUTDOWN_REASON)
+            moved = self.store.requeue_unspent(current, reason)
             if moved is not None:
-                logger.info("job %s: back in the queue as the runner stopped (%s)", job.id, moved.state)
+                logger.info("job %s: %s (%s)", job.id, reason, moved.state)
+            return moved
+        return None
 
     # What the JobRunner serves
 
@@ -349,7 +397,12 @@ class JobDispatcher:
                      max_active: int | None = None) -> tuple[Job, bool, int | None]:
         """Record a job durably. Returns it, whether it is new (False: the idempotency key's job),
         and its queue position. Raises `ActiveJobsExceeded` when the owner is at `max_active`, and
-        JobRejected past max_request_bytes or max_queued_jobs."""
+        JobRejected past max_request_bytes or max_queued_jobs; a replay is never refused (a
+        client retrying a submit whose answer it missed gets its job, whatever the queue holds)."""
+        if idempotency_key is not None:
+            replayed = await self.replay(idempotency_key, owner)
+            if replayed is not None:
+                return replayed[0], False, replayed[1]
         if self.max_request_bytes is not None:
             size = len(dumps(request).encode())
             if size > self.max_request_bytes:
@@ -367,6 +420,13 @@ class JobDispatcher:
         if created and self._wakeup is not None:
             self._wakeup.set()
         return job, created, await asyncio.to_thread(self.store.queue_position, job)
+
+    async def replay(self, idempotency_key: str, owner: str | None = None) -> tuple[Job, int | None] | None:
+        """The job `owner` already submitted with `idempotency_key`, and its queue position; None if none."""
+        job = await asyncio.to_thread(self.store.find_idempotent, owner, idempotency_key)
+        if job is None:
+            return None
+        return job, await asyncio.to_thread(self.store.queue_position, job)
 
     async def status(self, job_id: str) -> tuple[Job, int | None] | None:
         job = await asyncio.to_thread(self.store.get, job_id)
@@ -445,11 +505,25 @@ class JobDispatcher:
             return
         if recorded:
             self._watchers.changed(job_id)
+        elif job_id in self._cancels:  # refused: a cancel may have been asked for through another runner
+            current = await asyncio.to_thread(self.store.get, job_id)
+            if current is not None and current.cancel_requested and job_id in self._cancels:
+                self._cancels[job_id].set()  # the run stops at this step, as the cancel's 202 promised
 
     # Dispatch
 
     async def _dispatch_forever(self) -> None:
+        next_reconcile = time.monotonic() + self.reconcile_interval_s
         while not self._stopping:
+            if time.monotonic() >= next_reconcile:  # here, so that no claim is in flight meanwhile
+                next_reconcile = time.monotonic() + self.reconcile_interval_s
+                try:
+                    await self._reconcile()
+                except LeaseLost:
+                    self._lost.set()
+                    return
+                except Exception:
+                    logger.exception("could not reconcile the running jobs; trying again")
             self._wakeup.clear()  # before claiming: a submit from now on wakes the wait below
             free = [kind for kind, limit in self.slots.items()
                     if self._running[kind] < limit and not self.backoff.waiting(kind)]
@@ -463,20 +537,36 @@ class JobDispatcher:
                 job = None
             if self._stopping:  # claimed as the runner stops: it never started, so back in its place
                 if job is not None:
-                    await asyncio.to_thread(self._requeue_interrupted, job)
+                    await asyncio.to_thread(self._requeue_unspent, job, SHUTDOWN_REASON)
                 return
             if job is None:
                 backing_off = [self.backoff.waiting(kind) for kind in self.slots if self.backoff.waiting(kind)]
                 await _wait(self._wakeup, min([self.poll_interval_s, *backing_off]))
                 continue
-            self._running[job.kind] += 1
-            self._active[job.id] = job
-            self._cancels[job.id] = cancel = asyncio.Event()
-            if job.id in self._cancel_on_start:
-                self._cancel_on_start.discard(job.id)
-                cancel.set()
-            self._tasks[job.id] = asyncio.create_task(self._run(job, cancel))
-            self._watchers.changed(job.id)
+            self._begin(job)
+
+    def _begin(self, job: Job) -> None:
+        """Run a claimed job as a task. Its slot is freed when the task ends, by a callback rather
+        than in the run's `finally`: a halt can cancel the task before its first step, and then
+        no line of the run executes."""
+        self._running[job.kind] += 1
+        self._active[job.id] = job
+        self._cancels[job.id] = cancel = asyncio.Event()
+        if job.id in self._cancel_on_start:
+            self._cancel_on_start.discard(job.id)
+            cancel.set()
+        self._tasks[job.id] = task = asyncio.create_task(self._run(job, cancel))
+        task.add_done_callback(lambda _: self._ended(job, task))
+        self._watchers.changed(job.id)
+
+    def _ended(self, job: Job, task: asyncio.Task) -> None:
+        self._running[job.kind] -= 1
+        if self._tasks.get(job.id) is task:  # not a later run of the same job, claimed again since
+            for registry in (self._active, self._tasks, self._cancels, self._progress):
+                registry.pop(job.id, None)
+        if not self._stopping:
+            self._wakeup.set()
+        self._watchers.changed(job.id)
 
     async def _run(self, job: Job, cancel: asyncio.Event) -> None:
         try:
@@ -484,79 +574,130 @@ class JobDispatcher:
         except LeaseLost:  # another runner holds the lease: this run's outcome is not ours to record
             logger.warning("job %s: outcome not recorded: this runner lost the lease", job.id)
             self._lost.set()
+        except _Unrecorded as error:
+            logger.error("job %s: %s; reconciliation records it once the store answers", job.id, error)
+        except Exception:  # never a task dying unseen with its job running: reconciliation ends it
+            logger.exception("job %s: its run failed unexpectedly", job.id)
+
+    async def _record(self, job: Job, outcome: Callable[[], object], within_s: float | None = None):
+        """Record a run's outcome with `outcome` (a store write, compare-and-set on the attempt, so
+        doing it again after an error whose write did commit changes nothing). A store error is
+        retried, backing off, for up to `within_s` (a lease TTL); then the outcome is kept for
+        reconciliation and `_Unrecorded` raised. LeaseLost is final: the job is no longer ours."""
+        delay, max_delay = RECORD_RETRY_S
+        deadline = time.monotonic() + (self.lease_ttl_s if within_s is None else within_s)
+        while True:
+            try:
+                return await asyncio.to_thread(outcome)
+            except LeaseLost:
+                raise
+            except Exception as error:
+                if time.monotonic() + delay > deadline:
+                    self._unrecorded[job.id] = (job.attempts, outcome)
+                    raise _Unrecorded(f"its outcome could not be recorded ({type(error).__name__}: {error})") \
+                        from error
+                logger.warning("job %s: could not record its outcome (%s); trying again", job.id, type(error).__name__)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, max_delay)
+
+    async def _reconcile(self) -> None:
+        """End the jobs `running` in the store that no run here holds (see the module docstring)."""
+        for job_id, (attempt, outcome) in list(self._unrecorded.items()):
+            try:
+                await asyncio.to_thread(outcome)
+            except LeaseLost:
+                raise
+            except Exception as error:
+                logger.warning("job %s: its outcome still could not be recorded (%s)", job_id, type(error).__name__)
+                continue
+            if self._unrecorded.get(job_id, (None,))[0] == attempt:
+                del self._unrecorded[job_id]
+            self._watchers.changed(job_id)
+        for job in await asyncio.to_thread(self.store.list, RUNNING, 1_000_000):
+            if job.id in self._active:
+                if job.cancel_requested and job.id in self._cancels:  # served by another runner
+                    self._cancels[job.id].set()
+                continue
+            if job.id in self._unrecorded:
+                continue
+            if await asyncio.to_thread(self._requeue_unspent, job, ORPHAN_REASON) is not None:
+                self._watchers.changed(job.id)
 
     async def _run_attempt(self, job: Job, cancel: asyncio.Event) -> None:
         """Run one attempt until it ends or its user cancels it. The cancel is an event rather than
         a cancellation of this task, so it is safe at any moment, even before the task starts."""
-        execute = asyncio.ensure_future(self._execute(job))
+        generate = asyncio.ensure_future(self._generate(job))
         cancelled = asyncio.ensure_future(cancel.wait())
         try:
-            await asyncio.wait({execute, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-            if not execute.done():
-                execute.cancel()  # travels down the handles: the model stops at its next step end
-                await asyncio.wait({execute})
-                if execute.cancelled():
-                    await asyncio.to_thread(self.store.transition, job.id, {RUNNING}, CANCELLED,
-                                            attempt=job.attempts, reason=f"cancelled while running{self._where(job.id)}")
+            await asyncio.wait({generate, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            if not generate.done():
+                generate.cancel()  # travels down the handles: the model stops at its next step end
+                await asyncio.wait({generate})
+                if generate.cancelled():
+                    reason = f"cancelled while running{self._where(job.id)}"
+                    await self._record(job, lambda: self.store.transition(job.id, {RUNNING}, CANCELLED,
+                                                                          attempt=job.attempts, reason=reason))
                     return
-            execute.result()  # re-raises the run's failure, if any
-            self.backoff.succeeded(job.kind)
+            result, files = generate.result()  # re-raises the run's failure, if any
         except asyncio.CancelledError:
             if self._stopping or self._halting:  # stop() puts it back; a lost lease records nothing
-                execute.cancel()
+                generate.cancel()
                 raise
             await self._attempt_failed(job, RuntimeError("the run was cancelled, but not by its user"))
-        except LeaseLost:
-            raise  # not this run's failure: nothing of it is recorded (see _run)
+            return
+        except (LeaseLost, _Unrecorded):
+            raise  # not this run's failure (see _run)
         except Exception as error:
             if is_capacity(error):
                 await self._turned_away(job, error)
             else:
                 await self._attempt_failed(job, error)
+            return
         finally:
             cancelled.cancel()
-            self._running[job.kind] -= 1
-            for registry in (self._active, self._tasks, self._cancels, self._progress):
-                registry.pop(job.id, None)
-            if not self._stopping:
-                self._wakeup.set()
-            self._watchers.changed(job.id)
+        self.backoff.succeeded(job.kind)
+        await self._record(job, lambda: self._save(job, result, files))
 
-    async def _execute(self, job: Job) -> None:
+    async def _generate(self, job: Job) -> tuple[dict, list]:
+        """The model part of a run: the result and its files, not yet recorded."""
         target = self._progress_target(job)
         if job.kind == "image":
             response = await self.images.generate_images(ImageRequest.model_validate(job.request), target)
-            result, files = image_result(job.id, response)
-        elif self.videos is not None:
+            return image_result(job.id, response)
+        if self.videos is not None:
             response, output = await self.videos.run(VideoRequest.model_validate(job.request), target)
-            result, files = video_result(job.id, response, output)
-        else:
-            raise RequestError("kind", "video generation is not deployed: add a video_models entry to the config", "image")
-        saved = await asyncio.to_thread(self.store.save_result, job.id, job.attempts, result, files)
+            return video_result(job.id, response, output)
+        raise RequestError("kind", "video generation is not deployed: add a video_models entry to the config", "image")
+
+    def _save(self, job: Job, result: dict, files: list) -> None:
+        saved = self.store.save_result(job.id, job.attempts, result, files)
         if saved is None:  # a cancel was asked for as it finished: the cancel wins, the result is dropped
-            await asyncio.to_thread(self.store.transition, job.id, {RUNNING}, CANCELLED, attempt=job.attempts,
-                                    reason="cancelled as it finished")
+            self.store.transition(job.id, {RUNNING}, CANCELLED, attempt=job.attempts, reason="cancelled as it finished")
 
     async def _turned_away(self, job: Job, error: Exception) -> None:
         wait = self.backoff.reject(job.kind)
         logger.info("job %s: %s (%s); %s jobs wait %.1fs", job.id, CAPACITY_REASON, type(error).__name__, job.kind, wait)
-        current = await asyncio.to_thread(self.store.get, job.id)
-        if current is not None and current.state == RUNNING and current.attempts == job.attempts:
-            await asyncio.to_thread(self.store.requeue_unspent, current, _capacity_reason(error))
+        reason = _capacity_reason(error)
+        await self._record(job, lambda: self._requeue_unspent(job, reason))
 
     async def _attempt_failed(self, job: Job, error: Exception) -> None:
         reason = describe_failure(error)
         logger.warning("job %s attempt %d failed: %s", job.id, job.attempts, reason)
         if isinstance(error, (RequestError, ValidationError)):  # running it again cannot help
-            await asyncio.to_thread(self.store.transition, job.id, {RUNNING}, FAILED, attempt=job.attempts,
-                                    reason=reason, error=reason)
+            await self._record(job, lambda: self.store.transition(job.id, {RUNNING}, FAILED, attempt=job.attempts,
+                                                                  reason=reason, error=reason))
             return
         # Out of memory again on a re-run would most likely repeat: one retry at most (the
         # replica freed its cache; a different batch on it may fit), then fail, saying why.
         limit = min(self.retry_limit, 1) if is_out_of_memory(error) else self.retry_limit
-        current = await asyncio.to_thread(self.store.get, job.id)
-        if current is not None and current.state == RUNNING and current.attempts == job.attempts:
-            await asyncio.to_thread(self.store.retry_or_fail, current, reason, limit)
+
+        def retry_or_fail():
+            current = self.store.get(job.id)
+            if current is not None and current.state == RUNNING and current.attempts == job.attempts:
+                return self.store.retry_or_fail(current, reason, limit)
+            return None
+
+        await self._record(job, retry_or_fail)
 
     def _where(self, job_id: str) -> str:
         progress = self._progress.get(job_id)
@@ -575,7 +716,11 @@ class JobDispatcher:
                 reason = f"expired: still queued {self.queued_ttl_s:g}s after it was submitted (jobs.queued_ttl_s)"
                 if self.store.transition(job.id, {QUEUED}, FAILED, reason=reason, error=reason, now=now):
                     expired += 1
-                    self._watchers.changed(job.id)
+                    # This runs in a worker thread: asyncio events are set on their own loop only.
+                    if self._loop is not None:
+                        self._loop.call_soon_threadsafe(self._watchers.changed, job.id)
+                    else:
+                        self._watchers.changed(job.id)
         return expired
 
     async def _sweep_forever(self) -> None:

@@ -67,7 +67,7 @@ class _OpenStreams:
         self.total = 0
         self.by_client: dict[str, int] = {}
 
-    def acquire(self, client: str) -> None:
+    def acquire(self, client: str) -> _Slot:
         if self.total >= self.limits.total:
             raise JobError(503, f"too many open event streams ({self.total}); retry later, or poll the job",
                            {"Retry-After": str(STREAM_RETRY_AFTER_S)})
@@ -76,12 +76,45 @@ class _OpenStreams:
                                 "close one, or poll the job", {"Retry-After": str(STREAM_RETRY_AFTER_S)})
         self.total += 1
         self.by_client[client] = self.by_client.get(client, 0) + 1
+        return _Slot(self, client)
 
     def release(self, client: str) -> None:
         self.total -= 1
         self.by_client[client] -= 1
         if not self.by_client[client]:
             del self.by_client[client]
+
+
+class _Slot:
+    """One open stream's hold on its slot; released once, by whichever end comes first."""
+
+    def __init__(self, streams: _OpenStreams, client: str):
+        self._streams, self._client = streams, client
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._streams.release(self._client)
+
+
+class _HeldStreamingResponse(StreamingResponse):
+    """A stream that frees its slot however the response ends. The body generator's `finally` is
+    not enough: Starlette cancels the response when the client's disconnect arrives (or Serve
+    cancels the request when its client leaves), and if that happens before the generator's
+    first step, the generator never starts, so its `finally` never runs and the slot leaked."""
+
+    def __init__(self, content, slot: _Slot, **kwargs):
+        super().__init__(content, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+
+
 _CURSOR = re.compile(r"^[0-9]{1,18}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -124,6 +157,12 @@ class JobsApi:
         stored = await self._validated(submission)
         digest = request_hash(submission)
         who = principal(request)
+        if idempotency_key is not None:
+            # A replay first: it is no new work, so the budget is not charged (a client retrying
+            # at the end of its budget gets its job, not a 429).
+            replayed = await self.runner.replay.remote(idempotency_key, who.key_id)
+            if replayed is not None:
+                return self._replayed(replayed[0], replayed[1], digest, idempotency_key)
         auth = request_auth(request)
         images = stored.get("num_images", 1) if submission.kind == "image" else self._frames(stored)
         if auth is not None:
@@ -131,21 +170,32 @@ class JobsApi:
         try:
             job, created, position = await self.runner.submit.remote(submission.kind, stored, idempotency_key, digest,
                                                                      who.key_id, who.limits.active_jobs)
-        except JobRejected as rejected:  # a RayTaskError that is also a JobRejected, from the runner
+        except BaseException as error:
+            # Not recorded (refused, or the runner or its store failed): the client is not charged.
+            # Should the job have been recorded after all (its answer lost), a retry with its
+            # Idempotency-Key gets it as a replay, free: the doubt goes the client's way.
             if auth is not None:
                 await auth.refund_images(who, images)
-            headers = None if rejected.retry_after_s is None else {"Retry-After": str(math.ceil(rejected.retry_after_s))}
-            raise JobError(rejected.status, rejected.detail, headers) from None
+            if isinstance(error, JobRejected):  # a RayTaskError that is also a JobRejected, from the runner
+                headers = None if error.retry_after_s is None else {"Retry-After": str(math.ceil(error.retry_after_s))}
+                raise JobError(error.status, error.detail, headers) from None
+            raise
         if auth is not None and not created:
-            await auth.refund_images(who, images)  # a replay, or refused: no new work
+            await auth.refund_images(who, images)  # a replay (a concurrent submit won), or refused: no new work
         if job is None:
             raise LimitExceeded("active_jobs", position, time.time() + 1,
                                 f"job quota: {position} jobs queued or running for this key; submit more "
                                 "when one finishes (or cancel one)")
-        if not created and job.request_hash != digest:
+        if not created:
+            return self._replayed(job, position, digest, idempotency_key)
+        return job, created, position
+
+    @staticmethod
+    def _replayed(job: Job, position: int | None, digest: str, idempotency_key: str | None) -> tuple[Job, bool, int | None]:
+        if job.request_hash != digest:
             raise JobError(409, f"Idempotency-Key {idempotency_key!r} was already used for a different request "
                                 f"(job {job.id})")
-        return job, created, position
+        return job, False, position
 
     def _frames(self, stored: dict) -> int:
         return self.videos.frames(stored)  # validated already: its model's default when unset
@@ -287,19 +337,20 @@ class JobsApi:
     async def events(self, job_id: str, request: Request, last_event_id: str | None = None) -> StreamingResponse:
         job = (await self.find(job_id, request))[0]
         client = request.client.host if request.client is not None else "unknown"
-        self.streams.acquire(client)  # released when the stream ends, however it ends
         resume = int(last_event_id) if last_event_id is not None and last_event_id.isascii() and \
             last_event_id.isdigit() and len(last_event_id) <= 18 else None
-        return StreamingResponse(self._held(self._event_stream(job, request, resume), client),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        slot = self.streams.acquire(client)  # released when the response ends, however it ends
+        return _HeldStreamingResponse(self._held(self._event_stream(job, request, resume), slot), slot,
+                                      media_type="text/event-stream",
+                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _held(self, stream, client: str):
+    @staticmethod
+    async def _held(stream, slot: _Slot):
         try:
             async for chunk in stream:
                 yield chunk
         finally:
-            self.streams.release(client)
+            slot.release()  # as soon as the stream ends (the response frees it too, if it never starts)
 
     async def _event_stream(self, job: Job, request: Request, resume: int | None = None):
         """`state` for every history entry (replayed from the start), `progress` when it changes,
@@ -310,22 +361,25 @@ class JobsApi:
         `resume` (the client's Last-Event-ID, a job version): no replay; the current state if it
         changed since, then changes as they happen, and always the final state. A stream open for
         the configured lifetime ends (`retry:` tells the client how soon to reconnect)."""
-        sent_states = 0
+        # The history entries the client has (as sent): a requeue that spent no attempt rewrites
+        # the last entries (they coalesce, see model.with_requeue), so what is new is whatever
+        # follows the part both agree on, not whatever follows the count sent.
+        sent: list[dict] = []
         if resume is not None:
-            sent_states = len(job.history) - 1 if job.version > resume else len(job.history)
+            sent = job.history[:-1] if job.version > resume else list(job.history)
             if job.finished:
-                sent_states = len(job.history) - 1  # the final state, whatever the client saw
+                sent = job.history[:-1]  # the final state, whatever the client saw
         last_progress = None
         ends_at = time.monotonic() + self.streams.limits.max_lifetime_s
         while True:
-            for index in range(sent_states, len(job.history)):
+            for index in range(_agreed(sent, job.history), len(job.history)):
                 data = {"job_id": job.id, **job.history[index]}
                 if job.finished and index == len(job.history) - 1:
                     data["job"] = self.render(job, None, request).model_dump(mode="json")
                     if job.state == SUCCEEDED:
                         data["result"] = self.result_of(job, request).model_dump(mode="json")
                 yield _sse("state", data, job.version)
-            sent_states = len(job.history)
+            sent = list(job.history)
             if job.finished:
                 return
             if job.state == RUNNING and job.progress and job.progress != last_progress:
@@ -356,7 +410,8 @@ class JobsApi:
         """The file's URL; signed and expiring when the app has keys, so a browser can load it."""
         path = f"/v1/jobs/{job_id}/files/{name}"
         auth = request_auth(request)
-        return request.scope.get("root_path", "") + (auth.sign_path(path) if auth is not None else path)
+        signed = auth.sign_path(path, principal(request).key_id) if auth is not None else path
+        return request.scope.get("root_path", "") + signed
 
     def render(self, job: Job, position: int | None, request: Request) -> JobStatus:
         base = self._base(request, job.id)
@@ -372,6 +427,16 @@ class JobsApi:
             links=JobLinks(self=base, events=f"{base}/events", cancel=f"{base}/cancel",
                            result=f"{base}/result" if job.state == SUCCEEDED else None),
         )
+
+
+def _agreed(sent: list[dict], history: list[dict]) -> int:
+    """How many leading entries of `history` are as they were sent."""
+    count = 0
+    for old, new in zip(sent, history):
+        if old != new:
+            break
+        count += 1
+    return count
 
 
 def _public_progress(progress: dict) -> dict:

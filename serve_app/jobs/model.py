@@ -6,7 +6,10 @@
       └──cancel──> cancelled <──cancel (the run stops at the next denoising step)── running
 
 Every change appends to `history` (state, time, attempt, reason), which is what GET /v1/jobs/{id}
-reports as timings and retries, and what the event stream replays.
+reports as timings and retries, and what the event stream replays. One exception keeps it
+bounded: requeues that spend no attempt (a run turned away for capacity, again and again while
+the models are busy) coalesce into one `queued` entry with their count (`requeues`), the time
+and reason of the last (see `with_requeue`).
 """
 
 from __future__ import annotations
@@ -97,3 +100,13 @@ def history_entry(state: str, at: float, attempt: int, reason: str | None = None
 def dumps(value: Any) -> str:
     """Compact JSON, as every store writes it."""
     return json.dumps(value, separators=(",", ":"))
+
+
+def with_requeue(history: list[dict], entry: dict) -> list[dict]:
+    """`history` with `entry` added, a requeue that spent no attempt: when the entries before it
+    are such a requeue and the claim it ended, that pair becomes this entry, its count one more
+    (so a job claimed and put back N times keeps 2 entries for it, not 2N). The stores do this
+    atomically with the change (the Redis store in its Lua script, the same way)."""
+    if len(history) >= 2 and history[-1]["state"] == RUNNING and history[-2].get("requeues"):
+        return [*history[:-2], {**entry, "requeues": history[-2]["requeues"] + 1}]
+    return [*history, {**entry, "requeues": 1}]

@@ -51,7 +51,7 @@ from serve_app.jobs.model import (
     dumps,
     scoped_idempotency_key,
 )
-from serve_app.jobs.store import JobStore, LeaseLost, _now
+from serve_app.jobs.store import CANCEL_REASON, CANCELLED_AT_REQUEUE, JobStore, LeaseLost, _now
 
 BACKSTOP_S = 86400  # Redis TTL past `expires_at`, in case no runner sweeps
 
@@ -68,6 +68,25 @@ local function hist(P, id, state, now, attempt, reason)
   local entry = '{"state":' .. cjson.encode(state) .. ',"at":' .. now .. ',"attempt":' .. attempt
   if reason ~= nil and reason ~= '' then entry = entry .. ',"reason":' .. cjson.encode(reason) end
   redis.call('RPUSH', P .. ':hist:' .. id, entry .. '}')
+end
+
+-- The requeue just recorded spent no attempt: as model.with_requeue, when the two entries before
+-- it are such a requeue and the claim it ended, they become this entry, its count one more.
+local function coalesce_requeue(P, id)
+  local key = P .. ':hist:' .. id
+  local entry = redis.call('RPOP', key)
+  local count = 1
+  if redis.call('LLEN', key) >= 2 then
+    local claim = cjson.decode(redis.call('LINDEX', key, -1))
+    local before = cjson.decode(redis.call('LINDEX', key, -2))
+    if claim.state == 'running' and type(before.requeues) == 'number' then
+      count = before.requeues + 1
+      redis.call('RPOP', key)
+      redis.call('RPOP', key)
+    end
+  end
+  -- The entry as hist() wrote it, with its count added (its time is kept exactly as written).
+  redis.call('RPUSH', key, string.sub(entry, 1, -2) .. ',"requeues":' .. count .. '}')
 end
 
 local function is_terminal(state)
@@ -157,7 +176,8 @@ return best
 """
 
 _TRANSITION = _LIB + """
-local P, id, expect, to, attempt, now, expires, backstop, reason, has_error, err, cancel, refund, fence = unpack(ARGV)
+local P, id, expect, to, attempt, now, expires, backstop, reason, has_error, err, cancel, refund, fence,
+      cancel_reason = unpack(ARGV)
 if fenced(P, fence) then return redis.error_reply(FENCED) end
 local job = P .. ':job:' .. id
 local state = redis.call('HGET', job, 'state')
@@ -166,18 +186,41 @@ local allowed = false
 for s in string.gmatch(expect, '[^,]+') do if s == state then allowed = true end end
 if not allowed then return false end
 if attempt ~= '' and redis.call('HGET', job, 'attempts') ~= attempt then return false end
+-- A cancel asked for while it ran wins over a requeue: never back in the queue to run again.
+if state == 'running' and to == 'queued' and cancel ~= '0' and redis.call('HGET', job, 'cancel_requested') == '1' then
+  to, reason, refund = 'cancelled', cancel_reason, '0'
+end
 if has_error == '1' then redis.call('HSET', job, 'error', err) end
 if cancel ~= '' then redis.call('HSET', job, 'cancel_requested', cancel) end
 set_state(P, id, job, state, to, now, expires, backstop, reason)
+if refund == '1' and to == 'queued' and state == 'running' then coalesce_requeue(P, id) end
 if refund == '1' and tonumber(redis.call('HGET', job, 'attempts')) > 0 then redis.call('HINCRBY', job, 'attempts', -1) end
 return true
+"""
+
+_CANCEL = _LIB + """
+local P, id, now, expires, backstop, reason = unpack(ARGV)
+local job = P .. ':job:' .. id
+local state = redis.call('HGET', job, 'state')
+if not state then return -1 end
+if state == 'queued' then
+  set_state(P, id, job, state, 'cancelled', now, expires, backstop, reason)
+  return 1
+end
+if state == 'running' then
+  redis.call('HSET', job, 'cancel_requested', 1)
+  set_state(P, id, job, state, state, now, expires, backstop, nil)
+  return 1
+end
+return 0
 """
 
 _PROGRESS = _FENCE + """
 local P, id, attempt, progress, fence = unpack(ARGV)
 if fenced(P, fence) then return redis.error_reply(FENCED) end
 local job = P .. ':job:' .. id
-if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'attempts') ~= attempt then
+if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'attempts') ~= attempt
+   or redis.call('HGET', job, 'cancel_requested') == '1' then
   return false
 end
 redis.call('HSET', job, 'progress', progress)
@@ -319,6 +362,7 @@ class RedisJobStore(JobStore):
         self._create = self._redis.register_script(_CREATE)
         self._claim = self._redis.register_script(_CLAIM)
         self._transition = self._redis.register_script(_TRANSITION)
+        self._cancel = self._redis.register_script(_CANCEL)
         self._progress = self._redis.register_script(_PROGRESS)
         self._save_result = self._redis.register_script(_SAVE_RESULT)
         self._expire = self._redis.register_script(_EXPIRE)
@@ -371,11 +415,17 @@ class RedisJobStore(JobStore):
             raise ActiveJobsExceeded(owner, max_active)
         return self.get(job_id.decode()), bool(created)
 
+    def find_idempotent(self, owner, idempotency_key):
+        job_id = self._redis.get(self._key("idem", scoped_idempotency_key(owner, idempotency_key)))
+        return None if job_id is None else self.get(job_id.decode())
+
     def get(self, job_id, with_request=False):
         return self._load([job_id], with_request)[0]
 
     def _load(self, ids: list[str], with_request: bool = False) -> list[Job | None]:
-        pipe = self._redis.pipeline(transaction=False)
+        # MULTI/EXEC: one snapshot, so a delete or expiry landing between the reads of a job
+        # cannot give a record without its history or result (a result read would answer 500).
+        pipe = self._redis.pipeline(transaction=True)
         for job_id in ids:
             pipe.hgetall(self._key("job", job_id))
             pipe.lrange(self._key("hist", job_id), 0, -1)
@@ -445,9 +495,18 @@ class RedisJobStore(JobStore):
         moved = self._runner_write(self._transition, [
             self.prefix, job_id, ",".join(expect), to, "" if attempt is None else str(attempt), repr(now), expires,
             backstop, reason or "", "0" if error is None else "1", error or "", cancel, "1" if refund_attempt else "0",
-            self._fence if fenced else "",
+            self._fence if fenced else "", f"{CANCELLED_AT_REQUEUE}; {reason or 'requeued'}",
         ])
         return self.get(job_id) if moved else None
+
+    def request_cancel(self, job_id, now=None):
+        now = _now(now)
+        expires, backstop = self._expiry_args(now)
+        changed = self._cancel(args=[self.prefix, job_id, repr(now), expires, backstop, CANCEL_REASON])
+        if changed == -1:
+            return None
+        job = self.get(job_id)
+        return None if job is None else (job, bool(changed))
 
     def record_progress(self, job_id, attempt, progress):
         return bool(self._runner_write(self._progress, [self.prefix, job_id, str(attempt), dumps(progress), self._fence]))

@@ -1,7 +1,8 @@
 """The JobRunner deployment: owns the job store and runs queued jobs (see `dispatch`).
 
-One replica (the builder enforces it): it alone claims jobs, so the queue needs no coordination
-beyond the store's compare-and-set. It reaches the models through the same Serve handles as the
+One replica (the builder enforces it). Serve still overlaps two for a while in a rolling update
+(the new one starts while the old one drains), so only the holder of the store's runner lease
+claims jobs; the other stands by (see `dispatch`). It reaches the models through the same Serve handles as the
 ingress, and runs each job through the same `ImageService`/`VideoService` code as the sync
 endpoints. The ingress calls it for every /v1/jobs route; the generators call its
 `record_progress` after each denoising step.
@@ -78,6 +79,9 @@ class JobRunner:
             return await self._dispatcher.submit(kind, request, idempotency_key, request_hash, owner, max_active)
         except ActiveJobsExceeded as error:
             return None, False, error.limit
+
+    async def replay(self, idempotency_key: str, owner: str | None = None) -> tuple[Job, int | None] | None:
+        return await self._dispatcher.replay(idempotency_key, owner)
 
     async def status(self, job_id: str) -> tuple[Job, int | None] | None:
         return await self._dispatcher.status(job_id)

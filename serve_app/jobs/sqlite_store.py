@@ -11,7 +11,13 @@ inside the transaction that marks the job succeeded; a crash between the two lea
 running, so it is re-run and the files, named by job id and file name, are overwritten, never
 duplicated.
 
-One process owns the database (the JobRunner); a lock serialises its threads on one connection.
+One process dispatches at a time: the holder of the runner lease (a row with an expiry, the
+`runner_lease` table). Ray Serve starts a new JobRunner replica while the old one drains (a
+rolling update, an unhealthy replica replaced), so two can open the file at once; the new one
+stands by until the old one has put its jobs back and released the lease, or until the lease
+expires when the old one died. Every runner write checks the lease inside its own transaction
+(`LeaseLost` otherwise), as the Redis store does in its scripts. Expiry is by the wall clock: all
+runners of one file are on one node. In a process, a lock serialises threads on one connection.
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 from serve_app.jobs.model import (
+    CANCELLED,
     QUEUED,
     RUNNING,
     STATES,
@@ -37,10 +45,11 @@ from serve_app.jobs.model import (
     dumps,
     history_entry,
     scoped_idempotency_key,
+    with_requeue,
 )
-from serve_app.jobs.store import JobStore, _now
+from serve_app.jobs.store import CANCEL_REASON, CANCELLED_AT_REQUEUE, JobStore, LeaseLost, _now
 
-SCHEMA_VERSION = 2  # 2: the owner column
+SCHEMA_VERSION = 3  # 2: the owner column; 3: the runner_lease table
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -67,6 +76,14 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_kind_state ON jobs (kind, state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+-- One row: who holds the runner lease, until when (wall clock), and its epoch: every acquire takes
+-- the next, so a runner that lost the lease never matches again, even after re-acquiring.
+CREATE TABLE IF NOT EXISTS runner_lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    owner TEXT,
+    epoch INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 _OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, state, seq)"
 # Every column but the request, which can be large (an uploaded image) and is read only to run it.
@@ -75,12 +92,15 @@ _RECORD = ("seq, id, kind, state, idempotency_key, request_hash, version, attemp
 
 
 class SqliteJobStore(JobStore):
+    leases = True
+
     def __init__(self, data_dir: str | os.PathLike, ttl_s: float = 86400.0):
         super().__init__(ttl_s)
         self.data_dir = Path(data_dir)
         self.files_dir = self.data_dir / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._epoch: int | None = None  # the lease this store's runner writes carry (None: unfenced)
         self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         with self._lock:
@@ -102,17 +122,62 @@ class SqliteJobStore(JobStore):
         with self._lock:
             if not durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
-                self._db.execute("COMMIT")
+                # Inside the try: BEGIN fails with "database is locked" when another connection
+                # holds the write lock past busy_timeout, and synchronous=FULL must come back even
+                # then, or every later submit and result would be acknowledged without an fsync.
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                else:
+                    self._db.execute("COMMIT")
             finally:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")
+
+    @contextmanager
+    def _runner_write(self, durable: bool = True):
+        """A runner's write transaction: refused (LeaseLost, nothing changed) unless this store still
+        holds the lease it acquired, checked under the database's write lock."""
+        with self._write(durable) as db:
+            if self._epoch is not None:
+                row = db.execute("SELECT owner, epoch, expires_at FROM runner_lease WHERE id = 1").fetchone()
+                if row is None or row["owner"] is None or row["epoch"] != self._epoch or row["expires_at"] <= time.time():
+                    raise LeaseLost("this runner no longer holds the job runner lease")
+            yield db
+
+    # The runner lease
+
+    def acquire_lease(self, owner, ttl_s):
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT owner, epoch, expires_at FROM runner_lease WHERE id = 1").fetchone()
+            if row is not None and row["owner"] not in (None, owner) and row["expires_at"] > now:
+                return False
+            epoch = (row["epoch"] if row is not None else 0) + 1
+            db.execute("INSERT INTO runner_lease (id, owner, epoch, expires_at) VALUES (1, ?, ?, ?) "
+                       "ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch, "
+                       "expires_at = excluded.expires_at", (owner, epoch, now + ttl_s))
+        self._epoch = epoch
+        return True
+
+    def renew_lease(self, ttl_s):
+        if self._epoch is None:
+            return False
+        now = time.time()
+        with self._write() as db:
+            cursor = db.execute("UPDATE runner_lease SET expires_at = ? WHERE id = 1 AND epoch = ? AND owner IS NOT NULL "
+                                "AND expires_at > ?", (now + ttl_s, self._epoch, now))
+            return cursor.rowcount == 1
+
+    def release_lease(self):
+        if self._epoch is not None:
+            with self._write() as db:
+                db.execute("UPDATE runner_lease SET owner = NULL, expires_at = 0 WHERE id = 1 AND epoch = ?",
+                           (self._epoch,))
 
     def create(self, kind, request, *, idempotency_key=None, request_hash=None, now=None, owner=None,
                max_active=None):
@@ -133,6 +198,12 @@ class SqliteJobStore(JobStore):
                  dumps([history_entry(QUEUED, now, 0)]), owner),
             )
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
+
+    def find_idempotent(self, owner, idempotency_key):
+        with self._lock:
+            row = self._db.execute(f"SELECT {_RECORD} FROM jobs WHERE idempotency_key = ?",
+                                   (scoped_idempotency_key(owner, idempotency_key),)).fetchone()
+        return None if row is None else _job(row)
 
     def get(self, job_id, with_request=False):
         columns = "*" if with_request else _RECORD
@@ -196,7 +267,7 @@ class SqliteJobStore(JobStore):
             return None
         now = _now(now)
         marks = ",".join("?" * len(kinds))
-        with self._write() as db:
+        with self._runner_write() as db:
             row = db.execute(
                 f"SELECT * FROM jobs WHERE state = ? AND kind IN ({marks}) ORDER BY seq LIMIT 1", (QUEUED, *kinds)
             ).fetchone()
@@ -214,20 +285,41 @@ class SqliteJobStore(JobStore):
     def transition(self, job_id, expect, to, *, attempt=None, reason=None, error=None, cancel_requested=None,
                    refund_attempt=False, now=None, fenced=True):
         now = _now(now)
-        with self._write() as db:
+        with (self._runner_write() if fenced else self._write()) as db:
             row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["state"] not in set(expect) or (attempt is not None and row["attempts"] != attempt):
                 return None
-            self._apply(db, row, to, now, reason=reason, error=error, cancel_requested=cancel_requested)
+            if row["state"] == RUNNING and to == QUEUED and cancel_requested is not False and row["cancel_requested"]:
+                # A cancel asked for while it ran wins over a requeue: never back in the queue to run again.
+                to, reason, refund_attempt = CANCELLED, f"{CANCELLED_AT_REQUEUE}; {reason or 'requeued'}", False
+            self._apply(db, row, to, now, reason=reason, error=error, cancel_requested=cancel_requested,
+                        requeue=refund_attempt and to == QUEUED)
             if refund_attempt:
                 db.execute("UPDATE jobs SET attempts = attempts - 1 WHERE seq = ? AND attempts > 0", (row["seq"],))
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
+    def request_cancel(self, job_id, now=None):
+        now = _now(now)
+        with self._write() as db:  # one transaction: a claim or requeue cannot slip in between
+            row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            if row["state"] == QUEUED:
+                self._apply(db, row, CANCELLED, now, reason=CANCEL_REASON)
+            elif row["state"] == RUNNING:
+                self._apply(db, row, RUNNING, now, cancel_requested=True)
+            else:
+                return _job(row), False
+            return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
+
     def _apply(self, db, row, to, now, *, reason=None, error=None, cancel_requested=None, result=None,
-               files=None) -> None:
+               files=None, requeue=False) -> None:
+        """`requeue`: a requeue that spent no attempt, coalesced in the history (see `with_requeue`)."""
         updates = {"state": to}
         if to != row["state"]:
-            history = json.loads(row["history"]) + [history_entry(to, now, row["attempts"], reason)]
+            entry = history_entry(to, now, row["attempts"], reason)
+            history = json.loads(row["history"])
+            history = with_requeue(history, entry) if requeue else [*history, entry]
             updates["history"] = dumps(history)
         if to in TERMINAL:
             updates["finished_at"] = now
@@ -245,16 +337,17 @@ class SqliteJobStore(JobStore):
                    (*updates.values(), row["seq"]))
 
     def record_progress(self, job_id, attempt, progress):
-        with self._write(durable=False) as db:
+        with self._runner_write(durable=False) as db:
             cursor = db.execute(
-                "UPDATE jobs SET progress = ?, version = version + 1 WHERE id = ? AND state = ? AND attempts = ?",
+                "UPDATE jobs SET progress = ?, version = version + 1 "
+                "WHERE id = ? AND state = ? AND attempts = ? AND cancel_requested = 0",
                 (dumps(progress), job_id, RUNNING, attempt),
             )
             return cursor.rowcount == 1
 
     def save_result(self, job_id, attempt, result, files, now=None):
         now = _now(now)
-        with self._write() as db:
+        with self._runner_write() as db:
             row = db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["state"] != RUNNING or row["attempts"] != attempt or row["cancel_requested"]:
                 return None
@@ -292,15 +385,15 @@ class SqliteJobStore(JobStore):
 
     def expire(self, now=None):
         now = _now(now)
-        with self._lock:
-            ids = [row[0] for row in self._db.execute(
+        with self._runner_write() as db:  # a runner without the lease deletes no files either
+            ids = [row[0] for row in db.execute(
                 "SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
             ).fetchall()]
         for job_id in ids:
             # Files first: a crash in between leaves a record without files, which the next sweep
             # removes, never files without a record.
             shutil.rmtree(self._folder(job_id), ignore_errors=True)
-            with self._write() as db:
+            with self._runner_write() as db:
                 db.execute("DELETE FROM jobs WHERE id = ? AND expires_at <= ?", (job_id, now))
         return len(ids)
 

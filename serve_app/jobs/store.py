@@ -12,13 +12,14 @@ Two implementations share one test suite (tests/unit/test_job_store.py):
 
 Stores are synchronous and thread-safe; the dispatcher calls them from worker threads.
 
-The runner lease (fencing): where two runners can reach one store (two clusters on one Redis
-during a KubeRay upgrade), only the holder of the store's lease may change jobs on its own
+The runner lease (fencing): two runners can reach one store (two clusters on one Redis during a
+KubeRay upgrade; on either store, the new JobRunner replica Ray Serve starts while the old one
+drains in a rolling update), so only the holder of the store's lease may change jobs on its own
 account: claim, record progress, save a result, retry, fail, requeue, expire. Once its lease is
 gone (released, expired, taken over) every such write raises `LeaseLost` and changes nothing,
 checked atomically with the write. What a user asks for (submit, cancel, delete) is the same
-change whichever runner serves it, so it is not fenced. The SQLite store lives on one node's
-disk with one runner, and has no lease (`leases` is False: every acquire succeeds).
+change whichever runner serves it, so it is not fenced. Both stores have a lease (`leases`); a
+store that never acquired one writes unfenced (tools and tests that use a store directly).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from collections.abc import Iterable
 
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, Job, ResultFile
 
+# The reason a requeue of a job whose cancel was asked for records, as it cancels the job instead.
+CANCELLED_AT_REQUEUE = "cancelled instead of going back to the queue"
+CANCEL_REASON = "cancelled before it started"
+
 
 class LeaseLost(RuntimeError):
     """A write of a runner whose lease is gone: refused, nothing changed. The runner stops dispatching."""
@@ -37,7 +42,8 @@ class LeaseLost(RuntimeError):
 class JobStore(ABC):
     """Durable job records and result files. `ttl_s`: how long finished jobs are kept."""
 
-    # Whether runners must hold a lease to write (see the module docstring).
+    # Whether runners must hold a lease to write (see the module docstring); a store without one
+    # grants every acquire.
     leases = False
 
     def __init__(self, ttl_s: float):
@@ -64,6 +70,10 @@ class JobStore(ABC):
         already recorded for `owner`, return that job instead and `False`. With `max_active`,
         raise `ActiveJobsExceeded` if the owner already has that many jobs queued or running
         (checked atomically with the insert, so concurrent submits cannot overshoot)."""
+
+    @abstractmethod
+    def find_idempotent(self, owner: str | None, idempotency_key: str) -> Job | None:
+        """The job `owner` submitted with `idempotency_key` (its replay), if it is still kept."""
 
     @abstractmethod
     def get(self, job_id: str, with_request: bool = False) -> Job | None:
@@ -98,13 +108,18 @@ class JobStore(ABC):
         """Compare-and-set: when the job is in one of `expect` (and at `attempt`, if given), move
         it to `to` and return it; else change nothing and return None. A change of state is
         recorded in the history with `reason`; a terminal state sets `finished_at`/`expires_at`.
-        `refund_attempt`: count the attempt as never made (a run the models had no room to start).
+        `refund_attempt`: count the attempt as never made (a run the models had no room to start);
+        such requeues coalesce in the history (`model.with_requeue`).
+        A running job whose cancel was asked for is never put back in the queue: a move from
+        running to queued cancels it instead (checked in the same step, so a cancel that lands
+        between a runner's read and its requeue still wins), unless `cancel_requested=False`.
         `fenced`: a runner's own change, refused (LeaseLost) without the lease; False for a user's."""
 
     @abstractmethod
     def record_progress(self, job_id: str, attempt: int, progress: dict) -> bool:
-        """Set the progress of a running job's current attempt; False if it is not that any more.
-        Progress is advisory, so stores may make it durable lazily."""
+        """Set the progress of a running job's current attempt; False if it is not that any more,
+        or a cancel was asked for (its run should stop: the cancel may have been served by another
+        runner). Progress is advisory, so stores may make it durable lazily."""
 
     @abstractmethod
     def save_result(self, job_id: str, attempt: int, result: dict, files: list[tuple[ResultFile, bytes]],
@@ -131,19 +146,14 @@ class JobStore(ABC):
     def close(self) -> None:  # noqa: B027 - a store with nothing to close need not override it
         return None
 
-    # What follows is built on the primitives above, so both stores share it.
-
+    @abstractmethod
     def request_cancel(self, job_id: str, now: float | None = None) -> tuple[Job, bool] | None:
         """A queued job is cancelled at once; a running one is flagged for its runner to stop.
         Returns the job and whether this call changed it (False: it had already finished);
-        None for an unknown id."""
-        job = self.transition(job_id, {QUEUED}, CANCELLED, reason="cancelled before it started", now=now, fenced=False)
-        if job is None:
-            job = self.transition(job_id, {RUNNING}, RUNNING, cancel_requested=True, now=now, fenced=False)
-        if job is not None:
-            return job, True
-        job = self.get(job_id)
-        return None if job is None else (job, False)
+        None for an unknown id. One atomic step, not two compare-and-sets: a runner moving the
+        job between queued and running meanwhile (a claim, a requeue) cannot make it miss both."""
+
+    # What follows is built on the primitives above, so both stores share it.
 
     def retry_or_fail(self, job: Job, reason: str, retry_limit: int, now: float | None = None) -> Job | None:
         """End a running attempt that did not finish: back to the queue while retries are left

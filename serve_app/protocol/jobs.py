@@ -38,6 +38,10 @@ class JobHistoryEntry(BaseModel):
     at: float = Field(description="Unix time of the change.")
     attempt: int = Field(description="The run this change belongs to (0 before the first).")
     reason: str | None = Field(None, description="Why: a retry's cause, a cancel, a failure.")
+    requeues: int | None = Field(
+        None, description="On a `queued` entry: how many times the job went back to the queue without spending an "
+                          "attempt (turned away for capacity), coalesced into this one entry; its time and reason "
+                          "are the last one's.")
 
 
 class JobFileLink(BaseModel):

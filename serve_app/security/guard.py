@@ -5,11 +5,13 @@ app the Ingress serves, whether under `serve run`, `genserve serve` or KubeRay.
 Every route needs a key unless it is on the public allow-list (`PUBLIC_PATHS`, `PUBLIC_PREFIXES`):
 a route added later is protected without anyone remembering to protect it. Safe methods (GET,
 HEAD) need `read`; every other method needs `generate`; `/v1/admin/` needs `admin` (which implies
-the others). A job file URL signed by `sign_path` is served without a key until it expires, for
-browsers loading `<img src>`.
+the others); OPTIONS is a read. A job file URL signed by `sign_path` is served without a key until
+it expires or the key that asked for it stops being usable, for browsers loading `<img src>`;
+such downloads are limited per client address.
 
-Without a keys file, only loopback clients are answered (403 for others, saying how to add keys),
-unless `auth.allow_unauthenticated` is set; such callers act as one local owner with every scope.
+Without a keys file, only callers on this machine are answered (loopback, and not forwarded by a
+proxy: `is_local`), as one local owner with every scope; others get 403 saying how to add keys.
+`auth.allow_unauthenticated` answers every caller as that owner, without the admin scope.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,7 @@ from urllib.parse import parse_qs, urlencode
 
 from deployments.names import SCOPES
 from serve_app.config import ClientLimits
-from serve_app.security.keys import KeyLimits, KeyRing
+from serve_app.security.keys import RESERVED_ID, KeyEntry, KeyLimits, KeyRing
 from serve_app.security.limiter import KeyLimiter, LimitExceeded
 
 logger = logging.getLogger("ray.serve")
@@ -39,13 +42,15 @@ PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/docs", "/docs/oauth
 PUBLIC_PREFIXES = ("/ui/",)
 PUBLIC_GET_PATHS = frozenset({"/ui"})
 SAFE_METHODS = frozenset({"GET", "HEAD"})
+READ_METHODS = SAFE_METHODS | {"OPTIONS"}  # change nothing: the `read` scope, and never a synchronous request
 ADMIN_PREFIX = "/v1/admin/"
 JOBS_PREFIX = "/v1/jobs"
 FILE_ROUTE = "/files/"
-LOCAL_OWNER = "local"  # the owner of jobs made without keys (loopback or allow_unauthenticated)
+LOCAL_OWNER = RESERVED_ID  # the owner of jobs made without keys (on this machine, or allow_unauthenticated)
 
 UNAUTHORIZED = "missing or invalid API key: send `Authorization: Bearer <key>`"
-NO_KEYS = ("this service has no API keys configured, so it answers only clients on its own machine (loopback). "
+NO_KEYS = ("this service has no API keys configured, so it answers only clients on its own machine (loopback, "
+           "not forwarded by a proxy). "
            "To serve other clients, create a key with `genserve keys create NAME --file keys.yaml` and set "
            "auth.keys_file: keys.yaml in the config (docs/security.md); or, on a network you trust, set "
            "auth.allow_unauthenticated: true.")
@@ -72,20 +77,37 @@ class Principal:
         return scope in self.scopes or self.admin
 
 
-LOCAL = Principal(LOCAL_OWNER, frozenset(SCOPES))
-SIGNED = Principal("", frozenset({"read"}), signed_url=True)
+LOCAL = Principal(LOCAL_OWNER, frozenset(SCOPES))  # a caller on this machine, without keys
+# auth.allow_unauthenticated: every caller; never admin, since any of them may be anyone.
+OPEN = Principal(LOCAL_OWNER, frozenset(SCOPES) - {"admin"})
 
 
 def required_scope(method: str, path: str) -> str:
     if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/"):
         return "admin"
-    return "read" if method in SAFE_METHODS else "generate"
+    return "read" if method in READ_METHODS else "generate"
 
 
 def is_public(method: str, path: str) -> bool:
     if path in PUBLIC_PATHS:
         return True
     return method in SAFE_METHODS and (path in PUBLIC_GET_PATHS or path.startswith(PUBLIC_PREFIXES))
+
+
+# Headers by which a proxy says it forwards another client's request (uvicorn, so also Ray's HTTP
+# proxy, applies X-Forwarded-For sent from 127.0.0.1 and ::1 by default).
+FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
+
+
+def is_local(scope) -> bool:
+    """A caller on this machine itself, which without keys may act as the local owner: its address
+    is loopback and no proxy header says it speaks for another client. Without such a header no
+    middleware has replaced the client, so the address is the TCP peer the server saw; with one,
+    the request came through a proxy (nginx, a sidecar, a port-forward), and its client is not
+    local whatever address the header names."""
+    if any(name in FORWARDING_HEADERS for name, _ in scope.get("headers", ())):
+        return False
+    return is_loopback(scope.get("client"))
 
 
 def is_loopback(client) -> bool:
@@ -118,13 +140,14 @@ class Auth:
 
     def __init__(self, keys_file: str | None, allow_unauthenticated: bool = False, limits_storage: str = "memory://",
                  signed_url_ttl_s: float = 3600.0, metrics: bool = True, hold_s: float = 1200.0,
-                 client_limits: ClientLimits | None = None):
+                 client_limits: ClientLimits | None = None, signed_downloads_per_minute: int | None = 600):
         self.keys = KeyRing(keys_file) if keys_file else None
         self.allow_unauthenticated = allow_unauthenticated
         self.client_limits = client_limits or ClientLimits()
         limited = self.client_limits.concurrent_requests is not None or self.client_limits.requests_per_minute is not None
         self.limiter = KeyLimiter(limits_storage, hold_s=hold_s) if self.keys is not None or limited else None
         self.signed_url_ttl_s = signed_url_ttl_s
+        self.signed_downloads_per_minute = signed_downloads_per_minute
         self._requests = None
         if metrics and self.keys is not None:
             from ray.serve.metrics import Counter
@@ -136,7 +159,8 @@ class Auth:
     @classmethod
     def from_config(cls, config, limits_storage: str, metrics: bool = True, hold_s: float = 1200.0) -> "Auth":
         return cls(config.keys_file, config.allow_unauthenticated, limits_storage, config.signed_url_ttl_s,
-                   metrics=metrics, hold_s=hold_s, client_limits=config.client_limits)
+                   metrics=metrics, hold_s=hold_s, client_limits=config.client_limits,
+                   signed_downloads_per_minute=config.signed_downloads_per_minute)
 
     def count(self, key_id: str, outcome: str) -> None:
         if self._requests is not None:
@@ -148,19 +172,41 @@ class Auth:
             return function(*args)
         return await asyncio.to_thread(function, *args)
 
-    async def admit(self, client: str, limits: KeyLimits, sync: bool, who: str = "this key") -> bool:
+    async def admit(self, client: str, limits: KeyLimits, sync: bool, who: str = "this key") -> str | None:
         """Count a request of `client` (a key id, or `addr:<address>`) against its limits: its own
         `limits` on every request, and on a synchronous one the per-client limits (a key's own
-        concurrent_requests replaces the default). Raises LimitExceeded; True when it holds a
-        concurrency slot to release when the request ends."""
+        concurrent_requests replaces the default). Raises LimitExceeded; returns the concurrency
+        hold to give back with `release` when the request ends (None: it holds none)."""
         if self.limiter is None:
-            return False
+            return None
         await self._limiter_call(self.limiter.hit_request, client, limits)
         if not sync:
-            return False
+            return None
         await self._limiter_call(self.limiter.hit_sync, client, self.client_limits.requests_per_minute)
-        return await self._limiter_call(self.limiter.acquire, client, limits, self.client_limits.concurrent_requests,
-                                        who)
+        acquire = (self.limiter.acquire, client, limits, self.client_limits.concurrent_requests, who)
+        if self.limiter.local:
+            return acquire[0](*acquire[1:])
+        taking = asyncio.ensure_future(asyncio.to_thread(*acquire))
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            # The request was cancelled (its client left) while the thread took the hold: the
+            # thread goes on regardless, so give back whatever it takes, or the slot stays held.
+            taking.add_done_callback(lambda done: self._give_back_late(client, done))
+            raise
+
+    def _give_back_late(self, client: str, taking: asyncio.Future) -> None:
+        if not taking.cancelled() and taking.exception() is None and taking.result() is not None:
+            asyncio.get_running_loop().run_in_executor(None, self.limiter.release, client, taking.result())
+
+    async def release(self, client: str, hold: str) -> None:
+        """Give back a concurrency hold `admit` returned."""
+        await self._limiter_call(self.limiter.release, client, hold)
+
+    async def admit_download(self, address: str) -> None:
+        """Count a signed file download of a client address (raises LimitExceeded)."""
+        if self.limiter is not None:
+            await self._limiter_call(self.limiter.hit_download, address, self.signed_downloads_per_minute)
 
     async def charge_images(self, who: Principal, images: int) -> None:
         """Charge a request's images against its key's daily budget (raises LimitExceeded)."""
@@ -176,31 +222,44 @@ class Auth:
     def _secret(self) -> bytes | None:
         return None if self.keys is None else self.keys.signing_secret()
 
-    def sign_path(self, path: str, now: float | None = None) -> str:
-        """`path` with `expires` and `sig` query parameters; unchanged when there is nothing to sign with."""
+    def sign_path(self, path: str, key_id: str, now: float | None = None) -> str:
+        """`path` with `expires`, `kid` and `sig` query parameters; unchanged when there is nothing to
+        sign with. The signature covers the key id that asked, so the URL dies with that key."""
         secret = self._secret()
         if secret is None:
             return path
         expires = int((time.time() if now is None else now) + self.signed_url_ttl_s)
-        return f"{path}?{urlencode({'expires': expires, 'sig': _signature(secret, path, expires)})}"
+        sig = _signature(secret, path, expires, key_id)
+        return f"{path}?{urlencode({'expires': expires, 'kid': key_id, 'sig': sig})}"
 
-    def signed(self, path: str, query: bytes, now: float | None = None) -> bool:
+    def signed(self, path: str, query: bytes, now: float | None = None) -> KeyEntry | None:
+        """The key a valid signed URL was made for, while that key is usable and may read; else None.
+        Nothing the query holds reaches `compare_digest` unless it is 64 hex digits (ASCII): any
+        other str would make it raise TypeError, a 500 for a crafted URL."""
         secret = self._secret()
         if secret is None or not query:
-            return False
+            return None
         params = parse_qs(query.decode("latin-1"))
         try:
             expires = int(params["expires"][0])
+            key_id = params["kid"][0]
             sig = params["sig"][0]
         except (KeyError, IndexError, ValueError):
-            return False
-        if expires < (time.time() if now is None else now):
-            return False
-        return hmac.compare_digest(sig, _signature(secret, path, expires))
+            return None
+        now = time.time() if now is None else now
+        if expires < now or not _HEX64.fullmatch(sig):
+            return None
+        if not hmac.compare_digest(sig.lower().encode("ascii"), _signature(secret, path, expires, key_id).encode()):
+            return None
+        entry = self.keys.usable_entry(key_id, now)  # and it may still read what it signed
+        return entry if entry is not None and {"read", "admin"} & set(entry.scopes) else None
 
 
-def _signature(secret: bytes, path: str, expires: int) -> str:
-    return hmac.new(secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _signature(secret: bytes, path: str, expires: int, key_id: str) -> str:
+    return hmac.new(secret, f"{path}\n{expires}\n{key_id}".encode(), hashlib.sha256).hexdigest()
 
 
 def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -246,22 +305,38 @@ class Guard:
         auth: Auth | None = getattr(scope["app"].state, "auth", None) if "app" in scope else None
         method = scope.get("method", "GET")
         path = route_path(scope)
-        if method == "OPTIONS" or is_public(method, path):
+        # OPTIONS is a request like any other here. A CORS preflight, when auth.cors_origins is set,
+        # is answered by CORSMiddleware outside this gate and never reaches it.
+        if is_public(method, path):
             return await self.app(scope, receive, send)
         keys = auth.keys if auth is not None else None
-        sync = method not in SAFE_METHODS and not path.startswith((JOBS_PREFIX, ADMIN_PREFIX))
+        sync = method not in READ_METHODS and not path.startswith((JOBS_PREFIX, ADMIN_PREFIX))
         if keys is None:
-            if (auth is not None and auth.allow_unauthenticated) or is_loopback(scope.get("client")):
-                scope.setdefault("state", {})["principal"] = LOCAL
-                if auth is None or auth.limiter is None:
-                    return await self.app(scope, receive, send)
-                # No key to tell clients apart: each remote address is one client.
-                return await self._limited(auth, client_address(scope), KeyLimits(), sync, "this client address",
-                                           scope, receive, send)
-            return await _answer(send, 403, {"detail": NO_KEYS}, scope=scope)
-        if (method in SAFE_METHODS and path.startswith(JOBS_PREFIX + "/") and FILE_ROUTE in path
-                and auth.signed(path, scope.get("query_string", b""))):
-            scope.setdefault("state", {})["principal"] = SIGNED  # the signature is the grant
+            if auth is not None and auth.allow_unauthenticated:
+                who = OPEN
+            elif is_local(scope):
+                who = LOCAL
+            else:
+                return await _answer(send, 403, {"detail": NO_KEYS}, scope=scope)
+            needed = required_scope(method, path)
+            if not who.allows(needed):
+                return await _answer(send, 403, {"detail": f"{method} {path} needs the {needed!r} scope, which "
+                                                           "auth.allow_unauthenticated never grants; use API keys",
+                                                 "scope": needed}, scope=scope)
+            scope.setdefault("state", {})["principal"] = who
+            if auth is None or auth.limiter is None:
+                return await self.app(scope, receive, send)
+            # No key to tell clients apart: each remote address is one client.
+            return await self._limited(auth, client_address(scope), KeyLimits(), sync, "this client address",
+                                       scope, receive, send)
+        signer = (auth.signed(path, scope.get("query_string", b""))
+                  if method in SAFE_METHODS and path.startswith(JOBS_PREFIX + "/") and FILE_ROUTE in path else None)
+        if signer is not None:  # the signature is the grant, while the key that asked for it is usable
+            scope.setdefault("state", {})["principal"] = Principal(signer.id, frozenset({"read"}), signed_url=True)
+            try:
+                await auth.admit_download(client_address(scope))
+            except LimitExceeded as error:
+                return await _answer(send, 429, error.body(), limit_response_headers(error), scope=scope)
             return await self.app(scope, receive, send)
         token = _bearer(scope.get("headers", []))
         entry = keys.authenticate(token) if token is not None else None
@@ -282,7 +357,7 @@ class Guard:
         """Serve the request within `client`'s limits: 429 with Retry-After past one."""
         counted = "" if client.startswith(ADDRESS_PREFIX) else client  # metric tags: key ids only, never addresses
         try:
-            holds = await auth.admit(client, limits, sync, who)
+            hold = await auth.admit(client, limits, sync, who)
         except LimitExceeded as error:
             auth.count(counted, "limited")
             return await _answer(send, 429, error.body(), limit_response_headers(error), scope=scope)
@@ -290,8 +365,8 @@ class Guard:
         try:
             await self.app(scope, receive, send)
         finally:
-            if holds:
-                await auth._limiter_call(auth.limiter.release, client)
+            if hold is not None:
+                await auth.release(client, hold)
 
 
 ADDRESS_PREFIX = "addr:"

@@ -23,6 +23,7 @@ import hmac
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from datetime import datetime, timezone
@@ -36,6 +37,7 @@ from deployments.names import SCOPES, Scope
 logger = logging.getLogger("ray.serve")
 KEY_PREFIX = "gsk_"
 RELOAD_CHECK_S = 1.0
+RESERVED_ID = "local"  # no key may have this id: it owns the jobs made without keys (guard.LOCAL_OWNER)
 
 
 class KeyLimits(BaseModel):
@@ -62,6 +64,14 @@ class KeyEntry(BaseModel):
     expires_at: datetime | None = None
     revoked: bool = False
 
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.lower() == RESERVED_ID:
+            raise ValueError(f"key id {value!r} is reserved: {RESERVED_ID!r} owns the jobs made without keys, so a key "
+                             "of that name would see them all; pick another id")
+        return value
+
     @field_validator("expires_at")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
@@ -87,6 +97,24 @@ class KeysFileModel(BaseModel):
         if repeated:
             raise ValueError(f"key ids must be unique; repeated: {repeated}")
         return keys
+
+
+def loose_mode(mode: int) -> int:
+    """The group and other permission bits of a keys file's mode (0 when only its owner may use
+    it). The file holds the URL-signing secret: whoever reads it can sign any job's file URLs,
+    and whoever writes it can add a key."""
+    return stat.S_IMODE(mode) & 0o077 if os.name == "posix" else 0
+
+
+def loose_mode_message(path: str | os.PathLike, mode: int) -> str:
+    return (f"keys file {str(path)!r} can be read or written by group or others (mode "
+            f"{stat.S_IMODE(mode):04o}); it holds the URL-signing secret: `chmod 600 {path}`")
+
+
+def check_keys_file_mode(path: str | os.PathLike) -> str | None:
+    """What is wrong with a keys file's permissions, or None."""
+    mode = Path(path).stat().st_mode
+    return loose_mode_message(path, mode) if loose_mode(mode) else None
 
 
 def hash_key(key: str) -> str:
@@ -120,9 +148,11 @@ class KeyRing:
             raise ValueError(f"auth.keys_file {str(self.path)!r} is not a valid keys file: {error}") from None
 
     def _read(self) -> KeysFileModel:
-        stat = self.path.stat()
+        info = self.path.stat()
         model = load_keys_file(self.path)
-        self._stamp = (stat.st_mtime_ns, stat.st_size)
+        if loose_mode(info.st_mode):
+            logger.warning("%s", loose_mode_message(self.path, info.st_mode))
+        self._stamp = (info.st_mtime_ns, info.st_size)
         return model
 
     def _fresh(self) -> KeysFileModel:
@@ -132,8 +162,8 @@ class KeyRing:
         with self._lock:
             self._checked = now
             try:
-                stat = self.path.stat()
-                if (stat.st_mtime_ns, stat.st_size) != self._stamp:
+                info = self.path.stat()
+                if (info.st_mtime_ns, info.st_size) != self._stamp:
                     self._model = self._read()
                     logger.info("keys file %s re-read: %d keys", self.path, len(self._model.keys))
             except Exception as error:  # keep the last good keys; say why (never the file's text)
@@ -151,6 +181,11 @@ class KeyRing:
                 found = entry
         now = time.time() if now is None else now
         return found if found is not None and found.usable(now) else None
+
+    def usable_entry(self, key_id: str, now: float | None = None) -> KeyEntry | None:
+        """The entry with this id while it is usable (neither revoked, expired nor deleted), else None."""
+        now = time.time() if now is None else now
+        return next((entry for entry in self._fresh().keys if entry.id == key_id and entry.usable(now)), None)
 
     def entries(self) -> list[KeyEntry]:
         return list(self._fresh().keys)
@@ -183,9 +218,11 @@ def add_to_keys_file(path: str | os.PathLike, entry: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a leftover partial file keeps its own mode through O_CREAT
     with os.fdopen(descriptor, "w") as out:
         yaml.safe_dump(data, out, sort_keys=False)
     os.replace(partial, path)
 
 
-__all__ = ["SCOPES", "KeyEntry", "KeyLimits", "KeyRing", "hash_key", "new_key", "key_entry_yaml", "add_to_keys_file"]
+__all__ = ["SCOPES", "KeyEntry", "KeyLimits", "KeyRing", "hash_key", "new_key", "key_entry_yaml", "add_to_keys_file",
+           "check_keys_file_mode"]

@@ -113,7 +113,7 @@ def test_signed_file_urls_load_without_a_key_and_a_key_deletes_its_finished_job(
     job_id = _submit(client, alice, {**FOX, "prompt": "a heron"})["id"]
     status = _finished(client, alice, job_id)
     url = status["files"][0]["url"]
-    assert re.match(rf"^/v1/jobs/{job_id}/files/image-0\.png\?expires=\d+&sig=[0-9a-f]{{64}}$", url)
+    assert re.match(rf"^/v1/jobs/{job_id}/files/image-0\.png\?expires=\d+&kid=k_[0-9a-f]+&sig=[0-9a-f]{{64}}$", url)
     result_url = client.get(f"/v1/jobs/{job_id}/result", headers=alice).json()["images"][0]["url"]
     assert result_url.startswith(f"/v1/jobs/{job_id}/files/image-0.png?expires=")
     loaded = client.get(url)  # no key: what an <img src> does

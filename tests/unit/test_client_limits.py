@@ -57,8 +57,8 @@ def _client(app, client=LOOPBACK) -> TestClient:
 def _slots(app) -> dict[str, int]:
     limiter = app.state.auth.limiter
     prefix = limiter._concurrency_key("")
-    return {key[len(prefix):]: value for key, value in limiter.storage.storage.items()
-            if key.startswith(prefix) and value}
+    counts = {key: limiter.holds.count(key) for key in list(limiter.holds._holds) if key.startswith(prefix)}
+    return {key[len(prefix):]: count for key, count in counts.items() if count}
 
 
 class Held:
@@ -188,3 +188,98 @@ def test_config_names_bad_proxies_and_needs_shared_counters_for_replicas():
     AppArgs.model_validate({"auth": {"client_limits": {"concurrent_requests": 4}, "limits_storage": "memory://"},
                             "deployments": {"Ingress": {"num_replicas": 2}}})
     assert AppArgs().auth.client_limits == ClientLimits(), "off unless configured"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def limiter_uri(request, tmp_path):
+    if request.param == "memory":
+        yield "memory://"
+        return
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    yield server.url
+    server.stop()
+
+
+def test_a_client_always_in_flight_keeps_its_concurrency_limit(limiter_uri):
+    """hold_s of 1 s, and a client that always has two requests in flight (each shorter than
+    hold_s, overlapping): its count never expires under it, so a third is refused throughout,
+    never admitted by a counter that expired and went negative."""
+    from serve_app.security.keys import KeyLimits
+    from serve_app.security.limiter import KeyLimiter, LimitExceeded
+
+    limiter = KeyLimiter(limiter_uri, hold_s=1.0)
+    limits = KeyLimits(concurrent_requests=2)
+    in_flight = [(limiter.acquire("k", limits), time.monotonic())]
+    time.sleep(0.3)
+    in_flight.append((limiter.acquire("k", limits), time.monotonic()))
+    admitted_over = 0
+    ends = time.monotonic() + 3.5
+    while time.monotonic() < ends:
+        # Each request runs 0.6 s, then a new one takes its place at once.
+        for index, (hold, started) in enumerate(in_flight):
+            if time.monotonic() - started >= 0.6:
+                limiter.release("k", hold)
+                in_flight[index] = (limiter.acquire("k", limits), time.monotonic())
+        try:
+            extra = limiter.acquire("k", limits)
+        except LimitExceeded:
+            pass
+        else:
+            admitted_over += 1
+            limiter.release("k", extra)
+        assert limiter.usage("k", limits)["concurrent_requests"] == 2
+        time.sleep(0.05)
+    assert admitted_over == 0, f"{admitted_over} requests admitted past the limit of 2"
+    for hold, _ in in_flight:
+        limiter.release("k", hold)
+    assert limiter.in_flight("k") == 0
+    leaked = limiter.acquire("k", limits)  # a replica died holding it: never given back
+    time.sleep(1.1)
+    assert limiter.in_flight("k") == 0, "a hold nobody gives back expires after hold_s"
+    assert leaked is not None
+
+
+def test_a_request_cancelled_while_its_slot_is_taken_gives_it_back(tmp_path):
+    """The client leaves while admit()'s thread is taking its concurrency hold (a network
+    limiter store): the request is cancelled, the thread goes on and takes it, and it is given back."""
+    import asyncio
+
+    from serve_app.security.keys import KeyLimits
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    try:
+        auth = Auth(None, limits_storage=server.url, metrics=False,
+                    client_limits=ClientLimits(concurrent_requests=1))
+        limiter = auth.limiter
+        taking, taken = threading.Event(), threading.Event()
+        acquire = limiter.acquire
+
+        def slow_acquire(*args):
+            taking.set()
+            time.sleep(0.3)  # a slow round trip to Redis
+            try:
+                return acquire(*args)
+            finally:
+                taken.set()
+
+        limiter.acquire = slow_acquire
+
+        async def cancelled_admit():
+            admit = asyncio.ensure_future(auth.admit("addr:10.0.0.9", KeyLimits(), sync=True))
+            await asyncio.to_thread(taking.wait, 5)
+            admit.cancel()
+            await asyncio.gather(admit, return_exceptions=True)
+            assert admit.cancelled()
+            await asyncio.to_thread(taken.wait, 5)
+            for _ in range(100):  # the late give-back runs on an executor thread
+                if limiter.in_flight("addr:10.0.0.9") == 0:
+                    break
+                await asyncio.sleep(0.02)
+
+        asyncio.run(cancelled_admit())
+        assert limiter.in_flight("addr:10.0.0.9") == 0, "the cancelled request's slot is still held"
+    finally:
+        server.stop()

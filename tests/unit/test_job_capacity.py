@@ -41,10 +41,13 @@ def test_back_pressure_requeues_the_job_without_spending_an_attempt(store):
 
     job, generator = asyncio.run(scenario())
     assert job.state == "succeeded" and job.attempts == 1 and job.error is None
+    # The four requeues are one history entry with their count and the last reason (the history
+    # stays bounded however long a job waits at capacity), not four pairs of entries.
     turned_away = [entry for entry in job.history if entry["state"] == "queued" and entry.get("reason")]
-    assert len(turned_away) == 4
+    assert len(turned_away) == 1 and turned_away[0]["requeues"] == 4
     assert turned_away[0]["reason"] == ("not run: the generate stage's deployment is at capacity; "
                                         "back in the queue (the attempt is not counted)")
+    assert [entry["state"] for entry in job.history] == ["queued", "running", "queued", "running", "succeeded"]
 
 
 def test_a_real_failure_after_capacity_rejections_still_counts_once(store):
@@ -155,3 +158,61 @@ def test_the_http_submit_answers_429_with_retry_after_when_the_queue_is_full(sto
     refused = client.post("/v1/jobs", json=body)
     assert refused.status_code == 429 and refused.headers["Retry-After"] == "30"
     assert "queue is full" in refused.json()["detail"]
+
+
+def test_a_replay_at_the_end_of_a_budget_and_of_the_queue_returns_its_job_free(store, tmp_path):
+    """A client retrying a submit (same Idempotency-Key) gets its job back, not a 429, when its
+    daily budget is spent or the queue is full since; the replay costs nothing, and neither does
+    a submit that failed before the job was recorded."""
+    import yaml
+    from fastapi.testclient import TestClient
+
+    from serve_app.api.app import build_api
+    from serve_app.jobs import http as jobs_http
+    from serve_app.security.guard import Auth
+    from serve_app.security.keys import key_entry_yaml, new_key
+    from serve_app.services.health import Readiness
+    from serve_app.services.local import LocalHandle
+    from tests.fakes import fake_services
+
+    key_id, key = new_key()
+    entry = key_entry_yaml(key_id, "client", key, ["generate", "read"])
+    entry["limits"] = {"daily_images": 3}
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"url_signing_secret": "s" * 64, "keys": [entry]}))
+    dispatcher = _dispatcher(store, ControlledGenerator())  # not started: jobs stay queued
+    dispatcher.max_queued_jobs = 1
+    services = fake_services()
+    services.jobs = jobs_http.JobsApi(LocalHandle(dispatcher), services.images, None, 2)
+    services.readiness = Readiness(lambda: {})
+    app = build_api()
+    app.state.services = services
+    app.state.auth = auth = Auth(str(keys_file), metrics=False)
+    client = TestClient(app, client=("203.0.113.5", 40000), headers={"Authorization": f"Bearer {key}"},
+                        raise_server_exceptions=False)
+    body = {"kind": "image", "request": {"prompt": "a boat", "num_images": 2}}
+
+    def spent() -> int:
+        return auth.limiter.usage(key_id, auth.keys.authenticate(key).limits)["images_today"]
+
+    submit = dispatcher.submit
+
+    async def unreachable(*args, **kwargs):
+        raise ConnectionError("the job store timed out")
+
+    dispatcher.submit = unreachable
+    assert client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "boat-1"}).status_code == 500
+    assert spent() == 0, "a submit that failed is not charged"
+    dispatcher.submit = submit
+    first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "boat-1"})
+    assert first.status_code == 202 and spent() == 2
+    # One image left today, and the queue (max 1) is full: a replay still gets its job.
+    again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "boat-1"})
+    assert again.status_code == 202, again.text
+    assert again.json()["id"] == first.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+    assert spent() == 2, "a replay is not charged again"
+    other = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "boat-2"})
+    assert other.status_code == 429 and other.json()["limit"] == "daily_images"
+    changed = client.post("/v1/jobs", json={**body, "request": {"prompt": "a ship"}}, headers={"Idempotency-Key": "boat-1"})
+    assert changed.status_code == 409, "a key used for another request is still refused"
+    assert store.counts()["queued"] == 1

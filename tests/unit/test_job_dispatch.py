@@ -6,13 +6,17 @@ can hold at a gate, make fail, and see cancelled.
 
 import asyncio
 import io
+import time
 
+import pytest
 from PIL import Image
 
 from serve_app.jobs.dispatch import JobDispatcher
+from serve_app.jobs.model import CANCELLED
 from serve_app.services.media import read_png_meta
 from tests.fakes import FakeGenerator, fake_services
 from tests.helpers import wait_until_async
+from tests.job_stores import FaultyStore
 
 CUDA_ERROR = "CUDA error: an illegal memory access was encountered\nTraceback (most recent call last): ..."
 
@@ -273,3 +277,184 @@ def test_watch_wakes_on_a_change_and_progress_has_an_eta(store):
     progress = asyncio.run(scenario())
     assert (progress["stage"], progress["step"], progress["steps"]) == ("generate", 2, 4), "late or stale reports dropped"
     assert progress["eta_s"] == 1.0, "2 steps in 1 s: 2 more take 1 s"
+
+
+# One store error must not strand a job in `running` (a Redis timeout or failover, SQLite's
+# "database is locked"): the outcome is retried, and reconciliation ends what no run holds.
+
+
+class FailingOnceGenerator(ControlledGenerator):
+    """Fails its first run; just before it raises, `arm()` (a store fault) is called."""
+
+    def __init__(self, arm):
+        super().__init__()
+        self.arm, self.failures = arm, 1
+
+    async def generate(self, params, prompt):
+        if self.failures:
+            self.arm()
+        return await super().generate(params, prompt)
+
+
+def _faulty_dispatcher(store, generator, **options) -> JobDispatcher:
+    images = fake_services(generator=generator).images
+    return JobDispatcher(store, images, None, {"image": 1}, 2, sweep_interval_s=3600, poll_interval_s=0.05,
+                         **options)
+
+
+@pytest.mark.parametrize("call", ["get", "retry_or_fail"])
+def test_a_failure_is_recorded_when_the_store_fails_once_as_it_records_it(store, call):
+    faulty = FaultyStore(store)
+
+    async def scenario():
+        generator = FailingOnceGenerator(lambda: faulty.fail_once(call))
+        dispatcher = _faulty_dispatcher(faulty, generator, reconcile_interval_s=3600)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "fails once")
+        await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
+        await dispatcher.stop()
+        return job_id
+
+    job = store.get(asyncio.run(scenario()))
+    assert faulty.failed == [call]
+    assert job.attempts == 2 and [h["state"] for h in job.history] == [
+        "queued", "running", "queued", "running", "succeeded"]
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["refused", "answer-lost"])
+def test_a_cancel_is_recorded_when_the_store_fails_once_as_it_records_it(store, after):
+    faulty = FaultyStore(store)
+
+    async def scenario():
+        generator = ControlledGenerator(gated=True)
+        dispatcher = _faulty_dispatcher(faulty, generator, reconcile_interval_s=3600)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "cancelled")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        faulty.fail_once("transition", after=after, when=lambda job_id, expect, to, **kw: to == CANCELLED)
+        await dispatcher.cancel(job_id)
+        await wait_until_async(lambda: _state(store, job_id) == "cancelled", 10)
+        await wait_until_async(lambda: dispatcher.info()["running"] == {"image": 0}, 5)  # its slot is free
+        await dispatcher.stop()
+        return job_id
+
+    job_id = asyncio.run(scenario())
+    assert faulty.failed == ["transition"]
+    assert [h["state"] for h in store.get(job_id).history] == ["queued", "running", "cancelled"]
+
+
+def test_a_result_the_store_failed_once_to_save_is_saved_without_spending_an_attempt(store):
+    faulty = FaultyStore(store)
+    faulty.fail_once("save_result")
+
+    async def scenario():
+        dispatcher = _faulty_dispatcher(faulty, ControlledGenerator(), reconcile_interval_s=3600)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "saved on the second try")
+        await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
+        await dispatcher.stop()
+        return job_id
+
+    job = store.get(asyncio.run(scenario()))
+    assert faulty.failed == ["save_result"] and job.attempts == 1, "a store error is not the job's failure"
+
+
+def test_a_claim_whose_answer_was_lost_is_put_back_without_spending_its_attempt(store):
+    faulty = FaultyStore(store)
+    faulty.fail_once("claim", after=True)  # claimed in the store; the runner never heard
+
+    async def scenario():
+        generator = ControlledGenerator()
+        dispatcher = _faulty_dispatcher(faulty, generator, reconcile_interval_s=0.2)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "claimed twice")
+        await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
+        await dispatcher.stop()
+        return job_id, generator
+
+    job_id, generator = asyncio.run(scenario())
+    job = store.get(job_id)
+    assert faulty.failed == ["claim"] and generator.started == 1
+    assert job.attempts == 1 and [h["state"] for h in job.history] == [
+        "queued", "running", "queued", "running", "succeeded"]
+    assert job.history[2]["reason"].startswith("interrupted: no run of the job runner held it")
+
+
+def test_a_stopping_runner_puts_back_a_job_whose_claim_answer_was_lost(store):
+    faulty = FaultyStore(store)
+
+    async def scenario():
+        dispatcher = _faulty_dispatcher(faulty, ControlledGenerator(), reconcile_interval_s=3600)
+        dispatcher.start()
+        await wait_until_async(lambda: dispatcher.info()["lease"] == "held", 5)
+        faulty.fail_once("claim", after=True)
+        job_id = await _submit(dispatcher, "stranded")
+        await wait_until_async(lambda: faulty.failed == ["claim"], 5)
+        await dispatcher.stop()
+        return job_id
+
+    job = store.get(asyncio.run(scenario()))
+    assert (job.state, job.attempts) == ("queued", 0), "not left running for the next runner to spend an attempt"
+
+
+def test_a_queued_job_expired_by_the_sweep_wakes_its_watcher_from_the_sweep_thread(store):
+    # asyncio in debug mode refuses an event set from another thread, as it must be: the sweep
+    # runs in a worker thread, so it hands the wake-up to the loop.
+    async def scenario():
+        images = fake_services(generator=ControlledGenerator()).images
+        dispatcher = JobDispatcher(store, images, None, {"image": 0}, 2, sweep_interval_s=3600, poll_interval_s=0.05,
+                                   queued_ttl_s=60)
+        dispatcher.start()
+        job, _, _ = await dispatcher.submit("image", {"prompt": "never claimed", "seed": 1})
+        watching = asyncio.ensure_future(dispatcher.watch(job.id, job.version, timeout_s=30))
+        await asyncio.sleep(0.05)  # the watcher waits on its event
+        expired = await asyncio.to_thread(dispatcher.expire_queued, job.created_at + 61)
+        woken = await asyncio.wait_for(watching, 5)
+        await dispatcher.stop()
+        return expired, woken
+
+    expired, woken = asyncio.run(scenario(), debug=True)
+    assert expired == 1 and woken.state == "failed"
+
+
+def test_a_halt_right_after_a_claim_frees_the_slot_of_a_run_that_never_started(store):
+    async def scenario():
+        dispatcher = _dispatcher(store, ControlledGenerator())
+        dispatcher._wakeup, dispatcher._lost = asyncio.Event(), asyncio.Event()
+        job, _ = store.create("image", {"prompt": "claimed as the lease goes", "seed": 1})
+        dispatcher._begin(store.claim(["image"]))
+        await dispatcher._halt()  # cancels the run's task before its first step
+        return dispatcher.info()["running"], dict(dispatcher._active)
+
+    running, active = asyncio.run(scenario())
+    assert running == {"image": 0} and active == {}, "the slot stays free for the next holder's turn"
+
+
+def test_a_failure_the_store_would_not_take_for_a_while_is_recorded_by_reconciliation(store, monkeypatch):
+    """The store refuses the failure's record for longer than the retries last (a lease TTL):
+    the run ends, its slot is freed, and reconciliation records the failure once the store
+    answers again: the attempt counts (the model did fail), and nothing is left running."""
+    retry_or_fail, refused = store.retry_or_fail, []
+
+    def refusing_for_a_while(*args, **kwargs):
+        if len(refused) < 1 or time.monotonic() - refused[0] < 1.5:
+            refused.append(time.monotonic())
+            raise ConnectionError("the store is failing over")
+        return retry_or_fail(*args, **kwargs)
+
+    monkeypatch.setattr(store, "retry_or_fail", refusing_for_a_while)
+
+    async def scenario():
+        generator = ControlledGenerator(failures=1)
+        dispatcher = JobDispatcher(store, fake_services(generator=generator).images, None, {"image": 1}, 2,
+                                   sweep_interval_s=3600, poll_interval_s=0.05, lease_ttl_s=0.6,
+                                   reconcile_interval_s=0.3)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "fails while the store does")
+        await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
+        await dispatcher.stop()
+        return job_id
+
+    job = store.get(asyncio.run(scenario()))
+    assert len(refused) > 1 and job.attempts == 2
+    assert job.history[2]["state"] == "queued" and job.history[2]["reason"].startswith("RuntimeError: CUDA error")

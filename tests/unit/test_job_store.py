@@ -98,6 +98,8 @@ def test_progress_only_for_the_running_attempt(store):
     assert store.record_progress(job.id, 1, {"stage": "generate", "step": 2, "steps": 4})
     assert store.get(job.id).progress == {"stage": "generate", "step": 2, "steps": 4}
     assert not store.record_progress(job.id, 2, {"step": 3}), "a stale report of another attempt"
+    store.request_cancel(job.id)
+    assert not store.record_progress(job.id, 1, {"step": 3}), "a cancel was asked for: the run should stop"
 
 
 def test_result_is_saved_once_keyed_by_job_id(store):
@@ -287,3 +289,85 @@ def test_a_sqlite_store_from_before_owners_gains_the_column(tmp_path):
     assert store.get(job.id).owner is None, "old jobs have no owner: admin keys see them"
     assert store.create("image", _image(), owner="k_a")[0].owner == "k_a"
     store.close()
+
+
+def test_a_locked_progress_write_leaves_commits_fsynced(tmp_path):
+    """A progress write runs with synchronous=NORMAL; when another connection holds the write lock
+    past busy_timeout its BEGIN fails, and synchronous=FULL must still come back for later commits."""
+    import sqlite3
+
+    from serve_app.jobs.sqlite_store import SqliteJobStore
+
+    store = SqliteJobStore(tmp_path, ttl_s=TTL)
+    store.create("image", _image())
+    job = store.claim(["image"])
+    store._db.execute("PRAGMA busy_timeout=50")  # fail fast instead of after 10 s
+    other = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.record_progress(job.id, 1, {"step": 1})
+    other.execute("ROLLBACK")
+    other.close()
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2, "FULL: acknowledged commits are fsynced"
+    assert store.record_progress(job.id, 1, {"step": 2})
+    store.close()
+
+
+def test_a_cancel_racing_a_claim_and_requeue_loop_always_lands(store):
+    """A runner claims a job and puts it back (no capacity) over and over while its user cancels
+    it: the cancel is never answered "already finished" for a job that was not, and once it is
+    answered the job never runs again: it is cancelled, or flagged and cancelled at the requeue."""
+    import time
+
+    stop = threading.Event()
+
+    def claim_and_requeue():
+        while not stop.is_set():
+            job = store.claim(["image"])
+            if job is not None:  # its snapshot says no cancel, as a runner's would
+                store.requeue_unspent(job, "not run: no capacity")
+
+    loop = threading.Thread(target=claim_and_requeue)
+    loop.start()
+    try:
+        for round_ in range(150):
+            job = store.create("image", _image(f"race {round_}"))[0]
+            time.sleep(0.0005 * (round_ % 5))
+            found = store.request_cancel(job.id)
+            answered = time.time()
+            assert found is not None and found[1], f"round {round_}: the cancel was lost ({found[0].state})"
+            for _ in range(500):
+                current = store.get(job.id)
+                if current.state == CANCELLED:
+                    break
+                time.sleep(0.002)
+            assert current.state == CANCELLED, f"round {round_}: {current.state}, cancel_requested " \
+                                               f"{current.cancel_requested}"
+            assert not [entry for entry in current.history if entry["state"] == RUNNING and entry["at"] > answered]
+    finally:
+        stop.set()
+        loop.join()
+
+
+def test_requeues_that_spend_no_attempt_coalesce_into_one_history_entry(store):
+    """A job waiting at capacity is claimed and put back again and again: its history keeps one
+    entry for all of it, with the count and the last reason, instead of two entries a time."""
+    job = store.create("image", _image(), now=1.0)[0]
+    for turn in range(50):
+        claimed = store.claim(["image"], now=10.0 + turn)
+        store.requeue_unspent(claimed, f"not run: busy ({turn})", now=10.5 + turn)
+    job = store.get(job.id)
+    assert job.state == QUEUED and job.attempts == 0
+    assert [entry["state"] for entry in job.history] == [QUEUED, RUNNING, QUEUED]
+    last = job.history[-1]
+    assert last["requeues"] == 50 and last["at"] == 59.5
+    assert last["reason"] == "not run: busy (49); back in the queue (the attempt is not counted)"
+    # A real failure is its own entry; requeues after it start a count of their own.
+    claimed = store.claim(["image"], now=100.0)
+    store.retry_or_fail(claimed, "RuntimeError: boom", retry_limit=2, now=101.0)
+    for turn in range(3):
+        store.requeue_unspent(store.claim(["image"], now=110.0 + turn), "not run: busy", now=110.5 + turn)
+    job = store.get(job.id)
+    assert [(entry["state"], entry.get("requeues")) for entry in job.history] == [
+        (QUEUED, None), (RUNNING, None), (QUEUED, 50), (RUNNING, None), (QUEUED, None), (RUNNING, None), (QUEUED, 3)]
+    assert store.claim(["image"]).attempts == 2, "only the real failure counted"

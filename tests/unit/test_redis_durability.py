@@ -83,3 +83,49 @@ def test_a_server_that_accepts_but_never_answers_fails_within_the_socket_timeout
         with pytest.raises(redis.TimeoutError):
             RedisJobStore(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", connect_timeout_s=0.5, socket_timeout_s=1)
         assert 1 <= time.monotonic() - started < 5
+
+
+def test_a_job_read_racing_its_delete_is_whole_or_absent(server, monkeypatch):
+    """Redis may run another client's command between a plain pipeline's commands: a delete landing
+    after the record's HGETALL left a succeeded job with no history or result (a result read then
+    answered 500, not 404). Reading one job is one MULTI/EXEC snapshot."""
+    from serve_app.jobs.model import ResultFile
+
+    store = RedisJobStore(server.url, ttl_s=60.0, prefix="test:race")
+    job, _ = store.create("image", {"prompt": "p"})
+    claimed = store.claim(["image"])
+    store.save_result(job.id, claimed.attempts, {"images": [{"file": "image-0.png"}]},
+                      [(ResultFile("image-0.png", "image/png", 3), b"png")])
+    real_pipeline = store._redis.pipeline
+
+    def pipeline(transaction=True, shard_hint=None):
+        pipe = real_pipeline(transaction=transaction, shard_hint=shard_hint)
+        if transaction:  # MULTI/EXEC: Redis runs it whole; the delete comes before or after
+            run = pipe.execute
+
+            def execute(raise_on_error=True):
+                replies = run(raise_on_error)
+                store.delete(job.id)
+                return replies
+
+            pipe.execute = execute
+            return pipe
+
+        def interleaved(raise_on_error=True):  # the delete lands after the first read
+            replies = []
+            for index, (args, options) in enumerate(pipe.command_stack):
+                replies.append(real_execute(*args, **options))
+                if index == 0:
+                    store.delete(job.id)
+            pipe.reset()
+            return replies
+
+        pipe.execute = interleaved
+        return pipe
+
+    real_execute = store._redis.execute_command
+    monkeypatch.setattr(store._redis, "pipeline", pipeline)
+    seen = store.get(job.id)
+    assert seen is None or (seen.result is not None and seen.history), f"a torn read: {seen}"
+    assert store.get(job.id) is None
+    store.close()

@@ -1,18 +1,20 @@
-"""The job runner lease with fencing: two dispatchers on one real redis-server (two clusters sharing
-one Redis during a KubeRay upgrade), no Ray. Only the lease holder claims and records; a standby
-takes over when the holder stops; a runner that lost its lease writes nothing."""
+"""The job runner lease with fencing: two dispatchers on one store, no Ray. On Redis, two clusters
+sharing one Redis during a KubeRay upgrade; on SQLite (two stores on one folder), the JobRunner
+replica Serve starts while the old one drains in a rolling update. Only the lease holder claims
+and records; a standby takes over when the holder stops or its lease expires; a runner that lost
+its lease writes nothing."""
 
 import asyncio
+import time
 
 import pytest
 
 from serve_app.config import JobsConfig
 from serve_app.jobs.dispatch import JobDispatcher
-from serve_app.jobs.model import FAILED, RUNNING, SUCCEEDED, ResultFile
+from serve_app.jobs.model import CANCELLED, FAILED, RUNNING, SUCCEEDED, ResultFile
 from serve_app.jobs.store import LeaseLost
 from tests.fakes import FakeGenerator, fake_services
-from tests.helpers import wait_until_async
-from tests.job_stores import Backend
+from tests.helpers import wait_until, wait_until_async
 
 LEASE_S = 3.0  # short, so that a standby's polls and a lapse take seconds
 
@@ -36,11 +38,8 @@ class GatedGenerator(FakeGenerator):
             raise
 
 
-@pytest.fixture
-def redis(tmp_path):
-    backend = Backend("redis", tmp_path)
-    yield backend
-    backend.close()
+def _epoch(store) -> int:
+    return store._epoch if hasattr(store, "_epoch") else int(store._fence.split("|")[1])
 
 
 def _dispatcher(store, generator) -> JobDispatcher:
@@ -55,20 +54,31 @@ async def _submit(dispatcher, prompt: str) -> str:
     return job.id
 
 
-def test_one_lease_at_a_time_renewed_by_its_holder_and_never_reissued(redis):
-    one, two = redis.open(), redis.open()
+def test_one_lease_at_a_time_renewed_by_its_holder_and_never_reissued(backend):
+    one, two = backend.open(), backend.open()
     assert one.acquire_lease("one", LEASE_S) and not two.acquire_lease("two", LEASE_S)
     assert one.renew_lease(LEASE_S) and not two.renew_lease(LEASE_S)
     one.release_lease()
     assert two.acquire_lease("two", LEASE_S)
     assert not one.renew_lease(LEASE_S), "released: renewing does not bring it back"
-    assert int(one._fence.split("|")[1]) < int(two._fence.split("|")[1]), "a new epoch for every holder"
+    assert _epoch(one) < _epoch(two), "a new epoch for every holder"
     with pytest.raises(LeaseLost):
         one.claim(["image"])
 
 
-def test_only_the_lease_holder_dispatches_and_a_standby_takes_over_when_it_stops(redis):
-    store_a, store_b = redis.open(), redis.open()
+def test_an_expired_lease_goes_to_the_standby_and_fences_its_old_holder(backend):
+    one, two = backend.open(), backend.open()
+    assert one.acquire_lease("one", 0.3) and not two.acquire_lease("two", 0.3)
+    job, _ = one.create("image", {"prompt": "p"})
+    wait_until(lambda: two.acquire_lease("two", LEASE_S), 3, interval_s=0.05, what="the lapsed lease taken")
+    assert not one.renew_lease(LEASE_S), "lapsed: renewing does not bring it back"
+    with pytest.raises(LeaseLost):
+        one.claim(["image"])
+    assert two.claim(["image"]).id == job.id
+
+
+def test_only_the_lease_holder_dispatches_and_a_standby_takes_over_when_it_stops(backend):
+    store_a, store_b = backend.open(), backend.open()
 
     async def scenario():
         generator_a, generator_b = GatedGenerator(gated=True), GatedGenerator()
@@ -92,8 +102,8 @@ def test_only_the_lease_holder_dispatches_and_a_standby_takes_over_when_it_stops
     assert [store_b.get(job_id).attempts for job_id in ids] == [1, 1], "the interrupted run was not counted"
 
 
-def test_a_runner_that_lost_its_lease_writes_nothing(redis, monkeypatch):
-    store_a, store_b = redis.open(), redis.open()
+def test_a_runner_that_lost_its_lease_writes_nothing(backend, monkeypatch):
+    store_a, store_b = backend.open(), backend.open()
     # Runner A stalls (a long pause, a partition): it believes it still holds the lease but renews nothing.
     monkeypatch.setattr(store_a, "renew_lease", lambda ttl_s: True)
 
@@ -138,8 +148,8 @@ def test_a_runner_that_lost_its_lease_writes_nothing(redis, monkeypatch):
     assert created and store_a.request_cancel(job.id)[0].state == "cancelled"
 
 
-def test_a_standby_never_recovers_the_jobs_the_holder_is_running(redis):
-    store_a, store_b = redis.open(), redis.open()
+def test_a_standby_never_recovers_the_jobs_the_holder_is_running(backend):
+    store_a, store_b = backend.open(), backend.open()
 
     async def scenario():
         generator_a = GatedGenerator(gated=True)
@@ -160,6 +170,73 @@ def test_a_standby_never_recovers_the_jobs_the_holder_is_running(redis):
     running, done = asyncio.run(scenario())
     assert (running.state, running.attempts) == (RUNNING, 1), "left alone: it is the holder's"
     assert done.attempts == 1
+
+
+@pytest.mark.parametrize("heard_from", ["a progress report", "reconciliation"])
+def test_a_cancel_a_standby_serves_stops_the_holders_run(backend, heard_from):
+    store_a, store_b = backend.open(), backend.open()
+
+    async def scenario():
+        generator = GatedGenerator(gated=True)
+        holder = JobDispatcher(store_a, fake_services(generator=generator).images, None, {"image": 1}, retry_limit=2,
+                               sweep_interval_s=3600, poll_interval_s=0.05, lease_ttl_s=LEASE_S,
+                               reconcile_interval_s=0.2 if heard_from == "reconciliation" else 3600)
+        standby = _dispatcher(store_b, GatedGenerator())
+        holder.start()
+        await wait_until_async(lambda: holder.info()["lease"] == "held", 5)
+        standby.start()
+        job_id = await _submit(holder, "cancelled elsewhere")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        job, changed, _ = await standby.cancel(job_id)  # the 202: it stops at its next step
+        assert changed and job.state == RUNNING and job.cancel_requested
+        if heard_from == "a progress report":  # the generator's report after its next step reaches the holder
+            await holder.record_progress(job_id, 1, {"stage": "generate", "round": 1, "step": 1, "steps": 4,
+                                                     "elapsed_s": 0.1})
+        await wait_until_async(lambda: store_a.get(job_id).state == CANCELLED, 5)
+        await holder.stop()
+        await standby.stop()
+        return generator, store_a.get(job_id)
+
+    generator, job = asyncio.run(scenario())
+    assert (generator.cancelled, generator.finished) == (1, 0), "the holder's run stopped, not ran to the end"
+    assert job.attempts == 1 and job.history[-1]["reason"].startswith("cancelled while running")
+
+
+def test_one_renew_that_times_out_does_not_lose_the_lease(backend, monkeypatch):
+    # Near the shortest lease the validator allows for this timeout (the issue's 3 s / 1.2 s).
+    config = JobsConfig(runner_lease_s=3.0, redis_timeout_s=1.2)
+    store_a, store_b = backend.open(), backend.open()
+    renew, calls = store_a.renew_lease, []
+
+    def times_out_once(ttl_s):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            time.sleep(config.redis_timeout_s)  # the socket timeout, then nothing renewed
+            raise TimeoutError("Timeout reading from socket")
+        return renew(ttl_s)
+
+    monkeypatch.setattr(store_a, "renew_lease", times_out_once)
+
+    async def scenario():
+        generator = GatedGenerator(gated=True)
+        holder = JobDispatcher(store_a, fake_services(generator=generator).images, None, {"image": 1}, retry_limit=2,
+                               sweep_interval_s=3600, poll_interval_s=0.05, lease_ttl_s=config.runner_lease_s)
+        holder.start()
+        await wait_until_async(lambda: holder.info()["lease"] == "held", 5)
+        job_id = await _submit(holder, "runs through a slow renew")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        # Past the expiry the timed-out renew would have left (the old code retried a third later: lost).
+        await asyncio.sleep(1.5 * config.runner_lease_s)
+        held, taken = holder.info()["lease"], store_b.acquire_lease("standby", config.runner_lease_s)
+        generator.gate.set()
+        await wait_until_async(lambda: store_a.get(job_id).state == SUCCEEDED, 5)
+        await holder.stop()
+        return held, taken, generator, store_a.get(job_id)
+
+    held, taken, generator, job = asyncio.run(scenario())
+    assert (generator.cancelled, job.attempts) == (0, 1), "the lease was lost: the run was halted and requeued"
+    assert (held, taken) == ("held", False)
+    assert calls[1] - calls[0] < config.redis_timeout_s + 0.5, "the failed renew was retried at once"
 
 
 def test_the_lease_outlasts_a_slow_renew():

@@ -283,7 +283,7 @@ def test_concurrent_requests_limit_and_its_release(keys):
 
         limiter = app.state.auth.limiter
         key_id = app.state.auth.keys.authenticate(keys["conc"]).id
-        wait_until(lambda: limiter.storage.get(limiter._concurrency_key(key_id)) == 1, 10, 0.02, "slot taken")
+        wait_until(lambda: limiter.in_flight(key_id) == 1, 10, 0.02, "slot taken")
         response = client.post("/v1/test/slow", headers=headers)
         assert response.status_code == 429 and response.json()["limit"] == "concurrent_requests"
         assert response.headers["Retry-After"] == "1"
@@ -316,17 +316,18 @@ def test_daily_image_budget(tmp_path):
 
 def test_signed_file_urls(keys):
     auth = Auth(str(keys["path"]), metrics=False, signed_url_ttl_s=60)
+    gen = auth.keys.authenticate(keys["gen"]).id
     path = "/v1/jobs/abc/files/image-0.png"
-    signed = auth.sign_path(path, now=1000.0)
+    signed = auth.sign_path(path, gen, now=1000.0)
     base, query = signed.split("?")
-    assert base == path and "sig=" in query and "expires=1060" in query
-    assert auth.signed(path, query.encode(), now=1059.0)
+    assert base == path and "sig=" in query and "expires=1060" in query and f"kid={gen}" in query
+    assert auth.signed(path, query.encode(), now=1059.0).id == gen
     assert not auth.signed(path, query.encode(), now=1061.0), "expired"
     assert not auth.signed("/v1/jobs/abd/files/image-0.png", query.encode(), now=1000.0), "another file"
     assert not auth.signed(path, query.replace("expires=1060", "expires=9999").encode(), now=1000.0)
-    assert Auth(None, metrics=False).sign_path(path) == path, "nothing to sign with: plain URL"
+    assert Auth(None, metrics=False).sign_path(path, "local") == path, "nothing to sign with: plain URL"
     client = _client(_app(Auth(str(keys["path"]), metrics=False)), REMOTE)
-    fresh = Auth(str(keys["path"]), metrics=False).sign_path(path)
+    fresh = Auth(str(keys["path"]), metrics=False).sign_path(path, gen)
     # Past the Guard (it reaches the route, which has no services here), with no key:
     assert client.get(fresh).status_code != 401
     assert client.get(path).status_code == 401
@@ -399,10 +400,11 @@ def test_two_limiters_on_one_redis_share_every_limit(tmp_path):
         one.hit_request("k", limits)
         with pytest.raises(LimitExceeded):
             two.hit_request("k", limits)
-        assert one.acquire("k", limits)
+        hold = one.acquire("k", limits)
+        assert hold is not None and two.in_flight("k") == 1
         with pytest.raises(LimitExceeded):
             two.acquire("k", limits)
-        one.release("k")
+        one.release("k", hold)
         assert two.acquire("k", limits)
         two.charge_images("k", limits, 3)
         with pytest.raises(LimitExceeded):
