@@ -46,7 +46,7 @@ from starlette.routing import Route
 
 from deployments.names import SCORE_RANGES
 from serve_app.jobs import http as jobs_http
-from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, unscoped_idempotency_key
 from serve_app.protocol.errors import RequestError, explain_errors
 from serve_app.protocol.jobs import JobSubmission
 from serve_app.protocol.schemas import ScoreRequest
@@ -211,7 +211,8 @@ def parse_message(message: pb.Message, video: bool) -> tuple[str, dict]:
 # Rendering a job as a task
 
 def context_of(job: Job) -> str:
-    key = job.idempotency_key or ""
+    # The store keeps the key with the owner in front ("<owner>:a2a:<context>:<message>").
+    key = unscoped_idempotency_key(job.owner, job.idempotency_key) or ""
     if key.startswith(KEY_PREFIX):
         return key[len(KEY_PREFIX):].split(":", 1)[0]
     return job.id  # a job submitted over HTTP: its own context
