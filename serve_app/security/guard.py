@@ -32,8 +32,9 @@ from serve_app.security.limiter import KeyLimiter, LimitExceeded
 
 logger = logging.getLogger("ray.serve")
 
-# Liveness/readiness, the docs page (and the schema it loads), the A2A Agent Card.
-PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+# Liveness/readiness, the docs page (and the schema it loads), the A2A Agent Card. Not /healthz:
+# it asks every deployment for its info, and shows what they loaded (it needs `read`).
+PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
                           "/.well-known/agent.json", "/.well-known/agent-card.json"})
 # The console's static files (GET only); the console calls /v1 with a key like any client.
 PUBLIC_PREFIXES = ("/ui/",)
