@@ -521,6 +521,12 @@ class AuthConfig(_Strict):
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins browsers may call the API from (CORS). Empty: CORS off.")
+    docs: bool | None = Field(
+        None,
+        description="Serve the API docs pages (/docs Swagger UI, /redoc), which load their scripts from a CDN "
+                    "onto the console's origin, and /openapi.json without a key. Unset: on without keys_file, "
+                    "off with it (then /openapi.json needs an admin key).",
+    )
     limits_storage: str | None = Field(
         None, min_length=1,
         description="Where per-key rate-limit counters live, as a `limits` storage URI (memory://, "
@@ -540,6 +546,11 @@ class AuthConfig(_Strict):
                     "names the client: its address then counts as the client's (per-address limits, loopback "
                     "check). Empty: the TCP peer is the client.",
     )
+
+    @property
+    def docs_served(self) -> bool:
+        """Whether the app serves the docs pages: `docs` if set, else only without keys."""
+        return self.keys_file is None if self.docs is None else self.docs
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -24,6 +24,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from deployments.runtime.types import ModelOutOfMemory
 from serve_app.api.a2a.agent import a2a_routes
 from serve_app.api.body_limit import BodyLimit
+from serve_app.api.headers import SecurityHeaders
 from serve_app.api.mcp.tools import build_mcp, streamable_http_app
 from serve_app.api.openai import routes as openai_routes
 from serve_app.api.openai.routes import http_exception
@@ -184,9 +185,12 @@ async def _fallback_failed(_: Request, error: FallbackFailed) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail})
 
 
-def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: tuple[str, ...] | list[str] = ()) -> FastAPI:
+def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: tuple[str, ...] | list[str] = (),
+              docs: bool = True) -> FastAPI:
     """The app with every router; the Ingress serves it and puts its `Services` (and its `Auth`,
-    which the Guard reads) on `app.state`. Every route is behind the Guard (serve_app.security)."""
+    which the Guard reads) on `app.state`. Every route is behind the Guard (serve_app.security).
+    `docs`: serve /docs and /redoc, and /openapi.json without a key (AuthConfig.docs_served); off,
+    the pages do not exist and the schema needs an admin key."""
     mcp = build_mcp(lambda: api.state.services, _base_url)
 
     @contextlib.asynccontextmanager
@@ -200,7 +204,10 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: t
         description="Self-hosted image and video generation on Ray Serve: enhance, generate, score, regenerate.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
+    api.state.docs = docs  # the Guard reads it: the schema is public only with the docs pages
     api.add_middleware(BodyLimit)
     api.add_middleware(RequestDeadline)
     api.add_middleware(Guard)  # outside BodyLimit: a request without a key is refused before its body is read
@@ -210,6 +217,7 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: t
                            expose_headers=["Location", "Retry-After"])
     if trusted_proxies:  # outermost of all: every layer inside sees the client the proxy names
         api.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies))
+    api.add_middleware(SecurityHeaders)  # outermost: refusals and errors carry the headers too
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(JobError, _job_error)
     api.add_exception_handler(RequestError, _request_error)

@@ -2,7 +2,7 @@
 Python handle API, over the same services (`serve_app.services.facade.Services`, built once from
 the settings).
 
-Routes (OpenAPI at /openapi.json, Swagger UI at /docs):
+Routes (OpenAPI at /openapi.json, Swagger UI at /docs; with keys, the docs only if auth.docs):
 - POST /v1/images   generate, score and regenerate; JSON in, JSON with base64 PNGs out
 - POST /v1/prompts/enhance  the enhance step alone (LLM or template), with prompt advice
 - POST /v1/videos   text- or image-to-video with any configured video model; MP4/GIF/WebP, JSON or binary
@@ -72,7 +72,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         app = build_api(cors_origins=tuple(self._auth_config.cors_origins),
-                        trusted_proxies=tuple(self._auth_config.trusted_proxies))
+                        trusted_proxies=tuple(self._auth_config.trusted_proxies), docs=self._auth_config.docs_served)
         app.state.services = self._services
         app.state.auth = self._auth
         return app

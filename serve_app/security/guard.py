@@ -32,10 +32,13 @@ from serve_app.security.limiter import KeyLimiter, LimitExceeded
 
 logger = logging.getLogger("ray.serve")
 
-# Liveness/readiness, the docs page (and the schema it loads), the A2A Agent Card. Not /healthz:
-# it asks every deployment for its info, and shows what they loaded (it needs `read`).
-PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
-                          "/.well-known/agent.json", "/.well-known/agent-card.json"})
+# Liveness/readiness and the A2A Agent Card. Not /healthz: it asks every deployment for its info,
+# and shows what they loaded (it needs `read`).
+PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/.well-known/agent.json", "/.well-known/agent-card.json"})
+# The docs pages and the schema they load: public while the app serves the docs (`auth.docs`, off by
+# default with keys); otherwise the pages do not exist and the schema needs `admin`.
+OPENAPI_PATH = "/openapi.json"
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", OPENAPI_PATH})
 # The console's static files (GET only); the console calls /v1 with a key like any client.
 PUBLIC_PREFIXES = ("/ui/",)
 PUBLIC_GET_PATHS = frozenset({"/ui"})
@@ -78,13 +81,14 @@ SIGNED = Principal("", frozenset({"read"}), signed_url=True)
 
 
 def required_scope(method: str, path: str) -> str:
-    if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/"):
-        return "admin"
+    if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/") or path == OPENAPI_PATH:
+        return "admin"  # the schema is reached here only with the docs off (else it is public)
     return "read" if method in SAFE_METHODS else "generate"
 
 
-def is_public(method: str, path: str) -> bool:
-    if path in PUBLIC_PATHS:
+def is_public(method: str, path: str, docs: bool = True) -> bool:
+    """Whether `path` needs no key; `docs`: whether the app serves the docs pages (app.state.docs)."""
+    if path in PUBLIC_PATHS or (docs and path in DOCS_PATHS):
         return True
     return method in SAFE_METHODS and (path in PUBLIC_GET_PATHS or path.startswith(PUBLIC_PREFIXES))
 
@@ -247,7 +251,8 @@ class Guard:
         auth: Auth | None = getattr(scope["app"].state, "auth", None) if "app" in scope else None
         method = scope.get("method", "GET")
         path = route_path(scope)
-        if method == "OPTIONS" or is_public(method, path):
+        docs = getattr(scope["app"].state, "docs", True) if "app" in scope else True
+        if method == "OPTIONS" or is_public(method, path, docs):
             return await self.app(scope, receive, send)
         keys = auth.keys if auth is not None else None
         sync = method not in SAFE_METHODS and not path.startswith((JOBS_PREFIX, ADMIN_PREFIX))
