@@ -29,6 +29,7 @@ from serve_app.api.mcp.tools import build_mcp, streamable_http_app
 from serve_app.api.openai import routes as openai_routes
 from serve_app.api.openai.routes import http_exception
 from serve_app.api.rest import admin, catalog, health, images, jobs, scores, videos
+from serve_app.api.schema_security import secured_openapi
 from serve_app.protocol.errors import JobError, RequestError, VideoNotDeployed, explain_errors, field_of
 from serve_app.protocol.jobs import JobSubmission
 from serve_app.protocol.schemas import (
@@ -238,6 +239,7 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: t
     api.router.routes.extend(streamable_http_app(mcp).routes)  # POST/GET /mcp: MCP over streamable HTTP
     api.router.routes.extend(a2a_routes(lambda: api.state.services))  # the Agent Card; POST /a2a: A2A JSON-RPC
     mount_console(api)
+    api.openapi = secured_openapi(api.openapi)  # the bearer scheme, and each operation's scope
     return api
 
 
