@@ -11,7 +11,7 @@ import pytest
 
 from serve_app.config import AuthConfig
 from serve_app.ui import STATIC
-from tests.keyed_app import PNG, keyed_app
+from tests.keyed_app import FILE, keyed_app
 from tests.keys import bearer
 
 
@@ -54,10 +54,10 @@ def test_the_console_loads_nothing_its_policy_forbids():
 
 
 def test_a_job_file_is_not_sniffed_framed_or_run_and_says_its_name(served):
-    response = served.client.get(f"/v1/jobs/{served.job_id}/files/{PNG.name}", headers=bearer(served.keys["gen"]))
+    response = served.client.get(f"/v1/jobs/{served.job_id}/files/{FILE}", headers=bearer(served.keys["gen"]))
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     assert response.headers["X-Content-Type-Options"] == "nosniff"
-    assert response.headers["Content-Disposition"] == f'inline; filename="{served.job_id}-{PNG.name}"'
+    assert response.headers["Content-Disposition"] == f'inline; filename="{served.job_id}-{FILE}"'
     policy = _policy(response.headers["Content-Security-Policy"])
     assert "sandbox" in policy and policy["default-src"] == ["'none'"] and policy["frame-ancestors"] == ["'none'"]
 
