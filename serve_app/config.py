@@ -414,6 +414,9 @@ class JobSlots(_Strict):
 class JobsConfig(_Strict):
     """Durable async jobs (POST /v1/jobs): where the records live and how jobs are run."""
 
+    # A rejected input is not printed: it can hold a Redis password (redis_url, limits_storage).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     store: Literal["sqlite", "redis"] = Field(
         "sqlite", description="'sqlite': a file in data_dir, no server (one node). 'redis': records and files in Redis."
     )
@@ -487,7 +490,8 @@ class JobsConfig(_Strict):
         if self.store == "redis" and not self.redis_url:
             raise ValueError("store 'redis' needs redis_url, e.g. redis://127.0.0.1:6379/0")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://; got {self.redis_url!r}")
+            scheme = self.redis_url.split("://", 1)[0] if "://" in self.redis_url else "no scheme"
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://; got {scheme}")
         return self
 
 
@@ -508,6 +512,9 @@ class ClientLimits(_Strict):
 
 class AuthConfig(_Strict):
     """Who may call the HTTP API (docs/security.md)."""
+
+    # A rejected input is not printed: it can hold a Redis password (redis_url, limits_storage).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     keys_file: str | None = Field(
         None, min_length=1,
@@ -625,6 +632,9 @@ class ScoresConfig(_Strict):
 
 class AppArgs(_Strict):
     """Everything `configs/*.yaml` choose: model sources, defaults, quality policy, scaling."""
+
+    # A rejected input is not printed: it can hold a Redis password (redis_url, limits_storage).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     image_models: list[ImageModelEntry] = Field(
         default_factory=_default_image_models, min_length=1,
