@@ -6,11 +6,13 @@ with pydantic naming the field (for example `policy.threshold`), instead of insi
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, get_args
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -425,7 +427,16 @@ class JobsConfig(_Strict):
         description="SQLite database and result files. A relative path is resolved where the app is built "
                     "(the directory `serve run` starts in); the JobRunner's node must see it.",
     )
-    redis_url: str | None = Field(None, description="redis://[user:password@]host:port/db, for store: redis.")
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db (or rediss://, unix://), for store: redis. Its password comes from "
+                          "redis_password_env or redis_password_file, not from here.")
+    redis_password_env: str | None = Field(
+        "GENSERVE_REDIS_PASSWORD", min_length=1,
+        description="The environment variable holding the Redis password (jobs, and the rate-limit counters when "
+                    "they share it), read on each replica: never a deployment argument. Unset or empty: none.")
+    redis_password_file: str | None = Field(
+        None, min_length=1, description="A file holding the Redis password (a mounted Secret); read on each "
+                                        "replica. Wins over redis_password_env.")
     redis_prefix: str = Field("genserve:jobs", min_length=1, description="Prefix of every Redis key the store writes.")
     redis_config_check: Literal["refuse", "warn"] = Field(
         "refuse",
@@ -485,6 +496,14 @@ class JobsConfig(_Strict):
                              f"({self.redis_timeout_s:g}): a renew that times out must not lose the lease")
         return self
 
+    def redis_password(self) -> str | None:
+        """The Redis password from redis_password_file or $redis_password_env, where this runs."""
+        if self.redis_password_file is not None:
+            return Path(self.redis_password_file).expanduser().read_text().strip() or None
+        if self.redis_password_env is None:
+            return None
+        return os.environ.get(self.redis_password_env) or None
+
     @model_validator(mode="after")
     def _redis_needs_url(self) -> "JobsConfig":
         if self.store == "redis" and not self.redis_url:
@@ -492,6 +511,11 @@ class JobsConfig(_Strict):
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             scheme = self.redis_url.split("://", 1)[0] if "://" in self.redis_url else "no scheme"
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://; got {scheme}")
+        if self.redis_url is not None and urlsplit(self.redis_url).password:
+            # It still works (the URL carries it), but every deployment argument shows the URL.
+            warnings.warn(f"jobs.redis_url holds a password: a deployment argument, shown by the Ray dashboard. Set "
+                          f"it in ${self.redis_password_env or 'GENSERVE_REDIS_PASSWORD'} (jobs.redis_password_env) "
+                          "or a file (jobs.redis_password_file) instead", DeprecationWarning, stacklevel=2)
         return self
 
 

@@ -123,12 +123,13 @@ class Auth:
 
     def __init__(self, keys_file: str | None, allow_unauthenticated: bool = False, limits_storage: str = "memory://",
                  signed_url_ttl_s: float = 3600.0, metrics: bool = True, hold_s: float = 1200.0,
-                 client_limits: ClientLimits | None = None):
+                 client_limits: ClientLimits | None = None, storage_password: str | None = None):
         self.keys = KeyRing(keys_file) if keys_file else None
         self.allow_unauthenticated = allow_unauthenticated
         self.client_limits = client_limits or ClientLimits()
         limited = self.client_limits.concurrent_requests is not None or self.client_limits.requests_per_minute is not None
-        self.limiter = KeyLimiter(limits_storage, hold_s=hold_s) if self.keys is not None or limited else None
+        self.limiter = (KeyLimiter(limits_storage, hold_s=hold_s, password=storage_password)
+                        if self.keys is not None or limited else None)
         self.signed_url_ttl_s = signed_url_ttl_s
         self._requests = None
         if metrics and self.keys is not None:
@@ -139,9 +140,11 @@ class Auth:
                                      tag_keys=("key_id", "outcome"))
 
     @classmethod
-    def from_config(cls, config, limits_storage: str, metrics: bool = True, hold_s: float = 1200.0) -> "Auth":
+    def from_config(cls, config, limits_storage: str, metrics: bool = True, hold_s: float = 1200.0,
+                    storage_password: str | None = None) -> "Auth":
         return cls(config.keys_file, config.allow_unauthenticated, limits_storage, config.signed_url_ttl_s,
-                   metrics=metrics, hold_s=hold_s, client_limits=config.client_limits)
+                   metrics=metrics, hold_s=hold_s, client_limits=config.client_limits,
+                   storage_password=storage_password)
 
     def count(self, key_id: str, outcome: str) -> None:
         if self._requests is not None:
