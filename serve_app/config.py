@@ -6,11 +6,13 @@ with pydantic naming the field (for example `policy.threshold`), instead of insi
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, get_args
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -414,6 +416,9 @@ class JobSlots(_Strict):
 class JobsConfig(_Strict):
     """Durable async jobs (POST /v1/jobs): where the records live and how jobs are run."""
 
+    # A rejected input is not printed: it can hold a Redis password (redis_url, limits_storage).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     store: Literal["sqlite", "redis"] = Field(
         "sqlite", description="'sqlite': a file in data_dir, no server (one node). 'redis': records and files in Redis."
     )
@@ -422,7 +427,16 @@ class JobsConfig(_Strict):
         description="SQLite database and result files. A relative path is resolved where the app is built "
                     "(the directory `serve run` starts in); the JobRunner's node must see it.",
     )
-    redis_url: str | None = Field(None, description="redis://[user:password@]host:port/db, for store: redis.")
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db (or rediss://, unix://), for store: redis. Its password comes from "
+                          "redis_password_env or redis_password_file, not from here.")
+    redis_password_env: str | None = Field(
+        "GENSERVE_REDIS_PASSWORD", min_length=1,
+        description="The environment variable holding the Redis password (jobs, and the rate-limit counters when "
+                    "they share it), read on each replica: never a deployment argument. Unset or empty: none.")
+    redis_password_file: str | None = Field(
+        None, min_length=1, description="A file holding the Redis password (a mounted Secret); read on each "
+                                        "replica. Wins over redis_password_env.")
     redis_prefix: str = Field("genserve:jobs", min_length=1, description="Prefix of every Redis key the store writes.")
     redis_config_check: Literal["refuse", "warn"] = Field(
         "refuse",
@@ -486,12 +500,26 @@ class JobsConfig(_Strict):
                              "before the lease ends")
         return self
 
+    def redis_password(self) -> str | None:
+        """The Redis password from redis_password_file or $redis_password_env, where this runs."""
+        if self.redis_password_file is not None:
+            return Path(self.redis_password_file).expanduser().read_text().strip() or None
+        if self.redis_password_env is None:
+            return None
+        return os.environ.get(self.redis_password_env) or None
+
     @model_validator(mode="after")
     def _redis_needs_url(self) -> "JobsConfig":
         if self.store == "redis" and not self.redis_url:
             raise ValueError("store 'redis' needs redis_url, e.g. redis://127.0.0.1:6379/0")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://; got {self.redis_url!r}")
+            scheme = self.redis_url.split("://", 1)[0] if "://" in self.redis_url else "no scheme"
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://; got {scheme}")
+        if self.redis_url is not None and urlsplit(self.redis_url).password:
+            # It still works (the URL carries it), but every deployment argument shows the URL.
+            warnings.warn(f"jobs.redis_url holds a password: a deployment argument, shown by the Ray dashboard. Set "
+                          f"it in ${self.redis_password_env or 'GENSERVE_REDIS_PASSWORD'} (jobs.redis_password_env) "
+                          "or a file (jobs.redis_password_file) instead", DeprecationWarning, stacklevel=2)
         return self
 
 
@@ -513,6 +541,9 @@ class ClientLimits(_Strict):
 class AuthConfig(_Strict):
     """Who may call the HTTP API (docs/security.md)."""
 
+    # A rejected input is not printed: it can hold a Redis password (redis_url, limits_storage).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     keys_file: str | None = Field(
         None, min_length=1,
         description="YAML file of API keys (SHA-256 hashes, scopes, limits); re-read when it changes. "
@@ -527,6 +558,12 @@ class AuthConfig(_Strict):
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins browsers may call the API from (CORS). Empty: CORS off.")
+    docs: bool | None = Field(
+        None,
+        description="Serve the API docs pages (/docs Swagger UI, /redoc), which load their scripts from a CDN "
+                    "onto the console's origin, and /openapi.json without a key. Unset: on without keys_file, "
+                    "off with it (then /openapi.json needs an admin key).",
+    )
     limits_storage: str | None = Field(
         None, min_length=1,
         description="Where per-key rate-limit counters live, as a `limits` storage URI (memory://, "
@@ -553,6 +590,11 @@ class AuthConfig(_Strict):
                     "the client is the peer Ray's HTTP proxy reports (which itself applies X-Forwarded-For sent from "
                     "127.0.0.1 or ::1).",
     )
+
+    @property
+    def docs_served(self) -> bool:
+        """Whether the app serves the docs pages: `docs` if set, else only without keys."""
+        return self.keys_file is None if self.docs is None else self.docs
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -639,6 +681,9 @@ class ScoresConfig(_Strict):
 
 class AppArgs(_Strict):
     """Everything `configs/*.yaml` choose: model sources, defaults, quality policy, scaling."""
+
+    # A rejected input is not printed: it can hold a Redis password (redis_url, limits_storage).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     image_models: list[ImageModelEntry] = Field(
         default_factory=_default_image_models, min_length=1,

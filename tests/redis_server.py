@@ -19,10 +19,11 @@ MISSING = "redis-server is not installed (Debian: apt-get install redis-server; 
 
 
 class RedisServer:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, password: str | None = None):
         if REDIS_SERVER is None:
             pytest.skip(MISSING)
         self.directory = directory
+        self.password = password  # --requirepass: clients must send it
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -36,11 +37,12 @@ class RedisServer:
         log = open(self.directory / "redis.log", "ab")
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "yes"],
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "yes",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1, password=self.password)
         try:
             wait_until(client.ping, timeout_s=20, interval_s=0.05, what=f"redis-server on port {self.port}")
         finally:

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 
 from ray import serve
 
@@ -182,15 +183,25 @@ class PromptEnhancer:
         except asyncio.TimeoutError:
             return self._fall_back(fallback, "timeout", f"no answer within {llm.timeout_s:g}s")
         except LlmError as error:
-            return self._fall_back(fallback, error.reason, error.detail)
+            if error.reason != "backend_error":
+                return self._fall_back(fallback, error.reason, error.detail)
+            return self._fall_back_logged(fallback, error.detail)
         except Exception as error:  # a broken model or backend must not fail the image request
             logger.exception("LLM enhancer failed")
-            return self._fall_back(fallback, "backend_error", f"{type(error).__name__}: {error}"[:200])
+            return self._fall_back_logged(fallback, f"{type(error).__name__}: {error}"[:200])
         answer = clean_llm_output(raw)
         reason = check_llm_prompt(answer, idea, llm.max_prompt_chars, llm.min_subject_overlap, self._config.blocklist)
         if reason is not None:
             return self._fall_back(fallback, reason, f"answer began {raw.strip()[:60]!r}")
         return dataclasses.replace(fallback, prompt=answer, enhancer="llm", fallback_reason=None)
+
+    def _fall_back_logged(self, fallback: EnhancedPrompt, detail: str) -> EnhancedPrompt:
+        """A backend error: the caller's `enhancer_fallback` gets a request id, the log the backend's
+        own text (its error body can name hosts, paths or a token), under that id."""
+        request_id = uuid.uuid4().hex[:12]
+        logger.warning("LLM backend error (request id %s): %s", request_id, detail)
+        return self._fall_back(fallback, "backend_error", f"the LLM backend failed; request id {request_id} in the "
+                                                          "Enhancer's log")
 
     def _fall_back(self, fallback: EnhancedPrompt, reason: str, detail: str) -> EnhancedPrompt:
         if self._metrics is not None:

@@ -25,10 +25,12 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from deployments.runtime.types import ModelOutOfMemory
 from serve_app.api.a2a.agent import a2a_routes
 from serve_app.api.body_limit import BodyLimit
+from serve_app.api.headers import SecurityHeaders
 from serve_app.api.mcp.tools import build_mcp, streamable_http_app
 from serve_app.api.openai import routes as openai_routes
 from serve_app.api.openai.routes import http_exception
 from serve_app.api.rest import admin, catalog, health, images, jobs, scores, videos
+from serve_app.api.schema_security import secured_openapi
 from serve_app.protocol.errors import JobError, RequestError, VideoNotDeployed, explain_errors, field_of
 from serve_app.protocol.jobs import JobSubmission
 from serve_app.protocol.schemas import (
@@ -212,9 +214,12 @@ async def _fallback_failed(_: Request, error: FallbackFailed) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail})
 
 
-def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: tuple[str, ...] | list[str] = ()) -> FastAPI:
+def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: tuple[str, ...] | list[str] = (),
+              docs: bool = True) -> FastAPI:
     """The app with every router; the Ingress serves it and puts its `Services` (and its `Auth`,
-    which the Guard reads) on `app.state`. Every route is behind the Guard (serve_app.security)."""
+    which the Guard reads) on `app.state`. Every route is behind the Guard (serve_app.security).
+    `docs`: serve /docs and /redoc, and /openapi.json without a key (AuthConfig.docs_served); off,
+    the pages do not exist and the schema needs an admin key."""
     mcp = build_mcp(lambda: api.state.services, _base_url)
 
     @contextlib.asynccontextmanager
@@ -228,7 +233,10 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: t
         description="Self-hosted image and video generation on Ray Serve: enhance, generate, score, regenerate.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
+    api.state.docs = docs  # the Guard reads it: the schema is public only with the docs pages
     api.add_middleware(BodyLimit)
     api.add_middleware(RequestDeadline)
     api.add_middleware(Guard)  # outside BodyLimit: a request without a key is refused before its body is read
@@ -238,6 +246,7 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: t
                            expose_headers=["Location", "Retry-After"])
     if trusted_proxies:  # outermost of all: every layer inside sees the client the proxy names
         api.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies))
+    api.add_middleware(SecurityHeaders)  # outermost: refusals and errors carry the headers too
     for kind, handler in EXCEPTION_HANDLERS.items():
         api.add_exception_handler(kind, handler)
     for router in ROUTERS:
@@ -246,6 +255,7 @@ def build_api(cors_origins: tuple[str, ...] | list[str] = (), trusted_proxies: t
     api.router.routes.extend(streamable_http_app(mcp).routes)  # POST/GET /mcp: MCP over streamable HTTP
     api.router.routes.extend(a2a_routes(lambda: api.state.services))  # the Agent Card; POST /a2a: A2A JSON-RPC
     mount_console(api)
+    api.openapi = secured_openapi(api.openapi)  # the bearer scheme, and each operation's scope
     return api
 
 

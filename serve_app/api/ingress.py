@@ -2,7 +2,7 @@
 Python handle API, over the same services (`serve_app.services.facade.Services`, built once from
 the settings).
 
-Routes (OpenAPI at /openapi.json, Swagger UI at /docs):
+Routes (OpenAPI at /openapi.json, Swagger UI at /docs; with keys, the docs only if auth.docs):
 - POST /v1/images   generate, score and regenerate; JSON in, JSON with base64 PNGs out
 - POST /v1/prompts/enhance  the enhance step alone (LLM or template), with prompt advice
 - POST /v1/videos   text- or image-to-video with any configured video model; MP4/GIF/WebP, JSON or binary
@@ -67,12 +67,15 @@ class Ingress:
         BodyLimit.configure(settings.max_body_bytes)
         self._auth_config = settings.auth
         # A concurrency slot outlives no request: the longest is bounded by the request timeout.
+        # The jobs' Redis password (read here, on the replica) serves the counters when they share that Redis.
+        shared = settings.jobs.store == "redis" and settings.limits_storage == settings.jobs.redis_url
         self._auth = Auth.from_config(settings.auth, settings.limits_storage, metrics=settings.metrics,
-                                      hold_s=2 * settings.request_timeout_s + 60)
+                                      hold_s=2 * settings.request_timeout_s + 60,
+                                      storage_password=settings.jobs.redis_password() if shared else None)
 
     def __serve_build_asgi_app__(self):
         app = build_api(cors_origins=tuple(self._auth_config.cors_origins),
-                        trusted_proxies=tuple(self._auth_config.trusted_proxies))
+                        trusted_proxies=tuple(self._auth_config.trusted_proxies), docs=self._auth_config.docs_served)
         app.state.services = self._services
         app.state.auth = self._auth
         return app

@@ -42,6 +42,11 @@ from serve_app.security.limiter import LimitExceeded
 from serve_app.services.images import ImageService
 from serve_app.services.videos import VideoService
 
+# A job file (PNG, MP4, GIF, WebP) is only ever the type it is served as, and nothing in it may
+# run or be framed, even if a browser opened it as a page (signed URLs are shared as links).
+FILE_HEADERS = {"X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'none'; img-src 'self'; media-src 'self'; sandbox; "
+                                           "frame-ancestors 'none'"}
 KEEPALIVE_S = 15.0  # an event stream with nothing new sends a comment this often
 STREAM_RETRY_AFTER_S = 5
 
@@ -275,6 +280,7 @@ class JobsApi:
         return Response(content=data, media_type=content_type, headers={
             "Content-Disposition": f'inline; filename="{job_id}-{name}"',
             "Cache-Control": "private, max-age=3600",  # a file never changes; it only expires
+            **FILE_HEADERS,
         })
 
     async def wait(self, job_id: str, timeout_s: float, on_change=None) -> Job | None:

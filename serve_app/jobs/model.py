@@ -81,6 +81,13 @@ def scoped_idempotency_key(owner: str | None, key: str | None) -> str | None:
     return f"{owner}:{key}"
 
 
+def unscoped_idempotency_key(owner: str | None, key: str | None) -> str | None:
+    """The idempotency key as its caller sent it: `scoped_idempotency_key` undone."""
+    if key is None or owner is None:
+        return key
+    return key.removeprefix(f"{owner}:")
+
+
 class ActiveJobsExceeded(Exception):
     """An owner already has `limit` jobs queued or running."""
 

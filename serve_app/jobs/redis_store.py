@@ -347,7 +347,8 @@ class RedisJobStore(JobStore):
     leases = True
 
     def __init__(self, url: str, ttl_s: float = 86400.0, prefix: str = "genserve:jobs",
-                 connect_timeout_s: float = 5.0, socket_timeout_s: float = 10.0, config_check: str = "refuse"):
+                 connect_timeout_s: float = 5.0, socket_timeout_s: float = 10.0, config_check: str = "refuse",
+                 password: str | None = None):
         import redis
 
         super().__init__(ttl_s)
@@ -356,8 +357,11 @@ class RedisJobStore(JobStore):
         self._fence = ""
         # Timeouts: an unreachable or stalled Redis fails a store call (the dispatcher logs it and
         # tries again; a submit answers 5xx) instead of hanging a worker thread forever.
+        # `password`: from the environment or a file (JobsConfig.redis_password); None keeps the URL's own.
+        secret = {} if password is None else {"password": password}
         self._redis = redis.Redis.from_url(url, decode_responses=False, health_check_interval=30,
-                                           socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s)
+                                           socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
+                                           **secret)
         check_durability(self._redis, config_check)
         self._create = self._redis.register_script(_CREATE)
         self._claim = self._redis.register_script(_CLAIM)

@@ -140,7 +140,7 @@ def open_store(config) -> JobStore:
 
         return RedisJobStore(config.redis_url, ttl_s=config.ttl_s, prefix=config.redis_prefix,
                              connect_timeout_s=config.redis_timeout_s / 2, socket_timeout_s=config.redis_timeout_s,
-                             config_check=config.redis_config_check)
+                             config_check=config.redis_config_check, password=config.redis_password())
     from serve_app.jobs.sqlite_store import SqliteJobStore
 
     return SqliteJobStore(config.data_dir, ttl_s=config.ttl_s)

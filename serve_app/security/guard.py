@@ -35,9 +35,13 @@ from serve_app.security.limiter import KeyLimiter, LimitExceeded
 
 logger = logging.getLogger("ray.serve")
 
-# Liveness/readiness, the docs page (and the schema it loads), the A2A Agent Card.
-PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
-                          "/.well-known/agent.json", "/.well-known/agent-card.json"})
+# Liveness/readiness and the A2A Agent Card. Not /healthz: it asks every deployment for its info,
+# and shows what they loaded (it needs `read`).
+PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/.well-known/agent.json", "/.well-known/agent-card.json"})
+# The docs pages and the schema they load: public while the app serves the docs (`auth.docs`, off by
+# default with keys); otherwise the pages do not exist and the schema needs `admin`.
+OPENAPI_PATH = "/openapi.json"
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", OPENAPI_PATH})
 # The console's static files (GET only); the console calls /v1 with a key like any client.
 PUBLIC_PREFIXES = ("/ui/",)
 PUBLIC_GET_PATHS = frozenset({"/ui"})
@@ -83,13 +87,14 @@ OPEN = Principal(LOCAL_OWNER, frozenset(SCOPES) - {"admin"})
 
 
 def required_scope(method: str, path: str) -> str:
-    if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/"):
-        return "admin"
+    if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/") or path == OPENAPI_PATH:
+        return "admin"  # the schema is reached here only with the docs off (else it is public)
     return "read" if method in READ_METHODS else "generate"
 
 
-def is_public(method: str, path: str) -> bool:
-    if path in PUBLIC_PATHS:
+def is_public(method: str, path: str, docs: bool = True) -> bool:
+    """Whether `path` needs no key; `docs`: whether the app serves the docs pages (app.state.docs)."""
+    if path in PUBLIC_PATHS or (docs and path in DOCS_PATHS):
         return True
     return method in SAFE_METHODS and (path in PUBLIC_GET_PATHS or path.startswith(PUBLIC_PREFIXES))
 
@@ -140,12 +145,14 @@ class Auth:
 
     def __init__(self, keys_file: str | None, allow_unauthenticated: bool = False, limits_storage: str = "memory://",
                  signed_url_ttl_s: float = 3600.0, metrics: bool = True, hold_s: float = 1200.0,
-                 client_limits: ClientLimits | None = None, signed_downloads_per_minute: int | None = 600):
+                 client_limits: ClientLimits | None = None, signed_downloads_per_minute: int | None = 600,
+                 storage_password: str | None = None):
         self.keys = KeyRing(keys_file) if keys_file else None
         self.allow_unauthenticated = allow_unauthenticated
         self.client_limits = client_limits or ClientLimits()
         limited = self.client_limits.concurrent_requests is not None or self.client_limits.requests_per_minute is not None
-        self.limiter = KeyLimiter(limits_storage, hold_s=hold_s) if self.keys is not None or limited else None
+        self.limiter = (KeyLimiter(limits_storage, hold_s=hold_s, password=storage_password)
+                        if self.keys is not None or limited else None)
         self.signed_url_ttl_s = signed_url_ttl_s
         self.signed_downloads_per_minute = signed_downloads_per_minute
         self._requests = None
@@ -157,10 +164,12 @@ class Auth:
                                      tag_keys=("key_id", "outcome"))
 
     @classmethod
-    def from_config(cls, config, limits_storage: str, metrics: bool = True, hold_s: float = 1200.0) -> "Auth":
+    def from_config(cls, config, limits_storage: str, metrics: bool = True, hold_s: float = 1200.0,
+                    storage_password: str | None = None) -> "Auth":
         return cls(config.keys_file, config.allow_unauthenticated, limits_storage, config.signed_url_ttl_s,
                    metrics=metrics, hold_s=hold_s, client_limits=config.client_limits,
-                   signed_downloads_per_minute=config.signed_downloads_per_minute)
+                   signed_downloads_per_minute=config.signed_downloads_per_minute,
+                   storage_password=storage_password)
 
     def count(self, key_id: str, outcome: str) -> None:
         if self._requests is not None:
@@ -307,7 +316,8 @@ class Guard:
         path = route_path(scope)
         # OPTIONS is a request like any other here. A CORS preflight, when auth.cors_origins is set,
         # is answered by CORSMiddleware outside this gate and never reaches it.
-        if is_public(method, path):
+        docs = getattr(scope["app"].state, "docs", True) if "app" in scope else True
+        if is_public(method, path, docs):
             return await self.app(scope, receive, send)
         keys = auth.keys if auth is not None else None
         sync = method not in READ_METHODS and not path.startswith((JOBS_PREFIX, ADMIN_PREFIX))

@@ -135,9 +135,10 @@ def _millis(seconds: float) -> int:
 
 
 class KeyLimiter:
-    def __init__(self, storage_uri: str, hold_s: float = 1200.0):
+    def __init__(self, storage_uri: str, hold_s: float = 1200.0, password: str | None = None):
         self.storage_uri = storage_uri
-        self.storage = storage_from_string(storage_uri)
+        # `password`: the Redis password from the environment or a file, never in the URI (a deployment argument).
+        self.storage = storage_from_string(storage_uri, **({} if password is None else {"password": password}))
         self.moving = MovingWindowRateLimiter(self.storage)
         self.fixed = FixedWindowRateLimiter(self.storage)
         self.hold_s = hold_s

@@ -16,7 +16,7 @@ from serve_app.protocol.errors import JobError, RequestError, VideoNotDeployed, 
 from serve_app.protocol.schemas import ImageRequest, ImageResponse, VideoRequest
 from serve_app.services.fallback import Fallback, FallbackFailed
 from serve_app.services.graph import Overloaded
-from serve_app.services.health import Readiness
+from serve_app.services.health import Diagnostics, Readiness
 from serve_app.services.images import ImageService
 from serve_app.services.metrics import GraphMetrics
 from serve_app.services.scores import ScoreService
@@ -36,6 +36,7 @@ class Services:
     metrics: GraphMetrics | None = None
     fallback: Fallback | None = None
     readiness: Readiness = field(default_factory=Readiness)
+    diagnostics: Diagnostics = field(default_factory=Diagnostics)
 
     @classmethod
     def build(cls, settings: Settings, handles: Handles, *, ingress: bool = True) -> Services:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 import uuid
@@ -31,6 +32,8 @@ from serve_app.services.graph import call_stage
 from serve_app.services.inputs import decode_image
 from serve_app.services.media import encode_png_b64
 
+logger = logging.getLogger("ray.serve")
+
 EWMA_WEIGHT = 0.3  # weight of the newest service-time sample
 MAX_REMOTE_PIXELS = 4096 * 4096
 
@@ -43,6 +46,14 @@ class FallbackFailed(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+def logged_failure(public: str, detail: str, status: int = 502) -> FallbackFailed:
+    """A 502 saying `public` and a request id; the remote's own `detail` goes to the log under that
+    id only: it can quote the caller's key (OpenAI's 401 shows its last characters) or the URL."""
+    request_id = uuid.uuid4().hex[:12]
+    logger.warning("remote fallback failed (request id %s): %s: %s", request_id, public, detail)
+    return FallbackFailed(status, f"{public}; the detail is in the ingress log under request id {request_id}")
 
 
 class WaitEstimator:
@@ -115,9 +126,9 @@ class RemoteImages:
         except openai.APITimeoutError:
             raise FallbackFailed(504, f"the remote fallback took longer than {self.config.timeout_s:g}s") from None
         except openai.APIStatusError as error:
-            raise FallbackFailed(502, f"the remote fallback answered {error.status_code}: {error.message}") from None
+            raise logged_failure(f"the remote fallback answered {error.status_code}", error.message) from None
         except openai.APIConnectionError as error:
-            raise FallbackFailed(502, f"the remote fallback is unreachable: {error}") from None
+            raise logged_failure("the remote fallback is unreachable", str(error)) from None
         images = [item.b64_json for item in answer.data or [] if item.b64_json]
         if len(images) != n:
             raise FallbackFailed(502, f"the remote fallback returned {len(images)} base64 image(s) for {n} asked "

@@ -72,7 +72,10 @@ def test_every_protected_route_answers_401_without_a_usable_key(client, app):
             assert response.status_code == 401, (method, path, header, response.status_code)
             assert response.headers["www-authenticate"].startswith("Bearer")
             assert response.json() == {"detail": UNAUTHORIZED}
-    assert client.get("/healthz").status_code == 200, "liveness stays public"
+    assert client.get("/livez").status_code == 200, "liveness stays public"
+    assert client.get("/healthz").status_code == 401, "the diagnostic that asks every model needs a key"
+    assert client.get("/docs", headers=_keys(app, "admin")).status_code == 404, "with keys the docs pages are off"
+    assert client.get("/openapi.json", headers=_keys(app, "admin")).status_code == 200
 
 
 def test_scopes_are_enforced(client, app):

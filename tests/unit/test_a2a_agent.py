@@ -157,6 +157,22 @@ def test_get_task_from_another_app_reads_the_job_and_a_resent_message_is_the_sam
     assert got.artifacts[0].parts[0].raw == task.artifacts[0].parts[0].raw
 
 
+def test_a_tasks_context_id_is_the_messages_context_and_without_one_its_message_id(store):
+    """docs/agents.md: the task's context is the message's `context_id` (or its `message_id`), read
+    back from the job's idempotency key, which the store keeps with the owner in front."""
+    async def scenario(agent):
+        client = await agent.client()
+        given = await _final_task(client, _message("a grey owl", {"seed": 1}, context_id="conversation-7"))
+        bare = _message("a red owl", {"seed": 2})
+        without = await _final_task(client, bare)
+        got = await client.get_task(pb.GetTaskRequest(id=given.id))
+        return given, without, bare.message_id, got
+
+    given, without, message_id, got = _run(store, scenario)
+    assert given.context_id == "conversation-7" and got.context_id == "conversation-7"
+    assert without.context_id == message_id != without.id
+
+
 def test_cancel_task_cancels_the_running_job_and_a_finished_one_is_not_cancelable(store):
     generator = ControlledGenerator(gated=True)
 

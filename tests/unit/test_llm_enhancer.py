@@ -2,6 +2,7 @@
 the external backends against a deterministic fake server speaking their documented APIs."""
 
 import asyncio
+import re
 
 import pytest
 
@@ -106,6 +107,17 @@ def test_backend_failures_fall_back_with_a_reason(server, idea, reason):
     result = asyncio.run(enhancer.enhance(idea, "none"))
     assert result.enhancer == "template" and result.fallback_reason.split(":")[0] == reason
     assert result.prompt == template_enhance(idea, "none", "high").prompt
+
+
+def test_a_backend_errors_text_reaches_the_log_not_the_caller(server, caplog):
+    enhancer = _enhancer(backend="ollama", source="m", url=server.url, timeout_s=0.5)
+    with caplog.at_level("INFO", logger="ray.serve"):
+        result = asyncio.run(enhancer.enhance("a red fox that will crash", "none"))
+    reason = result.fallback_reason
+    assert reason.startswith("backend_error") and "crashed" not in reason and "500" not in reason
+    request_id = re.search(r"request id ([0-9a-f]{12})", reason).group(1)
+    assert any(request_id in record.getMessage() and "model crashed" in record.getMessage()
+               for record in caplog.records)
 
 
 def test_unreachable_backend_falls_back():

@@ -46,10 +46,11 @@ from starlette.routing import Route
 
 from deployments.names import SCORE_RANGES
 from serve_app.jobs import http as jobs_http
-from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, unscoped_idempotency_key
 from serve_app.protocol.errors import RequestError, explain_errors
 from serve_app.protocol.jobs import JobSubmission
 from serve_app.protocol.schemas import ScoreRequest
+from serve_app.security.guard import request_auth
 
 RPC_PATH = "/a2a"
 MAX_WAIT_S = 300.0  # SendMessage (blocking) answers by then; the task goes on and GetTask reads it
@@ -100,9 +101,20 @@ STATES = {
 
 # The Agent Card
 
-def agent_card(base_url: str, video: bool) -> pb.AgentCard:
+# With API keys, the card says so: a bearer key with the `generate` scope (every A2A call is a POST).
+BEARER = pb.SecurityScheme(http_auth_security_scheme=pb.HTTPAuthSecurityScheme(
+    scheme="Bearer", description="A genserve API key with the `generate` scope (`genserve keys create`)."))
+
+
+def agent_card(base_url: str, video: bool, keys: bool = False) -> pb.AgentCard:
+    """The Agent Card; `keys`: the service has API keys, so the card declares the bearer scheme."""
     skills = [pb.AgentSkill(id=skill_id, **fields) for skill_id, fields in SKILLS.items()
               if video or skill_id not in VIDEO_SKILLS]
+    security = {}
+    if keys:
+        requirement = pb.SecurityRequirement()
+        requirement.schemes["bearer"].list.append("generate")
+        security = {"security_schemes": {"bearer": BEARER}, "security_requirements": [requirement]}
     return pb.AgentCard(
         name="genserve",
         description="Image and video generation with prompt enhancement and a quality gate (CLIP scores); "
@@ -114,6 +126,7 @@ def agent_card(base_url: str, video: bool) -> pb.AgentCard:
         default_input_modes=["text/plain", "application/json"],
         default_output_modes=["image/png", "video/mp4", "application/json"],
         skills=skills,
+        **security,
     )
 
 
@@ -211,7 +224,8 @@ def parse_message(message: pb.Message, video: bool) -> tuple[str, dict]:
 # Rendering a job as a task
 
 def context_of(job: Job) -> str:
-    key = job.idempotency_key or ""
+    # The store keeps the key with the owner in front ("<owner>:a2a:<context>:<message>").
+    key = unscoped_idempotency_key(job.owner, job.idempotency_key) or ""
     if key.startswith(KEY_PREFIX):
         return key[len(KEY_PREFIX):].split(":", 1)[0]
     return job.id  # a job submitted over HTTP: its own context
@@ -458,7 +472,9 @@ def a2a_routes(services: Callable) -> list[Route]:
 
     async def card(request: Request) -> JSONResponse:
         base = str(request.base_url).rstrip("/")
-        body = agent_card_to_dict(agent_card(base, video=services().videos is not None))
+        auth = request_auth(request)
+        keyed = auth is not None and auth.keys is not None
+        body = agent_card_to_dict(agent_card(base, video=services().videos is not None, keys=keyed))
         return JSONResponse(body, headers={"Cache-Control": "no-cache"})
 
     return [Route(AGENT_CARD_WELL_KNOWN_PATH, card, methods=["GET"]),

@@ -7,19 +7,20 @@
   cached a few seconds, never through a generation queue). For a readinessProbe.
 - `/healthz`: asks each deployment for its `info` (model source, device, LLM backend) through
   its handle, so it shows what each replica loaded; a busy model answers slowly. For people and
-  dashboards, not for probes. Errors name their type only.
+  dashboards, not for probes: it needs the `read` scope, the answer is cached a few seconds
+  (serve_app.services.health.Diagnostics, so callers cannot queue work on every model), and host
+  details are for admin keys only. Errors name their type only.
 """
 
-import asyncio
-
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from serve_app.api.deps import services
+from serve_app.security.guard import principal
 from serve_app.services.facade import Services
+from serve_app.services.health import public_view
 
 router = APIRouter(tags=["health"])
-HEALTH_TIMEOUT_S = 5.0
 
 
 @router.get("/livez")
@@ -38,8 +39,10 @@ async def readyz(service: Services = Depends(services)) -> JSONResponse:
 
 
 @router.get("/healthz", responses={503: {"description": "A deployment did not answer in time (named)."}})
-async def healthz(service: Services = Depends(services)) -> JSONResponse:
-    """Each downstream deployment's `info`; 503 naming the ones that did not answer in time."""
+async def healthz(request: Request, service: Services = Depends(services)) -> JSONResponse:
+    """Each downstream deployment's `info` (cached a few seconds); 503 naming the ones that did not
+    answer in time. Needs the `read` scope; devices, local paths, the LLM backend, loaded LoRAs and
+    the job runner's host are shown to an admin key only."""
     images = service.images
     downstream = {"enhancer": images.enhancer, "scorer": images.scorer}
     downstream.update({f"generator:{name}": handle for name, handle in images.generators.items()})
@@ -47,18 +50,9 @@ async def healthz(service: Services = Depends(services)) -> JSONResponse:
         downstream.update({f"video:{name}": handle for name, handle in service.videos.generators.items()})
     if service.jobs is not None:
         downstream["jobs"] = service.jobs.runner
-    results = await asyncio.gather(
-        *(asyncio.wait_for(handle.info.remote(), HEALTH_TIMEOUT_S) for handle in downstream.values()),
-        return_exceptions=True,
-    )
-    report = {}
-    for name, result in zip(downstream, results):
-        if isinstance(result, BaseException):
-            # The type only: exception text can carry node addresses, paths and actor ids.
-            kind = "timeout" if isinstance(result, asyncio.TimeoutError) else type(result).__name__
-            report[name] = {"ok": False, "error": kind}
-        else:
-            report[name] = {"ok": True, **result}
+    report = await service.diagnostics.report(downstream)
+    if not principal(request).admin:
+        report = public_view(report)
     healthy = all(entry["ok"] for entry in report.values())
     return JSONResponse(
         status_code=200 if healthy else 503,
