@@ -366,8 +366,10 @@ def test_a_claim_whose_answer_was_lost_is_put_back_without_spending_its_attempt(
     async def scenario():
         generator = ControlledGenerator()
         dispatcher = _faulty_dispatcher(faulty, generator, reconcile_interval_s=0.2)
-        dispatcher.start()
+        # Submitted before the loop starts, so the failing claim is the one that takes this job
+        # (a loop started first may spend the fault on a claim of an empty queue).
         job_id = await _submit(dispatcher, "claimed twice")
+        dispatcher.start()
         await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
         await dispatcher.stop()
         return job_id, generator
