@@ -223,7 +223,8 @@ def test_edit_pipelines_share_the_base_pipelines_modules(family, entry, denoiser
 
 @pytest.fixture(scope="module")
 def sd15() -> ImageGenerator:
-    config = ImageModelConfig(id="sd15", family="sd15", source="tiny",
+    # No warm-up: it would run the family's default 512x512 (these tests use 64x64).
+    config = ImageModelConfig(id="sd15", family="sd15", source="tiny", warmup={"default_shape": False},
                               device={"device": "cpu", "torch_threads": 1})
     return ImageGenerator.func_or_class(config, metrics=False)
 
@@ -261,8 +262,9 @@ def test_an_init_image_of_the_wrong_size_never_reaches_the_pipeline(sd15):
 def test_sdxl_controlnet_guides_inpainting_and_both_hires_passes():
     from deployments.runtime.types import ControlInput
 
+    # No warm-up: it would run the family's default 1024x1024 (this test uses 64x64).
     config = ImageModelConfig(id="sdxl", family="sdxl", source="tiny", options={"controlnets": {"canny": "tiny"}},
-                              device={"device": "cpu", "torch_threads": 1})
+                              warmup={"default_shape": False}, device={"device": "cpu", "torch_threads": 1})
     sdxl = ImageGenerator.func_or_class(config, metrics=False)
     control = ControlInput(type="canny", image=gradient(64, 64), conditioning_scale=0.5, preprocess=False)
     source, mask = gradient(64, 64), square_mask(64, 64)[:, :, 0]
