@@ -278,6 +278,11 @@ class LlmConfig(_Strict):
     api_key_env: str | None = Field(
         None, min_length=1, description="openai: environment variable holding the bearer token (never the key itself)."
     )
+    api_key_file: str | None = Field(
+        None, min_length=1,
+        description="openai: a file holding the bearer token (a mounted Secret), read on each PromptEnhancer replica. "
+                    "Wins over api_key_env.",
+    )
     device: DeviceOptions = Field(default_factory=DeviceOptions, description="transformers backend only.")
     max_new_tokens: int = Field(120, ge=8, le=1024, description="Token budget of one answer.")
     temperature: float = Field(
@@ -301,8 +306,9 @@ class LlmConfig(_Strict):
                 raise ValueError("url applies to the ollama and openai backends; the transformers backend loads `source`")
         elif self.url is None or not self.url.startswith(("http://", "https://")):
             raise ValueError(f"backend {self.backend!r} needs url, an http:// or https:// base URL; got {self.url!r}")
-        if self.api_key_env is not None and self.backend != "openai":
-            raise ValueError("api_key_env applies to the openai backend only")
+        for field in ("api_key_env", "api_key_file"):
+            if getattr(self, field) is not None and self.backend != "openai":
+                raise ValueError(f"{field} applies to the openai backend only")
         return self
 
 

@@ -6,7 +6,6 @@ with pydantic naming the field (for example `policy.threshold`), instead of insi
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ from deployments.config import (
 from deployments.families import ImageFamily, get_family, get_video_family
 from deployments.families.video_base import VideoFamily
 from deployments.names import SCORE_RANGES, GateMetric
+from deployments.secrets import read_secret, warn_password_in_url
 
 # The deployments every app has; image and video generators are named after their model ids
 # (`generator_name`) and configured in their `image_models:` / `video_models:` entries.
@@ -432,8 +432,8 @@ class JobsConfig(_Strict):
                           "redis_password_env or redis_password_file, not from here.")
     redis_password_env: str | None = Field(
         "GENSERVE_REDIS_PASSWORD", min_length=1,
-        description="The environment variable holding the Redis password (jobs, and the rate-limit counters when "
-                    "they share it), read on each replica: never a deployment argument. Unset or empty: none.")
+        description="The environment variable holding the Redis password (jobs, and the rate-limit counters on "
+                    "the same server), read on each replica: never a deployment argument. Unset or empty: none.")
     redis_password_file: str | None = Field(
         None, min_length=1, description="A file holding the Redis password (a mounted Secret); read on each "
                                         "replica. Wins over redis_password_env.")
@@ -502,11 +502,7 @@ class JobsConfig(_Strict):
 
     def redis_password(self) -> str | None:
         """The Redis password from redis_password_file or $redis_password_env, where this runs."""
-        if self.redis_password_file is not None:
-            return Path(self.redis_password_file).expanduser().read_text().strip() or None
-        if self.redis_password_env is None:
-            return None
-        return os.environ.get(self.redis_password_env) or None
+        return read_secret(self.redis_password_env, self.redis_password_file, field="jobs.redis_password")
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> "JobsConfig":
@@ -515,12 +511,17 @@ class JobsConfig(_Strict):
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             scheme = self.redis_url.split("://", 1)[0] if "://" in self.redis_url else "no scheme"
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://; got {scheme}")
-        if self.redis_url is not None and urlsplit(self.redis_url).password:
-            # It still works (the URL carries it), but every deployment argument shows the URL.
-            warnings.warn(f"jobs.redis_url holds a password: a deployment argument, shown by the Ray dashboard. Set "
-                          f"it in ${self.redis_password_env or 'GENSERVE_REDIS_PASSWORD'} (jobs.redis_password_env) "
-                          "or a file (jobs.redis_password_file) instead", DeprecationWarning, stacklevel=2)
+        # It still works (the URL carries it), but every deployment argument shows the URL.
+        warn_password_in_url(self.redis_url, "jobs.redis_url", "jobs.redis_password", self.redis_password_env)
         return self
+
+
+def redis_server(url: str) -> tuple:
+    """The Redis server a URL names, not which database in it: host and port, or a socket's path."""
+    split = urlsplit(url)
+    if split.hostname is None:
+        return ("socket", split.path)
+    return (split.hostname, split.port or 6379)
 
 
 class ClientLimits(_Strict):
@@ -567,8 +568,19 @@ class AuthConfig(_Strict):
     limits_storage: str | None = Field(
         None, min_length=1,
         description="Where per-key rate-limit counters live, as a `limits` storage URI (memory://, "
-                    "redis://...). Default: jobs.redis_url when jobs.store is redis, else memory://, "
-                    "which more than one Ingress replica accepts only when set explicitly.",
+                    "redis://host:port/db, no password in it). Default: jobs.redis_url when jobs.store is redis, "
+                    "else memory://, which more than one Ingress replica accepts only when set explicitly.",
+    )
+    limits_storage_password_env: str | None = Field(
+        "GENSERVE_LIMITS_REDIS_PASSWORD", min_length=1,
+        description="The environment variable holding the password of a Redis for the counters other than the job "
+                    "store's (another host or port; on the job store's server they use jobs.redis_password_env or "
+                    "_file), read on each Ingress replica: never a deployment argument. Unset or empty: none.",
+    )
+    limits_storage_password_file: str | None = Field(
+        None, min_length=1,
+        description="A file holding that password (a mounted Secret), read on each Ingress replica. Wins over "
+                    "limits_storage_password_env.",
     )
     signed_url_ttl_s: float = Field(3600.0, gt=0, le=7 * 86400,
                                     description="How long a signed job file URL stays valid (while its key does).")
@@ -620,6 +632,25 @@ class AuthConfig(_Strict):
                              "for a service deliberately open to every client the proxies forward")
         return self
 
+    @model_validator(mode="after")
+    def _no_password_in_limits_storage(self) -> "AuthConfig":
+        # It still works (the URI carries it), but every deployment argument shows the URI.
+        warn_password_in_url(self.limits_storage, "auth.limits_storage", "auth.limits_storage_password",
+                             self.limits_storage_password_env)
+        return self
+
+    def limits_storage_password(self, jobs: JobsConfig) -> str | None:
+        """The counters' Redis password, read where this runs: on the job store's Redis server (the default,
+        or the same host and port) the job store's; on another, limits_storage_password_file or _env."""
+        if self.limits_storage is None:
+            return jobs.redis_password() if jobs.store == "redis" else None
+        if self.limits_storage.startswith("memory"):
+            return None
+        if jobs.store == "redis" and redis_server(self.limits_storage) == redis_server(jobs.redis_url):
+            return jobs.redis_password()
+        return read_secret(self.limits_storage_password_env, self.limits_storage_password_file,
+                           field="auth.limits_storage_password")
+
     @property
     def limits_clients(self) -> bool:
         """Whether any per-client limit is set (the limiter then runs without keys too)."""
@@ -639,8 +670,13 @@ class FallbackConfig(_Strict):
     model: str = Field("gpt-image-1", min_length=1, description="The remote model, sent as `model`.")
     api_key_env: str | None = Field(
         "GENSERVE_FALLBACK_API_KEY",
-        description="Environment variable holding the remote API key (read on the ingress replica); "
-                    "null sends no key. The key itself never goes in a config.",
+        description="Environment variable holding the remote API key (read on each ingress replica); "
+                    "null (and no api_key_file) sends no key. The key itself never goes in a config.",
+    )
+    api_key_file: str | None = Field(
+        None, min_length=1,
+        description="A file holding the remote API key (a mounted Secret), read on each ingress replica. Wins over "
+                    "api_key_env.",
     )
     max_estimated_wait_s: float | None = Field(
         None, gt=0,

@@ -35,6 +35,7 @@ class FakeLlmServer:
     def __init__(self, slow_s: float = 5.0):
         self.slow_s = slow_s
         self.requests: list[tuple[str, dict]] = []
+        self.authorizations: list[str | None] = []  # each OpenAI-style request's Authorization header
         self.port = free_port()
         app = Starlette(routes=[
             Route("/api/generate", self._ollama, methods=["POST"]),
@@ -66,6 +67,7 @@ class FakeLlmServer:
     async def _openai(self, request: Request) -> JSONResponse:
         body = await request.json()
         self.requests.append(("openai", body))
+        self.authorizations.append(request.headers.get("authorization"))
         idea = body["messages"][-1]["content"]
         failure = await self._reply(idea)
         if failure is not None:

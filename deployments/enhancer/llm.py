@@ -13,12 +13,12 @@ Each returns the raw answer text or raises `LlmError` with a short reason; judgi
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from deployments.config import LlmConfig
 from deployments.runtime.loading import Placement, is_tiny, pretrained_location
 from deployments.runtime.types import PromptForm
+from deployments.secrets import read_secret
 
 logger = logging.getLogger("ray.serve")
 
@@ -132,10 +132,9 @@ class _HttpLlm:
 
         self._config = config
         headers = {}
-        if config.api_key_env:
-            key = os.environ.get(config.api_key_env)
-            if not key:
-                raise ValueError(f"environment variable {config.api_key_env} (enhancer.llm.api_key_env) is not set")
+        # Read here, on the replica: the token is in no deployment argument, and an error names only its source.
+        key = read_secret(config.api_key_env, config.api_key_file, field="enhancer.llm.api_key", required=True)
+        if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         self._client = httpx.AsyncClient(
             base_url=config.url.rstrip("/"), headers=headers, timeout=httpx.Timeout(config.timeout_s)

@@ -67,11 +67,10 @@ class Ingress:
         BodyLimit.configure(settings.max_body_bytes)
         self._auth_config = settings.auth
         # A concurrency slot outlives no request: the longest is bounded by the request timeout.
-        # The jobs' Redis password (read here, on the replica) serves the counters when they share that Redis.
-        shared = settings.jobs.store == "redis" and settings.limits_storage == settings.jobs.redis_url
+        # The counters' Redis password is read here, on the replica: no deployment argument holds it.
         self._auth = Auth.from_config(settings.auth, settings.limits_storage, metrics=settings.metrics,
                                       hold_s=2 * settings.request_timeout_s + 60,
-                                      storage_password=settings.jobs.redis_password() if shared else None)
+                                      storage_password=settings.auth.limits_storage_password(settings.jobs))
 
     def __serve_build_asgi_app__(self):
         app = build_api(cors_origins=tuple(self._auth_config.cors_origins),

@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 import uuid
 
 import numpy as np
 
+from deployments.secrets import read_secret
 from serve_app.config import FallbackConfig
 from serve_app.protocol.errors import RequestError
 from serve_app.protocol.schemas import Attempt, GeneratedImage, ImageRequest, ImageResponse, Scores
@@ -104,12 +104,9 @@ class RemoteImages:
     def __init__(self, config: FallbackConfig):
         from openai import AsyncOpenAI
 
-        key = None
-        if config.api_key_env is not None:
-            key = os.environ.get(config.api_key_env)
-            if not key:
-                raise ValueError(f"fallback.api_key_env names ${config.api_key_env}, which is not set on the ingress; "
-                                 "set it, or use api_key_env: null for an endpoint without keys")
+        # Read here, on the ingress replica: the key is in no deployment argument, and an error names only its
+        # source. api_key_env: null with no api_key_file is an endpoint without keys.
+        key = read_secret(config.api_key_env, config.api_key_file, field="fallback.api_key", required=True)
         self.config = config
         # No SDK retries: this is the peak path, and the caller's client decides whether to retry.
         self.client = AsyncOpenAI(base_url=config.base_url, api_key=key or "no-key", timeout=config.timeout_s,

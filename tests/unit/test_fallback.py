@@ -157,3 +157,19 @@ def test_the_remote_key_comes_from_the_named_environment_variable(remote, monkey
     monkeypatch.setenv("TEST_REMOTE_KEY", "sk-test-123")
     asyncio.run(RemoteImages(config).generate("a fox", 1, 256, 256))
     assert remote.requests[-1]["authorization"] == "Bearer sk-test-123"
+
+
+def test_the_remote_key_can_come_from_a_file_which_wins_over_the_variable(remote, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_REMOTE_KEY", "sk-from-the-environment")
+    key_file = tmp_path / "remote-key"
+    config = FallbackConfig(enabled=True, base_url=remote.base_url, api_key_env="TEST_REMOTE_KEY",
+                            api_key_file=str(key_file))
+    with pytest.raises(ValueError, match="fallback.api_key_file: cannot read"):
+        RemoteImages(config)  # read on the replica, when the service is built
+    key_file.write_text("sk-from-the-file\n")
+    asyncio.run(RemoteImages(config).generate("a fox", 1, 256, 256))
+    assert remote.requests[-1]["authorization"] == "Bearer sk-from-the-file"
+    key_file.write_text("")
+    with pytest.raises(ValueError, match="is empty") as caught:
+        RemoteImages(config)
+    assert "sk-from" not in str(caught.value)

@@ -128,6 +128,25 @@ def test_unreachable_backend_falls_back():
     assert result.enhancer == "template" and result.fallback_reason.startswith("backend_error")
 
 
+def test_the_bearer_token_can_come_from_a_file_which_wins_over_the_variable(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("GENSERVE_TEST_KEY", "from-the-environment")
+    (tmp_path / "token").write_text("from-the-file\n")
+    enhancer = _enhancer(backend="openai", source="served-model", url=server.url, api_key_env="GENSERVE_TEST_KEY",
+                         api_key_file=str(tmp_path / "token"))
+    assert asyncio.run(enhancer.enhance("a paper boat on a pond", "none")).enhancer == "llm"
+    assert server.authorizations[-1] == "Bearer from-the-file"
+    assert "from-the-file" not in repr(enhancer._config), "the config (a deployment argument) holds no token"
+
+
+def test_an_unreadable_token_file_names_the_file_never_its_contents(tmp_path):
+    (tmp_path / "token").write_bytes(b"sk-\xff-secret")
+    with pytest.raises(ValueError, match=r"enhancer\.llm\.api_key_file: .*token is not UTF-8") as caught:
+        _enhancer(backend="openai", source="m", url="http://127.0.0.1:1", api_key_file=str(tmp_path / "token"))
+    assert "secret" not in str(caught.value) and "xff" not in str(caught.value)
+    with pytest.raises(ValueError, match="api_key_file: cannot read .*missing"):
+        _enhancer(backend="openai", source="m", url="http://127.0.0.1:1", api_key_file=str(tmp_path / "missing"))
+
+
 def test_missing_api_key_is_a_config_error(monkeypatch):
     monkeypatch.delenv("GENSERVE_MISSING_KEY", raising=False)
     with pytest.raises(ValueError, match="GENSERVE_MISSING_KEY"):
@@ -160,6 +179,7 @@ def test_llm_revision_uses_the_backend(server):
     ({"backend": "ollama"}, "needs url"),
     ({"backend": "transformers", "url": "http://x"}, "url applies"),
     ({"backend": "ollama", "url": "http://x", "api_key_env": "K"}, "openai backend only"),
+    ({"backend": "ollama", "url": "http://x", "api_key_file": "/k"}, "api_key_file applies to the openai backend"),
     ({"source": "not a source"}, "source must be"),
 ])
 def test_llm_config_errors(llm, message):
