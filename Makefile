@@ -6,7 +6,7 @@ STAMP := $(VENV)/.genserve-installed
 CONFIG ?= configs/dev.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test bench bench-jobs bench-overload fuzz constraints clean
+.PHONY: setup serve test test-long bench bench-jobs bench-overload fuzz constraints clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+
+# The long runs kept outside the suite (pytest marker `long`): on a 2-core machine about 7 minutes.
+test-long: setup
+	$(BIN)/python -m pytest -m long --durations=10 $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/genserve bench --config $(CONFIG)

@@ -3,17 +3,15 @@
 `dev_app` is configs/dev.yaml plus what the modules sharing it need, all at once: the tiny models
 of dev.yaml with video, a tiny SDXL-Turbo, FLUX.1-dev and a toy family named by import path (the
 registry's proof that a family needs no product change), test LoRAs, and tight upload and body
-limits that the bad-input tests probe. Its Ray exports metrics to a known port and runs the
-dashboard, which writes the Prometheus service-discovery file (tests/integration/test_metrics.py).
+limits that the bad-input tests probe. The shared Ray it runs on exports metrics to a known port and
+runs the dashboard, which writes the Prometheus service-discovery file (tests/integration/test_metrics.py).
 """
 
 import contextlib
-import tempfile
 
 import pytest
 
-from tests.helpers import free_port
-from tests.integration.apps import POOL, dev_args, running_app
+from tests.integration.apps import POOL, ROOT, SharedRay, dev_args, serving
 
 # Uploads over this many pixels get 422 (the bad-input tests send 320x320 or 400x400).
 SHARED_PIXEL_LIMIT = 300 * 300
@@ -40,7 +38,7 @@ EXTRA_MODELS = [
 ]
 
 
-def _start_dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
+def _start_dev_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_factory) -> dict:
     from tests.images_server import FakeImagesServer
     from tests.loras import make_flux_lora, make_sdxl_lora
 
@@ -64,15 +62,9 @@ def _start_dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
     # Two video jobs at once (the default adds up both video models' capacities, 4): the cancel test
     # fills the default video model's replica and needs the third job to wait in the job queue.
     args["jobs"]["max_concurrent_jobs"] = {"video": 2}
-    # Ray's own temp dir (the service-discovery file is there, not in another cluster's /tmp/ray);
-    # short, as it holds unix sockets.
-    ray_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ray", dir="/tmp", ignore_cleanup_errors=True))
-    metrics_port = free_port()
-    client = stack.enter_context(running_app(args, include_dashboard=True, dashboard_host="127.0.0.1",
-                                             dashboard_port=free_port(), _metrics_export_port=metrics_port,
-                                             _temp_dir=ray_dir))
-    return {"client": client, "data_dir": data_dir, "args": args, "remote": remote, "ray_dir": ray_dir,
-            "metrics_port": metrics_port}
+    client = stack.enter_context(serving(args, ray.base))
+    return {"client": client, "data_dir": data_dir, "args": args, "remote": remote, "ray_dir": ray.ray_dir,
+            "metrics_port": ray.metrics_port}
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +72,10 @@ def dev_app(tmp_path_factory) -> dict:
     """The shared dev app: {client, data_dir, args, remote: the fallback's stand-in, ray_dir: Ray's
     temp dir, metrics_port: where Ray exports metrics}. Started on first use, kept for the next
     module. Module-scoped, so module fixtures (Prometheus scraping it) can use it too."""
-    return POOL.get("dev", lambda stack: _start_dev_app(stack, tmp_path_factory))
+    return POOL.get("dev", lambda stack, ray: _start_dev_app(stack, ray, tmp_path_factory))
 
 
-def _start_keys_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
+def _start_keys_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_factory) -> dict:
     """The dev profile, trimmed to one tiny image model, behind API keys: two Ingress replicas
     sharing rate-limit counters in a throwaway Redis (tests/integration/test_keys_app.py)."""
     import yaml
@@ -107,7 +99,7 @@ def _start_keys_app(stack: contextlib.ExitStack, tmp_path_factory) -> dict:
     args["jobs"]["data_dir"] = str(tmp_path_factory.mktemp("keys-jobs"))
     args["auth"] = {"keys_file": str(keys_file), "limits_storage": redis.url}
     args["deployments"]["Ingress"] = {"num_replicas": 2, "num_cpus": 0.1}
-    client = stack.enter_context(running_app(args))
+    client = stack.enter_context(serving(args, ray.base))
     return {"client": client, "keys": keys, "keys_file": keys_file, "args": args}
 
 
@@ -129,7 +121,50 @@ KEYS_APP_KEYS = (
 @pytest.fixture
 def keys_app(tmp_path_factory) -> dict:
     """The shared keys app: {client, keys: name -> {id, key, headers}, keys_file, args}."""
-    return POOL.get("keys", lambda stack: _start_keys_app(stack, tmp_path_factory))
+    return POOL.get("keys", lambda stack, ray: _start_keys_app(stack, ray, tmp_path_factory))
+
+
+def _start_folders_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_factory) -> dict:
+    """Images only (no video models), with FLUX, the scorer and the LLM enhancer loaded from saved
+    folders (the path a hub id or a folder takes) and a blocklist: test_http_app.py and
+    test_enhancer_app.py. The tiny LLM's gibberish falls back to the template on every request."""
+    from deployments.tiny import save_tiny
+    from tests.helpers import image_model
+
+    models = tmp_path_factory.mktemp("models")
+    args = dev_args()
+    args["video_models"] = []
+    flux = image_model(args, "flux-schnell")
+    flux["source"] = str(save_tiny("flux", models / "flux"))
+    args["scorer"]["source"] = str(save_tiny("clip", models / "clip"))
+    args["scorer"]["laion"]["source"] = str(save_tiny("laion", models / "laion") / "laion-head.safetensors")
+    args["enhancer"]["mode"] = "llm"
+    args["enhancer"]["llm"]["source"] = str(save_tiny("llm", models / "llm"))
+    args["enhancer"]["blocklist"] = ["gore", "nude figure"]
+    client = stack.enter_context(serving(args, ray.base))
+    return {"client": client, "sources": (flux["source"], args["scorer"]["source"])}
+
+
+@pytest.fixture(scope="module")
+def folders_app(tmp_path_factory) -> dict:
+    """The shared app of models loaded from folders: {client, sources: (FLUX's folder, the scorer's)}."""
+    return POOL.get("folders", lambda stack, ray: _start_folders_app(stack, ray, tmp_path_factory))
+
+
+def _start_single_gpu_app(stack: contextlib.ExitStack, ray: SharedRay) -> dict:
+    """configs/single-gpu.yaml with tiny models, on the shared Ray's one logical GPU
+    (tests/integration/test_single_gpu.py)."""
+    from tests.helpers import tiny_args
+
+    args = tiny_args(ROOT / "configs" / "single-gpu.yaml")
+    client = stack.enter_context(serving(args, ray.base))
+    return {"client": client, "base": ray.base, "args": args}
+
+
+@pytest.fixture(scope="module")
+def single_gpu_app() -> dict:
+    """The shared single-GPU profile app: {client, base, args}."""
+    return POOL.get("single-gpu", _start_single_gpu_app)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -139,8 +174,8 @@ def _stop_shared_apps():
 
 
 def pytest_collection_modifyitems(items):
-    """Unit tests first, then every test of each shared app (dev, then keys), then modules that
-    start their own Ray. On the dev app, a module may ask for its turn with `DEV_APP_TURN`: "first"
+    """Unit tests first, then every test of each shared app (dev, keys, folders, single-gpu), then
+    modules that start their own Ray. On the dev app, a module may ask for its turn with `DEV_APP_TURN`: "first"
     (test_metrics counts what the app recorded since it started), or "last" (test_jobs_restart
     replaces the app)."""
     turns = {"first": 0, None: 1, "last": 2}
@@ -150,6 +185,11 @@ def pytest_collection_modifyitems(items):
             return 0, 0
         if "dev_app" in item.fixturenames:
             return 1, turns[getattr(item.module, "DEV_APP_TURN", None)]
-        return (2, 0) if "keys_app" in item.fixturenames else (3, 0)
+        if "keys_app" in item.fixturenames:
+            return 2, 0
+        for turn, app in enumerate(("folders_app", "single_gpu_app"), start=1):
+            if app in item.fixturenames:
+                return 2, turn
+        return 3, 0
 
     items.sort(key=rank)  # stable: the order within each group stays as collected

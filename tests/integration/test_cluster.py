@@ -5,6 +5,9 @@ logical GPUs and the `accelerator_type:<TYPE>` resource Ray gives a node with re
 type, so placement, autoscaling and node loss run as they would on GPU nodes, while the models
 run on the CPU (torch sees no CUDA device). The tests share one cluster and one deployment, in
 file order, ending with the one that removes a node; each first waits for the state it needs.
+
+The suite runs the placement test; the burst, overload and node-loss scenarios are long runs
+(minutes of load on 2 cores), marked `long` and run by `make test-long`.
 """
 
 from __future__ import annotations
@@ -161,6 +164,7 @@ def test_replicas_land_where_their_reservations_say(app):
     assert models[0]["deployment"]["device"] == "cpu" and models[0]["deployment"]["memory_fraction"] is None
 
 
+@pytest.mark.long
 def test_flux_scales_up_under_a_burst_onto_a_whole_gpu_of_its_own_and_back_down(app):
     _steady(1)
     burst = time.monotonic()
@@ -185,6 +189,7 @@ def test_flux_scales_up_under_a_burst_onto_a_whole_gpu_of_its_own_and_back_down(
           f"{statuses.count(503)} answered 503")
 
 
+@pytest.mark.long
 def test_overload_turns_into_quick_503s(app):
     _steady(1)
     # 16 clients sending back to back, against what FLUX takes at most (2 replicas x 2 ongoing)
@@ -203,6 +208,7 @@ def test_overload_turns_into_quick_503s(app):
           f"max {rejected[-1]:.2f}s)")
 
 
+@pytest.mark.long
 def test_losing_a_worker_node_replaces_its_replicas_without_a_restart(app):
     _steady(1)
     [flux] = _running("FluxSchnellGenerator")

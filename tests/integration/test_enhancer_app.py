@@ -3,24 +3,17 @@ path) runs for every request; its gibberish falls back to the template, and resp
 
 import pytest
 
-from deployments.tiny import save_tiny
 from serve_app import APP_NAME
 from serve_app.protocol.schemas import EnhanceRequest, EnhanceResponse, ImageResponse
-from tests.integration.apps import dev_args, running_app
 
 pytestmark = pytest.mark.integration
 FALLBACK_REASONS = {"empty", "not_text", "off_topic"}
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    args = dev_args()
-    args["video_models"] = []
-    args["enhancer"]["mode"] = "llm"
-    args["enhancer"]["llm"]["source"] = str(save_tiny("llm", tmp_path_factory.mktemp("models") / "llm"))
-    args["enhancer"]["blocklist"] = ["gore", "nude figure"]
-    with running_app(args) as client:
-        yield client
+@pytest.fixture
+def client(folders_app):
+    """The shared app of models from folders, with the LLM enhancer (tests/integration/conftest.py)."""
+    return folders_app["client"]
 
 
 def test_enhance_endpoint_runs_the_llm_and_reports_the_fallback(client):

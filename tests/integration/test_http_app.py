@@ -10,29 +10,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.tiny import save_tiny
 from serve_app import APP_NAME
 from serve_app.protocol.schemas import ImageRequest, ImageResponse
 from serve_app.services.media import read_png_meta
-from tests.helpers import image_model
-from tests.integration.apps import dev_args, running_app
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    """Images only (no video models), models loaded from saved folders: the path a hub id or folder takes."""
-    models = tmp_path_factory.mktemp("models")
-    args = dev_args()
-    args["video_models"] = []
-    flux = image_model(args, "flux-schnell")
-    flux["source"] = str(save_tiny("flux", models / "flux"))
-    args["scorer"]["source"] = str(save_tiny("clip", models / "clip"))
-    args["scorer"]["laion"]["source"] = str(save_tiny("laion", models / "laion") / "laion-head.safetensors")
-    with running_app(args) as client:
-        yield {"client": client, "sources": (flux["source"], args["scorer"]["source"])}
+@pytest.fixture
+def app(folders_app):
+    """Images only (no video models), models loaded from saved folders: the path a hub id or folder
+    takes (the shared app of tests/integration/conftest.py, whose enhancer is the tiny LLM)."""
+    return folders_app
 
 
 def _post(app, **body):

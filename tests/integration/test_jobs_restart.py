@@ -3,7 +3,7 @@ job finishes, once, and the shutdown spent no attempt. Then the TTL: finished jo
 are deleted.
 
 The app shut down is the shared dev app (last of its tests: it does not come back), on the Ray and
-Serve it ran on; the one started again is the dev profile on its store."""
+Serve it ran on; the one started again is the dev profile on its store, with the models its jobs need."""
 
 import time
 
@@ -34,7 +34,11 @@ def _shut_down_and_read(data_dir, ids: list[str]) -> dict:
 
 
 def _restart_args(data_dir) -> dict:
+    """The dev profile on the shared app's store, trimmed to the models its jobs need (the default
+    video model, and the image model the Ingress needs): each replica is seconds of imports."""
     args = dev_args()
+    args["image_models"] = [model for model in args["image_models"] if model["id"] == "flux-schnell"]
+    args["video_models"] = [model for model in args["video_models"] if model["id"] == "svd"]
     args["jobs"]["data_dir"] = str(data_dir)
     args["jobs"]["max_concurrent_jobs"] = {"image": 1, "video": 1}
     args["jobs"]["progress_interval_s"] = 0

@@ -18,14 +18,18 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
 
 
-def _dev_config(tmp_path: Path, **flux_options) -> tuple[Path, int]:
-    """configs/dev.yaml on a free port, flux-schnell's deployment options updated with `flux_options`."""
+def _dev_config(tmp_path: Path, video: bool, **flux_options) -> tuple[Path, int]:
+    """configs/dev.yaml on a free port with its jobs in a temp dir, trimmed to the models these tests
+    use (each replica costs seconds of imports on 2 cores; the shared dev app deploys them all):
+    flux-schnell, with its deployment options updated with `flux_options`, and svd if `video`."""
     config = yaml.safe_load((ROOT / "configs" / "dev.yaml").read_text())
     port = free_port()
-    config["http_options"]["port"] = port  # the same profile on a free port, jobs in a temp dir
-    config["applications"][0]["args"]["jobs"]["data_dir"] = str(tmp_path / "jobs")
-    flux = next(model for model in config["applications"][0]["args"]["image_models"] if model["id"] == "flux-schnell")
-    flux["deployment"].update(flux_options)
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args["jobs"]["data_dir"] = str(tmp_path / "jobs")
+    args["image_models"] = [model for model in args["image_models"] if model["id"] == "flux-schnell"]
+    args["video_models"] = [model for model in args["video_models"] if video and model["id"] == "svd"]
+    args["image_models"][0]["deployment"].update(flux_options)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path, port
@@ -51,11 +55,11 @@ def _stop(process: subprocess.Popen, signum: int = signal.SIGINT) -> None:
         process.wait()
 
 
-def test_genserve_serve_dev_profile_answers_and_stops_on_sigterm_putting_its_running_job_back(tmp_path):
+def test_genserve_serve_answers_and_stops_on_sigterm_putting_its_running_job_back(tmp_path):
     from serve_app.jobs.sqlite_store import SqliteJobStore
     from tests.integration.jobs import in_stage, submit, wait_for
 
-    path, port = _dev_config(tmp_path)
+    path, port = _dev_config(tmp_path, video=True)
     process, log = _genserve(tmp_path, str(path))
     try:
         base = f"http://127.0.0.1:{port}"
@@ -85,7 +89,7 @@ def test_genserve_serve_dev_profile_answers_and_stops_on_sigterm_putting_its_run
 
 def test_genserve_serve_times_out_naming_what_a_pending_deployment_asks_for(tmp_path):
     # A whole GPU for FLUX; CUDA_VISIBLE_DEVICES="" makes Ray see none even on a GPU machine.
-    path, _ = _dev_config(tmp_path, num_gpus=1)
+    path, _ = _dev_config(tmp_path, video=False, num_gpus=1)
     process, log = _genserve(tmp_path, str(path), "--timeout", "10", CUDA_VISIBLE_DEVICES="")
     try:
         process.wait(timeout=240)

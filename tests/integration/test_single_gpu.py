@@ -4,28 +4,21 @@ Ray is told the node has one GPU; torch sees none, so the models (tiny) run on t
 schedules them exactly as it would on a one-GPU machine.
 """
 
-from pathlib import Path
-
 import httpx
 import pytest
 
 from serve_app import APP_NAME
 from serve_app.config import DEPLOYMENT_NAMES, AppArgs
-from tests.helpers import deploy_and_wait, replica_gpu_ids, tiny_args
-from tests.integration.apps import ray_and_serve
+from tests.helpers import replica_gpu_ids
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).parents[2]
 
 
-@pytest.fixture(scope="module")
-def one_gpu_node():
-    # The config's CPU reservations add up to 8.5 (logical CPUs: the cores are shared anyway);
-    # one logical GPU is the whole point.
-    with ray_and_serve(proxy_location="HeadOnly", num_cpus=9, num_gpus=1) as base:
-        args = tiny_args(ROOT / "configs" / "single-gpu.yaml")
-        deploy_and_wait(args)
-        yield {"base": base, "args": args}
+@pytest.fixture
+def one_gpu_node(single_gpu_app) -> dict:
+    """The profile on the shared Ray: one node with one logical GPU and 9 logical CPUs (the
+    config's CPU reservations add up to 8.5; the cores are shared anyway)."""
+    return single_gpu_app
 
 
 def test_every_deployment_fits_on_one_gpu_node_and_the_models_share_its_gpu(one_gpu_node):
