@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 import time
 import uuid
 
@@ -48,6 +49,8 @@ from serve_app.services.validation import (
     control_catalogue,
     spec_of,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class ImageService:
@@ -286,6 +289,15 @@ class ImageService:
 
     def models(self) -> list[dict]:
         return [spec.public() for spec in self.specs.values()]
+
+    async def quality_figures(self) -> dict[str, dict[str, dict]] | None:
+        """The gate's figures per model and metric for GET /v1/models; None when the job store
+        cannot be read now (the catalogue still answers; GET /v1/admin/quality reports the error)."""
+        try:
+            return await self.quality.summary(list(self.specs))
+        except Exception:
+            logger.exception("could not read the quality gate's tallies for GET /v1/models")
+            return None
 
     async def preview_control(self, request: ControlPreviewRequest) -> tuple[ControlPreviewResponse, bytes]:
         """The control map `request` would give the model: computed by the model's own replica
