@@ -60,20 +60,26 @@ class Run:
         return sum(values) / sum(self.accepted) if sum(self.accepted) else None
 
 
-async def _measure(service, run: Run, body: dict, requests: int, warmup: int) -> Run:
+async def _measure(service, run: Run, bodies: list[dict], requests: int, warmup: int) -> Run:
+    """`bodies`, sent one after another, count as one request (N rounds past max_attempts' 5)."""
     from serve_app.protocol.schemas import ImageRequest
 
     for index in range(warmup + requests):
-        request = ImageRequest(**{**body, "seed": 1000 + 97 * index})
         started = time.perf_counter()
-        plan, _, _, result = await service.run(request)
+        results = [(await service.run(ImageRequest(**{**body, "seed": 1000 + 97 * index + 13 * part})))[3]
+                   for part, body in enumerate(bodies)]
         if index >= warmup:
             run.seconds.append(time.perf_counter() - started)
-            run.rounds.append(max(c.attempt for c in result.candidates))
-            run.images.append(len(result.candidates))
-            run.accepted.append(sum(c.passed for c in result.chosen))
-            run.device_seconds.append(result.device_seconds)
+            run.rounds.append(sum(max(c.attempt for c in result.candidates) for result in results))
+            run.images.append(sum(len(result.candidates) for result in results))
+            run.accepted.append(sum(c.passed for result in results for c in result.chosen))
+            run.device_seconds.append(sum(result.device_seconds for result in results))
     return run
+
+
+def _rounds(body: dict, count: int) -> list[dict]:
+    """Requests making `count` rounds in all (max_attempts is at most 5)."""
+    return [{**body, "max_attempts": min(5, count - start)} for start in range(0, count, 5)]
 
 
 def run_candidates_benchmark(config: str, counts: list[int], requests: int, warmup: int,
@@ -90,11 +96,10 @@ def run_candidates_benchmark(config: str, counts: list[int], requests: int, warm
     async def go():
         results = []
         for count in counts:
-            batch = await _measure(service, Run(f"best-of-{count}"), {**body, "candidates": count,
-                                                                     "quality_threshold": 0.0}, requests, warmup)
-            rounds = await _measure(service, Run(f"{count} rounds"), {**body, "max_attempts": count,
-                                                                     "quality_threshold": unreachable},
-                                    requests, warmup)
+            batch = await _measure(service, Run(f"best-of-{count}"),
+                                   [{**body, "candidates": count, "quality_threshold": 0.0}], requests, warmup)
+            rounds = await _measure(service, Run(f"{count} rounds"),
+                                    _rounds({**body, "quality_threshold": unreachable}, count), requests, warmup)
             results.append((count, batch, rounds))
         return results
 
@@ -125,9 +130,9 @@ def run_gate_benchmark(config: str, percentile: float, max_attempts: int, reques
         metric = service.policy.metric
         if not service.quality.starting.get(model, {}).get(metric):
             await calibrate_model(service, model, calibration_prompts)
-        ungated = await _measure(service, Run("ungated"), {**body, "quality_threshold": 0.0}, requests, warmup)
+        ungated = await _measure(service, Run("ungated"), [{**body, "quality_threshold": 0.0}], requests, warmup)
         gated = await _measure(service, Run(f"gated p{percentile:g}, {max_attempts} attempts"),
-                               {**body, "quality_percentile": percentile, "max_attempts": max_attempts},
+                               [{**body, "quality_percentile": percentile, "max_attempts": max_attempts}],
                                requests, warmup)
         return [ungated, gated]
 

@@ -141,3 +141,16 @@ def test_a_calibration_file_from_another_bin_count_is_refused(tmp_path):
         load_calibration(str(path))
     path.write_text(f'{{"bins": {BINS}, "models": {{"m": {{"aesthetic": {{"5000": 3}}}}}}}}')
     assert load_calibration(str(path)) == {"m": {"aesthetic": {5000: 3.0}}}
+
+
+def test_the_bench_splits_rounds_past_max_attempts_and_prints_its_tables():
+    from serve_app.bench.quality import Run, _rounds, format_candidates_table, format_gate_table, random_prompts
+
+    assert [body["max_attempts"] for body in _rounds({"prompt": "x"}, 8)] == [5, 3]
+    assert random_prompts(3, seed=1) == random_prompts(3, seed=1) != random_prompts(3, seed=2)
+    batch = Run("best-of-4", [0.2, 0.4], [1, 1], [4, 4], [1, 1], [0.1, 0.3])
+    rounds = Run("4 rounds", [0.8, 1.2], [4, 4], [4, 4], [0, 0], [0.4, 0.4])
+    table = format_candidates_table([(4, batch, rounds)])
+    assert table.splitlines()[1].split()[:4] == ["4", "300.0", "1000.0", "0.300"]
+    gate = format_gate_table([batch, rounds])
+    assert gate.splitlines()[2].split()[-1] == "-"  # nothing accepted: no cost per accepted image
