@@ -60,21 +60,27 @@ class Run:
         return sum(values) / sum(self.accepted) if sum(self.accepted) else None
 
 
-async def _measure(service, run: Run, bodies: list[dict], requests: int, warmup: int) -> Run:
-    """`bodies`, sent one after another, count as one request (N rounds past max_attempts' 5)."""
+async def _measure(service, runs: list[tuple[Run, list[dict]]], requests: int, warmup: int) -> None:
+    """Each run's `bodies`, sent one after another, count as one request (N rounds past
+    max_attempts' 5). The runs take turns request by request, so load from elsewhere on the
+    machine hits them alike."""
+    for index in range(warmup + requests):
+        for run, bodies in runs:
+            await _once(service, run, bodies, 1000 + 97 * index, record=index >= warmup)
+
+
+async def _once(service, run: Run, bodies: list[dict], seed: int, record: bool) -> None:
     from serve_app.protocol.schemas import ImageRequest
 
-    for index in range(warmup + requests):
-        started = time.perf_counter()
-        results = [(await service.run(ImageRequest(**{**body, "seed": 1000 + 97 * index + 13 * part})))[3]
-                   for part, body in enumerate(bodies)]
-        if index >= warmup:
-            run.seconds.append(time.perf_counter() - started)
-            run.rounds.append(sum(max(c.attempt for c in result.candidates) for result in results))
-            run.images.append(sum(len(result.candidates) for result in results))
-            run.accepted.append(sum(c.passed for result in results for c in result.chosen))
-            run.device_seconds.append(sum(result.device_seconds for result in results))
-    return run
+    started = time.perf_counter()
+    results = [(await service.run(ImageRequest(**{**body, "seed": seed + 13 * part})))[3]
+               for part, body in enumerate(bodies)]
+    if record:
+        run.seconds.append(time.perf_counter() - started)
+        run.rounds.append(sum(max(c.attempt for c in result.candidates) for result in results))
+        run.images.append(sum(len(result.candidates) for result in results))
+        run.accepted.append(sum(c.passed for result in results for c in result.chosen))
+        run.device_seconds.append(sum(result.device_seconds for result in results))
 
 
 def _rounds(body: dict, count: int) -> list[dict]:
@@ -94,13 +100,12 @@ def run_candidates_benchmark(config: str, counts: list[int], requests: int, warm
         body["num_inference_steps"] = steps
 
     async def go():
-        results = []
-        for count in counts:
-            batch = await _measure(service, Run(f"best-of-{count}"),
-                                   [{**body, "candidates": count, "quality_threshold": 0.0}], requests, warmup)
-            rounds = await _measure(service, Run(f"{count} rounds"),
-                                    _rounds({**body, "quality_threshold": unreachable}, count), requests, warmup)
-            results.append((count, batch, rounds))
+        results = [(count, Run(f"best-of-{count}"), Run(f"{count} rounds")) for count in counts]
+        runs = []
+        for count, batch, rounds in results:
+            runs += [(batch, [{**body, "candidates": count, "quality_threshold": 0.0}]),
+                     (rounds, _rounds({**body, "quality_threshold": unreachable}, count))]
+        await _measure(service, runs, requests, warmup)
         return results
 
     return asyncio.run(go())
@@ -130,10 +135,10 @@ def run_gate_benchmark(config: str, percentile: float, max_attempts: int, reques
         metric = service.policy.metric
         if not service.quality.starting.get(model, {}).get(metric):
             await calibrate_model(service, model, calibration_prompts)
-        ungated = await _measure(service, Run("ungated"), [{**body, "quality_threshold": 0.0}], requests, warmup)
-        gated = await _measure(service, Run(f"gated p{percentile:g}, {max_attempts} attempts"),
-                               [{**body, "quality_percentile": percentile, "max_attempts": max_attempts}],
-                               requests, warmup)
+        ungated, gated = Run("ungated"), Run(f"gated p{percentile:g}, {max_attempts} attempts")
+        await _measure(service, [(ungated, [{**body, "quality_threshold": 0.0}]),
+                                 (gated, [{**body, "quality_percentile": percentile, "max_attempts": max_attempts}])],
+                       requests, warmup)
         return [ungated, gated]
 
     return asyncio.run(go())
