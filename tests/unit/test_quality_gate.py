@@ -154,3 +154,21 @@ def test_the_bench_splits_rounds_past_max_attempts_and_prints_its_tables():
     assert table.splitlines()[1].split()[:4] == ["4", "300.0", "1000.0", "0.300"]
     gate = format_gate_table([batch, rounds])
     assert gate.splitlines()[2].split()[-1] == "-"  # nothing accepted: no cost per accepted image
+
+
+def test_the_job_store_book_shares_one_calibration_between_readers(tmp_path):
+    from serve_app.jobs.quality import StoreQualityBook
+    from serve_app.jobs.sqlite_store import SqliteJobStore
+
+    store = SqliteJobStore(tmp_path, ttl_s=60)
+    writer, reader = StoreQualityBook(store), StoreQualityBook(store, starting=_calibration_at(0.5, images=10))
+
+    async def go():
+        await writer.add(MODEL, {"aesthetic": {f"b{bin_of('aesthetic', 0.9)}": 10.0, "accepted": 2.0}})
+        return await reader.calibration(MODEL, "aesthetic"), await reader.summary()
+
+    bins, summary = asyncio.run(go())
+    assert sum(bins.values()) == 20  # the reader's shipped 10 and the writer's 10
+    assert score_at("aesthetic", bins, 25) < 0.51 < 0.89 < score_at("aesthetic", bins, 75)
+    assert summary[MODEL]["aesthetic"]["accepted_images"] == 2
+    store.close()
