@@ -222,6 +222,7 @@ class ImageGenerator(GeneratorBase):
                 images=images[offset:offset + pending.images], seeds=list(pending.params.seeds),
                 model=self._config.id, seconds=seconds, device=self._placement.device,
                 dtype=self._placement.dtype_name, timings=dict(timings),
+                share_seconds=seconds * pending.images / len(prompts) if len(group) > 1 else None,
             ))
             offset += pending.images
         return outputs

@@ -38,6 +38,10 @@ SCOPES: tuple[str, ...] = get_args(Scope)
 
 assert tuple(SCORE_RANGES) == GATE_METRICS
 
+# Best-of-N: the most images one request may generate in a round (`candidates`); a config may
+# allow fewer (policy.max_candidates).
+MAX_CANDIDATES = 16
+
 # The OpenAI Images API's `quality` and `style` values, and what each means here (POST
 # /v1/images/generations; docs/agents.md has the table). genserve's own values are accepted too.
 OPENAI_QUALITIES: dict[str, Quality | None] = {

@@ -30,7 +30,7 @@ from deployments.config import (
 )
 from deployments.families import ImageFamily, get_family, get_video_family
 from deployments.families.video_base import VideoFamily
-from deployments.names import SCORE_RANGES, GateMetric
+from deployments.names import MAX_CANDIDATES, SCORE_RANGES, GateMetric
 from deployments.secrets import read_secret, warn_password_in_url
 
 # The deployments every app has; image and video generators are named after their model ids
@@ -344,6 +344,16 @@ class QualityPolicy(_Strict):
         False,
         description="Regenerate with feedback: before each later round, the enhancer rewrites the prompt to fix "
                     "the weakest aspect scores. False: a new seed with the same prompt.",
+    )
+    max_candidates: int = Field(
+        8, ge=1, le=MAX_CANDIDATES,
+        description="The most images one best-of-N request (`candidates`) may generate per round.",
+    )
+    calibration: str | None = Field(
+        None,
+        description="A starting calibration for quality_percentile: a JSON file of score histograms per model "
+                    "and metric (`genserve calibrate` writes one). Scores the server sees are added to it. "
+                    "None: percentiles work once a model has scored enough images.",
     )
 
     @model_validator(mode="after")

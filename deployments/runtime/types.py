@@ -159,6 +159,9 @@ class GenerationOutput:
     dtype: str
     # Seconds per pass when there is more than one ("hires": the upscale and second pass).
     timings: dict = field(default_factory=dict)
+    # This request's share of the pipeline call's seconds (by images) when requests were batched
+    # together; `seconds` is the whole call's. None: the call was this request's alone.
+    share_seconds: float | None = None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from ray import serve
 from serve_app.api.app import build_api
 from serve_app.api.body_limit import BodyLimit
 from serve_app.jobs import http as jobs_http
+from serve_app.jobs.quality import RunnerQualityBook
 from serve_app.protocol.schemas import (
     EnhanceRequest,
     EnhanceResponse,
@@ -62,6 +63,8 @@ class Ingress:
         """`jobs`: the JobRunner's handle (None: /v1/jobs answers 501)."""
         self._services = Services.build(settings, handles)
         if jobs is not None:  # the jobs API sits above the services, so it is attached here
+            # One calibration and one set of pass rates for every replica: the job store's.
+            self._services.images.quality = RunnerQualityBook(jobs, settings.calibration)
             self._services.jobs = jobs_http.JobsApi(jobs, self._services.images, self._services.videos,
                                                     settings.jobs.retry_limit, jobs_http.StreamLimits.of(settings.jobs))
         BodyLimit.configure(settings.max_body_bytes)

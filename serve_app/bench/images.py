@@ -45,27 +45,35 @@ def _request_body(width: int, height: int, steps: int) -> dict:
             "num_inference_steps": steps, "seed": 1234}
 
 
-def _in_process(args: AppArgs, body: dict, warmup: int, requests: int, label: str = "") -> Sample:
+def local_image_service(args: AppArgs, model_ids: list[str] | None = None):
+    """The ImageService over the config's deployment classes as plain objects in this process
+    (`model_ids`: these image models; default: the default model only)."""
     from deployments.enhancer.prompt_enhancer import PromptEnhancer
     from deployments.image_generator import ImageGenerator
     from deployments.scoring.clip_scorer import ClipScorer
-    from serve_app.protocol.schemas import ImageRequest
     from serve_app.services.facade import Services
     from serve_app.services.settings import Handles, Settings
 
-    model = args.image_model(args.default_model_id)  # the benchmark measures the default model only
-    settings = Settings.from_args(args.model_copy(update={"image_models": [model]}))
+    models = [args.image_model(model_id) for model_id in model_ids or [args.default_model_id]]
+    settings = Settings.from_args(args.model_copy(update={"image_models": models, "default_model": None}))
     handles = Handles.local(PromptEnhancer.func_or_class(args.enhancer, metrics=False),
-                            {model.id: ImageGenerator.func_or_class(model, metrics=False)},
+                            {model.id: ImageGenerator.func_or_class(model, metrics=False) for model in models},
                             ClipScorer.func_or_class(args.scorer, metrics=False))
     service = Services.build(settings, handles, ingress=False).images
-    request = ImageRequest(**body)
-    # One process has one torch thread pool: give it the generator's setting (each constructor
+    # One process has one torch thread pool: give it the first generator's setting (each constructor
     # above set it in turn; in Serve each replica keeps its own).
-    if model.device.torch_threads:
+    if models[0].device.torch_threads:
         import torch
 
-        torch.set_num_threads(model.device.torch_threads)
+        torch.set_num_threads(models[0].device.torch_threads)
+    return service
+
+
+def _in_process(args: AppArgs, body: dict, warmup: int, requests: int, label: str = "") -> Sample:
+    from serve_app.protocol.schemas import ImageRequest
+
+    service = local_image_service(args)  # the benchmark measures the default model only
+    request = ImageRequest(**body)
 
     async def run() -> Sample:
         sample = Sample(f"in-process{label}", [], [])

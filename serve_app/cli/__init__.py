@@ -8,6 +8,11 @@
     genserve bench-agents [options]  OpenAI route, MCP tools, A2A vs the same POST /v1/images
     genserve bench-gpu [options]     FLUX.1-schnell / SDXL architectures with random weights: eager, compiled, fp8
     genserve bench-scores [options]  scoring cost of a batch of images against one image
+    genserve bench-quality [--candidates 2 4 8] [--gate]
+                                     best-of-N in one batch vs N rounds; a gated request vs an ungated one
+    genserve calibrate [CONFIG] -o FILE [--prompts N]
+                                     score random prompts on each image model: a starting calibration
+                                     for quality_percentile (policy.calibration)
     genserve keys create NAME [--scopes generate read admin] [--file KEYS.yaml] [limits]
                                      make an API key: prints it once, and the entry for the keys file
     genserve download CONFIG [--dry-run] [--dir DIR] [--skip-optional]
@@ -283,6 +288,36 @@ def _bench_scores(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_quality(args: argparse.Namespace) -> int:
+    from serve_app.bench import quality
+
+    if args.candidates:
+        counts = sorted(set(args.candidates))
+        results = quality.run_candidates_benchmark(args.config, counts, args.requests, args.warmup, args.steps)
+        print(f"genserve bench-quality --candidates: {args.config}, default model, {args.requests} requests per row "
+              f"after {args.warmup} warm-up, in process; best-of-N: one request, N images in one generator call; "
+              "N rounds: one request, one image a round, N rounds")
+        print(quality.format_candidates_table(results))
+    if args.gate:
+        runs = quality.run_gate_benchmark(args.config, args.percentile, args.max_attempts, args.requests, args.warmup)
+        print(f"genserve bench-quality --gate: {args.config}, default model, {args.requests} requests each after "
+              f"{args.warmup} warm-up, in process, the same settings but the gate")
+        print(quality.format_gate_table(runs))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from serve_app.bench.quality import run_calibration, write_calibration
+
+    data = run_calibration(args.config, args.prompts, args.seed)
+    write_calibration(data, args.output)
+    for model, metrics in data["models"].items():
+        counts = {metric: int(sum(bins.values())) for metric, bins in metrics.items()}
+        print(f"{model}: {counts}")
+    print(f"wrote {args.output}")
+    return 0
+
+
 def _save_tiny(args: argparse.Namespace) -> int:
     from deployments.tiny import save_tiny
 
@@ -377,6 +412,25 @@ def main(argv: list[str] | None = None) -> int:
     scores.add_argument("--serve", action="store_true",
                         help="also as a Serve replica with the config's resources, called through a handle")
     scores.set_defaults(func=_bench_scores)
+
+    bench_quality = commands.add_parser("bench-quality", help="best-of-N vs rounds; a gated request vs an ungated one")
+    bench_quality.add_argument("--config", default="configs/dev.yaml")
+    bench_quality.add_argument("--candidates", type=int, nargs="*", default=None, metavar="N",
+                               help="best-of-N against N sequential rounds, for each N (e.g. 2 4 8)")
+    bench_quality.add_argument("--gate", action="store_true", help="a gated request against an ungated one")
+    bench_quality.add_argument("--percentile", type=float, default=70.0, help="with --gate: quality_percentile")
+    bench_quality.add_argument("--max-attempts", type=int, default=3, help="with --gate: rounds at most")
+    bench_quality.add_argument("--requests", type=int, default=20)
+    bench_quality.add_argument("--warmup", type=int, default=2)
+    bench_quality.add_argument("--steps", type=int, default=None, help="default: the model's")
+    bench_quality.set_defaults(func=_bench_quality)
+
+    calibrate = commands.add_parser("calibrate", help="a starting calibration for quality_percentile")
+    calibrate.add_argument("config", nargs="?", default="configs/dev.yaml")
+    calibrate.add_argument("-o", "--output", required=True, help="the JSON file to write (policy.calibration)")
+    calibrate.add_argument("--prompts", type=int, default=64, help="random prompts per model")
+    calibrate.add_argument("--seed", type=int, default=0, help="of the prompts and the images")
+    calibrate.set_defaults(func=_calibrate)
 
     keys = commands.add_parser("keys", help="API keys (docs/security.md)")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)

@@ -221,7 +221,8 @@ class JobsApi:
                                              "fallback; use POST /v1/images for that", "false").detail(("request",)))
         try:
             if isinstance(parsed, ImageRequest):
-                plan, _, _ = await asyncio.to_thread(self.images.plan, parsed)  # decodes a control image
+                calibration = await self.images.calibration_for(parsed)  # for a quality_percentile
+                plan, _, _ = await asyncio.to_thread(self.images.plan, parsed, calibration)  # decodes a control image
                 seed = plan.base_seed
             else:
                 await asyncio.to_thread(self.videos.check, parsed)

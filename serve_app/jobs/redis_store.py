@@ -541,6 +541,26 @@ class RedisJobStore(JobStore):
             if count < 500:
                 return total
 
+    def add_quality(self, model, metric, increments):
+        # One hash per (model, metric), listed in an index set; MULTI applies the increments at once.
+        member = json.dumps([model, metric])
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.sadd(self._key("quality"), member)
+        for name, value in increments.items():
+            pipe.hincrbyfloat(self._key("quality", member), name, float(value))
+        pipe.execute()
+
+    def quality_tallies(self):
+        members = sorted(self._redis.smembers(self._key("quality")))
+        pipe = self._redis.pipeline(transaction=False)
+        for member in members:
+            pipe.hgetall(self._key("quality", member.decode()))
+        tallies = {}
+        for member, fields in zip(members, pipe.execute()):
+            model, metric = json.loads(member)
+            tallies[(model, metric)] = {name.decode(): float(value) for name, value in fields.items()}
+        return tallies
+
     def ping(self):
         self._redis.ping()
 

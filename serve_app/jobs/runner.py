@@ -23,6 +23,7 @@ from ray import serve
 from deployments.runtime.types import ProgressTarget
 from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.model import ActiveJobsExceeded, Job
+from serve_app.jobs.quality import StoreQualityBook
 from serve_app.jobs.store import JobStore
 from serve_app.services.facade import Services
 from serve_app.services.settings import Handles, Settings
@@ -55,6 +56,8 @@ class JobRunner:
                                   min_interval_s=config.progress_interval_s)
 
         self._store = open_store(config)
+        # The gate's tallies of job requests go to the store directly (the ingress's through add_quality).
+        services.images.quality = StoreQualityBook(self._store, settings.calibration)
         self._dispatcher = JobDispatcher(self._store, services.images, services.videos, slots, config.retry_limit,
                                          config.sweep_interval_s, progress_target,
                                          max_queued_jobs=config.max_queued_jobs,
@@ -110,6 +113,13 @@ class JobRunner:
 
     def info(self) -> dict:
         return self._dispatcher.info()
+
+    async def add_quality(self, model: str, metric: str, increments: dict[str, float]) -> None:
+        """The ingress's quality tallies (serve_app.jobs.quality.RunnerQualityBook)."""
+        await asyncio.to_thread(self._store.add_quality, model, metric, increments)
+
+    async def quality_tallies(self) -> dict[tuple[str, str], dict[str, float]]:
+        return await asyncio.to_thread(self._store.quality_tallies)
 
     async def _report_jobs(self, interval_s: float) -> None:
         """Keep the `genserve_jobs{state}` gauge current (queued and running are the ones to watch)."""

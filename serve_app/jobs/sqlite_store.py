@@ -78,6 +78,14 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
 -- One row: who holds the runner lease, until when (wall clock), and its epoch: every acquire takes
 -- the next, so a runner that lost the lease never matches again, even after re-acquiring.
+-- The quality gate's tallies: per model and metric, named counters and score-histogram bins.
+CREATE TABLE IF NOT EXISTS quality (
+    model TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (model, metric, name)
+);
 CREATE TABLE IF NOT EXISTS runner_lease (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     owner TEXT,
@@ -396,6 +404,23 @@ class SqliteJobStore(JobStore):
             with self._runner_write() as db:
                 db.execute("DELETE FROM jobs WHERE id = ? AND expires_at <= ?", (job_id, now))
         return len(ids)
+
+    def add_quality(self, model, metric, increments):
+        # Not durable: a tally lost in a crash is a few scores; an fsync per request is not worth it.
+        with self._write(durable=False) as db:
+            db.executemany(
+                "INSERT INTO quality (model, metric, name, value) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (model, metric, name) DO UPDATE SET value = value + excluded.value",
+                [(model, metric, name, float(value)) for name, value in increments.items()],
+            )
+
+    def quality_tallies(self):
+        with self._lock:
+            rows = self._db.execute("SELECT model, metric, name, value FROM quality").fetchall()
+        tallies: dict[tuple[str, str], dict[str, float]] = {}
+        for row in rows:
+            tallies.setdefault((row["model"], row["metric"]), {})[row["name"]] = row["value"]
+        return tallies
 
     def ping(self):
         with self._lock:

@@ -153,6 +153,17 @@ class JobStore(ABC):
         None for an unknown id. One atomic step, not two compare-and-sets: a runner moving the
         job between queued and running meanwhile (a claim, a requeue) cannot make it miss both."""
 
+    # The quality gate's tallies (serve_app.services.quality): per model and metric, counters and
+    # a score histogram, each a named number. Not job records: unfenced, never expired.
+
+    @abstractmethod
+    def add_quality(self, model: str, metric: str, increments: dict[str, float]) -> None:
+        """Add each increment to the named number of (`model`, `metric`), atomically."""
+
+    @abstractmethod
+    def quality_tallies(self) -> dict[tuple[str, str], dict[str, float]]:
+        """Every (model, metric) recorded, with its named numbers."""
+
     # What follows is built on the primitives above, so both stores share it.
 
     def retry_or_fail(self, job: Job, reason: str, retry_limit: int, now: float | None = None) -> Job | None:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from deployments.config import CombinedWeights
-from deployments.names import ControlType, Quality, Style, check_lora_name
+from deployments.names import MAX_CANDIDATES, ControlType, Quality, Style, check_lora_name
 from deployments.names import GateMetric as Metric
 from serve_app._deprecated import REMOVAL
 
@@ -129,6 +129,18 @@ class ImageRequest(BaseModel):
     quality_weights: CombinedWeights | None = Field(
         None,
         description="Weights of the combined score ({aesthetic, alignment, laion}, unset ones 0); default from config.",
+    )
+    quality_percentile: float | None = Field(
+        None, ge=0, le=100,
+        description="Instead of quality_threshold: pass an image that scores at least as well as this percent of "
+                    "what the model makes (70: better than 70%, the top 30%), from the model's calibration "
+                    "(GET /v1/admin/quality).",
+    )
+    candidates: int | None = Field(
+        None, ge=1, le=MAX_CANDIDATES,
+        description=f"Best-of-N: generate this many images in one batch, score them all and return the best "
+                    f"num_images (at least num_images, at most {MAX_CANDIDATES} or the config's "
+                    "policy.max_candidates); default: num_images.",
     )
     max_attempts: int | None = Field(None, ge=1, le=5, description="Generation rounds, 1-5; default from config.")
     revise_prompt: bool | None = Field(
@@ -318,6 +330,16 @@ class Attempt(BaseModel):
     )
 
 
+class CandidateInfo(BaseModel):
+    """One image generated for a request, returned or not: what best-of-N chose from."""
+
+    attempt: int = Field(description="The generation round that made it, from 1.")
+    seed: int
+    scores: Scores
+    passed: bool = Field(description="Its quality_metric reached the threshold.")
+    chosen: bool = Field(description="It is one of the returned `images`.")
+
+
 class ImageResponse(BaseModel):
     id: str
     created: int = Field(description="Unix time the request was accepted.")
@@ -339,12 +361,19 @@ class ImageResponse(BaseModel):
     guidance_scale: float
     quality_metric: Metric
     quality_threshold: float
+    quality_percentile: float | None = Field(
+        None, description="The percentile the request asked for; quality_threshold is the score it came to."
+    )
     quality_weights: CombinedWeights | None = Field(
         None, description="The weights the combined score used (null only in job results stored by older versions)."
     )
     passed: bool = Field(description="Every returned image reached the threshold.")
     images: list[GeneratedImage]
     attempts: list[Attempt] = Field(description="Every candidate generated, in order.")
+    candidates: list[CandidateInfo] = Field(
+        default_factory=list,
+        description="Every image generated, in order, with its scores and whether it was chosen (best-of-N).",
+    )
     timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total.")
     warnings: list[str] = Field(default_factory=list)
     loras: list[Lora] = Field(default_factory=list, description="The LoRA adapters applied, with their scales.")

@@ -18,7 +18,7 @@ from serve_app.services.fallback import Fallback, FallbackFailed
 from serve_app.services.graph import Overloaded
 from serve_app.services.health import Diagnostics, Readiness
 from serve_app.services.images import ImageService
-from serve_app.services.metrics import GraphMetrics
+from serve_app.services.metrics import GateMetrics, GraphMetrics
 from serve_app.services.scores import ScoreService
 from serve_app.services.settings import Handles, Settings
 from serve_app.services.videos import VideoService
@@ -44,6 +44,8 @@ class Services:
         `ingress=False` (the JobRunner's) leaves out what serves only the ingress's own requests:
         the remote fallback and the request metrics."""
         images = ImageService(settings, handles)
+        if settings.metrics:  # the gate's metrics count job requests too, so the JobRunner's services have them
+            images.gate_metrics_recorder = GateMetrics()
         fallback = None
         if ingress and settings.fallback.enabled:
             fallback = Fallback(settings.fallback, settings.replicas, images)

@@ -149,6 +149,12 @@ class Fallback:
             what = "loras" if request.loras else "control"
             raise RequestError("fallback", f"a remote endpoint cannot apply {what}; send fallback: false to wait "
                                "for the local model", "false with loras or control")
+        # The remote makes num_images, and the local model's calibration says nothing of its scores.
+        if request.candidates is not None or request.quality_percentile is not None:
+            what = "candidates" if request.candidates is not None else "quality_percentile"
+            raise RequestError("fallback", f"the remote endpoint is not gated by {what} (best-of-N and percentiles "
+                               "are the local models'); send fallback: false", "false with candidates or "
+                               "quality_percentile")
 
     def reason_to_skip_local(self, model: str) -> str | None:
         """'estimated_wait' when the model's estimated wait passes the configured bound."""

@@ -9,9 +9,10 @@ the last round's failing images scored lowest on ("regenerate with feedback"); e
 records the prompt it was made with.
 
 An attempt generates the images still missing: the first generates `num_images`; each later one
-only as many as have not yet reached the threshold, with fresh seeds. Seeds are counted up from the
-request's base seed, so one request with the same seed replays every attempt. The result keeps the
-passing images in the order they were made, then fills up with the best failing ones.
+only as many as have not yet reached the threshold, with fresh seeds. Best-of-N (`candidates`) adds
+its extra images to every round, in the same generator call (one batch). Seeds are counted up from
+the request's base seed, so one request with the same seed replays every attempt. The result keeps
+the best passing images, in the order they were made, then fills up with the best failing ones.
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ class ImagePlan:
     metric: str
     threshold: float
     max_attempts: int
+    # Best-of-N: images generated per round for the `num_images` wanted (None: num_images).
+    candidates: int | None = None
+    percentile: float | None = None  # the request's quality_percentile, which `threshold` came from
     target: PromptForm | None = None  # the model family's prompt form, for the enhancer's LLM
     revise_prompt: bool = False
     loras: tuple[LoraRef, ...] = ()
@@ -129,6 +133,11 @@ class ImagePlan:
     hires: HiresPass | None = None  # a second pass at a larger size
     # SHA-256 of the uploaded init_image and mask ("init_image_sha256", "mask_sha256"), for metadata.
     input_hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def extra_candidates(self) -> int:
+        """Images each round makes beyond those still missing, to choose the best from."""
+        return 0 if self.candidates is None else self.candidates - self.num_images
 
     @property
     def mode(self) -> str:
@@ -157,6 +166,9 @@ class GraphResult:
     candidates: list[Candidate]
     chosen: list[Candidate]
     timings: dict[str, float] = field(default_factory=dict)
+    # What the generator reported it spent generating (its own clock, GPU time on a GPU): the
+    # cost of a gated image, for the quality metrics.
+    device_seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -217,11 +229,14 @@ def weakest_aspects(failing: list[Candidate], metric: str, count: int = 2) -> li
 
 
 def choose(candidates: list[Candidate], count: int, metric: str) -> list[Candidate]:
-    """Passing candidates in generation order, then the best failing ones, `count` in all."""
+    """The best passing candidates (in generation order), then the best failing ones, `count` in all."""
     # `metric` is a flat score (aesthetic, alignment, laion or combined): higher is better in each.
-    passing = [c for c in candidates if c.passed]
-    failing = sorted((c for c in candidates if not c.passed), key=lambda c: c.scores[metric], reverse=True)
-    return (passing + failing)[:count]
+    def best(group: list[Candidate]) -> list[Candidate]:
+        return sorted(group, key=lambda c: c.scores[metric], reverse=True)
+
+    order = {id(c): index for index, c in enumerate(candidates)}
+    passing = sorted(best([c for c in candidates if c.passed])[:count], key=lambda c: order[id(c)])
+    return (passing + best([c for c in candidates if not c.passed]))[:count]
 
 
 async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_s: float = 600.0,
@@ -242,12 +257,14 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
 
     candidates: list[Candidate] = []
     next_seed_offset = 0
+    device_seconds = 0.0
     for attempt in range(1, plan.max_attempts + 1):
         missing = plan.num_images - sum(c.passed for c in candidates)
         if missing <= 0:
             break
-        seeds = [(plan.base_seed + next_seed_offset + i) % (MAX_SEED + 1) for i in range(missing)]
-        next_seed_offset += missing
+        batch = missing + plan.extra_candidates
+        seeds = [(plan.base_seed + next_seed_offset + i) % (MAX_SEED + 1) for i in range(batch)]
+        next_seed_offset += batch
         params = GenerationParams(
             seeds=seeds,
             width=plan.width,
@@ -282,6 +299,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
         for part, seconds in output.timings.items():  # parts of generate: first_pass, hires
             timings[part] = timings.get(part, 0.0) + seconds
         timings["score"] += time.perf_counter() - generated_at
+        device_seconds += output.seconds if output.share_seconds is None else output.share_seconds
         for seed, image, image_scores in zip(output.seeds, output.images, scores):
             passed = bool(image_scores[plan.metric] >= plan.threshold)  # numpy scores give numpy bools
             candidates.append(Candidate(attempt, seed, enhanced.prompt, image, image_scores, passed))
@@ -292,4 +310,5 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
         candidates=candidates,
         chosen=choose(candidates, plan.num_images, plan.metric),
         timings=timings,
+        device_seconds=device_seconds,
     )

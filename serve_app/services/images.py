@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 import time
 import uuid
 
@@ -19,6 +20,7 @@ from deployments.runtime.types import ControlInput, EditInput, EnhancedPrompt, P
 from serve_app.protocol.schemas import (
     DEFAULT_STRENGTH,
     Attempt,
+    CandidateInfo,
     ControlOptions,
     ControlPreviewRequest,
     ControlPreviewResponse,
@@ -36,6 +38,8 @@ from serve_app.protocol.schemas import (
 from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
 from serve_app.services.inputs import decode_image, fit_image, fit_mask, upload_sha256
 from serve_app.services.media import encode_plain_png, encode_png_b64
+from serve_app.services.metrics import GateMetrics
+from serve_app.services.quality import MemoryQualityBook, QualityBook, tally_of
 from serve_app.services.settings import Handles, Settings
 from serve_app.services.validation import (
     ModelSpec,
@@ -45,6 +49,8 @@ from serve_app.services.validation import (
     control_catalogue,
     spec_of,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class ImageService:
@@ -66,6 +72,11 @@ class ImageService:
         self.max_input_pixels = settings.max_input_pixels
         # The model a request gets when it names none: the config's default_model, else the first entry.
         self.default_model = settings.default_model
+        # What the gate has seen (calibration, pass rates): this process's until the ingress or the
+        # JobRunner puts the job store's in its place (serve_app.jobs.quality).
+        self.quality: QualityBook = MemoryQualityBook(settings.calibration)
+        # The gate's Prometheus metrics (services/metrics.py), set by Services.build when metrics are on.
+        self.gate_metrics_recorder: GateMetrics | None = None
 
     def spec_of(self, model: str | None) -> ModelSpec:
         """The spec of the model a request names, the default when it names none (422 otherwise)."""
@@ -100,14 +111,24 @@ class ImageService:
         )
         return edit, hashes
 
-    def plan(self, request: ImageRequest) -> tuple[ImagePlan, ModelSpec, list[str]]:
+    async def calibration_for(self, request: ImageRequest) -> dict[int, float] | None:
+        """The score histogram a `quality_percentile` is read from (None when the request gives none):
+        what `plan` needs, read before it because the job store may be a call away."""
+        if request.quality_percentile is None:
+            return None
+        spec = self.spec_of(request.model)
+        return await self.quality.calibration(spec.id, request.quality_metric or self.policy.metric)
+
+    def plan(self, request: ImageRequest, calibration: dict[int, float] | None = None,
+             ) -> tuple[ImagePlan, ModelSpec, list[str]]:
         """Fill in defaults and check what depends on the model and the config (422 on failure, decided
-        in serve_app.services.validation).
+        in serve_app.services.validation). `calibration`: from `calibration_for`.
 
         `control`, `init_image` and `mask` images are decoded here, so a bad one is refused before
         anything is generated."""
         spec = self.spec_of(request.model)
-        checked = check_image(request, spec, self.policy, self.gate_metrics, self.blocklist, self.loras)
+        checked = check_image(request, spec, self.policy, self.gate_metrics, self.blocklist, self.loras,
+                              calibration)
         warnings = []
         guidance_scale = checked.guidance_scale
         # Diffusers runs classifier-free guidance only above a scale of 1; below, a negative prompt does nothing.
@@ -141,6 +162,8 @@ class ImageService:
             metric=checked.metric,
             threshold=checked.threshold,
             max_attempts=checked.max_attempts,
+            candidates=checked.candidates,
+            percentile=request.quality_percentile,
             target=spec.prompt_form,
             revise_prompt=self.policy.revise_prompt if request.revise_prompt is None else request.revise_prompt,
             loras=checked.loras,
@@ -163,16 +186,30 @@ class ImageService:
     async def run(self, request: ImageRequest, progress: ProgressTarget | None = None,
                   ) -> tuple[ImagePlan, ModelSpec, list[str], GraphResult]:
         """Plan and run the graph; the images stay arrays (text-to-video animates one of them)."""
+        calibration = await self.calibration_for(request)
         # Off the event loop: planning decodes the control image, if any.
-        plan, spec, warnings = await asyncio.to_thread(self.plan, request)
+        plan, spec, warnings = await asyncio.to_thread(self.plan, request, calibration)
         return plan, spec, warnings, await self.run_plan(plan, spec, progress)
 
     async def run_plan(self, plan: ImagePlan, spec: ModelSpec, progress: ProgressTarget | None = None) -> GraphResult:
-        """Run the graph for a plan already made by `plan`."""
-        return await run_image_graph(
+        """Run the graph for a plan already made by `plan`; what the gate did is recorded."""
+        result = await run_image_graph(
             plan, self.enhancer, self.generators[spec.id], self.scorer, timeout_s=self.request_timeout_s,
             progress=progress,
         )
+        self.record_gate(spec.id, plan, result)
+        return result
+
+    def record_gate(self, model: str, plan: ImagePlan, result: GraphResult) -> None:
+        """Tally what the gate did (calibration, pass rates: off the request's path) and count it in metrics."""
+        first = [c for c in result.candidates if c.attempt == 1]
+        accepted = sum(c.passed for c in result.chosen)
+        self.quality.add_later(model, tally_of(
+            plan.metric, len(first), sum(c.passed for c in first), [c.scores for c in result.candidates],
+            accepted, result.device_seconds,
+        ))
+        if self.gate_metrics_recorder is not None:
+            self.gate_metrics_recorder.record(model, plan.metric, result, accepted)
 
     async def generate_images(self, request: ImageRequest | dict, progress: ProgressTarget | None = None,
                               ) -> ImageResponse:
@@ -207,10 +244,12 @@ class ImageService:
             guidance_scale=plan.guidance_scale,
             quality_metric=plan.metric,
             quality_threshold=plan.threshold,
+            quality_percentile=plan.percentile,
             quality_weights=plan.weights,
             passed=result.passed,
             images=images,
             attempts=attempts,
+            candidates=candidates_of(result),
             timings={key: round(value, 4) for key, value in timings.items()},
             warnings=warnings,
             loras=loras_of(plan),
@@ -250,6 +289,15 @@ class ImageService:
 
     def models(self) -> list[dict]:
         return [spec.public() for spec in self.specs.values()]
+
+    async def quality_figures(self) -> dict[str, dict[str, dict]] | None:
+        """The gate's figures per model and metric for GET /v1/models; None when the job store
+        cannot be read now (the catalogue still answers; GET /v1/admin/quality reports the error)."""
+        try:
+            return await self.quality.summary(list(self.specs))
+        except Exception:
+            logger.exception("could not read the quality gate's tallies for GET /v1/models")
+            return None
 
     async def preview_control(self, request: ControlPreviewRequest) -> tuple[ControlPreviewResponse, bytes]:
         """The control map `request` would give the model: computed by the model's own replica
@@ -296,6 +344,13 @@ def attempts_of(result: GraphResult) -> list[Attempt]:
                 thumbnail=None if id(c) in chosen else small_png_data_url(c.image))
         for c in result.candidates
     ]
+
+
+def candidates_of(result: GraphResult) -> list[CandidateInfo]:
+    """Every image generated, with its scores and whether it was returned: what best-of-N chose from."""
+    chosen = {id(candidate) for candidate in result.chosen}
+    return [CandidateInfo(attempt=c.attempt, seed=c.seed, scores=Scores(**c.scores), passed=c.passed,
+                          chosen=id(c) in chosen) for c in result.candidates]
 
 
 def loras_of(plan: ImagePlan) -> list[Lora]:

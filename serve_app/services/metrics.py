@@ -15,6 +15,7 @@ from typing import get_args
 from pydantic import BaseModel
 
 from deployments.families import VIDEO_BUILTIN, get_video_family
+from deployments.names import SCORE_RANGES
 from serve_app.protocol.schemas import (
     ControlPreviewRequest,
     EnhanceRequest,
@@ -168,3 +169,55 @@ class GraphMetrics:
 
     def timeout(self, stage: str) -> None:
         self.timeouts.inc(tags={"stage": stage})
+
+
+# A gate score as a fraction of its metric's range (0 its low end, 1 its high end), so one set of
+# buckets serves every metric; fine near the middle, where CLIP-like scores crowd.
+GATE_SCORE_BUCKETS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0]
+
+
+class GateMetrics:
+    """The quality gate per model and gate metric, wherever images are made (Ingress and JobRunner):
+    first-round pass rate, images generated and accepted, device seconds, the score distribution.
+    Read them as ratios: generated / accepted is attempts per accepted image."""
+
+    def __init__(self):
+        from ray.serve import metrics
+
+        tags = ("model", "metric")
+        self.first_round = metrics.Counter(
+            "genserve_gate_first_round_images_total",
+            description="Images of a request's first round, by whether they passed the gate.",
+            tag_keys=(*tags, "passed"),
+        )
+        self.generated = metrics.Counter(
+            "genserve_gate_generated_images_total", description="Every image generated for a gated request.",
+            tag_keys=tags,
+        )
+        self.accepted = metrics.Counter(
+            "genserve_gate_accepted_images_total", description="Images returned that passed the gate.", tag_keys=tags,
+        )
+        self.device_seconds = metrics.Counter(
+            "genserve_gate_device_seconds_total",
+            description="Seconds the generator spent on gated requests (GPU time on a GPU; a batch shared by images).",
+            tag_keys=tags,
+        )
+        self.scores = metrics.Histogram(
+            "genserve_gate_score_fraction",
+            description="The gate metric's score of every generated image, as a fraction of the metric's range.",
+            boundaries=GATE_SCORE_BUCKETS, tag_keys=tags,
+        )
+
+    def record(self, model: str, metric: str, result, accepted: int) -> None:
+        """`result`: a GraphResult (services/graph.py), its candidates scored on `metric`."""
+        tags = {"model": model, "metric": metric}
+        low, high = SCORE_RANGES[metric]
+        for candidate in result.candidates:
+            if candidate.attempt == 1:
+                self.first_round.inc(tags={**tags, "passed": _flag(candidate.passed)})
+            self.scores.observe((candidate.scores[metric] - low) / (high - low), tags=tags)
+        self.generated.inc(len(result.candidates), tags=tags)
+        if accepted:
+            self.accepted.inc(accepted, tags=tags)
+        if result.device_seconds > 0:
+            self.device_seconds.inc(result.device_seconds, tags=tags)

@@ -28,6 +28,7 @@ from serve_app.config import (
     VideoModelEntry,
 )
 from serve_app.services.local import LocalHandle
+from serve_app.services.quality import Calibration, load_calibration
 from serve_app.services.validation import ModelSpec
 
 
@@ -73,6 +74,8 @@ class Settings:
     limits_storage: str
     jobs: JobsConfig
     job_slots: dict[str, int]
+    # The profile's starting calibration for quality_percentile (policy.calibration, read here once).
+    calibration: Calibration = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: AppArgs) -> Settings:
@@ -96,6 +99,7 @@ class Settings:
             limits_storage=args.limits_storage(),
             jobs=resolved_jobs_config(args),
             job_slots=job_slots(args),
+            calibration=load_calibration(args.policy.calibration),
         )
 
 

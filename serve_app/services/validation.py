@@ -15,6 +15,7 @@ PromptBlocked's 400 for the blocklist) naming the field and what it allows.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from deployments.config import CombinedWeights, ImageModelConfig, VideoModelConfig
@@ -26,6 +27,7 @@ from deployments.scoring.clip_scorer import COMBINABLE, SCORE_RANGES
 from serve_app.config import QualityPolicy, check_threshold
 from serve_app.protocol.errors import PromptBlocked, RequestError, allowed_values
 from serve_app.protocol.schemas import DEFAULT_STRENGTH, ControlOptions, ImageRequest, VideoRequest
+from serve_app.services.quality import MIN_SAMPLES, score_at
 
 
 def _width_bound(name: str):
@@ -171,18 +173,20 @@ class ModelSpec:
             )
         return HiresPass(width=width, height=height, steps=steps, strength=hires.strength)
 
-    def check_budget(self, width: int, height: int, steps: int, images: int, rounds: int) -> None:
-        """422 when the request's work, width x height x steps x images x rounds, is over the budget."""
+    def check_budget(self, width: int, height: int, steps: int, images: int, rounds: int,
+                     field: str = "num_images") -> None:
+        """422 when the request's work, width x height x steps x images x rounds, is over the budget;
+        `images` counts `field` (candidates for best-of-N)."""
         if self.max_pixel_steps is None:
             return
         cost = width * height * steps * images * rounds
         if cost > self.max_pixel_steps:
             raise RequestError(
-                "num_images",
-                f"width x height x num_inference_steps x num_images x max_attempts = {width}x{height}x{steps}x"
+                field,
+                f"width x height x num_inference_steps x {field} x max_attempts = {width}x{height}x{steps}x"
                 f"{images}x{rounds} = {cost} pixel-steps, over {self.id}'s budget of {self.max_pixel_steps} "
                 "(image_models[].max_pixel_steps): ask for fewer images, rounds, steps or pixels",
-                f"width x height x num_inference_steps x num_images x max_attempts <= {self.max_pixel_steps}",
+                f"width x height x num_inference_steps x {field} x max_attempts <= {self.max_pixel_steps}",
             )
 
     def check_control(self, control_type: str, none_field: str = "control", type_field: str = "control.type") -> None:
@@ -219,25 +223,68 @@ class CheckedImage:
     threshold: float
     weights: CombinedWeights
     hires: HiresPass | None
+    candidates: int | None = None
 
 
 def check_image(request: ImageRequest, spec: ModelSpec, policy: QualityPolicy, gate_metrics: tuple[str, ...],
-                blocklist: tuple[str, ...], loras: LoraRegistry) -> CheckedImage:
+                blocklist: tuple[str, ...], loras: LoraRegistry,
+                calibration: Mapping[int, float] | None = None) -> CheckedImage:
     """Every rule of `request` that depends on its model or the config, before any upload is decoded
-    (the uploads' own limits are checked as they decode): the first one broken raises."""
+    (the uploads' own limits are checked as they decode): the first one broken raises.
+    `calibration`: the model's score histogram for the gate metric, when the request gives a
+    quality_percentile (`ImageService.calibration_for`)."""
     spec.check(request)
     check_blocklist(request.prompt, blocklist)
     refs = resolve_loras(request, spec, loras)
     metric, threshold, weights = quality_gate(request.quality_metric, request.quality_threshold,
                                               request.quality_weights, policy, gate_metrics)
+    if request.quality_percentile is not None:
+        threshold = percentile_threshold(request, spec.id, metric, calibration)
+    candidates = check_candidates(request.candidates, request.num_images, policy.max_candidates)
     width, height = request.width or spec.default_width, request.height or spec.default_height
     steps = request.num_inference_steps or spec.default_steps
     rounds = request.max_attempts or policy.max_attempts
-    spec.check_budget(width, height, steps, request.num_images, rounds)
+    if candidates is None:
+        spec.check_budget(width, height, steps, request.num_images, rounds)
+    else:
+        spec.check_budget(width, height, steps, candidates, rounds, field="candidates")
     guidance = spec.default_guidance if request.guidance_scale is None else request.guidance_scale
     return CheckedImage(width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
                         max_attempts=rounds, loras=refs, metric=metric, threshold=threshold, weights=weights,
-                        hires=spec.hires_pass(request))
+                        hires=spec.hires_pass(request), candidates=candidates)
+
+
+def check_candidates(candidates: int | None, num_images: int, limit: int) -> int | None:
+    """Best-of-N: 422 naming `candidates` unless num_images <= N <= policy.max_candidates."""
+    if candidates is None:
+        return None
+    allowed = f"{num_images}-{limit} (num_images to policy.max_candidates)"
+    if candidates < num_images:
+        raise RequestError("candidates", f"must be at least num_images ({num_images}) to choose that many from; "
+                           f"got {candidates}", allowed)
+    if candidates > limit:
+        raise RequestError("candidates", f"at most {limit} images per round on this service "
+                           f"(policy.max_candidates); got {candidates}", allowed)
+    return candidates
+
+
+def percentile_threshold(request: ImageRequest, model: str, metric: str,
+                         calibration: Mapping[int, float] | None) -> float:
+    """The score `request.quality_percentile` percent of `model`'s images stay below; 422 naming
+    the field when it also gives a threshold, or the model has no calibration for the metric."""
+    if request.quality_threshold is not None:
+        raise RequestError("quality_percentile", "give quality_percentile or quality_threshold, not both",
+                           "one of them")
+    threshold = None if calibration is None else score_at(metric, calibration, request.quality_percentile)
+    if threshold is None:
+        seen = 0 if calibration is None else int(sum(calibration.values()))
+        raise RequestError(
+            "quality_percentile",
+            f"{model} has no calibration for {metric!r}: its profile ships none (policy.calibration) and it has "
+            f"scored {seen} images, fewer than the {MIN_SAMPLES} a percentile needs; give quality_threshold",
+            "a model calibrated for the metric (GET /v1/admin/quality)",
+        )
+    return threshold
 
 
 def spec_of(specs: dict[str, ModelSpec], model: str | None, default_model: str) -> ModelSpec:

@@ -46,6 +46,10 @@ def _send_traffic(client: httpx.Client) -> None:
                                                   "quality_threshold": 100, "max_attempts": 2})
     assert regenerated.status_code == 200 and len(regenerated.json()["attempts"]) == 2
     assert client.post("/v1/images", json={"prompt": "a fox", "width": 100}).status_code == 422
+    # Gated by percentile, from the dev profile's calibration of sdxl: up to three rounds.
+    gated = client.post("/v1/images", json={"prompt": "a fox", "model": "sdxl", "quality_percentile": 70,
+                                            "max_attempts": 3})
+    assert gated.status_code == 200 and gated.json()["quality_percentile"] == 70
     video = client.post("/v1/videos", json={"prompt": "a boat", "num_frames": 2, "num_inference_steps": 1})
     assert video.status_code == 200
 
@@ -131,10 +135,12 @@ def test_traffic_shows_up_with_the_right_labels(prometheus):
     assert rejected["data"]["result"] and float(rejected["data"]["result"][0]["value"][1]) >= 1
     passed = prometheus('sum by (passed) (ray_genserve_images_total{model="flux-schnell"})')["data"]["result"]
     assert {series["metric"]["passed"] for series in passed} == {"true", "false"}
-    # Two rounds of traffic, each: three requests in one generation round, one regenerated once.
-    wait_until(lambda: _value(prometheus, "sum(ray_genserve_attempts_per_request_count)") == 8, timeout_s=60,
-               what="all eight image requests exported")
-    mean = _value(prometheus, "sum(ray_genserve_attempts_per_request_sum) / sum(ray_genserve_attempts_per_request_count)")
+    # Two rounds of traffic, each on flux-schnell: three requests in one generation round, one regenerated once.
+    flux = '{model="flux-schnell"}'
+    wait_until(lambda: _value(prometheus, f"sum(ray_genserve_attempts_per_request_count{flux})") == 8, timeout_s=60,
+               what="all eight flux-schnell image requests exported")
+    mean = _value(prometheus, f"sum(ray_genserve_attempts_per_request_sum{flux}) / "
+                              f"sum(ray_genserve_attempts_per_request_count{flux})")
     assert mean == pytest.approx(1.25)
     stages = prometheus("sum by (stage) (ray_genserve_stage_seconds_count)")["data"]["result"]
     assert {series["metric"]["stage"] for series in stages} >= {"enhance", "generate", "score", "encode", "keyframe", "video"}
@@ -152,6 +158,11 @@ def test_raw_exposition_names_types_and_labels(dev_app, prometheus):
         "ray_genserve_alignment_score": ("histogram", {"model"}),
         "ray_genserve_validation_rejections": ("counter", {"route", "field"}),
         "ray_genserve_model_cold_start_seconds": ("gauge", {"model", "deployment"}),
+        "ray_genserve_gate_first_round_images": ("counter", {"model", "metric", "passed"}),
+        "ray_genserve_gate_generated_images": ("counter", {"model", "metric"}),
+        "ray_genserve_gate_accepted_images": ("counter", {"model", "metric"}),
+        "ray_genserve_gate_device_seconds": ("counter", {"model", "metric"}),
+        "ray_genserve_gate_score_fraction": ("histogram", {"model", "metric"}),
     }
     for name, (kind, labels) in expected.items():
         assert name in families, f"{name} missing from the exposition"
@@ -163,3 +174,26 @@ def test_raw_exposition_names_types_and_labels(dev_app, prometheus):
     assert not any("accelerator_memory" in name for name in families)
     buckets = [s.labels["le"] for s in families["ray_genserve_stage_seconds"].samples if s.name.endswith("_bucket")]
     assert "600.0" in buckets and "0.01" in buckets
+
+
+def _first_round(query, model: str) -> dict[tuple[str, str], float]:
+    answer = query(f'sum by (metric, passed) (ray_genserve_gate_first_round_images_total{{model="{model}"}})')
+    return {(s["metric"]["metric"], s["metric"]["passed"]): float(s["value"][1]) for s in answer["data"]["result"]}
+
+
+def test_the_gate_metrics_show_pass_rates_per_model_and_metric(prometheus):
+    # flux-schnell, per traffic round: three requests and the video's keyframe pass on aesthetic at
+    # the dev threshold 0; the regenerated request's first image fails alignment >= 100.
+    wait_until(lambda: _first_round(prometheus, "flux-schnell") == {("aesthetic", "true"): 8, ("alignment", "false"): 2},
+               timeout_s=60, what="the flux-schnell gate counts exported")
+    rate = prometheus('sum(ray_genserve_gate_first_round_images_total{model="flux-schnell", metric="aesthetic", '
+                      'passed="true"}) / sum(ray_genserve_gate_first_round_images_total{model="flux-schnell", '
+                      'metric="aesthetic"})')["data"]["result"]
+    assert float(rate[0]["value"][1]) == 1.0
+    # sdxl's percentile-gated request: one first-round image per traffic round, passed or not.
+    wait_until(lambda: sum(_first_round(prometheus, "sdxl").values()) == 2, timeout_s=60,
+               what="the sdxl gate counts exported")
+    generated = _value(prometheus, 'sum(ray_genserve_gate_generated_images_total{model="sdxl"})')
+    assert 2 <= generated <= 6  # up to three rounds each
+    assert _value(prometheus, 'sum(ray_genserve_gate_device_seconds_total{model="sdxl"})') > 0
+    assert _value(prometheus, 'sum(ray_genserve_gate_score_fraction_count{model="sdxl"})') == generated

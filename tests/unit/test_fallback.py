@@ -105,6 +105,14 @@ def test_requests_with_loras_or_control_cannot_ask_for_fallback(remote):
     assert caught.value.field == "fallback" and "loras" in caught.value.message
 
 
+@pytest.mark.parametrize("field, value", [("candidates", 2), ("quality_percentile", 50)])
+def test_best_of_n_and_percentiles_cannot_ask_for_fallback(remote, field, value):
+    service, _ = services(remote.base_url)
+    with pytest.raises(RequestError) as caught:
+        asyncio.run(service.generate_images(ImageRequest(prompt="a fox", fallback=True, **{field: value})))
+    assert caught.value.field == "fallback" and field in caught.value.message
+
+
 def test_an_idle_model_serves_locally_even_when_fallback_is_allowed(remote):
     service, generator = services(remote.base_url, max_estimated_wait_s=1.0)
     generator.busy = False

@@ -371,3 +371,18 @@ def test_requeues_that_spend_no_attempt_coalesce_into_one_history_entry(store):
     assert [(entry["state"], entry.get("requeues")) for entry in job.history] == [
         (QUEUED, None), (RUNNING, None), (QUEUED, 50), (RUNNING, None), (QUEUED, None), (RUNNING, None), (QUEUED, 3)]
     assert store.claim(["image"]).attempts == 2, "only the real failure counted"
+
+
+def test_quality_tallies_add_up_per_model_and_metric(store):
+    store.add_quality("flux", "aesthetic", {"b5000": 2, "generated": 3, "device_seconds": 0.25})
+    store.add_quality("flux", "aesthetic", {"b5000": 1, "b7000": 1, "device_seconds": 0.5})
+    store.add_quality("sdxl", "alignment", {"accepted": 1})
+    assert store.quality_tallies() == {
+        ("flux", "aesthetic"): {"b5000": 3.0, "b7000": 1.0, "generated": 3.0, "device_seconds": 0.75},
+        ("sdxl", "alignment"): {"accepted": 1.0},
+    }
+
+
+def test_quality_tallies_survive_reopening(backend):
+    backend.open().add_quality("flux", "aesthetic", {"accepted": 2})
+    assert backend.open().quality_tallies() == {("flux", "aesthetic"): {"accepted": 2.0}}

@@ -1,4 +1,5 @@
-"""/v1/admin: every key's usage (the `admin` scope; the Guard enforces it for the whole prefix)."""
+"""/v1/admin: every key's usage and the quality gate's figures (the `admin` scope; the Guard enforces
+it for the whole prefix)."""
 
 import asyncio
 
@@ -7,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from serve_app.api.deps import services
 from serve_app.security.guard import request_auth
 from serve_app.services.facade import Services
+from serve_app.services.quality import MIN_SAMPLES, MemoryQualityBook
 
 router = APIRouter(tags=["admin"])
 
@@ -32,3 +34,19 @@ async def get_usage(request: Request, service: Services = Depends(services)) -> 
             "expires_at": entry.expires_at, "revoked": entry.revoked, "usage": usage,
         })
     return {"keys": keys}
+
+
+@router.get("/v1/admin/quality")
+async def get_quality(service: Services = Depends(services)) -> dict:
+    """The quality gate per model and gate metric, from every request the service has scored (the
+    job store's tallies; one replica's without jobs): first-round pass rate, images generated per
+    accepted image, device seconds per accepted image, and the scores at a few percentiles (the
+    profile's starting calibration included), which is what a `quality_percentile` is read from."""
+    images = service.images
+    return {
+        "models": await images.quality.summary(list(images.specs)),
+        "policy": {"metric": images.policy.metric, "threshold": images.policy.threshold,
+                   "max_attempts": images.policy.max_attempts},
+        "min_calibration_images": MIN_SAMPLES,
+        "shared": not isinstance(images.quality, MemoryQualityBook),
+    }

@@ -21,11 +21,14 @@ async def _info(handle) -> dict:
 
 @router.get("/v1/models", responses=errors(*OVERLOAD, 504))
 async def get_models(service: Services = Depends(services)) -> dict:
-    """Each model's limits and defaults, with where its replica loaded it from and on what; `data`
-    lists the image models in OpenAI's shape (`client.models.list()`)."""
+    """Each model's limits and defaults, with where its replica loaded it from and on what, and its
+    quality gate's figures by metric (as GET /v1/admin/quality; null when they cannot be read now);
+    `data` lists the image models in OpenAI's shape (`client.models.list()`)."""
     images = service.images
     infos = await asyncio.gather(*(_info(images.generators[spec["id"]]) for spec in images.models()))
-    models = [{**spec, "deployment": info} for spec, info in zip(images.models(), infos)]
+    quality = await images.quality_figures()
+    models = [{**spec, "deployment": info, "quality": quality.get(spec["id"], {}) if quality is not None else None}
+              for spec, info in zip(images.models(), infos)]
     videos, default_video = [], None
     if service.videos is not None:
         specs = list(service.videos.specs.values())
