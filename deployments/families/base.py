@@ -92,6 +92,9 @@ class ImageCapabilities:
 def derived_pipeline(class_name: str, base, **components):
     """A diffusers pipeline of `class_name` over `base`'s own modules (`from_pipe`: no weights are
     copied or loaded), with `components` added or replaced."""
+    derive = getattr(base, "derive", None)  # a simulated pipeline derives its own (deployments.runtime.sim)
+    if derive is not None:
+        return derive(class_name)
     import diffusers
 
     pipeline = getattr(diffusers, class_name).from_pipe(base, **components)
@@ -398,6 +401,15 @@ class ImageFamily:
             placement.device
         )
 
+    def load_simulated(self, config: "ImageModelConfig", placement: "Placement"):
+        """The pipeline-like stand-in of a simulated device: the published architecture of `source`,
+        modelled (deployments.runtime.sim). ControlNets are not modelled."""
+        from deployments.runtime.sim.pipeline import load_simulated
+
+        if self.control_types(self.options_of(config)):
+            raise ValueError(f"options: {config.id} names ControlNets, which a simulated device does not model")
+        return load_simulated(self, config, placement)
+
     def load(self, config: "ImageModelConfig", placement: "Placement") -> LoadedImageModel:
         """The pipeline on its device, with the entry's VAE settings and acceleration tier applied to
         the modules that every pipeline built from it shares (ControlNet, image-to-image and
@@ -405,6 +417,8 @@ class ImageFamily:
         from deployments.runtime.acceleration import accelerate, check_hardware
 
         check_hardware(config.acceleration, placement)  # before the weights load: fail fast
+        if placement.simulated is not None:
+            return self.loaded_class(self, config, placement, self.load_simulated(config, placement))
         pipeline = self.load_pipeline(config, placement)
         vae = getattr(pipeline, "vae", None)
         if vae is not None and config.vae.slicing and hasattr(vae, "enable_slicing"):

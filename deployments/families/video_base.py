@@ -191,6 +191,9 @@ class VideoFamily:
             self.options_of(config)
         except ValueError as error:
             raise ValueError(f"options for video family {self.name!r}: {error}") from None
+        if config.device.simulated is not None:
+            raise ValueError(f"device: {config.device.device!r}: video models are not simulated yet (docs/simulator.md); "
+                             "use 'cpu' or 'cuda'")
         for name, value in zip(("default_width", "default_height"), self.size_default(config)):
             if not self.size.allows(value):
                 raise ValueError(f"{name} ({value}) breaks the {self.name} family's size rule: {self.size.describe()}")
