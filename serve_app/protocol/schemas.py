@@ -357,6 +357,11 @@ class ImageResponse(BaseModel):
         "local", description="Who generated the images: this service's model, or the configured remote endpoint "
                              "(a `fallback` request at a peak; `model` then names the remote model)."
     )
+    simulated: str | None = Field(
+        None, description="The simulated device profile (e.g. 'h200') when the model runs on a simulated "
+                          "accelerator: the images are placeholders and the timings modelled, never a GPU's; "
+                          "null on a real device. The PNGs' `genserve` metadata says the same.",
+    )
 
 
 class EnhanceRequest(BaseModel):
