@@ -87,7 +87,9 @@ def test_a_simulated_generator_takes_its_modelled_time_without_the_cpu_and_marks
     again = asyncio.run(generator.generate(GenerationParams(seeds=[3], width=512, height=512, num_inference_steps=4),
                                            PROMPT))
     assert np.array_equal(again.images[0], output.images[0]) and not np.array_equal(output.images[0], output.images[1])
-    assert generator.info()["device"] == "sim:h200"
+    info = generator.info()
+    assert info["device"] == "sim:h200" and info["simulation"]["tier"] == "compiled"
+    assert 30 < info["simulation"]["weights_gb"] < info["simulation"]["gpu_used_gb"] < 141
 
 
 def test_each_step_reports_and_a_stop_ends_the_call_at_the_step():

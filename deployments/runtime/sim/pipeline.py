@@ -46,9 +46,16 @@ class SimulatedPipeline:
     ledger: memory.Ledger
     owner: str
     class_name: str
+    quantization: str = "none"
 
     def set_progress_bar_config(self, **_) -> None:
         """Nothing to show: the same switch as a diffusers pipeline's."""
+
+    def describe(self) -> dict:
+        """What the replica's info shows: the modelled card, tier and architecture, and its GPU's memory."""
+        return {"profile": self.card.key, "card": self.card.name, "tier": self.tier, "architecture": self.arch,
+                "weights_gb": round(memory.weight_bytes(self.arch, self.dtype, self.quantization) / 1e9, 2),
+                "gpu_used_gb": round(self.ledger.used() / 1e9, 2), "gpu_capacity_gb": self.card.memory_gb}
 
     def derive(self, class_name: str) -> "SimulatedPipeline":
         """The image-to-image or inpainting pipeline over the same simulated model."""
@@ -89,4 +96,4 @@ def load_simulated(family, config, placement) -> SimulatedPipeline:
     return SimulatedPipeline(
         arch=arch, card=card, tier=timing.tier_of(config.acceleration), dtype=placement.dtype_name,
         classifier_free_guidance=family.negative_prompt, vae_slicing=config.vae.slicing, ledger=ledger,
-        owner=config.id, class_name=family.pipeline_class)
+        owner=config.id, class_name=family.pipeline_class, quantization=quantization)
