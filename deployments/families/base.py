@@ -330,6 +330,10 @@ class ImageFamily:
         except ValueError as error:  # pydantic's ValidationError, naming the option
             raise ValueError(f"options for family {self.name!r}: {error}") from None
         self._check_limits(config)
+        if config.device.simulated is not None:  # a simulated device models a published architecture
+            from deployments.runtime.sim.flops import architecture_for
+
+            architecture_for(config.source)
         unsupported = self.acceleration.unsupported(config.acceleration)
         if unsupported:
             raise ValueError(f"acceleration: {unsupported}")

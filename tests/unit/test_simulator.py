@@ -203,3 +203,31 @@ def test_the_calibration_table_in_the_docs_is_the_one_the_data_makes():
     from deployments.runtime.sim import table
 
     assert table.table() in table.DOC.read_text(), "stale: run python -m deployments.runtime.sim.table --write"
+
+
+def test_a_simulated_video_model_animates_through_the_real_video_generator():
+    from deployments.config import VideoModelConfig
+    from deployments.runtime.types import VideoParams
+    from deployments.video_generator import VideoGenerator
+
+    config = VideoModelConfig(id="svd-xt", family="svd", source="stabilityai/stable-video-diffusion-img2vid-xt",
+                              device={"device": "sim:h200"}, default_width=512, default_height=512,
+                              default_num_frames=14, warmup={"default_shape": False})
+    generator = VideoGenerator.func_or_class(config, metrics=False)
+    params = VideoParams(seed=5, width=512, height=512, num_frames=14, fps=7, num_inference_steps=2,
+                         output_format="mp4")
+    modelled = timing.video_call("svd-xt", 512, 512, 14, 2, True, profile("h200"), "eager").total_s
+    started = time.perf_counter()
+    output = asyncio.run(generator.animate(params, np.full((512, 512, 3), 128, np.uint8)))
+    assert time.perf_counter() - started >= modelled
+    assert output.device == "sim:h200" and output.source_frames == 14 and output.content_type == "video/mp4"
+    assert generator.info()["model_num_frames"] == 25 and generator.info()["simulation"]["architecture"] == "svd-xt"
+
+
+def test_a_video_family_without_a_published_architecture_is_refused_when_the_config_loads():
+    from deployments.config import VideoModelConfig
+    from deployments.families import get_video_family
+
+    config = VideoModelConfig(id="ltx-video", family="ltx", source="Lightricks/LTX-Video", device={"device": "sim:h200"})
+    with pytest.raises(ValueError, match="stabilityai/stable-video-diffusion-img2vid-xt"):
+        get_video_family("ltx").check_entry(config)

@@ -130,7 +130,8 @@ def _module(arch: str, component: str):
         else:  # text encoders, the scorer's CLIP and the LLM are transformers models
             cls = getattr(transformers, spec["class"])
             module = cls(cls.config_class(**config))
-    return module.to(torch.bfloat16).eval()
+    # Some constructors make a parameter on the CPU whatever the default device (torch.Tensor([...])): move all.
+    return module.to(device="meta", dtype=torch.bfloat16).eval()
 
 
 def _parameters(arch: str, component: str) -> list[int]:
@@ -152,8 +153,9 @@ def _count(arch: str, component: str, shape: dict) -> float:
     return float(counter.get_total_flops())
 
 
-def _inputs(cls: str, module, width: int = 0, height: int = 0, tokens: int = 0, part: str = ""):
-    """A call of `module` on meta tensors: one image of `width` x `height`, or `tokens` tokens."""
+def _inputs(cls: str, module, width: int = 0, height: int = 0, tokens: int = 0, part: str = "", frames: int = 0):
+    """A call of `module` on meta tensors: one image (or video of `frames` frames) of `width` x
+    `height`, or `tokens` tokens."""
     import torch
 
     bf16 = torch.bfloat16
@@ -174,6 +176,19 @@ def _inputs(cls: str, module, width: int = 0, height: int = 0, tokens: int = 0, 
             encoder_hidden_states=torch.empty(1, CLIP_TOKENS, config.cross_attention_dim, dtype=bf16),
             added_cond_kwargs={"text_embeds": torch.empty(1, 1280, dtype=bf16), "time_ids": torch.empty(1, 6, dtype=bf16)},
             return_dict=False)
+    if cls == "UNetSpatioTemporalConditionModel":
+        config = module.config
+        return lambda: module(
+            torch.empty(1, frames, config.in_channels, height // 8, width // 8, dtype=bf16), torch.empty(1),
+            encoder_hidden_states=torch.empty(1, 1, config.cross_attention_dim, dtype=bf16),
+            added_time_ids=torch.empty(1, 3, dtype=bf16), return_dict=False)
+    if cls == "AutoencoderKLTemporalDecoder":
+        channels = module.config.latent_channels
+        return lambda: module.decode(torch.empty(frames, channels, height // 8, width // 8, dtype=bf16),
+                                     num_frames=frames, return_dict=False)
+    if cls == "CLIPVisionModelWithProjection":
+        size = module.config.image_size
+        return lambda: module(pixel_values=torch.empty(1, 3, size, size, dtype=bf16))
     if cls == "AutoencoderKL":
         channels = module.config.latent_channels
         return lambda: module.decode(torch.empty(1, channels, height // 8, width // 8, dtype=bf16), return_dict=False)
@@ -200,26 +215,36 @@ def default_counts() -> dict[str, list[dict]]:
             extra = {"tokens": tokens} if denoiser == "transformer" else {}
             shapes += [(denoiser, {"width": width, "height": height, **extra}), ("vae", {"width": width, "height": height})]
         counts[arch] = shapes
+    video = [(1024, 576, 25), (1024, 576, 14), (512, 512, 14)]
+    counts["svd-xt"] = [("image_encoder", {})] + [
+        (component, {"width": width, "height": height, "frames": frames})
+        for width, height, frames in video for component in ("unet", "vae")]
     counts["clip-vit-large-patch14"] = [("model", {"part": "vision"}), ("model", {"tokens": CLIP_TOKENS})]
     counts["qwen2.5-1.5b-instruct"] = [("model", {"tokens": 1}), ("model", {"tokens": 256})]
     return counts
 
 
-def regenerate() -> dict:
-    """Count every default shape and every component's parameters afresh (the shipped table)."""
-    table: dict = {}
+def regenerate(only: list[str] | None = None) -> dict:
+    """Count every default shape and every component's parameters afresh (the shipped table), of
+    every architecture or of `only` those (the others kept as shipped)."""
+    table: dict = {} if not only else _read(SHIPPED)
     for arch, shapes in default_counts().items():
-        entry = table.setdefault(arch, {"flops": {}, "parameters": {}})
+        if only and arch not in only:
+            continue
+        entry = table[arch] = {"flops": {}, "parameters": {}}
         for component in components(arch):
             entry["parameters"][component] = _parameters(arch, component)
         for component, shape in shapes:
-            entry["flops"][shape_key(component, **shape)] = _count(arch, component, shape)
-            print(f"{arch} {shape_key(component, **shape)}: {entry['flops'][shape_key(component, **shape)] / 1e12:.3f} TFLOP",
-                  flush=True)
+            key = shape_key(component, **shape)
+            entry["flops"][key] = _count(arch, component, shape)
+            print(f"{arch} {key}: {entry['flops'][key] / 1e12:.3f} TFLOP", flush=True)
         _module.cache_clear()  # meta modules hold no memory, but their Python objects do
     return table
 
 
 if __name__ == "__main__":
-    _write(SHIPPED, regenerate())
+    # python -m deployments.runtime.sim.flops [ARCHITECTURE ...]: all, or only those named.
+    import sys
+
+    _write(SHIPPED, regenerate(sys.argv[1:]))
     print(f"wrote {SHIPPED}")

@@ -70,6 +70,18 @@ def image_activation_bytes(arch: str, width: int, height: int, images: int, cfg:
     return max(denoiser, vae)
 
 
+def video_activation_bytes(arch: str, width: int, height: int, frames: int, cfg: bool, dtype: str,
+                           decode_chunk: int) -> int:
+    """The activation peak of one video pipeline call: the UNet's over every frame (as an image
+    UNet's, the frames its batch), the VAE's over `decode_chunk` frames at a time."""
+    spec = counted.architecture(arch)
+    size = DTYPE_BYTES[dtype]
+    latent = (width // 8) * (height // 8)
+    denoiser = TRANSFORMER_WIDTHS_ALIVE * frames * (2 if cfg else 1) * latent * spec["unet"]["config"]["block_out_channels"][0] * size
+    vae = VAE_MAPS_ALIVE * min(decode_chunk, frames) * width * height * spec["vae"]["config"]["block_out_channels"][0] * size
+    return max(denoiser, vae)
+
+
 def model_activation_bytes(arch: str, tokens: int, batch: int, dtype: str) -> int:
     """The activation peak of a one-model call (the scorer, the LLM): as a transformer denoiser's."""
     config = counted.architecture(arch)["model"]["config"]

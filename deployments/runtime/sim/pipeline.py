@@ -84,16 +84,80 @@ class SimulatedPipeline:
         return SimpleNamespace(images=np.stack([seed_picture(one.initial_seed(), width, height) for one in generator]))
 
 
-def load_simulated(family, config, placement) -> SimulatedPipeline:
-    """The simulated pipeline of an image entry: its architecture from `config.source`, its weights
-    (and this process's CUDA context) held in the GPU's ledger, so a model that cannot fit fails here."""
-    arch = counted.architecture_for(config.source)
+def _held(arch: str, config, placement, quantization: str = "none") -> memory.Ledger:
+    """The GPU's ledger, holding this entry's weights and this process's CUDA context: a model that
+    cannot fit fails here, at load, as on a real card."""
     card = profile(placement.simulated)
-    quantization = config.acceleration.quantization
     ledger = memory.Ledger(memory.gpu_key(card.key), card.memory_bytes, card.key)
     ledger.reserve("cuda-context", memory.CUDA_CONTEXT_BYTES)
     ledger.reserve(f"{config.id}:weights", memory.weight_bytes(arch, placement.dtype_name, quantization))
+    return ledger
+
+
+def load_simulated(family, config, placement) -> SimulatedPipeline:
+    """The simulated pipeline of an image entry: its architecture from `config.source`."""
+    arch = counted.architecture_for(config.source)
+    card = profile(placement.simulated)
+    quantization = config.acceleration.quantization
+    ledger = _held(arch, config, placement, quantization)
     return SimulatedPipeline(
         arch=arch, card=card, tier=timing.tier_of(config.acceleration), dtype=placement.dtype_name,
         classifier_free_guidance=family.negative_prompt, vae_slicing=config.vae.slicing, ledger=ledger,
         owner=config.id, class_name=family.pipeline_class, quantization=quantization)
+
+
+@dataclass
+class SimulatedVideoPipeline:
+    """A diffusers image-to-video pipeline's call (Stable Video Diffusion's arguments), modelled on
+    `card`: the conditioning image's encoder, each step over every frame, the VAE over every frame."""
+
+    arch: str
+    card: Profile
+    tier: str
+    dtype: str
+    ledger: memory.Ledger
+    owner: str
+
+    @property
+    def unet(self) -> SimpleNamespace:
+        """The denoiser's published config, where a diffusers pipeline exposes it."""
+        return SimpleNamespace(config=SimpleNamespace(**counted.architecture(self.arch)["unet"]["config"]))
+
+    def set_progress_bar_config(self, **_) -> None:
+        """Nothing to show: the same switch as a diffusers pipeline's."""
+
+    def describe(self) -> dict:
+        return {"profile": self.card.key, "card": self.card.name, "tier": self.tier, "architecture": self.arch,
+                "weights_gb": round(memory.weight_bytes(self.arch, self.dtype) / 1e9, 2),
+                "gpu_used_gb": round(self.ledger.used() / 1e9, 2), "gpu_capacity_gb": self.card.memory_gb}
+
+    def __call__(self, *, width: int, height: int, num_frames: int, num_inference_steps: int, generator,
+                 callback_on_step_end=None, decode_chunk_size: int | None = None, max_guidance_scale: float | None = None,
+                 **_) -> SimpleNamespace:
+        guidance = counted.architecture(self.arch)["guidance_scale"] if max_guidance_scale is None else max_guidance_scale
+        cfg = guidance > 1  # diffusers' SVD guides when its max_guidance_scale is above 1
+        call = timing.video_call(self.arch, width, height, num_frames, num_inference_steps, cfg, self.card, self.tier)
+        self.ledger.reserve(f"{self.owner}:call", memory.video_activation_bytes(
+            self.arch, width, height, num_frames, cfg, self.dtype, decode_chunk_size or num_frames))
+        try:
+            time.sleep(call.fixed_s + call.encode_s)
+            for step in range(num_inference_steps):
+                time.sleep(call.step_s)
+                if callback_on_step_end is not None:
+                    callback_on_step_end(self, step, step, {})
+            time.sleep(call.decode_s)
+        finally:
+            self.ledger.release(f"{self.owner}:call")
+        picture = seed_picture(generator.initial_seed(), width, height)
+        # Each frame the picture moved a little, so a player shows motion.
+        frames = np.stack([np.roll(picture, frame * max(1, width // 64), axis=1) for frame in range(num_frames)])
+        return SimpleNamespace(frames=[frames])
+
+
+def load_simulated_video(config, placement) -> SimulatedVideoPipeline:
+    """The simulated pipeline of a video entry: its architecture from `config.source`."""
+    arch = counted.architecture_for(config.source)
+    if "image_encoder" not in counted.architecture(arch):
+        raise ValueError(f"source: {config.source!r} is not an image-to-video architecture a simulated device models")
+    return SimulatedVideoPipeline(arch=arch, card=profile(placement.simulated), tier="eager", dtype=placement.dtype_name,
+                                  ledger=_held(arch, config, placement), owner=config.id)

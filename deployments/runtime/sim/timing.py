@@ -94,14 +94,28 @@ def _stream_s(arch: str, component: str, card: Profile, fp8: bool) -> float:
 
 def image_call(shape: ImageShape, card: Profile, tier: str, efficiency: dict[str, float] | None = None) -> ImageCall:
     """The simulated time of one pipeline call of `shape` on `card` in `tier`."""
-    efficiency = efficiency or efficiencies()
-    phases = image_flops(shape)
+    return _call(shape.arch, image_flops(shape), shape.steps, card, tier, efficiency or efficiencies())
+
+
+def video_call(arch: str, width: int, height: int, frames: int, steps: int, cfg: bool, card: Profile,
+               tier: str) -> ImageCall:
+    """The simulated time of one video pipeline call: the conditioning image's encoder once, the
+    denoiser over every frame at each step (twice under classifier-free guidance), the VAE over
+    every frame."""
+    size = {"width": width, "height": height, "frames": frames}
+    phases = {"encode": counted.flops(arch, "image_encoder"),
+              "step": counted.flops(arch, "unet", **size) * (2 if cfg else 1),
+              "decode": counted.flops(arch, "vae", **size)}
+    return _call(arch, phases, steps, card, tier, efficiencies())
+
+
+def _call(arch: str, phases: dict[str, float], steps: int, card: Profile, tier: str,
+          efficiency: dict[str, float]) -> ImageCall:
     fp8 = tier == "compiled+fp8"
-    spec = counted.architecture(shape.arch)
-    denoiser = next(name for name in counted.DENOISERS if name in spec)
-    step_s = max(_seconds(phases["step"], card, efficiency[tier], fp8), _stream_s(shape.arch, denoiser, card, fp8))
+    denoiser = next(name for name in counted.DENOISERS if name in counted.architecture(arch))
+    step_s = max(_seconds(phases["step"], card, efficiency[tier], fp8), _stream_s(arch, denoiser, card, fp8))
     return ImageCall(fixed_s=calibration()["fixed_call_s"], encode_s=_seconds(phases["encode"], card, efficiency["eager"]),
-                     step_s=step_s, steps=shape.steps, decode_s=_seconds(phases["decode"], card, efficiency["eager"]))
+                     step_s=step_s, steps=steps, decode_s=_seconds(phases["decode"], card, efficiency["eager"]))
 
 
 def point_shape(point: dict) -> ImageShape:
