@@ -231,3 +231,14 @@ def test_a_video_family_without_a_published_architecture_is_refused_when_the_con
     config = VideoModelConfig(id="ltx-video", family="ltx", source="Lightricks/LTX-Video", device={"device": "sim:h200"})
     with pytest.raises(ValueError, match="stabilityai/stable-video-diffusion-img2vid-xt"):
         get_video_family("ltx").check_entry(config)
+
+
+def test_the_docs_example_entry_is_a_valid_simulated_model():
+    from deployments.families import get_family
+    from deployments.runtime.sim import table
+
+    text = table.DOC.read_text()
+    block = text[text.index("```yaml\n") + len("```yaml\n"):text.index("```", text.index("```yaml\n") + 7)]
+    entry = ImageModelConfig(**yaml.safe_load(block)["image_models"][0])
+    get_family(entry.family).check_entry(entry)
+    assert entry.device.simulated == "h200" and timing.tier_of(entry.acceleration) == "compiled+fp8"
