@@ -22,6 +22,7 @@ class Profile:
     memory_bandwidth_gbs: float
     host_to_device_gbs: float
     sources: dict
+    device_names: tuple[str, ...] = ()
 
     @property
     def memory_bytes(self) -> int:
@@ -37,7 +38,8 @@ def profiles() -> dict[str, Profile]:
     import yaml
 
     data = yaml.safe_load(PROFILES_FILE.read_text())
-    return {key: Profile(key=key, **entry) for key, entry in data.items()}
+    return {key: Profile(key=key, **{**entry, "device_names": tuple(entry.get("device_names", ()))})
+            for key, entry in data.items()}
 
 
 def profile(key: str) -> Profile:
@@ -46,6 +48,11 @@ def profile(key: str) -> Profile:
     if key not in known:
         raise ValueError(f"unknown simulated device profile {key!r}; known: {', '.join(known)}")
     return known[key]
+
+
+def profile_of_device(name: str) -> Profile | None:
+    """The profile of a real card, by the name torch.cuda.get_device_name() reports; None if none is."""
+    return next((card for card in profiles().values() if name in card.device_names), None)
 
 
 def simulated_profile(device: str) -> str | None:

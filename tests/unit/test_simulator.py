@@ -242,3 +242,16 @@ def test_the_docs_example_entry_is_a_valid_simulated_model():
     entry = ImageModelConfig(**yaml.safe_load(block)["image_models"][0])
     get_family(entry.family).check_entry(entry)
     assert entry.device.simulated == "h200" and timing.tier_of(entry.acceleration) == "compiled+fp8"
+
+
+def test_bench_gpu_puts_the_simulated_time_beside_the_measured_one_on_a_profiled_card():
+    from deployments.sim_profiles import profile_of_device
+    from serve_app.bench.gpu import Case, format_gpu_table, simulated_s
+
+    card = profile_of_device("NVIDIA H100 80GB HBM3")
+    assert card.key == "h100-sxm" and profile_of_device("NVIDIA B200") is None
+    measured = Case("flux-schnell", "compiled", batch=1, steps=4, first_s=60.0, p50_s=0.5)
+    table = format_gpu_table("cuda", [measured], card=card)
+    expected = timing.image_call(timing.ImageShape("flux-schnell", 1024, 1024, 4), card, "compiled").total_s
+    assert simulated_s(measured, card) == expected and f"{expected:.3f}" in table.splitlines()[-1]
+    assert "simulated h100-sxm" in table
