@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -365,7 +365,10 @@ class ImageFamily:
     def capabilities_of(self, config: "ImageModelConfig") -> ImageCapabilities:
         """What a model of this entry can do: the family's pipelines, narrowed by the entry's options
         (its ControlNets) and acceleration tier."""
-        return self._capabilities(self.options_of(config), config.acceleration.fuse_qkv)
+        capabilities = self._capabilities(self.options_of(config), config.acceleration.fuse_qkv)
+        if config.device.simulated is not None:  # a simulated device does not model adapters: 422, not a 500
+            capabilities = replace(capabilities, loras=False)
+        return capabilities
 
     def capabilities(self, options: BaseModel) -> dict:
         """Deprecated (goes after 2027-03-01): `capabilities_of(entry).public()`. Options alone do not

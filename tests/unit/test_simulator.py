@@ -255,3 +255,10 @@ def test_bench_gpu_puts_the_simulated_time_beside_the_measured_one_on_a_profiled
     expected = timing.image_call(timing.ImageShape("flux-schnell", 1024, 1024, 4), card, "compiled").total_s
     assert simulated_s(measured, card) == expected and f"{expected:.3f}" in table.splitlines()[-1]
     assert "simulated h100-sxm" in table
+
+
+def test_a_simulated_model_offers_no_loras_so_a_request_naming_one_gets_a_422():
+    from deployments.families import get_family
+
+    assert not get_family("flux").capabilities_of(flux()).loras
+    assert get_family("flux").capabilities_of(flux(device="cpu", source="tiny")).loras
