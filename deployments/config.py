@@ -66,11 +66,15 @@ ModelSource = Annotated[str, AfterValidator(validate_source)]
 class DeviceOptions(_Strict):
     """Where a model runs and in which precision."""
 
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="'auto' picks CUDA only when torch sees a CUDA device, else CPU."
+    device: str = Field(
+        "auto",
+        description="'auto' picks CUDA only when torch sees a CUDA device, else CPU; 'cpu'; 'cuda'; or "
+                    "'sim:<profile>', a simulated accelerator (docs/simulator.md; profiles: "
+                    "deployments/sim_profiles.yaml) that takes the modelled time and memory of the "
+                    "published architecture named by `source` and returns placeholder images marked simulated.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto' is bfloat16 on CUDA and float32 on CPU."
+        "auto", description="'auto' is bfloat16 on CUDA and on a simulated device, float32 on CPU."
     )
     torch_threads: int | None = Field(
         None,
@@ -93,6 +97,25 @@ class DeviceOptions(_Strict):
         ),
     )
 
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        from deployments.sim_profiles import profile, simulated_profile
+
+        key = simulated_profile(value)
+        if key is not None:
+            profile(key)  # ValueError naming the known profiles
+        elif value not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'sim:<profile>'; got {value!r}")
+        return value
+
+    @property
+    def simulated(self) -> str | None:
+        """The profile of a `sim:<profile>` device; None on a real one."""
+        from deployments.sim_profiles import simulated_profile
+
+        return simulated_profile(self.device)
 
 class TextPair(_Strict):
     """A 'good' and a 'bad' description of one aspect of an image; CLIP picks which fits better."""

@@ -78,7 +78,13 @@ class GeneratorBase:
             "warmup_shapes": self._warmed_up,
             "cold_start": self._cold_start,
             **self._model.info(),
+            **self._simulation(),
         }
+
+    def _simulation(self) -> dict:
+        """On a simulated device: the card, tier, architecture and memory plan it models."""
+        describe = getattr(self._model.pipeline, "describe", None)
+        return {} if describe is None else {"simulation": describe()}
 
     def check_health(self) -> None:
         """Serve's health check: the device answers; the gauges set once are recorded again (Ray

@@ -42,16 +42,19 @@ class ResolvedRepo:
 
 def weight_sources(args: AppArgs) -> list[tuple[WeightSource, bool]]:
     """Every (weights, optional) the config names, hub ids, folders and 'tiny' alike."""
+    # A model on a simulated device loads no weights (docs/simulator.md): nothing to fetch for it.
     found: list[tuple[WeightSource, bool]] = []
     for entry in args.image_models:
-        found += [(source, not entry.enabled) for source in entry.model_family.weight_sources(entry)]
+        if entry.device.simulated is None:
+            found += [(source, not entry.enabled) for source in entry.model_family.weight_sources(entry)]
     scorer = args.scorer
-    found.append((WeightSource("CLIP scorer", scorer.source, "transformers"), False))
-    if scorer.laion.enabled:
-        found.append((WeightSource("LAION aesthetic head", scorer.laion_source, "file",
-                                   filename=scorer.laion.filename), False))
+    if scorer.device.simulated is None:
+        found.append((WeightSource("CLIP scorer", scorer.source, "transformers"), False))
+        if scorer.laion.enabled:
+            found.append((WeightSource("LAION aesthetic head", scorer.laion_source, "file",
+                                       filename=scorer.laion.filename), False))
     llm = args.enhancer.llm
-    if args.enhancer.mode == "llm" and llm.backend == "transformers":
+    if args.enhancer.mode == "llm" and llm.backend == "transformers" and llm.device.simulated is None:
         found.append((WeightSource("prompt enhancer LLM", llm.source, "transformers"), False))
     found += [(WeightSource(f"LoRA {lora.name}", lora.repo, "file", filename=lora.weight_name), False)
               for lora in args.loras.hub]

@@ -21,6 +21,8 @@ from deployments.runtime.types import PromptForm
 from deployments.secrets import read_secret
 
 logger = logging.getLogger("ray.serve")
+# A prompt's tokens, roughly, for a simulated LLM's prefill: English runs about 4 characters a token.
+CHARS_PER_TOKEN = 4
 
 # The prompt form of a family that declares none: plain, concrete, no model-specific syntax.
 NEUTRAL_FORM = PromptForm(
@@ -65,6 +67,8 @@ def revise_messages(idea: str, previous: str, weak: list[str], form: PromptForm 
 
 
 def build_llm(config: LlmConfig, placement: Placement | None):
+    if config.backend == "transformers" and placement is not None and placement.simulated is not None:
+        return SimulatedLlm(config, placement)
     if config.backend == "transformers":
         return TransformersLlm(config, placement)
     if config.backend == "ollama":
@@ -124,6 +128,47 @@ class TransformersLlm:
             raise LlmError("timeout", f"no complete answer within {budget:.3g}s")
         answer = output[0, inputs["input_ids"].shape[1]:]
         return self._tokenizer.decode(answer, skip_special_tokens=True)
+
+
+class SimulatedLlm:
+    """Stands in for the enhancer's in-process LLM: the prefill of the prompt and `max_new_tokens`
+    decode steps (each at least one read of the weights: the memory-bound part), modelled on the
+    card. Its answer is the user's last message, unchanged: on-topic, so the guardrails pass it."""
+
+    backend = "transformers"
+
+    def __init__(self, config: LlmConfig, placement: Placement):
+        from deployments.runtime.sim import flops
+        from deployments.runtime.sim.models import ledger_with
+        from deployments.sim_profiles import profile
+
+        self._config = config
+        self._placement = placement
+        self.arch = flops.architecture_for(config.source)
+        self.card = profile(placement.simulated)
+        self.ledger = ledger_with(self.arch, placement, "llm")
+
+    @property
+    def device(self) -> str:
+        return self._placement.device
+
+    def modelled_s(self, messages: list[dict]) -> float:
+        from deployments.runtime.sim.timing import model_call_s
+
+        prompt_tokens = max(1, sum(len(message["content"]) for message in messages) // CHARS_PER_TOKEN)
+        prefill = {"tokens": 256}  # counted at 256 tokens; a prompt's FLOPs scale with its length
+        return model_call_s(self.arch, self.card, [(prefill, prompt_tokens / 256),
+                                                   ({"tokens": 1}, self._config.max_new_tokens)])
+
+    def complete(self, messages: list[dict], time_budget_s: float | None = None) -> str:
+        budget = self._config.timeout_s if time_budget_s is None else time_budget_s
+        if budget <= 0:
+            raise LlmError("timeout", "no time left in the budget")
+        seconds = self.modelled_s(messages)
+        time.sleep(min(seconds, budget))
+        if seconds >= budget:
+            raise LlmError("timeout", f"no complete answer within {budget:.3g}s (simulated)")
+        return messages[-1]["content"].split(" | ")[0]
 
 
 class _HttpLlm:

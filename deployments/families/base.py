@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -92,6 +92,9 @@ class ImageCapabilities:
 def derived_pipeline(class_name: str, base, **components):
     """A diffusers pipeline of `class_name` over `base`'s own modules (`from_pipe`: no weights are
     copied or loaded), with `components` added or replaced."""
+    derive = getattr(base, "derive", None)  # a simulated pipeline derives its own (deployments.runtime.sim)
+    if derive is not None:
+        return derive(class_name)
     import diffusers
 
     pipeline = getattr(diffusers, class_name).from_pipe(base, **components)
@@ -327,6 +330,10 @@ class ImageFamily:
         except ValueError as error:  # pydantic's ValidationError, naming the option
             raise ValueError(f"options for family {self.name!r}: {error}") from None
         self._check_limits(config)
+        if config.device.simulated is not None:  # a simulated device models a published architecture
+            from deployments.runtime.sim.flops import architecture_for
+
+            architecture_for(config.source)
         unsupported = self.acceleration.unsupported(config.acceleration)
         if unsupported:
             raise ValueError(f"acceleration: {unsupported}")
@@ -358,7 +365,10 @@ class ImageFamily:
     def capabilities_of(self, config: "ImageModelConfig") -> ImageCapabilities:
         """What a model of this entry can do: the family's pipelines, narrowed by the entry's options
         (its ControlNets) and acceleration tier."""
-        return self._capabilities(self.options_of(config), config.acceleration.fuse_qkv)
+        capabilities = self._capabilities(self.options_of(config), config.acceleration.fuse_qkv)
+        if config.device.simulated is not None:  # a simulated device does not model adapters: 422, not a 500
+            capabilities = replace(capabilities, loras=False)
+        return capabilities
 
     def capabilities(self, options: BaseModel) -> dict:
         """Deprecated (goes after 2027-03-01): `capabilities_of(entry).public()`. Options alone do not
@@ -398,6 +408,15 @@ class ImageFamily:
             placement.device
         )
 
+    def load_simulated(self, config: "ImageModelConfig", placement: "Placement"):
+        """The pipeline-like stand-in of a simulated device: the published architecture of `source`,
+        modelled (deployments.runtime.sim). ControlNets are not modelled."""
+        from deployments.runtime.sim.pipeline import load_simulated
+
+        if self.control_types(self.options_of(config)):
+            raise ValueError(f"options: {config.id} names ControlNets, which a simulated device does not model")
+        return load_simulated(self, config, placement)
+
     def load(self, config: "ImageModelConfig", placement: "Placement") -> LoadedImageModel:
         """The pipeline on its device, with the entry's VAE settings and acceleration tier applied to
         the modules that every pipeline built from it shares (ControlNet, image-to-image and
@@ -405,6 +424,8 @@ class ImageFamily:
         from deployments.runtime.acceleration import accelerate, check_hardware
 
         check_hardware(config.acceleration, placement)  # before the weights load: fail fast
+        if placement.simulated is not None:
+            return self.loaded_class(self, config, placement, self.load_simulated(config, placement))
         pipeline = self.load_pipeline(config, placement)
         vae = getattr(pipeline, "vae", None)
         if vae is not None and config.vae.slicing and hasattr(vae, "enable_slicing"):

@@ -191,6 +191,10 @@ class VideoFamily:
             self.options_of(config)
         except ValueError as error:
             raise ValueError(f"options for video family {self.name!r}: {error}") from None
+        if config.device.simulated is not None:  # a simulated device models a published architecture
+            from deployments.runtime.sim.flops import architecture_for
+
+            architecture_for(config.source)
         for name, value in zip(("default_width", "default_height"), self.size_default(config)):
             if not self.size.allows(value):
                 raise ValueError(f"{name} ({value}) breaks the {self.name} family's size rule: {self.size.describe()}")
@@ -252,6 +256,10 @@ class VideoFamily:
         return place_pipeline(pipeline, getattr(options, "offload", "none"), placement)
 
     def load(self, config: "VideoModelConfig", placement: "Placement") -> LoadedVideoModel:
+        if placement.simulated is not None:  # modelled, nothing loaded (deployments.runtime.sim)
+            from deployments.runtime.sim.pipeline import load_simulated_video
+
+            return self.loaded_class(self, config, placement, load_simulated_video(config, placement))
         pipeline = self.place(self.load_pipeline(config, placement), self.options_of(config), placement)
         return self.loaded_class(self, config, placement, pipeline)
 

@@ -70,6 +70,9 @@ class AccelerationSupport:
 
 def check_hardware(tier: "AccelerationConfig", placement: "Placement") -> None:
     """Raise AccelerationError when this replica's device or packages cannot run `tier`."""
+    if placement.simulated is not None:
+        _check_simulated(tier, placement.simulated)
+        return
     if tier.quantization == "fp8_dynamic":
         capability = _cuda_capability(placement)
         if capability is None:
@@ -93,6 +96,16 @@ def check_hardware(tier: "AccelerationConfig", placement: "Placement") -> None:
             f"acceleration.attention_backend: {tier.attention_backend!r} runs on CUDA only; this replica runs on "
             f"{placement.device} (use 'native' or 'default')"
         )
+
+
+def _check_simulated(tier: "AccelerationConfig", key: str) -> None:
+    """A simulated card runs every tier but fp8 where it has no fp8 tensor cores, as the real card would."""
+    from deployments.sim_profiles import profile
+
+    card = profile(key)
+    if tier.quantization == "fp8_dynamic" and card.fp8_tflops is None:
+        raise AccelerationError(f"acceleration.quantization: 'fp8_dynamic' needs fp8 tensor cores, which the simulated "
+                                f"{card.name} has not (use 'int8_weight_only')")
 
 
 def _cuda_capability(placement: "Placement") -> tuple[int, int] | None:

@@ -36,6 +36,19 @@ class Placement:
 
         return getattr(torch, self.dtype_name)
 
+    @property
+    def torch_device(self) -> str:
+        """Where this replica's tensors live: its device, or the CPU for a simulated one (whose
+        inputs are prepared as a real run's are, and whose model is modelled)."""
+        return "cpu" if self.simulated is not None else self.device
+
+    @property
+    def simulated(self) -> str | None:
+        """The profile of a simulated device (`sim:<profile>`), None on a real one."""
+        from deployments.sim_profiles import simulated_profile
+
+        return simulated_profile(self.device)
+
 
 def resolve_placement(options: DeviceOptions) -> Placement:
     """Pick the device and dtype from the options and from what torch sees, and cap CUDA memory.
@@ -50,6 +63,9 @@ def resolve_placement(options: DeviceOptions) -> Placement:
 
     if options.torch_threads is not None:
         torch.set_num_threads(options.torch_threads)
+    if options.simulated is not None:  # nothing runs on a device: the model is modelled (deployments.runtime.sim)
+        dtype_name = "bfloat16" if options.dtype == "auto" else _DTYPES[options.dtype]
+        return Placement(device=options.device, dtype_name=dtype_name, memory_fraction=options.memory_fraction)
     has_cuda = torch.cuda.is_available()
     if not has_cuda and options.device in ("cuda", "auto"):
         share = _ray_gpu_share()

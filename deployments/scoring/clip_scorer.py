@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
-from deployments.config import SCORER_MAX_ONGOING_REQUESTS, CombinedWeights, ScorerConfig
+from deployments.config import SCORER_MAX_ONGOING_REQUESTS, TINY, CombinedWeights, ScorerConfig
 
 # Re-exported: the scorer's callers read the score names from here or from deployments.names.
 from deployments.names import ASPECTS, COMBINABLE, GATE_METRICS, SCORE_RANGES  # noqa: F401
@@ -34,6 +34,10 @@ ASPECT_RANGE = (0.0, 1.0)
 
 def load_clip(config: ScorerConfig, placement) -> dict:
     """CLIPModel, tokenizer and image processor: `from_pretrained` or the tiny factory."""
+    if placement.simulated is not None:
+        from deployments.runtime.sim.models import simulated_clip_parts
+
+        return simulated_clip_parts(config.source, placement)
     if is_tiny(config.source):
         from deployments.runtime.tiny import build_tiny_clip
 
@@ -105,7 +109,9 @@ class ClipScorer:
         self._head = None
         if config.laion.enabled:
             width = int(self._model.config.projection_dim)
-            self._head = load_head(config.laion, config.laion_source, width).to(self._placement.device)
+            # A simulated CLIP's embeddings are placeholders: a random head rates them, no weights are fetched.
+            source = TINY if self._placement.simulated is not None else config.laion_source
+            self._head = load_head(config.laion, source, width).to(self._placement.torch_device)
         # Pairs of (positive, negative) texts: the aesthetic one first, then one per aspect.
         pairs = [(config.aesthetic_positive, config.aesthetic_negative)]
         pairs += [(getattr(config.aspects, aspect).positive, getattr(config.aspects, aspect).negative)
@@ -163,7 +169,7 @@ class ClipScorer:
         return results
 
     def _embed_texts(self, texts: list[str]):
-        tokens = self._tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self._placement.device)
+        tokens = self._tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self._placement.torch_device)
         features = self._model.get_text_features(**tokens).pooler_output
         return features / features.norm(dim=-1, keepdim=True)
 
@@ -177,7 +183,7 @@ class ClipScorer:
         perceptual_future = self._pixels_pool.submit(lambda: [perceptual_scores(image) for image in images])
         pixels = self._image_processor(images=images, return_tensors="pt").pixel_values
         with self._metrics.track(), torch.inference_mode():
-            pixels = pixels.to(device=self._placement.device, dtype=self._placement.dtype)
+            pixels = pixels.to(device=self._placement.torch_device, dtype=self._placement.dtype)
             image_features = self._model.get_image_features(pixel_values=pixels).pooler_output
             image_features = image_features / image_features.norm(dim=-1, keepdim=True)
             distinct = list(dict.fromkeys(prompts))  # each distinct prompt encoded once

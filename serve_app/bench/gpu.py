@@ -186,12 +186,39 @@ def run_gpu_benchmark(repeats: int = 3, cpu_compile: bool = False, only: list[st
     return device, cases
 
 
-def format_gpu_table(device: str, cases: list[Case]) -> str:
-    """p50, first call (compile included), compile time estimate, peak memory, per-step and ratios to eager."""
+def simulated_s(case: Case, card) -> float | None:
+    """What the simulated device models for `case` on `card` (deployments.runtime.sim), at the
+    published size: the figure to correct the profile's calibration against."""
+    from deployments.runtime.sim import timing
+
+    spec = architecture(case.model)
+    width, height = spec["size"]
+    shape = timing.ImageShape(case.model, width, height, case.steps, case.batch,
+                              cfg="unet" in spec and spec["guidance_scale"] > 1)
+    return timing.image_call(shape, card, case.tier).total_s
+
+
+def _card():
+    """The simulated profile of this machine's CUDA card, when one matches its name."""
+    import torch
+
+    from deployments.sim_profiles import profile_of_device
+
+    return profile_of_device(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+
+
+def format_gpu_table(device: str, cases: list[Case], card=None) -> str:
+    """p50, first call (compile included), compile time estimate, peak memory, per-step and ratios to
+    eager; on a card that has a simulated profile, the simulated time beside the measured one."""
+    card = card if card is not None or device != "cuda" else _card()
     eager = {(case.model, case.batch): case.p50_s for case in cases if case.tier == "eager" and not case.skipped}
     header = (f"{'model':<14}{'tier':<14}{'batch':>6}{'steps':>6}{'p50 s':>9}{'first s':>9}{'compile s':>10}"
-              f"{'x eager':>9}{'per step s':>11}{'peak GiB':>10}  note")
-    lines = [f"genserve bench-gpu on {device}" + ("" if device == "cuda" else " (tiny architectures)"), header]
+              f"{'x eager':>9}{'per step s':>11}{'peak GiB':>10}" + (f"{'sim s':>9}{'sim/p50':>9}" if card else "")
+              + "  note")
+    title = f"genserve bench-gpu on {device}" + ("" if device == "cuda" else " (tiny architectures)")
+    if card is not None:
+        title += f"; sim s: the simulated {card.key} profile's time for the same case (docs/simulator.md)"
+    lines = [title, header]
     for case in cases:
         if case.skipped:
             lines.append(f"{case.model:<14}{case.tier:<14}{case.batch:>6}{case.steps:>6}{'':>64}  skipped: {case.skipped}")
@@ -200,6 +227,10 @@ def format_gpu_table(device: str, cases: list[Case]) -> str:
         ratio = eager.get((case.model, case.batch), float("nan")) / case.p50_s
         per_step = f"{case.per_step_s:.4f}" if case.per_step_s is not None else "-"
         peak = f"{case.peak_bytes / 2**30:.1f}" if case.peak_bytes is not None else "-"
+        simulated = ""
+        if card is not None:
+            seconds = simulated_s(case, card)
+            simulated = f"{seconds:>9.3f}{seconds / case.p50_s:>9.2f}"
         lines.append(f"{case.model:<14}{case.tier:<14}{case.batch:>6}{case.steps:>6}{case.p50_s:>9.3f}{case.first_s:>9.2f}"
-                     f"{compile_s:>10.1f}{ratio:>9.2f}{per_step:>11}{peak:>10}")
+                     f"{compile_s:>10.1f}{ratio:>9.2f}{per_step:>11}{peak:>10}{simulated}")
     return "\n".join(lines)

@@ -386,6 +386,11 @@ class ImageResponse(BaseModel):
         "local", description="Who generated the images: this service's model, or the configured remote endpoint "
                              "(a `fallback` request at a peak; `model` then names the remote model)."
     )
+    simulated: str | None = Field(
+        None, description="The simulated device profile (e.g. 'h200') when the model runs on a simulated "
+                          "accelerator: the images are placeholders and the timings modelled, never a GPU's; "
+                          "null on a real device. The PNGs' `genserve` metadata says the same.",
+    )
 
 
 class EnhanceRequest(BaseModel):
@@ -597,6 +602,11 @@ class VideoInfo(BaseModel):
     params: dict[str, Any] = Field(description="The family's own parameters used (e.g. svd: motion_bucket_id).")
     keyframe: KeyframeInfo | None = Field(None, description="Set for text-to-video.")
     timings: dict[str, float] = Field(description="Seconds: keyframe (svd text-to-video), video, interpolate, encode, total.")
+    simulated: str | None = Field(
+        None, description="The simulated device profile when the video model runs on a simulated accelerator: the "
+                          "frames are placeholders and the timings modelled; null on a real device. The file's "
+                          "metadata says the same.",
+    )
 
 
 class VideoResponse(VideoInfo):

@@ -256,6 +256,7 @@ class ImageService:
             mode=plan.mode,
             strength=None if plan.edit is None else plan.edit.strength,
             hires=hires_of(plan),
+            simulated=spec.simulated,
         )
 
     @staticmethod
@@ -395,6 +396,8 @@ def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan,
         "loras": [{"name": ref.name, "scale": ref.scale} for ref in plan.loras],
         **edit_meta(plan),
     }
+    if spec.simulated is not None:  # a placeholder image from a simulated device must never pass for a real one
+        meta["simulated"] = spec.simulated
     if plan.control is not None:
         control = plan.control
         meta["control"] = {"type": control.type, "conditioning_scale": control.conditioning_scale,

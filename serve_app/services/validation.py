@@ -67,6 +67,8 @@ class ModelSpec:
     prompt_form: PromptForm | None = field(default=None, compare=False)
     # The config entry's compute budget per request, in pixel-steps (None: none).
     max_pixel_steps: int | None = None
+    # The simulated device profile the model runs on (deployments.runtime.sim); None on a real device.
+    simulated: str | None = None
 
     @classmethod
     def of(cls, entry: ImageModelConfig) -> "ModelSpec":
@@ -94,6 +96,7 @@ class ModelSpec:
             control_edits=capabilities.control_edits,
             prompt_form=family.prompt_form,
             max_pixel_steps=getattr(entry, "max_pixel_steps", None),  # serve_app's ImageModelEntry has it
+            simulated=entry.device.simulated,
         )
 
     def check(self, request: ImageRequest) -> None:

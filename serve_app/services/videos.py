@@ -86,6 +86,9 @@ class VideoService:
                         "keyframe_seed": keyframe.seed, "keyframe_model": keyframe.model}
         if request.prompt is not None and not plan.keyframe:
             metadata = {"prompt": request.prompt}
+        simulated = spec.entry.device.simulated
+        if simulated is not None:  # placeholder frames from a simulated device say so, in the file too
+            metadata = {**metadata, "simulated": simulated}
         params = VideoParams(
             seed=seed, width=width, height=height, num_frames=plan.num_frames, fps=plan.fps,
             num_inference_steps=plan.num_inference_steps, output_format=request.output_format,
@@ -107,7 +110,7 @@ class VideoService:
             source_frames=output.source_frames, source_fps=output.source_fps, interpolate=request.interpolate,
             duration_s=round(output.num_frames / output.fps, 4), width=output.width, height=output.height,
             num_inference_steps=params.num_inference_steps, params=plan.params, keyframe=keyframe,
-            timings={key: round(value, 4) for key, value in timings.items()},
+            timings={key: round(value, 4) for key, value in timings.items()}, simulated=simulated,
         )
         return response, output
 
