@@ -21,7 +21,9 @@ deployment wraps it.
   the job goes back to the queue in its place without spending its attempt (the shutdown cut it
   short, not the job). A claim in flight finishes first and is put back the same way.
 - Start-up: jobs a previous runner left running (it died, or could not reach the store as it
-  stopped) are requeued, counting the attempt, or failed past the retry limit.
+  stopped) are requeued, counting the attempt, or failed past the retry limit. A runner taking
+  back the lease it lost puts the runs it halted back without counting them (the halt stopped
+  them, not the job).
 - Store errors: a run's outcome (result, failure, cancel, requeue) is a compare-and-set on its
   attempt, so it is retried when the store fails (a timeout, a failover, "database is locked"):
   a write that did commit before its answer was lost changes nothing the second time.
@@ -69,6 +71,7 @@ from serve_app.services.videos import VideoService
 logger = logging.getLogger("ray.serve")
 
 RESTART_REASON = "interrupted: the job runner stopped while it ran"
+HALTED_REASON = "interrupted: this job runner lost its lease while it ran"
 SHUTDOWN_REASON = "interrupted: the job runner stopped (shutdown or redeploy)"
 # How long `stop()` lets a claim in flight finish (a store call: bounded by the store's own timeouts).
 STOP_CLAIM_WAIT_S = 15.0
@@ -239,12 +242,25 @@ class JobDispatcher:
         self._holds_lease = False
         self._stopping = False
         self._halting = False  # the lease is gone: runs end without recording anything
+        # The runs the last halt stopped (job id -> attempt): if this runner takes the lease back,
+        # they go back to the queue unspent (the halt stopped them, not a failure of the job).
+        self._halted: dict[str, int] = {}
 
     # Lifecycle
 
     def recover(self) -> list[Job]:
-        """Requeue (or fail) the jobs a previous runner left running. Call before `start`."""
-        recovered = self.store.requeue_running(self.retry_limit, RESTART_REASON)
+        """Requeue (or fail) the jobs a previous runner left running, counting the attempt (it may
+        have died of the job). Runs this runner halted itself when it lost the lease go back
+        without spending it. Call before `start`."""
+        recovered = []
+        for job in self.store.list(state=RUNNING, limit=1_000_000):
+            if self._halted.get(job.id) == job.attempts:
+                moved = self.store.requeue_unspent(job, HALTED_REASON)
+            else:
+                moved = self.store.retry_or_fail(job, RESTART_REASON, self.retry_limit)
+            if moved is not None:
+                recovered.append(moved)
+        self._halted.clear()
         if recovered:
             logger.info("requeued %d job(s) left running: %s", len(recovered),
                         ", ".join(f"{job.id} -> {job.state}" for job in recovered))
@@ -329,6 +345,7 @@ class JobDispatcher:
         logger.warning("job runner %s lost the lease: stopping %d run(s) unrecorded and standing by",
                        self.owner, len(self._tasks))
         self._holds_lease, self._halting = False, True
+        self._halted.update({job.id: job.attempts for job in self._active.values()})
         tasks = [*self._loops, *self._tasks.values()]
         for task in tasks:
             task.cancel()

@@ -460,3 +460,28 @@ def test_a_failure_the_store_would_not_take_for_a_while_is_recorded_by_reconcili
     job = store.get(asyncio.run(scenario()))
     assert len(refused) > 1 and job.attempts == 2
     assert job.history[2]["state"] == "queued" and job.history[2]["reason"].startswith("RuntimeError: CUDA error")
+
+
+def test_a_runner_that_lost_its_lease_and_took_it_back_does_not_spend_the_attempt_of_the_run_it_halted(store):
+    """The store stalled past the lease (a Redis pause, a failover): the runner halts its run,
+    unrecorded, and takes the lease back once the store answers. That run was its own, stopped
+    by the halt, not by a failure of the job: it goes back to the queue without spending the
+    attempt (found by tests/chaos.py: a runner's recover() counted its own halted runs)."""
+    async def scenario():
+        generator = ControlledGenerator(gated=True)
+        dispatcher = _faulty_dispatcher(store, generator, lease_ttl_s=0.6)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "halted with the lease")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        store.renew_lease = lambda ttl_s: False  # the lease lapsed while the store stalled
+        await wait_until_async(lambda: generator.cancelled == 1, 5)  # halted
+        del store.renew_lease
+        generator.gate.set()
+        await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
+        await dispatcher.stop()
+        return job_id, generator
+
+    job_id, generator = asyncio.run(scenario())
+    job = store.get(job_id)
+    assert generator.started == 2 and job.attempts == 1, [h.get("reason") for h in job.history]
+    assert job.history[2]["reason"].startswith("interrupted: this job runner lost its lease while it ran")
