@@ -45,6 +45,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from serve_app.jobs.dispatch import RESTART_REASON, JobDispatcher
 from serve_app.jobs.model import FAILED, RUNNING, SUCCEEDED, TERMINAL
@@ -76,11 +77,14 @@ class ChaosStore:
     """A store whose calls fail at random while `enabled` is set: `rate` of them raise
     ConnectionError, half before the call (nothing done), half after it (done, answer lost)."""
 
-    def __init__(self, store, rate: float, enabled: threading.Event, seed: int):
+    def __init__(self, store, rate: float, enabled: threading.Event, seed: int, runner: str = "",
+                 claims: dict | None = None):
         self._store, self._rate, self._enabled = store, rate, enabled
         self._random = random.Random(seed)
         self._guard = threading.Lock()
         self.injected = 0
+        # Which runner claimed each (job id, attempt), its answer lost or not: a crash interrupts only its own runs.
+        self.runner, self.claims = runner, {} if claims is None else claims
 
     def _roll(self) -> str | None:
         if not self._enabled.is_set():
@@ -101,6 +105,8 @@ class ChaosStore:
             if fault == "before":
                 raise ConnectionError(f"chaos: the store's {name} failed")
             result = attribute(*args, **kwargs)
+            if name == "claim" and result is not None:
+                self.claims[(result.id, result.attempts)] = self.runner
             if fault == "after":
                 raise ConnectionError(f"chaos: the store's {name} answer was lost")
             return result
@@ -292,7 +298,8 @@ class Chaos:
         self.model = ChaosModel(timing, seed)
         self.store_errors = threading.Event()
         self.runners: list[Runner] = []
-        self.kills: list[tuple[float, float]] = []  # (wall time, monotonic time) of each kill
+        self.killed: set[str] = set()  # the runners killed
+        self.claims: dict[tuple[str, int], str] = {}  # (job id, attempt) -> the runner that claimed it
         self.injected = {name: 0 for name in faults}
         self.ids: dict[int, str] = {}  # chaos tag -> job id, once its submit was acknowledged
         self._chaos_stores: list[ChaosStore] = []
@@ -311,9 +318,11 @@ class Chaos:
                 break
             except Exception:
                 time.sleep(0.1)
-        store = ChaosStore(opened, self.timing.store_error_rate, self.store_errors, self.random.randrange(1 << 30))
+        name = f"runner-{self._count}"
+        store = ChaosStore(opened, self.timing.store_error_rate, self.store_errors, self.random.randrange(1 << 30),
+                           name, self.claims)
         self._chaos_stores.append(store)
-        runner = Runner(f"runner-{self._count}", store, self.model, self.timing)
+        runner = Runner(name, store, self.model, self.timing)
         self.runners.append(runner)
         return runner
 
@@ -351,11 +360,9 @@ class Chaos:
         elif name == "kill":
             holders = [runner for runner in self._live() if runner.holds_lease()] or self._live()
             victim = self.random.choice(holders)
-            wall = time.time()
-            at = victim.kill()
-            self.model.end_runs_of(victim.name, at)
-            self.kills.append((wall, at))
-            self.events.append((wall, f"killed {victim.name}"))
+            self.killed.add(victim.name)
+            self.model.end_runs_of(victim.name, victim.kill())
+            self.events.append((time.time(), f"killed {victim.name}"))
             time.sleep(self.random.uniform(*timing.replace_after_s))
             self._new_runner()
         elif name == "redeploy":
@@ -427,6 +434,10 @@ class Chaos:
 
     # The invariant
 
+    def _crashed(self, job_id: str, run: dict) -> bool:
+        """Whether the runner that claimed this run (its `running` entry) was killed."""
+        return self.claims.get((job_id, run["attempt"])) in self.killed
+
     def _check(self) -> Report:
         report = Report(self.kind, self.faults, submitted=len(self.ids))
         store = self.reader
@@ -449,7 +460,7 @@ class Chaos:
             if _overlapping(self.model.runs.get(tag, [])):
                 report.run_twice += 1
                 report.problems.append(f"chaos-{tag}: two runs at once: {self.model.runs[tag]}")
-            unearned = _unearned_attempts(job.history, self.kills)
+            unearned = unearned_attempts(job.history, lambda run, job_id=job.id: self._crashed(job_id, run))
             if unearned:
                 report.unearned_attempts += len(unearned)
                 report.problems.append(f"chaos-{tag}: attempts spent by {unearned}; history {_brief(job.history)}")
@@ -466,20 +477,20 @@ def _overlapping(runs: list[Run]) -> bool:
     return any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
 
 
-def _unearned_attempts(history: list[dict], kills: list[tuple[float, float]]) -> list[str]:
+def unearned_attempts(history: list[dict], crashed: Callable[[dict], bool]) -> list[str]:
     """The reasons of the attempts `history` spent that no real failure explains: a run ended
-    queued or failed, counting its attempt, but the model did not fail it and no runner was killed
-    while it ran."""
+    queued or failed, counting its attempt, but the model did not fail it, and `crashed` (given
+    the run's `running` entry) says its runner was not killed while it ran."""
     unearned = []
     for before, entry in zip(history, history[1:]):
         if before["state"] != RUNNING or entry["state"] not in ("queued", FAILED):
             continue
-        reason = entry.get("reason", "")
+        reason = entry.get("reason") or ""
         if entry.get("requeues") or "the attempt is not counted" in reason:
             continue  # refunded
         if reason.startswith(f"RuntimeError: {FAILURE}"):
             continue
-        if reason.startswith(RESTART_REASON) and any(before["at"] <= wall <= entry["at"] for wall, _ in kills):
+        if reason.startswith(RESTART_REASON) and crashed(before):
             continue  # a crash of its runner counts, by design (a job that kills its runner must not loop)
         unearned.append(reason)
     return unearned
