@@ -289,10 +289,11 @@ class Chaos:
     and check (see the module docstring)."""
 
     def __init__(self, kind: str, folder: Path, jobs: int, faults=FAULTS, seed: int = 0,
-                 timing: Timing | None = None):
+                 timing: Timing | None = None, rounds: int = 1):
         timing = timing or Timing()
         faults = tuple(f for f in faults if kind == "redis" or f != "pause")
         self.kind, self.jobs, self.faults, self.timing = kind, jobs, faults, timing
+        self.rounds = rounds  # the stream goes on until every fault happened this many times
         self.random = random.Random(seed)
         self.backend = Backend(kind, folder, timing)
         self.model = ChaosModel(timing, seed)
@@ -400,8 +401,8 @@ class Chaos:
             for tag in range(self.jobs):
                 self._submit(tag)
                 time.sleep(self.random.uniform(0, 0.04))
-            # Until every job finished and every fault happened at least once.
-            self._wait_finished(lambda: self._finished() >= self.jobs and all(self.injected.values()),
+            # Until every job finished and every fault happened `rounds` times.
+            self._wait_finished(lambda: self._finished() >= self.jobs and min(self.injected.values()) >= self.rounds,
                                 self.timing.settle_s / 2)
         finally:
             done.set()
