@@ -245,6 +245,7 @@ class JobDispatcher:
         # The runs the last halt stopped (job id -> attempt): if this runner takes the lease back,
         # they go back to the queue unspent (the halt stopped them, not a failure of the job).
         self._halted: dict[str, int] = {}
+        self._claiming: asyncio.Future | None = None  # the store's claim in flight (see `_claim`)
 
     # Lifecycle
 
@@ -350,9 +351,21 @@ class JobDispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._note_claim_in_flight()
         self._loops = []
         self._unrecorded.clear()  # not ours to record any more: the new holder requeues those jobs
         self._lost.clear()
+
+    async def _note_claim_in_flight(self) -> None:
+        """A claim the halted dispatch loop left in flight may still take a job (the lease held in
+        the store when it got there): noted as halted, so that it is not counted either."""
+        claiming, self._claiming = self._claiming, None
+        if claiming is None:
+            return
+        await asyncio.wait({claiming}, timeout=STOP_CLAIM_WAIT_S)
+        if claiming.done() and not claiming.cancelled() and claiming.exception() is None and claiming.result():
+            job = claiming.result()
+            self._halted[job.id] = job.attempts
 
     async def stop(self) -> None:
         """Stop dispatching, cancel every running job's model call and put those jobs back in the
@@ -545,7 +558,7 @@ class JobDispatcher:
             free = [kind for kind, limit in self.slots.items()
                     if self._running[kind] < limit and not self.backoff.waiting(kind)]
             try:
-                job = await asyncio.to_thread(self.store.claim, free) if free else None
+                job = await self._claim(free) if free else None
             except LeaseLost:
                 self._lost.set()
                 return
@@ -561,6 +574,14 @@ class JobDispatcher:
                 await _wait(self._wakeup, min([self.poll_interval_s, *backing_off]))
                 continue
             self._begin(job)
+
+    async def _claim(self, kinds: list[str]) -> Job | None:
+        """`store.claim`, kept as `_claiming` while it is in flight: a halt cancels the dispatch loop,
+        not the store call in its thread, so `_halt` waits for it and notes a job it took."""
+        self._claiming = asyncio.ensure_future(asyncio.to_thread(self.store.claim, kinds))
+        job = await asyncio.shield(self._claiming)
+        self._claiming = None
+        return job
 
     def _begin(self, job: Job) -> None:
         """Run a claimed job as a task. Its slot is freed when the task ends, by a callback rather

@@ -485,3 +485,38 @@ def test_a_runner_that_lost_its_lease_and_took_it_back_does_not_spend_the_attemp
     job = store.get(job_id)
     assert generator.started == 2 and job.attempts == 1, [h.get("reason") for h in job.history]
     assert job.history[2]["reason"].startswith("interrupted: this job runner lost its lease while it ran")
+
+
+def test_a_job_claimed_as_its_runner_lost_the_lease_is_not_counted_when_it_takes_the_lease_back(store, monkeypatch):
+    """The claim was on its way when the lease was lost (the dispatch loop halted while the store
+    call went on in its thread): the job it took is that runner's own halted run, not a job some
+    runner died with (found by tests/chaos.py's reasoning; recover() counted it)."""
+    import threading
+
+    claim, release, held = store.claim, threading.Event(), []
+
+    def slow_claim(kinds, now=None):
+        if not held and store.counts()["queued"]:
+            held.append(True)
+            release.wait(10)  # the lease is lost meanwhile
+        return claim(kinds, now)
+
+    monkeypatch.setattr(store, "claim", slow_claim)
+
+    async def scenario():
+        generator = ControlledGenerator()
+        dispatcher = _faulty_dispatcher(store, generator, lease_ttl_s=0.6)
+        job_id = await _submit(dispatcher, "claimed as the lease goes")
+        dispatcher.start()
+        await wait_until_async(lambda: held, 5)
+        monkeypatch.setattr(store, "renew_lease", lambda ttl_s: False)
+        await wait_until_async(lambda: dispatcher.info()["lease"] == "standby", 5)
+        monkeypatch.undo()  # renew and claim as the store does them
+        release.set()  # the claim lands: the job is running, at attempt 1, with no run here
+        await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
+        await dispatcher.stop()
+        return job_id
+
+    job = store.get(asyncio.run(scenario()))
+    assert job.attempts == 1, [h.get("reason") for h in job.history]
+    assert "interrupted: this job runner lost its lease while it ran" in job.history[2]["reason"]
