@@ -353,6 +353,7 @@ class Chaos:
 
     def _fault(self, name: str) -> None:
         timing, began = self.timing, time.time()
+        self.events.append((began, f"{name} begins"))
         if name == "store":  # a burst of store errors on top of the background rate
             self.store_errors.set()
             time.sleep(self.random.uniform(*timing.fault_every_s))
@@ -373,7 +374,7 @@ class Chaos:
             for runner in old:
                 runner.stop()
         self.injected[name] += 1
-        self.events.append((began, f"{name} ({time.time() - began:.2f}s)"))
+        self.events.append((time.time(), f"{name} ends ({time.time() - began:.2f}s)"))
 
     def _inject_until(self, done: threading.Event) -> None:
         """Every fault in turn, in a shuffled order each round, so that a short run sees them all."""
@@ -391,6 +392,14 @@ class Chaos:
 
     def run(self) -> Report:
         started = time.monotonic()
+        watcher = _LeaseEvents(self.events)
+        logging.getLogger("ray.serve").addHandler(watcher)
+        try:
+            return self._run(started)
+        finally:
+            logging.getLogger("ray.serve").removeHandler(watcher)
+
+    def _run(self, started: float) -> Report:
         self._new_runner()
         if "store" in self.faults:
             self.store_errors.set()
@@ -464,8 +473,23 @@ class Chaos:
             unearned = unearned_attempts(job.history, lambda run, job_id=job.id: self._crashed(job_id, run))
             if unearned:
                 report.unearned_attempts += len(unearned)
-                report.problems.append(f"chaos-{tag}: attempts spent by {unearned}; history {_brief(job.history)}")
+                claimers = [self.claims.get((job_id, attempt)) for attempt in range(1, job.attempts + 1)]
+                report.problems.append(f"chaos-{tag}: attempts spent by {unearned}; history {_brief(job.history)}; "
+                                       f"claimed by {claimers}")
         return report
+
+
+class _LeaseEvents(logging.Handler):
+    """The runners' lease changes (taken, lost), as events for the report of a problem."""
+
+    def __init__(self, events: list):
+        super().__init__(logging.INFO)
+        self.events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "the lease" in message and record.threadName.startswith("chaos-runner"):
+            self.events.append((record.created, f"{record.threadName.removeprefix('chaos-')}: {message[:120]}"))
 
 
 def _brief(history: list[dict]) -> str:
@@ -509,7 +533,10 @@ def main(argv=None) -> int:
         logging.basicConfig(format="%(asctime)s.%(msecs)03d %(threadName)s %(levelname)s %(message)s",
                             datefmt="%H:%M:%S", level=logging.INFO)
     else:  # every injected fault is logged by the runner that met it
-        logging.getLogger("ray.serve").setLevel(logging.CRITICAL)
+        runners = logging.getLogger("ray.serve")  # only the lease changes, kept for the report (`_LeaseEvents`)
+        runners.setLevel(logging.INFO)
+        runners.propagate = False
+        runners.addHandler(logging.NullHandler())
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # a killed runner's tasks, never resumed
     with tempfile.TemporaryDirectory(prefix="genserve-chaos-") as folder:
         chaos = Chaos(args.store, Path(folder), args.jobs, tuple(args.faults.split(",")), args.seed)
