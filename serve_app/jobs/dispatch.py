@@ -242,8 +242,8 @@ class JobDispatcher:
         self._holds_lease = False
         self._stopping = False
         self._halting = False  # the lease is gone: runs end without recording anything
-        # The runs the last halt stopped (job id -> attempt): if this runner takes the lease back,
-        # they go back to the queue unspent (the halt stopped them, not a failure of the job).
+        # The runs halts stopped since the last recover (job id -> attempt): if this runner takes
+        # the lease back, they go back to the queue unspent (a halt stopped them, not the job).
         self._halted: dict[str, int] = {}
         self._claiming: asyncio.Future | None = None  # the store's claim in flight (see `_claim`)
 
