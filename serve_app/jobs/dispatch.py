@@ -399,15 +399,31 @@ class JobDispatcher:
                 logger.warning("job %s: could not put it back in the queue as the runner stopped (%s); the "
                                "next runner requeues it", job.id, type(error).__name__)
         if self._holds_lease:
-            try:  # the jobs no run here held (a lost claim answer, an unrecorded outcome): settled now
-                await self._reconcile()
-            except Exception as error:
-                logger.warning("could not reconcile the running jobs as the runner stopped (%s)", type(error).__name__)
+            await self._reconcile_as_it_stops()
             self._holds_lease = False
             try:
                 await asyncio.to_thread(self.store.release_lease)
             except Exception as error:  # it lapses after its TTL instead
                 logger.warning("could not release the job runner lease (%s)", type(error).__name__)
+
+    async def _reconcile_as_it_stops(self) -> None:
+        """Settle the jobs no run here held (a lost claim answer, an unrecorded outcome) before the
+        lease goes: a store error is retried for up to STOP_RECORD_RETRY_S, since the next runner
+        would requeue what is left running counting the attempt."""
+        delay, max_delay = RECORD_RETRY_S
+        deadline = time.monotonic() + STOP_RECORD_RETRY_S
+        while True:
+            try:
+                return await self._reconcile()
+            except LeaseLost:
+                return
+            except Exception as error:
+                if time.monotonic() + delay > deadline:
+                    logger.warning("could not reconcile the running jobs as the runner stopped (%s)",
+                                   type(error).__name__)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, max_delay)
 
     def _requeue_unspent(self, job: Job, reason: str) -> Job | None:
         """Put a job this runner claimed back in the queue without spending the attempt (cancelled

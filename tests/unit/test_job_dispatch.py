@@ -520,3 +520,25 @@ def test_a_job_claimed_as_its_runner_lost_the_lease_is_not_counted_when_it_takes
     job = store.get(asyncio.run(scenario()))
     assert job.attempts == 1, [h.get("reason") for h in job.history]
     assert "interrupted: this job runner lost its lease while it ran" in job.history[2]["reason"]
+
+
+def test_a_stopping_runner_puts_back_a_job_whose_claim_answer_was_lost_even_when_the_store_fails_once_more(store):
+    """The store fails as the stopping runner looks for the jobs no run of its own holds: it looks
+    again (within STOP_RECORD_RETRY_S) rather than leaving the job running for the next runner,
+    which would count the attempt (found by tests/chaos.py: store errors during redeploys)."""
+    faulty = FaultyStore(store)
+
+    async def scenario():
+        dispatcher = _faulty_dispatcher(faulty, ControlledGenerator(), reconcile_interval_s=3600)
+        dispatcher.start()
+        await wait_until_async(lambda: dispatcher.info()["lease"] == "held", 5)
+        faulty.fail_once("claim", after=True)
+        job_id = await _submit(dispatcher, "stranded")
+        await wait_until_async(lambda: faulty.failed == ["claim"], 5)
+        faulty.fail_once("list", when=lambda state=None, *args, **kwargs: state == "running")
+        await dispatcher.stop()
+        return job_id
+
+    job = store.get(asyncio.run(scenario()))
+    assert faulty.failed == ["claim", "list"]
+    assert (job.state, job.attempts) == ("queued", 0), "not left running for the next runner to spend an attempt"
