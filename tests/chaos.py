@@ -289,11 +289,12 @@ class Chaos:
     and check (see the module docstring)."""
 
     def __init__(self, kind: str, folder: Path, jobs: int, faults=FAULTS, seed: int = 0,
-                 timing: Timing | None = None, rounds: int = 1):
+                 timing: Timing | None = None, rounds: int = 1, keep_logs: bool = True):
         timing = timing or Timing()
         faults = tuple(f for f in faults if kind == "redis" or f != "pause")
         self.kind, self.jobs, self.faults, self.timing = kind, jobs, faults, timing
         self.rounds = rounds  # the stream goes on until every fault happened this many times
+        self.keep_logs = keep_logs  # the runners' log (a warning for each fault they meet)
         self.random = random.Random(seed)
         self.backend = Backend(kind, folder, timing)
         self.model = ChaosModel(timing, seed)
@@ -392,12 +393,12 @@ class Chaos:
 
     def run(self) -> Report:
         started = time.monotonic()
-        watcher = _LeaseEvents(self.events)
-        logging.getLogger("ray.serve").addHandler(watcher)
+        watcher = _LeaseEvents(self.events, self.keep_logs)
+        logging.getLogger("ray.serve").addFilter(watcher)
         try:
             return self._run(started)
         finally:
-            logging.getLogger("ray.serve").removeHandler(watcher)
+            logging.getLogger("ray.serve").removeFilter(watcher)
 
     def _run(self, started: float) -> Report:
         self._new_runner()
@@ -479,17 +480,19 @@ class Chaos:
         return report
 
 
-class _LeaseEvents(logging.Handler):
-    """The runners' lease changes (taken, lost), as events for the report of a problem."""
+class _LeaseEvents(logging.Filter):
+    """On the runners' logger: notes their lease changes (taken, lost) as events for the report of
+    a problem; `keep`: whether their records go on to the log (False: `make chaos` stays quiet)."""
 
-    def __init__(self, events: list):
-        super().__init__(logging.INFO)
-        self.events = events
+    def __init__(self, events: list, keep: bool):
+        super().__init__()
+        self.events, self.keep = events, keep
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if "the lease" in message and record.threadName.startswith("chaos-runner"):
             self.events.append((record.created, f"{record.threadName.removeprefix('chaos-')}: {message[:120]}"))
+        return self.keep
 
 
 def _brief(history: list[dict]) -> str:
@@ -529,18 +532,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="the runners' log (warnings about each fault)")
     args = parser.parse_args(argv)
+    logging.getLogger("ray.serve").setLevel(logging.INFO)  # the lease changes, for the report
+    if not args.verbose:  # in-process handles' tasks and killed runners' tasks, never resumed: not news
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     if args.verbose:
         logging.basicConfig(format="%(asctime)s.%(msecs)03d %(threadName)s %(levelname)s %(message)s",
                             datefmt="%H:%M:%S", level=logging.INFO)
-    else:  # every injected fault is logged by the runner that met it
-        runners = logging.getLogger("ray.serve")  # only the lease changes, kept for the report (`_LeaseEvents`)
-        runners.setLevel(logging.INFO)
-        runners.propagate = False
-        runners.addHandler(logging.NullHandler())
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # a killed runner's tasks, never resumed
     with tempfile.TemporaryDirectory(prefix="genserve-chaos-") as folder:
-        chaos = Chaos(args.store, Path(folder), args.jobs, tuple(args.faults.split(",")), args.seed)
+        chaos = Chaos(args.store, Path(folder), args.jobs, tuple(args.faults.split(",")), args.seed,
+                      keep_logs=args.verbose)
         report = chaos.run()
+    if not args.verbose:  # killed runners' runs, never resumed, end with the process: not news
+        logging.getLogger("ray.serve").addFilter(lambda record: False)
     if args.verbose or not report.clean:
         for at, what in chaos.events:
             print(f"  {time.strftime('%H:%M:%S', time.localtime(at))}.{int(at % 1 * 1000):03d} {what}")
