@@ -449,6 +449,9 @@ class Chaos:
         """Whether the runner that claimed this run (its `running` entry) was killed."""
         return self.claims.get((job_id, run["attempt"])) in self.killed
 
+    def _claimers(self, job) -> list[str | None]:
+        return [self.claims.get((job.id, attempt)) for attempt in range(1, job.attempts + 1)]
+
     def _check(self) -> Report:
         report = Report(self.kind, self.faults, submitted=len(self.ids))
         store = self.reader
@@ -470,13 +473,13 @@ class Chaos:
                 report.problems.append(f"chaos-{tag}: terminal entries at {terminal} of {len(job.history)}")
             if _overlapping(self.model.runs.get(tag, [])):
                 report.run_twice += 1
-                report.problems.append(f"chaos-{tag}: two runs at once: {self.model.runs[tag]}")
+                report.problems.append(f"chaos-{tag}: two runs at once: {self.model.runs[tag]}; history "
+                                       f"{_brief(job.history)}; claimed by {self._claimers(job)}")
             unearned = unearned_attempts(job.history, lambda run, job_id=job.id: self._crashed(job_id, run))
             if unearned:
                 report.unearned_attempts += len(unearned)
-                claimers = [self.claims.get((job_id, attempt)) for attempt in range(1, job.attempts + 1)]
                 report.problems.append(f"chaos-{tag}: attempts spent by {unearned}; history {_brief(job.history)}; "
-                                       f"claimed by {claimers}")
+                                       f"claimed by {self._claimers(job)}")
         return report
 
 
@@ -496,7 +499,7 @@ class _LeaseEvents(logging.Filter):
 
 
 def _brief(history: list[dict]) -> str:
-    return " > ".join(f"{entry['state']}@{time.strftime('%H:%M:%S', time.localtime(entry['at']))}"
+    return " > ".join(f"{entry['state']}({entry['attempt']}{', ' + entry['reason'][:40] if entry.get('reason') else ''})@{time.strftime('%H:%M:%S', time.localtime(entry['at']))}"
                       f".{int(entry['at'] % 1 * 1000):03d}" for entry in history)
 
 

@@ -79,6 +79,9 @@ STOP_CLAIM_WAIT_S = 15.0
 # the next runner's recover()): short, so that the whole stop fits Serve's graceful shutdown.
 STOP_RECORD_RETRY_S = 3.0
 DEFAULT_LEASE_TTL_S = 30.0
+# How long a run that a stop or a halt cancels waits for its model call to end (the cancel travels
+# down the handles to the replica, which stops at its next denoising step).
+MODEL_CANCEL_WAIT_S = 15.0
 # After a failed renew is retried at once and fails again, the next tries come this often (a
 # fraction of the lease TTL): soon enough to land before the expiry, not a busy loop when the
 # store refuses connections at once.
@@ -696,6 +699,9 @@ class JobDispatcher:
         except asyncio.CancelledError:
             if self._stopping or self._halting:  # stop() puts it back; a lost lease records nothing
                 generate.cancel()
+                # Until the model call has ended: the cancel reaches it a few steps later, and a
+                # runner that stopped first would leave it running while the job runs elsewhere.
+                await asyncio.wait({generate}, timeout=MODEL_CANCEL_WAIT_S)
                 raise
             await self._attempt_failed(job, RuntimeError("the run was cancelled, but not by its user"))
             return

@@ -542,3 +542,35 @@ def test_a_stopping_runner_puts_back_a_job_whose_claim_answer_was_lost_even_when
     job = store.get(asyncio.run(scenario()))
     assert faulty.failed == ["claim", "list"]
     assert (job.state, job.attempts) == ("queued", 0), "not left running for the next runner to spend an attempt"
+
+
+class SlowToCancelGenerator(ControlledGenerator):
+    """A model call whose cancel lands a moment later (a replica stops at the end of its step)."""
+
+    async def generate(self, params, prompt):
+        try:
+            return await super().generate(params, prompt)
+        except asyncio.CancelledError:
+            self.active += 1
+            try:
+                await asyncio.shield(asyncio.sleep(0.3))  # the step in progress ends
+            finally:
+                self.active -= 1
+            raise
+
+
+def test_a_stopping_runner_ends_only_once_its_model_calls_have_ended(store):
+    """Otherwise the replica is gone with the model still running the job, which the next runner
+    runs again: two runs of one job at once (found by tests/chaos.py: a redeploy's old runner)."""
+    async def scenario():
+        generator = SlowToCancelGenerator(gated=True)
+        dispatcher = _dispatcher(store, generator)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "stopped mid-step")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        await dispatcher.stop()
+        return job_id, generator.active
+
+    job_id, active = asyncio.run(scenario())
+    assert active == 0, "a model call outlived the runner that made it"
+    assert (_state(store, job_id), store.get(job_id).attempts) == ("queued", 0)
