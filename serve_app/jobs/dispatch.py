@@ -699,8 +699,8 @@ class JobDispatcher:
         except asyncio.CancelledError:
             if self._stopping or self._halting:  # stop() puts it back; a lost lease records nothing
                 generate.cancel()
-                # Until the model call has ended: the cancel reaches it a few steps later, and a
-                # runner that stopped first would leave it running while the job runs elsewhere.
+                # Until the cancel has gone down to the model call (a few steps of this loop later):
+                # a runner that stopped first would leave it running while the job runs elsewhere.
                 await asyncio.wait({generate}, timeout=MODEL_CANCEL_WAIT_S)
                 raise
             await self._attempt_failed(job, RuntimeError("the run was cancelled, but not by its user"))
