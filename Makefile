@@ -6,7 +6,7 @@ STAMP := $(VENV)/.genserve-installed
 CONFIG ?= configs/dev.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-long bench bench-jobs bench-overload fuzz constraints clean
+.PHONY: setup serve test test-long bench bench-jobs bench-overload fuzz chaos constraints clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,15 @@ FUZZ_EXAMPLES ?= 200
 fuzz: setup
 	$(BIN)/schemathesis run $(URL)/openapi.json --checks all --exclude-checks positive_data_acceptance \
 	  --max-examples $(FUZZ_EXAMPLES) --request-timeout 300 --workers 4
+
+# Fault injection for durable jobs, longer than the suite's run (tests/unit/test_job_chaos.py): a
+# stream of CHAOS_JOBS jobs while the store fails at random, redis-server is paused (Redis only),
+# and the job runner is killed and redeployed; the last line is
+# "chaos: submitted N succeeded N failed N lost N run-twice N stuck N" (see docs/operations.md).
+CHAOS_JOBS ?= 500
+STORE ?= redis
+chaos: setup
+	PYTHONPATH=$(CURDIR) $(BIN)/python -m tests.chaos --jobs $(CHAOS_JOBS) --store $(STORE)
 
 constraints: setup
 	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \

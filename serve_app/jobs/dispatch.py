@@ -21,7 +21,9 @@ deployment wraps it.
   the job goes back to the queue in its place without spending its attempt (the shutdown cut it
   short, not the job). A claim in flight finishes first and is put back the same way.
 - Start-up: jobs a previous runner left running (it died, or could not reach the store as it
-  stopped) are requeued, counting the attempt, or failed past the retry limit.
+  stopped) are requeued, counting the attempt, or failed past the retry limit. A runner taking
+  back the lease it lost puts the runs it halted back without counting them (the halt stopped
+  them, not the job).
 - Store errors: a run's outcome (result, failure, cancel, requeue) is a compare-and-set on its
   attempt, so it is retried when the store fails (a timeout, a failover, "database is locked"):
   a write that did commit before its answer was lost changes nothing the second time.
@@ -69,6 +71,7 @@ from serve_app.services.videos import VideoService
 logger = logging.getLogger("ray.serve")
 
 RESTART_REASON = "interrupted: the job runner stopped while it ran"
+HALTED_REASON = "interrupted: this job runner lost its lease while it ran"
 SHUTDOWN_REASON = "interrupted: the job runner stopped (shutdown or redeploy)"
 # How long `stop()` lets a claim in flight finish (a store call: bounded by the store's own timeouts).
 STOP_CLAIM_WAIT_S = 15.0
@@ -76,6 +79,9 @@ STOP_CLAIM_WAIT_S = 15.0
 # the next runner's recover()): short, so that the whole stop fits Serve's graceful shutdown.
 STOP_RECORD_RETRY_S = 3.0
 DEFAULT_LEASE_TTL_S = 30.0
+# How long a run that a stop or a halt cancels waits for its model call to end (the cancel travels
+# down the handles to the replica, which stops at its next denoising step).
+MODEL_CANCEL_WAIT_S = 15.0
 # After a failed renew is retried at once and fails again, the next tries come this often (a
 # fraction of the lease TTL): soon enough to land before the expiry, not a busy loop when the
 # store refuses connections at once.
@@ -239,12 +245,26 @@ class JobDispatcher:
         self._holds_lease = False
         self._stopping = False
         self._halting = False  # the lease is gone: runs end without recording anything
+        # The runs halts stopped since the last recover (job id -> attempt): if this runner takes
+        # the lease back, they go back to the queue unspent (a halt stopped them, not the job).
+        self._halted: dict[str, int] = {}
+        self._claiming: asyncio.Future | None = None  # the store's claim in flight (see `_claim`)
 
     # Lifecycle
 
     def recover(self) -> list[Job]:
-        """Requeue (or fail) the jobs a previous runner left running. Call before `start`."""
-        recovered = self.store.requeue_running(self.retry_limit, RESTART_REASON)
+        """Requeue (or fail) the jobs a previous runner left running, counting the attempt (it may
+        have died of the job). Runs this runner halted itself when it lost the lease go back
+        without spending it. Call before `start`."""
+        recovered = []
+        for job in self.store.list(state=RUNNING, limit=1_000_000):
+            if self._halted.get(job.id) == job.attempts:
+                moved = self.store.requeue_unspent(job, HALTED_REASON)
+            else:
+                moved = self.store.retry_or_fail(job, RESTART_REASON, self.retry_limit)
+            if moved is not None:
+                recovered.append(moved)
+        self._halted.clear()
         if recovered:
             logger.info("requeued %d job(s) left running: %s", len(recovered),
                         ", ".join(f"{job.id} -> {job.state}" for job in recovered))
@@ -329,13 +349,26 @@ class JobDispatcher:
         logger.warning("job runner %s lost the lease: stopping %d run(s) unrecorded and standing by",
                        self.owner, len(self._tasks))
         self._holds_lease, self._halting = False, True
+        self._halted.update({job.id: job.attempts for job in self._active.values()})
         tasks = [*self._loops, *self._tasks.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._note_claim_in_flight()
         self._loops = []
         self._unrecorded.clear()  # not ours to record any more: the new holder requeues those jobs
         self._lost.clear()
+
+    async def _note_claim_in_flight(self) -> None:
+        """A claim the halted dispatch loop left in flight may still take a job (the lease held in
+        the store when it got there): noted as halted, so that it is not counted either."""
+        claiming, self._claiming = self._claiming, None
+        if claiming is None:
+            return
+        await asyncio.wait({claiming}, timeout=STOP_CLAIM_WAIT_S)
+        if claiming.done() and not claiming.cancelled() and claiming.exception() is None and claiming.result():
+            job = claiming.result()
+            self._halted[job.id] = job.attempts
 
     async def stop(self) -> None:
         """Stop dispatching, cancel every running job's model call and put those jobs back in the
@@ -369,15 +402,31 @@ class JobDispatcher:
                 logger.warning("job %s: could not put it back in the queue as the runner stopped (%s); the "
                                "next runner requeues it", job.id, type(error).__name__)
         if self._holds_lease:
-            try:  # the jobs no run here held (a lost claim answer, an unrecorded outcome): settled now
-                await self._reconcile()
-            except Exception as error:
-                logger.warning("could not reconcile the running jobs as the runner stopped (%s)", type(error).__name__)
+            await self._reconcile_as_it_stops()
             self._holds_lease = False
             try:
                 await asyncio.to_thread(self.store.release_lease)
             except Exception as error:  # it lapses after its TTL instead
                 logger.warning("could not release the job runner lease (%s)", type(error).__name__)
+
+    async def _reconcile_as_it_stops(self) -> None:
+        """Settle the jobs no run here held (a lost claim answer, an unrecorded outcome) before the
+        lease goes: a store error is retried for up to STOP_RECORD_RETRY_S, since the next runner
+        would requeue what is left running counting the attempt."""
+        delay, max_delay = RECORD_RETRY_S
+        deadline = time.monotonic() + STOP_RECORD_RETRY_S
+        while True:
+            try:
+                return await self._reconcile()
+            except LeaseLost:
+                return
+            except Exception as error:
+                if time.monotonic() + delay > deadline:
+                    logger.warning("could not reconcile the running jobs as the runner stopped (%s)",
+                                   type(error).__name__)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, max_delay)
 
     def _requeue_unspent(self, job: Job, reason: str) -> Job | None:
         """Put a job this runner claimed back in the queue without spending the attempt (cancelled
@@ -528,7 +577,7 @@ class JobDispatcher:
             free = [kind for kind, limit in self.slots.items()
                     if self._running[kind] < limit and not self.backoff.waiting(kind)]
             try:
-                job = await asyncio.to_thread(self.store.claim, free) if free else None
+                job = await self._claim(free) if free else None
             except LeaseLost:
                 self._lost.set()
                 return
@@ -544,6 +593,14 @@ class JobDispatcher:
                 await _wait(self._wakeup, min([self.poll_interval_s, *backing_off]))
                 continue
             self._begin(job)
+
+    async def _claim(self, kinds: list[str]) -> Job | None:
+        """`store.claim`, kept as `_claiming` while it is in flight: a halt cancels the dispatch loop,
+        not the store call in its thread, so `_halt` waits for it and notes a job it took."""
+        self._claiming = asyncio.ensure_future(asyncio.to_thread(self.store.claim, kinds))
+        job = await asyncio.shield(self._claiming)
+        self._claiming = None
+        return job
 
     def _begin(self, job: Job) -> None:
         """Run a claimed job as a task. Its slot is freed when the task ends, by a callback rather
@@ -642,6 +699,9 @@ class JobDispatcher:
         except asyncio.CancelledError:
             if self._stopping or self._halting:  # stop() puts it back; a lost lease records nothing
                 generate.cancel()
+                # Until the cancel has gone down to the model call (a few steps of this loop later):
+                # a runner that stopped first would leave it running while the job runs elsewhere.
+                await asyncio.wait({generate}, timeout=MODEL_CANCEL_WAIT_S)
                 raise
             await self._attempt_failed(job, RuntimeError("the run was cancelled, but not by its user"))
             return

@@ -60,6 +60,8 @@ def _start_dev_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_factory
     args["loras"]["dir"] = str(loras)
     args["jobs"]["data_dir"] = str(data_dir)
     args["jobs"]["progress_interval_s"] = 0  # every denoising step, which the job tests follow
+    # A killed JobRunner's lease lapses this soon, and its successor takes over (test_jobs_chaos).
+    args["jobs"]["runner_lease_s"], args["jobs"]["redis_timeout_s"] = 6.0, 2.0
     # The hybrid fallback, to a stand-in remote images API on loopback (requests opt in per request).
     remote = stack.enter_context(FakeImagesServer())
     args["fallback"] = {"enabled": True, "base_url": remote.base_url, "model": "remote-standin", "api_key_env": None,

@@ -1,6 +1,8 @@
 """Shut the whole app down with jobs running and queued, start it again on the same store: every
 job finishes, once, and the shutdown spent no attempt. Then the TTL: finished jobs and their files
-are deleted.
+are deleted. Last, a rolling redeploy (serve.run of the app with a changed jobs section) during a
+running job: Serve starts a new JobRunner while the old one drains; the job succeeds once and its
+attempt count is unchanged.
 
 The app shut down is the shared dev app (last of its tests: it does not come back), on the Ray and
 Serve it ran on; the one started again is the dev profile on its store, with the models its jobs need."""
@@ -10,9 +12,11 @@ import time
 import pytest
 
 from serve_app import APP_NAME
+from serve_app.jobs.dispatch import SHUTDOWN_REASON
 from serve_app.jobs.sqlite_store import SqliteJobStore
 from tests.helpers import image_b64, wait_until
 from tests.integration.apps import POOL, dev_args
+from tests.integration.conftest import EXTRA_MODELS
 from tests.integration.jobs import FINISHED, in_stage, job, submit, wait_for
 
 pytestmark = pytest.mark.integration
@@ -49,6 +53,8 @@ def _restart_args(data_dir) -> dict:
         model["deployment"]["graceful_shutdown_timeout_s"] = 1
     args["jobs"]["ttl_s"] = TTL_S
     args["jobs"]["sweep_interval_s"] = 0.5
+    # The redeploy's job: slow steps, so that it still runs when the old JobRunner stops.
+    args["image_models"] += [model for model in EXTRA_MODELS if model["id"] == "slow"]
     return args
 
 
@@ -126,3 +132,45 @@ def test_finished_jobs_and_their_files_expire_after_the_ttl(restart):
     assert not any((files / job_id).exists() for job_id in restart["ids"])
     for job_id in restart["ids"]:
         assert client.get(f"/v1/jobs/{job_id}/files/video.mp4").status_code == 404
+
+
+def _status(client, job_id: str) -> dict | None:
+    """The job's status; None while the redeploy swaps the ingress or the runner (a 5xx)."""
+    import httpx
+
+    try:
+        response = client.get(f"/v1/jobs/{job_id}")
+    except httpx.HTTPError:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+def test_a_rolling_redeploy_of_the_job_runner_spends_no_attempt_and_the_job_succeeds_once(restart):
+    """serve.run with a changed jobs section: Serve rolls every deployment (a new code version),
+    starting the new JobRunner while the old drains. The old one puts its running job back
+    without spending the attempt and releases the lease; the new one runs it."""
+    from ray import serve
+
+    from serve_app.builder import build_app
+
+    client, data_dir = restart["client"], restart["data_dir"]
+    accepted = submit(client, "image", {"model": "slow", "prompt": "redeployed", "num_inference_steps": 16,
+                                        "seed": 9})
+    wait_for(client, accepted["id"], in_stage("generate", min_step=1), what="the slow job denoising")
+    args = _restart_args(data_dir)
+    args["jobs"]["sweep_interval_s"] = 1.0  # the change that makes it a new version
+    redeployed_at = time.monotonic()
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+
+    def finished():
+        status = _status(client, accepted["id"])
+        return status if status is not None and status["state"] in FINISHED else None
+
+    status = wait_until(finished, timeout_s=240, interval_s=0.2, what="the job finishing after the redeploy")
+    print(f"\nrolling redeploy: the job succeeded {time.monotonic() - redeployed_at:.1f}s after serve.run began")
+    states = [entry["state"] for entry in status["history"]]
+    assert status["state"] == "succeeded" and states.count("succeeded") == 1, status
+    assert status["attempts"] == 1, status["history"]
+    assert states == ["queued", "running", "queued", "running", "succeeded"], status["history"]
+    assert status["history"][2]["reason"].startswith(SHUTDOWN_REASON), "the old runner put it back as it stopped"
+    assert sorted(p.name for p in (data_dir / "files" / accepted["id"]).iterdir()) == ["image-0.png"]

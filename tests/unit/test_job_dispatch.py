@@ -460,3 +460,117 @@ def test_a_failure_the_store_would_not_take_for_a_while_is_recorded_by_reconcili
     job = store.get(asyncio.run(scenario()))
     assert len(refused) > 1 and job.attempts == 2
     assert job.history[2]["state"] == "queued" and job.history[2]["reason"].startswith("RuntimeError: CUDA error")
+
+
+def test_a_runner_that_lost_its_lease_and_took_it_back_does_not_spend_the_attempt_of_the_run_it_halted(store):
+    """The store stalled past the lease (a Redis pause, a failover): the runner halts its run,
+    unrecorded, and takes the lease back once the store answers. That run was its own, stopped
+    by the halt, not by a failure of the job: it goes back to the queue without spending the
+    attempt (found by tests/chaos.py: a runner's recover() counted its own halted runs)."""
+    async def scenario():
+        generator = ControlledGenerator(gated=True)
+        dispatcher = _faulty_dispatcher(store, generator, lease_ttl_s=0.6)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "halted with the lease")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        store.renew_lease = lambda ttl_s: False  # the lease lapsed while the store stalled
+        await wait_until_async(lambda: generator.cancelled == 1, 5)  # halted
+        del store.renew_lease
+        generator.gate.set()
+        await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
+        await dispatcher.stop()
+        return job_id, generator
+
+    job_id, generator = asyncio.run(scenario())
+    job = store.get(job_id)
+    assert generator.started == 2 and job.attempts == 1, [h.get("reason") for h in job.history]
+    assert job.history[2]["reason"].startswith("interrupted: this job runner lost its lease while it ran")
+
+
+def test_a_job_claimed_as_its_runner_lost_the_lease_is_not_counted_when_it_takes_the_lease_back(store, monkeypatch):
+    """The claim was on its way when the lease was lost (the dispatch loop halted while the store
+    call went on in its thread): the job it took is that runner's own halted run, not a job some
+    runner died with (found by tests/chaos.py's reasoning; recover() counted it)."""
+    import threading
+
+    claim, release, held = store.claim, threading.Event(), []
+
+    def slow_claim(kinds, now=None):
+        if not held and store.counts()["queued"]:
+            held.append(True)
+            release.wait(10)  # the lease is lost meanwhile
+        return claim(kinds, now)
+
+    monkeypatch.setattr(store, "claim", slow_claim)
+
+    async def scenario():
+        generator = ControlledGenerator()
+        dispatcher = _faulty_dispatcher(store, generator, lease_ttl_s=0.6)
+        job_id = await _submit(dispatcher, "claimed as the lease goes")
+        dispatcher.start()
+        await wait_until_async(lambda: held, 5)
+        monkeypatch.setattr(store, "renew_lease", lambda ttl_s: False)
+        await wait_until_async(lambda: dispatcher.info()["lease"] == "standby", 5)
+        monkeypatch.undo()  # renew and claim as the store does them
+        release.set()  # the claim lands: the job is running, at attempt 1, with no run here
+        await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
+        await dispatcher.stop()
+        return job_id
+
+    job = store.get(asyncio.run(scenario()))
+    assert job.attempts == 1, [h.get("reason") for h in job.history]
+    assert "interrupted: this job runner lost its lease while it ran" in job.history[2]["reason"]
+
+
+def test_a_stopping_runner_puts_back_a_job_whose_claim_answer_was_lost_even_when_the_store_fails_once_more(store):
+    """The store fails as the stopping runner looks for the jobs no run of its own holds: it looks
+    again (within STOP_RECORD_RETRY_S) rather than leaving the job running for the next runner,
+    which would count the attempt (found by tests/chaos.py: store errors during redeploys)."""
+    faulty = FaultyStore(store)
+
+    async def scenario():
+        dispatcher = _faulty_dispatcher(faulty, ControlledGenerator(), reconcile_interval_s=3600)
+        dispatcher.start()
+        await wait_until_async(lambda: dispatcher.info()["lease"] == "held", 5)
+        faulty.fail_once("claim", after=True)
+        job_id = await _submit(dispatcher, "stranded")
+        await wait_until_async(lambda: faulty.failed == ["claim"], 5)
+        faulty.fail_once("list", when=lambda state=None, *args, **kwargs: state == "running")
+        await dispatcher.stop()
+        return job_id
+
+    job = store.get(asyncio.run(scenario()))
+    assert faulty.failed == ["claim", "list"]
+    assert (job.state, job.attempts) == ("queued", 0), "not left running for the next runner to spend an attempt"
+
+
+class SlowToCancelGenerator(ControlledGenerator):
+    """A model call whose cancel lands a moment later (a replica stops at the end of its step)."""
+
+    async def generate(self, params, prompt):
+        try:
+            return await super().generate(params, prompt)
+        except asyncio.CancelledError:
+            self.active += 1
+            try:
+                await asyncio.shield(asyncio.sleep(0.3))  # the step in progress ends
+            finally:
+                self.active -= 1
+            raise
+
+
+def test_a_stopping_runner_ends_only_once_its_model_calls_have_ended(store):
+    """Otherwise the replica is gone with the model still running the job, which the next runner
+    runs again: two runs of one job at once (found by tests/chaos.py: a redeploy's old runner)."""
+    async def scenario():
+        generator = SlowToCancelGenerator(gated=True)
+        dispatcher = _dispatcher(store, generator)
+        dispatcher.start()
+        job_id = await _submit(dispatcher, "stopped mid-step")
+        await wait_until_async(lambda: generator.started == 1, 5)
+        await dispatcher.stop()
+        return job_id, generator.active
+
+    job_id, active = asyncio.run(scenario())
+    assert active == 0, "a model call outlived the runner that made it"
+    assert (_state(store, job_id), store.get(job_id).attempts) == ("queued", 0)
