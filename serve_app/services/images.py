@@ -35,7 +35,7 @@ from serve_app.protocol.schemas import (
 )
 from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
 from serve_app.services.inputs import decode_image, fit_image, fit_mask, upload_sha256
-from serve_app.services.media import encode_plain_png, encode_png_b64
+from serve_app.services.media import encode_image_b64, encode_plain_png, encoding_of
 from serve_app.services.settings import Handles, Settings
 from serve_app.services.validation import (
     ModelSpec,
@@ -186,7 +186,7 @@ class ImageService:
         plan, spec, warnings, result = await self.run(request, progress)
         width, height = plan.output_size
         encode_started = time.perf_counter()
-        images, attempts = await asyncio.to_thread(self._encode, result, plan, spec)
+        images, attempts = await asyncio.to_thread(self._encode, result, plan, spec, encoding_of(request))
         timings = dict(result.timings)
         timings["encode"] = time.perf_counter() - encode_started
         timings["total"] = time.perf_counter() - started
@@ -220,8 +220,10 @@ class ImageService:
         )
 
     @staticmethod
-    def _encode(result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> tuple[list[GeneratedImage], list[Attempt]]:
-        return [_generated_image(candidate, result, plan, spec) for candidate in result.chosen], attempts_of(result)
+    def _encode(result: GraphResult, plan: ImagePlan, spec: ModelSpec, encoding: dict,
+                ) -> tuple[list[GeneratedImage], list[Attempt]]:
+        return ([_generated_image(candidate, result, plan, spec, encoding) for candidate in result.chosen],
+                attempts_of(result))
 
     async def enhance_prompt(self, request: EnhanceRequest | dict) -> EnhanceResponse:
         """The enhance step alone, as the image graph would run it for `request.model`."""
@@ -323,7 +325,8 @@ def edit_meta(plan: ImagePlan) -> dict:
     return meta
 
 
-def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> GeneratedImage:
+def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan, spec: ModelSpec,
+                     encoding: dict) -> GeneratedImage:
     width, height = plan.output_size
     meta = {
         "prompt": candidate.prompt,
@@ -347,7 +350,7 @@ def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan,
         if control.type == "canny" and control.preprocess:
             meta["control"].update(low_threshold=control.low_threshold, high_threshold=control.high_threshold)
     return GeneratedImage(
-        b64_png=encode_png_b64(candidate.image, meta),
+        **encode_image_b64(candidate.image, meta, **encoding),
         seed=candidate.seed,
         width=width,
         height=height,
