@@ -33,6 +33,7 @@ from serve_app.protocol.schemas import (
     Scores,
     random_seed,
 )
+from serve_app.services.admission import Admission
 from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
 from serve_app.services.inputs import decode_image, fit_image, fit_mask, upload_sha256
 from serve_app.services.media import encode_image_b64, encode_plain_png, encoding_of
@@ -66,6 +67,7 @@ class ImageService:
         self.max_input_pixels = settings.max_input_pixels
         # The model a request gets when it names none: the config's default_model, else the first entry.
         self.default_model = settings.default_model
+        self.admission = Admission(settings.admission)
 
     def spec_of(self, model: str | None) -> ModelSpec:
         """The spec of the model a request names, the default when it names none (422 otherwise)."""
@@ -162,10 +164,12 @@ class ImageService:
 
     async def run(self, request: ImageRequest, progress: ProgressTarget | None = None,
                   ) -> tuple[ImagePlan, ModelSpec, list[str], GraphResult]:
-        """Plan and run the graph; the images stay arrays (text-to-video animates one of them)."""
-        # Off the event loop: planning decodes the control image, if any.
-        plan, spec, warnings = await asyncio.to_thread(self.plan, request)
-        return plan, spec, warnings, await self.run_plan(plan, spec, progress)
+        """Plan and run the graph; the images stay arrays (text-to-video animates one of them). A model
+        that cannot take the request turns it away first (services/admission.py)."""
+        with self.admission.admitted(self.spec_of(request.model).id):
+            # Off the event loop: planning decodes the control image, if any.
+            plan, spec, warnings = await asyncio.to_thread(self.plan, request)
+            return plan, spec, warnings, await self.run_plan(plan, spec, progress)
 
     async def run_plan(self, plan: ImagePlan, spec: ModelSpec, progress: ProgressTarget | None = None) -> GraphResult:
         """Run the graph for a plan already made by `plan`."""
