@@ -2,7 +2,8 @@
 
 The config's app runs on a Ray of its own, once per mode (the app is redeployed in place between
 modes): with the default model's and the scorer's `batching` off, then on (`with_batching`: their
-`max_ongoing_requests` raised to the batch size where lower, so a replica can hold a full batch). At each concurrency level, that many clients (genserve's own `AsyncClient`) send
+`max_ongoing_requests` raised to twice the batch size where lower, so a replica holds the next full
+batch while one runs and the device has no gap between calls). At each concurrency level, that many clients (genserve's own `AsyncClient`) send
 `POST /v1/images` back to back until the level's requests are done. Each request has a seed, so
 the client retries it after the server's `Retry-After` when a bounded queue turns it away (503 or
 429), as any user of the client gets: its latency runs from the first send to the answer, and
@@ -105,22 +106,25 @@ class _TimedRejections(httpx.AsyncBaseTransport):
 
 
 def with_batching(args: AppArgs, enabled: bool, max_batch_images: int, wait_ms: float) -> AppArgs:
-    """`args` with the default model's and the scorer's batching set; on, their replicas take a full batch at once."""
+    """`args` with the default model's and the scorer's batching set; on, their replicas take two full
+    batches at once: one running, the next one gathering (with only one, a batch starts gathering only
+    when the last call has ended and its answers are out, and the device waits meanwhile)."""
+    held = 2 * max_batch_images
     settings = {"enabled": enabled, "max_batch_images": max_batch_images, "wait_ms": wait_ms}
     entries = []
     for entry in args.image_models:
         if entry.id == args.default_model_id:
             deployment = entry.deployment.model_dump(exclude_unset=True)
-            if enabled and (entry.deployment.max_ongoing_requests or 0) < max_batch_images:
-                deployment["max_ongoing_requests"] = max_batch_images
+            if enabled and (entry.deployment.max_ongoing_requests or 0) < held:
+                deployment["max_ongoing_requests"] = held
             entry = type(entry).model_validate({**entry.model_dump(exclude_unset=True), "batching": settings,
                                                 "deployment": deployment})
         entries.append(entry)
     deployments = dict(args.deployments)
     scorer_options = deployments.get("ClipScorer")
-    if enabled and (scorer_options is None or (scorer_options.max_ongoing_requests or 0) < max_batch_images):
+    if enabled and (scorer_options is None or (scorer_options.max_ongoing_requests or 0) < held):
         base = scorer_options.model_dump(exclude_unset=True) if scorer_options is not None else {}
-        deployments["ClipScorer"] = {**base, "max_ongoing_requests": max(max_batch_images, 8)}
+        deployments["ClipScorer"] = {**base, "max_ongoing_requests": held}
     return AppArgs.model_validate({**args.model_dump(exclude_unset=True), "image_models": [
         entry.model_dump(exclude_unset=True) for entry in entries],
         "scorer": {**args.scorer.model_dump(exclude_unset=True), "batching": settings},
