@@ -152,6 +152,8 @@ def test_raw_exposition_names_types_and_labels(dev_app, prometheus):
         "ray_genserve_alignment_score": ("histogram", {"model"}),
         "ray_genserve_validation_rejections": ("counter", {"route", "field"}),
         "ray_genserve_model_cold_start_seconds": ("gauge", {"model", "deployment"}),
+        "ray_genserve_model_busy_seconds": ("counter", {"model", "deployment", "replica"}),
+        "ray_genserve_model_call_cpu_seconds": ("counter", {"model", "deployment", "replica"}),
     }
     for name, (kind, labels) in expected.items():
         assert name in families, f"{name} missing from the exposition"
