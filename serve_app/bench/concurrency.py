@@ -81,6 +81,7 @@ def level_json(level: Level) -> dict:
         "device_ms_per_request": _ms(use.device_s / len(level.seconds)) if use is not None and level.seconds else None,
         "overhead_ms": None if overhead is None else round(overhead, 1),
         "cpu_ms_per_image": None if cpu is None else round(cpu, 1),
+        "idle_cpu_cores": round(use.idle_cpu_s / level.wall_s, 4) if use is not None and level.wall_s else None,
         "rejections": level.rejections,
         "rejection_p50_ms": _ms(level.percentile(50, level.rejection_seconds)),
     }
@@ -176,6 +177,7 @@ def run_concurrency_benchmark(modes: list[tuple[str, AppArgs]], levels: list[int
     from ray import serve
 
     from serve_app import APP_NAME
+    from serve_app.bench.device import idle_cores
     from serve_app.bench.images import _free_port, _request_body
     from serve_app.builder import build_app
 
@@ -194,9 +196,10 @@ def run_concurrency_benchmark(modes: list[tuple[str, AppArgs]], levels: list[int
             with httpx.Client(base_url=url, timeout=300) as client:
                 for _ in range(warmup):
                     client.post("/v1/images", json=body).raise_for_status()
+            idle = idle_cores()
             plan = [(clients, False) for clients in levels] + ([(storm, True)] if storm else [])
             for clients, storming in plan:
-                level = _measured_level(args, url, body, mode, clients, max(requests, 2 * clients), storming)
+                level = _measured_level(args, url, body, mode, clients, max(requests, 2 * clients), storming, idle)
                 results.append(level)
                 if on_level is not None:
                     on_level(level)
@@ -207,9 +210,9 @@ def run_concurrency_benchmark(modes: list[tuple[str, AppArgs]], levels: list[int
 
 
 def _measured_level(args: AppArgs, url: str, body: dict, mode: str, clients: int, requests: int,
-                    storm: bool) -> Level:
+                    storm: bool, idle: float) -> Level:
     """One level, with the default model's and the scorer's device time and the cluster's CPU read
-    before and after it."""
+    before and after it (`idle`: the cluster's CPU seconds per second without traffic)."""
     from serve_app import APP_NAME
     from serve_app.bench.device import cluster_cpu_seconds, device_use, read_device_times
     from serve_app.config import generator_name
@@ -223,7 +226,8 @@ def _measured_level(args: AppArgs, url: str, body: dict, mode: str, clients: int
     before = readings()
     level = asyncio.run(run_level(url, body, mode, clients, requests, storm=storm))
     after = readings()
-    level.device = device_use((before[0], after[0]), (before[1], after[1]), (before[2], after[2]), level.wall_s)
+    level.device = device_use((before[0], after[0]), (before[1], after[1]), (before[2], after[2]), level.wall_s,
+                              idle)
     return level
 
 

@@ -9,8 +9,10 @@ then:
   mean over its replicas (the per-replica figures beside it);
 - device seconds per request: the busy seconds of the generator and the scorer over the requests
   answered; at 1 client, the serving overhead is the mean end-to-end latency minus that;
-- CPU per image outside the model: the Ray processes' CPU seconds minus the model calls' CPU seconds,
-  over the images answered (proxy, ingress, enhancer, encoding, score pre-processing, Ray itself).
+- CPU per image outside the model: the Ray processes' CPU seconds minus the model calls' CPU seconds
+  and minus what the cluster spends idle (its CPU rate with no traffic, measured once after the
+  warm-up, times the level's wall time), over the images answered: proxy, ingress, enhancer,
+  encoding, score pre-processing, and Ray's own work per request.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class DeviceUse:
     device_s: float = 0.0  # busy seconds of every model read (the generator and the scorer)
     model_cpu_s: float = 0.0  # their processes' CPU seconds during those calls
     ray_cpu_s: float = 0.0  # CPU seconds of every process of the cluster
+    idle_cpu_s: float = 0.0  # of those, what the cluster spends with no traffic in as long
 
 
 def busy_deltas(before: Samples, after: Samples, key: str = "busy_s") -> dict[str, float]:
@@ -52,12 +55,13 @@ def cpu_delta(before: dict[tuple, float], after: dict[tuple, float]) -> float:
 
 
 def device_use(generator: tuple[Samples, Samples], scorer: tuple[Samples, Samples],
-               cpu: tuple[dict, dict], wall_s: float) -> DeviceUse:
-    """A level's `DeviceUse` from the readings before and after it."""
+               cpu: tuple[dict, dict], wall_s: float, idle_cores: float = 0.0) -> DeviceUse:
+    """A level's `DeviceUse` from the readings before and after it; `idle_cores`: the cluster's CPU
+    seconds per second with no traffic."""
     mean, per_replica = utilization(*generator, wall_s)
     device_s = sum(busy_deltas(*generator).values()) + sum(busy_deltas(*scorer).values())
     model_cpu_s = sum(busy_deltas(*generator, key="cpu_s").values()) + sum(busy_deltas(*scorer, key="cpu_s").values())
-    return DeviceUse(mean, per_replica, device_s, model_cpu_s, cpu_delta(*cpu))
+    return DeviceUse(mean, per_replica, device_s, model_cpu_s, cpu_delta(*cpu), idle_cores * wall_s)
 
 
 def overhead_ms(latencies_s: list[float], device_s: float) -> float | None:
@@ -70,7 +74,18 @@ def overhead_ms(latencies_s: list[float], device_s: float) -> float | None:
 
 def cpu_ms_per_image(use: DeviceUse, images: int) -> float | None:
     """CPU ms per image spent outside the model calls."""
-    return (use.ray_cpu_s - use.model_cpu_s) / images * 1000 if images else None
+    return (use.ray_cpu_s - use.model_cpu_s - use.idle_cpu_s) / images * 1000 if images else None
+
+
+def idle_cores(seconds: float = 3.0) -> float:
+    """The cluster's CPU seconds per second over `seconds` with no traffic: Ray's background work
+    (health checks, metrics, the controller's loop), which a level would otherwise charge to its
+    images."""
+    import time
+
+    before, started = cluster_cpu_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    return cpu_delta(before, cluster_cpu_seconds()) / (time.perf_counter() - started)
 
 
 def cluster_cpu_seconds() -> dict[tuple, float]:

@@ -38,13 +38,14 @@ def test_cpu_outside_the_model_is_the_clusters_cpu_minus_the_model_calls():
     scorer = ({"s": {"busy_s": 0.0, "cpu_s": 0.0}}, {"s": {"busy_s": 1.0, "cpu_s": 0.5}})
     # pid 1 grew 3 s, pid 2 is new with 2 s, pid 3 ended during the level (not counted).
     cpu = ({(1, 0.0): 10.0, (3, 0.0): 1.0}, {(1, 0.0): 13.0, (2, 5.0): 2.0})
-    use = device_use(generator, scorer, cpu, wall_s=8.0)
+    # With no traffic the cluster spends 0.0625 cores: 0.5 s of the level's 8.
+    use = device_use(generator, scorer, cpu, wall_s=8.0, idle_cores=0.0625)
     assert use.utilization == pytest.approx(0.5) and use.device_s == pytest.approx(5.0)
     assert use.model_cpu_s == pytest.approx(2.5) and use.ray_cpu_s == pytest.approx(5.0)
     assert cpu_delta({}, {}) == 0
-    # 10 images: (5 - 2.5) CPU seconds outside the model, 250 ms each.
-    level = Level("m", 1, seconds=[0.6] * 10, wall_s=8.0, device=use)
-    assert level_json(level)["cpu_ms_per_image"] == pytest.approx(250.0)
+    # 10 images: (5 - 2.5 - 0.5) CPU seconds outside the model and the idle cluster, 200 ms each.
+    row = level_json(Level("m", 1, seconds=[0.6] * 10, wall_s=8.0, device=use))
+    assert row["cpu_ms_per_image"] == pytest.approx(200.0) and row["idle_cpu_cores"] == pytest.approx(0.0625)
 
 
 def test_overhead_is_mean_latency_minus_device_time_at_one_client_only():
