@@ -37,7 +37,7 @@ class Level:
     seconds: list[float] = field(default_factory=list)
     failures: int = 0
     wall_s: float = 0.0
-    rejections: int = 0  # 503/429 answers the clients waited out and retried
+    rejections: int = 0  # 503/429 answers, each try counted
     rejection_seconds: list[float] = field(default_factory=list)  # each rejection's own latency
     storm: bool = False  # its clients retry a rejection at once
     images_per_request: int = 1
