@@ -86,6 +86,11 @@ class GeneratorBase:
         describe = getattr(self._model.pipeline, "describe", None)
         return {} if describe is None else {"simulation": describe()}
 
+    async def device_time(self) -> dict:
+        """This replica's model-call totals (busy seconds, their CPU, calls): `genserve bench` reads
+        them through a handle before and after a level (`deployments.runtime.metrics.DeviceClock`)."""
+        return self._metrics.device_time()
+
     def check_health(self) -> None:
         """Serve's health check: the device answers; the gauges set once are recorded again (Ray
         drops a series not recorded for about half a minute)."""

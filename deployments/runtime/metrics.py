@@ -7,11 +7,21 @@ Serve adds the `deployment`, `replica` and `application` tags itself.
 
 Accelerator memory is recorded only where the model runs on CUDA: on a CPU the series are absent,
 not zero.
+
+Device busy time is recorded on every device: the seconds a replica spends inside its model calls
+(`genserve_model_busy_seconds_total`), and the CPU its process spent meanwhile
+(`genserve_model_call_cpu_seconds_total`). The same totals are kept in memory (`DeviceClock`) and
+read through the deployment's `device_time()` method, which `genserve bench` calls before and after
+each level: utilization is busy time over wall time, and the call's CPU is what the benchmark
+subtracts from the Ray processes' CPU to get the CPU spent outside the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
+import time
 from typing import Iterator
 
 from deployments.runtime.progress import Interrupted
@@ -39,6 +49,35 @@ def free_accelerator_memory(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
+@dataclasses.dataclass
+class DeviceClock:
+    """Totals of one replica's model calls since it started. Calls are serialised per replica (a lock,
+    or one batch at a time), so busy seconds never overlap and busy over wall time is at most 1.
+
+    `cpu_s` is the replica process's CPU time during the calls (`time.process_time`, all threads):
+    torch's intra-op threads included, and also whatever else the replica did meanwhile (receiving
+    the next request), which is small next to a call."""
+
+    busy_s: float = 0.0
+    cpu_s: float = 0.0
+    calls: int = 0
+
+    def add(self, busy_s: float, cpu_s: float) -> None:
+        self.busy_s += busy_s
+        self.cpu_s += cpu_s
+        self.calls += 1
+
+
+def replica_id() -> str:
+    """This Serve replica's unique id, or "local" outside Serve (tests, in-process benchmarks)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not in a Serve replica
+        return "local"
+
+
 class ModelMetrics:
     def __init__(self, model: str, device: str, enabled: bool = True):
         self._model = model
@@ -46,6 +85,7 @@ class ModelMetrics:
         self._enabled = enabled
         self._replica_peak = 0
         self._cold_start_s: float | None = None
+        self.clock = DeviceClock()
         if not enabled:
             return
         from ray.serve import metrics
@@ -76,6 +116,29 @@ class ModelMetrics:
             tag_keys=("model",),
         )
         self._cold_start.set_default_tags({"model": model})
+        self._busy = metrics.Counter(
+            "genserve_model_busy_seconds_total",
+            description="Seconds spent inside model calls (the device busy): over wall time, the replica's utilization.",
+            tag_keys=("model",),
+        )
+        self._busy.set_default_tags({"model": model})
+        self._call_cpu = metrics.Counter(
+            "genserve_model_call_cpu_seconds_total",
+            description="CPU seconds of the replica's process during its model calls.",
+            tag_keys=("model",),
+        )
+        self._call_cpu.set_default_tags({"model": model})
+
+    def device_time(self) -> dict:
+        """This replica's model-call totals, as `genserve bench` reads them (see `DeviceClock`)."""
+        return {"replica": replica_id(), "model": self._model, "pid": os.getpid(),
+                **dataclasses.asdict(self.clock)}
+
+    def _record_call(self, busy_s: float, cpu_s: float) -> None:
+        self.clock.add(busy_s, cpu_s)
+        if self._enabled:
+            self._busy.inc(busy_s)
+            self._call_cpu.inc(cpu_s)
 
     def record_cold_start(self, seconds: float) -> None:
         self._cold_start_s = seconds
@@ -97,12 +160,14 @@ class ModelMetrics:
         """Around one model call: count a raised exception by kind; on CUDA record peak memory.
         Out of accelerator memory: free the cache and raise `ModelOutOfMemory` (the replica serves on).
 
-        Calls are serialised per replica, so the peak since the reset belongs to this call.
+        Calls are serialised per replica, so the peak since the reset belongs to this call. Every
+        call's time counts as busy, a failed or cancelled one too: the device was held.
         """
         if self._cuda:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
+        started, cpu_started = time.perf_counter(), time.process_time()
         try:
             yield
         except Interrupted:
@@ -115,6 +180,8 @@ class ModelMetrics:
                 first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise ModelOutOfMemory(self._model, first_line[:300]) from None
             raise
+        finally:
+            self._record_call(time.perf_counter() - started, time.process_time() - cpu_started)
         if self._cuda and self._enabled:
             import torch
 

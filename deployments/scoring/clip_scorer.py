@@ -221,6 +221,10 @@ class ClipScorer:
                            for name, (low, high) in PERCEPTUAL_RANGES.items()},
         }
 
+    async def device_time(self) -> dict:
+        """This replica's model-call totals, as the generators give them (`genserve bench` reads both)."""
+        return self._metrics.device_time()
+
     def check_health(self) -> None:
         check_device_health(self._placement)
 

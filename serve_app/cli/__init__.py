@@ -3,7 +3,9 @@
     genserve serve [CONFIG] [--timeout S] [--address ADDR] [--detach] [--strict]
                                      deploy CONFIG (default configs/dev.yaml) and wait until it runs
     genserve bench [options]         graph overhead: Serve over HTTP vs the same calls in process
-    genserve bench --concurrency 1 8 64   throughput and p50/p95 under concurrent clients, batching off and on
+    genserve bench --concurrency 1 8 64 [--storm 64] [--json]
+                                     throughput, p50/p95, device utilization, overhead, CPU per image and
+                                     rejections under concurrent clients and a storm, batching off and on
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
     genserve bench-agents [options]  OpenAI route, MCP tools, A2A vs the same POST /v1/images
     genserve bench-gpu [options]     FLUX.1-schnell / SDXL architectures with random weights: eager, compiled, fp8
@@ -32,6 +34,7 @@ Against a running service (--url or $GENSERVE_URL; docs/client.md has the exit c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -225,22 +228,35 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_concurrency(args: argparse.Namespace) -> int:
-    from serve_app.bench.concurrency import format_concurrency_table, run_concurrency_benchmark, with_batching
+    from serve_app.bench.concurrency import (
+        format_concurrency_table,
+        level_json,
+        run_concurrency_benchmark,
+        with_batching,
+    )
     from serve_app.config import app_args_from_config
 
     def progress(level) -> None:
-        print(f"  {level.mode}, {level.clients} clients: {level.throughput:.2f} img/s, {level.failures} failed, "
-              f"{level.rejections} rejections waited out", flush=True)
+        if args.json:  # one object per level, as it finishes, and nothing else on stdout
+            print(json.dumps(level_json(level)), flush=True)
+            return
+        print(f"  {level.mode}, {level.clients} clients{' (storm)' if level.storm else ''}: "
+              f"{level.throughput:.2f} img/s, {level.failures} failed, {level.rejections} rejections", flush=True)
 
     config = app_args_from_config(args.config)
     modes = [("batching off", with_batching(config, False, args.max_batch_images, args.batch_wait_ms)),
              (f"batching on ({args.max_batch_images} images, {args.batch_wait_ms:g} ms)",
               with_batching(config, True, args.max_batch_images, args.batch_wait_ms))]
+    modes = {"off": modes[:1], "on": modes[1:], "both": modes}[args.batching]
     levels = run_concurrency_benchmark(modes, args.concurrency, args.requests, args.warmup, args.width, args.height,
-                                       args.steps, progress)
+                                       args.steps, progress, storm=args.storm)
+    if args.json:
+        return 0
+    batching = {"off": "off", "on": "on", "both": "off, then on"}[args.batching]
     print(f"genserve bench --concurrency: {args.config}, {args.width}x{args.height}, {args.steps} steps, "
-          f"max({args.requests}, 2 x clients) requests per level after {args.warmup} warm-up; batching off, then on "
-          "(the default model and the scorer)")
+          f"max({args.requests}, 2 x clients) requests per level after {args.warmup} warm-up; batching "
+          f"{batching} (the default model and the scorer)"
+          + (f"; then a storm of {args.storm} clients retrying at once" if args.storm else ""))
     print(format_concurrency_table(levels))
     return 0
 
@@ -388,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="instead: throughput and p50/p95 at these client counts, batching off and on (e.g. 1 8 64)")
     bench.add_argument("--max-batch-images", type=int, default=8, help="with --concurrency: the batch cap")
     bench.add_argument("--batch-wait-ms", type=float, default=20.0, help="with --concurrency: the batch wait")
+    bench.add_argument("--batching", choices=["off", "on", "both"], default="both",
+                       help="with --concurrency: the default model and the scorer with batching off, on, or both in turn")
+    bench.add_argument("--storm", type=int, default=64, metavar="CLIENTS",
+                       help="with --concurrency: last, this many clients that send a rejected request again at once "
+                            "(0: none)")
+    bench.add_argument("--json", action="store_true",
+                       help="with --concurrency: one JSON object per level on stdout instead of the table")
     bench.add_argument("--auth-overhead", action="store_true",
                        help="instead: job status read latency without keys, then with keys and per-key limits")
     bench.add_argument("--limits-storage", default=None,

@@ -138,9 +138,9 @@ def _generate(args: argparse.Namespace) -> int:
         result, files = _run_job(client, args, "image", request)
         if result is None:  # no jobs deployed: the sync endpoint, without progress
             response = client.images(request)
-            files = [base64.b64decode(image.b64_png) for image in response.images]
+            files = [image.image_bytes() for image in response.images]
             result = response.model_dump(mode="json", exclude={"images"}) | {
-                "images": [image.model_dump(mode="json", exclude={"b64_png"}) for image in response.images]}
+                "images": [image.model_dump(mode="json", exclude={"b64_png", "b64_image"}) for image in response.images]}
         saved = _save(files, outputs)
     _report(args, result, saved)
     return EXIT_OK

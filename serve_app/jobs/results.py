@@ -1,12 +1,11 @@
 """A finished sync response, turned into a job's result: files named by position, JSON without base64.
 
-File names depend only on the request (image-0.png ..., video.mp4), so a re-run of the same job
-writes the same names: a store keyed by job id and name then holds one result, never two.
+File names depend only on the request (image-0.png ..., image-0.webp with output_format webp,
+video.mp4), so a re-run of the same job writes the same names: a store keyed by job id and name then
+holds one result, never two.
 """
 
 from __future__ import annotations
-
-import base64
 
 from deployments.runtime.types import VideoOutput
 from serve_app.jobs.model import ResultFile
@@ -19,10 +18,10 @@ def image_result(job_id: str, response: ImageResponse) -> tuple[dict, Files]:
     files: Files = []
     images = []
     for index, image in enumerate(response.images):
-        name = f"image-{index}.png"
-        data = base64.b64decode(image.b64_png)
-        files.append((ResultFile(name, "image/png", len(data)), data))
-        images.append({**image.model_dump(mode="json", exclude={"b64_png"}), "file": name})
+        name = f"image-{index}.{image.output_format}"
+        data = image.image_bytes()
+        files.append((ResultFile(name, image.media_type, len(data)), data))
+        images.append({**image.model_dump(mode="json", exclude={"b64_png", "b64_image"}), "file": name})
     result = {**response.model_dump(mode="json", exclude={"images"}), "id": job_id, "images": images}
     return result, files
 

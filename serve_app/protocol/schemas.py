@@ -7,6 +7,7 @@ control, LoRAs, budgets) are decided in `serve_app.services.validation`, in the 
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import warnings
@@ -30,6 +31,13 @@ def random_seed() -> int:
 
 MAX_LORAS = 8
 LORA_SCALE_RANGE = (-2.0, 2.0)
+
+# An image's file format, as the OpenAI Images API names them.
+ImageFormat = Literal["png", "jpeg", "webp"]
+IMAGE_MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# jpeg/webp quality when a request gives no output_compression: at 1024x1024 WebP q90 is about a tenth
+# of the PNG's bytes and no slower to encode than PNG level 1 (docs/benchmarks.md).
+DEFAULT_IMAGE_QUALITY = 90
 
 
 class Lora(BaseModel):
@@ -190,12 +198,29 @@ class ImageRequest(BaseModel):
         description="Allow the configured remote images endpoint to serve this request when the local model is "
                     "saturated (the prompt then goes to that third party). Needs `fallback.enabled` in the config.",
     )
+    output_format: ImageFormat = Field(
+        "png", description="png (lossless, the generation parameters in its text chunks), or jpeg or webp: smaller "
+                           "and cheaper to encode, the parameters in EXIF. The image is in b64_png, or b64_image.",
+    )
+    output_compression: int | None = Field(
+        None, ge=0, le=100,
+        description=f"jpeg and webp only: the quality, 0-100 (OpenAI's output_compression); default "
+                    f"{DEFAULT_IMAGE_QUALITY}.",
+    )
 
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must contain non-whitespace text")
+        return value
+
+    @field_validator("output_compression")
+    @classmethod
+    def _lossy_only(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("output_format", "png") == "png":
+            raise PydanticCustomError("lossy_only", "output_compression applies to output_format jpeg or webp only, "
+                                                    "not png (allowed: omit it, or set output_format)")
         return value
 
 
@@ -313,7 +338,21 @@ class ImageInfo(BaseModel):
 
 
 class GeneratedImage(ImageInfo):
-    b64_png: str = Field(description="Base64 PNG with the generation parameters in its text chunks.")
+    output_format: ImageFormat = Field("png", description="The request's output_format.")
+    b64_png: str | None = Field(
+        None, description="Base64 PNG with the generation parameters in its text chunks (output_format png, the "
+                          "default); null for jpeg and webp, which are in b64_image.")
+    b64_image: str | None = Field(
+        None, description="With output_format jpeg or webp: the base64 image, the generation parameters in its EXIF "
+                          "ImageDescription (JSON); null for png.")
+
+    def image_bytes(self) -> bytes:
+        """The image file, whichever field holds it."""
+        return base64.b64decode(self.b64_png if self.output_format == "png" else self.b64_image)
+
+    @property
+    def media_type(self) -> str:
+        return IMAGE_MEDIA_TYPES[self.output_format]
 
 
 class Attempt(BaseModel):

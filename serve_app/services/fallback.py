@@ -30,7 +30,7 @@ from serve_app.protocol.errors import RequestError
 from serve_app.protocol.schemas import Attempt, GeneratedImage, ImageRequest, ImageResponse, Scores
 from serve_app.services.graph import call_stage
 from serve_app.services.inputs import decode_image
-from serve_app.services.media import encode_png_b64
+from serve_app.services.media import encode_image_b64, encoding_of
 
 logger = logging.getLogger("ray.serve")
 
@@ -181,8 +181,8 @@ class Fallback:
             passed = image_scores[plan.metric] >= plan.threshold
             generated.append((array, Scores(**image_scores), passed))
         images = await asyncio.to_thread(lambda: [
-            GeneratedImage(b64_png=encode_png_b64(array, meta | {"width": array.shape[1], "height": array.shape[0]},
-                                                 a1111=False),
+            GeneratedImage(**encode_image_b64(array, meta | {"width": array.shape[1], "height": array.shape[0]},
+                                              **encoding_of(request), a1111=False),
                            seed=plan.base_seed, width=array.shape[1], height=array.shape[0], attempt=1,
                            scores=image_scores, passed=passed)
             for array, image_scores, passed in generated])

@@ -35,9 +35,10 @@ from serve_app.protocol.schemas import (
     Scores,
     random_seed,
 )
+from serve_app.services.admission import Admission
 from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
 from serve_app.services.inputs import decode_image, fit_image, fit_mask, upload_sha256
-from serve_app.services.media import encode_plain_png, encode_png_b64
+from serve_app.services.media import encode_image_b64, encode_plain_png, encoding_of
 from serve_app.services.metrics import GateMetrics
 from serve_app.services.quality import MemoryQualityBook, QualityBook, tally_of
 from serve_app.services.settings import Handles, Settings
@@ -77,6 +78,7 @@ class ImageService:
         self.quality: QualityBook = MemoryQualityBook(settings.calibration)
         # The gate's Prometheus metrics (services/metrics.py), set by Services.build when metrics are on.
         self.gate_metrics_recorder: GateMetrics | None = None
+        self.admission = Admission(settings.admission)
 
     def spec_of(self, model: str | None) -> ModelSpec:
         """The spec of the model a request names, the default when it names none (422 otherwise)."""
@@ -185,11 +187,13 @@ class ImageService:
 
     async def run(self, request: ImageRequest, progress: ProgressTarget | None = None,
                   ) -> tuple[ImagePlan, ModelSpec, list[str], GraphResult]:
-        """Plan and run the graph; the images stay arrays (text-to-video animates one of them)."""
-        calibration = await self.calibration_for(request)
-        # Off the event loop: planning decodes the control image, if any.
-        plan, spec, warnings = await asyncio.to_thread(self.plan, request, calibration)
-        return plan, spec, warnings, await self.run_plan(plan, spec, progress)
+        """Plan and run the graph; the images stay arrays (text-to-video animates one of them). A model
+        that cannot take the request turns it away first (services/admission.py)."""
+        with self.admission.admitted(self.spec_of(request.model).id):
+            calibration = await self.calibration_for(request)
+            # Off the event loop: planning decodes the control image, if any.
+            plan, spec, warnings = await asyncio.to_thread(self.plan, request, calibration)
+            return plan, spec, warnings, await self.run_plan(plan, spec, progress)
 
     async def run_plan(self, plan: ImagePlan, spec: ModelSpec, progress: ProgressTarget | None = None) -> GraphResult:
         """Run the graph for a plan already made by `plan`; what the gate did is recorded."""
@@ -223,7 +227,7 @@ class ImageService:
         plan, spec, warnings, result = await self.run(request, progress)
         width, height = plan.output_size
         encode_started = time.perf_counter()
-        images, attempts = await asyncio.to_thread(self._encode, result, plan, spec)
+        images, attempts = await asyncio.to_thread(self._encode, result, plan, spec, encoding_of(request))
         timings = dict(result.timings)
         timings["encode"] = time.perf_counter() - encode_started
         timings["total"] = time.perf_counter() - started
@@ -260,8 +264,10 @@ class ImageService:
         )
 
     @staticmethod
-    def _encode(result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> tuple[list[GeneratedImage], list[Attempt]]:
-        return [_generated_image(candidate, result, plan, spec) for candidate in result.chosen], attempts_of(result)
+    def _encode(result: GraphResult, plan: ImagePlan, spec: ModelSpec, encoding: dict,
+                ) -> tuple[list[GeneratedImage], list[Attempt]]:
+        return ([_generated_image(candidate, result, plan, spec, encoding) for candidate in result.chosen],
+                attempts_of(result))
 
     async def enhance_prompt(self, request: EnhanceRequest | dict) -> EnhanceResponse:
         """The enhance step alone, as the image graph would run it for `request.model`."""
@@ -379,7 +385,8 @@ def edit_meta(plan: ImagePlan) -> dict:
     return meta
 
 
-def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan, spec: ModelSpec) -> GeneratedImage:
+def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan, spec: ModelSpec,
+                     encoding: dict) -> GeneratedImage:
     width, height = plan.output_size
     meta = {
         "prompt": candidate.prompt,
@@ -405,7 +412,7 @@ def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan,
         if control.type == "canny" and control.preprocess:
             meta["control"].update(low_threshold=control.low_threshold, high_threshold=control.high_threshold)
     return GeneratedImage(
-        b64_png=encode_png_b64(candidate.image, meta),
+        **encode_image_b64(candidate.image, meta, **encoding),
         seed=candidate.seed,
         width=width,
         height=height,

@@ -18,6 +18,7 @@ from deployments.image_generator import ImageGenerator
 from deployments.lora_registry import LoraRegistry
 from deployments.video_generator import VideoGenerator
 from serve_app.config import (
+    DEFAULT_RETRY_AFTER_S,
     AppArgs,
     AuthConfig,
     DeploymentOptions,
@@ -74,6 +75,7 @@ class Settings:
     limits_storage: str
     jobs: JobsConfig
     job_slots: dict[str, int]
+    admission: dict[str, tuple[int, float]]  # image model id -> (requests in flight at most, Retry-After s)
     # The profile's starting calibration for quality_percentile (policy.calibration, read here once).
     calibration: Calibration = field(default_factory=dict)
 
@@ -99,6 +101,7 @@ class Settings:
             limits_storage=args.limits_storage(),
             jobs=resolved_jobs_config(args),
             job_slots=job_slots(args),
+            admission=admission_limits(args),
             calibration=load_calibration(args.policy.calibration),
         )
 
@@ -115,6 +118,20 @@ def capacity(args: AppArgs, name: str, deployment) -> int:
     replicas = options.autoscaling.max_replicas if options.autoscaling else options.num_replicas
     per_replica = options.max_ongoing_requests or deployment.max_ongoing_requests
     return (replicas or deployment.num_replicas) * per_replica
+
+
+def admission_limits(args: AppArgs) -> dict[str, tuple[int, float]]:
+    """Per image model with a bounded queue: what its deployment holds for one caller (its capacity
+    plus max_queued_requests, which Serve counts per caller) and its Retry-After (services/admission.py)."""
+    limits = {}
+    for entry in args.served_image_models:
+        options = args.all_deployment_options().get(entry.deployment_name, DeploymentOptions())
+        if options.max_queued_requests in (None, -1):
+            continue
+        retry_after_s = DEFAULT_RETRY_AFTER_S if options.retry_after_s is None else options.retry_after_s
+        limits[entry.id] = (capacity(args, entry.deployment_name, ImageGenerator) + options.max_queued_requests,
+                            retry_after_s)
+    return limits
 
 
 def job_slots(args: AppArgs) -> dict[str, int]:

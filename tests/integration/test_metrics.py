@@ -163,6 +163,8 @@ def test_raw_exposition_names_types_and_labels(dev_app, prometheus):
         "ray_genserve_gate_accepted_images": ("counter", {"model", "metric"}),
         "ray_genserve_gate_device_seconds": ("counter", {"model", "metric"}),
         "ray_genserve_gate_score_fraction": ("histogram", {"model", "metric"}),
+        "ray_genserve_model_busy_seconds": ("counter", {"model", "deployment", "replica"}),
+        "ray_genserve_model_call_cpu_seconds": ("counter", {"model", "deployment", "replica"}),
     }
     for name, (kind, labels) in expected.items():
         assert name in families, f"{name} missing from the exposition"

@@ -86,19 +86,20 @@ def test_the_concurrency_table_gives_ratios_to_one_client_and_to_the_first_mode(
     levels = [Level("batching off", 1, [0.1] * 10, 0, 1.0), Level("batching off", 8, [0.4] * 20, 0, 1.0),
               Level("batching on", 1, [0.1] * 10, 0, 1.0), Level("batching on", 8, [0.3] * 30, 2, 1.0, rejections=5)]
     rows = format_concurrency_table(levels).splitlines()
-    # batching on at 8 clients: 30 ok, 2 failed, 5 rejections, 30 img/s, 3.00x its one client, 1.50x the first mode.
-    assert rows[4].split()[-8:] == ["30", "2", "5", "30.00", "3.00", "1.50", "300", "300"]
+    # batching on at 8 clients: 30 ok, 2 failed, 5 rejections, 30 img/s, 3.00x its one client, 1.50x the first
+    # mode, p50/p95 300 ms; no device readings and no rejection latencies: "-".
+    assert rows[4].split()[-12:] == ["30", "2", "5", "30.00", "3.00", "1.50", "300", "300", "-", "-", "-", "-"]
 
 
-def test_the_concurrency_bench_turns_batching_on_with_room_for_a_full_batch():
+def test_the_concurrency_bench_turns_batching_on_with_room_for_the_next_batch_while_one_runs():
     from serve_app.bench.concurrency import with_batching
     from serve_app.config import app_args_from_config
 
     config = app_args_from_config("configs/dev.yaml")
     on = with_batching(config, True, max_batch_images=12, wait_ms=20)
     entry = on.image_model(on.default_model_id)
-    assert entry.batching.enabled and entry.batching.max_batch_images == 12 and entry.deployment.max_ongoing_requests == 12
-    assert on.scorer.batching.enabled and on.deployments["ClipScorer"].max_ongoing_requests == 12
+    assert entry.batching.enabled and entry.batching.max_batch_images == 12 and entry.deployment.max_ongoing_requests == 24
+    assert on.scorer.batching.enabled and on.deployments["ClipScorer"].max_ongoing_requests == 24
     assert entry.deployment.max_queued_requests == config.image_model(config.default_model_id).deployment.max_queued_requests
     off = with_batching(config, False, max_batch_images=12, wait_ms=20)
     assert not off.image_model(off.default_model_id).batching.enabled and not off.scorer.batching.enabled

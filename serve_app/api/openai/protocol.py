@@ -96,7 +96,11 @@ class OpenAIImageRequest(BaseModel):
     )
     user: str | None = Field(None, max_length=256, description="An end-user id; accepted, not stored.")
     safety_identifier: str | None = Field(None, max_length=256, description="As `user`: accepted, not stored.")
-    output_format: Literal["png"] | None = Field(None, description="Only 'png' (with the generation parameters).")
+    output_format: str | None = Field(
+        None, description="png (the default, with the generation parameters in its text chunks), jpeg or webp (the "
+                          "parameters in EXIF): genserve's output_format.")
+    output_compression: int | None = Field(
+        None, description="jpeg and webp only: the quality, 0-100 (genserve's output_compression).")
 
 
 def _mapped(value: str | None, field: str, table: dict, own: tuple[str, ...]):
@@ -146,6 +150,9 @@ def to_image_request(body: OpenAIImageRequest, files: dict[str, str] | None = No
     style = _mapped(body.style, "style", OPENAI_STYLES, STYLES)
     if style is not None:
         data["style"] = style
+    for name in ("output_format", "output_compression"):  # genserve's fields of the same name and meaning
+        if getattr(body, name) is not None:
+            data[name] = getattr(body, name)
     try:
         return ImageRequest.model_validate(data, strict=False if form else None)
     except ValidationError as error:
@@ -195,19 +202,21 @@ def size_of(width: int, height: int) -> str:
 def genserve_metadata(response: ImageResponse) -> dict:
     """What genserve adds beside OpenAI's fields: the full response (seeds, scores, attempts,
     timings) without the pixels, so a client of the OpenAI route can still reproduce and judge."""
-    return response.model_dump(mode="json", exclude={"images": {"__all__": {"b64_png"}}})
+    return response.model_dump(mode="json", exclude={"images": {"__all__": {"b64_png", "b64_image"}}})
 
 
-def images_response(response: ImageResponse, urls: list[str] | None = None) -> dict:
-    """OpenAI's ImagesResponse: `created`, `data[]` (b64_json or url, revised_prompt), and genserve's metadata."""
+def images_response(response: ImageResponse, urls: list[str] | None = None, output_format: str = "png") -> dict:
+    """OpenAI's ImagesResponse: `created`, `data[]` (b64_json or url, revised_prompt), `output_format`,
+    and genserve's metadata."""
     if urls is None:
-        data = [{"b64_json": image.b64_png, "revised_prompt": response.enhanced_prompt} for image in response.images]
+        data = [{"b64_json": image.b64_png if image.output_format == "png" else image.b64_image,
+                 "revised_prompt": response.enhanced_prompt} for image in response.images]
     else:
         data = [{"url": url, "revised_prompt": response.enhanced_prompt} for url in urls]
     return {
         "created": response.created,
         "data": data,
-        "output_format": "png",
+        "output_format": output_format,
         "size": size_of(response.width, response.height),
         "genserve": genserve_metadata(response),
     }

@@ -192,12 +192,13 @@ async def _respond(image_request: ImageRequest, response_format: str, request: R
     url: a durable job (charged when it is submitted)."""
     if response_format == "b64_json":
         await charge_images(request, image_request.num_images)
-        return images_response(await service.generate_images(image_request))
+        return images_response(await service.generate_images(image_request),
+                               output_format=image_request.output_format)
     return await _url_response(image_request, request, service)
 
 
 async def _url_response(image_request, request: Request, service: Services) -> dict:
-    """Run the request as a durable job (the same as POST /v1/jobs) and link its PNG files."""
+    """Run the request as a durable job (the same as POST /v1/jobs) and link its image files."""
     jobs = service.jobs_api()
     submission = JobSubmission(kind="image", request=image_request.model_dump(mode="json", exclude_unset=True))
     status = await jobs.submit(submission, request, JSONResponse(content=None), None)
@@ -210,7 +211,8 @@ async def _url_response(image_request, request: Request, service: Services) -> d
                           job.state, "server_error")
     result = jobs.result_of(job, request)
     base = str(request.base_url).rstrip("/")
-    return images_response(result, urls=[base + image.url for image in result.images])
+    return images_response(result, urls=[base + image.url for image in result.images],
+                           output_format=image_request.output_format)
 
 
 @router.get("/v1/models/{model}", responses=openai_errors(404))

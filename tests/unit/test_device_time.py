@@ -1,0 +1,85 @@
+"""Device busy time: what a replica records around its model calls, and the benchmark's arithmetic on it."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from deployments.runtime.metrics import ModelMetrics
+from serve_app.bench.concurrency import Level, level_json, run_level
+from serve_app.bench.device import DeviceUse, cpu_delta, device_use, overhead_ms, utilization
+
+JSON_KEYS = {"clients", "throughput", "p50_ms", "p95_ms", "utilization", "overhead_ms", "cpu_ms_per_image",
+             "rejections", "rejection_p50_ms"}
+
+
+def test_every_model_call_counts_as_busy_a_failed_one_too():
+    metrics = ModelMetrics("m", "cpu", enabled=False)
+    with metrics.track():
+        sum(range(200_000))  # some CPU inside the call
+    with pytest.raises(ValueError), metrics.track():
+        raise ValueError("the pipeline failed")
+    sample = metrics.device_time()
+    assert sample["calls"] == 2 and sample["replica"] == "local" and sample["model"] == "m"
+    assert sample["busy_s"] > 0 and sample["cpu_s"] >= 0
+
+
+def test_utilization_is_busy_over_wall_per_replica_and_their_mean():
+    before = {"a": {"busy_s": 10.0}, "b": {"busy_s": 4.0}}
+    after = {"a": {"busy_s": 19.0}, "b": {"busy_s": 9.0}, "c": {"busy_s": 2.0}}  # c started during the level
+    mean, each = utilization(before, after, wall_s=10.0)
+    assert each == pytest.approx({"a": 0.9, "b": 0.5, "c": 0.2}) and mean == pytest.approx(1.6 / 3)
+    assert utilization(before, {}, 10.0) == (None, {}) and utilization(before, after, 0.0) == (None, {})
+
+
+def test_cpu_outside_the_model_is_the_clusters_cpu_minus_the_model_calls():
+    generator = ({"a": {"busy_s": 1.0, "cpu_s": 0.5}}, {"a": {"busy_s": 5.0, "cpu_s": 2.5}})
+    scorer = ({"s": {"busy_s": 0.0, "cpu_s": 0.0}}, {"s": {"busy_s": 1.0, "cpu_s": 0.5}})
+    # pid 1 grew 3 s, pid 2 is new with 2 s, pid 3 ended during the level (not counted).
+    cpu = ({(1, 0.0): 10.0, (3, 0.0): 1.0}, {(1, 0.0): 13.0, (2, 5.0): 2.0})
+    # With no traffic the cluster spends 0.0625 cores: 0.5 s of the level's 8.
+    use = device_use(generator, scorer, cpu, wall_s=8.0, idle_cores=0.0625)
+    assert use.utilization == pytest.approx(0.5) and use.device_s == pytest.approx(5.0)
+    assert use.model_cpu_s == pytest.approx(2.5) and use.ray_cpu_s == pytest.approx(5.0)
+    assert cpu_delta({}, {}) == 0
+    # 10 images: (5 - 2.5 - 0.5) CPU seconds outside the model and the idle cluster, 200 ms each.
+    row = level_json(Level("m", 1, seconds=[0.6] * 10, wall_s=8.0, device=use))
+    assert row["cpu_ms_per_image"] == pytest.approx(200.0) and row["idle_cpu_cores"] == pytest.approx(0.0625)
+
+
+def test_overhead_is_mean_latency_minus_device_time_at_one_client_only():
+    assert overhead_ms([0.5, 0.7], device_s=1.0) == pytest.approx(100.0) and overhead_ms([], 1.0) is None
+    use = DeviceUse(0.8, {"a": 0.8}, device_s=1.0)
+    one = level_json(Level("m", 1, seconds=[0.5, 0.7], wall_s=1.25, device=use))
+    eight = level_json(Level("m", 8, seconds=[0.5, 0.7], wall_s=1.25, device=use))
+    assert one["overhead_ms"] == pytest.approx(100.0) and eight["overhead_ms"] is None
+    assert one["device_ms_per_request"] == pytest.approx(500.0) and one["utilization_per_replica"] == {"a": 0.8}
+
+
+def test_a_level_is_one_json_object_with_the_operators_fields():
+    level = Level("batching off", 8, seconds=[0.1, 0.2, 0.3], wall_s=0.5, rejections=2,
+                  rejection_seconds=[0.01, 0.03])
+    row = json.loads(json.dumps(level_json(level)))
+    assert JSON_KEYS <= row.keys()
+    assert row["clients"] == 8 and row["throughput"] == pytest.approx(6.0) and row["p50_ms"] == pytest.approx(200.0)
+    assert row["rejections"] == 2 and row["rejection_p50_ms"] in (10.0, 30.0)
+    assert row["utilization"] is None and row["cpu_ms_per_image"] is None  # not read: null, never a made-up 0
+
+
+def test_a_storm_sends_a_rejected_request_again_at_once_and_times_each_rejection():
+    from tests.unit.test_client import IMAGE
+
+    sent = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seed = json.loads(request.content)["seed"]
+        sent.append(seed)
+        if sent.count(seed) <= 3:  # each request is turned away three times, with a long Retry-After
+            return httpx.Response(503, headers={"Retry-After": "60"}, json={"detail": "queue full"})
+        return httpx.Response(200, json=IMAGE)
+
+    level = asyncio.run(run_level("http://genserve.test", {"prompt": "a fox"}, "m", clients=2, requests=2,
+                                  transport=httpx.MockTransport(server), storm=True))
+    assert len(level.seconds) == 2 and level.rejections == 6 and len(level.rejection_seconds) == 6
+    assert level.storm and level.wall_s < 30  # waiting out one Retry-After alone would take 60 s
