@@ -1,7 +1,8 @@
 """The model family registry: one module per family, looked up by name or by import path.
 
 - `base`: what a family declares (`ImageFamily`) and what a loaded model does (`LoadedImageModel`);
-- `flux`, `sdxl`, `sd15`: the built-in families, each a module with a `FAMILY` instance.
+- `flux`, `flux2`, `sdxl`, `sd15`: the built-in families, each a module with a `FAMILY` instance
+  (docs/models.md has them all).
 - `video_base`: what a video family declares (`VideoFamily`: capabilities, frame and size rules, its
   own request parameters, memory options, tiny builder); `svd`, `ltx`, `animatediff`: the built-in video families,
   looked up the same way by `get_video_family` (`video_models:` entries).
