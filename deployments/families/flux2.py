@@ -48,13 +48,7 @@ def out_layers(num_hidden_layers: int) -> tuple[int, int, int]:
 
 
 class LoadedFlux2(LoadedImageModel):
-    def latent_image(self, latents, params):
-        # The packed sequence holds 2x2 patches of the VAE's latent channels: unpack, then unpatchify.
-        pipeline = self.pipeline
-        side = pipeline.vae_scale_factor * 2
-        batch, _, channels = latents.shape
-        grid = latents.reshape(batch, params.height // side, params.width // side, channels).permute(0, 3, 1, 2)
-        return pipeline._unpatchify_latents(grid)
+    # No denoising previews: no RGB factors are published for FLUX.2's 32-channel latents yet.
 
     @property
     def text_encoder_out_layers(self) -> tuple[int, ...]:
