@@ -527,7 +527,7 @@ class ImageModelConfig(_Strict):
                     "'.' (e.g. flux-schnell, sdxl-turbo, my-finetune.v2); at most 64 characters.",
     )
     family: str = Field(
-        description="A built-in family (flux, sdxl, sd15) or an import path to one ('package.module:FAMILY')."
+        description="A built-in family (flux, flux2, sdxl, sd15: docs/models.md) or an import path to one ('package.module:FAMILY')."
     )
     source: ModelSource = Field(description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'.")
     description: str | None = Field(None, max_length=300, description="Shown in GET /v1/models; default: the family's.")

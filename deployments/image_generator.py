@@ -51,8 +51,8 @@ class _Pending:
         """Requests with equal keys can share a pipeline call: everything the call takes once for
         the whole batch. That is the size, steps and guidance; the LoRA set and scales; the control
         (type, scale, map); the edit (mode, strength, mask blur and paste-back, init image and mask);
-        the hires pass; and whether a negative prompt is given (diffusers treats none and an empty
-        one differently). Prompts and seeds are per image."""
+        the hires pass; the reference images; and whether a negative prompt is given (diffusers treats
+        none and an empty one differently). Prompts and seeds are per image."""
         params, control, edit = self.params, self.control, self.params.edit
         loras = tuple((lora.name, lora.location, lora.weight_name, lora.revision, lora.scale) for lora in params.loras)
         control_key = None if control is None else (
@@ -60,8 +60,9 @@ class _Pending:
         edit_key = None if edit is None else (
             edit.mode, edit.strength, edit.mask_blur, edit.preserve_unmasked, edit.image.shape, _digest(edit.image),
             _digest(edit.mask))
+        references = tuple((image.shape, _digest(image)) for image in params.references)
         return (params.width, params.height, params.num_inference_steps, params.guidance_scale, loras, control_key,
-                edit_key, params.hires, self.prompt.negative_prompt is None)
+                edit_key, params.hires, references, self.prompt.negative_prompt is None)
 
 
 def _images_in(batch: list[_Pending]) -> int:

@@ -30,6 +30,7 @@ from serve_app.protocol.schemas import (
     HiresOptions,
     ImageRequest,
     ImageResponse,
+    JobImageRef,
     KeyframeOptions,
     Lora,
     ScoredImage,
@@ -43,6 +44,7 @@ from serve_app.protocol.schemas import (
 __all__ = [
     "Attempt", "ControlOptions", "ControlPreviewRequest", "ControlPreviewResponse", "EnhanceRequest",
     "EnhanceResponse", "GeneratedImage", "HiresOptions", "ImageJobResult", "ImageRequest", "ImageResponse",
-    "JobList", "JobProgress", "JobState", "JobStatus", "JobSubmission", "KeyframeOptions", "Lora", "RequestError",
+    "JobImageRef", "JobList", "JobProgress", "JobState", "JobStatus", "JobSubmission", "KeyframeOptions", "Lora",
+    "RequestError",
     "ScoreRequest", "ScoreResponse", "ScoredImage", "Scores", "VideoJobResult", "VideoRequest", "VideoResponse",
 ]

@@ -61,6 +61,10 @@ class LoraSignature:
     cross_attention_dims: tuple[int, ...] = ()
     # UNet-only adapters whose width no family claims are taken to be this family's.
     unet_fallback: bool = False
+    # Signatures are tried in descending precedence: a family whose adapters would also match a
+    # broader family's signature (FLUX.2's "flux-2" metadata and transformer keys match FLUX.1's
+    # "flux" and "transformer.") sets it above 0, so it is asked first.
+    precedence: int = 0
 
     def matches_metadata(self, hint: str) -> bool:
         return bool(self.metadata_prefixes) and hint.startswith(self.metadata_prefixes)
@@ -83,10 +87,20 @@ class ImageCapabilities:
     # Whether ControlNet guidance combines with image-to-image and inpainting.
     control_edits: bool
     loras: bool
+    # How many reference images one request may condition on (0: none), and whether the prompt may
+    # be an instruction that edits them ("make it night"): the family's `reference_images` and
+    # `instruction_edits`.
+    reference_images: int = 0
+    instruction_edits: bool = False
+    # What the pipeline accepts of each reference image: the shortest side in pixels and the largest
+    # ratio of the sides (0: any).
+    reference_min_side: int = 0
+    reference_max_aspect: float = 0.0
 
     def public(self) -> dict:
         return {"text_to_image": True, "image_to_image": self.image_to_image, "inpainting": self.inpainting,
-                "control_types": list(self.control_types), "loras": self.loras}
+                "control_types": list(self.control_types), "loras": self.loras,
+                "reference_images": self.reference_images, "instruction_edits": self.instruction_edits}
 
 
 def derived_pipeline(class_name: str, base, **components):
@@ -275,6 +289,15 @@ class ImageFamily:
     inpaint_pipeline_class: ClassVar[str | None] = None
     # Whether ControlNet guidance combines with image-to-image and inpainting.
     control_edits: ClassVar[bool] = False
+    # Reference images: how many the base pipeline conditions one call on (`GenerationParams.references`,
+    # which the family's `pipeline_kwargs` passes on); 0: none (422 naming `reference_images`).
+    reference_images: ClassVar[int] = 0
+    # Whether the prompt may be an instruction that edits the reference images ("make it night"),
+    # so an edit needs no mask and no strength (OpenAI's /v1/images/edits without a mask uses it).
+    instruction_edits: ClassVar[bool] = False
+    # Each reference image's shortest side in pixels and largest ratio of the sides (0: any).
+    reference_min_side: ClassVar[int] = 0
+    reference_max_aspect: ClassVar[float] = 0.0
     # Denoising previews: latent channel -> RGB factors (C x 3) and bias for the family's VAE latents,
     # as ComfyUI's latent previews publish them; None: no previews for this family.
     preview_factors: ClassVar[tuple[tuple[float, float, float], ...] | None] = None
@@ -385,6 +408,10 @@ class ImageFamily:
             control_edits=self.control_edits,
             # Fused QKV projections leave the separate ones a LoRA patches unused: no LoRAs then.
             loras=self.lora is not None and not fuse_qkv,
+            reference_images=self.reference_images,
+            instruction_edits=self.instruction_edits and self.reference_images > 0,
+            reference_min_side=self.reference_min_side,
+            reference_max_aspect=self.reference_max_aspect,
         )
 
     def build_tiny(self, seed: int = 0, config: "ImageModelConfig | None" = None):

@@ -124,7 +124,10 @@ class GenerationParams:
 
     `loras`: the adapters to apply to this batch, and only these (empty: none). `control` applies to
     generators with ControlNets only (the model spec checks it first). `edit`: start from an image
-    (image-to-image, inpainting); `hires`: refine the result at a larger size in a second pass."""
+    (image-to-image, inpainting); `hires`: refine the result at a larger size in a second pass.
+    `references`: uint8 (H, W, 3) images the model conditions every image of the batch on (what to
+    keep of a subject, a style, or the picture an instruction edits), for families that declare
+    `ImageFamily.reference_images`; the model spec checks the count first."""
 
     seeds: list[int]
     width: int
@@ -136,6 +139,7 @@ class GenerationParams:
     control: ControlInput | None = None
     edit: EditInput | None = None
     hires: HiresPass | None = None
+    references: tuple[np.ndarray, ...] = ()
 
     def total_steps(self) -> int:
         """The denoising steps this batch runs, both passes together (what progress counts to)."""

@@ -10,6 +10,7 @@ images.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import math
@@ -159,7 +160,7 @@ class JobsApi:
         """Validate and durably record a job for the caller of `request` (its owner, quotas and
         budget): (job, created, queue position). The protocol adapters' way in (MCP tools, A2A
         tasks, OpenAI `url` results), as POST /v1/jobs's."""
-        stored = await self._validated(submission)
+        stored = await self._validated(submission, request)
         digest = request_hash(submission)
         who = principal(request)
         if idempotency_key is not None:
@@ -205,8 +206,9 @@ class JobsApi:
     def _frames(self, stored: dict) -> int:
         return self.videos.frames(stored)  # validated already: its model's default when unset
 
-    async def _validated(self, submission: JobSubmission) -> dict:
-        """The request as it will run: validated like the sync endpoint, seed filled in."""
+    async def _validated(self, submission: JobSubmission, request: Request) -> dict:
+        """The request as it will run: validated like the sync endpoint, earlier jobs' images that it
+        names as references looked up for the caller of `request`, seed filled in."""
         if submission.kind == "video" and self.videos is None:
             raise JobError(501, "video generation is not deployed: add a video_models entry to the config")
         model = ImageRequest if submission.kind == "image" else VideoRequest
@@ -221,6 +223,7 @@ class JobsApi:
                                              "fallback; use POST /v1/images for that", "false").detail(("request",)))
         try:
             if isinstance(parsed, ImageRequest):
+                parsed = await self.with_references(parsed, request)
                 calibration = await self.images.calibration_for(parsed)  # for a quality_percentile
                 plan, _, _ = await asyncio.to_thread(self.images.plan, parsed, calibration)  # decodes a control image
                 seed = plan.base_seed
@@ -268,6 +271,38 @@ class JobsApi:
         """A succeeded job's result with links to its files (GET .../result)."""
         result = with_urls(job.kind, job.result, lambda name: self._file_url(request, job.id, name))
         return (ImageJobResult if job.kind == "image" else VideoJobResult).model_validate(result)
+
+    async def job_image(self, job_id: str, index: int, request: Request, field: str, index_field: str | None = None) -> bytes:
+        """The PNG of image `index` of a succeeded image job the caller of `request` may see; 422 naming
+        `field` otherwise, or `index_field` for an index past the job's images (another key's job is
+        'no job', as in GET /v1/jobs/{id})."""
+        try:
+            job, _ = await self.find(job_id, request)
+        except JobError:
+            raise RequestError(field, f"no job {job_id!r}", "the id of a succeeded image job of yours") from None
+        if job.kind != "image" or job.state != SUCCEEDED:
+            raise RequestError(field, f"job {job_id!r} is a {job.state} {job.kind} job; a succeeded image job is needed",
+                               "the id of a succeeded image job")
+        images = self.result_of(job, request).images
+        if index >= len(images):
+            raise RequestError(index_field or field, f"job {job_id!r} has {len(images)} image(s); got index {index}",
+                               f"0-{len(images) - 1}")
+        found = await self.runner.read_file.remote(job.id, images[index].file)
+        if found is None:
+            raise RequestError(field, f"the files of job {job_id!r} have expired", "a job whose files are kept")
+        return found[0]
+
+    async def with_references(self, image_request: ImageRequest, request: Request) -> ImageRequest:
+        """`image_request` with each earlier job's image in `reference_images` replaced by that image's PNG
+        (base64), looked up for the caller of `request`: the services see pixels only."""
+        references = image_request.reference_images
+        if all(isinstance(reference, str) for reference in references):
+            return image_request
+        resolved = [reference if isinstance(reference, str) else base64.b64encode(
+            await self.job_image(reference.job_id, reference.index, request, f"reference_images.{index}")).decode()
+            for index, reference in enumerate(references)]
+        return ImageRequest.model_validate({**image_request.model_dump(mode="json", exclude_unset=True),
+                                            "reference_images": resolved})
 
     async def file(self, job_id: str, name: str, request: Request) -> Response:
         if not _FILE_NAME.match(name):

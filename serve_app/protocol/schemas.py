@@ -11,7 +11,7 @@ import base64
 import json
 import secrets
 import warnings
-from typing import Any, Callable, ClassVar, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -31,6 +31,20 @@ def random_seed() -> int:
 
 MAX_LORAS = 8
 LORA_SCALE_RANGE = (-2.0, 2.0)
+# Reference images one request may carry; each model's own limit (GET /v1/models reference_images)
+# is at most this, and 0 for models that take none.
+MAX_REFERENCE_IMAGES = 8
+
+
+class JobImageRef(BaseModel):
+    """An image of an earlier, succeeded image job the caller may see, by job id and index: an agent
+    edits what it made without sending the pixels back. The HTTP, jobs, MCP and A2A front ends look
+    it up; through the Python handle, send the image itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(min_length=1, max_length=64, description="The id of a succeeded image job (POST /v1/jobs).")
+    index: int = Field(0, ge=0, le=3, description="Which of the job's images, 0-3.")
 
 # An image's file format, as the OpenAI Images API names them.
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -188,6 +202,13 @@ class ImageRequest(BaseModel):
     )
     hires: HiresOptions | None = Field(
         None, description="A second, high-resolution pass: {scale, strength, steps}; not with mask."
+    )
+    reference_images: list[Annotated[str, Field(min_length=1)] | JobImageRef] = Field(
+        default_factory=list, max_length=MAX_REFERENCE_IMAGES,
+        description="Images the model conditions every image on, each base64 PNG, JPEG or WebP or an earlier job's "
+                    "image {job_id, index}: the prompt then says what to make of them, a new picture (\"this mug "
+                    "on a beach\") or an edit by instruction (\"make it night\"). Models with reference_images "
+                    "in GET /v1/models take up to that many; not with init_image or control.",
     )
     preview: bool = Field(
         True, description="As a job: send a small approximate picture of the image being denoised with its progress "
@@ -416,8 +437,9 @@ class ImageResponse(BaseModel):
     timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total.")
     warnings: list[str] = Field(default_factory=list)
     loras: list[Lora] = Field(default_factory=list, description="The LoRA adapters applied, with their scales.")
-    mode: Literal["text-to-image", "image-to-image", "inpainting"] = Field(
-        "text-to-image", description="What the first pass started from: noise, init_image, or init_image and mask."
+    mode: Literal["text-to-image", "image-to-image", "inpainting", "instruction-edit"] = Field(
+        "text-to-image", description="What the first pass started from: noise, init_image, init_image and mask, or "
+                                     "noise conditioned on reference_images (the prompt an instruction)."
     )
     strength: float | None = Field(None, description="The strength used with init_image; null for text-to-image.")
     hires: HiresInfo | None = Field(None, description="The high-resolution second pass, when one ran.")

@@ -145,10 +145,12 @@ class Fallback:
 
     def check(self, request: ImageRequest) -> None:
         """422 on `fallback` when the request asks for what a remote API cannot do."""
-        if request.loras or request.control is not None:
-            what = "loras" if request.loras else "control"
+        local_only = {"loras": bool(request.loras), "control": request.control is not None,
+                      "reference_images": bool(request.reference_images)}
+        what = next((name for name, given in local_only.items() if given), None)
+        if what is not None:
             raise RequestError("fallback", f"a remote endpoint cannot apply {what}; send fallback: false to wait "
-                               "for the local model", "false with loras or control")
+                               "for the local model", "false with loras, control or reference_images")
         # The remote makes num_images, and the local model's calibration says nothing of its scores.
         if request.candidates is not None or request.quality_percentile is not None:
             what = "candidates" if request.candidates is not None else "quality_percentile"

@@ -131,8 +131,10 @@ class ImagePlan:
     control: ControlInput | None = None
     edit: EditInput | None = None  # image-to-image or inpainting
     hires: HiresPass | None = None  # a second pass at a larger size
-    # SHA-256 of the uploaded init_image and mask ("init_image_sha256", "mask_sha256"), for metadata.
-    input_hashes: dict[str, str] = field(default_factory=dict)
+    # uint8 (H, W, 3) images every image is conditioned on; the prompt is then an instruction.
+    references: tuple = ()
+    # SHA-256 of the uploads ("init_image_sha256", "mask_sha256"; "reference_images_sha256", a list), for metadata.
+    input_hashes: dict = field(default_factory=dict)
 
     @property
     def extra_candidates(self) -> int:
@@ -141,6 +143,8 @@ class ImagePlan:
 
     @property
     def mode(self) -> str:
+        if self.references:
+            return "instruction-edit"
         return "text-to-image" if self.edit is None else self.edit.mode
 
     @property
@@ -276,6 +280,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
             control=control,
             edit=plan.edit,
             hires=plan.hires,
+            references=plan.references,
         )
         round_started = time.perf_counter()
         if attempt > 1 and plan.revise_prompt and plan.enhance:

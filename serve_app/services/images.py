@@ -13,6 +13,8 @@ import logging
 import time
 import uuid
 
+import numpy as np
+
 from deployments.enhancer.prompt_rules import validate_prompt
 from deployments.runtime.loading import NOISE_GENERATOR
 from deployments.runtime.previews import small_png_data_url
@@ -121,6 +123,18 @@ class ImageService:
         spec = self.spec_of(request.model)
         return await self.quality.calibration(spec.id, request.quality_metric or self.policy.metric)
 
+    def reference_inputs(self, request: ImageRequest, spec: ModelSpec) -> tuple[tuple[np.ndarray, ...], list[str]]:
+        """Decode `reference_images` (pixel limit before decoding, then the model's size rules; 422 naming
+        `reference_images.<i>`) as they are: the pipeline fits each itself. And their SHA-256, for metadata."""
+        images, hashes = [], []
+        for index, data in enumerate(request.reference_images):
+            field = f"reference_images.{index}"
+            image = decode_image(data, field, self.max_input_pixels)
+            spec.check_reference_size(field, image.size)
+            images.append(np.asarray(image.convert("RGB")))
+            hashes.append(upload_sha256(data, field))
+        return tuple(images), hashes
+
     def plan(self, request: ImageRequest, calibration: dict[int, float] | None = None,
              ) -> tuple[ImagePlan, ModelSpec, list[str]]:
         """Fill in defaults and check what depends on the model and the config (422 on failure, decided
@@ -130,7 +144,7 @@ class ImageService:
         anything is generated."""
         spec = self.spec_of(request.model)
         checked = check_image(request, spec, self.policy, self.gate_metrics, self.blocklist, self.loras,
-                              calibration)
+                              calibration, self.specs)
         warnings = []
         guidance_scale = checked.guidance_scale
         # Diffusers runs classifier-free guidance only above a scale of 1; below, a negative prompt does nothing.
@@ -148,6 +162,9 @@ class ImageService:
         width, height = checked.width, checked.height
         control = None if request.control is None else self.control_input(request.control, width, height)
         edit, input_hashes = (None, {}) if request.init_image is None else self.edit_input(request, width, height)
+        references, reference_hashes = self.reference_inputs(request, spec)
+        if reference_hashes:
+            input_hashes["reference_images_sha256"] = reference_hashes
         plan = ImagePlan(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -173,6 +190,7 @@ class ImageService:
             control=control,
             edit=edit,
             hires=checked.hires,
+            references=references,
             input_hashes=input_hashes,
         )
         return plan, spec, warnings
@@ -373,8 +391,11 @@ def hires_of(plan: ImagePlan) -> HiresInfo | None:
 
 
 def edit_meta(plan: ImagePlan) -> dict:
-    """What a result's metadata needs to reproduce an image-to-image, inpainting or hires request."""
+    """What a result's metadata needs to reproduce an image-to-image, inpainting, instruction-edit or
+    hires request: the mode, and the uploads' hashes."""
     meta = {}
+    if plan.references:
+        meta.update(mode=plan.mode, **plan.input_hashes)
     edit = plan.edit
     if edit is not None:
         meta.update(mode=edit.mode, strength=edit.strength, **plan.input_hashes)

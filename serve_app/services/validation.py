@@ -63,6 +63,12 @@ class ModelSpec:
     supports_img2img: bool = False
     supports_inpainting: bool = False
     control_edits: bool = False
+    # Reference images (the family's `reference_images`): how many one request may give, 0 for none;
+    # whether the prompt may be an instruction editing them; what each must measure.
+    reference_images: int = 0
+    instruction_edits: bool = False
+    reference_min_side: int = 0
+    reference_max_aspect: float = 0.0
     # How the enhancer's LLM writes prompts for this family (None: the neutral form).
     prompt_form: PromptForm | None = field(default=None, compare=False)
     # The config entry's compute budget per request, in pixel-steps (None: none).
@@ -94,6 +100,10 @@ class ModelSpec:
             supports_img2img=capabilities.image_to_image,
             supports_inpainting=capabilities.inpainting,
             control_edits=capabilities.control_edits,
+            reference_images=capabilities.reference_images,
+            instruction_edits=capabilities.instruction_edits,
+            reference_min_side=capabilities.reference_min_side,
+            reference_max_aspect=capabilities.reference_max_aspect,
             prompt_form=family.prompt_form,
             max_pixel_steps=getattr(entry, "max_pixel_steps", None),  # serve_app's ImageModelEntry has it
             simulated=entry.device.simulated,
@@ -176,6 +186,41 @@ class ModelSpec:
             )
         return HiresPass(width=width, height=height, steps=steps, strength=hires.strength)
 
+    def check_references(self, request: ImageRequest, specs: dict[str, "ModelSpec"]) -> None:
+        """`reference_images`: only for models whose family takes them, at most their count, and not with
+        init_image or control (the reference pipeline has neither); 422 naming the field and, for a
+        model without the capability, the families and models that have it."""
+        count = len(request.reference_images)
+        if not count:
+            return
+        if not self.reference_images:
+            capable: dict[str, list[str]] = {}
+            for spec in specs.values():
+                if spec.reference_images:
+                    capable.setdefault(spec.family, []).append(spec.id)
+            which = "; ".join(f"family {family} (models {', '.join(ids)})" for family, ids in capable.items())
+            raise RequestError("reference_images", f"{self.id} (family {self.family}) takes no reference images; "
+                               f"{'those that do: ' + which if capable else 'no deployed model does'}",
+                               "a model with reference_images in GET /v1/models" + (f": {which}" if capable else ""))
+        if count > self.reference_images:
+            raise RequestError("reference_images", f"{self.id} takes at most {self.reference_images} reference "
+                               f"images; got {count}", f"1-{self.reference_images} images")
+        for name in ("init_image", "control"):
+            if getattr(request, name) is not None:
+                raise RequestError(name, "does not combine with reference_images: the prompt edits the references "
+                                   "themselves", f"leave out {name} or reference_images")
+
+    def check_reference_size(self, field: str, size: tuple[int, int]) -> None:
+        """422 naming `field` (reference_images.<i>) for a reference smaller or more elongated than the model takes."""
+        width, height = size
+        if self.reference_min_side and min(width, height) < self.reference_min_side:
+            raise RequestError(field, f"is {width}x{height}; {self.id} needs at least {self.reference_min_side} "
+                               "pixels a side", f"sides of at least {self.reference_min_side} pixels")
+        if self.reference_max_aspect and max(width, height) / min(width, height) > self.reference_max_aspect:
+            raise RequestError(field, f"is {width}x{height}; {self.id} takes sides at most "
+                               f"{self.reference_max_aspect:g} times each other", f"an aspect ratio up to "
+                               f"{self.reference_max_aspect:g}:1")
+
     def check_budget(self, width: int, height: int, steps: int, images: int, rounds: int,
                      field: str = "num_images") -> None:
         """422 when the request's work, width x height x steps x images x rounds, is over the budget;
@@ -231,12 +276,20 @@ class CheckedImage:
 
 def check_image(request: ImageRequest, spec: ModelSpec, policy: QualityPolicy, gate_metrics: tuple[str, ...],
                 blocklist: tuple[str, ...], loras: LoraRegistry,
-                calibration: Mapping[int, float] | None = None) -> CheckedImage:
+                calibration: Mapping[int, float] | None = None, specs: dict[str, ModelSpec] | None = None,
+                ) -> CheckedImage:
     """Every rule of `request` that depends on its model or the config, before any upload is decoded
     (the uploads' own limits are checked as they decode): the first one broken raises.
     `calibration`: the model's score histogram for the gate metric, when the request gives a
-    quality_percentile (`ImageService.calibration_for`)."""
+    quality_percentile (`ImageService.calibration_for`). `specs`, every served model's, names the
+    ones that can do what `spec`'s cannot."""
+    spec.check_references(request, specs or {spec.id: spec})  # first: its init_image/control refusal says why
     spec.check(request)
+    for index, reference in enumerate(request.reference_images):
+        if not isinstance(reference, str):
+            raise RequestError(f"reference_images.{index}", f"job {reference.job_id!r}'s image is looked up by the HTTP, "
+                               "jobs, MCP and A2A front ends; through the Python handle, send the image itself",
+                               "base64 PNG, JPEG or WebP")
     check_blocklist(request.prompt, blocklist)
     refs = resolve_loras(request, spec, loras)
     metric, threshold, weights = quality_gate(request.quality_metric, request.quality_threshold,

@@ -51,8 +51,8 @@ async def _stream(client, message):
 
 def test_the_agent_card_is_served_with_every_skill(base):
     card = httpx.get(f"{base}/.well-known/agent-card.json").json()
-    assert [skill["id"] for skill in card["skills"]] == ["generate-image", "animate-image", "text-to-video",
-                                                         "score-image"]
+    assert [skill["id"] for skill in card["skills"]] == ["generate-image", "edit-image", "animate-image",
+                                                         "text-to-video", "score-image"]
     assert card["supportedInterfaces"][0]["url"] == f"{base}/a2a"
     assert card["supportedInterfaces"][0]["protocolVersion"] == "1.0"
 

@@ -221,3 +221,32 @@ def test_the_gallery_shows_finished_images_and_the_console_fits_a_phone(console)
         browser.save_screenshot(str(ARTIFACTS / "gallery-phone.png"))
     finally:
         browser.set_window_size(1280, 1000)
+
+
+def test_gallery_images_are_picked_as_references_for_an_edit_by_instruction(console, dev_app):
+    from selenium.webdriver.support.ui import Select
+
+    client = dev_app["client"]
+    fast = {"model": "flux2-klein", "num_inference_steps": 2, "enhance": False}
+    source = submit(client, "image", {**fast, "prompt": "a mug on a desk", "seed": 5})
+    wait_finished(client, source["id"])
+    browser = console("#/gallery")  # newest first: the job above is the first card
+    wait_until(lambda: browser.find_elements("css selector", "#gallery .use-reference"), 60, what="a pickable image")
+    button = browser.find_element("css selector", "#gallery .use-reference")
+    button.click()
+    assert button.get_attribute("aria-pressed") == "true"
+    browser.find_element("css selector", 'nav a[data-view="generate"]').click()  # the same page: picks are kept
+    wait_until(lambda: _by_id(browser, "f-model").get_attribute("value"), 30, what="models loaded")
+    assert not _by_id(browser, "references-fieldset").is_displayed(), "flux-schnell takes no references"
+    Select(_by_id(browser, "f-model")).select_by_value("flux2-klein")
+    wait_until(lambda: _by_id(browser, "references-fieldset").is_displayed(), 10, what="the references")
+    assert f"job {source['id']}, image 0" in _text(browser, "references")
+    _fill(browser, "f-prompt", "make it night")
+    _fill(browser, "f-num_inference_steps", 2)
+    _by_id(browser, "submit").click()
+    _submitted(browser)
+    _wait_state(browser, "succeeded")
+    job_id = browser.current_url.split("#/jobs/")[1]
+    result = client.get(f"/v1/jobs/{job_id}/result").json()
+    assert result["mode"] == "instruction-edit" and result["model"] == "flux2-klein"
+    browser.save_screenshot(str(ARTIFACTS / "references.png"))

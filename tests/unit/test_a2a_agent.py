@@ -4,6 +4,7 @@ them), states follow the job, artifacts carry the PNG and the ImageGenerationOut
 arguments are A2A errors naming the field, after which the client carries on."""
 
 import asyncio
+import base64
 import dataclasses
 import io
 import uuid
@@ -285,3 +286,16 @@ def test_subscribing_to_a_task_replays_it_from_the_job_store(store):
     assert kinds == ["task", "artifact_update", "status_update"], kinds
     assert events[1].artifact_update.artifact.parts[0].raw == task.artifacts[0].parts[0].raw
     assert events[2].status_update.status.state == pb.TASK_STATE_COMPLETED
+
+
+def test_edit_image_takes_the_text_as_the_instruction_and_files_and_earlier_tasks_images_as_references():
+    message = _message("make it night", {"skill": "edit-image", "reference_images": [{"job_id": "j1", "index": 1}]},
+                       raw=image_bytes(Image.new("RGB", (64, 64))))
+    skill, fields = a2a_agent.parse_message(message, video=False)
+    assert skill == "edit-image" and fields["prompt"] == "make it night"
+    assert fields["reference_images"][0] == {"job_id": "j1", "index": 1}
+    assert base64.b64decode(fields["reference_images"][1]).startswith(b"\x89PNG")
+    with pytest.raises(InvalidParamsError, match="reference_images"):
+        a2a_agent.parse_message(_message("make it night", {"skill": "edit-image"}), video=False)
+    assert "edit-image" in [skill.id for skill in a2a_agent.agent_card("http://x", video=False, edits=True).skills]
+    assert "edit-image" not in [skill.id for skill in a2a_agent.agent_card("http://x", video=False).skills]

@@ -75,9 +75,10 @@ def test_a_config_in_the_old_shape_says_which_key_replaces_it(key, replacement):
 
 
 def test_an_unknown_family_names_the_field_and_lists_the_known_ones():
-    loc, msg = _field_error(flux(family="flux2"))
+    loc, msg = _field_error(flux(family="flux9"))
     assert loc == ("image_models", 0, "family")
-    assert "unknown family 'flux2'" in msg and "flux, sdxl, sd15" in msg and "import path" in msg
+    assert "unknown family 'flux9'" in msg and "import path" in msg
+    assert all(name in msg for name in ("flux", "sdxl", "sd15"))
     loc, msg = _field_error(flux(family="no_such_package.family:FAMILY"))
     assert loc == ("image_models", 0, "family") and "could not be imported" in msg
 

@@ -97,12 +97,16 @@ def test_a_service_without_fallback_refuses_requests_that_ask_for_it():
     assert local.backend == "local"
 
 
-def test_requests_with_loras_or_control_cannot_ask_for_fallback(remote):
+def test_requests_with_loras_control_or_references_cannot_ask_for_fallback(remote):
     service, _ = services(remote.base_url)
     request = ImageRequest(prompt="a fox", fallback=True, loras=[{"name": "ink"}])
     with pytest.raises(RequestError) as caught:
         asyncio.run(service.generate_images(request))
     assert caught.value.field == "fallback" and "loras" in caught.value.message
+    with pytest.raises(RequestError) as caught:
+        asyncio.run(service.generate_images(ImageRequest(prompt="make it night", fallback=True,
+                                                         reference_images=["aGk="])))
+    assert caught.value.field == "fallback" and "reference_images" in caught.value.message
 
 
 @pytest.mark.parametrize("field, value", [("candidates", 2), ("quality_percentile", 50)])

@@ -94,3 +94,15 @@ def test_list_models_lists_the_video_models_with_their_rules_and_the_default():
     assert list(listed) == ["svd", "ltx-video"] and models.structured_content["default_video_model"] == "ltx-video"
     assert (listed["ltx-video"]["text_to_video"], listed["ltx-video"]["frames"]) == ("native", "8k+1 frames between 9 and 257")
     assert listed["svd"]["params"] == ["motion_bucket_id", "noise_aug_strength", "decode_chunk_size"]
+
+
+def test_edit_image_on_a_model_that_edits_by_instruction_needs_references_not_init_image():
+    from tests.helpers import model_entry
+
+    services = fake_services(app_settings(model_entry(), model_entry(
+        "flux2-klein", "flux2", limits={"max_steps": 8, "max_guidance": 0}, default_steps=4)))
+    server = build_mcp(lambda: services, lambda ctx: "")
+    [bare, old_way] = _calls(server, ("edit_image", {"request": {"prompt": "make it night", "model": "flux2-klein"}}),
+                             ("edit_image", {"request": {"prompt": "make it night"}}))
+    assert bare.is_error and "request.reference_images" in bare.content[0].text
+    assert old_way.is_error and "request.init_image" in old_way.content[0].text  # flux-schnell: image-to-image

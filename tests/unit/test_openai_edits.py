@@ -173,3 +173,26 @@ def test_inline_openai_images_are_charged_to_the_keys_daily_budget(tmp_path, app
     assert over.status_code == 429 and "daily_images" in over.text, over.text
     assert _edit(client, n="1").status_code == 200, "the refusal cost nothing; one image is left"
     assert _edit(client, n="1").status_code == 429
+
+
+def test_several_images_without_a_mask_are_an_instruction_edit_on_a_model_that_edits_by_instruction():
+    from tests.helpers import app_settings, model_entry
+
+    klein = FakeGenerator()
+    api = build_api()
+    api.state.services = fake_services(app_settings(model_entry(), model_entry(
+        "flux2-klein", "flux2", limits={"max_steps": 8, "max_guidance": 0}, default_steps=4)),
+        generators={"flux2-klein": klein})
+    transport = httpx2.MockTransport(lambda request: _forward(TestClient(api, client=LOOPBACK), request))
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", max_retries=0,
+                        http_client=httpx2.Client(transport=transport))
+    logo = image_bytes(Image.radial_gradient("L").convert("RGB"))
+    answer = sdk.images.edit(image=[("mug.png", PHOTO, "image/png"), ("logo.png", logo, "image/png")],
+                             prompt="put this logo on that mug", model="flux2-klein", size="256x256",
+                             extra_body={"enhance": False})
+    params, prompt = klein.calls[0]
+    assert len(params.references) == 2 and prompt.prompt == "put this logo on that mug"
+    assert answer.model_extra["genserve"]["mode"] == "instruction-edit"
+    with pytest.raises(openai.BadRequestError) as caught:  # flux-schnell edits one image, image-to-image
+        sdk.images.edit(image=[("mug.png", PHOTO, "image/png"), ("logo.png", logo, "image/png")], prompt="x")
+    assert caught.value.param == "image" and "instruction_edits" in caught.value.message

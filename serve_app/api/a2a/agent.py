@@ -58,6 +58,7 @@ KEY_PREFIX = "a2a:"
 
 # The skills (ids are what a data part's `skill` names); the video ones only where video is deployed.
 GENERATE_IMAGE, ANIMATE_IMAGE, TEXT_TO_VIDEO, SCORE_IMAGE = "generate-image", "animate-image", "text-to-video", "score-image"
+EDIT_IMAGE = "edit-image"
 SKILLS: dict[str, dict] = {
     GENERATE_IMAGE: dict(
         name="Generate image",
@@ -66,6 +67,16 @@ SKILLS: dict[str, dict] = {
                     "Quality-gated: low-scoring candidates are regenerated.",
         tags=["image", "text-to-image"], examples=["a lighthouse at dusk, oil painting"],
         input_modes=["text/plain", "application/json"], output_modes=["image/png", "application/json"]),
+    EDIT_IMAGE: dict(
+        name="Edit image by instruction",
+        description="The message's text is the instruction (\"make it night\", \"put this logo on that mug\"); the "
+                    "images to edit or draw from are file parts and/or earlier tasks' images as "
+                    "{\"reference_images\": [{\"job_id\": ..., \"index\": 0}]} in a data part, with "
+                    "{\"skill\": \"edit-image\"} and any POST /v1/images field. Runs on a model with "
+                    "instruction_edits (GET /v1/models): the one named by `model`, else the first deployed.",
+        tags=["image", "image-editing", "reference-images"], examples=["make it night"],
+        input_modes=["text/plain", "image/png", "image/jpeg", "application/json"],
+        output_modes=["image/png", "application/json"]),
     ANIMATE_IMAGE: dict(
         name="Animate image",
         description="Image to video: send the image as a file part and {\"skill\": \"animate-image\"} in a "
@@ -106,10 +117,11 @@ BEARER = pb.SecurityScheme(http_auth_security_scheme=pb.HTTPAuthSecurityScheme(
     scheme="Bearer", description="A genserve API key with the `generate` scope (`genserve keys create`)."))
 
 
-def agent_card(base_url: str, video: bool, keys: bool = False) -> pb.AgentCard:
-    """The Agent Card; `keys`: the service has API keys, so the card declares the bearer scheme."""
+def agent_card(base_url: str, video: bool, keys: bool = False, edits: bool = False) -> pb.AgentCard:
+    """The Agent Card; `keys`: the service has API keys, so the card declares the bearer scheme; `edits`:
+    a deployed model edits by instruction, so the card offers edit-image."""
     skills = [pb.AgentSkill(id=skill_id, **fields) for skill_id, fields in SKILLS.items()
-              if video or skill_id not in VIDEO_SKILLS]
+              if (video or skill_id not in VIDEO_SKILLS) and (edits or skill_id != EDIT_IMAGE)]
     security = {}
     if keys:
         requirement = pb.SecurityRequirement()
@@ -208,9 +220,14 @@ def parse_message(message: pb.Message, video: bool) -> tuple[str, dict]:
             raise InvalidParamsError("images: given both as file parts and in a data part; send one")
         if images:
             fields["images"] = images
+    elif skill == EDIT_IMAGE:
+        fields["reference_images"] = [*fields.get("reference_images", []), *images]
+        if not fields["reference_images"]:
+            raise InvalidParamsError("reference_images: edit-image needs the images to edit, as file parts or as "
+                                     "earlier tasks' images [{job_id, index}] in a data part")
     elif images:
         if skill != ANIMATE_IMAGE:
-            raise InvalidParamsError(f"image: file parts are for animate-image and score-image, not {skill}")
+            raise InvalidParamsError(f"image: file parts are for animate-image, edit-image and score-image, not {skill}")
         if len(images) > 1 or "image" in fields:
             raise InvalidParamsError("image: animate-image takes one image")
         fields["image"] = images[0]
@@ -378,7 +395,11 @@ class JobTaskHandler(RequestHandler):
                 raise _request_error(error) from None
             return pb.Message(message_id=f"{message.message_id}-scores", context_id=context_id, role=pb.ROLE_AGENT,
                               parts=[_data_part(scores.model_dump(mode="json"))])
-        kind = "image" if skill == GENERATE_IMAGE else "video"
+        kind = "image" if skill in (GENERATE_IMAGE, EDIT_IMAGE) else "video"
+        if skill == EDIT_IMAGE and "model" not in fields:
+            # The first deployed model that edits by instruction; with none, the default's 422 names the families.
+            fields["model"] = next((spec.id for spec in current.images.specs.values() if spec.instruction_edits),
+                                   current.images.default_model)
         key = f"{KEY_PREFIX}{context_id}:{message.message_id}"
         try:
             job, _, _ = await self._jobs().create(JobSubmission(kind=kind, request=fields), request, key)
@@ -474,7 +495,9 @@ def a2a_routes(services: Callable) -> list[Route]:
         base = str(request.base_url).rstrip("/")
         auth = request_auth(request)
         keyed = auth is not None and auth.keys is not None
-        body = agent_card_to_dict(agent_card(base, video=services().videos is not None, keys=keyed))
+        current = services()
+        edits = any(spec.instruction_edits for spec in current.images.specs.values())
+        body = agent_card_to_dict(agent_card(base, video=current.videos is not None, keys=keyed, edits=edits))
         return JSONResponse(body, headers={"Cache-Control": "no-cache"})
 
     return [Route(AGENT_CARD_WELL_KNOWN_PATH, card, methods=["GET"]),

@@ -6,8 +6,10 @@ Each tool's input schema is the request model's own (`ImageRequest`, `VideoReque
 `EnhanceRequest`, `ScoreRequest`), so the limits are the ones POST /v1/images applies. Generation
 runs as a durable job: the tool sends progress notifications while it waits up to `wait_s`, then
 returns the result (PNG image content; a video as a resource link to its file) or, past the bound,
-the job id for `get_job`. `edit_image` is `generate_image` with an image to start from: the request's
-own `init_image`, or an image of a finished job (`source_job_id`), so an agent need not send pixels back. Bad arguments are tool errors (`isError` results) naming the field;
+the job id for `get_job`. `edit_image` is `generate_image` with an image to edit: on a model that edits
+by instruction, reference images (the prompt says the change); on others, an image to start from. Either
+may be the request's own or an image of a finished job (`source_job_id`, or `{job_id, index}` among
+`reference_images`), so an agent need not send pixels back. Bad arguments are tool errors (`isError` results) naming the field;
 nothing reaches a model and the session carries on.
 """
 
@@ -27,7 +29,7 @@ from pydantic import Field
 from serve_app.jobs.model import SUCCEEDED, Job
 from serve_app.protocol.errors import JobError, RequestError
 from serve_app.protocol.jobs import JobSubmission
-from serve_app.protocol.schemas import EnhanceRequest, ImageRequest, ScoreRequest, VideoRequest
+from serve_app.protocol.schemas import EnhanceRequest, ImageRequest, JobImageRef, ScoreRequest, VideoRequest
 
 MAX_WAIT_S = 300.0
 WaitSeconds = Annotated[float, Field(
@@ -39,7 +41,7 @@ JobId = Annotated[str, Field(min_length=1, max_length=64, description="A job id 
 SourceJobId = Annotated[str | None, Field(
     None, min_length=1, max_length=64,
     description="Edit an image of this finished image job (from generate_image or edit_image) instead of sending "
-                "request.init_image: give one or the other.",
+                "it: a reference image on a model with instruction_edits, else the init_image (give one or the other).",
 )]
 SourceImage = Annotated[int, Field(0, ge=0, le=3, description="Which image of source_job_id's result, 0-3.")]
 
@@ -145,34 +147,39 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
 
     async def edit_request(request: ImageRequest, source_job_id: str | None, source_image: int,
                            ctx: Context) -> ImageRequest:
-        """`request` with the image to edit: its own init_image, or the PNG of a finished image job the
+        """`request` with the image to edit. On a model that edits by instruction (and no mask): the
+        request's reference_images, then source_job_id's image, as references; the jobs look the
+        earlier jobs' images up. On others: its own init_image, or the PNG of a finished image job the
         caller may see (another key's job is 'no job', as in get_job)."""
+        spec = services().images.spec_of(request.model)
+        if spec.instruction_edits and request.mask is None and request.init_image is None:
+            references = list(request.reference_images)
+            if source_job_id is not None:
+                references.append(JobImageRef(job_id=source_job_id, index=source_image))
+            if not references:
+                raise ToolError("request.reference_images: give the images to edit as request.reference_images "
+                                "(base64, or {job_id, index}) or as source_job_id")
+            data = {**request.model_dump(mode="json", exclude_unset=True),
+                    "reference_images": [ref if isinstance(ref, str) else ref.model_dump() for ref in references]}
+            return ImageRequest.model_validate(data)
         if (request.init_image is None) == (source_job_id is None):
             raise ToolError("request.init_image: give the image to edit as request.init_image (base64) or as "
                             "source_job_id, " + ("not both" if source_job_id else "one of them is required"))
         if source_job_id is None:
             return request
-        jobs = services().jobs_api()
-        job, _ = await jobs.find(source_job_id, _http_request(ctx))
-        if job.kind != "image" or job.state != SUCCEEDED:
-            raise ToolError(f"source_job_id: job {source_job_id!r} is a {job.state} {job.kind} job; "
-                            "a succeeded image job is needed")
-        images = jobs.result_of(job, _http_request(ctx)).images
-        if source_image >= len(images):
-            raise ToolError(f"source_image: job {source_job_id!r} has {len(images)} image(s); "
-                            f"got {source_image} (allowed: 0-{len(images) - 1})")
-        found = await jobs.runner.read_file.remote(job.id, images[source_image].file)
-        if found is None:
-            raise ToolError(f"source_job_id: the files of job {source_job_id!r} have expired")
-        data = {**request.model_dump(mode="json", exclude_unset=True), "init_image": base64.b64encode(found[0]).decode()}
+        found = await services().jobs_api().job_image(source_job_id, source_image, _http_request(ctx), "source_job_id",
+                                                         "source_image")
+        data = {**request.model_dump(mode="json", exclude_unset=True), "init_image": base64.b64encode(found).decode()}
         return ImageRequest.model_validate(data)
 
     @server.tool()
     async def edit_image(request: ImageRequest, ctx: Context, source_job_id: SourceJobId = None,
                          source_image: SourceImage = 0, wait_s: WaitSeconds = 30.0) -> CallToolResult:
-        """Edit an image: image-to-image from request.init_image (or an image of a finished job, source_job_id),
-        or inpainting where request.mask is white. `strength` (0-1) says how much changes. `request` is
-        POST /v1/images's body. Returns the PNGs, or a job id if it takes longer than wait_s."""
+        """Edit an image. On a model with instruction_edits (list_models), by instruction: request.prompt says
+        the change ("make it night") to the reference images, request.reference_images (base64 or earlier
+        jobs' {job_id, index}) and/or source_job_id's image. On others: image-to-image from request.init_image
+        (or source_job_id's image), or inpainting where request.mask is white; `strength` (0-1) says how much
+        changes. `request` is POST /v1/images's body. Returns the PNGs, or a job id if it takes longer than wait_s."""
         with _tool_errors(RequestError, JobError):
             return await run_job("image", await edit_request(request, source_job_id, source_image, ctx), wait_s, ctx)
 

@@ -27,9 +27,10 @@ from serve_app.protocol.schemas import ImageRequest, ImageResponse
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 # genserve's field -> the OpenAI field a client set it with.
 _OPENAI_NAMES = {"num_images": "n", "width": "size", "height": "size"}
-# ... and on POST /v1/images/edits, where the `image` file is genserve's init_image.
+# ... and on POST /v1/images/edits, where the `image` files are genserve's init_image, or its
+# reference_images on a model that edits by instruction.
 GENERATION_NAMES = _OPENAI_NAMES
-EDIT_NAMES = {**_OPENAI_NAMES, "init_image": "image"}
+EDIT_NAMES = {**_OPENAI_NAMES, "init_image": "image", "reference_images": "image"}
 
 
 class OpenAIError(Exception):
@@ -131,8 +132,9 @@ def to_image_request(body: OpenAIImageRequest, files: dict[str, str] | None = No
     bodies stay strict)."""
     own = dict(body.model_extra or {})
     files = files or {}
-    if "init_image" in files and "init_image" in own:
-        raise OpenAIError(400, "image: give the image file or init_image, not both", "image", "conflicting_fields")
+    for name in ("init_image", "reference_images"):
+        if name in files and name in own:
+            raise OpenAIError(400, f"image: give the image files or {name}, not both", "image", "conflicting_fields")
     for openai_name, fields in (("n", ("num_images",)), ("size", ("width", "height"))):
         given = [name for name in fields if name in own]
         if getattr(body, openai_name) is not None and given:
@@ -312,6 +314,12 @@ def transparent_mask(raw: bytes, max_pixels: int) -> bytes | None:
     buffer = io.BytesIO()
     mask.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def instruction_edit_files(images: list[bytes]) -> dict[str, list[str]]:
+    """The edits route's uploads, without a mask, for a model that edits by instruction: each image a
+    reference (base64), the prompt the instruction."""
+    return {"reference_images": [base64.b64encode(image).decode() for image in images]}
 
 
 def edit_files(image: bytes, mask: bytes | None, max_pixels: int) -> dict[str, str]:

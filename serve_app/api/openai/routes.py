@@ -29,6 +29,7 @@ from serve_app.api.openai.protocol import (
     from_detail,
     from_validation_error,
     images_response,
+    instruction_edit_files,
     openai_errors,
     openai_model,
     param_name,
@@ -37,7 +38,7 @@ from serve_app.api.openai.protocol import (
 from serve_app.jobs.model import SUCCEEDED
 from serve_app.protocol.errors import JobError, RequestError, VideoNotDeployed, explain_errors, field_of
 from serve_app.protocol.jobs import JobSubmission
-from serve_app.protocol.schemas import ImageRequest
+from serve_app.protocol.schemas import MAX_REFERENCE_IMAGES, ImageRequest
 from serve_app.security.guard import charge_images
 from serve_app.services.facade import Services
 from serve_app.services.graph import Overloaded, StageTimeout
@@ -129,23 +130,28 @@ async def create_image(body: OpenAIImageRequest, request: Request, service: Serv
 
 
 EDITS_PATH = "/v1/images/edits"
-# Form limits: the files are `image` and `mask` (the SDK sends a list of images as `image[]`); a text
-# field may carry a base64 control image, so parts are bounded by max_body_bytes (BodyLimit), not 1 MiB.
-_MAX_FILES, _MAX_FIELDS, _MAX_PART_BYTES = 4, 200, 64 * 1024 * 1024
+# Form limits: the files are `image` (several as references) and `mask` (the SDK sends a list of images
+# as `image[]`); a text field may carry a base64 control image, so parts are bounded by max_body_bytes
+# (BodyLimit), not 1 MiB.
+_MAX_FILES, _MAX_FIELDS, _MAX_PART_BYTES = MAX_REFERENCE_IMAGES + 1, 200, 64 * 1024 * 1024
 
 
 @router.post(EDITS_PATH, responses=openai_errors(400, 500, 503, 504), openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
     "schema": {"type": "object", "required": ["image", "prompt"], "properties": {
-        "image": {"type": "string", "format": "binary", "description": "The PNG, JPEG or WebP to edit (init_image)."},
+        "image": {"type": "string", "format": "binary", "description":
+                  "The PNG, JPEG or WebP to edit (init_image); on a model with instruction_edits and no mask, one "
+                  "or several (`image[]`), each a reference image, the prompt the instruction."},
         "mask": {"type": "string", "format": "binary", "description":
                  "Where to repaint: fully transparent pixels (OpenAI's convention), or white in an opaque "
                  "black-and-white mask; the image's size."},
         **{name: schema for name, schema in OpenAIImageRequest.model_json_schema()["properties"].items()},
     }, "additionalProperties": True}}}}})
 async def edit_image(request: Request, service: Services = Depends(services)) -> dict:
-    """OpenAI's `images.edit`: multipart `image` (+ `mask`) and the generations fields, run as
-    image-to-image (no mask) or inpainting by the same graph as POST /v1/images with init_image/mask.
-    genserve's own fields (`strength`, `seed`, `mask_blur`, ...) go beside them (the SDK's `extra_body`)."""
+    """OpenAI's `images.edit`: multipart `image` (+ `mask`) and the generations fields. On a model that
+    edits by instruction (instruction_edits in GET /v1/models) and without a mask, the images (one or
+    several) are reference_images and the prompt the instruction; otherwise image-to-image (no mask) or
+    inpainting, by the same graph as POST /v1/images with init_image/mask. genserve's own fields
+    (`strength`, `seed`, `mask_blur`, ...) go beside them (the SDK's `extra_body`)."""
     if not request.headers.get("content-type", "").startswith(("multipart/form-data",
                                                                 "application/x-www-form-urlencoded")):
         raise OpenAIError(400, "send multipart/form-data with the image as a file (POST /v1/images takes JSON "
@@ -158,33 +164,49 @@ async def edit_image(request: Request, service: Services = Depends(services)) ->
     try:
         fields = form_fields([(key, value) for key, value in form.multi_items()
                               if key not in ("image", "image[]", "mask")])
-        image = await _upload(form.getlist("image") + form.getlist("image[]"), "image", required=True)
-        mask = await _upload(form.getlist("mask"), "mask", required=False)
+        images = await _uploads(form.getlist("image") + form.getlist("image[]"), "image", required=True)
+        masks = await _uploads(form.getlist("mask"), "mask", required=False)
     finally:
         await form.close()
     try:
         body = OpenAIImageRequest.model_validate(fields, strict=False)  # form values are all text
     except ValidationError as error:
         raise from_validation_error(error, OpenAIImageRequest, EDIT_NAMES) from None
-    image_request = to_image_request(body, edit_files(image, mask, service.images.max_input_pixels), EDIT_NAMES,
-                                     form=True)
+    mask = _one(masks, "mask")
+    if not masks and _edits_by_instruction(service, body.model):
+        files = instruction_edit_files(images)
+    else:
+        files = edit_files(_one(images, "image"), mask, service.images.max_input_pixels)
+    image_request = to_image_request(body, files, EDIT_NAMES, form=True)
     return await _respond(image_request, body.response_format, request, service)
 
 
-async def _upload(values: list, field: str, required: bool) -> bytes | None:
-    """The bytes of the one file sent as `field`; an OpenAIError naming it otherwise."""
-    if not values:
-        if required:
-            raise OpenAIError(400, f"{field}: Field required (a PNG, JPEG or WebP file part)", field, "missing")
-        return None
-    if len(values) > 1:
-        raise OpenAIError(400, f"{field}: genserve edits one image per request; got {len(values)}", field,
-                          "too_many_files")
-    upload = values[0]
-    if isinstance(upload, str):
+def _edits_by_instruction(service: Services, model: str | None) -> bool:
+    """Whether the model an edit names (the default when none) edits by instruction; an unknown model is
+    not, and its 400 comes from the request's own checks, naming `model`."""
+    try:
+        return service.images.spec_of(model).instruction_edits
+    except RequestError:
+        return False
+
+
+async def _uploads(values: list, field: str, required: bool) -> list[bytes]:
+    """The bytes of each file sent as `field`; an OpenAIError naming it for a missing one or a text value."""
+    if not values and required:
+        raise OpenAIError(400, f"{field}: Field required (a PNG, JPEG or WebP file part)", field, "missing")
+    if any(isinstance(upload, str) for upload in values):
         raise OpenAIError(400, f"{field}: send it as a file part (multipart filename=...), not a text field",
                           field, "invalid_value")
-    return await upload.read()
+    return [await upload.read() for upload in values]
+
+
+def _one(values: list[bytes], field: str) -> bytes | None:
+    """The one file of `field` an image-to-image or inpainting edit takes; an OpenAIError for several."""
+    if len(values) > 1:
+        raise OpenAIError(400, f"{field}: this model edits one image per request (image-to-image); got "
+                               f"{len(values)}. Several images are reference images on a model with "
+                               "instruction_edits (GET /v1/models)", field, "too_many_files")
+    return values[0] if values else None
 
 
 async def _respond(image_request: ImageRequest, response_format: str, request: Request, service: Services) -> dict:

@@ -15,6 +15,8 @@ GENERATE_ERRORS = errors(*BODY, *OVERLOAD, 504)
 @router.post("/v1/images", response_model=ImageResponse, responses=GENERATE_ERRORS)
 async def post_images(request: ImageRequest, http: Request, service: Services = Depends(services)) -> ImageResponse:
     await charge_images(http, request.num_images)
+    if any(not isinstance(reference, str) for reference in request.reference_images):
+        request = await service.jobs_api().with_references(request, http)  # earlier jobs' images, the caller's own
     return await service.generate_images(request)
 
 

@@ -132,6 +132,7 @@ function onModelChange() {
     : `${model.id} takes no LoRAs`;
   $("add-lora").disabled = !model.supports_loras || families.length === 0;
   $("loras").replaceChildren();
+  showReferences();
   const controlTypes = model.control_types || [];
   $("control-fieldset").hidden = controlTypes.length === 0 || kind() !== "image";
   $("f-control-type").replaceChildren(el("option", { value: "", text: "none" }),
@@ -181,6 +182,7 @@ function showKind() {
     node.hidden = !node.dataset.kind.split(" ").includes(current);
   }
   $("control-fieldset").hidden = current !== "image" || !(currentModel()?.control_types || []).length;
+  $("references-fieldset").hidden = current !== "image" || !currentModel()?.reference_images;
   $("submit").textContent = current === "image" ? "Generate" : "Animate";
   if (current === "video") onVideoModelChange();
   else if (currentModel()) {
@@ -208,6 +210,34 @@ function fileAsBase64(input) {
     reader.onerror = () => reject(reader.error);
     reader.readAsDataURL(file);
   });
+}
+
+// --- reference images: earlier jobs' images picked in the gallery, sent as {job_id, index} --------
+
+const references = [];
+
+function showReferences() {
+  const model = currentModel();
+  const limit = model?.reference_images || 0;
+  $("references-fieldset").hidden = limit === 0 || kind() !== "image";
+  $("hint-references").textContent = limit
+    ? `${model.id} takes up to ${limit}: pick them in the Gallery ("Use as reference"); the prompt then says what `
+      + "to do with them, e.g. \"make it night\"."
+    : "";
+  $("references").replaceChildren(...references.map((ref, position) => {
+    const remove = el("button", { type: "button", text: "remove", "aria-label": `Remove reference ${position + 1}` });
+    remove.addEventListener("click", () => { references.splice(position, 1); showReferences(); });
+    return el("li", { class: "reference" }, el("span", { text: `job ${ref.job_id}, image ${ref.index}` }), remove);
+  }));
+}
+
+function toggleReference(jobId, index, button) {
+  const at = references.findIndex((ref) => ref.job_id === jobId && ref.index === index);
+  if (at >= 0) references.splice(at, 1);
+  else references.push({ job_id: jobId, index });
+  button.textContent = at >= 0 ? "Use as reference" : "Reference (picked)";
+  button.setAttribute("aria-pressed", String(at < 0));
+  showReferences();
 }
 
 async function controlOf() {
@@ -250,6 +280,7 @@ async function requestOf() {
     max_attempts: numberField("max_attempts"),
     loras: loras.length ? loras : undefined,
     control: await controlOf(),
+    reference_images: references.length && !$("references-fieldset").hidden ? [...references] : undefined,
   };
 }
 
@@ -530,12 +561,24 @@ async function showGallery(more = false) {
   if (gallery.cursor) params.set("cursor", gallery.cursor);
   const page = await getJson(`/v1/jobs?${params}`);
   for (const job of page.jobs) {
+    let imageIndex = 0;
     for (const file of job.files) {
-      const media = file.content_type.startsWith("video/")
+      const video = file.content_type.startsWith("video/");
+      const media = video
         ? el("video", { muted: "", loop: "", "aria-label": `Video of job ${job.id}` })
         : el("img", { alt: `Image of job ${job.id}` });
       media.src = await mediaUrl(file.url);
-      $("gallery").append(el("div", { class: "card" }, el("a", { href: `#/jobs/${job.id}` }, media)));
+      const card = el("div", { class: "card" }, el("a", { href: `#/jobs/${job.id}` }, media));
+      if (!video && job.kind === "image") {
+        // Image i of the job's result: what {job_id, index} names in reference_images.
+        const index = imageIndex++;
+        const picked = references.some((ref) => ref.job_id === job.id && ref.index === index);
+        const button = el("button", { type: "button", class: "use-reference", "aria-pressed": String(picked),
+                                      text: picked ? "Reference (picked)" : "Use as reference" });
+        button.addEventListener("click", () => toggleReference(job.id, index, button));
+        card.append(button);
+      }
+      $("gallery").append(card);
     }
   }
   gallery.cursor = page.next_cursor;
