@@ -57,7 +57,7 @@ def _in_process(args: AppArgs, body: dict, warmup: int, requests: int, label: st
     settings = Settings.from_args(args.model_copy(update={"image_models": [model]}))
     handles = Handles.local(PromptEnhancer.func_or_class(args.enhancer, metrics=False),
                             {model.id: ImageGenerator.func_or_class(model, metrics=False)},
-                            ClipScorer.func_or_class(args.scorer, metrics=False))
+                            ClipScorer.func_or_class(args.scoring_config(), metrics=False))
     service = Services.build(settings, handles, ingress=False).images
     request = ImageRequest(**body)
     # One process has one torch thread pool: give it the generator's setting (each constructor

@@ -227,6 +227,14 @@ class Scores(BaseModel):
     laion: float | None = Field(
         None, description="1-10: LAION aesthetic predictor's rating; null when the scorer's LAION head is off."
     )
+    hps: float | None = Field(
+        None, description="0-1: HPSv2.1 human-preference score (about 0.2-0.35 for real images); null without an "
+                          "hps scorer."
+    )
+    pickscore: float | None = Field(
+        None, description="0-100: PickScore v1 human-preference score (about 18-24 for real images); null without "
+                          "a pickscore scorer."
+    )
     # The three below are always set; null only in async-job results stored by older versions.
     combined: float | None = Field(
         None, description="0-1: weighted mean of aesthetic, alignment/100 and (laion-1)/9 (see quality_weights)."

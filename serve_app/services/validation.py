@@ -21,8 +21,8 @@ from deployments.config import CombinedWeights, ImageModelConfig, VideoModelConf
 from deployments.enhancer.prompt_rules import blocked_terms
 from deployments.families import get_family, get_video_family
 from deployments.lora_registry import LoraNameError, LoraRegistry
+from deployments.names import DEFAULT_COMBINED, SCORE_RANGES
 from deployments.runtime.types import HiresPass, LoraRef, PromptForm, denoising_steps
-from deployments.scoring.clip_scorer import COMBINABLE, SCORE_RANGES
 from serve_app.config import QualityPolicy, check_threshold
 from serve_app.protocol.errors import PromptBlocked, RequestError, allowed_values
 from serve_app.protocol.schemas import DEFAULT_STRENGTH, ControlOptions, ImageRequest, VideoRequest
@@ -294,8 +294,8 @@ def quality_gate(metric: str | None, threshold: float | None, weights: CombinedW
     metric = metric or policy.metric
     if metric not in gate_metrics:
         allowed = ", ".join(map(repr, gate_metrics))
-        raise RequestError("quality_metric", f"{metric!r} is not computed by the deployed scorer "
-                           "(scorer.laion.enabled is false)", f"one of {allowed}")
+        raise RequestError("quality_metric", f"{metric!r} is not computed by the deployed scorers "
+                           f"({not_computed_reason(metric)})", f"one of {allowed}")
     threshold = policy.threshold if threshold is None else threshold
     try:
         check_threshold(metric, threshold)
@@ -303,15 +303,23 @@ def quality_gate(metric: str | None, threshold: float | None, weights: CombinedW
         low, high = SCORE_RANGES[metric]
         raise RequestError("quality_threshold", str(error), f"{low:g}-{high:g}") from None
     weights = weights or policy.weights or default_weights(gate_metrics)
-    if weights.laion > 0 and "laion" not in gate_metrics:
-        raise RequestError("quality_weights.laion", "must be 0: the deployed scorer computes no laion score "
-                           "(scorer.laion.enabled is false)", "0")
+    for name, weight in weights.model_dump().items():
+        if weight > 0 and name not in gate_metrics:
+            raise RequestError(f"quality_weights.{name}", f"must be 0: the deployed scorers compute no {name} "
+                               f"score ({not_computed_reason(name)})", "0")
     return metric, threshold, weights
 
 
+def not_computed_reason(metric: str) -> str:
+    """Why a gate metric can be missing, for a 422: which config entry computes it."""
+    if metric == "laion":
+        return "the clip scorer's laion.enabled is false"
+    return f"no enabled scorers: entry computes {metric}"
+
+
 def default_weights(gate_metrics: tuple[str, ...]) -> CombinedWeights:
-    """Equal weights over the combinable scores the scorer computes."""
-    return CombinedWeights(**{metric: 1.0 for metric in COMBINABLE if metric in gate_metrics})
+    """Equal weights over the default combined scores (aesthetic, alignment, laion) the scorers compute."""
+    return CombinedWeights(**{metric: 1.0 for metric in DEFAULT_COMBINED if metric in gate_metrics})
 
 
 def check_upload_pixels(field: str, size: tuple[int, int], max_pixels: int, allowed: str) -> None:
