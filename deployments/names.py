@@ -37,6 +37,13 @@ COMBINABLE: tuple[str, ...] = ("aesthetic", "alignment", "laion", "hps", "picksc
 # move every existing `combined` threshold.
 DEFAULT_COMBINED: tuple[str, ...] = ("aesthetic", "alignment", "laion")
 
+
+def default_combined(computed) -> tuple[str, ...]:
+    """What an unweighted `combined` averages: DEFAULT_COMBINED where computed, else (scorers with no
+    clip entry) every combinable score computed."""
+    return tuple(metric for metric in DEFAULT_COMBINED if metric in computed) \
+        or tuple(metric for metric in COMBINABLE if metric in computed)
+
 Aspect = Literal["composition", "lighting", "colors", "sharpness", "style"]
 ASPECTS: tuple[str, ...] = get_args(Aspect)
 

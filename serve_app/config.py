@@ -1019,8 +1019,12 @@ class AppArgs(_Strict):
         return config.model_copy(update={"device": device})
 
 
-def device_options(config: ImageModelConfig | VideoModelConfig | ScorerEntry | EnhancerConfig) -> DeviceOptions:
-    """Where a model deployment's model runs: the enhancer's is its LLM's."""
+def device_options(config: ImageModelConfig | VideoModelConfig | ScorerEntry | ScoringConfig | EnhancerConfig,
+                   ) -> DeviceOptions:
+    """Where a model deployment's model runs: the enhancer's is its LLM's; the scorer deployment's its
+    first scorer's (`scoring_config` fills every entry's memory cap alike)."""
+    if isinstance(config, ScoringConfig):
+        return config.scorers[0].device
     return config.llm.device if isinstance(config, EnhancerConfig) else config.device
 
 

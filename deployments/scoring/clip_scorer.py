@@ -20,7 +20,7 @@ from deployments.config import (
 )
 
 # Re-exported: the scorer's callers read the score names from here or from deployments.names.
-from deployments.names import ASPECTS, COMBINABLE, DEFAULT_COMBINED, GATE_METRICS, SCORE_RANGES  # noqa: F401
+from deployments.names import ASPECTS, COMBINABLE, GATE_METRICS, SCORE_RANGES, default_combined  # noqa: F401
 from deployments.runtime.loading import check_device_health, in_serve_replica, resolve_placement
 from deployments.runtime.metrics import ModelMetrics
 from deployments.runtime.types import GenerationOutput
@@ -81,8 +81,7 @@ class ClipScorer:
         self._scorers = [get_scorer_family(entry.family).load(entry, resolve_placement(entry.device))
                          for entry in config.scorers]
         self._pixels_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="perceptual")
-        self._default_weights = CombinedWeights(**{metric: 1.0 for metric in self.gate_metrics
-                                                   if metric in DEFAULT_COMBINED})
+        self._default_weights = CombinedWeights(**dict.fromkeys(default_combined(self.gate_metrics), 1.0))
         batching = config.batching
         # Per instance, as in ImageGenerator: Serve's batch queue belongs to the function it decorates
         # (and reads its replica's settings, so in process calls simply run one by one).

@@ -27,8 +27,12 @@ _BLOCK = {  # per resblock: OpenCLIP name -> transformers name (in_proj is split
 
 
 def architecture(name: str) -> dict:
-    """A published architecture kept as data (`deployments/architectures/<name>.json`)."""
-    return json.loads((ARCHITECTURES / f"{name}.json").read_text())
+    """A published architecture kept as data (`deployments/architectures/<name>.json`), or a JSON file
+    of the same shape on this node (a path: a fine-tune of another OpenCLIP architecture)."""
+    from deployments.config import is_local_path, local_path
+
+    path = local_path(name) if is_local_path(name) else ARCHITECTURES / f"{name}.json"
+    return json.loads(path.read_text())
 
 
 def clip_config(config: dict, tokenizer=None):
@@ -160,8 +164,9 @@ def expected_layout(config) -> dict[str, tuple[int, ...]]:
     """Every weight of a `CLIPModel` of `config` with its shape, from a model on the meta device (no memory)."""
     import torch
     from transformers import CLIPModel
+    from transformers.initialization import no_init_weights
 
-    with torch.device("meta"):
+    with torch.device("meta"), no_init_weights():
         model = CLIPModel(config)
     return {key: tuple(value.shape) for key, value in model.state_dict().items() if not key.endswith("position_ids")}
 

@@ -21,7 +21,7 @@ from deployments.config import CombinedWeights, ImageModelConfig, VideoModelConf
 from deployments.enhancer.prompt_rules import blocked_terms
 from deployments.families import get_family, get_video_family
 from deployments.lora_registry import LoraNameError, LoraRegistry
-from deployments.names import DEFAULT_COMBINED, SCORE_RANGES
+from deployments.names import SCORE_RANGES, default_combined
 from deployments.runtime.types import HiresPass, LoraRef, PromptForm, denoising_steps
 from serve_app.config import QualityPolicy, check_threshold
 from serve_app.protocol.errors import PromptBlocked, RequestError, allowed_values
@@ -319,7 +319,7 @@ def not_computed_reason(metric: str) -> str:
 
 def default_weights(gate_metrics: tuple[str, ...]) -> CombinedWeights:
     """Equal weights over the default combined scores (aesthetic, alignment, laion) the scorers compute."""
-    return CombinedWeights(**{metric: 1.0 for metric in DEFAULT_COMBINED if metric in gate_metrics})
+    return CombinedWeights(**dict.fromkeys(default_combined(gate_metrics), 1.0))
 
 
 def check_upload_pixels(field: str, size: tuple[int, int], max_pixels: int, allowed: str) -> None:

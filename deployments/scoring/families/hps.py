@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from deployments.config import ScorerEntry
+from deployments.config import TINY, ScorerEntry
 from deployments.scoring.families.base import ClipTower, processor_parts
 from deployments.scoring.families.preference import PreferenceFamily, PreferenceOptions
 
@@ -29,8 +29,20 @@ TINY_SEED = 1
 class Options(PreferenceOptions):
     filename: str = Field("HPS_v2.1_compressed.pt", min_length=1,
                           description="The checkpoint inside a repo id or folder source (ignored for a file source).")
-    architecture: str = Field("hpsv2.1-vit-h-14", pattern=r"^[a-z0-9][a-z0-9.-]*$",
-                              description="The OpenCLIP architecture in deployments/architectures/ the checkpoint is of.")
+    architecture: str = Field("hpsv2.1-vit-h-14", min_length=1,
+                              description="The checkpoint's OpenCLIP architecture: a name in deployments/architectures/ "
+                                          "or a local JSON file with its `config` (OpenCLIP's model config).")
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        from deployments.config import is_local_path
+        from deployments.scoring.openclip import ARCHITECTURES
+
+        if not is_local_path(value) and not (ARCHITECTURES / f"{value}.json").is_file():
+            known = sorted(path.stem for path in ARCHITECTURES.glob("*.json"))
+            raise ValueError(f"architecture {value!r} is not in deployments/architectures ({known}) nor a local path")
+        return value
 
 
 def tiny_openclip_config(vocab_size: int) -> dict:
@@ -83,7 +95,7 @@ class HpsFamily(PreferenceFamily):
 
         options = self.options_of(entry)
         return [WeightSource("HPSv2.1", entry.source, "file", filename=options.filename),
-                WeightSource("HPSv2.1 processor", options.processor, "processor")]
+                WeightSource("HPSv2.1 processor", options.processor, "processor")][:1 if entry.source == TINY else 2]
 
     def tower(self, entry: ScorerEntry, placement) -> ClipTower:
         from deployments.runtime.loading import is_tiny, pretrained_location

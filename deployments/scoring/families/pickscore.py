@@ -9,7 +9,7 @@ about 18-24 for real images). Its model card states no licence, so the profiles 
 
 from __future__ import annotations
 
-from deployments.config import ScorerEntry
+from deployments.config import TINY, ScorerEntry
 from deployments.scoring.families.base import ClipTower, processor_parts
 from deployments.scoring.families.preference import PreferenceFamily
 
@@ -28,7 +28,7 @@ class PickScoreFamily(PreferenceFamily):
 
         options = self.options_of(entry)
         return [WeightSource("PickScore", entry.source, "transformers"),
-                WeightSource("PickScore processor", options.processor, "processor")]
+                WeightSource("PickScore processor", options.processor, "processor")][:1 if entry.source == TINY else 2]
 
     def tower(self, entry: ScorerEntry, placement) -> ClipTower:
         from deployments.runtime.loading import is_tiny, pretrained_location
