@@ -99,12 +99,16 @@ def test_hps_scores_from_a_checkpoint_file_as_from_tiny(tmp_path, suffix):
     assert "alignment" not in from_file[0]
 
 
-def test_pickscore_scores_from_a_saved_clip_model_as_from_tiny(tmp_path):
-    from deployments.scoring.families.pickscore import TINY_SEED
+def test_saved_tiny_scorers_load_from_their_folders_as_from_tiny(tmp_path):
+    from deployments.scoring.families import hps, pickscore
+    from deployments.tiny import save_tiny
 
-    build_tiny_clip(TINY_SEED)["model"].save_pretrained(tmp_path / "model")
-    entry = ScorerEntry(family="pickscore", source=str(tmp_path / "model"), device=CPU,
-                        options={"processor": _processor_folder(tmp_path / "processor")})
+    folder = str(save_tiny("hps", tmp_path / "hps", seed=hps.TINY_SEED))
+    entry = ScorerEntry(family="hps", source=folder, device=CPU,
+                        options={"processor": folder, "architecture": f"{folder}/architecture.json"})
+    assert _scores([entry])[0]["hps"] == pytest.approx(_scores([ScorerEntry(family="hps", source="tiny")])[0]["hps"])
+    folder = str(save_tiny("pickscore", tmp_path / "pickscore", seed=pickscore.TINY_SEED))
+    entry = ScorerEntry(family="pickscore", source=folder, device=CPU, options={"processor": folder})
     from_folder = _scores([entry])
     tiny = _scores([ScorerEntry(family="pickscore", source="tiny", device=CPU)])
     assert [s["pickscore"] for s in from_folder] == pytest.approx([s["pickscore"] for s in tiny], abs=1e-4)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
 
     from deployments.config import ScorerEntry
@@ -118,6 +120,10 @@ class ScorerFamily:
         raise NotImplementedError
 
     def load(self, entry: ScorerEntry, placement: Placement) -> LoadedScorer:
+        raise NotImplementedError
+
+    def save_tiny(self, folder: Path, seed: int = 0) -> None:
+        """Write a tiny scorer of this family in its published layout (`genserve save-tiny <family>`)."""
         raise NotImplementedError
 
     def public(self, entry: ScorerEntry) -> dict:

@@ -97,6 +97,21 @@ class HpsFamily(PreferenceFamily):
         return [WeightSource("HPSv2.1", entry.source, "file", filename=options.filename),
                 WeightSource("HPSv2.1 processor", options.processor, "processor")][:1 if entry.source == TINY else 2]
 
+    def save_tiny(self, folder: Path, seed: int = TINY_SEED) -> None:
+        """The checkpoint as HPSv2 saves it, its architecture and the processor, in one folder: load it
+        with `source: <folder>`, `options: {processor: <folder>, architecture: <folder>/architecture.json}`."""
+        import json
+
+        import torch
+
+        from deployments.runtime.tiny import build_tiny_clip
+
+        config, state = build_tiny_checkpoint(seed)
+        torch.save({"state_dict": state}, folder / self.Options().filename)
+        (folder / "architecture.json").write_text(json.dumps({"config": config}))
+        for name in ("tokenizer", "image_processor"):
+            build_tiny_clip()[name].save_pretrained(folder)
+
     def tower(self, entry: ScorerEntry, placement) -> ClipTower:
         from deployments.runtime.loading import is_tiny, pretrained_location
         from deployments.scoring.openclip import architecture, clip_config, load_openclip_model, read_checkpoint

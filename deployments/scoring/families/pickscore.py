@@ -30,6 +30,13 @@ class PickScoreFamily(PreferenceFamily):
         return [WeightSource("PickScore", entry.source, "transformers"),
                 WeightSource("PickScore processor", options.processor, "processor")][:1 if entry.source == TINY else 2]
 
+    def save_tiny(self, folder, seed: int = TINY_SEED) -> None:
+        """A CLIPModel folder with its processor: load it with `source: <folder>`, `options: {processor: <folder>}`."""
+        from deployments.runtime.tiny import build_tiny_clip
+
+        for part in build_tiny_clip(seed).values():
+            part.save_pretrained(folder)
+
     def tower(self, entry: ScorerEntry, placement) -> ClipTower:
         from deployments.runtime.loading import is_tiny, pretrained_location
 
