@@ -338,6 +338,12 @@ class ImageResponse(BaseModel):
     enhancer_fallback: str | None = Field(
         None, description="Why the template answered although the LLM was asked (e.g. 'off_topic: ...'); else null."
     )
+    enhancer_dropped: list[str] = Field(
+        default_factory=list,
+        description="The enhancer's own additions left out so that the prompts fit the model's text encoders "
+                    "(CLIP keeps 77 tokens): style and quality terms, LLM clauses, negative-preset terms "
+                    "('negative: ...'). The user's words are never dropped. Empty when everything fitted.",
+    )
     prompt_advice: PromptAdviceInfo | None = Field(
         None, description="Validation advice on the prompt as sent (null only in job results stored by older versions)."
     )
@@ -391,6 +397,12 @@ class EnhanceResponse(BaseModel):
     model: str
     enhancer: str = Field(description="'llm' or 'template'.")
     enhancer_fallback: str | None = Field(None, description="Why the template answered although the LLM was asked.")
+    enhancer_dropped: list[str] = Field(
+        default_factory=list,
+        description="The enhancer's own additions left out so that the prompts fit the model's text encoders "
+                    "(CLIP keeps 77 tokens): style and quality terms, LLM clauses, negative-preset terms "
+                    "('negative: ...'). The user's words are never dropped. Empty when everything fitted.",
+    )
     prompt_advice: PromptAdviceInfo
     seconds: float = Field(description="Time the enhancer took.")
 
@@ -544,6 +556,7 @@ class KeyframeInfo(BaseModel):
     enhanced_prompt: str
     enhancer: str | None = Field(None, description="'llm', 'template' or 'none', as for images.")
     enhancer_fallback: str | None = None
+    enhancer_dropped: list[str] = Field(default_factory=list, description="As for images.")
     prompt_advice: PromptAdviceInfo | None = None
     scores: Scores
     passed: bool

@@ -90,7 +90,7 @@ class ModelSpec:
             supports_img2img=capabilities.image_to_image,
             supports_inpainting=capabilities.inpainting,
             control_edits=capabilities.control_edits,
-            prompt_form=family.prompt_form,
+            prompt_form=family.prompt_form_of(entry),
             max_pixel_steps=getattr(entry, "max_pixel_steps", None),  # serve_app's ImageModelEntry has it
         )
 
@@ -500,3 +500,8 @@ def control_catalogue() -> list[dict]:
         },
     ]
 
+
+def dropped_terms(enhanced, spec: ModelSpec) -> list[str]:
+    """What the enhancer left out to fit the encoders; negative-preset terms only where the model uses
+    a negative prompt (FLUX ignores it, so nothing of it was lost)."""
+    return [term for term in enhanced.dropped if spec.uses_negative_prompt or not term.startswith("negative: ")]

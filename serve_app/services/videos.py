@@ -18,7 +18,7 @@ from serve_app.services.graph import ImagePlan, call_stage
 from serve_app.services.images import ImageService, advice_of, attempts_of
 from serve_app.services.inputs import decode_image, fit_image
 from serve_app.services.settings import Handles, Settings
-from serve_app.services.validation import ModelSpec, VideoPlan, VideoSpec
+from serve_app.services.validation import ModelSpec, VideoPlan, VideoSpec, dropped_terms
 
 
 class VideoService:
@@ -139,6 +139,7 @@ class VideoService:
         info = KeyframeInfo(
             model=spec.id, seed=best.seed, prompt=request.prompt, enhanced_prompt=best.prompt,
             enhancer=result.enhanced.enhancer, enhancer_fallback=result.enhanced.fallback_reason,
+            enhancer_dropped=dropped_terms(result.enhanced, spec),
             prompt_advice=advice_of(request.prompt),
             scores=Scores(**best.scores), passed=best.passed, attempts=attempts_of(result),
         )
