@@ -102,7 +102,9 @@ def test_revise_prompt_comes_from_config_unless_the_request_says():
     assert _service().plan(ImageRequest(prompt="a fox"))[0].revise_prompt is False
     assert _service(QualityPolicy(revise_prompt=True)).plan(ImageRequest(prompt="a fox"))[0].revise_prompt is True
     plan = _service(QualityPolicy(revise_prompt=True)).plan(ImageRequest(prompt="a fox", revise_prompt=False))[0]
-    assert plan.revise_prompt is False and plan.target == get_family("flux").prompt_form
+    flux = get_family("flux")
+    assert plan.revise_prompt is False and plan.target.instructions == flux.prompt_form.instructions
+    assert [tokenizer.max_tokens for tokenizer in plan.target.tokenizers] == [77]  # CLIP's, which the enhancer fits
 
 
 def test_combined_gate_passes_its_weights_to_the_scorer_and_the_response():
