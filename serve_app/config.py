@@ -688,6 +688,12 @@ class ScoresConfig(_Strict):
     """`POST /v1/scores` budgets: the pixels one request's uploads may hold in all (docs/operations.md);
     and how the scorer deployment batches concurrent score calls."""
 
+    video_frames: int = Field(
+        4, ge=0, le=32,
+        description="Frames of each generated video the scorers see (evenly spaced, first and last included): "
+                    "scored against its prompt, and compared frame to frame (temporal consistency); 0: videos are "
+                    "not scored.",
+    )
     batching: BatchingConfig = Field(
         default_factory=BatchingConfig,
         description="Batch concurrent score calls (the graph's and /v1/scores') into one forward pass per scorer; "

@@ -213,6 +213,7 @@ class VideoParams:
     interpolate: int = 1
     metadata: dict = field(default_factory=dict)
     progress: ProgressTarget | None = None
+    score_frames: int = 0  # generated frames to return for scoring (evenly spaced); 0: none
 
 
 @dataclass
@@ -232,6 +233,10 @@ class VideoOutput:
     source_frames: int = 0
     source_fps: int = 0
     interpolate_seconds: float = 0.0
+    # The generated frames the scorer sees (`VideoParams.score_frames` of them, evenly spaced, before
+    # interpolation): their indices, and the frames, uint8 (N, H, W, 3); None when none were asked for.
+    sampled_frames: tuple[int, ...] = ()
+    frames: np.ndarray | None = None
 
 
 class ModelOutOfMemory(RuntimeError):

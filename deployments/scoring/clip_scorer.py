@@ -115,6 +115,26 @@ class ClipScorer:
             return await self._batched((images, prompt, weights))
         return await asyncio.to_thread(self._score, images, [prompt] * len(images), [weights] * len(images))
 
+    async def score_video(self, frames: np.ndarray, prompt: str | None,
+                          weights: CombinedWeights | Mapping[str, float] | None = None) -> dict:
+        """Sampled frames of one video (uint8 (N, H, W, 3), in order): each frame's scores against
+        `prompt` (none without a prompt) and the temporal consistency, the mean cosine similarity of
+        consecutive frames' CLIP image embeddings (1: identical frames; None for a single frame)."""
+        frames_list = _image_list(frames)
+        scores = await self.score(frames_list, prompt, weights) if prompt else []
+        consistency = await asyncio.to_thread(self._temporal_consistency, frames_list)
+        return {"frames": scores, "temporal_consistency": consistency}
+
+    def _temporal_consistency(self, frames: list[np.ndarray]) -> float | None:
+        """Mean frame-to-frame cosine of the first scorer's image embeddings (the clip scorer's, by default)."""
+        import torch
+
+        if len(frames) < 2:
+            return None
+        with self._metrics.track(), torch.inference_mode():
+            features = self._scorers[0].tower.images(frames).float()
+        return float((features[1:] * features[:-1]).sum(-1).mean())
+
     async def _score_batch(self, calls: list[tuple[list[np.ndarray], str, CombinedWeights]]) -> list[list[dict]]:
         """Serve's batch handler: every call's images in one forward pass, each against its own prompt."""
         images = [image for call_images, _, _ in calls for image in call_images]

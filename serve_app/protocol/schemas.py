@@ -512,6 +512,14 @@ class VideoRequest(BaseModel):
     response_format: Literal["json", "binary"] = Field(
         "json", description="json: base64 in JSON with metadata; binary: the file itself, metadata in headers."
     )
+    quality_metric: Metric | None = Field(
+        None, description="Score that decides the video's `scores.passed` (its sampled frames' mean); default from config."
+    )
+    quality_threshold: float | None = Field(
+        None, ge=0, le=100,
+        description="Minimum of quality_metric (the sampled frames' mean) for `scores.passed`; needs a prompt, which "
+                    "the frames are scored against. The video is not regenerated: the gate reports.",
+    )
 
     @property
     def family_params(self) -> dict[str, Any]:
@@ -563,6 +571,24 @@ class KeyframeInfo(BaseModel):
     attempts: list[Attempt]
 
 
+class VideoScores(BaseModel):
+    """A video's sampled frames scored as images are, and how steady it is from frame to frame."""
+
+    sampled_frames: list[int] = Field(description="Indices of the generated frames scored (evenly spaced, before "
+                                                   "interpolation; scores.video_frames of them).")
+    frames: list[Scores] = Field(description="Each sampled frame's scores against the prompt; empty without a prompt.")
+    mean: dict[str, float] = Field(description="The mean of each flat score over the sampled frames; empty without "
+                                               "a prompt.")
+    temporal_consistency: float | None = Field(
+        description="Mean cosine similarity of consecutive sampled frames' CLIP image embeddings (-1 to 1; 1 for "
+                    "identical frames, lower for flicker or jumps); null for a single frame."
+    )
+    quality_metric: Metric | None = Field(None, description="The gate's metric; null without a prompt.")
+    quality_threshold: float | None = None
+    passed: bool | None = Field(None, description="The mean of quality_metric is at least quality_threshold; null "
+                                                  "without a prompt.")
+
+
 class VideoInfo(BaseModel):
     """A generated video, without the file."""
 
@@ -588,7 +614,10 @@ class VideoInfo(BaseModel):
     num_inference_steps: int
     params: dict[str, Any] = Field(description="The family's own parameters used (e.g. svd: motion_bucket_id).")
     keyframe: KeyframeInfo | None = Field(None, description="Set for text-to-video.")
-    timings: dict[str, float] = Field(description="Seconds: keyframe (svd text-to-video), video, interpolate, encode, total.")
+    scores: VideoScores | None = Field(None, description="Sampled frames' scores and temporal consistency; null "
+                                                         "when scores.video_frames is 0.")
+    timings: dict[str, float] = Field(description="Seconds: keyframe (svd text-to-video), video, interpolate, encode, "
+                                                  "score, total.")
 
 
 class VideoResponse(VideoInfo):
