@@ -286,7 +286,8 @@ def test_policy_metric_and_weights_must_be_computed():
             AppArgs.model_validate({"scorer": {"source": "tiny", "laion": {"enabled": False}}, "policy": policy})
     with pytest.raises(ValidationError, match="between 1 and 10; got 11"):
         QualityPolicy(metric="laion", threshold=11)
-    assert AppArgs.model_validate({"policy": {"metric": "combined", "threshold": 0.4}}).gate_metrics() == tuple(SCORE_RANGES)
+    assert AppArgs.model_validate({"policy": {"metric": "combined", "threshold": 0.4}}).gate_metrics() == (
+        "alignment", "aesthetic", "laion", "combined")  # the default scorers: CLIP and its LAION head
 
 
 def test_quality_gate_resolves_and_rejects_per_field():
