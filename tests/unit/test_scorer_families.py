@@ -183,3 +183,13 @@ def test_profiles_list_every_family_and_pickscore_is_off_on_gpus_for_its_licence
     assert not pick.enabled and "none stated" in get_scorer_family("pickscore").licence
     assert "hps" in single.gate_metrics() and "pickscore" not in single.gate_metrics()
     assert resolve_placement(dev.scorers[1].device).device == "cpu"
+
+
+def test_a_processor_source_downloads_its_tokenizer_and_image_processor_only():
+    from deployments.runtime.weights import select_files
+
+    listing = ["config.json", "merges.txt", "model.safetensors", "open_clip_pytorch_model.bin",
+               "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    assert select_files(listing, "processor") == ["config.json", "merges.txt", "preprocessor_config.json",
+                                                  "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    assert "model.safetensors" in select_files(listing, "transformers")
