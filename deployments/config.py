@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.names import Style, check_lora_name
+from deployments.names import COMBINABLE, Style, check_lora_name
 
 TINY = "tiny"
 # The public improved-aesthetic-predictor head (christophschuhmann/improved-aesthetic-predictor),
@@ -204,16 +204,19 @@ class LaionHeadConfig(_Strict):
 
 class CombinedWeights(_Strict):
     """Weights of the `combined` score: a weighted mean of the gate scores, each first scaled to 0-1
-    over its documented range (aesthetic 0-1, alignment 0-100, laion 1-10). Unset weights are 0."""
+    over its documented range (aesthetic 0-1, alignment 0-100, laion 1-10, hps 0-1, pickscore 0-100;
+    deployments.names.SCORE_RANGES). Unset weights are 0."""
 
     aesthetic: float = Field(0.0, ge=0, le=100, description="Weight of the aesthetic score (0-1).")
     alignment: float = Field(0.0, ge=0, le=100, description="Weight of alignment / 100.")
     laion: float = Field(0.0, ge=0, le=100, description="Weight of (laion - 1) / 9.")
+    hps: float = Field(0.0, ge=0, le=100, description="Weight of the HPSv2.1 score (0-1; needs an hps scorer).")
+    pickscore: float = Field(0.0, ge=0, le=100, description="Weight of pickscore / 100 (needs a pickscore scorer).")
 
     @model_validator(mode="after")
     def _some_weight(self) -> "CombinedWeights":
-        if self.aesthetic + self.alignment + self.laion <= 0:
-            raise ValueError("at least one weight (aesthetic, alignment, laion) must be above 0")
+        if sum(self.model_dump().values()) <= 0:
+            raise ValueError(f"at least one weight ({', '.join(COMBINABLE)}) must be above 0")
         return self
 
 
@@ -233,14 +236,10 @@ class BatchingConfig(_Strict):
     wait_ms: float = Field(10.0, ge=0, le=1000, description="How long the first request waits for others to join.")
 
 
-class ScorerConfig(_Strict):
-    """CLIP scoring of generated images."""
+class ClipOptions(_Strict):
+    """The CLIP scorer's texts and LAION head: the `options:` of a `scorers:` entry of family clip
+    (and the fields of the old `scorer:` block beside its source, device and batching)."""
 
-    source: ModelSource = Field(
-        "openai/clip-vit-large-patch14",
-        description="Hugging Face repo id, local folder (transformers layout) or 'tiny'.",
-    )
-    device: DeviceOptions = Field(default_factory=DeviceOptions)
     aesthetic_positive: str = Field(
         "a beautiful, high-quality, professional photograph",
         min_length=1,
@@ -260,22 +259,67 @@ class ScorerConfig(_Strict):
         default_factory=LaionHeadConfig,
         description="The LAION aesthetic predictor head (the `laion` score, 1-10).",
     )
+
+    @model_validator(mode="after")
+    def _distinct_aesthetic_texts(self) -> "ClipOptions":
+        if self.aesthetic_positive.strip() == self.aesthetic_negative.strip():
+            raise ValueError("aesthetic_positive and aesthetic_negative must differ")
+        return self
+
+    def laion_source_for(self, clip_source: str) -> str:
+        """Where the LAION head comes from, with the default resolved against the CLIP source."""
+        if self.laion.source is not None:
+            return self.laion.source
+        return TINY if clip_source == TINY else PUBLIC_LAION_HEAD
+
+
+class ScorerConfig(ClipOptions):
+    """CLIP scoring of generated images: the old `scorer:` block (deprecated: a `scorers:` entry of
+    family clip replaces it; `clip_entry` converts one)."""
+
+    source: ModelSource = Field(
+        "openai/clip-vit-large-patch14",
+        description="Hugging Face repo id, local folder (transformers layout) or 'tiny'.",
+    )
+    device: DeviceOptions = Field(default_factory=DeviceOptions)
     batching: BatchingConfig = Field(
         default_factory=BatchingConfig, description="Batch concurrent score calls into one forward pass; default off."
     )
 
     @property
     def laion_source(self) -> str:
-        """Where the LAION head comes from, with the default resolved against the CLIP source."""
-        if self.laion.source is not None:
-            return self.laion.source
-        return TINY if self.source == TINY else PUBLIC_LAION_HEAD
+        return self.laion_source_for(self.source)
 
-    @model_validator(mode="after")
-    def _distinct_aesthetic_texts(self) -> "ScorerConfig":
-        if self.aesthetic_positive.strip() == self.aesthetic_negative.strip():
-            raise ValueError("aesthetic_positive and aesthetic_negative must differ")
-        return self
+
+class ScorerEntry(_Strict):
+    """One scorer: an entry of `scorers:`. The family (`deployments.scoring.families`: clip, hps,
+    pickscore, or an import path) says what it computes and how it loads; the entry says where its
+    weights are and where it runs. Every enabled entry is loaded by the one scorer deployment
+    (`ClipScorer`, its replicas and GPU share under `deployments.ClipScorer`), so a request's scores
+    come from one call."""
+
+    family: str = Field(description="A built-in scorer family (clip, hps, pickscore) or an import path "
+                                    "('package.module:FAMILY').")
+    source: ModelSource = Field(description="Hugging Face repo id, local folder or file (as the family reads it), "
+                                            "or 'tiny' (random weights, tests and the dev profile).")
+    enabled: bool = Field(True, description="false: listed but not loaded (e.g. a scorer whose licence you "
+                                            "have not accepted).")
+    device: DeviceOptions = Field(default_factory=DeviceOptions)
+    options: dict = Field(default_factory=dict, description="The family's own options (clip: aesthetic texts, "
+                                                            "aspects, laion; hps and pickscore: processor, alignment).")
+
+
+class ScoringConfig(_Strict):
+    """What the scorer deployment loads: the enabled `scorers:` entries and how calls batch."""
+
+    scorers: tuple[ScorerEntry, ...] = Field(min_length=1)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+
+
+def clip_entry(config: ScorerConfig) -> ScorerEntry:
+    """The old `scorer:` block as a `scorers:` entry of family clip (its texts and head as options)."""
+    options = config.model_dump(exclude={"source", "device", "batching"}, exclude_unset=True)
+    return ScorerEntry(family="clip", source=config.source, device=config.device, options=options)
 
 
 class LlmConfig(_Strict):

@@ -13,17 +13,36 @@ STYLES: tuple[str, ...] = get_args(Style)
 Quality = Literal["high", "standard", "none"]
 QUALITIES: tuple[str, ...] = get_args(Quality)
 
-# The scores that can gate regeneration, with their documented ranges.
-GateMetric = Literal["alignment", "aesthetic", "laion", "combined"]
+# The scores that can gate regeneration, with their documented ranges: the one place both are
+# defined (request schemas, validation, the scorers and GET /v1/models read them from here).
+# `hps` and `pickscore` come from the preference scorers (`scorers:` entries of family hps and
+# pickscore, deployments/scoring/families); a config computes only its scorers' metrics.
+GateMetric = Literal["alignment", "aesthetic", "laion", "hps", "pickscore", "combined"]
 GATE_METRICS: tuple[str, ...] = get_args(GateMetric)
 SCORE_RANGES: dict[str, tuple[float, float]] = {
     "alignment": (0.0, 100.0),
     "aesthetic": (0.0, 1.0),
     "laion": (1.0, 10.0),
+    # HPSv2.1: cosine of the image and prompt embeddings of its fine-tuned CLIP-H (HPSv2's own
+    # `score`; about 0.2-0.35 for real images), clipped at 0.
+    "hps": (0.0, 1.0),
+    # PickScore v1: its CLIP-H's logit scale (100) x that cosine (about 18-24 for real images), clipped at 0.
+    "pickscore": (0.0, 100.0),
     "combined": (0.0, 1.0),
 }
 # The scores the combined score weighs (each scaled to 0-1 over its range first).
-COMBINABLE: tuple[str, ...] = ("aesthetic", "alignment", "laion")
+COMBINABLE: tuple[str, ...] = ("aesthetic", "alignment", "laion", "hps", "pickscore")
+# What `combined` weighs when neither the request nor the policy gives weights: equal weights over
+# these, where computed. The preference scores join only when weighted, so adding a scorer does not
+# move every existing `combined` threshold.
+DEFAULT_COMBINED: tuple[str, ...] = ("aesthetic", "alignment", "laion")
+
+
+def default_combined(computed) -> tuple[str, ...]:
+    """What an unweighted `combined` averages: DEFAULT_COMBINED where computed, else (scorers with no
+    clip entry) every combinable score computed."""
+    return tuple(metric for metric in DEFAULT_COMBINED if metric in computed) \
+        or tuple(metric for metric in COMBINABLE if metric in computed)
 
 Aspect = Literal["composition", "lighting", "colors", "sharpness", "style"]
 ASPECTS: tuple[str, ...] = get_args(Aspect)

@@ -27,6 +27,7 @@ from deployments.runtime.tiny import (
     tiny_llm_tokenizer,
     tiny_t5_tokenizer,
 )
+from deployments.scoring.families import SCORER_BUILTIN, get_scorer_family
 from deployments.scoring.laion_head import build_tiny_laion_head, save_head
 
 # The building blocks' old home was this module: their names stay importable from it.
@@ -52,6 +53,8 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
     elif kind == "clip":
         for part in build_tiny_clip(seed).values():
             part.save_pretrained(folder)
+    elif kind in SCORER_BUILTIN:
+        get_scorer_family(kind).save_tiny(folder, seed)
     elif kind == "llm":
         for part in build_tiny_llm(seed).values():
             part.save_pretrained(folder)
@@ -69,4 +72,4 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
 
 def tiny_kinds() -> tuple[str, ...]:
     """What `save_tiny` (and `genserve save-tiny`) can write: every built-in image and video family, and the rest."""
-    return (*BUILTIN, *VIDEO_BUILTIN, *OTHER_TINY)
+    return (*BUILTIN, *VIDEO_BUILTIN, *OTHER_TINY, *(kind for kind in SCORER_BUILTIN if kind not in OTHER_TINY))

@@ -85,6 +85,8 @@ class VideoGenerator(GeneratorBase):
                                f"asked for {params.num_frames} of {params.width}x{params.height}")
         interpolate_started = time.perf_counter()
         source_frames = len(frames)
+        sampled = sample_indices(source_frames, params.score_frames)
+        source = frames
         frames = await asyncio.to_thread(interpolate_frames, frames, params.fps, params.interpolate)
         interpolated = time.perf_counter() - interpolate_started
         fps = params.fps * params.interpolate
@@ -109,6 +111,8 @@ class VideoGenerator(GeneratorBase):
             source_frames=source_frames,
             source_fps=params.fps,
             interpolate_seconds=interpolated if params.interpolate > 1 else 0.0,
+            sampled_frames=tuple(sampled),
+            frames=source[list(sampled)] if sampled else None,
         )
 
     def _frames(self, params: VideoParams, image: np.ndarray | None, monitor: StepMonitor) -> np.ndarray:
@@ -121,3 +125,15 @@ class VideoGenerator(GeneratorBase):
 
     def info(self) -> dict:
         return {**super().info(), "options": self._model.options.model_dump()}
+
+
+def sample_indices(count: int, wanted: int) -> list[int]:
+    """`wanted` evenly spaced frame indices of `count` generated frames, first and last included (all
+    of them when there are fewer): the frames the scorer sees."""
+    if wanted <= 0 or count <= 0:
+        return []
+    if wanted >= count:
+        return list(range(count))
+    if wanted == 1:
+        return [count // 2]
+    return sorted({round(index * (count - 1) / (wanted - 1)) for index in range(wanted)})

@@ -26,19 +26,24 @@ from deployments.config import (
     ImageModelConfig,
     LoraConfig,
     ScorerConfig,
+    ScorerEntry,
+    ScoringConfig,
     VideoModelConfig,
+    clip_entry,
 )
 from deployments.families import ImageFamily, get_family, get_video_family
 from deployments.families.video_base import VideoFamily
-from deployments.names import MAX_CANDIDATES, SCORE_RANGES, GateMetric
+from deployments.names import GATE_METRICS, MAX_CANDIDATES, SCORE_RANGES, GateMetric
+from deployments.scoring.families import get_scorer_family
 from deployments.secrets import read_secret, warn_password_in_url
 
 # The deployments every app has; image and video generators are named after their model ids
 # (`generator_name`) and configured in their `image_models:` / `video_models:` entries.
 DeploymentName = Literal["Ingress", "PromptEnhancer", "ClipScorer", "JobRunner"]
 DEPLOYMENT_NAMES: tuple[str, ...] = get_args(DeploymentName)
-# The `AppArgs` field holding each model deployment's model config (and so its device options).
-MODEL_CONFIG_FIELDS = {"ClipScorer": "scorer", "PromptEnhancer": "enhancer"}
+# The `AppArgs` field holding each model deployment's model config (and so its device options); the
+# ClipScorer's is every enabled `scorers:` entry (`AppArgs.scoring_config`).
+MODEL_CONFIG_FIELDS = {"PromptEnhancer": "enhancer"}
 # Top-level keys of the config shape before `image_models:`, and what replaced each.
 REPLACED_KEYS = {
     "flux": "an image_models entry with family: flux (e.g. id: flux-schnell)",
@@ -323,6 +328,30 @@ class VideoModelEntry(VideoModelConfig):
 def _default_image_models() -> list[ImageModelEntry]:
     return [ImageModelEntry(id="flux-schnell", family="flux", source="black-forest-labs/FLUX.1-schnell",
                             default_steps=4, limits={"max_steps": 4, "max_guidance": 0})]
+
+
+def _default_scorers() -> list[ScorerEntry]:
+    return [ScorerEntry(family="clip", source="openai/clip-vit-large-patch14")]
+
+
+def _replace_scorer_block(data: dict) -> dict:
+    """The old `scorer:` block as the one `scorers:` entry of family clip (its batching under
+    `scores.batching`), with a DeprecationWarning naming the replacement."""
+    if "scorer" not in data:
+        return data
+    data = dict(data)
+    old = ScorerConfig.model_validate(data.pop("scorer"))
+    warnings.warn("the `scorer:` config block is deprecated: list scorers under `scorers:` instead (an entry "
+                  "{family: clip, source, device, options: {laion, aspects, ...}}; batching under "
+                  "`scores.batching`); see docs/configuration.md", DeprecationWarning, stacklevel=2)
+    if "scorers" in data:
+        raise ValueError("give `scorers:` only: the deprecated `scorer:` block cannot be combined with it")
+    data["scorers"] = [clip_entry(old)]
+    if "batching" in old.model_fields_set:
+        scores = data.get("scores") or {}
+        scores = scores.model_dump(exclude_unset=True) if isinstance(scores, BaseModel) else dict(scores)
+        data["scores"] = {**scores, "batching": old.batching}
+    return data
 
 
 class QualityPolicy(_Strict):
@@ -702,8 +731,20 @@ class FallbackConfig(_Strict):
 
 
 class ScoresConfig(_Strict):
-    """`POST /v1/scores` budgets: the pixels one request's uploads may hold in all (docs/operations.md)."""
+    """`POST /v1/scores` budgets: the pixels one request's uploads may hold in all (docs/operations.md);
+    and how the scorer deployment batches concurrent score calls."""
 
+    video_frames: int = Field(
+        4, ge=0, le=32,
+        description="Frames of each generated video the scorers see (evenly spaced, first and last included): "
+                    "scored against its prompt, and compared frame to frame (temporal consistency); 0: videos are "
+                    "not scored.",
+    )
+    batching: BatchingConfig = Field(
+        default_factory=BatchingConfig,
+        description="Batch concurrent score calls (the graph's and /v1/scores') into one forward pass per scorer; "
+                    "default off.",
+    )
     pixel_budget: int = Field(
         16 * 1024 * 1024, ge=65536,
         description="Pixels the images of one request are scored at, in all: over it, each is decoded to a copy "
@@ -738,7 +779,11 @@ class AppArgs(_Strict):
     default_model: str | None = Field(
         None, description="The image model requests get when they name none; default: the first of image_models."
     )
-    scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="The CLIP scorer.")
+    scorers: list[ScorerEntry] = Field(
+        default_factory=_default_scorers, min_length=1,
+        description="The scorers (deployments/scoring/families: clip, hps, pickscore), all loaded by the ClipScorer "
+                    "deployment; their metrics are the gate's (docs/configuration.md, 'Scorers').",
+    )
     enhancer: EnhancerConfig = Field(default_factory=EnhancerConfig, description="The prompt enhancer.")
     video_models: list[VideoModelEntry] = Field(
         default_factory=list,
@@ -785,6 +830,7 @@ class AppArgs(_Strict):
     def _no_old_keys(cls, data):
         if not isinstance(data, dict):
             return data
+        data = _replace_scorer_block(data)
         for key, replacement in REPLACED_KEYS.items():
             if key in data:
                 raise ValueError(f"`{key}:` is no longer read: use `image_models:` instead, {replacement}; "
@@ -900,6 +946,8 @@ class AppArgs(_Strict):
     def _memory_caps_within_shares(self) -> "AppArgs":
         models = [(name, field + (".llm" if field == "enhancer" else ""), f"deployments.{name}", getattr(self, field))
                   for name, field in MODEL_CONFIG_FIELDS.items()]
+        models += [("ClipScorer", f"scorers[{index}]", "deployments.ClipScorer", entry)
+                   for index, entry in enumerate(self.scorers) if entry.enabled]
         models += [(entry.deployment_name, f"{kind}[{entry.id}]", f"{kind}[{entry.id}].deployment", entry)
                    for kind, entries in (("image_models", self.served_image_models),
                                          ("video_models", self.served_video_models))
@@ -920,23 +968,57 @@ class AppArgs(_Strict):
     @model_validator(mode="after")
     def _scorer_batches_can_fill(self) -> "AppArgs":
         per_replica = self._options("ClipScorer").max_ongoing_requests or SCORER_MAX_ONGOING_REQUESTS
-        _check_batches_fit(self.scorer.batching, per_replica, "deployments.ClipScorer.max_ongoing_requests",
-                           "scorer.batching")
+        _check_batches_fit(self.scores.batching, per_replica, "deployments.ClipScorer.max_ongoing_requests",
+                           "scores.batching")
+        return self
+
+    @model_validator(mode="after")
+    def _scorers_fit(self) -> "AppArgs":
+        """Each entry fits its family, and each metric comes from one enabled entry."""
+        providers: dict[str, int] = {}
+        for index, entry in enumerate(self.scorers):
+            try:
+                family = get_scorer_family(entry.family)
+                family.check_entry(entry)
+            except ValueError as error:
+                raise ValueError(f"scorers[{index}]: {error}") from None
+            for metric in family.metrics(entry) if entry.enabled else ():
+                if metric in providers:
+                    raise ValueError(f"scorers[{index}] and scorers[{providers[metric]}] both compute {metric!r}: "
+                                     "one enabled entry per metric (alignment: set `alignment: false` in one's options)")
+                providers[metric] = index
+        if not providers:
+            raise ValueError("scorers: at least one entry must be enabled")
         return self
 
     @model_validator(mode="after")
     def _gate_scores_computed(self) -> "AppArgs":
-        if self.scorer.laion.enabled:
-            return self
-        if self.policy.metric == "laion":
-            raise ValueError("policy.metric 'laion' needs scorer.laion.enabled: true")
-        if self.policy.weights is not None and self.policy.weights.laion > 0:
-            raise ValueError("policy.weights.laion must be 0 when scorer.laion.enabled is false")
+        computed = self.gate_metrics()
+        if self.policy.metric not in computed:
+            raise ValueError(f"policy.metric {self.policy.metric!r} is not computed by the enabled scorers; "
+                             f"computed: {list(computed)}")
+        for name, weight in (self.policy.weights.model_dump().items() if self.policy.weights else ()):
+            if weight > 0 and name not in computed:
+                raise ValueError(f"policy.weights.{name} must be 0: no enabled scorers: entry computes {name}")
         return self
 
     def gate_metrics(self) -> tuple[str, ...]:
-        """The gate scores the configured scorer computes (laion only with its head enabled)."""
-        return tuple(metric for metric in SCORE_RANGES if metric != "laion" or self.scorer.laion.enabled)
+        """The gate scores the enabled scorers compute, `combined` included, in GATE_METRICS order."""
+        computed = {metric for entry in self.served_scorers for metric in get_scorer_family(entry.family).metrics(entry)}
+        return tuple(metric for metric in GATE_METRICS if metric in computed | {"combined"})
+
+    @property
+    def served_scorers(self) -> list[ScorerEntry]:
+        """The scorers loaded: the entries not marked `enabled: false`."""
+        return [entry for entry in self.scorers if entry.enabled]
+
+    def scoring_config(self) -> ScoringConfig:
+        """What the ClipScorer deployment loads, each entry's CUDA memory cap filled in from its GPU share."""
+        fraction = gpu_memory_fraction(self._options("ClipScorer").num_gpus)
+        entries = [entry if entry.device.memory_fraction is not None or fraction is None
+                   else entry.model_copy(update={"device": entry.device.model_copy(update={"memory_fraction": fraction})})
+                   for entry in self.served_scorers]
+        return ScoringConfig(scorers=tuple(entries), batching=self.scores.batching)
 
     @model_validator(mode="after")
     def _one_job_runner(self) -> "AppArgs":
@@ -973,8 +1055,10 @@ class AppArgs(_Strict):
     def image_model(self, model_id: str) -> ImageModelEntry:
         return next(entry for entry in self.served_image_models if entry.id == model_id)
 
-    def model_config_for(self, name: str) -> ImageModelEntry | VideoModelEntry | ScorerConfig | EnhancerConfig:
+    def model_config_for(self, name: str) -> ImageModelEntry | VideoModelEntry | ScoringConfig | EnhancerConfig:
         """The model config of deployment `name`, its CUDA memory cap filled in from its GPU share."""
+        if name == "ClipScorer":
+            return self.scoring_config()
         images = {entry.deployment_name: entry for entry in [*self.served_image_models, *self.served_video_models]}
         config = images[name] if name in images else getattr(self, MODEL_CONFIG_FIELDS[name])
         device = device_options(config)
@@ -987,8 +1071,12 @@ class AppArgs(_Strict):
         return config.model_copy(update={"device": device})
 
 
-def device_options(config: ImageModelConfig | VideoModelConfig | ScorerConfig | EnhancerConfig) -> DeviceOptions:
-    """Where a model deployment's model runs: the enhancer's is its LLM's."""
+def device_options(config: ImageModelConfig | VideoModelConfig | ScorerEntry | ScoringConfig | EnhancerConfig,
+                   ) -> DeviceOptions:
+    """Where a model deployment's model runs: the enhancer's is its LLM's; the scorer deployment's its
+    first scorer's (`scoring_config` fills every entry's memory cap alike)."""
+    if isinstance(config, ScoringConfig):
+        return config.scorers[0].device
     return config.llm.device if isinstance(config, EnhancerConfig) else config.device
 
 

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from deployments.runtime.weights import WeightSource, pipeline_components, select_files
+from deployments.scoring.families import get_scorer_family
 from serve_app.config import AppArgs
 
 
@@ -47,12 +48,10 @@ def weight_sources(args: AppArgs) -> list[tuple[WeightSource, bool]]:
     for entry in args.image_models:
         if entry.device.simulated is None:
             found += [(source, not entry.enabled) for source in entry.model_family.weight_sources(entry)]
-    scorer = args.scorer
-    if scorer.device.simulated is None:
-        found.append((WeightSource("CLIP scorer", scorer.source, "transformers"), False))
-        if scorer.laion.enabled:
-            found.append((WeightSource("LAION aesthetic head", scorer.laion_source, "file",
-                                       filename=scorer.laion.filename), False))
+    for entry in args.scorers:
+        if entry.device.simulated is None:
+            family = get_scorer_family(entry.family)
+            found += [(source, not entry.enabled) for source in family.weight_sources(entry)]
     llm = args.enhancer.llm
     if args.enhancer.mode == "llm" and llm.backend == "transformers" and llm.device.simulated is None:
         found.append((WeightSource("prompt enhancer LLM", llm.source, "transformers"), False))
@@ -135,7 +134,8 @@ def is_cached(planned: PlannedRepo, cache_dir: str | None = None) -> str | None:
 
     source = planned.source
     probe = {"diffusers-pipeline": "model_index.json", "diffusers-model": "config.json",
-             "transformers": "config.json", "file": source.filename}[source.layout]
+             "transformers": "config.json", "processor": "tokenizer_config.json",
+             "file": source.filename}[source.layout]
     found = try_to_load_from_cache(source.source, probe, cache_dir=cache_dir)
     if not isinstance(found, str):
         return f"{source.source} is not in the Hugging Face cache"

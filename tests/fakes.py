@@ -74,6 +74,12 @@ class FakeScorer:
             results.append(scores)
         return results
 
+    async def score_video(self, frames, prompt, weights=None):
+        """Frames scored as images; consistency 1 - the mean absolute change between frames (0-1 of 255)."""
+        scored = await self.score(frames, prompt, weights) if prompt else []
+        changes = [np.abs(a.astype(float) - b).mean() / 255 for a, b in zip(frames[1:], frames[:-1])]
+        return {"frames": scored, "temporal_consistency": 1 - float(np.mean(changes)) if changes else None}
+
 
 def fake_services(settings: Settings | None = None, *, enhancer=None, generator=None, scorer=None,
                   generators: dict | None = None, video_generators: dict | None = None) -> Services:

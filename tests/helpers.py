@@ -63,8 +63,7 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
     from serve_app.config import app_args_from_config
 
     args = app_args_from_config(config).model_dump(exclude_none=True)
-    for model in [*args["image_models"], *args.get("video_models", []),
-                  *(args[name] for name in ("scorer",) if args.get(name) is not None)]:
+    for model in [*args["image_models"], *args.get("video_models", []), *args["scorers"]]:
         model["source"] = "tiny"
         model["device"].update(device="auto", dtype="auto", torch_threads=1)
     llm = args["enhancer"]["llm"]
@@ -73,8 +72,9 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
         # keeps the enhancer, which runs one answer at a time, from becoming the bottleneck.
         llm.update(source="tiny", max_new_tokens=8)
         llm["device"].update(device="auto", dtype="auto", torch_threads=1)
-    if args.get("scorer") is not None:  # the LAION head too: a random one sized to the tiny CLIP
-        args["scorer"].setdefault("laion", {})["source"] = "tiny"
+    for scorer in args["scorers"]:  # the LAION head too: a random one sized to the tiny CLIP
+        if scorer["family"] == "clip":
+            scorer["options"].setdefault("laion", {})["source"] = "tiny"
     for model in args.get("video_models", []):
         if "motion_adapter" in model["options"]:  # animatediff: the adapter too
             model["options"]["motion_adapter"] = "tiny"

@@ -8,6 +8,8 @@
   and checked (`deployments.enhancer.prompt_rules`); when it is empty, too long, off-topic or blocked, or the
   backend fails or runs out of time, the template answers and `EnhancedPrompt.fallback_reason` says
   why. A failing LLM never fails the request.
+- The prompts fit the target's text encoders (`deployments.enhancer.fit`): additions that CLIP would
+  cut at 77 tokens are left out instead, and `EnhancedPrompt.dropped` names them.
 - `revise` (regenerate with feedback): a new prompt that addresses the aspects the scorer found
   weakest, by the LLM or by template fixes.
 """
@@ -24,6 +26,7 @@ from ray import serve
 
 from deployments import names
 from deployments.config import EnhancerConfig
+from deployments.enhancer.fit import Fits, TokenBudget, fit_terms, trim_clauses
 from deployments.enhancer.llm import LlmError, build_llm, enhance_messages, revise_messages
 from deployments.enhancer.prompt_rules import check_llm_prompt, clean_llm_output
 from deployments.runtime.loading import resolve_placement
@@ -59,10 +62,13 @@ NEGATIVE_PRESETS: dict[str, str] = {
 }
 
 
-def template_enhance(prompt: str, style: str, quality: str, negative_prompt: str | None = None) -> EnhancedPrompt:
+def template_enhance(prompt: str, style: str, quality: str, negative_prompt: str | None = None,
+                     fits: Fits | None = None) -> EnhancedPrompt:
     """Append the style's descriptors and the quality modifiers the prompt does not already say.
 
     A negative prompt given by the user is kept as it is; otherwise the style's preset is used.
+    `fits`: whether a text fits the target's text encoders (`deployments.enhancer.fit`); additions and
+    preset terms that would not fit are left out (`dropped`), the user's words never.
     """
     if style not in STYLES:
         raise ValueError(f"style must be one of {sorted(STYLES)}; got {style!r}")
@@ -71,9 +77,13 @@ def template_enhance(prompt: str, style: str, quality: str, negative_prompt: str
     subject = prompt.strip().rstrip(",")
     said = subject.lower()
     additions = [term for term in STYLES[style] + QUALITY_MODIFIERS[quality] if term.lower() not in said]
-    enhanced = ", ".join([subject, *additions])
-    negative = negative_prompt if negative_prompt is not None else NEGATIVE_PRESETS[style]
-    return EnhancedPrompt(prompt=enhanced, negative_prompt=negative, style=style, enhancer="template")
+    enhanced, dropped = fit_terms([subject], additions, fits)
+    negative = negative_prompt
+    if negative is None:
+        negative, dropped_negative = fit_terms([], NEGATIVE_PRESETS[style].split(", "), fits)
+        dropped += [f"negative: {term}" for term in dropped_negative]
+    return EnhancedPrompt(prompt=enhanced, negative_prompt=negative, style=style, enhancer="template",
+                          dropped=tuple(dropped))
 
 
 # What a template revision appends for each weak aspect (aspect names from the scorer, plus the
@@ -90,17 +100,23 @@ ASPECT_FIXES: dict[str, list[str]] = {
 }
 
 
-def template_revise(previous: EnhancedPrompt, weak: list[str], idea: str) -> EnhancedPrompt:
-    """`previous` with fixes for the weak aspects appended (those it does not already say).
+def template_revise(previous: EnhancedPrompt, weak: list[str], idea: str, fits: Fits | None = None) -> EnhancedPrompt:
+    """`previous` with fixes for the weak aspects appended (those it does not already say and that
+    fit the target's encoders: `fits`, as for `template_enhance`).
 
     Weak `alignment` (the image does not show the prompt) repeats the user's idea up front, where
-    every text encoder reads it first."""
+    every text encoder reads it first (when that fits)."""
     said = previous.prompt.lower()
     additions = [term for aspect in weak for term in ASPECT_FIXES.get(aspect, []) if term.lower() not in said]
-    prompt = ", ".join([previous.prompt, *dict.fromkeys(additions)])
+    prompt, dropped = fit_terms([previous.prompt], list(dict.fromkeys(additions)), fits)
+    showing = f"clearly showing {idea.strip()}, {prompt}"
     if "alignment" in weak and not said.startswith(f"clearly showing {idea.strip().lower()}"):
-        prompt = f"clearly showing {idea.strip()}, {prompt}"
-    return dataclasses.replace(previous, prompt=prompt, enhancer="template", fallback_reason=None)
+        if fits is None or fits(showing):
+            prompt = showing
+        else:
+            dropped.append(f"clearly showing {idea.strip()}")
+    return dataclasses.replace(previous, prompt=prompt, enhancer="template", fallback_reason=None,
+                               dropped=tuple(dropped))
 
 
 @serve.deployment(name="PromptEnhancer", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1})
@@ -115,6 +131,7 @@ class PromptEnhancer:
         self._config = config
         self._llm = None
         self._lock = asyncio.Lock()
+        self._budget = TokenBudget()
         self._metrics = None
         if config.mode == "llm":
             if metrics:
@@ -147,21 +164,28 @@ class PromptEnhancer:
         """`target`: the prompt form of the model family the prompt is for (its `prompt_form`; None:
         the neutral form); it shapes the LLM's answer."""
         style = style or self._config.default_style
-        template = template_enhance(prompt, style, quality, negative_prompt)
+        fits = await self._fits(target)
+        template = template_enhance(prompt, style, quality, negative_prompt, fits)
         if self._llm is None:
             return template
         style_hint = style if style == "none" else f"{style} ({', '.join(STYLES[style])})"
-        return await self._ask(enhance_messages(prompt, style_hint, target), prompt, template)
+        return await self._ask(enhance_messages(prompt, style_hint, target), prompt, template, fits)
 
     async def revise(self, prompt: str, previous: EnhancedPrompt, weak: list[str],
                      target: PromptForm | None = None) -> EnhancedPrompt:
         """A new prompt for the next round, addressing `weak` (the lowest-scoring aspects)."""
-        fallback = template_revise(previous, weak, prompt)
+        fits = await self._fits(target)
+        fallback = template_revise(previous, weak, prompt, fits)
         if self._llm is None:
             return fallback
-        return await self._ask(revise_messages(prompt, previous.prompt, weak, target), prompt, fallback)
+        return await self._ask(revise_messages(prompt, previous.prompt, weak, target), prompt, fallback, fits)
 
-    async def _ask(self, messages: list[dict], idea: str, fallback: EnhancedPrompt) -> EnhancedPrompt:
+    async def _fits(self, target: PromptForm | None) -> Fits | None:
+        # The first request for a model loads its tokenizers (files on disk): off the event loop.
+        return await asyncio.to_thread(self._budget.fits_for, target)
+
+    async def _ask(self, messages: list[dict], idea: str, fallback: EnhancedPrompt,
+                   fits: Fits | None = None) -> EnhancedPrompt:
         llm = self._config.llm
         try:
             if self._llm.backend == "transformers":
@@ -193,7 +217,13 @@ class PromptEnhancer:
         reason = check_llm_prompt(answer, idea, llm.max_prompt_chars, llm.min_subject_overlap, self._config.blocklist)
         if reason is not None:
             return self._fall_back(fallback, reason, f"answer began {raw.strip()[:60]!r}")
-        return dataclasses.replace(fallback, prompt=answer, enhancer="llm", fallback_reason=None)
+        trimmed = trim_clauses(answer, fits)
+        if trimmed is None:
+            return self._fall_back(fallback, "too_long", "its first clause alone is longer than the text encoder keeps")
+        answer, cut = trimmed
+        negative_dropped = tuple(term for term in fallback.dropped if term.startswith("negative: "))
+        return dataclasses.replace(fallback, prompt=answer, enhancer="llm", fallback_reason=None,
+                                   dropped=(*cut, *negative_dropped))
 
     def _fall_back_logged(self, fallback: EnhancedPrompt, detail: str) -> EnhancedPrompt:
         """A backend error: the caller's `enhancer_fallback` gets a request id, the log the backend's

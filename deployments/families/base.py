@@ -18,6 +18,7 @@ switching, metrics, info, health) is the generic deployment's.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 from dataclasses import dataclass, replace
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from deployments.runtime.acceleration import AccelerationSupport
-from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationParams, PromptForm
+from deployments.runtime.types import ControlInput, EnhancedPrompt, GenerationParams, PromptForm, PromptTokenizer
 
 if TYPE_CHECKING:
     from deployments.config import ImageModelConfig
@@ -280,6 +281,8 @@ class ImageFamily:
     negative_prompt: ClassVar[bool] = False
     # How the enhancer's LLM should write prompts for this family; None: the neutral form.
     prompt_form: ClassVar[PromptForm | None] = None
+    # The text encoders' tokenizers a prompt must fit (subfolder, tokens kept); the enhancer counts with them.
+    prompt_tokenizers: ClassVar[tuple[PromptTokenizer, ...]] = ()
     # How this family's LoRA files are recognised; None: the family takes no LoRAs.
     lora: ClassVar[LoraSignature | None] = None
     loaded_class: ClassVar[type[LoadedImageModel]] = LoadedImageModel
@@ -315,6 +318,13 @@ class ImageFamily:
 
         return [WeightSource(f"{config.id} pipeline", config.source, "diffusers-pipeline",
                              variant_for(self.weight_variants, config.device.dtype))]
+
+    def prompt_form_of(self, config: "ImageModelConfig") -> PromptForm | None:
+        """The prompt form for an entry: the family's, with its tokenizers loaded from the entry's source."""
+        if self.prompt_form is None:
+            return None
+        tokenizers = tuple(dataclasses.replace(tokenizer, source=config.source) for tokenizer in self.prompt_tokenizers)
+        return dataclasses.replace(self.prompt_form, tokenizers=tokenizers)
 
     def options_of(self, config: "ImageModelConfig") -> BaseModel:
         """The entry's `options:` validated against this family's `Options` model."""

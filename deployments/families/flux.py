@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.families.base import AccelerationSupport, ImageFamily, LoadedImageModel, LoraSignature
-from deployments.runtime.types import PromptForm
+from deployments.runtime.types import PromptForm, PromptTokenizer
 
 
 class FluxOptions(BaseModel):
@@ -49,6 +49,8 @@ class FluxFamily(ImageFamily):
     acceleration = AccelerationSupport(
         denoiser="transformer", repeated_blocks=True, cache_hooks=("first_block",), fuse_qkv=True
     )
+    # CLIP keeps 77 tokens; T5 keeps 256 (schnell) or 512 (dev), which a prompt that fits CLIP fits.
+    prompt_tokenizers = (PromptTokenizer("tokenizer", 77),)
     # FLUX's T5 encoder follows natural sentences.
     prompt_form = PromptForm(
         instructions="Write one or two natural, flowing sentences (at most 70 words) describing the scene concretely.",

@@ -9,7 +9,7 @@ SDXL.
 from __future__ import annotations
 
 from deployments.families.base import AccelerationSupport, ImageFamily, LoraSignature
-from deployments.runtime.types import PromptForm
+from deployments.runtime.types import PromptForm, PromptTokenizer
 
 
 class Sd15Family(ImageFamily):
@@ -26,6 +26,7 @@ class Sd15Family(ImageFamily):
     acceleration = AccelerationSupport(denoiser="unet", repeated_blocks=True, fuse_qkv=True, channels_last=True)
     # SD 1.5 checkpoints in diffusers layout publish fp16 files beside the fp32 ones.
     weight_variants = {"float16": "fp16", "bfloat16": "fp16"}
+    prompt_tokenizers = (PromptTokenizer("tokenizer", 77),)
     # One CLIP encoder of 77 tokens: short tags, as for SDXL, but fewer.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 30 words): subject first, then details, "

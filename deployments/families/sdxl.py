@@ -32,7 +32,7 @@ from deployments.families.base import (
 )
 from deployments.names import CONTROL_TYPES, ControlType
 from deployments.runtime.loading import Placement, is_tiny, pretrained_location
-from deployments.runtime.types import ControlInput, PromptForm
+from deployments.runtime.types import ControlInput, PromptForm, PromptTokenizer
 
 
 class SdxlOptions(BaseModel):
@@ -197,6 +197,7 @@ class SdxlFamily(ImageFamily):
     inpaint_pipeline_class = "StableDiffusionXLInpaintPipeline"
     control_edits = True
     acceleration = AccelerationSupport(denoiser="unet", repeated_blocks=True, fuse_qkv=True, channels_last=True)
+    prompt_tokenizers = (PromptTokenizer("tokenizer", 77), PromptTokenizer("tokenizer_2", 77))
     # SDXL's CLIP encoders respond to short comma-separated tags.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 40 words): subject first, then details, "

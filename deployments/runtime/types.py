@@ -12,12 +12,27 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class PromptTokenizer:
+    """A text encoder's tokenizer that a prompt must fit: the model's `source` (hub id, folder or
+    'tiny'), the tokenizer's `subfolder` in it, the tokens the encoder keeps (CLIP: 77, start and end
+    tokens included) and its `kind` (what 'tiny' builds: clip)."""
+
+    subfolder: str
+    max_tokens: int
+    kind: str = "clip"
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class PromptForm:
-    """How the enhancer's LLM should write a prompt for one model family: `instructions` (one
-    sentence on form and length) and few-shot `examples` of (idea | style, answer)."""
+    """How the enhancer should write a prompt for one model: `instructions` (one sentence on form and
+    length) and few-shot `examples` of (idea | style, answer) for its LLM, and the `tokenizers` the
+    prompt must fit (the enhancer drops its own additions that would be cut; `ImageFamily.prompt_form_of`
+    fills in the model's source)."""
 
     instructions: str
     examples: tuple[tuple[str, str], ...] = ()
+    tokenizers: tuple[PromptTokenizer, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,6 +196,9 @@ class EnhancedPrompt:
     style: str
     enhancer: str
     fallback_reason: str | None = None
+    # The enhancer's own additions (style, quality, fixes, LLM clauses, negative preset terms) left out
+    # so that the prompts fit the target's text encoders; the user's words are never dropped.
+    dropped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -202,6 +220,7 @@ class VideoParams:
     interpolate: int = 1
     metadata: dict = field(default_factory=dict)
     progress: ProgressTarget | None = None
+    score_frames: int = 0  # generated frames to return for scoring (evenly spaced); 0: none
 
 
 @dataclass
@@ -221,6 +240,10 @@ class VideoOutput:
     source_frames: int = 0
     source_fps: int = 0
     interpolate_seconds: float = 0.0
+    # The generated frames the scorer sees (`VideoParams.score_frames` of them, evenly spaced, before
+    # interpolation): their indices, and the frames, uint8 (N, H, W, 3); None when none were asked for.
+    sampled_frames: tuple[int, ...] = ()
+    frames: np.ndarray | None = None
 
 
 class ModelOutOfMemory(RuntimeError):

@@ -20,7 +20,9 @@ from typing import Literal
 
 from deployments.config import TINY, is_local_path, local_path
 
-Layout = Literal["diffusers-pipeline", "diffusers-model", "transformers", "file"]
+# "processor": a tokenizer and image processor only (the preference scorers take OpenCLIP ViT-H-14's
+# from a repo whose weights they do not use).
+Layout = Literal["diffusers-pipeline", "diffusers-model", "transformers", "processor", "file"]
 
 # Small files loading reads besides weights: configs, tokenizers (json, txt, SentencePiece models).
 _SUPPORT_SUFFIXES = (".json", ".txt", ".model")
@@ -83,7 +85,8 @@ def select_files(files: Iterable[str], layout: Layout, variant: str | None = Non
         weights = [f for f in folder_files if _is_weights(os.path.basename(f))]
         has_variant = variant is not None and any(_variant_of(os.path.basename(f)) == variant for f in weights)
         wanted = variant if has_variant else None
-        chosen += [f for f in weights if _variant_of(os.path.basename(f)) == wanted]
+        if layout != "processor":
+            chosen += [f for f in weights if _variant_of(os.path.basename(f)) == wanted]
         chosen += [f for f in folder_files if f not in weights and f.endswith(_SUPPORT_SUFFIXES)]
     return sorted(chosen)
 

@@ -1,4 +1,4 @@
-"""CLIP scoring deployment: how well each image matches its prompt, and how good it looks."""
+"""The scorer deployment: how well each image matches its prompt, how good it looks, how people would rate it."""
 
 from __future__ import annotations
 
@@ -11,50 +11,25 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
-from deployments.config import SCORER_MAX_ONGOING_REQUESTS, TINY, CombinedWeights, ScorerConfig
+from deployments.config import (
+    SCORER_MAX_ONGOING_REQUESTS,
+    CombinedWeights,
+    ScorerConfig,
+    ScoringConfig,
+    clip_entry,
+)
 
 # Re-exported: the scorer's callers read the score names from here or from deployments.names.
-from deployments.names import ASPECTS, COMBINABLE, GATE_METRICS, SCORE_RANGES  # noqa: F401
-from deployments.runtime.loading import (
-    check_device_health,
-    in_serve_replica,
-    is_tiny,
-    pretrained_location,
-    resolve_placement,
-)
+from deployments.names import ASPECTS, COMBINABLE, GATE_METRICS, SCORE_RANGES, default_combined  # noqa: F401
+from deployments.runtime.loading import check_device_health, in_serve_replica, resolve_placement
 from deployments.runtime.metrics import ModelMetrics
 from deployments.runtime.types import GenerationOutput
-from deployments.scoring.laion_head import LAION_RANGE, load_head
+from deployments.scoring.families import get_scorer_family
 from deployments.scoring.perceptual import PERCEPTUAL_RANGES, perceptual_scores
 
 logger = logging.getLogger("ray.serve")
 
 ASPECT_RANGE = (0.0, 1.0)
-
-
-def load_clip(config: ScorerConfig, placement) -> dict:
-    """CLIPModel, tokenizer and image processor: `from_pretrained` or the tiny factory."""
-    if placement.simulated is not None:
-        from deployments.runtime.sim.models import simulated_clip_parts
-
-        return simulated_clip_parts(config.source, placement)
-    if is_tiny(config.source):
-        from deployments.runtime.tiny import build_tiny_clip
-
-        parts = build_tiny_clip()
-    else:
-        from transformers import CLIPModel, CLIPTokenizer
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-        # The PIL image processor needs no torchvision (none builds for these CPU wheels).
-        location = pretrained_location(config.source)
-        parts = {
-            "model": CLIPModel.from_pretrained(location, dtype=placement.dtype, use_safetensors=True),
-            "tokenizer": CLIPTokenizer.from_pretrained(location),
-            "image_processor": CLIPImageProcessorPil.from_pretrained(location),
-        }
-    parts["model"] = parts["model"].to(device=placement.device, dtype=placement.dtype).eval()
-    return parts
 
 
 def normalised(metric: str, value: float) -> float:
@@ -79,48 +54,34 @@ def combined_score(scores: Mapping[str, float], weights: CombinedWeights | Mappi
     return sum(weight * normalised(metric, scores[metric]) for metric, weight in used.items()) / total
 
 
+def scoring_config(config: ScoringConfig | ScorerConfig) -> ScoringConfig:
+    """The scorers to load: a `ScoringConfig`, or the old single-CLIP `ScorerConfig` as one clip entry."""
+    if isinstance(config, ScorerConfig):
+        return ScoringConfig(scorers=(clip_entry(config),), batching=config.batching)
+    return config
+
+
 @serve.deployment(name="ClipScorer", max_ongoing_requests=SCORER_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1})
 class ClipScorer:
-    """Scores a batch of images against a prompt: one CLIP forward pass for all of them.
+    """Scores a batch of images against a prompt with every enabled `scorers:` entry: one forward
+    pass per scorer for all of them (deployments.scoring.families), merged per image.
 
-    Each image gets one dict (see README, "Scores"):
-    - `alignment`: CLIPScore, 100 x cosine(image, prompt), clipped at 0 (range 0-100).
-    - `aesthetic`: the probability CLIP gives the "beautiful" text over the "ugly" one, i.e. a
-      softmax of the model's own logit scale times both cosines (range 0-1).
-    - `laion` (when `laion.enabled`): the LAION improved-aesthetic-predictor's rating of the
-      L2-normalised image embedding, clipped to 1-10.
-    - `combined`: weighted mean of the above, each scaled to 0-1 over its range (0-1).
-    - `aspects`: {composition, lighting, colors, sharpness, style}, each scored like `aesthetic`
-      with its own pair of texts (range 0-1).
-    - `perceptual`: {brightness, contrast, saturation, sharpness} from the pixels (deployments.scoring.perceptual).
-    All text embeddings but the prompt's are computed once, when the replica starts.
+    Each image gets one dict (see README, "Scores"): the flat gate scores the scorers compute
+    (`alignment`, `aesthetic`, `laion`, `hps`, `pickscore`; ranges in deployments.names.SCORE_RANGES),
+    `combined` (their weighted mean, each scaled to 0-1 over its range), `aspects` (from the clip
+    scorer) and `perceptual` ({brightness, contrast, saturation, sharpness} from the pixels).
+    The deployment keeps its name (`deployments.ClipScorer` in configs) whatever scorers it holds.
     """
 
-    def __init__(self, config: ScorerConfig, metrics: bool = True):
-        import torch
-
+    def __init__(self, config: ScoringConfig | ScorerConfig, metrics: bool = True):
+        config = scoring_config(config)
         self._config = config
-        self._placement = resolve_placement(config.device)
+        self._placement = resolve_placement(config.scorers[0].device)
         self._metrics = ModelMetrics("clip", self._placement.device, enabled=metrics)
-        parts = load_clip(config, self._placement)
-        self._model = parts["model"]
-        self._tokenizer = parts["tokenizer"]
-        self._image_processor = parts["image_processor"]
-        self._head = None
-        if config.laion.enabled:
-            width = int(self._model.config.projection_dim)
-            # A simulated CLIP's embeddings are placeholders: a random head rates them, no weights are fetched.
-            source = TINY if self._placement.simulated is not None else config.laion_source
-            self._head = load_head(config.laion, source, width).to(self._placement.torch_device)
-        # Pairs of (positive, negative) texts: the aesthetic one first, then one per aspect.
-        pairs = [(config.aesthetic_positive, config.aesthetic_negative)]
-        pairs += [(getattr(config.aspects, aspect).positive, getattr(config.aspects, aspect).negative)
-                  for aspect in ASPECTS]
-        with torch.inference_mode():
-            self._pair_texts = self._embed_texts([text for pair in pairs for text in pair])
-            self._logit_scale = float(self._model.logit_scale.exp())
+        self._scorers = [get_scorer_family(entry.family).load(entry, resolve_placement(entry.device))
+                         for entry in config.scorers]
         self._pixels_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="perceptual")
-        self._default_weights = CombinedWeights(**{metric: 1.0 for metric in self.gate_metrics if metric in COMBINABLE})
+        self._default_weights = CombinedWeights(**dict.fromkeys(default_combined(self.gate_metrics), 1.0))
         batching = config.batching
         # Per instance, as in ImageGenerator: Serve's batch queue belongs to the function it decorates
         # (and reads its replica's settings, so in process calls simply run one by one).
@@ -128,26 +89,24 @@ class ClipScorer:
             max_batch_size=batching.max_batch_images, batch_wait_timeout_s=batching.wait_ms / 1000,
             batch_size_fn=lambda calls: sum(len(images) for images, _, _ in calls),
         )(self._score_batch) if batching.enabled and in_serve_replica() else None
-        logger.info("CLIP scorer loaded from %s on %s (LAION head: %s)", config.source, self._placement.device,
-                    config.laion_source if self._head is not None else "off")
 
     @property
     def gate_metrics(self) -> tuple[str, ...]:
-        """The flat scores this replica computes."""
-        return tuple(metric for metric in GATE_METRICS if metric != "laion" or self._head is not None)
+        """The flat scores this replica computes, `combined` included."""
+        computed = {metric for scorer in self._scorers for metric in scorer.metrics} | {"combined"}
+        return tuple(metric for metric in GATE_METRICS if metric in computed)
 
     @property
     def input_size(self) -> int:
-        """The side CLIP sees: the image processor resizes the shorter side to it and crops a square."""
-        size, crop = self._image_processor.size, self._image_processor.crop_size
-        return int(max(size.get("shortest_edge") or 0, crop.get("height") or 0, crop.get("width") or 0))
+        """The largest side any scorer's CLIP sees (each resizes the shorter side to its own and crops)."""
+        return max(scorer.tower.input_size for scorer in self._scorers)
 
     async def score(self, images: GenerationOutput | np.ndarray | Sequence[np.ndarray], prompt: str,
                     weights: CombinedWeights | Mapping[str, float] | None = None) -> list[dict]:
         """One dict of scores per image, in order. Accepts a generator's output directly, an
         (N, H, W, 3) uint8 array, or a list of (H, W, 3) uint8 arrays of any sizes.
 
-        `weights`: of the `combined` score; None weighs every computed gate score equally."""
+        `weights`: of the `combined` score; None weighs aesthetic, alignment and laion equally (where computed)."""
         array = images.images if isinstance(images, GenerationOutput) else images
         if isinstance(weights, Mapping):
             weights = CombinedWeights(**weights)
@@ -155,6 +114,26 @@ class ClipScorer:
         if self._batched is not None and len(images) <= self._config.batching.max_batch_images:
             return await self._batched((images, prompt, weights))
         return await asyncio.to_thread(self._score, images, [prompt] * len(images), [weights] * len(images))
+
+    async def score_video(self, frames: np.ndarray, prompt: str | None,
+                          weights: CombinedWeights | Mapping[str, float] | None = None) -> dict:
+        """Sampled frames of one video (uint8 (N, H, W, 3), in order): each frame's scores against
+        `prompt` (none without a prompt) and the temporal consistency, the mean cosine similarity of
+        consecutive frames' CLIP image embeddings (1: identical frames; None for a single frame)."""
+        frames_list = _image_list(frames)
+        scores = await self.score(frames_list, prompt, weights) if prompt else []
+        consistency = await asyncio.to_thread(self._temporal_consistency, frames_list)
+        return {"frames": scores, "temporal_consistency": consistency}
+
+    def _temporal_consistency(self, frames: list[np.ndarray]) -> float | None:
+        """Mean frame-to-frame cosine of the first scorer's image embeddings (the clip scorer's, by default)."""
+        import torch
+
+        if len(frames) < 2:
+            return None
+        with self._metrics.track(), torch.inference_mode():
+            features = self._scorers[0].tower.images(frames).float()
+        return float((features[1:] * features[:-1]).sum(-1).mean())
 
     async def _score_batch(self, calls: list[tuple[list[np.ndarray], str, CombinedWeights]]) -> list[list[dict]]:
         """Serve's batch handler: every call's images in one forward pass, each against its own prompt."""
@@ -168,57 +147,44 @@ class ClipScorer:
             offset += len(call_images)
         return results
 
-    def _embed_texts(self, texts: list[str]):
-        tokens = self._tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self._placement.torch_device)
-        features = self._model.get_text_features(**tokens).pooler_output
-        return features / features.norm(dim=-1, keepdim=True)
-
     def _score(self, images: list[np.ndarray], prompts: list[str], weights: list[CombinedWeights]) -> list[dict]:
         """Scores of image i against prompts[i], combined with weights[i]."""
-        import torch
-
         started = time.perf_counter()
-        # The pixel checks run on a second thread while CLIP preprocesses and runs (numpy, PIL and
-        # torch release the GIL), so on a GPU they overlap the forward pass instead of adding to it.
+        # The pixel checks run on a second thread while the scorers preprocess and run (numpy, PIL and
+        # torch release the GIL), so on a GPU they overlap the forward passes instead of adding to them.
         perceptual_future = self._pixels_pool.submit(lambda: [perceptual_scores(image) for image in images])
-        pixels = self._image_processor(images=images, return_tensors="pt").pixel_values
-        with self._metrics.track(), torch.inference_mode():
-            pixels = pixels.to(device=self._placement.torch_device, dtype=self._placement.dtype)
-            image_features = self._model.get_image_features(pixel_values=pixels).pooler_output
-            image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-            distinct = list(dict.fromkeys(prompts))  # each distinct prompt encoded once
-            prompt_features = self._embed_texts(distinct)[[distinct.index(prompt) for prompt in prompts]]
-            alignment = (100.0 * (image_features * prompt_features).sum(-1)).clamp(min=0.0).float().cpu()
-            logits = self._logit_scale * image_features @ self._pair_texts.T  # (N, 2 x pairs)
-            pair_scores = logits.float().reshape(len(images), -1, 2).softmax(dim=-1)[..., 0].cpu()
-            laion = None
-            if self._head is not None:
-                laion = self._head(image_features.float()).squeeze(-1).clamp(*LAION_RANGE).cpu()
+        merged: list[dict] = [{} for _ in images]
+        with self._metrics.track():
+            for scorer in self._scorers:
+                for into, scores in zip(merged, scorer.score(images, prompts)):
+                    into.update(scores)
         perceptual = perceptual_future.result()
         results = []
-        for index in range(len(images)):
-            scores: dict = {"alignment": float(alignment[index]), "aesthetic": float(pair_scores[index, 0])}
-            if laion is not None:
-                scores["laion"] = float(laion[index])
-            scores["combined"] = combined_score(scores, weights[index])
-            scores["aspects"] = {aspect: float(pair_scores[index, 1 + i]) for i, aspect in enumerate(ASPECTS)}
-            scores["perceptual"] = perceptual[index]
-            results.append(scores)
+        for index, scores in enumerate(merged):
+            flat = {metric: scores[metric] for metric in GATE_METRICS if metric in scores}
+            flat["combined"] = combined_score(flat, weights[index])
+            if "aspects" in scores:
+                flat["aspects"] = scores["aspects"]
+            flat["perceptual"] = perceptual[index]
+            results.append(flat)
         logger.debug("scored %d images in %.3fs", len(images), time.perf_counter() - started)
         return results
 
     def info(self) -> dict:
+        clip = next((scorer for scorer in self._scorers if scorer.family == "clip"), None)
+        first = self._config.scorers[0]
         return {
-            "source": self._config.source,
+            "source": first.source,
             "device": self._placement.device,
             "dtype": self._placement.dtype_name,
             "memory_fraction": self._placement.memory_fraction,
-            "laion_head": self._config.laion_source if self._head is not None else None,
+            "laion_head": clip.laion_source if clip is not None else None,
             "input_size": self.input_size,
             "scores": {name: list(SCORE_RANGES[name]) for name in self.gate_metrics},
-            "aspects": {name: list(ASPECT_RANGE) for name in ASPECTS},
+            "aspects": {name: list(ASPECT_RANGE) for name in ASPECTS} if clip is not None else {},
             "perceptual": {name: [low, None if high == float("inf") else high]
                            for name, (low, high) in PERCEPTUAL_RANGES.items()},
+            "scorers": [scorer.info() for scorer in self._scorers],
         }
 
     async def device_time(self) -> dict:
@@ -226,7 +192,8 @@ class ClipScorer:
         return self._metrics.device_time()
 
     def check_health(self) -> None:
-        check_device_health(self._placement)
+        for scorer in self._scorers:
+            check_device_health(scorer.tower.placement)
 
 
 def _image_list(images) -> list[np.ndarray]:

@@ -128,7 +128,7 @@ def with_batching(args: AppArgs, enabled: bool, max_batch_images: int, wait_ms: 
         deployments["ClipScorer"] = {**base, "max_ongoing_requests": held}
     return AppArgs.model_validate({**args.model_dump(exclude_unset=True), "image_models": [
         entry.model_dump(exclude_unset=True) for entry in entries],
-        "scorer": {**args.scorer.model_dump(exclude_unset=True), "batching": settings},
+        "scores": {**args.scores.model_dump(exclude_unset=True), "batching": settings},
         "deployments": {name: (options if isinstance(options, dict) else options.model_dump(exclude_unset=True))
                         for name, options in deployments.items()}})
 

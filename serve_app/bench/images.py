@@ -58,7 +58,7 @@ def local_image_service(args: AppArgs, model_ids: list[str] | None = None):
     settings = Settings.from_args(args.model_copy(update={"image_models": models, "default_model": None}))
     handles = Handles.local(PromptEnhancer.func_or_class(args.enhancer, metrics=False),
                             {model.id: ImageGenerator.func_or_class(model, metrics=False) for model in models},
-                            ClipScorer.func_or_class(args.scorer, metrics=False))
+                            ClipScorer.func_or_class(args.scoring_config(), metrics=False))
     service = Services.build(settings, handles, ingress=False).images
     # One process has one torch thread pool: give it the first generator's setting (each constructor
     # above set it in turn; in Serve each replica keeps its own).

@@ -57,8 +57,10 @@ def run_score_benchmark(config: str, batches: list[int], requests: int, warmup: 
                                         batches, requests, warmup)}
     finally:
         loop.close()
-    setup = {"config": config, "width": width, "height": height, "scorer": args.scorer.source,
-             "laion": args.scorer.laion_source if args.scorer.laion.enabled else "off", **scorer.info()}
+    info = scorer.info()
+    setup = {"config": config, "width": width, "height": height,
+             "scorer": ", ".join(f"{entry.family} {entry.source}" for entry in args.served_scorers),
+             "laion": info["laion_head"] or "off", **info}
     scorer = None  # frees the model before the served run
     if serve:
         paths["serve handle"] = _through_serve(args, images, batches, requests, warmup)

@@ -285,6 +285,14 @@ class Scores(BaseModel):
     laion: float | None = Field(
         None, description="1-10: LAION aesthetic predictor's rating; null when the scorer's LAION head is off."
     )
+    hps: float | None = Field(
+        None, description="0-1: HPSv2.1 human-preference score (about 0.2-0.35 for real images); null without an "
+                          "hps scorer."
+    )
+    pickscore: float | None = Field(
+        None, description="0-100: PickScore v1 human-preference score (about 18-24 for real images); null without "
+                          "a pickscore scorer."
+    )
     # The three below are always set; null only in async-job results stored by older versions.
     combined: float | None = Field(
         None, description="0-1: weighted mean of aesthetic, alignment/100 and (laion-1)/9 (see quality_weights)."
@@ -412,6 +420,12 @@ class ImageResponse(BaseModel):
     enhancer_fallback: str | None = Field(
         None, description="Why the template answered although the LLM was asked (e.g. 'off_topic: ...'); else null."
     )
+    enhancer_dropped: list[str] = Field(
+        default_factory=list,
+        description="The enhancer's own additions left out so that the prompts fit the model's text encoders "
+                    "(CLIP keeps 77 tokens): style and quality terms, LLM clauses, negative-preset terms "
+                    "('negative: ...'). The user's words are never dropped. Empty when everything fitted.",
+    )
     prompt_advice: PromptAdviceInfo | None = Field(
         None, description="Validation advice on the prompt as sent (null only in job results stored by older versions)."
     )
@@ -478,6 +492,12 @@ class EnhanceResponse(BaseModel):
     model: str
     enhancer: str = Field(description="'llm' or 'template'.")
     enhancer_fallback: str | None = Field(None, description="Why the template answered although the LLM was asked.")
+    enhancer_dropped: list[str] = Field(
+        default_factory=list,
+        description="The enhancer's own additions left out so that the prompts fit the model's text encoders "
+                    "(CLIP keeps 77 tokens): style and quality terms, LLM clauses, negative-preset terms "
+                    "('negative: ...'). The user's words are never dropped. Empty when everything fitted.",
+    )
     prompt_advice: PromptAdviceInfo
     seconds: float = Field(description="Time the enhancer took.")
 
@@ -587,6 +607,14 @@ class VideoRequest(BaseModel):
     response_format: Literal["json", "binary"] = Field(
         "json", description="json: base64 in JSON with metadata; binary: the file itself, metadata in headers."
     )
+    quality_metric: Metric | None = Field(
+        None, description="Score that decides the video's `scores.passed` (its sampled frames' mean); default from config."
+    )
+    quality_threshold: float | None = Field(
+        None, ge=0, le=100,
+        description="Minimum of quality_metric (the sampled frames' mean) for `scores.passed`; needs a prompt, which "
+                    "the frames are scored against. The video is not regenerated: the gate reports.",
+    )
 
     @property
     def family_params(self) -> dict[str, Any]:
@@ -631,10 +659,29 @@ class KeyframeInfo(BaseModel):
     enhanced_prompt: str
     enhancer: str | None = Field(None, description="'llm', 'template' or 'none', as for images.")
     enhancer_fallback: str | None = None
+    enhancer_dropped: list[str] = Field(default_factory=list, description="As for images.")
     prompt_advice: PromptAdviceInfo | None = None
     scores: Scores
     passed: bool
     attempts: list[Attempt]
+
+
+class VideoScores(BaseModel):
+    """A video's sampled frames scored as images are, and how steady it is from frame to frame."""
+
+    sampled_frames: list[int] = Field(description="Indices of the generated frames scored (evenly spaced, before "
+                                                   "interpolation; scores.video_frames of them).")
+    frames: list[Scores] = Field(description="Each sampled frame's scores against the prompt; empty without a prompt.")
+    mean: dict[str, float] = Field(description="The mean of each flat score over the sampled frames; empty without "
+                                               "a prompt.")
+    temporal_consistency: float | None = Field(
+        description="Mean cosine similarity of consecutive sampled frames' CLIP image embeddings (-1 to 1; 1 for "
+                    "identical frames, lower for flicker or jumps); null for a single frame."
+    )
+    quality_metric: Metric | None = Field(None, description="The gate's metric; null without a prompt.")
+    quality_threshold: float | None = None
+    passed: bool | None = Field(None, description="The mean of quality_metric is at least quality_threshold; null "
+                                                  "without a prompt.")
 
 
 class VideoInfo(BaseModel):
@@ -662,7 +709,10 @@ class VideoInfo(BaseModel):
     num_inference_steps: int
     params: dict[str, Any] = Field(description="The family's own parameters used (e.g. svd: motion_bucket_id).")
     keyframe: KeyframeInfo | None = Field(None, description="Set for text-to-video.")
-    timings: dict[str, float] = Field(description="Seconds: keyframe (svd text-to-video), video, interpolate, encode, total.")
+    scores: VideoScores | None = Field(None, description="Sampled frames' scores and temporal consistency; null "
+                                                         "when scores.video_frames is 0.")
+    timings: dict[str, float] = Field(description="Seconds: keyframe (svd text-to-video), video, interpolate, encode, "
+                                                  "score, total.")
     simulated: str | None = Field(
         None, description="The simulated device profile when the video model runs on a simulated accelerator: the "
                           "frames are placeholders and the timings modelled; null on a real device. The file's "

@@ -50,6 +50,7 @@ from serve_app.services.validation import (
     check_image,
     check_mask_size,
     control_catalogue,
+    dropped_terms,
     spec_of,
 )
 
@@ -259,6 +260,7 @@ class ImageService:
             style=None if result.enhanced.enhancer == "none" else result.enhanced.style,
             enhancer=result.enhanced.enhancer,
             enhancer_fallback=result.enhanced.fallback_reason,
+            enhancer_dropped=dropped_terms(result.enhanced, spec),
             prompt_advice=advice_of(request.prompt),
             width=width,
             height=height,
@@ -308,6 +310,7 @@ class ImageService:
             model=spec.id,
             enhancer=enhanced.enhancer,
             enhancer_fallback=enhanced.fallback_reason,
+            enhancer_dropped=dropped_terms(enhanced, spec),
             prompt_advice=advice_of(request.prompt),
             seconds=round(time.perf_counter() - started, 4),
         )
@@ -441,3 +444,4 @@ def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan,
         scores=Scores(**candidate.scores),
         passed=candidate.passed,
     )
+

@@ -9,7 +9,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from deployments.scoring.clip_scorer import SCORE_RANGES
+from deployments.names import SCORE_RANGES
 from serve_app.protocol.schemas import ScoredImage, ScoreRequest, ScoreResponse, Scores
 from serve_app.services.graph import call_stage
 from serve_app.services.inputs import load_image, open_image
@@ -37,6 +37,7 @@ class ScoreService:
         self.scorer = scorer
         self.policy = settings.policy
         self.gate_metrics = settings.gate_metrics
+        self.scorers = settings.scorers
         self.max_input_pixels = settings.max_input_pixels
         self.request_timeout_s = settings.request_timeout_s
         self.budget = settings.scores
@@ -59,6 +60,10 @@ class ScoreService:
                                      dtype=np.uint8))
             del image  # its full-size pixels go before the next upload is decoded
         return images
+
+    def gate_ranges(self) -> dict[str, tuple[float, float]]:
+        """Each gate metric the deployed scorers compute, with its range (GET /v1/models, /v1/scores)."""
+        return {name: SCORE_RANGES[name] for name in self.gate_metrics}
 
     async def clip_input_size(self) -> int:
         """The shorter side the scorer's CLIP resizes images to (asked once; 224 for ViT-L/14)."""
@@ -94,7 +99,7 @@ class ScoreService:
         return ScoreResponse(
             prompt=request.prompt, quality_metric=metric, quality_threshold=threshold, quality_weights=weights,
             images=results, best=best,
-            ranges={name: SCORE_RANGES[name] for name in self.gate_metrics},
+            ranges=self.gate_ranges(),
             timings={"decode": round(decoded - started, 4), "score": round(scored - decoded, 4),
                      "total": round(time.perf_counter() - started, 4)},
         )

@@ -16,6 +16,7 @@ from typing import Any
 from deployments.families import BUILTIN
 from deployments.image_generator import ImageGenerator
 from deployments.lora_registry import LoraRegistry
+from deployments.scoring.families import get_scorer_family
 from deployments.video_generator import VideoGenerator
 from serve_app.config import (
     DEFAULT_RETRY_AFTER_S,
@@ -59,7 +60,8 @@ class Settings:
     specs: dict[str, ModelSpec]  # what each served image model accepts, in config order
     default_model: str  # the image model a request gets when it names none
     policy: QualityPolicy
-    gate_metrics: tuple[str, ...]  # the gate scores the deployed scorer computes
+    gate_metrics: tuple[str, ...]  # the gate scores the deployed scorers compute
+    scorers: tuple[dict, ...]  # each enabled scorer as GET /v1/models shows it (family, licence, metrics)
     blocklist: tuple[str, ...]
     loras: LoraRegistry
     request_timeout_s: float
@@ -86,6 +88,7 @@ class Settings:
             default_model=args.default_model_id,
             policy=args.policy,
             gate_metrics=args.gate_metrics(),
+            scorers=tuple(get_scorer_family(entry.family).public(entry) for entry in args.served_scorers),
             blocklist=tuple(args.enhancer.blocklist),
             loras=lora_registry(args),
             request_timeout_s=args.request_timeout_s,

@@ -22,8 +22,8 @@ from deployments.config import CombinedWeights, ImageModelConfig, VideoModelConf
 from deployments.enhancer.prompt_rules import blocked_terms
 from deployments.families import get_family, get_video_family
 from deployments.lora_registry import LoraNameError, LoraRegistry
+from deployments.names import SCORE_RANGES, default_combined
 from deployments.runtime.types import HiresPass, LoraRef, PromptForm, denoising_steps
-from deployments.scoring.clip_scorer import COMBINABLE, SCORE_RANGES
 from serve_app.config import QualityPolicy, check_threshold
 from serve_app.protocol.errors import PromptBlocked, RequestError, allowed_values
 from serve_app.protocol.schemas import DEFAULT_STRENGTH, ControlOptions, ImageRequest, VideoRequest
@@ -104,7 +104,7 @@ class ModelSpec:
             instruction_edits=capabilities.instruction_edits,
             reference_min_side=capabilities.reference_min_side,
             reference_max_aspect=capabilities.reference_max_aspect,
-            prompt_form=family.prompt_form,
+            prompt_form=family.prompt_form_of(entry),
             max_pixel_steps=getattr(entry, "max_pixel_steps", None),  # serve_app's ImageModelEntry has it
             simulated=entry.device.simulated,
         )
@@ -397,8 +397,8 @@ def quality_gate(metric: str | None, threshold: float | None, weights: CombinedW
     metric = metric or policy.metric
     if metric not in gate_metrics:
         allowed = ", ".join(map(repr, gate_metrics))
-        raise RequestError("quality_metric", f"{metric!r} is not computed by the deployed scorer "
-                           "(scorer.laion.enabled is false)", f"one of {allowed}")
+        raise RequestError("quality_metric", f"{metric!r} is not computed by the deployed scorers "
+                           f"({not_computed_reason(metric)})", f"one of {allowed}")
     threshold = policy.threshold if threshold is None else threshold
     try:
         check_threshold(metric, threshold)
@@ -406,15 +406,23 @@ def quality_gate(metric: str | None, threshold: float | None, weights: CombinedW
         low, high = SCORE_RANGES[metric]
         raise RequestError("quality_threshold", str(error), f"{low:g}-{high:g}") from None
     weights = weights or policy.weights or default_weights(gate_metrics)
-    if weights.laion > 0 and "laion" not in gate_metrics:
-        raise RequestError("quality_weights.laion", "must be 0: the deployed scorer computes no laion score "
-                           "(scorer.laion.enabled is false)", "0")
+    for name, weight in weights.model_dump().items():
+        if weight > 0 and name not in gate_metrics:
+            raise RequestError(f"quality_weights.{name}", f"must be 0: the deployed scorers compute no {name} "
+                               f"score ({not_computed_reason(name)})", "0")
     return metric, threshold, weights
 
 
+def not_computed_reason(metric: str) -> str:
+    """Why a gate metric can be missing, for a 422: which config entry computes it."""
+    if metric == "laion":
+        return "the clip scorer's laion.enabled is false"
+    return f"no enabled scorers: entry computes {metric}"
+
+
 def default_weights(gate_metrics: tuple[str, ...]) -> CombinedWeights:
-    """Equal weights over the combinable scores the scorer computes."""
-    return CombinedWeights(**{metric: 1.0 for metric in COMBINABLE if metric in gate_metrics})
+    """Equal weights over the default combined scores (aesthetic, alignment, laion) the scorers compute."""
+    return CombinedWeights(**dict.fromkeys(default_combined(gate_metrics), 1.0))
 
 
 def check_upload_pixels(field: str, size: tuple[int, int], max_pixels: int, allowed: str) -> None:
@@ -595,3 +603,8 @@ def control_catalogue() -> list[dict]:
         },
     ]
 
+
+def dropped_terms(enhanced, spec: ModelSpec) -> list[str]:
+    """What the enhancer left out to fit the encoders; negative-preset terms only where the model uses
+    a negative prompt (FLUX ignores it, so nothing of it was lost)."""
+    return [term for term in enhanced.dropped if spec.uses_negative_prompt or not term.startswith("negative: ")]

@@ -13,12 +13,20 @@ from pydantic import ValidationError
 
 from deployments.runtime.types import ProgressTarget, VideoOutput, VideoParams
 from serve_app.protocol.errors import RequestError
-from serve_app.protocol.schemas import ImageRequest, KeyframeInfo, Scores, VideoRequest, VideoResponse, random_seed
+from serve_app.protocol.schemas import (
+    ImageRequest,
+    KeyframeInfo,
+    Scores,
+    VideoRequest,
+    VideoResponse,
+    VideoScores,
+    random_seed,
+)
 from serve_app.services.graph import ImagePlan, call_stage
 from serve_app.services.images import ImageService, advice_of, attempts_of
 from serve_app.services.inputs import decode_image, fit_image
 from serve_app.services.settings import Handles, Settings
-from serve_app.services.validation import ModelSpec, VideoPlan, VideoSpec
+from serve_app.services.validation import ModelSpec, VideoPlan, VideoSpec, dropped_terms, quality_gate
 
 
 class VideoService:
@@ -29,6 +37,7 @@ class VideoService:
         self.default_model = settings.default_video_model
         self.images = images
         self.max_input_pixels = settings.max_input_pixels
+        self.video_frames = settings.scores.video_frames  # frames of each video scored; 0: none
 
     def spec(self, model: str | None) -> VideoSpec:
         model = model or self.default_model
@@ -51,6 +60,7 @@ class VideoService:
         model. Raises RequestError naming the field. Async jobs call it at submit. Decodes: call it in
         a thread."""
         plan = self.spec(request.model).plan(request)
+        self._gate(request)
         if request.image is not None:
             decode_image(request.image, "image", self.max_input_pixels)
         elif plan.keyframe:
@@ -69,6 +79,7 @@ class VideoService:
         started = time.perf_counter()
         spec = self.spec(request.model)
         plan = spec.plan(request)
+        gate = self._gate(request)
         width, height = plan.width, plan.height
         seed = random_seed() if request.seed is None else request.seed
         timings: dict[str, float] = {}
@@ -94,6 +105,7 @@ class VideoService:
             num_inference_steps=plan.num_inference_steps, output_format=request.output_format,
             prompt=None if plan.keyframe else request.prompt, options=plan.params, interpolate=request.interpolate,
             metadata=metadata, progress=None if progress is None else dataclasses.replace(progress, stage="video"),
+            score_frames=self.video_frames,
         )
         response = self.generators[spec.id].animate.remote(params, image)
         output: VideoOutput = await call_stage(response, "video", self.images.request_timeout_s)
@@ -101,6 +113,11 @@ class VideoService:
         if request.interpolate > 1:
             timings["interpolate"] = output.interpolate_seconds
         timings["encode"] = output.encode_seconds
+        scores = None
+        if output.frames is not None:
+            scoring_started = time.perf_counter()
+            scores = await self._score(output, request.prompt, gate)
+            timings["score"] = time.perf_counter() - scoring_started
         timings["total"] = time.perf_counter() - started
         response = VideoResponse(
             id=uuid.uuid4().hex, created=int(accepted), model=spec.id, family=spec.family.name,
@@ -109,10 +126,35 @@ class VideoService:
             output_format=request.output_format, seed=seed, num_frames=output.num_frames, fps=output.fps,
             source_frames=output.source_frames, source_fps=output.source_fps, interpolate=request.interpolate,
             duration_s=round(output.num_frames / output.fps, 4), width=output.width, height=output.height,
-            num_inference_steps=params.num_inference_steps, params=plan.params, keyframe=keyframe,
+            num_inference_steps=params.num_inference_steps, params=plan.params, keyframe=keyframe, scores=scores,
             timings={key: round(value, 4) for key, value in timings.items()}, simulated=simulated,
         )
         return response, output
+
+    def _gate(self, request: VideoRequest) -> tuple | None:
+        """The video's quality gate (metric, threshold, weights), as for images; None without a prompt
+        (the frames are scored against it), where a gate given is a 422 naming the field."""
+        if request.prompt is None:
+            for field in ("quality_threshold", "quality_metric"):
+                if getattr(request, field) is not None:
+                    raise RequestError(field, "needs a prompt: a video's frames are scored against it",
+                                       "a request with prompt")
+            return None
+        images = self.images
+        return quality_gate(request.quality_metric, request.quality_threshold, None, images.policy, images.gate_metrics)
+
+    async def _score(self, output: VideoOutput, prompt: str | None, gate: tuple | None) -> VideoScores:
+        """The sampled frames scored (against `prompt`) and compared frame to frame, in one scorer call."""
+        weights = gate[2] if gate is not None else None
+        call = self.images.scorer.score_video.remote(output.frames, prompt, weights=weights)
+        result = await call_stage(call, "score", self.images.request_timeout_s)
+        frames = result["frames"]
+        flat = [name for name in frames[0] if isinstance(frames[0][name], float)] if frames else []
+        mean = {name: sum(frame[name] for frame in frames) / len(frames) for name in flat}
+        metric, threshold = (gate[0], gate[1]) if gate is not None else (None, None)
+        return VideoScores(sampled_frames=list(output.sampled_frames), frames=[Scores(**frame) for frame in frames],
+                           mean=mean, temporal_consistency=result["temporal_consistency"], quality_metric=metric,
+                           quality_threshold=threshold, passed=None if metric is None else mean[metric] >= threshold)
 
     def _input_image(self, data: str, width: int, height: int):
         return fit_image(decode_image(data, "image", self.max_input_pixels), width, height)
@@ -142,6 +184,7 @@ class VideoService:
         info = KeyframeInfo(
             model=spec.id, seed=best.seed, prompt=request.prompt, enhanced_prompt=best.prompt,
             enhancer=result.enhanced.enhancer, enhancer_fallback=result.enhanced.fallback_reason,
+            enhancer_dropped=dropped_terms(result.enhanced, spec),
             prompt_advice=advice_of(request.prompt),
             scores=Scores(**best.scores), passed=best.passed, attempts=attempts_of(result),
         )

@@ -143,13 +143,14 @@ def _start_folders_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_fac
     args["video_models"] = []
     flux = image_model(args, "flux-schnell")
     flux["source"] = str(save_tiny("flux", models / "flux"))
-    args["scorer"]["source"] = str(save_tiny("clip", models / "clip"))
-    args["scorer"]["laion"]["source"] = str(save_tiny("laion", models / "laion") / "laion-head.safetensors")
+    clip = args["scorers"][0]
+    clip["source"] = str(save_tiny("clip", models / "clip"))
+    clip["options"]["laion"]["source"] = str(save_tiny("laion", models / "laion") / "laion-head.safetensors")
     args["enhancer"]["mode"] = "llm"
     args["enhancer"]["llm"]["source"] = str(save_tiny("llm", models / "llm"))
     args["enhancer"]["blocklist"] = ["gore", "nude figure"]
     client = stack.enter_context(serving(args, ray.base))
-    return {"client": client, "sources": (flux["source"], args["scorer"]["source"])}
+    return {"client": client, "sources": (flux["source"], clip["source"])}
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,12 @@ def test_text_to_video_ends_with_an_mp4_artifact(base):
     assert task.status.state == pb.TASK_STATE_COMPLETED, task.status
     mp4, data = task.artifacts[0].parts
     assert mp4.media_type == "video/mp4" and mp4.raw[4:8] == b"ftyp"
-    assert MessageToDict(data.data)["mode"] == "text-to-video"
+    described = MessageToDict(data.data)
+    assert described["mode"] == "text-to-video"
+    # The video's sampled frames scored (dev.yaml's tiny scorers) and its temporal consistency.
+    scores = described["scores"]
+    assert scores["sampled_frames"] == [0, 1, 2, 3] and {"alignment", "hps", "pickscore"} <= set(scores["mean"])
+    assert -1 <= scores["temporal_consistency"] <= 1
 
 
 def test_bad_arguments_are_invalid_params_naming_the_field_and_the_client_goes_on(base):

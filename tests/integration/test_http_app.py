@@ -139,6 +139,11 @@ def test_models_health_and_docs(app):
     flux = models["models"][0]
     assert flux["id"] == "flux-schnell" and (flux["min_steps"], flux["max_steps"]) == (1, 4)
     assert flux["deployment"]["source"] == app["sources"][0] and flux["deployment"]["device"] == "cpu"
+    # The scorers' metrics, with their ranges, and each scorer's family and licence (dev.yaml: all three tiny).
+    assert models["scores"] == {"alignment": [0, 100], "aesthetic": [0, 1], "laion": [1, 10], "hps": [0, 1],
+                                "pickscore": [0, 100], "combined": [0, 1]}
+    assert [(scorer["family"], scorer["metrics"]) for scorer in models["scorers"]] == [
+        ("clip", ["alignment", "aesthetic", "laion"]), ("hps", ["hps"]), ("pickscore", ["pickscore"])]
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert health.json()["deployments"]["scorer"]["source"] == app["sources"][1]

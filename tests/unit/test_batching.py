@@ -265,10 +265,10 @@ def test_batching_that_a_replica_could_never_fill_fails_at_load_naming_the_field
         ImageModelEntry(**entry)
     assert ImageModelEntry(**entry, deployment={"max_ongoing_requests": 8}).batching.enabled
     with pytest.raises(ValidationError, match=r"deployments.ClipScorer.max_ongoing_requests \(8\) is below "
-                                              r"scorer.batching.max_batch_images \(16\)"):
-        AppArgs(scorer={"source": "tiny", "batching": {"enabled": True, "max_batch_images": 16}})
-    assert AppArgs(scorer={"source": "tiny", "batching": {"enabled": True, "max_batch_images": 16}},
-                   deployments={"ClipScorer": {"max_ongoing_requests": 16}}).scorer.batching.enabled
+                                              r"scores.batching.max_batch_images \(16\)"):
+        AppArgs(scores={"batching": {"enabled": True, "max_batch_images": 16}})
+    assert AppArgs(scores={"batching": {"enabled": True, "max_batch_images": 16}},
+                   deployments={"ClipScorer": {"max_ongoing_requests": 16}}).scoring_config().batching.enabled
 
 
 def test_outside_a_replica_batching_is_off_and_requests_take_turns(monkeypatch):

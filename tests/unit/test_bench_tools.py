@@ -99,7 +99,7 @@ def test_the_concurrency_bench_turns_batching_on_with_room_for_the_next_batch_wh
     on = with_batching(config, True, max_batch_images=12, wait_ms=20)
     entry = on.image_model(on.default_model_id)
     assert entry.batching.enabled and entry.batching.max_batch_images == 12 and entry.deployment.max_ongoing_requests == 24
-    assert on.scorer.batching.enabled and on.deployments["ClipScorer"].max_ongoing_requests == 24
+    assert on.scores.batching.enabled and on.deployments["ClipScorer"].max_ongoing_requests == 24
     assert entry.deployment.max_queued_requests == config.image_model(config.default_model_id).deployment.max_queued_requests
     off = with_batching(config, False, max_batch_images=12, wait_ms=20)
-    assert not off.image_model(off.default_model_id).batching.enabled and not off.scorer.batching.enabled
+    assert not off.image_model(off.default_model_id).batching.enabled and not off.scores.batching.enabled

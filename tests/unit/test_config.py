@@ -45,7 +45,7 @@ def test_each_config_loads_in_serve_schema_and_typed_builder(path):
 def test_dev_config_is_tiny_on_cpu():
     args = app_args_from_config(Path(__file__).parents[2] / "configs" / "dev.yaml")
     assert all(entry.source == "tiny" and entry.device.device == "cpu" for entry in args.image_models)
-    assert args.scorer.source == "tiny" and args.default_model_id == "flux-schnell"
+    assert all(entry.source == "tiny" for entry in args.scorers) and args.default_model_id == "flux-schnell"
 
 
 def _field_error(args: dict) -> tuple[tuple, str]:

@@ -35,6 +35,9 @@ def test_each_gpu_profile_plans_every_hub_model_it_loads(profile):
         "depth-anything/Depth-Anything-V2-Small-hf": ("transformers", None, False),
         "openai/clip-vit-large-patch14": ("transformers", None, False),
         "camenduru/improved-aesthetic-predictor": ("file", None, False),
+        "xswu/HPSv2": ("file", None, False),
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": ("processor", None, False),  # HPSv2.1's and PickScore's
+        "yuvalkirstain/PickScore_v1": ("transformers", None, True),  # optional: no licence stated
         "Qwen/Qwen2.5-1.5B-Instruct": ("transformers", None, False),
         "stabilityai/stable-video-diffusion-img2vid-xt": ("diffusers-pipeline", "fp16", False),
         "Lightricks/LTX-Video": ("diffusers-pipeline", None, True),  # optional (enabled: false)

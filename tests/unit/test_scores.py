@@ -86,7 +86,8 @@ def test_every_score_per_image_in_its_range(scorer):
     assert len(results) == 3
     for scores in results:
         assert set(scores) == {"alignment", "aesthetic", "laion", "combined", "aspects", "perceptual"}
-        for metric, (low, high) in SCORE_RANGES.items():
+        for metric in ("alignment", "aesthetic", "laion", "combined"):
+            low, high = SCORE_RANGES[metric]
             assert low <= scores[metric] <= high, metric
         assert set(scores["aspects"]) == set(ASPECTS)
         assert all(0 <= value <= 1 for value in scores["aspects"].values())
@@ -107,13 +108,14 @@ def test_images_of_different_sizes_in_one_call(scorer):
 
 def test_one_forward_pass_per_call_whatever_the_batch(scorer, monkeypatch):
     calls = []
-    original = scorer._model.get_image_features
+    model = scorer._scorers[0].tower.model
+    original = model.get_image_features
 
     def counting(**kwargs):
         calls.append(kwargs["pixel_values"].shape[0])
         return original(**kwargs)
 
-    monkeypatch.setattr(scorer._model, "get_image_features", counting)
+    monkeypatch.setattr(model, "get_image_features", counting)
     _score(scorer, np.stack([_checkerboard()] * 8))
     assert calls == [8]
 
@@ -137,8 +139,8 @@ def test_aspect_text_embeddings_are_computed_once_per_replica(monkeypatch):
         return tokenizer
 
     monkeypatch.setattr(tiny, "tiny_clip_tokenizer", recording_tokenizer)
-    replica = ClipScorer.func_or_class(ScorerConfig(source="tiny"), metrics=False)
-    config = replica._config
+    config = ScorerConfig(source="tiny")
+    replica = ClipScorer.func_or_class(config, metrics=False)
     # At start: the aesthetic pair and every aspect's pair, in one call.
     assert len(texts) == 1 and len(texts[0]) == 2 * (1 + len(ASPECTS))
     assert config.aspects.lighting.positive in texts[0] and config.aspects.style.negative in texts[0]
@@ -284,7 +286,8 @@ def test_policy_metric_and_weights_must_be_computed():
             AppArgs.model_validate({"scorer": {"source": "tiny", "laion": {"enabled": False}}, "policy": policy})
     with pytest.raises(ValidationError, match="between 1 and 10; got 11"):
         QualityPolicy(metric="laion", threshold=11)
-    assert AppArgs.model_validate({"policy": {"metric": "combined", "threshold": 0.4}}).gate_metrics() == tuple(SCORE_RANGES)
+    assert AppArgs.model_validate({"policy": {"metric": "combined", "threshold": 0.4}}).gate_metrics() == (
+        "alignment", "aesthetic", "laion", "combined")  # the default scorers: CLIP and its LAION head
 
 
 def test_quality_gate_resolves_and_rejects_per_field():

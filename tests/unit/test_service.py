@@ -102,7 +102,9 @@ def test_revise_prompt_comes_from_config_unless_the_request_says():
     assert _service().plan(ImageRequest(prompt="a fox"))[0].revise_prompt is False
     assert _service(QualityPolicy(revise_prompt=True)).plan(ImageRequest(prompt="a fox"))[0].revise_prompt is True
     plan = _service(QualityPolicy(revise_prompt=True)).plan(ImageRequest(prompt="a fox", revise_prompt=False))[0]
-    assert plan.revise_prompt is False and plan.target == get_family("flux").prompt_form
+    flux = get_family("flux")
+    assert plan.revise_prompt is False and plan.target.instructions == flux.prompt_form.instructions
+    assert [tokenizer.max_tokens for tokenizer in plan.target.tokenizers] == [77]  # CLIP's, which the enhancer fits
 
 
 def test_combined_gate_passes_its_weights_to_the_scorer_and_the_response():
@@ -112,7 +114,7 @@ def test_combined_gate_passes_its_weights_to_the_scorer_and_the_response():
     request = {"prompt": "a fox", "seed": 200, "quality_metric": "combined", "quality_threshold": 0.7,
                "quality_weights": {"laion": 1}}
     response = asyncio.run(service.generate_images(request))
-    assert scorer.weights[0].model_dump() == {"aesthetic": 0, "alignment": 0, "laion": 1}
+    assert scorer.weights[0].model_dump() == {"aesthetic": 0, "alignment": 0, "laion": 1, "hps": 0, "pickscore": 0}
     assert response.quality_metric == "combined" and response.quality_weights.laion == 1
     scores = response.images[0].scores
     assert scores.combined == pytest.approx(200 / 255) and response.passed
@@ -124,8 +126,9 @@ def test_laion_gate_regenerates_until_the_threshold():
     response = asyncio.run(_service().generate_images(
         {"prompt": "a fox", "seed": 10, "quality_metric": "laion", "quality_threshold": 1.37, "max_attempts": 2}))
     assert [a.passed for a in response.attempts] == [False, True] and response.images[0].seed == 11
-    # Without an explicit choice the weights are equal over every score the scorer computes.
-    assert response.quality_weights.model_dump() == {"aesthetic": 1, "alignment": 1, "laion": 1}
+    # Without an explicit choice the weights are equal over aesthetic, alignment and laion (where computed).
+    assert response.quality_weights.model_dump() == {"aesthetic": 1, "alignment": 1, "laion": 1, "hps": 0,
+                                                     "pickscore": 0}
 
 
 def test_laion_gate_is_refused_when_the_head_is_off():

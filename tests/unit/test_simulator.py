@@ -196,7 +196,7 @@ def test_the_sim_h200_config_loads_with_every_model_on_the_simulated_card():
     args = AppArgs.model_validate(document["applications"][0]["args"])
     entry = args.image_models[0]
     assert (entry.device.simulated, entry.default_width, entry.default_height) == ("h200", 1024, 1024)
-    assert args.scorer.device.simulated == "h200" and args.enhancer.llm.device.simulated == "h200"
+    assert args.scorers[0].device.simulated == "h200" and args.enhancer.llm.device.simulated == "h200"
 
 
 def test_the_calibration_table_in_the_docs_is_the_one_the_data_makes():

@@ -38,7 +38,8 @@ async def get_models(service: Services = Depends(services)) -> dict:
     # `object` and `data`: OpenAI's list shape beside genserve's keys, so OpenAI clients list them too.
     return {"object": "list", "data": [openai_model(model["id"]) for model in models],
             "models": models, "default_model": images.default_model, "video_models": videos,
-            "default_video_model": default_video, "quality_policy": images.policy.model_dump()}
+            "default_video_model": default_video, "quality_policy": images.policy.model_dump(),
+            "scores": service.scores.gate_ranges(), "scorers": list(service.scores.scorers)}
 
 
 @router.get("/v1/loras", responses=errors())

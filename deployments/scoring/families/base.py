@@ -1,0 +1,142 @@
+"""What a scorer family declares, and what a loaded scorer does.
+
+A scorer family is one module with one `ScorerFamily` instance. It says, as data, which gate
+metrics an entry of it computes (their ranges are `deployments.names.SCORE_RANGES`, defined once),
+its licence, its `options:` model, which weights it needs, and how to load them (`load`, with
+'tiny' building random weights offline). The scorer deployment (`ClipScorer`) loads every enabled
+`scorers:` entry and merges what each computes, per image.
+
+All built-in families score through a CLIP tower (`ClipTower`: a transformers `CLIPModel`, its
+tokenizer and image processor): CLIPScore alignment and the aesthetic pairs on CLIP ViT-L/14, the
+preference scores on the CLIP-H towers HPSv2.1 and PickScore fine-tuned. Any of those towers can
+also serve `alignment` (option `alignment: true`), so one replica can hold a single CLIP-H.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import numpy as np
+
+    from deployments.config import ScorerEntry
+    from deployments.runtime.loading import Placement
+    from deployments.runtime.weights import WeightSource
+
+
+class NoScorerOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClipTower:
+    """A CLIP model with its tokenizer and image processor, placed on one device: L2-normalised
+    image and text embeddings, in batches."""
+
+    def __init__(self, model, tokenizer, image_processor, placement: Placement):
+        self.model = model.to(device=placement.torch_device, dtype=placement.dtype).eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.placement = placement
+
+    @property
+    def input_size(self) -> int:
+        """The side CLIP sees: the processor resizes the shorter side to it and crops a square."""
+        size, crop = self.image_processor.size, self.image_processor.crop_size
+        return int(max(size.get("shortest_edge") or 0, crop.get("height") or 0, crop.get("width") or 0))
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    def images(self, images: list[np.ndarray]):
+        """(N, D) unit image embeddings (call under torch.inference_mode)."""
+        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
+        pixels = pixels.to(device=self.placement.torch_device, dtype=self.placement.dtype)
+        features = self.model.get_image_features(pixel_values=pixels).pooler_output
+        return features / features.norm(dim=-1, keepdim=True)
+
+    def texts(self, texts: list[str]):
+        """(N, D) unit text embeddings; longer texts are cut at the tokenizer's length (77 for CLIP)."""
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.placement.torch_device)
+        features = self.model.get_text_features(**tokens).pooler_output
+        return features / features.norm(dim=-1, keepdim=True)
+
+    def prompts(self, prompts: list[str]):
+        """Text embeddings of `prompts`, each distinct prompt encoded once."""
+        distinct = list(dict.fromkeys(prompts))
+        return self.texts(distinct)[[distinct.index(prompt) for prompt in prompts]]
+
+    def alignment(self, image_features, prompt_features):
+        """CLIPScore: 100 x cosine(image, prompt), clipped at 0 (range 0-100), one float tensor per image."""
+        return (100.0 * (image_features * prompt_features).sum(-1)).clamp(min=0.0).float().cpu()
+
+
+class LoadedScorer:
+    """One `scorers:` entry, loaded: `score` gives, per image, a dict of the metrics it computes
+    (flat floats; the clip family adds `aspects`). `tower` is its CLIP tower (the video frame
+    similarity uses the first scorer's)."""
+
+    def __init__(self, family: str, metrics: tuple[str, ...], tower: ClipTower):
+        self.family = family
+        self.metrics = metrics
+        self.tower = tower
+
+    def score(self, images: list[np.ndarray], prompts: list[str]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        return {"family": self.family, "metrics": list(self.metrics), "device": self.tower.placement.device,
+                "dtype": self.tower.placement.dtype_name, "input_size": self.tower.input_size}
+
+
+class ScorerFamily:
+    """A kind of scorer: what it computes and how it loads."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    # The weights' licence as their publisher states it (GET /v1/models shows it).
+    licence: ClassVar[str] = ""
+    Options: ClassVar[type[BaseModel]] = NoScorerOptions
+
+    def options_of(self, entry: ScorerEntry) -> BaseModel:
+        return self.Options.model_validate(entry.options)
+
+    def metrics(self, entry: ScorerEntry) -> tuple[str, ...]:
+        """The gate metrics (deployments.names.GATE_METRICS) an entry of this family computes."""
+        raise NotImplementedError
+
+    def check_entry(self, entry: ScorerEntry) -> None:
+        """Raise ValueError naming the option when the entry's options do not fit this family."""
+        try:
+            self.options_of(entry)
+        except ValueError as error:  # pydantic's ValidationError names the option
+            raise ValueError(f"options for scorer family {self.name!r}: {error}") from None
+
+    def weight_sources(self, entry: ScorerEntry) -> list[WeightSource]:
+        raise NotImplementedError
+
+    def load(self, entry: ScorerEntry, placement: Placement) -> LoadedScorer:
+        raise NotImplementedError
+
+    def save_tiny(self, folder: Path, seed: int = 0) -> None:
+        """Write a tiny scorer of this family in its published layout (`genserve save-tiny <family>`)."""
+        raise NotImplementedError
+
+    def public(self, entry: ScorerEntry) -> dict:
+        """What GET /v1/models shows of an entry (no paths: a source may be a local folder)."""
+        return {"family": self.name, "description": self.description, "licence": self.licence,
+                "metrics": list(self.metrics(entry))}
+
+
+def processor_parts(location: str) -> dict:
+    """The CLIP tokenizer and (PIL) image processor saved in `location` (a folder or hub id)."""
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    # The PIL image processor needs no torchvision (none builds for these CPU wheels).
+    return {"tokenizer": CLIPTokenizer.from_pretrained(location),
+            "image_processor": CLIPImageProcessorPil.from_pretrained(location)}
