@@ -135,7 +135,8 @@ def test_videos_answer_501_when_no_video_model_is_configured(app):
 def test_models_health_and_docs(app):
     client = app["client"]
     models = client.get("/v1/models").json()
-    assert [model["id"] for model in models["models"]] == ["flux-schnell", "sdxl"]  # dev.yaml serves a tiny SDXL too
+    # dev.yaml serves a tiny SDXL and a tiny FLUX.2 [klein] too.
+    assert [model["id"] for model in models["models"]] == ["flux-schnell", "sdxl", "flux2-klein"]
     flux = models["models"][0]
     assert flux["id"] == "flux-schnell" and (flux["min_steps"], flux["max_steps"]) == (1, 4)
     assert flux["deployment"]["source"] == app["sources"][0] and flux["deployment"]["device"] == "cpu"

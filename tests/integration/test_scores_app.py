@@ -45,7 +45,9 @@ def test_scores_every_image_with_every_score(client):
     assert all((image.scored_width, image.scored_height) == (image.width, image.height) for image in body.images), \
         "within the pixel budget, every image is scored as sent"
     assert body.quality_metric == "laion" and all(image.passed for image in body.images)
-    assert body.ranges == {"alignment": (0, 100), "aesthetic": (0, 1), "laion": (1, 10), "combined": (0, 1)}
+    # dev.yaml's scorers: clip (alignment, aesthetic, laion), hps and pickscore.
+    assert body.ranges == {"alignment": (0, 100), "aesthetic": (0, 1), "laion": (1, 10), "hps": (0, 1),
+                           "pickscore": (0, 100), "combined": (0, 1)}
     assert body.quality_weights.model_dump() == {"aesthetic": 1, "alignment": 1, "laion": 1}  # dev.yaml's
     laion = [image.scores.laion for image in body.images]
     assert body.best == laion.index(max(laion))
@@ -53,6 +55,7 @@ def test_scores_every_image_with_every_score(client):
         scores = image.scores
         assert 0 <= scores.aesthetic <= 1 and 0 <= scores.alignment <= 100 and 1 <= scores.laion <= 10
         assert 0 <= scores.combined <= 1 and 0 <= scores.aspects.composition <= 1
+        assert 0 <= scores.hps <= 1 and 0 <= scores.pickscore <= 100
     perceptual = [image.scores.perceptual for image in body.images]
     assert perceptual[0].sharpness > perceptual[1].sharpness
     assert perceptual[2].brightness < perceptual[3].brightness

@@ -45,7 +45,7 @@ def test_image_to_video_mp4(client, tmp_path):
     meta, frames = _mp4_frames(base64.b64decode(body.b64_video), tmp_path)
     assert len(frames) == 4 and meta["size"] == (256, 256) and meta["fps"] == 8
     assert meta["codec"].startswith("h264") and "yuv420p" in meta["pix_fmt"]
-    assert set(body.timings) == {"video", "encode", "total"}
+    assert set(body.timings) == {"video", "encode", "score", "total"}  # sampled frames scored (scores.video_frames)
 
 
 def test_same_seed_same_frames(client, tmp_path):
@@ -69,7 +69,7 @@ def test_text_to_video_makes_scores_and_animates_a_keyframe(client, tmp_path):
     assert keyframe.prompt_advice.score == 100
     assert [a.seed for a in keyframe.attempts] == [21, 22] and not keyframe.passed
     assert keyframe.seed == max(keyframe.attempts, key=lambda a: a.scores.alignment).seed
-    assert set(body.timings) == {"keyframe", "video", "encode", "total"}
+    assert set(body.timings) == {"keyframe", "video", "encode", "score", "total"}
     path = tmp_path / "t2v.mp4"
     path.write_bytes(base64.b64decode(body.b64_video))
     meta = next(imageio_ffmpeg.read_frames(str(path)))

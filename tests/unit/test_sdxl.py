@@ -336,7 +336,8 @@ def test_dev_profile_serves_tiny_sdxl_and_fits_a_two_core_machine():
 
     args = app_args_from_config(Path(__file__).parents[2] / "configs" / "dev.yaml")
     sdxl = args.image_model("sdxl")
-    assert sdxl.source == "tiny" and [entry.id for entry in args.image_models] == ["flux-schnell", "sdxl"]
+    assert sdxl.source == "tiny" and [entry.id for entry in args.image_models] == ["flux-schnell", "sdxl",
+                                                                                       "flux2-klein"]
     assert sdxl.options == {"controlnets": {"canny": "tiny", "depth": "tiny"}, "depth_estimator": "tiny"}
     # `genserve serve configs/dev.yaml` starts Ray with the machine's cores: every replica must fit in 2.
     assert sum(options.num_cpus for options in args.all_deployment_options().values()) <= 2
