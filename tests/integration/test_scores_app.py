@@ -48,7 +48,8 @@ def test_scores_every_image_with_every_score(client):
     # dev.yaml's scorers: clip (alignment, aesthetic, laion), hps and pickscore.
     assert body.ranges == {"alignment": (0, 100), "aesthetic": (0, 1), "laion": (1, 10), "hps": (0, 1),
                            "pickscore": (0, 100), "combined": (0, 1)}
-    assert body.quality_weights.model_dump() == {"aesthetic": 1, "alignment": 1, "laion": 1}  # dev.yaml's
+    # dev.yaml's; hps and pickscore are not in combined unless weighted.
+    assert body.quality_weights.model_dump() == {"aesthetic": 1, "alignment": 1, "laion": 1, "hps": 0, "pickscore": 0}
     laion = [image.scores.laion for image in body.images]
     assert body.best == laion.index(max(laion))
     for image in body.images:
