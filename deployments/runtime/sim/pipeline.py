@@ -70,18 +70,26 @@ class SimulatedPipeline:
         cfg = self.classifier_free_guidance and guidance_scale > 1
         shape = timing.ImageShape(self.arch, width, height, steps, len(generator), cfg, max_sequence_length)
         call = timing.image_call(shape, self.card, self.tier)
-        self.ledger.reserve(f"{self.owner}:call", memory.image_activation_bytes(
-            self.arch, width, height, len(generator), cfg, self.dtype, self.vae_slicing, max_sequence_length))
-        try:
-            time.sleep(call.fixed_s + call.encode_s)
-            for step in range(steps):
-                time.sleep(call.step_s)
-                if callback_on_step_end is not None:
-                    callback_on_step_end(self, step, step, {})
-            time.sleep(call.decode_s)
-        finally:
-            self.ledger.release(f"{self.owner}:call")
+        activation = memory.image_activation_bytes(self.arch, width, height, len(generator), cfg, self.dtype,
+                                                   self.vae_slicing, max_sequence_length)
+        _run_call(self, self.ledger, self.owner, activation, call, steps, callback_on_step_end)
         return SimpleNamespace(images=np.stack([seed_picture(one.initial_seed(), width, height) for one in generator]))
+
+
+def _run_call(pipeline, ledger: memory.Ledger, owner: str, activation_bytes: int, call, steps: int,
+              callback_on_step_end) -> None:
+    """One modelled call: hold its activations in the card's ledger, wait its encode, each step (with
+    the step callback, as diffusers calls it: progress and cancel) and its decode, then free them."""
+    ledger.reserve(f"{owner}:call", activation_bytes)
+    try:
+        time.sleep(call.fixed_s + call.encode_s)
+        for step in range(steps):
+            time.sleep(call.step_s)
+            if callback_on_step_end is not None:
+                callback_on_step_end(pipeline, step, step, {})
+        time.sleep(call.decode_s)
+    finally:
+        ledger.release(f"{owner}:call")
 
 
 def _held(arch: str, config, placement, quantization: str = "none") -> memory.Ledger:
@@ -137,17 +145,9 @@ class SimulatedVideoPipeline:
         guidance = counted.architecture(self.arch)["guidance_scale"] if max_guidance_scale is None else max_guidance_scale
         cfg = guidance > 1  # diffusers' SVD guides when its max_guidance_scale is above 1
         call = timing.video_call(self.arch, width, height, num_frames, num_inference_steps, cfg, self.card, self.tier)
-        self.ledger.reserve(f"{self.owner}:call", memory.video_activation_bytes(
-            self.arch, width, height, num_frames, cfg, self.dtype, decode_chunk_size or num_frames))
-        try:
-            time.sleep(call.fixed_s + call.encode_s)
-            for step in range(num_inference_steps):
-                time.sleep(call.step_s)
-                if callback_on_step_end is not None:
-                    callback_on_step_end(self, step, step, {})
-            time.sleep(call.decode_s)
-        finally:
-            self.ledger.release(f"{self.owner}:call")
+        activation = memory.video_activation_bytes(self.arch, width, height, num_frames, cfg, self.dtype,
+                                                   decode_chunk_size or num_frames)
+        _run_call(self, self.ledger, self.owner, activation, call, num_inference_steps, callback_on_step_end)
         picture = seed_picture(generator.initial_seed(), width, height)
         # Each frame the picture moved a little, so a player shows motion.
         frames = np.stack([np.roll(picture, frame * max(1, width // 64), axis=1) for frame in range(num_frames)])
