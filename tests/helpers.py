@@ -53,7 +53,8 @@ def image_b64(image=None, fmt: str = "PNG", **options) -> str:
 
 
 def tiny_args(config: Path, **deployments: dict) -> dict:
-    """A Serve config's genserve args with tiny models (and LAION head), everything else as the file says.
+    """A Serve config's genserve args with tiny models (and LAION head) and no warm-up calls, everything
+    else as the file says.
 
     Models get `device: auto` (the GPU profiles say cuda), so on a machine whose GPUs are only
     declared to Ray they run on the CPU (with fp32, one torch thread each: the cores are shared). `deployments` updates the
@@ -66,6 +67,12 @@ def tiny_args(config: Path, **deployments: dict) -> dict:
     for model in [*args["image_models"], *args.get("video_models", []), *args["scorers"]]:
         model["source"] = "tiny"
         model["device"].update(device="auto", dtype="auto", torch_threads=1)
+    # The profiles' warm-up calls (the default shape at full size) would be the slowest part of a tiny
+    # replica's start on shared cores; the tests of warm-up itself run on the dev app and in process.
+    for model in args["image_models"]:
+        model["warmup"] = {"default_shape": False, "shapes": []}
+    for model in args.get("video_models", []):
+        model["warmup"] = {"default_shape": False}
     llm = args["enhancer"]["llm"]
     if llm["backend"] == "transformers":
         # The tiny LLM's answer is gibberish at any length (the template answers); a short one
