@@ -138,7 +138,7 @@ def test_cli_exit_codes(dev_app):
 
 def test_with_the_local_queue_full_the_remote_serves_opted_in_requests_and_others_get_503(dev_app):
     url, remote = _url(dev_app), dev_app["remote"]
-    busy_body = {"model": "slow", "prompt": "a slow heron", "num_inference_steps": 16, "enhance": False, "seed": 1}
+    busy_body = {"model": "slow", "prompt": "a slow heron", "num_inference_steps": 8, "enhance": False, "seed": 1}
     probe = {"model": "slow", "prompt": "a quick heron", "num_inference_steps": 1, "enhance": False, "seed": 2}
     sent_before = len(remote.requests)
 
@@ -149,7 +149,7 @@ def test_with_the_local_queue_full_the_remote_serves_opted_in_requests_and_other
 
     def occupy():
         # Sent again and again until the probes are done: three of these keep the slow model
-        # (max_ongoing 1, max_queued 1, 8 s per request) generating one and holding one in its
+        # (max_ongoing 1, max_queued 1, 4 s per request) generating one and holding one in its
         # queue however long the probes take on a loaded machine.
         taken = []
         while not stop.is_set():
