@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from fastapi import Request, Response
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
 
 from serve_app.config import JobsConfig
 from serve_app.jobs.dispatch import JobRejected
@@ -104,11 +104,11 @@ class _Slot:
             self._streams.release(self._client)
 
 
-class _HeldStreamingResponse(StreamingResponse):
-    """A stream that frees its slot however the response ends. The body generator's `finally` is
-    not enough: Starlette cancels the response when the client's disconnect arrives (or Serve
-    cancels the request when its client leaves), and if that happens before the generator's
-    first step, the generator never starts, so its `finally` never runs and the slot leaked."""
+class _HeldEventSourceResponse(EventSourceResponse):
+    """An event stream that frees its slot however the response ends. The body generator's `finally`
+    is not enough: Starlette cancels the response when the client's disconnect arrives (or Serve
+    cancels the request when its client leaves), and if that happens before the generator's first
+    step, the generator never starts, so its `finally` never runs and the slot leaked."""
 
     def __init__(self, content, slot: _Slot, **kwargs):
         super().__init__(content, **kwargs)
@@ -325,22 +325,29 @@ class JobsApi:
         For the protocol adapters (OpenAI `url` results, MCP tools, A2A tasks), which answer once a
         job is done but never hold it: the job runs in the JobRunner whatever happens here.
         `on_change(job)` is awaited on each new version (state or progress) while it waits."""
+        job = None
+        async for current in self.follow(job_id, timeout_s):
+            if on_change is not None and job is not None and current is not None and not current.finished:
+                await on_change(current)
+            job = current
+        return job
+
+    async def follow(self, job_id: str, timeout_s: float):
+        """The job as it is, then each new version of it (state or progress) until it finishes or
+        `timeout_s` passes; None last if it is unknown or expires meanwhile. Following holds nothing:
+        the job runs in the JobRunner whatever its followers do."""
         found = await self.runner.status.remote(job_id)
-        if found is None:
-            return None
-        job = found[0]
+        job = None if found is None else found[0]
+        yield job
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while not job.finished:
+        while job is not None and not job.finished:
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
-                break
+                return
             newer = await self.runner.watch.remote(job.id, job.version, min(left, KEEPALIVE_S))
-            if newer is None:
-                return None
-            if on_change is not None and newer.version != job.version and not newer.finished:
-                await on_change(newer)
+            if newer is None or newer.version != job.version:
+                yield newer
             job = newer
-        return job
 
     # Cancel
 
@@ -376,15 +383,25 @@ class JobsApi:
 
     # Events
 
-    async def events(self, job_id: str, request: Request, last_event_id: str | None = None) -> StreamingResponse:
+    async def events(self, job_id: str, request: Request, last_event_id: str | None = None) -> EventSourceResponse:
         job = (await self.find(job_id, request))[0]
-        client = request.client.host if request.client is not None else "unknown"
         resume = int(last_event_id) if last_event_id is not None and last_event_id.isascii() and \
             last_event_id.isdigit() and len(last_event_id) <= 18 else None
-        slot = self.streams.acquire(client)  # released when the response ends, however it ends
-        return _HeldStreamingResponse(self._held(self._event_stream(job, request, resume), slot), slot,
-                                      media_type="text/event-stream",
-                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        slot = self.open_stream(request)
+        return self.stream_response(self._event_stream(job, request, resume), slot)
+
+    def open_stream(self, request: Request) -> _Slot:
+        """A slot for one more event stream of this client (429/503 past the caps); the response of
+        `stream_response` releases it, and so must whoever does not get as far as making one."""
+        return self.streams.acquire(request.client.host if request.client is not None else "unknown")
+
+    def stream_response(self, events, slot: _Slot) -> EventSourceResponse:
+        """Server-Sent Events (sse-starlette) of `events`, each a dict of ServerSentEvent's fields (`data`,
+        `event`, `id`, `retry`, `comment`), framed with the response's line separator: a `: ping` comment every
+        KEEPALIVE_S, the stream ended when its client leaves, and `slot` freed however it ends. The job
+        event streams and the OpenAI image streams both answer with it."""
+        return _HeldEventSourceResponse(self._held(events, slot), slot, ping=KEEPALIVE_S, sep="\n",
+                                        headers={"Cache-Control": "no-cache"})
 
     @staticmethod
     async def _held(stream, slot: _Slot):
@@ -395,8 +412,8 @@ class JobsApi:
             slot.release()  # as soon as the stream ends (the response frees it too, if it never starts)
 
     async def _event_stream(self, job: Job, request: Request, resume: int | None = None):
-        """`state` for every history entry (replayed from the start), `progress` when it changes,
-        a comment every KEEPALIVE_S while nothing happens; the last event is the final state,
+        """`state` for every history entry (replayed from the start), `progress` when it changes
+        (the response pings while nothing happens); the last event is the final state,
         carrying the whole job status and, if it succeeded, the result (as GET .../result).
         Leaving stops only the stream, never the job.
 
@@ -430,15 +447,14 @@ class JobsApi:
                            job.version)
             version = job.version
             if time.monotonic() >= ends_at:
-                yield f"retry: {STREAM_RETRY_AFTER_S * 1000}\n: the stream reached its maximum lifetime; reconnect with Last-Event-ID\n\n"
+                yield {"retry": STREAM_RETRY_AFTER_S * 1000,
+                       "comment": "the stream reached its maximum lifetime; reconnect with Last-Event-ID"}
                 return
             wait = min(KEEPALIVE_S, max(0.0, ends_at - time.monotonic()))
             job = await self.runner.watch.remote(job.id, version, wait)
             if job is None:
                 yield _sse("error", {"detail": "the job expired"}, version)
                 return
-            if job.version == version:
-                yield ": keep-alive\n\n"
 
     # Rendering
 
@@ -486,8 +502,9 @@ def _public_progress(progress: dict) -> dict:
             if key in progress}
 
 
-def _sse(event: str, data: dict, event_id: int) -> str:
-    return f"id: {event_id}\nevent: {event}\ndata: {dumps(data)}\n\n"
+def _sse(event: str, data: dict, event_id: int) -> dict:
+    """One event as `stream_response` takes it (sse-starlette's ServerSentEvent fields)."""
+    return {"event": event, "data": dumps(data), "id": str(event_id)}
 
 
 def job_timings(job: Job) -> dict[str, float]:

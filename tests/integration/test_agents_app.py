@@ -10,8 +10,10 @@ import httpx
 import openai
 import pytest
 from mcp import Client as McpClient
+from PIL import Image
 
 from serve_app.protocol.schemas import ImageRequest
+from tests.integration.apps import ROOT
 
 pytestmark = pytest.mark.integration
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -181,3 +183,36 @@ def test_mcp_list_models_and_enhance(base):
     assert [video["id"] for video in videos] == ["svd", "ltx-video", "animatediff"]
     assert models.structured_content["default_video_model"] == "svd" and videos[1]["text_to_video"] == "native"
     assert enhanced.structured_content["style"] == "anime" and enhanced.structured_content["prompt"] == "a fox"
+
+
+# The documented examples (docs/agents.md), run as written against the dev app.
+
+
+def _documented(heading: str, base: str) -> str:
+    text = (ROOT / "docs" / "agents.md").read_text()
+    section = text[text.index(heading):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1).replace("http://127.0.0.1:8000", base)
+
+
+def test_the_documented_openai_stream_sends_partial_images_then_the_image(base, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_documented("### Streaming: `stream` and `partial_images`", base), "docs/agents.md", "exec"),
+         {"__name__": "docs_example"})
+    printed = capsys.readouterr().out.splitlines()
+    partials = [line.split() for line in printed if line.startswith("partial")]
+    # The stream follows the job's latest step: a slow follower may see one preview where two were due.
+    assert 1 <= len(partials) <= 2 and [int(index) for _, index, _ in partials] == list(range(len(partials)))
+    assert all(size == "32x32" for _, _, size in partials), "a 256x256 SDXL image's latent-sized previews"
+    assert printed[-1] == "image 256x256 7" and len(printed) == len(partials) + 1, printed
+    with Image.open(tmp_path / "lighthouse.png") as png, Image.open(tmp_path / "partial-0.png") as preview:
+        assert (png.format, png.size, preview.size) == ("PNG", (256, 256), (32, 32))
+
+
+def test_the_documented_mcp_links_load_without_inline_pixels(base, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_documented("**Links instead of pixels.**", base), "docs/agents.md", "exec"),
+         {"__name__": "docs_example"})
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [(name, mime) for name, mime, _ in printed] == [("image-0.png", "image/png"), ("image-1.png", "image/png")]
+    for name, _, size in printed:
+        assert (tmp_path / name).read_bytes().startswith(PNG) and (tmp_path / name).stat().st_size == int(size)

@@ -137,7 +137,7 @@ def test_a_client_gone_before_the_first_chunk_frees_its_stream_slot():
         async def send(message):
             await asyncio.sleep(3600)  # a proxy that is slow to take the first message
 
-        await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send), 5)
+        await asyncio.wait_for(response({"type": "http", "method": "GET", "asgi": {"spec_version": "2.3"}}, receive, send), 5)
 
     for _ in range(3):  # more than per_client: a leaked slot would refuse the third with 429
         asyncio.run(drop_early())
@@ -160,7 +160,7 @@ def test_a_stream_cancelled_before_its_first_chunk_frees_its_slot():
         async def receive():
             await asyncio.sleep(3600)
 
-        task = asyncio.ensure_future(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+        task = asyncio.ensure_future(response({"type": "http", "method": "GET", "asgi": {"spec_version": "2.4"}}, receive, send))
         await started.wait()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -209,7 +209,7 @@ def test_a_stream_sends_each_coalesced_requeue_and_what_follows():
 
     import json
 
-    sent = [json.loads(chunk.split("data: ", 1)[1]) for chunk in asyncio.run(stream()) if "event: state" in chunk]
+    sent = [json.loads(event["data"]) for event in asyncio.run(stream()) if event.get("event") == "state"]
     assert [(event["state"], event.get("requeues")) for event in sent] == [
         ("queued", None), ("running", None), ("queued", 1), ("running", None), ("queued", 2), ("running", None),
         ("cancelled", None)]

@@ -106,3 +106,62 @@ def test_edit_image_on_a_model_that_edits_by_instruction_needs_references_not_in
                              ("edit_image", {"request": {"prompt": "make it night"}}))
     assert bare.is_error and "request.reference_images" in bare.content[0].text
     assert old_way.is_error and "request.init_image" in old_way.content[0].text  # flux-schnell: image-to-image
+
+
+def test_inline_false_returns_resource_links_to_signed_urls_that_load_without_a_key(tmp_path):
+    """An agent's context keeps a link instead of megabytes of base64: `inline: false` gives a resource_link
+    per image, its URL signed for the caller's key, which any HTTP client loads without the key."""
+    import httpx2
+    import yaml
+    from mcp.client.streamable_http import streamable_http_client
+
+    from serve_app.api.app import build_api
+    from serve_app.jobs import http as jobs_http
+    from serve_app.security.guard import Auth
+    from serve_app.security.keys import key_entry_yaml, new_key
+    from serve_app.services.health import Readiness
+    from serve_app.services.local import LocalHandle
+    from tests.job_stores import Backend
+    from tests.unit.test_job_dispatch import ControlledGenerator, _dispatcher
+
+    key_id, key = new_key()
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"url_signing_secret": "s" * 64,
+                                         "keys": [key_entry_yaml(key_id, "agent", key, ["generate", "read"])]}))
+    backend = Backend("sqlite", tmp_path)
+    dispatcher = _dispatcher(backend.open(), ControlledGenerator())
+    services = fake_services()
+    services.jobs = jobs_http.JobsApi(LocalHandle(dispatcher), services.images, None, 2)
+    services.readiness = Readiness(lambda: {})
+    app = build_api()
+    app.state.services = services
+    app.state.auth = Auth(str(keys_file), metrics=False)
+
+    async def run():
+        dispatcher.start()
+        transport = httpx2.ASGITransport(app=app)
+        keyed = httpx2.AsyncClient(transport=transport, base_url="http://genserve.example",
+                                   headers={"Authorization": f"Bearer {key}"})
+        try:
+            async with app.router.lifespan_context(app), \
+                    Client(streamable_http_client("http://genserve.example/mcp", http_client=keyed)) as client:
+                request = {"request": {"prompt": "a fox", "num_images": 2, "seed": 4}, "wait_s": 30}
+                linked = await client.call_tool("generate_image", {**request, "inline": False})
+                inline = await client.call_tool("get_job", {"job_id": linked.structured_content["job_id"]})
+            keyless = httpx2.AsyncClient(transport=transport, base_url="http://genserve.example")
+            links = [block for block in linked.content if block.type == "resource_link"]
+            loaded = [await keyless.get(link.uri) for link in links]
+            refused = await keyless.get(links[0].uri.split("?")[0])
+            return linked, inline, links, loaded, refused
+        finally:
+            await dispatcher.stop()
+            backend.close()
+
+    linked, inline, links, loaded, refused = asyncio.run(run())
+    assert not linked.is_error and [block.type for block in linked.content] == ["text", "resource_link", "resource_link"]
+    assert [link.name for link in links] == ["image-0.png", "image-1.png"]
+    assert all(link.mime_type == "image/png" and link.size > 0 for link in links)
+    assert all(link.uri.startswith("http://genserve.example/v1/jobs/") and f"kid={key_id}" in link.uri for link in links)
+    assert [(response.status_code, response.content[:4]) for response in loaded] == [(200, b"\x89PNG")] * 2
+    assert refused.status_code == 401, "the link works because it is signed, not because files are public"
+    assert [block.type for block in inline.content] == ["text", "image", "image"], "inline stays the default"

@@ -5,7 +5,8 @@ calls of one client can land on different ones; everything a tool knows lives in
 Each tool's input schema is the request model's own (`ImageRequest`, `VideoRequest`,
 `EnhanceRequest`, `ScoreRequest`), so the limits are the ones POST /v1/images applies. Generation
 runs as a durable job: the tool sends progress notifications while it waits up to `wait_s`, then
-returns the result (PNG image content; a video as a resource link to its file) or, past the bound,
+returns the result (PNG image content, or with `inline: false` resource links to the images' signed
+URLs; a video always as a resource link to its file) or, past the bound,
 the job id for `get_job`. `edit_image` is `generate_image` with an image to edit: on a model that edits
 by instruction, reference images (the prompt says the change); on others, an image to start from. Either
 may be the request's own or an image of a finished job (`source_job_id`, or `{job_id, index}` among
@@ -43,6 +44,11 @@ SourceJobId = Annotated[str | None, Field(
     description="Edit an image of this finished image job (from generate_image or edit_image) instead of sending "
                 "it: a reference image on a model with instruction_edits, else the init_image (give one or the other).",
 )]
+Inline = Annotated[bool, Field(
+    True, description="true: the images as base64 image content; false: a resource_link per image to its URL "
+                      "(signed when the server has keys; GET it, no key needed), so megabytes of PNG stay out of "
+                      "the caller's context.",
+)]
 SourceImage = Annotated[int, Field(0, ge=0, le=3, description="Which image of source_job_id's result, 0-3.")]
 
 
@@ -71,6 +77,13 @@ def _text(data) -> TextContent:
     return TextContent(type="text", text=json.dumps(data, separators=(",", ":")))
 
 
+def _link(job: Job, base: str, name: str, url: str) -> ResourceLink:
+    """A job file as an MCP resource link: its absolute URL (signed when the server has keys), type and size."""
+    meta = job.file(name)
+    return ResourceLink(type="resource_link", uri=base + url, name=name,
+                        mime_type=meta.content_type if meta else None, size=meta.size if meta else None)
+
+
 def _http_request(ctx: Context):
     """The HTTP request a tool call came in on: its caller (API key) owns the jobs it makes and sees."""
     return ctx.request_context.request
@@ -89,7 +102,7 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
                      "jobs and wait for them up to wait_s; poll a returned job id with get_job.",
     )
 
-    async def run_job(kind: str, request, wait_s: float, ctx: Context) -> CallToolResult:
+    async def run_job(kind: str, request, wait_s: float, ctx: Context, inline: bool = True) -> CallToolResult:
         """Submit the job and wait up to `wait_s`: its result if it finished by then, else its id to poll."""
         jobs = services().jobs_api()
         submission = JobSubmission(kind=kind, request=request.model_dump(mode="json", exclude_unset=True))
@@ -107,7 +120,7 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
         await ctx.report_progress(0, None, job.state)
         finished = await jobs.wait(job.id, wait_s, on_change=progress)
         if finished is not None and finished.finished:
-            return await finished_result(finished, ctx)
+            return await finished_result(finished, ctx, inline)
         return pending(finished or job)
 
     def pending(job: Job) -> CallToolResult:
@@ -116,34 +129,33 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
             "next": f"call get_job with job_id {job.id!r} (or cancel_job)",
         }))
 
-    async def finished_result(job: Job, ctx: Context) -> CallToolResult:
+    async def finished_result(job: Job, ctx: Context, inline: bool = True) -> CallToolResult:
         jobs = services().jobs_api()
         request = _http_request(ctx)
         status = jobs.render(job, None, request).model_dump(mode="json")
         if job.state != SUCCEEDED:
             return CallToolResult(content=[_text(status)], structured_content=status, is_error=job.state == "failed")
         result = jobs.result_of(job, request).model_dump(mode="json")
-        base = base_url(ctx)
         content = [_text({"job_id": job.id, "state": job.state, "result": result})]
-        if job.kind == "image":
+        if job.kind == "image" and inline:
             for image in result["images"]:
                 found = await jobs.runner.read_file.remote(job.id, image["file"])
                 if found is not None:
                     content.append(ImageContent(type="image", data=base64.b64encode(found[0]).decode(),
                                                 mime_type=found[1]))
         else:
-            meta = job.file(result["file"])
-            content.append(ResourceLink(type="resource_link", uri=base + result["url"], name=result["file"],
-                                        mime_type=meta.content_type if meta else None,
-                                        size=meta.size if meta else None))
+            files = result["images"] if job.kind == "image" else [result]
+            content += [_link(job, base_url(ctx), item["file"], item["url"]) for item in files]
         return CallToolResult(content=content, structured_content={"job_id": job.id, "result": result})
 
     @server.tool()
-    async def generate_image(request: ImageRequest, ctx: Context, wait_s: WaitSeconds = 30.0) -> CallToolResult:
+    async def generate_image(request: ImageRequest, ctx: Context, wait_s: WaitSeconds = 30.0,
+                             inline: Inline = True) -> CallToolResult:
         """Generate images from a prompt (enhance, generate, score, regenerate below the quality threshold).
-        `request` is POST /v1/images's body. Returns the PNGs, or a job id if it takes longer than wait_s."""
+        `request` is POST /v1/images's body. Returns the PNGs (links to them with inline false), or a job id if
+        it takes longer than wait_s."""
         with _tool_errors(RequestError, JobError):
-            return await run_job("image", request, wait_s, ctx)
+            return await run_job("image", request, wait_s, ctx, inline)
 
     async def edit_request(request: ImageRequest, source_job_id: str | None, source_image: int,
                            ctx: Context) -> ImageRequest:
@@ -174,14 +186,17 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
 
     @server.tool()
     async def edit_image(request: ImageRequest, ctx: Context, source_job_id: SourceJobId = None,
-                         source_image: SourceImage = 0, wait_s: WaitSeconds = 30.0) -> CallToolResult:
+                         source_image: SourceImage = 0, wait_s: WaitSeconds = 30.0,
+                         inline: Inline = True) -> CallToolResult:
         """Edit an image. On a model with instruction_edits (list_models), by instruction: request.prompt says
         the change ("make it night") to the reference images, request.reference_images (base64 or earlier
         jobs' {job_id, index}) and/or source_job_id's image. On others: image-to-image from request.init_image
         (or source_job_id's image), or inpainting where request.mask is white; `strength` (0-1) says how much
-        changes. `request` is POST /v1/images's body. Returns the PNGs, or a job id if it takes longer than wait_s."""
+        changes. `request` is POST /v1/images's body. Returns the PNGs (links to them with inline false), or a job
+        id if it takes longer than wait_s."""
         with _tool_errors(RequestError, JobError):
-            return await run_job("image", await edit_request(request, source_job_id, source_image, ctx), wait_s, ctx)
+            edited = await edit_request(request, source_job_id, source_image, ctx)
+            return await run_job("image", edited, wait_s, ctx, inline)
 
     @server.tool()
     async def generate_video(request: VideoRequest, ctx: Context, wait_s: WaitSeconds = 30.0) -> CallToolResult:
@@ -192,15 +207,16 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
             return await run_job("video", request, wait_s, ctx)
 
     @server.tool()
-    async def get_job(job_id: JobId, ctx: Context, wait_s: WaitSeconds = 0.0) -> CallToolResult:
-        """A job's state and progress; its result (images, or a link to the video) once it has succeeded."""
+    async def get_job(job_id: JobId, ctx: Context, wait_s: WaitSeconds = 0.0, inline: Inline = True) -> CallToolResult:
+        """A job's state and progress; its result (images, or links to them with inline false; a link to the
+        video) once it has succeeded."""
         with _tool_errors(JobError):
             jobs = services().jobs_api()
             job, position = await jobs.find(job_id, _http_request(ctx))
             if not job.finished and wait_s > 0:
                 job = await jobs.wait(job_id, wait_s) or job
             if job.finished:
-                return await finished_result(job, ctx)
+                return await finished_result(job, ctx, inline)
             return _structured(jobs.render(job, position, _http_request(ctx)).model_dump(mode="json"))
 
     @server.tool()

@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import re
+import time
 import warnings
 from typing import Literal
 
@@ -24,6 +25,7 @@ from deployments.names import OPENAI_QUALITIES, OPENAI_STYLES, QUALITIES, STYLES
 from serve_app.protocol.errors import explain_errors
 from serve_app.protocol.schemas import ImageRequest, ImageResponse
 
+MAX_PARTIAL_IMAGES = 3  # OpenAI's range for partial_images
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 # genserve's field -> the OpenAI field a client set it with.
 _OPENAI_NAMES = {"num_images": "n", "width": "size", "height": "size"}
@@ -102,6 +104,14 @@ class OpenAIImageRequest(BaseModel):
                           "parameters in EXIF): genserve's output_format.")
     output_compression: int | None = Field(
         None, description="jpeg and webp only: the quality, 0-100 (genserve's output_compression).")
+    stream: bool = Field(
+        False, description="Answer with Server-Sent Events: `partial_images` denoising previews, then each image "
+                           "(`image_generation.completed`, `image_edit.completed` on edits). The request runs as a "
+                           "durable job, which goes on if the stream is closed.")
+    partial_images: int | None = Field(
+        None, ge=0, le=MAX_PARTIAL_IMAGES,
+        description=f"With stream: how many denoising previews to send before the image, 0-{MAX_PARTIAL_IMAGES} "
+                    "(fewer when the model has no preview factors or finishes first).")
 
 
 def _mapped(value: str | None, field: str, table: dict, own: tuple[str, ...]):
@@ -222,6 +232,41 @@ def images_response(response: ImageResponse, urls: list[str] | None = None, outp
         "size": size_of(response.width, response.height),
         "genserve": genserve_metadata(response),
     }
+
+
+def check_stream(body: OpenAIImageRequest) -> None:
+    """`partial_images` only with `stream`, and a stream sends base64 images, never links."""
+    if body.partial_images is not None and not body.stream:
+        raise OpenAIError(400, "partial_images: partial images are sent only on a stream; set stream: true",
+                          "partial_images", "invalid_value")
+    if body.stream and body.response_format == "url":
+        raise OpenAIError(400, "response_format: a stream sends b64_json images; 'url' cannot be streamed "
+                               "(allowed with stream: 'b64_json')", "response_format", "invalid_value")
+
+
+def partial_image_event(kind: str, index: int, b64_png: str, size: str, quality: str) -> dict:
+    """OpenAI's ImageGenPartialImageEvent (`kind` image_generation) or ImageEditPartialImageEvent (image_edit):
+    a denoising preview, always a PNG, `size` its own."""
+    return {"type": f"{kind}.partial_image", "partial_image_index": index, "b64_json": b64_png,
+            "background": "opaque", "created_at": int(time.time()), "output_format": "png", "size": size,
+            "quality": quality}
+
+
+def completed_event(kind: str, b64_image: str, response: ImageResponse, output_format: str, quality: str) -> dict:
+    """OpenAI's ImageGenCompletedEvent or ImageEditCompletedEvent: one image, with `revised_prompt` and
+    genserve's metadata beside OpenAI's fields. `usage` counts tokens of OpenAI's GPT image models, which
+    genserve does not have: zeros."""
+    return {"type": f"{kind}.completed", "b64_json": b64_image, "background": "opaque",
+            "created_at": int(time.time()), "output_format": output_format,
+            "size": size_of(response.width, response.height), "quality": quality,
+            "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                      "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}},
+            "revised_prompt": response.enhanced_prompt, "genserve": genserve_metadata(response)}
+
+
+def error_event(message: str, code: str | None) -> dict:
+    """A stream's failure after it began, in OpenAI's error envelope (the SDK raises `openai.APIError`)."""
+    return {"type": "error", **OpenAIError(500, message, None, code, "server_error").body()}
 
 
 # POST /v1/images/edits: OpenAI's multipart form.

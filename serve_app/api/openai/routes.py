@@ -24,6 +24,7 @@ from serve_app.api.openai.protocol import (
     GENERATION_NAMES,
     OpenAIError,
     OpenAIImageRequest,
+    check_stream,
     edit_files,
     form_fields,
     from_detail,
@@ -35,6 +36,7 @@ from serve_app.api.openai.protocol import (
     param_name,
     to_image_request,
 )
+from serve_app.api.openai.streaming import StreamOptions, image_events
 from serve_app.jobs.model import SUCCEEDED
 from serve_app.protocol.errors import JobError, RequestError, VideoNotDeployed, explain_errors, field_of
 from serve_app.protocol.jobs import JobSubmission
@@ -102,7 +104,7 @@ def _openai_error(error: Exception, names: dict[str, str] = GENERATION_NAMES) ->
         if isinstance(error.detail, list):
             return from_detail(error.detail, error.status, names)
         return OpenAIError(error.status, str(error.detail), None, None,
-                           "invalid_request_error" if error.status < 500 else "server_error")
+                           "invalid_request_error" if error.status < 500 else "server_error", headers=error.headers)
     if isinstance(error, Overloaded):
         retry = error.retry_after_s if error.retry_after_s is not None else 5
         return OpenAIError(error.status, str(error), None, "overloaded", "server_error",
@@ -122,11 +124,17 @@ def _openai_error(error: Exception, names: dict[str, str] = GENERATION_NAMES) ->
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
 
-@router.post("/v1/images/generations", responses=openai_errors(400, 500, 503, 504))
+_STREAMED = {200: {"description": "OpenAI's ImagesResponse; with `stream: true`, Server-Sent Events: "
+                                  "`partial_image` events, then a `completed` event per image.",
+                   "content": {"text/event-stream": {}}}}
+
+
+@router.post("/v1/images/generations", responses={**_STREAMED, **openai_errors(400, 500, 503, 504)})
 async def create_image(body: OpenAIImageRequest, request: Request, service: Services = Depends(services)) -> dict:
     """OpenAI's `images.generate`: genserve's generate-score-regenerate graph behind OpenAI's fields.
     `revised_prompt` is the enhanced prompt; `genserve` carries seeds, scores, attempts and timings."""
-    return await _respond(to_image_request(body), body.response_format, request, service)
+    check_stream(body)
+    return await _respond(to_image_request(body), body, request, service, "image_generation")
 
 
 EDITS_PATH = "/v1/images/edits"
@@ -136,7 +144,7 @@ EDITS_PATH = "/v1/images/edits"
 _MAX_FILES, _MAX_FIELDS, _MAX_PART_BYTES = MAX_REFERENCE_IMAGES + 1, 200, 64 * 1024 * 1024
 
 
-@router.post(EDITS_PATH, responses=openai_errors(400, 500, 503, 504), openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+@router.post(EDITS_PATH, responses={**_STREAMED, **openai_errors(400, 500, 503, 504)}, openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
     "schema": {"type": "object", "required": ["image", "prompt"], "properties": {
         "image": {"type": "string", "format": "binary", "description":
                   "The PNG, JPEG or WebP to edit (init_image); on a model with instruction_edits and no mask, one "
@@ -177,8 +185,9 @@ async def edit_image(request: Request, service: Services = Depends(services)) ->
         files = instruction_edit_files(images)
     else:
         files = edit_files(_one(images, "image"), mask, service.images.max_input_pixels)
+    check_stream(body)
     image_request = to_image_request(body, files, EDIT_NAMES, form=True)
-    return await _respond(image_request, body.response_format, request, service)
+    return await _respond(image_request, body, request, service, "image_edit")
 
 
 def _edits_by_instruction(service: Services, model: str | None) -> bool:
@@ -209,14 +218,35 @@ def _one(values: list[bytes], field: str) -> bytes | None:
     return values[0] if values else None
 
 
-async def _respond(image_request: ImageRequest, response_format: str, request: Request, service: Services) -> dict:
+async def _respond(image_request: ImageRequest, body: OpenAIImageRequest, request: Request, service: Services,
+                   kind: str):
     """b64_json: run it now, charged to the caller's daily image budget as POST /v1/images is;
-    url: a durable job (charged when it is submitted)."""
-    if response_format == "b64_json":
+    url or stream: a durable job (charged when it is submitted)."""
+    if body.stream:
+        return await _streamed(image_request, body, request, service, kind)
+    if body.response_format == "b64_json":
         await charge_images(request, image_request.num_images)
         return images_response(await service.generate_images(image_request),
                                output_format=image_request.output_format)
     return await _url_response(image_request, request, service)
+
+
+async def _streamed(image_request: ImageRequest, body: OpenAIImageRequest, request: Request, service: Services,
+                    kind: str):
+    """Submit the request as a job (with previews when partial images are wanted) and stream it. The
+    stream's slot is taken first, so a client at its cap of open streams makes no job."""
+    jobs = service.jobs_api()
+    wanted = body.partial_images or 0
+    data = {**image_request.model_dump(mode="json", exclude_unset=True), "preview": wanted > 0}
+    slot = jobs.open_stream(request)
+    try:
+        job, _, _ = await jobs.create(JobSubmission(kind="image", request=data), request)
+    except BaseException:
+        slot.release()
+        raise
+    options = StreamOptions(kind, wanted, body.quality or "auto", image_request.output_format,
+                            service.images.request_timeout_s)
+    return jobs.stream_response(image_events(jobs, job.id, request, options), slot)
 
 
 async def _url_response(image_request, request: Request, service: Services) -> dict:

@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from serve_app.api.deps import services
 from serve_app.api.responses import BODY, OVERLOAD, errors
@@ -40,7 +41,7 @@ async def get_job(job_id: str, request: Request, service: Services = Depends(ser
 async def get_job_events(job_id: str, request: Request,
                          last_event_id: str | None = Header(None, max_length=64,
                                                             description="Resume: the `id` of the last event received."),
-                         service: Services = Depends(services)) -> StreamingResponse:
+                         service: Services = Depends(services)) -> EventSourceResponse:
     """Server-Sent Events: `state` on every state change, `progress` per denoising step, ending
     with the final `state`. Closing the stream does not cancel the job. With `Last-Event-ID`, no
     replay: the current state if it changed, then live, always ending with the final state."""
