@@ -23,6 +23,7 @@ from deployments.config import (
     CombinedWeights,
     DeviceOptions,
     EnhancerConfig,
+    GpuCard,
     ImageModelConfig,
     LoraConfig,
     ScorerConfig,
@@ -33,6 +34,7 @@ from deployments.config import (
 )
 from deployments.families import ImageFamily, get_family, get_video_family
 from deployments.families.video_base import VideoFamily
+from deployments.runtime.memory_plan import CLIP_IMAGE_TOKENS, LLM_TOKENS, SCORE_BATCH, CardPlan
 from deployments.names import GATE_METRICS, MAX_CANDIDATES, SCORE_RANGES, GateMetric
 from deployments.scoring.families import get_scorer_family
 from deployments.secrets import read_secret, warn_password_in_url
@@ -809,6 +811,12 @@ class AppArgs(_Strict):
             "every deployment's GPU share fits at max replicas, instead of replicas pending forever."
         ),
     )
+    gpu: GpuCard | None = Field(
+        None,
+        description="The one card this profile runs on (a workstation: {name: rtx-4090, memory_gib: 24}). When set, "
+                    "loading the config checks the memory plan of every GPU model against it (docs/gpu.md) and fails "
+                    "naming the model, its GiB and the card.",
+    )
     scores: ScoresConfig = Field(default_factory=ScoresConfig, description="Pixel budgets of POST /v1/scores.")
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024,
@@ -943,6 +951,29 @@ class AppArgs(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _fits_its_card(self) -> "AppArgs":
+        if self.gpu is not None:
+            problems = self.memory_plan().problems()
+            if problems:
+                raise ValueError(f"gpu ({self.gpu.name}, {self.gpu.memory_gib:g} GiB): " + "; ".join(problems))
+        return self
+
+    def memory_plan(self, card: GpuCard | None = None) -> CardPlan:
+        """The memory plan of every model this profile puts on a GPU, on `card` (default: its `gpu:`)."""
+        from deployments.runtime.memory_plan import image_plan, one_model_plan, video_plan
+
+        card = card or self.gpu or GpuCard(name="unnamed card", memory_gib=1024)
+        models = [image_plan(entry, entry.model_family) for entry in self.served_image_models if on_gpu(entry.device)]
+        models += [video_plan(entry, entry.model_family) for entry in self.served_video_models if on_gpu(entry.device)]
+        scorers = [(entry.source, entry.device) for entry in self.served_scorers if on_gpu(entry.device)]
+        if scorers:
+            models.append(one_model_plan("scorers", scorers, CLIP_IMAGE_TOKENS, SCORE_BATCH))
+        llm = self.enhancer.llm
+        if self.enhancer.mode == "llm" and llm.backend == "transformers" and on_gpu(llm.device):
+            models.append(one_model_plan("enhancer", [(llm.source, llm.device)], LLM_TOKENS, 1))
+        return CardPlan(card.name, card.memory_bytes, tuple(models))
+
+    @model_validator(mode="after")
     def _memory_caps_within_shares(self) -> "AppArgs":
         models = [(name, field + (".llm" if field == "enhancer" else ""), f"deployments.{name}", getattr(self, field))
                   for name, field in MODEL_CONFIG_FIELDS.items()]
@@ -1069,6 +1100,11 @@ class AppArgs(_Strict):
         if isinstance(config, EnhancerConfig):  # the LLM's device (the template needs none)
             return config.model_copy(update={"llm": config.llm.model_copy(update={"device": device})})
         return config.model_copy(update={"device": device})
+
+
+def on_gpu(device: DeviceOptions) -> bool:
+    """Whether a model's device is a GPU the memory plan counts: CUDA, 'auto' (CUDA on a GPU host) or simulated."""
+    return device.device != "cpu"
 
 
 def device_options(config: ImageModelConfig | VideoModelConfig | ScorerEntry | ScoringConfig | EnhancerConfig,

@@ -342,11 +342,17 @@ def _save_tiny(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from serve_app.config import app_args_from_config
     from serve_app.weights import run_download
 
-    return run_download(app_args_from_config(args.config), dry_run=args.dry_run, cache_dir=args.dir,
-                        include_optional=not args.skip_optional)
+    try:  # a profile that does not fit its card (`gpu:`) fails here, before anything is fetched
+        app_args = app_args_from_config(args.config)
+    except ValidationError as error:
+        print(f"genserve: {args.config} is not a valid config: {error}", file=sys.stderr)
+        return 2
+    return run_download(app_args, dry_run=args.dry_run, cache_dir=args.dir, include_optional=not args.skip_optional)
 
 
 def _doctor(args: argparse.Namespace) -> int:
