@@ -358,7 +358,7 @@ def _download(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from serve_app.doctor import run_doctor
 
-    return run_doctor(args.config)
+    return run_doctor(args.config, memory_gib=args.gpu_memory_gib)
 def _bench_overload(args: argparse.Namespace) -> int:
     from serve_app.bench.overload import format_overload_table, run_overload
 
@@ -506,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     doctor = commands.add_parser("doctor", help="check this machine can serve a config: torch, CUDA, GPU memory, "
                                                 "weights, ports")
     doctor.add_argument("config")
+    doctor.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="plan on a card of this memory instead of this node's GPU (which shipped profile fits it)")
     doctor.set_defaults(func=_doctor)
 
     args = parser.parse_args(argv)
