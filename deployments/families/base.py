@@ -112,9 +112,26 @@ def derived_pipeline(class_name: str, base, **components):
         return derive(class_name)
     import diffusers
 
-    pipeline = getattr(diffusers, class_name).from_pipe(base, **components)
+    cls = getattr(diffusers, class_name)
+    if any(getattr(module, "is_quantized", False) for module in base.components.values()):
+        pipeline = _constructed(cls, base, components)
+    else:
+        # from_pipe casts every module to its dtype argument, float32 when none is given: the base's
+        # own dtype keeps a bf16 model in bf16 (its modules are shared, so a cast would double them).
+        pipeline = cls.from_pipe(base, torch_dtype=base.dtype, **components)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def _constructed(cls, base, components: dict):
+    """`cls` over `base`'s modules and config values, uncast: diffusers refuses to cast a quantized
+    module (GGUF, NF4), which `from_pipe` always does."""
+    expected, optional = cls._get_signature_keys(cls)
+    accepted = set(expected) | set(optional)
+    values = {key: value for key, value in base.config.items()
+              if key in accepted and key not in base.components and not key.startswith("_")}
+    parts = {key: module for key, module in base.components.items() if key in accepted}
+    return cls(**{**values, **parts, **components})
 
 
 @cache
