@@ -6,6 +6,7 @@ with pydantic naming the field (for example `policy.threshold`), instead of insi
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -1043,9 +1044,21 @@ class AppArgs(_Strict):
         """The scorers loaded: the entries not marked `enabled: false`."""
         return [entry for entry in self.scorers if entry.enabled]
 
+    def memory_fraction(self, name: str) -> float | None:
+        """The CUDA memory cap of deployment `name`: on a declared card (`gpu:`), its planned peak over the
+        card (Ray's num_gpus is then a scheduling unit only: on-demand models share their room, moved by
+        the residency broker); else its GPU share when that is a fraction of one GPU."""
+        if self.gpu is None:
+            return gpu_memory_fraction(self._options(name).num_gpus)
+        names = {"ClipScorer": "scorers", "PromptEnhancer": "enhancer",
+                 **{entry.deployment_name: entry.id for entry in [*self.served_image_models, *self.served_video_models]}}
+        plan = self.memory_plan()
+        model = next((model for model in plan.models if model.name == names.get(name)), None)
+        return None if model is None else min(1.0, math.ceil(model.peak / plan.capacity * 100) / 100)
+
     def scoring_config(self) -> ScoringConfig:
         """What the ClipScorer deployment loads, each entry's CUDA memory cap filled in from its GPU share."""
-        fraction = gpu_memory_fraction(self._options("ClipScorer").num_gpus)
+        fraction = self.memory_fraction("ClipScorer")
         entries = [entry if entry.device.memory_fraction is not None or fraction is None
                    else entry.model_copy(update={"device": entry.device.model_copy(update={"memory_fraction": fraction})})
                    for entry in self.served_scorers]
@@ -1093,7 +1106,7 @@ class AppArgs(_Strict):
         images = {entry.deployment_name: entry for entry in [*self.served_image_models, *self.served_video_models]}
         config = images[name] if name in images else getattr(self, MODEL_CONFIG_FIELDS[name])
         device = device_options(config)
-        fraction = gpu_memory_fraction(self._options(name).num_gpus)
+        fraction = self.memory_fraction(name)
         if device.memory_fraction is not None or fraction is None:
             return config
         device = device.model_copy(update={"memory_fraction": fraction})

@@ -117,6 +117,8 @@ def check_gpus(machine: Machine, args: AppArgs, report: Report) -> None:
     if elsewhere:
         report.info(f"not for this node's GPUs (accelerator_type): {', '.join(elsewhere)}")
     smallest = min(total for _, total in machine.gpus)
+    if args.gpu is not None:  # a declared card: the memory plan, not the shares, says what fits (below)
+        return
     for name, share in here:
         report.ok(f"{name}: {share:g} of the card = {share * smallest / GIB:.1f} GiB")
     check_headroom(args, names, smallest, report)
@@ -200,7 +202,7 @@ def card_of(machine: Machine, args: AppArgs, memory_gib: float | None):
     from deployments.config import GpuCard
 
     if memory_gib is not None:
-        return GpuCard(name=f"a {memory_gib:g} GiB card", memory_gib=memory_gib), True
+        return GpuCard(name=f"{memory_gib:g} GiB card", memory_gib=memory_gib), True
     if machine.gpus:
         name, total = min(machine.gpus, key=lambda gpu: gpu[1])
         return GpuCard(name=name, memory_gib=total / GIB), True
@@ -213,7 +215,8 @@ def check_memory_plan(args: AppArgs, machine: Machine, report: Report, memory_gi
         return
     card, real = card_of(machine, args, memory_gib)
     plan = args.memory_plan(card)
-    where = f"{card.name} ({card.memory_gib:.1f} GiB)" if real else f"the declared {card.name} ({card.memory_gib:g} GiB; no GPU here)"
+    where = (f"the {card.name}" if memory_gib is not None else f"{card.name} ({card.memory_gib:.1f} GiB)" if real
+             else f"the declared {card.name} ({card.memory_gib:g} GiB; no GPU here)")
     problems = plan.problems()
     if problems:
         for problem in problems:

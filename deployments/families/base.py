@@ -337,8 +337,12 @@ class ImageFamily:
         """Every set of weights a deployment of this entry loads (`genserve download` fetches them)."""
         from deployments.runtime.weights import WeightSource, variant_for
 
-        return [WeightSource(f"{config.id} pipeline", config.source, "diffusers-pipeline",
-                             variant_for(self.weight_variants, config.device.dtype))]
+        sources = [WeightSource(f"{config.id} pipeline", config.source, "diffusers-pipeline",
+                                variant_for(self.weight_variants, config.device.dtype))]
+        repo, filename = config.memory.gguf_location()
+        if config.memory.gguf_file and repo is not None:
+            sources.append(WeightSource(f"{config.id} GGUF denoiser", repo, "file", filename=filename))
+        return sources
 
     def prompt_form_of(self, config: "ImageModelConfig") -> PromptForm | None:
         """The prompt form for an entry: the family's, with its tokenizers loaded from the entry's source."""

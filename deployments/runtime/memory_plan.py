@@ -44,6 +44,7 @@ class ModelPlan:
     residency: str
     offload: str
     architectures: tuple[str, ...]
+    disk: int = 0
 
     @property
     def peak(self) -> int:
@@ -54,6 +55,13 @@ class ModelPlan:
     def host(self) -> int:
         """What it keeps in host RAM besides the card: all its weights unless they stay resident."""
         return self.weights if self.residency == "on_demand" or self.offload != "none" else 0
+
+    def move_s(self, host_to_device_gbs: float | None) -> float | None:
+        """Seconds to bring its weights to the GPU over the card's link at its peak (one way): a swap
+        in of an on-demand model, or, under offload, what every call moves. An estimate (pinned copies
+        reach about 80% of the peak, pageable ones less); None where the card has no profile."""
+        moved = self.weights if self.offload != "none" else self.on_gpu
+        return None if not host_to_device_gbs else moved / (host_to_device_gbs * 1e9)
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,19 @@ class CardPlan:
     def host(self) -> int:
         return sum(model.host for model in self.models)
 
+    @property
+    def disk(self) -> int:
+        return sum(model.disk for model in self.models)
+
+    @property
+    def link_gbs(self) -> float | None:
+        """The card's host-to-device bandwidth, where a simulated profile of that name has it."""
+        from deployments.sim_profiles import profiles
+
+        card = profiles().get(self.card) or next((card for card in profiles().values()
+                                                  if card.key.startswith(f"{self.card}-")), None)
+        return card.host_to_device_gbs if card else None
+
     def problems(self) -> list[str]:
         """Why the profile cannot run on its card; empty when it fits."""
         alone = [f"model {model.name} needs {model.peak / GIB:.1f} GiB on the GPU by itself ({describe(model)}), "
@@ -96,14 +117,16 @@ class CardPlan:
 
     def rows(self) -> list[str]:
         """A Markdown table of the plan (docs/gpu.md, `genserve doctor`)."""
-        lines = ["| model | weights GiB | on GPU GiB | activations GiB | peak GiB | residency | offload | counted from |",
-                 "|---|---|---|---|---|---|---|---|"]
+        link = self.link_gbs
+        lines = ["| model | weights GiB | on GPU GiB | activations GiB | peak GiB | residency | offload | move s | counted from |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for model in self.models:
+            move = model.move_s(link) if model.residency == "on_demand" or model.offload != "none" else None
             lines.append(f"| {model.name} | {model.weights / GIB:.1f} | {model.on_gpu / GIB:.1f} | "
                          f"{model.activations / GIB:.2f} | {model.peak / GIB:.1f} | {model.residency} | "
-                         f"{model.offload} | {', '.join(model.architectures)} |")
-        lines.append(f"| **{self.card}** | host RAM {self.host / GIB:.1f} | | | needed {self.needed / GIB:.1f} "
-                     f"of {self.capacity / GIB:g} | | | |")
+                         f"{model.offload} | {'-' if move is None else f'{move:.2f}'} | {', '.join(model.architectures)} |")
+        lines.append(f"| **{self.card}: needed {self.needed / GIB:.1f} of {self.capacity / GIB:g}** | "
+                     f"host RAM {self.host / GIB:.1f} | | | | | | | disk {self.disk / 1e9:.0f} GB |")
         return lines
 
 
@@ -118,13 +141,16 @@ def dtype_name(device) -> str:
 
 
 def on_gpu_bytes(parts: list[tuple[str, str, int]], offload: str, dtype: str) -> int:
-    """Weights on the card at once under `offload`; `parts` are (architecture, component, bytes)."""
+    """Weights on the card at once under `offload`; `parts` are (architecture, component, bytes).
+    ControlNets stay on the GPU whatever the offload (the SDXL family moves them there itself)."""
+    kept = sum(size for _, component, size in parts if component == "controlnet")
+    offloaded = [(arch, component, size) for arch, component, size in parts if component != "controlnet"]
     if offload == "model":
-        return max(size for _, _, size in parts)
+        return kept + max(size for _, _, size in offloaded)
     if offload == "sequential":
-        return max(counted.largest_leaf(arch, component) * memory.DTYPE_BYTES[dtype] if component else size
-                   for arch, component, size in parts)
-    return sum(size for _, _, size in parts)
+        return kept + max(counted.largest_leaf(arch, component) * memory.DTYPE_BYTES[dtype] if component else size
+                          for arch, component, size in offloaded)
+    return kept + sum(size for _, _, size in offloaded)
 
 
 def architecture_of(name: str, source: str) -> str:
@@ -157,7 +183,13 @@ def image_plan(entry, family) -> ModelPlan:
     cfg = family.negative_prompt and family.guidance_default(entry) > 1
     activations = memory.image_activation_bytes(arch, width, height, 1, cfg, dtype, entry.vae.slicing,
                                                 entry.options.get("max_sequence_length"))
-    return _plan(entry.id, parts, activations, entry.memory.residency, entry.memory.offload, dtype)
+    # On disk: the pipeline as published (the dtype's bytes; a GGUF denoiser's pipeline still has its
+    # own), plus the GGUF file.
+    disk = sum(counted.parameters(control if component == "controlnet" else arch,
+                                  component)[0] for control, component, _ in parts) * memory.DTYPE_BYTES[dtype]
+    if weights.startswith("gguf"):
+        disk += memory.component_bytes(arch, counted_denoiser(arch), dtype, weights=weights)
+    return _plan(entry.id, parts, activations, entry.memory.residency, entry.memory.offload, dtype, disk)
 
 
 def video_plan(entry, family) -> ModelPlan:
@@ -170,7 +202,8 @@ def video_plan(entry, family) -> ModelPlan:
     frames = family.frames_default(entry)
     activations = memory.video_activation_bytes(arch, width, height, frames, True, dtype,
                                                 getattr(options, "decode_chunk_size", None) or frames)
-    return _plan(entry.id, parts, activations, entry.memory.residency, getattr(options, "offload", "none"), dtype)
+    disk = memory.weight_bytes(arch, dtype)
+    return _plan(entry.id, parts, activations, entry.memory.residency, getattr(options, "offload", "none"), dtype, disk)
 
 
 def one_model_plan(name: str, entries: list[tuple[str, object]], tokens: int, batch: int) -> ModelPlan:
@@ -188,10 +221,14 @@ def one_model_plan(name: str, entries: list[tuple[str, object]], tokens: int, ba
             width = spec["config"]["vision_cfg"]["width"]
             activations = max(activations, memory.TRANSFORMER_WIDTHS_ALIVE * batch * tokens * width
                               * memory.DTYPE_BYTES[dtype])
-    return _plan(name, parts, activations, "resident", "none", dtype)
+    return _plan(name, parts, activations, "resident", "none", dtype, sum(size for _, _, size in parts))
 
 
-def _plan(name: str, parts: list, activations: int, residency: str, offload: str, dtype: str) -> ModelPlan:
+def counted_denoiser(arch: str) -> str:
+    return next(name for name in counted.DENOISERS if name in counted.architecture(arch))
+
+
+def _plan(name: str, parts: list, activations: int, residency: str, offload: str, dtype: str, disk: int) -> ModelPlan:
     return ModelPlan(name=name, weights=sum(size for _, _, size in parts), on_gpu=on_gpu_bytes(parts, offload, dtype),
                      activations=activations, residency=residency, offload=offload,
-                     architectures=tuple(dict.fromkeys(arch for arch, _, _ in parts)))
+                     architectures=tuple(dict.fromkeys(arch for arch, _, _ in parts)), disk=disk)
