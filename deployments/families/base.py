@@ -118,7 +118,7 @@ def derived_pipeline(class_name: str, base, **components):
     else:
         # from_pipe casts every module to its dtype argument, float32 when none is given: the base's
         # own dtype keeps a bf16 model in bf16 (its modules are shared, so a cast would double them).
-        pipeline = cls.from_pipe(base, torch_dtype=base.dtype, **components)
+        pipeline = cls.from_pipe(base, dtype=base.dtype, **components)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -85,6 +85,13 @@ class CardPlan:
     def host(self) -> int:
         return sum(model.host for model in self.models)
 
+    def on_demand_budget(self) -> int:
+        """What the card keeps for on-demand models (the residency broker's room): its memory less the
+        resident models' peaks and every on-demand process's CUDA context."""
+        demand = sum(1 for model in self.models if model.residency == "on_demand")
+        resident = sum(model.peak for model in self.models if model.residency == "resident")
+        return self.capacity - resident - demand * memory.CUDA_CONTEXT_BYTES
+
     @property
     def disk(self) -> int:
         return sum(model.disk for model in self.models)
