@@ -482,6 +482,14 @@ class VaeMemory(_Strict):
 WEIGHT_FORMATS = ("native", "fp8", "gguf_q8_0", "gguf_q4_0", "nf4")
 
 
+class ResidencyRoom(_Strict):
+    """An on-demand model's share of its card, from the memory plan: what the card keeps for the
+    on-demand models together (the residency broker's room), and what this one takes while on it."""
+
+    budget_gib: float = Field(gt=0, description="GiB the card keeps for its on-demand models together.")
+    model_gib: float = Field(gt=0, description="GiB this model holds on the card while it is there (weights, a call's activations).")
+
+
 class MemoryConfig(_Strict):
     """How a model fits a smaller card: where its weights live between calls and how the denoiser's
     are stored. Everything off by default (the whole model resident on its device, in its dtype)."""
@@ -511,6 +519,10 @@ class MemoryConfig(_Strict):
                     "GPU when a request needs it, the least recently used on-demand model of the same GPU moving "
                     "out first (docs/gpu.md, 'Workstation cards').",
     )
+
+    room: ResidencyRoom | None = Field(
+        None, description="Filled in from the memory plan on a declared card (`gpu:`) for an on-demand model; "
+                          "set it only to override the plan.")
 
     @model_validator(mode="after")
     def _gguf_file_with_gguf(self) -> "MemoryConfig":

@@ -27,6 +27,7 @@ from deployments.config import (
     GpuCard,
     ImageModelConfig,
     LoraConfig,
+    ResidencyRoom,
     ScorerConfig,
     ScorerEntry,
     ScoringConfig,
@@ -35,8 +36,8 @@ from deployments.config import (
 )
 from deployments.families import ImageFamily, get_family, get_video_family
 from deployments.families.video_base import VideoFamily
-from deployments.runtime.memory_plan import CLIP_IMAGE_TOKENS, LLM_TOKENS, SCORE_BATCH, CardPlan
 from deployments.names import GATE_METRICS, MAX_CANDIDATES, SCORE_RANGES, GateMetric
+from deployments.runtime.memory_plan import CLIP_IMAGE_TOKENS, LLM_TOKENS, SCORE_BATCH, CardPlan
 from deployments.scoring.families import get_scorer_family
 from deployments.secrets import read_secret, warn_password_in_url
 
@@ -1044,6 +1045,24 @@ class AppArgs(_Strict):
         """The scorers loaded: the entries not marked `enabled: false`."""
         return [entry for entry in self.scorers if entry.enabled]
 
+    def _with_room(self, config):
+        """An on-demand entry with its room on the card filled in from the memory plan."""
+        memory = getattr(config, "memory", None)
+        if memory is None or memory.residency != "on_demand" or memory.room is not None or self.gpu is None:
+            return config
+        plan = self.memory_plan()
+        model = next(model for model in plan.models if model.name == config.id)
+        room = ResidencyRoom(budget_gib=plan.on_demand_budget() / 2**30, model_gib=(model.on_gpu + model.activations) / 2**30)
+        return config.model_copy(update={"memory": memory.model_copy(update={"room": room})})
+
+    @model_validator(mode="after")
+    def _on_demand_needs_a_card(self) -> "AppArgs":
+        for entry in [*self.served_image_models, *self.served_video_models]:
+            if entry.memory.residency == "on_demand" and self.gpu is None and entry.memory.room is None:
+                raise ValueError(f"{entry.id}: memory.residency 'on_demand' needs `gpu:` (the card whose room the "
+                                 "on-demand models share, from the memory plan)")
+        return self
+
     def memory_fraction(self, name: str) -> float | None:
         """The CUDA memory cap of deployment `name`: on a declared card (`gpu:`), its planned peak over the
         card (Ray's num_gpus is then a scheduling unit only: on-demand models share their room, moved by
@@ -1105,6 +1124,7 @@ class AppArgs(_Strict):
             return self.scoring_config()
         images = {entry.deployment_name: entry for entry in [*self.served_image_models, *self.served_video_models]}
         config = images[name] if name in images else getattr(self, MODEL_CONFIG_FIELDS[name])
+        config = self._with_room(config)
         device = device_options(config)
         fraction = self.memory_fraction(name)
         if device.memory_fraction is not None or fraction is None:

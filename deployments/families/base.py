@@ -497,14 +497,15 @@ class ImageFamily:
         the modules that every pipeline built from it shares (ControlNet, image-to-image and
         inpainting pipelines get them too)."""
         from deployments.runtime.acceleration import accelerate, check_hardware
-        from deployments.runtime.loading import place_pipeline, store_weights
+        from deployments.runtime.loading import on_demand_in_host, place_pipeline, store_weights
 
         check_hardware(config.acceleration, placement)  # before the weights load: fail fast
         if placement.simulated is not None:
             return self.loaded_class(self, config, placement, self.load_simulated(config, placement))
         pipeline = self.load_pipeline(config, placement)
         store_weights(pipeline, self.acceleration.denoiser, config.memory.weights, placement)
-        pipeline = place_pipeline(pipeline, config.memory.offload, placement)
+        if not on_demand_in_host(config):  # an on-demand model waits in host RAM: its holder moves it in
+            pipeline = place_pipeline(pipeline, config.memory.offload, placement)
         vae = getattr(pipeline, "vae", None)
         if vae is not None and config.vae.slicing and hasattr(vae, "enable_slicing"):
             vae.enable_slicing()

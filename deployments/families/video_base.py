@@ -263,5 +263,7 @@ class VideoFamily:
             return self.loaded_class(self, config, placement, load_simulated_video(config, placement))
         pipeline = self.load_pipeline(config, placement)
         store_weights(pipeline, denoiser_of(pipeline), config.memory.weights, placement)
-        pipeline = self.place(pipeline, self.options_of(config), placement)
+        options = self.options_of(config)
+        if not (config.memory.residency == "on_demand" and getattr(options, "offload", "none") == "none"):
+            pipeline = self.place(pipeline, options, placement)  # an on-demand model waits in host RAM
         return self.loaded_class(self, config, placement, pipeline)

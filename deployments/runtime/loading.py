@@ -279,6 +279,12 @@ def quantized_denoiser(denoiser: str, denoiser_class: str, source: str, memory, 
     return {}
 
 
+def on_demand_in_host(config) -> bool:
+    """An on-demand image entry without CPU offload loads into host RAM; its holder
+    (deployments.runtime.residency) moves it to the GPU when a request needs it."""
+    return config.memory.residency == "on_demand" and config.memory.offload == "none"
+
+
 def denoiser_of(pipeline) -> str:
     """The attribute holding a pipeline's denoiser: `transformer` (FLUX, LTX) or `unet` (SDXL, SVD)."""
     return "transformer" if getattr(pipeline, "transformer", None) is not None else "unet"

@@ -229,7 +229,12 @@ class ModelHolder:
     """One on-demand model in its generator replica: asks the broker before each call (see the module's
     docstring). `broker` is a `ResidencyBroker` or a Ray actor handle to one (`remote=True`)."""
 
-    def __init__(self, owner: str, nbytes: int, swap: ModuleSwap | None, broker, remote: bool = False):
+    def __init__(self, owner: str, nbytes: int, swap: ModuleSwap | None, broker, remote: bool = False,
+                 on_move=None):
+        self.on_move = on_move or (lambda direction, seconds: None)  # (direction 'in' | 'out', seconds)
+        self.resident = False
+        self.moves = 0
+        self.move_s = 0.0
         self.owner = owner
         self.nbytes = nbytes
         self.swap = swap  # None: offloaded weights, nothing to move
@@ -270,6 +275,7 @@ class ModelHolder:
                 await self._call("move_failed", self.owner)
                 raise
             await self._call("moved_in", self.owner, self.last_move_s)
+            self._moved("in", self.last_move_s)
         try:
             yield self
         finally:
@@ -284,15 +290,38 @@ class ModelHolder:
                     await asyncio.to_thread(self.swap.move_out)
             except Exception:  # the broker must hear back, or every move waits forever
                 logger.exception("moving %s out of the GPU failed", self.owner)
-            await self._call("evicted", self.owner, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            await self._call("evicted", self.owner, seconds)
+            self._moved("out", seconds)
+
+    def _moved(self, direction: str, seconds: float) -> None:
+        self.resident = direction == "in"
+        self.moves += 1
+        self.move_s += seconds
+        self.on_move(direction, seconds)
+
+    def describe(self) -> dict:
+        """What GET /v1/models shows of this model's residency."""
+        return {"mode": "on_demand", "resident": self.resident, "room_gib": round(self.nbytes / 2**30, 2),
+                "moves": self.moves, "move_s": round(self.move_s, 3)}
+
+    async def status(self) -> dict:
+        """The broker's view of this GPU (GET /v1/models shows it)."""
+        return await self._call("status")
+
+
+_local_brokers: dict[str, ResidencyBroker] = {}
 
 
 def broker_for(gpu_key: str, budget: int):
-    """The Ray actor of one GPU's broker, made by the first replica that asks (detached: it outlives any
-    one replica; its state is soft, rebuilt as replicas register)."""
+    """(broker, remote) of one GPU: the Ray actor made by the first replica that asks (detached: it
+    outlives any one replica; its state is soft, rebuilt as replicas register), or outside Ray one in
+    this process."""
     import ray
 
+    if not ray.is_initialized():  # in process (a script, a test): one broker per GPU of this process
+        return _local_brokers.setdefault(gpu_key, ResidencyBroker(budget)), False
     actor = ray.remote(ResidencyBroker).options(
         name=f"genserve-residency-{gpu_key}", namespace="genserve", get_if_exists=True, lifetime="detached",
         num_cpus=0, max_concurrency=1000)
-    return actor.remote(budget)
+    return actor.remote(budget), True

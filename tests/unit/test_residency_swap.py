@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deployments.runtime.loading import resolve_placement, seeded_generators
-from deployments.runtime.residency import LedgerSwap, ModelHolder, ModuleSwap, ResidencyBroker
+from deployments.runtime.residency import LedgerSwap, ModelHolder, ResidencyBroker
 from deployments.runtime.types import EnhancedPrompt, GenerationParams
 from serve_app.config import ImageModelEntry, app_args_from_config
 
@@ -26,60 +25,64 @@ ROOT = Path(__file__).parents[2]
 PROMPT = EnhancedPrompt(prompt="a lighthouse at dusk", negative_prompt=None, style="none", enhancer="none")
 
 
-def _tiny(family: str):
+def _generator(family: str):
+    """An on-demand generator of a tiny model on the CPU, its room a little more than one model's."""
+    from deployments.image_generator import ImageGenerator
+
     options = {"max_sequence_length": 32} if family == "flux" else {}
-    entry = ImageModelEntry(id=family, family=family, source="tiny", options=options,
-                            device={"device": "cpu", "dtype": "float32"})
-    return entry.model_family.load(entry, resolve_placement(entry.device))
+    entry = ImageModelEntry(id=family, family=family, source="tiny", options=options, warmup={"default_shape": False},
+                            device={"device": "cpu", "dtype": "float32"},
+                            memory={"residency": "on_demand", "room": {"budget_gib": 1.5, "model_gib": 1.0}})
+    return ImageGenerator.func_or_class(entry, metrics=False)
 
 
-def _image(model) -> np.ndarray:
-    import torch
-
-    params = GenerationParams(seeds=[7], width=64, height=64, num_inference_steps=2, guidance_scale=0.0)
-    with torch.inference_mode():
-        return np.asarray(model(params, [PROMPT], None, seeded_generators([7]), None))
+def _devices(generator) -> set[str]:
+    return {tensor.device.type for module in generator._model.pipeline.components.values()
+            if hasattr(module, "parameters") for tensor in [*module.parameters(), *module.buffers()]}
 
 
-def _devices(model) -> set[str]:
-    return {tensor.device.type for module in model.pipeline.components.values() if hasattr(module, "parameters")
-            for tensor in [*module.parameters(), *module.buffers()]}
+def test_two_tiny_models_swap_through_one_slot_and_the_same_seed_gives_the_same_image(monkeypatch):
+    from deployments.runtime import progress, residency
+    from deployments.runtime.types import ProgressTarget
 
+    monkeypatch.setattr(residency, "_local_brokers", {})
+    stages = []
 
-def _modules(model) -> list:
-    return [module for module in model.pipeline.components.values() if hasattr(module, "parameters")]
+    class Handle:
+        def __init__(self):
+            self.record_progress = self
 
+        def remote(self, job_id, attempt, report):
+            stages.append((job_id, report["stage"]))
 
-def test_two_tiny_models_swap_through_one_slot_and_the_same_seed_gives_the_same_image():
+    monkeypatch.setitem(progress._handles, ("app", "JobRunner"), Handle())
+    flux, sdxl = _generator("flux"), _generator("sdxl")
+    assert _devices(flux) == _devices(sdxl) == {"cpu"}, "an on-demand model loads into host RAM"
+
+    async def generate(generator, job: str):
+        target = ProgressTarget("app", "JobRunner", job, attempt=1, stage="generate", min_interval_s=0)
+        params = GenerationParams(seeds=[7], width=64, height=64, num_inference_steps=2, guidance_scale=0.0,
+                                  progress=target)
+        return await generator.generate(params, PROMPT)
+
     async def scenario():
-        flux, sdxl = _tiny("flux"), _tiny("sdxl")
-        broker = ResidencyBroker(budget=100)  # room for one of the two (60 bytes each, as planned)
-        holders = {name: ModelHolder(name, 60, ModuleSwap(_modules(model), "cpu"), broker)
-                   for name, model in (("flux", flux), ("sdxl", sdxl))}
-        for holder in holders.values():
-            await holder.start()
-        assert _devices(flux) == _devices(sdxl) == {"meta"}, "on-demand models start out of the working set"
-        loading = []
-        async with holders["flux"].use(lambda: loading.append("flux")):
-            assert _devices(flux) == {"cpu"}
-            before = await asyncio.to_thread(_image, flux)
-        async with holders["sdxl"].use(lambda: loading.append("sdxl")):
-            assert _devices(sdxl) == {"cpu"} and _devices(flux) == {"meta"}, "flux moved out for sdxl"
-            await asyncio.to_thread(_image, sdxl)
-        async with holders["flux"].use(lambda: loading.append("flux")):
-            assert _devices(flux) == {"cpu"} and _devices(sdxl) == {"meta"}
-            after = await asyncio.to_thread(_image, flux)
-        async with holders["flux"].use(lambda: loading.append("again")):  # resident: no move, no loading
-            pass
-        for holder in holders.values():
-            await holder.stop()
-        return before, after, loading, broker.status()
+        first = await generate(flux, "flux-1")
+        assert _devices(flux) == {"cpu"}
+        await generate(sdxl, "sdxl-1")
+        assert _devices(sdxl) == {"cpu"} and _devices(flux) == {"meta"}, "flux moved out for sdxl"
+        again = await generate(flux, "flux-2")
+        assert _devices(flux) == {"cpu"} and _devices(sdxl) == {"meta"}
+        resident = await generate(flux, "flux-3")  # on the card already: no move
+        return first, again, resident
 
-    before, after, loading, status = asyncio.run(scenario())
-    np.testing.assert_array_equal(before, after)
-    assert loading == ["flux", "sdxl", "flux"]
-    # 3 moves in, 2 out (flux for sdxl, sdxl for flux).
-    assert status["moves"] == 5 and status["resident"] == ["flux"] and status["peak_gib"] <= 100 / 2**30
+    first, again, resident = asyncio.run(scenario())
+    np.testing.assert_array_equal(first.images, again.images)
+    assert "move_in" in first.timings and "move_in" in again.timings and "move_in" not in resident.timings
+    assert [job for job, stage in stages if stage == "loading model"] == ["flux-1", "sdxl-1", "flux-2"]
+    # flux: in, out (for sdxl), in; sdxl: in, out (for flux).
+    assert flux.info()["residency"] == {"mode": "on_demand", "resident": True, "room_gib": 1.0, "moves": 3,
+                                        "move_s": pytest.approx(flux.info()["residency"]["move_s"])}
+    assert sdxl.info()["residency"]["moves"] == 2 and not sdxl.info()["residency"]["resident"]
 
 
 def test_a_model_in_use_is_never_moved_out_the_mover_waits_for_its_release():
