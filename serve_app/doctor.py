@@ -256,6 +256,19 @@ def check_shipped_profiles(args: AppArgs, machine: Machine, report: Report, memo
         report.info(f"no shipped workstation profile fits {card.name} ({card.memory_gib:.1f} GiB)")
 
 
+def workstation_plans() -> str:
+    """The memory plan of each shipped profile that declares its card, as Markdown (docs/gpu.md holds it;
+    `python -m serve_app.doctor` prints it, a unit test checks the docs are current)."""
+    from pathlib import Path
+
+    parts = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("workstation-*.yaml")):
+        args = app_args_from_config(path)
+        parts += [f"`configs/{path.name}` on {args.gpu.name} ({args.gpu.memory_gib:g} GiB):", "",
+                  *args.memory_plan().rows(), ""]
+    return "\n".join(parts)
+
+
 def run_doctor(config_path: str, machine: Machine | None = None, out=sys.stdout, memory_gib: float | None = None) -> int:
     args = app_args_from_config(config_path)
     http = load_serve_config(config_path).get("http_options") or {}
@@ -272,3 +285,7 @@ def run_doctor(config_path: str, machine: Machine | None = None, out=sys.stdout,
     print(f"genserve doctor: {report.fixes} thing(s) to fix" if report.fixes else "genserve doctor: ready to serve",
           file=out)
     return 1 if report.fixes else 0
+
+
+if __name__ == "__main__":
+    print(workstation_plans())

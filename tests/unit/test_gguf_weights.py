@@ -110,7 +110,7 @@ def test_nf4_is_refused_off_cuda_at_load_naming_the_field(flux_folder):
 
 
 def test_quantized_weights_shrink_the_planned_flux_transformer_to_the_published_gguf_sizes():
-    """city96's FLUX.1-schnell GGUFs: Q8_0 12.7 GB, Q4_0 6.8 GB on the hub (the transformer alone)."""
+    """The transformer alone, as issue 33 quotes the published GGUF files: Q8_0 about 12.6 GB, Q4 about 6.7 GB."""
     from deployments.runtime.sim.memory import component_bytes
 
     sizes = {weights: component_bytes("flux-schnell", "transformer", "bfloat16", weights=weights) / 1e9

@@ -80,3 +80,11 @@ def test_doctor_says_which_shipped_profile_fits_the_card():
     out = io.StringIO()
     run_doctor(str(ROOT / "configs" / "workstation-16gb.yaml"), machine, out=out, memory_gib=11.7)
     assert "FIX   memory plan on the 11.7 GiB card: the models need 13.2 GiB together" in out.getvalue()
+
+
+def test_docs_gpu_prints_the_current_plans_of_the_workstation_profiles():
+    from serve_app.doctor import workstation_plans
+
+    text = (ROOT / "docs" / "gpu.md").read_text()
+    shown = text.split("<!-- workstation-plans:begin -->\n", 1)[1].split("<!-- workstation-plans:end -->", 1)[0]
+    assert shown.strip() == workstation_plans().strip(), "regenerate: python -m serve_app.doctor"
