@@ -59,12 +59,13 @@ def test_a_profile_that_cannot_fit_its_card_fails_at_load_naming_the_model_its_g
         AppArgs.model_validate(args)
 
 
-def test_download_dry_run_exits_non_zero_on_an_overfull_profile(tmp_path, capsys):
+def test_download_dry_run_and_serve_exit_non_zero_on_an_overfull_profile(tmp_path, capsys):
     overfull = tmp_path / "overfull.yaml"
     overfull.write_text(yaml.safe_dump(_args_with_card("workstation-24gb.yaml", 11.7)))
-    assert main(["download", str(overfull), "--dry-run"]) == 2
-    error = capsys.readouterr().err
-    assert "model flux-schnell needs 13.1 GiB" in error and "rtx-4090's 11.7 GiB" in error
+    for command in (["download", str(overfull), "--dry-run"], ["serve", str(overfull)]):  # serve: before Ray starts
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert "model flux-schnell needs 13.1 GiB" in error and "rtx-4090's 11.7 GiB" in error
 
 
 def test_doctor_says_which_shipped_profile_fits_the_card():
