@@ -305,10 +305,6 @@ class ModelHolder:
         return {"mode": "on_demand", "resident": self.resident, "room_gib": round(self.nbytes / 2**30, 2),
                 "moves": self.moves, "move_s": round(self.move_s, 3)}
 
-    async def status(self) -> dict:
-        """The broker's view of this GPU (GET /v1/models shows it)."""
-        return await self._call("status")
-
 
 _local_brokers: dict[str, ResidencyBroker] = {}
 
