@@ -89,3 +89,11 @@ def test_docs_gpu_prints_the_current_plans_of_the_workstation_profiles():
     text = (ROOT / "docs" / "gpu.md").read_text()
     shown = text.split("<!-- workstation-plans:begin -->\n", 1)[1].split("<!-- workstation-plans:end -->", 1)[0]
     assert shown.strip() == workstation_plans().strip(), "regenerate: python -m serve_app.doctor"
+
+
+def test_download_plans_the_gguf_file_a_profile_names():
+    from serve_app.weights import plan
+
+    repos = plan(app_args_from_config(ROOT / "configs" / "workstation-16gb.yaml"))
+    files = [(repo.source.source, repo.source.filename) for repo in repos if repo.source.layout == "file"]
+    assert ("city96/FLUX.1-schnell-gguf", "flux1-schnell-Q4_0.gguf") in files
