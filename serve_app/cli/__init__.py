@@ -19,7 +19,9 @@
                                      make an API key: prints it once, and the entry for the keys file
     genserve download CONFIG [--dry-run] [--dir DIR] [--skip-optional]
                                      fetch exactly the hub weights CONFIG names, for offline serving
-    genserve doctor CONFIG           check this machine before serving CONFIG (torch, CUDA, GPU memory,
+    genserve doctor CONFIG [--gpu-memory-gib N]
+                                     check this machine before serving CONFIG (torch, CUDA, GPU memory,
+                                     the memory plan on its card and which shipped profiles fit it,
                                      weights, ports): each line ok, or what to do
     genserve bench-overload [options]  C clients for D seconds against a running app: statuses, latency, memory
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | sdxl | sd15 | svd | ltx | animatediff | clip | llm |
