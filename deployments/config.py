@@ -477,6 +477,85 @@ class VaeMemory(_Strict):
     )
 
 
+# How the denoiser's weights may be stored on the card (`memory.weights`): the names the memory plan
+# (deployments/runtime/sim/memory.py) and the loader (deployments/runtime/loading.py) read.
+WEIGHT_FORMATS = ("native", "fp8", "gguf_q8_0", "gguf_q4_0", "nf4")
+
+
+class ResidencyRoom(_Strict):
+    """An on-demand model's share of its card, from the memory plan: what the card keeps for the
+    on-demand models together (the residency broker's room), and what this one takes while on it."""
+
+    budget_gib: float = Field(gt=0, description="GiB the card keeps for its on-demand models together.")
+    model_gib: float = Field(gt=0, description="GiB this model holds on the card while it is there (weights, a call's activations).")
+
+
+class MemoryConfig(_Strict):
+    """How a model fits a smaller card: where its weights live between calls and how the denoiser's
+    are stored. Everything off by default (the whole model resident on its device, in its dtype)."""
+
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none",
+        description="CPU offload on CUDA (diffusers): 'model' moves each component (text encoders, denoiser, VAE) "
+                    "to the GPU only while it runs; 'sequential' moves layer by layer (least memory, slowest). "
+                    "Video entries set theirs in `options.offload`.",
+    )
+    weights: Literal[WEIGHT_FORMATS] = Field(
+        "native",
+        description="The denoiser's weight storage: 'native' (the device's dtype); 'fp8' (float8_e4m3fn storage, "
+                    "upcast layer by layer to the dtype for compute: diffusers enable_layerwise_casting); "
+                    "'gguf_q8_0' / 'gguf_q4_0' (a GGUF checkpoint of the denoiser, `gguf_file`, dequantized on "
+                    "the fly; FLUX only); 'nf4' (bitsandbytes 4-bit on load; CUDA only).",
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="With weights gguf_*: the GGUF file of the denoiser, a local path or 'owner/repo/file.gguf' on "
+                    "the hub (genserve download fetches it). Its config comes from the entry's `source` "
+                    "(the `transformer/` folder), so a local folder keeps loading offline.",
+    )
+    residency: Literal["resident", "on_demand"] = Field(
+        "resident",
+        description="'resident': the model stays on its device. 'on_demand': it lives in host RAM and moves to the "
+                    "GPU when a request needs it, the least recently used on-demand model of the same GPU moving "
+                    "out first (docs/gpu.md, 'Workstation cards').",
+    )
+
+    room: ResidencyRoom | None = Field(
+        None, description="Filled in from the memory plan on a declared card (`gpu:`) for an on-demand model; "
+                          "set it only to override the plan.")
+
+    @model_validator(mode="after")
+    def _gguf_file_with_gguf(self) -> "MemoryConfig":
+        gguf = self.weights.startswith("gguf")
+        if gguf and not self.gguf_file:
+            raise ValueError(f"memory.weights {self.weights!r} needs memory.gguf_file (a .gguf path or owner/repo/file.gguf)")
+        if self.gguf_file and not gguf:
+            raise ValueError("memory.gguf_file applies only with memory.weights 'gguf_q8_0' or 'gguf_q4_0'")
+        if self.gguf_file and not self.gguf_file.endswith(".gguf"):
+            raise ValueError(f"memory.gguf_file must name a .gguf file; got {self.gguf_file!r}")
+        return self
+
+    def gguf_location(self) -> tuple[str | None, str]:
+        """(hub repo, filename) of `gguf_file`; (None, the path) for a local file."""
+        path = self.gguf_file or ""
+        if is_local_path(path) or path.count("/") < 2:
+            return None, path
+        owner, repo, filename = path.split("/", 2)
+        return f"{owner}/{repo}", filename
+
+
+class GpuCard(_Strict):
+    """The one card a workstation profile runs on: the memory plan checks the profile against it."""
+
+    name: str = Field(min_length=1, max_length=64, description="The card, e.g. rtx-4090 (a deployments/sim_profiles.yaml "
+                                                                 "key where one matches, for the simulated card).")
+    memory_gib: float = Field(gt=0, le=1024, description="Its memory in GiB (2^30 bytes), as torch reports total_memory.")
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+
 class StepCacheConfig(_Strict):
     """First-Block-Cache through diffusers' cache hooks: when the first transformer block's output
     changed less than `threshold` (relative L1) since the last computed step, the remaining blocks
@@ -588,6 +667,8 @@ class ImageModelConfig(_Strict):
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Request batching; default: off.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Warm-up calls before the replica is healthy.")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig,
+                                 description="Offload, weight storage and residency (docs/gpu.md); default: resident, native.")
 
 
 class VideoModelConfig(_Strict):
@@ -612,4 +693,14 @@ class VideoModelConfig(_Strict):
     options: dict = Field(default_factory=dict, description="The family's own options (memory: offload, ...).")
     warmup: VideoWarmupConfig = Field(default_factory=VideoWarmupConfig,
                                       description="The warm-up call before the replica is healthy.")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig,
+                                 description="Weight storage and residency (docs/gpu.md); offload is `options.offload`.")
+
+    @model_validator(mode="after")
+    def _offload_in_options(self) -> "VideoModelConfig":
+        if self.memory.offload != "none":
+            raise ValueError("memory.offload: a video entry sets its offload in options.offload (its family's option)")
+        if self.memory.weights.startswith("gguf") or self.memory.weights == "nf4":
+            raise ValueError(f"memory.weights {self.memory.weights!r}: video entries take 'native' or 'fp8'")
+        return self
 

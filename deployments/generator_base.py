@@ -12,6 +12,7 @@ so no user pays a first call or a compilation, and records the cold start: a gau
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -41,11 +42,52 @@ class GeneratorBase:
         self._started = time.perf_counter()
         self._model = self._family.load(config, self._placement)
         self._loaded = time.perf_counter()
+        self._holder = self._residency_holder()
+        self._holder_started = False
+
+    def _residency_holder(self):
+        """An on-demand model's holder (deployments.runtime.residency); None for a resident one."""
+        memory = getattr(self._config, "memory", None)
+        if memory is None or memory.residency != "on_demand":
+            return None
+        from deployments.runtime.residency import ModelHolder, broker_for
+        from deployments.runtime.sim.memory import gpu_key
+
+        room = memory.room
+        if room is None:
+            raise ValueError(f"{self._config.id}: memory.residency 'on_demand' needs memory.room (the builder fills "
+                             "it in from the memory plan of the config's `gpu:`)")
+        broker, remote = broker_for(gpu_key(self._placement.simulated or self._placement.device), int(room.budget_gib * 2**30))
+        return ModelHolder(self._config.id, int(room.model_gib * 2**30), self._swap(memory), broker, remote,
+                           on_move=self._metrics.record_move)
+
+    def _swap(self, memory):
+        """What moves the model: the ledger on a simulated card, its modules on a real one, nothing when
+        CPU offload keeps its weights in host RAM anyway."""
+        from deployments.runtime.residency import LedgerSwap, ModuleSwap
+
+        pipeline = self._model.pipeline
+        if self._placement.simulated is not None:
+            return LedgerSwap(pipeline.ledger, self._config.id, pipeline.weight_bytes(), pipeline.card.host_to_device_gbs)
+        if getattr(memory, "offload", "none") != "none" or getattr(self._model.options, "offload", "none") != "none":
+            return None
+        modules = [module for module in pipeline.components.values() if hasattr(module, "named_parameters")]
+        return ModuleSwap(modules, self._placement.device)
+
+    async def _on_card(self, loading=None):
+        """Around a model call: an on-demand model moved onto the GPU first (`loading()` said so)."""
+        if self._holder is None:
+            return contextlib.nullcontext()
+        if not self._holder_started:
+            self._holder_started = True
+            await self._holder.start()
+        return self._holder.use(loading)
 
     def _ready(self, note: str = "") -> None:
         """Run the warm-up calls, then record and log the cold start. `note`: more for the log line."""
         warming = time.perf_counter()
-        self._warmed_up = self._warmup_shapes()
+        # An on-demand model waits in host RAM until its first request: no warm-up moves it in.
+        self._warmed_up = [] if self._holder is not None else self._warmup_shapes()
         for shape in self._warmed_up:
             self._warm(shape)
         done = time.perf_counter()
@@ -77,6 +119,8 @@ class GeneratorBase:
             "memory_fraction": placement.memory_fraction,
             "warmup_shapes": self._warmed_up,
             "cold_start": self._cold_start,
+            # An on-demand model: whether it is on the GPU now, its moves and their seconds.
+            "residency": None if self._holder is None else self._holder.describe(),
             **self._model.info(),
             **self._simulation(),
         }

@@ -170,8 +170,9 @@ class ImageGenerator(GeneratorBase):
                 raise result
             return result
         async with self._lock:
-            outputs = await run_interruptibly(lambda: self._generate([pending], pending.monitor), pending.monitor)
-        return outputs[0]
+            async with await self._on_card(pending.monitor.loading):
+                outputs = await run_interruptibly(lambda: self._generate([pending], pending.monitor), pending.monitor)
+        return self._with_move(outputs)[0]
 
     async def _run_batch(self, batch: list[_Pending]) -> list[GenerationOutput | BaseException]:
         """Serve's batch handler: one pipeline call per batch key, in the arrival order of each key's
@@ -181,18 +182,25 @@ class ImageGenerator(GeneratorBase):
         for index, pending in enumerate(batch):
             groups.setdefault(pending.key(), []).append(index)
         results: list = [None] * len(batch)
-        async with self._lock:
+        async with self._lock, await self._on_card(lambda: [pending.monitor.loading() for pending in batch]):
             for indices in groups.values():
                 group = [batch[index] for index in indices]
                 monitor = group[0].monitor if len(group) == 1 else BatchMonitor(
                     [pending.monitor for pending in group], [pending.images for pending in group])
                 try:
-                    outputs = await asyncio.to_thread(self._generate, group, monitor)
+                    outputs = self._with_move(await asyncio.to_thread(self._generate, group, monitor))
                 except Exception as error:  # Interrupted too: every request of the group was cancelled
                     outputs = [error] * len(group)
                 for index, output in zip(indices, outputs):
                     results[index] = output
         return results
+
+    def _with_move(self, outputs: list[GenerationOutput]) -> list[GenerationOutput]:
+        """The seconds an on-demand model took to move onto the GPU for this call, in each output's timings."""
+        if self._holder is not None and self._holder.last_move_s:
+            for output in outputs:
+                output.timings["move_in"] = round(self._holder.last_move_s, 3)
+        return outputs
 
     def _generate(self, group: list[_Pending], monitor: StepMonitor | BatchMonitor) -> list[GenerationOutput]:
         """One pipeline call (two with hires) for requests of one batch key: image i has its own

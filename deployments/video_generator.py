@@ -76,7 +76,7 @@ class VideoGenerator(GeneratorBase):
         if image is not None and image.shape != (params.height, params.width, 3):
             raise ValueError(f"image must be {params.height}x{params.width}x3; got {image.shape}")
         monitor = StepMonitor(params.progress, params.num_inference_steps)
-        async with self._lock:
+        async with self._lock, await self._on_card(monitor.loading):
             started = time.perf_counter()
             frames = await run_interruptibly(lambda: self._frames(params, image, monitor), monitor)
             generated = time.perf_counter() - started

@@ -6,6 +6,7 @@ with pydantic naming the field (for example `policy.threshold`), instead of insi
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -23,8 +24,10 @@ from deployments.config import (
     CombinedWeights,
     DeviceOptions,
     EnhancerConfig,
+    GpuCard,
     ImageModelConfig,
     LoraConfig,
+    ResidencyRoom,
     ScorerConfig,
     ScorerEntry,
     ScoringConfig,
@@ -34,6 +37,7 @@ from deployments.config import (
 from deployments.families import ImageFamily, get_family, get_video_family
 from deployments.families.video_base import VideoFamily
 from deployments.names import GATE_METRICS, MAX_CANDIDATES, SCORE_RANGES, GateMetric
+from deployments.runtime.memory_plan import CLIP_IMAGE_TOKENS, LLM_TOKENS, SCORE_BATCH, CardPlan
 from deployments.scoring.families import get_scorer_family
 from deployments.secrets import read_secret, warn_password_in_url
 
@@ -809,6 +813,12 @@ class AppArgs(_Strict):
             "every deployment's GPU share fits at max replicas, instead of replicas pending forever."
         ),
     )
+    gpu: GpuCard | None = Field(
+        None,
+        description="The one card this profile runs on (a workstation: {name: rtx-4090, memory_gib: 24}). When set, "
+                    "loading the config checks the memory plan of every GPU model against it (docs/gpu.md) and fails "
+                    "naming the model, its GiB and the card.",
+    )
     scores: ScoresConfig = Field(default_factory=ScoresConfig, description="Pixel budgets of POST /v1/scores.")
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024,
@@ -943,6 +953,29 @@ class AppArgs(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _fits_its_card(self) -> "AppArgs":
+        if self.gpu is not None:
+            problems = self.memory_plan().problems()
+            if problems:
+                raise ValueError(f"gpu ({self.gpu.name}, {self.gpu.memory_gib:g} GiB): " + "; ".join(problems))
+        return self
+
+    def memory_plan(self, card: GpuCard | None = None) -> CardPlan:
+        """The memory plan of every model this profile puts on a GPU, on `card` (default: its `gpu:`)."""
+        from deployments.runtime.memory_plan import image_plan, one_model_plan, video_plan
+
+        card = card or self.gpu or GpuCard(name="unnamed card", memory_gib=1024)
+        models = [image_plan(entry, entry.model_family) for entry in self.served_image_models if on_gpu(entry.device)]
+        models += [video_plan(entry, entry.model_family) for entry in self.served_video_models if on_gpu(entry.device)]
+        scorers = [(entry.source, entry.device) for entry in self.served_scorers if on_gpu(entry.device)]
+        if scorers:
+            models.append(one_model_plan("scorers", scorers, CLIP_IMAGE_TOKENS, SCORE_BATCH))
+        llm = self.enhancer.llm
+        if self.enhancer.mode == "llm" and llm.backend == "transformers" and on_gpu(llm.device):
+            models.append(one_model_plan("enhancer", [(llm.source, llm.device)], LLM_TOKENS, 1))
+        return CardPlan(card.name, card.memory_bytes, tuple(models))
+
+    @model_validator(mode="after")
     def _memory_caps_within_shares(self) -> "AppArgs":
         models = [(name, field + (".llm" if field == "enhancer" else ""), f"deployments.{name}", getattr(self, field))
                   for name, field in MODEL_CONFIG_FIELDS.items()]
@@ -1012,9 +1045,39 @@ class AppArgs(_Strict):
         """The scorers loaded: the entries not marked `enabled: false`."""
         return [entry for entry in self.scorers if entry.enabled]
 
+    def _with_room(self, config):
+        """An on-demand entry with its room on the card filled in from the memory plan."""
+        memory = getattr(config, "memory", None)
+        if memory is None or memory.residency != "on_demand" or memory.room is not None or self.gpu is None:
+            return config
+        plan = self.memory_plan()
+        model = next(model for model in plan.models if model.name == config.id)
+        room = ResidencyRoom(budget_gib=plan.on_demand_budget() / 2**30, model_gib=(model.on_gpu + model.activations) / 2**30)
+        return config.model_copy(update={"memory": memory.model_copy(update={"room": room})})
+
+    @model_validator(mode="after")
+    def _on_demand_needs_a_card(self) -> "AppArgs":
+        for entry in [*self.served_image_models, *self.served_video_models]:
+            if entry.memory.residency == "on_demand" and self.gpu is None and entry.memory.room is None:
+                raise ValueError(f"{entry.id}: memory.residency 'on_demand' needs `gpu:` (the card whose room the "
+                                 "on-demand models share, from the memory plan)")
+        return self
+
+    def memory_fraction(self, name: str) -> float | None:
+        """The CUDA memory cap of deployment `name`: on a declared card (`gpu:`), its planned peak over the
+        card (Ray's num_gpus is then a scheduling unit only: on-demand models share their room, moved by
+        the residency broker); else its GPU share when that is a fraction of one GPU."""
+        if self.gpu is None:
+            return gpu_memory_fraction(self._options(name).num_gpus)
+        names = {"ClipScorer": "scorers", "PromptEnhancer": "enhancer",
+                 **{entry.deployment_name: entry.id for entry in [*self.served_image_models, *self.served_video_models]}}
+        plan = self.memory_plan()
+        model = next((model for model in plan.models if model.name == names.get(name)), None)
+        return None if model is None else min(1.0, math.ceil(model.peak / plan.capacity * 100) / 100)
+
     def scoring_config(self) -> ScoringConfig:
         """What the ClipScorer deployment loads, each entry's CUDA memory cap filled in from its GPU share."""
-        fraction = gpu_memory_fraction(self._options("ClipScorer").num_gpus)
+        fraction = self.memory_fraction("ClipScorer")
         entries = [entry if entry.device.memory_fraction is not None or fraction is None
                    else entry.model_copy(update={"device": entry.device.model_copy(update={"memory_fraction": fraction})})
                    for entry in self.served_scorers]
@@ -1061,14 +1124,20 @@ class AppArgs(_Strict):
             return self.scoring_config()
         images = {entry.deployment_name: entry for entry in [*self.served_image_models, *self.served_video_models]}
         config = images[name] if name in images else getattr(self, MODEL_CONFIG_FIELDS[name])
+        config = self._with_room(config)
         device = device_options(config)
-        fraction = gpu_memory_fraction(self._options(name).num_gpus)
+        fraction = self.memory_fraction(name)
         if device.memory_fraction is not None or fraction is None:
             return config
         device = device.model_copy(update={"memory_fraction": fraction})
         if isinstance(config, EnhancerConfig):  # the LLM's device (the template needs none)
             return config.model_copy(update={"llm": config.llm.model_copy(update={"device": device})})
         return config.model_copy(update={"device": device})
+
+
+def on_gpu(device: DeviceOptions) -> bool:
+    """Whether a model's device is a GPU the memory plan counts: CUDA, 'auto' (CUDA on a GPU host) or simulated."""
+    return device.device != "cpu"
 
 
 def device_options(config: ImageModelConfig | VideoModelConfig | ScorerEntry | ScoringConfig | EnhancerConfig,

@@ -117,6 +117,8 @@ def check_gpus(machine: Machine, args: AppArgs, report: Report) -> None:
     if elsewhere:
         report.info(f"not for this node's GPUs (accelerator_type): {', '.join(elsewhere)}")
     smallest = min(total for _, total in machine.gpus)
+    if args.gpu is not None:  # a declared card: the memory plan, not the shares, says what fits (below)
+        return
     for name, share in here:
         report.ok(f"{name}: {share:g} of the card = {share * smallest / GIB:.1f} GiB")
     check_headroom(args, names, smallest, report)
@@ -195,7 +197,79 @@ def check_port(host: str, port: int, report: Report) -> None:
     report.ok(f"HTTP port {host}:{port} is free")
 
 
-def run_doctor(config_path: str, machine: Machine | None = None, out=sys.stdout) -> int:
+def card_of(machine: Machine, args: AppArgs, memory_gib: float | None):
+    """The card to plan on: `memory_gib` where asked, else this node's smallest GPU, else the config's `gpu:`."""
+    from deployments.config import GpuCard
+
+    if memory_gib is not None:
+        return GpuCard(name=f"{memory_gib:g} GiB card", memory_gib=memory_gib), True
+    if machine.gpus:
+        name, total = min(machine.gpus, key=lambda gpu: gpu[1])
+        return GpuCard(name=name, memory_gib=total / GIB), True
+    return args.gpu, False
+
+
+def check_memory_plan(args: AppArgs, machine: Machine, report: Report, memory_gib: float | None = None) -> None:
+    """A profile that declares its card (`gpu:`): its memory plan on this node's card (or the one asked)."""
+    if args.gpu is None:
+        return
+    card, real = card_of(machine, args, memory_gib)
+    plan = args.memory_plan(card)
+    where = (f"the {card.name}" if memory_gib is not None else f"{card.name} ({card.memory_gib:.1f} GiB)" if real
+             else f"the declared {card.name} ({card.memory_gib:g} GiB; no GPU here)")
+    problems = plan.problems()
+    if problems:
+        for problem in problems:
+            report.fix(f"memory plan on {where}: {problem}")
+        return
+    report.ok(f"memory plan on {where}: {plan.needed / GIB:.1f} GiB needed on the GPU at most, "
+              f"{plan.host / GIB:.1f} GiB of weights in host RAM (docs/gpu.md)")
+
+
+def shipped_profiles_that_fit(memory_gib: float) -> tuple[list[str], list[str]]:
+    """(fitting, not fitting) shipped profiles that declare a card (`gpu:`), planned on `memory_gib`."""
+    from pathlib import Path
+
+    from deployments.config import GpuCard
+
+    fitting, not_fitting = [], []
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        try:
+            args = app_args_from_config(path)
+        except ValueError:  # not a genserve Serve config (grafana, prometheus) or not loadable here
+            continue
+        if args.gpu is None:
+            continue
+        plan = args.memory_plan(GpuCard(name=args.gpu.name, memory_gib=memory_gib))
+        (not_fitting if plan.problems() else fitting).append(f"configs/{path.name}")
+    return fitting, not_fitting
+
+
+def check_shipped_profiles(args: AppArgs, machine: Machine, report: Report, memory_gib: float | None = None) -> None:
+    card, real = card_of(machine, args, memory_gib)
+    if card is None or not real:
+        return
+    fitting, _ = shipped_profiles_that_fit(card.memory_gib)
+    if fitting:
+        report.info(f"shipped profiles that fit {card.name} ({card.memory_gib:.1f} GiB): {', '.join(fitting)}")
+    else:
+        report.info(f"no shipped workstation profile fits {card.name} ({card.memory_gib:.1f} GiB)")
+
+
+def workstation_plans() -> str:
+    """The memory plan of each shipped profile that declares its card, as Markdown (docs/gpu.md holds it;
+    `python -m serve_app.doctor` prints it, a unit test checks the docs are current)."""
+    from pathlib import Path
+
+    parts = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("workstation-*.yaml")):
+        args = app_args_from_config(path)
+        parts += [f"`configs/{path.name}` on {args.gpu.name} ({args.gpu.memory_gib:g} GiB):", "",
+                  *args.memory_plan().rows(), ""]
+    return "\n".join(parts)
+
+
+def run_doctor(config_path: str, machine: Machine | None = None, out=sys.stdout, memory_gib: float | None = None) -> int:
     args = app_args_from_config(config_path)
     http = load_serve_config(config_path).get("http_options") or {}
     machine = machine or probe_machine()
@@ -204,8 +278,14 @@ def run_doctor(config_path: str, machine: Machine | None = None, out=sys.stdout)
     check_torch(machine, needs_gpu, report)
     check_driver(machine, needs_gpu, report)
     check_gpus(machine, args, report)
+    check_memory_plan(args, machine, report, memory_gib)
+    check_shipped_profiles(args, machine, report, memory_gib)
     check_weights(args, report, str(config_path))
     check_port(http.get("host", "127.0.0.1"), int(http.get("port", 8000)), report)
     print(f"genserve doctor: {report.fixes} thing(s) to fix" if report.fixes else "genserve doctor: ready to serve",
           file=out)
     return 1 if report.fixes else 0
+
+
+if __name__ == "__main__":
+    print(workstation_plans())

@@ -112,9 +112,26 @@ def derived_pipeline(class_name: str, base, **components):
         return derive(class_name)
     import diffusers
 
-    pipeline = getattr(diffusers, class_name).from_pipe(base, **components)
+    cls = getattr(diffusers, class_name)
+    if any(getattr(module, "is_quantized", False) for module in base.components.values()):
+        pipeline = _constructed(cls, base, components)
+    else:
+        # from_pipe casts every module to its dtype argument, float32 when none is given: the base's
+        # own dtype keeps a bf16 model in bf16 (its modules are shared, so a cast would double them).
+        pipeline = cls.from_pipe(base, dtype=base.dtype, **components)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def _constructed(cls, base, components: dict):
+    """`cls` over `base`'s modules and config values, uncast: diffusers refuses to cast a quantized
+    module (GGUF, NF4), which `from_pipe` always does."""
+    expected, optional = cls._get_signature_keys(cls)
+    accepted = set(expected) | set(optional)
+    values = {key: value for key, value in base.config.items()
+              if key in accepted and key not in base.components and not key.startswith("_")}
+    parts = {key: module for key, module in base.components.items() if key in accepted}
+    return cls(**{**values, **parts, **components})
 
 
 @cache
@@ -311,13 +328,21 @@ class ImageFamily:
     weight_variants: ClassVar[dict[str, str]] = {}
     # Which acceleration tiers the family's denoiser supports (the config is checked against it).
     acceleration: ClassVar[AccelerationSupport] = AccelerationSupport()
+    # The denoiser's diffusers class, for quantized loading (memory.weights gguf_* and nf4); None: only
+    # native and fp8 weights. `gguf` says whether diffusers reads a GGUF checkpoint of it.
+    denoiser_class: ClassVar[str | None] = None
+    gguf: ClassVar[bool] = False
 
     def weight_sources(self, config: "ImageModelConfig") -> list["WeightSource"]:
         """Every set of weights a deployment of this entry loads (`genserve download` fetches them)."""
         from deployments.runtime.weights import WeightSource, variant_for
 
-        return [WeightSource(f"{config.id} pipeline", config.source, "diffusers-pipeline",
-                             variant_for(self.weight_variants, config.device.dtype))]
+        sources = [WeightSource(f"{config.id} pipeline", config.source, "diffusers-pipeline",
+                                variant_for(self.weight_variants, config.device.dtype))]
+        repo, filename = config.memory.gguf_location()
+        if config.memory.gguf_file and repo is not None:
+            sources.append(WeightSource(f"{config.id} GGUF denoiser", repo, "file", filename=filename))
+        return sources
 
     def prompt_form_of(self, config: "ImageModelConfig") -> PromptForm | None:
         """The prompt form for an entry: the family's, with its tokenizers loaded from the entry's source."""
@@ -370,10 +395,22 @@ class ImageFamily:
         unsupported = self.acceleration.unsupported(config.acceleration)
         if unsupported:
             raise ValueError(f"acceleration: {unsupported}")
+        self._check_memory(config)
         low, high = self.step_limits(config)
         for index, shape in enumerate(config.warmup.shapes):
             if shape.steps is not None and not low <= shape.steps <= high:
                 raise ValueError(f"warmup.shapes.{index}.steps ({shape.steps}) must lie within the limits, {low}-{high}")
+
+    def _check_memory(self, config: "ImageModelConfig") -> None:
+        weights = config.memory.weights
+        if weights.startswith("gguf") and not self.gguf:
+            raise ValueError(f"memory.weights {weights!r}: the {self.name} family loads no GGUF checkpoints "
+                             "(flux does); use 'fp8' or 'nf4'")
+        if weights == "nf4" and self.denoiser_class is None:
+            raise ValueError(f"memory.weights 'nf4': the {self.name} family does not say its denoiser's class")
+        if weights != "native" and config.acceleration.quantization != "none":
+            raise ValueError(f"memory.weights {weights!r} and acceleration.quantization "
+                             f"{config.acceleration.quantization!r} both quantize the denoiser: pick one")
 
     def _check_limits(self, config: "ImageModelConfig") -> None:
         low, high = self.step_limits(config)
@@ -434,16 +471,17 @@ class ImageFamily:
         self.build_tiny(seed, config).save_pretrained(folder)
 
     def load_pipeline(self, config: "ImageModelConfig", placement: "Placement"):
-        """`<pipeline_class>.from_pretrained` for hub ids and folders, `build_tiny` for 'tiny', on the device."""
-        from deployments.runtime.loading import load_diffusers_pipeline
+        """`<pipeline_class>.from_pretrained` for hub ids and folders (its denoiser quantized as
+        `memory.weights` says), `build_tiny` for 'tiny'; on the CPU (`load` places it)."""
+        from deployments.runtime.loading import load_diffusers_pipeline, quantized_denoiser
         from deployments.runtime.weights import local_variant
 
         variant = local_variant(config.source, self.weight_variants.get(placement.dtype_name))
+        denoiser = self.acceleration.denoiser
+        components = ({} if config.memory.weights in ("native", "fp8") else
+                      quantized_denoiser(denoiser, self.denoiser_class, config.source, config.memory, placement))
         return load_diffusers_pipeline(
-            self.pipeline_class, config.source, placement, lambda: self.build_tiny(config=config), variant
-        ).to(
-            placement.device
-        )
+            self.pipeline_class, config.source, placement, lambda: self.build_tiny(config=config), variant, **components)
 
     def load_simulated(self, config: "ImageModelConfig", placement: "Placement"):
         """The pipeline-like stand-in of a simulated device: the published architecture of `source`,
@@ -459,11 +497,15 @@ class ImageFamily:
         the modules that every pipeline built from it shares (ControlNet, image-to-image and
         inpainting pipelines get them too)."""
         from deployments.runtime.acceleration import accelerate, check_hardware
+        from deployments.runtime.loading import on_demand_in_host, place_pipeline, store_weights
 
         check_hardware(config.acceleration, placement)  # before the weights load: fail fast
         if placement.simulated is not None:
             return self.loaded_class(self, config, placement, self.load_simulated(config, placement))
         pipeline = self.load_pipeline(config, placement)
+        store_weights(pipeline, self.acceleration.denoiser, config.memory.weights, placement)
+        if not on_demand_in_host(config):  # an on-demand model waits in host RAM: its holder moves it in
+            pipeline = place_pipeline(pipeline, config.memory.offload, placement)
         vae = getattr(pipeline, "vae", None)
         if vae is not None and config.vae.slicing and hasattr(vae, "enable_slicing"):
             vae.enable_slicing()

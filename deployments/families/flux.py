@@ -49,6 +49,9 @@ class FluxFamily(ImageFamily):
     acceleration = AccelerationSupport(
         denoiser="transformer", repeated_blocks=True, cache_hooks=("first_block",), fuse_qkv=True
     )
+    # GGUF checkpoints of the transformer (city96/FLUX.1-schnell-gguf, ...) load through from_single_file.
+    denoiser_class = "FluxTransformer2DModel"
+    gguf = True
     # CLIP keeps 77 tokens; T5 keeps 256 (schnell) or 512 (dev), which a prompt that fits CLIP fits.
     prompt_tokenizers = (PromptTokenizer("tokenizer", 77),)
     # FLUX's T5 encoder follows natural sentences.

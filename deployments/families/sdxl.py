@@ -198,6 +198,7 @@ class SdxlFamily(ImageFamily):
     control_edits = True
     acceleration = AccelerationSupport(denoiser="unet", repeated_blocks=True, fuse_qkv=True, channels_last=True)
     prompt_tokenizers = (PromptTokenizer("tokenizer", 77), PromptTokenizer("tokenizer_2", 77))
+    denoiser_class = "UNet2DConditionModel"
     # SDXL's CLIP encoders respond to short comma-separated tags.
     prompt_form = PromptForm(
         instructions="Write a comma-separated list of short tags (at most 40 words): subject first, then details, "

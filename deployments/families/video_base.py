@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 from deployments.families.base import LoadedModel, NoOptions
+from deployments.runtime.loading import denoiser_of, place_pipeline, store_weights
 
 if TYPE_CHECKING:
     from deployments.config import VideoModelConfig
@@ -260,21 +261,9 @@ class VideoFamily:
             from deployments.runtime.sim.pipeline import load_simulated_video
 
             return self.loaded_class(self, config, placement, load_simulated_video(config, placement))
-        pipeline = self.place(self.load_pipeline(config, placement), self.options_of(config), placement)
+        pipeline = self.load_pipeline(config, placement)
+        store_weights(pipeline, denoiser_of(pipeline), config.memory.weights, placement)
+        options = self.options_of(config)
+        if not (config.memory.residency == "on_demand" and getattr(options, "offload", "none") == "none"):
+            pipeline = self.place(pipeline, options, placement)  # an on-demand model waits in host RAM
         return self.loaded_class(self, config, placement, pipeline)
-
-
-def place_pipeline(pipeline, offload: str, placement: "Placement"):
-    """CPU offload tiers apply on CUDA only; elsewhere (and with 'none') the pipeline moves to the device."""
-    import logging
-
-    if placement.device == "cuda" and offload == "model":
-        pipeline.enable_model_cpu_offload()
-        return pipeline
-    if placement.device == "cuda" and offload == "sequential":
-        pipeline.enable_sequential_cpu_offload()
-        return pipeline
-    if offload != "none":
-        logging.getLogger("ray.serve").warning(
-            "offload %r applies to CUDA only; on %s the model already lives in host memory", offload, placement.device)
-    return pipeline.to(placement.device)

@@ -158,13 +158,14 @@ def pretrained_location(source: str) -> str:
 
 
 def load_diffusers_pipeline(pipeline_class: str, source: str, placement: Placement, build_tiny: Callable[[], Any],
-                            variant: str | None = None):
+                            variant: str | None = None, **components):
     """The one loading path of a diffusers pipeline, on the CPU in the placement's dtype.
 
     A hub repo id or local folder goes through `<pipeline_class>.from_pretrained` (safetensors
     only, `variant`'s files when given: see `deployments.runtime.weights.local_variant`); `tiny`
-    calls `build_tiny`, which makes the same class with random weights. The caller moves it to
-    its device (or sets up offloading).
+    calls `build_tiny`, which makes the same class with random weights. `components` replace the
+    pipeline's own (a quantized denoiser: `quantized_denoiser`). The caller moves it to its device
+    (or sets up offloading: `place_pipeline`).
     """
     if is_tiny(source):
         pipeline = build_tiny().to(dtype=placement.dtype)
@@ -172,7 +173,7 @@ def load_diffusers_pipeline(pipeline_class: str, source: str, placement: Placeme
         import diffusers
 
         pipeline = getattr(diffusers, pipeline_class).from_pretrained(
-            pretrained_location(source), dtype=placement.dtype, use_safetensors=True, variant=variant
+            pretrained_location(source), dtype=placement.dtype, use_safetensors=True, variant=variant, **components
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -215,3 +216,86 @@ def check_device_health(placement: Placement) -> None:
         import torch
 
         torch.cuda.synchronize()
+
+
+def place_pipeline(pipeline, offload: str, placement: Placement):
+    """CPU offload tiers apply on CUDA only; elsewhere (and with 'none') the pipeline moves to the device."""
+    import logging
+
+    if placement.device == "cuda" and offload == "model":
+        pipeline.enable_model_cpu_offload()
+        return pipeline
+    if placement.device == "cuda" and offload == "sequential":
+        pipeline.enable_sequential_cpu_offload()
+        return pipeline
+    if offload != "none":
+        logging.getLogger("ray.serve").warning(
+            "offload %r applies to CUDA only; on %s the model already lives in host memory", offload, placement.device)
+    return pipeline.to(placement.device)
+
+
+def gguf_path(memory) -> str:
+    """The local path of `memory.gguf_file`: the file itself, or the hub file from the cache (or fetched,
+    unless HF_HUB_OFFLINE: `genserve download` fetches it beforehand)."""
+    repo, filename = memory.gguf_location()
+    if repo is None:
+        path = local_path(filename)
+        if not path.is_file():
+            raise FileNotFoundError(f"memory.gguf_file {filename!r} does not exist on this node")
+        return str(path)
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo, filename)
+
+
+def quantized_denoiser(denoiser: str, denoiser_class: str, source: str, memory, placement: Placement) -> dict:
+    """The denoiser loaded as `memory.weights` stores it, as a component for `from_pretrained`
+    ({} for native and fp8 weights, which load as usual and are cast afterwards: `store_weights`).
+
+    - gguf_*: `<denoiser_class>.from_single_file` of the GGUF file, dequantized per layer at compute,
+      its config read from `source`'s `<denoiser>/` folder (a local folder keeps it offline);
+    - nf4: bitsandbytes 4-bit on load (CUDA only).
+    """
+    import diffusers
+
+    model_class = getattr(diffusers, denoiser_class)
+    if memory.weights.startswith("gguf"):
+        if is_tiny(source):
+            raise ValueError("memory.weights gguf_*: the denoiser's config comes from `source`, so it must be a "
+                             "hub repo id or a local folder, not 'tiny'")
+        config = diffusers.GGUFQuantizationConfig(compute_dtype=placement.dtype)
+        model = model_class.from_single_file(gguf_path(memory), quantization_config=config, torch_dtype=placement.dtype,
+                                             config=pretrained_location(source), subfolder=denoiser)
+        return {denoiser: model}
+    if memory.weights == "nf4":
+        if placement.device != "cuda":
+            raise ValueError(f"memory.weights 'nf4' needs a CUDA GPU (bitsandbytes); this replica runs on "
+                             f"{placement.device}: use 'fp8' or a GGUF file there")
+        config = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=placement.dtype)
+        model = model_class.from_pretrained(pretrained_location(source), subfolder=denoiser, quantization_config=config,
+                                            torch_dtype=placement.dtype)
+        return {denoiser: model}
+    return {}
+
+
+def on_demand_in_host(config) -> bool:
+    """An on-demand image entry without CPU offload loads into host RAM; its holder
+    (deployments.runtime.residency) moves it to the GPU when a request needs it."""
+    return config.memory.residency == "on_demand" and config.memory.offload == "none"
+
+
+def denoiser_of(pipeline) -> str:
+    """The attribute holding a pipeline's denoiser: `transformer` (FLUX, LTX) or `unet` (SDXL, SVD)."""
+    return "transformer" if getattr(pipeline, "transformer", None) is not None else "unet"
+
+
+def store_weights(pipeline, denoiser: str, weights: str, placement: Placement) -> None:
+    """fp8 storage: the denoiser's weights kept in float8_e4m3fn and upcast layer by layer to the
+    replica's dtype for compute (diffusers' layerwise casting: about half the memory of bf16 weights)."""
+    if weights != "fp8":
+        return
+    import torch
+
+    getattr(pipeline, denoiser).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                                         compute_dtype=placement.dtype)

@@ -29,6 +29,9 @@ from deployments.runtime.types import ModelOutOfMemory
 
 # Bytes: 256 MiB .. 128 GiB, doubling.
 MEMORY_BUCKETS = [float(2**power) for power in range(28, 38)]
+# A move of a model's weights over PCIe: from tens of milliseconds (a small model, pinned) to tens of
+# seconds (a large one from pageable memory).
+MOVE_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -86,6 +89,7 @@ class ModelMetrics:
         self._replica_peak = 0
         self._cold_start_s: float | None = None
         self.clock = DeviceClock()
+        self._resident_now: int | None = None
         if not enabled:
             return
         from ray.serve import metrics
@@ -128,6 +132,27 @@ class ModelMetrics:
             tag_keys=("model",),
         )
         self._call_cpu.set_default_tags({"model": model})
+        self._moves = metrics.Histogram(
+            "genserve_model_move_seconds",
+            description="Seconds of each move of an on-demand model between host RAM and the GPU, by direction "
+                        "(in, out): the count is the moves.",
+            boundaries=MOVE_BUCKETS,
+            tag_keys=("model", "direction"),
+        )
+        self._moves.set_default_tags({"model": model})
+        self._resident = metrics.Gauge(
+            "genserve_model_resident",
+            description="1 while an on-demand model is on the GPU, 0 while it waits in host RAM.",
+            tag_keys=("model",),
+        )
+        self._resident.set_default_tags({"model": model})
+
+    def record_move(self, direction: str, seconds: float) -> None:
+        """An on-demand model moved `in` to the GPU or `out` to host RAM (deployments.runtime.residency)."""
+        self._resident_now = 1 if direction == "in" else 0
+        if self._enabled:
+            self._moves.observe(seconds, tags={"direction": direction})
+            self._resident.set(self._resident_now)
 
     def device_time(self) -> dict:
         """This replica's model-call totals, as `genserve bench` reads them (see `DeviceClock`)."""
@@ -152,6 +177,8 @@ class ModelMetrics:
             return
         if self._cold_start_s is not None:
             self._cold_start.set(self._cold_start_s)
+        if self._resident_now is not None:
+            self._resident.set(self._resident_now)
         if self._cuda and self._replica_peak:
             self._replica_peak_gauge.set(self._replica_peak)
 

@@ -98,7 +98,13 @@ class StepMonitor:
             logger.warning("could not make a denoising preview", exc_info=True)
             return None
 
-    def _send(self, step: int, elapsed_s: float, preview: str | None = None) -> None:
+    def loading(self) -> None:
+        """The model moves onto the GPU before this request's steps start: the progress says so
+        (stage 'loading model'). Called on the replica's event loop."""
+        if self.target is not None:
+            self._send(0, 0.0, stage="loading model")
+
+    def _send(self, step: int, elapsed_s: float, preview: str | None = None, stage: str | None = None) -> None:
         target = self.target
         try:
             handle = _handles.get((target.app, target.deployment))
@@ -107,7 +113,7 @@ class StepMonitor:
 
                 handle = serve.get_deployment_handle(target.deployment, target.app)
                 _handles[(target.app, target.deployment)] = handle
-            progress = {"stage": target.stage, "round": target.round, "step": step, "steps": self.total_steps,
+            progress = {"stage": stage or target.stage, "round": target.round, "step": step, "steps": self.total_steps,
                         "elapsed_s": elapsed_s}
             if preview is not None:
                 progress["preview"] = preview

@@ -19,7 +19,9 @@
                                      make an API key: prints it once, and the entry for the keys file
     genserve download CONFIG [--dry-run] [--dir DIR] [--skip-optional]
                                      fetch exactly the hub weights CONFIG names, for offline serving
-    genserve doctor CONFIG           check this machine before serving CONFIG (torch, CUDA, GPU memory,
+    genserve doctor CONFIG [--gpu-memory-gib N]
+                                     check this machine before serving CONFIG (torch, CUDA, GPU memory,
+                                     the memory plan on its card and which shipped profiles fit it,
                                      weights, ports): each line ok, or what to do
     genserve bench-overload [options]  C clients for D seconds against a running app: statuses, latency, memory
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | sdxl | sd15 | svd | ltx | animatediff | clip | llm |
@@ -342,17 +344,23 @@ def _save_tiny(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from serve_app.config import app_args_from_config
     from serve_app.weights import run_download
 
-    return run_download(app_args_from_config(args.config), dry_run=args.dry_run, cache_dir=args.dir,
-                        include_optional=not args.skip_optional)
+    try:  # a profile that does not fit its card (`gpu:`) fails here, before anything is fetched
+        app_args = app_args_from_config(args.config)
+    except ValidationError as error:
+        print(f"genserve: {args.config} is not a valid config: {error}", file=sys.stderr)
+        return 2
+    return run_download(app_args, dry_run=args.dry_run, cache_dir=args.dir, include_optional=not args.skip_optional)
 
 
 def _doctor(args: argparse.Namespace) -> int:
     from serve_app.doctor import run_doctor
 
-    return run_doctor(args.config)
+    return run_doctor(args.config, memory_gib=args.gpu_memory_gib)
 def _bench_overload(args: argparse.Namespace) -> int:
     from serve_app.bench.overload import format_overload_table, run_overload
 
@@ -500,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     doctor = commands.add_parser("doctor", help="check this machine can serve a config: torch, CUDA, GPU memory, "
                                                 "weights, ports")
     doctor.add_argument("config")
+    doctor.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="plan on a card of this memory instead of this node's GPU (which shipped profile fits it)")
     doctor.set_defaults(func=_doctor)
 
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ SHIPPED = ARCHITECTURES / "flops.json"
 # Components of a pipeline architecture, by role; the scorer and LLM architectures have one `model`.
 DENOISERS = ("transformer", "unet")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-DIFFUSERS_COMPONENTS = (*DENOISERS, "vae")
+DIFFUSERS_COMPONENTS = (*DENOISERS, "vae", "controlnet")
 CLIP_TOKENS = 77
 _lock = threading.Lock()
 
@@ -69,6 +69,12 @@ def flops(arch: str, component: str, **shape) -> float:
 def parameters(arch: str, component: str) -> tuple[int, int]:
     """(all parameters, those of linear layers) of `component`: what weights and quantization weigh."""
     return tuple(_lookup(arch, "parameters", component, lambda: _parameters(arch, component)))
+
+
+def largest_leaf(arch: str, component: str) -> int:
+    """Parameters of the largest module of `component` that holds its own parameters: what sequential
+    CPU offload has on the GPU at once (accelerate's hooks move one such module at a time)."""
+    return _lookup(arch, "largest_leaf", component, lambda: _largest_leaf(arch, component))
 
 
 def components(arch: str) -> list[str]:
@@ -140,6 +146,11 @@ def _parameters(arch: str, component: str) -> list[int]:
     module = _module(arch, component)
     linear = sum(layer.weight.numel() for layer in module.modules() if isinstance(layer, torch.nn.Linear))
     return [sum(parameter.numel() for parameter in module.parameters()), linear]
+
+
+def _largest_leaf(arch: str, component: str) -> int:
+    module = _module(arch, component)
+    return max(sum(parameter.numel() for parameter in layer.parameters(recurse=False)) for layer in module.modules())
 
 
 def _count(arch: str, component: str, shape: dict) -> float:
@@ -221,6 +232,7 @@ def default_counts() -> dict[str, list[dict]]:
         for width, height, frames in video for component in ("unet", "vae")]
     counts["clip-vit-large-patch14"] = [("model", {"part": "vision"}), ("model", {"tokens": CLIP_TOKENS})]
     counts["qwen2.5-1.5b-instruct"] = [("model", {"tokens": 1}), ("model", {"tokens": 256})]
+    counts["controlnet-sdxl"] = []  # parameters only: a simulated device does not model ControlNets' time
     return counts
 
 
@@ -231,9 +243,10 @@ def regenerate(only: list[str] | None = None) -> dict:
     for arch, shapes in default_counts().items():
         if only and arch not in only:
             continue
-        entry = table[arch] = {"flops": {}, "parameters": {}}
+        entry = table[arch] = {"flops": {}, "parameters": {}, "largest_leaf": {}}
         for component in components(arch):
             entry["parameters"][component] = _parameters(arch, component)
+            entry["largest_leaf"][component] = _largest_leaf(arch, component)
         for component, shape in shapes:
             key = shape_key(component, **shape)
             entry["flops"][key] = _count(arch, component, shape)

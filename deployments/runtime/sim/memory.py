@@ -40,15 +40,30 @@ TRANSFORMER_WIDTHS_ALIVE = 12
 VAE_MAPS_ALIVE = 6
 
 
-def weight_bytes(arch: str, dtype: str, quantization: str = "none") -> int:
-    """Bytes of every component's weights; a quantized denoiser's linear weights in 1 byte each."""
+# Bytes of one linear-layer weight of the denoiser, by how `memory.weights` stores it:
+# - fp8: float8_e4m3fn, 1 byte (diffusers' layerwise casting upcasts per layer at compute);
+# - gguf_q8_0: blocks of 32 weights as 32 int8 plus one fp16 scale, 34 bytes per 32 (ggml's block_q8_0);
+# - gguf_q4_0: blocks of 32 as 16 bytes of nibbles plus one fp16 scale, 18 bytes per 32 (ggml's block_q4_0);
+# - nf4: 4 bits plus one fp32 absmax per block of 64 (bitsandbytes' default blocksize, no double quant).
+# Other parameters (norms, embeddings, biases outside linear layers) keep the dtype's bytes.
+LINEAR_BYTES = {"fp8": 1.0, "gguf_q8_0": 34 / 32, "gguf_q4_0": 18 / 32, "nf4": 0.5 + 4 / 64}
+# torchao's quantized tiers (`acceleration.quantization`) hold linear weights in 1 byte each.
+TORCHAO_LINEAR_BYTES = 1.0
+
+
+def component_bytes(arch: str, component: str, dtype: str, quantization: str = "none", weights: str = "native") -> int:
+    """Bytes of one component's weights; a denoiser's linear weights as `weights` (or torchao) stores them."""
     size = DTYPE_BYTES[dtype]
-    total = 0
-    for component in counted.components(arch):
-        params, linear = counted.parameters(arch, component)
-        quantized = component in counted.DENOISERS and quantization != "none"
-        total += params * size - (linear * (size - 1) if quantized else 0)
-    return total
+    params, linear = counted.parameters(arch, component)
+    if component not in counted.DENOISERS:
+        return params * size
+    per_linear = LINEAR_BYTES.get(weights) or (TORCHAO_LINEAR_BYTES if quantization != "none" else size)
+    return int(round((params - linear) * size + linear * per_linear))
+
+
+def weight_bytes(arch: str, dtype: str, quantization: str = "none", weights: str = "native") -> int:
+    """Bytes of every component's weights (see `component_bytes`)."""
+    return sum(component_bytes(arch, component, dtype, quantization, weights) for component in counted.components(arch))
 
 
 def image_activation_bytes(arch: str, width: int, height: int, images: int, cfg: bool, dtype: str,

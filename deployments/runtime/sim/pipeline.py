@@ -47,6 +47,10 @@ class SimulatedPipeline:
     owner: str
     class_name: str
     quantization: str = "none"
+    weights: str = "native"
+
+    def weight_bytes(self) -> int:
+        return memory.weight_bytes(self.arch, self.dtype, self.quantization, self.weights)
 
     def set_progress_bar_config(self, **_) -> None:
         """Nothing to show: the same switch as a diffusers pipeline's."""
@@ -54,7 +58,7 @@ class SimulatedPipeline:
     def describe(self) -> dict:
         """What the replica's info shows: the modelled card, tier and architecture, and its GPU's memory."""
         return {"profile": self.card.key, "card": self.card.name, "tier": self.tier, "architecture": self.arch,
-                "weights_gb": round(memory.weight_bytes(self.arch, self.dtype, self.quantization) / 1e9, 2),
+                "weights_gb": round(self.weight_bytes() / 1e9, 2),
                 "gpu_used_gb": round(self.ledger.used() / 1e9, 2), "gpu_capacity_gb": self.card.memory_gb}
 
     def derive(self, class_name: str) -> "SimulatedPipeline":
@@ -93,12 +97,15 @@ def _run_call(pipeline, ledger: memory.Ledger, owner: str, activation_bytes: int
 
 
 def _held(arch: str, config, placement, quantization: str = "none") -> memory.Ledger:
-    """The GPU's ledger, holding this entry's weights and this process's CUDA context: a model that
-    cannot fit fails here, at load, as on a real card."""
+    """The GPU's ledger, holding this process's CUDA context and this entry's weights (an on-demand
+    entry's only while it is on the card: its holder's `LedgerSwap`): a model that cannot fit fails
+    here, at load, as on a real card."""
     card = profile(placement.simulated)
     ledger = memory.Ledger(memory.gpu_key(card.key), card.memory_bytes, card.key)
     ledger.reserve("cuda-context", memory.CUDA_CONTEXT_BYTES)
-    ledger.reserve(f"{config.id}:weights", memory.weight_bytes(arch, placement.dtype_name, quantization))
+    if config.memory.residency != "on_demand":
+        ledger.reserve(f"{config.id}:weights", memory.weight_bytes(arch, placement.dtype_name, quantization,
+                                                                   config.memory.weights))
     return ledger
 
 
@@ -111,7 +118,7 @@ def load_simulated(family, config, placement) -> SimulatedPipeline:
     return SimulatedPipeline(
         arch=arch, card=card, tier=timing.tier_of(config.acceleration), dtype=placement.dtype_name,
         classifier_free_guidance=family.negative_prompt, vae_slicing=config.vae.slicing, ledger=ledger,
-        owner=config.id, class_name=family.pipeline_class, quantization=quantization)
+        owner=config.id, class_name=family.pipeline_class, quantization=quantization, weights=config.memory.weights)
 
 
 @dataclass
@@ -125,6 +132,10 @@ class SimulatedVideoPipeline:
     dtype: str
     ledger: memory.Ledger
     owner: str
+    weights: str = "native"
+
+    def weight_bytes(self) -> int:
+        return memory.weight_bytes(self.arch, self.dtype, weights=self.weights)
 
     @property
     def unet(self) -> SimpleNamespace:
@@ -136,7 +147,7 @@ class SimulatedVideoPipeline:
 
     def describe(self) -> dict:
         return {"profile": self.card.key, "card": self.card.name, "tier": self.tier, "architecture": self.arch,
-                "weights_gb": round(memory.weight_bytes(self.arch, self.dtype) / 1e9, 2),
+                "weights_gb": round(self.weight_bytes() / 1e9, 2),
                 "gpu_used_gb": round(self.ledger.used() / 1e9, 2), "gpu_capacity_gb": self.card.memory_gb}
 
     def __call__(self, *, width: int, height: int, num_frames: int, num_inference_steps: int, generator,
@@ -160,4 +171,4 @@ def load_simulated_video(config, placement) -> SimulatedVideoPipeline:
     if "image_encoder" not in counted.architecture(arch):
         raise ValueError(f"source: {config.source!r} is not an image-to-video architecture a simulated device models")
     return SimulatedVideoPipeline(arch=arch, card=profile(placement.simulated), tier="eager", dtype=placement.dtype_name,
-                                  ledger=_held(arch, config, placement), owner=config.id)
+                                  ledger=_held(arch, config, placement), owner=config.id, weights=config.memory.weights)
