@@ -158,13 +158,14 @@ class JobsApi:
             response.headers["Idempotent-Replayed"] = "true"
         return status
 
-    async def create(self, submission: JobSubmission, request: Request,
-                     idempotency_key: str | None = None) -> tuple[Job, bool, int | None]:
+    async def create(self, submission: JobSubmission, request: Request, idempotency_key: str | None = None,
+                     targets: list[dict] | None = None) -> tuple[Job, bool, int | None]:
         """Validate and durably record a job for the caller of `request` (its owner, quotas and
         budget): (job, created, queue position). The protocol adapters' way in (MCP tools, A2A
-        tasks, OpenAI `url` results), as POST /v1/jobs's."""
+        tasks, OpenAI `url` results), as POST /v1/jobs's. `targets`: an adapter's own receivers
+        of the job's end (A2A push configs), checked already; the submission's webhook is added."""
         stored = await self._validated(submission, request)
-        targets = await self._targets(submission, request)
+        targets = [*(await self._targets(submission, request) or []), *(targets or [])] or None
         digest = request_hash(submission)
         who = principal(request)
         if idempotency_key is not None:

@@ -320,7 +320,6 @@ local P, id, target_id, target = unpack(ARGV)
 local job = P .. ':job:' .. id
 local state = redis.call('HGET', job, 'state')
 if not state then return -1 end
-if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
 local raw = redis.call('HGET', job, 'targets')
 local kept = {}
 if raw then

@@ -447,8 +447,6 @@ class SqliteJobStore(JobStore):
             row = db.execute("SELECT state, targets FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
-            if row["state"] in TERMINAL:
-                return False
             targets = [t for t in json.loads(row["targets"] or "[]") if t["id"] != target["id"]] + [target]
             db.execute("UPDATE jobs SET targets = ?, version = version + 1 WHERE id = ?", (dumps(targets), job_id))
             return True

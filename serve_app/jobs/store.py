@@ -158,8 +158,9 @@ class JobStore(ABC):
 
     @abstractmethod
     def put_target(self, job_id: str, target: dict) -> bool | None:
-        """Add a target to a job, replacing the one with its id; False if the job has finished
-        (its deliveries are made already), None if unknown. A user's change: unfenced."""
+        """Add a target to a job, replacing the one with its id: True; None if the job is unknown.
+        A job's deliveries are made as it ends: a target added after that is kept (and listed),
+        never delivered to. A user's change: unfenced."""
 
     @abstractmethod
     def delete_target(self, job_id: str, target_id: str) -> bool | None:

@@ -48,7 +48,9 @@ def test_a_jobs_end_records_a_delivery_per_target_that_wants_it(store):
     assert [(d["id"], d["event"], d["state"], d["attempts"], d["owner"]) for d in made] == [
         (f"msg_{job.id}_0", "job.succeeded", PENDING, 0, "k_1"), (f"msg_{job.id}_1", "job.succeeded", PENDING, 0, "k_1")]
     assert made[1]["target"]["url"] == "https://b/" and made[0]["next_at"] == 120.0
-    assert store.put_target(job.id, PUSH) is False, "an ended job's deliveries are made already"
+    assert store.put_target(job.id, {**PUSH, "id": "late"}) is True and len(store.get(job.id).targets) == 3
+    assert len(store.deliveries(job.id)) == 2, "an ended job's deliveries are made already: a late target gets none"
+    assert store.put_target("no-such-job", PUSH) is None
     assert [d["id"] for d in store.due_deliveries(now=121.0)] == [d["id"] for d in made]
 
     retry = store.record_delivery(made[0]["id"], 1, {"state": PENDING, "next_at": 200.0, "last_status": 500,
