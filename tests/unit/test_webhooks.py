@@ -210,3 +210,39 @@ def test_submit_answers_422_naming_the_field_and_get_shows_the_delivery(tmp_path
                                       webhooks=WebhookGate(UrlPolicy(resolve=stub_resolve), None))
     unsigned = client.post("/v1/jobs", json={**body, "webhook": {"url": "https://hooks.example.com/h"}})
     assert unsigned.status_code == 422 and "no signing secret" in unsigned.json()["detail"][0]["msg"]
+
+
+def _docs_receiver(monkeypatch):
+    """The receiver of docs/agents.md, exactly as written there."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "agents.md").read_text()
+    [code] = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "# receiver.py" in block]
+    monkeypatch.setenv("GENSERVE_WEBHOOK_SECRET", SECRET)
+    namespace: dict = {}
+    exec(compile(code, "docs/agents.md receiver", "exec"), namespace)
+    return namespace["app"]
+
+
+def test_the_docs_receiver_verifies_a_delivery_and_refuses_a_forged_one(store, monkeypatch, capsys):
+    """The Deliverer's own POSTs (through an ASGI transport) reach the receiver of docs/agents.md,
+    which verifies them with standardwebhooks and prints the event once, whatever the retries."""
+    import httpx
+
+    app = _docs_receiver(monkeypatch)
+    job, _ = store.create("image", {"prompt": "a fox"}, targets=[{**HOOK, "url": "https://hooks.example.com/hook"}])
+    _succeed(store, job)
+    deliverer = Deliverer(store, WebhooksConfig(), lambda owner: SECRET, lambda job, name: f"/files/{name}",
+                          resolve=stub_resolve, transport=httpx.ASGITransport(app=app))
+    assert asyncio.run(_attempt_all(deliverer)) == 1
+    [delivery] = store.deliveries(job.id)
+    assert delivery["state"] == DELIVERED and delivery["last_status"] == 200
+    assert capsys.readouterr().out.startswith(f"job.succeeded {job.id} ")
+    forged = Deliverer(store, WebhooksConfig(), lambda owner: new_webhook_secret(), lambda job, name: name,
+                       resolve=stub_resolve, transport=httpx.ASGITransport(app=app))
+    other, _ = store.create("image", {"prompt": "a fox"}, targets=[{**HOOK, "url": "https://hooks.example.com/hook"}])
+    claimed = store.claim(["image"])
+    store.save_result(other.id, claimed.attempts, {"images": []}, [])
+    asyncio.run(_attempt_all(forged))
+    assert store.deliveries(other.id)[0]["last_status"] == 400, "another secret's signature is refused"
