@@ -246,3 +246,52 @@ def test_the_docs_receiver_verifies_a_delivery_and_refuses_a_forged_one(store, m
     store.save_result(other.id, claimed.attempts, {"images": []}, [])
     asyncio.run(_attempt_all(forged))
     assert store.deliveries(other.id)[0]["last_status"] == 400, "another secret's signature is refused"
+
+
+def test_the_openai_url_path_and_the_mcp_tools_take_a_webhook_too(tmp_path):
+    """Where an adapter makes a job, it takes `webhook` as POST /v1/jobs does: checked at submit
+    (OpenAI's 400 naming webhook.url, MCP's tool error) and kept on the job."""
+    import httpx2
+    from fastapi.testclient import TestClient
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    from serve_app.api.app import build_api
+    from serve_app.jobs import http as jobs_http
+    from serve_app.jobs.dispatch import JobDispatcher
+    from serve_app.jobs.sqlite_store import SqliteJobStore
+    from serve_app.services.health import Readiness
+    from serve_app.services.local import LocalHandle
+    from tests.fakes import fake_services
+
+    store = SqliteJobStore(tmp_path)
+    services = fake_services()
+    dispatcher = JobDispatcher(store, services.images, None, {"image": 1}, 1)  # not started: jobs stay queued
+    services.jobs = jobs_http.JobsApi(LocalHandle(dispatcher), services.images, None, 2,
+                                      webhooks=WebhookGate(UrlPolicy(resolve=stub_resolve), SECRET))
+    services.readiness = Readiness(lambda: {})
+    app = build_api()
+    app.state.services = services
+    client = TestClient(app, client=("127.0.0.1", 40000))
+    inside = client.post("/v1/images/generations", json={"prompt": "a kite", "response_format": "url",
+                                                          "webhook": {"url": "https://inside.example.com/h"}})
+    assert inside.status_code == 400 and inside.json()["error"]["param"] == "webhook.url", inside.json()
+    inline = client.post("/v1/images/generations", json={"prompt": "a kite", "webhook": {"url": "https://x/"}})
+    assert inline.status_code == 400 and inline.json()["error"]["param"] == "webhook"
+
+    async def mcp_calls():
+        async with app.router.lifespan_context(app):
+            http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://genserve.example")
+            async with Client(streamable_http_client("http://genserve.example/mcp", http_client=http)) as mcp:
+                refused = await mcp.call_tool("generate_image", {"request": {"prompt": "a kite"}, "wait_s": 0,
+                                                                 "webhook": {"url": "https://127.0.0.1/h"}})
+                taken = await mcp.call_tool("generate_image", {"request": {"prompt": "a kite"}, "wait_s": 0,
+                                                               "webhook": {"url": "https://hooks.example.com/h"}})
+                return refused, taken
+
+    refused, taken = asyncio.run(mcp_calls())
+    assert refused.is_error and "webhook.url" in refused.content[0].text and "loopback" in refused.content[0].text
+    assert not taken.is_error
+    job = store.get(taken.structured_content["job_id"])
+    assert job.targets == [{"id": "webhook", "kind": "webhook", "url": "https://hooks.example.com/h",
+                            "events": ["job.succeeded", "job.failed", "job.cancelled"]}]
