@@ -75,8 +75,9 @@ class JobPushConfigStore(PushNotificationConfigStore):
         stored = normalize_push_notification_config(task_id, config)
         try:
             await self._jobs().webhooks.check_url(stored.url, field="url")
-        except RequestError as error:
-            raise InvalidParamsError(message=str(error), data={"errors": error.detail(prefix=("config",))}) from None
+        except RequestError as error:  # the shape of the agent's other InvalidParams errors
+            message = f"{error.field}: {error.message} (allowed: {error.allowed})"
+            raise InvalidParamsError(message, data={"errors": [{"field": error.field, "message": message}]}) from None
         return target_of(stored)
 
     async def set_info(self, task_id, notification_config, context):
