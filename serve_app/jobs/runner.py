@@ -158,13 +158,20 @@ def build_deliverer(store: JobStore, settings: Settings, renderers: dict | None 
     """The runner's webhook and A2A push deliverer: signing secrets and signed result URLs as the
     ingress has them (the keys file the config names, read on this replica)."""
     config = settings.jobs.webhooks
-    auth = Auth.from_config(settings.auth, "memory://", metrics=False)
+    try:
+        auth = Auth.from_config(settings.auth, "memory://", metrics=False)
+    except (OSError, ValueError) as error:  # the runner's node lacks the keys file the ingress reads
+        logger.warning("webhooks: cannot read auth.keys_file here (%s); keyed jobs' webhooks are signed with the "
+                       "service secret, if any, and their result URLs are unsigned", error)
+        auth = None
     base = (config.public_url or "").rstrip("/")
 
     def file_url(job: Job, name: str) -> str:
-        return base + auth.sign_path(f"/v1/jobs/{job.id}/files/{name}", job.owner or "")
+        path = f"/v1/jobs/{job.id}/files/{name}"
+        return base + (path if auth is None else auth.sign_path(path, job.owner or ""))
 
-    return Deliverer(store, config, Secrets(auth.keys, config.secret()), file_url, renderers, metrics=settings.metrics)
+    keys = None if auth is None else auth.keys
+    return Deliverer(store, config, Secrets(keys, config.secret()), file_url, renderers, metrics=settings.metrics)
 
 
 def open_store(config) -> JobStore:
