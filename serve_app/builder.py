@@ -14,6 +14,7 @@ from deployments.enhancer.prompt_enhancer import PromptEnhancer
 from deployments.image_generator import ImageGenerator
 from deployments.scoring.clip_scorer import ClipScorer
 from deployments.video_generator import VideoGenerator
+from serve_app.api.a2a.push import push_body
 from serve_app.api.ingress import Ingress
 from serve_app.config import AppArgs
 from serve_app.jobs.runner import JobRunner
@@ -47,5 +48,6 @@ def build_app(args: AppArgs) -> Application:
         args = AppArgs.model_validate(args or {})
     settings = Settings.from_args(args)
     handles = bind_handles(args)
-    runner = JobRunner.options(**args.options_for("JobRunner")).bind(settings, handles)
+    # The runner renders A2A push notifications with the A2A adapter's code (it sits above the jobs).
+    runner = JobRunner.options(**args.options_for("JobRunner")).bind(settings, handles, renderers={"a2a": push_body})
     return Ingress.options(**args.options_for("Ingress")).bind(settings, handles, jobs=runner)

@@ -456,6 +456,39 @@ class JobSlots(_Strict):
     )
 
 
+class WebhooksConfig(_Strict):
+    """Signed webhooks and A2A push notifications, delivered durably from the job store."""
+
+    allow_http: bool = Field(False, description="Deliver to http:// URLs too (default: https only).")
+    allowed_hosts: tuple[str, ...] = Field(
+        (), description="Host names or IP addresses that may be delivered to although they are (or resolve to) "
+                        "loopback, private, link-local or metadata addresses (refused otherwise), e.g. a receiver "
+                        "in the same cluster.")
+    timeout_s: float = Field(10.0, gt=0, description="Time limit of one delivery attempt (connect, send, answer).")
+    max_response_bytes: int = Field(
+        64 * 1024, ge=0, description="Most of a receiver's answer that is read; the rest is dropped unread.")
+    max_in_flight_per_key: int = Field(
+        8, ge=1, description="Deliveries in flight at once for one API key (the others wait their turn).")
+    first_retry_s: float = Field(5.0, gt=0, description="Wait before the first retry; it doubles after each failure.")
+    max_retry_s: float = Field(3600.0, gt=0, description="Longest wait between two attempts.")
+    give_up_after_s: float = Field(
+        86400.0, gt=0, description="A delivery still failing this long after the job ended is marked failed.")
+    poll_interval_s: float = Field(1.0, gt=0, description="How often the runner looks for deliveries due.")
+    secret_env: str | None = Field(
+        "GENSERVE_WEBHOOK_SECRET", min_length=1,
+        description="Without API keys: the environment variable holding the signing secret (whsec_...), read on "
+                    "each replica. With keys, each key's own webhook_secret (genserve keys create) signs.")
+    secret_file: str | None = Field(
+        None, min_length=1, description="A file holding the signing secret (a mounted Secret); wins over secret_env.")
+    public_url: str | None = Field(
+        None, description="The service's public base URL (https://genserve.example.com), put before the signed "
+                          "result URLs in webhook bodies; unset: the URLs are paths.")
+
+    def secret(self) -> str | None:
+        """The service's signing secret (no keys), from secret_file or $secret_env where this runs."""
+        return read_secret(self.secret_env, self.secret_file, field="jobs.webhooks.secret")
+
+
 class JobsConfig(_Strict):
     """Durable async jobs (POST /v1/jobs): where the records live and how jobs are run."""
 
@@ -532,6 +565,8 @@ class JobsConfig(_Strict):
         description="Least time between two progress reports of a running job (0: every denoising step). "
                     "Each report is a Serve call and a store write; steps shorter than this are skipped.",
     )
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig,
+                                     description="Webhooks and A2A push notifications: safety, retries, secret.")
 
     @model_validator(mode="after")
     def _lease_outlasts_a_slow_renew(self) -> "JobsConfig":

@@ -167,13 +167,15 @@ class ChaosModel(FakeGenerator):
 class Runner:
     """One JobRunner replica: a dispatcher on its own event loop (a thread) and its own store."""
 
-    def __init__(self, name: str, store, model: ChaosModel, timing: Timing):
+    def __init__(self, name: str, store, model: ChaosModel, timing: Timing, deliverer=None):
+        """`deliverer(store)`: the webhook deliverer this runner's dispatcher runs (none by default)."""
         self.name, self.store = name, store
         self.loop = asyncio.new_event_loop()
         model.runner_of_loop[self.loop] = name
         images = fake_services(generator=model).images
         self.dispatcher = JobDispatcher(store, images, None, {"image": 2}, retry_limit=2, sweep_interval_s=3600,
-                                        poll_interval_s=0.05, lease_ttl_s=timing.lease_ttl_s)
+                                        poll_interval_s=0.05, lease_ttl_s=timing.lease_ttl_s,
+                                        deliverer=None if deliverer is None else deliverer(store))
         self.alive = True
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"chaos-{name}", daemon=True)
         self.thread.start()

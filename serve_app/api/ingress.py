@@ -36,6 +36,7 @@ from serve_app.api.app import build_api
 from serve_app.api.body_limit import BodyLimit
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.quality import RunnerQualityBook
+from serve_app.jobs.webhooks import build_gate
 from serve_app.protocol.schemas import (
     EnhanceRequest,
     EnhanceResponse,
@@ -66,7 +67,8 @@ class Ingress:
             # One calibration and one set of pass rates for every replica: the job store's.
             self._services.images.quality = RunnerQualityBook(jobs, settings.calibration)
             self._services.jobs = jobs_http.JobsApi(jobs, self._services.images, self._services.videos,
-                                                    settings.jobs.retry_limit, jobs_http.StreamLimits.of(settings.jobs))
+                                                    settings.jobs.retry_limit, jobs_http.StreamLimits.of(settings.jobs),
+                                                    webhooks=build_gate(settings.jobs.webhooks))
         BodyLimit.configure(settings.max_body_bytes)
         self._auth_config = settings.auth
         # A concurrency slot outlives no request: the longest is bounded by the request timeout.

@@ -186,15 +186,24 @@ def loose_keys_files(raw: dict) -> list[str]:
 def _keys_create(args: argparse.Namespace) -> int:
     import yaml
 
-    from serve_app.security.keys import add_to_keys_file, check_keys_file_mode, key_entry_yaml, new_key
+    from serve_app.security.keys import (
+        add_to_keys_file,
+        check_keys_file_mode,
+        key_entry_yaml,
+        new_key,
+        new_webhook_secret,
+    )
 
     key_id, key = new_key()
+    webhook_secret = new_webhook_secret()
     limits = {name: value for name, value in (("requests_per_minute", args.requests_per_minute),
                                               ("concurrent_requests", args.concurrent_requests),
                                               ("active_jobs", args.active_jobs),
                                               ("daily_images", args.daily_images)) if value is not None}
-    entry = key_entry_yaml(key_id, args.name, key, args.scopes, limits, args.expires_at)
+    entry = key_entry_yaml(key_id, args.name, key, args.scopes, limits, args.expires_at, webhook_secret)
     print(f"API key for {args.name} (id {key_id}); shown once, store it now:\n\n    {key}\n")
+    print(f"Its webhook signing secret (verify this key's webhooks with it; kept in the keys file):\n\n"
+          f"    {webhook_secret}\n")
     if args.file:
         loose = check_keys_file_mode(args.file) if os.path.exists(args.file) else None
         add_to_keys_file(args.file, entry)

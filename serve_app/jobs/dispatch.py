@@ -211,8 +211,10 @@ class JobDispatcher:
                  progress_target: Callable[[Job], ProgressTarget | None] = lambda job: None,
                  poll_interval_s: float = 1.0, max_queued_jobs: int | None = None,
                  max_request_bytes: int | None = None, queued_ttl_s: float | None = None,
-                 lease_ttl_s: float = DEFAULT_LEASE_TTL_S, reconcile_interval_s: float | None = None):
+                 lease_ttl_s: float = DEFAULT_LEASE_TTL_S, reconcile_interval_s: float | None = None,
+                 deliverer=None):
         self.store = store
+        self.deliverer = deliverer  # webhooks.Deliverer: tells receivers of jobs' ends while the lease holds
         self.lease_ttl_s = lease_ttl_s
         self.reconcile_interval_s = lease_ttl_s / 3 if reconcile_interval_s is None else reconcile_interval_s
         # Who holds the lease, in the store and the logs: this process, and this dispatcher in it.
@@ -309,6 +311,8 @@ class JobDispatcher:
             if not self._lost.is_set():
                 self._loops = [asyncio.create_task(self._dispatch_forever()),
                                asyncio.create_task(self._sweep_forever())]
+                if self.deliverer is not None:
+                    self._loops.append(asyncio.create_task(self.deliverer.run_forever(self._lost)))
                 await self._keep_lease(asked_at)
             await self._halt()
 
@@ -443,8 +447,8 @@ class JobDispatcher:
 
     async def submit(self, kind: str, request: dict, idempotency_key: str | None = None,
                      request_hash: str | None = None, owner: str | None = None,
-                     max_active: int | None = None) -> tuple[Job, bool, int | None]:
-        """Record a job durably. Returns it, whether it is new (False: the idempotency key's job),
+                     max_active: int | None = None, targets: list[dict] | None = None) -> tuple[Job, bool, int | None]:
+        """Record a job durably (`targets`: its webhook). Returns it, whether it is new (False: the idempotency key's job),
         and its queue position. Raises `ActiveJobsExceeded` when the owner is at `max_active`, and
         JobRejected past max_request_bytes or max_queued_jobs; a replay is never refused (a
         client retrying a submit whose answer it missed gets its job, whatever the queue holds)."""
@@ -464,7 +468,7 @@ class JobDispatcher:
                                        f"{self.max_queued_jobs}); retry later", QUEUE_FULL_RETRY_AFTER_S)
         job, created = await asyncio.to_thread(
             self.store.create, kind, request, idempotency_key=idempotency_key, request_hash=request_hash,
-            owner=owner, max_active=max_active,
+            owner=owner, max_active=max_active, targets=targets,
         )
         if created and self._wakeup is not None:
             self._wakeup.set()
@@ -481,7 +485,15 @@ class JobDispatcher:
         job = await asyncio.to_thread(self.store.get, job_id)
         if job is None:
             return None
+        if job.targets and job.finished:
+            job.deliveries = await asyncio.to_thread(self.store.deliveries, job_id)
         return job, await asyncio.to_thread(self.store.queue_position, job)
+
+    async def put_target(self, job_id: str, target: dict) -> bool | None:
+        return await asyncio.to_thread(self.store.put_target, job_id, target)
+
+    async def delete_target(self, job_id: str, target_id: str) -> bool | None:
+        return await asyncio.to_thread(self.store.delete_target, job_id, target_id)
 
     async def list(self, state: str | None, limit: int, before: int | None,
                    owner: str | None = None) -> list[tuple[Job, int | None]]:
@@ -623,6 +635,8 @@ class JobDispatcher:
                 registry.pop(job.id, None)
         if not self._stopping:
             self._wakeup.set()
+            if self.deliverer is not None and job.targets:
+                self.deliverer.wake()  # its end's deliveries are due now
         self._watchers.changed(job.id)
 
     async def _run(self, job: Job, cancel: asyncio.Event) -> None:

@@ -27,6 +27,7 @@ from serve_app.config import JobsConfig
 from serve_app.jobs.dispatch import JobRejected
 from serve_app.jobs.model import CANCELLED, RUNNING, SUCCEEDED, Job, dumps
 from serve_app.jobs.results import with_urls
+from serve_app.jobs.webhooks import WebhookGate
 from serve_app.protocol.errors import JobError, RequestError, explain_errors
 from serve_app.protocol.jobs import (
     ImageJobResult,
@@ -36,6 +37,7 @@ from serve_app.protocol.jobs import (
     JobStatus,
     JobSubmission,
     VideoJobResult,
+    WebhookDelivery,
 )
 from serve_app.protocol.schemas import ImageRequest, VideoRequest, random_seed
 from serve_app.security.guard import principal, request_auth
@@ -137,8 +139,9 @@ def request_hash(submission: JobSubmission) -> str:
 
 class JobsApi:
     def __init__(self, runner, images: ImageService, videos: VideoService | None, retry_limit: int,
-                 streams: StreamLimits | None = None):
+                 streams: StreamLimits | None = None, webhooks: WebhookGate | None = None):
         self.runner = runner
+        self.webhooks = webhooks or WebhookGate()
         self.streams = _OpenStreams(streams or StreamLimits())
         self.images = images
         self.videos = videos
@@ -155,12 +158,14 @@ class JobsApi:
             response.headers["Idempotent-Replayed"] = "true"
         return status
 
-    async def create(self, submission: JobSubmission, request: Request,
-                     idempotency_key: str | None = None) -> tuple[Job, bool, int | None]:
+    async def create(self, submission: JobSubmission, request: Request, idempotency_key: str | None = None,
+                     targets: list[dict] | None = None) -> tuple[Job, bool, int | None]:
         """Validate and durably record a job for the caller of `request` (its owner, quotas and
         budget): (job, created, queue position). The protocol adapters' way in (MCP tools, A2A
-        tasks, OpenAI `url` results), as POST /v1/jobs's."""
+        tasks, OpenAI `url` results), as POST /v1/jobs's. `targets`: an adapter's own receivers
+        of the job's end (A2A push configs), checked already; the submission's webhook is added."""
         stored = await self._validated(submission, request)
+        targets = [*(await self._targets(submission, request) or []), *(targets or [])] or None
         digest = request_hash(submission)
         who = principal(request)
         if idempotency_key is not None:
@@ -175,7 +180,7 @@ class JobsApi:
             await auth.charge_images(who, images)  # 429 naming the daily budget when it is spent
         try:
             job, created, position = await self.runner.submit.remote(submission.kind, stored, idempotency_key, digest,
-                                                                     who.key_id, who.limits.active_jobs)
+                                                                     who.key_id, who.limits.active_jobs, targets)
         except BaseException as error:
             # Not recorded (refused, or the runner or its store failed): the client is not charged.
             # Should the job have been recorded after all (its answer lost), a retry with its
@@ -195,6 +200,23 @@ class JobsApi:
         if not created:
             return self._replayed(job, position, digest, idempotency_key)
         return job, created, position
+
+    async def _targets(self, submission: JobSubmission, request: Request) -> list[dict] | None:
+        if submission.webhook is None:
+            return None
+        try:
+            return await self.webhooks.targets(submission.webhook, self.key_secret(request))
+        except RequestError as error:
+            raise JobError(422, error.detail()) from None
+
+    @staticmethod
+    def key_secret(request: Request) -> str | None:
+        """The webhook signing secret of the caller's key (None without keys, or for a key without one)."""
+        auth = request_auth(request)
+        if auth is None or auth.keys is None:
+            return None
+        entry = auth.keys.usable_entry(principal(request).key_id)
+        return None if entry is None else entry.webhook_secret
 
     @staticmethod
     def _replayed(job: Job, position: int | None, digest: str, idempotency_key: str | None) -> tuple[Job, bool, int | None]:
@@ -482,9 +504,15 @@ class JobsApi:
             files=[JobFileLink(name=f.name, url=self._file_url(request, job.id, f.name), content_type=f.content_type,
                                size=f.size)
                    for f in job.files],
+            webhooks=[WebhookDelivery(kind=d["target"].get("kind", "webhook"), url=d["target"]["url"],
+                                      next_attempt_at=d["next_at"], **{k: d[k] for k in _DELIVERY_FIELDS})
+                      for d in job.deliveries],
             links=JobLinks(self=base, events=f"{base}/events", cancel=f"{base}/cancel",
                            result=f"{base}/result" if job.state == SUCCEEDED else None),
         )
+
+
+_DELIVERY_FIELDS = ("id", "event", "state", "attempts", "last_status", "last_error", "delivered_at")
 
 
 def _agreed(sent: list[dict], history: list[dict]) -> int:

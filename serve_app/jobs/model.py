@@ -64,6 +64,11 @@ class Job:
     error: str | None = None
     result: dict | None = None
     files: list[ResultFile] = field(default_factory=list)
+    # Who is told when the job ends: its webhook and A2A push configs (see `webhooks`), each
+    # {"id", "kind": "webhook"|"a2a", "url", "events", ...}; a delivery per target is recorded
+    # atomically with the job's final state.
+    targets: list[dict] = field(default_factory=list)
+    deliveries: list[dict] = field(default_factory=list)  # filled by the dispatcher's status() only
 
     @property
     def finished(self) -> bool:
@@ -95,6 +100,20 @@ class ActiveJobsExceeded(Exception):
         super().__init__(f"{owner} has {limit} jobs queued or running")
         self.owner = owner
         self.limit = limit
+
+
+EVENTS = {SUCCEEDED: "job.succeeded", FAILED: "job.failed", CANCELLED: "job.cancelled"}
+PENDING, DELIVERED, GAVE_UP = "pending", "delivered", "failed"  # a delivery's states
+
+
+def new_deliveries(job_id: str, owner: str | None, targets: list[dict], state: str, now: float) -> list[dict]:
+    """The deliveries a job's end makes: one per target that wants the event, due at once. The id
+    (the webhook-id a receiver deduplicates on) is fixed here, so every retry carries the same one."""
+    event = EVENTS[state]
+    return [{"id": f"msg_{job_id}_{index}", "job_id": job_id, "owner": owner, "target": target, "event": event,
+             "state": PENDING, "attempts": 0, "next_at": now, "created_at": now, "last_status": None,
+             "last_error": None, "delivered_at": None}
+            for index, target in enumerate(targets) if event in target.get("events", EVENTS.values())]
 
 
 def history_entry(state: str, at: float, attempt: int, reason: str | None = None) -> dict:

@@ -19,6 +19,9 @@ Layout, under a key prefix P (default `genserve:jobs`):
     P:all, P:state:<s>  sorted sets of job ids by seq (listing, filtering, paging)
     P:queue:<kind>      sorted set of queued job ids by seq (claiming, queue position)
     P:expiry            sorted set of finished job ids by expiry time (the TTL sweep)
+    P:dl:<msg id>       hash: a webhook or A2A push delivery of a job's end (serve_app.jobs.webhooks)
+    P:dls:<id>          list: the job's delivery ids, in the order of its targets
+    P:due               sorted set of pending delivery ids by their next attempt's time
     P:lease             the runner lease: "<owner>|<epoch>", with a TTL (PX) the holder renews
     P:epoch             lease counter: every acquire gets the next, so a token is never reused
 
@@ -93,6 +96,32 @@ local function is_terminal(state)
   return state == 'succeeded' or state == 'failed' or state == 'cancelled'
 end
 
+-- A job's end, told to its targets: a pending delivery per target that wants the event, made in
+-- the same script as the end itself (as model.new_deliveries; ids by the target's position).
+local function add_deliveries(P, id, job, to, now)
+  local targets = redis.call('HGET', job, 'targets')
+  if not targets then return end
+  local event = 'job.' .. to
+  local owner = redis.call('HGET', job, 'owner')
+  for index, target in ipairs(cjson.decode(targets)) do
+    local wants = target.events == nil
+    if not wants then
+      for _, name in ipairs(target.events) do if name == event then wants = true end end
+    end
+    if wants then
+      local did = 'msg_' .. id .. '_' .. (index - 1)
+      local key = P .. ':dl:' .. did
+      if redis.call('EXISTS', key) == 0 then
+        redis.call('HSET', key, 'id', did, 'job_id', id, 'target', cjson.encode(target), 'event', event,
+                   'state', 'pending', 'attempts', 0, 'next_at', now, 'created_at', now)
+        if owner then redis.call('HSET', key, 'owner', owner) end
+        redis.call('ZADD', P .. ':due', now, did)
+        redis.call('RPUSH', P .. ':dls:' .. id, did)
+      end
+    end
+  end
+end
+
 -- Set the state of job `id` (hash key `job`, currently `from`), moving it between the index sets,
 -- recording the change, and scheduling expiry when it is final.
 local function set_state(P, id, job, from, to, now, expires, backstop, reason)
@@ -111,10 +140,12 @@ local function set_state(P, id, job, from, to, now, expires, backstop, reason)
     if owner then redis.call('SREM', P .. ':active:' .. owner, id) end
     redis.call('HSET', job, 'finished_at', now, 'expires_at', expires)
     redis.call('ZADD', P .. ':expiry', expires, id)
+    add_deliveries(P, id, job, to, now)
     local ttl = tonumber(backstop)
-    for _, key in ipairs({job, P .. ':req:' .. id, P .. ':res:' .. id, P .. ':hist:' .. id}) do
+    for _, key in ipairs({job, P .. ':req:' .. id, P .. ':res:' .. id, P .. ':hist:' .. id, P .. ':dls:' .. id}) do
       redis.call('EXPIRE', key, ttl)
     end
+    for _, did in ipairs(redis.call('LRANGE', P .. ':dls:' .. id, 0, -1)) do redis.call('EXPIRE', P .. ':dl:' .. did, ttl) end
     local files = redis.call('HGET', job, 'files')
     if files then
       for _, file in ipairs(cjson.decode(files)) do redis.call('EXPIRE', P .. ':file:' .. id .. ':' .. file.name, ttl) end
@@ -126,7 +157,7 @@ end
 """
 
 _CREATE = _LIB + """
-local P, id, kind, now, request, idem, hash, owner, max_active = unpack(ARGV)
+local P, id, kind, now, request, idem, hash, owner, max_active, targets = unpack(ARGV)
 if idem ~= '' then
   local existing = redis.call('GET', P .. ':idem:' .. idem)
   if existing and redis.call('EXISTS', P .. ':job:' .. existing) == 1 then return {existing, 0} end
@@ -143,6 +174,7 @@ if idem ~= '' then
   redis.call('SET', P .. ':idem:' .. idem, id)
 end
 if hash ~= '' then redis.call('HSET', job, 'request_hash', hash) end
+if targets ~= '' then redis.call('HSET', job, 'targets', targets) end
 if owner ~= '' then
   redis.call('HSET', job, 'owner', owner)
   redis.call('ZADD', P .. ':owner:' .. owner, seq, id)
@@ -255,7 +287,11 @@ local function remove(P, id)
   if idem and redis.call('GET', P .. ':idem:' .. idem) == id then redis.call('DEL', P .. ':idem:' .. idem) end
   local owner = redis.call('HGET', job, 'owner')
   if owner then redis.call('ZREM', P .. ':owner:' .. owner, id) end
-  redis.call('DEL', job, P .. ':req:' .. id, P .. ':res:' .. id, P .. ':hist:' .. id)
+  for _, did in ipairs(redis.call('LRANGE', P .. ':dls:' .. id, 0, -1)) do
+    redis.call('DEL', P .. ':dl:' .. did)
+    redis.call('ZREM', P .. ':due', did)
+  end
+  redis.call('DEL', job, P .. ':req:' .. id, P .. ':res:' .. id, P .. ':hist:' .. id, P .. ':dls:' .. id)
   for _, state in ipairs({'succeeded', 'failed', 'cancelled'}) do redis.call('ZREM', P .. ':state:' .. state, id) end
   redis.call('ZREM', P .. ':all', id)
   redis.call('ZREM', P .. ':expiry', id)
@@ -277,6 +313,54 @@ if not state then return -1 end
 if state ~= 'succeeded' and state ~= 'failed' and state ~= 'cancelled' then return 0 end
 remove(P, id)
 return 1
+"""
+
+_PUT_TARGET = """
+local P, id, target_id, target = unpack(ARGV)
+local job = P .. ':job:' .. id
+local state = redis.call('HGET', job, 'state')
+if not state then return -1 end
+local raw = redis.call('HGET', job, 'targets')
+local kept = {}
+if raw then
+  for _, t in ipairs(cjson.decode(raw)) do if t.id ~= target_id then table.insert(kept, t) end end
+end
+table.insert(kept, cjson.decode(target))
+redis.call('HSET', job, 'targets', cjson.encode(kept))
+redis.call('HINCRBY', job, 'version', 1)
+return 1
+"""
+
+_DELETE_TARGET = """
+local P, id, target_id = unpack(ARGV)
+local job = P .. ':job:' .. id
+if redis.call('EXISTS', job) == 0 then return -1 end
+local raw = redis.call('HGET', job, 'targets')
+if not raw then return 0 end
+local kept, removed = {}, 0
+for _, t in ipairs(cjson.decode(raw)) do
+  if t.id ~= target_id then table.insert(kept, t) else removed = 1 end
+end
+if removed == 0 then return 0 end
+if #kept == 0 then redis.call('HDEL', job, 'targets') else redis.call('HSET', job, 'targets', cjson.encode(kept)) end
+redis.call('HINCRBY', job, 'version', 1)
+return 1
+"""
+
+_RECORD_DELIVERY = _FENCE + """
+local P, did, attempt, state, next_at, last_status, last_error, delivered_at, fence = unpack(ARGV)
+if fenced(P, fence) then return redis.error_reply(FENCED) end
+local key = P .. ':dl:' .. did
+if redis.call('HGET', key, 'state') ~= 'pending' or tonumber(redis.call('HGET', key, 'attempts')) ~= tonumber(attempt) - 1 then
+  return false
+end
+redis.call('HSET', key, 'attempts', attempt, 'state', state)
+local optional = {next_at = next_at, last_status = last_status, last_error = last_error, delivered_at = delivered_at}
+for name, value in pairs(optional) do
+  if value == '' then redis.call('HDEL', key, name) else redis.call('HSET', key, name, value) end
+end
+if state == 'pending' then redis.call('ZADD', P .. ':due', next_at, did) else redis.call('ZREM', P .. ':due', did) end
+return true
 """
 
 _ACQUIRE = """
@@ -372,6 +456,9 @@ class RedisJobStore(JobStore):
         self._expire = self._redis.register_script(_EXPIRE)
         self._delete = self._redis.register_script(_DELETE)
         self._acquire = self._redis.register_script(_ACQUIRE)
+        self._put_target = self._redis.register_script(_PUT_TARGET)
+        self._delete_target = self._redis.register_script(_DELETE_TARGET)
+        self._record_delivery = self._redis.register_script(_RECORD_DELIVERY)
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
 
@@ -409,11 +496,11 @@ class RedisJobStore(JobStore):
         return repr(now + self.ttl_s), str(math.ceil(self.ttl_s) + BACKSTOP_S)
 
     def create(self, kind, request, *, idempotency_key=None, request_hash=None, now=None, owner=None,
-               max_active=None):
+               max_active=None, targets=None):
         job_id, created = self._create(args=[
             self.prefix, uuid.uuid4().hex, kind, repr(_now(now)), dumps(request),
             scoped_idempotency_key(owner, idempotency_key) or "", request_hash or "", owner or "",
-            "" if max_active is None or owner is None else str(max_active),
+            "" if max_active is None or owner is None else str(max_active), dumps(targets) if targets else "",
         ])
         if created == -1:
             raise ActiveJobsExceeded(owner, max_active)
@@ -541,6 +628,41 @@ class RedisJobStore(JobStore):
             if count < 500:
                 return total
 
+    # Targets and deliveries
+
+    def put_target(self, job_id, target):
+        outcome = self._put_target(args=[self.prefix, job_id, target["id"], dumps(target)])
+        return None if outcome == -1 else bool(outcome)
+
+    def delete_target(self, job_id, target_id):
+        outcome = self._delete_target(args=[self.prefix, job_id, target_id])
+        return None if outcome == -1 else bool(outcome)
+
+    def _load_deliveries(self, ids: list) -> list[dict]:
+        pipe = self._redis.pipeline(transaction=False)
+        for did in ids:
+            pipe.hgetall(self._key("dl", did.decode() if isinstance(did, bytes) else did))
+        return [_delivery(fields) for fields in pipe.execute() if fields]
+
+    def deliveries(self, job_id):
+        return self._load_deliveries(self._redis.lrange(self._key("dls", job_id), 0, -1))
+
+    def due_deliveries(self, now=None, limit=100):
+        return self._load_deliveries(self._redis.zrangebyscore(self._key("due"), "-inf", repr(_now(now)),
+                                                               start=0, num=limit))
+
+    def record_delivery(self, delivery_id, attempt, outcome):
+        def text(name):
+            value = outcome.get(name)
+            return "" if value is None else (repr(value) if isinstance(value, float) else str(value))
+
+        recorded = self._runner_write(self._record_delivery, [
+            self.prefix, delivery_id, str(attempt), outcome["state"], text("next_at"), text("last_status"),
+            text("last_error"), text("delivered_at"), self._fence])
+        if not recorded:
+            return None
+        return self._load_deliveries([delivery_id])[0]
+
     def add_quality(self, model, metric, increments):
         # One hash per (model, metric), listed in an index set; MULTI applies the increments at once.
         member = json.dumps([model, metric])
@@ -599,4 +721,14 @@ def _job(fields: dict, history: list, result: bytes | None, request: bytes | Non
         result=None if result is None else json.loads(result),
         files=[ResultFile(**item) for item in json.loads(text.get("files", "[]"))],
         owner=text.get("owner"),
+        targets=json.loads(text["targets"]) if "targets" in text else [],
     )
+
+
+def _delivery(fields: dict) -> dict:
+    text = {key.decode(): value.decode() for key, value in fields.items()}
+    return {"id": text["id"], "job_id": text["job_id"], "owner": text.get("owner"), "target": json.loads(text["target"]),
+            "event": text["event"], "state": text["state"], "attempts": int(text["attempts"]),
+            "next_at": _float(text.get("next_at")), "created_at": float(text["created_at"]),
+            "last_status": int(text["last_status"]) if "last_status" in text else None,
+            "last_error": text.get("last_error"), "delivered_at": _float(text.get("delivered_at"))}

@@ -25,6 +25,8 @@ from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.model import ActiveJobsExceeded, Job
 from serve_app.jobs.quality import StoreQualityBook
 from serve_app.jobs.store import JobStore
+from serve_app.jobs.webhooks import Deliverer, Secrets
+from serve_app.security.guard import Auth
 from serve_app.services.facade import Services
 from serve_app.services.settings import Handles, Settings
 
@@ -44,7 +46,7 @@ class JobRunner:
     reports and the long polls behind each open event stream.
     """
 
-    def __init__(self, settings: Settings, handles: Handles):
+    def __init__(self, settings: Settings, handles: Handles, renderers: dict | None = None):
         # The same services the ingress runs requests through, less its fallback and request metrics.
         services = Services.build(settings, handles, ingress=False)
         config, slots = settings.jobs, settings.job_slots
@@ -62,7 +64,8 @@ class JobRunner:
                                          config.sweep_interval_s, progress_target,
                                          max_queued_jobs=config.max_queued_jobs,
                                          max_request_bytes=config.max_request_bytes, queued_ttl_s=config.queued_ttl_s,
-                                         lease_ttl_s=config.runner_lease_s)
+                                         lease_ttl_s=config.runner_lease_s,
+                                         deliverer=build_deliverer(self._store, settings, renderers))
         # Serve runs the constructor on the replica's event loop. Recovering the jobs a previous
         # runner left running comes once this one holds the store's lease.
         self._dispatcher.start()
@@ -76,12 +79,20 @@ class JobRunner:
 
     async def submit(self, kind: str, request: dict, idempotency_key: str | None = None,
                      request_hash: str | None = None, owner: str | None = None,
-                     max_active: int | None = None) -> tuple[Job, bool, int | None] | tuple[None, bool, int]:
+                     max_active: int | None = None,
+                     targets: list[dict] | None = None) -> tuple[Job, bool, int | None] | tuple[None, bool, int]:
         """(job, created, queue position); (None, False, limit) when the owner is at `max_active`."""
         try:
-            return await self._dispatcher.submit(kind, request, idempotency_key, request_hash, owner, max_active)
+            return await self._dispatcher.submit(kind, request, idempotency_key, request_hash, owner, max_active,
+                                                 targets)
         except ActiveJobsExceeded as error:
             return None, False, error.limit
+
+    async def put_target(self, job_id: str, target: dict) -> bool | None:
+        return await self._dispatcher.put_target(job_id, target)
+
+    async def delete_target(self, job_id: str, target_id: str) -> bool | None:
+        return await self._dispatcher.delete_target(job_id, target_id)
 
     async def replay(self, idempotency_key: str, owner: str | None = None) -> tuple[Job, int | None] | None:
         return await self._dispatcher.replay(idempotency_key, owner)
@@ -141,6 +152,26 @@ class JobRunner:
         if hasattr(self, "_dispatcher"):  # the constructor got that far
             await self._dispatcher.stop()
             self._store.close()
+
+
+def build_deliverer(store: JobStore, settings: Settings, renderers: dict | None = None) -> Deliverer:
+    """The runner's webhook and A2A push deliverer: signing secrets and signed result URLs as the
+    ingress has them (the keys file the config names, read on this replica)."""
+    config = settings.jobs.webhooks
+    try:
+        auth = Auth.from_config(settings.auth, "memory://", metrics=False)
+    except (OSError, ValueError) as error:  # the runner's node lacks the keys file the ingress reads
+        logger.warning("webhooks: cannot read auth.keys_file here (%s); keyed jobs' webhooks are signed with the "
+                       "service secret, if any, and their result URLs are unsigned", error)
+        auth = None
+    base = (config.public_url or "").rstrip("/")
+
+    def file_url(job: Job, name: str) -> str:
+        path = f"/v1/jobs/{job.id}/files/{name}"
+        return base + (path if auth is None else auth.sign_path(path, job.owner or ""))
+
+    keys = None if auth is None else auth.keys
+    return Deliverer(store, config, Secrets(keys, config.secret()), file_url, renderers, metrics=settings.metrics)
 
 
 def open_store(config) -> JobStore:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from serve_app.jobs.model import (
     CANCELLED,
+    PENDING,
     QUEUED,
     RUNNING,
     STATES,
@@ -44,12 +45,13 @@ from serve_app.jobs.model import (
     ResultFile,
     dumps,
     history_entry,
+    new_deliveries,
     scoped_idempotency_key,
     with_requeue,
 )
 from serve_app.jobs.store import CANCEL_REASON, CANCELLED_AT_REQUEUE, JobStore, LeaseLost, _now
 
-SCHEMA_VERSION = 3  # 2: the owner column; 3: the runner_lease table
+SCHEMA_VERSION = 4  # 2: the owner column; 3: the runner_lease table; 4: targets and deliveries
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -86,6 +88,24 @@ CREATE TABLE IF NOT EXISTS quality (
     value REAL NOT NULL,
     PRIMARY KEY (model, metric, name)
 );
+-- Webhook and A2A push deliveries of jobs' ends (serve_app.jobs.webhooks), deleted with their job.
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    owner TEXT,
+    target TEXT NOT NULL,
+    event TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL,
+    created_at REAL NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_job ON deliveries (job_id, position);
 CREATE TABLE IF NOT EXISTS runner_lease (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     owner TEXT,
@@ -96,7 +116,8 @@ CREATE TABLE IF NOT EXISTS runner_lease (
 _OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, state, seq)"
 # Every column but the request, which can be large (an uploaded image) and is read only to run it.
 _RECORD = ("seq, id, kind, state, idempotency_key, request_hash, version, attempts, cancel_requested, created_at, "
-           "started_at, finished_at, expires_at, progress, error, result, files, history, owner")
+           "started_at, finished_at, expires_at, progress, error, result, files, history, owner, targets")
+_DELIVERY = "id, job_id, owner, target, event, state, attempts, next_at, created_at, last_status, last_error, delivered_at"
 
 
 class SqliteJobStore(JobStore):
@@ -121,6 +142,8 @@ class SqliteJobStore(JobStore):
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
             if "owner" not in columns:  # a store written before jobs had owners: theirs stay None
                 self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+            if "targets" not in columns:  # a store written before webhooks: no job has any
+                self._db.execute("ALTER TABLE jobs ADD COLUMN targets TEXT")
             self._db.execute(_OWNER_INDEX)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -188,7 +211,7 @@ class SqliteJobStore(JobStore):
                            (self._epoch,))
 
     def create(self, kind, request, *, idempotency_key=None, request_hash=None, now=None, owner=None,
-               max_active=None):
+               max_active=None, targets=None):
         now = _now(now)
         idempotency_key = scoped_idempotency_key(owner, idempotency_key)
         with self._write() as db:
@@ -200,10 +223,10 @@ class SqliteJobStore(JobStore):
                 raise ActiveJobsExceeded(owner, max_active)
             job_id = uuid.uuid4().hex
             db.execute(
-                "INSERT INTO jobs (id, kind, state, request, idempotency_key, request_hash, created_at, history, owner) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, kind, state, request, idempotency_key, request_hash, created_at, history, owner, "
+                "targets) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, kind, QUEUED, dumps(request), idempotency_key, request_hash, now,
-                 dumps([history_entry(QUEUED, now, 0)]), owner),
+                 dumps([history_entry(QUEUED, now, 0)]), owner, dumps(targets) if targets else None),
             )
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
@@ -242,6 +265,7 @@ class SqliteJobStore(JobStore):
         shutil.rmtree(self._folder(job_id), ignore_errors=True)  # files first, as in expire()
         with self._write() as db:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            db.execute("DELETE FROM deliveries WHERE job_id = ?", (job_id,))
         return True
 
     def list(self, state=None, limit=20, before=None, owner=None):
@@ -332,6 +356,8 @@ class SqliteJobStore(JobStore):
         if to in TERMINAL:
             updates["finished_at"] = now
             updates["expires_at"] = now + self.ttl_s
+            if to != row["state"] and row["targets"]:  # told of its end: recorded with the end itself
+                self._add_deliveries(db, row, to, now)
         if error is not None:
             updates["error"] = error
         if cancel_requested is not None:
@@ -402,8 +428,63 @@ class SqliteJobStore(JobStore):
             # removes, never files without a record.
             shutil.rmtree(self._folder(job_id), ignore_errors=True)
             with self._runner_write() as db:
-                db.execute("DELETE FROM jobs WHERE id = ? AND expires_at <= ?", (job_id, now))
+                if db.execute("DELETE FROM jobs WHERE id = ? AND expires_at <= ?", (job_id, now)).rowcount:
+                    db.execute("DELETE FROM deliveries WHERE job_id = ?", (job_id,))
         return len(ids)
+
+    @staticmethod
+    def _add_deliveries(db, row, state: str, now: float) -> None:
+        targets = json.loads(row["targets"])
+        for delivery in new_deliveries(row["id"], row["owner"], targets, state, now):
+            position = int(delivery["id"].rsplit("_", 1)[1])
+            db.execute(f"INSERT OR IGNORE INTO deliveries ({_DELIVERY}, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                       "?, ?, ?)", (*_delivery_row(delivery), position))
+
+    # Targets and deliveries
+
+    def put_target(self, job_id, target):
+        with self._write() as db:
+            row = db.execute("SELECT state, targets FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            targets = [t for t in json.loads(row["targets"] or "[]") if t["id"] != target["id"]] + [target]
+            db.execute("UPDATE jobs SET targets = ?, version = version + 1 WHERE id = ?", (dumps(targets), job_id))
+            return True
+
+    def delete_target(self, job_id, target_id):
+        with self._write() as db:
+            row = db.execute("SELECT targets FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            targets = json.loads(row["targets"] or "[]")
+            kept = [t for t in targets if t["id"] != target_id]
+            if len(kept) != len(targets):
+                db.execute("UPDATE jobs SET targets = ?, version = version + 1 WHERE id = ?",
+                           (dumps(kept) if kept else None, job_id))
+            return len(kept) != len(targets)
+
+    def deliveries(self, job_id):
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_DELIVERY} FROM deliveries WHERE job_id = ? ORDER BY position",
+                                    (job_id,)).fetchall()
+        return [_delivery(row) for row in rows]
+
+    def due_deliveries(self, now=None, limit=100):
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_DELIVERY} FROM deliveries WHERE state = ? AND next_at <= ? "
+                                    "ORDER BY next_at LIMIT ?", (PENDING, _now(now), limit)).fetchall()
+        return [_delivery(row) for row in rows]
+
+    def record_delivery(self, delivery_id, attempt, outcome):
+        with self._runner_write() as db:
+            columns = ("state", "next_at", "last_status", "last_error", "delivered_at")
+            cursor = db.execute(
+                f"UPDATE deliveries SET attempts = ?, {', '.join(f'{c} = ?' for c in columns)} "
+                "WHERE id = ? AND state = ? AND attempts = ?",
+                (attempt, *(outcome.get(c) for c in columns), delivery_id, PENDING, attempt - 1))
+            if cursor.rowcount != 1:
+                return None
+            return _delivery(db.execute(f"SELECT {_DELIVERY} FROM deliveries WHERE id = ?", (delivery_id,)).fetchone())
 
     def add_quality(self, model, metric, increments):
         # Not durable: a tally lost in a crash is a few scores; an fsync per request is not worth it.
@@ -466,4 +547,15 @@ def _job(row: sqlite3.Row) -> Job:
         result=None if row["result"] is None else json.loads(row["result"]),
         files=[ResultFile(**item) for item in json.loads(row["files"])],
         owner=row["owner"],
+        targets=json.loads(row["targets"]) if row["targets"] else [],
     )
+
+
+def _delivery_row(delivery: dict) -> tuple:
+    return (delivery["id"], delivery["job_id"], delivery["owner"], dumps(delivery["target"]), delivery["event"],
+            delivery["state"], delivery["attempts"], delivery["next_at"], delivery["created_at"],
+            delivery["last_status"], delivery["last_error"], delivery["delivered_at"])
+
+
+def _delivery(row: sqlite3.Row) -> dict:
+    return {**dict(row), "target": json.loads(row["target"])}

@@ -65,8 +65,8 @@ class JobStore(ABC):
     @abstractmethod
     def create(self, kind: str, request: dict, *, idempotency_key: str | None = None,
                request_hash: str | None = None, now: float | None = None, owner: str | None = None,
-               max_active: int | None = None) -> tuple[Job, bool]:
-        """Record a new queued job, durably, before returning. With an idempotency key that is
+               max_active: int | None = None, targets: list[dict] | None = None) -> tuple[Job, bool]:
+        """Record a new queued job, durably, before returning. `targets`: its webhook, if any. With an idempotency key that is
         already recorded for `owner`, return that job instead and `False`. With `max_active`,
         raise `ActiveJobsExceeded` if the owner already has that many jobs queued or running
         (checked atomically with the insert, so concurrent submits cannot overshoot)."""
@@ -152,6 +152,33 @@ class JobStore(ABC):
         Returns the job and whether this call changed it (False: it had already finished);
         None for an unknown id. One atomic step, not two compare-and-sets: a runner moving the
         job between queued and running meanwhile (a claim, a requeue) cannot make it miss both."""
+
+    # Who is told when a job ends (serve_app.jobs.webhooks): targets on the job, deliveries made
+    # atomically with its final state, then attempted by the lease holder until one is answered.
+
+    @abstractmethod
+    def put_target(self, job_id: str, target: dict) -> bool | None:
+        """Add a target to a job, replacing the one with its id: True; None if the job is unknown.
+        A job's deliveries are made as it ends: a target added after that is kept (and listed),
+        never delivered to. A user's change: unfenced."""
+
+    @abstractmethod
+    def delete_target(self, job_id: str, target_id: str) -> bool | None:
+        """Remove a job's target by id: whether one was removed; None if the job is unknown."""
+
+    @abstractmethod
+    def deliveries(self, job_id: str) -> list[dict]:
+        """A job's deliveries, in the order of its targets."""
+
+    @abstractmethod
+    def due_deliveries(self, now: float | None = None, limit: int = 100) -> list[dict]:
+        """Pending deliveries whose next attempt is due, the longest due first."""
+
+    @abstractmethod
+    def record_delivery(self, delivery_id: str, attempt: int, outcome: dict) -> dict | None:
+        """Record attempt `attempt` of a pending delivery (compare-and-set: it had `attempt - 1`
+        attempts): `outcome` sets state, next_at, last_status, last_error, delivered_at. A runner's
+        write, fenced. Returns the delivery, or None when it had moved on."""
 
     # The quality gate's tallies (serve_app.services.quality): per model and metric, counters and
     # a score histogram, each a named number. Not job records: unfenced, never expired.

@@ -9,6 +9,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve_app.protocol.schemas import ImageInfo, ImageResponse, VideoInfo
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled"]
+WEBHOOK_EVENTS: tuple[str, ...] = ("job.succeeded", "job.failed", "job.cancelled")
+
+
+class WebhookSpec(BaseModel):
+    """Where to POST, signed (Standard Webhooks), when the job ends."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    url: str = Field(max_length=2048, description="https:// URL of the receiver (http:// only where the config "
+                                                  "allows it); never a loopback, private or metadata address.")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1,
+        description="Which ends to deliver: job.succeeded, job.failed, job.cancelled (default: all three).")
 
 
 class JobSubmission(BaseModel):
@@ -18,6 +32,8 @@ class JobSubmission(BaseModel):
 
     kind: Literal["image", "video"] = Field(description="'image' (as POST /v1/images) or 'video' (as POST /v1/videos).")
     request: dict[str, Any] = Field(description="The same body as POST /v1/images or POST /v1/videos.")
+    webhook: WebhookSpec | None = Field(
+        None, description="Tell a receiver when the job ends: a signed POST, retried until it is answered 2xx.")
 
 
 class JobProgress(BaseModel):
@@ -51,6 +67,22 @@ class JobFileLink(BaseModel):
     size: int = Field(description="Bytes.")
 
 
+class WebhookDelivery(BaseModel):
+    """One notification of a job's end to a receiver: its state, retried with back-off."""
+
+    id: str = Field(description="The webhook-id header: the same on every retry of this delivery.")
+    kind: Literal["webhook", "a2a"] = Field(description="A job webhook, or an A2A push notification.")
+    event: str = Field(description="job.succeeded, job.failed or job.cancelled.")
+    url: str
+    state: Literal["pending", "delivered", "failed"] = Field(
+        description="pending: not answered 2xx yet (retried); delivered; failed: gave up, or refused to send.")
+    attempts: int
+    next_attempt_at: float | None = Field(None, description="While pending: when the next attempt is due.")
+    last_status: int | None = Field(None, description="The receiver's last HTTP status.")
+    last_error: str | None = Field(None, description="Why the last attempt failed.")
+    delivered_at: float | None = None
+
+
 class JobLinks(BaseModel):
     self: str
     events: str
@@ -79,6 +111,8 @@ class JobStatus(BaseModel):
     error: str | None = Field(None, description="Why the job failed; a message, never a traceback.")
     history: list[JobHistoryEntry] = Field(description="Every state change, oldest first, with reasons.")
     files: list[JobFileLink] = Field(default_factory=list, description="The result's files, once succeeded.")
+    webhooks: list[WebhookDelivery] = Field(
+        default_factory=list, description="Deliveries of the job's end to its webhook and A2A push receivers.")
     links: JobLinks
 
 

@@ -10,6 +10,7 @@
         limits: {requests_per_minute: 120, concurrent_requests: 4, active_jobs: 20, daily_images: 2000}
         expires_at: 2027-06-30T00:00:00Z # optional
         revoked: false                   # optional; or delete the entry
+        webhook_secret: whsec_...        # signs this key's webhooks (`genserve keys create` adds one)
 
 The file is re-read when its modification time or size changes (checked at most once a second),
 so adding, revoking or rotating a key needs no restart. A file that stops parsing keeps the keys
@@ -18,6 +19,7 @@ last read and logs why; a missing or broken file at start fails the app's start.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
@@ -63,6 +65,9 @@ class KeyEntry(BaseModel):
     limits: KeyLimits = KeyLimits()
     expires_at: datetime | None = None
     revoked: bool = False
+    webhook_secret: str | None = Field(
+        None, pattern=r"^whsec_[A-Za-z0-9+/=]{24,}$",
+        description="Signs this key's webhooks (Standard Webhooks); `genserve keys create` prints it once.")
 
     @field_validator("id")
     @classmethod
@@ -119,6 +124,11 @@ def check_keys_file_mode(path: str | os.PathLike) -> str | None:
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: whsec_ and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def new_key() -> tuple[str, str]:
@@ -196,8 +206,10 @@ class KeyRing:
 
 
 def key_entry_yaml(key_id: str, name: str, key: str, scopes: list[str], limits: dict | None = None,
-                   expires_at: str | None = None) -> dict:
+                   expires_at: str | None = None, webhook_secret: str | None = None) -> dict:
     entry: dict = {"id": key_id, "name": name, "sha256": hash_key(key), "scopes": list(scopes)}
+    if webhook_secret:
+        entry["webhook_secret"] = webhook_secret
     if limits:
         entry["limits"] = limits
     if expires_at:

@@ -11,6 +11,7 @@ import contextlib
 
 import pytest
 
+from serve_app.security.keys import new_webhook_secret
 from tests.integration.apps import POOL, ROOT, SharedRay, dev_args, serving
 
 # Uploads over this many pixels get 422 (the bad-input tests send 320x320 or 400x400).
@@ -69,6 +70,11 @@ def _start_dev_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_factory
     # Two video jobs at once (the default adds up both video models' capacities, 4): the cancel test
     # fills the default video model's replica and needs the third job to wait in the job queue.
     args["jobs"]["max_concurrent_jobs"] = {"video": 2}
+    # Webhooks and A2A pushes to test receivers on loopback, signed with a secret from a file.
+    secret_file = data_dir / "webhook-secret"
+    secret_file.write_text(new_webhook_secret())
+    args["jobs"]["webhooks"] = {"allow_http": True, "allowed_hosts": ["127.0.0.1"], "first_retry_s": 0.5,
+                                "poll_interval_s": 0.2, "secret_file": str(secret_file)}
     client = stack.enter_context(serving(args, ray.base))
     return {"client": client, "data_dir": data_dir, "args": args, "remote": remote, "ray_dir": ray.ray_dir,
             "metrics_port": ray.metrics_port}

@@ -299,3 +299,38 @@ def test_edit_image_takes_the_text_as_the_instruction_and_files_and_earlier_task
         a2a_agent.parse_message(_message("make it night", {"skill": "edit-image"}), video=False)
     assert "edit-image" in [skill.id for skill in a2a_agent.agent_card("http://x", video=False, edits=True).skills]
     assert "edit-image" not in [skill.id for skill in a2a_agent.agent_card("http://x", video=False).skills]
+
+
+def test_push_configs_round_trip_through_the_job_store_and_a_bad_url_names_url(store):
+    """Push configs are targets of the task's job (kept in the store, so any replica sees them); one
+    sent with the message is on the job from its start; a metadata URL is InvalidParams naming url.
+    Delivery itself is tests/unit/test_webhooks.py's and test_webhooks_app.py's."""
+    from a2a.utils.errors import InvalidParamsError
+
+    async def scenario(agent):
+        client = await agent.client()
+        request = pb.SendMessageRequest(message=_message("a grey owl", {"seed": 1}))
+        request.configuration.return_immediately = True
+        request.configuration.task_push_notification_config.CopyFrom(
+            pb.TaskPushNotificationConfig(url="https://93.184.215.14/push", token="t"))
+        [response] = [r async for r in client.send_message(request)]
+        task_id = response.task.id
+        made = await client.create_task_push_notification_config(
+            pb.TaskPushNotificationConfig(task_id=task_id, id="b", url="https://93.184.215.14/b"))
+        listed = await client.list_task_push_notification_configs(
+            pb.ListTaskPushNotificationConfigsRequest(task_id=task_id))
+        await client.delete_task_push_notification_config(
+            pb.DeleteTaskPushNotificationConfigRequest(task_id=task_id, id=task_id))
+        after = await client.list_task_push_notification_configs(
+            pb.ListTaskPushNotificationConfigsRequest(task_id=task_id))
+        with pytest.raises(InvalidParamsError) as refused:
+            await client.create_task_push_notification_config(
+                pb.TaskPushNotificationConfig(task_id=task_id, id="c", url="https://169.254.169.254/latest/"))
+        return task_id, made, listed, after, refused.value
+
+    task_id, made, listed, after, refused = _run(store, scenario)
+    assert made.task_id == task_id and made.id == "b"
+    assert {(c.id, c.token) for c in listed.configs} == {("b", ""), (task_id, "t")}, "the message's config: id = task"
+    assert [c.id for c in after.configs] == ["b"]
+    assert [t["id"] for t in store.get(task_id).targets] == ["b"]
+    assert "url" in str(refused) and "link-local" in str(refused)

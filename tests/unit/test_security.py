@@ -381,6 +381,8 @@ def test_the_docs_keys_example_runs(tmp_path, monkeypatch, capsys):
     entry = ring.authenticate(key)
     assert entry.name == "alice" and entry.scopes == ("generate", "read")
     assert entry.limits.requests_per_minute == 120 and entry.limits.active_jobs == 20
+    secret = re.search(r"^    (whsec_\S+)$", out, re.M).group(1)  # printed once, kept in the file to sign
+    assert entry.webhook_secret == secret and "whsec_" in shown
 
 
 def test_two_limiters_on_one_redis_share_every_limit(tmp_path):

@@ -31,7 +31,6 @@ from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH, PROTOCOL_VERSION_1_0
 from a2a.utils.errors import (
     ExtendedAgentCardNotConfiguredError,
     InvalidParamsError,
-    PushNotificationNotSupportedError,
     TaskNotCancelableError,
     TaskNotFoundError,
     UnsupportedOperationError,
@@ -45,6 +44,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from deployments.names import SCORE_RANGES
+from serve_app.api.a2a.push_configs import JobPushConfigStore
 from serve_app.jobs import http as jobs_http
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, unscoped_idempotency_key
 from serve_app.protocol.errors import RequestError, explain_errors
@@ -134,7 +134,7 @@ def agent_card(base_url: str, video: bool, keys: bool = False, edits: bool = Fal
         version="0.1.0",
         supported_interfaces=[pb.AgentInterface(url=f"{base_url}{RPC_PATH}", protocol_binding=TransportProtocol.JSONRPC,
                                                 protocol_version=PROTOCOL_VERSION_1_0)],
-        capabilities=pb.AgentCapabilities(streaming=True, push_notifications=False),
+        capabilities=pb.AgentCapabilities(streaming=True, push_notifications=True),
         default_input_modes=["text/plain", "application/json"],
         default_output_modes=["image/png", "video/mp4", "application/json"],
         skills=skills,
@@ -359,6 +359,7 @@ def _caller(context: ServerCallContext | None) -> Request:
 class JobTaskHandler(RequestHandler):
     def __init__(self, services: Callable):
         self._services = services  # () -> the replica's Services (set on app.state when it starts)
+        self.push_configs = JobPushConfigStore(self._jobs)
 
     def _jobs(self) -> jobs_http.JobsApi:
         try:
@@ -401,8 +402,13 @@ class JobTaskHandler(RequestHandler):
             fields["model"] = next((spec.id for spec in current.images.specs.values() if spec.instruction_edits),
                                    current.images.default_model)
         key = f"{KEY_PREFIX}{context_id}:{message.message_id}"
+        # A push config sent with the message is on the job from its start: told even of a quick end.
+        targets = None
+        if params.configuration.HasField("task_push_notification_config"):
+            targets = [await self.push_configs.checked_target("", params.configuration.task_push_notification_config)]
         try:
-            job, _, _ = await self._jobs().create(JobSubmission(kind=kind, request=fields), request, key)
+            job, _, _ = await self._jobs().create(JobSubmission(kind=kind, request=fields), request, key,
+                                                  targets=targets)
         except jobs_http.JobError as error:  # the loc is ("body", "request", field...): the message's fields
             raise _field_error(error.detail, skip=2) from None
         return job
@@ -471,17 +477,28 @@ class JobTaskHandler(RequestHandler):
     async def on_list_tasks(self, params: pb.ListTasksRequest, context: ServerCallContext) -> pb.ListTasksResponse:
         raise UnsupportedOperationError("ListTasks is not served; GET /v1/jobs lists the jobs behind tasks")
 
-    async def on_create_task_push_notification_config(self, params, context):
-        raise PushNotificationNotSupportedError()
+    # Push configs: targets of the task's job (serve_app.api.a2a.push), delivered when it ends.
 
-    async def on_get_task_push_notification_config(self, params, context):
-        raise PushNotificationNotSupportedError()
+    async def on_create_task_push_notification_config(self, params: pb.TaskPushNotificationConfig,
+                                                      context: ServerCallContext) -> pb.TaskPushNotificationConfig:
+        return await self.push_configs.set_info(params.task_id, params, context)
 
-    async def on_list_task_push_notification_configs(self, params, context):
-        raise PushNotificationNotSupportedError()
+    async def on_get_task_push_notification_config(self, params: pb.GetTaskPushNotificationConfigRequest,
+                                                   context: ServerCallContext) -> pb.TaskPushNotificationConfig:
+        for config in await self.push_configs.get_info(params.task_id, context):
+            if config.id == params.id:
+                return config
+        raise TaskNotFoundError(f"task {params.task_id} has no push config {params.id!r}")
 
-    async def on_delete_task_push_notification_config(self, params, context):
-        raise PushNotificationNotSupportedError()
+    async def on_list_task_push_notification_configs(
+            self, params: pb.ListTaskPushNotificationConfigsRequest,
+            context: ServerCallContext) -> pb.ListTaskPushNotificationConfigsResponse:
+        return pb.ListTaskPushNotificationConfigsResponse(
+            configs=await self.push_configs.get_info(params.task_id, context))
+
+    async def on_delete_task_push_notification_config(self, params: pb.DeleteTaskPushNotificationConfigRequest,
+                                                      context: ServerCallContext) -> None:
+        await self.push_configs.delete_info(params.task_id, context, params.id)
 
     async def on_get_extended_agent_card(self, params, context):
         raise ExtendedAgentCardNotConfiguredError()

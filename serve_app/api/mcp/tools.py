@@ -29,7 +29,7 @@ from pydantic import Field
 
 from serve_app.jobs.model import SUCCEEDED, Job
 from serve_app.protocol.errors import JobError, RequestError
-from serve_app.protocol.jobs import JobSubmission
+from serve_app.protocol.jobs import JobSubmission, WebhookSpec
 from serve_app.protocol.schemas import EnhanceRequest, ImageRequest, JobImageRef, ScoreRequest, VideoRequest
 
 MAX_WAIT_S = 300.0
@@ -50,6 +50,9 @@ Inline = Annotated[bool, Field(
                       "the caller's context.",
 )]
 SourceImage = Annotated[int, Field(0, ge=0, le=3, description="Which image of source_job_id's result, 0-3.")]
+Webhook = Annotated[WebhookSpec | None, Field(
+    None, description="{url, events}: POST the job's end to this URL, signed (as POST /v1/jobs's webhook), so an "
+                      "agent need not poll get_job past wait_s.")]
 
 
 def _tool_error(error: Exception) -> ToolError:
@@ -102,10 +105,13 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
                      "jobs and wait for them up to wait_s; poll a returned job id with get_job.",
     )
 
-    async def run_job(kind: str, request, wait_s: float, ctx: Context, inline: bool = True) -> CallToolResult:
-        """Submit the job and wait up to `wait_s`: its result if it finished by then, else its id to poll."""
+    async def run_job(kind: str, request, wait_s: float, ctx: Context, inline: bool = True,
+                      webhook: WebhookSpec | None = None) -> CallToolResult:
+        """Submit the job and wait up to `wait_s`: its result if it finished by then, else its id to
+        poll; `webhook` is told when it ends (as POST /v1/jobs's)."""
         jobs = services().jobs_api()
-        submission = JobSubmission(kind=kind, request=request.model_dump(mode="json", exclude_unset=True))
+        submission = JobSubmission(kind=kind, request=request.model_dump(mode="json", exclude_unset=True),
+                                   webhook=webhook)
         job, _, _ = await jobs.create(submission, _http_request(ctx))
 
         async def progress(current: Job) -> None:
@@ -150,12 +156,12 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
 
     @server.tool()
     async def generate_image(request: ImageRequest, ctx: Context, wait_s: WaitSeconds = 30.0,
-                             inline: Inline = True) -> CallToolResult:
+                             inline: Inline = True, webhook: Webhook = None) -> CallToolResult:
         """Generate images from a prompt (enhance, generate, score, regenerate below the quality threshold).
         `request` is POST /v1/images's body. Returns the PNGs (links to them with inline false), or a job id if
         it takes longer than wait_s."""
         with _tool_errors(RequestError, JobError):
-            return await run_job("image", request, wait_s, ctx, inline)
+            return await run_job("image", request, wait_s, ctx, inline, webhook)
 
     async def edit_request(request: ImageRequest, source_job_id: str | None, source_image: int,
                            ctx: Context) -> ImageRequest:
@@ -187,7 +193,7 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
     @server.tool()
     async def edit_image(request: ImageRequest, ctx: Context, source_job_id: SourceJobId = None,
                          source_image: SourceImage = 0, wait_s: WaitSeconds = 30.0,
-                         inline: Inline = True) -> CallToolResult:
+                         inline: Inline = True, webhook: Webhook = None) -> CallToolResult:
         """Edit an image. On a model with instruction_edits (list_models), by instruction: request.prompt says
         the change ("make it night") to the reference images, request.reference_images (base64 or earlier
         jobs' {job_id, index}) and/or source_job_id's image. On others: image-to-image from request.init_image
@@ -196,15 +202,16 @@ def build_mcp(services: Callable[[], object], base_url: Callable[[Context], str]
         id if it takes longer than wait_s."""
         with _tool_errors(RequestError, JobError):
             edited = await edit_request(request, source_job_id, source_image, ctx)
-            return await run_job("image", edited, wait_s, ctx, inline)
+            return await run_job("image", edited, wait_s, ctx, inline, webhook)
 
     @server.tool()
-    async def generate_video(request: VideoRequest, ctx: Context, wait_s: WaitSeconds = 30.0) -> CallToolResult:
+    async def generate_video(request: VideoRequest, ctx: Context, wait_s: WaitSeconds = 30.0,
+                             webhook: Webhook = None) -> CallToolResult:
         """Image-to-video or text-to-video with a video model (`model`, see list_models: SVD animates an
         image or a keyframe drawn from the prompt; LTX-Video and AnimateDiff take the prompt natively).
         `request` is POST /v1/videos's body. Returns a link to the video file, or a job id past wait_s."""
         with _tool_errors(RequestError, JobError):
-            return await run_job("video", request, wait_s, ctx)
+            return await run_job("video", request, wait_s, ctx, webhook=webhook)
 
     @server.tool()
     async def get_job(job_id: JobId, ctx: Context, wait_s: WaitSeconds = 0.0, inline: Inline = True) -> CallToolResult:

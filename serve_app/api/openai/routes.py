@@ -132,9 +132,11 @@ _STREAMED = {200: {"description": "OpenAI's ImagesResponse; with `stream: true`,
 @router.post("/v1/images/generations", responses={**_STREAMED, **openai_errors(400, 500, 503, 504)})
 async def create_image(body: OpenAIImageRequest, request: Request, service: Services = Depends(services)) -> dict:
     """OpenAI's `images.generate`: genserve's generate-score-regenerate graph behind OpenAI's fields.
-    `revised_prompt` is the enhanced prompt; `genserve` carries seeds, scores, attempts and timings."""
+    `revised_prompt` is the enhanced prompt; `genserve` carries seeds, scores, attempts and timings.
+    genserve's `webhook` ({url, events}, as on POST /v1/jobs) tells a receiver when a `url` job ends."""
     check_stream(body)
-    return await _respond(to_image_request(body), body, request, service, "image_generation")
+    webhook = (body.model_extra or {}).pop("webhook", None)  # the job's, not an image request field
+    return await _respond(to_image_request(body), body, request, service, "image_generation", webhook)
 
 
 EDITS_PATH = "/v1/images/edits"
@@ -219,16 +221,19 @@ def _one(values: list[bytes], field: str) -> bytes | None:
 
 
 async def _respond(image_request: ImageRequest, body: OpenAIImageRequest, request: Request, service: Services,
-                   kind: str):
+                   kind: str, webhook: dict | None = None):
     """b64_json: run it now, charged to the caller's daily image budget as POST /v1/images is;
-    url or stream: a durable job (charged when it is submitted)."""
+    url or stream: a durable job (charged when it is submitted); a url job is told to `webhook` too when it ends."""
+    if webhook is not None and (body.stream or body.response_format != "url"):
+        raise OpenAIError(400, "webhook: a webhook is told when a job ends; use response_format url (a durable job)",
+                          "webhook", "invalid_value")
     if body.stream:
         return await _streamed(image_request, body, request, service, kind)
     if body.response_format == "b64_json":
         await charge_images(request, image_request.num_images)
         return images_response(await service.generate_images(image_request),
                                output_format=image_request.output_format)
-    return await _url_response(image_request, request, service)
+    return await _url_response(image_request, request, service, webhook)
 
 
 async def _streamed(image_request: ImageRequest, body: OpenAIImageRequest, request: Request, service: Services,
@@ -249,10 +254,17 @@ async def _streamed(image_request: ImageRequest, body: OpenAIImageRequest, reque
     return jobs.stream_response(image_events(jobs, job.id, request, options), slot)
 
 
-async def _url_response(image_request, request: Request, service: Services) -> dict:
+async def _url_response(image_request, request: Request, service: Services, webhook: dict | None = None) -> dict:
     """Run the request as a durable job (the same as POST /v1/jobs) and link its image files."""
     jobs = service.jobs_api()
-    submission = JobSubmission(kind="image", request=image_request.model_dump(mode="json", exclude_unset=True))
+    try:
+        submission = JobSubmission.model_validate({
+            "kind": "image", "request": image_request.model_dump(mode="json", exclude_unset=True),
+            **({"webhook": webhook} if webhook is not None else {})})
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise OpenAIError(400, f"{field}: {first['msg']}", field, "invalid_value") from None
     status = await jobs.submit(submission, request, JSONResponse(content=None), None)
     job = await jobs.wait(status.id, service.images.request_timeout_s)
     if job is None or not job.finished:
