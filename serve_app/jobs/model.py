@@ -55,6 +55,8 @@ class Job:
     history: list[dict]
     idempotency_key: str | None = None  # as the store keeps it: scoped to the owner ("<owner>:<key>")
     owner: str | None = None  # the API key id that submitted it ("local" without keys; None: internal)
+    group: str | None = None  # whose share of the GPU it runs in (fairness.group_of: the key's group, or the key)
+    priority: str = "normal"  # low, normal or high: order within the group's own share (fairness.py)
     request_hash: str | None = None
     cancel_requested: bool = False
     started_at: float | None = None
@@ -93,6 +95,15 @@ class ActiveJobsExceeded(Exception):
 
     def __init__(self, owner: str, limit: int):
         super().__init__(f"{owner} has {limit} jobs queued or running")
+        self.owner = owner
+        self.limit = limit
+
+
+class QueuedJobsExceeded(Exception):
+    """An owner already has `limit` jobs queued (its key's limits.queued_jobs)."""
+
+    def __init__(self, owner: str, limit: int):
+        super().__init__(f"{owner} has {limit} jobs queued")
         self.owner = owner
         self.limit = limit
 
