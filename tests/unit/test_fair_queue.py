@@ -1,0 +1,120 @@
+"""Weighted fair queueing across key groups, on both stores (SQLite and a real Redis): the claim's
+choice is atomic, follows the weights, leaves paused groups alone and ages low-priority jobs in.
+Times are passed in (`now=`), so nothing waits."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+
+from serve_app.jobs.fairness import FairPolicy, fair_order
+from serve_app.jobs.model import QUEUED, RUNNING, SUCCEEDED, QueuedJobsExceeded
+
+
+def _submit(store, owner, count, now=0.0, **fields):
+    return [store.create("image", {"prompt": f"{owner} {i}"}, owner=owner, now=now + i * 0.001, **fields)[0]
+            for i in range(count)]
+
+
+def _finish(store, job, seconds, now, policy=FairPolicy()):
+    store.transition(job.id, {RUNNING}, SUCCEEDED, now=now)
+    store.record_usage(job.group, seconds, now=now, half_life_s=policy.half_life_s)
+
+
+def test_a_key_with_one_job_goes_next_behind_a_thousand_of_another(store):
+    _submit(store, "k_a", 30)
+    late = _submit(store, "k_b", 1, now=5.0)[0]
+    first = store.claim(["image"], now=10.0)
+    assert first.owner == "k_a" and first.group == "k_a"
+    assert store.claim(["image"], now=10.0).id == late.id, "k_a's running job counts against its share"
+
+
+def test_two_runners_take_turns_and_never_pick_the_same_job(backend):
+    one, two = backend.open(), backend.open()
+    ids = {job.id for owner in ("k_a", "k_b", "k_c") for job in _submit(one, owner, 20)}
+    claimed, lock = [], threading.Lock()
+
+    def claim_all(store):
+        while (job := store.claim(["image"], now=100.0)) is not None:
+            with lock:
+                claimed.append(job)
+
+    threads = [threading.Thread(target=claim_all, args=(store,)) for store in (one, two, one, two)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(job.id for job in claimed) == sorted(ids), "every job once, none twice"
+    turns = Counter(job.owner for job in claimed[:9])
+    assert max(turns.values()) - min(turns.values()) <= 2, f"the groups take turns from the start: {turns}"
+
+
+def test_a_paused_group_gets_nothing(store):
+    policy = FairPolicy(weights={"k_b": 0.0})
+    _submit(store, "k_b", 3)
+    a = _submit(store, "k_a", 2, now=1.0)
+    assert [store.claim(["image"], now=5.0, policy=policy).id for _ in a] == [job.id for job in a]
+    assert store.claim(["image"], now=5.0, policy=policy) is None, "weight 0: k_b's jobs stay queued"
+    assert store.counts()[QUEUED] == 3
+    assert store.claim(["image"], now=5.0).owner == "k_b", "unpaused, they run"
+
+
+def test_ageing_lets_a_low_priority_job_through_within_its_bound(store):
+    policy = FairPolicy(priority_age_s=30.0)
+    low = store.create("image", {"prompt": "low"}, owner="k_a", priority="low", now=0.0)[0]
+    before_bound = _submit(store, "k_a", 3, now=10.0)  # submitted less than 30 s after it: go first
+    after_bound = _submit(store, "k_a", 3, now=31.0)  # more than 30 s after: it goes ahead of them
+    high = store.create("image", {"prompt": "high"}, owner="k_a", priority="high", now=35.0)[0]
+    order = []
+    while (job := store.claim(["image"], now=40.0, policy=policy)) is not None:
+        order.append(job.id)
+        store.transition(job.id, {RUNNING}, SUCCEEDED, now=40.0)
+    assert order == [high.id, *[job.id for job in before_bound], low.id, *[job.id for job in after_bound]]
+    assert store.get(low.id).priority == "low" and store.get(high.id).priority == "high"
+
+
+def test_gpu_time_shares_follow_the_weights(store):
+    policy = FairPolicy(weights={"k_a": 3.0, "k_b": 1.0})
+    _submit(store, "k_a", 60)
+    _submit(store, "k_b", 60)
+    ran = Counter()
+    for turn in range(40):
+        job = store.claim(["image"], now=100.0 + turn, policy=policy)
+        ran[job.owner] += 1
+        _finish(store, job, 2.0, now=100.5 + turn, policy=policy)
+    assert ran == {"k_a": 30, "k_b": 10}
+    usage = store.usage()
+    assert usage["k_a"].jobs > usage["k_b"].jobs and usage["k_a"].running == 0
+
+
+def test_gpu_seconds_not_jobs_set_the_share(store):
+    """A group whose jobs each cost 4x as much gets a quarter as many of them at equal weights."""
+    _submit(store, "video", 40)
+    _submit(store, "image", 40)
+    ran = Counter()
+    for turn in range(25):
+        job = store.claim(["image"], now=100.0 + turn)
+        ran[job.owner] += 1
+        _finish(store, job, 4.0 if job.owner == "video" else 1.0, now=100.5 + turn)
+    assert ran["image"] == 20 and ran["video"] == 5
+
+
+def test_the_fair_order_predicts_the_claims(store):
+    policy = FairPolicy(weights={"k_a": 2.0})
+    _submit(store, "k_a", 6)
+    _submit(store, "k_b", 4, now=1.0)
+    predicted = [job.id for job in fair_order(store.queued("image"), store.usage(), policy, now=10.0)]
+    claimed = [store.claim(["image"], now=10.0, policy=policy).id for _ in range(10)]
+    assert claimed == predicted
+
+
+def test_a_key_past_its_queued_jobs_cap_is_refused(store):
+    _submit(store, "k_a", 2, max_queued=2)
+    with pytest.raises(QueuedJobsExceeded) as refused:
+        store.create("image", {"prompt": "3"}, owner="k_a", max_queued=2)
+    assert refused.value.limit == 2
+    store.claim(["image"])
+    assert store.create("image", {"prompt": "3"}, owner="k_a", max_queued=2)[1], "a running job is not queued"
+    assert store.create("image", {"prompt": "b"}, owner="k_b", max_queued=2)[1], "per key"
