@@ -66,7 +66,8 @@ class Ingress:
             # One calibration and one set of pass rates for every replica: the job store's.
             self._services.images.quality = RunnerQualityBook(jobs, settings.calibration)
             self._services.jobs = jobs_http.JobsApi(jobs, self._services.images, self._services.videos,
-                                                    settings.jobs.retry_limit, jobs_http.StreamLimits.of(settings.jobs))
+                                                    settings.jobs.retry_limit, jobs_http.StreamLimits.of(settings.jobs),
+                                                    settings.jobs.fairness)
         BodyLimit.configure(settings.max_body_bytes)
         self._auth_config = settings.auth
         # A concurrency slot outlives no request: the longest is bounded by the request timeout.

@@ -448,7 +448,8 @@ class ImageResponse(BaseModel):
         default_factory=list,
         description="Every image generated, in order, with its scores and whether it was chosen (best-of-N).",
     )
-    timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total.")
+    timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total; and "
+                                                  "device: the generator's own time on its device (GPU-seconds).")
     warnings: list[str] = Field(default_factory=list)
     loras: list[Lora] = Field(default_factory=list, description="The LoRA adapters applied, with their scales.")
     mode: Literal["text-to-image", "image-to-image", "inpainting", "instruction-edit"] = Field(

@@ -495,11 +495,11 @@ def test_a_job_claimed_as_its_runner_lost_the_lease_is_not_counted_when_it_takes
 
     claim, release, held = store.claim, threading.Event(), []
 
-    def slow_claim(kinds, now=None):
+    def slow_claim(kinds, now=None, policy=None):
         if not held and store.counts()["queued"]:
             held.append(True)
             release.wait(10)  # the lease is lost meanwhile
-        return claim(kinds, now)
+        return claim(kinds, now, policy)
 
     monkeypatch.setattr(store, "claim", slow_claim)
 
