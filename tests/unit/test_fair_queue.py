@@ -4,13 +4,20 @@ Times are passed in (`now=`), so nothing waits."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
 
 import pytest
 
+from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.fairness import FairPolicy, fair_order
 from serve_app.jobs.model import QUEUED, RUNNING, SUCCEEDED, QueuedJobsExceeded
+from tests.fakes import fake_services
+from tests.helpers import wait_until_async
+from tests.unit.test_job_dispatch import ControlledGenerator
+
+DEFAULT = FairPolicy()
 
 
 def _submit(store, owner, count, now=0.0, **fields):
@@ -18,13 +25,13 @@ def _submit(store, owner, count, now=0.0, **fields):
             for i in range(count)]
 
 
-def _finish(store, job, seconds, now, policy=FairPolicy()):
+def _finish(store, job, seconds, now, policy=DEFAULT):
     store.transition(job.id, {RUNNING}, SUCCEEDED, now=now)
     store.record_usage(job.group, seconds, now=now, half_life_s=policy.half_life_s)
 
 
-def test_a_key_with_one_job_goes_next_behind_a_thousand_of_another(store):
-    _submit(store, "k_a", 30)
+def test_a_key_with_one_job_goes_next_behind_many_of_another(store):
+    _submit(store, "k_a", 10)
     late = _submit(store, "k_b", 1, now=5.0)[0]
     first = store.claim(["image"], now=10.0)
     assert first.owner == "k_a" and first.group == "k_a"
@@ -33,7 +40,7 @@ def test_a_key_with_one_job_goes_next_behind_a_thousand_of_another(store):
 
 def test_two_runners_take_turns_and_never_pick_the_same_job(backend):
     one, two = backend.open(), backend.open()
-    ids = {job.id for owner in ("k_a", "k_b", "k_c") for job in _submit(one, owner, 20)}
+    ids = {job.id for owner in ("k_a", "k_b", "k_c") for job in _submit(one, owner, 10)}
     claimed, lock = [], threading.Lock()
 
     def claim_all(store):
@@ -77,28 +84,28 @@ def test_ageing_lets_a_low_priority_job_through_within_its_bound(store):
 
 def test_gpu_time_shares_follow_the_weights(store):
     policy = FairPolicy(weights={"k_a": 3.0, "k_b": 1.0})
-    _submit(store, "k_a", 60)
-    _submit(store, "k_b", 60)
+    _submit(store, "k_a", 30)
+    _submit(store, "k_b", 30)
     ran = Counter()
-    for turn in range(40):
+    for turn in range(20):
         job = store.claim(["image"], now=100.0 + turn, policy=policy)
         ran[job.owner] += 1
         _finish(store, job, 2.0, now=100.5 + turn, policy=policy)
-    assert ran == {"k_a": 30, "k_b": 10}
+    assert ran == {"k_a": 15, "k_b": 5}
     usage = store.usage()
     assert usage["k_a"].jobs > usage["k_b"].jobs and usage["k_a"].running == 0
 
 
 def test_gpu_seconds_not_jobs_set_the_share(store):
     """A group whose jobs each cost 4x as much gets a quarter as many of them at equal weights."""
-    _submit(store, "video", 40)
-    _submit(store, "image", 40)
+    _submit(store, "video", 20)
+    _submit(store, "image", 20)
     ran = Counter()
-    for turn in range(25):
+    for turn in range(10):
         job = store.claim(["image"], now=100.0 + turn)
         ran[job.owner] += 1
         _finish(store, job, 4.0 if job.owner == "video" else 1.0, now=100.5 + turn)
-    assert ran["image"] == 20 and ran["video"] == 5
+    assert ran["image"] == 8 and ran["video"] == 2
 
 
 def test_the_fair_order_predicts_the_claims(store):
@@ -118,3 +125,40 @@ def test_a_key_past_its_queued_jobs_cap_is_refused(store):
     store.claim(["image"])
     assert store.create("image", {"prompt": "3"}, owner="k_a", max_queued=2)[1], "a running job is not queued"
     assert store.create("image", {"prompt": "b"}, owner="k_b", max_queued=2)[1], "per key"
+
+
+# The dispatcher: sync turns and queue positions over the same order (fake generators, no Ray)
+
+
+def _dispatcher(store, generator, policy=FairPolicy):
+    return JobDispatcher(store, fake_services(generator=generator).images, None, {"image": 1}, 2,
+                         sweep_interval_s=3600, poll_interval_s=0.05, policy=policy)
+
+
+def test_a_sync_turn_waits_behind_the_running_job_only_and_positions_follow_the_fair_order(store):
+    async def scenario():
+        generator = ControlledGenerator(gated=True)
+        dispatcher = _dispatcher(store, generator)
+        dispatcher.start()
+        heavy = [(await dispatcher.submit("image", {"prompt": f"a {i}", "seed": i}, owner="k_a"))[0] for i in range(4)]
+        await wait_until_async(lambda: generator.started == 1, 5)
+        light = (await dispatcher.submit("image", {"prompt": "b", "seed": 9}, owner="k_b"))[0]
+        _, position, estimate = await dispatcher.status_with_estimate(light.id)
+        assert position == 1 and estimate == 0.0, "k_b is behind its share: next, ahead of k_a's three"
+        assert (await dispatcher.status_with_estimate(heavy[3].id))[1] == 4
+        assert await dispatcher.sync_turn("image", "k_c", None, wait_s=0.3) is None, "no slot within the wait"
+        turn = asyncio.ensure_future(dispatcher.sync_turn("image", "k_c", None, wait_s=10))
+        await asyncio.sleep(0.2)
+        assert not turn.done()
+        generator.gate.set()  # k_a's first job ends; then k_b's job and k_c's turn come before k_a's others
+        token = await turn
+        started = [job.id for job in heavy + [light] if store.get(job.id).state != "queued"]
+        await dispatcher.end_turn(token, "k_c", 2.5)
+        await wait_until_async(lambda: all(store.get(job.id).state == "succeeded" for job in heavy + [light]), 10)
+        await dispatcher.stop()
+        return heavy, light, started
+
+    heavy, light, started_before_turn = asyncio.run(scenario())
+    assert set(started_before_turn) <= {heavy[0].id, light.id}, "the turn came before k_a's second job"
+    assert store.usage()["k_c"].seconds == 2.5, "the sync request's GPU time counts for its group"
+    assert store.list(state="succeeded", limit=100, owner="k_c") == [], "its ticket is deleted"
