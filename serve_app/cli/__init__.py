@@ -22,6 +22,9 @@
     genserve doctor CONFIG           check this machine before serving CONFIG (torch, CUDA, GPU memory,
                                      weights, ports): each line ok, or what to do
     genserve bench-overload [options]  C clients for D seconds against a running app: statuses, latency, memory
+    genserve bench-fairness [--config CONFIG] [--a-jobs 500 --b-interval 2 --backlog 300]
+                                     two keys through the fair job queue: B's wait behind A's backlog, throughput,
+                                     GPU-time shares at weights 3:1
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | sdxl | sd15 | svd | ltx | animatediff | clip | llm |
                                      laion | sdxl-controlnet | depth) as a local folder
 
@@ -368,6 +371,16 @@ def _bench_overload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_fairness(args: argparse.Namespace) -> int:
+    from serve_app.bench.fairness import run_fairness_benchmark
+
+    report = run_fairness_benchmark(args.config, args.a_jobs, args.b_interval, args.backlog, args.idle_jobs)
+    simulated = f" (simulated {report.simulated}: every time is simulated)" if report.simulated else ""
+    print(f"genserve bench-fairness: {args.config}{simulated}")
+    print("\n".join(report.lines()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -478,6 +491,13 @@ def main(argv: list[str] | None = None) -> int:
     overload.add_argument("--honour-retry-after", action="store_true",
                           help="a rejected client waits Retry-After before its next request (default: at once)")
     overload.set_defaults(func=_bench_overload)
+    fairness = commands.add_parser("bench-fairness", help="two keys through the fair job queue (docs/jobs.md)")
+    fairness.add_argument("--config", default="configs/sim-h200.yaml")
+    fairness.add_argument("--a-jobs", type=int, default=500, help="key A's image jobs, submitted at once")
+    fairness.add_argument("--b-interval", type=float, default=2.0, help="key B submits one job this often (s)")
+    fairness.add_argument("--backlog", type=int, default=300, help="jobs of each key at weights 3:1")
+    fairness.add_argument("--idle-jobs", type=int, default=5, help="B's jobs one at a time on an idle service")
+    fairness.set_defaults(func=_bench_fairness)
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
     tiny.add_argument("family", choices=tiny_kinds())

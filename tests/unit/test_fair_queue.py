@@ -162,3 +162,13 @@ def test_a_sync_turn_waits_behind_the_running_job_only_and_positions_follow_the_
     assert set(started_before_turn) <= {heavy[0].id, light.id}, "the turn came before k_a's second job"
     assert store.usage()["k_c"].seconds == 2.5, "the sync request's GPU time counts for its group"
     assert store.list(state="succeeded", limit=100, owner="k_c") == [], "its ticket is deleted"
+
+
+def test_the_fairness_benchmark_counts_shares_only_while_both_keys_wait_and_ends_with_its_line():
+    from serve_app.bench.fairness import Done, backlogged_shares, summary_line
+
+    jobs = [Done("a_heavy", 0, start, start + 1, start, 1.0) for start in range(9)]
+    jobs += [Done("b_light", 0, start, start + 1, start, 1.0) for start in (0.5, 3.5, 6.5, 20, 21)]
+    assert backlogged_shares(jobs) == {"a_heavy": 9.0, "b_light": 3.0}, "b_light's last jobs ran alone: not counted"
+    assert summary_line(0.5, 0.98, 9.0, 3.0) == \
+        "fairness: B p95 wait 0.50x bound; A+B throughput 0.98x A alone; weights 3:1 -> shares 3.00:1"
