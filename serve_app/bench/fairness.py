@@ -107,7 +107,7 @@ def backlogged_shares(jobs: list[Done]) -> dict[str, float]:
     until = min(last_start.values())
     totals = dict.fromkeys(last_start, 0.0)
     for job in jobs:
-        if job.started_at < until:
+        if job.started_at <= until:
             totals[job.key] += job.device_s
     return totals
 
