@@ -172,3 +172,20 @@ def test_the_fairness_benchmark_counts_shares_only_while_both_keys_wait_and_ends
     assert backlogged_shares(jobs) == {"a_heavy": 9.0, "b_light": 3.0}, "b_light's last jobs ran alone: not counted"
     assert summary_line(0.5, 0.98, 9.0, 3.0) == \
         "fairness: B p95 wait 0.50x bound; A+B throughput 0.98x A alone; weights 3:1 -> shares 3.00:1"
+
+
+def test_the_docs_keys_file_example_gives_the_weights_it_says():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from serve_app.security.keys import KeysFileModel
+
+    doc = (Path(__file__).parents[2] / "docs" / "jobs.md").read_text()
+    block = re.search(r"```yaml\n# keys file[^\n]*\n(.*?)```", doc, re.S).group(1)
+    model = KeysFileModel.model_validate(yaml.safe_load(block.replace("sha256: ...", "sha256: " + "a" * 64)))
+    assert model.weights() == {"research": 3.0, "k_ci": 1.0, "k_batch": 0.0}
+    assert [key.fair_group for key in model.keys] == ["research", "research", "k_ci", "k_batch"]
+    with pytest.raises(ValueError, match="not under groups"):
+        KeysFileModel.model_validate({"keys": [{"id": "k", "sha256": "0" * 64, "group": "nope"}]})
