@@ -4,8 +4,12 @@ Plain async code over a `JobStore` and the same `ImageService`/`VideoService` th
 use (with Serve handles inside a replica, `LocalHandle`s in unit tests). The `JobRunner`
 deployment wraps it.
 
-- Dispatch: one loop claims the oldest queued job of each kind that has a free slot
-  (`slots[kind]` jobs of a kind run at once) and runs it as a task. A submit or a finished job
+- Dispatch: one loop claims the next queued job in the fair order across key groups
+  (`fairness.py`, chosen atomically by the store) of the kinds that have a free slot
+  (`slots[kind]` jobs of a kind run at once) and runs it as a task; its GPU-seconds are then
+  added to its group's usage.
+- Sync turns: a synchronous request takes a slot too (`sync_turn`/`end_turn`): at once when
+  nothing is queued, else as a ticket in the same fair order, holding the slot until it ends. A submit or a finished job
   wakes the loop; otherwise it looks again every `poll_interval_s`.
 - Outcome of a run: the result is saved with the transition to succeeded (compare-and-set on the
   attempt). A failure (a replica died, a stage timed out, a model raised) goes back to the queue
@@ -550,6 +554,8 @@ class JobDispatcher:
             token = f"now:{uuid.uuid4().hex}"
             self._running[kind] += 1
             self._held[token] = kind
+            # An ingress that died never ends its turn: the slot comes back after SYNC_HOLD_S anyway.
+            asyncio.get_running_loop().call_later(SYNC_HOLD_S, self._release_held, token)
             return token
         ticket, _ = await asyncio.to_thread(self.store.create, kind, {"sync": True}, request_hash=SYNC_TURN,
                                             owner=owner, group=group)
@@ -574,15 +580,19 @@ class JobDispatcher:
 
     async def end_turn(self, token: str, group: str | None, device_s: float) -> None:
         """A synchronous request's turn is over: its slot frees and its GPU time joins its group's share."""
+        if token in self._held:
+            self._release_held(token)
+        elif token in self._turns:
+            self._turns[token][1].set()
+        if device_s > 0 and self._holds_lease:
+            await self._charge(group, device_s)
+
+    def _release_held(self, token: str) -> None:
         kind = self._held.pop(token, None)
         if kind is not None:
             self._running[kind] -= 1
             if self._wakeup is not None:
                 self._wakeup.set()
-        elif token in self._turns:
-            self._turns[token][1].set()
-        if device_s > 0 and self._holds_lease:
-            await self._charge(group, device_s)
 
     async def _hold_turn(self, job: Job, cancel: asyncio.Event) -> None:
         """A claimed sync ticket: grant its turn and hold the slot until the request ends (or
