@@ -529,8 +529,15 @@ class JobDispatcher:
         policy = self.policy()
 
         def orders():
-            usage = self.store.usage()
-            return usage, {kind: fair_order(self.store.queued(kind), usage, policy, time.time()) for kind in kinds}
+            usage, ordered = self.store.usage(), {}
+            for kind in kinds:
+                queued = self.store.queued(kind)
+                order = fair_order(queued, usage, policy, time.time())
+                # Past fair_order's limit (a very deep queue), the rest in their own groups' order.
+                placed = {job.id for job in order}
+                ordered[kind] = order + sorted((job for job in queued if job.id not in placed and
+                                                policy.weight(job.group) > 0), key=lambda job: job.order(policy))
+            return usage, ordered
 
         usage, ordered = await asyncio.to_thread(orders)
         for kind, order in ordered.items():

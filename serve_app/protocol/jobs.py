@@ -71,7 +71,7 @@ class JobStatus(BaseModel):
     queue_position: int | None = Field(
         None, description="1 = next of its kind to start, in the fair order across keys (jobs ahead of it + 1); set "
                           "while queued. It can move back when another key's job arrives and that key is behind its "
-                          "share.")
+                          "share. Null while its key is paused (weight 0).")
     estimated_start_s: float | None = Field(
         None, description="Seconds until it is expected to start: the GPU time of the jobs ahead of it (each key's "
                           "recent mean per job) over the job slots of its kind; set while queued. An estimate.")
