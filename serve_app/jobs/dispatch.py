@@ -63,7 +63,7 @@ from typing import Callable
 from pydantic import ValidationError
 
 from deployments.runtime.types import ModelOutOfMemory, ProgressTarget
-from serve_app.jobs.fairness import FairPolicy, fair_order
+from serve_app.jobs.fairness import FairPolicy, fair_order, group_of
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, dumps
 from serve_app.jobs.results import image_result, video_result
 from serve_app.jobs.store import JobStore, LeaseLost
@@ -553,9 +553,11 @@ class JobDispatcher:
 
     async def sync_turn(self, kind: str, owner: str | None, group: str | None, wait_s: float) -> str | None:
         """A turn for a synchronous request of `kind`: a token to pass to `end_turn`, or None when
-        none came within `wait_s`. With a slot free and nothing queued it is granted at once;
+        none came within `wait_s` (at once for a paused group). With a slot free and nothing queued it is granted at once;
         otherwise a ticket waits in the store's fair order like a job, and the slot the claim
         gives it is held until `end_turn`."""
+        if self.policy().weight(group_of(owner, group)) <= 0:
+            return None  # a paused key (weight 0) gets no turn, as its jobs get none
         if (self._holds_lease and self._running.get(kind, 0) < self.slots.get(kind, 0)
                 and (await asyncio.to_thread(self.store.counts))[QUEUED] == 0):
             token = f"now:{uuid.uuid4().hex}"

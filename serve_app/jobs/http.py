@@ -277,8 +277,8 @@ class JobsApi:
         token = await self.runner.sync_turn.remote(kind, who.key_id, who.group, wait_s)
         if token is None:
             raise JobError(503, f"no turn for this request within {wait_s:g}s: the {kind} models are busy with "
-                                "jobs and requests of keys that are behind their share (jobs.fairness.sync_max_wait_s); "
-                                "retry later, or submit it as a job", {"Retry-After": str(math.ceil(wait_s))})
+                                "jobs and requests of keys that are behind their share (jobs.fairness.sync_max_wait_s), "
+                                "or this key is paused (weight 0 in the keys file); retry later, or submit it as a job", {"Retry-After": str(math.ceil(wait_s))})
         spent = {"device_s": 0.0}
         try:
             yield spent

@@ -147,6 +147,9 @@ def test_a_sync_turn_waits_behind_the_running_job_only_and_positions_follow_the_
         assert position == 1 and estimate == 0.0, "k_b is behind its share: next, ahead of k_a's three"
         assert (await dispatcher.status_with_estimate(heavy[3].id))[1] == 4
         assert await dispatcher.sync_turn("image", "k_c", None, wait_s=0.3) is None, "no slot within the wait"
+        dispatcher.policy = lambda: FairPolicy(weights={"k_c": 0.0})
+        assert await dispatcher.sync_turn("image", "k_c", None, wait_s=10) is None, "paused: at once"
+        dispatcher.policy = FairPolicy
         turn = asyncio.ensure_future(dispatcher.sync_turn("image", "k_c", None, wait_s=10))
         await asyncio.sleep(0.2)
         assert not turn.done()
