@@ -193,6 +193,7 @@ def _keys_create(args: argparse.Namespace) -> int:
     limits = {name: value for name, value in (("requests_per_minute", args.requests_per_minute),
                                               ("concurrent_requests", args.concurrent_requests),
                                               ("active_jobs", args.active_jobs),
+                                              ("queued_jobs", args.queued_jobs),
                                               ("daily_images", args.daily_images)) if value is not None}
     entry = key_entry_yaml(key_id, args.name, key, args.scopes, limits, args.expires_at)
     print(f"API key for {args.name} (id {key_id}); shown once, store it now:\n\n    {key}\n")
@@ -479,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--requests-per-minute", type=int, default=None)
     create.add_argument("--concurrent-requests", type=int, default=None)
     create.add_argument("--active-jobs", type=int, default=None)
+    create.add_argument("--queued-jobs", type=int, default=None, help="jobs waiting at once (429 past it)")
     create.add_argument("--daily-images", type=int, default=None)
     create.set_defaults(func=_keys_create)
     overload = commands.add_parser("bench-overload", help="C concurrent clients for D seconds against a running app")
