@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from serve_app.jobs.dispatch import JobDispatcher
-from serve_app.jobs.fairness import FairPolicy, fair_order
+from serve_app.jobs.fairness import FairPolicy, fair_order, shares
 from serve_app.jobs.model import QUEUED, RUNNING, SUCCEEDED, QueuedJobsExceeded
 from tests.fakes import fake_services
 from tests.helpers import wait_until_async
@@ -93,6 +93,8 @@ def test_gpu_time_shares_follow_the_weights(store):
         _finish(store, job, 2.0, now=100.5 + turn, policy=policy)
     assert ran == {"k_a": 15, "k_b": 5}
     usage = store.usage()
+    share = shares(usage, now=120.0, half_life_s=policy.half_life_s)  # what GET /v1/admin/usage reports
+    assert share == {"k_a": pytest.approx(0.75, abs=0.02), "k_b": pytest.approx(0.25, abs=0.02)}
     assert usage["k_a"].jobs > usage["k_b"].jobs and usage["k_a"].running == 0
 
 
