@@ -7,10 +7,10 @@ deployment wraps it.
 - Dispatch: one loop claims the next queued job in the fair order across key groups
   (`fairness.py`, chosen atomically by the store) of the kinds that have a free slot
   (`slots[kind]` jobs of a kind run at once) and runs it as a task; its GPU-seconds are then
-  added to its group's usage.
+  added to its group's usage. A submit or a finished job wakes the loop; otherwise it looks
+  again every `poll_interval_s`.
 - Sync turns: a synchronous request takes a slot too (`sync_turn`/`end_turn`): at once when
-  nothing is queued, else as a ticket in the same fair order, holding the slot until it ends. A submit or a finished job
-  wakes the loop; otherwise it looks again every `poll_interval_s`.
+  nothing is queued, else as a ticket in the same fair order, holding the slot until it ends.
 - Outcome of a run: the result is saved with the transition to succeeded (compare-and-set on the
   attempt). A failure (a replica died, a stage timed out, a model raised) goes back to the queue
   with its reason while retries are left, then fails; a bad request fails at once.
@@ -553,9 +553,9 @@ class JobDispatcher:
 
     async def sync_turn(self, kind: str, owner: str | None, group: str | None, wait_s: float) -> str | None:
         """A turn for a synchronous request of `kind`: a token to pass to `end_turn`, or None when
-        none came within `wait_s` (at once for a paused group). With a slot free and nothing queued it is granted at once;
-        otherwise a ticket waits in the store's fair order like a job, and the slot the claim
-        gives it is held until `end_turn`."""
+        none came within `wait_s` (at once for a paused group). With a slot free and nothing
+        queued it is granted at once; otherwise a ticket waits in the store's fair order like a
+        job, and the slot the claim gives it is held until `end_turn`."""
         if self.policy().weight(group_of(owner, group)) <= 0:
             return None  # a paused key (weight 0) gets no turn, as its jobs get none
         if (self._holds_lease and self._running.get(kind, 0) < self.slots.get(kind, 0)
