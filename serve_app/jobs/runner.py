@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from ray import serve
 
@@ -122,8 +123,6 @@ class JobRunner:
 
     async def fair_usage(self) -> dict[str, dict]:
         """Each group's recent GPU-seconds (decayed to now), share of them, weight and jobs running."""
-        import time
-
         policy = self.policy()
         usage = await asyncio.to_thread(self._store.usage)
         now = time.time()
