@@ -9,12 +9,17 @@ import threading
 from collections import Counter
 
 import pytest
+from fastapi.testclient import TestClient
 
+from serve_app.api.app import build_api
+from serve_app.config import FairnessConfig
 from serve_app.jobs.dispatch import JobDispatcher
 from serve_app.jobs.fairness import FairPolicy, fair_order, shares
+from serve_app.jobs.http import JobsApi
 from serve_app.jobs.model import QUEUED, RUNNING, SUCCEEDED, QueuedJobsExceeded
+from serve_app.services.local import LocalHandle
 from tests.fakes import fake_services
-from tests.helpers import wait_until_async
+from tests.helpers import LOOPBACK, wait_until_async
 from tests.unit.test_job_dispatch import ControlledGenerator
 
 DEFAULT = FairPolicy()
@@ -194,3 +199,52 @@ def test_the_docs_keys_file_example_gives_the_weights_it_says():
     assert [key.fair_group for key in model.keys] == ["research", "research", "k_ci", "k_batch"]
     with pytest.raises(ValueError, match="not under groups"):
         KeysFileModel.model_validate({"keys": [{"id": "k", "sha256": "0" * 64, "group": "nope"}]})
+
+
+# Over HTTP (the FastAPI app in process, a stand-in runner): the cap's 429 and the sync turn
+
+
+class _TurnRunner:
+    """What the ingress asks the JobRunner for, answered as a busy fair queue would."""
+
+    def __init__(self, token=None):
+        self.token, self.turns, self.ended = token, [], []
+
+    async def submit(self, kind, request, idempotency_key, digest, owner, max_active, group, priority, max_queued):
+        self.submitted = (owner, group, priority)
+        return None, "queued_jobs", 2
+
+    async def sync_turn(self, kind, owner, group, wait_s):
+        self.turns.append((kind, owner, wait_s))
+        return self.token
+
+    async def end_turn(self, token, group, device_s):
+        self.ended.append((token, group, device_s))
+
+
+def _app(runner):
+    services = fake_services()
+    services.jobs = JobsApi(LocalHandle(runner), services.images, None, 2,
+                            fairness=FairnessConfig(sync_max_wait_s=7))
+    app = build_api()
+    app.state.services = services
+    return TestClient(app, client=LOOPBACK)
+
+
+def test_a_submit_past_the_queued_jobs_cap_is_a_429_naming_it_and_priority_reaches_the_runner():
+    runner = _TurnRunner()
+    response = _app(runner).post("/v1/jobs", json={"kind": "image", "request": {"prompt": "a fox"}, "priority": "low"})
+    assert response.status_code == 429 and response.json()["limit"] == "queued_jobs", response.text
+    assert runner.submitted == ("local", None, "low")
+    bad = _app(runner).post("/v1/jobs", json={"kind": "image", "request": {"prompt": "a fox"}, "priority": "urgent"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "priority"]
+
+
+def test_a_sync_request_runs_in_its_turn_and_charges_its_gpu_time_or_gets_a_503():
+    runner = _TurnRunner(token="t1")
+    response = _app(runner).post("/v1/images", json={"prompt": "a fox", "seed": 1})
+    assert response.status_code == 200 and runner.turns == [("image", "local", 7)]
+    assert runner.ended == [("t1", "local", response.json()["timings"]["device"])]
+    busy = _app(_TurnRunner(token=None)).post("/v1/images", json={"prompt": "a fox"})
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "7"
+    assert "jobs.fairness.sync_max_wait_s" in busy.json()["detail"]
