@@ -6,7 +6,7 @@ STAMP := $(VENV)/.genserve-installed
 CONFIG ?= configs/dev.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-long bench bench-jobs bench-overload fuzz chaos constraints clean
+.PHONY: setup serve test test-long bench bench-jobs bench-fairness bench-overload fuzz chaos constraints clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ bench: setup
 
 bench-jobs: setup
 	$(BIN)/genserve bench-jobs --config $(CONFIG)
+
+# Fair queueing between two keys on the simulated H200 (docs/benchmarks.md#fair-between-keys): a quiet machine.
+bench-fairness: setup
+	$(BIN)/genserve bench-fairness --config $${FAIRNESS_CONFIG:-configs/sim-h200.yaml}
 
 # Overload: C clients for D seconds against a running app (make serve first); see docs/operations.md.
 bench-overload: setup

@@ -489,6 +489,26 @@ class WebhooksConfig(_Strict):
         return read_secret(self.secret_env, self.secret_file, field="jobs.webhooks.secret")
 
 
+class FairnessConfig(_Strict):
+    """Weighted fair queueing across keys (docs/jobs.md#fair-between-keys): weights come from the
+    keys file (`groups:`, a key's `weight`); these are the time constants."""
+
+    half_life_s: float = Field(
+        300.0, gt=0,
+        description="A finished job's GPU-seconds count half as much after this long: how far back 'recent GPU "
+                    "time' reaches when the next job is chosen.")
+    priority_age_s: float = Field(
+        120.0, ge=0,
+        description="Within a key, a `high` job goes ahead of `normal` ones submitted up to this long before it, "
+                    "and a `low` job is passed only by jobs submitted less than this long after it: its bound.")
+    sync: bool = Field(
+        True, description="Synchronous POST /v1/images takes its turn in the same fair order as jobs (a job slot, "
+                          "held while it runs) when jobs are queued; false: it goes straight to the model.")
+    sync_max_wait_s: float = Field(
+        60.0, gt=0,
+        description="Longest a synchronous request waits for its turn; then 503 with Retry-After.")
+
+
 class JobsConfig(_Strict):
     """Durable async jobs (POST /v1/jobs): where the records live and how jobs are run."""
 
@@ -567,6 +587,8 @@ class JobsConfig(_Strict):
     )
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig,
                                      description="Webhooks and A2A push notifications: safety, retries, secret.")
+    fairness: FairnessConfig = Field(default_factory=FairnessConfig,
+                                     description="How jobs (and sync requests) of different keys share the models.")
 
     @model_validator(mode="after")
     def _lease_outlasts_a_slow_renew(self) -> "JobsConfig":

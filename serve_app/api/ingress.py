@@ -68,7 +68,7 @@ class Ingress:
             self._services.images.quality = RunnerQualityBook(jobs, settings.calibration)
             self._services.jobs = jobs_http.JobsApi(jobs, self._services.images, self._services.videos,
                                                     settings.jobs.retry_limit, jobs_http.StreamLimits.of(settings.jobs),
-                                                    webhooks=build_gate(settings.jobs.webhooks))
+                                                    settings.jobs.fairness, webhooks=build_gate(settings.jobs.webhooks))
         BodyLimit.configure(settings.max_body_bytes)
         self._auth_config = settings.auth
         # A concurrency slot outlives no request: the longest is bounded by the request timeout.

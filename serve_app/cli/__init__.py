@@ -24,6 +24,9 @@
                                      the memory plan on its card and which shipped profiles fit it,
                                      weights, ports): each line ok, or what to do
     genserve bench-overload [options]  C clients for D seconds against a running app: statuses, latency, memory
+    genserve bench-fairness [--config CONFIG] [--a-jobs 500 --b-interval 2 --backlog 300]
+                                     two keys through the fair job queue: B's wait behind A's backlog, throughput,
+                                     GPU-time shares at weights 3:1
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | sdxl | sd15 | svd | ltx | animatediff | clip | llm |
                                      laion | sdxl-controlnet | depth) as a local folder
 
@@ -199,6 +202,7 @@ def _keys_create(args: argparse.Namespace) -> int:
     limits = {name: value for name, value in (("requests_per_minute", args.requests_per_minute),
                                               ("concurrent_requests", args.concurrent_requests),
                                               ("active_jobs", args.active_jobs),
+                                              ("queued_jobs", args.queued_jobs),
                                               ("daily_images", args.daily_images)) if value is not None}
     entry = key_entry_yaml(key_id, args.name, key, args.scopes, limits, args.expires_at, webhook_secret)
     print(f"API key for {args.name} (id {key_id}); shown once, store it now:\n\n    {key}\n")
@@ -385,6 +389,16 @@ def _bench_overload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_fairness(args: argparse.Namespace) -> int:
+    from serve_app.bench.fairness import run_fairness_benchmark
+
+    report = run_fairness_benchmark(args.config, args.a_jobs, args.b_interval, args.backlog, args.idle_jobs)
+    simulated = f" (simulated {report.simulated}: every time is simulated)" if report.simulated else ""
+    print(f"genserve bench-fairness: {args.config}{simulated}")
+    print("\n".join(report.lines()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -483,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--requests-per-minute", type=int, default=None)
     create.add_argument("--concurrent-requests", type=int, default=None)
     create.add_argument("--active-jobs", type=int, default=None)
+    create.add_argument("--queued-jobs", type=int, default=None, help="jobs waiting at once (429 past it)")
     create.add_argument("--daily-images", type=int, default=None)
     create.set_defaults(func=_keys_create)
     overload = commands.add_parser("bench-overload", help="C concurrent clients for D seconds against a running app")
@@ -495,6 +510,13 @@ def main(argv: list[str] | None = None) -> int:
     overload.add_argument("--honour-retry-after", action="store_true",
                           help="a rejected client waits Retry-After before its next request (default: at once)")
     overload.set_defaults(func=_bench_overload)
+    fairness = commands.add_parser("bench-fairness", help="two keys through the fair job queue (docs/jobs.md)")
+    fairness.add_argument("--config", default="configs/sim-h200.yaml")
+    fairness.add_argument("--a-jobs", type=int, default=500, help="key A's image jobs, submitted at once")
+    fairness.add_argument("--b-interval", type=float, default=2.0, help="key B submits one job this often (s)")
+    fairness.add_argument("--backlog", type=int, default=300, help="jobs of each key at weights 3:1")
+    fairness.add_argument("--idle-jobs", type=int, default=5, help="B's jobs one at a time on an idle service")
+    fairness.set_defaults(func=_bench_fairness)
 
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
     tiny.add_argument("family", choices=tiny_kinds())

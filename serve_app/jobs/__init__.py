@@ -2,6 +2,7 @@
 
 - `model`: the job record and its states;
 - `store`: the `JobStore` interface;
+- `fairness`: weighted fair queueing across key groups (the claim's choice, positions, shares);
 - `sqlite_store`, `redis_store`: the two implementations;
 - `results`: a finished sync response turned into files plus result JSON;
 - `dispatch`: the plain-async dispatcher (claim, run, retry, cancel), testable without Ray;

@@ -4,9 +4,13 @@ Plain async code over a `JobStore` and the same `ImageService`/`VideoService` th
 use (with Serve handles inside a replica, `LocalHandle`s in unit tests). The `JobRunner`
 deployment wraps it.
 
-- Dispatch: one loop claims the oldest queued job of each kind that has a free slot
-  (`slots[kind]` jobs of a kind run at once) and runs it as a task. A submit or a finished job
-  wakes the loop; otherwise it looks again every `poll_interval_s`.
+- Dispatch: one loop claims the next queued job in the fair order across key groups
+  (`fairness.py`, chosen atomically by the store) of the kinds that have a free slot
+  (`slots[kind]` jobs of a kind run at once) and runs it as a task; its GPU-seconds are then
+  added to its group's usage. A submit or a finished job wakes the loop; otherwise it looks
+  again every `poll_interval_s`.
+- Sync turns: a synchronous request takes a slot too (`sync_turn`/`end_turn`): at once when
+  nothing is queued, else as a ticket in the same fair order, holding the slot until it ends.
 - Outcome of a run: the result is saved with the transition to succeeded (compare-and-set on the
   attempt). A failure (a replica died, a stage timed out, a model raised) goes back to the queue
   with its reason while retries are left, then fails; a bad request fails at once.
@@ -59,7 +63,8 @@ from typing import Callable
 from pydantic import ValidationError
 
 from deployments.runtime.types import ModelOutOfMemory, ProgressTarget
-from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, Job, dumps
+from serve_app.jobs.fairness import FairPolicy, fair_order, group_of
+from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, dumps
 from serve_app.jobs.results import image_result, video_result
 from serve_app.jobs.store import JobStore, LeaseLost
 from serve_app.protocol.errors import RequestError
@@ -180,6 +185,18 @@ class JobRejected(Exception):
 
 
 QUEUE_FULL_RETRY_AFTER_S = 30.0
+# A synchronous request's turn in the fair order is a ticket in the store, marked by this request hash.
+SYNC_TURN = "sync-turn"
+TURN_POLL_S = 0.5  # how often a waiting turn looks in the store (a ticket another runner claimed)
+SYNC_HOLD_S = 900.0  # the longest a granted turn holds its slot without its end being heard
+
+
+def device_seconds(result: dict, wall_s: float) -> float:
+    """A run's GPU time: what the image generator reported (`timings.device`), a video's generate
+    time (`timings.video`), else the run's wall time."""
+    timings = result.get("timings") or {}
+    reported = timings.get("device") or timings.get("video")
+    return float(reported) if reported else max(0.0, wall_s)
 
 
 class _Watchers:
@@ -212,9 +229,15 @@ class JobDispatcher:
                  poll_interval_s: float = 1.0, max_queued_jobs: int | None = None,
                  max_request_bytes: int | None = None, queued_ttl_s: float | None = None,
                  lease_ttl_s: float = DEFAULT_LEASE_TTL_S, reconcile_interval_s: float | None = None,
+                 policy: Callable[[], FairPolicy] = FairPolicy, on_claim: Callable[[Job], None] = lambda job: None,
                  deliverer=None):
         self.store = store
         self.deliverer = deliverer  # webhooks.Deliverer: tells receivers of jobs' ends while the lease holds
+        # The fair order's weights and time constants, read at every claim (the keys file can change).
+        self.policy = policy
+        self._on_claim = on_claim  # the queue-wait metric
+        self._turns: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}  # sync turns: granted, released
+        self._held: dict[str, str] = {}  # sync turns granted at once (no ticket): token -> kind
         self.lease_ttl_s = lease_ttl_s
         self.reconcile_interval_s = lease_ttl_s / 3 if reconcile_interval_s is None else reconcile_interval_s
         # Who holds the lease, in the store and the logs: this process, and this dispatcher in it.
@@ -447,7 +470,8 @@ class JobDispatcher:
 
     async def submit(self, kind: str, request: dict, idempotency_key: str | None = None,
                      request_hash: str | None = None, owner: str | None = None,
-                     max_active: int | None = None, targets: list[dict] | None = None) -> tuple[Job, bool, int | None]:
+                     max_active: int | None = None, group: str | None = None, priority: str = "normal",
+                     max_queued: int | None = None, targets: list[dict] | None = None) -> tuple[Job, bool, int | None]:
         """Record a job durably (`targets`: its webhook). Returns it, whether it is new (False: the idempotency key's job),
         and its queue position. Raises `ActiveJobsExceeded` when the owner is at `max_active`, and
         JobRejected past max_request_bytes or max_queued_jobs; a replay is never refused (a
@@ -468,26 +492,31 @@ class JobDispatcher:
                                        f"{self.max_queued_jobs}); retry later", QUEUE_FULL_RETRY_AFTER_S)
         job, created = await asyncio.to_thread(
             self.store.create, kind, request, idempotency_key=idempotency_key, request_hash=request_hash,
-            owner=owner, max_active=max_active, targets=targets,
+            owner=owner, max_active=max_active, group=group, priority=priority, max_queued=max_queued, targets=targets,
         )
         if created and self._wakeup is not None:
             self._wakeup.set()
-        return job, created, await asyncio.to_thread(self.store.queue_position, job)
+        return job, created, (await self.places([job]))[job.id][0]
 
     async def replay(self, idempotency_key: str, owner: str | None = None) -> tuple[Job, int | None] | None:
         """The job `owner` already submitted with `idempotency_key`, and its queue position; None if none."""
         job = await asyncio.to_thread(self.store.find_idempotent, owner, idempotency_key)
         if job is None:
             return None
-        return job, await asyncio.to_thread(self.store.queue_position, job)
+        return job, (await self.places([job]))[job.id][0]
 
     async def status(self, job_id: str) -> tuple[Job, int | None] | None:
+        found = await self.status_with_estimate(job_id)
+        return None if found is None else found[:2]
+
+    async def status_with_estimate(self, job_id: str) -> tuple[Job, int | None, float | None] | None:
+        """The job, its place in the fair order and the seconds until it is expected to start."""
         job = await asyncio.to_thread(self.store.get, job_id)
         if job is None:
             return None
         if job.targets and job.finished:
             job.deliveries = await asyncio.to_thread(self.store.deliveries, job_id)
-        return job, await asyncio.to_thread(self.store.queue_position, job)
+        return job, *(await self.places([job]))[job.id]
 
     async def put_target(self, job_id: str, target: dict) -> bool | None:
         return await asyncio.to_thread(self.store.put_target, job_id, target)
@@ -498,8 +527,111 @@ class JobDispatcher:
     async def list(self, state: str | None, limit: int, before: int | None,
                    owner: str | None = None) -> list[tuple[Job, int | None]]:
         jobs = await asyncio.to_thread(self.store.list, state, limit, before, owner)
-        positions = await asyncio.to_thread(lambda: [self.store.queue_position(job) for job in jobs])
-        return list(zip(jobs, positions))
+        places = await self.places(jobs)
+        return [(job, places[job.id][0]) for job in jobs]
+
+    async def places(self, jobs: list[Job]) -> dict[str, tuple[int | None, float | None]]:
+        """Each job's queue position (1: next) and estimated seconds to its start, while queued: the
+        fair order the claim would follow if nothing else arrived (fairness.fair_order), each job
+        ahead costing its group's mean GPU-seconds per job, over the kind's slots."""
+        places: dict[str, tuple[int | None, float | None]] = {job.id: (None, None) for job in jobs}
+        kinds = {job.kind for job in jobs if job.state == QUEUED}
+        if not kinds:
+            return places
+        policy = self.policy()
+
+        def orders():
+            usage, ordered = self.store.usage(), {}
+            for kind in kinds:
+                queued = self.store.queued(kind)
+                order = fair_order(queued, usage, policy, time.time())
+                # Past fair_order's limit (a very deep queue), the rest in their own groups' order.
+                placed = {job.id for job in order}
+                ordered[kind] = order + sorted((job for job in queued if job.id not in placed and
+                                                policy.weight(job.group) > 0), key=lambda job: job.order(policy))
+            return usage, ordered
+
+        usage, ordered = await asyncio.to_thread(orders)
+        for kind, order in ordered.items():
+            ahead_s = 0.0
+            for index, queued in enumerate(order):
+                if queued.id in places:
+                    places[queued.id] = (index + 1, round(ahead_s / max(1, self.slots.get(kind, 1)), 2))
+                use = usage.get(queued.group)
+                ahead_s += use.per_job(policy) if use is not None else policy.estimate_s
+        return places
+
+    # Synchronous requests in the fair order
+
+    async def sync_turn(self, kind: str, owner: str | None, group: str | None, wait_s: float) -> str | None:
+        """A turn for a synchronous request of `kind`: a token to pass to `end_turn`, or None when
+        none came within `wait_s` (at once for a paused group). With a slot free and nothing
+        queued it is granted at once; otherwise a ticket waits in the store's fair order like a
+        job, and the slot the claim gives it is held until `end_turn`."""
+        if self.policy().weight(group_of(owner, group)) <= 0:
+            return None  # a paused key (weight 0) gets no turn, as its jobs get none
+        if (self._holds_lease and self._running.get(kind, 0) < self.slots.get(kind, 0)
+                and (await asyncio.to_thread(self.store.counts))[QUEUED] == 0):
+            token = f"now:{uuid.uuid4().hex}"
+            self._running[kind] += 1
+            self._held[token] = kind
+            # An ingress that died never ends its turn: the slot comes back after SYNC_HOLD_S anyway.
+            asyncio.get_running_loop().call_later(SYNC_HOLD_S, self._release_held, token)
+            return token
+        ticket, _ = await asyncio.to_thread(self.store.create, kind, {"sync": True}, request_hash=SYNC_TURN,
+                                            owner=owner, group=group)
+        self._turns[ticket.id] = granted, _released = asyncio.Event(), asyncio.Event()
+        if self._wakeup is not None:
+            self._wakeup.set()
+        deadline = time.monotonic() + wait_s
+        while not granted.is_set() and time.monotonic() < deadline:
+            await _wait(granted, min(TURN_POLL_S, max(0.0, deadline - time.monotonic())))
+            if not granted.is_set():  # a standby's ticket is claimed by the lease holder: look in the store
+                current = await asyncio.to_thread(self.store.get, ticket.id)
+                if current is None or current.state != QUEUED:
+                    return ticket.id
+        if granted.is_set():
+            return ticket.id
+        found = await asyncio.to_thread(self.store.request_cancel, ticket.id)
+        if found is not None and found[0].state == CANCELLED:
+            self._turns.pop(ticket.id, None)
+            await asyncio.to_thread(self.store.delete, ticket.id)
+            return None
+        return ticket.id  # claimed as the wait ended: the turn came
+
+    async def end_turn(self, token: str, group: str | None, device_s: float) -> None:
+        """A synchronous request's turn is over: its slot frees and its GPU time joins its group's share."""
+        if token in self._held:
+            self._release_held(token)
+        elif token in self._turns:
+            self._turns[token][1].set()
+        if device_s > 0 and self._holds_lease:
+            await self._charge(group, device_s)
+
+    def _release_held(self, token: str) -> None:
+        kind = self._held.pop(token, None)
+        if kind is not None:
+            self._running[kind] -= 1
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    async def _hold_turn(self, job: Job, cancel: asyncio.Event) -> None:
+        """A claimed sync ticket: grant its turn and hold the slot until the request ends (or
+        SYNC_HOLD_S at most: an ingress that died never ends it); then the ticket is deleted."""
+        turn = self._turns.get(job.id)
+        if turn is not None:
+            turn[0].set()
+            ended = asyncio.ensure_future(turn[1].wait())
+            stopped = asyncio.ensure_future(cancel.wait())
+            try:
+                await asyncio.wait({ended, stopped}, timeout=SYNC_HOLD_S, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ended.cancel()
+                stopped.cancel()
+                self._turns.pop(job.id, None)
+        await self._record(job, lambda: self.store.transition(job.id, {RUNNING}, SUCCEEDED, attempt=job.attempts,
+                                                              reason="sync turn ended", cancel_requested=False))
+        await asyncio.to_thread(self.store.delete, job.id)
 
     async def cancel(self, job_id: str) -> tuple[Job, bool, int | None] | None:
         """Cancel a job. Returns it, whether this changed it (False: already finished) and its
@@ -609,9 +741,11 @@ class JobDispatcher:
     async def _claim(self, kinds: list[str]) -> Job | None:
         """`store.claim`, kept as `_claiming` while it is in flight: a halt cancels the dispatch loop,
         not the store call in its thread, so `_halt` waits for it and notes a job it took."""
-        self._claiming = asyncio.ensure_future(asyncio.to_thread(self.store.claim, kinds))
+        self._claiming = asyncio.ensure_future(asyncio.to_thread(lambda: self.store.claim(kinds, policy=self.policy())))
         job = await asyncio.shield(self._claiming)
         self._claiming = None
+        if job is not None:
+            self._on_claim(job)
         return job
 
     def _begin(self, job: Job) -> None:
@@ -641,6 +775,9 @@ class JobDispatcher:
 
     async def _run(self, job: Job, cancel: asyncio.Event) -> None:
         try:
+            if job.request_hash == SYNC_TURN:
+                await self._hold_turn(job, cancel)
+                return
             await self._run_attempt(job, cancel)
         except LeaseLost:  # another runner holds the lease: this run's outcome is not ours to record
             logger.warning("job %s: outcome not recorded: this runner lost the lease", job.id)
@@ -731,6 +868,17 @@ class JobDispatcher:
             cancelled.cancel()
         self.backoff.succeeded(job.kind)
         await self._record(job, lambda: self._save(job, result, files))
+        await self._charge(job.group, device_seconds(result, time.time() - (job.started_at or time.time())))
+
+    async def _charge(self, group: str | None, seconds: float) -> None:
+        """Add a finished run's device seconds to its group's share (advisory: a store error is logged)."""
+        try:
+            await asyncio.to_thread(self.store.record_usage, group or "local", seconds,
+                                    half_life_s=self.policy().half_life_s)
+        except LeaseLost:
+            self._lost.set()
+        except Exception as error:
+            logger.warning("could not record %.2f GPU-seconds for group %s (%s)", seconds, group, type(error).__name__)
 
     async def _generate(self, job: Job) -> tuple[dict, list]:
         """The model part of a run: the result and its files, not yet recorded."""

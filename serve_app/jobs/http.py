@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import math
@@ -23,8 +24,8 @@ from fastapi.encoders import jsonable_encoder
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
-from serve_app.config import JobsConfig
-from serve_app.jobs.dispatch import JobRejected
+from serve_app.config import FairnessConfig, JobsConfig
+from serve_app.jobs.dispatch import SYNC_TURN, JobRejected
 from serve_app.jobs.model import CANCELLED, RUNNING, SUCCEEDED, Job, dumps
 from serve_app.jobs.results import with_urls
 from serve_app.jobs.webhooks import WebhookGate
@@ -139,8 +140,10 @@ def request_hash(submission: JobSubmission) -> str:
 
 class JobsApi:
     def __init__(self, runner, images: ImageService, videos: VideoService | None, retry_limit: int,
-                 streams: StreamLimits | None = None, webhooks: WebhookGate | None = None):
+                 streams: StreamLimits | None = None, fairness: FairnessConfig | None = None,
+                 webhooks: WebhookGate | None = None):
         self.runner = runner
+        self.fairness = fairness  # None or sync off: synchronous requests go straight to the models
         self.webhooks = webhooks or WebhookGate()
         self.streams = _OpenStreams(streams or StreamLimits())
         self.images = images
@@ -179,8 +182,9 @@ class JobsApi:
         if auth is not None:
             await auth.charge_images(who, images)  # 429 naming the daily budget when it is spent
         try:
-            job, created, position = await self.runner.submit.remote(submission.kind, stored, idempotency_key, digest,
-                                                                     who.key_id, who.limits.active_jobs, targets)
+            job, created, position = await self.runner.submit.remote(
+                submission.kind, stored, idempotency_key, digest, who.key_id, who.limits.active_jobs, who.group,
+                submission.priority, who.limits.queued_jobs, targets)
         except BaseException as error:
             # Not recorded (refused, or the runner or its store failed): the client is not charged.
             # Should the job have been recorded after all (its answer lost), a retry with its
@@ -193,10 +197,11 @@ class JobsApi:
             raise
         if auth is not None and not created:
             await auth.refund_images(who, images)  # a replay (a concurrent submit won), or refused: no new work
-        if job is None:
-            raise LimitExceeded("active_jobs", position, time.time() + 1,
-                                f"job quota: {position} jobs queued or running for this key; submit more "
-                                "when one finishes (or cancel one)")
+        if job is None:  # `created` names the limit: active_jobs or queued_jobs
+            counted = "queued or running" if created == "active_jobs" else "queued"
+            raise LimitExceeded(created, position, time.time() + 1,
+                                f"job quota ({created}): {position} jobs {counted} for this key; submit more "
+                                "when one starts or finishes (or cancel one)")
         if not created:
             return self._replayed(job, position, digest, idempotency_key)
         return job, created, position
@@ -262,12 +267,46 @@ class JobsApi:
         """The job and its queue position, if the caller may see it; else 404, exactly as for an
         unknown id (another key's job id is not confirmed to exist)."""
         found = await self.runner.status.remote(job_id)
-        if found is None or not principal(request).sees(found[0].owner):
+        if found is None or not principal(request).sees(found[0].owner) or found[0].request_hash == SYNC_TURN:
             raise _not_found(job_id)
         return found
 
     async def status(self, job_id: str, request: Request) -> JobStatus:
-        return self.render(*await self.find(job_id, request), request)
+        found = await self.runner.status_with_estimate.remote(job_id)
+        if found is None or not principal(request).sees(found[0].owner) or found[0].request_hash == SYNC_TURN:
+            raise _not_found(job_id)
+        job, position, estimate = found
+        return self.render(job, position, request, estimate)
+
+    # Synchronous requests in the fair order
+
+    async def in_turn(self, request: Request, generate):
+        """`await generate()` (a synchronous image request) in its turn of the fair order, its GPU
+        time charged to the caller's group; straight away when fairness.sync is off."""
+        if self.fairness is None or not self.fairness.sync:
+            return await generate()
+        async with self.sync_turn(request, "image", self.fairness.sync_max_wait_s) as spent:
+            response = await generate()
+            spent["device_s"] = response.timings.get("device", 0.0)
+            return response
+
+    @contextlib.asynccontextmanager
+    async def sync_turn(self, request: Request, kind: str, wait_s: float):
+        """Hold a turn in the same fair order as jobs for a synchronous request (jobs/fairness.py):
+        at once when nothing is queued and a slot is free, else when the caller's group comes
+        next; 503 with Retry-After when none came within `wait_s`. Yields a dict in which the
+        request sets `device_s`, charged to its group's share as the turn ends."""
+        who = principal(request)
+        token = await self.runner.sync_turn.remote(kind, who.key_id, who.group, wait_s)
+        if token is None:
+            raise JobError(503, f"no turn for this request within {wait_s:g}s: the {kind} models are busy with "
+                                "jobs and requests of keys that are behind their share (jobs.fairness.sync_max_wait_s), "
+                                "or this key is paused (weight 0 in the keys file); retry later, or submit it as a job", {"Retry-After": str(math.ceil(wait_s))})
+        spent = {"device_s": 0.0}
+        try:
+            yield spent
+        finally:
+            await self.runner.end_turn.remote(token, who.group or who.key_id, spent["device_s"])
 
     async def list(self, request: Request, state: str | None, limit: int, cursor: str | None) -> JobList:
         # ASCII digits only, and no more than a seq can be: "²".isdigit() is True, and 20 digits
@@ -278,8 +317,10 @@ class JobsApi:
         who = principal(request)
         owner = None if who.admin else who.key_id
         rows = await self.runner.list.remote(state, limit + 1, None if cursor is None else int(cursor), owner)
+        # Sync requests' turns are tickets in the queue, not jobs of the caller's: left out (a page may be short).
         page = rows[:limit]
         next_cursor = str(page[-1][0].seq) if len(rows) > limit else None
+        page = [(job, position) for job, position in page if job.request_hash != SYNC_TURN]
         return JobList(jobs=[self.render(job, position, request) for job, position in page], next_cursor=next_cursor)
 
     async def result(self, job_id: str, request: Request):
@@ -493,10 +534,11 @@ class JobsApi:
         signed = auth.sign_path(path, principal(request).key_id) if auth is not None else path
         return request.scope.get("root_path", "") + signed
 
-    def render(self, job: Job, position: int | None, request: Request) -> JobStatus:
+    def render(self, job: Job, position: int | None, request: Request, estimate_s: float | None = None) -> JobStatus:
         base = self._base(request, job.id)
         return JobStatus(
-            id=job.id, kind=job.kind, state=job.state, queue_position=position,
+            id=job.id, kind=job.kind, state=job.state, queue_position=position, estimated_start_s=estimate_s,
+            priority=job.priority,
             progress=_public_progress(job.progress) if job.progress else None,
             attempts=job.attempts, max_attempts=self.retry_limit + 1, cancel_requested=job.cancel_requested,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,

@@ -55,6 +55,8 @@ class Job:
     history: list[dict]
     idempotency_key: str | None = None  # as the store keeps it: scoped to the owner ("<owner>:<key>")
     owner: str | None = None  # the API key id that submitted it ("local" without keys; None: internal)
+    group: str | None = None  # whose share of the GPU it runs in (fairness.group_of: the key's group, or the key)
+    priority: str = "normal"  # low, normal or high: order within the group's own share (fairness.py)
     request_hash: str | None = None
     cancel_requested: bool = False
     started_at: float | None = None
@@ -114,6 +116,13 @@ def new_deliveries(job_id: str, owner: str | None, targets: list[dict], state: s
              "state": PENDING, "attempts": 0, "next_at": now, "created_at": now, "last_status": None,
              "last_error": None, "delivered_at": None}
             for index, target in enumerate(targets) if event in target.get("events", EVENTS.values())]
+class QueuedJobsExceeded(Exception):
+    """An owner already has `limit` jobs queued (its key's limits.queued_jobs)."""
+
+    def __init__(self, owner: str, limit: int):
+        super().__init__(f"{owner} has {limit} jobs queued")
+        self.owner = owner
+        self.limit = limit
 
 
 def history_entry(state: str, at: float, attempt: int, reason: str | None = None) -> dict:

@@ -17,7 +17,12 @@ Layout, under a key prefix P (default `genserve:jobs`):
     P:active:<owner>    set of the owner's queued and running job ids (the active-jobs quota)
     P:seq               submission counter
     P:all, P:state:<s>  sorted sets of job ids by seq (listing, filtering, paging)
-    P:queue:<kind>      sorted set of queued job ids by seq (claiming, queue position)
+    P:queue:<kind>      sorted set of queued job ids by seq (queue position, counts)
+    P:fq:<kind>:<group>:<priority>  sorted set of a group's queued job ids by seq (the fair claim)
+    P:fgroups:<kind>    set of the groups that may have queued jobs of the kind
+    P:frun:<group>      set of the group's running job ids
+    P:fuse:<group>      hash: the group's decayed GPU-seconds, jobs and as-of time (fairness.py)
+    P:queued:<owner>    set of the owner's queued job ids (the queued-jobs cap)
     P:expiry            sorted set of finished job ids by expiry time (the TTL sweep)
     P:dl:<msg id>       hash: a webhook or A2A push delivery of a job's end (serve_app.jobs.webhooks)
     P:dls:<id>          list: the job's delivery ids, in the order of its targets
@@ -44,12 +49,14 @@ import logging
 import math
 import uuid
 
+from serve_app.jobs.fairness import PRIORITIES, PRIORITY_RANK, FairPolicy, GroupUsage, Queued, group_of
 from serve_app.jobs.model import (
     QUEUED,
     STATES,
     SUCCEEDED,
     ActiveJobsExceeded,
     Job,
+    QueuedJobsExceeded,
     ResultFile,
     dumps,
     scoped_idempotency_key,
@@ -132,8 +139,26 @@ local function set_state(P, id, job, from, to, now, expires, backstop, reason)
   local kind = redis.call('HGET', job, 'kind')
   redis.call('ZREM', P .. ':state:' .. from, id)
   redis.call('ZADD', P .. ':state:' .. to, seq, id)
-  if from == 'queued' then redis.call('ZREM', P .. ':queue:' .. kind, id) end
-  if to == 'queued' then redis.call('ZADD', P .. ':queue:' .. kind, seq, id) end
+  local grp = redis.call('HGET', job, 'grp')
+  local lane = P .. ':fq:' .. kind .. ':' .. grp .. ':' .. redis.call('HGET', job, 'priority')
+  local running = P .. ':frun:' .. grp
+  local owner_queue = P .. ':queued:' .. (redis.call('HGET', job, 'owner') or '')
+  if from == 'queued' then
+    redis.call('ZREM', P .. ':queue:' .. kind, id)
+    redis.call('ZREM', lane, id)
+    redis.call('SREM', owner_queue, id)
+  end
+  if to == 'queued' then
+    redis.call('ZADD', P .. ':queue:' .. kind, seq, id)
+    redis.call('ZADD', lane, seq, id)
+    redis.call('SADD', P .. ':fgroups:' .. kind, grp)
+    redis.call('SADD', owner_queue, id)
+  end
+  if from == 'running' then redis.call('SREM', running, id) end
+  if to == 'running' then
+    redis.call('SADD', running, id)
+    redis.call('SADD', P .. ':fusers', grp)
+  end
   hist(P, id, to, now, redis.call('HGET', job, 'attempts'), reason)
   if is_terminal(to) then
     local owner = redis.call('HGET', job, 'owner')
@@ -157,7 +182,7 @@ end
 """
 
 _CREATE = _LIB + """
-local P, id, kind, now, request, idem, hash, owner, max_active, targets = unpack(ARGV)
+local P, id, kind, now, request, idem, hash, owner, max_active, grp, priority, max_queued, targets = unpack(ARGV)
 if idem ~= '' then
   local existing = redis.call('GET', P .. ':idem:' .. idem)
   if existing and redis.call('EXISTS', P .. ':job:' .. existing) == 1 then return {existing, 0} end
@@ -165,10 +190,13 @@ end
 if owner ~= '' and max_active ~= '' and redis.call('SCARD', P .. ':active:' .. owner) >= tonumber(max_active) then
   return {'', -1}
 end
+if owner ~= '' and max_queued ~= '' and redis.call('SCARD', P .. ':queued:' .. owner) >= tonumber(max_queued) then
+  return {'', -2}
+end
 local seq = redis.call('INCR', P .. ':seq')
 local job = P .. ':job:' .. id
 redis.call('HSET', job, 'id', id, 'kind', kind, 'state', 'queued', 'seq', seq, 'version', 1, 'attempts', 0,
-           'cancel_requested', 0, 'created_at', now, 'files', '[]')
+           'cancel_requested', 0, 'created_at', now, 'files', '[]', 'grp', grp, 'priority', priority)
 if idem ~= '' then
   redis.call('HSET', job, 'idempotency_key', idem)
   redis.call('SET', P .. ':idem:' .. idem, id)
@@ -185,26 +213,70 @@ hist(P, id, 'queued', now, 0, nil)
 redis.call('ZADD', P .. ':all', seq, id)
 redis.call('ZADD', P .. ':state:queued', seq, id)
 redis.call('ZADD', P .. ':queue:' .. kind, seq, id)
+redis.call('ZADD', P .. ':fq:' .. kind .. ':' .. grp .. ':' .. priority, seq, id)
+redis.call('SADD', P .. ':fgroups:' .. kind, grp)
+redis.call('SADD', P .. ':queued:' .. owner, id)
 return {id, 1}
 """
 
-_CLAIM = _LIB + """
-local P, now, fence = ARGV[1], ARGV[2], ARGV[3]
+_FAIR = """
+-- fairness.py, mirrored: a group's decayed usage, its normalised cost, a job's virtual time.
+local function fair_cost(P, grp, weight, now, policy)
+  local use = redis.call('HMGET', P .. ':fuse:' .. grp, 'seconds', 'jobs', 'at')
+  local seconds, jobs, at = tonumber(use[1]) or 0, tonumber(use[2]) or 0, tonumber(use[3]) or now
+  local factor = math.pow(0.5, math.max(0, now - at) / policy.half_life)
+  local per_job = policy.estimate
+  if jobs > 0 then per_job = seconds / jobs end
+  return (seconds * factor + redis.call('SCARD', P .. ':frun:' .. grp) * per_job) / weight
+end
+"""
+
+_CLAIM = _LIB + _FAIR + """
+local P, now, fence, policy = ARGV[1], tonumber(ARGV[2]), ARGV[3], cjson.decode(ARGV[4])
 if fenced(P, fence) then return redis.error_reply(FENCED) end
-local best, best_seq = nil, nil
-for i = 4, #ARGV do
-  local head = redis.call('ZRANGE', P .. ':queue:' .. ARGV[i], 0, 0, 'WITHSCORES')
-  if head[1] and (best_seq == nil or tonumber(head[2]) < best_seq) then
-    best, best_seq = head[1], tonumber(head[2])
+-- The least normalised cost, then the earliest virtual time, then seq (fairness.pick).
+local best, best_key = nil, nil
+for i = 5, #ARGV do
+  local groups = P .. ':fgroups:' .. ARGV[i]
+  for _, grp in ipairs(redis.call('SMEMBERS', groups)) do
+    local weight = policy.weights[grp] or policy.default
+    local any = false
+    for priority = 0, 2 do
+      local head = redis.call('ZRANGE', P .. ':fq:' .. ARGV[i] .. ':' .. grp .. ':' .. priority, 0, 0, 'WITHSCORES')
+      if head[1] then
+        any = true
+        if weight > 0 then
+          local created = tonumber(redis.call('HGET', P .. ':job:' .. head[1], 'created_at'))
+          local key = {fair_cost(P, grp, weight, now, policy), created + (1 - priority) * policy.age, tonumber(head[2])}
+          if best_key == nil or key[1] < best_key[1] or (key[1] == best_key[1] and (key[2] < best_key[2]
+              or (key[2] == best_key[2] and key[3] < best_key[3]))) then
+            best, best_key = head[1], key
+          end
+        end
+      end
+    end
+    if not any then redis.call('SREM', groups, grp) end
   end
 end
 if best == nil then return false end
 local job = P .. ':job:' .. best
 redis.call('HINCRBY', job, 'attempts', 1)
-redis.call('HSET', job, 'started_at', now)
+redis.call('HSET', job, 'started_at', ARGV[2])
 redis.call('HDEL', job, 'progress')
-set_state(P, best, job, 'queued', 'running', now, '', '', nil)
+set_state(P, best, job, 'queued', 'running', ARGV[2], '', '', nil)
 return best
+"""
+
+_RECORD_USAGE = _FENCE + """
+local P, grp, seconds, now, half_life, fence = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+if fenced(P, fence) then return redis.error_reply(FENCED) end
+local key = P .. ':fuse:' .. grp
+local use = redis.call('HMGET', key, 'seconds', 'jobs', 'at')
+local factor = math.pow(0.5, math.max(0, now - (tonumber(use[3]) or now)) / half_life)
+redis.call('HSET', key, 'seconds', tostring((tonumber(use[1]) or 0) * factor + seconds),
+           'jobs', tostring((tonumber(use[2]) or 0) * factor + 1), 'at', ARGV[4])
+redis.call('SADD', P .. ':fusers', grp)
+return true
 """
 
 _TRANSITION = _LIB + """
@@ -363,6 +435,33 @@ if state == 'pending' then redis.call('ZADD', P .. ':due', next_at, did) else re
 return true
 """
 
+_MIGRATE = """
+-- Jobs recorded before fair queueing have no group: each owner's its own, priority normal, and
+-- the queued ones enter their group's lane (once; jobs with a group are left as they are).
+local P = ARGV[1]
+local moved = 0
+for _, state in ipairs({'queued', 'running'}) do
+  for _, id in ipairs(redis.call('ZRANGE', P .. ':state:' .. state, 0, -1)) do
+    local job = P .. ':job:' .. id
+    if not redis.call('HGET', job, 'grp') then
+      local grp = redis.call('HGET', job, 'owner') or 'local'
+      redis.call('HSET', job, 'grp', grp, 'priority', 1)
+      if state == 'queued' then
+        local kind = redis.call('HGET', job, 'kind')
+        redis.call('ZADD', P .. ':fq:' .. kind .. ':' .. grp .. ':1', redis.call('HGET', job, 'seq'), id)
+        redis.call('SADD', P .. ':fgroups:' .. kind, grp)
+        redis.call('SADD', P .. ':queued:' .. (redis.call('HGET', job, 'owner') or ''), id)
+      else
+        redis.call('SADD', P .. ':frun:' .. grp, id)
+        redis.call('SADD', P .. ':fusers', grp)
+      end
+      moved = moved + 1
+    end
+  end
+end
+return moved
+"""
+
 _ACQUIRE = """
 local P, owner, ttl = ARGV[1], ARGV[2], ARGV[3]
 local current = redis.call('GET', P .. ':lease')
@@ -449,6 +548,7 @@ class RedisJobStore(JobStore):
         check_durability(self._redis, config_check)
         self._create = self._redis.register_script(_CREATE)
         self._claim = self._redis.register_script(_CLAIM)
+        self._record_usage = self._redis.register_script(_RECORD_USAGE)
         self._transition = self._redis.register_script(_TRANSITION)
         self._cancel = self._redis.register_script(_CANCEL)
         self._progress = self._redis.register_script(_PROGRESS)
@@ -461,6 +561,7 @@ class RedisJobStore(JobStore):
         self._record_delivery = self._redis.register_script(_RECORD_DELIVERY)
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
+        self._redis.register_script(_MIGRATE)(args=[self.prefix])
 
     # The runner lease
 
@@ -496,14 +597,18 @@ class RedisJobStore(JobStore):
         return repr(now + self.ttl_s), str(math.ceil(self.ttl_s) + BACKSTOP_S)
 
     def create(self, kind, request, *, idempotency_key=None, request_hash=None, now=None, owner=None,
-               max_active=None, targets=None):
+               max_active=None, group=None, priority="normal", max_queued=None, targets=None):
         job_id, created = self._create(args=[
             self.prefix, uuid.uuid4().hex, kind, repr(_now(now)), dumps(request),
             scoped_idempotency_key(owner, idempotency_key) or "", request_hash or "", owner or "",
-            "" if max_active is None or owner is None else str(max_active), dumps(targets) if targets else "",
+            "" if max_active is None or owner is None else str(max_active), group_of(owner, group),
+            str(PRIORITY_RANK[priority]), "" if max_queued is None or owner is None else str(max_queued),
+            dumps(targets) if targets else "",
         ])
         if created == -1:
             raise ActiveJobsExceeded(owner, max_active)
+        if created == -2:
+            raise QueuedJobsExceeded(owner, max_queued)
         return self.get(job_id.decode()), bool(created)
 
     def find_idempotent(self, owner, idempotency_key):
@@ -569,12 +674,43 @@ class RedisJobStore(JobStore):
             return None
         return self._redis.zcount(self._key("queue", job.kind), "-inf", f"({job.seq}") + 1
 
-    def claim(self, kinds, now=None):
+    def claim(self, kinds, now=None, policy=None):
         kinds = list(kinds)
         if not kinds:
             return None
-        job_id = self._runner_write(self._claim, [self.prefix, repr(_now(now)), self._fence, *kinds])
+        policy = json.dumps((policy or FairPolicy()).to_json())
+        job_id = self._runner_write(self._claim, [self.prefix, repr(_now(now)), self._fence, policy, *kinds])
         return None if job_id is None else self.get(job_id.decode(), with_request=True)
+
+    def record_usage(self, group, seconds, now=None, half_life_s=None):
+        self._runner_write(self._record_usage, [self.prefix, group, repr(float(seconds)), repr(_now(now)),
+                                                repr(half_life_s or FairPolicy().half_life_s), self._fence])
+
+    def usage(self):
+        names = sorted(raw.decode() for raw in self._redis.smembers(self._key("fusers")))
+        pipe = self._redis.pipeline(transaction=True)
+        for group in names:
+            pipe.hmget(self._key("fuse", group), "seconds", "jobs", "at")
+            pipe.scard(self._key("frun", group))
+        replies = pipe.execute()
+        usage = {}
+        for index, group in enumerate(names):
+            (seconds, jobs, at), count = replies[2 * index], replies[2 * index + 1]
+            if seconds is None and not count:
+                continue
+            usage[group] = GroupUsage(float(seconds or 0), float(jobs or 0), float(at or 0), count)
+        return usage
+
+    def queued(self, kind):
+        ids = [raw.decode() for raw in self._redis.zrange(self._key("queue", kind), 0, -1)]
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self._key("job", job_id), "grp", "created_at", "priority", "seq")
+        rows = []
+        for job_id, (group, created, priority, seq) in zip(ids, pipe.execute()):
+            if group is not None:
+                rows.append(Queued(job_id, group.decode(), float(created), int(priority), int(seq)))
+        return rows
 
     def transition(self, job_id, expect, to, *, attempt=None, reason=None, error=None, cancel_requested=None,
                    refund_attempt=False, now=None, fenced=True):
@@ -722,6 +858,8 @@ def _job(fields: dict, history: list, result: bytes | None, request: bytes | Non
         files=[ResultFile(**item) for item in json.loads(text.get("files", "[]"))],
         owner=text.get("owner"),
         targets=json.loads(text["targets"]) if "targets" in text else [],
+        group=text.get("grp"),
+        priority=PRIORITIES[int(text.get("priority", 1))],
     )
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from ray import serve
 
 from deployments.runtime.types import ProgressTarget
 from serve_app.jobs.dispatch import JobDispatcher
-from serve_app.jobs.model import ActiveJobsExceeded, Job
+from serve_app.jobs.fairness import FairPolicy, shares
+from serve_app.jobs.model import ActiveJobsExceeded, Job, QueuedJobsExceeded
 from serve_app.jobs.quality import StoreQualityBook
 from serve_app.jobs.store import JobStore
 from serve_app.jobs.webhooks import Deliverer, Secrets
@@ -60,11 +62,22 @@ class JobRunner:
         self._store = open_store(config)
         # The gate's tallies of job requests go to the store directly (the ingress's through add_quality).
         services.images.quality = StoreQualityBook(self._store, settings.calibration)
+        self._fairness = config.fairness
+        self._keys = _key_ring(settings.auth.keys_file)
+        self._queue_wait = None
+        if settings.metrics:
+            from ray.serve.metrics import Histogram
+
+            # Tagged by group: bounded by the keys file, never by request data.
+            self._queue_wait = Histogram(
+                "genserve_job_queue_wait_seconds", description="Submit to start of jobs and sync turns, by key group.",
+                boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600], tag_keys=("group", "kind"))
         self._dispatcher = JobDispatcher(self._store, services.images, services.videos, slots, config.retry_limit,
                                          config.sweep_interval_s, progress_target,
                                          max_queued_jobs=config.max_queued_jobs,
                                          max_request_bytes=config.max_request_bytes, queued_ttl_s=config.queued_ttl_s,
-                                         lease_ttl_s=config.runner_lease_s,
+                                         lease_ttl_s=config.runner_lease_s, policy=self.policy,
+                                         on_claim=self._claimed,
                                          deliverer=build_deliverer(self._store, settings, renderers))
         # Serve runs the constructor on the replica's event loop. Recovering the jobs a previous
         # runner left running comes once this one holds the store's lease.
@@ -77,16 +90,50 @@ class JobRunner:
             self._report_task = asyncio.get_running_loop().create_task(self._report_jobs(JOBS_GAUGE_INTERVAL_S))
         logger.info("JobRunner: %s store, slots %s, retry limit %d", config.store, slots, config.retry_limit)
 
+    def policy(self) -> FairPolicy:
+        """The fair order's weights (the keys file as it is now) and time constants."""
+        weights = self._keys.weights() if self._keys is not None else {}
+        return FairPolicy(weights=weights, half_life_s=self._fairness.half_life_s,
+                          priority_age_s=self._fairness.priority_age_s)
+
+    def _claimed(self, job: Job) -> None:
+        if self._queue_wait is not None and job.attempts == 1:
+            self._queue_wait.observe(max(0.0, (job.started_at or job.created_at) - job.created_at),
+                                     tags={"group": job.group or "local", "kind": job.kind})
+
     async def submit(self, kind: str, request: dict, idempotency_key: str | None = None,
                      request_hash: str | None = None, owner: str | None = None,
-                     max_active: int | None = None,
-                     targets: list[dict] | None = None) -> tuple[Job, bool, int | None] | tuple[None, bool, int]:
-        """(job, created, queue position); (None, False, limit) when the owner is at `max_active`."""
+                     max_active: int | None = None, group: str | None = None, priority: str = "normal",
+                     max_queued: int | None = None,
+                     targets: list[dict] | None = None) -> tuple[Job, bool, int | None] | tuple[None, str, int]:
+        """(job, created, queue position); (None, the limit's name, limit) when the owner is at
+        `max_active` ("active_jobs") or `max_queued` ("queued_jobs")."""
         try:
             return await self._dispatcher.submit(kind, request, idempotency_key, request_hash, owner, max_active,
-                                                 targets)
+                                                 group, priority, max_queued, targets)
         except ActiveJobsExceeded as error:
-            return None, False, error.limit
+            return None, "active_jobs", error.limit
+        except QueuedJobsExceeded as error:
+            return None, "queued_jobs", error.limit
+
+    async def status_with_estimate(self, job_id: str) -> tuple[Job, int | None, float | None] | None:
+        return await self._dispatcher.status_with_estimate(job_id)
+
+    async def sync_turn(self, kind: str, owner: str | None, group: str | None, wait_s: float) -> str | None:
+        return await self._dispatcher.sync_turn(kind, owner, group, wait_s)
+
+    async def end_turn(self, token: str, group: str | None, device_s: float) -> None:
+        await self._dispatcher.end_turn(token, group, device_s)
+
+    async def fair_usage(self) -> dict[str, dict]:
+        """Each group's recent GPU-seconds (decayed to now), share of them, weight and jobs running."""
+        policy = self.policy()
+        usage = await asyncio.to_thread(self._store.usage)
+        now = time.time()
+        share = shares(usage, now, policy.half_life_s)
+        return {group: {"gpu_seconds": round(use.decayed(now, policy.half_life_s)[0], 3),
+                        "share": round(share[group], 4), "weight": policy.weight(group), "running": use.running}
+                for group, use in usage.items()}
 
     async def put_target(self, job_id: str, target: dict) -> bool | None:
         return await self._dispatcher.put_target(job_id, target)
@@ -172,6 +219,20 @@ def build_deliverer(store: JobStore, settings: Settings, renderers: dict | None 
 
     keys = None if auth is None else auth.keys
     return Deliverer(store, config, Secrets(keys, config.secret()), file_url, renderers, metrics=settings.metrics)
+
+
+def _key_ring(keys_file: str | None):
+    """The keys file's weights, where this replica can read it (the ingress checks it exists at
+    start); without it every group weighs 1, and that is logged."""
+    if keys_file is None:
+        return None
+    from serve_app.security.keys import KeyRing
+
+    try:
+        return KeyRing(keys_file)
+    except (OSError, ValueError) as error:
+        logger.warning("JobRunner: cannot read the keys file for fair-queueing weights (%s); every key weighs 1", error)
+        return None
 
 
 def open_store(config) -> JobStore:

@@ -32,6 +32,15 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from serve_app.jobs.fairness import (
+    PRIORITIES,
+    PRIORITY_RANK,
+    FairPolicy,
+    GroupUsage,
+    Queued,
+    group_of,
+    pick,
+)
 from serve_app.jobs.model import (
     CANCELLED,
     PENDING,
@@ -42,6 +51,7 @@ from serve_app.jobs.model import (
     TERMINAL,
     ActiveJobsExceeded,
     Job,
+    QueuedJobsExceeded,
     ResultFile,
     dumps,
     history_entry,
@@ -51,7 +61,7 @@ from serve_app.jobs.model import (
 )
 from serve_app.jobs.store import CANCEL_REASON, CANCELLED_AT_REQUEUE, JobStore, LeaseLost, _now
 
-SCHEMA_VERSION = 4  # 2: the owner column; 3: the runner_lease table; 4: targets and deliveries
+SCHEMA_VERSION = 5  # 2: the owner column; 3: the runner_lease table; 4: targets and deliveries; 5: fairness (grp, priority, fair_usage)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -106,6 +116,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_at);
 CREATE INDEX IF NOT EXISTS deliveries_by_job ON deliveries (job_id, position);
+-- Fair queueing (serve_app/jobs/fairness.py): each group's GPU-seconds and jobs, decayed as of `at`.
+CREATE TABLE IF NOT EXISTS fair_usage (
+    grp TEXT PRIMARY KEY,
+    seconds REAL NOT NULL,
+    jobs REAL NOT NULL,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS runner_lease (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     owner TEXT,
@@ -114,9 +131,10 @@ CREATE TABLE IF NOT EXISTS runner_lease (
 );
 """
 _OWNER_INDEX = "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, state, seq)"
+_FAIR_INDEX = "CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (state, kind, grp, created_at, seq)"
 # Every column but the request, which can be large (an uploaded image) and is read only to run it.
 _RECORD = ("seq, id, kind, state, idempotency_key, request_hash, version, attempts, cancel_requested, created_at, "
-           "started_at, finished_at, expires_at, progress, error, result, files, history, owner, targets")
+           "started_at, finished_at, expires_at, progress, error, result, files, history, owner, targets, grp, priority")
 _DELIVERY = "id, job_id, owner, target, event, state, attempts, next_at, created_at, last_status, last_error, delivered_at"
 
 
@@ -145,6 +163,11 @@ class SqliteJobStore(JobStore):
             if "targets" not in columns:  # a store written before webhooks: no job has any
                 self._db.execute("ALTER TABLE jobs ADD COLUMN targets TEXT")
             self._db.execute(_OWNER_INDEX)
+            if "grp" not in columns:  # a store from before fair queueing: each owner its own group
+                self._db.execute("ALTER TABLE jobs ADD COLUMN grp TEXT")
+                self._db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 1")
+                self._db.execute("UPDATE jobs SET grp = COALESCE(owner, ?)", (group_of(None),))
+            self._db.execute(_FAIR_INDEX)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
@@ -211,7 +234,7 @@ class SqliteJobStore(JobStore):
                            (self._epoch,))
 
     def create(self, kind, request, *, idempotency_key=None, request_hash=None, now=None, owner=None,
-               max_active=None, targets=None):
+               max_active=None, group=None, priority="normal", max_queued=None, targets=None):
         now = _now(now)
         idempotency_key = scoped_idempotency_key(owner, idempotency_key)
         with self._write() as db:
@@ -221,12 +244,16 @@ class SqliteJobStore(JobStore):
                     return _job(row), False
             if max_active is not None and self._active(db, owner) >= max_active:
                 raise ActiveJobsExceeded(owner, max_active)
+            if max_queued is not None and db.execute("SELECT COUNT(*) FROM jobs WHERE owner IS ? AND state = ?",
+                                                     (owner, QUEUED)).fetchone()[0] >= max_queued:
+                raise QueuedJobsExceeded(owner, max_queued)
             job_id = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO jobs (id, kind, state, request, idempotency_key, request_hash, created_at, history, owner, "
-                "targets) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "targets, grp, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, kind, QUEUED, dumps(request), idempotency_key, request_hash, now,
-                 dumps([history_entry(QUEUED, now, 0)]), owner, dumps(targets) if targets else None),
+                 dumps([history_entry(QUEUED, now, 0)]), owner, dumps(targets) if targets else None,
+                 group_of(owner, group), PRIORITY_RANK[priority]),
             )
             return _job(db.execute(f"SELECT {_RECORD} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
@@ -293,18 +320,16 @@ class SqliteJobStore(JobStore):
             ).fetchone()[0]
         return ahead + 1
 
-    def claim(self, kinds, now=None):
+    def claim(self, kinds, now=None, policy=None):
         kinds = list(kinds)
         if not kinds:
             return None
-        now = _now(now)
-        marks = ",".join("?" * len(kinds))
-        with self._runner_write() as db:
-            row = db.execute(
-                f"SELECT * FROM jobs WHERE state = ? AND kind IN ({marks}) ORDER BY seq LIMIT 1", (QUEUED, *kinds)
-            ).fetchone()
-            if row is None:
+        now, policy = _now(now), policy or FairPolicy()
+        with self._runner_write() as db:  # one transaction: the choice and the move
+            chosen = pick(self._heads(db, kinds, policy), self._usage(db), policy, now)
+            if chosen is None:
                 return None
+            row = db.execute("SELECT * FROM jobs WHERE seq = ?", (chosen.seq,)).fetchone()
             attempt = row["attempts"] + 1
             history = json.loads(row["history"]) + [history_entry(RUNNING, now, attempt)]
             db.execute(
@@ -313,6 +338,46 @@ class SqliteJobStore(JobStore):
                 (RUNNING, attempt, now, dumps(history), row["seq"]),
             )
             return _job(db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone())
+
+    @staticmethod
+    def _heads(db, kinds: list[str], policy: FairPolicy) -> list[Queued]:
+        """Each group's first queued job of `kinds` in its own order (priority-shifted submit time, then seq)."""
+        marks = ",".join("?" * len(kinds))
+        order = "created_at + (1 - priority) * ?, seq"
+        rows = db.execute(
+            f"SELECT id, grp, created_at, priority, seq FROM (SELECT id, grp, created_at, priority, seq, "
+            f"ROW_NUMBER() OVER (PARTITION BY grp ORDER BY {order}) AS rank FROM jobs "
+            f"WHERE state = ? AND kind IN ({marks})) WHERE rank = 1",
+            (policy.priority_age_s, QUEUED, *kinds)).fetchall()
+        return [Queued(row["id"], row["grp"], row["created_at"], row["priority"], row["seq"]) for row in rows]
+
+    @staticmethod
+    def _usage(db) -> dict[str, GroupUsage]:
+        usage = {row["grp"]: GroupUsage(row["seconds"], row["jobs"], row["at"])
+                 for row in db.execute("SELECT grp, seconds, jobs, at FROM fair_usage")}
+        for group, running in db.execute("SELECT grp, COUNT(*) FROM jobs WHERE state = ? GROUP BY grp", (RUNNING,)):
+            usage.setdefault(group, GroupUsage()).running = running
+        return usage
+
+    def record_usage(self, group, seconds, now=None, half_life_s=None):
+        now = _now(now)
+        with self._runner_write() as db:
+            row = db.execute("SELECT seconds, jobs, at FROM fair_usage WHERE grp = ?", (group,)).fetchone()
+            before = GroupUsage(*row) if row is not None else GroupUsage(at=now)
+            spent, jobs = before.decayed(now, half_life_s or FairPolicy().half_life_s)
+            db.execute("INSERT INTO fair_usage (grp, seconds, jobs, at) VALUES (?, ?, ?, ?) ON CONFLICT (grp) DO "
+                       "UPDATE SET seconds = excluded.seconds, jobs = excluded.jobs, at = excluded.at",
+                       (group, spent + seconds, jobs + 1, now))
+
+    def usage(self):
+        with self._lock:
+            return self._usage(self._db)
+
+    def queued(self, kind):
+        with self._lock:
+            rows = self._db.execute("SELECT id, grp, created_at, priority, seq FROM jobs WHERE state = ? AND kind = ?",
+                                    (QUEUED, kind)).fetchall()
+        return [Queued(row["id"], row["grp"], row["created_at"], row["priority"], row["seq"]) for row in rows]
 
     def transition(self, job_id, expect, to, *, attempt=None, reason=None, error=None, cancel_requested=None,
                    refund_attempt=False, now=None, fenced=True):
@@ -548,6 +613,8 @@ def _job(row: sqlite3.Row) -> Job:
         files=[ResultFile(**item) for item in json.loads(row["files"])],
         owner=row["owner"],
         targets=json.loads(row["targets"]) if row["targets"] else [],
+        group=row["grp"],
+        priority=PRIORITIES[row["priority"]],
     )
 
 

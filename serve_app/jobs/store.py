@@ -28,6 +28,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
+from serve_app.jobs.fairness import FairPolicy, GroupUsage, Queued
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, Job, ResultFile
 
 # The reason a requeue of a job whose cancel was asked for records, as it cancels the job instead.
@@ -65,11 +66,14 @@ class JobStore(ABC):
     @abstractmethod
     def create(self, kind: str, request: dict, *, idempotency_key: str | None = None,
                request_hash: str | None = None, now: float | None = None, owner: str | None = None,
-               max_active: int | None = None, targets: list[dict] | None = None) -> tuple[Job, bool]:
+               max_active: int | None = None, group: str | None = None, priority: str = "normal",
+               max_queued: int | None = None, targets: list[dict] | None = None) -> tuple[Job, bool]:
         """Record a new queued job, durably, before returning. `targets`: its webhook, if any. With an idempotency key that is
         already recorded for `owner`, return that job instead and `False`. With `max_active`,
-        raise `ActiveJobsExceeded` if the owner already has that many jobs queued or running
-        (checked atomically with the insert, so concurrent submits cannot overshoot)."""
+        raise `ActiveJobsExceeded` if the owner already has that many jobs queued or running;
+        with `max_queued`, `QueuedJobsExceeded` past that many queued (both checked atomically
+        with the insert, so concurrent submits cannot overshoot). `group` and `priority`: its
+        place in the fair order (fairness.py; the group defaults to the owner)."""
 
     @abstractmethod
     def find_idempotent(self, owner: str | None, idempotency_key: str) -> Job | None:
@@ -98,8 +102,24 @@ class JobStore(ABC):
         """1 for the next job of its kind to start; None unless queued."""
 
     @abstractmethod
-    def claim(self, kinds: Iterable[str], now: float | None = None) -> Job | None:
-        """Move the oldest queued job of one of `kinds` to running, counting an attempt; with its request."""
+    def claim(self, kinds: Iterable[str], now: float | None = None, policy: FairPolicy | None = None) -> Job | None:
+        """Move the next queued job of one of `kinds` in the fair order (fairness.py; `policy`:
+        weights and time constants, default all weights 1) to running, counting an attempt; with
+        its request. The choice and the move are one atomic step."""
+
+    @abstractmethod
+    def record_usage(self, group: str, seconds: float, now: float | None = None,
+                     half_life_s: float | None = None) -> None:
+        """Add a finished run's device seconds (and one job) to `group`'s usage, decayed with the
+        policy's `half_life_s` (a runner's write: fenced)."""
+
+    @abstractmethod
+    def usage(self) -> dict[str, GroupUsage]:
+        """Every group's usage as recorded (decay it to now with `GroupUsage.decayed`) and jobs running."""
+
+    @abstractmethod
+    def queued(self, kind: str) -> list[Queued]:
+        """The queued jobs of `kind`, as the fair order sees them (for positions and estimates)."""
 
     @abstractmethod
     def transition(self, job_id: str, expect: Iterable[str], to: str, *, attempt: int | None = None,

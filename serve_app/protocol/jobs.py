@@ -34,6 +34,10 @@ class JobSubmission(BaseModel):
     request: dict[str, Any] = Field(description="The same body as POST /v1/images or POST /v1/videos.")
     webhook: WebhookSpec | None = Field(
         None, description="Tell a receiver when the job ends: a signed POST, retried until it is answered 2xx.")
+    priority: Literal["low", "normal", "high"] = Field(
+        "normal", description="Order among this key's own jobs: high goes ahead of normal jobs submitted up to "
+                              "jobs.fairness.priority_age_s before it, low behind those submitted up to that long "
+                              "after it. It never takes GPU time from other keys' share.")
 
 
 class JobProgress(BaseModel):
@@ -96,7 +100,14 @@ class JobStatus(BaseModel):
     id: str
     kind: Literal["image", "video"]
     state: JobState
-    queue_position: int | None = Field(None, description="1 = next of its kind to start; set while queued.")
+    queue_position: int | None = Field(
+        None, description="1 = next of its kind to start, in the fair order across keys (jobs ahead of it + 1); set "
+                          "while queued. It can move back when another key's job arrives and that key is behind its "
+                          "share. Null while its key is paused (weight 0).")
+    estimated_start_s: float | None = Field(
+        None, description="Seconds until it is expected to start: the GPU time of the jobs ahead of it (each key's "
+                          "recent mean per job) over the job slots of its kind; set while queued. An estimate.")
+    priority: Literal["low", "normal", "high"] = Field("normal", description="As submitted.")
     progress: JobProgress | None = Field(None, description="The current (or last) run's denoising progress.")
     attempts: int = Field(description="Runs started, the current one included.")
     max_attempts: int = Field(description="Runs allowed: the first and the configured retries.")

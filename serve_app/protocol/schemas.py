@@ -450,7 +450,8 @@ class ImageResponse(BaseModel):
     )
     timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total; parts of "
                                                   "generate where they happened: first_pass and hires, and move_in (an "
-                                                  "on-demand model moved onto the GPU first).")
+                                                  "on-demand model moved onto the GPU first); and device: the "
+                                                  "generator's own time on its device (GPU-seconds).")
     warnings: list[str] = Field(default_factory=list)
     loras: list[Lora] = Field(default_factory=list, description="The LoRA adapters applied, with their scales.")
     mode: Literal["text-to-image", "image-to-image", "inpainting", "instruction-edit"] = Field(

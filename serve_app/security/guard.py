@@ -68,6 +68,7 @@ class Principal:
     scopes: frozenset[str]
     limits: KeyLimits = field(default_factory=KeyLimits)
     signed_url: bool = False  # a signed file URL: the signature, not a key, grants that one file
+    group: str | None = None  # whose share of the GPU its work runs in (keys file `group`, else the key)
 
     @property
     def admin(self) -> bool:
@@ -355,7 +356,7 @@ class Guard:
             return await _answer(send, 401, {"detail": UNAUTHORIZED}, {"WWW-Authenticate": 'Bearer realm="genserve"'},
                                  scope=scope)
         needed = required_scope(method, path)
-        who = Principal(entry.id, frozenset(entry.scopes), entry.limits)
+        who = Principal(entry.id, frozenset(entry.scopes), entry.limits, group=entry.fair_group)
         if not who.allows(needed):
             auth.count(entry.id, "forbidden")
             return await _answer(send, 403, {"detail": f"this API key lacks the {needed!r} scope, which "

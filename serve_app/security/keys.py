@@ -7,10 +7,14 @@
         name: alice
         sha256: 0b1d...                  # sha256 of the key as sent; the key itself is never stored
         scopes: [generate, read]
-        limits: {requests_per_minute: 120, concurrent_requests: 4, active_jobs: 20, daily_images: 2000}
+        limits: {requests_per_minute: 120, concurrent_requests: 4, active_jobs: 20, queued_jobs: 10, daily_images: 2000}
         expires_at: 2027-06-30T00:00:00Z # optional
         revoked: false                   # optional; or delete the entry
         webhook_secret: whsec_...        # signs this key's webhooks (`genserve keys create` adds one)
+        group: research                  # optional: shares the GPU as one with the group's other keys
+        weight: 1                        # a key without a group: its share of GPU time (0 pauses its jobs)
+    groups:                              # optional: named groups and their weights
+      research: {weight: 3}
 
 The file is re-read when its modification time or size changes (checked at most once a second),
 so adding, revoking or rotating a key needs no restart. A file that stops parsing keeps the keys
@@ -32,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.names import SCOPES, Scope
 
@@ -53,6 +57,15 @@ class KeyLimits(BaseModel):
     active_jobs: int | None = Field(None, ge=1, description="Jobs queued plus running at once.")
     daily_images: int | None = Field(
         None, ge=1, description="Images generated per day (a video counts its frames), charged when accepted.")
+    queued_jobs: int | None = Field(None, ge=1, description="Jobs waiting in the queue at once (running ones not counted).")
+
+
+class GroupEntry(BaseModel):
+    """A group of keys that shares the GPU as one (fair queueing, docs/jobs.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: float = Field(1.0, ge=0, description="Its share of recent GPU time against the others'; 0 pauses it.")
 
 
 class KeyEntry(BaseModel):
@@ -68,6 +81,14 @@ class KeyEntry(BaseModel):
     webhook_secret: str | None = Field(
         None, pattern=r"^whsec_[A-Za-z0-9+/=]{24,}$",
         description="Signs this key's webhooks (Standard Webhooks); `genserve keys create` prints it once.")
+    group: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                              description="The group (under `groups:`) whose share of the GPU its jobs run in.")
+    weight: float = Field(1.0, ge=0, description="Without a group: its share of recent GPU time; 0 pauses its jobs.")
+
+    @property
+    def fair_group(self) -> str:
+        """Whose share its jobs run in: its group, else the key itself."""
+        return self.group or self.id
 
     @field_validator("id")
     @classmethod
@@ -93,6 +114,7 @@ class KeysFileModel(BaseModel):
 
     url_signing_secret: str | None = Field(None, min_length=32)
     keys: list[KeyEntry] = []
+    groups: dict[str, GroupEntry] = {}
 
     @field_validator("keys")
     @classmethod
@@ -102,6 +124,22 @@ class KeysFileModel(BaseModel):
         if repeated:
             raise ValueError(f"key ids must be unique; repeated: {repeated}")
         return keys
+
+    @model_validator(mode="after")
+    def _groups_exist(self) -> "KeysFileModel":
+        for key in self.keys:
+            if key.group is not None and key.group not in self.groups:
+                raise ValueError(f"key {key.id!r}: group {key.group!r} is not under groups: (named: "
+                                 f"{sorted(self.groups) or 'none'})")
+            if key.group is not None and key.group in {other.id for other in self.keys}:
+                raise ValueError(f"group {key.group!r} has a key's id; name groups apart from keys")
+        return self
+
+    def weights(self) -> dict[str, float]:
+        """Each fair-queueing group's weight: named groups, and every key without one."""
+        weights = {name: group.weight for name, group in self.groups.items()}
+        weights.update({key.id: key.weight for key in self.keys if key.group is None})
+        return weights
 
 
 def loose_mode(mode: int) -> int:
@@ -199,6 +237,10 @@ class KeyRing:
 
     def entries(self) -> list[KeyEntry]:
         return list(self._fresh().keys)
+
+    def weights(self) -> dict[str, float]:
+        """Fair-queueing weights by group, as the file says now."""
+        return self._fresh().weights()
 
     def signing_secret(self) -> bytes | None:
         secret = self._fresh().url_signing_secret

@@ -250,6 +250,7 @@ class ImageService:
         timings = dict(result.timings)
         timings["encode"] = time.perf_counter() - encode_started
         timings["total"] = time.perf_counter() - started
+        timings["device"] = result.device_seconds  # its share of the GPU's time: what fair queueing charges
         return ImageResponse(
             id=uuid.uuid4().hex,
             created=int(accepted),

@@ -389,7 +389,8 @@ def test_a_stopping_runner_puts_back_a_job_whose_claim_answer_was_lost(store):
         dispatcher = _faulty_dispatcher(faulty, ControlledGenerator(), reconcile_interval_s=3600)
         dispatcher.start()
         await wait_until_async(lambda: dispatcher.info()["lease"] == "held", 5)
-        faulty.fail_once("claim", after=True)
+        # The claim that takes the job: the loop polls meanwhile, and an empty claim must not spend the fault.
+        faulty.fail_once("claim", after=True, when=lambda *args, **kwargs: store.counts()["queued"] > 0)
         job_id = await _submit(dispatcher, "stranded")
         await wait_until_async(lambda: faulty.failed == ["claim"], 5)
         await dispatcher.stop()
@@ -495,11 +496,11 @@ def test_a_job_claimed_as_its_runner_lost_the_lease_is_not_counted_when_it_takes
 
     claim, release, held = store.claim, threading.Event(), []
 
-    def slow_claim(kinds, now=None):
+    def slow_claim(kinds, now=None, policy=None):
         if not held and store.counts()["queued"]:
             held.append(True)
             release.wait(10)  # the lease is lost meanwhile
-        return claim(kinds, now)
+        return claim(kinds, now, policy)
 
     monkeypatch.setattr(store, "claim", slow_claim)
 
@@ -532,7 +533,8 @@ def test_a_stopping_runner_puts_back_a_job_whose_claim_answer_was_lost_even_when
         dispatcher = _faulty_dispatcher(faulty, ControlledGenerator(), reconcile_interval_s=3600)
         dispatcher.start()
         await wait_until_async(lambda: dispatcher.info()["lease"] == "held", 5)
-        faulty.fail_once("claim", after=True)
+        # The claim that takes the job: the loop polls meanwhile, and an empty claim must not spend the fault.
+        faulty.fail_once("claim", after=True, when=lambda *args, **kwargs: store.counts()["queued"] > 0)
         job_id = await _submit(dispatcher, "stranded")
         await wait_until_async(lambda: faulty.failed == ["claim"], 5)
         faulty.fail_once("list", when=lambda state=None, *args, **kwargs: state == "running")

@@ -59,7 +59,7 @@ def test_response_carries_everything_needed_to_reproduce():
     assert response.enhanced_prompt == "a fox, enhanced" and response.style == "anime"
     assert [image.seed for image in response.images] == [7, 8]
     assert [attempt.seed for attempt in response.attempts] == [7, 8]
-    assert set(response.timings) == {"enhance", "generate", "score", "encode", "total"}
+    assert set(response.timings) == {"enhance", "generate", "score", "encode", "total", "device"}
     meta = read_png_meta(base64.b64decode(response.images[1].b64_png))
     assert meta == {
         "prompt": "a fox, enhanced", "original_prompt": "a fox", "negative_prompt": None, "seed": 8, "generator": "cpu", "steps": 4,

@@ -16,24 +16,29 @@ router = APIRouter(tags=["admin"])
 @router.get("/v1/admin/usage")
 async def get_usage(request: Request, service: Services = Depends(services)) -> dict:
     """Each configured key (id, name, scopes, limits, expiry; never its hash) and what it uses now:
-    requests in the last minute, synchronous requests in flight, images today, jobs queued or running."""
+    requests in the last minute, synchronous requests in flight, images today, jobs queued or running,
+    and its group's share of recent GPU time (`gpu_share`); `groups`: each fair-queueing group's
+    recent GPU-seconds (decayed), share, weight and jobs running (docs/jobs.md#fair-between-keys)."""
     auth = request_auth(request)
-    if auth is None or auth.keys is None:
-        return {"keys": [], "detail": "no keys file is configured"}
-    entries = auth.keys.entries()
     runner = service.jobs.runner if service.jobs is not None else None
+    groups = await runner.fair_usage.remote() if runner is not None else {}
+    if auth is None or auth.keys is None:
+        return {"keys": [], "groups": groups, "detail": "no keys file is configured"}
+    entries = auth.keys.entries()
     active = await asyncio.gather(*(runner.active_count.remote(entry.id) for entry in entries)) if runner else []
     keys = []
     for index, entry in enumerate(entries):
         usage = await auth._limiter_call(auth.limiter.usage, entry.id, entry.limits)
         if runner is not None:
             usage["active_jobs"] = active[index]
+            usage["gpu_group"] = entry.fair_group
+            usage["gpu_share"] = groups.get(entry.fair_group, {}).get("share", 0.0)
         keys.append({
             "id": entry.id, "name": entry.name, "scopes": list(entry.scopes),
             "limits": entry.limits.model_dump(exclude_none=True),
             "expires_at": entry.expires_at, "revoked": entry.revoked, "usage": usage,
         })
-    return {"keys": keys}
+    return {"keys": keys, "groups": groups}
 
 
 @router.get("/v1/admin/quality")

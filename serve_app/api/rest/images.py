@@ -17,7 +17,10 @@ async def post_images(request: ImageRequest, http: Request, service: Services = 
     await charge_images(http, request.num_images)
     if any(not isinstance(reference, str) for reference in request.reference_images):
         request = await service.jobs_api().with_references(request, http)  # earlier jobs' images, the caller's own
-    return await service.generate_images(request)
+    if service.jobs is None or request.fallback:  # no job queue; or a peak may send it to the remote fallback
+        return await service.generate_images(request)
+    # In the same fair order as jobs (docs/jobs.md#sync-and-async-share-a-model): not ahead of everyone's jobs.
+    return await service.jobs.in_turn(http, lambda: service.generate_images(request))
 
 
 @router.post("/v1/prompts/enhance", response_model=EnhanceResponse, responses=GENERATE_ERRORS)
