@@ -57,7 +57,8 @@ class LoadedQwenImage(LoadedImageModel):
 
 def tiny_qwen_components(seed: int, vision: bool = False) -> dict:
     """The Qwen-Image components with tiny random weights, keeping the real VAE's 8x downsampling (three
-    halvings; z_dim 4 where the real one has 16) and a 2-layer Qwen2.5-VL over the byte-level ChatML
+    halvings; z_dim 4 where the real one has 16, and 4 channels at full resolution, since the edit
+    pipeline encodes every reference at 1 MP) and a 2-layer Qwen2.5-VL over the byte-level ChatML
     tokenizer. `vision`: the tokenizer gets Qwen2-VL's image tokens and the text encoder's config their
     ids, so the vision tower can read reference images (Qwen-Image-Edit)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
@@ -90,7 +91,7 @@ def tiny_qwen_components(seed: int, vision: bool = False) -> dict:
             joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
         )
         vae = AutoencoderKLQwenImage(
-            base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True],
+            base_dim=4, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True],
             latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
         )
     finally:
