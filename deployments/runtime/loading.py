@@ -158,13 +158,14 @@ def pretrained_location(source: str) -> str:
 
 
 def load_diffusers_pipeline(pipeline_class: str, source: str, placement: Placement, build_tiny: Callable[[], Any],
-                            variant: str | None = None):
+                            variant: str | None = None, **components):
     """The one loading path of a diffusers pipeline, on the CPU in the placement's dtype.
 
     A hub repo id or local folder goes through `<pipeline_class>.from_pretrained` (safetensors
     only, `variant`'s files when given: see `deployments.runtime.weights.local_variant`); `tiny`
     calls `build_tiny`, which makes the same class with random weights. The caller moves it to
-    its device (or sets up offloading).
+    its device (or sets up offloading). `components`: modules the family builds itself, passed to
+    `from_pretrained` in place of loading them (Qwen-Image-Edit's processor without its video part).
     """
     if is_tiny(source):
         pipeline = build_tiny().to(dtype=placement.dtype)
@@ -172,7 +173,7 @@ def load_diffusers_pipeline(pipeline_class: str, source: str, placement: Placeme
         import diffusers
 
         pipeline = getattr(diffusers, pipeline_class).from_pretrained(
-            pretrained_location(source), dtype=placement.dtype, use_safetensors=True, variant=variant
+            pretrained_location(source), dtype=placement.dtype, use_safetensors=True, variant=variant, **components
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
