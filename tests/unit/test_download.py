@@ -44,6 +44,7 @@ def test_each_gpu_profile_plans_every_hub_model_it_loads(profile):
         **({"Qwen/Qwen-Image": ("diffusers-pipeline", None, True), "Qwen/Qwen-Image-Edit-2509": ("diffusers-pipeline", None, True)}
            if profile == "single-gpu.yaml" else {}),
         "black-forest-labs/FLUX.2-klein-4B": ("diffusers-pipeline", None, True),
+        "Tongyi-MAI/Z-Image-Turbo": ("diffusers-pipeline", None, True),
         **({"black-forest-labs/FLUX.2-klein-9B": ("diffusers-pipeline", None, True)} if profile == "single-gpu.yaml"
            else {}),
     }
