@@ -84,6 +84,11 @@ class SizeRule:
     def smallest(self) -> int:
         return -(-self.minimum // self.multiple_of) * self.multiple_of
 
+    def nearest(self, pixels: int) -> list[int]:
+        """The allowed sizes either side of `pixels`, for the 422's suggestion."""
+        low = pixels - pixels % self.multiple_of
+        return sorted({size for size in (low, low + self.multiple_of) if self.allows(size)} or {self.smallest()})
+
 
 class NoParams(BaseModel):
     """A family without request parameters of its own."""

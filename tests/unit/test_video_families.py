@@ -48,13 +48,14 @@ def _plan(entry, **fields):
 @pytest.mark.parametrize(
     "entry, fields, field, words",
     [
-        (SVD, {"prompt": "a fox", "width": 300}, "width", "needs a multiple of 64 between 256 and 2048; got 300"),
+        (SVD, {"prompt": "a fox", "width": 300}, "width", "needs a multiple of 64 between 256 and 2048; got 300 (nearest: 256 or 320)"),
         (SVD, {"image": "x", "num_frames": 30}, "num_frames", "makes 2-25 frames; got 30"),
         (SVD, {"image": "x", "prompt": "a fox"}, "prompt", "not both"),
         (SVD, {"image": "x", "guidance_scale": 4}, "guidance_scale", "takes no guidance_scale; its own parameters: "
                                                                      "motion_bucket_id, noise_aug_strength"),
         (LTX, {"prompt": "a fox", "num_frames": 10}, "num_frames", "8k+1 frames between 9 and 257; got 10 (nearest: 9 or 17)"),
-        (LTX, {"prompt": "a fox", "height": 80}, "height", "a multiple of 32 between 64 and 1280; got 80"),
+        (LTX, {"prompt": "a fox", "height": 80}, "height", "a multiple of 32 between 64 and 1280; got 80 (nearest: 64 or 96)"),
+        (LTX, {"prompt": "a fox", "width": 1300}, "width", "got 1300 (nearest: 1280)"),
         (LTX, {"prompt": "a fox", "motion_bucket_id": 10}, "motion_bucket_id", "takes no motion_bucket_id"),
         (LTX, {"prompt": "a fox", "guidance_scale": 0.5}, "guidance_scale", "greater than or equal to 1"),
         # The family's own parameters are checked against its Params (tests/unit/test_video_inputs.py
