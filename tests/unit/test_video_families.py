@@ -49,7 +49,8 @@ def _plan(entry, **fields):
     "entry, fields, field, words",
     [
         (SVD, {"prompt": "a fox", "width": 300}, "width", "needs a multiple of 64 between 256 and 2048; got 300 (nearest: 256 or 320)"),
-        (SVD, {"image": "x", "num_frames": 30}, "num_frames", "makes 2-25 frames; got 30"),
+        (SVD, {"image": "x", "num_frames": 30}, "num_frames", "makes 2-25 frames; got 30 (nearest: 25)"),
+        (LTX, {"prompt": "a fox", "num_frames": 5}, "num_frames", "got 5 (nearest: 9)"),
         (SVD, {"image": "x", "prompt": "a fox"}, "prompt", "not both"),
         (SVD, {"image": "x", "guidance_scale": 4}, "guidance_scale", "takes no guidance_scale; its own parameters: "
                                                                      "motion_bucket_id, noise_aug_strength"),
