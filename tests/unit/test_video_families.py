@@ -35,8 +35,8 @@ def test_registry_declares_capabilities_and_rules():
     assert svd.param_names() == ("motion_bucket_id", "noise_aug_strength", "decode_chunk_size")
     assert ltx.param_names() == ("guidance_scale", "negative_prompt")
     assert get_video_family("deployments.families.ltx:FAMILY") is ltx
-    with pytest.raises(UnknownFamily, match="unknown video family 'wan'.*ltx.*svd"):
-        get_video_family("wan")
+    with pytest.raises(UnknownFamily, match="unknown video family 'hunyuan'.*ltx.*svd"):
+        get_video_family("hunyuan")
     with pytest.raises(UnknownFamily, match="not an instance of VideoFamily"):
         get_video_family("deployments.families.sd15")
 
@@ -88,7 +88,7 @@ def test_a_familys_parameters_are_declared_once_and_read_from_it_everywhere():
     documented = VideoRequest.model_json_schema()["properties"]
     # ltx's and animatediff's bound, 1-20 (VideoRequest declared 0-30 for both before); null: the family's default.
     assert documented["guidance_scale"]["anyOf"] == [{"type": "number", "minimum": 1, "maximum": 20}, {"type": "null"}]
-    assert "animatediff (default 7.5), ltx (default 3.0): Classifier-free guidance" in documented["guidance_scale"]["description"]
+    assert "animatediff (default 7.5), ltx (default 3.0), wan (default 5.0): Classifier-free guidance" in documented["guidance_scale"]["description"]
     assert documented["motion_bucket_id"]["anyOf"] == [{"type": "integer", "minimum": 0, "maximum": 255}, {"type": "null"}]
     public = VideoSpec(SVD).public()
     assert public["param_schema"]["motion_bucket_id"] == {"type": "integer", "minimum": 0, "maximum": 255, "default": 127,
@@ -138,7 +138,7 @@ def test_video_models_config():
         ({"video_models": [{**LTX.model_dump(), "default_num_frames": 12}]}, "default_num_frames (12) breaks the ltx "
                                                                              "family's frame rule: 8k+1"),
         ({"video_models": [{**LTX.model_dump(), "options": {"offload": "gpu"}}]}, "options for video family 'ltx'"),
-        ({"video_models": [{**SVD.model_dump(), "family": "wan"}]}, "unknown video family 'wan'"),
+        ({"video_models": [{**SVD.model_dump(), "family": "hunyuan"}]}, "unknown video family 'hunyuan'"),
     ]
     for config, words in bad:
         with pytest.raises(ValidationError, match=None) as caught:
