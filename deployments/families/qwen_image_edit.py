@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from deployments.families.base import AccelerationSupport, ImageFamily, derived_pipeline
+from deployments.families.base import AccelerationSupport, ImageFamily, LoraSignature, derived_pipeline
 from deployments.families.qwen_image import (
-    QWEN_LORA,
     QWEN_PROMPT_FORM,
     LoadedQwenImage,
     QwenImageOptions,
@@ -106,7 +105,7 @@ class QwenImageEditFamily(ImageFamily):
     acceleration = AccelerationSupport(denoiser="transformer", repeated_blocks=True)
     prompt_form = QWEN_PROMPT_FORM
     # Edit LoRAs have Qwen-Image's tensor names; metadata naming the edit model tells them apart.
-    lora = QWEN_LORA.__class__(metadata_prefixes=("qwen-image-edit", "qwen_image_edit"), precedence=2)
+    lora = LoraSignature(metadata_prefixes=("qwen-image-edit", "qwen_image_edit"), precedence=2)
 
     def load_pipeline(self, config, placement):
         """Published weights with the processor built without its video part (`load_processor`)."""
