@@ -650,7 +650,7 @@ class ImageModelConfig(_Strict):
                     "'.' (e.g. flux-schnell, sdxl-turbo, my-finetune.v2); at most 64 characters.",
     )
     family: str = Field(
-        description="A built-in family (flux, flux2, sdxl, sd15: docs/models.md) or an import path to one ('package.module:FAMILY')."
+        description="A built-in family (docs/models.md lists them) or an import path to one ('package.module:FAMILY')."
     )
     source: ModelSource = Field(description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'.")
     description: str | None = Field(None, max_length=300, description="Shown in GET /v1/models; default: the family's.")
@@ -680,7 +680,7 @@ class VideoModelConfig(_Strict):
         pattern=MODEL_ID_PATTERN, max_length=64,
         description="What requests name in `model` (e.g. svd-xt, ltx-video); as image model ids.",
     )
-    family: str = Field(description="A built-in video family (svd, ltx, animatediff) or an import path ('package.module:FAMILY').")
+    family: str = Field(description="A built-in video family (docs/models.md lists them) or an import path ('package.module:FAMILY').")
     source: ModelSource = Field(description="Hugging Face repo id, local folder (diffusers layout) or 'tiny'.")
     description: str | None = Field(None, max_length=300, description="Shown in GET /v1/models; default: the family's.")
     device: DeviceOptions = Field(default_factory=DeviceOptions)

@@ -43,7 +43,7 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny model in the library's own layout, loadable by the real loading path.
 
     `kind` is an image model family (`deployments.families`: flux, sdxl, sd15, ...), a video family
-    (svd, ltx, animatediff: its motion adapter) or one of the other tiny models: clip, llm, laion, sdxl-controlnet, depth."""
+    (svd, ltx, wan, ...; animatediff: its motion adapter) or one of the other tiny models: clip, llm, laion, sdxl-controlnet, depth."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if kind in BUILTIN:

@@ -77,7 +77,7 @@ def get_family(name: str) -> ImageFamily:
 
 @cache
 def get_video_family(name: str):
-    """The video family called `name`: a built-in one (svd, ltx, animatediff) or `module[:attribute]`."""
+    """The video family called `name`: a built-in one (`VIDEO_BUILTIN`) or `module[:attribute]`."""
     from deployments.families.video_base import VideoFamily
 
     return _lookup(name, VIDEO_BUILTIN, VideoFamily, "video family")

@@ -61,10 +61,16 @@ class FrameRule:
         return next(count for count in range(self.minimum, self.maximum + 1) if self.allows(count))
 
     def nearest(self, frames: int) -> list[int]:
-        """The allowed counts either side of `frames`, for the 422's suggestion."""
-        low = max(self.minimum, frames - (frames - 1) % self.step)
-        high = low + self.step if low < frames else low
-        return sorted({count for count in (low, high) if self.allows(count)})
+        """The allowed counts either side of `frames`, for the 422's suggestion; past either end, the
+        end's count."""
+        low = frames - (frames - 1) % self.step
+        near = sorted({count for count in (low, low + self.step if low < frames else low) if self.allows(count)})
+        if near:
+            return near
+        return [self.fewest()] if frames < self.minimum else [self.most()]
+
+    def most(self) -> int:
+        return next(count for count in range(self.maximum, self.minimum - 1, -1) if self.allows(count))
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,11 @@ class SizeRule:
 
     def smallest(self) -> int:
         return -(-self.minimum // self.multiple_of) * self.multiple_of
+
+    def nearest(self, pixels: int) -> list[int]:
+        """The allowed sizes either side of `pixels`, for the 422's suggestion."""
+        low = pixels - pixels % self.multiple_of
+        return sorted({size for size in (low, low + self.multiple_of) if self.allows(size)} or {self.smallest()})
 
 
 class NoParams(BaseModel):

@@ -164,8 +164,9 @@ def load_diffusers_pipeline(pipeline_class: str, source: str, placement: Placeme
     A hub repo id or local folder goes through `<pipeline_class>.from_pretrained` (safetensors
     only, `variant`'s files when given: see `deployments.runtime.weights.local_variant`); `tiny`
     calls `build_tiny`, which makes the same class with random weights. `components` replace the
-    pipeline's own (a quantized denoiser: `quantized_denoiser`). The caller moves it to its device
-    (or sets up offloading: `place_pipeline`).
+    pipeline's own, passed to `from_pretrained` in place of loading them (a quantized denoiser:
+    `quantized_denoiser`; Qwen-Image-Edit's processor without its video part). The caller moves it to
+    its device (or sets up offloading: `place_pipeline`).
     """
     if is_tiny(source):
         pipeline = build_tiny().to(dtype=placement.dtype)

@@ -500,8 +500,9 @@ class VideoSpec:
         width, height = request.width or width, request.height or height
         for name, value in (("width", width), ("height", height)):
             if not family.size.allows(value):
-                raise RequestError(name, f"{model} ({family.name}) needs {family.size.describe()}; got {value}",
-                                   family.size.describe())
+                near = " or ".join(map(str, family.size.nearest(value)))
+                raise RequestError(name, f"{model} ({family.name}) needs {family.size.describe()}; got {value} "
+                                         f"(nearest: {near})", family.size.describe())
         frames = request.num_frames or family.frames_default(self.entry)
         if not family.frames.allows(frames):
             near = " or ".join(map(str, family.frames.nearest(frames)))

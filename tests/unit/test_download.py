@@ -41,7 +41,11 @@ def test_each_gpu_profile_plans_every_hub_model_it_loads(profile):
         "Qwen/Qwen2.5-1.5B-Instruct": ("transformers", None, False),
         "stabilityai/stable-video-diffusion-img2vid-xt": ("diffusers-pipeline", "fp16", False),
         "Lightricks/LTX-Video": ("diffusers-pipeline", None, True),  # optional (enabled: false)
+        "Wan-AI/Wan2.2-TI2V-5B-Diffusers": ("diffusers-pipeline", None, True),
+        "Qwen/Qwen-Image": ("diffusers-pipeline", None, True),
+        **({"Qwen/Qwen-Image-Edit-2509": ("diffusers-pipeline", None, True)} if profile == "single-gpu.yaml" else {}),
         "black-forest-labs/FLUX.2-klein-4B": ("diffusers-pipeline", None, True),
+        "Tongyi-MAI/Z-Image-Turbo": ("diffusers-pipeline", None, True),
         **({"black-forest-labs/FLUX.2-klein-9B": ("diffusers-pipeline", None, True)} if profile == "single-gpu.yaml"
            else {}),
     }

@@ -210,7 +210,8 @@ class _TurnRunner:
     def __init__(self, token=None):
         self.token, self.turns, self.ended = token, [], []
 
-    async def submit(self, kind, request, idempotency_key, digest, owner, max_active, group, priority, max_queued):
+    async def submit(self, kind, request, idempotency_key, digest, owner, max_active, group, priority, max_queued,
+                     targets=None):
         self.submitted = (owner, group, priority)
         return None, "queued_jobs", 2
 

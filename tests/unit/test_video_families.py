@@ -35,8 +35,8 @@ def test_registry_declares_capabilities_and_rules():
     assert svd.param_names() == ("motion_bucket_id", "noise_aug_strength", "decode_chunk_size")
     assert ltx.param_names() == ("guidance_scale", "negative_prompt")
     assert get_video_family("deployments.families.ltx:FAMILY") is ltx
-    with pytest.raises(UnknownFamily, match="unknown video family 'wan'.*ltx.*svd"):
-        get_video_family("wan")
+    with pytest.raises(UnknownFamily, match="unknown video family 'hunyuan'.*ltx.*svd"):
+        get_video_family("hunyuan")
     with pytest.raises(UnknownFamily, match="not an instance of VideoFamily"):
         get_video_family("deployments.families.sd15")
 
@@ -48,13 +48,15 @@ def _plan(entry, **fields):
 @pytest.mark.parametrize(
     "entry, fields, field, words",
     [
-        (SVD, {"prompt": "a fox", "width": 300}, "width", "needs a multiple of 64 between 256 and 2048; got 300"),
-        (SVD, {"image": "x", "num_frames": 30}, "num_frames", "makes 2-25 frames; got 30"),
+        (SVD, {"prompt": "a fox", "width": 300}, "width", "needs a multiple of 64 between 256 and 2048; got 300 (nearest: 256 or 320)"),
+        (SVD, {"image": "x", "num_frames": 30}, "num_frames", "makes 2-25 frames; got 30 (nearest: 25)"),
+        (LTX, {"prompt": "a fox", "num_frames": 5}, "num_frames", "got 5 (nearest: 9)"),
         (SVD, {"image": "x", "prompt": "a fox"}, "prompt", "not both"),
         (SVD, {"image": "x", "guidance_scale": 4}, "guidance_scale", "takes no guidance_scale; its own parameters: "
                                                                      "motion_bucket_id, noise_aug_strength"),
         (LTX, {"prompt": "a fox", "num_frames": 10}, "num_frames", "8k+1 frames between 9 and 257; got 10 (nearest: 9 or 17)"),
-        (LTX, {"prompt": "a fox", "height": 80}, "height", "a multiple of 32 between 64 and 1280; got 80"),
+        (LTX, {"prompt": "a fox", "height": 80}, "height", "a multiple of 32 between 64 and 1280; got 80 (nearest: 64 or 96)"),
+        (LTX, {"prompt": "a fox", "width": 1300}, "width", "got 1300 (nearest: 1280)"),
         (LTX, {"prompt": "a fox", "motion_bucket_id": 10}, "motion_bucket_id", "takes no motion_bucket_id"),
         (LTX, {"prompt": "a fox", "guidance_scale": 0.5}, "guidance_scale", "greater than or equal to 1"),
         # The family's own parameters are checked against its Params (tests/unit/test_video_inputs.py
@@ -86,7 +88,7 @@ def test_a_familys_parameters_are_declared_once_and_read_from_it_everywhere():
     documented = VideoRequest.model_json_schema()["properties"]
     # ltx's and animatediff's bound, 1-20 (VideoRequest declared 0-30 for both before); null: the family's default.
     assert documented["guidance_scale"]["anyOf"] == [{"type": "number", "minimum": 1, "maximum": 20}, {"type": "null"}]
-    assert "animatediff (default 7.5), ltx (default 3.0): Classifier-free guidance" in documented["guidance_scale"]["description"]
+    assert "animatediff (default 7.5), ltx (default 3.0), wan (default 5.0): Classifier-free guidance" in documented["guidance_scale"]["description"]
     assert documented["motion_bucket_id"]["anyOf"] == [{"type": "integer", "minimum": 0, "maximum": 255}, {"type": "null"}]
     public = VideoSpec(SVD).public()
     assert public["param_schema"]["motion_bucket_id"] == {"type": "integer", "minimum": 0, "maximum": 255, "default": 127,
@@ -136,7 +138,7 @@ def test_video_models_config():
         ({"video_models": [{**LTX.model_dump(), "default_num_frames": 12}]}, "default_num_frames (12) breaks the ltx "
                                                                              "family's frame rule: 8k+1"),
         ({"video_models": [{**LTX.model_dump(), "options": {"offload": "gpu"}}]}, "options for video family 'ltx'"),
-        ({"video_models": [{**SVD.model_dump(), "family": "wan"}]}, "unknown video family 'wan'"),
+        ({"video_models": [{**SVD.model_dump(), "family": "hunyuan"}]}, "unknown video family 'hunyuan'"),
     ]
     for config, words in bad:
         with pytest.raises(ValidationError, match=None) as caught:
