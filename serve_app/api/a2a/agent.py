@@ -81,14 +81,14 @@ SKILLS: dict[str, dict] = {
         name="Animate image",
         description="Image to video: send the image as a file part and {\"skill\": \"animate-image\"} in a "
                     "data part, with any POST /v1/videos field (`model`: a video model that animates images, "
-                    "see GET /v1/models; text guides the models that take a prompt with the image, ltx).",
+                    "see GET /v1/models; text guides those whose text_to_video is native).",
         tags=["video", "image-to-video"], examples=[],
         input_modes=["image/png", "image/jpeg", "application/json"], output_modes=["video/mp4", "application/json"]),
     TEXT_TO_VIDEO: dict(
         name="Text to video",
         description="Text to video: {\"skill\": \"text-to-video\"} in a data part, with any POST /v1/videos field. "
-                    "Native text-to-video models (ltx, animatediff) take the text; svd animates a keyframe drawn "
-                    "from it.",
+                    "Video models whose text_to_video is native (GET /v1/models) take the text; keyframe ones animate "
+                    "an image drawn from it.",
         tags=["video", "text-to-video"], examples=["waves breaking on rocks"],
         input_modes=["text/plain", "application/json"], output_modes=["video/mp4", "application/json"]),
     SCORE_IMAGE: dict(
