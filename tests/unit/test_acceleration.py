@@ -4,6 +4,8 @@ hardware at model load, applied in the generic loader, and close to plain eager 
 Tolerances are on images in [0, 1] (float output of the pipeline, before uint8 rounding).
 """
 
+import functools
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -35,6 +37,14 @@ def _run(entry: ImageModelConfig, steps: int = 4, size: int = 128, probe=None):
         return np.asarray(model(params, [PROMPT], None, seeded_generators([5]), None)), model
 
 
+@functools.cache
+def _eager(steps: int = 4, size: int = 128) -> np.ndarray:
+    """The plain tiny FLUX's images: the reference each tier is compared with, computed once per shape."""
+    images, _ = _run(_entry(), steps=steps, size=size)
+    images.setflags(write=False)
+    return images
+
+
 def test_a_tier_the_family_lacks_is_rejected_at_config_load_naming_the_field():
     with pytest.raises(ValidationError, match=r"acceleration: cache.kind: 'first_block' is not a cache hook .*unet"):
         _entry("sdxl", cache={"threshold": 0.2})
@@ -61,7 +71,7 @@ def test_the_active_tier_lists_only_what_differs_from_eager():
 
 
 def test_fused_qkv_matches_eager_and_takes_no_loras():
-    eager, _ = _run(_entry())
+    eager = _eager()
     fused, model = _run(_entry(fuse_qkv=True))
     assert hasattr(model.pipeline.transformer.transformer_blocks[0].attn, "to_qkv")
     # The image-to-image and inpainting pipelines (and hires' second pass) run the same fused denoiser.
@@ -80,7 +90,7 @@ def test_the_family_offers_no_loras_a_fused_qkv_entry_refuses():
         assert capabilities.public()["loras"] is takes_loras
 
 def test_int8_weight_only_stays_close_to_eager():
-    eager, _ = _run(_entry())
+    eager = _eager()
     quantized, model = _run(_entry(quantization="int8_weight_only"))
     assert "Int8" in type(model.pipeline.transformer.transformer_blocks[0].attn.to_q.weight).__name__
     # Measured on the tiny FLUX: max 0.008, mean 0.0006.

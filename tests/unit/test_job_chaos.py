@@ -6,14 +6,18 @@ import re
 
 import pytest
 
-from tests.chaos import FAULTS, Chaos
+from tests.chaos import FAULTS, Chaos, Timing
 
 JOBS = 60
+# Faults closer together than `make chaos`'s (0.5-2 s apart, store bursts as long, Redis paused
+# 0.8-1.8 s): the run lasts until every fault happened twice, so their spacing is its length. The
+# pause stays longer than the socket timeout (0.5 s) and every fault still lands while jobs run.
+TIMING = Timing(fault_every_s=(0.2, 0.7), pause_s=(0.7, 1.2))
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_every_job_ends_once_never_twice_at_once_never_stuck_and_spends_attempts_only_on_failures(kind, tmp_path):
-    chaos = Chaos(kind, tmp_path, JOBS, seed=25, rounds=2)
+    chaos = Chaos(kind, tmp_path, JOBS, seed=25, timing=TIMING, rounds=2)
     report = chaos.run()
     print("\n" + "\n".join(report.lines()))
     expected = [fault for fault in FAULTS if kind == "redis" or fault != "pause"]

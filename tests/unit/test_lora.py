@@ -27,8 +27,9 @@ from tests.loras import make_flux_lora, make_sdxl_lora
 TRAVERSAL_NAMES = ["../x", "a/b", "a\\b", "..", "/etc/passwd", "x/../../y", "ok\x00"]
 PROMPT = EnhancedPrompt(prompt="a lighthouse at dusk", negative_prompt=None, style="none", enhancer="none")
 
+# No warm-up: not under test here (tests/unit/test_acceleration.py covers it).
 TINY_FLUX = ImageModelConfig(id="flux-schnell", family="flux", source="tiny", limits={"max_steps": 4, "max_guidance": 0},
-                             options={"max_sequence_length": 32})
+                             options={"max_sequence_length": 32}, warmup={"default_shape": False})
 
 
 @pytest.fixture(scope="module")

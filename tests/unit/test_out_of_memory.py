@@ -20,8 +20,9 @@ from tests.helpers import LOOPBACK, wait_until_async
 from tests.unit.test_job_dispatch import _dispatcher, _state, _submit
 
 OOM = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total capacity)\nmore detail"
+# No warm-up: not under test here (tests/unit/test_acceleration.py covers it).
 TINY_FLUX = ImageModelConfig(id="flux-schnell", family="flux", source="tiny", limits={"max_steps": 4, "max_guidance": 0},
-                             options={"max_sequence_length": 32})
+                             options={"max_sequence_length": 32}, warmup={"default_shape": False})
 PROMPT = EnhancedPrompt(prompt="a red cube", negative_prompt=None, style="none", enhancer="none")
 
 

@@ -30,6 +30,7 @@ PROMPT = EnhancedPrompt(prompt="a red house", negative_prompt="blurry", style="n
 TINY_SDXL = ImageModelConfig(
     id="sdxl", family="sdxl", source="tiny", default_width=256, default_height=256, default_steps=2,
     options={"controlnets": {"canny": "tiny", "depth": "tiny"}, "depth_estimator": "tiny"},
+    warmup={"default_shape": False},  # not under test here (tests/unit/test_acceleration.py covers it)
 )
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from deployments.config import VideoModelConfig
+from deployments.config import VideoModelConfig, VideoWarmupConfig
 from deployments.families import UnknownFamily, get_video_family
 from deployments.runtime.types import VideoParams
 from deployments.tiny import save_tiny
@@ -25,6 +25,8 @@ SVD = VideoModelConfig(id="svd", family="svd", source="tiny", default_width=256,
                        default_num_frames=8)
 LTX = VideoModelConfig(id="ltx-video", family="ltx", source="tiny", default_width=96, default_height=64,
                        default_num_frames=9, default_steps=2)
+# The replicas of the tests that are not about the warm-up skip it (one test below is about it).
+COLD = {"warmup": VideoWarmupConfig(default_shape=False)}
 
 
 def test_registry_declares_capabilities_and_rules():
@@ -169,7 +171,7 @@ def _ltx_params(**overrides) -> VideoParams:
 
 @pytest.fixture(scope="module")
 def tiny_ltx() -> VideoGenerator:
-    return VideoGenerator.func_or_class(LTX)
+    return VideoGenerator.func_or_class(LTX.model_copy(update=COLD))
 
 
 def test_ltx_text_and_image_to_video_from_one_set_of_weights(tiny_ltx):
@@ -203,7 +205,7 @@ def test_a_video_replica_out_of_memory_answers_model_out_of_memory_and_serves_th
 def test_saved_tiny_ltx_loads_through_from_pretrained(tmp_path):
     folder = save_tiny("ltx", tmp_path / "ltx")
     assert (folder / "model_index.json").is_file()
-    loaded = VideoGenerator.func_or_class(LTX.model_copy(update={"source": str(folder)}))
+    loaded = VideoGenerator.func_or_class(LTX.model_copy(update={"source": str(folder), **COLD}))
     assert loaded.info()["source"] == str(folder)
     output = asyncio.run(loaded.animate(_ltx_params(interpolate=2), None))
     assert (output.source_frames, output.num_frames, output.fps) == (9, 17, 48)
@@ -211,7 +213,7 @@ def test_saved_tiny_ltx_loads_through_from_pretrained(tmp_path):
 
 ANIMATEDIFF = VideoModelConfig(id="animatediff", family="animatediff", source="tiny", default_width=64,
                                default_height=64, default_num_frames=4, default_steps=2,
-                               options={"motion_adapter": "tiny"})
+                               options={"motion_adapter": "tiny"}, warmup={"default_shape": False})
 
 
 def test_animatediff_is_text_to_video_only_over_sd15_weights(tmp_path):
