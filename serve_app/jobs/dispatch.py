@@ -63,7 +63,7 @@ from typing import Callable
 from pydantic import ValidationError
 
 from deployments.runtime.types import ModelOutOfMemory, ProgressTarget
-from serve_app.jobs.fairness import FairPolicy, fair_order, group_of
+from serve_app.jobs.fairness import FairPolicy, fair_order, group_of, shares
 from serve_app.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, dumps
 from serve_app.jobs.results import image_result, video_result
 from serve_app.jobs.store import JobStore, LeaseLost
@@ -508,6 +508,16 @@ class JobDispatcher:
     async def status(self, job_id: str) -> tuple[Job, int | None] | None:
         found = await self.status_with_estimate(job_id)
         return None if found is None else found[:2]
+
+    async def fair_usage(self) -> dict[str, dict]:
+        """Each group's recent GPU-seconds (decayed to now), share of them, weight and jobs running."""
+        policy = self.policy()
+        usage = await asyncio.to_thread(self.store.usage)
+        now = time.time()
+        share = shares(usage, now, policy.half_life_s)
+        return {group: {"gpu_seconds": round(use.decayed(now, policy.half_life_s)[0], 3),
+                        "share": round(share[group], 4), "weight": policy.weight(group), "running": use.running}
+                for group, use in usage.items()}
 
     async def status_with_estimate(self, job_id: str) -> tuple[Job, int | None, float | None] | None:
         """The job, its place in the fair order and the seconds until it is expected to start."""

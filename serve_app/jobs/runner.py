@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from ray import serve
 
 from deployments.runtime.types import ProgressTarget
 from serve_app.jobs.dispatch import JobDispatcher
-from serve_app.jobs.fairness import FairPolicy, shares
+from serve_app.jobs.fairness import FairPolicy
 from serve_app.jobs.model import ActiveJobsExceeded, Job, QueuedJobsExceeded
 from serve_app.jobs.quality import StoreQualityBook
 from serve_app.jobs.store import JobStore
@@ -126,14 +125,7 @@ class JobRunner:
         await self._dispatcher.end_turn(token, group, device_s)
 
     async def fair_usage(self) -> dict[str, dict]:
-        """Each group's recent GPU-seconds (decayed to now), share of them, weight and jobs running."""
-        policy = self.policy()
-        usage = await asyncio.to_thread(self._store.usage)
-        now = time.time()
-        share = shares(usage, now, policy.half_life_s)
-        return {group: {"gpu_seconds": round(use.decayed(now, policy.half_life_s)[0], 3),
-                        "share": round(share[group], 4), "weight": policy.weight(group), "running": use.running}
-                for group, use in usage.items()}
+        return await self._dispatcher.fair_usage()
 
     async def put_target(self, job_id: str, target: dict) -> bool | None:
         return await self._dispatcher.put_target(job_id, target)
