@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 from standardwebhooks import Webhook
@@ -15,6 +14,7 @@ from serve_app.config import WebhooksConfig
 from serve_app.jobs.model import DELIVERED, GAVE_UP, PENDING, ResultFile
 from serve_app.jobs.webhooks import Deliverer, UrlPolicy, WebhookGate, WebhookRefused
 from serve_app.security.keys import new_webhook_secret
+from tests.helpers import wait_until
 
 SECRET = new_webhook_secret()
 HOOK = {"id": "webhook", "kind": "webhook", "url": "https://hooks.example.com/h", "events": ["job.succeeded"]}
@@ -139,7 +139,7 @@ def test_a_webhook_survives_a_killed_runner_and_a_500_with_the_same_id(backend):
     with Receiver(["hang", 500]) as receiver:
         quiet = Timing(model_failure_rate=0, poison_rate=0)
         first = Runner("a", backend.open(), ChaosModel(quiet, seed=1), timing, deliverer=_deliverer)
-        _wait(first.holds_lease)
+        wait_until(first.holds_lease, timeout_s=20, interval_s=0.02, what="runner A holding the lease")
         job, _ = first.store.create("image", {"prompt": "a fox chaos-1", "seed": 1}, owner="k_1",
                                     targets=[{**HOOK, "url": receiver.url}])
         receiver.wait_for(1)  # A's attempt is in flight, held by the receiver
@@ -148,7 +148,8 @@ def test_a_webhook_survives_a_killed_runner_and_a_500_with_the_same_id(backend):
         second = Runner("b", backend.open(), ChaosModel(quiet, seed=2), timing, deliverer=_deliverer)
         try:
             received = receiver.wait_for(3)
-            _wait(lambda: second.store.deliveries(job.id)[0]["state"] == DELIVERED)
+            wait_until(lambda: second.store.deliveries(job.id)[0]["state"] == DELIVERED, timeout_s=20,
+                       interval_s=0.02, what="runner B recording the delivery")
         finally:
             second.stop()
     ids = {headers["webhook-id"] for headers, _ in received}
@@ -162,31 +163,35 @@ def test_a_webhook_survives_a_killed_runner_and_a_500_with_the_same_id(backend):
     assert delivery["attempts"] == 2 and delivery["last_status"] == 200, "A's attempt was never recorded"
 
 
-def _wait(condition, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
-def test_submit_answers_422_naming_the_field_and_get_shows_the_delivery(tmp_path):
-    from fastapi.testclient import TestClient
-
+def _app(store):
+    """The API over `store` with a job dispatcher that is never started (jobs stay queued) and the
+    webhook gate on the stub resolver, signing with SECRET: (app, its services, the dispatcher)."""
     from serve_app.api.app import build_api
     from serve_app.jobs import http as jobs_http
     from serve_app.jobs.dispatch import JobDispatcher
-    from serve_app.jobs.sqlite_store import SqliteJobStore
     from serve_app.services.health import Readiness
     from serve_app.services.local import LocalHandle
     from tests.fakes import fake_services
 
     services = fake_services()
-    dispatcher = JobDispatcher(SqliteJobStore(tmp_path), services.images, None, {"image": 1}, 1)  # not started
+    dispatcher = JobDispatcher(store, services.images, None, {"image": 1}, 1)
     services.jobs = jobs_http.JobsApi(LocalHandle(dispatcher), services.images, None, 2,
                                       webhooks=WebhookGate(UrlPolicy(resolve=stub_resolve), SECRET))
     services.readiness = Readiness(lambda: {})
     app = build_api()
     app.state.services = services
+    return app, services, dispatcher
+
+
+def test_submit_answers_422_naming_the_field_and_get_shows_the_delivery(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from serve_app.jobs import http as jobs_http
+    from serve_app.jobs.sqlite_store import SqliteJobStore
+    from serve_app.services.local import LocalHandle
+
+    store = SqliteJobStore(tmp_path)
+    app, services, dispatcher = _app(store)
     client = TestClient(app, client=("127.0.0.1", 40000))
     body = {"kind": "image", "request": {"prompt": "a boat"}}
     for url, why in (("http://169.254.169.254/", "scheme"), ("https://127.0.0.1/", "loopback"),
@@ -256,22 +261,10 @@ def test_the_openai_url_path_and_the_mcp_tools_take_a_webhook_too(tmp_path):
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
 
-    from serve_app.api.app import build_api
-    from serve_app.jobs import http as jobs_http
-    from serve_app.jobs.dispatch import JobDispatcher
     from serve_app.jobs.sqlite_store import SqliteJobStore
-    from serve_app.services.health import Readiness
-    from serve_app.services.local import LocalHandle
-    from tests.fakes import fake_services
 
     store = SqliteJobStore(tmp_path)
-    services = fake_services()
-    dispatcher = JobDispatcher(store, services.images, None, {"image": 1}, 1)  # not started: jobs stay queued
-    services.jobs = jobs_http.JobsApi(LocalHandle(dispatcher), services.images, None, 2,
-                                      webhooks=WebhookGate(UrlPolicy(resolve=stub_resolve), SECRET))
-    services.readiness = Readiness(lambda: {})
-    app = build_api()
-    app.state.services = services
+    app, _, _ = _app(store)
     client = TestClient(app, client=("127.0.0.1", 40000))
     inside = client.post("/v1/images/generations", json={"prompt": "a kite", "response_format": "url",
                                                           "webhook": {"url": "https://inside.example.com/h"}})
