@@ -345,9 +345,12 @@ class ImageFamily:
         return sources
 
     def prompt_form_of(self, config: "ImageModelConfig") -> PromptForm | None:
-        """The prompt form for an entry: the family's, with its tokenizers loaded from the entry's source."""
+        """The prompt form for an entry: the family's, with its tokenizers loaded from the entry's source.
+        A simulated entry (`sim:<profile>`) has no files to read them from: its prompt is not fitted."""
         if self.prompt_form is None:
             return None
+        if config.device.simulated is not None:
+            return dataclasses.replace(self.prompt_form, tokenizers=())
         tokenizers = tuple(dataclasses.replace(tokenizer, source=config.source) for tokenizer in self.prompt_tokenizers)
         return dataclasses.replace(self.prompt_form, tokenizers=tokenizers)
 

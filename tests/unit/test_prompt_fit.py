@@ -114,3 +114,13 @@ def _params():
     from deployments.runtime.types import GenerationParams
 
     return GenerationParams(seeds=[1], width=256, height=256, num_inference_steps=1, guidance_scale=5.0)
+
+
+def test_a_simulated_entry_has_no_tokenizers_to_load_so_its_prompt_is_not_fitted():
+    # configs/sim-h200.yaml's FLUX entry names a hub source whose files a simulated model never has:
+    # loading its tokenizer failed every enhanced request with a 500 (found by genserve bench on it).
+    args = app_args_from_config("configs/sim-h200.yaml")
+    entry = args.image_model("flux-schnell")
+    target = get_family(entry.family).prompt_form_of(entry)
+    assert target is not None and target.tokenizers == () and target.instructions
+    assert TokenBudget().fits_for(target) is None
