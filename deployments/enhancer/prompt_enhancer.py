@@ -153,6 +153,15 @@ class PromptEnhancer:
                 time.perf_counter() - started,
             )
 
+    async def device_time(self) -> dict | None:
+        """This replica's LLM-call totals, as the generators give them (`genserve bench` adds them to
+        the device time: the LLM runs on the GPU too); None without a local LLM (template mode, or a
+        remote backend, whose time is not this GPU's)."""
+        metrics = getattr(self, "_model_metrics", None)
+        if metrics is None or self._llm is None or self._llm.backend != "transformers":
+            return None
+        return metrics.device_time()
+
     async def enhance(
         self,
         prompt: str,

@@ -12,7 +12,8 @@ responses per second of wall time; p50/p95 are client-side latencies of the succ
 request that still failed counts as failed. A storm level (`--storm`, 64 clients by default) comes
 last: its clients send a rejected request again at once, ignoring `Retry-After`, the most pressure.
 
-Around each level the benchmark reads the model replicas' device time and its Ray processes' CPU
+Around each level the benchmark reads the model replicas' device time (the generator's, the
+scorer's and the enhancer LLM's) and its Ray processes' CPU
 times (`serve_app.bench.device`): utilization, the serving overhead at 1 client and the CPU per image
 spent outside the model. `level_json` is one level as `--json` prints it.
 """
@@ -221,13 +222,13 @@ def _measured_level(args: AppArgs, url: str, body: dict, mode: str, clients: int
 
     def readings() -> tuple:
         return (read_device_times(APP_NAME, generator), read_device_times(APP_NAME, "ClipScorer"),
-                cluster_cpu_seconds())
+                cluster_cpu_seconds(), read_device_times(APP_NAME, "PromptEnhancer"))
 
     before = readings()
     level = asyncio.run(run_level(url, body, mode, clients, requests, storm=storm))
     after = readings()
     level.device = device_use((before[0], after[0]), (before[1], after[1]), (before[2], after[2]), level.wall_s,
-                              idle)
+                              idle, enhancer=(before[3], after[3]))
     return level
 
 

@@ -7,8 +7,8 @@ Ray cluster (the processes this one started: GCS, raylet, the proxy, the control
 then:
 - utilization of a replica: its busy seconds over the level's wall seconds; of the deployment, the
   mean over its replicas (the per-replica figures beside it);
-- device seconds per request: the busy seconds of the generator and the scorer over the requests
-  answered; at 1 client, the serving overhead is the mean end-to-end latency minus that;
+- device seconds per request: the busy seconds of the generator, the scorer and the enhancer's LLM
+  (where it runs one) over the requests answered; at 1 client, the serving overhead is the mean end-to-end latency minus that;
 - CPU per image outside the model: the Ray processes' CPU seconds minus the model calls' CPU seconds
   and minus what the cluster spends idle (its CPU rate with no traffic, measured once after the
   warm-up, times the level's wall time), over the images answered: proxy, ingress, enhancer,
@@ -55,12 +55,15 @@ def cpu_delta(before: dict[tuple, float], after: dict[tuple, float]) -> float:
 
 
 def device_use(generator: tuple[Samples, Samples], scorer: tuple[Samples, Samples],
-               cpu: tuple[dict, dict], wall_s: float, idle_cores: float = 0.0) -> DeviceUse:
+               cpu: tuple[dict, dict], wall_s: float, idle_cores: float = 0.0,
+               enhancer: tuple[Samples, Samples] | None = None) -> DeviceUse:
     """A level's `DeviceUse` from the readings before and after it; `idle_cores`: the cluster's CPU
-    seconds per second with no traffic."""
+    seconds per second with no traffic; `enhancer`: its LLM's readings, when it runs one on the device
+    (its calls are device time too, as the generator's and the scorer's are)."""
     mean, per_replica = utilization(*generator, wall_s)
-    device_s = sum(busy_deltas(*generator).values()) + sum(busy_deltas(*scorer).values())
-    model_cpu_s = sum(busy_deltas(*generator, key="cpu_s").values()) + sum(busy_deltas(*scorer, key="cpu_s").values())
+    models = [generator, scorer] + ([enhancer] if enhancer is not None else [])
+    device_s = sum(sum(busy_deltas(*readings).values()) for readings in models)
+    model_cpu_s = sum(sum(busy_deltas(*readings, key="cpu_s").values()) for readings in models)
     return DeviceUse(mean, per_replica, device_s, model_cpu_s, cpu_delta(*cpu), idle_cores * wall_s)
 
 
@@ -116,6 +119,8 @@ def read_device_times(app: str, deployment: str, tries_per_replica: int = 8) -> 
     samples: Samples = {}
     for _ in range(tries_per_replica * running):
         sample = handle.device_time.remote().result(timeout_s=30)
+        if sample is None:  # a deployment with no model on the device (the template enhancer)
+            return {}
         samples[sample["replica"]] = sample
         if len(samples) >= running:
             break

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +162,14 @@ class Candidate:
     image: np.ndarray
     scores: dict[str, float]
     passed: bool
+    # Its encoding, started while it was being scored (`on_generated`); None when none was started.
+    encoding: Awaitable | None = None
+
+
+# Called with each image as it arrives, before its scores: (the round's prompt, the seed, the image).
+# What it returns (an awaitable, e.g. an encoding in a worker thread) is kept as the candidate's
+# `encoding`, so the ingress's CPU work on an image overlaps the scorer's device time.
+OnGenerated = Callable[[EnhancedPrompt, int, np.ndarray], Awaitable | None]
 
 
 @dataclass
@@ -244,8 +253,10 @@ def choose(candidates: list[Candidate], count: int, metric: str) -> list[Candida
 
 
 async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_s: float = 600.0,
-                          progress: ProgressTarget | None = None) -> GraphResult:
-    """`progress`: where the generator reports its denoising steps (async jobs); None for none."""
+                          progress: ProgressTarget | None = None, on_generated: OnGenerated | None = None,
+                          ) -> GraphResult:
+    """`progress`: where the generator reports its denoising steps (async jobs); None for none.
+    `on_generated`: see `OnGenerated`."""
     timings = {"enhance": 0.0, "generate": 0.0, "score": 0.0}
     # Responses are passed on unresolved: Serve hands the enhancer's prompt to the generator and
     # the generator's images to the scorer straight through the object store, so the three calls
@@ -299,15 +310,17 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
             round_started = time.perf_counter()  # the generator starts once the prompt is there
         output: GenerationOutput = await call_stage(generation, "generate", timeout_s)
         generated_at = time.perf_counter()
+        early = [None if on_generated is None else on_generated(enhanced, seed, image)
+                 for seed, image in zip(output.seeds, output.images)]
         scores: list[dict[str, float]] = await call_stage(scoring, "score", timeout_s)
         timings["generate"] += generated_at - round_started
         for part, seconds in output.timings.items():  # parts of generate: first_pass, hires
             timings[part] = timings.get(part, 0.0) + seconds
         timings["score"] += time.perf_counter() - generated_at
         device_seconds += output.seconds if output.share_seconds is None else output.share_seconds
-        for seed, image, image_scores in zip(output.seeds, output.images, scores):
+        for seed, image, image_scores, encoding in zip(output.seeds, output.images, scores, early):
             passed = bool(image_scores[plan.metric] >= plan.threshold)  # numpy scores give numpy bools
-            candidates.append(Candidate(attempt, seed, enhanced.prompt, image, image_scores, passed))
+            candidates.append(Candidate(attempt, seed, enhanced.prompt, image, image_scores, passed, encoding))
 
     return GraphResult(
         enhanced=enhanced,

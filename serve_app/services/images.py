@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -38,7 +39,7 @@ from serve_app.protocol.schemas import (
     random_seed,
 )
 from serve_app.services.admission import Admission
-from serve_app.services.graph import Candidate, GraphResult, ImagePlan, call_stage, run_image_graph
+from serve_app.services.graph import Candidate, GraphResult, ImagePlan, OnGenerated, call_stage, run_image_graph
 from serve_app.services.inputs import decode_image, fit_image, fit_mask, upload_sha256
 from serve_app.services.media import encode_image_b64, encode_plain_png, encoding_of
 from serve_app.services.metrics import GateMetrics
@@ -204,21 +205,28 @@ class ImageService:
                 models.setdefault(spec.family, []).append(spec.id)
         return self.loras.public(models)
 
-    async def run(self, request: ImageRequest, progress: ProgressTarget | None = None,
+    async def run(self, request: ImageRequest, progress: ProgressTarget | None = None, encoding: dict | None = None,
                   ) -> tuple[ImagePlan, ModelSpec, list[str], GraphResult]:
         """Plan and run the graph; the images stay arrays (text-to-video animates one of them). A model
-        that cannot take the request turns it away first (services/admission.py)."""
+        that cannot take the request turns it away first (services/admission.py). With `encoding`
+        (`encoding_of`), each image that will be returned unless its scores fail it starts encoding
+        while it is scored (`Candidate.encoding`)."""
         with self.admission.admitted(self.spec_of(request.model).id):
             calibration = await self.calibration_for(request)
             # Off the event loop: planning decodes the control image, if any.
             plan, spec, warnings = await asyncio.to_thread(self.plan, request, calibration)
-            return plan, spec, warnings, await self.run_plan(plan, spec, progress)
+            early = None
+            # Best-of-N keeps only some of a round's images: encoding them all would be wasted work.
+            if encoding is not None and plan.extra_candidates == 0:
+                early = functools.partial(_start_encoding, plan, spec, encoding)
+            return plan, spec, warnings, await self.run_plan(plan, spec, progress, early)
 
-    async def run_plan(self, plan: ImagePlan, spec: ModelSpec, progress: ProgressTarget | None = None) -> GraphResult:
+    async def run_plan(self, plan: ImagePlan, spec: ModelSpec, progress: ProgressTarget | None = None,
+                       on_generated: OnGenerated | None = None) -> GraphResult:
         """Run the graph for a plan already made by `plan`; what the gate did is recorded."""
         result = await run_image_graph(
             plan, self.enhancer, self.generators[spec.id], self.scorer, timeout_s=self.request_timeout_s,
-            progress=progress,
+            progress=progress, on_generated=on_generated,
         )
         self.record_gate(spec.id, plan, result)
         return result
@@ -243,10 +251,11 @@ class ImageService:
         started = time.perf_counter()
         if progress is not None:
             progress = dataclasses.replace(progress, preview=request.preview)
-        plan, spec, warnings, result = await self.run(request, progress)
+        encoding = encoding_of(request)
+        plan, spec, warnings, result = await self.run(request, progress, encoding)
         width, height = plan.output_size
-        encode_started = time.perf_counter()
-        images, attempts = await asyncio.to_thread(self._encode, result, plan, spec, encoding_of(request))
+        encode_started = time.perf_counter()  # what is left of it: most images began while being scored
+        images, attempts = await _encoded(result, plan, spec, encoding)
         timings = dict(result.timings)
         timings["encode"] = time.perf_counter() - encode_started
         timings["total"] = time.perf_counter() - started
@@ -283,12 +292,6 @@ class ImageService:
             hires=hires_of(plan),
             simulated=spec.simulated,
         )
-
-    @staticmethod
-    def _encode(result: GraphResult, plan: ImagePlan, spec: ModelSpec, encoding: dict,
-                ) -> tuple[list[GeneratedImage], list[Attempt]]:
-        return ([_generated_image(candidate, result, plan, spec, encoding) for candidate in result.chosen],
-                attempts_of(result))
 
     async def enhance_prompt(self, request: EnhanceRequest | dict) -> EnhanceResponse:
         """The enhance step alone, as the image graph would run it for `request.model`."""
@@ -410,14 +413,42 @@ def edit_meta(plan: ImagePlan) -> dict:
     return meta
 
 
-def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan, spec: ModelSpec,
-                     encoding: dict) -> GeneratedImage:
+def _start_encoding(plan: ImagePlan, spec: ModelSpec, encoding: dict, enhanced: EnhancedPrompt, seed: int,
+                    image: np.ndarray) -> asyncio.Future:
+    """One image's encoding in a worker thread, begun as it arrives (`OnGenerated`): its metadata is
+    known then, its scores are not needed."""
+    negative_prompt = enhanced.negative_prompt if plan.use_negative_prompt else None
+    meta = image_meta(plan, spec, enhanced.prompt, negative_prompt, seed)
+    return asyncio.ensure_future(asyncio.to_thread(encode_image_b64, image, meta, **encoding))
+
+
+async def _encoded(result: GraphResult, plan: ImagePlan, spec: ModelSpec, encoding: dict,
+                   ) -> tuple[list[GeneratedImage], list[Attempt]]:
+    """The chosen images, encoded (awaiting those begun early, encoding the rest), and every attempt.
+    Early encodings of images not chosen are dropped."""
+    chosen = {id(candidate) for candidate in result.chosen}
+    for candidate in result.candidates:
+        if id(candidate) not in chosen and candidate.encoding is not None:
+            candidate.encoding.cancel()  # its thread may still finish; the result is not wanted
+    images = []
+    for candidate in result.chosen:
+        if candidate.encoding is not None:
+            fields = await candidate.encoding
+        else:
+            meta = image_meta(plan, spec, candidate.prompt, result.negative_prompt, candidate.seed)
+            fields = await asyncio.to_thread(encode_image_b64, candidate.image, meta, **encoding)
+        images.append(_generated_image(candidate, plan, fields))
+    return images, await asyncio.to_thread(attempts_of, result)
+
+
+def image_meta(plan: ImagePlan, spec: ModelSpec, prompt: str, negative_prompt: str | None, seed: int) -> dict:
+    """What an image's file says of how it was made (PNG text chunks, EXIF of JPEG and WebP)."""
     width, height = plan.output_size
     meta = {
-        "prompt": candidate.prompt,
+        "prompt": prompt,
         "original_prompt": plan.prompt,
-        "negative_prompt": result.negative_prompt,
-        "seed": candidate.seed,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
         # The initial noise is drawn on the CPU from `seed` wherever the model runs (see docs/gpu.md).
         "generator": NOISE_GENERATOR,
         "steps": plan.num_inference_steps,
@@ -436,8 +467,14 @@ def _generated_image(candidate: Candidate, result: GraphResult, plan: ImagePlan,
                            "preprocess": control.preprocess}
         if control.type == "canny" and control.preprocess:
             meta["control"].update(low_threshold=control.low_threshold, high_threshold=control.high_threshold)
+    return meta
+
+
+def _generated_image(candidate: Candidate, plan: ImagePlan, encoded: dict) -> GeneratedImage:
+    """`encoded`: the image's `encode_image_b64` fields."""
+    width, height = plan.output_size
     return GeneratedImage(
-        **encode_image_b64(candidate.image, meta, **encoding),
+        **encoded,
         seed=candidate.seed,
         width=width,
         height=height,

@@ -46,6 +46,12 @@ def test_cpu_outside_the_model_is_the_clusters_cpu_minus_the_model_calls():
     # 10 images: (5 - 2.5 - 0.5) CPU seconds outside the model and the idle cluster, 200 ms each.
     row = level_json(Level("m", 1, seconds=[0.6] * 10, wall_s=8.0, device=use))
     assert row["cpu_ms_per_image"] == pytest.approx(200.0) and row["idle_cpu_cores"] == pytest.approx(0.0625)
+    # The enhancer's LLM is on the device too: its calls add to the device time and the model CPU,
+    # never to the generator's utilization.
+    enhancer = ({"e": {"busy_s": 0.0, "cpu_s": 0.0}}, {"e": {"busy_s": 2.0, "cpu_s": 0.25}})
+    with_llm = device_use(generator, scorer, cpu, wall_s=8.0, idle_cores=0.0625, enhancer=enhancer)
+    assert with_llm.device_s == pytest.approx(7.0) and with_llm.model_cpu_s == pytest.approx(2.75)
+    assert with_llm.utilization == pytest.approx(0.5)
 
 
 def test_overhead_is_mean_latency_minus_device_time_at_one_client_only():

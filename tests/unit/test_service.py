@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import contextlib
 
 import pytest
 
@@ -12,7 +13,7 @@ from serve_app.protocol.schemas import ImageRequest
 from serve_app.services.images import ImageService
 from serve_app.services.media import read_png_meta
 from tests.fakes import FakeGenerator, FakeScorer, fake_services
-from tests.helpers import app_settings
+from tests.helpers import app_settings, wait_until_async
 
 
 def _service(policy: QualityPolicy | None = None) -> ImageService:
@@ -65,6 +66,36 @@ def test_response_carries_everything_needed_to_reproduce():
         "prompt": "a fox, enhanced", "original_prompt": "a fox", "negative_prompt": None, "seed": 8, "generator": "cpu", "steps": 4,
         "guidance_scale": 0.0, "width": 272, "height": 256, "model": "flux-schnell", "loras": [],
     }
+
+
+def test_images_start_encoding_while_scored_and_best_of_encodes_only_what_it_returns(monkeypatch):
+    from serve_app.services import images as module
+
+    encoded, scored = [], []
+
+    class Scorer(FakeScorer):
+        async def score(self, images, prompt, weights=None):
+            # Stands for the scorer's device time, which the encoding overlaps: it answers once every
+            # image has started encoding (or after 5 s, when none would without it).
+            with contextlib.suppress(TimeoutError):
+                await wait_until_async(lambda: len(encoded) >= len(images.images), timeout_s=5.0)
+            scored.append(len(encoded))
+            return await super().score(images, prompt, weights)
+
+    def counting(image, meta, **encoding):
+        encoded.append(meta["seed"])
+        return module.encode_image_b64.__wrapped__(image, meta, **encoding)
+
+    counting.__wrapped__ = module.encode_image_b64
+    monkeypatch.setattr(module, "encode_image_b64", counting)
+    service = fake_services(app_settings(policy=QualityPolicy()), scorer=Scorer()).images
+    response = asyncio.run(service.generate_images({"prompt": "a fox", "seed": 7, "num_images": 2}))
+    assert scored == [2] and sorted(encoded) == [7, 8]  # both were encoded before the scores came back
+    assert read_png_meta(base64.b64decode(response.images[1].b64_png))["seed"] == 8
+    encoded.clear()
+    service = fake_services(app_settings(policy=QualityPolicy())).images
+    response = asyncio.run(service.generate_images({"prompt": "a fox", "seed": 7, "candidates": 3}))
+    assert encoded == [response.images[0].seed] and len(response.candidates) == 3  # after scoring, the chosen one
 
 
 def test_blocklisted_prompt_is_refused_with_400_before_anything_runs():

@@ -189,6 +189,19 @@ def test_the_simulated_llm_answers_on_topic_within_its_budget_and_times_out_past
         llm.complete(messages, time_budget_s=llm.modelled_s(messages) / 2)
 
 
+def test_the_enhancers_simulated_llm_calls_are_device_time_and_the_template_has_none():
+    from deployments.config import EnhancerConfig
+    from deployments.enhancer.prompt_enhancer import PromptEnhancer
+
+    llm = {"source": "Qwen/Qwen2.5-1.5B-Instruct", "device": {"device": "sim:h200"}}
+    enhancer = PromptEnhancer.func_or_class(EnhancerConfig(mode="llm", llm=llm), metrics=False)
+    asyncio.run(enhancer.enhance("a lighthouse at dusk", "photorealistic"))
+    used = asyncio.run(enhancer.device_time())
+    assert used["calls"] == 1 and used["busy_s"] > 0 and used["model"] == "llm"
+    template = PromptEnhancer.func_or_class(EnhancerConfig(mode="template"), metrics=False)
+    assert asyncio.run(template.device_time()) is None
+
+
 def test_the_sim_h200_config_loads_with_every_model_on_the_simulated_card():
     from serve_app.config import AppArgs
 

@@ -81,8 +81,20 @@ def components(arch: str) -> list[str]:
     return [name for name, value in architecture(arch).items() if isinstance(value, dict) and "class" in value]
 
 
+# Values looked up in this process, by (cache dir, arch, kind, key): every simulated call looks up
+# its phases' counts, and reading and parsing the JSON files each time cost the replica's CPU per call.
+_seen: dict[tuple, object] = {}
+
+
 def _lookup(arch: str, kind: str, key: str, compute):
-    shipped = _read(SHIPPED).get(arch, {}).get(kind, {})
+    seen_key = (str(cache_dir()), arch, kind, key)
+    if seen_key not in _seen:
+        _seen[seen_key] = _stored(arch, kind, key, compute)
+    return _seen[seen_key]
+
+
+def _stored(arch: str, kind: str, key: str, compute):
+    shipped = _shipped().get(arch, {}).get(kind, {})
     if key in shipped:
         return shipped[key]
     with _lock, _locked(cache_dir() / "flops.lock"):
@@ -94,6 +106,11 @@ def _lookup(arch: str, kind: str, key: str, compute):
             stored.setdefault(arch, {}).setdefault(kind, {})[key] = value
             _write(path, stored)
         return value
+
+
+@cache
+def _shipped() -> dict:
+    return _read(SHIPPED)
 
 
 @contextlib.contextmanager
