@@ -15,7 +15,8 @@ Plan (bytes), computed from the published architecture, never measured:
             outputs, the norm and the residual;
 - a CUDA context per process: `CUDA_CONTEXT_BYTES`.
 
-Ledger: one JSON file per simulated GPU (`<cache dir>/ledger/<key>.json`, the key naming the Ray
+Ledger: one JSON file per simulated GPU (`<ledger dir>/<key>.json`, in /dev/shm where there is one:
+`ledger_dir`; the key naming the Ray
 node, the profile and the GPU index Ray gave the replica), changed under an exclusive file lock, so
 every deployment placed on that GPU draws from the same capacity. Entries belong to a process and
 are dropped when it is gone. Going over capacity raises `torch.OutOfMemoryError` with CUDA's
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from deployments.runtime.sim import flops as counted
 
@@ -104,6 +106,17 @@ def model_activation_bytes(arch: str, tokens: int, batch: int, dtype: str) -> in
     return TRANSFORMER_WIDTHS_ALIVE * batch * tokens * hidden * DTYPE_BYTES[dtype]
 
 
+def ledger_dir() -> Path:
+    """Where the ledgers are: in memory (/dev/shm) where the machine has it, since a ledger only says
+    what running processes hold and every simulated call writes it twice (on disk, a write under load
+    took milliseconds of the call); under the cache directory when GENSERVE_SIM_CACHE names one (tests
+    give each their own), or without /dev/shm."""
+    shared = Path("/dev/shm")
+    if os.environ.get("GENSERVE_SIM_CACHE") or not shared.is_dir():
+        return counted.cache_dir() / "ledger"
+    return shared / "genserve-sim-ledger"
+
+
 def gpu_key(profile_key: str) -> str:
     """Which simulated GPU this process is on: its Ray node, the profile and the GPU index Ray gave it."""
     node, index = "local", "0"
@@ -136,8 +149,8 @@ class Ledger:
     profile_key: str
 
     @property
-    def path(self):
-        return counted.cache_dir() / "ledger" / f"{self.key}.json"
+    def path(self) -> Path:
+        return ledger_dir() / f"{self.key}.json"
 
     def reserve(self, owner: str, nbytes: int) -> None:
         """Hold `nbytes` for `owner` (of this process), or raise CUDA's out-of-memory error."""

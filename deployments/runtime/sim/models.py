@@ -11,6 +11,7 @@ modelled. Each holds its weights in the GPU's ledger and sleeps the modelled tim
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from types import SimpleNamespace
 
@@ -52,6 +53,7 @@ class SimulatedClip:
         self.config = SimpleNamespace(projection_dim=counted.architecture(self.arch)["model"]["config"]["projection_dim"])
         self.logit_scale = torch.tensor(float(np.log(100.0)))  # CLIP's trained temperature: exp() = 100
         self.ledger = ledger_with(self.arch, placement, "clip")
+        self._stream = threading.Lock()
 
     def to(self, *_, **__) -> "SimulatedClip":
         return self
@@ -72,11 +74,14 @@ class SimulatedClip:
                                                         self.config.projection_dim))
 
     def _wait(self, owner: str, tokens: int, batch: int, passes: list) -> None:
-        self.ledger.reserve(owner, memory.model_activation_bytes(self.arch, tokens, batch, self.dtype))
-        try:
-            time.sleep(timing.model_call_s(self.arch, self.card, passes))
-        finally:
-            self.ledger.release(owner)
+        # One forward pass at a time, as on a card's stream: the scorer runs the text tower on a
+        # second thread, and two modelled passes must not overlap where real kernels would queue.
+        with self._stream:
+            self.ledger.reserve(owner, memory.model_activation_bytes(self.arch, tokens, batch, self.dtype))
+            try:
+                time.sleep(timing.model_call_s(self.arch, self.card, passes))
+            finally:
+                self.ledger.release(owner)
 
 
 def simulated_clip_parts(source: str, placement) -> dict:

@@ -15,6 +15,7 @@ public LAION head (MIT).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import Field
 
@@ -51,6 +52,13 @@ def load_tower(source: str, placement, seed: int = 0) -> ClipTower:
     return ClipTower(parts["model"], parts["tokenizer"], parts["image_processor"], placement)
 
 
+def _prompt_features(tower: ClipTower, prompts: list[str]):
+    import torch
+
+    with torch.inference_mode():
+        return tower.prompts(prompts)
+
+
 class ClipLoaded(LoadedScorer):
     def __init__(self, entry: ScorerEntry, options: Options, placement):
         import torch
@@ -60,6 +68,7 @@ class ClipLoaded(LoadedScorer):
         tower = load_tower(entry.source, placement)
         super().__init__("clip", FAMILY.metrics(entry), tower)
         self.options = options
+        self._texts = ThreadPoolExecutor(1, thread_name_prefix="clip-prompts")
         self.laion_source = options.laion_source_for(entry.source) if options.laion.enabled else None
         self.head = None
         if options.laion.enabled:
@@ -82,9 +91,13 @@ class ClipLoaded(LoadedScorer):
         from deployments.scoring.laion_head import LAION_RANGE
 
         tower = self.tower
+        # The prompts' embeddings are computed on a second thread while this one prepares the images
+        # (CLIP's resize of a 1024x1024 image is tens of ms of CPU): on a GPU the text tower runs
+        # meanwhile instead of after. inference_mode is per thread, so each enters its own.
+        texts = self._texts.submit(_prompt_features, tower, prompts) if self.options.alignment else None
         with torch.inference_mode():
             image_features = tower.images(images)
-            alignment = tower.alignment(image_features, tower.prompts(prompts)) if self.options.alignment else None
+            alignment = tower.alignment(image_features, texts.result()) if texts is not None else None
             logits = tower.logit_scale * image_features @ self.pair_texts.T  # (N, 2 x pairs)
             pair_scores = logits.float().reshape(len(images), -1, 2).softmax(dim=-1)[..., 0].cpu()
             laion = None
