@@ -27,6 +27,9 @@
     genserve bench-fairness [--config CONFIG] [--a-jobs 500 --b-interval 2 --backlog 300]
                                      two keys through the fair job queue: B's wait behind A's backlog, throughput,
                                      GPU-time shares at weights 3:1
+    genserve bench-autoscale [--config CONFIG] [--model ID] [--phases 1:30 32:150 1:150] [autoscaling flags]
+                                     a step load on an autoscaled model pool: replicas, throughput and p95 each
+                                     second, time to scale up and down, a plot (docs/images/autoscaling.png)
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | sdxl | sd15 | svd | ltx | animatediff | clip | llm |
                                      laion | sdxl-controlnet | depth) as a local folder
 
@@ -399,6 +402,40 @@ def _bench_fairness(args: argparse.Namespace) -> int:
     return 0
 
 
+AUTOSCALING_FLAGS = {"min_replicas": "min_replicas", "max_replicas": "max_replicas",
+                     "target_ongoing": "target_ongoing_requests", "upscale_delay": "upscale_delay_s",
+                     "downscale_delay": "downscale_delay_s", "look_back": "look_back_period_s",
+                     "metrics_interval": "metrics_interval_s"}
+
+
+def _bench_autoscale(args: argparse.Namespace) -> int:
+    from serve_app.bench.autoscale import format_summary, parse_phases, plot, run_autoscale_benchmark, write_samples
+    from serve_app.config import AutoscalingOptions, app_args_from_config
+
+    config = app_args_from_config(args.config)
+    entry = config.image_model(args.model)
+    # The entry's own autoscaling, else 1 to 8; each flag given replaces one field.
+    base = entry.deployment.autoscaling or AutoscalingOptions(min_replicas=1, max_replicas=8)
+    flags = {field: getattr(args, flag) for flag, field in AUTOSCALING_FLAGS.items() if getattr(args, flag) is not None}
+    options = AutoscalingOptions.model_validate({**base.model_dump(), **flags})
+    phases = parse_phases(args.phases)
+    gpus = args.gpus or max(16, options.max_replicas)
+    simulated = entry.device.simulated
+    print(f"genserve bench-autoscale: {args.config}, model {args.model}, phases {' '.join(args.phases)} "
+          f"(clients:seconds), {gpus} logical GPUs, one per replica"
+          + (f" (simulated {simulated}: device times are simulated)" if simulated else ""), flush=True)
+    samples, summary = run_autoscale_benchmark(config, args.model, options, phases, gpus, args.replica_cpus,
+                                               args.interval, args.window)
+    print(format_summary(summary))
+    write_samples(samples, args.samples)
+    title = (f"{args.model} autoscaling {options.min_replicas}-{options.max_replicas}, target "
+             f"{options.target_ongoing_requests:g}, up/down delay {options.upscale_delay_s:g}/{options.downscale_delay_s:g} s"
+             + (f" (simulated {simulated})" if simulated else ""))
+    plot(samples, args.plot, title, options.max_replicas)
+    print(f"samples: {args.samples}; plot: {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -518,6 +555,23 @@ def main(argv: list[str] | None = None) -> int:
     fairness.add_argument("--idle-jobs", type=int, default=5, help="B's jobs one at a time on an idle service")
     fairness.set_defaults(func=_bench_fairness)
 
+    autoscale = commands.add_parser("bench-autoscale", help="a step load on an autoscaled model pool (docs/benchmarks.md)")
+    autoscale.add_argument("--config", default="configs/sim-h200.yaml")
+    autoscale.add_argument("--model", default="flux-dev", help="the image model whose pool autoscales")
+    autoscale.add_argument("--phases", nargs="+", default=["1:30", "32:150", "1:150"], metavar="CLIENTS:SECONDS",
+                           help="the load, phase by phase")
+    autoscale.add_argument("--gpus", type=int, default=None, help="logical GPUs Ray declares (default: max(16, max replicas))")
+    autoscale.add_argument("--replica-cpus", type=float, default=0.1, help="CPUs reserved per model replica")
+    autoscale.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    autoscale.add_argument("--window", type=float, default=10.0, help="seconds of the throughput and p95 window")
+    autoscale.add_argument("--samples", default="autoscaling.csv", help="where the samples go (CSV)")
+    autoscale.add_argument("--plot", default="docs/images/autoscaling.png", help="where the plot goes (PNG)")
+    for flag, kind in (("min_replicas", int), ("max_replicas", int), ("target_ongoing", float),
+                       ("upscale_delay", float), ("downscale_delay", float), ("look_back", float),
+                       ("metrics_interval", float)):
+        autoscale.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
+                               help=f"autoscaling {AUTOSCALING_FLAGS[flag]} (default: the model's config, else 1 to 8)")
+    autoscale.set_defaults(func=_bench_autoscale)
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
     tiny.add_argument("family", choices=tiny_kinds())
     tiny.add_argument("folder")
