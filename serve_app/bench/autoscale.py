@@ -340,8 +340,9 @@ def modelled_cold_start(args: AppArgs, model: str) -> dict | None:
 
 
 def run_autoscale_benchmark(args: AppArgs, model: str, options: AutoscalingOptions, phases: list[Phase], gpus: int,
-                            replica_cpus: float, interval_s: float = 1.0, window_s: float = 10.0) -> tuple[list[Sample], Summary]:
-    """The run (see the module's docstring) on a Ray of its own; its samples and their summary."""
+                            replica_cpus: float, interval_s: float = 1.0,
+                            window_s: float = 10.0) -> tuple[list[Sample], list[Done], int]:
+    """The run (see the module's docstring) on a Ray of its own: its samples, requests and rejections."""
     import os
     import tempfile
 
@@ -371,6 +372,4 @@ def run_autoscale_benchmark(args: AppArgs, model: str, options: AutoscalingOptio
         finally:
             serve.shutdown()
             ray.shutdown()
-    summary = summarize(samples, done, phases, options, rejections)
-    summary.cold_start = modelled_cold_start(args, model)
-    return samples, summary
+    return samples, done, rejections

@@ -409,29 +409,32 @@ AUTOSCALING_FLAGS = {"min_replicas": "min_replicas", "max_replicas": "max_replic
 
 
 def _bench_autoscale(args: argparse.Namespace) -> int:
-    from serve_app.bench.autoscale import format_summary, parse_phases, plot, run_autoscale_benchmark, write_samples
+    from serve_app.bench import autoscale
     from serve_app.config import AutoscalingOptions, app_args_from_config
 
     config = app_args_from_config(args.config)
     entry = config.image_model(args.model)
-    # The entry's own autoscaling, else 1 to 8; each flag given replaces one field.
-    base = entry.deployment.autoscaling or AutoscalingOptions(min_replicas=1, max_replicas=8)
+    # The entry's own settings (its replica bounds are the config's card's, so the flags' 1 to 8 replace
+    # them); each flag given replaces one field.
+    base = entry.deployment.autoscaling or AutoscalingOptions()
     flags = {field: getattr(args, flag) for flag, field in AUTOSCALING_FLAGS.items() if getattr(args, flag) is not None}
     options = AutoscalingOptions.model_validate({**base.model_dump(), **flags})
-    phases = parse_phases(args.phases)
+    phases = autoscale.parse_phases(args.phases)
     gpus = args.gpus or max(16, options.max_replicas)
     simulated = entry.device.simulated
     print(f"genserve bench-autoscale: {args.config}, model {args.model}, phases {' '.join(args.phases)} "
           f"(clients:seconds), {gpus} logical GPUs, one per replica"
           + (f" (simulated {simulated}: device times are simulated)" if simulated else ""), flush=True)
-    samples, summary = run_autoscale_benchmark(config, args.model, options, phases, gpus, args.replica_cpus,
-                                               args.interval, args.window)
-    print(format_summary(summary))
-    write_samples(samples, args.samples)
+    samples, done, rejections = autoscale.run_autoscale_benchmark(config, args.model, options, phases, gpus,
+                                                                  args.replica_cpus, args.interval, args.window)
+    autoscale.write_samples(samples, args.samples)  # first: a run's samples outlive a failure below
+    summary = autoscale.summarize(samples, done, phases, options, rejections)
+    summary.cold_start = autoscale.modelled_cold_start(config, args.model)
+    print(autoscale.format_summary(summary))
     title = (f"{args.model} autoscaling {options.min_replicas}-{options.max_replicas}, target "
              f"{options.target_ongoing_requests:g}, up/down delay {options.upscale_delay_s:g}/{options.downscale_delay_s:g} s"
              + (f" (simulated {simulated})" if simulated else ""))
-    plot(samples, args.plot, title, options.max_replicas)
+    autoscale.plot(samples, args.plot, title, options.max_replicas)
     print(f"samples: {args.samples}; plot: {args.plot}")
     return 0
 
@@ -566,11 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     autoscale.add_argument("--window", type=float, default=10.0, help="seconds of the throughput and p95 window")
     autoscale.add_argument("--samples", default="autoscaling.csv", help="where the samples go (CSV)")
     autoscale.add_argument("--plot", default="docs/images/autoscaling.png", help="where the plot goes (PNG)")
-    for flag, kind in (("min_replicas", int), ("max_replicas", int), ("target_ongoing", float),
-                       ("upscale_delay", float), ("downscale_delay", float), ("look_back", float),
-                       ("metrics_interval", float)):
-        autoscale.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
-                               help=f"autoscaling {AUTOSCALING_FLAGS[flag]} (default: the model's config, else 1 to 8)")
+    autoscale.add_argument("--min-replicas", type=int, default=1, help="the pool's least replicas")
+    autoscale.add_argument("--max-replicas", type=int, default=8, help="the pool's most replicas")
+    for flag in ("target_ongoing", "upscale_delay", "downscale_delay", "look_back", "metrics_interval"):
+        autoscale.add_argument(f"--{flag.replace('_', '-')}", type=float, default=None,
+                               help=f"autoscaling {AUTOSCALING_FLAGS[flag]} (default: the model's config, else Serve's)")
     autoscale.set_defaults(func=_bench_autoscale)
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
     tiny.add_argument("family", choices=tiny_kinds())
