@@ -109,7 +109,7 @@ class Summary:
     decided_s: float | None  # the step up to the first replica added (STARTING)
     scale_up_s: float | None  # the step up to max_replicas RUNNING
     ramp_p95_s: float | None  # requests that ended between the step up and max_replicas RUNNING
-    peak_p95_s: float | None  # requests that ended after that, before the step down
+    peak_p95_s: float | None  # requests sent after that that ended before the step down
     peak_throughput: float | None  # successful requests per second over the same time
     scale_down_s: float | None  # the step down to min_replicas, nothing starting or stopping
     replica_start_s: float | None  # mean seconds a replica spent STARTING
@@ -145,6 +145,8 @@ def summarize(samples: list[Sample], done: list[Done], phases: list[Phase], opti
     reached = up + scaled if scaled is not None else end_of_peak
     ramp = sorted(one.latency_s for one in done if one.ok and up < one.t <= reached)
     peak = [one for one in done if one.ok and reached < one.t <= end_of_peak]
+    # The steady state's latency: requests sent once the pool was full (earlier ones waited for it).
+    steady = sorted(one.latency_s for one in peak if one.t - one.latency_s >= reached)
     peak_span = (end_of_peak if down is not None else max((one.t for one in done), default=reached)) - reached
     scaled_down = None if down is None else _first(
         samples, down, lambda sample: sample.running <= options.min_replicas and not sample.starting and not sample.stopping)
@@ -152,7 +154,7 @@ def summarize(samples: list[Sample], done: list[Done], phases: list[Phase], opti
     return Summary(
         step_up_at=up, step_down_at=down, decided_s=decided, scale_up_s=scaled,
         ramp_p95_s=percentile(ramp, 95) if ramp else None,
-        peak_p95_s=percentile(sorted(one.latency_s for one in peak), 95) if peak else None,
+        peak_p95_s=percentile(steady, 95) if steady else None,
         peak_throughput=len(peak) / peak_span if peak and peak_span > 0 else None,
         scale_down_s=scaled_down, replica_start_s=starting_s / started if started else None,
         replicas_started=started, peak_replicas=max((sample.running for sample in samples), default=0),
@@ -182,7 +184,7 @@ def format_summary(summary: Summary) -> str:
         f"metrics_interval_s {settings['metrics_interval_s'] or 'Serve default'}",
         f"step up at {summary.step_up_at:.0f} s: first replica added after {_s(summary.decided_s)}, "
         f"{settings['max_replicas']} replicas running after {_s(summary.scale_up_s)} (peak {summary.peak_replicas})",
-        f"p95 during the ramp {_s(summary.ramp_p95_s)}; at the peak {_s(summary.peak_p95_s)}, "
+        f"p95 during the ramp {_s(summary.ramp_p95_s)}; at the peak (sent once full) {_s(summary.peak_p95_s)}, "
         + ("-" if summary.peak_throughput is None else f"{summary.peak_throughput:.2f} img/s"),
         "step down: " + ("none" if summary.step_down_at is None else
                          f"at {summary.step_down_at:.0f} s, back to {settings['min_replicas']} after "
@@ -203,6 +205,15 @@ def write_samples(samples: list[Sample], path: str) -> None:
         writer.writeheader()
         for sample in samples:
             writer.writerow(asdict(sample))
+
+
+def write_requests(done: list[Done], path: str) -> None:
+    """Every request (when it ended, its latency, whether it succeeded) as CSV: the summary's input."""
+    with open(path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(Done.__dataclass_fields__))
+        writer.writeheader()
+        for one in done:
+            writer.writerow(asdict(one))
 
 
 def plot(samples: list[Sample], path: str, title: str, max_replicas: int) -> None:

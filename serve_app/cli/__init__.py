@@ -427,7 +427,9 @@ def _bench_autoscale(args: argparse.Namespace) -> int:
           + (f" (simulated {simulated}: device times are simulated)" if simulated else ""), flush=True)
     samples, done, rejections = autoscale.run_autoscale_benchmark(config, args.model, options, phases, gpus,
                                                                   args.replica_cpus, args.interval, args.window)
-    autoscale.write_samples(samples, args.samples)  # first: a run's samples outlive a failure below
+    # First: a run's samples and requests outlive a failure below.
+    autoscale.write_samples(samples, args.samples)
+    autoscale.write_requests(done, args.samples.removesuffix(".csv") + ".requests.csv")
     summary = autoscale.summarize(samples, done, phases, options, rejections)
     summary.cold_start = autoscale.modelled_cold_start(config, args.model)
     print(autoscale.format_summary(summary))
@@ -435,7 +437,7 @@ def _bench_autoscale(args: argparse.Namespace) -> int:
              f"{options.target_ongoing_requests:g}, up/down delay {options.upscale_delay_s:g}/{options.downscale_delay_s:g} s"
              + (f" (simulated {simulated})" if simulated else ""))
     autoscale.plot(samples, args.plot, title, options.max_replicas)
-    print(f"samples: {args.samples}; plot: {args.plot}")
+    print(f"samples: {args.samples} (requests beside them: .requests.csv); plot: {args.plot}")
     return 0
 
 
@@ -567,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     autoscale.add_argument("--replica-cpus", type=float, default=0.1, help="CPUs reserved per model replica")
     autoscale.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     autoscale.add_argument("--window", type=float, default=10.0, help="seconds of the throughput and p95 window")
-    autoscale.add_argument("--samples", default="autoscaling.csv", help="where the samples go (CSV)")
+    autoscale.add_argument("--samples", default="autoscaling.csv", help="where the samples go (CSV; the requests beside them, .requests.csv)")
     autoscale.add_argument("--plot", default="docs/images/autoscaling.png", help="where the plot goes (PNG)")
     autoscale.add_argument("--min-replicas", type=int, default=1, help="the pool's least replicas")
     autoscale.add_argument("--max-replicas", type=int, default=8, help="the pool's most replicas")

@@ -16,6 +16,7 @@ from serve_app.bench.autoscale import (
     plot,
     summarize,
     window_stats,
+    write_requests,
     write_samples,
 )
 from serve_app.config import AutoscalingOptions, app_args_from_config
@@ -56,7 +57,8 @@ def _run() -> tuple[list[Sample], list[Done]]:
         if 17 <= t < 21:
             starting = 4
         samples.append(Sample(t, clients, running, starting, 5 if 45 <= t < 52 else 0, clients, 1.0, 5.0))
-    done = [Done(12, 20.0, True), Done(24, 30.0, True), Done(30, 6.0, True), Done(35, 5.0, True), Done(36, 1.0, False)]
+    done = [Done(12, 20.0, True), Done(24, 30.0, True), Done(30, 9.0, True), Done(31, 4.0, True), Done(35, 5.0, True),
+            Done(36, 1.0, False)]
     return samples, done
 
 
@@ -65,11 +67,11 @@ def test_the_summary_reads_the_scale_up_the_ramp_the_peak_and_the_scale_down():
     summary = summarize(samples, done, parse_phases(["1:10", "32:30", "1:20"]), OPTIONS, rejections=3)
     assert (summary.step_up_at, summary.step_down_at) == (10, 40)
     assert (summary.decided_s, summary.scale_up_s, summary.scale_down_s) == (3, 15, 12)
-    assert summary.ramp_p95_s == 30.0 and summary.peak_p95_s == 6.0
-    assert summary.peak_throughput == pytest.approx(2 / 15)
+    assert summary.ramp_p95_s == 30.0 and summary.peak_p95_s == 5.0, "the peak's p95: requests sent once full"
+    assert summary.peak_throughput == pytest.approx(3 / 15)
     assert (summary.replicas_started, summary.peak_replicas) == (7, 8)
     assert summary.replica_start_s == pytest.approx((7 * 4 + 4 * 4) / 7)
-    assert (summary.ok, summary.failed, summary.rejections) == (4, 1, 3)
+    assert (summary.ok, summary.failed, summary.rejections) == (5, 1, 3)
     text = format_summary(summary)
     assert "8 replicas running after 15.0 s" in text and "back to 1 after 12.0 s" in text
 
@@ -82,12 +84,14 @@ def test_a_pool_that_never_reaches_its_maximum_says_so():
 
 
 def test_the_plot_and_the_samples_are_written(tmp_path):
-    samples, _ = _run()
+    samples, done = _run()
     plot(samples, str(tmp_path / "autoscaling.png"), "flux-dev (simulated h200)", 8)
     assert (tmp_path / "autoscaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     write_samples(samples, str(tmp_path / "samples.csv"))
     rows = list(csv.DictReader(open(tmp_path / "samples.csv")))
     assert len(rows) == 60 and rows[30]["running"] == "8" and rows[30]["clients"] == "32"
+    write_requests(done, str(tmp_path / "requests.csv"))
+    assert [row["latency_s"] for row in csv.DictReader(open(tmp_path / "requests.csv"))][:2] == ["20.0", "30.0"]
 
 
 def test_the_pool_autoscales_one_logical_gpu_a_replica_and_keeps_its_other_settings():
