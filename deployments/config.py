@@ -85,6 +85,12 @@ class DeviceOptions(_Strict):
             "fractional num_cpus, so set this explicitly on CPU; None keeps torch's default."
         ),
     )
+    simulated_cold_start: bool = Field(
+        True,
+        description="On a simulated device: a replica's start waits the modelled load of its weights, read from "
+                    "the node's disk and copied over the card's host-to-device link (docs/simulator.md, 'Cold start'), "
+                    "without using the CPU. False starts at once (the test suite's shared app). Ignored on a real device.",
+    )
     memory_fraction: float | None = Field(
         None,
         gt=0,

@@ -21,6 +21,7 @@ class Profile:
     fp8_tflops: float | None
     memory_bandwidth_gbs: float
     host_to_device_gbs: float
+    disk_read_gbs: float  # the node's storage at a cold start (an assumption: sim_profiles.yaml says whose)
     sources: dict
     device_names: tuple[str, ...] = ()
 

@@ -29,6 +29,7 @@ class Placement:
     device: str
     dtype_name: str
     memory_fraction: float | None = None
+    simulated_cold_start: bool = True  # a simulated model waits its modelled load (deployments.runtime.sim.timing)
 
     @property
     def dtype(self) -> "torch.dtype":
@@ -65,7 +66,8 @@ def resolve_placement(options: DeviceOptions) -> Placement:
         torch.set_num_threads(options.torch_threads)
     if options.simulated is not None:  # nothing runs on a device: the model is modelled (deployments.runtime.sim)
         dtype_name = "bfloat16" if options.dtype == "auto" else _DTYPES[options.dtype]
-        return Placement(device=options.device, dtype_name=dtype_name, memory_fraction=options.memory_fraction)
+        return Placement(device=options.device, dtype_name=dtype_name, memory_fraction=options.memory_fraction,
+                         simulated_cold_start=options.simulated_cold_start)
     has_cuda = torch.cuda.is_available()
     if not has_cuda and options.device in ("cuda", "auto"):
         share = _ray_gpu_share()

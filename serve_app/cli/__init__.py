@@ -27,6 +27,9 @@
     genserve bench-fairness [--config CONFIG] [--a-jobs 500 --b-interval 2 --backlog 300]
                                      two keys through the fair job queue: B's wait behind A's backlog, throughput,
                                      GPU-time shares at weights 3:1
+    genserve bench-autoscale [--config CONFIG] [--model ID] [--phases 1:30 32:150 1:150] [autoscaling flags]
+                                     a step load on an autoscaled model pool: replicas, throughput and p95 each
+                                     second, time to scale up and down, a plot (docs/images/autoscaling.png)
     genserve save-tiny FAMILY DIR    write a tiny random model (flux | sdxl | sd15 | svd | ltx | animatediff | clip | llm |
                                      laion | sdxl-controlnet | depth) as a local folder
 
@@ -399,6 +402,45 @@ def _bench_fairness(args: argparse.Namespace) -> int:
     return 0
 
 
+AUTOSCALING_FLAGS = {"min_replicas": "min_replicas", "max_replicas": "max_replicas",
+                     "target_ongoing": "target_ongoing_requests", "upscale_delay": "upscale_delay_s",
+                     "downscale_delay": "downscale_delay_s", "look_back": "look_back_period_s",
+                     "metrics_interval": "metrics_interval_s"}
+
+
+def _bench_autoscale(args: argparse.Namespace) -> int:
+    from serve_app.bench import autoscale
+    from serve_app.config import AutoscalingOptions, app_args_from_config
+
+    config = app_args_from_config(args.config)
+    entry = config.image_model(args.model)
+    # The entry's own settings (its replica bounds are the config's card's, so the flags' 1 to 8 replace
+    # them); each flag given replaces one field.
+    base = entry.deployment.autoscaling or AutoscalingOptions()
+    flags = {field: getattr(args, flag) for flag, field in AUTOSCALING_FLAGS.items() if getattr(args, flag) is not None}
+    options = AutoscalingOptions.model_validate({**base.model_dump(), **flags})
+    phases = autoscale.parse_phases(args.phases)
+    gpus = args.gpus or max(16, options.max_replicas)
+    simulated = entry.device.simulated
+    print(f"genserve bench-autoscale: {args.config}, model {args.model}, phases {' '.join(args.phases)} "
+          f"(clients:seconds), {gpus} logical GPUs, one per replica"
+          + (f" (simulated {simulated}: device times are simulated)" if simulated else ""), flush=True)
+    samples, done, rejections = autoscale.run_autoscale_benchmark(config, args.model, options, phases, gpus,
+                                                                  args.replica_cpus, args.interval, args.window)
+    # First: a run's samples and requests outlive a failure below.
+    autoscale.write_samples(samples, args.samples)
+    autoscale.write_requests(done, args.samples.removesuffix(".csv") + ".requests.csv")
+    summary = autoscale.summarize(samples, done, phases, options, rejections)
+    summary.cold_start = autoscale.modelled_cold_start(config, args.model)
+    print(autoscale.format_summary(summary))
+    title = (f"{args.model} autoscaling {options.min_replicas}-{options.max_replicas}, target "
+             f"{options.target_ongoing_requests:g}, up/down delay {options.upscale_delay_s:g}/{options.downscale_delay_s:g} s"
+             + (f" (simulated {simulated})" if simulated else ""))
+    autoscale.plot(samples, args.plot, title, options.max_replicas)
+    print(f"samples: {args.samples} (requests beside them: .requests.csv); plot: {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -518,6 +560,23 @@ def main(argv: list[str] | None = None) -> int:
     fairness.add_argument("--idle-jobs", type=int, default=5, help="B's jobs one at a time on an idle service")
     fairness.set_defaults(func=_bench_fairness)
 
+    autoscale = commands.add_parser("bench-autoscale", help="a step load on an autoscaled model pool (docs/benchmarks.md)")
+    autoscale.add_argument("--config", default="configs/sim-h200.yaml")
+    autoscale.add_argument("--model", default="flux-dev", help="the image model whose pool autoscales")
+    autoscale.add_argument("--phases", nargs="+", default=["1:30", "32:150", "1:150"], metavar="CLIENTS:SECONDS",
+                           help="the load, phase by phase")
+    autoscale.add_argument("--gpus", type=int, default=None, help="logical GPUs Ray declares (default: max(16, max replicas))")
+    autoscale.add_argument("--replica-cpus", type=float, default=0.1, help="CPUs reserved per model replica")
+    autoscale.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    autoscale.add_argument("--window", type=float, default=10.0, help="seconds of the throughput and p95 window")
+    autoscale.add_argument("--samples", default="autoscaling.csv", help="where the samples go (CSV; the requests beside them, .requests.csv)")
+    autoscale.add_argument("--plot", default="docs/images/autoscaling.png", help="where the plot goes (PNG)")
+    autoscale.add_argument("--min-replicas", type=int, default=1, help="the pool's least replicas")
+    autoscale.add_argument("--max-replicas", type=int, default=8, help="the pool's most replicas")
+    for flag in ("target_ongoing", "upscale_delay", "downscale_delay", "look_back", "metrics_interval"):
+        autoscale.add_argument(f"--{flag.replace('_', '-')}", type=float, default=None,
+                               help=f"autoscaling {AUTOSCALING_FLAGS[flag]} (default: the model's config, else Serve's)")
+    autoscale.set_defaults(func=_bench_autoscale)
     tiny = commands.add_parser("save-tiny", help="write a tiny random-weight model folder")
     tiny.add_argument("family", choices=tiny_kinds())
     tiny.add_argument("folder")

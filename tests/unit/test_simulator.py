@@ -6,6 +6,7 @@ nothing here counts a 12B transformer."""
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,10 +30,18 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GENSERVE_SIM_CACHE", str(tmp_path))
 
 
+@pytest.fixture(autouse=True)
+def cold_sleeps(monkeypatch) -> list[float]:
+    """The simulated cold starts' waits, recorded instead of slept (the test that wants one reads them)."""
+    sleeps: list[float] = []
+    monkeypatch.setattr(timing, "time", SimpleNamespace(sleep=sleeps.append))
+    return sleeps
+
+
 def flux(device="sim:h200", **fields) -> ImageModelConfig:
     return ImageModelConfig(**{"id": "flux-schnell", "family": "flux", "source": "black-forest-labs/FLUX.1-schnell",
                                "limits": {"max_steps": 4, "max_guidance": 0}, "default_width": 512,
-                               "default_height": 512, "device": {"device": device}, "warmup": {"default_shape": False},
+                               "default_height": 512, "device": device if isinstance(device, dict) else {"device": device}, "warmup": {"default_shape": False},
                                **fields})
 
 
@@ -90,6 +99,25 @@ def test_a_simulated_generator_takes_its_modelled_time_without_the_cpu_and_marks
     info = generator.info()
     assert info["device"] == "sim:h200" and info["simulation"]["tier"] == "compiled"
     assert 30 < info["simulation"]["weights_gb"] < info["simulation"]["gpu_used_gb"] < 141
+
+
+def test_a_cold_start_reads_the_weights_from_the_nodes_disk_then_copies_them_over_the_cards_link(cold_sleeps):
+    generator = ImageGenerator.func_or_class(flux(), metrics=False)
+    weights = memory.weight_bytes("flux-schnell", "bfloat16")
+    card = profile("h200")
+    cold = generator.info()["simulation"]["cold_start"]
+    assert cold_sleeps == [pytest.approx(weights / (card.disk_read_gbs * 1e9) + weights / (card.host_to_device_gbs * 1e9))]
+    assert cold["total_s"] == pytest.approx(cold_sleeps[0], abs=0.01) and cold["read_gb"] == round(weights / 1e9, 2)
+    assert cold["disk_read_s"] > 5 * cold["host_to_device_s"], "the disk, not the PCIe link, is the slow part"
+    # fp8 weights are quantized at load: the bf16 files are read, the card gets a byte per linear weight.
+    fp8 = timing.cold_start(card, weights, memory.weight_bytes("flux-schnell", "bfloat16", "fp8_dynamic"))
+    assert fp8.read_s == pytest.approx(cold["disk_read_s"], abs=0.01) and fp8.copy_s < cold["host_to_device_s"]
+
+
+def test_an_entry_can_skip_its_simulated_cold_start(cold_sleeps):
+    generator = ImageGenerator.func_or_class(flux(device={"device": "sim:h200", "simulated_cold_start": False}),
+                                             metrics=False)
+    assert cold_sleeps == [] and generator.info()["simulation"]["cold_start"] is None
 
 
 def test_each_step_reports_and_a_stop_ends_the_call_at_the_step():

@@ -26,7 +26,10 @@ def ledger_with(arch: str, placement, owner: str) -> memory.Ledger:
     card = profile(placement.simulated)
     ledger = memory.Ledger(memory.gpu_key(card.key), card.memory_bytes, card.key)
     ledger.reserve("cuda-context", memory.CUDA_CONTEXT_BYTES)
-    ledger.reserve(f"{owner}:weights", memory.weight_bytes(arch, placement.dtype_name))
+    weights = memory.weight_bytes(arch, placement.dtype_name)
+    ledger.reserve(f"{owner}:weights", weights)
+    if placement.simulated_cold_start:
+        timing.wait_cold_start(card, weights, weights, owner)
     return ledger
 
 

@@ -48,6 +48,7 @@ class SimulatedPipeline:
     class_name: str
     quantization: str = "none"
     weights: str = "native"
+    cold_start: timing.ColdStart | None = None  # None: the entry skipped it (`simulated_cold_start: false`)
 
     def weight_bytes(self) -> int:
         return memory.weight_bytes(self.arch, self.dtype, self.quantization, self.weights)
@@ -59,7 +60,8 @@ class SimulatedPipeline:
         """What the replica's info shows: the modelled card, tier and architecture, and its GPU's memory."""
         return {"profile": self.card.key, "card": self.card.name, "tier": self.tier, "architecture": self.arch,
                 "weights_gb": round(self.weight_bytes() / 1e9, 2),
-                "gpu_used_gb": round(self.ledger.used() / 1e9, 2), "gpu_capacity_gb": self.card.memory_gb}
+                "gpu_used_gb": round(self.ledger.used() / 1e9, 2), "gpu_capacity_gb": self.card.memory_gb,
+                "cold_start": None if self.cold_start is None else self.cold_start.describe()}
 
     def derive(self, class_name: str) -> "SimulatedPipeline":
         """The image-to-image or inpainting pipeline over the same simulated model."""
@@ -109,6 +111,19 @@ def _held(arch: str, config, placement, quantization: str = "none") -> memory.Le
     return ledger
 
 
+def entry_cold_start(arch: str, config, placement, quantization: str = "none") -> timing.ColdStart | None:
+    """Wait an entry's modelled cold start (`timing.ColdStart`); None, at once, where its device says
+    `simulated_cold_start: false`. The files are read as stored (the dtype's bytes, or a GGUF/nf4
+    file's), the copy is what the card then holds (nothing for an on-demand model: each move in pays
+    its own copy)."""
+    if not placement.simulated_cold_start:
+        return None
+    read = memory.weight_bytes(arch, placement.dtype_name, "none", config.memory.weights)
+    copy = 0 if config.memory.residency == "on_demand" else memory.weight_bytes(
+        arch, placement.dtype_name, quantization, config.memory.weights)
+    return timing.wait_cold_start(profile(placement.simulated), read, copy, config.id)
+
+
 def load_simulated(family, config, placement) -> SimulatedPipeline:
     """The simulated pipeline of an image entry: its architecture from `config.source`."""
     arch = counted.architecture_for(config.source)
@@ -118,7 +133,8 @@ def load_simulated(family, config, placement) -> SimulatedPipeline:
     return SimulatedPipeline(
         arch=arch, card=card, tier=timing.tier_of(config.acceleration), dtype=placement.dtype_name,
         classifier_free_guidance=family.negative_prompt, vae_slicing=config.vae.slicing, ledger=ledger,
-        owner=config.id, class_name=family.pipeline_class, quantization=quantization, weights=config.memory.weights)
+        owner=config.id, class_name=family.pipeline_class, quantization=quantization, weights=config.memory.weights,
+        cold_start=entry_cold_start(arch, config, placement, quantization))
 
 
 @dataclass
@@ -133,6 +149,7 @@ class SimulatedVideoPipeline:
     ledger: memory.Ledger
     owner: str
     weights: str = "native"
+    cold_start: timing.ColdStart | None = None
 
     def weight_bytes(self) -> int:
         return memory.weight_bytes(self.arch, self.dtype, weights=self.weights)
@@ -148,7 +165,8 @@ class SimulatedVideoPipeline:
     def describe(self) -> dict:
         return {"profile": self.card.key, "card": self.card.name, "tier": self.tier, "architecture": self.arch,
                 "weights_gb": round(self.weight_bytes() / 1e9, 2),
-                "gpu_used_gb": round(self.ledger.used() / 1e9, 2), "gpu_capacity_gb": self.card.memory_gb}
+                "gpu_used_gb": round(self.ledger.used() / 1e9, 2), "gpu_capacity_gb": self.card.memory_gb,
+                "cold_start": None if self.cold_start is None else self.cold_start.describe()}
 
     def __call__(self, *, width: int, height: int, num_frames: int, num_inference_steps: int, generator,
                  callback_on_step_end=None, decode_chunk_size: int | None = None, max_guidance_scale: float | None = None,
@@ -170,5 +188,7 @@ def load_simulated_video(config, placement) -> SimulatedVideoPipeline:
     arch = counted.architecture_for(config.source)
     if "image_encoder" not in counted.architecture(arch):
         raise ValueError(f"source: {config.source!r} is not an image-to-video architecture a simulated device models")
+    ledger = _held(arch, config, placement)
     return SimulatedVideoPipeline(arch=arch, card=profile(placement.simulated), tier="eager", dtype=placement.dtype_name,
-                                  ledger=_held(arch, config, placement), owner=config.id, weights=config.memory.weights)
+                                  ledger=ledger, owner=config.id, weights=config.memory.weights,
+                                  cold_start=entry_cold_start(arch, config, placement))

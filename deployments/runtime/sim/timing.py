@@ -9,6 +9,8 @@ one. The efficiencies are fitted to published timings (`calibration.yaml`) when 
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 from deployments.runtime.sim import flops as counted
 from deployments.sim_profiles import Profile, profile
 
+logger = logging.getLogger("ray.serve")
 CALIBRATION_FILE = Path(__file__).with_name("calibration.yaml")
 TIERS = ("eager", "compiled", "compiled+fp8")
 BF16_BYTES = 2
@@ -153,3 +156,43 @@ def model_call_s(arch: str, card: Profile, passes: list[tuple[dict, int]]) -> fl
     for shape, count in passes:
         seconds += count * max(_seconds(counted.flops(arch, "model", **shape), card, efficiency), floor)
     return seconds
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    """The modelled load of a model at a replica's start: its weight files read from the node's disk
+    into host memory, then copied over the card's host-to-device link, one after the other (as
+    `from_pretrained` then `.to("cuda")` do). The process start itself (Ray's worker, the imports) is
+    not modelled: a simulated replica really starts one."""
+
+    read_bytes: int
+    copy_bytes: int
+    read_s: float
+    copy_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.read_s + self.copy_s
+
+    def describe(self) -> dict:
+        """What GET /v1/models and the log show of it (simulated seconds)."""
+        return {"read_gb": round(self.read_bytes / 1e9, 2), "disk_read_s": round(self.read_s, 2),
+                "copy_gb": round(self.copy_bytes / 1e9, 2), "host_to_device_s": round(self.copy_s, 2),
+                "total_s": round(self.total_s, 2)}
+
+
+def cold_start(card: Profile, read_bytes: int, copy_bytes: int) -> ColdStart:
+    """The cold start of a model whose files hold `read_bytes` and whose weights take `copy_bytes` on
+    the card (none for an on-demand model, which pays the copy at each move in)."""
+    return ColdStart(read_bytes, copy_bytes, read_bytes / (card.disk_read_gbs * 1e9),
+                     copy_bytes / (card.host_to_device_gbs * 1e9))
+
+
+def wait_cold_start(card: Profile, read_bytes: int, copy_bytes: int, owner: str) -> ColdStart:
+    """Sleep through `owner`'s modelled cold start (the CPU stays free, as a real replica's does while
+    its disk and link work) and log it."""
+    cold = cold_start(card, read_bytes, copy_bytes)
+    time.sleep(cold.total_s)
+    logger.info("%s: simulated cold start %.1fs on %s (%.1f GB read from disk in %.1fs, %.1f GB copied to the card "
+                "in %.1fs)", owner, cold.total_s, card.key, read_bytes / 1e9, cold.read_s, copy_bytes / 1e9, cold.copy_s)
+    return cold
