@@ -14,6 +14,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -45,6 +46,8 @@ from serve_app.security.guard import principal, request_auth
 from serve_app.security.limiter import LimitExceeded
 from serve_app.services.images import ImageService
 from serve_app.services.videos import VideoService
+
+logger = logging.getLogger(__name__)
 
 # A job file (PNG, MP4, GIF, WebP) is only ever the type it is served as, and nothing in it may
 # run or be framed, even if a browser opened it as a page (signed URLs are shared as links).
@@ -149,6 +152,7 @@ class JobsApi:
         self.images = images
         self.videos = videos
         self.retry_limit = retry_limit
+        self._ending: set[asyncio.Future] = set()  # turns being ended after their responses went out
 
     # Submit
 
@@ -306,7 +310,18 @@ class JobsApi:
         try:
             yield spent
         finally:
-            await self.runner.end_turn.remote(token, who.group or who.key_id, spent["device_s"])
+            # The response does not wait for the turn's end to be recorded (the JobRunner commits the
+            # group's GPU time to the store): the call is sent now and awaited beside it. Were it lost,
+            # the slot would come back after the dispatcher's hold limit, as for an ingress that died.
+            ending = asyncio.ensure_future(self._end_turn(token, who.group or who.key_id, spent["device_s"]))
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
+
+    async def _end_turn(self, token: str, group: str, device_s: float) -> None:
+        try:
+            await self.runner.end_turn.remote(token, group, device_s)
+        except Exception as error:  # nobody awaits this: say so in the log
+            logger.warning("could not end sync turn %s of group %s (%s: %s)", token, group, type(error).__name__, error)
 
     async def list(self, request: Request, state: str | None, limit: int, cursor: str | None) -> JobList:
         # ASCII digits only, and no more than a seq can be: "²".isdigit() is True, and 20 digits

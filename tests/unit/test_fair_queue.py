@@ -19,7 +19,7 @@ from serve_app.jobs.http import JobsApi
 from serve_app.jobs.model import QUEUED, RUNNING, SUCCEEDED, QueuedJobsExceeded
 from serve_app.services.local import LocalHandle
 from tests.fakes import fake_services
-from tests.helpers import LOOPBACK, wait_until_async
+from tests.helpers import LOOPBACK, wait_until, wait_until_async
 from tests.unit.test_job_dispatch import ControlledGenerator
 
 DEFAULT = FairPolicy()
@@ -245,7 +245,22 @@ def test_a_sync_request_runs_in_its_turn_and_charges_its_gpu_time_or_gets_a_503(
     runner = _TurnRunner(token="t1")
     response = _app(runner).post("/v1/images", json={"prompt": "a fox", "seed": 1})
     assert response.status_code == 200 and runner.turns == [("image", "local", 7)]
+    # The turn's end is sent as the response goes out, not awaited before it.
+    wait_until(lambda: runner.ended, 5, interval_s=0.01, what="the turn ended")
     assert runner.ended == [("t1", "local", response.json()["timings"]["device"])]
     busy = _app(_TurnRunner(token=None)).post("/v1/images", json={"prompt": "a fox"})
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "7"
     assert "jobs.fairness.sync_max_wait_s" in busy.json()["detail"]
+
+
+def test_a_turn_whose_end_cannot_be_sent_is_logged_and_the_response_still_goes_out(caplog):
+    class Unreachable(_TurnRunner):
+        async def end_turn(self, token, group, device_s):
+            self.ended.append(token)
+            raise ConnectionError("JobRunner gone")
+
+    runner = Unreachable(token="t2")
+    with caplog.at_level("WARNING", logger="serve_app.jobs.http"):
+        response = _app(runner).post("/v1/images", json={"prompt": "a fox", "seed": 1})
+        wait_until(lambda: "could not end sync turn t2" in caplog.text, 5, interval_s=0.01, what="the warning")
+    assert response.status_code == 200 and runner.ended == ["t2"]
