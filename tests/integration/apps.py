@@ -116,6 +116,7 @@ class Keeper:
         ray_init = {"num_cpus": 9, "num_gpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1",
                     "dashboard_port": free_port(), "_metrics_export_port": self.metrics_port, "_temp_dir": self.ray_dir}
         (folder / "spec.pickle").write_bytes(pickle.dumps({"ray_init": ray_init, "args": args}))
+        self._deploys = args is not None
         self._status, self._log = folder / "status.json", folder / "keeper.log"
         with open(self._log, "wb") as log:
             self._process = subprocess.Popen(
@@ -137,9 +138,13 @@ class Keeper:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """Close the keeper's stdin: it shuts Serve down (replicas drain) and Ray; killed if it hangs."""
+        """Close the keeper's stdin: it shuts Serve down (replicas drain) and Ray. One still deploying
+        (a session cut short) reads no stdin: SIGTERM interrupts it. Killed if it hangs."""
         try:
             self._process.stdin.close()
+            state = json.loads(self._status.read_text())["state"] if self._status.exists() else None
+            if state not in ("ready", "failed") and self._deploys and self._process.poll() is None:
+                self._process.terminate()
             self._process.wait(timeout=180)
         except subprocess.TimeoutExpired:
             os.killpg(self._process.pid, signal.SIGKILL)
