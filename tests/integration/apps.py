@@ -103,7 +103,8 @@ Prepare = Callable[[contextlib.ExitStack], tuple[dict, dict]]
 class Keeper:
     """The shared Ray and Serve, held by a process of their own (tests/integration/keeper.py) in a
     session of its own, which may deploy the first shared app while the unit tests still run: on
-    2 cores they use about one, and Linux schedules sessions (autogroups) against each other."""
+    2 cores they use about one, and Linux schedules sessions (autogroups) against each other, so the
+    keeper's session, niced while it is in the background, takes what they leave."""
 
     def __init__(self, args: dict | None):
         self._files = tempfile.TemporaryDirectory(prefix="genserve-keeper-")
@@ -122,6 +123,16 @@ class Keeper:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "tests.integration.keeper", str(folder / "spec.pickle"), str(self._status)],
                 cwd=ROOT, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.priority(19)  # in the background: the cores the tests leave idle
+
+    def priority(self, nice: int) -> None:
+        """The scheduling weight of the keeper's session (Ray and every replica) against other
+        sessions (the pytest process's): Linux's autogroup nice. Raising it back needs privileges
+        that a CI runner may lack, and a kernel without autogroups has no such file: as it was."""
+        try:
+            Path(f"/proc/{self._process.pid}/autogroup").write_text(str(nice))
+        except OSError:
+            pass
 
     def wait(self, *states: str, timeout_s: float = 600) -> dict:
         """The keeper's status once it is in one of `states`; fails with its log if it stops or fails."""
@@ -234,6 +245,7 @@ class AppPool:
 
             if self._keeper is None:
                 self._keeper = Keeper(None)
+            self._keeper.priority(0)  # the tests wait on it now
             status = self._keeper.wait("ray", "ready", timeout_s=180)
             ray.init(address=status["gcs_address"], log_to_driver=False)
             self._ray = SharedRay(status["base"], self._keeper.ray_dir, self._keeper.metrics_port)
