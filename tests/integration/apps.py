@@ -5,14 +5,23 @@ the shared app running across modules.
   loopback port; every integration test that needs Ray starts it here.
 - `serving(args, base)`: the genserve app built from `args` on a Ray already running;
   `running_app(args)` the same on a Ray of its own.
-- `POOL.get(name, make)`: the app of a named shared config, started on first use and kept until a
+- `POOL.get(name, prepare)`: the app of a named shared config, started on first use and kept until a
   test needs another app, every shared app on one Ray kept across the switches (`conftest.py`
-  orders tests so each shared app starts once per session).
+  orders tests so each shared app starts once per session). That Ray is held by a process of its
+  own (`Keeper`), which `POOL.prestart` has deploy the first shared app while the unit tests run.
 """
 
 import contextlib
 import copy
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -63,15 +72,8 @@ def serving(args: dict, base: str, timeout_s: float = 180):
     Jobs are stored in a temporary directory unless `args["jobs"]["data_dir"]` is absolute (tests
     that start the app again on the same store pass one), never under the repository's ./data.
     """
-    from ray import serve
-
-    from serve_app.builder import build_app
-
     with contextlib.ExitStack() as stack:
-        args = copy.deepcopy(args)
-        if not Path(args["jobs"]["data_dir"]).is_absolute():
-            args["jobs"]["data_dir"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="genserve-jobs-"))
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        serving_deploy(_with_data_dir(args, stack))
         yield stack.enter_context(httpx.Client(base_url=base, timeout=timeout_s))
 
 
@@ -93,29 +95,129 @@ class SharedRay:
     metrics_port: int
 
 
+# A shared app's parts made in the pytest process (its temp dirs, stand-in servers): the genserve
+# args to deploy, and what its fixture gives the tests besides the client.
+Prepare = Callable[[contextlib.ExitStack], tuple[dict, dict]]
+
+
+class Keeper:
+    """The shared Ray and Serve, held by a process of their own (tests/integration/keeper.py) in a
+    session of its own, which may deploy the first shared app while the unit tests still run: on
+    2 cores they use about one, and Linux schedules sessions (autogroups) against each other, so the
+    keeper's session, niced while it is in the background, takes what they leave."""
+
+    def __init__(self, args: dict | None):
+        self._files = tempfile.TemporaryDirectory(prefix="genserve-keeper-")
+        folder = Path(self._files.name)
+        # Short: Ray's temp dir holds unix sockets (the path limit is ~107 characters).
+        self.ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        self.metrics_port = free_port()
+        # One logical GPU and 9 logical CPUs: what configs/single-gpu.yaml reserves (a shared app
+        # too: test_single_gpu.py); torch sees no GPU, so every model runs on the CPU.
+        ray_init = {"num_cpus": 9, "num_gpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+                    "dashboard_port": free_port(), "_metrics_export_port": self.metrics_port, "_temp_dir": self.ray_dir}
+        (folder / "spec.pickle").write_bytes(pickle.dumps({"ray_init": ray_init, "args": args}))
+        self._deploys = args is not None
+        self._status, self._log = folder / "status.json", folder / "keeper.log"
+        with open(self._log, "wb") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "tests.integration.keeper", str(folder / "spec.pickle"), str(self._status)],
+                cwd=ROOT, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.priority(19)  # in the background: the cores the tests leave idle
+
+    def priority(self, nice: int) -> None:
+        """The scheduling weight of the keeper's session (Ray and every replica) against other
+        sessions (the pytest process's): Linux's autogroup nice. Raising it back needs privileges
+        that a CI runner may lack, and a kernel without autogroups has no such file: as it was."""
+        try:
+            Path(f"/proc/{self._process.pid}/autogroup").write_text(str(nice))
+        except OSError:
+            pass
+
+    def wait(self, *states: str, timeout_s: float = 600) -> dict:
+        """The keeper's status once it is in one of `states`; fails with its log if it stops or fails."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = json.loads(self._status.read_text()) if self._status.exists() else {}
+            if status.get("state") == "failed":
+                raise RuntimeError(f"the shared app did not start:\n{status['error']}")
+            if status.get("state") in states:
+                return status
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the shared Ray's keeper {'exited' if self._process.poll() is not None else 'timed out'} "
+                                   f"before {states}; its log ends:\n{self._log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Close the keeper's stdin: it shuts Serve down (replicas drain) and Ray. One still deploying
+        (a session cut short) reads no stdin: SIGTERM interrupts it. Killed if it hangs."""
+        try:
+            self._process.stdin.close()
+            state = json.loads(self._status.read_text())["state"] if self._status.exists() else None
+            if state not in ("ready", "failed") and self._deploys and self._process.poll() is None:
+                self._process.terminate()
+            self._process.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        finally:
+            shutil.rmtree(self.ray_dir, ignore_errors=True)
+            self._files.cleanup()
+
+
 class AppPool:
     """At most one shared app at a time, all on one Ray and Serve: asking for another app deletes the
     one running and runs the next on the same cluster (starting Ray and Serve is tens of seconds on
-    2 cores). Modules that need a Ray of their own (`ray_and_serve`) stop it all first."""
+    2 cores). The Ray is a `Keeper`'s, which this process joins; `prestart` has it deploy the first
+    app early. Modules that need a Ray of their own (`ray_and_serve`) stop it all first."""
 
     def __init__(self):
         self._name: str | None = None
         self._stack: contextlib.ExitStack | None = None
         self._app = None
-        self._ray_stack: contextlib.ExitStack | None = None
+        self._keeper: Keeper | None = None
         self._ray: SharedRay | None = None
+        self._early: tuple[str, contextlib.ExitStack, dict] | None = None
 
-    def get(self, name: str, make: Callable[[contextlib.ExitStack, SharedRay], dict]) -> dict:
-        """The running app `name`, or `make(stack, ray)` run after the one running is deleted."""
+    def prestart(self, name: str, prepare: Prepare) -> None:
+        """Start the shared Ray now with app `name` deploying on it, for the first `get(name)`,
+        while the tests before it run. Nothing if the shared Ray is running already."""
+        if self._keeper is not None:
+            return
+        stack = contextlib.ExitStack()
+        try:
+            args, extras = prepare(stack)
+            self._keeper = Keeper(_with_data_dir(args, stack))
+        except BaseException:
+            stack.close()
+            raise
+        self._early = (name, stack, extras)
+
+    def get(self, name: str, prepare: Prepare) -> dict:
+        """The running app `name`, or the one `prepare` makes, run after the one running is deleted:
+        {client, base, ray_dir, metrics_port, and the extras `prepare` gave}."""
         if self._name != name:
             self._close_app()
             ray = self._shared_ray()
-            stack = contextlib.ExitStack()
+            early, self._early = self._early, None
+            if early is not None and early[0] != name:
+                self._keeper.wait("ready")
+                self._close(early[1])  # started for a test that did not run first: deleted
+                early = None
+            stack = early[1] if early is not None else contextlib.ExitStack()
             try:
-                self._app = make(stack, ray)
+                if early is not None:
+                    self._keeper.wait("ready")
+                    extras = early[2]
+                else:
+                    args, extras = prepare(stack)
+                    serving_deploy(_with_data_dir(args, stack))
+                client = stack.enter_context(httpx.Client(base_url=ray.base, timeout=180))
             except BaseException:
                 self._close(stack)
                 raise
+            self._app = {"client": client, "base": ray.base, "ray_dir": ray.ray_dir, "metrics_port": ray.metrics_port,
+                         **extras}
             self._name, self._stack = name, stack
         return self._app
 
@@ -125,28 +227,28 @@ class AppPool:
         self._name, self._app = None, None
 
     def stop(self) -> None:
+        import ray
+
         self._close_app()
-        ray_stack, self._ray_stack, self._ray = self._ray_stack, None, None
-        if ray_stack is not None:
-            ray_stack.close()
+        early, self._early = self._early, None
+        if early is not None:
+            early[1].close()
+        keeper, self._keeper, self._ray = self._keeper, None, None
+        if keeper is not None:
+            if ray.is_initialized():
+                ray.shutdown()  # this process leaves first: the keeper's Ray is going away
+            keeper.stop()
 
     def _shared_ray(self) -> SharedRay:
         if self._ray is None:
-            stack = contextlib.ExitStack()
-            try:
-                ray_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ray", dir="/tmp",
-                                                                          ignore_cleanup_errors=True))
-                metrics_port = free_port()
-                # One logical GPU and 9 logical CPUs: what configs/single-gpu.yaml reserves (a shared
-                # app too: test_single_gpu.py); torch sees no GPU, so every model runs on the CPU.
-                base = stack.enter_context(ray_and_serve(num_cpus=9, num_gpus=1, include_dashboard=True,
-                                                         dashboard_host="127.0.0.1",
-                                                         dashboard_port=free_port(), _metrics_export_port=metrics_port,
-                                                         _temp_dir=ray_dir))
-            except BaseException:
-                stack.close()
-                raise
-            self._ray_stack, self._ray = stack, SharedRay(base, ray_dir, metrics_port)
+            import ray
+
+            if self._keeper is None:
+                self._keeper = Keeper(None)
+            self._keeper.priority(0)  # the tests wait on it now
+            status = self._keeper.wait("ray", "ready", timeout_s=180)
+            ray.init(address=status["gcs_address"], log_to_driver=False)
+            self._ray = SharedRay(status["base"], self._keeper.ray_dir, self._keeper.metrics_port)
         return self._ray
 
     def _close_app(self) -> None:
@@ -164,6 +266,24 @@ class AppPool:
                 serve.delete(APP_NAME)
         finally:
             stack.close()
+
+
+def _with_data_dir(args: dict, stack: contextlib.ExitStack) -> dict:
+    """`args` with jobs stored in a temporary directory unless `args["jobs"]["data_dir"]` is
+    absolute (tests that start the app again on the same store pass one), never under ./data."""
+    args = copy.deepcopy(args)
+    if not Path(args["jobs"]["data_dir"]).is_absolute():
+        args["jobs"]["data_dir"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="genserve-jobs-"))
+    return args
+
+
+def serving_deploy(args: dict) -> None:
+    """Deploy the genserve app built from `args` on the Ray and Serve this process is connected to."""
+    from ray import serve
+
+    from serve_app.builder import build_app
+
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
 
 
 POOL = AppPool()

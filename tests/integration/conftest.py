@@ -12,7 +12,7 @@ import contextlib
 import pytest
 
 from serve_app.security.keys import new_webhook_secret
-from tests.integration.apps import POOL, ROOT, SharedRay, dev_args, serving
+from tests.integration.apps import POOL, ROOT, dev_args
 
 # Uploads over this many pixels get 422 (the bad-input tests send 320x320 or 400x400).
 SHARED_PIXEL_LIMIT = 300 * 300
@@ -45,7 +45,7 @@ EXTRA_MODELS = [
 ]
 
 
-def _start_dev_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_factory) -> dict:
+def _dev_app(stack: contextlib.ExitStack, tmp_path_factory) -> tuple[dict, dict]:
     from tests.images_server import FakeImagesServer
     from tests.loras import make_flux_lora, make_sdxl_lora
 
@@ -76,20 +76,19 @@ def _start_dev_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_factory
     secret_file.write_text(new_webhook_secret())
     args["jobs"]["webhooks"] = {"allow_http": True, "allowed_hosts": ["127.0.0.1"], "first_retry_s": 0.5,
                                 "poll_interval_s": 0.2, "secret_file": str(secret_file)}
-    client = stack.enter_context(serving(args, ray.base))
-    return {"client": client, "data_dir": data_dir, "args": args, "remote": remote, "ray_dir": ray.ray_dir,
-            "metrics_port": ray.metrics_port}
+    return args, {"data_dir": data_dir, "args": args, "remote": remote}
 
 
 @pytest.fixture(scope="module")
 def dev_app(tmp_path_factory) -> dict:
     """The shared dev app: {client, data_dir, args, remote: the fallback's stand-in, ray_dir: Ray's
-    temp dir, metrics_port: where Ray exports metrics}. Started on first use, kept for the next
-    module. Module-scoped, so module fixtures (Prometheus scraping it) can use it too."""
-    return POOL.get("dev", lambda stack, ray: _start_dev_app(stack, ray, tmp_path_factory))
+    temp dir, metrics_port: where Ray exports metrics}. Deployed while the unit tests run
+    (`pytest_collection_finish`), or on first use; kept for the next module. Module-scoped, so
+    module fixtures (Prometheus scraping it) can use it too."""
+    return POOL.get("dev", lambda stack: _dev_app(stack, tmp_path_factory))
 
 
-def _start_keys_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_factory) -> dict:
+def _keys_app(stack: contextlib.ExitStack, tmp_path_factory) -> tuple[dict, dict]:
     """The dev profile, trimmed to one tiny image model, behind API keys: two Ingress replicas
     sharing rate-limit counters in a throwaway Redis (tests/integration/test_keys_app.py)."""
     import yaml
@@ -113,8 +112,7 @@ def _start_keys_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_factor
     args["jobs"]["data_dir"] = str(tmp_path_factory.mktemp("keys-jobs"))
     args["auth"] = {"keys_file": str(keys_file), "limits_storage": redis.url}
     args["deployments"]["Ingress"] = {"num_replicas": 2, "num_cpus": 0.1}
-    client = stack.enter_context(serving(args, ray.base))
-    return {"client": client, "keys": keys, "keys_file": keys_file, "args": args}
+    return args, {"keys": keys, "keys_file": keys_file, "args": args}
 
 
 # (name, scopes, extra entry fields) of the keys_app's keys.
@@ -135,10 +133,10 @@ KEYS_APP_KEYS = (
 @pytest.fixture
 def keys_app(tmp_path_factory) -> dict:
     """The shared keys app: {client, keys: name -> {id, key, headers}, keys_file, args}."""
-    return POOL.get("keys", lambda stack, ray: _start_keys_app(stack, ray, tmp_path_factory))
+    return POOL.get("keys", lambda stack: _keys_app(stack, tmp_path_factory))
 
 
-def _start_folders_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_factory) -> dict:
+def _folders_app(stack: contextlib.ExitStack, tmp_path_factory) -> tuple[dict, dict]:
     """Images only (no video models), with FLUX, the scorer and the LLM enhancer loaded from saved
     folders (the path a hub id or a folder takes) and a blocklist: test_http_app.py and
     test_enhancer_app.py. The tiny LLM's gibberish falls back to the template on every request."""
@@ -156,35 +154,40 @@ def _start_folders_app(stack: contextlib.ExitStack, ray: SharedRay, tmp_path_fac
     args["enhancer"]["mode"] = "llm"
     args["enhancer"]["llm"]["source"] = str(save_tiny("llm", models / "llm"))
     args["enhancer"]["blocklist"] = ["gore", "nude figure"]
-    client = stack.enter_context(serving(args, ray.base))
-    return {"client": client, "sources": (flux["source"], clip["source"])}
+    return args, {"sources": (flux["source"], clip["source"])}
 
 
 @pytest.fixture(scope="module")
 def folders_app(tmp_path_factory) -> dict:
     """The shared app of models loaded from folders: {client, sources: (FLUX's folder, the scorer's)}."""
-    return POOL.get("folders", lambda stack, ray: _start_folders_app(stack, ray, tmp_path_factory))
+    return POOL.get("folders", lambda stack: _folders_app(stack, tmp_path_factory))
 
 
-def _start_single_gpu_app(stack: contextlib.ExitStack, ray: SharedRay) -> dict:
+def _single_gpu_app(stack: contextlib.ExitStack) -> tuple[dict, dict]:
     """configs/single-gpu.yaml with tiny models, on the shared Ray's one logical GPU
     (tests/integration/test_single_gpu.py)."""
     from tests.helpers import tiny_args
 
     args = tiny_args(ROOT / "configs" / "single-gpu.yaml")
-    client = stack.enter_context(serving(args, ray.base))
-    return {"client": client, "base": ray.base, "args": args}
+    return args, {"args": args}
 
 
 @pytest.fixture(scope="module")
 def single_gpu_app() -> dict:
     """The shared single-GPU profile app: {client, base, args}."""
-    return POOL.get("single-gpu", _start_single_gpu_app)
+    return POOL.get("single-gpu", _single_gpu_app)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _stop_shared_apps():
-    yield
+def pytest_collection_finish(session):
+    """The dev app deploys now, while the unit tests (ordered first) run on one of the two cores:
+    its 17 replica processes are minutes of CPU in imports alone (`AppPool.prestart`)."""
+    if not session.config.option.collectonly and any("dev_app" in item.fixturenames for item in session.items):
+        # The tmp_path_factory fixture's own factory (pytest's tmpdir plugin sets it at configure).
+        factory = session.config._tmp_path_factory
+        POOL.prestart("dev", lambda stack: _dev_app(stack, factory))
+
+
+def pytest_sessionfinish(session):
     POOL.stop()
 
 

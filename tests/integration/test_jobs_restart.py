@@ -38,10 +38,12 @@ def _shut_down_and_read(data_dir, ids: list[str]) -> dict:
 
 
 def _restart_args(data_dir) -> dict:
-    """The dev profile on the shared app's store, trimmed to the models its jobs need (the default
-    video model, and the image model the Ingress needs): each replica is seconds of imports."""
+    """The dev profile on the shared app's store, trimmed to the models its jobs need: the default
+    video model, and the slow image model the redeploy's job runs on (the one image model the Ingress
+    needs). Each replica is seconds of imports, again at the redeploy."""
     args = dev_args()
-    args["image_models"] = [model for model in args["image_models"] if model["id"] == "flux-schnell"]
+    # The redeploy's job: slow steps, so that it still runs when the old JobRunner stops.
+    args["image_models"] = [model for model in EXTRA_MODELS if model["id"] == "slow"]
     args["video_models"] = [model for model in args["video_models"] if model["id"] == "svd"]
     args["jobs"]["data_dir"] = str(data_dir)
     args["jobs"]["max_concurrent_jobs"] = {"image": 1, "video": 1}
@@ -53,8 +55,6 @@ def _restart_args(data_dir) -> dict:
         model["deployment"]["graceful_shutdown_timeout_s"] = 1
     args["jobs"]["ttl_s"] = TTL_S
     args["jobs"]["sweep_interval_s"] = 0.5
-    # The redeploy's job: slow steps, so that it still runs when the old JobRunner stops.
-    args["image_models"] += [model for model in EXTRA_MODELS if model["id"] == "slow"]
     return args
 
 
