@@ -37,6 +37,7 @@ class ReplicaRun:
     ingress_replicas: int
     level: Level
     cpu_ms_by_role: dict[str, float] = field(default_factory=dict)  # idle rate taken off; per image
+    idle_cores_by_role: dict[str, float] = field(default_factory=dict)  # CPU s per s with no traffic
 
 
 def with_replicas(args: AppArgs, model_id: str, replicas: int, ingress_replicas: int | None = None,
@@ -117,15 +118,17 @@ def _one_count(args: AppArgs, model_id: str, replicas: int, requests: int, clien
         url = f"http://127.0.0.1:{port}"
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         asyncio.run(run_level(url, body, "warm-up", replicas, replicas))
-        level, roles = _measured(args, model_id, url, body, clients, requests)
+        level, roles, idle = _measured(args, model_id, url, body, clients, requests)
     finally:
         serve.shutdown()
         ray.shutdown()
-    return ReplicaRun(replicas, ingress_replicas_of(args), level, roles)
+    return ReplicaRun(replicas, ingress_replicas_of(args), level, roles, idle)
 
 
-def _measured(args: AppArgs, model_id: str, url: str, body: dict, clients: int, requests: int) -> tuple[Level, dict]:
-    """The level, its `DeviceUse`, and CPU ms per image by role with each role's idle rate taken off."""
+def _measured(args: AppArgs, model_id: str, url: str, body: dict, clients: int,
+              requests: int) -> tuple[Level, dict, dict]:
+    """The level with its `DeviceUse`, CPU ms per image by role with each role's idle rate taken off,
+    and those idle rates (CPU seconds per second)."""
     import time
 
     from serve_app import APP_NAME
@@ -148,7 +151,8 @@ def _measured(args: AppArgs, model_id: str, url: str, body: dict, clients: int, 
     cpu = tuple({key: seconds for key, (_, seconds) in sample.items()} for sample in (before[2], after[2]))
     level.device = device_use((before[0], after[0]), (before[1], after[1]), cpu, level.wall_s,
                               sum(idle_rates.values()))
-    return level, roles_per_image(cpu_by_role(before[2], after[2]), idle_rates, level.wall_s, level.images)
+    spent = cpu_by_role(before[2], after[2])
+    return level, roles_per_image(spent, idle_rates, level.wall_s, level.images), idle_rates
 
 
 def roles_per_image(spent: dict[str, float], idle_rates: dict[str, float], wall_s: float,
@@ -168,7 +172,8 @@ def run_json(run: ReplicaRun, baseline: float | None) -> dict:
     throughput = run.level.throughput
     return {"replicas": run.replicas, "ingress_replicas": run.ingress_replicas, **level_json(run.level),
             "x_first": round(throughput / baseline, 3) if baseline else None,
-            "cpu_ms_per_image_by_role": {role: round(ms, 1) for role, ms in run.cpu_ms_by_role.items()}}
+            "cpu_ms_per_image_by_role": {role: round(ms, 1) for role, ms in run.cpu_ms_by_role.items()},
+            "idle_cores_by_role": {role: round(cores, 4) for role, cores in run.idle_cores_by_role.items()}}
 
 
 def format_replica_table(runs: list[ReplicaRun]) -> str:
