@@ -12,6 +12,9 @@ directory, append-only and fsynced per write as the cluster profiles run it) on 
   after give the commands per job, by command; INFO cpu and stats give Redis's CPU ms and the bytes
   it received per job. What the JobRunner does with no jobs (its claim polls, lease renewals), read
   for as long beforehand, is taken off.
+- **PNG encoding** (in this process, no Ray): the ingress encodes every image; a 1024x1024 one as the
+  simulated device draws it (blocks of colour: compresses well) and as uniform noise (the worst case
+  for PNG), to bound what a real picture costs.
 """
 
 from __future__ import annotations
@@ -178,7 +181,31 @@ def _redis_cost(client, redis_client, jobs: int) -> RedisCost:
                      idle_commands_per_s=idle_calls / idle_wall)
 
 
-def format_costs(proxy: ProxyCost, redis_cost: RedisCost) -> str:
+def png_encode_ms(width: int = 1024, height: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Median ms to encode one image with the ingress's `encode_png`: the simulated picture, and noise."""
+    import statistics
+
+    import numpy as np
+
+    from deployments.runtime.sim.pipeline import seed_picture
+    from serve_app.services.media import encode_png
+
+    images = {"simulated picture": (seed_picture(7, width, height) * 255).astype(np.uint8),
+              "uniform noise": np.random.default_rng(7).integers(0, 256, (height, width, 3), dtype=np.uint8)}
+    meta = {"prompt": "a lighthouse on a cliff at dusk", "steps": 28, "guidance_scale": 3.5, "seed": 7,
+            "width": width, "height": height, "model": "flux-dev"}
+    timings = {}
+    for name, image in images.items():
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            encode_png(image, meta)
+            seconds.append(time.perf_counter() - started)
+        timings[name] = statistics.median(seconds) * 1000
+    return timings
+
+
+def format_costs(proxy: ProxyCost, redis_cost: RedisCost, png_ms: dict[str, float] | None = None) -> str:
     roles = ", ".join(f"{role} {ms:.2f}" for role, ms in list(proxy.cpu_ms_by_role.items())[:6])
     per_core = proxy.requests_per_proxy_core
     commands = ", ".join(f"{command} {calls:.1f}" for command, calls in redis_cost.commands.items())
@@ -190,4 +217,6 @@ def format_costs(proxy: ProxyCost, redis_cost: RedisCost) -> str:
         f"  commands per job: {redis_cost.commands_per_job:.1f} ({commands})",
         f"  Redis CPU ms per job: {redis_cost.cpu_ms:.2f}; bytes in per job: {redis_cost.bytes_in:.0f}; "
         f"with no jobs: {redis_cost.idle_commands_per_s:.1f} commands/s",
+        *(["PNG encode 1024x1024 (ingress code, in process): "
+           + ", ".join(f"{name} {ms:.1f} ms" for name, ms in png_ms.items())] if png_ms else []),
     ])

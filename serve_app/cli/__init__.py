@@ -321,12 +321,12 @@ def _bench_replicas(args: argparse.Namespace) -> int:
 
 
 def _bench_costs(args: argparse.Namespace) -> int:
-    from serve_app.bench.costs import format_costs, run_costs_benchmark
+    from serve_app.bench.costs import format_costs, png_encode_ms, run_costs_benchmark
     from serve_app.config import app_args_from_config
 
     proxy, redis_cost = run_costs_benchmark(app_args_from_config(args.config), args.clients, args.seconds, args.jobs)
     print(f"genserve bench-costs: {args.config}, one local node, jobs in a redis-server on loopback")
-    print(format_costs(proxy, redis_cost))
+    print(format_costs(proxy, redis_cost, png_encode_ms()))
     return 0
 
 
