@@ -491,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="throughput on N logical GPUs, one replica of --model on each (docs/scaling.md)")
     bench.add_argument("--model", default=None, help="with --replicas: the image model (default: the default)")
     bench.add_argument("--requests-per-replica", type=int, default=8, help="with --replicas: requests = this x N")
-    bench.add_argument("--clients-per-replica", type=int, default=3, help="with --replicas: clients = this x N")
+    bench.add_argument("--clients-per-replica", type=int, default=2,
+                       help="with --replicas: clients = this x N (2: one running and one ready per replica)")
     bench.add_argument("--ingress-replicas", type=int, default=None,
                        help="with --replicas: fixed Ingress replicas (default: the config's)")
     bench.add_argument("--max-ongoing", type=int, default=None,
