@@ -181,8 +181,9 @@ def _redis_cost(client, redis_client, jobs: int) -> RedisCost:
                      idle_commands_per_s=idle_calls / idle_wall)
 
 
-def png_encode_ms(width: int = 1024, height: int = 1024, repeats: int = 5) -> dict[str, float]:
-    """Median ms to encode one image with the ingress's `encode_png`: the simulated picture, and noise."""
+def png_encode_ms(width: int = 1024, height: int = 1024, repeats: int = 5) -> dict[str, tuple[float, int]]:
+    """Median ms to encode one image with the ingress's `encode_png`, and its PNG's bytes: the
+    simulated picture, and noise."""
     import statistics
 
     import numpy as np
@@ -199,13 +200,13 @@ def png_encode_ms(width: int = 1024, height: int = 1024, repeats: int = 5) -> di
         seconds = []
         for _ in range(repeats):
             started = time.perf_counter()
-            encode_png(image, meta)
+            png = encode_png(image, meta)
             seconds.append(time.perf_counter() - started)
-        timings[name] = statistics.median(seconds) * 1000
+        timings[name] = (statistics.median(seconds) * 1000, len(png))
     return timings
 
 
-def format_costs(proxy: ProxyCost, redis_cost: RedisCost, png_ms: dict[str, float] | None = None) -> str:
+def format_costs(proxy: ProxyCost, redis_cost: RedisCost, png_ms: dict[str, tuple[float, int]] | None = None) -> str:
     roles = ", ".join(f"{role} {ms:.2f}" for role, ms in list(proxy.cpu_ms_by_role.items())[:6])
     per_core = proxy.requests_per_proxy_core
     commands = ", ".join(f"{command} {calls:.1f}" for command, calls in redis_cost.commands.items())
@@ -218,5 +219,6 @@ def format_costs(proxy: ProxyCost, redis_cost: RedisCost, png_ms: dict[str, floa
         f"  Redis CPU ms per job: {redis_cost.cpu_ms:.2f}; bytes in per job: {redis_cost.bytes_in:.0f}; "
         f"with no jobs: {redis_cost.idle_commands_per_s:.1f} commands/s",
         *(["PNG encode 1024x1024 (ingress code, in process): "
-           + ", ".join(f"{name} {ms:.1f} ms" for name, ms in png_ms.items())] if png_ms else []),
+           + ", ".join(f"{name} {ms:.1f} ms ({size / 1e6:.2f} MB)" for name, (ms, size) in png_ms.items())]
+          if png_ms else []),
     ])
