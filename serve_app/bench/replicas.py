@@ -4,7 +4,7 @@ For each N, a Ray cluster of its own declares N logical GPUs (`ray.init(num_gpus
 logical CPUs for every replica's reservation; the chosen model's deployment gets N replicas of one
 whole GPU each (`with_replicas`), so on a simulated device each replica has a simulated card of its
 own (its memory ledger is keyed by the GPU index Ray gives it). `clients_per_replica x N` clients
-(genserve's `AsyncClient`, as in `--concurrency`) then send `requests_per_replica x N` requests for
+(genserve's `AsyncClient`, as in `--concurrency`; rounded up) then send `requests_per_replica x N` requests for
 that model at its default size and steps, after a warm-up of N. Every N gets the same requests per
 replica, so the ramp at the start and the drain at the end weigh the same at every N and the ratio
 to N = 1 is the scaling itself.
@@ -85,14 +85,15 @@ def logical_cpus(args: AppArgs) -> int:
 
 
 def run_replica_benchmark(args: AppArgs, model_id: str, counts: list[int], requests_per_replica: int,
-                          clients_per_replica: int, ingress_replicas: int | None = None,
+                          clients_per_replica: float, ingress_replicas: int | None = None,
                           max_ongoing_requests: int | None = None, on_run=None) -> list[ReplicaRun]:
     """Each N of `counts` on a Ray of its own (the GPU count is fixed when Ray starts); `on_run(run)`
     is called as each finishes, so a run cut short still shows what it measured."""
     runs = []
     for replicas in counts:
         scaled = with_replicas(args, model_id, replicas, ingress_replicas, max_ongoing_requests)
-        run = _one_count(scaled, model_id, replicas, requests_per_replica * replicas, clients_per_replica * replicas)
+        clients = math.ceil(clients_per_replica * replicas)
+        run = _one_count(scaled, model_id, replicas, requests_per_replica * replicas, clients)
         runs.append(run)
         if on_run is not None:
             on_run(run)

@@ -311,7 +311,7 @@ def _bench_replicas(args: argparse.Namespace) -> int:
     if not args.json:
         simulated = config.image_model(model).device.simulated
         print(f"genserve bench --replicas: {args.config}, model {model} at its default size and steps, "
-              f"{args.clients_per_replica} x N clients, {args.requests_per_replica} x N requests after N warm-up, "
+              f"{args.clients_per_replica:g} x N clients, {args.requests_per_replica} x N requests after N warm-up, "
               f"N logical GPUs on one node" + (f" (simulated {simulated}: device times are simulated)" if simulated
                                                  else ""))
         print(format_replica_table(runs))
@@ -490,9 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--replicas", type=int, nargs="+", default=None, metavar="N",
                        help="throughput on N logical GPUs, one replica of --model on each (docs/scaling.md)")
     bench.add_argument("--model", default=None, help="with --replicas: the image model (default: the default)")
-    bench.add_argument("--requests-per-replica", type=int, default=8, help="with --replicas: requests = this x N")
-    bench.add_argument("--clients-per-replica", type=int, default=2,
-                       help="with --replicas: clients = this x N (2: one running and one ready per replica)")
+    bench.add_argument("--requests-per-replica", type=int, default=10, help="with --replicas: requests = this x N")
+    bench.add_argument("--clients-per-replica", type=float, default=2.5,
+                       help="with --replicas: clients = this x N, rounded up (2.5: one running and one ready per "
+                            "replica, and a few waiting at the ingress for the replica that frees first)")
     bench.add_argument("--ingress-replicas", type=int, default=None,
                        help="with --replicas: fixed Ingress replicas (default: the config's)")
     bench.add_argument("--max-ongoing", type=int, default=None,
