@@ -95,16 +95,49 @@ def cluster_cpu_seconds() -> dict[tuple, float]:
     """User + system CPU seconds of every process this one started, recursively: with a local Ray,
     its GCS, raylet and workers (the replicas, the proxy, the controller); not this process itself,
     which runs the benchmark's clients."""
+    return {key: seconds for key, (_, seconds) in cluster_cpu_by_process().items()}
+
+
+def cluster_cpu_by_process() -> dict[tuple, tuple[str, float]]:
+    """`cluster_cpu_seconds`, each process with its role (`process_role`)."""
     import psutil
 
-    seconds = {}
+    samples = {}
     for process in psutil.Process().children(recursive=True):
         try:
             times = process.cpu_times()
-            seconds[(process.pid, process.create_time())] = times.user + times.system
+            role = process_role(process.cmdline())
+            samples[(process.pid, process.create_time())] = (role, times.user + times.system)
         except psutil.Error:  # ended meanwhile
             continue
-    return seconds
+    return samples
+
+
+def process_role(cmdline: list[str]) -> str:
+    """What a Ray process does, from its command line: Ray titles its workers `ray::<actor>` (a Serve
+    replica `ray::ServeReplica:<app>:<deployment>`, the proxy `ray::ProxyActor`), with `.method()`
+    added while a task runs; its daemons are `gcs_server`, `raylet` and Python scripts (the
+    dashboard's agent, the log monitor)."""
+    if not cmdline:
+        return "other"
+    first = cmdline[0]
+    if first.startswith("ray::"):
+        title = first.split()[0][len("ray::"):]
+        if title.startswith("ServeReplica:"):
+            return title.split(":")[-1].split(".")[0]  # the deployment
+        return title.split(".")[0]  # ProxyActor, ServeController, IDLE, ...
+    scripts = [part for part in cmdline if part.endswith(".py")]
+    name = (scripts[0] if scripts else first).rsplit("/", 1)[-1]
+    return name.removesuffix(".py")
+
+
+def cpu_by_role(before: dict[tuple, tuple[str, float]], after: dict[tuple, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per role that the processes of `after` spent since `before` (as `cpu_delta`)."""
+    roles: dict[str, float] = {}
+    for key, (role, seconds) in after.items():
+        spent = seconds - before.get(key, (role, 0.0))[1]
+        roles[role] = roles.get(role, 0.0) + spent
+    return roles
 
 
 def read_device_times(app: str, deployment: str, tries_per_replica: int = 8) -> Samples:

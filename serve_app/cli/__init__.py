@@ -6,6 +6,9 @@
     genserve bench --concurrency 1 8 64 [--storm 64] [--json]
                                      throughput, p50/p95, device utilization, overhead, CPU per image and
                                      rejections under concurrent clients and a storm, batching off and on
+    genserve bench --replicas 1 2 4 8 16 [--model ID] [--ingress-replicas K] [--json]
+                                     throughput on N logical GPUs, one replica each; CPU per image by Ray
+                                     process role; ends with `scaling: N replicas Rx one`
     genserve bench-jobs [options]    async job overhead: POST /v1/jobs vs the same POST /v1/images
     genserve bench-agents [options]  OpenAI route, MCP tools, A2A vs the same POST /v1/images
     genserve bench-gpu [options]     FLUX.1-schnell / SDXL architectures with random weights: eager, compiled, fp8
@@ -24,6 +27,9 @@
                                      the memory plan on its card and which shipped profiles fit it,
                                      weights, ports): each line ok, or what to do
     genserve bench-overload [options]  C clients for D seconds against a running app: statuses, latency, memory
+    genserve bench-costs [--config CONFIG] [--clients 16 --seconds 15 --jobs 20]
+                                     per-component costs for docs/scaling.md: the proxy's requests per core
+                                     (GET /livez), Redis commands, CPU and bytes per image job
     genserve bench-fairness [--config CONFIG] [--a-jobs 500 --b-interval 2 --backlog 300]
                                      two keys through the fair job queue: B's wait behind A's backlog, throughput,
                                      GPU-time shares at weights 3:1
@@ -225,6 +231,8 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.replicas:
+        return _bench_replicas(args)
     if args.concurrency:
         return _bench_concurrency(args)
     if args.auth_overhead:
@@ -276,6 +284,52 @@ def _bench_concurrency(args: argparse.Namespace) -> int:
           f"{batching} (the default model and the scorer)"
           + (f"; then a storm of {args.storm} clients retrying at once" if args.storm else ""))
     print(format_concurrency_table(levels))
+    return 0
+
+
+def _bench_replicas(args: argparse.Namespace) -> int:
+    from serve_app.bench.replicas import (
+        format_replica_table,
+        format_role_table,
+        run_json,
+        run_replica_benchmark,
+        scaling_line,
+    )
+    from serve_app.config import app_args_from_config
+
+    config = app_args_from_config(args.config)
+    model = args.model or config.default_model_id
+    counts = sorted(set(args.replicas))
+    first: list[float] = []
+
+    def progress(run) -> None:
+        first.append(first[0] if first else run.level.throughput)
+        if args.json:  # one object per N, as it finishes, and nothing else on stdout
+            print(json.dumps(run_json(run, first[0])), flush=True)
+            return
+        print(f"  {run.replicas} GPUs: {run.level.throughput:.3f} img/s, {run.level.failures} failed", flush=True)
+
+    runs = run_replica_benchmark(config, model, counts, args.requests_per_replica, args.clients_per_replica,
+                                 args.ingress_replicas, args.max_ongoing, progress)
+    if not args.json:
+        simulated = config.image_model(model).device.simulated
+        print(f"genserve bench --replicas: {args.config}, model {model} at its default size and steps, "
+              f"{args.clients_per_replica:g} x N clients, {args.requests_per_replica} x N requests after N warm-up, "
+              f"N logical GPUs on one node" + (f" (simulated {simulated}: device times are simulated)" if simulated
+                                                 else ""))
+        print(format_replica_table(runs))
+        print(format_role_table(runs))
+    print(scaling_line(runs))
+    return 0
+
+
+def _bench_costs(args: argparse.Namespace) -> int:
+    from serve_app.bench.costs import format_costs, png_encode_ms, run_costs_benchmark
+    from serve_app.config import app_args_from_config
+
+    proxy, redis_cost = run_costs_benchmark(app_args_from_config(args.config), args.clients, args.seconds, args.jobs)
+    print(f"genserve bench-costs: {args.config}, one local node, jobs in a redis-server on loopback")
+    print(format_costs(proxy, redis_cost, png_encode_ms()))
     return 0
 
 
@@ -475,6 +529,17 @@ def main(argv: list[str] | None = None) -> int:
                        help="also run through Serve with the config's metrics setting flipped")
     bench.add_argument("--concurrency", type=int, nargs="+", default=None, metavar="CLIENTS",
                        help="instead: throughput and p50/p95 at these client counts, batching off and on (e.g. 1 8 64)")
+    bench.add_argument("--replicas", type=int, nargs="+", default=None, metavar="N",
+                       help="throughput on N logical GPUs, one replica of --model on each (docs/scaling.md)")
+    bench.add_argument("--model", default=None, help="with --replicas: the image model (default: the default)")
+    bench.add_argument("--requests-per-replica", type=int, default=10, help="with --replicas: requests = this x N")
+    bench.add_argument("--clients-per-replica", type=float, default=2.5,
+                       help="with --replicas: clients = this x N, rounded up (2.5: one running and one ready per "
+                            "replica, and a few waiting at the ingress for the replica that frees first)")
+    bench.add_argument("--ingress-replicas", type=int, default=None,
+                       help="with --replicas: fixed Ingress replicas (default: the config's)")
+    bench.add_argument("--max-ongoing", type=int, default=None,
+                       help="with --replicas: the model's max_ongoing_requests (default: the config's)")
     bench.add_argument("--max-batch-images", type=int, default=8, help="with --concurrency: the batch cap")
     bench.add_argument("--batch-wait-ms", type=float, default=20.0, help="with --concurrency: the batch wait")
     bench.add_argument("--batching", choices=["off", "on", "both"], default="both",
@@ -552,6 +617,12 @@ def main(argv: list[str] | None = None) -> int:
     overload.add_argument("--honour-retry-after", action="store_true",
                           help="a rejected client waits Retry-After before its next request (default: at once)")
     overload.set_defaults(func=_bench_overload)
+    costs = commands.add_parser("bench-costs", help="proxy requests per core and Redis commands per job")
+    costs.add_argument("--config", default="configs/sim-h200.yaml")
+    costs.add_argument("--clients", type=int, default=16, help="concurrent clients on GET /livez")
+    costs.add_argument("--seconds", type=float, default=15.0, help="of GET /livez load")
+    costs.add_argument("--jobs", type=int, default=20, help="image jobs, one after another")
+    costs.set_defaults(func=_bench_costs)
     fairness = commands.add_parser("bench-fairness", help="two keys through the fair job queue (docs/jobs.md)")
     fairness.add_argument("--config", default="configs/sim-h200.yaml")
     fairness.add_argument("--a-jobs", type=int, default=500, help="key A's image jobs, submitted at once")

@@ -89,3 +89,21 @@ def test_a_storm_sends_a_rejected_request_again_at_once_and_times_each_rejection
                                   transport=httpx.MockTransport(server), storm=True))
     assert len(level.seconds) == 2 and level.rejections == 6 and len(level.rejection_seconds) == 6
     assert level.storm and level.wall_s < 30  # waiting out one Retry-After alone would take 60 s
+
+
+def test_a_ray_process_is_named_by_its_title_or_its_program():
+    from serve_app.bench.device import cpu_by_role, process_role
+
+    assert process_role(["ray::ServeReplica:genserve:Ingress"]) == "Ingress"
+    assert process_role(["ray::ServeReplica:genserve:FluxDevGenerator.handle_request_with_rejection()"]) == \
+        "FluxDevGenerator"
+    assert process_role(["ray::ProxyActor", "", ""]) == "ProxyActor"
+    assert process_role(["ray::ServeController.listen_for_change()"]) == "ServeController"
+    assert process_role(["/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server", "--port=0"]) == \
+        "gcs_server"
+    assert process_role(["/venv/bin/python", "-u", "/venv/ray/_private/log_monitor.py", "--x"]) == "log_monitor"
+    assert process_role([]) == "other"
+    # Two replicas of a role add up; a process new since the first reading counts from 0.
+    before = {(1, 0.0): ("Ingress", 1.0), (2, 0.0): ("raylet", 5.0)}
+    after = {(1, 0.0): ("Ingress", 1.5), (2, 0.0): ("raylet", 5.25), (3, 1.0): ("Ingress", 0.5)}
+    assert cpu_by_role(before, after) == {"Ingress": 1.0, "raylet": 0.25}
