@@ -98,7 +98,7 @@ def test_the_pool_autoscales_one_logical_gpu_a_replica_and_keeps_its_other_setti
     args = app_args_from_config("configs/sim-h200.yaml")
     deployment = autoscaled(args, "flux-dev", OPTIONS, 0.1).image_model("flux-dev").deployment
     assert deployment.autoscaling == OPTIONS and deployment.num_replicas is None
-    assert (deployment.num_gpus, deployment.num_cpus, deployment.max_ongoing_requests) == (1, 0.1, 4)
+    assert (deployment.num_gpus, deployment.num_cpus, deployment.max_ongoing_requests) == (1, 0.1, 2)
     assert autoscaled(args, "flux-dev", OPTIONS, 0.1).image_model("flux-schnell") == args.image_model("flux-schnell")
 
 
