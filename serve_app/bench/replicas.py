@@ -6,8 +6,10 @@ whole GPU each (`with_replicas`), so on a simulated device each replica has a si
 own (its memory ledger is keyed by the GPU index Ray gives it). `clients_per_replica x N` clients
 (genserve's `AsyncClient`, as in `--concurrency`; rounded up) then send `requests_per_replica x N` requests for
 that model at its default size and steps, after a warm-up of N. Every N gets the same requests per
-replica, so the ramp at the start and the drain at the end weigh the same at every N and the ratio
-to N = 1 is the scaling itself.
+replica. The drain at the end still weighs more at large N: one replica runs its last image to the
+end, while of 16 some finish a few seconds before the last one. So each replica needs many images
+(30 by default) for the ratio to N = 1 to be the scaling itself: at 10 a replica, 16 simulated GPUs
+measured 13.6x with every replica 85% busy; at 30, 15.2x and 95% (docs/benchmarks.md).
 
 Around each run it reads what `--concurrency` reads (`serve_app.bench.device`): the model replicas'
 busy time (utilization, each replica's), the cluster's CPU outside the model per image, and the CPU

@@ -532,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--replicas", type=int, nargs="+", default=None, metavar="N",
                        help="throughput on N logical GPUs, one replica of --model on each (docs/scaling.md)")
     bench.add_argument("--model", default=None, help="with --replicas: the image model (default: the default)")
-    bench.add_argument("--requests-per-replica", type=int, default=10, help="with --replicas: requests = this x N")
+    bench.add_argument("--requests-per-replica", type=int, default=30,
+                       help="with --replicas: requests = this x N (fewer weigh the drain at the end more at large N)")
     bench.add_argument("--clients-per-replica", type=float, default=2.5,
                        help="with --replicas: clients = this x N, rounded up (2.5: one running and one ready per "
                             "replica, and a few waiting at the ingress for the replica that frees first)")
