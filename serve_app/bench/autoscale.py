@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+from serve_app.bench.images import nearest_rank
 from serve_app.config import AppArgs, AutoscalingOptions
 
 
@@ -93,11 +94,7 @@ def window_stats(done: list[Done], now: float, window_s: float) -> tuple[float, 
     recent = sorted(one.latency_s for one in done if one.ok and now - window_s < one.t <= now)
     if not recent or span <= 0:
         return 0.0, None
-    return len(recent) / span, percentile(recent, 95)
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+    return len(recent) / span, nearest_rank(recent, 95)
 
 
 @dataclass
@@ -153,8 +150,8 @@ def summarize(samples: list[Sample], done: list[Done], phases: list[Phase], opti
     started, starting_s = _starts(samples)
     return Summary(
         step_up_at=up, step_down_at=down, decided_s=decided, scale_up_s=scaled,
-        ramp_p95_s=percentile(ramp, 95) if ramp else None,
-        peak_p95_s=percentile(steady, 95) if steady else None,
+        ramp_p95_s=nearest_rank(ramp, 95) if ramp else None,
+        peak_p95_s=nearest_rank(steady, 95) if steady else None,
         peak_throughput=len(peak) / peak_span if peak and peak_span > 0 else None,
         scale_down_s=scaled_down, replica_start_s=starting_s / started if started else None,
         replicas_started=started, peak_replicas=max((sample.running for sample in samples), default=0),
@@ -200,20 +197,20 @@ def format_summary(summary: Summary) -> str:
 
 def write_samples(samples: list[Sample], path: str) -> None:
     """The samples as CSV, one row a second (docs/benchmarks.md's plot is drawn from them)."""
-    with open(path, "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(Sample.__dataclass_fields__))
-        writer.writeheader()
-        for sample in samples:
-            writer.writerow(asdict(sample))
+    _write_rows(Sample, samples, path)
 
 
 def write_requests(done: list[Done], path: str) -> None:
     """Every request (when it ended, its latency, whether it succeeded) as CSV: the summary's input."""
+    _write_rows(Done, done, path)
+
+
+def _write_rows(kind: type, rows: list, path: str) -> None:
+    """Dataclass rows of `kind` as CSV, a column per field."""
     with open(path, "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(Done.__dataclass_fields__))
+        writer = csv.DictWriter(out, fieldnames=list(kind.__dataclass_fields__))
         writer.writeheader()
-        for one in done:
-            writer.writerow(asdict(one))
+        writer.writerows(asdict(row) for row in rows)
 
 
 def plot(samples: list[Sample], path: str, title: str, max_replicas: int) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from serve_app.bench.device import DeviceUse, cpu_ms_per_image, overhead_ms
+from serve_app.bench.images import nearest_rank
 from serve_app.config import AppArgs
 
 
@@ -50,11 +51,7 @@ class Level:
 
     def percentile(self, q: float, values: list[float] | None = None) -> float:
         """The q-th percentile (nearest rank) of `values`, by default the successful latencies."""
-        values = self.seconds if values is None else values
-        if not values:
-            return float("nan")
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+        return nearest_rank(self.seconds if values is None else values, q)
 
     @property
     def images(self) -> int:

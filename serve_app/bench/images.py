@@ -31,13 +31,19 @@ class Sample:
         return statistics.median(timings.get(stage, 0.0) for timings in self.stages)
 
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.seconds)
-        index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-        return ordered[index]
+        return nearest_rank(self.seconds, q)
 
     @property
     def p50(self) -> float:
         return statistics.median(self.seconds)
+
+
+def nearest_rank(values, q: float) -> float:
+    """The q-th percentile of `values` by nearest rank (NaN when there are none): every bench's."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def _request_body(width: int, height: int, steps: int) -> dict:

@@ -415,10 +415,16 @@ def edit_meta(plan: ImagePlan) -> dict:
 
 def _start_encoding(plan: ImagePlan, spec: ModelSpec, encoding: dict, enhanced: EnhancedPrompt, seed: int,
                     image: np.ndarray) -> asyncio.Future:
-    """One image's encoding in a worker thread, begun as it arrives (`OnGenerated`): its metadata is
-    known then, its scores are not needed."""
+    """One image's encoding, begun as it arrives (`OnGenerated`): its metadata is known then, its
+    scores are not needed."""
     negative_prompt = enhanced.negative_prompt if plan.use_negative_prompt else None
-    meta = image_meta(plan, spec, enhanced.prompt, negative_prompt, seed)
+    return _encoding(plan, spec, encoding, enhanced.prompt, negative_prompt, seed, image)
+
+
+def _encoding(plan: ImagePlan, spec: ModelSpec, encoding: dict, prompt: str, negative_prompt: str | None,
+              seed: int, image: np.ndarray) -> asyncio.Future:
+    """One image's `encode_image_b64` fields, encoded in a worker thread."""
+    meta = image_meta(plan, spec, prompt, negative_prompt, seed)
     return asyncio.ensure_future(asyncio.to_thread(encode_image_b64, image, meta, **encoding))
 
 
@@ -432,11 +438,8 @@ async def _encoded(result: GraphResult, plan: ImagePlan, spec: ModelSpec, encodi
             candidate.encoding.cancel()  # its thread may still finish; the result is not wanted
     images = []
     for candidate in result.chosen:
-        if candidate.encoding is not None:
-            fields = await candidate.encoding
-        else:
-            meta = image_meta(plan, spec, candidate.prompt, result.negative_prompt, candidate.seed)
-            fields = await asyncio.to_thread(encode_image_b64, candidate.image, meta, **encoding)
+        fields = await (candidate.encoding or _encoding(plan, spec, encoding, candidate.prompt,
+                                                        result.negative_prompt, candidate.seed, candidate.image))
         images.append(_generated_image(candidate, plan, fields))
     return images, await asyncio.to_thread(attempts_of, result)
 
