@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +43,8 @@ from serve_app.protocol.jobs import (
 from serve_app.protocol.schemas import ImageRequest, VideoRequest, random_seed
 from serve_app.security.guard import principal, request_auth
 from serve_app.security.limiter import LimitExceeded
+from serve_app.services.graph import Turn
+from serve_app.services.graph import in_turn as graph_turn
 from serve_app.services.images import ImageService
 from serve_app.services.videos import VideoService
 
@@ -286,36 +287,27 @@ class JobsApi:
 
     async def in_turn(self, request: Request, generate):
         """`await generate()` (a synchronous image request) in its turn of the fair order, its GPU
-        time charged to the caller's group; straight away when fairness.sync is off."""
+        time charged to the caller's group; straight away when fairness.sync is off. The image
+        graph asks for the turn once the request is planned and waits for it before the first
+        generator call (services.graph.in_turn), so the enhancer runs meanwhile."""
         if self.fairness is None or not self.fairness.sync:
             return await generate()
-        async with self.sync_turn(request, "image", self.fairness.sync_max_wait_s) as spent:
-            response = await generate()
-            spent["device_s"] = response.timings.get("device", 0.0)
-            return response
-
-    @contextlib.asynccontextmanager
-    async def sync_turn(self, request: Request, kind: str, wait_s: float):
-        """Hold a turn in the same fair order as jobs for a synchronous request (jobs/fairness.py):
-        at once when nothing is queued and a slot is free, else when the caller's group comes
-        next; 503 with Retry-After when none came within `wait_s`. Yields a dict in which the
-        request sets `device_s`, charged to its group's share as the turn ends."""
-        who = principal(request)
-        token = await self.runner.sync_turn.remote(kind, who.key_id, who.group, wait_s)
-        if token is None:
-            raise JobError(503, f"no turn for this request within {wait_s:g}s: the {kind} models are busy with "
-                                "jobs and requests of keys that are behind their share (jobs.fairness.sync_max_wait_s), "
-                                "or this key is paused (weight 0 in the keys file); retry later, or submit it as a job", {"Retry-After": str(math.ceil(wait_s))})
-        spent = {"device_s": 0.0}
+        turn = _SyncTurn(self, principal(request), "image", self.fairness.sync_max_wait_s)
         try:
-            yield spent
+            with graph_turn(turn):
+                response = await generate()
+            turn.device_s = response.timings.get("device", 0.0)
+            return response
         finally:
-            # The response does not wait for the turn's end to be recorded (the JobRunner commits the
-            # group's GPU time to the store): the call is sent now and awaited beside it. Were it lost,
-            # the slot would come back after the dispatcher's hold limit, as for an ingress that died.
-            ending = asyncio.ensure_future(self._end_turn(token, who.group or who.key_id, spent["device_s"]))
-            self._ending.add(ending)
-            ending.add_done_callback(self._ending.discard)
+            turn.end()
+
+    def _ended(self, token: str, group: str, device_s: float) -> None:
+        """Record a turn's end beside the response, not before it (the JobRunner commits the group's
+        GPU time to the store). Were the call lost, the slot would come back after the dispatcher's
+        hold limit, as for an ingress that died."""
+        ending = asyncio.ensure_future(self._end_turn(token, group, device_s))
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
 
     async def _end_turn(self, token: str, group: str, device_s: float) -> None:
         try:
@@ -567,6 +559,47 @@ class JobsApi:
             links=JobLinks(self=base, events=f"{base}/events", cancel=f"{base}/cancel",
                            result=f"{base}/result" if job.state == SUCCEEDED else None),
         )
+
+
+class _SyncTurn(Turn):
+    """A synchronous request's turn in the same fair order as jobs (jobs/fairness.py): at once when
+    nothing is queued and a slot is free, else when the caller's group comes next; 503 with
+    Retry-After when none came within `wait_s`. `end` frees its slot and charges `device_s` to the
+    group, whenever the turn comes: a request that ended before it still gives its slot back."""
+
+    def __init__(self, api: JobsApi, who, kind: str, wait_s: float):
+        self._api, self._who, self._kind, self._wait_s = api, who, kind, wait_s
+        self._asked: asyncio.Future | None = None
+        self.device_s = 0.0
+
+    def ask(self) -> None:
+        if self._asked is None:
+            who = self._who
+            self._asked = asyncio.ensure_future(self._api.runner.sync_turn.remote(
+                self._kind, who.key_id, who.group, self._wait_s))
+
+    async def granted(self) -> None:
+        self.ask()
+        # Shielded: a request cancelled while it waits must not cancel the call, whose turn `end` frees.
+        if await asyncio.shield(self._asked) is None:
+            wait_s = self._wait_s
+            raise JobError(503, f"no turn for this request within {wait_s:g}s: the {self._kind} models are busy with "
+                                "jobs and requests of keys that are behind their share (jobs.fairness.sync_max_wait_s), "
+                                "or this key is paused (weight 0 in the keys file); retry later, or submit it as a job",
+                           {"Retry-After": str(math.ceil(wait_s))})
+
+    def end(self) -> None:
+        if self._asked is None:
+            return  # never asked for: the request ended before its graph ran
+        if self._asked.done():
+            self._release(self._asked)
+        else:
+            self._asked.add_done_callback(self._release)
+
+    def _release(self, asked: asyncio.Future) -> None:
+        if asked.cancelled() or asked.exception() is not None or asked.result() is None:
+            return  # no turn was given: nothing to free
+        self._api._ended(asked.result(), self._who.group or self._who.key_id, self.device_s)
 
 
 _DELIVERY_FIELDS = ("id", "event", "state", "attempts", "last_status", "last_error", "delivered_at")

@@ -448,8 +448,9 @@ class ImageResponse(BaseModel):
         default_factory=list,
         description="Every image generated, in order, with its scores and whether it was chosen (best-of-N).",
     )
-    timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total; parts of "
-                                                  "generate where they happened: first_pass and hires, and move_in (an "
+    timings: dict[str, float] = Field(description="Seconds per stage: enhance, generate, score, encode, total; turn: "
+                                                  "a synchronous request's wait for its turn in the fair queue (the "
+                                                  "prompt is enhanced meanwhile); parts of generate where they happened: first_pass and hires, and move_in (an "
                                                   "on-demand model moved onto the GPU first); and device: the "
                                                   "generator's own time on its device (GPU-seconds).")
     warnings: list[str] = Field(default_factory=list)

@@ -103,6 +103,33 @@ def deadline(seconds: float):
         _deadline.reset(token)
 
 
+class Turn:
+    """A synchronous request's turn on the image generators (the fair queue's, jobs.http.JobsApi):
+    `ask` sends for it, `granted` waits for it, raising when none came."""
+
+    def ask(self) -> None:
+        raise NotImplementedError
+
+    async def granted(self) -> None:
+        raise NotImplementedError
+
+
+# The running request's turn, set by `in_turn()` around a synchronous request (None: the request
+# needs none, as a job's run). The graph asks for it once the request is planned, so the call to
+# the JobRunner overlaps the enhancer's, and waits for it before the first generator call.
+_turn: contextvars.ContextVar[Turn | None] = contextvars.ContextVar("genserve_turn", default=None)
+
+
+@contextlib.contextmanager
+def in_turn(turn: Turn):
+    """`run_image_graph` calls inside use the generators only once `turn` is granted."""
+    token = _turn.set(turn)
+    try:
+        yield
+    finally:
+        _turn.reset(token)
+
+
 @dataclass(frozen=True)
 class ImagePlan:
     """A validated request with every default filled in."""
@@ -261,7 +288,18 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
     # Responses are passed on unresolved: Serve hands the enhancer's prompt to the generator and
     # the generator's images to the scorer straight through the object store, so the three calls
     # of a round are dispatched at once instead of one round trip through this ingress each.
+    turn = _turn.get()
+    if turn is not None:
+        turn.ask()
+    enhance_started = time.perf_counter()
     enhanced: EnhancedPrompt | Any = _enhance(plan, enhancer)
+    if turn is not None:
+        try:
+            await turn.granted()
+        except BaseException:
+            _cancel(enhanced)  # no turn (or the request ended meanwhile): the prompt is not needed
+            raise
+        timings["turn"] = time.perf_counter() - enhance_started
     control = plan.control
     if control is not None and control.preprocess:
         # The control map is made once (by the generator, which holds the depth estimator) while
@@ -306,7 +344,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
         scoring = scorer.score.remote(generation, plan.prompt, weights=plan.weights)
         if not isinstance(enhanced, EnhancedPrompt):
             enhanced = await call_stage(enhanced, "enhance", timeout_s)
-            timings["enhance"] = time.perf_counter() - round_started
+            timings["enhance"] = time.perf_counter() - enhance_started  # it ran while the turn came
             round_started = time.perf_counter()  # the generator starts once the prompt is there
         output: GenerationOutput = await call_stage(generation, "generate", timeout_s)
         generated_at = time.perf_counter()

@@ -5,6 +5,7 @@ Times are passed in (`now=`), so nothing waits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import Counter
 
@@ -264,3 +265,49 @@ def test_a_turn_whose_end_cannot_be_sent_is_logged_and_the_response_still_goes_o
         response = _app(runner).post("/v1/images", json={"prompt": "a fox", "seed": 1})
         wait_until(lambda: "could not end sync turn t2" in caplog.text, 5, interval_s=0.01, what="the warning")
     assert response.status_code == 200 and runner.ended == ["t2"]
+
+
+class _HeldTurnRunner(_TurnRunner):
+    """Gives its turn only once the prompt is being enhanced (bounded), and records what had run by then."""
+
+    def __init__(self, token, enhancer, generator):
+        super().__init__(token)
+        self.enhancer, self.generator, self.seen = enhancer, generator, None
+
+    async def sync_turn(self, kind, owner, group, wait_s):
+        self.turns.append((kind, owner, wait_s))
+        with contextlib.suppress(TimeoutError):  # without the overlap the enhancer waits for this turn
+            await wait_until_async(lambda: self.enhancer.calls, 2, interval_s=0.01, what="the enhancer called")
+        self.seen = (len(self.enhancer.calls), len(self.generator.calls))
+        return self.token
+
+
+def _held_app(token):
+    from tests.fakes import FakeEnhancer, FakeGenerator
+
+    enhancer, generator = FakeEnhancer(), FakeGenerator()
+    runner = _HeldTurnRunner(token, enhancer, generator)
+    services = fake_services(enhancer=enhancer, generator=generator)
+    services.jobs = JobsApi(LocalHandle(runner), services.images, None, 2, fairness=FairnessConfig(sync_max_wait_s=7))
+    app = build_api()
+    app.state.services = services
+    return TestClient(app, client=LOOPBACK), runner
+
+
+def test_the_prompt_is_enhanced_while_the_turn_comes_and_nothing_is_generated_before_it():
+    client, runner = _held_app("t3")
+    response = client.post("/v1/images", json={"prompt": "a fox", "seed": 1})
+    assert response.status_code == 200, response.text
+    assert runner.seen == (1, 0), "enhanced before the turn came, generated only after"
+    assert len(runner.generator.calls) == 1 and response.json()["timings"]["turn"] >= 0
+    wait_until(lambda: runner.ended, 5, interval_s=0.01, what="the turn ended")
+    assert runner.ended == [("t3", "local", response.json()["timings"]["device"])]
+
+
+def test_no_turn_is_asked_for_a_request_its_plan_refuses_and_a_refused_turn_generates_nothing():
+    client, runner = _held_app(None)
+    bad = client.post("/v1/images", json={"prompt": "a fox", "num_inference_steps": 30})
+    assert bad.status_code == 422 and "1-4 steps" in bad.text and runner.turns == [], "refused before any turn"
+    busy = client.post("/v1/images", json={"prompt": "a fox"})
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "7" and len(runner.turns) == 1
+    assert runner.generator.calls == [] and runner.ended == [], "no turn: nothing generated, nothing to end"
