@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from typing import Iterator
 
@@ -69,6 +70,42 @@ class DeviceClock:
         self.busy_s += busy_s
         self.cpu_s += cpu_s
         self.calls += 1
+
+
+class BusyMeter:
+    """The device's share of a call that also does CPU work (a scorer resizes its images first):
+    the union of the intervals in which at least one forward pass runs, so two threads' passes that
+    overlap (a prompt's text pass beside the image pass) count once, and the process's CPU time over
+    those intervals. `ModelMetrics.track(meter)` records these instead of the whole call's."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open = 0
+        self._since = self._cpu_since = 0.0
+        self._busy_s = self._cpu_s = 0.0
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Around one forward pass (on CUDA, synchronised before it ends: the kernels are its time)."""
+        with self._lock:
+            if self._open == 0:
+                self._since, self._cpu_since = time.perf_counter(), time.process_time()
+            self._open += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open -= 1
+                if self._open == 0:
+                    self._busy_s += time.perf_counter() - self._since
+                    self._cpu_s += time.process_time() - self._cpu_since
+
+    def take(self) -> tuple[float, float]:
+        """(busy seconds, CPU seconds) since the last take."""
+        with self._lock:
+            taken = self._busy_s, self._cpu_s
+            self._busy_s = self._cpu_s = 0.0
+            return taken
 
 
 def replica_id() -> str:
@@ -183,12 +220,13 @@ class ModelMetrics:
             self._replica_peak_gauge.set(self._replica_peak)
 
     @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
+    def track(self, meter: BusyMeter | None = None) -> Iterator[None]:
         """Around one model call: count a raised exception by kind; on CUDA record peak memory.
         Out of accelerator memory: free the cache and raise `ModelOutOfMemory` (the replica serves on).
 
         Calls are serialised per replica, so the peak since the reset belongs to this call. Every
-        call's time counts as busy, a failed or cancelled one too: the device was held.
+        call's time counts as busy, a failed or cancelled one too: the device was held. With a
+        `meter`, only its forward passes count (the call's CPU work before them is not device time).
         """
         if self._cuda:
             import torch
@@ -208,7 +246,10 @@ class ModelMetrics:
                 raise ModelOutOfMemory(self._model, first_line[:300]) from None
             raise
         finally:
-            self._record_call(time.perf_counter() - started, time.process_time() - cpu_started)
+            if meter is None:
+                self._record_call(time.perf_counter() - started, time.process_time() - cpu_started)
+            else:
+                self._record_call(*meter.take())
         if self._cuda and self._enabled:
             import torch
 

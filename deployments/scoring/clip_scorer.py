@@ -22,7 +22,7 @@ from deployments.config import (
 # Re-exported: the scorer's callers read the score names from here or from deployments.names.
 from deployments.names import ASPECTS, COMBINABLE, GATE_METRICS, SCORE_RANGES, default_combined  # noqa: F401
 from deployments.runtime.loading import check_device_health, in_serve_replica, resolve_placement
-from deployments.runtime.metrics import ModelMetrics
+from deployments.runtime.metrics import BusyMeter, ModelMetrics
 from deployments.runtime.types import GenerationOutput
 from deployments.scoring.families import get_scorer_family
 from deployments.scoring.perceptual import PERCEPTUAL_RANGES, perceptual_scores
@@ -80,6 +80,11 @@ class ClipScorer:
         self._metrics = ModelMetrics("clip", self._placement.device, enabled=metrics)
         self._scorers = [get_scorer_family(entry.family).load(entry, resolve_placement(entry.device))
                          for entry in config.scorers]
+        # Device time is the towers' forward passes, on one meter for the replica's one device: each
+        # image's resize and each prompt's tokenising are CPU work around the model (docs/benchmarks.md).
+        self._meter = BusyMeter()
+        for scorer in self._scorers:
+            scorer.tower.meter = self._meter
         self._pixels_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="perceptual")
         self._default_weights = CombinedWeights(**dict.fromkeys(default_combined(self.gate_metrics), 1.0))
         batching = config.batching
@@ -131,7 +136,7 @@ class ClipScorer:
 
         if len(frames) < 2:
             return None
-        with self._metrics.track(), torch.inference_mode():
+        with self._metrics.track(self._meter), torch.inference_mode():
             features = self._scorers[0].tower.images(frames).float()
         return float((features[1:] * features[:-1]).sum(-1).mean())
 
@@ -154,7 +159,7 @@ class ClipScorer:
         # torch release the GIL), so on a GPU they overlap the forward passes instead of adding to them.
         perceptual_future = self._pixels_pool.submit(lambda: [perceptual_scores(image) for image in images])
         merged: list[dict] = [{} for _ in images]
-        with self._metrics.track():
+        with self._metrics.track(self._meter):
             for scorer in self._scorers:
                 for into, scores in zip(merged, scorer.score(images, prompts)):
                     into.update(scores)

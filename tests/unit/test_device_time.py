@@ -2,8 +2,10 @@
 
 import asyncio
 import json
+import time
 
 import httpx
+import numpy as np
 import pytest
 
 from deployments.runtime.metrics import ModelMetrics
@@ -23,6 +25,43 @@ def test_every_model_call_counts_as_busy_a_failed_one_too():
     sample = metrics.device_time()
     assert sample["calls"] == 2 and sample["replica"] == "local" and sample["model"] == "m"
     assert sample["busy_s"] > 0 and sample["cpu_s"] >= 0
+
+
+def test_a_meter_counts_overlapping_passes_once_and_nothing_between_them(monkeypatch):
+    from deployments.runtime import metrics as module
+
+    now = [0.0]
+    monkeypatch.setattr(module.time, "perf_counter", lambda: now[0])
+    meter = module.BusyMeter()
+    with meter.running():  # 0-3: a text pass, and an image pass from 1 to 5 beside it
+        now[0] = 1.0
+        with meter.running():
+            now[0] = 3.0
+        now[0] = 5.0
+    now[0] = 9.0  # 5-9: CPU work, no pass
+    with meter.running():
+        now[0] = 10.0
+    assert meter.take()[0] == pytest.approx(6.0) and meter.take()[0] == 0.0
+
+
+def test_the_scorers_device_time_is_its_forward_passes_not_the_resize_before_them():
+    from deployments.config import ScorerConfig
+    from deployments.scoring.clip_scorer import ClipScorer
+
+    scorer = ClipScorer.func_or_class(ScorerConfig(source="openai/clip-vit-large-patch14",
+                                                   device={"device": "sim:h200"}), metrics=False)
+    tower = scorer._scorers[0].tower
+    processor, slow_s = tower.image_processor, 0.5
+
+    def slow_processor(**kwargs):  # CPU pre-processing that takes this long, whatever the machine
+        time.sleep(slow_s)
+        return processor(**kwargs)
+
+    tower.image_processor = slow_processor
+    asyncio.run(scorer.score(np.zeros((1, 256, 256, 3), dtype=np.uint8), "a red cube"))
+    used = asyncio.run(scorer.device_time())
+    # The passes (the prompt's may run beside the resize) are tens of ms here (simulated); the resize is not in it.
+    assert used["calls"] == 1 and 0 < used["busy_s"] < slow_s, used
 
 
 def test_utilization_is_busy_over_wall_per_replica_and_their_mean():

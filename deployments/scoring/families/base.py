@@ -14,9 +14,12 @@ also serve `alignment` (option `alignment: true`), so one replica can hold a sin
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from deployments.runtime.metrics import BusyMeter
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -41,6 +44,18 @@ class ClipTower:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.placement = placement
+        # The forward passes' time, which the scorer records as device time: the resize and
+        # tokenising before them are CPU work around the model, as a GPU would see them.
+        self.meter = BusyMeter()
+
+    @contextlib.contextmanager
+    def _on_device(self):
+        with self.meter.running():
+            yield
+            if str(self.placement.torch_device).startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize(self.placement.torch_device)
 
     @property
     def input_size(self) -> int:
@@ -55,15 +70,17 @@ class ClipTower:
     def images(self, images: list[np.ndarray]):
         """(N, D) unit image embeddings (call under torch.inference_mode)."""
         pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
-        pixels = pixels.to(device=self.placement.torch_device, dtype=self.placement.dtype)
-        features = self.model.get_image_features(pixel_values=pixels).pooler_output
-        return features / features.norm(dim=-1, keepdim=True)
+        with self._on_device():
+            pixels = pixels.to(device=self.placement.torch_device, dtype=self.placement.dtype)
+            features = self.model.get_image_features(pixel_values=pixels).pooler_output
+            return features / features.norm(dim=-1, keepdim=True)
 
     def texts(self, texts: list[str]):
         """(N, D) unit text embeddings; longer texts are cut at the tokenizer's length (77 for CLIP)."""
-        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.placement.torch_device)
-        features = self.model.get_text_features(**tokens).pooler_output
-        return features / features.norm(dim=-1, keepdim=True)
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        with self._on_device():
+            features = self.model.get_text_features(**tokens.to(self.placement.torch_device)).pooler_output
+            return features / features.norm(dim=-1, keepdim=True)
 
     def prompts(self, prompts: list[str]):
         """Text embeddings of `prompts`, each distinct prompt encoded once."""
