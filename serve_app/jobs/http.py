@@ -154,6 +154,7 @@ class JobsApi:
         self.videos = videos
         self.retry_limit = retry_limit
         self._ending: set[asyncio.Future] = set()  # turns being ended after their responses went out
+        self._in_turn = 0  # sync requests of this replica between asking for their turn and answering
 
     # Submit
 
@@ -288,17 +289,20 @@ class JobsApi:
     async def in_turn(self, request: Request, generate):
         """`await generate()` (a synchronous image request) in its turn of the fair order, its GPU
         time charged to the caller's group; straight away when fairness.sync is off. The image
-        graph asks for the turn once the request is planned and waits for it before the first
-        generator call (services.graph.in_turn), so the enhancer runs meanwhile."""
+        graph asks for the turn once the request is planned (services.graph.in_turn)."""
         if self.fairness is None or not self.fairness.sync:
             return await generate()
-        turn = _SyncTurn(self, principal(request), "image", self.fairness.sync_max_wait_s)
+        # Alone here, its turn most likely comes at once: ask for it while the prompt is enhanced.
+        # With others in flight it may wait behind them, so nothing runs for it before it comes.
+        turn = _SyncTurn(self, principal(request), "image", self.fairness.sync_max_wait_s, overlap=self._in_turn == 0)
+        self._in_turn += 1
         try:
             with graph_turn(turn):
                 response = await generate()
             turn.device_s = response.timings.get("device", 0.0)
             return response
         finally:
+            self._in_turn -= 1
             turn.end()
 
     def _ended(self, token: str, group: str, device_s: float) -> None:
@@ -567,8 +571,8 @@ class _SyncTurn(Turn):
     Retry-After when none came within `wait_s`. `end` frees its slot and charges `device_s` to the
     group, whenever the turn comes: a request that ended before it still gives its slot back."""
 
-    def __init__(self, api: JobsApi, who, kind: str, wait_s: float):
-        self._api, self._who, self._kind, self._wait_s = api, who, kind, wait_s
+    def __init__(self, api: JobsApi, who, kind: str, wait_s: float, overlap: bool):
+        self._api, self._who, self._kind, self._wait_s, self.overlap = api, who, kind, wait_s, overlap
         self._asked: asyncio.Future | None = None
         self.device_s = 0.0
 

@@ -105,7 +105,11 @@ def deadline(seconds: float):
 
 class Turn:
     """A synchronous request's turn on the image generators (the fair queue's, jobs.http.JobsApi):
-    `ask` sends for it, `granted` waits for it, raising when none came."""
+    `ask` sends for it, `granted` waits for it, raising when none came. With `overlap`, the prompt
+    is enhanced while the turn comes; without, nothing runs before it (under load the turn may wait
+    long, and the enhancer must not run for requests that are not yet let in)."""
+
+    overlap: bool = False
 
     def ask(self) -> None:
         raise NotImplementedError
@@ -288,9 +292,11 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
     # Responses are passed on unresolved: Serve hands the enhancer's prompt to the generator and
     # the generator's images to the scorer straight through the object store, so the three calls
     # of a round are dispatched at once instead of one round trip through this ingress each.
-    turn = _turn.get()
+    turn, asked = _turn.get(), time.perf_counter()
     if turn is not None:
         turn.ask()
+        if not turn.overlap:
+            await turn.granted()
     enhance_started = time.perf_counter()
     enhanced: EnhancedPrompt | Any = _enhance(plan, enhancer)
     if turn is not None:
@@ -299,7 +305,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
         except BaseException:
             _cancel(enhanced)  # no turn (or the request ended meanwhile): the prompt is not needed
             raise
-        timings["turn"] = time.perf_counter() - enhance_started
+        timings["turn"] = time.perf_counter() - asked
     control = plan.control
     if control is not None and control.preprocess:
         # The control map is made once (by the generator, which holds the depth estimator) while

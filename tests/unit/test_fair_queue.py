@@ -311,3 +311,40 @@ def test_no_turn_is_asked_for_a_request_its_plan_refuses_and_a_refused_turn_gene
     busy = client.post("/v1/images", json={"prompt": "a fox"})
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "7" and len(runner.turns) == 1
     assert runner.generator.calls == [] and runner.ended == [], "no turn: nothing generated, nothing to end"
+
+
+def test_with_another_request_in_flight_the_prompt_waits_for_its_turn_before_the_enhancer_sees_it():
+    """Under load a turn can wait long: the enhancer then runs only for requests let in."""
+    from types import SimpleNamespace
+
+    from tests.fakes import FakeEnhancer
+
+    class GatedRunner(_TurnRunner):
+        def __init__(self):
+            super().__init__("t")
+            self.release, self.enhanced_at_ask = asyncio.Event(), []
+
+        async def sync_turn(self, kind, owner, group, wait_s):
+            self.turns.append(kind)
+            self.enhanced_at_ask.append(len(enhancer.calls))
+            await self.release.wait()
+            return f"t{len(self.turns)}"
+
+    enhancer = FakeEnhancer()
+    services = fake_services(enhancer=enhancer)
+    runner = GatedRunner()
+    api = JobsApi(LocalHandle(runner), services.images, None, 2, fairness=FairnessConfig(sync_max_wait_s=7))
+    request = SimpleNamespace(state=SimpleNamespace())  # no gate in front: the local caller
+
+    async def scenario():
+        first = asyncio.ensure_future(api.in_turn(request, lambda: services.generate_images({"prompt": "a", "seed": 1})))
+        await wait_until_async(lambda: enhancer.calls, 5, interval_s=0.01, what="the lone request enhanced")
+        second = asyncio.ensure_future(api.in_turn(request, lambda: services.generate_images({"prompt": "b", "seed": 2})))
+        await wait_until_async(lambda: len(runner.turns) == 2, 5, interval_s=0.01, what="the second turn asked")
+        # Its turn asked for (the runner's task runs after the request awaits it), its prompt is not:
+        assert len(enhancer.calls) == 1, "the second request waits for its turn first"
+        runner.release.set()
+        return await asyncio.gather(first, second)
+
+    responses = asyncio.run(scenario())
+    assert len(enhancer.calls) == 2 and all(response.timings["turn"] >= 0 for response in responses)
