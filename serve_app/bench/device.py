@@ -8,7 +8,8 @@ then:
 - utilization of a replica: its busy seconds over the level's wall seconds; of the deployment, the
   mean over its replicas (the per-replica figures beside it);
 - device seconds per request: the busy seconds of the generator, the scorer and the enhancer's LLM
-  (where it runs one) over the requests answered; at 1 client, the serving overhead is the mean end-to-end latency minus that;
+  (where it runs one) over the requests answered (the scorer's are its forward passes only: the
+  resize and tokenising before them are CPU work around the model, `BusyMeter`); at 1 client, the serving overhead is the mean end-to-end latency minus that;
 - CPU per image outside the model: the Ray processes' CPU seconds minus the model calls' CPU seconds
   and minus what the cluster spends idle (its CPU rate with no traffic, measured once after the
   warm-up, times the level's wall time), over the images answered: proxy, ingress, enhancer,
