@@ -43,7 +43,6 @@ from serve_app.protocol.jobs import (
 from serve_app.protocol.schemas import ImageRequest, VideoRequest, random_seed
 from serve_app.security.guard import principal, request_auth
 from serve_app.security.limiter import LimitExceeded
-from serve_app.services.graph import Turn
 from serve_app.services.graph import in_turn as graph_turn
 from serve_app.services.images import ImageService
 from serve_app.services.videos import VideoService
@@ -565,11 +564,12 @@ class JobsApi:
         )
 
 
-class _SyncTurn(Turn):
+class _SyncTurn:
     """A synchronous request's turn in the same fair order as jobs (jobs/fairness.py): at once when
     nothing is queued and a slot is free, else when the caller's group comes next; 503 with
     Retry-After when none came within `wait_s`. `end` frees its slot and charges `device_s` to the
-    group, whenever the turn comes: a request that ended before it still gives its slot back."""
+    group, whenever the turn comes: a request that ended before it still gives its slot back.
+    (services.graph.Turn)"""
 
     def __init__(self, api: JobsApi, who, kind: str, wait_s: float, overlap: bool):
         self._api, self._who, self._kind, self._wait_s, self.overlap = api, who, kind, wait_s, overlap

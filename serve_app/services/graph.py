@@ -24,7 +24,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -103,19 +103,17 @@ def deadline(seconds: float):
         _deadline.reset(token)
 
 
-class Turn:
+class Turn(Protocol):
     """A synchronous request's turn on the image generators (the fair queue's, jobs.http.JobsApi):
-    `ask` sends for it, `granted` waits for it, raising when none came. With `overlap`, the prompt
-    is enhanced while the turn comes; without, nothing runs before it (under load the turn may wait
-    long, and the enhancer must not run for requests that are not yet let in)."""
+    `ask` sends for it (once), `granted` waits for it, raising when none came. With `overlap`, the
+    prompt is enhanced while the turn comes; without, nothing runs before it (under load the turn may
+    wait long, and the enhancer must not run for requests that are not yet let in)."""
 
-    overlap: bool = False
+    overlap: bool
 
-    def ask(self) -> None:
-        raise NotImplementedError
+    def ask(self) -> None: ...
 
-    async def granted(self) -> None:
-        raise NotImplementedError
+    async def granted(self) -> None: ...
 
 
 # The running request's turn, set by `in_turn()` around a synchronous request (None: the request
