@@ -53,11 +53,15 @@ def test_the_scorers_device_time_is_its_forward_passes_not_the_resize_before_the
     tower = scorer._scorers[0].tower
     processor, slow_s = tower.image_processor, 0.5
 
-    def slow_processor(**kwargs):  # CPU pre-processing that takes this long, whatever the machine
-        time.sleep(slow_s)
-        return processor(**kwargs)
+    class SlowProcessor:  # CPU pre-processing that takes this long, whatever the machine
+        def __getattr__(self, name):
+            return getattr(processor, name)
 
-    tower.image_processor = slow_processor
+        def __call__(self, **kwargs):
+            time.sleep(slow_s)
+            return processor(**kwargs)
+
+    tower.image_processor = SlowProcessor()
     asyncio.run(scorer.score(np.zeros((1, 256, 256, 3), dtype=np.uint8), "a red cube"))
     used = asyncio.run(scorer.device_time())
     # The passes (the prompt's may run beside the resize) are tens of ms here (simulated); the resize is not in it.

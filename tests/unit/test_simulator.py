@@ -206,6 +206,23 @@ def test_the_simulated_scorer_scores_in_range_from_clips_own_preprocessing():
     assert scorer.info()["device"] == "sim:h200" and scorer.input_size == 224
 
 
+def test_the_scorers_two_halves_resize_gives_clip_its_processors_pixels():
+    from deployments.scoring.clip_scorer import ClipScorer
+
+    scorer = ClipScorer.func_or_class(ScorerConfig(source="openai/clip-vit-large-patch14", device={"device": "sim:h200"}),
+                                      metrics=False)
+    tower = scorer._scorers[0].tower
+    for height, width in ((1024, 1024), (768, 1344), (1344, 768), (1000, 600)):
+        image = np.random.default_rng(height).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        resized = tower._resized(image)
+        # 1000x600 has no whole-row split (373 output rows): the processor resizes it whole, as before.
+        assert min(resized.shape[:2]) == (600 if height == 1000 else 224), resized.shape
+        ours = tower.image_processor(images=[resized], return_tensors="pt").pixel_values
+        theirs = tower.image_processor(images=[image], return_tensors="pt").pixel_values
+        # To the bit when square; else a pixel may be one level of 255 off (over CLIP's std, < 0.016).
+        assert ours.shape == theirs.shape and float((ours - theirs).abs().max()) <= (0 if height == width else 0.016)
+
+
 def test_the_simulated_llm_answers_on_topic_within_its_budget_and_times_out_past_it():
     from deployments.enhancer.llm import LlmError, build_llm, enhance_messages
 
