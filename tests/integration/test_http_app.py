@@ -47,7 +47,8 @@ def test_http_round_trip(app):
         assert png.format == "PNG" and png.size == (256, 256)
         assert "Seed: 42, Size: 256x256, Model: flux-schnell" in png.text["parameters"]
     assert read_png_meta(_png(image.b64_png))["prompt"] == body.enhanced_prompt
-    assert set(body.timings) == {"enhance", "generate", "score", "encode", "total", "device"}
+    # turn: the wait for its turn in the fair queue, which the app's jobs config applies to sync requests.
+    assert set(body.timings) == {"enhance", "turn", "generate", "score", "encode", "total", "device"}
 
 
 def test_same_seed_gives_identical_png_bytes(app):
