@@ -574,18 +574,23 @@ class _SyncTurn:
     def __init__(self, api: JobsApi, who, kind: str, wait_s: float, overlap: bool):
         self._api, self._who, self._kind, self._wait_s, self.overlap = api, who, kind, wait_s, overlap
         self._asked: asyncio.Future | None = None
-        self.device_s = 0.0
+        self._asked_at = 0.0
+        self.device_s = self.waited_s = 0.0
 
     def ask(self) -> None:
         if self._asked is None:
             who = self._who
+            self._asked_at = time.perf_counter()
             self._asked = asyncio.ensure_future(self._api.runner.sync_turn.remote(
                 self._kind, who.key_id, who.group, self._wait_s))
 
     async def granted(self) -> None:
         self.ask()
         # Shielded: a request cancelled while it waits must not cancel the call, whose turn `end` frees.
-        if await asyncio.shield(self._asked) is None:
+        token = await asyncio.shield(self._asked)
+        if not self.waited_s:
+            self.waited_s = time.perf_counter() - self._asked_at
+        if token is None:
             wait_s = self._wait_s
             raise JobError(503, f"no turn for this request within {wait_s:g}s: the {self._kind} models are busy with "
                                 "jobs and requests of keys that are behind their share (jobs.fairness.sync_max_wait_s), "

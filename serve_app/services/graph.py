@@ -105,11 +105,13 @@ def deadline(seconds: float):
 
 class Turn(Protocol):
     """A synchronous request's turn on the image generators (the fair queue's, jobs.http.JobsApi):
-    `ask` sends for it (once), `granted` waits for it, raising when none came. With `overlap`, the
-    prompt is enhanced while the turn comes; without, nothing runs before it (under load the turn may
-    wait long, and the enhancer must not run for requests that are not yet let in)."""
+    `ask` sends for it (once), `granted` waits for it, raising when none came; `waited_s` is the
+    wait, from asking to the answer. With `overlap`, the prompt is enhanced while the turn comes;
+    without, nothing runs before it (`turn_first`: under load the turn may wait long, and the
+    enhancer must not run for requests that are not yet let in)."""
 
     overlap: bool
+    waited_s: float
 
     def ask(self) -> None: ...
 
@@ -130,6 +132,16 @@ def in_turn(turn: Turn):
         yield
     finally:
         _turn.reset(token)
+
+
+async def turn_first() -> None:
+    """A request that waits for its turn before anything runs for it (no `overlap`) waits here, once
+    it is planned (a 422 never takes a turn) and before it counts against its model's admission:
+    requests waiting their turn are in the fair queue, not at the model."""
+    turn = _turn.get()
+    if turn is not None and not turn.overlap:
+        turn.ask()
+        await turn.granted()
 
 
 @dataclass(frozen=True)
@@ -290,11 +302,9 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
     # Responses are passed on unresolved: Serve hands the enhancer's prompt to the generator and
     # the generator's images to the scorer straight through the object store, so the three calls
     # of a round are dispatched at once instead of one round trip through this ingress each.
-    turn, asked = _turn.get(), time.perf_counter()
+    turn = _turn.get()
     if turn is not None:
-        turn.ask()
-        if not turn.overlap:
-            await turn.granted()
+        turn.ask()  # a request that overlaps: its turn comes while the prompt is enhanced
     enhance_started = time.perf_counter()
     enhanced: EnhancedPrompt | Any = _enhance(plan, enhancer)
     if turn is not None:
@@ -303,7 +313,7 @@ async def run_image_graph(plan: ImagePlan, enhancer, generator, scorer, timeout_
         except BaseException:
             _cancel(enhanced)  # no turn (or the request ended meanwhile): the prompt is not needed
             raise
-        timings["turn"] = time.perf_counter() - asked
+        timings["turn"] = turn.waited_s
     control = plan.control
     if control is not None and control.preprocess:
         # The control map is made once (by the generator, which holds the depth estimator) while

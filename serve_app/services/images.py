@@ -39,7 +39,15 @@ from serve_app.protocol.schemas import (
     random_seed,
 )
 from serve_app.services.admission import Admission
-from serve_app.services.graph import Candidate, GraphResult, ImagePlan, OnGenerated, call_stage, run_image_graph
+from serve_app.services.graph import (
+    Candidate,
+    GraphResult,
+    ImagePlan,
+    OnGenerated,
+    call_stage,
+    run_image_graph,
+    turn_first,
+)
 from serve_app.services.inputs import decode_image, fit_image, fit_mask, upload_sha256
 from serve_app.services.media import encode_image_b64, encode_plain_png, encoding_of
 from serve_app.services.metrics import GateMetrics
@@ -207,14 +215,17 @@ class ImageService:
 
     async def run(self, request: ImageRequest, progress: ProgressTarget | None = None, encoding: dict | None = None,
                   ) -> tuple[ImagePlan, ModelSpec, list[str], GraphResult]:
-        """Plan and run the graph; the images stay arrays (text-to-video animates one of them). A model
-        that cannot take the request turns it away first (services/admission.py). With `encoding`
+        """Plan and run the graph; the images stay arrays (text-to-video animates one of them). Once
+        the request is planned and (under load) has its turn in the fair queue, a model that cannot
+        take it turns it away before any model runs (services/admission.py). With `encoding`
         (`encoding_of`), each image that will be returned unless its scores fail it starts encoding
         while it is scored (`Candidate.encoding`)."""
-        with self.admission.admitted(self.spec_of(request.model).id):
-            calibration = await self.calibration_for(request)
-            # Off the event loop: planning decodes the control image, if any.
-            plan, spec, warnings = await asyncio.to_thread(self.plan, request, calibration)
+        model = self.spec_of(request.model).id
+        calibration = await self.calibration_for(request)
+        # Off the event loop: planning decodes the control image, if any.
+        plan, spec, warnings = await asyncio.to_thread(self.plan, request, calibration)
+        await turn_first()
+        with self.admission.admitted(model):
             early = None
             # Best-of-N keeps only some of a round's images: encoding them all would be wasted work.
             if encoding is not None and plan.extra_candidates == 0:

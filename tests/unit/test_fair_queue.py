@@ -314,37 +314,49 @@ def test_no_turn_is_asked_for_a_request_its_plan_refuses_and_a_refused_turn_gene
 
 
 def test_with_another_request_in_flight_the_prompt_waits_for_its_turn_before_the_enhancer_sees_it():
-    """Under load a turn can wait long: the enhancer then runs only for requests let in."""
+    """Under load a turn can wait long: the enhancer then runs only for requests let in, and a
+    request waiting its turn holds no place at its model (two places here, three requests: one
+    running at a time, as one slot gives them, they all get through)."""
     from types import SimpleNamespace
 
     from tests.fakes import FakeEnhancer
+    from tests.helpers import app_settings, model_entry
 
-    class GatedRunner(_TurnRunner):
+    class OneSlotRunner(_TurnRunner):
+        """Turns one at a time, the first once released: each waits for the one before it to end."""
+
         def __init__(self):
             super().__init__("t")
             self.release, self.enhanced_at_ask = asyncio.Event(), []
 
         async def sync_turn(self, kind, owner, group, wait_s):
+            index = len(self.turns)
             self.turns.append(kind)
             self.enhanced_at_ask.append(len(enhancer.calls))
             await self.release.wait()
-            return f"t{len(self.turns)}"
+            await wait_until_async(lambda: len(self.ended) >= index, 5, interval_s=0.01, what="the turn before")
+            return f"t{index}"
 
     enhancer = FakeEnhancer()
-    services = fake_services(enhancer=enhancer)
-    runner = GatedRunner()
+    two_places = model_entry(deployment={"max_ongoing_requests": 2, "max_queued_requests": 0})
+    services = fake_services(app_settings(two_places), enhancer=enhancer)
+    runner = OneSlotRunner()
     api = JobsApi(LocalHandle(runner), services.images, None, 2, fairness=FairnessConfig(sync_max_wait_s=7))
     request = SimpleNamespace(state=SimpleNamespace())  # no gate in front: the local caller
 
+    def sync_request(seed):
+        return asyncio.ensure_future(api.in_turn(request, lambda: services.generate_images({"prompt": "a", "seed": seed})))
+
     async def scenario():
-        first = asyncio.ensure_future(api.in_turn(request, lambda: services.generate_images({"prompt": "a", "seed": 1})))
+        first = sync_request(1)
         await wait_until_async(lambda: enhancer.calls, 5, interval_s=0.01, what="the lone request enhanced")
-        second = asyncio.ensure_future(api.in_turn(request, lambda: services.generate_images({"prompt": "b", "seed": 2})))
-        await wait_until_async(lambda: len(runner.turns) == 2, 5, interval_s=0.01, what="the second turn asked")
-        # Its turn asked for (the runner's task runs after the request awaits it), its prompt is not:
-        assert len(enhancer.calls) == 1, "the second request waits for its turn first"
+        others = [sync_request(2), sync_request(3)]
+        await wait_until_async(lambda: len(runner.turns) == 3, 5, interval_s=0.01, what="every turn asked")
+        # Their turns asked for (the runner's tasks run after the requests await them), their prompts are not:
+        assert len(enhancer.calls) == 1, "the later requests wait for their turns first"
         runner.release.set()
-        return await asyncio.gather(first, second)
+        return await asyncio.gather(first, *others)
 
     responses = asyncio.run(scenario())
-    assert len(enhancer.calls) == 2 and all(response.timings["turn"] >= 0 for response in responses)
+    assert len(enhancer.calls) == 3 and [response.images[0].seed for response in responses] == [1, 2, 3]
+    assert all(response.timings["turn"] >= 0 for response in responses)
