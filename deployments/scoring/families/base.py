@@ -82,8 +82,8 @@ class ClipTower:
         at once: PIL resizes a box of the image to those rows of the whole resize, freeing the GIL
         meanwhile, and the processor's own resize then has nothing left to do. A 1024x1024 image's
         resize is 15 ms of a 2-core machine's CPU on the request's path; halved, about 10 ms. The pixels
-        are the same to the bit for square images; otherwise PIL's coefficients for the box may differ
-        in the last bit, and some pixels by one level of 255.
+        are the same to the bit for every square size tried (512 to 2048); otherwise PIL's coefficients
+        for a box may differ in the last bit, and some pixels by one level of 255.
         """
         from PIL import Image
         from transformers.image_transforms import get_resize_output_image_size
