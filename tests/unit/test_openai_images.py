@@ -109,3 +109,11 @@ def test_a_lost_replica_is_a_retryable_503_in_openai_shape():
     answer = TestClient(app, client=LOOPBACK).post("/v1/images/generations", json={"prompt": "a fox"})
     assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
     assert answer.json()["error"]["type"] == "server_error" and answer.json()["error"]["code"] == "replica_lost"
+
+
+@pytest.mark.parametrize("field, value", [("stream", 0), ("n", "2"), ("partial_images", True)])
+def test_a_json_body_is_strict_as_genserves_own_a_number_is_not_a_bool(client, field, value):
+    """Found by the conformance fuzz: `"stream": 0` was read as false and answered 200."""
+    response = client.post("/v1/images/generations", json={"prompt": "a fox", field: value})
+    assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+    assert CountingGenerator.calls == 0

@@ -78,7 +78,9 @@ def openai_errors(*statuses: int) -> dict[int, dict]:
 class OpenAIImageRequest(BaseModel):
     """`POST /v1/images/generations`: OpenAI's fields, and any `POST /v1/images` field beside them."""
 
-    model_config = ConfigDict(extra="allow")
+    # Strict as genserve's own bodies ("stream": 0 is not a bool); the edits route's form values,
+    # all text, are validated with strict=False.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     prompt: str = Field(description="What to draw (1-2000 characters).")
     model: str | None = Field(None, description="A model id from GET /v1/models; default: the config's default model.")
