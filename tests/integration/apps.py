@@ -123,16 +123,11 @@ class Keeper:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "tests.integration.keeper", str(folder / "spec.pickle"), str(self._status)],
                 cwd=ROOT, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.priority(19)  # in the background: the cores the tests leave idle
+        # Once its Ray runs, the keeper puts its session in the background (nice 19) itself.
 
     def priority(self, nice: int) -> None:
-        """The scheduling weight of the keeper's session (Ray and every replica) against other
-        sessions (the pytest process's): Linux's autogroup nice. Raising it back needs privileges
-        that a CI runner may lack, and a kernel without autogroups has no such file: as it was."""
-        try:
-            Path(f"/proc/{self._process.pid}/autogroup").write_text(str(nice))
-        except OSError:
-            pass
+        """The scheduling weight of the keeper's session: Ray and every replica (`autogroup_nice`)."""
+        autogroup_nice(self._process.pid, nice)
 
     def wait(self, *states: str, timeout_s: float = 600) -> dict:
         """The keeper's status once it is in one of `states`; fails with its log if it stops or fails."""
@@ -245,8 +240,8 @@ class AppPool:
 
             if self._keeper is None:
                 self._keeper = Keeper(None)
-            self._keeper.priority(0)  # the tests wait on it now
             status = self._keeper.wait("ray", "ready", timeout_s=180)
+            self._keeper.priority(0)  # the tests wait on it now (after the keeper's own move to 19)
             ray.init(address=status["gcs_address"], log_to_driver=False)
             self._ray = SharedRay(status["base"], self._keeper.ray_dir, self._keeper.metrics_port)
         return self._ray
@@ -268,6 +263,50 @@ class AppPool:
             stack.close()
 
 
+def autogroup_nice(pid: int, nice: int) -> None:
+    """The scheduling weight of the session led by `pid` (every process it starts) against other
+    sessions (the pytest process's): Linux's autogroup nice. Raising it back needs privileges that
+    a CI runner may lack, and a kernel without autogroups has no such file: as it was."""
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+    except OSError:
+        pass
+
+
+class Early:
+    """Subprocesses that test modules start before their turn: a module that names its own in
+    `STARTS_EARLY` (name -> launch(folder) -> (Popen, what its tests need)) runs right after the unit
+    tests (`conftest.py`), and each launch runs at collection, in a session of its own, so it takes
+    the core the unit tests leave idle (ahead of the dev app's keeper, niced: these run first). Not
+    niced itself: a Ray starved for 30 s fails to start (its raylet must register in that time). A
+    test takes its own with `take` (or launches it then); `stop` ends any left (a session cut short)."""
+
+    def __init__(self):
+        self._started: dict[str, tuple[subprocess.Popen, object]] = {}
+
+    def start(self, name: str, launch: Callable, folder: Path) -> None:
+        if name not in self._started:
+            self._started[name] = launch(folder)
+
+    def take(self, name: str, launch: Callable, folder: Path):
+        """What `launch` gave, launched early or now."""
+        if name not in self._started:
+            self._started[name] = launch(folder)
+        return self._started.pop(name)[1]
+
+    def stop(self) -> None:
+        started, self._started = self._started, {}
+        for process, _ in started.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGINT)
+        for process, _ in started.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
 def _with_data_dir(args: dict, stack: contextlib.ExitStack) -> dict:
     """`args` with jobs stored in a temporary directory unless `args["jobs"]["data_dir"]` is
     absolute (tests that start the app again on the same store pass one), never under ./data."""
@@ -287,3 +326,4 @@ def serving_deploy(args: dict) -> None:
 
 
 POOL = AppPool()
+EARLY = Early()
