@@ -1,6 +1,9 @@
 """The README's start command, `genserve serve CONFIG`: it deploys and answers, stops on SIGTERM
 (as on Ctrl-C) putting a running job back in the queue, and gives up with a readable reason when
-replicas ask for resources that never appear."""
+replicas ask for resources that never appear.
+
+Both commands start at collection (`STARTS_EARLY`), on the core the unit tests leave idle, and this
+module runs right after the unit tests: each is half a minute of Ray's and the replicas' start."""
 
 import os
 import signal
@@ -13,6 +16,7 @@ import pytest
 import yaml
 
 from tests.helpers import free_port, image_b64, wait_until
+from tests.integration.apps import EARLY
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -55,14 +59,40 @@ def _stop(process: subprocess.Popen, signum: int = signal.SIGINT) -> None:
         process.wait()
 
 
-def test_genserve_serve_answers_and_stops_on_sigterm_putting_its_running_job_back(tmp_path):
+def _launch_serving(folder: Path) -> tuple[subprocess.Popen, dict]:
+    """`genserve serve` of the dev profile (flux-schnell and svd): it deploys and keeps serving."""
+    path, port = _dev_config(folder, video=True)
+    process, log = _genserve(folder, str(path))
+    return process, {"process": process, "log": log, "base": f"http://127.0.0.1:{port}", "jobs": folder / "jobs"}
+
+
+def _launch_timing_out(folder: Path) -> tuple[subprocess.Popen, dict]:
+    """`genserve serve --timeout 10` of a profile whose FLUX asks for a whole GPU, which no node has."""
+    # CUDA_VISIBLE_DEVICES="" makes Ray see no GPU even on a GPU machine.
+    path, _ = _dev_config(folder, video=False, num_gpus=1)
+    process, log = _genserve(folder, str(path), "--timeout", "10", CUDA_VISIBLE_DEVICES="")
+    return process, {"process": process, "log": log}
+
+
+STARTS_EARLY = {"genserve-serve": _launch_serving, "genserve-serve-timeout": _launch_timing_out}
+
+
+@pytest.fixture
+def serving(tmp_path_factory) -> dict:
+    return EARLY.take("genserve-serve", _launch_serving, tmp_path_factory.mktemp("genserve-serve"))
+
+
+@pytest.fixture
+def timing_out(tmp_path_factory) -> dict:
+    return EARLY.take("genserve-serve-timeout", _launch_timing_out, tmp_path_factory.mktemp("genserve-serve-timeout"))
+
+
+def test_genserve_serve_answers_and_stops_on_sigterm_putting_its_running_job_back(serving):
     from serve_app.jobs.sqlite_store import SqliteJobStore
     from tests.integration.jobs import in_stage, submit, wait_for
 
-    path, port = _dev_config(tmp_path, video=True)
-    process, log = _genserve(tmp_path, str(path))
+    process, log, base = serving["process"], serving["log"], serving["base"]
     try:
-        base = f"http://127.0.0.1:{port}"
         wait_until(lambda: f"genserve is running at {base}/" in log.read_text() or process.poll() is not None,
                    timeout_s=180, what="genserve serve saying it runs")
         assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200, log.read_text()
@@ -80,17 +110,15 @@ def test_genserve_serve_answers_and_stops_on_sigterm_putting_its_running_job_bac
             pass
         _stop(process)
     assert process.returncode == 0, log.read_text()
-    store = SqliteJobStore(tmp_path / "jobs")
+    store = SqliteJobStore(serving["jobs"])
     interrupted = store.get(long["id"])
     store.close()
     assert (interrupted.state, interrupted.attempts) == ("queued", 0), (interrupted.history, log.read_text())
     assert interrupted.history[-1]["reason"].startswith("interrupted: the job runner stopped (shutdown or redeploy)")
 
 
-def test_genserve_serve_times_out_naming_what_a_pending_deployment_asks_for(tmp_path):
-    # A whole GPU for FLUX; CUDA_VISIBLE_DEVICES="" makes Ray see none even on a GPU machine.
-    path, _ = _dev_config(tmp_path, video=False, num_gpus=1)
-    process, log = _genserve(tmp_path, str(path), "--timeout", "10", CUDA_VISIBLE_DEVICES="")
+def test_genserve_serve_times_out_naming_what_a_pending_deployment_asks_for(timing_out):
+    process, log = timing_out["process"], timing_out["log"]
     try:
         process.wait(timeout=240)
     finally:
