@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,25 +278,45 @@ class Early:
     """Subprocesses that test modules start before their turn: a module that names its own in
     `STARTS_EARLY` (name -> launch(folder) -> (Popen, what its tests need)) runs right after the unit
     tests (`conftest.py`), and each launch runs at collection, in a session of its own, so it takes
-    the core the unit tests leave idle (ahead of the dev app's keeper, niced: these run first). Not
-    niced itself: a Ray starved for 30 s fails to start (its raylet must register in that time). A
-    test takes its own with `take` (or launches it then); `stop` ends any left (a session cut short)."""
+    the core the unit tests leave idle. What a launch gives may hold "ray_up", a function saying
+    when its Ray runs: from then until its test takes it, its session is niced (autogroup 19), as
+    the keeper's is; not before, since a Ray starved for 30 s fails to start (its raylet must
+    register in that time). A test takes its own with `take` (or launches it then); `stop` ends any
+    left (a session cut short)."""
 
     def __init__(self):
-        self._started: dict[str, tuple[subprocess.Popen, object]] = {}
+        self._started: dict[str, tuple[subprocess.Popen, dict]] = {}
+        self._lock = threading.Lock()
 
     def start(self, name: str, launch: Callable, folder: Path) -> None:
         if name not in self._started:
             self._started[name] = launch(folder)
+            threading.Thread(target=self._background, args=(name,), daemon=True).start()
 
-    def take(self, name: str, launch: Callable, folder: Path):
-        """What `launch` gave, launched early or now."""
-        if name not in self._started:
-            self._started[name] = launch(folder)
-        return self._started.pop(name)[1]
+    def _background(self, name: str, timeout_s: float = 300) -> None:
+        process, value = self._started.get(name, (None, {}))
+        ray_up = value.get("ray_up")
+        deadline = time.monotonic() + timeout_s
+        while ray_up is not None and time.monotonic() < deadline:
+            if ray_up():
+                with self._lock:  # not once taken: its test waits on it
+                    if name in self._started:
+                        autogroup_nice(process.pid, 19)
+                return
+            time.sleep(0.5)
+
+    def take(self, name: str, launch: Callable, folder: Path) -> dict:
+        """What `launch` gave, launched early or now; in the foreground from now on."""
+        with self._lock:
+            if name not in self._started:
+                self._started[name] = launch(folder)
+            process, value = self._started.pop(name)
+            autogroup_nice(process.pid, 0)
+        return value
 
     def stop(self) -> None:
-        started, self._started = self._started, {}
+        with self._lock:
+            started, self._started = self._started, {}
         for process, _ in started.values():
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGINT)
