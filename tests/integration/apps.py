@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,16 +124,11 @@ class Keeper:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "tests.integration.keeper", str(folder / "spec.pickle"), str(self._status)],
                 cwd=ROOT, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.priority(19)  # in the background: the cores the tests leave idle
+        # Once its Ray runs, the keeper puts its session in the background (nice 19) itself.
 
     def priority(self, nice: int) -> None:
-        """The scheduling weight of the keeper's session (Ray and every replica) against other
-        sessions (the pytest process's): Linux's autogroup nice. Raising it back needs privileges
-        that a CI runner may lack, and a kernel without autogroups has no such file: as it was."""
-        try:
-            Path(f"/proc/{self._process.pid}/autogroup").write_text(str(nice))
-        except OSError:
-            pass
+        """The scheduling weight of the keeper's session: Ray and every replica (`autogroup_nice`)."""
+        autogroup_nice(self._process.pid, nice)
 
     def wait(self, *states: str, timeout_s: float = 600) -> dict:
         """The keeper's status once it is in one of `states`; fails with its log if it stops or fails."""
@@ -245,8 +241,8 @@ class AppPool:
 
             if self._keeper is None:
                 self._keeper = Keeper(None)
-            self._keeper.priority(0)  # the tests wait on it now
             status = self._keeper.wait("ray", "ready", timeout_s=180)
+            self._keeper.priority(0)  # the tests wait on it now (after the keeper's own move to 19)
             ray.init(address=status["gcs_address"], log_to_driver=False)
             self._ray = SharedRay(status["base"], self._keeper.ray_dir, self._keeper.metrics_port)
         return self._ray
@@ -268,6 +264,70 @@ class AppPool:
             stack.close()
 
 
+def autogroup_nice(pid: int, nice: int) -> None:
+    """The scheduling weight of the session led by `pid` (every process it starts) against other
+    sessions (the pytest process's): Linux's autogroup nice. Raising it back needs privileges that
+    a CI runner may lack, and a kernel without autogroups has no such file: as it was."""
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+    except OSError:
+        pass
+
+
+class Early:
+    """Subprocesses that test modules start before their turn: a module that names its own in
+    `STARTS_EARLY` (name -> launch(folder) -> (Popen, what its tests need)) runs right after the unit
+    tests (`conftest.py`), and each launch runs at collection, in a session of its own, so it takes
+    the core the unit tests leave idle. What a launch gives may hold "ray_up", a function saying
+    when its Ray runs: from then until its test takes it, its session is niced (autogroup 19), as
+    the keeper's is; not before, since a Ray starved for 30 s fails to start (its raylet must
+    register in that time). A test takes its own with `take` (or launches it then); `stop` ends any
+    left (a session cut short)."""
+
+    def __init__(self):
+        self._started: dict[str, tuple[subprocess.Popen, dict]] = {}
+        self._lock = threading.Lock()
+
+    def start(self, name: str, launch: Callable, folder: Path) -> None:
+        if name not in self._started:
+            self._started[name] = launch(folder)
+            threading.Thread(target=self._background, args=(name,), daemon=True).start()
+
+    def _background(self, name: str, timeout_s: float = 300) -> None:
+        process, value = self._started.get(name, (None, {}))
+        ray_up = value.get("ray_up")
+        deadline = time.monotonic() + timeout_s
+        while ray_up is not None and time.monotonic() < deadline:
+            if ray_up():
+                with self._lock:  # not once taken: its test waits on it
+                    if name in self._started:
+                        autogroup_nice(process.pid, 19)
+                return
+            time.sleep(0.5)
+
+    def take(self, name: str, launch: Callable, folder: Path) -> dict:
+        """What `launch` gave, launched early or now; in the foreground from now on."""
+        with self._lock:
+            if name not in self._started:
+                self._started[name] = launch(folder)
+            process, value = self._started.pop(name)
+            autogroup_nice(process.pid, 0)
+        return value
+
+    def stop(self) -> None:
+        with self._lock:
+            started, self._started = self._started, {}
+        for process, _ in started.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGINT)
+        for process, _ in started.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
 def _with_data_dir(args: dict, stack: contextlib.ExitStack) -> dict:
     """`args` with jobs stored in a temporary directory unless `args["jobs"]["data_dir"]` is
     absolute (tests that start the app again on the same store pass one), never under ./data."""
@@ -287,3 +347,4 @@ def serving_deploy(args: dict) -> None:
 
 
 POOL = AppPool()
+EARLY = Early()

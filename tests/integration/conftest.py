@@ -12,7 +12,7 @@ import contextlib
 import pytest
 
 from serve_app.security.keys import new_webhook_secret
-from tests.integration.apps import POOL, ROOT, dev_args
+from tests.integration.apps import EARLY, POOL, ROOT, dev_args
 
 # Uploads over this many pixels get 422 (the bad-input tests send 320x320 or 400x400).
 SHARED_PIXEL_LIMIT = 300 * 300
@@ -180,27 +180,36 @@ def single_gpu_app() -> dict:
 
 def pytest_collection_finish(session):
     """The dev app deploys now, while the unit tests (ordered first) run on one of the two cores:
-    its 17 replica processes are minutes of CPU in imports alone (`AppPool.prestart`)."""
-    if not session.config.option.collectonly and any("dev_app" in item.fixturenames for item in session.items):
-        # The tmp_path_factory fixture's own factory (pytest's tmpdir plugin sets it at configure).
-        factory = session.config._tmp_path_factory
+    its 17 replica processes are minutes of CPU in imports alone (`AppPool.prestart`). So do the
+    subprocesses that modules start early (`STARTS_EARLY`, `Early`)."""
+    if session.config.option.collectonly:
+        return
+    # The tmp_path_factory fixture's own factory (pytest's tmpdir plugin sets it at configure).
+    factory = session.config._tmp_path_factory
+    if any("dev_app" in item.fixturenames for item in session.items):
         POOL.prestart("dev", lambda stack: _dev_app(stack, factory))
+    for module in {item.module: None for item in session.items if hasattr(item, "module")}:
+        for name, launch in getattr(module, "STARTS_EARLY", {}).items():
+            EARLY.start(name, launch, factory.mktemp(name))
 
 
 def pytest_sessionfinish(session):
+    EARLY.stop()
     POOL.stop()
 
 
 def pytest_collection_modifyitems(items):
-    """Unit tests first, then every test of each shared app (dev, keys, folders, single-gpu), then
-    modules that start their own Ray. On the dev app, a module may ask for its turn with `DEV_APP_TURN`: "first"
-    (test_metrics counts what the app recorded since it started), or "last" (test_jobs_restart
-    replaces the app)."""
+    """Unit tests first, then the modules that start subprocesses early (`STARTS_EARLY`), then every
+    test of each shared app (dev, keys, folders, single-gpu), then modules that start their own Ray.
+    On the dev app, a module may ask for its turn with `DEV_APP_TURN`: "first" (test_metrics counts
+    what the app recorded since it started), or "last" (test_jobs_restart replaces the app)."""
     turns = {"first": 0, None: 1, "last": 2}
 
     def rank(item) -> tuple[int, int]:
         if "integration" not in item.nodeid.split("::")[0]:
             return 0, 0
+        if getattr(item.module, "STARTS_EARLY", None):
+            return 0, 1
         if "dev_app" in item.fixturenames:
             return 1, turns[getattr(item.module, "DEV_APP_TURN", None)]
         if "keys_app" in item.fixturenames:

@@ -1,6 +1,10 @@
 """The README's start command, `genserve serve CONFIG`: it deploys and answers, stops on SIGTERM
 (as on Ctrl-C) putting a running job back in the queue, and gives up with a readable reason when
-replicas ask for resources that never appear."""
+replicas ask for resources that never appear.
+
+The first test's command starts at collection (`STARTS_EARLY`), on the core the unit tests leave
+idle, and this module runs right after the unit tests: its start is most of a minute of Ray's and
+the replicas' start that the test waited for in turn."""
 
 import os
 import signal
@@ -13,6 +17,7 @@ import pytest
 import yaml
 
 from tests.helpers import free_port, image_b64, wait_until
+from tests.integration.apps import EARLY
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -55,14 +60,35 @@ def _stop(process: subprocess.Popen, signum: int = signal.SIGINT) -> None:
         process.wait()
 
 
-def test_genserve_serve_answers_and_stops_on_sigterm_putting_its_running_job_back(tmp_path):
+def _launch_serving(folder: Path) -> tuple[subprocess.Popen, dict]:
+    """`genserve serve` of the dev profile (flux-schnell and svd): it deploys and keeps serving."""
+    path, port = _dev_config(folder, video=True)
+    process, log = _genserve(folder, str(path))
+    return process, {"process": process, "log": log, "base": f"http://127.0.0.1:{port}", "jobs": folder / "jobs",
+                     "ray_up": _deploying(process, log)}
+
+
+def _deploying(process: subprocess.Popen, log: Path):
+    """Whether genserve's Ray runs: it says it deploys once ray.init returned (or it has exited)."""
+    return lambda: process.poll() is not None or "genserve: deploying" in log.read_text()
+
+
+# Not the timeout test's command: its 10 s must cover building the app, which an early start shares
+# with the unit tests and the dev app's keeper.
+STARTS_EARLY = {"genserve-serve": _launch_serving}
+
+
+@pytest.fixture
+def serving(tmp_path_factory) -> dict:
+    return EARLY.take("genserve-serve", _launch_serving, tmp_path_factory.mktemp("genserve-serve"))
+
+
+def test_genserve_serve_answers_and_stops_on_sigterm_putting_its_running_job_back(serving):
     from serve_app.jobs.sqlite_store import SqliteJobStore
     from tests.integration.jobs import in_stage, submit, wait_for
 
-    path, port = _dev_config(tmp_path, video=True)
-    process, log = _genserve(tmp_path, str(path))
+    process, log, base = serving["process"], serving["log"], serving["base"]
     try:
-        base = f"http://127.0.0.1:{port}"
         wait_until(lambda: f"genserve is running at {base}/" in log.read_text() or process.poll() is not None,
                    timeout_s=180, what="genserve serve saying it runs")
         assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200, log.read_text()
@@ -80,7 +106,7 @@ def test_genserve_serve_answers_and_stops_on_sigterm_putting_its_running_job_bac
             pass
         _stop(process)
     assert process.returncode == 0, log.read_text()
-    store = SqliteJobStore(tmp_path / "jobs")
+    store = SqliteJobStore(serving["jobs"])
     interrupted = store.get(long["id"])
     store.close()
     assert (interrupted.state, interrupted.attempts) == ("queued", 0), (interrupted.history, log.read_text())
