@@ -101,7 +101,7 @@ class BusyMeter:
                     self._cpu_s += time.process_time() - self._cpu_since
 
     def take(self) -> tuple[float, float]:
-        """(busy seconds, CPU seconds) since the last take."""
+        """(busy seconds, CPU seconds) since the last take: with calls at once, what all of them ran."""
         with self._lock:
             taken = self._busy_s, self._cpu_s
             self._busy_s = self._cpu_s = 0.0
@@ -198,8 +198,11 @@ class ModelMetrics:
 
     def _record_call(self, busy_s: float, cpu_s: float) -> None:
         self.clock.add(busy_s, cpu_s)
-        if self._enabled:
+        # A metered call can add nothing: two calls at once share the replica's meter, and the first
+        # to end takes the passes of both. Ray's counters refuse an increment of 0.
+        if self._enabled and busy_s > 0:
             self._busy.inc(busy_s)
+        if self._enabled and cpu_s > 0:
             self._call_cpu.inc(cpu_s)
 
     def record_cold_start(self, seconds: float) -> None:

@@ -150,3 +150,14 @@ def test_a_ray_process_is_named_by_its_title_or_its_program():
     before = {(1, 0.0): ("Ingress", 1.0), (2, 0.0): ("raylet", 5.0)}
     after = {(1, 0.0): ("Ingress", 1.5), (2, 0.0): ("raylet", 5.25), (3, 1.0): ("Ingress", 0.5)}
     assert cpu_by_role(before, after) == {"Ingress": 1.0, "raylet": 0.25}
+
+
+def test_a_metered_call_that_adds_nothing_is_counted_without_an_increment_of_zero():
+    """Two score calls at once share the replica's meter: the second to end may take nothing, and
+    Ray's counters refuse inc(0) (it failed the call with a 500)."""
+    from deployments.runtime.metrics import BusyMeter
+
+    metrics = ModelMetrics("clip", "cpu", enabled=True)
+    with metrics.track(BusyMeter()):
+        pass  # no forward pass ran
+    assert metrics.device_time()["calls"] == 1 and metrics.device_time()["busy_s"] == 0
