@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import time
 
 import httpx
 import numpy as np
@@ -45,27 +44,37 @@ def test_a_meter_counts_overlapping_passes_once_and_nothing_between_them(monkeyp
 
 
 def test_the_scorers_device_time_is_its_forward_passes_not_the_resize_before_them():
+    import torch
+
     from deployments.config import ScorerConfig
     from deployments.scoring.clip_scorer import ClipScorer
 
     scorer = ClipScorer.func_or_class(ScorerConfig(source="openai/clip-vit-large-patch14",
                                                    device={"device": "sim:h200"}), metrics=False)
     tower = scorer._scorers[0].tower
-    processor, slow_s = tower.image_processor, 0.5
+    processor, forward, seen = tower.image_processor, tower.model.get_image_features, []
 
-    class SlowProcessor:  # CPU pre-processing that takes this long, whatever the machine
+    class RecordingProcessor:  # the CPU pre-processing: the meter must be closed while it runs
         def __getattr__(self, name):
             return getattr(processor, name)
 
         def __call__(self, **kwargs):
-            time.sleep(slow_s)
+            seen.append(("processor", tower.meter._open))
             return processor(**kwargs)
 
-    tower.image_processor = SlowProcessor()
+    def recording_forward(**kwargs):  # the image pass: the meter must be open while it runs
+        seen.append(("image pass", tower.meter._open))
+        return forward(**kwargs)
+
+    tower.image_processor, tower.model.get_image_features = RecordingProcessor(), recording_forward
+    with torch.inference_mode():  # the image tower alone: no prompt pass beside it
+        tower.images([np.zeros((256, 256, 3), dtype=np.uint8)])
+    assert seen == [("processor", 0), ("image pass", 1)]
+    assert tower.meter is scorer._meter and scorer._meter.take()[0] > 0  # one meter for the scorer's towers
+    # Through the deployment: one call recorded, its device time the passes' (simulated here).
     asyncio.run(scorer.score(np.zeros((1, 256, 256, 3), dtype=np.uint8), "a red cube"))
     used = asyncio.run(scorer.device_time())
-    # The passes (the prompt's may run beside the resize) are tens of ms here (simulated); the resize is not in it.
-    assert used["calls"] == 1 and 0 < used["busy_s"] < slow_s, used
+    assert used["calls"] == 1 and used["busy_s"] > 0, used
 
 
 def test_utilization_is_busy_over_wall_per_replica_and_their_mean():
