@@ -193,6 +193,29 @@ def pytest_collection_finish(session):
             EARLY.start(name, launch, factory.mktemp(name))
 
 
+_BACKGROUND_STARTED = []
+
+
+def pytest_runtest_setup(item):
+    """Once the shared apps' tests begin (their waits leave a core idle about half the time), the
+    subprocesses that modules start in the background (`STARTS_IN_BACKGROUND`, name -> launch, as
+    `STARTS_EARLY`'s): later than the early starts, whose Rays start beside the unit tests and the
+    keeper; niced once their Ray runs. A module whose selected tests include long ones starts none
+    (the long runs build what they need in the pytest process)."""
+    if _BACKGROUND_STARTED or _rank(item) < (1, 0):
+        return
+    _BACKGROUND_STARTED.append(True)
+    factory = item.session.config._tmp_path_factory
+    modules: dict = {}
+    for each in item.session.items:
+        modules.setdefault(getattr(each, "module", None), []).append(each)
+    for module, items in modules.items():
+        if any(each.get_closest_marker("long") for each in items):
+            continue
+        for name, launch in getattr(module, "STARTS_IN_BACKGROUND", {}).items():
+            EARLY.start(name, launch, factory.mktemp(name))
+
+
 def pytest_sessionfinish(session):
     EARLY.stop()
     POOL.stop()
@@ -203,20 +226,22 @@ def pytest_collection_modifyitems(items):
     test of each shared app (dev, keys, folders, single-gpu), then modules that start their own Ray.
     On the dev app, a module may ask for its turn with `DEV_APP_TURN`: "first" (test_metrics counts
     what the app recorded since it started), or "last" (test_jobs_restart replaces the app)."""
-    turns = {"first": 0, None: 1, "last": 2}
+    items.sort(key=_rank)  # stable: the order within each group stays as collected
 
-    def rank(item) -> tuple[int, int]:
-        if "integration" not in item.nodeid.split("::")[0]:
-            return 0, 0
-        if getattr(item.module, "STARTS_EARLY", None):
-            return 0, 1
-        if "dev_app" in item.fixturenames:
-            return 1, turns[getattr(item.module, "DEV_APP_TURN", None)]
-        if "keys_app" in item.fixturenames:
-            return 2, 0
-        for turn, app in enumerate(("folders_app", "single_gpu_app"), start=1):
-            if app in item.fixturenames:
-                return 2, turn
-        return 3, 0
 
-    items.sort(key=rank)  # stable: the order within each group stays as collected
+def _rank(item) -> tuple[int, int]:
+    """Where `item` runs (`pytest_collection_modifyitems`): (0, 0) unit tests, (0, 1) modules that
+    start early, (1, turn) the dev app's, (2, n) the other shared apps', (3, 0) modules with a Ray
+    of their own."""
+    if "integration" not in item.nodeid.split("::")[0]:
+        return 0, 0
+    if getattr(item.module, "STARTS_EARLY", None):
+        return 0, 1
+    if "dev_app" in item.fixturenames:
+        return 1, {"first": 0, None: 1, "last": 2}[getattr(item.module, "DEV_APP_TURN", None)]
+    if "keys_app" in item.fixturenames:
+        return 2, 0
+    for turn, app in enumerate(("folders_app", "single_gpu_app"), start=1):
+        if app in item.fixturenames:
+            return 2, turn
+    return 3, 0

@@ -7,13 +7,22 @@ run on the CPU (torch sees no CUDA device). The tests share one cluster and one 
 file order, ending with the one that removes a node; each first waits for the state it needs.
 
 The suite runs the placement test; the burst, overload and node-loss scenarios are long runs
-(minutes of load on 2 cores), marked `long` and run by `make test-long`.
+(minutes of load on 2 cores), marked `long` and run by `make test-long`. For the suite, a process of
+its own (`_hold`) starts the cluster and deploys on it while the shared apps' tests run, on the CPU
+their waits leave idle (`STARTS_IN_BACKGROUND`); the long runs build it here, since they add and
+remove nodes.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +30,8 @@ import httpx
 import pytest
 
 from serve_app import APP_NAME
-from tests.helpers import deploy_and_wait, replica_gpu_ids, tiny_args, wait_until
-from tests.integration.apps import POOL, ray_and_serve
+from tests.helpers import deploy_and_wait, free_port, replica_gpu_ids, tiny_args, wait_until
+from tests.integration.apps import EARLY, POOL, ray_and_serve
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -77,11 +86,9 @@ class Load:
             thread.join(timeout=150)
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def _start_cluster():
+    """The head node and four worker nodes; returns (cluster, {name: node})."""
     from ray.cluster_utils import Cluster
-
-    POOL.stop()  # one Ray per process: the shared app's goes first
 
     # The head node runs Serve's controller, the HTTP proxy and the CPU replicas (the Ingress and
     # the JobRunner ask for `cpu_node`, which the config's cpu nodes offer); it has no GPU.
@@ -97,32 +104,135 @@ def cluster():
         "light-a": cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1}),
         "light-b": cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1}),
     }
-    try:
-        with ray_and_serve(proxy_location="HeadOnly", address=cluster.address) as base:
-            yield {"cluster": cluster, "nodes": nodes, "url": f"{base}/v1/images"}
-    finally:
-        cluster.shutdown()
+    return cluster, nodes
 
 
 def _heavy_node(cluster):
     return cluster.add_node(num_cpus=6, num_gpus=1, resources={"accelerator_type:H100": 1})
 
 
-@pytest.fixture(scope="module")
-def app(cluster, tmp_path_factory):
+def _app_args(redis_url: str) -> dict:
+    """configs/multi-gpu.yaml with tiny models, its job store and rate-limit counters in the test's
+    own Redis in place of genserve-redis."""
+    args = tiny_args(ROOT / "configs" / "multi-gpu.yaml", FluxSchnellGenerator=FAST_FLUX_AUTOSCALING)
+    assert args["jobs"]["store"] == "redis"
+    args["jobs"]["redis_url"] = redis_url
+    args["auth"]["limits_storage"] = redis_url.rsplit("/", 1)[0] + "/1"
+    return args
+
+
+def _hold(status_path: str) -> None:
+    """`python -m tests.integration.test_cluster STATUS`: the cluster with the app deployed, held by
+    a process of its own until its stdin closes (`_launch_cluster`). STATUS: JSON, {"state": "ray" |
+    "ready" | "failed", "gcs_address", "base", "node_ids": {name: node id}, "error"}."""
+    import ray
+    import ray._private.utils
+    from ray import serve
+
     from tests.redis_server import RedisServer
 
-    # The profile's job store and rate-limit counters: a Redis of the test's own in place of genserve-redis.
+    status = Path(status_path)
+
+    def write(**fields) -> None:
+        partial = status.with_suffix(".partial")
+        partial.write_text(json.dumps(fields))
+        os.replace(partial, status)  # whole or nothing: pytest polls it
+
+    # Not this machine's default cluster: a `ray.init()` without an address elsewhere in the session
+    # (`genserve serve`) must start its own, not join this one.
+    ray._private.utils.write_ray_address = lambda *_, **__: None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    cluster, nodes = _start_cluster()
+    redis = RedisServer(status.parent).start()
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        where = {"gcs_address": cluster.address, "base": f"http://127.0.0.1:{port}",
+                 "node_ids": {name: node.node_id for name, node in nodes.items()}}
+        write(state="ray", **where)
+        try:
+            deploy_and_wait(_app_args(redis.url), timeout_s=900)
+            write(state="ready", **where)
+        except Exception:
+            write(state="failed", error=traceback.format_exc(), **where)
+        sys.stdin.read()  # until pytest closes it (or goes away)
+    finally:
+        # No graceful drain: the nodes' processes, and the replicas with them, just stop.
+        ray.shutdown()
+        cluster.shutdown()
+        redis.stop()
+
+
+def _launch_cluster(folder: Path) -> tuple[subprocess.Popen, dict]:
+    status = folder / "status.json"
+    with open(folder / "cluster.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "tests.integration.test_cluster", str(status)], cwd=ROOT,
+                                   stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def state() -> dict:
+        return json.loads(status.read_text()) if status.exists() else {}
+
+    return process, {"process": process, "state": state, "log": folder / "cluster.log",
+                     "ray_up": lambda: process.poll() is not None or "state" in state()}
+
+
+# The suite's run (the placement test alone) starts the cluster and deploys on it in the background
+# while the shared apps' tests run (`conftest.py`); the long runs add and remove nodes, so they build
+# the cluster in this process.
+STARTS_IN_BACKGROUND = {"cluster": _launch_cluster}
+
+
+@pytest.fixture(scope="module")
+def app(request, tmp_path_factory):
+    import ray
+    from ray.serve.context import _set_global_client
+
+    if not any(item.get_closest_marker("long") for item in request.session.items):
+        held = EARLY.take("cluster", _launch_cluster, tmp_path_factory.mktemp("cluster"))
+        process = held["process"]
+
+        def settled() -> dict | None:
+            status = held["state"]()
+            if status.get("state") in ("ready", "failed"):
+                return status
+            return {**status, "state": "exited"} if process.poll() is not None else None
+
+        try:
+            status = wait_until(settled, timeout_s=600, what="the cluster deployed")
+            assert status["state"] == "ready", (f"the cluster did not start ({status['state']}): {status.get('error')}\n"
+                                                f"{held['log'].read_text()[-3000:]}")
+            POOL.stop()  # one Ray per process: the shared app's goes first
+            ray.init(address=status["gcs_address"], log_to_driver=False)
+            _set_global_client(None)  # Serve's client of the shared Ray, cached: this cluster's is asked anew
+            yield {"url": f"{status['base']}/v1/images", "node_ids": status["node_ids"]}
+        finally:
+            ray.shutdown()
+            process.stdin.close()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        return
+    yield from _app_in_process(tmp_path_factory)
+
+
+def _app_in_process(tmp_path_factory):
+    from tests.redis_server import RedisServer
+
+    POOL.stop()  # one Ray per process: the shared app's goes first
+    cluster, nodes = _start_cluster()
     redis = RedisServer(tmp_path_factory.mktemp("redis")).start()
     try:
-        args = tiny_args(ROOT / "configs" / "multi-gpu.yaml", FluxSchnellGenerator=FAST_FLUX_AUTOSCALING)
-        assert args["jobs"]["store"] == "redis"
-        args["jobs"]["redis_url"] = redis.url
-        args["auth"]["limits_storage"] = redis.url.rsplit("/", 1)[0] + "/1"
-        deploy_and_wait(args)
-        yield {**cluster, "args": args}
+        with ray_and_serve(proxy_location="HeadOnly", address=cluster.address) as base:
+            args = _app_args(redis.url)
+            deploy_and_wait(args)
+            yield {"cluster": cluster, "nodes": nodes, "node_ids": {name: node.node_id for name, node in nodes.items()},
+                   "url": f"{base}/v1/images", "args": args}
     finally:
         redis.stop()
+        cluster.shutdown()
 
 
 @pytest.fixture
@@ -132,6 +242,7 @@ def spare_heavy_node(app) -> None:
     seconds of start the placement test does without.)"""
     if "heavy-c" not in app["nodes"]:
         app["nodes"]["heavy-c"] = _heavy_node(app["cluster"])
+        app["node_ids"]["heavy-c"] = app["nodes"]["heavy-c"].node_id
         app["cluster"].wait_for_nodes()
 
 
@@ -146,7 +257,7 @@ def _running(name: str) -> list:
 
 
 def _node_names(app) -> dict[str, str]:
-    return {node.node_id: name for name, node in app["nodes"].items()}
+    return {node_id: name for name, node_id in app["node_ids"].items()}
 
 
 def _steady(replicas: int = 1) -> None:
@@ -261,3 +372,7 @@ def test_losing_a_worker_node_replaces_its_replicas_without_a_restart(app, spare
     wait_until(lambda: _deployment("FluxSchnellGenerator").status.value == "HEALTHY", timeout_s=grace + 60,
                what="FluxSchnellGenerator healthy again")
     print(f"FluxSchnellGenerator healthy {time.monotonic() - removed:.1f}s after the loss (grace {grace}s)")
+
+
+if __name__ == "__main__":
+    _hold(sys.argv[1])
