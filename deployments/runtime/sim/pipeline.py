@@ -33,8 +33,23 @@ def seed_picture(seed: int, width: int, height: int) -> np.ndarray:
     return colours[rows[:, None], columns[None, :]]
 
 
+class _OnCard:
+    """What both simulated pipelines answer alike (each has `arch`, `card`, `tier`, `ledger`,
+    `cold_start` and `weight_bytes()`)."""
+
+    def set_progress_bar_config(self, **_) -> None:
+        """Nothing to show: the same switch as a diffusers pipeline's."""
+
+    def describe(self) -> dict:
+        """What the replica's info shows: the modelled card, tier and architecture, and its GPU's memory."""
+        return {"profile": self.card.key, "card": self.card.name, "tier": self.tier, "architecture": self.arch,
+                "weights_gb": round(self.weight_bytes() / 1e9, 2),
+                "gpu_used_gb": round(self.ledger.used() / 1e9, 2), "gpu_capacity_gb": self.card.memory_gb,
+                "cold_start": None if self.cold_start is None else self.cold_start.describe()}
+
+
 @dataclass
-class SimulatedPipeline:
+class SimulatedPipeline(_OnCard):
     """A diffusers pipeline's call, modelled on `card` (see the module's docstring)."""
 
     arch: str
@@ -52,16 +67,6 @@ class SimulatedPipeline:
 
     def weight_bytes(self) -> int:
         return memory.weight_bytes(self.arch, self.dtype, self.quantization, self.weights)
-
-    def set_progress_bar_config(self, **_) -> None:
-        """Nothing to show: the same switch as a diffusers pipeline's."""
-
-    def describe(self) -> dict:
-        """What the replica's info shows: the modelled card, tier and architecture, and its GPU's memory."""
-        return {"profile": self.card.key, "card": self.card.name, "tier": self.tier, "architecture": self.arch,
-                "weights_gb": round(self.weight_bytes() / 1e9, 2),
-                "gpu_used_gb": round(self.ledger.used() / 1e9, 2), "gpu_capacity_gb": self.card.memory_gb,
-                "cold_start": None if self.cold_start is None else self.cold_start.describe()}
 
     def derive(self, class_name: str) -> "SimulatedPipeline":
         """The image-to-image or inpainting pipeline over the same simulated model."""
@@ -138,7 +143,7 @@ def load_simulated(family, config, placement) -> SimulatedPipeline:
 
 
 @dataclass
-class SimulatedVideoPipeline:
+class SimulatedVideoPipeline(_OnCard):
     """A diffusers image-to-video pipeline's call (Stable Video Diffusion's arguments), modelled on
     `card`: the conditioning image's encoder, each step over every frame, the VAE over every frame."""
 
@@ -158,15 +163,6 @@ class SimulatedVideoPipeline:
     def unet(self) -> SimpleNamespace:
         """The denoiser's published config, where a diffusers pipeline exposes it."""
         return SimpleNamespace(config=SimpleNamespace(**counted.architecture(self.arch)["unet"]["config"]))
-
-    def set_progress_bar_config(self, **_) -> None:
-        """Nothing to show: the same switch as a diffusers pipeline's."""
-
-    def describe(self) -> dict:
-        return {"profile": self.card.key, "card": self.card.name, "tier": self.tier, "architecture": self.arch,
-                "weights_gb": round(self.weight_bytes() / 1e9, 2),
-                "gpu_used_gb": round(self.ledger.used() / 1e9, 2), "gpu_capacity_gb": self.card.memory_gb,
-                "cold_start": None if self.cold_start is None else self.cold_start.describe()}
 
     def __call__(self, *, width: int, height: int, num_frames: int, num_inference_steps: int, generator,
                  callback_on_step_end=None, decode_chunk_size: int | None = None, max_guidance_scale: float | None = None,
