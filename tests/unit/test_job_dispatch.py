@@ -68,7 +68,7 @@ def test_jobs_run_first_in_first_out_within_the_slots_and_save_their_files(store
         dispatcher = _dispatcher(store, generator, slots={"image": 1})
         dispatcher.start()
         ids = [await _submit(dispatcher, f"job {i}", seed=i) for i in range(3)]
-        await wait_until_async(lambda: generator.started == 1, 5)
+        await wait_until_async(lambda: generator.started == 1, 30)
         assert [_state(store, i) for i in ids] == ["running", "queued", "queued"]
         assert [store.queue_position(store.get(i)) for i in ids] == [None, 1, 2]
         generator.gate.set()
@@ -123,13 +123,13 @@ def test_cancelling_a_running_job_stops_it_and_no_other(store):
         dispatcher = _dispatcher(store, generator, slots={"image": 2})
         dispatcher.start()
         first, second = await _submit(dispatcher, "first"), await _submit(dispatcher, "second")
-        await wait_until_async(lambda: generator.started == 2, 5)
+        await wait_until_async(lambda: generator.started == 2, 30)
         job, changed, _ = await dispatcher.cancel(first)
         assert changed and job.state == "running" and job.cancel_requested
-        await wait_until_async(lambda: _state(store, first) == "cancelled", 5)
+        await wait_until_async(lambda: _state(store, first) == "cancelled", 30)
         assert generator.cancelled == 1 and _state(store, second) == "running"
         generator.gate.set()
-        await wait_until_async(lambda: _state(store, second) == "succeeded", 5)
+        await wait_until_async(lambda: _state(store, second) == "succeeded", 30)
         again = await dispatcher.cancel(first)
         await dispatcher.stop()
         return store.get(first), again
@@ -145,11 +145,11 @@ def test_a_cancelled_queued_job_never_starts(store):
         dispatcher = _dispatcher(store, generator, slots={"image": 1})
         dispatcher.start()
         running, queued = await _submit(dispatcher, "running"), await _submit(dispatcher, "queued")
-        await wait_until_async(lambda: generator.started == 1, 5)
+        await wait_until_async(lambda: generator.started == 1, 30)
         job, changed, _ = await dispatcher.cancel(queued)
         assert changed and job.state == "cancelled"
         generator.gate.set()
-        await wait_until_async(lambda: _state(store, running) == "succeeded", 5)
+        await wait_until_async(lambda: _state(store, running) == "succeeded", 30)
         await dispatcher.stop()
         return generator, store.get(queued)
 
@@ -163,7 +163,7 @@ def test_a_bad_stored_request_fails_at_once_naming_the_field(store):
         dispatcher = _dispatcher(store, generator)
         dispatcher.start()
         job_id = await _submit(dispatcher, "too many steps", num_inference_steps=9)
-        await wait_until_async(lambda: _state(store, job_id) == "failed", 5)
+        await wait_until_async(lambda: _state(store, job_id) == "failed", 30)
         await dispatcher.stop()
         return store.get(job_id), generator
 
@@ -179,7 +179,7 @@ def test_a_stopping_runner_puts_its_running_job_back_in_the_queue_without_spendi
         dispatcher.start()
         job_id = await _submit(dispatcher, "interrupted")
         queued = await _submit(dispatcher, "waiting")
-        await wait_until_async(lambda: generator.started == 1, 5)
+        await wait_until_async(lambda: generator.started == 1, 30)
         await dispatcher.stop()
         return job_id, queued, generator
 
@@ -209,7 +209,7 @@ def test_a_job_cancelled_as_its_runner_stops_ends_cancelled(store):
         dispatcher = _dispatcher(store, generator)
         dispatcher.start()
         job_id = await _submit(dispatcher, "cancelled meanwhile")
-        await wait_until_async(lambda: generator.started == 1, 5)
+        await wait_until_async(lambda: generator.started == 1, 30)
         store.request_cancel(job_id)  # through another runner's API: this one never hears of it
         await dispatcher.stop()
         return store.get(job_id)
@@ -227,7 +227,7 @@ def test_a_runner_that_cannot_record_at_stop_leaves_its_job_running_for_the_next
         dispatcher = _dispatcher(store, generator)
         dispatcher.start()
         job_id = await _submit(dispatcher, "interrupted")
-        await wait_until_async(lambda: generator.started == 1, 5)
+        await wait_until_async(lambda: generator.started == 1, 30)
 
         def unreachable(*args, **kwargs):
             raise ConnectionError("the store went away")
@@ -270,7 +270,7 @@ def test_watch_wakes_on_a_change_and_progress_has_an_eta(store):
         await dispatcher.record_progress(job.id, 7, {**step, "step": 3, "elapsed_s": 1.5})
         progress = store.get(job.id).progress
         generator.gate.set()
-        await wait_until_async(lambda: _state(store, job.id) == "succeeded", 5)
+        await wait_until_async(lambda: _state(store, job.id) == "succeeded", 30)
         await dispatcher.stop()
         return progress
 
@@ -330,11 +330,11 @@ def test_a_cancel_is_recorded_when_the_store_fails_once_as_it_records_it(store, 
         dispatcher = _faulty_dispatcher(faulty, generator, reconcile_interval_s=3600)
         dispatcher.start()
         job_id = await _submit(dispatcher, "cancelled")
-        await wait_until_async(lambda: generator.started == 1, 5)
+        await wait_until_async(lambda: generator.started == 1, 30)
         faulty.fail_once("transition", after=after, when=lambda job_id, expect, to, **kw: to == CANCELLED)
         await dispatcher.cancel(job_id)
         await wait_until_async(lambda: _state(store, job_id) == "cancelled", 10)
-        await wait_until_async(lambda: dispatcher.info()["running"] == {"image": 0}, 5)  # its slot is free
+        await wait_until_async(lambda: dispatcher.info()["running"] == {"image": 0}, 30)  # its slot is free
         await dispatcher.stop()
         return job_id
 
@@ -388,11 +388,11 @@ def test_a_stopping_runner_puts_back_a_job_whose_claim_answer_was_lost(store):
     async def scenario():
         dispatcher = _faulty_dispatcher(faulty, ControlledGenerator(), reconcile_interval_s=3600)
         dispatcher.start()
-        await wait_until_async(lambda: dispatcher.info()["lease"] == "held", 5)
+        await wait_until_async(lambda: dispatcher.info()["lease"] == "held", 30)
         # The claim that takes the job: the loop polls meanwhile, and an empty claim must not spend the fault.
         faulty.fail_once("claim", after=True, when=lambda *args, **kwargs: store.counts()["queued"] > 0)
         job_id = await _submit(dispatcher, "stranded")
-        await wait_until_async(lambda: faulty.failed == ["claim"], 5)
+        await wait_until_async(lambda: faulty.failed == ["claim"], 30)
         await dispatcher.stop()
         return job_id
 
@@ -473,9 +473,9 @@ def test_a_runner_that_lost_its_lease_and_took_it_back_does_not_spend_the_attemp
         dispatcher = _faulty_dispatcher(store, generator, lease_ttl_s=0.6)
         dispatcher.start()
         job_id = await _submit(dispatcher, "halted with the lease")
-        await wait_until_async(lambda: generator.started == 1, 5)
+        await wait_until_async(lambda: generator.started == 1, 30)
         store.renew_lease = lambda ttl_s: False  # the lease lapsed while the store stalled
-        await wait_until_async(lambda: generator.cancelled == 1, 5)  # halted
+        await wait_until_async(lambda: generator.cancelled == 1, 30)  # halted
         del store.renew_lease
         generator.gate.set()
         await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
@@ -509,9 +509,9 @@ def test_a_job_claimed_as_its_runner_lost_the_lease_is_not_counted_when_it_takes
         dispatcher = _faulty_dispatcher(store, generator, lease_ttl_s=0.6)
         job_id = await _submit(dispatcher, "claimed as the lease goes")
         dispatcher.start()
-        await wait_until_async(lambda: held, 5)
+        await wait_until_async(lambda: held, 30)
         monkeypatch.setattr(store, "renew_lease", lambda ttl_s: False)
-        await wait_until_async(lambda: dispatcher.info()["lease"] == "standby", 5)
+        await wait_until_async(lambda: dispatcher.info()["lease"] == "standby", 30)
         monkeypatch.undo()  # renew and claim as the store does them
         release.set()  # the claim lands: the job is running, at attempt 1, with no run here
         await wait_until_async(lambda: _state(store, job_id) == "succeeded", 10)
@@ -532,11 +532,11 @@ def test_a_stopping_runner_puts_back_a_job_whose_claim_answer_was_lost_even_when
     async def scenario():
         dispatcher = _faulty_dispatcher(faulty, ControlledGenerator(), reconcile_interval_s=3600)
         dispatcher.start()
-        await wait_until_async(lambda: dispatcher.info()["lease"] == "held", 5)
+        await wait_until_async(lambda: dispatcher.info()["lease"] == "held", 30)
         # The claim that takes the job: the loop polls meanwhile, and an empty claim must not spend the fault.
         faulty.fail_once("claim", after=True, when=lambda *args, **kwargs: store.counts()["queued"] > 0)
         job_id = await _submit(dispatcher, "stranded")
-        await wait_until_async(lambda: faulty.failed == ["claim"], 5)
+        await wait_until_async(lambda: faulty.failed == ["claim"], 30)
         faulty.fail_once("list", when=lambda state=None, *args, **kwargs: state == "running")
         await dispatcher.stop()
         return job_id
@@ -569,7 +569,7 @@ def test_a_stopping_runner_ends_only_once_its_model_calls_have_ended(store):
         dispatcher = _dispatcher(store, generator)
         dispatcher.start()
         job_id = await _submit(dispatcher, "stopped mid-step")
-        await wait_until_async(lambda: generator.started == 1, 5)
+        await wait_until_async(lambda: generator.started == 1, 30)
         await dispatcher.stop()
         return job_id, generator.active
 
