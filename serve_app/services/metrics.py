@@ -34,12 +34,17 @@ STAGE_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 6
 # ray-project/ray#53740). Attempts are integers 1-5, so half-integer boundaries put each value at
 # its bucket's midpoint and keep _sum / _count (the mean) exact.
 ATTEMPT_BUCKETS = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]
-SCORE_BUCKETS = {
-    "aesthetic": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+# Finer boundaries where a score's values cluster (its documented typical range, deployments.names);
+# any other gate score is cut into ten equal steps over its range.
+SCORE_BOUNDARIES = {
     "alignment": [5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 50.0, 100.0],
     "laion": [2.0, 3.0, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 8.0, 10.0],
-    "combined": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+    "hps": [0.1, 0.15, 0.2, 0.225, 0.25, 0.275, 0.3, 0.325, 0.35, 0.4, 0.5, 1.0],  # real images: 0.2-0.35
+    "pickscore": [10.0, 15.0, 18.0, 19.0, 20.0, 21.0, 22.0, 23.0, 24.0, 25.0, 30.0, 100.0],  # real images: 18-24
 }
+# One histogram per gate score (`genserve_<name>_score`): a score added to SCORE_RANGES gets its own.
+SCORE_BUCKETS = {name: SCORE_BOUNDARIES.get(name) or [round(low + (high - low) * step / 10, 6) for step in range(1, 11)]
+                 for name, (low, high) in SCORE_RANGES.items()}
 
 
 def _field_names(model: type[BaseModel], prefix: str = "") -> set[str]:
@@ -148,7 +153,7 @@ class GraphMetrics:
         self.attempts.observe(max(attempt.attempt for attempt in response.attempts), tags={"model": model})
         for attempt in response.attempts:
             for name, histogram in self.scores.items():
-                value = getattr(attempt.scores, name)
+                value = getattr(attempt.scores, name, None)
                 if value is not None:  # laion is None when the scorer's LAION head is off
                     histogram.observe(value, tags={"model": model})
 

@@ -37,3 +37,15 @@ def test_every_panel_queries_and_custom_metrics_follow_conventions():
                  "ray_serve_num_http_requests_total", "ray_serve_http_request_latency_ms_bucket",
                  "ray_serve_deployment_replica_healthy", "ray_serve_deployment_queued_queries"]:
         assert name in text, name
+
+
+def test_every_gate_score_has_a_histogram_whose_buckets_rise_to_the_top_of_its_range():
+    from deployments.names import SCORE_RANGES
+    from serve_app.services.metrics import SCORE_BUCKETS
+
+    assert set(SCORE_BUCKETS) == set(SCORE_RANGES)
+    for name, bounds in SCORE_BUCKETS.items():
+        low, high = SCORE_RANGES[name]
+        assert bounds == sorted(set(bounds)) and low < bounds[0] and bounds[-1] == high, name
+    # The series dashboards already read keep their buckets.
+    assert SCORE_BUCKETS["aesthetic"] == SCORE_BUCKETS["combined"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]

@@ -66,7 +66,7 @@ class ClipTower:
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
+        return float(self.model.logit_scale.detach().exp())
 
     def images(self, images: list[np.ndarray]):
         """(N, D) unit image embeddings (call under torch.inference_mode)."""
