@@ -156,6 +156,8 @@ def test_raw_exposition_names_types_and_labels(dev_app, prometheus):
         "ray_genserve_attempts_per_request": ("histogram", {"model"}),
         "ray_genserve_aesthetic_score": ("histogram", {"model"}),
         "ray_genserve_alignment_score": ("histogram", {"model"}),
+        "ray_genserve_hps_score": ("histogram", {"model"}),  # the dev profile's preference scorers
+        "ray_genserve_pickscore_score": ("histogram", {"model"}),
         "ray_genserve_validation_rejections": ("counter", {"route", "field"}),
         "ray_genserve_model_cold_start_seconds": ("gauge", {"model", "deployment"}),
         "ray_genserve_gate_first_round_images": ("counter", {"model", "metric", "passed"}),
