@@ -281,7 +281,8 @@ class Early:
     """Subprocesses that test modules start before their turn: a module that names its own in
     `STARTS_EARLY` (name -> launch(folder) -> (Popen, what its tests need)) runs right after the unit
     tests (`conftest.py`), and each launch runs at collection, in a session of its own, so it takes
-    the core the unit tests leave idle. What a launch gives may hold "ray_up", a function saying
+    the core the unit tests leave idle. Those in `STARTS_IN_BACKGROUND` (the same form) launch when
+    the shared apps' tests begin, and their modules keep their turn. What a launch gives may hold "ray_up", a function saying
     when its Ray runs: from then until its test takes it, its session is niced (autogroup 19), as
     the keeper's is; not before, since a Ray starved for 30 s fails to start (its raylet must
     register in that time). A test takes its own with `take` (or launches it then); `stop` ends any
