@@ -10,6 +10,7 @@ import pytest
 from deployments.runtime.metrics import ModelMetrics
 from serve_app.bench.concurrency import Level, level_json, run_level
 from serve_app.bench.device import DeviceUse, cpu_delta, device_use, overhead_ms, utilization
+from tests.helpers import wait_until
 
 JSON_KEYS = {"clients", "throughput", "p50_ms", "p95_ms", "utilization", "overhead_ms", "cpu_ms_per_image",
              "rejections", "rejection_p50_ms"}
@@ -170,3 +171,30 @@ def test_a_metered_call_that_adds_nothing_is_counted_without_an_increment_of_zer
     with metrics.track(BusyMeter()):
         pass  # no forward pass ran
     assert metrics.device_time()["calls"] == 1 and metrics.device_time()["busy_s"] == 0
+
+
+def test_a_clock_step_between_two_readings_leaves_each_process_the_same(monkeypatch):
+    """psutil's create_time follows the wall clock (boot time + time since boot): NTP stepping a
+    fresh machine's clock between a level's two readings made every process look new, and the level
+    counted their whole CPU. The readings key a process by its start since boot."""
+    import subprocess
+    import sys
+
+    from psutil import _psplatform
+
+    from serve_app.bench.device import cluster_cpu_seconds
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        def mine(readings: dict) -> list:
+            return [key for key in readings if key[0] == child.pid]
+
+        before = wait_until(lambda: mine(cluster_cpu_seconds()) and cluster_cpu_seconds(), timeout_s=10,
+                            what="the child process listed")
+        booted = _psplatform.boot_time()
+        monkeypatch.setattr(_psplatform, "boot_time", lambda: booted + 5.0)  # the clock stepped 5 s forward
+        after = cluster_cpu_seconds()
+        assert mine(after) == mine(before) != []
+    finally:
+        child.kill()
+        child.wait()
