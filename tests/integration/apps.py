@@ -115,11 +115,8 @@ class Keeper:
         self.metrics_port = free_port()
         # One logical GPU and 9 logical CPUs: what configs/single-gpu.yaml reserves (a shared app
         # too: test_single_gpu.py); torch sees no GPU, so every model runs on the CPU.
-        # Metrics reach the export port every 2 s, not Ray's default 10 s: test_metrics.py waits for
-        # two rounds of them.
         ray_init = {"num_cpus": 9, "num_gpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                    "dashboard_port": free_port(), "_metrics_export_port": self.metrics_port, "_temp_dir": self.ray_dir,
-                    "_system_config": {"metrics_report_interval_ms": 2000}}
+                    "dashboard_port": free_port(), "_metrics_export_port": self.metrics_port, "_temp_dir": self.ray_dir}
         (folder / "spec.pickle").write_bytes(pickle.dumps({"ray_init": ray_init, "args": args}))
         self._deploys = args is not None
         self._status, self._log = folder / "status.json", folder / "keeper.log"
