@@ -111,7 +111,7 @@ def cluster_cpu_by_process() -> dict[tuple, tuple[str, float]]:
             # When it started, in seconds since boot: psutil's create_time is that plus the boot time,
             # which the kernel derives from the wall clock, so a clock step (NTP setting a freshly
             # started machine's clock) moved every process's create_time, every process looked new,
-            # and a level counted the whole CPU of all of them (once 822 ms an image instead of ~90).
+            # and a level counted the whole CPU of all of them (hundreds of ms an image instead of ~90).
             started = round(process.create_time() - psutil.boot_time(), 2)
             samples[(process.pid, started)] = (role, times.user + times.system)
         except psutil.Error:  # ended meanwhile
