@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 
-def _write(path: Path, **status) -> None:
+def write_status(path: Path, **status) -> None:
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(status))
     os.replace(partial, path)  # whole or nothing: pytest polls it
@@ -46,13 +46,13 @@ def main(spec_path: str, status_path: str) -> None:
         # early starts (`Early`). The app then deploys in the background, on the CPU the tests leave
         # idle, until pytest joins it (`AppPool._shared_ray`).
         autogroup_nice(os.getpid(), 19)
-        _write(status, state="ray", **where)
+        write_status(status, state="ray", **where)
         if spec["args"] is not None:
             try:
                 serve.run(build_app(spec["args"]), name=APP_NAME, route_prefix="/")
-                _write(status, state="ready", **where)
+                write_status(status, state="ready", **where)
             except Exception:
-                _write(status, state="failed", error=traceback.format_exc(), **where)
+                write_status(status, state="failed", error=traceback.format_exc(), **where)
         sys.stdin.read()  # until pytest closes it: at its session's end, or when it dies
 
 

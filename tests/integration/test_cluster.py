@@ -130,15 +130,10 @@ def _hold(status_path: str) -> None:
     import ray._private.utils
     from ray import serve
 
+    from tests.integration.keeper import write_status
     from tests.redis_server import RedisServer
 
     status = Path(status_path)
-
-    def write(**fields) -> None:
-        partial = status.with_suffix(".partial")
-        partial.write_text(json.dumps(fields))
-        os.replace(partial, status)  # whole or nothing: pytest polls it
-
     # Not this machine's default cluster: a `ray.init()` without an address elsewhere in the session
     # (`genserve serve`) must start its own, not join this one.
     ray._private.utils.write_ray_address = lambda *_, **__: None
@@ -151,12 +146,12 @@ def _hold(status_path: str) -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         where = {"gcs_address": cluster.address, "base": f"http://127.0.0.1:{port}",
                  "node_ids": {name: node.node_id for name, node in nodes.items()}}
-        write(state="ray", **where)
+        write_status(status, state="ray", **where)
         try:
             deploy_and_wait(_app_args(redis.url), timeout_s=900)
-            write(state="ready", **where)
+            write_status(status, state="ready", **where)
         except Exception:
-            write(state="failed", error=traceback.format_exc(), **where)
+            write_status(status, state="failed", error=traceback.format_exc(), **where)
         sys.stdin.read()  # until pytest closes it (or goes away)
     finally:
         # No graceful drain: the nodes' processes, and the replicas with them, just stop.
