@@ -184,7 +184,8 @@ def test_a_clock_step_between_two_readings_leaves_each_process_the_same(monkeypa
 
     from serve_app.bench.device import cluster_cpu_seconds
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # A child that waits until its stdin closes.
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         def mine(readings: dict) -> list:
             return [key for key in readings if key[0] == child.pid]
@@ -196,5 +197,5 @@ def test_a_clock_step_between_two_readings_leaves_each_process_the_same(monkeypa
         after = cluster_cpu_seconds()
         assert mine(after) == mine(before) != []
     finally:
-        child.kill()
-        child.wait()
+        child.stdin.close()
+        child.wait(timeout=30)
